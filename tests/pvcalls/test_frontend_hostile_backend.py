@@ -1987,6 +1987,23 @@ def test_a_frontend_dead_already_answers_the_backend_leaving_with_closed(
     assert str(info.value.strerror).startswith(why), info.value.strerror
 
 
+def test_the_backend_leaving_is_answered_once(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once answered, the backend's leaving is not answered again as its
+    state goes on changing (Closing, then Closed as it closes, then gone
+    with the device): no second Closed written, no second line said."""
+    fake.set_state(5)  # Closing
+    fake.xs.wait_for(f"{fake.fe}/state", "6", timeout=TIMEOUT)
+    writes: list[dict[str, str]] = []
+    monkeypatch.setattr(fe, "_write_own_nodes", lambda nodes: writes.append(nodes) or True)
+    fe._on_backend_state(f"{fake.be}/state")  # as the watch does at each change
+    assert writes == []
+    said = [m for m in log.messages(logging.INFO) if "went to state" in m]
+    assert said == [f"pvcalls backend of domain {fe.domain.domid} went to state 5: "
+                    "disconnecting"], said
+
+
 def test_a_failing_data_ring_handler_fails_nothing_else(
         fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
