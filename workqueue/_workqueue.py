@@ -685,11 +685,12 @@ class Workqueue(Executor):
         TimeoutError if *timeout* seconds pass before the drain ends, with
         the workqueue's dump().  The destruction then goes on without its
         caller, on a thread of its own: the workqueue refuses all but
-        chained queueing, as it did, and is released once its items are
-        done; Ctrl-C in the wait does the same.  Destroying a workqueue
-        twice is an error, except after a destroy() that stopped waiting: a
-        second destroy() waits for the end of the first one's destruction
-        (with a timeout of its own), and may be called again.
+        chained queueing, as it did, and freeze() (see there), and is
+        released once its items are done; Ctrl-C in the wait does the
+        same.  Destroying a workqueue twice is an error, except after a
+        destroy() that stopped waiting: a second destroy() waits for the
+        end of the first one's destruction (with a timeout of its own),
+        and may be called again.
         """
         timeout = check_timeout(timeout)
         deadline = deadline_of(timeout)

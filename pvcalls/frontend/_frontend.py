@@ -936,7 +936,8 @@ class Frontend(Closing):
         handle is reset and every port handed out again, as after a
         failure; a reset that fails is a failure.  But the reset empties
         the queue, and the hand-out after it unmasks each port once: a
-        queue that overflows again before a read found it empty, after
+        queue that overflows again before it was found empty (by a read,
+        or by a round that took the last port: see _serve_round), after
         ``RESETS_IN_A_ROW`` resets in a row, says that the handle is
         broken.  That failure stays (a steady overflow would otherwise
         spin the thread, a reset and a hand-out of every port per round,
@@ -1027,7 +1028,16 @@ class Frontend(Closing):
                 self._resets = 0
                 return False
             self._handle_port(evtchn, port)
-        return False  # more are pending: the next wait says so at once
+        # More are pending, and the next wait says so at once; or the batch
+        # took the last one, and the next wait blocks: then the queue is
+        # empty as surely as a read finding it so, which ends the resets in
+        # a row (see _reset).  Level-triggered: not ready is empty (Linux's
+        # poll says POLLERR once it overflowed).
+        ready = select.poll()
+        ready.register(shared_fd, select.POLLIN)
+        if not ready.poll(0):
+            self._resets = 0
+        return False
 
     def _reset(self, evtchn: EventChannel, overflow: OSError) -> None:
         """The shared handle's pending() said EFBIG, ``overflow``: reset

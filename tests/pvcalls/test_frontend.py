@@ -1324,12 +1324,17 @@ def test_a_relayed_rings_own_handle_that_overflows_again_at_once_is_relayed_no_m
         echo_through(other, b"more")
 
 
+@pytest.mark.parametrize("batch", [None, 1], ids=["rounds as long as they take", "one port"])
 def test_the_event_thread_hands_out_only_the_ports_that_fired(
-        fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch,
+        batch: int | None) -> None:
     """With nothing failing, each port the event thread hands out is one
     the shared handle said fired: every port is handed out again only
     after a failure or a reset (a round that said so when it had not
-    cost every event a call of every port's handler)."""
+    cost every event a call of every port's handler).  Also a round that
+    stops at its _PORT_BATCH (here of one port, for every round to)."""
+    if batch is not None:
+        monkeypatch.setattr(_frontend, "_PORT_BATCH", batch)
     evtchn = fe._evtchn
     assert evtchn is not None
     taken: list[int] = []

@@ -696,6 +696,73 @@ def test_a_backend_notifying_without_end_starves_nothing(
     assert not [m for m in log.messages() if "did not stop" in m]
 
 
+def test_a_round_that_takes_the_last_port_at_its_limit_finds_the_queue_empty(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round that stops at _PORT_BATCH having taken the last port
+    pending read no empty queue, and the next wait blocks: the handle
+    still counted its reset, and the next overflow, whenever it came,
+    made one more in a row, as if the thread had never caught up since.
+    Caught up each time, the frontend outlives any number of overflows.
+    (A batch of one port: every round stops at its limit.)"""
+    handle = fe._evtchn
+    assert handle is not None
+    handled = _counted_command_events(fe)
+    monkeypatch.setattr(_frontend, "_PORT_BATCH", 1)
+    for _ in range(_common.RESETS_IN_A_ROW + 1):
+        handle.overflow()  # type: ignore[attr-defined]
+        wait_until(lambda: fe._resets == 1 and not handle._overflowed)  # type: ignore[attr-defined]
+        assert handled.acquire(timeout=TIMEOUT)  # the hand-out after the reset
+        fake.evtchn.notify(fake.port)
+        assert handled.acquire(timeout=TIMEOUT)
+        wait_until(lambda: fe._resets == 0)  # the queue is empty after all
+    assert not fe._dead
+    fe.socket().close()
+
+
+def test_a_handle_overflowing_after_every_reset_under_a_steady_port_is_broken(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds that stop at _PORT_BATCH with a port still pending (the
+    backend fires it again as each event is handled) never found the
+    queue empty: a handle that overflows again after each reset is still
+    taken for broken after RESETS_IN_A_ROW of them, not reset for ever.
+    (A batch of one port; each overflow comes in the round after the
+    hand-out, as the round stops at its limit.)"""
+    handle = fe._evtchn
+    assert handle is not None
+    thread = fe._thread
+    assert thread is not None
+    monkeypatch.setattr(_frontend, "_PORT_BATCH", 1)
+    real_reset = handle.reset
+    since_reset = [0]
+    left = [_common.RESETS_IN_A_ROW + 2]  # a bound for a frontend that never gives up
+
+    def reset() -> None:
+        real_reset()
+        since_reset[0] = 0
+
+    with fe._lock:
+        handler = fe._handlers[fe._port]
+
+        def fired_again() -> None:
+            handler()
+            since_reset[0] += 1
+            if left[0]:
+                fake.evtchn.notify(fake.port)  # while the port is masked
+                if since_reset[0] == 2:  # in the round after the hand-out
+                    left[0] -= 1
+                    handle.overflow()  # type: ignore[attr-defined]
+
+        fe._handlers[fe._port] = fired_again
+    monkeypatch.setattr(handle, "reset", reset)
+    handle.overflow()  # type: ignore[attr-defined]
+    thread.join(TIMEOUT)
+    assert not thread.is_alive(), "the event thread resets the handle for ever"
+    with pytest.raises(OSError) as info:
+        fe.socket()
+    assert info.value.errno == errno.EIO
+    assert "overflowed again" in info.value.strerror, info.value.strerror
+
+
 def _in_far_ahead(ring: FakeDataRing) -> None:
     ring.put(IN_PROD_OFFSET, ring.get(IN_CONS_OFFSET) + 2 * ring.size)
 
@@ -1918,6 +1985,23 @@ def test_a_frontend_dead_already_answers_the_backend_leaving_with_closed(
     with pytest.raises(OSError) as info:
         fe.socket()
     assert str(info.value.strerror).startswith(why), info.value.strerror
+
+
+def test_the_backend_leaving_is_answered_once(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once answered, the backend's leaving is not answered again as its
+    state goes on changing (Closing, then Closed as it closes, then gone
+    with the device): no second Closed written, no second line said."""
+    fake.set_state(5)  # Closing
+    fake.xs.wait_for(f"{fake.fe}/state", "6", timeout=TIMEOUT)
+    writes: list[dict[str, str]] = []
+    monkeypatch.setattr(fe, "_write_own_nodes", lambda nodes: writes.append(nodes) or True)
+    fe._on_backend_state(f"{fake.be}/state")  # as the watch does at each change
+    assert writes == []
+    said = [m for m in log.messages(logging.INFO) if "went to state" in m]
+    assert said == [f"pvcalls backend of domain {fe.domain.domid} went to state 5: "
+                    "disconnecting"], said
 
 
 def test_a_failing_data_ring_handler_fails_nothing_else(

@@ -426,6 +426,46 @@ def test_a_workqueue_being_destroyed_is_not_frozen(make_wq: Any, how: str) -> No
     assert wq._destroyed.is_set() and not chained.pending
 
 
+def test_a_workqueue_draining_is_still_frozen(make_wq: Any) -> None:
+    """Only the destruction refuses a freeze: a drain() going on is the
+    program's own wait, which thaw() (or its timeout) ends.  The freeze
+    holds what the running item chains, and the drain with it, until
+    thaw()."""
+    wq = make_wq("frz", WQ_FREEZABLE)
+    started, release, chained_ran = threading.Event(), threading.Event(), threading.Event()
+    chained = Work(lambda w: chained_ran.set())
+
+    def running(w: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+        wq.queue_work(chained)  # allowed during the drain
+
+    wq.queue_work(Work(running))
+    assert started.wait(TIMEOUT)
+    drained: list[BaseException | None] = []
+
+    def drain() -> None:
+        try:
+            wq.drain(timeout=TIMEOUT)
+        except BaseException as exc:
+            drained.append(exc)
+        else:
+            drained.append(None)
+
+    drainer = threading.Thread(target=drain)
+    drainer.start()
+    wait_until(lambda: wq._nr_drainers == 1)
+    with pytest.raises(TimeoutError):  # the item runs until released
+        wq.freeze(timeout=0.05)
+    assert wq._frozen
+    release.set()
+    wq.freeze(timeout=TIMEOUT)  # the running item is done
+    assert chained.pending and not chained_ran.is_set() and drainer.is_alive()
+    wq.thaw()
+    drainer.join(TIMEOUT)
+    assert drained == [None] and chained_ran.is_set()
+
+
 def test_set_max_active_while_frozen_holds_the_items_until_thaw(make_wq: Any) -> None:
     """The new limit waits for thaw(), as the kernel's max_active stays 0
     while its workqueues are frozen: raising it lets nothing run."""
