@@ -395,6 +395,21 @@ def test_thaw_releases_a_freeze_still_waiting_for_in_flight_items(make_wq: Any) 
     wq.thaw()
 
 
+def _running_then_chaining(wq: Any, chained: Work) -> threading.Event:
+    """An item of ``wq`` started, running until the event returned is set,
+    then queueing ``chained`` (allowed during a drain)."""
+    started, release = threading.Event(), threading.Event()
+
+    def running(w: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+        wq.queue_work(chained)
+
+    wq.queue_work(Work(running))
+    assert started.wait(TIMEOUT)
+    return release
+
+
 @pytest.mark.parametrize("how", ["destroy timed out", "shutdown(wait=False)"])
 def test_a_workqueue_being_destroyed_is_not_frozen(make_wq: Any, how: str) -> None:
     """A freeze during the destruction would hold what the running item
@@ -402,16 +417,8 @@ def test_a_workqueue_being_destroyed_is_not_frozen(make_wq: Any, how: str) -> No
     thaw(): refused, the destruction going on to its end, chained items
     included."""
     wq = make_wq("frz", WQ_FREEZABLE)
-    started, release = threading.Event(), threading.Event()
     chained = Work(lambda w: None)
-
-    def running(w: Work) -> None:
-        started.set()
-        assert release.wait(TIMEOUT)
-        wq.queue_work(chained)  # allowed during the drain
-
-    wq.queue_work(Work(running))
-    assert started.wait(TIMEOUT)
+    release = _running_then_chaining(wq, chained)
     if how == "destroy timed out":
         with pytest.raises(TimeoutError):
             wq.destroy(timeout=0.05)  # the item runs until released
@@ -432,16 +439,9 @@ def test_a_workqueue_draining_is_still_frozen(make_wq: Any) -> None:
     holds what the running item chains, and the drain with it, until
     thaw()."""
     wq = make_wq("frz", WQ_FREEZABLE)
-    started, release, chained_ran = threading.Event(), threading.Event(), threading.Event()
+    chained_ran = threading.Event()
     chained = Work(lambda w: chained_ran.set())
-
-    def running(w: Work) -> None:
-        started.set()
-        assert release.wait(TIMEOUT)
-        wq.queue_work(chained)  # allowed during the drain
-
-    wq.queue_work(Work(running))
-    assert started.wait(TIMEOUT)
+    release = _running_then_chaining(wq, chained)
     drained: list[BaseException | None] = []
 
     def drain() -> None:
