@@ -299,7 +299,7 @@ def test_readme_by_hand_on_a_simulated_host(tmp_path: Path) -> None:
     assert ours == [("xenback-sim", 0), ("pvcalls-backend", 0)]
 
 
-_PUBLIC_APIS = ["pvcalls", "pvcalls.frontend", "xenback"]
+_PUBLIC_APIS = ["pvcalls", "pvcalls.frontend", "xenback", "workqueue", "xenback.sim"]
 
 
 def _public_docstrings(module: str) -> Iterator[tuple[str, str]]:
@@ -355,6 +355,154 @@ def test_public_docstrings_point_to_nothing_private(module: str) -> None:
                 if not hasattr(builtins, target):
                     private.append((where, target))
     assert private == []
+
+
+def _has(obj: object, parts: list[str]) -> bool:
+    try:
+        for part in parts:
+            obj = getattr(obj, part)
+    except AttributeError:
+        return False
+    return True
+
+
+def _resolves(target: str, *scopes: object) -> bool:
+    """Whether the dotted ``target`` names something: from the longest
+    importable module it starts with, else as an attribute path of one of
+    ``scopes`` or of builtins."""
+    parts = target.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            module = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        return _has(module, parts[i:])
+    return any(_has(scope, parts) for scope in (*scopes, builtins))
+
+
+def _set_in_init(cls: type, attr: str) -> bool:
+    """Whether some class of ``cls``'s MRO sets ``self.attr`` in its code:
+    an instance attribute, which ``getattr(cls, attr)`` cannot find."""
+    for klass in cls.__mro__:
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        if re.search(rf"\bself\.{re.escape(attr)}\b\s*(?::[^=]+)?=", source):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("module", _PUBLIC_APIS)
+def test_public_docstrings_name_what_exists(module: str) -> None:
+    """Every :meth:, :class:, :func:, :attr:, :exc:, :data: and :mod: of
+    a public docstring names something that is there (from the module,
+    the class it documents, the module that defines that, or an
+    importable path): a rename must take the docstrings with it."""
+    mod = importlib.import_module(module)
+    role = re.compile(r":(?:meth|class|func|attr|exc|data|mod):`~?([\w.]+)`")
+    dangling = []
+    for where, doc in _public_docstrings(module):
+        names = where.split(".")[len(module.split(".")):]
+        owner = getattr(mod, names[0]) if names else None
+        home = inspect.getmodule(owner) if owner is not None else None
+        scopes = [scope for scope in (mod, owner, home) if scope is not None]
+        for target in role.findall(doc):
+            if _resolves(target, *scopes):
+                continue
+            if isinstance(owner, type) and "." not in target and _set_in_init(owner, target):
+                continue
+            dangling.append((where, target))
+    assert dangling == []
+
+
+@pytest.mark.parametrize("module", _PUBLIC_APIS)
+def test_documented_numeric_defaults_are_the_code_s(module: str) -> None:
+    """A docstring's "``name`` ... (default N" for a parameter of the
+    function (or class) it documents says the default its signature has."""
+    mod = importlib.import_module(module)
+    wrong = []
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        targets = [(name, obj)]
+        if isinstance(obj, type):
+            targets += [(f"{name}.{attr}", value) for attr, value in vars(obj).items()
+                        if callable(value) and not attr.startswith("_")]
+        for where, func in targets:
+            try:
+                params = inspect.signature(func).parameters
+            except (TypeError, ValueError):
+                continue
+            doc = inspect.getdoc(func) or ""
+            if isinstance(func, type):
+                doc += "\n" + (func.__init__.__doc__ or "")
+            for param, spec in params.items():
+                others = [f"``{other}``" for other in params if other != param]
+                said = re.finditer(rf"``{param}``([^;]*?)\bdefault:? (-?\d[\d.]*\d|\d)", doc, re.S)
+                for match in said:
+                    if "\n\n" in match[1] or any(other in match[1] for other in others):
+                        continue
+                    if float(match[2]) != spec.default:
+                        wrong.append((where, param, match[2], spec.default))
+    assert wrong == []
+
+
+@pytest.mark.parametrize("module", _PUBLIC_APIS)
+def test_a_constant_s_value_in_its_module_docstring_is_its_own(module: str) -> None:
+    # "``DEFAULT_MAX_IOWORKERS`` (64)", "``PAGE_SIZE``: 4096".
+    mod = importlib.import_module(module)
+    said = re.findall(r"``(\w+)``(?: \(|: )(\d+)(?=[,;.)]|\s*$)", mod.__doc__ or "")
+    wrong = [(name, value) for name, value in said
+             if name in mod.__all__ and getattr(mod, name) != int(value)]
+    assert wrong == []
+
+
+def _readme_names() -> set[str]:
+    """The README's backquoted Python names: ``pkg.module.name``, with or
+    without a call's parentheses, and ``Class.attribute``."""
+    names = set()
+    prose = re.sub(r"```.*?```", "", README, flags=re.DOTALL)
+    for quoted in re.findall(r"`([^`]+)`", prose):  # a code span may go over a line's end
+        match = re.fullmatch(r"((?:workqueue|xenback|pvcalls)(?:\.\w+)+|[A-Z]\w*\.\w+)"
+                             r"(?:\(.*\))?", quoted)
+        if match:
+            names.add(match[1])
+    return names
+
+
+def test_the_readme_names_what_exists() -> None:
+    from concurrent.futures import Future
+
+    from xenback.sim._xenstored import XenStored
+
+    scope: dict[str, object] = {"Future": Future, "XenStored": XenStored}
+    for module in _PUBLIC_APIS:
+        mod = importlib.import_module(module)
+        scope.update((name, getattr(mod, name)) for name in mod.__all__)
+    names = _readme_names()
+    assert {"xenback.ring.mb", "HostLock.for_domain", "XenStored.max_queued"} <= names
+    missing = []
+    for name in sorted(names):
+        first, _, rest = name.partition(".")
+        if first in scope:
+            found = _resolves(rest, scope[first]) or (
+                isinstance(scope[first], type) and _set_in_init(scope[first], rest))  # type: ignore[arg-type]
+        else:
+            found = _resolves(name)
+        if not found:
+            missing.append(name)
+    assert missing == []
+
+
+def test_the_readme_s_files_exist() -> None:
+    paths = set(re.findall(r"`((?:[\w.-]+/)+[\w.-]+\.(?:py|md|sh|service|toml))`", README))
+    paths.update(re.findall(r"`((?:examples|tools|tests|bench|contrib)/[\w./-]*)`", README))
+    assert "examples/console_backend.py" in paths
+    # What a run makes (git-ignored: tests/realxen/cache/) need not be there.
+    ignored = (ROOT / ".gitignore").read_text().split()
+    missing = sorted(path for path in paths if "<" not in path and path not in ignored
+                     and not (ROOT / path).exists())
+    assert missing == []
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))

@@ -14,6 +14,12 @@ max_active, ordered queues, delayed work, flush/drain/destroy, cancel with
 and without waiting, disable/enable, CPU hotplug, rescuers, freezing and a
 watchdog.  A Workqueue is also an Executor (submit, map, shutdown), with a
 lean Future.  See Workqueue, Work and Topology for the details.
+
+The flags of alloc_workqueue() are ``WQ_UNBOUND``, ``WQ_HIGHPRI``,
+``WQ_CPU_INTENSIVE``, ``WQ_FREEZABLE`` and ``WQ_MEM_RECLAIM`` (WQFlags);
+``WQ_DFL_ACTIVE`` (256) is the max_active that 0 asks for, and
+``WQ_MAX_ACTIVE`` (512) the largest.  ``TraceHook`` is the type of the
+hooks of Workqueue.add_trace_hook(): hook(event, work, cpu).
 """
 
 from __future__ import annotations

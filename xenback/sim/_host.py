@@ -279,7 +279,8 @@ class SimHost(Closing):
 
         From a signal's handler that interrupted this thread in another
         call of the host that holds its lock (create_domain(), say), it is a
-        :class:`RuntimeError`: see :meth:`_locked`.  A XenStore server whose
+        :class:`RuntimeError`, where it would wait for ever for that call,
+        which waits for the handler to return.  A XenStore server whose
         loop thread is stuck (a bug) makes it a :class:`TimeoutError`
         naming that thread (see :meth:`XenStored.stop`), after 10 s, not a
         hang; the host stays closing, and the next close() tries again.
