@@ -346,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         "sides alternating: (a) queue_work of distinct items, (b) submit() and wait, (c) "
         "per-key serial execution, (d) queue-to-start latency; and an idle Work's memory.  "
         "Prints a Markdown table of both sides and their ratio (above 1x: workqueue better) "
-        "and writes bench/results/workqueue.md.  The first Ctrl-C ends the measurement under "
-        "way, then the run; a second, at once.",
+        "and writes bench/results/workqueue.md.  The first Ctrl-C lets the measurement under "
+        "way finish, then ends the run; a second ends it at once.",
         epilog=benchlib.EPILOG)
     parser.add_argument("--quick", action="store_true",
                         help="smaller counts, one round (a smoke run: no results file)")
