@@ -280,10 +280,14 @@ class Frontend(Closing):
         # Here, not at open(): there None or a string failed deep inside,
         # and 0 or less made the handshake "time out" at once, blaming the
         # backend (and 0 would make every command non-blocking).
-        if timeout is None:
-            raise TypeError("timeout must be a number of seconds, not NoneType")
         try:
+            if timeout is None:
+                raise TypeError
             checked = timeout_value(timeout)  # as settimeout() checks it
+        except TypeError:
+            # Not settimeout()'s message, which offers None.
+            raise TypeError("timeout must be a number of seconds, "
+                            f"not {type(timeout).__name__}") from None
         except ValueError:  # negative or NaN: said below, as 0 is
             checked = 0.0
         if not checked:

@@ -1632,6 +1632,9 @@ def test_a_bad_timeout_is_refused_at_once(guest: Any, timeout: Any,
     ("guest", {"backend_id": 0x7FF0}, ValueError, "got 32752$"),
     ("guest", {"devid": True}, TypeError, "^devid must be an int, not bool$"),
     ("guest", {"devid": -1}, ValueError, "^devid must be at least 0, got -1$"),
+    # Not settimeout()'s "a float, an int or None": a frontend takes no None.
+    ("guest", {"timeout": "1"}, TypeError, "^timeout must be a number of seconds, not str$"),
+    ("guest", {"timeout": None}, TypeError, "^timeout must be a number of seconds, not NoneType$"),
 ])
 def test_a_bad_argument_is_refused_at_once(guest: Any, domain: Any, kwargs: dict[str, Any],
                                            exc: type[Exception], message: str) -> None:
