@@ -280,16 +280,16 @@ class Frontend(Closing):
         # Here, not at open(): there None or a string failed deep inside,
         # and 0 or less made the handshake "time out" at once, blaming the
         # backend (and 0 would make every command non-blocking).
+        # Checked as settimeout() checks it, but a wrong type is not told
+        # settimeout()'s message, which offers None.
         try:
-            if timeout is None:
-                raise TypeError
-            checked = timeout_value(timeout)  # as settimeout() checks it
+            checked = timeout_value(timeout) if timeout is not None else None
         except TypeError:
-            # Not settimeout()'s message, which offers None.
-            raise TypeError("timeout must be a number of seconds, "
-                            f"not {type(timeout).__name__}") from None
+            checked = None
         except ValueError:  # negative or NaN: said below, as 0 is
             checked = 0.0
+        if checked is None:
+            raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
         if not checked:
             raise ValueError(f"timeout must be more than 0 seconds, got {timeout}")
         self.ring_order = ring_order
