@@ -1127,8 +1127,8 @@ def test_stats_is_a_frozen_snapshot(make_wq: Any) -> None:
     stats = wq.stats()
     assert isinstance(stats, WorkqueueStats)
     assert (stats.name, stats.max_active) == ("st", 3)
-    assert [(p.pool, p.queued, p.activated, p.started, p.completed) for p in stats.pools] == [
-        ("cpu0", 1, 1, 1, 1), ("cpu1", 2, 2, 2, 2)]
+    assert [(p.pool, p.cpu, p.bound, p.queued, p.activated, p.started, p.completed)
+            for p in stats.pools] == [("cpu0", 0, True, 1, 1, 1, 1), ("cpu1", 1, True, 2, 2, 2, 2)]
     assert (stats.queued, stats.started, stats.completed, stats.in_flight) == (3, 3, 3, 0)
     with pytest.raises(AttributeError):
         stats.name = "x"  # type: ignore[misc]
