@@ -160,6 +160,42 @@ def test_close_stops_the_pollers(host: Any, topology: Topology) -> None:
                              if t.is_alive() and t.name != "wq-timer"} - before))
 
 
+def test_each_poller_polls_on_its_own_cpu(host: Any) -> None:
+    """Started on its CPU, not the constructor's: a poller queues itself
+    again on the pool it runs on, so one started elsewhere would stay there
+    and every socket it wakes would cost the wake-up it is there to save."""
+    topology = Topology(4, watchdog_thresh=WATCHDOG)
+    lock = threading.Lock()
+    ran_on: dict[int, set[int | None]] = {}
+
+    def hook(event: str, work: Any, cpu: int | None) -> None:
+        if event == "execute_start" and isinstance(work, CpuPoller):
+            with lock:
+                ran_on.setdefault(work.cpu, set()).add(cpu)
+
+    with pvcalls.Backend(host.dom0, topology=topology) as backend:
+        backend.io_wq.add_trace_hook(hook)
+        try:
+            wait_until(lambda: len(ran_on) == 4)
+        finally:
+            backend.io_wq.remove_trace_hook(hook)
+    assert ran_on == {cpu: {cpu} for cpu in topology.possible()}
+
+
+def test_close_does_not_wait_for_an_idle_poll_to_time_out(host: Any) -> None:
+    """close() wakes a poller sleeping in its poll (half the watchdog
+    threshold, an hour here) rather than wait for it to time out."""
+    topology = Topology(1, watchdog_thresh=7200.0)
+    backend = pvcalls.Backend(host.dom0, topology=topology)
+    (poller,) = backend._pollers.values()
+    wait_until(lambda: poller.running)
+    closer = threading.Thread(target=backend.close, daemon=True)
+    closer.start()
+    closer.join(TIMEOUT)
+    assert not closer.is_alive(), "close() waited for the poll to time out"
+    assert backend._pollers == {}
+
+
 def test_connected_sockets_are_polled_on_their_own_cpus(
         host: Any, make_frontend: Any, echo_server: Any) -> None:
     """CONNECT homes the socket before binding its channel, so that even

@@ -137,8 +137,12 @@ def test_page_order_limit_fits_one_indexes_page() -> None:
 def test_sockaddr_round_trip() -> None:
     raw = _wire.pack_sockaddr_in("10.1.2.3", 443)
     assert len(raw) == _wire.SOCKADDR_IN_LEN
+    # sa_family in the guest's (the host's) byte order, port and address in the network's.
+    assert raw[:2] == _wire.AF_INET.to_bytes(2, sys.byteorder)
     assert raw[2:4] == b"\x01\xbb" and raw[4:8] == bytes([10, 1, 2, 3])
     assert _wire.unpack_sockaddr_in(raw.ljust(28, b"\0"), 16) == ("10.1.2.3", 443)
+    # Up to the whole 28-byte field, as a frontend with a larger sockaddr may send.
+    assert _wire.unpack_sockaddr_in(raw.ljust(28, b"\0"), 28) == ("10.1.2.3", 443)
     with pytest.raises(ValueError, match="family"):
         _wire.unpack_sockaddr_in(b"\x0a\x00" + raw[2:], 16)
     with pytest.raises(ValueError, match="length"):
@@ -152,6 +156,8 @@ def test_sockaddr_edges() -> None:
     assert raw[2:8] == b"\xff" * 6
     # The first ``length`` bytes only, however few: the port and address are in 8.
     assert _wire.unpack_sockaddr_in(raw[:8], 8) == ("255.255.255.255", 65535)
+    # Port 0: BIND to any port.
+    assert _wire.unpack_sockaddr_in(_wire.pack_sockaddr_in("0.0.0.0", 0)) == ("0.0.0.0", 0)
     with pytest.raises(ValueError, match="port 65536 out of range"):
         _wire.pack_sockaddr_in("127.0.0.1", 65536)
     with pytest.raises(ValueError, match="port -1 out of range"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import gc
 import logging
 import math
@@ -35,6 +36,7 @@ from workqueue import (
     alloc_workqueue,
 )
 from workqueue._future import LeanFuture, _sleeping, cancel_pending_futures
+from workqueue._stats import TRACE_EVENTS
 
 TIMEOUT = 10.0
 
@@ -1107,6 +1109,7 @@ def test_trace_hooks_see_the_four_trace_points(make_wq: Any, tracer: Any) -> Non
     wq.flush()
     assert tracer.of(a) == ["queue", "activate", "execute_start", "execute_end"]
     assert tracer.of(b) == ["queue", "activate", "execute_start", "execute_end"]
+    assert tracer.of(b) == list(TRACE_EVENTS)  # the order in which they fire
     assert {cpu for _, _, cpu in tracer.events} == {None}
     wq.remove_trace_hook(tracer)
     with pytest.raises(ValueError, match="not a trace hook"):
@@ -1124,15 +1127,40 @@ def test_stats_is_a_frozen_snapshot(make_wq: Any) -> None:
     stats = wq.stats()
     assert isinstance(stats, WorkqueueStats)
     assert (stats.name, stats.max_active) == ("st", 3)
-    assert [(p.pool, p.queued, p.activated, p.started, p.completed) for p in stats.pools] == [
-        ("cpu0", 1, 1, 1, 1), ("cpu1", 2, 2, 2, 2)]
+    assert [(p.pool, p.cpu, p.bound, p.queued, p.activated, p.started, p.completed)
+            for p in stats.pools] == [("cpu0", 0, True, 1, 1, 1, 1), ("cpu1", 1, True, 2, 2, 2, 2)]
     assert (stats.queued, stats.started, stats.completed, stats.in_flight) == (3, 3, 3, 0)
     with pytest.raises(AttributeError):
         stats.name = "x"  # type: ignore[misc]
     with pytest.raises(AttributeError):
         stats.pools[0].queued = 9  # type: ignore[misc]
+    # Values: a copy is equal, and hashes alike, so that snapshots compare.
+    assert dataclasses.replace(stats) == stats
+    assert hash(dataclasses.replace(stats)) == hash(stats)
+    assert dataclasses.replace(stats.pools[0]) == stats.pools[0]
+    assert dataclasses.replace(stats.pools[0], queued=9) != stats.pools[0]
     wq.queue_work(Work(lambda w: None))
     assert stats.queued == 3  # a snapshot does not move
+
+
+def test_stats_count_the_items_waiting_for_max_active_in_flight(make_wq: Any) -> None:
+    wq = make_wq("st", max_active=1)
+    started, release = threading.Event(), threading.Event()
+    running = Work(lambda w: (started.set(), release.wait(TIMEOUT)))
+    waiting = Work(lambda w: None)
+    try:
+        wq.queue_work_on(0, running)
+        assert started.wait(TIMEOUT)
+        wq.queue_work_on(0, waiting)
+        stats = wq.stats()
+        cpu0 = stats.pools[0]
+        assert (cpu0.queued, cpu0.started, cpu0.completed) == (2, 1, 0)
+        assert (cpu0.nr_active, cpu0.nr_inactive) == (1, 1)
+        assert stats.in_flight == 2
+    finally:
+        release.set()
+    wq.flush()
+    assert wq.stats().in_flight == 0
 
 
 def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:

@@ -30,3 +30,15 @@ def test_a_power_of_ten_base_shows_the_size_only() -> None:
     assert shown(1 << 80, "d") == "about 10**24 (an int of 81 bits)"
     assert shown(1 << 64, "#x") == "0x10000000000000000 (an int of 65 bits)"  # 17 digits
     assert shown((1 << 64) - 1, "#x") == "0xffffffffffffffff"  # 64 bits: format()'s
+
+
+def test_the_power_of_ten_is_the_nearest_to_the_middle_of_the_size() -> None:
+    # 69 bits span 2.95e20 to 5.9e20: about 10**21, not the 10**20 that
+    # rounding the lowest exponent of the range would say.
+    assert shown(5 * 10**20) == "about 10**21 (an int of 69 bits)"
+
+
+def test_anything_else_is_formatted_by_its_spec_or_cut_short() -> None:
+    assert shown(0.25, ".0%") == "25%"
+    assert shown("x" * 100) == "'" + "x" * 17 + "..." + "x" * 18 + "'"  # 40 characters
+    assert shown(list(range(100))) == "[0, 1, 2, 3, 4, 5, ...]"

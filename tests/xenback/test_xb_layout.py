@@ -76,3 +76,9 @@ def test_xs_wire_tables_match_the_header() -> None:
     table = text[text.index("xsd_errors[]"):]
     table = table[: table.index("};")]
     assert [part.split(")")[0] for part in table.split("XSD_ERROR(")[1:]] == list(_wire.XSD_ERRORS)
+
+
+def test_xenstore_payload_max_matches_xs_wire_h() -> None:
+    c = c_layout(["xen/io/xs_wire.h"], {"struct payload": []},
+                 prelude="struct payload { char max[XENSTORE_PAYLOAD_MAX]; };")
+    assert _wire.XENSTORE_PAYLOAD_MAX == c["sizeof(struct payload)"]

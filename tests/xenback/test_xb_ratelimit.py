@@ -46,6 +46,13 @@ def test_a_burst_per_interval_then_the_count_of_the_rest(
     assert record.levelno == logging.WARNING
 
 
+def test_repr_says_whose_limit_it_is_and_what_it_holds_back() -> None:
+    limit = RateLimit("dom8", interval=0.5, burst=1, clock=Clock())
+    limit()
+    limit()
+    assert repr(limit) == "<RateLimit dom8 1 per 0.5 s missed=1>"
+
+
 def test_close_reports_what_is_left_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=logger.name)
     limit = RateLimit("dom3", burst=1, clock=Clock())

@@ -737,6 +737,14 @@ def test_event_queue_survives_a_failing_call(wq, caplog) -> None:
     assert "ZeroDivisionError" in caplog.text
 
 
+def test_an_unnamed_event_queue_says_what_failed_all_the_same(wq, caplog) -> None:
+    queue = EventQueue(wq)
+    queue.call(lambda: 1 / 0)
+    queue.flush()
+    (record,) = [r for r in caplog.records if r.name == "xenback._eventqueue"]
+    assert record.getMessage().startswith("event queue: callback <function ")
+
+
 def test_a_call_may_flush_its_own_queue(wq, caplog) -> None:
     # Waiting for itself would never end: flush() from a call returns at
     # once, and the calls behind it run after it.
