@@ -19,7 +19,8 @@ The flags of alloc_workqueue() are ``WQ_UNBOUND``, ``WQ_HIGHPRI``,
 ``WQ_CPU_INTENSIVE``, ``WQ_FREEZABLE`` and ``WQ_MEM_RECLAIM`` (WQFlags);
 ``WQ_DFL_ACTIVE`` (256) is the max_active that 0 asks for, and
 ``WQ_MAX_ACTIVE`` (512) the largest.  ``TraceHook`` is the type of the
-hooks of Workqueue.add_trace_hook(): hook(event, work, cpu).
+hooks of Workqueue.add_trace_hook(): hook(event, work, cpu), the event one
+of ``TRACE_EVENTS``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ._loadindex import LoadIndex, LoadIndexStats
 from ._pool import blocking, current_work, current_workqueue, wait_slice
 from ._serial import SerialExecutor
 from ._shown import shown
-from ._stats import PoolStats, TraceHook, WorkqueueStats
+from ._stats import TRACE_EVENTS, PoolStats, TraceHook, WorkqueueStats
 from ._topology import Topology
 from ._work import DelayedWork, Work
 from ._workqueue import Workqueue, alloc_ordered_workqueue, alloc_workqueue, default_topology
@@ -50,5 +51,6 @@ __all__ = [
     # Beyond the kernel's names:
     "Workqueue", "WQFlags", "WQ_MAX_ACTIVE", "WQ_DFL_ACTIVE", "blocking",
     "default_topology", "PoolStats", "WorkqueueStats", "LoadIndexStats", "TraceHook",
+    "TRACE_EVENTS",
     "wait_slice", "SerialExecutor", "shown", "current_workqueue",
 ]

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["PoolStats", "WorkqueueStats", "TraceHook", "TRACE_EVENTS"]
 
 TraceHook = Callable[[str, Any, "int | None"], None]
+#: The trace points' names, in the order in which one item meets them.
 TRACE_EVENTS = ("queue", "activate", "execute_start", "execute_end")
 
 

@@ -959,9 +959,13 @@ class Workqueue(Executor):
     # -- introspection -------------------------------------------------------
 
     def add_trace_hook(self, hook: TraceHook) -> None:
-        """Call hook(event, work, cpu) at every trace point; see workqueue._stats.
+        """Call hook(event, work, cpu) at every trace point.
 
-        Whatever a hook raises, KeyboardInterrupt and SystemExit included,
+        ``event`` is one of TRACE_EVENTS, the kernel's trace points: "queue"
+        (queue_work() took the item), "activate" (it entered its pool's
+        worklist), "execute_start" and "execute_end"; ``cpu`` is the CPU of
+        the item's pool, None for an unbound one.  Hooks must be quick and
+        must not call into the workqueue.  Whatever a hook raises, KeyboardInterrupt and SystemExit included,
         is logged and the engine goes on, as after a work function that
         raises: hooks run under the engine lock, inside its steps."""
         if not callable(hook):

@@ -23,6 +23,7 @@ from racewindow import Attempt, PauseAt
 from stolensignal import OUTLASTS_THE_TEST
 
 from workqueue import (
+    TRACE_EVENTS,
     WQ_MAX_ACTIVE,
     WQ_UNBOUND,
     DelayedWork,
@@ -36,7 +37,6 @@ from workqueue import (
     alloc_workqueue,
 )
 from workqueue._future import LeanFuture, _sleeping, cancel_pending_futures
-from workqueue._stats import TRACE_EVENTS
 
 TIMEOUT = 10.0
 
