@@ -42,7 +42,8 @@ class EventQueue:
 
     ``workqueue`` is shared by many queues (a :func:`workqueue.alloc_workqueue`
     queue).  An exception in a call is logged and does not stop the calls
-    after it.  ``handled(exc)``, if given, sees it first: True means its
+    after it (SystemExit, say, ends the Work's run, which logs it, and they
+    run in the next).  ``handled(exc)``, if given, sees it first: True means its
     owner knows why the call failed and said so already, and nothing more
     is logged.
     """
@@ -100,6 +101,15 @@ class EventQueue:
                     logger.warning("%s: callback %r: %s", self.name or "event queue", fn, exc)
                 else:
                     logger.exception("%s: callback %r failed", self.name or "event queue", fn)
+            except BaseException:
+                # SystemExit, say: it ends this run, and the worker logs it.
+                # The calls behind it run in the next one, not whenever
+                # another call() queues the Work again (flush() would not
+                # wait for them).
+                with self._lock:
+                    if self._calls:
+                        self._workqueue.queue_work(self._work)
+                raise
 
     def _explained(self, exc: Exception) -> bool:
         """Whether ``handled`` took care of ``exc``."""

@@ -737,6 +737,40 @@ def test_event_queue_survives_a_failing_call(wq, caplog) -> None:
     assert "ZeroDivisionError" in caplog.text
 
 
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
+def test_a_call_raising_past_exception_leaves_none_behind(caplog, exc) -> None:
+    # What no "except Exception" takes ends the Work's run (the worker logs
+    # it); the calls queued behind it must still run, not wait for the
+    # next call() to queue the Work again.  An ordered workqueue busy with
+    # another item keeps the queue's Work waiting until both calls are in.
+    from workqueue import Work, alloc_ordered_workqueue
+
+    wq = alloc_ordered_workqueue("xb-exiting")
+    try:
+        queue = EventQueue(wq, "exiting")
+        out: list[int] = []
+        started, release = threading.Event(), threading.Event()
+
+        def hold(_work: object) -> None:
+            started.set()
+            release.wait(TIMEOUT)
+
+        def leave() -> None:
+            raise exc
+
+        wq.queue_work(Work(hold))
+        assert started.wait(TIMEOUT)
+        queue.call(leave)
+        queue.call(out.append, 1)
+        release.set()
+        queue.flush()
+        assert out == [1]
+        assert exc.__name__ in caplog.text
+    finally:
+        release.set()
+        wq.destroy()
+
+
 def test_an_unnamed_event_queue_says_what_failed_all_the_same(wq, caplog) -> None:
     queue = EventQueue(wq)
     queue.call(lambda: 1 / 0)
