@@ -225,6 +225,23 @@ def test_close_after_the_domain_was_destroyed_has_nobody_to_tell(host, driver) -
     assert driver.devices() == []
 
 
+def test_close_of_a_device_the_toolstack_took_away_writes_nothing(host, dom0_xs) -> None:
+    """A dying domain's devices lose their frontend directory first
+    (libxl__devices_destroy), the domain still there: its frontend has
+    nobody to tell, and a state written would make the guest a stray
+    directory of a device that no longer exists."""
+    census = Census(host)
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)  # no backend serves it
+    fe = FrontendDevice(guest, dev)
+    fe.share()
+    fe.bind_port()
+    assert host.toolstack.destroy_devices(guest.domid, timeout=0) == [dev]
+    fe.close()
+    assert not dom0_xs.exists(f"{guest.path}/device/xbtest")
+    census.check()
+
+
 def test_close_of_an_unserved_device_whose_backend_failed_its_probe_writes_closed(
         host, driver, dom0_xs) -> None:
     """A device the test added itself (not add()'s): no removal follows
