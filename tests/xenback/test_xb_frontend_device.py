@@ -279,6 +279,20 @@ def test_close_of_a_published_frontend_waits_for_a_closing_backend_s_closed(
     host.toolstack.destroy_device(dev)
 
 
+def test_close_of_a_frontend_closed_already_waits_for_the_backend_s_closed(
+        host, dom0_xs) -> None:
+    """A frontend that published Closed itself waits, as any, for the
+    backend's Closed, not its Closing: its pages go once the backend let go."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev)
+    fe.publish({"ring-ref": fe.share().refs[0]}, state=S.CLOSED)
+    dom0_xs.write(f"{dev.backend_path}/state", int(S.CLOSING))  # and never closes
+    with pytest.raises(TimeoutError, match=r"did not close within 0 s \(it is Closing\)"):
+        fe.close(timeout=0)
+    host.toolstack.destroy_device(dev)
+
+
 def test_close_after_the_guest_lost_its_xenstore_connection_says_so(host, driver) -> None:
     """Only a destroyed domain's frontend closes quietly without its
     connection: a living guest's lost one is an error, raised once what
