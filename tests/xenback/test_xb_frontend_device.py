@@ -518,6 +518,31 @@ def test_close_with_no_time_left_says_the_backend_was_late(host, dom0_xs) -> Non
     host.toolstack.destroy_device(dev)
 
 
+def test_close_whose_wait_for_closing_ran_out_says_so_even_if_closed_by_then(
+        host, dom0_xs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline is the verdict: a backend not Closing by then is late,
+    although it went Closed just after (read by a wait with no time left)."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev)
+    fe.publish({"ring-ref": fe.share().refs[0]})
+    dom0_xs.write(f"{dev.backend_path}/state", int(S.CONNECTED))
+    closed: list[str] = []
+
+    def close_once_seen_connected(value: str | None) -> None:
+        # After the wait for Closing checked Connected: with no time
+        # left it reads no more.
+        if value == str(int(S.CONNECTED)) and not closed:
+            closed.append(dev.backend_path)
+            dom0_xs.write(f"{dev.backend_path}/state", int(S.CLOSED))
+
+    _acting_as_it_waits(fe, monkeypatch, close_once_seen_connected)
+    with pytest.raises(TimeoutError, match=r"did not close within 0 s \(it is Closed\)"):
+        fe.close(timeout=0)
+    assert closed
+    host.toolstack.destroy_device(dev)
+
+
 def test_close_without_the_handshake_leaves_an_added_device(host, driver, dom0_xs) -> None:
     """The device added by add() too: removing it is the toolstack's job
     then, as for a guest whose driver died."""
