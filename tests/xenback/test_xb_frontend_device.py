@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.stolensignal import Interrupted
+from tests.stolensignal import OUTLASTS_THE_TEST, Interrupted
 from tests.xenback.xbhelpers import (
     TIMEOUT,
     Census,
@@ -501,6 +501,25 @@ def test_close_interrupted_in_the_handshake_still_releases_everything(
     census.check()
     assert dom0_xs.read(f"{dev.frontend_path}/state") == str(int(S.CLOSING))
     host.toolstack.destroy_device(dev)
+
+
+def test_close_interrupted_in_the_handshake_removes_its_device_without_a_wait(
+        host, dom0_xs, monkeypatch) -> None:
+    """Ctrl-C as close() waits for the backend: the device add() added is
+    removed at once (forced), not after the time the handshake had left.
+    (That time outlasts the test: a removal that waited is a test timeout.)"""
+    guest = host.create_domain("guest")
+    fe = FrontendDevice.add(guest, "xbtest", timeout=OUTLASTS_THE_TEST)
+    dom0_xs.write(f"{fe.device.backend_path}/state", int(S.CONNECTED))  # and never answers
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise Interrupted
+
+    monkeypatch.setattr(fe.xenstore, "wait_for", interrupted)
+    with pytest.raises(Interrupted):
+        fe.close()
+    assert not dom0_xs.exists(fe.device.backend_path)
+    assert not dom0_xs.exists(fe.device.frontend_path)
 
 
 def test_close_with_no_time_left_says_the_backend_was_late(host, dom0_xs) -> None:
