@@ -921,6 +921,26 @@ def test_without_a_host_the_platform_is_unavailable(tmp_path: Path) -> None:
         assert f"simulated host in {tmp_path}" in str(info.value)
 
 
+def test_domain_control_of_a_host_that_died_says_how_the_connection_failed(
+        tmp_path: Path) -> None:
+    # Its dom0 socket left behind refuses a connection: ECONNREFUSED, as
+    # attach() says, not the ENOENT of a run directory without sockets.
+    import socket
+
+    from xenback.platform import PlatformUnavailable
+    from xenback.sim import destroy_domain
+
+    path = tmp_path / "domains" / "0" / "hypervisor"
+    path.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+    for call in (lambda: create_domain(tmp_path, "g"), lambda: destroy_domain(tmp_path, 1)):
+        with pytest.raises(PlatformUnavailable) as info:
+            call()
+        assert info.value.errno == errno.ECONNREFUSED
+        assert f"no simulated host in {tmp_path}" in str(info.value)
+
+
 def test_a_failed_grant_or_channel_operation_is_a_platform_error(host: SimHost) -> None:
     # Backends catch PlatformError (an OSError) for whatever Xen refuses.
     from xenback.platform import EventChannelError, GrantError, PlatformError

@@ -604,6 +604,17 @@ def test_bad_devices_are_refused_saying_why(
     assert host.toolstack.devices() == []
 
 
+def test_names_may_hold_what_a_xenstore_path_element_may(host: SimHost, guest: Domain) -> None:
+    """Letters, digits, '-' and '_' (xenstore.txt's path characters, but
+    '/' and '@'): a name refused here could not be a device of libxl's."""
+    dev = host.toolstack.add_device("my_vif-2", guest.domid, backend_nodes={"feature_x-1": "1"},
+                                    frontend_nodes={"ring_ref": "8"})
+    with host.dom0.xenstore() as c:
+        assert c.read(dev.backend_path.encode() + b"/feature_x-1") == b"1"
+        assert c.read(dev.frontend_path.encode() + b"/ring_ref") == b"8"
+    assert host.toolstack.devices() == [dev]
+
+
 def test_the_largest_devid_is_a_c_int_s(host: SimHost, guest: Domain) -> None:
     """libxl's devid is an int, -1 meaning "pick one": 0 to 2**31 - 1."""
     dev = host.toolstack.add_device("vbd", guest.domid, devid=2**31 - 1)
@@ -829,6 +840,23 @@ def test_a_client_closed_as_xenstore_hangs_up_is_quiet(tmp_path, monkeypatch) ->
     assert not router.thread.is_alive()
     pause.resume()
     assert caller.result() == []
+
+
+def test_a_ctrl_c_as_an_operation_closes_its_client_leaves_no_router(
+        host: SimHost, guest: Domain) -> None:
+    """Each operation's client is closed again when a Ctrl-C lands in its
+    close (as a call of close_client returns): nobody else has the client,
+    and its router thread would run for as long as XenStore does."""
+    from xenback.xenstore import close_client
+
+    host.toolstack.add_device("vif", guest.domid)
+    for n in itertools.count():
+        landed = interrupted_as_call_returns(close_client.__code__, n, host.toolstack.devices)
+        routers = [t for t in threading.enumerate() if t.name == "toolstack-xenstore"]
+        assert routers == [], f"interrupted as call {n} of close_client returned: {routers}"
+        if not landed:
+            break
+    assert n > 1, n
 
 
 class Interrupted(BaseException):

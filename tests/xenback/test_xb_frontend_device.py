@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.stolensignal import Interrupted
+from tests.stolensignal import OUTLASTS_THE_TEST, Interrupted
 from tests.xenback.xbhelpers import (
     TIMEOUT,
     Census,
@@ -225,6 +225,23 @@ def test_close_after_the_domain_was_destroyed_has_nobody_to_tell(host, driver) -
     assert driver.devices() == []
 
 
+def test_close_of_a_device_the_toolstack_took_away_writes_nothing(host, dom0_xs) -> None:
+    """A dying domain's devices lose their frontend directory first
+    (libxl__devices_destroy), the domain still there: its frontend has
+    nobody to tell, and a state written would make the guest a stray
+    directory of a device that no longer exists."""
+    census = Census(host)
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)  # no backend serves it
+    fe = FrontendDevice(guest, dev)
+    fe.share()
+    fe.bind_port()
+    assert host.toolstack.destroy_devices(guest.domid, timeout=0) == [dev]
+    fe.close()
+    assert not dom0_xs.exists(f"{guest.path}/device/xbtest")
+    census.check()
+
+
 def test_close_of_an_unserved_device_whose_backend_failed_its_probe_writes_closed(
         host, driver, dom0_xs) -> None:
     """A device the test added itself (not add()'s): no removal follows
@@ -259,6 +276,20 @@ def test_close_of_a_published_frontend_waits_for_a_closing_backend_s_closed(
     with pytest.raises(TimeoutError, match=r"did not close within 0 s \(it is Closing\)"):
         fe.close(timeout=0)
     assert dom0_xs.read(f"{dev.frontend_path}/state") == str(int(S.CLOSED))
+    host.toolstack.destroy_device(dev)
+
+
+def test_close_of_a_frontend_closed_already_waits_for_the_backend_s_closed(
+        host, dom0_xs) -> None:
+    """A frontend that published Closed itself waits, as any, for the
+    backend's Closed, not its Closing: its pages go once the backend let go."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev)
+    fe.publish({"ring-ref": fe.share().refs[0]}, state=S.CLOSED)
+    dom0_xs.write(f"{dev.backend_path}/state", int(S.CLOSING))  # and never closes
+    with pytest.raises(TimeoutError, match=r"did not close within 0 s \(it is Closing\)"):
+        fe.close(timeout=0)
     host.toolstack.destroy_device(dev)
 
 
@@ -472,6 +503,25 @@ def test_close_interrupted_in_the_handshake_still_releases_everything(
     host.toolstack.destroy_device(dev)
 
 
+def test_close_interrupted_in_the_handshake_removes_its_device_without_a_wait(
+        host, dom0_xs, monkeypatch) -> None:
+    """Ctrl-C as close() waits for the backend: the device add() added is
+    removed at once (forced), not after the time the handshake had left.
+    (That time outlasts the test: a removal that waited is a test timeout.)"""
+    guest = host.create_domain("guest")
+    fe = FrontendDevice.add(guest, "xbtest", timeout=OUTLASTS_THE_TEST)
+    dom0_xs.write(f"{fe.device.backend_path}/state", int(S.CONNECTED))  # and never answers
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise Interrupted
+
+    monkeypatch.setattr(fe.xenstore, "wait_for", interrupted)
+    with pytest.raises(Interrupted):
+        fe.close()
+    assert not dom0_xs.exists(fe.device.backend_path)
+    assert not dom0_xs.exists(fe.device.frontend_path)
+
+
 def test_close_with_no_time_left_says_the_backend_was_late(host, dom0_xs) -> None:
     """timeout=0: no wait at all, the time up before the first one began;
     the refusal is the late backend's, not a wait's for less than none."""
@@ -484,6 +534,31 @@ def test_close_with_no_time_left_says_the_backend_was_late(host, dom0_xs) -> Non
             r"\(it is Connected\)")):
         fe.close(timeout=0)
     assert dom0_xs.read(f"{dev.frontend_path}/state") == str(int(S.CLOSED))
+    host.toolstack.destroy_device(dev)
+
+
+def test_close_whose_wait_for_closing_ran_out_says_so_even_if_closed_by_then(
+        host, dom0_xs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline is the verdict: a backend not Closing by then is late,
+    although it went Closed just after (read by a wait with no time left)."""
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    fe = FrontendDevice(guest, dev)
+    fe.publish({"ring-ref": fe.share().refs[0]})
+    dom0_xs.write(f"{dev.backend_path}/state", int(S.CONNECTED))
+    closed: list[str] = []
+
+    def close_once_seen_connected(value: str | None) -> None:
+        # After the wait for Closing checked Connected: with no time
+        # left it reads no more.
+        if value == str(int(S.CONNECTED)) and not closed:
+            closed.append(dev.backend_path)
+            dom0_xs.write(f"{dev.backend_path}/state", int(S.CLOSED))
+
+    _acting_as_it_waits(fe, monkeypatch, close_once_seen_connected)
+    with pytest.raises(TimeoutError, match=r"did not close within 0 s \(it is Closed\)"):
+        fe.close(timeout=0)
+    assert closed
     host.toolstack.destroy_device(dev)
 
 
