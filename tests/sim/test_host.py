@@ -454,6 +454,37 @@ def test_dom0_cannot_destroy_itself_over_the_wire(host: SimHost) -> None:
         ch.bind_unbound_port(0)
 
 
+def test_a_control_request_no_thread_can_serve_is_refused(
+        host: SimHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each control request runs in a thread of its own: one the host has
+    no thread left for is answered EAGAIN, and leaves nothing behind (a
+    thread never started, kept, made every close() fail to join it)."""
+    import json
+    import socket
+
+    from xenback.sim._hypervisor import domain_socket
+
+    start = threading.Thread.start
+
+    def no_control_thread_left(thread: threading.Thread) -> None:
+        if thread.name.startswith("xenback-sim-control"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    guest = host.create_domain("guest")
+    monkeypatch.setattr(threading.Thread, "start", no_control_thread_left)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(os.fspath(domain_socket(host.run_dir, 0)))
+        sock.send(json.dumps({"op": "domain_destroy", "domid": guest.domid}).encode())
+        refused = json.loads(sock.recv(65536))
+    assert refused["errno"] == errno.EAGAIN
+    assert "can't start new thread" in refused["error"]
+    monkeypatch.undo()
+    assert host.domains() == [host.dom0, guest]
+    host.close()  # joins every control thread it knows of
+
+
 def test_a_hypervisor_without_domain_control_says_so(tmp_path: Path) -> None:
     """A hypervisor service run without a toolstack (set_control never
     called) answers dom0's control requests ENOSYS, not an internal error."""

@@ -21,7 +21,7 @@ from xenback._closing import Closing
 from xenback._flags import DOMID_FIRST_RESERVED, check_domain_id, is_int
 
 from ._domain import Domain, run_dir_path
-from ._hypervisor import Hypervisor
+from ._hypervisor import Hypervisor, RequestError
 from ._toolstack import REMOVE_TIMEOUT, Toolstack, check_timeout
 from ._xenstored import XenStored
 from ._xenstored._server import MAX_QUEUED, WATCH_EVENT_TIMEOUT, check_limits
@@ -736,9 +736,16 @@ class SimHost(Closing):
             reply(msg)
 
         thread = threading.Thread(target=run, name=f"xenback-sim-control:{op}")
+        # Known before it runs, which forgets it as it ends.
         with self._control_lock:
             self._control_threads.add(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as e:  # "can't start new thread": try again later
+            with self._control_lock:
+                self._control_threads.discard(thread)  # close() cannot join it
+            logger.warning("domain control request %s %r refused: %s", op, args, e)
+            raise RequestError(errno.EAGAIN, f"no thread to serve it: {e}") from None
 
     def _check_running(self) -> None:
         if self._state != "running" and not (self._state == "starting" and 0 in self._domains):

@@ -129,7 +129,8 @@ _TOO_MANY_HANDLES: Message = {
 #: ``control(op, args, reply)`` performs a dom0 request to create
 #: (``args["name"]``) or destroy (``args["domid"]``) a domain.  It is called
 #: on the service thread and must not block: it calls ``reply(message)``
-#: later, from any thread.
+#: later, from any thread, or raises :class:`RequestError` to refuse the
+#: request at once.
 ControlHandler = Callable[[str, dict[str, Any], Callable[["Message"], None]], None]
 
 
