@@ -391,6 +391,11 @@ def test_dom0_not_reading_events_dom0_caused_is_not_cut() -> None:
             writes = 2 * (_server.MIN_QUEUED + _fill_socket_buffers(deaf.sock)) // 2000
             for i in range(writes):
                 writer.write(f"{path}/{i}", "")
+            # Nobody is charged for them and none goes stale: none is
+            # kept a record of, however many wait.
+            (conn,) = [c for c in xsd._call(lambda: list(xsd._dispatcher.dom0.conns))
+                       if c.watches]
+            assert xsd._call(lambda: (len(conn.out) > 0, len(conn.waiting))) == (True, 0)
             for i in range(writes):
                 assert deaf.wait_event() == (f"{path}/{i}", "tok")
 
@@ -495,7 +500,9 @@ def test_every_connection_of_a_held_back_guest_goes_on() -> None:
         first, second = b.guest_conns()
         assert eventually(lambda: b.xsd._call(lambda: first.paused))
         other.send_raw(_write(50, "h"))
-        assert eventually(lambda: b.xsd._call(lambda: second.paused))
+        # Out of the selector too: its requests wait in the kernel, not
+        # read into the server over and over.
+        assert eventually(lambda: b.xsd._call(lambda: (second.paused, second.events)) == (True, 0))
         b.read_events_until("/local/domain/1/h50")
         for i in range(_LIMIT + 2):
             assert b.guest.recv_message()[:2] == (Op.WRITE, 1000 + i)
@@ -1351,6 +1358,29 @@ def test_events_a_guest_does_not_read_are_dropped_not_the_guest(
     assert len(warned) == 1 and warned[0] is drops[0], [r.getMessage() for r in warned]
 
 
+@pytest.mark.parametrize("over", [0, 1])
+def test_an_event_that_just_fits_in_a_guests_share_is_queued(over: int) -> None:
+    # Dropped only past ``max_queued``, as cxenstored's quota check: an
+    # event bringing what waits for the guest to exactly the share still
+    # goes, one a byte more does not.
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), max_queued=_server.MIN_QUEUED
+    ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest:
+        guest.read("/local/domain/1")  # accepted
+        conn = _server_conn(xsd, 1)
+        path = b"/local/domain/1/x\0t\0"
+        event = HEADER.pack(Op.WATCH_EVENT, 0, 0, len(path)) + path
+
+        def fill_then_send() -> int:
+            # In one call: the loop sends nothing meanwhile.
+            xsd._send(conn, bytes(_server.MIN_QUEUED - len(event) - conn.domain.queued + over))
+            before = len(conn.out)
+            xsd._send_event(conn, event)
+            return len(conn.out) - before
+
+        assert xsd._call(fill_then_send) == (0 if over else len(event))
+
+
 def test_a_share_lowered_at_run_time_holds_the_next_events() -> None:
     # max_queued set while the server runs: the events queued after it are
     # held against the new share, whatever the server started with.
@@ -1487,6 +1517,28 @@ def test_client_not_reading_replies_is_paused_not_dropped(xsd: XenStored) -> Non
             assert lazy.recv_message() == (Op.READ, 0, 0, big)
         sender.join(timeout=30)
         assert not sender.is_alive()
+
+
+@pytest.mark.parametrize("waiting", [_server.PAUSE_OUTPUT, _server.PAUSE_OUTPUT + 1])
+def test_a_client_is_paused_once_more_than_pause_output_bytes_wait(
+        xsd: XenStored, waiting: int) -> None:
+    # "More than": at PAUSE_OUTPUT bytes its next request is served, as
+    # _flush resumes a paused client at that much.  Pausing there too
+    # would have the two undo each other, round after round, while the
+    # client does not read.
+    with RawClient(xsd.path) as c:
+        c.read("/")  # accepted
+        (conn,) = xsd._call(lambda: list(xsd._dispatcher.dom0.conns))
+
+        def queue_then_process() -> tuple[bool, bool]:
+            # In one call: the loop sends nothing meanwhile.
+            xsd._send(conn, bytes(waiting))
+            before = len(conn.out)
+            xsd._process(conn, HEADER.pack(Op.READ, 7, 0, 2) + b"/\0")
+            return conn.paused, len(conn.out) > before
+
+        paused = waiting > _server.PAUSE_OUTPUT
+        assert xsd._call(queue_then_process) == (paused, not paused)
 
 
 def test_many_concurrent_clients(xsd: XenStored) -> None:
