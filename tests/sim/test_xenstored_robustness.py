@@ -22,7 +22,7 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hosthelpers import error_of, eventually, make_guest, refused_as_not_running
@@ -1539,6 +1539,45 @@ def test_a_client_is_paused_once_more_than_pause_output_bytes_wait(
 
         paused = waiting > _server.PAUSE_OUTPUT
         assert xsd._call(queue_then_process) == (paused, not paused)
+
+
+class _Unwritable:
+    """A connection's socket whose client has read nothing for a while:
+    the kernel takes no byte of what is sent to it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def send(self, _data: bytes) -> int:
+        raise BlockingIOError(errno.EAGAIN, "the kernel's buffers are full")
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+
+@pytest.mark.parametrize("waiting", [_server.PAUSE_OUTPUT, _server.PAUSE_OUTPUT + 1])
+def test_a_paused_client_is_served_again_once_no_more_than_pause_output_bytes_wait(
+        xsd: XenStored, waiting: int) -> None:
+    # The other side of the bound above: a client paused goes on once
+    # PAUSE_OUTPUT bytes wait for it, however few the kernel took.
+    with RawClient(xsd.path) as c:
+        c.read("/")  # accepted
+        (conn,) = xsd._call(lambda: list(xsd._dispatcher.dom0.conns))
+
+        def pause_then_flush() -> tuple[bool, bool]:
+            real = conn.sock
+            conn.sock = cast(socket.socket, _Unwritable(real))
+            try:
+                xsd._send(conn, bytes(waiting))
+                conn.paused = True
+                conn.inbuf = HEADER.pack(Op.READ, 7, 0, 2) + b"/\0"
+                xsd._flush(conn)
+                return conn.paused, len(conn.out) > waiting
+            finally:
+                conn.sock = real
+
+        resumed = waiting <= _server.PAUSE_OUTPUT
+        assert xsd._call(pause_then_flush) == (not resumed, resumed)
 
 
 def test_many_concurrent_clients(xsd: XenStored) -> None:
