@@ -136,6 +136,25 @@ def test_truncated_packet_then_close(xsd: XenStored, no_internal_errors: None) -
         assert error_of(c.read, "/abc") == "ENOENT"  # the half write was not done
 
 
+def test_a_client_that_stopped_writing_gets_every_reply_before_eof(xsd: XenStored) -> None:
+    # shutdown(SHUT_WR) after its requests: the replies the kernel has not
+    # taken yet when the server reads the EOF still go, and then the
+    # connection closes.  (A small send buffer, as for a client that reads
+    # slowly: its replies wait in the server.)  They were dropped with it.
+    n = 40  # 160 KiB of replies: the client is paused on the way, too
+    with RawClient(xsd.path) as c:
+        c.write("/big", b"b" * 4000)
+        (conn,) = xsd._call(lambda: list(xsd._dispatcher.dom0.conns))
+        xsd._call(lambda: conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096))
+        c.send_raw(b"".join(HEADER.pack(Op.READ, i, 0, 5) + b"/big\0" for i in range(n)))
+        c.sock.shutdown(socket.SHUT_WR)
+        for i in range(n):
+            assert c.recv_message() == (Op.READ, i, 0, b"b" * 4000)
+        with pytest.raises(ConnectionError):
+            c.recv_message()
+    assert xsd._call(lambda: (conn.closed, len(xsd._conns))) == (True, 0)
+
+
 def test_byte_at_a_time_and_pipelined(xsd: XenStored) -> None:
     with RawClient(xsd.path) as c:
         packets = b"".join(
