@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from hosthelpers import error_of, eventually, make_guest, refused_as_not_running
+from hosthelpers import (
+    error_of,
+    eventually,
+    make_guest,
+    refused_as_not_running,
+    serve_one_client,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -167,6 +173,34 @@ def test_byte_at_a_time_and_pipelined(xsd: XenStored) -> None:
         many = b"".join(HEADER.pack(Op.READ, i, 0, 2) + b"/\0" for i in range(1000))
         c.send_raw(many)
         assert [c.recv_message()[1] for _ in range(1000)] == list(range(1000))
+
+
+def test_the_raw_client_waits_for_the_reply_to_its_own_request(xsd: XenStored) -> None:
+    # A reply to an earlier request is passed over, not taken for it.
+    with RawClient(xsd.path) as c:
+        c.write("/a", "A")
+        c.write("/b", "B")
+        c.send(Op.READ, b"/a\0")
+        rid = c.send(Op.READ, b"/b\0")
+        assert c.reply(rid) == (Op.READ, 0, b"B")
+
+
+def test_the_raw_client_refuses_a_reply_of_another_type(short_tmp: Path) -> None:
+    # A server answering a READ with anything but a READ or an ERROR is
+    # out of step with its client, whose tests must not take it for data.
+    path = str(short_tmp / "xs")
+
+    def answer_as_a_write(conn: socket.socket) -> None:
+        with conn.makefile("rb") as stream:
+            _op, req_id, tx_id, length = HEADER.unpack(stream.read(HEADER.size))
+            stream.read(length)
+        conn.sendall(HEADER.pack(Op.WRITE, req_id, tx_id, 3) + b"OK\0")
+
+    server = serve_one_client(path, answer_as_a_write)
+    with RawClient(path) as c, pytest.raises(ConnectionError, match="reply of type 11"):
+        c.read("/x")
+    server.join(10)
+    assert not server.is_alive()
 
 
 def test_garbage_gets_errors_or_a_closed_connection(xsd: XenStored, no_internal_errors: None) -> None:
