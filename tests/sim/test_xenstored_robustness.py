@@ -203,6 +203,27 @@ def test_the_raw_client_refuses_a_reply_of_another_type(short_tmp: Path) -> None
     assert not server.is_alive()
 
 
+def test_the_raw_client_waiting_for_an_event_refuses_a_reply(xsd: XenStored) -> None:
+    # A reply nobody waits for is a test out of step, not to be passed over.
+    with RawClient(xsd.path) as c:
+        c.send(Op.READ, b"/\0")
+        with pytest.raises(ConnectionError, match="unexpected message of type 2"):
+            c.wait_event()
+
+
+def test_the_raw_client_refuses_a_watch_event_without_a_token(short_tmp: Path) -> None:
+    path = str(short_tmp / "xs")
+
+    def send_a_bad_event(conn: socket.socket) -> None:
+        conn.sendall(HEADER.pack(Op.WATCH_EVENT, 0, 0, 3) + b"/x\0")
+
+    server = serve_one_client(path, send_a_bad_event)
+    with RawClient(path) as c, pytest.raises(ConnectionError, match="malformed watch event"):
+        c.wait_event()
+    server.join(10)
+    assert not server.is_alive()
+
+
 def test_garbage_gets_errors_or_a_closed_connection(xsd: XenStored, no_internal_errors: None) -> None:
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(xsd.path))
