@@ -161,6 +161,25 @@ def test_a_client_that_stopped_writing_gets_every_reply_before_eof(xsd: XenStore
     assert xsd._call(lambda: (conn.closed, len(xsd._conns))) == (True, 0)
 
 
+def test_a_client_that_stopped_writing_is_read_no_more(xsd: XenStored) -> None:
+    # Its EOF read, with replies waiting that it has not read yet: the
+    # server waits only to write (its socket stays readable, at EOF:
+    # watching that would spin the loop until the client reads).
+    n = 10  # 40 KiB of replies: fewer than pause the client
+    with RawClient(xsd.path) as c:
+        c.write("/big", b"b" * 4000)
+        (conn,) = xsd._call(lambda: list(xsd._dispatcher.dom0.conns))
+        xsd._call(lambda: conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096))
+        c.send_raw(b"".join(HEADER.pack(Op.READ, i, 0, 5) + b"/big\0" for i in range(n)))
+        c.sock.shutdown(socket.SHUT_WR)
+        assert eventually(
+            lambda: xsd._call(lambda: (conn.eof, conn.events)) == (True, selectors.EVENT_WRITE))
+        for i in range(n):
+            assert c.recv_message() == (Op.READ, i, 0, b"b" * 4000)
+        with pytest.raises(ConnectionError):
+            c.recv_message()
+
+
 def test_byte_at_a_time_and_pipelined(xsd: XenStored) -> None:
     with RawClient(xsd.path) as c:
         packets = b"".join(
