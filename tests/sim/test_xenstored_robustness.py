@@ -22,10 +22,16 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from hosthelpers import error_of, eventually, make_guest, refused_as_not_running
+from hosthelpers import (
+    error_of,
+    eventually,
+    make_guest,
+    refused_as_not_running,
+    serve_one_client,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -136,6 +142,44 @@ def test_truncated_packet_then_close(xsd: XenStored, no_internal_errors: None) -
         assert error_of(c.read, "/abc") == "ENOENT"  # the half write was not done
 
 
+def test_a_client_that_stopped_writing_gets_every_reply_before_eof(xsd: XenStored) -> None:
+    # shutdown(SHUT_WR) after its requests: the replies the kernel has not
+    # taken yet when the server reads the EOF still go, and then the
+    # connection closes.  (A small send buffer, as for a client that reads
+    # slowly: its replies wait in the server.)  They were dropped with it.
+    n = 40  # 160 KiB of replies: the client is paused on the way, too
+    with RawClient(xsd.path) as c:
+        c.write("/big", b"b" * 4000)
+        (conn,) = xsd._call(lambda: list(xsd._dispatcher.dom0.conns))
+        xsd._call(lambda: conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096))
+        c.send_raw(b"".join(HEADER.pack(Op.READ, i, 0, 5) + b"/big\0" for i in range(n)))
+        c.sock.shutdown(socket.SHUT_WR)
+        for i in range(n):
+            assert c.recv_message() == (Op.READ, i, 0, b"b" * 4000)
+        with pytest.raises(ConnectionError):
+            c.recv_message()
+    assert xsd._call(lambda: (conn.closed, len(xsd._conns))) == (True, 0)
+
+
+def test_a_client_that_stopped_writing_is_read_no_more(xsd: XenStored) -> None:
+    # Its EOF read, with replies waiting that it has not read yet: the
+    # server waits only to write (its socket stays readable, at EOF:
+    # watching that would spin the loop until the client reads).
+    n = 10  # 40 KiB of replies: fewer than pause the client
+    with RawClient(xsd.path) as c:
+        c.write("/big", b"b" * 4000)
+        (conn,) = xsd._call(lambda: list(xsd._dispatcher.dom0.conns))
+        xsd._call(lambda: conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096))
+        c.send_raw(b"".join(HEADER.pack(Op.READ, i, 0, 5) + b"/big\0" for i in range(n)))
+        c.sock.shutdown(socket.SHUT_WR)
+        assert eventually(
+            lambda: xsd._call(lambda: (conn.eof, conn.events)) == (True, selectors.EVENT_WRITE))
+        for i in range(n):
+            assert c.recv_message() == (Op.READ, i, 0, b"b" * 4000)
+        with pytest.raises(ConnectionError):
+            c.recv_message()
+
+
 def test_byte_at_a_time_and_pipelined(xsd: XenStored) -> None:
     with RawClient(xsd.path) as c:
         packets = b"".join(
@@ -148,6 +192,55 @@ def test_byte_at_a_time_and_pipelined(xsd: XenStored) -> None:
         many = b"".join(HEADER.pack(Op.READ, i, 0, 2) + b"/\0" for i in range(1000))
         c.send_raw(many)
         assert [c.recv_message()[1] for _ in range(1000)] == list(range(1000))
+
+
+def test_the_raw_client_waits_for_the_reply_to_its_own_request(xsd: XenStored) -> None:
+    # A reply to an earlier request is passed over, not taken for it.
+    with RawClient(xsd.path) as c:
+        c.write("/a", "A")
+        c.write("/b", "B")
+        c.send(Op.READ, b"/a\0")
+        rid = c.send(Op.READ, b"/b\0")
+        assert c.reply(rid) == (Op.READ, 0, b"B")
+
+
+def test_the_raw_client_refuses_a_reply_of_another_type(short_tmp: Path) -> None:
+    # A server answering a READ with anything but a READ or an ERROR is
+    # out of step with its client, whose tests must not take it for data.
+    path = str(short_tmp / "xs")
+
+    def answer_as_a_write(conn: socket.socket) -> None:
+        with conn.makefile("rb") as stream:
+            _op, req_id, tx_id, length = HEADER.unpack(stream.read(HEADER.size))
+            stream.read(length)
+        conn.sendall(HEADER.pack(Op.WRITE, req_id, tx_id, 3) + b"OK\0")
+
+    server = serve_one_client(path, answer_as_a_write)
+    with RawClient(path) as c, pytest.raises(ConnectionError, match="reply of type 11"):
+        c.read("/x")
+    server.join(10)
+    assert not server.is_alive()
+
+
+def test_the_raw_client_waiting_for_an_event_refuses_a_reply(xsd: XenStored) -> None:
+    # A reply nobody waits for is a test out of step, not to be passed over.
+    with RawClient(xsd.path) as c:
+        c.send(Op.READ, b"/\0")
+        with pytest.raises(ConnectionError, match="unexpected message of type 2"):
+            c.wait_event()
+
+
+def test_the_raw_client_refuses_a_watch_event_without_a_token(short_tmp: Path) -> None:
+    path = str(short_tmp / "xs")
+
+    def send_a_bad_event(conn: socket.socket) -> None:
+        conn.sendall(HEADER.pack(Op.WATCH_EVENT, 0, 0, 3) + b"/x\0")
+
+    server = serve_one_client(path, send_a_bad_event)
+    with RawClient(path) as c, pytest.raises(ConnectionError, match="malformed watch event"):
+        c.wait_event()
+    server.join(10)
+    assert not server.is_alive()
 
 
 def test_garbage_gets_errors_or_a_closed_connection(xsd: XenStored, no_internal_errors: None) -> None:
@@ -391,6 +484,11 @@ def test_dom0_not_reading_events_dom0_caused_is_not_cut() -> None:
             writes = 2 * (_server.MIN_QUEUED + _fill_socket_buffers(deaf.sock)) // 2000
             for i in range(writes):
                 writer.write(f"{path}/{i}", "")
+            # Nobody is charged for them and none goes stale: none is
+            # kept a record of, however many wait.
+            (conn,) = [c for c in xsd._call(lambda: list(xsd._dispatcher.dom0.conns))
+                       if c.watches]
+            assert xsd._call(lambda: (len(conn.out) > 0, len(conn.waiting))) == (True, 0)
             for i in range(writes):
                 assert deaf.wait_event() == (f"{path}/{i}", "tok")
 
@@ -495,7 +593,9 @@ def test_every_connection_of_a_held_back_guest_goes_on() -> None:
         first, second = b.guest_conns()
         assert eventually(lambda: b.xsd._call(lambda: first.paused))
         other.send_raw(_write(50, "h"))
-        assert eventually(lambda: b.xsd._call(lambda: second.paused))
+        # Out of the selector too: its requests wait in the kernel, not
+        # read into the server over and over.
+        assert eventually(lambda: b.xsd._call(lambda: (second.paused, second.events)) == (True, 0))
         b.read_events_until("/local/domain/1/h50")
         for i in range(_LIMIT + 2):
             assert b.guest.recv_message()[:2] == (Op.WRITE, 1000 + i)
@@ -1351,6 +1451,29 @@ def test_events_a_guest_does_not_read_are_dropped_not_the_guest(
     assert len(warned) == 1 and warned[0] is drops[0], [r.getMessage() for r in warned]
 
 
+@pytest.mark.parametrize("over", [0, 1])
+def test_an_event_that_just_fits_in_a_guests_share_is_queued(over: int) -> None:
+    # Dropped only past ``max_queued``, as cxenstored's quota check: an
+    # event bringing what waits for the guest to exactly the share still
+    # goes, one a byte more does not.
+    with tempfile.TemporaryDirectory(prefix="xs") as d, XenStored(
+        Path(d), max_queued=_server.MIN_QUEUED
+    ) as xsd, RawClient(xsd.path) as dom0, make_guest(xsd, dom0, 1) as guest:
+        guest.read("/local/domain/1")  # accepted
+        conn = _server_conn(xsd, 1)
+        path = b"/local/domain/1/x\0t\0"
+        event = HEADER.pack(Op.WATCH_EVENT, 0, 0, len(path)) + path
+
+        def fill_then_send() -> int:
+            # In one call: the loop sends nothing meanwhile.
+            xsd._send(conn, bytes(_server.MIN_QUEUED - len(event) - conn.domain.queued + over))
+            before = len(conn.out)
+            xsd._send_event(conn, event)
+            return len(conn.out) - before
+
+        assert xsd._call(fill_then_send) == (0 if over else len(event))
+
+
 def test_a_share_lowered_at_run_time_holds_the_next_events() -> None:
     # max_queued set while the server runs: the events queued after it are
     # held against the new share, whatever the server started with.
@@ -1487,6 +1610,67 @@ def test_client_not_reading_replies_is_paused_not_dropped(xsd: XenStored) -> Non
             assert lazy.recv_message() == (Op.READ, 0, 0, big)
         sender.join(timeout=30)
         assert not sender.is_alive()
+
+
+@pytest.mark.parametrize("waiting", [_server.PAUSE_OUTPUT, _server.PAUSE_OUTPUT + 1])
+def test_a_client_is_paused_once_more_than_pause_output_bytes_wait(
+        xsd: XenStored, waiting: int) -> None:
+    # "More than": at PAUSE_OUTPUT bytes its next request is served, as
+    # _flush resumes a paused client at that much.  Pausing there too
+    # would have the two undo each other, round after round, while the
+    # client does not read.
+    with RawClient(xsd.path) as c:
+        c.read("/")  # accepted
+        (conn,) = xsd._call(lambda: list(xsd._dispatcher.dom0.conns))
+
+        def queue_then_process() -> tuple[bool, bool]:
+            # In one call: the loop sends nothing meanwhile.
+            xsd._send(conn, bytes(waiting))
+            before = len(conn.out)
+            xsd._process(conn, HEADER.pack(Op.READ, 7, 0, 2) + b"/\0")
+            return conn.paused, len(conn.out) > before
+
+        paused = waiting > _server.PAUSE_OUTPUT
+        assert xsd._call(queue_then_process) == (paused, not paused)
+
+
+class _Unwritable:
+    """A connection's socket whose client has read nothing for a while:
+    the kernel takes no byte of what is sent to it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def send(self, _data: bytes) -> int:
+        raise BlockingIOError(errno.EAGAIN, "the kernel's buffers are full")
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+
+@pytest.mark.parametrize("waiting", [_server.PAUSE_OUTPUT, _server.PAUSE_OUTPUT + 1])
+def test_a_paused_client_is_served_again_once_no_more_than_pause_output_bytes_wait(
+        xsd: XenStored, waiting: int) -> None:
+    # The other side of the bound above: a client paused goes on once
+    # PAUSE_OUTPUT bytes wait for it, however few the kernel took.
+    with RawClient(xsd.path) as c:
+        c.read("/")  # accepted
+        (conn,) = xsd._call(lambda: list(xsd._dispatcher.dom0.conns))
+
+        def pause_then_flush() -> tuple[bool, bool]:
+            real = conn.sock
+            conn.sock = cast(socket.socket, _Unwritable(real))
+            try:
+                xsd._send(conn, bytes(waiting))
+                conn.paused = True
+                conn.inbuf = HEADER.pack(Op.READ, 7, 0, 2) + b"/\0"
+                xsd._flush(conn)
+                return conn.paused, len(conn.out) > waiting
+            finally:
+                conn.sock = real
+
+        resumed = waiting <= _server.PAUSE_OUTPUT
+        assert xsd._call(pause_then_flush) == (not resumed, resumed)
 
 
 def test_many_concurrent_clients(xsd: XenStored) -> None:

@@ -112,7 +112,7 @@ class Connection:
     __slots__ = (
         "sock", "fd", "domain", "home", "inbuf", "out", "out_base", "queued_events",
         "watches", "transactions", "next_tx_id", "closed", "paused", "events", "name",
-        "waiting", "expiry_armed",
+        "waiting", "expiry_armed", "eof",
     )
 
     def __init__(self, sock: socket.socket, domain: Domain, name: str) -> None:
@@ -148,6 +148,10 @@ class Connection:
         #: not reading requests until the client has read its replies, or
         #: (a guest) until the events it caused are read or go stale
         self.paused = False
+        #: the client shut its writing side (EOF read) with replies still
+        #: waiting in ``out``: nothing more is read, and the connection
+        #: closes once they are sent
+        self.eof = False
         #: selector event mask currently registered (0: not registered)
         self.events = 0
         self.name = name

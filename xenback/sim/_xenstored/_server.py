@@ -677,7 +677,14 @@ class XenStored:
             self._close(conn, f"recv: {e}")
             return
         if not data:
-            self._close(conn, "closed by peer")
+            # Perhaps only its writing side: what it sent and has not read
+            # yet still goes (a part request left over never will).
+            if not conn.out:
+                self._close(conn, "closed by peer")
+                return
+            conn.eof = True
+            conn.inbuf = b""
+            self._set_events(conn, _WRITE)
             return
         if conn.inbuf:
             data = conn.inbuf + data
@@ -965,6 +972,12 @@ class XenStored:
                 self._forget_sent_events(conn)
             if conn.waiting:
                 self._release_waiting(conn, conn.out_base)
+        if conn.eof:
+            if not out:
+                self._close(conn, "closed by peer, all sent")
+                return
+            self._set_events(conn, _WRITE)
+            return
         if (conn.paused and len(out) <= PAUSE_OUTPUT
                 and conn.domain.outstanding < self._max_outstanding):
             # Room again: serve the requests read before pausing.  This may

@@ -21,7 +21,6 @@ __all__ = [
     "ERRORS",
     "Op",
     "XsError",
-    "pack",
 ]
 
 #: struct xsd_sockmsg
@@ -102,11 +101,3 @@ class XsError(Exception):
 
     def __str__(self) -> str:
         return f"{self.name}: {self.detail}" if self.detail else self.name
-
-
-_pack_header = HEADER.pack
-
-
-def pack(op: int, req_id: int, tx_id: int, payload: bytes) -> bytes:
-    """One complete message: header and payload."""
-    return _pack_header(op, req_id, tx_id, len(payload)) + payload
