@@ -485,8 +485,9 @@ def test_the_readme_names_what_exists() -> None:
     for name in sorted(names):
         first, _, rest = name.partition(".")
         if first in scope:
-            found = _resolves(rest, scope[first]) or (
-                isinstance(scope[first], type) and _set_in_init(scope[first], rest))  # type: ignore[arg-type]
+            owner = scope[first]
+            found = _resolves(rest, owner) or (
+                isinstance(owner, type) and _set_in_init(owner, rest))
         else:
             found = _resolves(name)
         if not found:
