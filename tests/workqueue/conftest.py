@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from workqueue import Topology, Work, Workqueue, alloc_ordered_workqueue, alloc_workqueue
+from workqueue._timer import add_timer
 
 TIMEOUT = 10.0
 
@@ -107,6 +108,18 @@ def log_waiter() -> Iterator[Callable[[str, str], LogWaiter]]:
         logger = logging.getLogger(logger_name)
         logger.addHandler(handler)
         installed.append((logger, handler))
+        # The timer thread outlives every test: a callback of an earlier
+        # test's (a watchdog check, which logs once it dropped the engine
+        # lock) may still be logging, about a pool named as this test's
+        # are.  Timers fire in deadline order on that one thread, so once
+        # a timer due now has fired, that callback is over; what it
+        # logged is not this test's, which starts what it waits for only
+        # after installing the handler.
+        done = threading.Event()
+        add_timer(0, lambda arg: done.set())
+        assert done.wait(TIMEOUT), "the timer thread is stuck in a callback"
+        handler.records.clear()
+        handler.seen.clear()
         return handler
 
     yield install

@@ -430,7 +430,9 @@ def test_ctrl_c_anywhere_in_cancel_sync_holds_the_item_until_the_run_ends_and_no
             with _pool.lock:
                 assert not work._disable and work._flushers is None, repr(work)
             assert wq.queue_work(work)
-            assert work.cancel_sync(timeout=TIMEOUT)
+            # Not asserted True: an idle worker may take the item (whose
+            # run now returns at once) before this finds it pending.
+            work.cancel_sync(timeout=TIMEOUT)
         finally:
             stuck.release.set()  # a failed check must not leave it running
 
