@@ -965,9 +965,10 @@ class Workqueue(Executor):
         (queue_work() took the item), "activate" (it entered its pool's
         worklist), "execute_start" and "execute_end"; ``cpu`` is the CPU of
         the item's pool, None for an unbound one.  Hooks must be quick and
-        must not call into the workqueue.  Whatever a hook raises, KeyboardInterrupt and SystemExit included,
-        is logged and the engine goes on, as after a work function that
-        raises: hooks run under the engine lock, inside its steps."""
+        must not call into the workqueue.  Whatever a hook raises,
+        KeyboardInterrupt and SystemExit included, is logged and the engine
+        goes on, as after a work function that raises: hooks run under the
+        engine lock, inside its steps."""
         if not callable(hook):
             raise TypeError(f"a trace hook must be callable, not {type(hook).__name__}")
         with lock:
