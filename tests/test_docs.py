@@ -394,6 +394,17 @@ def _set_in_init(cls: type, attr: str) -> bool:
 
 
 @pytest.mark.parametrize("module", _PUBLIC_APIS)
+def test_what_a_package_docstring_names_of_its_own_is_exported(module: str) -> None:
+    """A name the package's docstring quotes as a literal and the package
+    has (workqueue's ``TRACE_EVENTS``, say) is in its ``__all__``: what
+    help() tells users to use must not be public by accident."""
+    mod = importlib.import_module(module)
+    named = re.findall(r"``([A-Za-z_]\w*)``", mod.__doc__ or "")
+    exported = set(getattr(mod, "__all__", ()))
+    assert [name for name in named if hasattr(mod, name) and name not in exported] == []
+
+
+@pytest.mark.parametrize("module", _PUBLIC_APIS)
 def test_public_docstrings_name_what_exists(module: str) -> None:
     """Every :meth:, :class:, :func:, :attr:, :exc:, :data: and :mod: of
     a public docstring names something that is there (from the module,

@@ -43,9 +43,9 @@ class EventQueue:
     ``workqueue`` is shared by many queues (a :func:`workqueue.alloc_workqueue`
     queue).  An exception in a call is logged and does not stop the calls
     after it (SystemExit, say, ends the Work's run, which logs it, and they
-    run in the next).  ``handled(exc)``, if given, sees it first: True means its
-    owner knows why the call failed and said so already, and nothing more
-    is logged.
+    run in the next).  ``handled(exc)``, if given, sees it first: True means
+    its owner knows why the call failed and said so already, and nothing
+    more is logged.
     """
 
     def __init__(
@@ -85,31 +85,33 @@ class EventQueue:
         # The pending bit of our Work is cleared before this runs, so a call
         # appended after the deque looked empty re-queues the Work: no call
         # is ever left behind, and the Work's non-reentrancy keeps the order.
-        while True:
-            with self._lock:
-                if not self._calls:
-                    return
-                fn, args = self._calls.popleft()
-            try:
-                fn(*args)
-            except Exception as exc:
-                if self._explained(exc):
-                    continue
-                if isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN:
-                    # XenStore (or the host) went away under the call: not a
-                    # bug of the callback, and every later call says the same.
-                    logger.warning("%s: callback %r: %s", self.name or "event queue", fn, exc)
-                else:
-                    logger.exception("%s: callback %r failed", self.name or "event queue", fn)
-            except BaseException:
-                # SystemExit, say: it ends this run, and the worker logs it.
-                # The calls behind it run in the next one, not whenever
-                # another call() queues the Work again (flush() would not
-                # wait for them).
+        try:
+            while True:
                 with self._lock:
-                    if self._calls:
-                        self._workqueue.queue_work(self._work)
-                raise
+                    if not self._calls:
+                        return
+                    fn, args = self._calls.popleft()
+                try:
+                    fn(*args)
+                except Exception as exc:
+                    if self._explained(exc):
+                        continue
+                    if isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN:
+                        # XenStore (or the host) went away under the call:
+                        # not a bug of the callback, and every later call
+                        # says the same.
+                        logger.warning("%s: callback %r: %s", self.name or "event queue", fn, exc)
+                    else:
+                        logger.exception("%s: callback %r failed", self.name or "event queue", fn)
+        except BaseException:
+            # SystemExit, say, from a call or from ``handled``: it ends this
+            # run, and the worker logs it.  The calls behind it run in the
+            # next one, not whenever another call() queues the Work again
+            # (flush() would not wait for them).
+            with self._lock:
+                if self._calls:
+                    self._workqueue.queue_work(self._work)
+            raise
 
     def _explained(self, exc: Exception) -> bool:
         """Whether ``handled`` took care of ``exc``."""

@@ -281,9 +281,10 @@ class Frontend(Closing):
         # and 0 or less made the handshake "time out" at once, blaming the
         # backend (and 0 would make every command non-blocking).
         # Checked as settimeout() checks it, but a wrong type is not told
-        # settimeout()'s message, which offers None.
+        # settimeout()'s message, which offers None (None is checked too:
+        # timeout_value() returns it).
         try:
-            checked = timeout_value(timeout) if timeout is not None else None
+            checked = timeout_value(timeout)
         except TypeError:
             checked = None
         except ValueError:  # negative or NaN: said below, as 0 is

@@ -462,6 +462,7 @@ def test_a_control_request_no_thread_can_serve_is_refused(
     import json
     import socket
 
+    from xenback.platform import PlatformError
     from xenback.sim._hypervisor import domain_socket
 
     start = threading.Thread.start
@@ -480,6 +481,9 @@ def test_a_control_request_no_thread_can_serve_is_refused(
         refused = json.loads(sock.recv(65536))
     assert refused["errno"] == errno.EAGAIN
     assert "can't start new thread" in refused["error"]
+    with pytest.raises(PlatformError) as info:  # as another process is told
+        create_domain(host.run_dir, "second")
+    assert info.value.errno == errno.EAGAIN
     monkeypatch.undo()
     assert host.domains() == [host.dom0, guest]
     host.close()  # joins every control thread it knows of

@@ -174,6 +174,19 @@ def test_a_client_that_stopped_writing_is_read_no_more(xsd: XenStored) -> None:
         c.sock.shutdown(socket.SHUT_WR)
         assert eventually(
             lambda: xsd._call(lambda: (conn.eof, conn.events)) == (True, selectors.EVENT_WRITE))
+
+        def flush_unwritable() -> tuple[bool, int]:
+            # A flush the kernel takes nothing of (the client reads none
+            # yet): still only waiting to write, not to read the EOF again.
+            real = conn.sock
+            conn.sock = cast(socket.socket, _Unwritable(real))
+            try:
+                xsd._flush(conn)
+                return conn.closed, conn.events
+            finally:
+                conn.sock = real
+
+        assert xsd._call(flush_unwritable) == (False, selectors.EVENT_WRITE)
         for i in range(n):
             assert c.recv_message() == (Op.READ, i, 0, b"b" * 4000)
         with pytest.raises(ConnectionError):

@@ -738,16 +738,24 @@ def test_event_queue_survives_a_failing_call(wq, caplog) -> None:
 
 
 @pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
-def test_a_call_raising_past_exception_leaves_none_behind(caplog, exc) -> None:
+@pytest.mark.parametrize("raiser", ["call", "handled"])
+def test_a_call_raising_past_exception_leaves_none_behind(caplog, exc, raiser) -> None:
     # What no "except Exception" takes ends the Work's run (the worker logs
     # it); the calls queued behind it must still run, not wait for the
     # next call() to queue the Work again.  An ordered workqueue busy with
     # another item keeps the queue's Work waiting until both calls are in.
+    # The same from the ``handled`` hook, shown the call's own exception.
     from workqueue import Work, alloc_ordered_workqueue
+
+    def handled(_exc: Exception) -> bool:
+        raise exc
 
     wq = alloc_ordered_workqueue("xb-exiting")
     try:
-        queue = EventQueue(wq, "exiting")
+        if raiser == "call":
+            queue = EventQueue(wq, "exiting")
+        else:
+            queue = EventQueue(wq, "exiting", handled=handled)
         out: list[int] = []
         started, release = threading.Event(), threading.Event()
 
@@ -756,7 +764,9 @@ def test_a_call_raising_past_exception_leaves_none_behind(caplog, exc) -> None:
             release.wait(TIMEOUT)
 
         def leave() -> None:
-            raise exc
+            if raiser == "call":
+                raise exc
+            raise ValueError("for the handled hook")
 
         wq.queue_work(Work(hold))
         assert started.wait(TIMEOUT)

@@ -175,7 +175,8 @@ def create_domain(run_dir: str | os.PathLike[str], name: str) -> Domain:
 
     For processes other than the host's; raises
     :class:`~xenback.platform.PlatformError` with ``EINVAL`` for a bad or
-    duplicate name, ``ENOMEM`` once the host has no domid left;
+    duplicate name, ``ENOMEM`` once the host has no domid left, ``EAGAIN``
+    while it has no thread to serve the request (try again later);
     :class:`TypeError` at once for a name that is no str.
     """
     if not isinstance(name, str):
@@ -186,8 +187,8 @@ def create_domain(run_dir: str | os.PathLike[str], name: str) -> Domain:
 
 
 def destroy_domain(run_dir: str | os.PathLike[str], domid: int) -> None:
-    """Ask a running host to destroy guest ``domid`` (``ESRCH`` if unknown);
-    at once, as :func:`attach` checks it, :class:`TypeError` for a
+    """Ask a running host to destroy guest ``domid`` (``ESRCH`` if unknown,
+    ``EAGAIN`` as :func:`create_domain` says); at once, as :func:`attach` checks it, :class:`TypeError` for a
     ``domid`` that is no int (by the rule of ports: True would destroy
     domain 1) and :class:`ValueError` for one that is no domain id (0 to
     0x7FEF: 10**5000 would fail in the request's JSON, saying only
