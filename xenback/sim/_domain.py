@@ -188,11 +188,11 @@ def create_domain(run_dir: str | os.PathLike[str], name: str) -> Domain:
 
 def destroy_domain(run_dir: str | os.PathLike[str], domid: int) -> None:
     """Ask a running host to destroy guest ``domid`` (``ESRCH`` if unknown,
-    ``EAGAIN`` as :func:`create_domain` says); at once, as :func:`attach` checks it, :class:`TypeError` for a
-    ``domid`` that is no int (by the rule of ports: True would destroy
-    domain 1) and :class:`ValueError` for one that is no domain id (0 to
-    0x7FEF: 10**5000 would fail in the request's JSON, saying only
-    Python's digit limit)."""
+    ``EAGAIN`` as :func:`create_domain` says); at once, as :func:`attach`
+    checks it, :class:`TypeError` for a ``domid`` that is no int (by the
+    rule of ports: True would destroy domain 1) and :class:`ValueError` for
+    one that is no domain id (0 to 0x7FEF: 10**5000 would fail in the
+    request's JSON, saying only Python's digit limit)."""
     domid = check_domain_id(domid)
     _dom0_call(run_dir_path(run_dir), "domain_destroy", domid=domid)
 
