@@ -46,7 +46,9 @@ requests wait in the kernel), but in ``_hup``, an epoll set listening for
 nothing, which epoll reports hang-ups on all the same: a guest that closes
 its socket, or dies, while held back is forgotten at once (its watches and
 transactions with it), not once dom0 reads.  A client that only shut its
-writing side still gets the replies to what it sent.
+writing side still gets the replies to what it sent, and the watch events
+queued meanwhile; it is closed once nothing waits to be sent (cxenstored
+drops what waits at once).
 
 A header announcing more than XENSTORE_PAYLOAD_MAX bytes means the stream is
 out of sync for good: the client is disconnected (cxenstored does the
