@@ -644,6 +644,36 @@ def test_a_share_whose_mmap_fails_drops_the_grants_and_says_why(
                                         ("dealloc", FakeGrantLibc.ALLOC_INDEX, 2)]
 
 
+@pytest.mark.parametrize("kind", ["mapping", "shared"])
+def test_a_failed_mmap_s_error_is_the_answer_when_undoing_it_fails_too(
+        fake_grant_libc: FakeGrantLibc, kind: str, caplog) -> None:
+    """The mmap failed, then releasing gntdev's slots (or dropping
+    gntalloc's grants) failed too: the caller is told of the mmap, the
+    request's own error (a frontend's bad grant, EFAULT, or ENOMEM), not
+    of the release's, and the leftovers, which the handle's close frees,
+    are logged.  The release's error replaced the mmap's, errno and all,
+    under the request's message ("mapping grant 8 of domain 3: Inappropriate
+    ioctl for device")."""
+    fake_grant_libc.fail = {"mmap": errno.EFAULT, "unmap": errno.ENOTTY,
+                            "dealloc": errno.ENOTTY}
+    with _platform.XenGrantTable() as table, _platform.XenGrantShare() as share:
+        with caplog.at_level(logging.WARNING, logger=_platform.__name__), \
+                pytest.raises(GrantError) as info:
+            if kind == "mapping":
+                table.map_grant_refs(3, [8])
+            else:
+                share.share_pages(3, 1)
+    what = "mapping grant 8 of domain 3" if kind == "mapping" else "sharing 1 pages with domain 3"
+    assert (info.value.errno, info.value.strerror) == (
+        errno.EFAULT, f"{what}: {os.strerror(errno.EFAULT)}")
+    undone = ("releasing gntdev's slots of grant 8" if kind == "mapping"
+              else "dropping gntalloc's reference to grant 100")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{undone} after a failed mmap: {os.strerror(errno.ENOTTY)}; "
+        f"they stay until the {'grant table' if kind == 'mapping' else 'grant share handle'} "
+        f"is closed"]
+
+
 def test_a_device_error_without_an_errno_is_eio(fake_grant_libc: FakeGrantLibc) -> None:
     """A failure that set no errno is still an error with one: EIO."""
     fake_grant_libc.fail["map"] = 0
