@@ -23,7 +23,7 @@ from typing import Any, overload
 
 import pytest
 from cffi import FFI
-from racewindow import TIMEOUT, Attempt, stands_at
+from racewindow import TIMEOUT, Attempt, PauseAt, stands_at
 from stolensignal import interrupted_at
 
 import xenback.xen
@@ -317,10 +317,12 @@ def test_device_errors_name_the_numbers_of_int_subclasses() -> None:
 
 @pytest.fixture
 def granted() -> Iterator[int]:
-    """A two-page memfd standing in for granted pages: "secret" at 0."""
+    """A two-page memfd standing in for granted pages: "secret" at 0,
+    "second" at the second page."""
     fd = os.memfd_create("granted")
     os.ftruncate(fd, 2 * PAGE_SIZE)
     os.pwrite(fd, b"secret", 0)
+    os.pwrite(fd, b"second", PAGE_SIZE)
     yield fd
     os.close(fd)
 
@@ -374,10 +376,12 @@ def test_a_slice_held_across_the_end_sees_zeros_and_writes_nowhere(
     granted: int, kind: str, caplog
 ) -> None:
     pages = pages_of(kind, granted)
+    assert repr(pages).endswith(" refs=[5, 6] live>")
     view = pages.buffer
     stale = pages.buffer[0:6]
+    last = pages.buffer[PAGE_SIZE:PAGE_SIZE + 6]  # every page goes, not only the first
     addr = address_of(stale)
-    assert bytes(stale) == b"secret"
+    assert bytes(stale) == b"secret" and bytes(last) == b"second"
     assert "memfd:granted" in maps_line(addr)
     with caplog.at_level(logging.WARNING, logger=_platform.__name__):
         end(pages)
@@ -390,14 +394,17 @@ def test_a_slice_held_across_the_end_sees_zeros_and_writes_nowhere(
     with pytest.raises(ValueError):
         bytes(view)  # the buffer itself is released
     # The granted pages are gone from this process; zero pages stand in.
+    assert repr(pages).endswith(" refs=[5, 6] ended>")
     assert private_anonymous(maps_line(addr))
-    assert bytes(stale) == bytes(6)
+    assert private_anonymous(maps_line(addr + PAGE_SIZE))
+    assert bytes(stale) == bytes(6) and bytes(last) == bytes(6)
     stale[0:6] = b"public"
     assert bytes(stale) == b"public"
     assert os.pread(granted, 6, 0) == b"secret"
     # The zero pages go with the last view.
-    del stale
+    del stale, last
     assert maps_line(addr) is None
+    assert maps_line(addr + PAGE_SIZE) is None
 
 
 @pytest.mark.usefixtures("fake_devices")
@@ -409,6 +416,7 @@ def test_ending_without_views_unmaps_at_once_and_quietly(granted: int, kind: str
         end(pages)
     assert caplog.records == []
     assert maps_line(addr) is None
+    assert maps_line(addr + PAGE_SIZE) is None
 
 
 @pytest.mark.usefixtures("fake_devices")
@@ -672,6 +680,60 @@ def test_a_failed_mmap_s_error_is_the_answer_when_undoing_it_fails_too(
         f"{undone} after a failed mmap: {os.strerror(errno.ENOTTY)}; "
         f"they stay until the {'grant table' if kind == 'mapping' else 'grant share handle'} "
         f"is closed"]
+
+
+def test_pages_ended_by_two_threads_at_once_are_ended_once(
+        fake_grant_libc: FakeGrantLibc, monkeypatch) -> None:
+    """A backend's worker and its close may unmap one mapping at once:
+    gntdev's slots are released once, not twice (the second release
+    would fail, or free slots gntdev has given out again meanwhile)."""
+    with _platform.XenGrantTable() as table:
+        mapping = table.map_grant_refs(3, [8])
+        scrub = _platform._DevicePages._scrub
+        pause = PauseAt.in_method(monkeypatch, _platform._DevicePages, "_scrub", "_mmap(")
+        first = Attempt(mapping.unmap)
+        assert pause.reached.wait(TIMEOUT)
+        second = Attempt(mapping.unmap)
+        # Either the second unmap waits for the first, or it ends the pages too.
+        deadline = time.monotonic() + TIMEOUT
+        while second.thread.is_alive() and not stands_at(
+                second.thread.ident or 0, scrub, "with self._lock"):
+            assert time.monotonic() < deadline, "unmap() neither returned nor waited"
+            time.sleep(0.001)
+        pause.resume()
+        assert first.result() is None and second.result() is None
+    assert fake_grant_libc.requests == [("map", [(3, 8)]), ("unmap", FakeGrantLibc.MAP_INDEX, 1)]
+
+
+@pytest.mark.parametrize("kind", ["gnttab", "gntshr"])
+def test_closing_a_grant_handle_waits_for_a_request_in_flight(
+        fake_grant_libc: FakeGrantLibc, monkeypatch, kind: str) -> None:
+    """The descriptor is closed once the request that uses it has done:
+    closed under it, its number could be another open's by the mmap."""
+    if kind == "gnttab":
+        handle: Any = _platform.XenGrantTable()
+        owner: type = _platform.XenGrantTable
+        method, request = "map_grant_refs", (lambda: handle.map_grant_refs(3, [8]))
+        content = b"granted"
+    else:
+        handle = _platform.XenGrantShare()
+        owner = _platform.XenGrantShare
+        method, request = "share_pages", (lambda: handle.share_pages(3, 1))
+        content = b"shared"
+    pause = PauseAt.in_method(monkeypatch, owner, method, "_ioctl(fd, ")
+    requesting = Attempt(request)
+    assert pause.reached.wait(TIMEOUT)
+    closing = Attempt(handle.close)
+    deadline = time.monotonic() + TIMEOUT
+    while closing.thread.is_alive() and not stands_at(
+            closing.thread.ident or 0, _platform._Device.close, "with self._lock"):
+        assert time.monotonic() < deadline, "close() neither returned nor waited for the request"
+        time.sleep(0.001)
+    assert closing.thread.is_alive(), "closed under the request"
+    pause.resume()
+    with requesting.result() as pages:
+        assert closing.result() is None
+        assert bytes(pages.buffer[:len(content)]) == content
 
 
 def test_a_device_error_without_an_errno_is_eio(fake_grant_libc: FakeGrantLibc) -> None:
@@ -1036,6 +1098,20 @@ def test_open_reads_our_domid(monkeypatch, node: str | None, domid: int) -> None
             else:
                 xs.write(b"/local/domain/0/domid", node.encode())
         assert xenback.xen.open().domid == domid
+
+
+def test_a_platform_s_xenstore_client_connects_to_its_own_socket(
+        monkeypatch, tmp_path) -> None:
+    """The socket the platform was opened on, not the environment's of the
+    moment (it may have changed since)."""
+    from xenback.sim import SimHost
+    from xenback.xenstore import XenStore
+
+    monkeypatch.setenv("XENSTORED_PATH", str(tmp_path / "elsewhere"))
+    with SimHost() as host:
+        platform = _platform.XenPlatform(0, host.xenstore_path)
+        with XenStore(platform.xenstore()) as xs:
+            assert xs.read("/local/domain/0/name") == "Domain-0"
 
 
 def test_open_fails_when_xenstored_hangs_up_under_its_read(monkeypatch, tmp_path) -> None:
