@@ -109,6 +109,23 @@ def test_a_service_set_to_none_is_missing() -> None:
         check_platform(NoGrants())
 
 
+def test_a_property_member_set_to_none_is_there() -> None:
+    # As a Protocol's isinstance() has it: None marks a *method* not
+    # there; a property's value (a run_dir set later) may be anything.
+    class Later(_Services):
+        domid = 0
+        run_dir = None
+
+    check_platform(Later())
+
+
+def test_too_many_refs_are_told_before_any_is_looked_at() -> None:
+    with pytest.raises(PlatformError) as info:
+        check_grant_refs([8] * 1024 + [-1])
+    assert (info.value.errno, info.value.strerror) == (
+        errno.EINVAL, "can map 1..1024 refs at once, not 1025")
+
+
 class _Index:
     """A numpy-style integer: an index (``__index__``), not an int."""
 

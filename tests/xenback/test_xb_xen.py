@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import gc
 import itertools
 import logging
 import os
@@ -22,7 +23,7 @@ from typing import Any, overload
 
 import pytest
 from cffi import FFI
-from racewindow import TIMEOUT, Attempt, stands_at
+from racewindow import TIMEOUT, Attempt, PauseAt, stands_at
 from stolensignal import interrupted_at
 
 import xenback.xen
@@ -81,6 +82,8 @@ def test_xenstored_socket_follows_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("XENSTORED_RUNDIR", "/tmp/rundir")
     assert _platform.xenstored_socket() == Path("/tmp/rundir/socket")
     monkeypatch.delenv("XENSTORED_RUNDIR")
+    assert _platform.xenstored_socket() == Path("/var/run/xenstored/socket")
+    monkeypatch.setenv("XENSTORED_PATH", "")  # set empty: as if unset
     assert _platform.xenstored_socket() == Path("/var/run/xenstored/socket")
 
 
@@ -314,10 +317,12 @@ def test_device_errors_name_the_numbers_of_int_subclasses() -> None:
 
 @pytest.fixture
 def granted() -> Iterator[int]:
-    """A two-page memfd standing in for granted pages: "secret" at 0."""
+    """A two-page memfd standing in for granted pages: "secret" at 0,
+    "second" at the second page."""
     fd = os.memfd_create("granted")
     os.ftruncate(fd, 2 * PAGE_SIZE)
     os.pwrite(fd, b"secret", 0)
+    os.pwrite(fd, b"second", PAGE_SIZE)
     yield fd
     os.close(fd)
 
@@ -371,10 +376,12 @@ def test_a_slice_held_across_the_end_sees_zeros_and_writes_nowhere(
     granted: int, kind: str, caplog
 ) -> None:
     pages = pages_of(kind, granted)
+    assert repr(pages).endswith(" refs=[5, 6] live>")
     view = pages.buffer
     stale = pages.buffer[0:6]
+    last = pages.buffer[PAGE_SIZE:PAGE_SIZE + 6]  # every page goes, not only the first
     addr = address_of(stale)
-    assert bytes(stale) == b"secret"
+    assert bytes(stale) == b"secret" and bytes(last) == b"second"
     assert "memfd:granted" in maps_line(addr)
     with caplog.at_level(logging.WARNING, logger=_platform.__name__):
         end(pages)
@@ -387,14 +394,17 @@ def test_a_slice_held_across_the_end_sees_zeros_and_writes_nowhere(
     with pytest.raises(ValueError):
         bytes(view)  # the buffer itself is released
     # The granted pages are gone from this process; zero pages stand in.
+    assert repr(pages).endswith(" refs=[5, 6] ended>")
     assert private_anonymous(maps_line(addr))
-    assert bytes(stale) == bytes(6)
+    assert private_anonymous(maps_line(addr + PAGE_SIZE))
+    assert bytes(stale) == bytes(6) and bytes(last) == bytes(6)
     stale[0:6] = b"public"
     assert bytes(stale) == b"public"
     assert os.pread(granted, 6, 0) == b"secret"
     # The zero pages go with the last view.
-    del stale
+    del stale, last
     assert maps_line(addr) is None
+    assert maps_line(addr + PAGE_SIZE) is None
 
 
 @pytest.mark.usefixtures("fake_devices")
@@ -406,6 +416,7 @@ def test_ending_without_views_unmaps_at_once_and_quietly(granted: int, kind: str
         end(pages)
     assert caplog.records == []
     assert maps_line(addr) is None
+    assert maps_line(addr + PAGE_SIZE) is None
 
 
 @pytest.mark.usefixtures("fake_devices")
@@ -456,6 +467,302 @@ def test_a_failing_slot_release_is_reported_after_the_pages_are_gone(granted: in
     table.close()
 
 
+# -- the grant devices' ioctls, over a stand-in for the kernel ------------------
+
+
+def _room(arg: Any) -> int:
+    """Bytes of the buffer an ioctl argument made by ``_ioctl_arg`` lives in."""
+    (buffer,) = [r for r in gc.get_referents(arg) if isinstance(r, bytearray)]
+    return len(buffer)
+
+
+class FakeGrantLibc:
+    """libc as the grant handles call it, gntdev's and gntalloc's ioctls
+    answered as the kernel does: records each request with what its
+    struct says, and fails those named in ``fail`` ("map", "unmap",
+    "alloc", "dealloc", or "mmap" of a device) with their errno.  mmap
+    and munmap are libc's own, over a memfd standing in for both devices:
+    its page at MAP_INDEX holds b"granted", at ALLOC_INDEX b"shared"."""
+
+    MAP_INDEX = 2 * PAGE_SIZE
+    ALLOC_INDEX = PAGE_SIZE
+    FIRST_GREF = 100
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.requests: list[tuple[object, ...]] = []
+        self.fail: dict[str, int] = {}
+        self.names = {
+            _platform.IOCTL_GNTDEV_MAP_GRANT_REF: "map",
+            _platform.IOCTL_GNTDEV_UNMAP_GRANT_REF: "unmap",
+            _platform.IOCTL_GNTALLOC_ALLOC_GREF: "alloc",
+            _platform.IOCTL_GNTALLOC_DEALLOC_GREF: "dealloc",
+        }
+
+    def _failed(self, name: str) -> bool:
+        if name not in self.fail:
+            return False
+        ffi.errno = self.fail[name]
+        return True
+
+    def ioctl(self, fd: int, request: int, arg: Any = None) -> int:
+        name = self.names.get(request, "unknown")
+        if name == "unknown":
+            ffi.errno = errno.ENOTTY
+            return -1
+        if self._failed(name):
+            self.requests.append((name, "failed"))
+            return -1
+        if name == "map":
+            op = ffi.cast("struct ioctl_gntdev_map_grant_ref *", arg)
+            struct = "struct ioctl_gntdev_map_grant_ref"
+            assert _room(arg) >= ffi.offsetof(struct, "refs") + op.count * ffi.sizeof(
+                "struct ioctl_gntdev_grant_ref"), "refs past the end of the argument"
+            grants = ffi.cast("struct ioctl_gntdev_grant_ref *", op.refs)
+            self.requests.append(
+                ("map", [(grants[i].domid, grants[i].ref) for i in range(op.count)]))
+            op.index = self.MAP_INDEX
+        elif name == "unmap":
+            op = ffi.cast("struct ioctl_gntdev_unmap_grant_ref *", arg)
+            self.requests.append(("unmap", op.index, op.count))
+        elif name == "alloc":
+            op = ffi.cast("struct ioctl_gntalloc_alloc_gref *", arg)
+            struct = "struct ioctl_gntalloc_alloc_gref"
+            assert _room(arg) >= ffi.offsetof(struct, "gref_ids") + op.count * 4, \
+                "gref_ids past the end of the argument"
+            self.requests.append(("alloc", op.domid, op.flags, op.count))
+            op.index = self.ALLOC_INDEX
+            grefs = ffi.cast("uint32_t *", op.gref_ids)
+            for i in range(op.count):
+                grefs[i] = self.FIRST_GREF + i
+        else:
+            op = ffi.cast("struct ioctl_gntalloc_dealloc_gref *", arg)
+            self.requests.append(("dealloc", op.index, op.count))
+        return 0
+
+    def mmap(self, addr: Any, length: int, prot: int, flags: int, fd: int, offset: int) -> Any:
+        if fd != -1 and self._failed("mmap"):  # a device's, not the zero pages
+            return ffi.cast("void *", -1)
+        return self.real.mmap(addr, length, prot, flags, fd, offset)
+
+    def munmap(self, addr: Any, length: int) -> int:
+        return int(self.real.munmap(addr, length))
+
+
+@pytest.fixture
+def fake_grant_libc(monkeypatch) -> Iterator[FakeGrantLibc]:
+    """Both grant devices a four-page memfd; their ioctls FakeGrantLibc's."""
+    fd = os.memfd_create("grant-device")
+    os.ftruncate(fd, 4 * PAGE_SIZE)
+    os.pwrite(fd, b"shared", FakeGrantLibc.ALLOC_INDEX)
+    os.pwrite(fd, b"granted", FakeGrantLibc.MAP_INDEX)
+    for name in ("GNTDEV", "GNTALLOC"):
+        monkeypatch.setattr(_platform, name, Path(f"/proc/self/fd/{fd}"))
+    libc = FakeGrantLibc(_platform._libc)
+    monkeypatch.setattr(_platform, "_libc", libc)
+    yield libc
+    os.close(fd)
+
+
+def permissions(view: memoryview) -> str:
+    """The protection of the pages ``view`` shows, as /proc/self/maps says it."""
+    line = maps_line(address_of(view))
+    assert line is not None
+    return line.split()[1]
+
+
+@pytest.mark.parametrize("writable", [True, False])
+def test_a_mapping_asks_gntdev_for_each_ref_and_maps_the_slots_it_gave(
+        fake_grant_libc: FakeGrantLibc, writable: bool) -> None:
+    """Every ref goes to MAP_GRANT_REF with its domain, the slots gntdev
+    gave are what is mapped (read-only pages for a read-only mapping, not
+    only a read-only view of writable ones), and unmapping releases those
+    slots, all of them."""
+    with _platform.XenGrantTable() as table:
+        mapping = table.map_grant_refs(3, [8, 9], writable=writable)
+        assert fake_grant_libc.requests == [("map", [(3, 8), (3, 9)])]
+        assert mapping.refs == (8, 9)
+        assert len(mapping.buffer) == 2 * PAGE_SIZE
+        assert bytes(mapping.buffer[:7]) == b"granted"
+        assert mapping.buffer.readonly is not writable
+        assert permissions(mapping.buffer) == ("rw-s" if writable else "r--s")
+        mapping.unmap()
+        assert fake_grant_libc.requests[1:] == [("unmap", FakeGrantLibc.MAP_INDEX, 2)]
+
+
+def test_the_argument_of_the_most_refs_has_room_for_them_all(
+        fake_grant_libc: FakeGrantLibc) -> None:
+    """The struct's one-element array really holds every ref (and every
+    gref of a share): else the last ones are written past the buffer."""
+    fake_grant_libc.fail["mmap"] = errno.ENOMEM  # the ioctls are what is looked at
+    with _platform.XenGrantTable() as table, _platform.XenGrantShare() as share:
+        with pytest.raises(GrantError):
+            table.map_grant_refs(1, range(1024))
+        with pytest.raises(GrantError):
+            share.share_pages(1, 1024)
+    assert fake_grant_libc.requests[0] == ("map", [(1, ref) for ref in range(1024)])
+    assert fake_grant_libc.requests[2] == ("alloc", 1, 1, 1024)
+
+
+def test_a_mapping_mmap_refuses_releases_the_slots_and_says_why(
+        fake_grant_libc: FakeGrantLibc) -> None:
+    """gntdev maps the grants as they are mmapped, so a bad one fails the
+    mmap: the slots MAP_GRANT_REF took are released, and the error is the
+    mmap's."""
+    fake_grant_libc.fail["mmap"] = errno.EFAULT
+    with _platform.XenGrantTable() as table:
+        with pytest.raises(GrantError) as info:
+            table.map_grant_refs(3, [8])
+        assert (info.value.errno, info.value.strerror) == (
+            errno.EFAULT, f"mapping grant 8 of domain 3: {os.strerror(errno.EFAULT)}")
+        assert fake_grant_libc.requests == [("map", [(3, 8)]),
+                                            ("unmap", FakeGrantLibc.MAP_INDEX, 1)]
+
+
+@pytest.mark.parametrize("writable", [True, False])
+def test_a_share_maps_the_pages_gntalloc_gave_and_drops_its_reference(
+        fake_grant_libc: FakeGrantLibc, writable: bool) -> None:
+    """ALLOC_GREF with the domain, the count and the grantee's right to
+    write; the refs are those gntalloc made, the pages those at its index,
+    mapped writable whatever the grantee may do (as xengntshr's), and the
+    device's own reference is dropped at once (DEALLOC_GREF), so that
+    unsharing ends the grants."""
+    with _platform.XenGrantShare() as share:
+        pages = share.share_pages(4, 2, writable=writable)
+        assert fake_grant_libc.requests == [
+            ("alloc", 4, _platform.GNTALLOC_FLAG_WRITABLE if writable else 0, 2),
+            ("dealloc", FakeGrantLibc.ALLOC_INDEX, 2)]
+        assert pages.refs == (100, 101)
+        assert len(pages.buffer) == 2 * PAGE_SIZE
+        assert bytes(pages.buffer[:6]) == b"shared"
+        assert not pages.buffer.readonly and permissions(pages.buffer) == "rw-s"
+        pages.unshare()
+        assert len(fake_grant_libc.requests) == 2
+
+
+def test_a_share_whose_mmap_fails_drops_the_grants_and_says_why(
+        fake_grant_libc: FakeGrantLibc) -> None:
+    fake_grant_libc.fail["mmap"] = errno.ENOMEM
+    with _platform.XenGrantShare() as share:
+        with pytest.raises(GrantError) as info:
+            share.share_pages(4, 2)
+        assert (info.value.errno, info.value.strerror) == (
+            errno.ENOMEM, f"sharing 2 pages with domain 4: {os.strerror(errno.ENOMEM)}")
+    assert fake_grant_libc.requests == [("alloc", 4, 1, 2),
+                                        ("dealloc", FakeGrantLibc.ALLOC_INDEX, 2)]
+
+
+@pytest.mark.parametrize("kind", ["mapping", "shared"])
+def test_a_failed_mmap_s_error_is_the_answer_when_undoing_it_fails_too(
+        fake_grant_libc: FakeGrantLibc, kind: str, caplog) -> None:
+    """The mmap failed, then releasing gntdev's slots (or dropping
+    gntalloc's grants) failed too: the caller is told of the mmap, the
+    request's own error (a frontend's bad grant, EFAULT, or ENOMEM), not
+    of the release's, and the leftovers, which the handle's close frees,
+    are logged.  The release's error replaced the mmap's, errno and all,
+    under the request's message ("mapping grant 8 of domain 3: Inappropriate
+    ioctl for device")."""
+    fake_grant_libc.fail = {"mmap": errno.EFAULT, "unmap": errno.ENOTTY,
+                            "dealloc": errno.ENOTTY}
+    with _platform.XenGrantTable() as table, _platform.XenGrantShare() as share:
+        with caplog.at_level(logging.WARNING, logger=_platform.__name__), \
+                pytest.raises(GrantError) as info:
+            if kind == "mapping":
+                table.map_grant_refs(3, [8])
+            else:
+                share.share_pages(3, 1)
+    what = "mapping grant 8 of domain 3" if kind == "mapping" else "sharing 1 pages with domain 3"
+    assert (info.value.errno, info.value.strerror) == (
+        errno.EFAULT, f"{what}: {os.strerror(errno.EFAULT)}")
+    undone = ("releasing gntdev's slots of grant 8" if kind == "mapping"
+              else "dropping gntalloc's reference to grant 100")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{undone} after a failed mmap: {os.strerror(errno.ENOTTY)}; "
+        f"they stay until the {'grant table' if kind == 'mapping' else 'grant share handle'} "
+        f"is closed"]
+
+
+def test_pages_ended_by_two_threads_at_once_are_ended_once(
+        fake_grant_libc: FakeGrantLibc, monkeypatch) -> None:
+    """A backend's worker and its close may unmap one mapping at once:
+    gntdev's slots are released once, not twice (the second release
+    would fail, or free slots gntdev has given out again meanwhile)."""
+    with _platform.XenGrantTable() as table:
+        mapping = table.map_grant_refs(3, [8])
+        scrub = _platform._DevicePages._scrub
+        pause = PauseAt.in_method(monkeypatch, _platform._DevicePages, "_scrub", "_mmap(")
+        first = Attempt(mapping.unmap)
+        assert pause.reached.wait(TIMEOUT)
+        second = Attempt(mapping.unmap)
+        # Either the second unmap waits for the first, or it ends the pages too.
+        deadline = time.monotonic() + TIMEOUT
+        while second.thread.is_alive() and not stands_at(
+                second.thread.ident or 0, scrub, "with self._lock"):
+            assert time.monotonic() < deadline, "unmap() neither returned nor waited"
+            time.sleep(0.001)
+        pause.resume()
+        assert first.result() is None and second.result() is None
+    assert fake_grant_libc.requests == [("map", [(3, 8)]), ("unmap", FakeGrantLibc.MAP_INDEX, 1)]
+
+
+@pytest.mark.parametrize("kind", ["gnttab", "gntshr"])
+def test_closing_a_grant_handle_waits_for_a_request_in_flight(
+        fake_grant_libc: FakeGrantLibc, monkeypatch, kind: str) -> None:
+    """The descriptor is closed once the request that uses it has done:
+    closed under it, its number could be another open's by the mmap."""
+    if kind == "gnttab":
+        handle: Any = _platform.XenGrantTable()
+        owner: type = _platform.XenGrantTable
+        method, request = "map_grant_refs", (lambda: handle.map_grant_refs(3, [8]))
+        content = b"granted"
+    else:
+        handle = _platform.XenGrantShare()
+        owner = _platform.XenGrantShare
+        method, request = "share_pages", (lambda: handle.share_pages(3, 1))
+        content = b"shared"
+    pause = PauseAt.in_method(monkeypatch, owner, method, "_ioctl(fd, ")
+    requesting = Attempt(request)
+    assert pause.reached.wait(TIMEOUT)
+    closing = Attempt(handle.close)
+    deadline = time.monotonic() + TIMEOUT
+    while closing.thread.is_alive() and not stands_at(
+            closing.thread.ident or 0, _platform._Device.close, "with self._lock"):
+        assert time.monotonic() < deadline, "close() neither returned nor waited for the request"
+        time.sleep(0.001)
+    assert closing.thread.is_alive(), "closed under the request"
+    pause.resume()
+    with requesting.result() as pages:
+        assert closing.result() is None
+        assert bytes(pages.buffer[:len(content)]) == content
+
+
+def test_a_device_error_without_an_errno_is_eio(fake_grant_libc: FakeGrantLibc) -> None:
+    """A failure that set no errno is still an error with one: EIO."""
+    fake_grant_libc.fail["map"] = 0
+    with _platform.XenGrantTable() as table:
+        with pytest.raises(GrantError) as info:
+            table.map_grant_refs(3, [8])
+    assert info.value.errno == errno.EIO
+    assert fake_grant_libc.requests == [("map", "failed")]
+
+
+@pytest.mark.usefixtures("fake_devices")
+@pytest.mark.parametrize("kind", KINDS)
+def test_ending_pages_whose_buffer_is_exported_still_ends_them(
+        granted: int, kind: str, caplog) -> None:
+    """The buffer cannot be released while something holds a buffer of
+    it (cffi, numpy...): the end goes on, and what holds it sees zeros."""
+    pages = pages_of(kind, granted)
+    exported = ffi.from_buffer(pages.buffer)
+    assert ffi.buffer(exported, 6)[:] == b"secret"
+    with caplog.at_level(logging.WARNING, logger=_platform.__name__):
+        end(pages)
+    assert "ended while views of their pages are held" in caplog.text
+    assert ffi.buffer(exported, 6)[:] == bytes(6)
+    with pytest.raises(ValueError):
+        pages.buffer  # noqa: B018
+
+
 # -- the event channel handle, over a stand-in for libxenevtchn ----------------
 
 
@@ -463,7 +770,9 @@ class FakeEvtchnLib:
     """libxenevtchn as XenEventChannel calls it: the handle is any cdata
     pointer, its descriptor a pipe's read end.  Records every call, and
     every use of the handle after ``xenevtchn_close`` freed it.  The next
-    call named in ``block_in`` waits inside the library until ``release``."""
+    call named in ``block_in`` waits inside the library until ``release``.
+    A call named in ``fail`` returns -1 with its errno; one in ``returns``
+    returns its value (0 otherwise)."""
 
     def __init__(self) -> None:
         self.handle = ffi.new("char[1]")
@@ -475,6 +784,8 @@ class FakeEvtchnLib:
         self.block_in: str | None = None
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.fail: dict[str, int] = {}
+        self.returns: dict[str, int] = {}
 
     def __getattr__(self, name: str) -> Callable[..., int]:
         if not name.startswith("xenevtchn_"):
@@ -491,7 +802,10 @@ class FakeEvtchnLib:
                 assert self.release.wait(TIMEOUT)
             if name == "xenevtchn_close":
                 self.freed = True
-            return self.rfd if name == "xenevtchn_fd" else 0
+            if name in self.fail:
+                ffi.errno = self.fail[name]
+                return -1
+            return self.rfd if name == "xenevtchn_fd" else self.returns.get(name, 0)
 
         return call
 
@@ -571,6 +885,49 @@ def test_reset_is_the_evtchn_device_s_ioctl_on_the_handle_s_descriptor(
         assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd"]
     finally:
         channel.close()
+
+
+def test_library_failures_carry_the_errno_and_say_what_failed(
+        fake_evtchn: FakeEvtchnLib) -> None:
+    """Each call's -1 is an EventChannelError with libxenevtchn's errno,
+    naming the call and its numbers; EIO if the library set none."""
+    channel = _platform.XenEventChannel()
+    calls: list[tuple[str, Callable[[], object], int, str]] = [
+        ("xenevtchn_bind_interdomain", lambda: channel.bind_interdomain(1, 5), errno.EINVAL,
+         "binding port 5 of domain 1"),
+        ("xenevtchn_bind_unbound_port", lambda: channel.bind_unbound_port(2), errno.ENOSPC,
+         "allocating a port for domain 2"),
+        ("xenevtchn_notify", lambda: channel.notify(6), errno.ENOTCONN, "notifying port 6"),
+        ("xenevtchn_unmask", lambda: channel.unmask(7), errno.EINVAL, "unmasking port 7"),
+        ("xenevtchn_unbind", lambda: channel.unbind(8), errno.ENOTCONN, "unbinding port 8"),
+        ("xenevtchn_pending", channel.pending, errno.EFBIG, "reading pending ports"),
+        ("xenevtchn_notify", lambda: channel.notify(6), 0, "notifying port 6"),
+    ]
+    for name, call, code, what in calls:
+        fake_evtchn.fail = {name: code}
+        with pytest.raises(EventChannelError) as info:
+            call()
+        code = code or errno.EIO
+        assert (info.value.errno, info.value.strerror) == (code, f"{what}: {os.strerror(code)}")
+    channel.close()
+
+
+def test_a_handle_s_calls_reach_the_library_with_their_numbers(
+        fake_evtchn: FakeEvtchnLib) -> None:
+    """What each call passes on, in libxenevtchn's order, and the ports it
+    returns; pending() is None when nothing fired (the descriptor is
+    non-blocking: EAGAIN), not an error nor a wait."""
+    channel = _platform.XenEventChannel()
+    assert not os.get_blocking(channel.fileno())
+    fake_evtchn.returns = {"xenevtchn_bind_interdomain": 11, "xenevtchn_bind_unbound_port": 12,
+                           "xenevtchn_pending": 13}
+    assert channel.bind_interdomain(1, 5) == 11
+    assert channel.bind_unbound_port(2) == 12
+    assert channel.pending() == 13
+    fake_evtchn.fail = {"xenevtchn_pending": errno.EAGAIN}
+    assert channel.pending() is None
+    assert fake_evtchn.args[1:] == [(1, 5), (2,), (), ()]
+    channel.close()
 
 
 def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
@@ -743,6 +1100,20 @@ def test_open_reads_our_domid(monkeypatch, node: str | None, domid: int) -> None
         assert xenback.xen.open().domid == domid
 
 
+def test_a_platform_s_xenstore_client_connects_to_its_own_socket(
+        monkeypatch, tmp_path) -> None:
+    """The socket the platform was opened on, not the environment's of the
+    moment (it may have changed since)."""
+    from xenback.sim import SimHost
+    from xenback.xenstore import XenStore
+
+    monkeypatch.setenv("XENSTORED_PATH", str(tmp_path / "elsewhere"))
+    with SimHost() as host:
+        platform = _platform.XenPlatform(0, host.xenstore_path)
+        with XenStore(platform.xenstore()) as xs:
+            assert xs.read("/local/domain/0/name") == "Domain-0"
+
+
 def test_open_fails_when_xenstored_hangs_up_under_its_read(monkeypatch, tmp_path) -> None:
     """open() reads our domid with a pyxs client of its own, whose
     request waited for ever for a reply once xenstored hung up (pyxs's
@@ -758,6 +1129,30 @@ def test_open_fails_when_xenstored_hangs_up_under_its_read(monkeypatch, tmp_path
     assert isinstance(exc, PlatformUnavailable), repr(exc)
     assert "cannot read our domid from xenstored" in str(exc)
     server.join(TIMEOUT)
+
+
+def test_open_keeps_the_errno_of_a_xenstored_it_cannot_reach(monkeypatch, tmp_path) -> None:
+    """No xenstored at the socket is ENOENT, one refusing ECONNREFUSED (a
+    host short of descriptors would be EMFILE): not all one EIO, which is
+    what a domid that is no number says."""
+    from xenback.sim import SimHost
+
+    monkeypatch.setattr(_platform, "missing_pieces", lambda: [])
+    refusing = tmp_path / "refusing"
+    with socket.socket(socket.AF_UNIX) as bound:
+        bound.bind(str(refusing))  # never listens: connecting is refused
+        for path, code in ((tmp_path / "none", errno.ENOENT), (refusing, errno.ECONNREFUSED)):
+            monkeypatch.setenv("XENSTORED_PATH", str(path))
+            with pytest.raises(PlatformUnavailable, match="cannot read our domid") as info:
+                xenback.xen.open()
+            assert info.value.errno == code
+    with SimHost() as host:
+        monkeypatch.setenv("XENSTORED_PATH", str(host.xenstore_path))
+        with host.dom0.xenstore() as xs:
+            xs.write(b"/local/domain/0/domid", b"zero")
+        with pytest.raises(PlatformUnavailable, match="expected an integer") as info:
+            xenback.xen.open()
+        assert info.value.errno == errno.EIO
 
 
 @pytest.mark.parametrize("domid", [

@@ -28,7 +28,7 @@ import mmap
 import os
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -218,6 +218,18 @@ def _ioctl_arg(struct: str, count: int) -> Any:
 def _ioctl(fd: int, request: int, arg: Any, what: str) -> None:
     if _libc.ioctl(fd, request, arg) < 0:
         raise _error(GrantError, what)
+
+
+def _undo_failed_mmap(undo: Callable[[str], None], what: str, handle: str) -> None:
+    """``undo(what)``, the undoing of the ioctl before a failed mmap, whose
+    error stays the caller's answer (a frontend's bad grant, or ENOMEM):
+    one of the undoing, which would replace it, is logged instead, with
+    what is left to ``handle``'s close."""
+    try:
+        undo(what)
+    except GrantError as exc:
+        logger.warning("%s after a failed mmap: %s; they stay until the %s is closed",
+                       what, os.strerror(exc.errno or errno.EIO), handle)
 
 
 def _mmap(addr: Any, npages: int, prot: int, flags: int, fd: int, offset: int, what: str) -> Any:
@@ -433,8 +445,10 @@ class XenGrantTable(_Device):
             # The grants are mapped by mmap, which fails if one is bad.
             try:
                 addr = _map_device(fd, op.index, len(refs), writable, what)
-            except GrantError:
-                self._unmap_grant_ref(fd, op.index, len(refs), what)
+            except BaseException:
+                _undo_failed_mmap(
+                    functools.partial(self._unmap_grant_ref, fd, op.index, len(refs)),
+                    f"releasing gntdev's slots of {_grants(refs)}", self._kind)
                 raise
         return XenGrantMapping(self, op.index, addr, refs, writable)
 
@@ -492,18 +506,24 @@ class XenGrantShare(_Device):
         with self._open_fd(what) as fd:
             _ioctl(fd, IOCTL_GNTALLOC_ALLOC_GREF, op, what)
             refs = tuple(ffi.unpack(ffi.cast("uint32_t *", op.gref_ids), count))
+            # The device's own reference to the grants is dropped, mapped
+            # or not: from now on the mapping alone holds them, so that
+            # replacing it (unshare), or exiting, ends them.
+            drop = functools.partial(self._dealloc_gref, fd, op.index, count)
             try:
                 # Writable whatever the grantee may do, as with xengntshr.
                 pages = XenSharedPages(_map_device(fd, op.index, count, True, what), refs, True)
-            finally:
-                # Drop the device's own reference to the grants, mapped or
-                # not: from now on the mapping alone holds them, so that
-                # replacing it (unshare), or exiting, ends them.
-                dealloc = ffi.new(
-                    "struct ioctl_gntalloc_dealloc_gref *", {"index": op.index, "count": count}
-                )
-                _ioctl(fd, IOCTL_GNTALLOC_DEALLOC_GREF, dealloc, what)
+            except BaseException:
+                _undo_failed_mmap(
+                    drop, f"dropping gntalloc's reference to {_grants(refs)}", self._kind)
+                raise
+            drop(what)
         return pages
+
+    @staticmethod
+    def _dealloc_gref(fd: int, index: int, count: int, what: str) -> None:
+        op = ffi.new("struct ioctl_gntalloc_dealloc_gref *", {"index": index, "count": count})
+        _ioctl(fd, IOCTL_GNTALLOC_DEALLOC_GREF, op, what)
 
 
 class XenEventChannel(Closing):
