@@ -217,8 +217,71 @@ def test_a_port_that_fires_without_pause_does_not_starve_the_others(
             assert hot_events <= 2 * _evtchn._HOT_STREAK, "the other port never came"
             e0.unmask(hot)
             e1.notify(hot_remote)  # the pipe write is done when notify returns
+        # Exactly one streak read directly (the first event came from
+        # epoll), then the pass that leaves the hot port out.
+        assert hot_events == _evtchn._HOT_STREAK
         # Nothing lost: the hot port is still pending.
         assert e0.pending() == hot
+
+
+def test_a_port_that_fires_without_pause_does_not_starve_the_service(
+    host: SimHost, guest: Domain
+) -> None:
+    """News from the service (here: a peer unbinding, whose port gets a new
+    pipe, fired) comes within a bounded number of events of a port that
+    fires without pause: pending() reads the hot port's pipe directly, and
+    the epoll pass after each streak must take the service connection too,
+    not only other ports."""
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+        hot_remote, other_remote = e1.bind_unbound_port(0), e1.bind_unbound_port(0)
+        hot = e0.bind_interdomain(guest.domid, hot_remote)
+        other = e0.bind_interdomain(guest.domid, other_remote)
+        e1.notify(hot_remote)
+        assert wait_pending(e0) == hot
+        e0.unmask(hot)
+        e1.notify(hot_remote)
+        # The service pushed the news before it answered the unbind.
+        e1.unbind(other_remote)
+        hot_events = 0
+        while (port := e0.pending()) != other:
+            assert port == hot
+            hot_events += 1
+            assert hot_events <= 3 * _evtchn._HOT_STREAK, "the service's news never came"
+            e0.unmask(hot)
+            e1.notify(hot_remote)
+        assert e0.remote(other) is None
+
+
+def test_ports_set_aside_in_a_fair_pass_do_not_hide_a_ready_port(
+    host: SimHost, guest: Domain
+) -> None:
+    """The pass after a hot port's streak asks epoll for a batch: if the
+    batch holds only masked ports (set aside, nothing to report) and the
+    hot port has no event left, pending() must look again, not say None
+    while another port is pending."""
+    batch = _evtchn._FAIR_BATCH
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+        remotes = [e1.bind_unbound_port(0) for _ in range(batch + 2)]
+        ports = [e0.bind_interdomain(guest.domid, r) for r in remotes]
+        (hot_remote, *masked_remotes, other_remote) = remotes
+        hot, other = ports[0], ports[-1]
+        for r in masked_remotes:
+            e1.notify(r)
+        assert {wait_pending(e0) for _ in masked_remotes} == set(ports[1:-1])
+        e1.notify(hot_remote)
+        assert wait_pending(e0) == hot
+        # Notified while masked: ready in epoll, not set aside yet (the
+        # hot port's streak asks epoll nothing).
+        for r in masked_remotes:
+            e1.notify(r)
+        for _ in range(_evtchn._HOT_STREAK):
+            e0.unmask(hot)
+            e1.notify(hot_remote)
+            assert e0.pending() == hot
+        e1.notify(other_remote)
+        e0.unmask(hot)  # not notified: its streak is over, its pipe empty
+        assert e0.pending() == other
+        assert e0.pending() is None
 
 
 def test_a_reused_descriptor_of_the_last_port_is_not_taken_for_it(
@@ -1646,9 +1709,11 @@ def test_a_refused_bind_reply_cut_short_anywhere_is_given_back(
     ({"event": "bound", "port": 7, "domid": 2, "remote_port": 9, "rfd": -1}, "wr"),
     ({"event": "bound", "port": 7, "domid": 2, "remote_port": 9, "rfd": True}, "wr"),
     ({"event": "bound", "port": 7, "domid": 2, "remote_port": 9}, "ww"),
+    ({"event": "moved", "port": 7}, ""),
 ], ids=["unbound-with-a-write-end", "unbound-with-a-write-end-too", "rfd-not-int",
         "rfd-bool", "bound-rfd-one-past-the-end", "bound-rfd-past-the-end", "rfd-negative",
-        "bound-rfd-bool-naming-one", "bound-with-two-write-ends"])
+        "bound-rfd-bool-naming-one", "bound-with-two-write-ends",
+        "unknown-event-carrying-nothing"])
 def test_a_push_carrying_other_descriptors_than_its_events_is_logged_and_dropped(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: dict[str, Any],
         carried: str) -> None:
