@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import fcntl
 import itertools
 import json
 import logging
@@ -179,6 +180,63 @@ def test_storm_while_masked_is_one_event(pair: tuple[EventChannel, int, EventCha
         e1.notify(p1)
     e0.unmask(p0)
     assert e0.pending() == p0
+    e0.unmask(p0)
+    assert e0.pending() is None
+
+
+def test_a_port_whose_old_pipe_hung_up_lives_again_on_its_new_one(
+    pair: tuple[EventChannel, int, EventChannel, int],
+) -> None:
+    """A peer unbinding closes the last writer of the port's pipe before
+    the service's news of it (with a new pipe, fired) is taken: pending()
+    finds the old pipe hung up and marks the port dead.  The new pipe
+    makes it live again: once a new peer bound, what it notifies while
+    the port is masked is set aside and comes at unmask, as always."""
+    e0, p0, e1, p1 = pair
+    # The port pending() returned last, unmasked: its pipe is the first
+    # pending() reads, before the service's news is taken.
+    e1.notify(p1)
+    assert wait_pending(e0) == p0
+    e0.unmask(p0)
+    e1.unbind(p1)
+    assert wait_pending(e0) == p0  # the hang-up, set aside, then the new pipe
+    assert e0.remote(p0) is None
+    e0.unmask(p0)
+    p1 = e1.bind_interdomain(0, p0)
+    assert e0.remote(p0) == (1, p1)
+    e1.notify(p1)
+    assert wait_pending(e0) == p0
+    e1.notify(p1)
+    assert e0.pending() is None  # masked: set aside
+    e0.unmask(p0)
+    # Watched again (pending() alone would read the pipe of the port it
+    # returned last directly, and find the event anyway).
+    assert readable(e0, 5.0)
+    assert wait_pending(e0) == p0
+    e0.unmask(p0)
+    assert e0.pending() is None
+
+
+def test_a_storm_into_a_pipe_the_peer_enlarged_is_still_one_event(
+    pair: tuple[EventChannel, int, EventChannel, int],
+) -> None:
+    """A guest holds a write end of its peer's pipe and may grow the pipe
+    (F_SETPIPE_SZ works on either end) and fill it: taking the event must
+    still empty it, or the rest comes again as a new event at unmask."""
+    e0, p0, e1, p1 = pair
+    assert e1.remote(p1) == (0, p0)  # it has heard of its peer: it holds a write end
+    w = e1._ports[p1].peer_fd
+    assert w is not None
+    # Four times the default, below the unprivileged limit (1 MiB).
+    assert fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 18) >= 1 << 18
+    written = 0
+    try:
+        while True:
+            written += os.write(w, bytes(65536))
+    except BlockingIOError:
+        pass
+    assert written >= 1 << 18
+    assert wait_pending(e0) == p0
     e0.unmask(p0)
     assert e0.pending() is None
 
@@ -777,6 +835,74 @@ def test_close_wakes_a_waiting_thread(host: SimHost) -> None:
     assert ch._waiters == 0  # the waiter released the descriptors on its way out
     with pytest.raises(ValueError):
         ch._epoll.fileno()  # closed by the last waiter
+
+
+class _EpollHoldingOneWaiter:
+    """A handle's epoll set whose poll() holds the thread named ``held``
+    before the real one until ``go`` is set, and raises KeyboardInterrupt
+    in any other thread as the real one returns if ``interrupt`` (a
+    Ctrl-C landing there); the rest is the real one's."""
+
+    def __init__(self, real: select.epoll, interrupt: bool) -> None:
+        self._real = real
+        self._interrupt = interrupt
+        self.held = ""
+        self.reached = threading.Event()
+        self.go = threading.Event()
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
+        if threading.current_thread().name == self.held:
+            self.reached.set()
+            assert self.go.wait(TIMEOUT)
+            return self._real.poll(timeout, maxevents)
+        events = self._real.poll(timeout, maxevents)
+        if self._interrupt:
+            raise KeyboardInterrupt
+        return events
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize("first_leaves", ["woken", "interrupted"])
+def test_close_with_two_waiters_keeps_the_descriptors_until_the_last_leaves(
+        host: SimHost, first_leaves: str) -> None:
+    """close() wakes every thread in wait(); the last one to leave closes
+    the epoll set.  The first to leave, woken or cut short by a Ctrl-C,
+    must not close it while another is still on its way into epoll_wait,
+    which would then poll a closed set (ValueError, not EBADF)."""
+    ch = host.dom0.evtchn()
+    epoll = _EpollHoldingOneWaiter(ch._epoll, first_leaves == "interrupted")
+    ch._epoll = epoll  # type: ignore[assignment]
+    ended: dict[str, BaseException] = {}
+
+    def waiter() -> None:
+        try:
+            ch.wait()
+        except BaseException as e:  # KeyboardInterrupt is one of the outcomes
+            ended[threading.current_thread().name] = e
+
+    first = threading.Thread(target=waiter, name="first", daemon=True)
+    second = threading.Thread(target=waiter, name="second", daemon=True)
+    epoll.held = second.name
+    first.start()
+    assert eventually(lambda: ch._waiters == 1)
+    second.start()
+    assert epoll.reached.wait(TIMEOUT)
+    assert ch._waiters == 2
+    ch.close()
+    first.join(TIMEOUT)
+    assert not first.is_alive()
+    epoll.go.set()
+    second.join(TIMEOUT)
+    assert not second.is_alive(), "close() left a thread waiting"
+    assert isinstance(ended["first"],
+                      KeyboardInterrupt if first_leaves == "interrupted" else EventChannelError)
+    error = ended["second"]
+    assert isinstance(error, EventChannelError) and error.errno == errno.EBADF, error
+    assert ch._waiters == 0
+    with pytest.raises(ValueError):
+        epoll.fileno()  # closed by the last waiter
 
 
 def test_concurrent_binds_notifies_and_unbinds(host: SimHost, guest: Domain) -> None:
