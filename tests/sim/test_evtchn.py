@@ -1324,6 +1324,74 @@ def test_an_unbind_interrupted_anywhere_is_finished_when_called_again(
     every_landing(host, landing, more_than=5)
 
 
+def _unbind_refused_once(ch: EventChannel, monkeypatch: pytest.MonkeyPatch,
+                         error: BaseException) -> None:
+    """Make ``ch``'s next request to unbind fail with ``error`` before it
+    reaches the service (a Ctrl-C, say), as ``unbind`` sends it."""
+    real = ch._conn.call
+
+    def call(op: str, *args: Any, **kwargs: Any) -> Any:
+        if op == "evtchn_unbind":
+            monkeypatch.setattr(ch._conn, "call", real)
+            raise error
+        return real(op, *args, **kwargs)
+
+    monkeypatch.setattr(ch._conn, "call", call)
+
+
+def test_a_port_whose_unbind_was_cut_short_is_bound_for_no_call(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unbind() cut short before the service answered leaves the port
+    in the table, its descriptors gone, for the next unbind() to finish.
+    Meanwhile it is a stale number to every call, as to ports(): unmask()
+    said nothing and unmasked it, though notify() and remote() said it
+    was not bound."""
+    e0, e1, p0, p1 = _connected_pair(host, guest)
+    try:
+        _unbind_refused_once(e0, monkeypatch, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            e0.unbind(p0)
+        assert e0.ports() == []
+        for call, err in ((e0.notify, errno.ENOTCONN), (e0.remote, errno.EINVAL),
+                          (e0.unmask, errno.EINVAL)):
+            with pytest.raises(EventChannelError) as info:
+                call(p0)
+            assert info.value.errno == err, call
+        e0.reset()  # nothing of the port's to read
+        assert e0.pending() is None
+        e0.unbind(p0)  # finishes it
+        assert e1.remote(p1) is None
+        with pytest.raises(EventChannelError) as info:
+            e0.unbind(p0)
+        assert info.value.errno == errno.ENOTCONN
+    finally:
+        e0.close()
+        e1.close()
+
+
+def test_an_unbind_finished_again_says_why_it_failed(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unbind() called again after one cut short takes EINVAL from the
+    service as "the first one got through"; any other error (the host
+    gone) is the caller's to hear, and the port goes all the same."""
+    e0, e1, p0, p1 = _connected_pair(host, guest)
+    try:
+        _unbind_refused_once(e0, monkeypatch, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            e0.unbind(p0)
+        _unbind_refused_once(e0, monkeypatch,
+                             EventChannelError(errno.ENODEV, "the host is gone"))
+        with pytest.raises(EventChannelError) as info:
+            e0.unbind(p0)
+        assert info.value.errno == errno.ENODEV
+        with pytest.raises(EventChannelError) as info:
+            e0.unbind(p0)
+        assert info.value.errno == errno.ENOTCONN
+    finally:
+        e0.close()
+        e1.close()
+
+
 def test_a_close_interrupted_anywhere_is_finished_when_called_again(
         host: SimHost, guest: Domain) -> None:
     """A Ctrl-C landing anywhere in close(), then close() again: every
