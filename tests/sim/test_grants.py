@@ -1116,6 +1116,29 @@ def test_an_unmap_racing_the_handles_close_ends_the_pages_once(
         mapping.buffer  # noqa: B018
 
 
+def test_close_ends_its_mappings_before_the_service_hears_the_handle_go(
+        host: SimHost, guest: Domain) -> None:
+    """close() ends each live mapping (scrubbed here, then the service
+    told) before it closes the connection, which makes the service
+    release whatever the handle held: closed first, the service took the
+    pages for unmapped, and a granter's unshare freed them for reuse,
+    while this process still mapped them."""
+    with guest.gntshr() as shr:
+        pages = shr.share_pages(0, 1)
+        tab = host.dom0.gnttab()
+        tab.map_grant_refs(guest.domid, pages.refs)
+        pause = PauseAt(_Pages._end, "region.scrub()")
+        closing = _Thread(lambda: pause.run(tab.close))
+        try:
+            assert pause.reached.wait(TIMEOUT)
+            assert tab._conn._sock.fileno() >= 0  # not closed yet
+            assert host.hypervisor.stats()["mappings"] == 1
+        finally:
+            pause.resume()
+        assert closing.finish() is None
+        assert eventually(lambda: host.hypervisor.stats()["mappings"] == 0)
+
+
 def test_a_map_finishing_after_the_handle_closed_keeps_nothing(
         host: SimHost, guest: Domain) -> None:
     """map_grant_refs() answered by the service after another thread closed
