@@ -1139,6 +1139,35 @@ def test_close_ends_its_mappings_before_the_service_hears_the_handle_go(
         assert eventually(lambda: host.hypervisor.stats()["mappings"] == 0)
 
 
+def test_descriptors_a_ctrl_c_left_with_listed_pages_are_closed_as_they_end(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A map's reply carries a file per segment, closed one by one once
+    the pages are listed: a Ctrl-C between two closes leaves the rest
+    with the pages, and their end closes them.  (The sweeps of every
+    landing place skip the connection's module, where that loop is.
+    The pages' own list is looked at: the service, in this process,
+    closes copies of the same files meanwhile.)"""
+    from xenback.sim import _grant
+
+    with guest.gntshr() as shr, host.dom0.gnttab() as tab:
+        a, b = shr.share_pages(0, 1), shr.share_pages(0, 1)  # two files
+        real = _grant.close_taken
+
+        def one_then_ctrl_c(fds: list[int]) -> None:
+            monkeypatch.setattr(_grant, "close_taken", real)
+            os.close(fds.pop())
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(_grant, "close_taken", one_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            tab.map_grant_refs(guest.domid, a.refs + b.refs)
+        (mapping,) = tab._live.values()
+        (fd,) = mapping._fds
+        assert "grant" in os.readlink(f"/proc/self/fd/{fd}")
+        mapping.unmap()
+        assert mapping._fds == []
+
+
 def test_a_map_finishing_after_the_handle_closed_keeps_nothing(
         host: SimHost, guest: Domain) -> None:
     """map_grant_refs() answered by the service after another thread closed
