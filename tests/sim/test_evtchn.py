@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import fcntl
 import itertools
 import json
 import logging
@@ -183,6 +184,63 @@ def test_storm_while_masked_is_one_event(pair: tuple[EventChannel, int, EventCha
     assert e0.pending() is None
 
 
+def test_a_port_whose_old_pipe_hung_up_lives_again_on_its_new_one(
+    pair: tuple[EventChannel, int, EventChannel, int],
+) -> None:
+    """A peer unbinding closes the last writer of the port's pipe before
+    the service's news of it (with a new pipe, fired) is taken: pending()
+    finds the old pipe hung up and marks the port dead.  The new pipe
+    makes it live again: once a new peer bound, what it notifies while
+    the port is masked is set aside and comes at unmask, as always."""
+    e0, p0, e1, p1 = pair
+    # The port pending() returned last, unmasked: its pipe is the first
+    # pending() reads, before the service's news is taken.
+    e1.notify(p1)
+    assert wait_pending(e0) == p0
+    e0.unmask(p0)
+    e1.unbind(p1)
+    assert wait_pending(e0) == p0  # the hang-up, set aside, then the new pipe
+    assert e0.remote(p0) is None
+    e0.unmask(p0)
+    p1 = e1.bind_interdomain(0, p0)
+    assert e0.remote(p0) == (1, p1)
+    e1.notify(p1)
+    assert wait_pending(e0) == p0
+    e1.notify(p1)
+    assert e0.pending() is None  # masked: set aside
+    e0.unmask(p0)
+    # Watched again (pending() alone would read the pipe of the port it
+    # returned last directly, and find the event anyway).
+    assert readable(e0, 5.0)
+    assert wait_pending(e0) == p0
+    e0.unmask(p0)
+    assert e0.pending() is None
+
+
+def test_a_storm_into_a_pipe_the_peer_enlarged_is_still_one_event(
+    pair: tuple[EventChannel, int, EventChannel, int],
+) -> None:
+    """A guest holds a write end of its peer's pipe and may grow the pipe
+    (F_SETPIPE_SZ works on either end) and fill it: taking the event must
+    still empty it, or the rest comes again as a new event at unmask."""
+    e0, p0, e1, p1 = pair
+    assert e1.remote(p1) == (0, p0)  # it has heard of its peer: it holds a write end
+    w = e1._ports[p1].peer_fd
+    assert w is not None
+    # Four times the default, below the unprivileged limit (1 MiB).
+    assert fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 18) >= 1 << 18
+    written = 0
+    try:
+        while True:
+            written += os.write(w, bytes(65536))
+    except BlockingIOError:
+        pass
+    assert written >= 1 << 18
+    assert wait_pending(e0) == p0
+    e0.unmask(p0)
+    assert e0.pending() is None
+
+
 def test_several_ports_on_one_handle(host: SimHost, guest: Domain) -> None:
     with host.dom0.evtchn() as e0, guest.evtchn() as e1:
         remote = [e1.bind_unbound_port(0) for _ in range(4)]
@@ -217,8 +275,71 @@ def test_a_port_that_fires_without_pause_does_not_starve_the_others(
             assert hot_events <= 2 * _evtchn._HOT_STREAK, "the other port never came"
             e0.unmask(hot)
             e1.notify(hot_remote)  # the pipe write is done when notify returns
+        # Exactly one streak read directly (the first event came from
+        # epoll), then the pass that leaves the hot port out.
+        assert hot_events == _evtchn._HOT_STREAK
         # Nothing lost: the hot port is still pending.
         assert e0.pending() == hot
+
+
+def test_a_port_that_fires_without_pause_does_not_starve_the_service(
+    host: SimHost, guest: Domain
+) -> None:
+    """News from the service (here: a peer unbinding, whose port gets a new
+    pipe, fired) comes within a bounded number of events of a port that
+    fires without pause: pending() reads the hot port's pipe directly, and
+    the epoll pass after each streak must take the service connection too,
+    not only other ports."""
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+        hot_remote, other_remote = e1.bind_unbound_port(0), e1.bind_unbound_port(0)
+        hot = e0.bind_interdomain(guest.domid, hot_remote)
+        other = e0.bind_interdomain(guest.domid, other_remote)
+        e1.notify(hot_remote)
+        assert wait_pending(e0) == hot
+        e0.unmask(hot)
+        e1.notify(hot_remote)
+        # The service pushed the news before it answered the unbind.
+        e1.unbind(other_remote)
+        hot_events = 0
+        while (port := e0.pending()) != other:
+            assert port == hot
+            hot_events += 1
+            assert hot_events <= 3 * _evtchn._HOT_STREAK, "the service's news never came"
+            e0.unmask(hot)
+            e1.notify(hot_remote)
+        assert e0.remote(other) is None
+
+
+def test_ports_set_aside_in_a_fair_pass_do_not_hide_a_ready_port(
+    host: SimHost, guest: Domain
+) -> None:
+    """The pass after a hot port's streak asks epoll for a batch: if the
+    batch holds only masked ports (set aside, nothing to report) and the
+    hot port has no event left, pending() must look again, not say None
+    while another port is pending."""
+    batch = _evtchn._FAIR_BATCH
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+        remotes = [e1.bind_unbound_port(0) for _ in range(batch + 2)]
+        ports = [e0.bind_interdomain(guest.domid, r) for r in remotes]
+        (hot_remote, *masked_remotes, other_remote) = remotes
+        hot, other = ports[0], ports[-1]
+        for r in masked_remotes:
+            e1.notify(r)
+        assert {wait_pending(e0) for _ in masked_remotes} == set(ports[1:-1])
+        e1.notify(hot_remote)
+        assert wait_pending(e0) == hot
+        # Notified while masked: ready in epoll, not set aside yet (the
+        # hot port's streak asks epoll nothing).
+        for r in masked_remotes:
+            e1.notify(r)
+        for _ in range(_evtchn._HOT_STREAK):
+            e0.unmask(hot)
+            e1.notify(hot_remote)
+            assert e0.pending() == hot
+        e1.notify(other_remote)
+        e0.unmask(hot)  # not notified: its streak is over, its pipe empty
+        assert e0.pending() == other
+        assert e0.pending() is None
 
 
 def test_a_reused_descriptor_of_the_last_port_is_not_taken_for_it(
@@ -716,6 +837,74 @@ def test_close_wakes_a_waiting_thread(host: SimHost) -> None:
         ch._epoll.fileno()  # closed by the last waiter
 
 
+class _EpollHoldingOneWaiter:
+    """A handle's epoll set whose poll() holds the thread named ``held``
+    before the real one until ``go`` is set, and raises KeyboardInterrupt
+    in any other thread as the real one returns if ``interrupt`` (a
+    Ctrl-C landing there); the rest is the real one's."""
+
+    def __init__(self, real: select.epoll, interrupt: bool) -> None:
+        self._real = real
+        self._interrupt = interrupt
+        self.held = ""
+        self.reached = threading.Event()
+        self.go = threading.Event()
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
+        if threading.current_thread().name == self.held:
+            self.reached.set()
+            assert self.go.wait(TIMEOUT)
+            return self._real.poll(timeout, maxevents)
+        events = self._real.poll(timeout, maxevents)
+        if self._interrupt:
+            raise KeyboardInterrupt
+        return events
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize("first_leaves", ["woken", "interrupted"])
+def test_close_with_two_waiters_keeps_the_descriptors_until_the_last_leaves(
+        host: SimHost, first_leaves: str) -> None:
+    """close() wakes every thread in wait(); the last one to leave closes
+    the epoll set.  The first to leave, woken or cut short by a Ctrl-C,
+    must not close it while another is still on its way into epoll_wait,
+    which would then poll a closed set (ValueError, not EBADF)."""
+    ch = host.dom0.evtchn()
+    epoll = _EpollHoldingOneWaiter(ch._epoll, first_leaves == "interrupted")
+    ch._epoll = epoll  # type: ignore[assignment]
+    ended: dict[str, BaseException] = {}
+
+    def waiter() -> None:
+        try:
+            ch.wait()
+        except BaseException as e:  # KeyboardInterrupt is one of the outcomes
+            ended[threading.current_thread().name] = e
+
+    first = threading.Thread(target=waiter, name="first", daemon=True)
+    second = threading.Thread(target=waiter, name="second", daemon=True)
+    epoll.held = second.name
+    first.start()
+    assert eventually(lambda: ch._waiters == 1)
+    second.start()
+    assert epoll.reached.wait(TIMEOUT)
+    assert ch._waiters == 2
+    ch.close()
+    first.join(TIMEOUT)
+    assert not first.is_alive()
+    epoll.go.set()
+    second.join(TIMEOUT)
+    assert not second.is_alive(), "close() left a thread waiting"
+    assert isinstance(ended["first"],
+                      KeyboardInterrupt if first_leaves == "interrupted" else EventChannelError)
+    error = ended["second"]
+    assert isinstance(error, EventChannelError) and error.errno == errno.EBADF, error
+    assert ch._waiters == 0
+    with pytest.raises(ValueError):
+        epoll.fileno()  # closed by the last waiter
+
+
 def test_concurrent_binds_notifies_and_unbinds(host: SimHost, guest: Domain) -> None:
     """Threads hammering one pair of handles: every event arrives, nothing breaks."""
     e0, e1 = host.dom0.evtchn(), guest.evtchn()
@@ -1133,6 +1322,74 @@ def test_an_unbind_interrupted_anywhere_is_finished_when_called_again(
         return where
 
     every_landing(host, landing, more_than=5)
+
+
+def _unbind_refused_once(ch: EventChannel, monkeypatch: pytest.MonkeyPatch,
+                         error: BaseException) -> None:
+    """Make ``ch``'s next request to unbind fail with ``error`` before it
+    reaches the service (a Ctrl-C, say), as ``unbind`` sends it."""
+    real = ch._conn.call
+
+    def call(op: str, *args: Any, **kwargs: Any) -> Any:
+        if op == "evtchn_unbind":
+            monkeypatch.setattr(ch._conn, "call", real)
+            raise error
+        return real(op, *args, **kwargs)
+
+    monkeypatch.setattr(ch._conn, "call", call)
+
+
+def test_a_port_whose_unbind_was_cut_short_is_bound_for_no_call(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unbind() cut short before the service answered leaves the port
+    in the table, its descriptors gone, for the next unbind() to finish.
+    Meanwhile it is a stale number to every call, as to ports(): unmask()
+    said nothing and unmasked it, though notify() and remote() said it
+    was not bound."""
+    e0, e1, p0, p1 = _connected_pair(host, guest)
+    try:
+        _unbind_refused_once(e0, monkeypatch, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            e0.unbind(p0)
+        assert e0.ports() == []
+        for call, err in ((e0.notify, errno.ENOTCONN), (e0.remote, errno.EINVAL),
+                          (e0.unmask, errno.EINVAL)):
+            with pytest.raises(EventChannelError) as info:
+                call(p0)
+            assert info.value.errno == err, call
+        e0.reset()  # nothing of the port's to read
+        assert e0.pending() is None
+        e0.unbind(p0)  # finishes it
+        assert e1.remote(p1) is None
+        with pytest.raises(EventChannelError) as info:
+            e0.unbind(p0)
+        assert info.value.errno == errno.ENOTCONN
+    finally:
+        e0.close()
+        e1.close()
+
+
+def test_an_unbind_finished_again_says_why_it_failed(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unbind() called again after one cut short takes EINVAL from the
+    service as "the first one got through"; any other error (the host
+    gone) is the caller's to hear, and the port goes all the same."""
+    e0, e1, p0, p1 = _connected_pair(host, guest)
+    try:
+        _unbind_refused_once(e0, monkeypatch, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            e0.unbind(p0)
+        _unbind_refused_once(e0, monkeypatch,
+                             EventChannelError(errno.ENODEV, "the host is gone"))
+        with pytest.raises(EventChannelError) as info:
+            e0.unbind(p0)
+        assert info.value.errno == errno.ENODEV
+        with pytest.raises(EventChannelError) as info:
+            e0.unbind(p0)
+        assert info.value.errno == errno.ENOTCONN
+    finally:
+        e0.close()
+        e1.close()
 
 
 def test_a_close_interrupted_anywhere_is_finished_when_called_again(
@@ -1646,9 +1903,11 @@ def test_a_refused_bind_reply_cut_short_anywhere_is_given_back(
     ({"event": "bound", "port": 7, "domid": 2, "remote_port": 9, "rfd": -1}, "wr"),
     ({"event": "bound", "port": 7, "domid": 2, "remote_port": 9, "rfd": True}, "wr"),
     ({"event": "bound", "port": 7, "domid": 2, "remote_port": 9}, "ww"),
+    ({"event": "moved", "port": 7}, ""),
 ], ids=["unbound-with-a-write-end", "unbound-with-a-write-end-too", "rfd-not-int",
         "rfd-bool", "bound-rfd-one-past-the-end", "bound-rfd-past-the-end", "rfd-negative",
-        "bound-rfd-bool-naming-one", "bound-with-two-write-ends"])
+        "bound-rfd-bool-naming-one", "bound-with-two-write-ends",
+        "unknown-event-carrying-nothing"])
 def test_a_push_carrying_other_descriptors_than_its_events_is_logged_and_dropped(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: dict[str, Any],
         carried: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -30,7 +31,13 @@ from racewindow import PauseAt, stands_at
 from stolensignal import Interrupted, interrupted_at
 
 import xenback
-from xenback.platform import PAGE_SIZE, GrantError
+from xenback.platform import (
+    PAGE_SIZE,
+    GrantError,
+    check_domid,
+    check_grant_refs,
+    check_page_count,
+)
 from xenback.platform import GrantMapping as GrantMappingProtocol
 from xenback.platform import GrantShare as GrantShareProtocol
 from xenback.platform import GrantTable as GrantTableProtocol
@@ -273,6 +280,28 @@ def test_the_last_32_bit_ref_is_asked_of_the_service(
         with pytest.raises(GrantError,
                            match=rf"grant ref {ref} \(refs\[0\] of 1\) of domain 1 is not granted"):
             tab.map_grant_refs(1, [ref])
+
+
+def test_bad_arguments_are_refused_in_the_xen_platforms_words(
+    handles: tuple[GrantShare, GrantTable]
+) -> None:
+    """The checks both platforms share run before the service is asked:
+    a caller reads the same error on either, not the service's words for
+    it (which say EINVAL too)."""
+    shr, tab = handles
+    cases: list[tuple[Callable[[], object], Callable[[], object]]] = [
+        (lambda: tab.map_grant_refs(-1, [8]), lambda: check_domid(GrantError, -1)),
+        (lambda: tab.map_grant_refs(1, [-1]), lambda: check_grant_refs([-1])),
+        (lambda: shr.share_pages(-1, 1), lambda: check_domid(GrantError, -1)),
+        (lambda: shr.share_pages(0, 0), lambda: check_page_count(0)),
+        (lambda: shr.share_pages(0, 100_000), lambda: check_page_count(100_000)),
+    ]
+    for call, check in cases:
+        with pytest.raises(GrantError) as expected:
+            check()
+        with pytest.raises(GrantError) as info:
+            call()
+        assert (info.value.errno, str(info.value)) == (expected.value.errno, str(expected.value))
 
 
 @pytest.mark.parametrize("count", [0, -1, 100_000, "1"])
@@ -835,6 +864,9 @@ def test_read_only_pages_resist_a_reopen_for_writing(handles: tuple[GrantShare, 
                 os.pwrite(fd, b"x", 0)
             with pytest.raises(PermissionError):
                 mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            # Nor can seals be changed: the set is sealed.
+            with pytest.raises(PermissionError):
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         finally:
             os.close(fd)
         assert mapping.buffer[0] == 1
@@ -1082,6 +1114,58 @@ def test_an_unmap_racing_the_handles_close_ends_the_pages_once(
     assert closing.finish() is None
     with pytest.raises(ValueError):
         mapping.buffer  # noqa: B018
+
+
+def test_close_ends_its_mappings_before_the_service_hears_the_handle_go(
+        host: SimHost, guest: Domain) -> None:
+    """close() ends each live mapping (scrubbed here, then the service
+    told) before it closes the connection, which makes the service
+    release whatever the handle held: closed first, the service took the
+    pages for unmapped, and a granter's unshare freed them for reuse,
+    while this process still mapped them."""
+    with guest.gntshr() as shr:
+        pages = shr.share_pages(0, 1)
+        tab = host.dom0.gnttab()
+        tab.map_grant_refs(guest.domid, pages.refs)
+        pause = PauseAt(_Pages._end, "region.scrub()")
+        closing = _Thread(lambda: pause.run(tab.close))
+        try:
+            assert pause.reached.wait(TIMEOUT)
+            assert tab._conn._sock.fileno() >= 0  # not closed yet
+            assert host.hypervisor.stats()["mappings"] == 1
+        finally:
+            pause.resume()
+        assert closing.finish() is None
+        assert eventually(lambda: host.hypervisor.stats()["mappings"] == 0)
+
+
+def test_descriptors_a_ctrl_c_left_with_listed_pages_are_closed_as_they_end(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A map's reply carries a file per segment, closed one by one once
+    the pages are listed: a Ctrl-C between two closes leaves the rest
+    with the pages, and their end closes them.  (The sweeps of every
+    landing place skip the connection's module, where that loop is.
+    The pages' own list is looked at: the service, in this process,
+    closes copies of the same files meanwhile.)"""
+    from xenback.sim import _grant
+
+    with guest.gntshr() as shr, host.dom0.gnttab() as tab:
+        a, b = shr.share_pages(0, 1), shr.share_pages(0, 1)  # two files
+        real = _grant.close_taken
+
+        def one_then_ctrl_c(fds: list[int]) -> None:
+            monkeypatch.setattr(_grant, "close_taken", real)
+            os.close(fds.pop())
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(_grant, "close_taken", one_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            tab.map_grant_refs(guest.domid, a.refs + b.refs)
+        (mapping,) = tab._live.values()
+        (fd,) = mapping._fds
+        assert "grant" in os.readlink(f"/proc/self/fd/{fd}")
+        mapping.unmap()
+        assert mapping._fds == []
 
 
 def test_a_map_finishing_after_the_handle_closed_keeps_nothing(
@@ -1462,9 +1546,11 @@ def test_a_share_reply_without_refs_as_such_fails_as_a_protocol_error(
     {"handle": 5, "segments": [[0, -1, 2]]},
     {"handle": 5, "segments": [[0, 1 << 62, 2]]},
     {"handle": 5, "segments": [[0, 0, 1.5], [0, 1, 0.5]]},
+    {"handle": 5, "segments": [[0, 0, True], [0, 1, True]]},
+    {"handle": 5, "segments": 2},
 ], ids=["no-handle", "handle-not-int", "no-segments", "segment-short", "file-out-of-range",
         "negative-file-index", "too-few-pages", "too-many-pages", "empty-segment", "negative-file-page",
-        "file-page-past-any-file", "pages-not-ints"])
+        "file-page-past-any-file", "pages-not-ints", "pages-bools", "segments-not-a-list"])
 def test_a_map_reply_whose_segments_are_not_the_pages_asked_for_fails_as_a_protocol_error(
         tmp_path: Path, reply: dict[str, object]) -> None:
     """A service answering a map of 2 refs without its handle, or with
@@ -1489,6 +1575,66 @@ def test_a_map_reply_whose_segments_are_not_the_pages_asked_for_fails_as_a_proto
         if type(reply.get("handle")) is int:
             assert eventually(lambda: [(m["op"], m.get("handle")) for m in later]
                               == [("gnt_unmap", reply["handle"])]), later
+    finally:
+        tab.close()
+        server.join(TIMEOUT)
+
+
+@pytest.mark.parametrize("end", ["unmap", "unshare"])
+def test_an_end_the_service_refuses_is_reported_and_may_be_tried_again(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch, end: str) -> None:
+    """The service refusing to end pages (anything but the host gone) is
+    the caller's to hear: the pages are out of this process already, but
+    still listed, the service's grant or mapping still held, and the next
+    unmap() or unshare() tells the service again."""
+    with guest.gntshr() as shr, host.dom0.gnttab() as tab:
+        pages = shr.share_pages(0, 1)
+        handle: _Handle[Any] = shr
+        ended: _Pages = pages
+        op = "gnt_end"
+        if end == "unmap":
+            handle, ended, op = tab, tab.map_grant_refs(guest.domid, pages.refs), "gnt_unmap"
+        real = handle._conn.call
+
+        def refused(name: str, *args: Any, **kwargs: Any) -> Any:
+            if name == op:
+                monkeypatch.setattr(handle._conn, "call", real)
+                raise GrantError(errno.EIO, "refused")
+            return real(name, *args, **kwargs)
+
+        monkeypatch.setattr(handle._conn, "call", refused)
+        with pytest.raises(GrantError) as info:
+            getattr(ended, end)()
+        assert info.value.errno == errno.EIO
+        with pytest.raises(ValueError):
+            ended.buffer  # noqa: B018 - out of this process at once
+        assert list(handle._live.values()) == [ended]
+        stat = "mappings" if end == "unmap" else "grants"
+        assert host.hypervisor.stats()[stat] == 1
+        getattr(ended, end)()
+        assert handle._live == {}
+        assert host.hypervisor.stats()[stat] == 0
+
+
+def test_a_segment_mmap_refuses_fails_the_map_and_keeps_nothing(tmp_path: Path) -> None:
+    """mmap refusing a segment (here a read-only file mapped writable:
+    EACCES) fails the map with its errno, given back to the service, and
+    leaves no part of the buffer behind.  Unchecked, the region's pages
+    would stay inaccessible, and the first read of the buffer a crash."""
+    path = str(tmp_path / "hypervisor")
+    (rw,) = _memfds("fake-ro-map", 1, pages=1)
+    ro = os.open(f"/proc/self/fd/{rw}", os.O_RDONLY | os.O_CLOEXEC)
+    os.close(rw)
+    server, later = answering_once(path, {"handle": 5, "segments": [[0, 0, 1]]}, [ro])
+    tab = GrantTable(path)
+    try:
+        with pytest.raises(GrantError) as info:
+            tab.map_grant_refs(1, [8], writable=True)
+        assert info.value.errno == errno.EACCES, info.value
+        assert tab._live == {} and tab._unlisted == []
+        assert "fake-ro-map" not in Path("/proc/self/maps").read_text()
+        assert eventually(lambda: [(m["op"], m.get("handle")) for m in later]
+                          == [("gnt_unmap", 5)]), later
     finally:
         tab.close()
         server.join(TIMEOUT)

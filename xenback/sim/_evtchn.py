@@ -545,7 +545,10 @@ class EventChannel(Closing):
             if self._closed:  # the check only: a call less per event
                 self._check_open()
             lp = self._ports.get(port)
-            if lp is None:
+            # One whose unbind began is stale too (its descriptors gone),
+            # as notify() and remote() say; and it stays masked, so that
+            # reset() reads no descriptor it no longer has.
+            if lp is None or lp.unbound:
                 raise EventChannelError(errno.EINVAL,
                                         f"port {shown(port)} is not bound by this handle")
             lp.masked = False
