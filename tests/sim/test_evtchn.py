@@ -254,27 +254,44 @@ def test_several_ports_on_one_handle(host: SimHost, guest: Domain) -> None:
         assert fired == set(local)
 
 
+def _hot_port(e0: Any, e1: Any, guest: Domain) -> tuple[int, int, int, int]:
+    """Two ports bound from ``e1`` to ``e0``: the first fired and taken
+    once (from epoll), unmasked and fired again, so that pending() reads
+    it directly next.  Returns (hot, hot_remote, other, other_remote)."""
+    hot_remote, other_remote = e1.bind_unbound_port(0), e1.bind_unbound_port(0)
+    hot = e0.bind_interdomain(guest.domid, hot_remote)
+    other = e0.bind_interdomain(guest.domid, other_remote)
+    e1.notify(hot_remote)
+    assert wait_pending(e0) == hot
+    e0.unmask(hot)
+    e1.notify(hot_remote)
+    return hot, hot_remote, other, other_remote
+
+
+def _hot_events_before(e0: Any, e1: Any, hot: int, hot_remote: int, other: int,
+                       most: int, what: str) -> int:
+    """How many events of ``hot``, fired again after each, pending() gives
+    before ``other`` (at most ``most``; else "``what`` never came")."""
+    hot_events = 0
+    while (port := e0.pending()) != other:
+        assert port == hot
+        hot_events += 1
+        assert hot_events <= most, f"{what} never came"
+        e0.unmask(hot)
+        e1.notify(hot_remote)  # the pipe write is done when notify returns
+    return hot_events
+
+
 def test_a_port_that_fires_without_pause_does_not_starve_the_others(
     host: SimHost, guest: Domain
 ) -> None:
     # pending() reads the port it returned last directly, without epoll:
     # another ready port must still come within a bounded number of events.
     with host.dom0.evtchn() as e0, guest.evtchn() as e1:
-        hot_remote, other_remote = e1.bind_unbound_port(0), e1.bind_unbound_port(0)
-        hot = e0.bind_interdomain(guest.domid, hot_remote)
-        other = e0.bind_interdomain(guest.domid, other_remote)
-        e1.notify(hot_remote)
-        assert wait_pending(e0) == hot
-        e0.unmask(hot)
-        e1.notify(hot_remote)
+        hot, hot_remote, other, other_remote = _hot_port(e0, e1, guest)
         e1.notify(other_remote)
-        hot_events = 0
-        while (port := e0.pending()) != other:
-            assert port == hot
-            hot_events += 1
-            assert hot_events <= 2 * _evtchn._HOT_STREAK, "the other port never came"
-            e0.unmask(hot)
-            e1.notify(hot_remote)  # the pipe write is done when notify returns
+        hot_events = _hot_events_before(e0, e1, hot, hot_remote, other,
+                                        2 * _evtchn._HOT_STREAK, "the other port")
         # Exactly one streak read directly (the first event came from
         # epoll), then the pass that leaves the hot port out.
         assert hot_events == _evtchn._HOT_STREAK
@@ -291,22 +308,11 @@ def test_a_port_that_fires_without_pause_does_not_starve_the_service(
     the epoll pass after each streak must take the service connection too,
     not only other ports."""
     with host.dom0.evtchn() as e0, guest.evtchn() as e1:
-        hot_remote, other_remote = e1.bind_unbound_port(0), e1.bind_unbound_port(0)
-        hot = e0.bind_interdomain(guest.domid, hot_remote)
-        other = e0.bind_interdomain(guest.domid, other_remote)
-        e1.notify(hot_remote)
-        assert wait_pending(e0) == hot
-        e0.unmask(hot)
-        e1.notify(hot_remote)
+        hot, hot_remote, other, other_remote = _hot_port(e0, e1, guest)
         # The service pushed the news before it answered the unbind.
         e1.unbind(other_remote)
-        hot_events = 0
-        while (port := e0.pending()) != other:
-            assert port == hot
-            hot_events += 1
-            assert hot_events <= 3 * _evtchn._HOT_STREAK, "the service's news never came"
-            e0.unmask(hot)
-            e1.notify(hot_remote)
+        _hot_events_before(e0, e1, hot, hot_remote, other,
+                           3 * _evtchn._HOT_STREAK, "the service's news")
         assert e0.remote(other) is None
 
 
