@@ -502,15 +502,19 @@ def test_a_run_that_drains_both_ways_makes_one_pass(
     sock_id, ring, peer = _accepted_pair(raw)
     sock = _socket_of(backend, raw, sock_id)
     sock.flush()
-    passes: list[int] = []  # per run
+    passes: list[int] = []  # per run, once it has ended
+    # The run in progress: the guest's last read notifies, and the run it
+    # queues may start after the flush below, and be read half done.
+    current = [0]
     real_run, real_tx = sock.func, ActiveSocket._tx
 
     def run(self: ActiveSocket) -> None:
-        passes.append(0)
+        current[0] = 0
         real_run(self)
+        passes.append(current[0])
 
     def tx(self: ActiveSocket, data_ring: Any, host: socket.socket) -> int:
-        passes[-1] += 1
+        current[0] += 1
         sent: int = real_tx(self, data_ring, host)
         return sent
 
