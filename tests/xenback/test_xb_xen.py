@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import gc
 import itertools
 import logging
@@ -15,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -351,12 +353,13 @@ def private_anonymous(line: str | None) -> bool:
 def pages_of(kind: str, fd: int, *, writable: bool = True) -> _platform._DevicePages:
     """Shared pages, or a grant mapping whose table is already closed (so
     that unmapping asks gntdev for nothing), over ``fd``'s two pages."""
-    addr = _platform._map_device(fd, 0, 2, writable, "mapping the stand-in")
+    mapped: list[Any] = []
+    _platform._map_device(mapped, fd, 0, 2, writable, "mapping the stand-in")
     if kind == "shared":
-        return _platform.XenSharedPages(addr, (5, 6), writable)
+        return _platform.XenSharedPages(mapped, (5, 6), writable)
     table = _platform.XenGrantTable()
     table.close()
-    return _platform.XenGrantMapping(table, 0, addr, (5, 6), writable)
+    return _platform.XenGrantMapping(table, 0, mapped, (5, 6), writable)
 
 
 def end(pages: _platform._DevicePages) -> None:
@@ -456,8 +459,9 @@ def test_a_scrub_the_kernel_refuses_names_the_grants_and_keeps_the_pages(
 @pytest.mark.usefixtures("fake_devices")
 def test_a_failing_slot_release_is_reported_after_the_pages_are_gone(granted: int) -> None:
     table = _platform.XenGrantTable()  # a plain file: UNMAP_GRANT_REF fails
-    addr = _platform._map_device(granted, 0, 1, True, "mapping the stand-in")
-    mapping = _platform.XenGrantMapping(table, 0, addr, (5,), True)
+    mapped: list[Any] = []
+    _platform._map_device(mapped, granted, 0, 1, True, "mapping the stand-in")
+    mapping = _platform.XenGrantMapping(table, 0, mapped, (5,), True)
     stale = mapping.buffer[0:6]
     with pytest.raises(GrantError, match=r"releasing gntdev's slots of grant 5: ") as info:
         mapping.unmap()
@@ -482,7 +486,9 @@ class FakeGrantLibc:
     struct says, and fails those named in ``fail`` ("map", "unmap",
     "alloc", "dealloc", or "mmap" of a device) with their errno.  mmap
     and munmap are libc's own, over a memfd standing in for both devices:
-    its page at MAP_INDEX holds b"granted", at ALLOC_INDEX b"shared"."""
+    its page at MAP_INDEX holds b"granted", at ALLOC_INDEX b"shared".
+    ``unmapped_twice`` lists the addresses munmapped with no device range
+    mapped there (a second munmap could unmap what is mapped there since)."""
 
     MAP_INDEX = 2 * PAGE_SIZE
     ALLOC_INDEX = PAGE_SIZE
@@ -492,6 +498,8 @@ class FakeGrantLibc:
         self.real = real
         self.requests: list[tuple[object, ...]] = []
         self.fail: dict[str, int] = {}
+        self.mapped: set[int] = set()
+        self.unmapped_twice: list[int] = []
         self.names = {
             _platform.IOCTL_GNTDEV_MAP_GRANT_REF: "map",
             _platform.IOCTL_GNTDEV_UNMAP_GRANT_REF: "unmap",
@@ -543,9 +551,16 @@ class FakeGrantLibc:
     def mmap(self, addr: Any, length: int, prot: int, flags: int, fd: int, offset: int) -> Any:
         if fd != -1 and self._failed("mmap"):  # a device's, not the zero pages
             return ffi.cast("void *", -1)
-        return self.real.mmap(addr, length, prot, flags, fd, offset)
+        mapped = self.real.mmap(addr, length, prot, flags, fd, offset)
+        if fd != -1:
+            self.mapped.add(int(ffi.cast("uintptr_t", mapped)))
+        return mapped
 
     def munmap(self, addr: Any, length: int) -> int:
+        if int(ffi.cast("uintptr_t", addr)) in self.mapped:
+            self.mapped.remove(int(ffi.cast("uintptr_t", addr)))
+        else:
+            self.unmapped_twice.append(int(ffi.cast("uintptr_t", addr)))
         return int(self.real.munmap(addr, length))
 
 
@@ -617,6 +632,7 @@ def test_a_mapping_mmap_refuses_releases_the_slots_and_says_why(
             errno.EFAULT, f"mapping grant 8 of domain 3: {os.strerror(errno.EFAULT)}")
         assert fake_grant_libc.requests == [("map", [(3, 8)]),
                                             ("unmap", FakeGrantLibc.MAP_INDEX, 1)]
+        assert fake_grant_libc.unmapped_twice == []  # nor MAP_FAILED's address
 
 
 @pytest.mark.parametrize("writable", [True, False])
@@ -650,6 +666,7 @@ def test_a_share_whose_mmap_fails_drops_the_grants_and_says_why(
             errno.ENOMEM, f"sharing 2 pages with domain 4: {os.strerror(errno.ENOMEM)}")
     assert fake_grant_libc.requests == [("alloc", 4, 1, 2),
                                         ("dealloc", FakeGrantLibc.ALLOC_INDEX, 2)]
+    assert fake_grant_libc.unmapped_twice == []  # nor MAP_FAILED's address
 
 
 @pytest.mark.parametrize("kind", ["mapping", "shared"])
@@ -677,9 +694,144 @@ def test_a_failed_mmap_s_error_is_the_answer_when_undoing_it_fails_too(
     undone = ("releasing gntdev's slots of grant 8" if kind == "mapping"
               else "dropping gntalloc's reference to grant 100")
     assert [r.getMessage() for r in caplog.records] == [
-        f"{undone} after a failed mmap: {os.strerror(errno.ENOTTY)}; "
+        f"{undone} failed: {os.strerror(errno.ENOTTY)}; "
         f"they stay until the {'grant table' if kind == 'mapping' else 'grant share handle'} "
-        f"is closed"]
+        f"is closed ({what} did not complete)"]
+
+
+def _device_mappings() -> int:
+    """How many ranges of grant devices' stand-ins this process maps (those
+    of an earlier test's, had it leaked some, included)."""
+    with open("/proc/self/maps") as maps:
+        return sum("memfd:grant-device" in line for line in maps)
+
+
+def _request_or_refusal(request: Callable[[], _platform._DevicePages],
+                        made: list[_platform._DevicePages | GrantError]) -> None:
+    """``request()``'s pages, or the GrantError it raised, into ``made``."""
+    try:
+        made.append(request())
+    except GrantError as exc:
+        made.append(exc)
+
+
+@pytest.mark.parametrize("kind", ["mapping", "shared", "shared, DEALLOC refused"])
+def test_a_request_interrupted_anywhere_leaves_no_pages_and_no_slots(
+        fake_grant_libc: FakeGrantLibc, kind: str) -> None:
+    """A Ctrl-C landing at any place of map_grant_refs() or share_pages():
+    the request raises having unmapped what it mapped and given back what
+    MAP_GRANT_REF (ALLOC_GREF) took, or returns pages that work (or, when
+    gntalloc refuses to drop its reference, its error).  Landing after
+    the mmap, before the pages object owned the range, it lost the
+    address: the mapping, and gntdev's slots (gntalloc's grants), stayed
+    for the life of the process."""
+    within = os.path.dirname(xenback.__file__)
+    table, share = _platform.XenGrantTable(), _platform.XenGrantShare()
+    request: Callable[[], _platform._DevicePages] = (
+        (lambda: table.map_grant_refs(3, [8, 9])) if kind == "mapping"
+        else (lambda: share.share_pages(3, 2)))
+    taken, given_back = ("map", "unmap") if kind == "mapping" else ("alloc", "dealloc")
+    refused = kind.endswith("refused")
+    if refused:
+        fake_grant_libc.fail["dealloc"] = errno.EINVAL
+    before = _device_mappings()
+    landed: list[str] = []
+    for n in itertools.count():
+        fake_grant_libc.requests.clear()
+        made: list[_platform._DevicePages | GrantError] = []
+        # Not xenback's places: a Ctrl-C lands in the request or not at all.
+        # Nor in the undoing of the refusal: a second fault, whose undoing
+        # any place of it could stop (the one a Ctrl-C stops is undone).
+        where = interrupted_at(n, within, functools.partial(_request_or_refusal, request, made),
+                               unless=lambda: isinstance(sys.exc_info()[1], GrantError))
+        if not where:
+            break
+        landed.append(where)
+        assert made == [], where
+        gc.collect()
+        assert _device_mappings() == before, f"interrupted {where}"
+        assert fake_grant_libc.unmapped_twice == [], f"interrupted {where}"
+        names = [r[0] for r in fake_grant_libc.requests]
+        assert names.count(taken) == names.count(given_back), (
+            f"interrupted {where}: {fake_grant_libc.requests}")
+    if refused:
+        (error,) = made
+        assert isinstance(error, GrantError) and error.errno == errno.EINVAL
+        del error, made
+        gc.collect()
+        assert _device_mappings() == before
+        assert fake_grant_libc.requests == [("alloc", 3, 1, 2), ("dealloc", "failed")]
+        assert len(landed) > 10, landed
+        return
+    (pages,) = made
+    assert isinstance(pages, _platform._DevicePages)
+    assert _device_mappings() == before + 1
+    assert bytes(pages.buffer[:6]) == (b"grante" if kind == "mapping" else b"shared")
+    end(pages)
+    assert _device_mappings() == before
+    names = [r[0] for r in fake_grant_libc.requests]
+    assert names == [taken, given_back]
+    table.close()
+    share.close()
+    assert any("after the mmap" in w or "_map_device" in w for w in landed), landed
+    assert len(landed) > 10, landed
+
+
+@pytest.mark.parametrize("kind", ["mapping", "shared"])
+def test_an_undoing_that_fails_after_a_ctrl_c_says_so_without_blaming_an_mmap(
+        fake_grant_libc: FakeGrantLibc, kind: str, monkeypatch, caplog) -> None:
+    """A Ctrl-C landing as the mmap returned, then the undoing refused:
+    the Ctrl-C goes on, the range is unmapped, and the log names the
+    leftovers without saying an mmap failed, which none did."""
+    fake_grant_libc.fail = {"unmap": errno.ENOTTY, "dealloc": errno.ENOTTY}
+    map_device = _platform._map_device
+
+    def interrupted(*args: Any) -> Any:
+        map_device(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_platform, "_map_device", interrupted)
+    before = _device_mappings()
+    with _platform.XenGrantTable() as table, _platform.XenGrantShare() as share:
+        with caplog.at_level(logging.WARNING, logger=_platform.__name__), \
+                pytest.raises(KeyboardInterrupt):
+            if kind == "mapping":
+                table.map_grant_refs(3, [8])
+            else:
+                share.share_pages(3, 1)
+        assert _device_mappings() == before
+    if kind == "mapping":
+        undone, what, handle = ("releasing gntdev's slots of grant 8",
+                                "mapping grant 8 of domain 3", "grant table")
+    else:
+        undone, what, handle = ("dropping gntalloc's reference to grant 100",
+                                "sharing 1 pages with domain 3", "grant share handle")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{undone} failed: {os.strerror(errno.ENOTTY)}; they stay until the {handle} is "
+        f"closed ({what} did not complete)"]
+
+
+def test_a_share_whose_reference_stays_says_so_and_keeps_no_pages(
+        fake_grant_libc: FakeGrantLibc, caplog) -> None:
+    """DEALLOC_GREF refused after the mmap: the share fails with its error,
+    unmapped, and the log says that gntalloc's grants stay until the
+    handle closes, as when undoing a failed mmap fails; the error alone
+    said only that the share failed.  Not asked twice: a second DEALLOC
+    cannot do what the first refused."""
+    fake_grant_libc.fail["dealloc"] = errno.EINVAL
+    before = _device_mappings()
+    with _platform.XenGrantShare() as share:
+        with caplog.at_level(logging.WARNING, logger=_platform.__name__), \
+                pytest.raises(GrantError) as info:
+            share.share_pages(4, 2)
+        assert _device_mappings() == before
+    assert (info.value.errno, info.value.strerror) == (
+        errno.EINVAL, f"sharing 2 pages with domain 4: {os.strerror(errno.EINVAL)}")
+    assert fake_grant_libc.requests == [("alloc", 4, 1, 2), ("dealloc", "failed")]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"dropping gntalloc's reference to 2 grants (100, 101) failed: "
+        f"{os.strerror(errno.EINVAL)}; they stay until the grant share handle is closed "
+        f"(sharing 2 pages with domain 4 did not complete)"]
 
 
 def test_pages_ended_by_two_threads_at_once_are_ended_once(

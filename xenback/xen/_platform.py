@@ -141,6 +141,10 @@ GNTALLOC_FLAG_WRITABLE = 1
 
 _MAP_FIXED = 0x10  # the same on every Linux architecture; Python's mmap module lacks it
 _MAP_FAILED = -1  # mmap's (void *) -1, as an intptr_t
+#: What a request's ``index`` says until MAP_GRANT_REF or ALLOC_GREF has
+#: answered, which writes it back on success only: no offset gntdev or
+#: gntalloc gives (theirs are whole pages).
+_NO_INDEX = 2**64 - 1
 
 #: Debian's ``libxenevtchn1`` ships it.
 EVTCHN_LIBRARY = "libxenevtchn.so.1"
@@ -215,21 +219,32 @@ def _ioctl_arg(struct: str, count: int) -> Any:
     return ffi.from_buffer(f"{struct} *", bytearray(size))
 
 
-def _ioctl(fd: int, request: int, arg: Any, what: str) -> None:
-    if _libc.ioctl(fd, request, arg) < 0:
+def _ioctl(fd: int, request: int, arg: Any, what: str, answers: list[int] | None = None) -> None:
+    """The ioctl; ``answers``, if given, gets what it returned, stored by C
+    code (list.extend() over map()) before control is back in Python code:
+    a Ctrl-C landing as it returns leaves a caller's undoing knowing
+    whether it was done (see _Device.__init__)."""
+    answers = [] if answers is None else answers
+    answers.extend(map(_libc.ioctl, (fd,), (request,), (arg,)))
+    if answers[-1] < 0:
         raise _error(GrantError, what)
 
 
-def _undo_failed_mmap(undo: Callable[[str], None], what: str, handle: str) -> None:
-    """``undo(what)``, the undoing of the ioctl before a failed mmap, whose
-    error stays the caller's answer (a frontend's bad grant, or ENOMEM):
-    one of the undoing, which would replace it, is logged instead, with
-    what is left to ``handle``'s close."""
+def _left_over(undoing: str, code: int | None, request: str, handle: str) -> None:
+    """Log that ``undoing`` what ``request`` left failed (with errno
+    ``code``), and that those leftovers stay until ``handle`` is closed.
+    Logged, not raised: the caller's answer stays what stopped the request
+    (a frontend's bad grant, ENOMEM, a Ctrl-C)."""
+    logger.warning("%s failed: %s; they stay until the %s is closed (%s did not complete)",
+                   undoing, os.strerror(code or errno.EIO), handle, request)
+
+
+def _undo(undo: Callable[[], None], undoing: str, request: str, handle: str) -> None:
+    """``undo()``, logging its failure (see _left_over)."""
     try:
-        undo(what)
+        undo()
     except GrantError as exc:
-        logger.warning("%s after a failed mmap: %s; they stay until the %s is closed",
-                       what, os.strerror(exc.errno or errno.EIO), handle)
+        _left_over(undoing, exc.errno, request, handle)
 
 
 def _mmap(addr: Any, npages: int, prot: int, flags: int, fd: int, offset: int, what: str) -> Any:
@@ -239,11 +254,29 @@ def _mmap(addr: Any, npages: int, prot: int, flags: int, fd: int, offset: int, w
     return addr
 
 
-def _map_device(fd: int, index: int, npages: int, writable: bool, what: str) -> Any:
-    """Map ``npages`` of a grant device at its offset ``index``: the pages
-    of one ``MAP_GRANT_REF`` or ``ALLOC_GREF``."""
+def _map_device(
+    mapped: list[Any], fd: int, index: int, npages: int, writable: bool, what: str
+) -> None:
+    """Map ``npages`` of a grant device at its offset ``index`` (the pages
+    of one ``MAP_GRANT_REF`` or ``ALLOC_GREF``) into ``mapped``, for a
+    :class:`_DevicePages` to take.  The address is stored by C code as mmap
+    returns it, as :func:`_ioctl` stores its answer: wherever a Ctrl-C
+    lands from then on, the caller finds what to unmap there
+    (:func:`_unmap_untaken`), where a return value would have been lost
+    with the range for the life of the process."""
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    return _mmap(ffi.NULL, npages, prot, mmap.MAP_SHARED, fd, index, what)
+    mapped.extend(map(_libc.mmap, (ffi.NULL,), (npages * PAGE_SIZE,), (prot,),
+                      (mmap.MAP_SHARED,), (fd,), (index,)))
+    if int(ffi.cast("intptr_t", mapped[-1])) == _MAP_FAILED:
+        raise _error(GrantError, what)
+
+
+def _unmap_untaken(mapped: list[Any], npages: int) -> None:
+    """Unmap what :func:`_map_device` put in ``mapped`` unless a
+    :class:`_DevicePages` has taken it, which empties the list."""
+    for addr in mapped:
+        if int(ffi.cast("intptr_t", addr)) != _MAP_FAILED:
+            _libc.munmap(addr, npages * PAGE_SIZE)
 
 
 class _DevicePages:
@@ -266,13 +299,24 @@ class _DevicePages:
 
     _ended = "the pages are gone"  # ValueError of buffer once scrubbed
 
-    def __init__(self, addr: Any, refs: tuple[int, ...], writable: bool) -> None:
+    def __init__(self, mapped: list[Any], refs: tuple[int, ...], writable: bool) -> None:
+        """Take the range that :func:`_map_device` put in ``mapped``.
+
+        It is this object's once ``mapped`` is empty, which the last call
+        here makes it: a Ctrl-C landing before leaves the range to the
+        caller's undoing (:func:`_unmap_untaken`), and the pointer made
+        here, dropped with this object, leaves it alone then: a second
+        munmap could unmap what has been mapped at that address since.
+        """
         size = PAGE_SIZE * len(refs)
-        self._base: Any = ffi.gc(ffi.cast("char *", addr), lambda base: _libc.munmap(base, size))
+        (addr,) = mapped
+        self._base: Any = ffi.gc(ffi.cast("char *", addr),
+                                 lambda base: mapped or _libc.munmap(base, size))
         self._refs = refs
         view = memoryview(ffi.buffer(self._base, size))
         self._buffer: memoryview | None = view if writable else view.toreadonly()
         self._lock = threading.Lock()  # one scrub, even if ended twice at once
+        mapped.clear()
 
     def _end(self) -> None:
         """What leaving a ``with`` block does: unmap, or unshare."""
@@ -343,11 +387,16 @@ class XenGrantMapping(_DevicePages):
     _ended = "grant mapping was unmapped"
 
     def __init__(
-        self, table: XenGrantTable, index: int, addr: Any, refs: tuple[int, ...], writable: bool
+        self,
+        table: XenGrantTable,
+        index: int,
+        mapped: list[Any],
+        refs: tuple[int, ...],
+        writable: bool,
     ) -> None:
-        super().__init__(addr, refs, writable)
         self._table = table
         self._index = index  # gntdev's offset of the grants' slots
+        super().__init__(mapped, refs, writable)  # last: it takes the range
 
     def unmap(self) -> None:
         """Unmap the pages and release gntdev's slots; idempotent.
@@ -440,17 +489,22 @@ class XenGrantTable(_Device):
             grants[i].domid = domid
             grants[i].ref = ref
         what = f"mapping {_grants(refs)} of domain {domid}"
-        with self._open_fd(what) as fd:
-            _ioctl(fd, IOCTL_GNTDEV_MAP_GRANT_REF, op, what)
-            # The grants are mapped by mmap, which fails if one is bad.
-            try:
-                addr = _map_device(fd, op.index, len(refs), writable, what)
-            except BaseException:
-                _undo_failed_mmap(
-                    functools.partial(self._unmap_grant_ref, fd, op.index, len(refs)),
-                    f"releasing gntdev's slots of {_grants(refs)}", self._kind)
-                raise
-        return XenGrantMapping(self, op.index, addr, refs, writable)
+        op.index = _NO_INDEX
+        mapped: list[Any] = []
+        # Until the caller has the mapping, whatever stops the request (the
+        # mmap's error, a Ctrl-C landing anywhere) undoes what it got.
+        try:
+            with self._open_fd(what) as fd:
+                _ioctl(fd, IOCTL_GNTDEV_MAP_GRANT_REF, op, what)
+                # The grants are mapped by mmap, which fails if one is bad.
+                _map_device(mapped, fd, op.index, len(refs), writable, what)
+            return XenGrantMapping(self, op.index, mapped, refs, writable)
+        except BaseException:
+            if op.index != _NO_INDEX:
+                _unmap_untaken(mapped, len(refs))
+                _undo(functools.partial(self._release_slots, op.index, refs),
+                      f"releasing gntdev's slots of {_grants(refs)}", what, self._kind)
+            raise
 
     def _release_slots(self, index: int, refs: tuple[int, ...]) -> None:
         with self._lock:
@@ -503,27 +557,53 @@ class XenGrantShare(_Device):
         op.flags = GNTALLOC_FLAG_WRITABLE if writable else 0
         op.count = count
         what = f"sharing {count} pages with domain {domid}"
-        with self._open_fd(what) as fd:
-            _ioctl(fd, IOCTL_GNTALLOC_ALLOC_GREF, op, what)
-            refs = tuple(ffi.unpack(ffi.cast("uint32_t *", op.gref_ids), count))
-            # The device's own reference to the grants is dropped, mapped
-            # or not: from now on the mapping alone holds them, so that
-            # replacing it (unshare), or exiting, ends them.
-            drop = functools.partial(self._dealloc_gref, fd, op.index, count)
-            try:
+        op.index = _NO_INDEX
+        mapped: list[Any] = []
+        dropped: list[int] = []  # DEALLOC_GREF's answer, once asked
+        # Until the caller has the pages, whatever stops the request (the
+        # mmap's error, a Ctrl-C landing anywhere) undoes what it got.
+        try:
+            with self._open_fd(what) as fd:
+                _ioctl(fd, IOCTL_GNTALLOC_ALLOC_GREF, op, what)
                 # Writable whatever the grantee may do, as with xengntshr.
-                pages = XenSharedPages(_map_device(fd, op.index, count, True, what), refs, True)
-            except BaseException:
-                _undo_failed_mmap(
-                    drop, f"dropping gntalloc's reference to {_grants(refs)}", self._kind)
-                raise
-            drop(what)
-        return pages
+                _map_device(mapped, fd, op.index, count, True, what)
+                # The device's own reference to the grants is dropped: from
+                # now on the mapping alone holds them, so that replacing it
+                # (unshare), or exiting, ends them.
+                self._dealloc_gref(fd, op.index, count, what, dropped)
+            return XenSharedPages(mapped, self._refs(op, count), True)
+        except BaseException as exc:
+            if op.index != _NO_INDEX:
+                undoing = f"dropping gntalloc's reference to {_grants(self._refs(op, count))}"
+                if not dropped:
+                    _undo(functools.partial(self._drop_reference, op.index, count),
+                          undoing, what, self._kind)
+                elif dropped[0] < 0:
+                    # Its error is the one raised, unless a Ctrl-C landed
+                    # first: then no cffi call since has changed ffi.errno.
+                    code = exc.errno if isinstance(exc, GrantError) else ffi.errno
+                    _left_over(undoing, code, what, self._kind)
+                _unmap_untaken(mapped, count)
+            raise
 
     @staticmethod
-    def _dealloc_gref(fd: int, index: int, count: int, what: str) -> None:
+    def _refs(op: Any, count: int) -> tuple[int, ...]:
+        """The grant refs that ALLOC_GREF made, as ``op`` has them."""
+        return tuple(ffi.unpack(ffi.cast("uint32_t *", op.gref_ids), count))
+
+    def _drop_reference(self, index: int, count: int) -> None:
+        with self._lock:
+            # Closed: the device drops its references itself.
+            if self._fd is not None:
+                what = f"dropping gntalloc's reference to {count} pages"
+                self._dealloc_gref(self._fd, index, count, what)
+
+    @staticmethod
+    def _dealloc_gref(
+        fd: int, index: int, count: int, what: str, answers: list[int] | None = None
+    ) -> None:
         op = ffi.new("struct ioctl_gntalloc_dealloc_gref *", {"index": index, "count": count})
-        _ioctl(fd, IOCTL_GNTALLOC_DEALLOC_GREF, op, what)
+        _ioctl(fd, IOCTL_GNTALLOC_DEALLOC_GREF, op, what, answers)
 
 
 class XenEventChannel(Closing):
