@@ -26,7 +26,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from itertools import pairwise
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from ._shown import shown
 
@@ -129,6 +129,16 @@ class _ThreadState(threading.local):
 _this_thread = _ThreadState()
 
 
+class _Online(NamedTuple):
+    """The online CPUs, in the three forms the readers want, made together
+    and replaced whole: a reader that takes it once sees them agree."""
+
+    cpus: frozenset[int]
+    ordered: tuple[int, ...]  # sorted
+    #: Each host CPU's lowest online logical CPU; never mutated.
+    by_host: dict[int, int]
+
+
 class Topology:
     """A set of logical CPUs, some of them online, with hotplug notifiers.
 
@@ -197,13 +207,12 @@ class Topology:
         # _hotplug_lock serialises cpu_down/cpu_up and notifier (un)registration,
         # so a notifier sees every transition exactly once, in order.  It is
         # held while notifiers run: a notifier must not call cpu_down/cpu_up.
-        # Readers (online, is_online, current_cpu) take no lock: they read
-        # _online and _host_to_logical, which are replaced, never mutated.
+        # Readers (online, is_online, current_cpu, and queue_work's copy
+        # of the latter) take no lock: they read _online once, a snapshot
+        # replaced whole by one store, never mutated.
         self._hotplug_lock = threading.Lock()
         self._notifiers: list[HotplugNotifier] = []
-        self._online: frozenset[int] = self._possible_set
-        self._online_list: tuple[int, ...] = self._possible
-        self._host_to_logical: dict[int, int] = self._host_map(self._possible)
+        self._online = self._snapshot(self._possible_set)
 
         # The worker pools of this topology (workqueue._pool.PoolSet), made
         # on first use.  It lives here, not in a module global, so that each
@@ -216,7 +225,7 @@ class Topology:
         self.watchdog_thresh = watchdog_thresh
 
     def __repr__(self) -> str:
-        return f"<Topology possible={list(self._possible)} online={list(self._online_list)}>"
+        return f"<Topology possible={list(self._possible)} online={list(self._online.ordered)}>"
 
     # -- tunables ---------------------------------------------------------
     #
@@ -260,12 +269,12 @@ class Topology:
 
     def online(self) -> list[int]:
         """The online logical CPUs, sorted."""
-        return list(self._online_list)
+        return list(self._online.ordered)
 
     def is_online(self, cpu: int) -> bool:
         """True if *cpu* is online; ValueError if it is not a CPU of this topology."""
         self._check_cpu(cpu)
-        return cpu in self._online
+        return cpu in self._online.cpus
 
     def real_cpu(self, cpu: int) -> int:
         """The host CPU the workers of logical CPU *cpu* are pinned to."""
@@ -282,17 +291,17 @@ class Topology:
         # Workqueue.queue_work() inlines the path of a thread that is not a
         # worker (measured: the method call alone is some 3% of that call);
         # keep the two alike.
+        online = self._online  # once: a CPU it names is online in all its forms
         binding = _this_thread.binding
-        if binding is not None and binding[0] is self and binding[1] in self._online:
+        if binding is not None and binding[0] is self and binding[1] in online.cpus:
             cpu = binding[1]
             assert cpu is not None
             return cpu
-        host_map = self._host_to_logical
         if _sched_getcpu is not None:
-            found = host_map.get(_sched_getcpu())
+            found = online.by_host.get(_sched_getcpu())
             if found is not None:
                 return found
-        return self._online_list[0]
+        return online.ordered[0]
 
     def _check_cpu(self, cpu: int) -> None:
         # type() first: True and 1.0 are in the set too (they hash like 1).
@@ -301,12 +310,13 @@ class Topology:
             if cpu not in self._possible_set:
                 raise cpu_not_possible(cpu)
 
-    def _host_map(self, online_list: tuple[int, ...]) -> dict[int, int]:
-        """Each host CPU's lowest online logical CPU, with *online_list* online."""
-        host_map: dict[int, int] = {}
-        for cpu in online_list:  # ascending: the lowest wins
-            host_map.setdefault(self._real[cpu], cpu)
-        return host_map
+    def _snapshot(self, cpus: frozenset[int]) -> _Online:
+        """The readers' view with *cpus* online."""
+        ordered = tuple(sorted(cpus))
+        by_host: dict[int, int] = {}
+        for cpu in ordered:  # ascending: the lowest wins
+            by_host.setdefault(self._real[cpu], cpu)
+        return _Online(cpus, ordered, by_host)
 
     # -- hotplug ----------------------------------------------------------
 
@@ -340,11 +350,12 @@ class Topology:
         """
         self._check_cpu(cpu)
         with self._hotplug_lock:
-            if cpu not in self._online:
+            online = self._online.cpus
+            if cpu not in online:
                 return
-            if len(self._online) == 1:
+            if len(online) == 1:
                 raise ValueError(f"CPU {cpu} is the last online CPU; it cannot go down")
-            self._change(cpu, False, self._online - {cpu}, self._notifiers[::-1])
+            self._change(cpu, False, online - {cpu}, self._notifiers[::-1])
 
     def cpu_up(self, cpu: int) -> None:
         """Bring *cpu* online, synchronously (a no-op if it is online).
@@ -355,9 +366,10 @@ class Topology:
         """
         self._check_cpu(cpu)
         with self._hotplug_lock:
-            if cpu in self._online:
+            online = self._online.cpus
+            if cpu in online:
                 return
-            self._change(cpu, True, self._online | {cpu}, self._notifiers[:])
+            self._change(cpu, True, online | {cpu}, self._notifiers[:])
 
     def _change(self, cpu: int, online: bool, cpus: frozenset[int],
                 notifiers: list[HotplugNotifier]) -> None:
@@ -366,19 +378,17 @@ class Topology:
 
         Whole or not at all when Ctrl-C lands in the main thread, as any
         call returns (see _pool.insert_work): the new state is made first,
-        then switched to with no call in between; from then on every
-        notifier is called, and Ctrl-C is passed on after the last: once,
-        but for those marked idempotent_notifier, which are called again
-        if Ctrl-C came after their call began (it may have cut them short).
+        then switched to by one store, which is also what lets the readers
+        go without the lock (they see all of it or none of it); from then
+        on every notifier is called, and Ctrl-C is passed on after the
+        last: once, but for those marked idempotent_notifier, which are
+        called again if Ctrl-C came after their call began (it may have
+        cut them short).
         Nothing can be undone once a notifier has run, and one left out
         would never hear of the change: the next cpu_down() or cpu_up()
         of the CPU finds nothing to do, or tells of the opposite change.
         """
-        online_list = tuple(sorted(cpus))
-        host_map = self._host_map(online_list)
-        self._online = cpus
-        self._online_list = online_list
-        self._host_to_logical = host_map
+        self._online = self._snapshot(cpus)
         # Each notifier counted as called before its call, with no call in
         # between, and called here, not through _notify(), where Ctrl-C
         # could land before the call: it lands as the notifier starts, or

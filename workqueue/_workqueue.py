@@ -301,7 +301,7 @@ class Workqueue(Executor):
             topology = self.topology
             cpu = None
             if _this_thread.binding is None and _sched_getcpu is not None:
-                cpu = topology._host_to_logical.get(_sched_getcpu())
+                cpu = topology._online.by_host.get(_sched_getcpu())
             if cpu is None:
                 cpu = topology.current_cpu()
             pwq = self._pwqs[cpu]

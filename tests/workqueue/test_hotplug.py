@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from workqueue import WQ_UNBOUND, DelayedWork, LoadIndex, Topology, Work, _pool, blocking
+from workqueue import WQ_UNBOUND, DelayedWork, LoadIndex, Topology, Work, _pool, _topology, blocking
 from workqueue._timer import armed_timers, del_timer
 from workqueue._watchdog import _watchdog_timer_fn
 
@@ -625,3 +625,52 @@ def test_a_failing_notifier_is_logged_and_the_others_run(caplog: pytest.LogCaptu
         topo.cpu_down(0)
     assert seen == [0]
     assert "notifier" in caplog.text and "CPU 0 going down" in caplog.text
+
+
+class _WatchedTopology(Topology):
+    """A Topology that runs ``watch`` after every attribute it stores, in
+    the storing thread: what a reader on another thread may see between
+    two stores, looked at without a thread."""
+
+    watch: Callable[[], None] | None = None
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if self.watch is not None:
+            self.watch()
+
+
+def test_readers_never_see_a_hotplug_half_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    """online(), is_online() and current_cpu() agree at every instant of a
+    cpu_down() or cpu_up(), as a reader that takes no lock sees them.  The
+    online set, its sorted list and the host CPUs' map were replaced one
+    after the other: between two of them CPU 1 was offline by is_online()
+    and still listed by online(), and current_cpu() named it."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5, 6, 7})
+    topo = _WatchedTopology(cpus=[5, 6, 7, 10])
+    monkeypatch.undo()
+    assert topo.real_cpu(10) == 6
+    # A thread running on host CPU 6, whose logical CPU is the lowest
+    # online one mapped there: 6, or 10 while 6 is offline.
+    monkeypatch.setattr(_topology, "_sched_getcpu", lambda: 6)
+    seen: list[tuple[list[int], list[int], int]] = []
+
+    def consistent() -> None:
+        online = topo.online()
+        by_is_online = [cpu for cpu in topo.possible() if topo.is_online(cpu)]
+        current = topo.current_cpu()
+        seen.append((online, by_is_online, current))
+        assert online == by_is_online, seen
+        assert current in online, seen
+        assert repr(topo) == f"<Topology possible=[5, 6, 7, 10] online={online}>"
+
+    topo.watch = consistent
+    for _ in range(2):
+        topo.cpu_down(6)
+        assert topo.online() == [5, 7, 10] and topo.current_cpu() == 10
+        topo.cpu_down(10)
+        assert topo.online() == [5, 7] and topo.current_cpu() == 5
+        topo.cpu_up(10)
+        topo.cpu_up(6)
+        assert topo.online() == [5, 6, 7, 10] and topo.current_cpu() == 6
+    assert seen, "no store was watched"
