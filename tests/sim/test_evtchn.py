@@ -1379,7 +1379,8 @@ def test_an_unbind_finished_again_says_why_it_failed(
         host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
     """An unbind() called again after one cut short takes EINVAL from the
     service as "the first one got through"; any other error (the host
-    gone) is the caller's to hear, and the port goes all the same."""
+    gone) is the caller's to hear, and the port stays for the next
+    unbind() to finish, as after any refusal (see below)."""
     e0, e1, p0, p1 = _connected_pair(host, guest)
     try:
         _unbind_refused_once(e0, monkeypatch, KeyboardInterrupt())
@@ -1390,6 +1391,59 @@ def test_an_unbind_finished_again_says_why_it_failed(
         with pytest.raises(EventChannelError) as info:
             e0.unbind(p0)
         assert info.value.errno == errno.ENODEV
+        assert e1.remote(p1) == (0, p0)  # never reached the service
+        e0.unbind(p0)
+        assert e1.remote(p1) is None
+        with pytest.raises(EventChannelError) as info:
+            e0.unbind(p0)
+        assert info.value.errno == errno.ENOTCONN
+    finally:
+        e0.close()
+        e1.close()
+
+
+@pytest.mark.parametrize("refusal", [errno.EMFILE, errno.EIO, errno.ENODEV])
+def test_an_unbind_the_service_refused_stays_for_the_next_one(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch, refusal: int) -> None:
+    """An unbind() that fails with another error than EINVAL (the service
+    out of descriptors, failing, or out of reach) may leave the port bound
+    there, its peer connected to it: the port stays in the handle's table,
+    bound for no call but unbind() and close(), and unbind() again asks
+    the service again, as a failed IOCTL_EVTCHN_UNBIND leaves Linux's port
+    bound.  It was dropped: the next unbind() said ENOTCONN, and the peer
+    stayed connected to a port nobody read until the handle closed."""
+    e0, e1, p0, p1 = _connected_pair(host, guest)
+    try:
+        _unbind_refused_once(e0, monkeypatch, EventChannelError(refusal, "refused"))
+        with pytest.raises(EventChannelError) as info:
+            e0.unbind(p0)
+        assert info.value.errno == refusal
+        assert e0.ports() == []
+        with pytest.raises(EventChannelError) as info:
+            e0.notify(p0)
+        assert info.value.errno == errno.ENOTCONN
+        assert e1.remote(p1) == (0, p0)
+        e0.unbind(p0)
+        assert e1.remote(p1) is None
+        with pytest.raises(EventChannelError) as info:
+            e0.unbind(p0)
+        assert info.value.errno == errno.ENOTCONN
+    finally:
+        e0.close()
+        e1.close()
+
+
+def test_an_unbind_of_a_port_the_service_does_not_hold_drops_it(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EINVAL from the service on a first unbind(): it holds no such port
+    of this handle's, so there is nothing to retry: the error is the
+    caller's, and the port is gone from the handle too."""
+    e0, e1, p0, p1 = _connected_pair(host, guest)
+    try:
+        _unbind_refused_once(e0, monkeypatch, EventChannelError(errno.EINVAL, "not bound"))
+        with pytest.raises(EventChannelError) as info:
+            e0.unbind(p0)
+        assert info.value.errno == errno.EINVAL
         with pytest.raises(EventChannelError) as info:
             e0.unbind(p0)
         assert info.value.errno == errno.ENOTCONN

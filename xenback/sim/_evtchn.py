@@ -229,21 +229,29 @@ class EventChannel(Closing):
             del fds[:]
 
     def unbind(self, port: int) -> None:
-        """Close ``port``; its peer's port becomes unbound and fires."""
+        """Close ``port``; its peer's port becomes unbound and fires.
+
+        One the service refuses to unbind with another error than EINVAL
+        (out of descriptors, failing, gone) stays in the table, bound for
+        no call but this one and :meth:`close`, as a failed
+        ``IOCTL_EVTCHN_UNBIND`` leaves Linux's port bound: the service may
+        hold it still, its peer connected, and unbind() again asks it
+        again.  EINVAL (the service holds no such port of ours) drops it.
+        """
         # EINVAL for no port (as the xen platform checks it), ENOTCONN
         # for one not bound here: Linux's IOCTL_EVTCHN_UNBIND on a FIFO
         # host, whose ports go up to the check's last one.
         port = check_port(port)
         # Forget the port before the service frees its number: a port bound
         # meanwhile by another thread may get the same number.  The port
-        # stays in the table, unbound, until the service answered: news
+        # stays in the table, unbound, until the service freed it: news
         # about it still queued on the connection (the peer bound or
         # unbound meanwhile: usual when both ends close at once) comes in
         # during the request, and is stale, not a confused service; and an
-        # unbind() cut short by a Ctrl-C is finished by the next one, which
-        # finds the port there.  The service answers after everything it
-        # sent about the port, so no stale news reaches a new port of the
-        # same number.
+        # unbind() cut short by a Ctrl-C, or refused, is finished by the
+        # next one, which finds the port there.  The service answers after
+        # everything it sent about the port, so no stale news reaches a new
+        # port of the same number.
         with self._lock:
             self._check_open()
             lp = self._ports.get(port)
@@ -254,11 +262,14 @@ class EventChannel(Closing):
         try:
             self._conn.call("evtchn_unbind", port=port)
         except EventChannelError as e:
-            # EINVAL to a request made again: the first one freed the port
-            # before a Ctrl-C cut its caller short.
-            if not (again and e.errno == errno.EINVAL):
-                self._drop(lp)
+            if e.errno != errno.EINVAL:
+                raise  # kept, for the next unbind() (see above)
+            self._drop(lp)
+            # To a request made again: the first one freed the port before
+            # a Ctrl-C cut its caller short.
+            if not again:
                 raise
+            return
         self._drop(lp)
 
     def _drop(self, lp: _LocalPort) -> None:
