@@ -669,6 +669,55 @@ def test_a_share_whose_mmap_fails_drops_the_grants_and_says_why(
     assert fake_grant_libc.unmapped_twice == []  # nor MAP_FAILED's address
 
 
+
+@pytest.mark.parametrize("kind", ["mapping", "shared"])
+def test_slots_at_offset_zero_are_given_back_too(fake_grant_libc: FakeGrantLibc,
+                                                 kind: str) -> None:
+    """gntdev gives the first request of a handle offset 0 (gntalloc may
+    too): a failed mmap gives those back as any others.  Taking offset 0
+    for "not answered yet" left them until the handle closed."""
+    fake_grant_libc.MAP_INDEX = fake_grant_libc.ALLOC_INDEX = 0
+    fake_grant_libc.fail["mmap"] = errno.EFAULT
+    with _platform.XenGrantTable() as table, _platform.XenGrantShare() as share:
+        with pytest.raises(GrantError):
+            if kind == "mapping":
+                table.map_grant_refs(3, [8])
+            else:
+                share.share_pages(3, 1)
+    assert fake_grant_libc.requests == (
+        [("map", [(3, 8)]), ("unmap", 0, 1)] if kind == "mapping"
+        else [("alloc", 3, 1, 1), ("dealloc", 0, 1)])
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_a_ctrl_c_after_dealloc_answered_logs_only_a_refusal_with_its_errno(
+        fake_grant_libc: FakeGrantLibc, refused: bool, monkeypatch, caplog) -> None:
+    """A Ctrl-C landing once DEALLOC_GREF has answered, before the caller
+    has the pages: the range is unmapped and DEALLOC not asked again; the
+    grants staying until the handle closes is logged only if it refused,
+    with its errno (the Ctrl-C has none), not EIO."""
+    def interrupt(*args: Any) -> Any:
+        raise KeyboardInterrupt
+
+    if refused:
+        fake_grant_libc.fail["dealloc"] = errno.EINVAL
+        # Raised where the refusal's error would be made: after the answer.
+        monkeypatch.setattr(_platform, "_error", interrupt)
+    else:
+        monkeypatch.setattr(_platform, "XenSharedPages", interrupt)
+    before = _device_mappings()
+    with _platform.XenGrantShare() as share:
+        with caplog.at_level(logging.WARNING, logger=_platform.__name__), \
+                pytest.raises(KeyboardInterrupt):
+            share.share_pages(4, 1)
+        assert _device_mappings() == before
+    assert fake_grant_libc.unmapped_twice == []
+    assert [r[0] for r in fake_grant_libc.requests] == ["alloc", "dealloc"]
+    assert [r.getMessage() for r in caplog.records] == ([
+        f"dropping gntalloc's reference to grant 100 failed: {os.strerror(errno.EINVAL)}; "
+        f"they stay until the grant share handle is closed "
+        f"(sharing 1 pages with domain 4 did not complete)"] if refused else [])
+
 @pytest.mark.parametrize("kind", ["mapping", "shared"])
 def test_a_failed_mmap_s_error_is_the_answer_when_undoing_it_fails_too(
         fake_grant_libc: FakeGrantLibc, kind: str, caplog) -> None:
