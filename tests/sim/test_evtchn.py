@@ -1433,6 +1433,59 @@ def test_an_unbind_the_service_refused_stays_for_the_next_one(
         e1.close()
 
 
+
+def test_news_of_a_port_whose_unbind_was_refused_is_no_warning_and_fires_nothing(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The peer unbinds from, then binds again to, a port whose unbind the
+    service refused: the handle, which gave the port up, takes the news as
+    stale (no warning, no event, its descriptors given back), and unbind()
+    again still finishes it, the peer seeing it go."""
+    e0, e1, p0, p1 = _connected_pair(host, guest)
+    try:
+        _unbind_refused_once(e0, monkeypatch, EventChannelError(errno.EIO, "refused"))
+        with pytest.raises(EventChannelError):
+            e0.unbind(p0)
+        with caplog.at_level(logging.DEBUG, logger=_evtchn.__name__):
+            e1.unbind(p1)  # "unbound" news for p0
+            p1 = e1.bind_interdomain(0, p0)  # "bound" news, a write end with it
+            e1.notify(p1)
+            with pytest.raises(EventChannelError) as info:
+                e0.remote(p0)  # drains the news
+            assert info.value.errno == errno.EINVAL
+            assert e0.pending() is None
+        mine = [r.getMessage() for r in caplog.records if r.name == _evtchn.__name__]
+        assert all(r.levelno < logging.WARNING for r in caplog.records), mine
+        assert any("'unbound'" in m for m in mine) and any("'domid': 1" in m for m in mine), mine
+        assert e1.remote(p1) == (0, p0)
+        e0.unbind(p0)
+        assert e1.remote(p1) is None
+    finally:
+        e0.close()
+        e1.close()
+    assert eventually(lambda: host.hypervisor.stats()["ports"] == 0)
+
+
+def test_closing_a_handle_with_a_port_whose_unbind_was_refused_unbinds_it(
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() after a refused unbind(): the service unbinds the port with
+    the connection, its peer sees it go, nothing is held."""
+    e0, e1, p0, p1 = _connected_pair(host, guest)
+    try:
+        _unbind_refused_once(e0, monkeypatch, EventChannelError(errno.EMFILE, "refused"))
+        with pytest.raises(EventChannelError):
+            e0.unbind(p0)
+        e0.close()
+        assert wait_pending(e1) == p1
+        assert e1.remote(p1) is None
+        with pytest.raises(EventChannelError) as info:
+            e0.unbind(p0)
+        assert info.value.errno == errno.EBADF
+    finally:
+        e0.close()
+        e1.close()
+    assert eventually(lambda: host.hypervisor.stats()["ports"] == 0)
+
 def test_an_unbind_of_a_port_the_service_does_not_hold_drops_it(
         host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
     """EINVAL from the service on a first unbind(): it holds no such port
