@@ -5,6 +5,8 @@ view pointing at nothing (a memfd stands in for the grant devices)."""
 
 from __future__ import annotations
 
+import contextlib
+import dis
 import enum
 import errno
 import functools
@@ -21,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, overload
 
 import pytest
@@ -825,6 +828,59 @@ def test_a_request_interrupted_anywhere_leaves_no_pages_and_no_slots(
     assert any("after the mmap" in w or "_map_device" in w for w in landed), landed
     assert len(landed) > 10, landed
 
+
+
+
+@pytest.mark.parametrize("kind", ["mapping", "shared"])
+def test_a_ctrl_c_as_a_context_manager_is_entered_leaves_the_handle_unlocked(
+        fake_grant_libc: FakeGrantLibc, kind: str) -> None:
+    """A Ctrl-C landing in map_grant_refs() or share_pages() as a
+    contextlib.contextmanager's __enter__ has its generator's value (CPython
+    runs a signal's handler as next() returns): while it propagates, the
+    handle's lock is free, so that ``with table:`` (or an ``except`` that
+    closes the handle) can close it.  _open_fd() was such a generator,
+    taking the lock before its yield: landing there left it suspended with
+    the lock held and no __exit__ to let go of it until the traceback
+    went, and close() in the same thread hung.  (stolensignal's sweeps
+    leave that place out: the next() is in a try, its return not.)"""
+    table, share = _platform.XenGrantTable(), _platform.XenGrantShare()
+    handle = table if kind == "mapping" else share
+    enter = contextlib._GeneratorContextManager.__enter__.__code__
+    calls = {ins.offset for ins in dis.get_instructions(enter) if ins.opname == "CALL"}
+    landed: list[bool] = []
+    free: list[bool] = []
+
+    def in_enter(frame: FrameType, event: str, arg: object) -> Any:
+        # As next(self.gen) returns with the lock taken by the generator.
+        if (event == "opcode" and not landed and frame.f_lasti not in calls
+                and handle._lock.locked()):
+            landed.append(True)
+            raise KeyboardInterrupt
+        return in_enter
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Any:
+        if frame.f_code is not enter:
+            return None
+        frame.f_trace_opcodes = True
+        return in_enter
+
+    sys.settrace(tracer)
+    try:
+        if kind == "mapping":
+            table.map_grant_refs(3, [8]).unmap()
+        else:
+            share.share_pages(3, 1).unshare()
+    except KeyboardInterrupt:
+        sys.settrace(None)
+        # Not a blocking acquire: held here, it would never be freed.
+        free.append(handle._lock.acquire(blocking=False))
+        if free[-1]:
+            handle._lock.release()
+    finally:
+        sys.settrace(None)
+    assert free == landed, "the lock stays held while the Ctrl-C propagates"
+    table.close()
+    share.close()
 
 @pytest.mark.parametrize("kind", ["mapping", "shared"])
 def test_an_undoing_that_fails_after_a_ctrl_c_says_so_without_blaming_an_mmap(

@@ -18,7 +18,6 @@ test rather than corrupting memory.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import functools
@@ -28,7 +27,7 @@ import mmap
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -452,13 +451,18 @@ class _Device(Closing):
             raise
         self._fd: int | None = opened[0]
 
-    @contextlib.contextmanager
-    def _open_fd(self, what: str) -> Iterator[int]:
-        """The descriptor, locked; GrantError EBADF once closed."""
-        with self._lock:
-            if self._fd is None:
-                raise GrantError(errno.EBADF, f"{what}: the {self._kind} is closed")
-            yield self._fd
+    def _open_fd(self, what: str) -> int:
+        """The descriptor (under _lock); GrantError EBADF once closed.
+
+        Not a contextmanager taking the lock: a Ctrl-C landing as its
+        __enter__ had the generator's value (as next() returned) left the
+        generator suspended with the lock held, no __exit__ to let go of
+        it, until the traceback went: a close() meanwhile, in ``with``'s
+        exit or an ``except``, hung.  ``with self._lock`` lets nothing come
+        between the acquire and its clean-up."""
+        if self._fd is None:
+            raise GrantError(errno.EBADF, f"{what}: the {self._kind} is closed")
+        return self._fd
 
     def close(self) -> None:
         with self._lock:
@@ -494,7 +498,8 @@ class XenGrantTable(_Device):
         # Until the caller has the mapping, whatever stops the request (the
         # mmap's error, a Ctrl-C landing anywhere) undoes what it got.
         try:
-            with self._open_fd(what) as fd:
+            with self._lock:
+                fd = self._open_fd(what)
                 _ioctl(fd, IOCTL_GNTDEV_MAP_GRANT_REF, op, what)
                 # The grants are mapped by mmap, which fails if one is bad.
                 _map_device(mapped, fd, op.index, len(refs), writable, what)
@@ -563,7 +568,8 @@ class XenGrantShare(_Device):
         # Until the caller has the pages, whatever stops the request (the
         # mmap's error, a Ctrl-C landing anywhere) undoes what it got.
         try:
-            with self._open_fd(what) as fd:
+            with self._lock:
+                fd = self._open_fd(what)
                 _ioctl(fd, IOCTL_GNTALLOC_ALLOC_GREF, op, what)
                 # Writable whatever the grantee may do, as with xengntshr.
                 _map_device(mapped, fd, op.index, count, True, what)
