@@ -31,6 +31,8 @@ from xenback.sim._proto import (
     MAX_MESSAGE,
     ServiceConnection,
     close_fds,
+    close_taken,
+    decode,
     encode,
     recv_message,
     send_message,
@@ -1271,3 +1273,188 @@ def test_a_push_cut_short_as_on_push_starts_keeps_no_descriptor(tmp_path: Path) 
         conn.close()
         os.close(r)
         server.join(TIMEOUT)
+
+
+@pytest.mark.parametrize("data", [b"1", b'"x"', b"null", b"true", b"[" * 60000],
+                         ids=["number", "string", "null", "bool", "nested"])
+def test_decode_takes_an_object_and_nothing_else(data: bytes) -> None:
+    """Any JSON value but an object, and a nesting deeper than the parser
+    goes (a hostile packet), is a ValueError: what a connection counts as
+    a malformed packet, never another exception escaping it."""
+    with pytest.raises(ValueError):
+        decode(data)
+    assert decode(b'{"a":[1]}') == {"a": [1]}
+
+
+def test_close_taken_closes_every_one_and_empties_the_list() -> None:
+    """A descriptor that is closed already (EBADF) stops neither the
+    others' closing nor the emptying of the list."""
+    r, w = os.pipe()
+    bad = os.open(os.devnull, os.O_RDONLY)
+    os.close(bad)
+    fds = [r, bad, w]
+    close_taken(fds)
+    assert fds == []
+    for fd in (r, w):
+        with pytest.raises(OSError) as info:
+            os.fstat(fd)
+        assert info.value.errno == errno.EBADF
+
+
+def test_a_service_out_of_reach_is_said_with_the_connects_errno_and_keeps_no_descriptor(
+        tmp_path: Path) -> None:
+    fds = descriptors()
+    with pytest.raises(PlatformError) as info:
+        ServiceConnection(str(tmp_path / "nobody"), PlatformError)
+    assert info.value.errno == errno.ENOENT, info.value
+    assert descriptors() <= fds, sorted(descriptors() - fds)
+
+
+def test_a_reply_left_on_its_way_out_is_released_by_the_next_call(
+        host: SimHost, guest: Domain) -> None:
+    """A Ctrl-C as call() lets go of the lock, with a reply no apply took
+    (a port and its read end): the thread's next call, not only its next
+    drain, releases it (the port unbound, the descriptor closed) before
+    its own reply takes the thread's place on the way out."""
+    with host.dom0.evtchn() as e0:
+        conn = e0._conn
+        ports, fds = host.hypervisor.stats()["ports"], descriptors()
+        for k in itertools.count():
+            assert interrupted_as_call_returns(
+                ServiceConnection.call.__code__, k,
+                lambda: conn.call("evtchn_alloc_unbound", domid=guest.domid)), "never left"
+            if conn._delivering:
+                break
+            # Returned or released already: put back as it was.
+            assert eventually(lambda: conn.drain() and not conn._unanswered)
+            for port in e0.ports():
+                e0.unbind(port)
+        assert conn.call("info")[0]["domid"] == 0
+        assert not conn._delivering
+        assert eventually(lambda: conn.drain() and host.hypervisor.stats()["ports"] == ports)
+        assert descriptors() <= fds, sorted(descriptors() - fds)
+
+
+def test_a_malformed_packet_left_in_the_inbox_fails_no_later_call(
+        guest: Domain, caplog: pytest.LogCaptureFixture) -> None:
+    """A packet that is no message, left in the inbox by a call cut short
+    (it may have been that call's reply): the next call drops it, logged,
+    and gets its own reply; it does not fail for a packet received before
+    its request went."""
+    with guest.evtchn() as e1:
+        conn = e1._conn
+        with conn._lock:
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with a, b:
+                a.send(b"{not json")
+                conn._inbox.append(b.recvmsg(MAX_MESSAGE + 1, 1024))
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"):
+            assert conn.call("info")[0]["domid"] == guest.domid
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "malformed" in record.getMessage()
+
+
+def test_an_error_reply_needs_no_text(tmp_path: Path) -> None:
+    """A reply carrying "errno" alone is an error all the same (its text,
+    as any reply's, is optional): the call fails with that errno."""
+    path = str(tmp_path / "hypervisor")
+    server = _serve(path, lambda conn, request_id: send_message(
+        conn, {"id": request_id, "errno": errno.EINVAL}))
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        with pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert (info.value.errno, info.value.strerror) == (errno.EINVAL, "")
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
+
+
+def test_what_a_reply_without_descriptors_gave_goes_back_when_apply_refuses_it(
+        tmp_path: Path) -> None:
+    """A reply without descriptors (a share's refs) is never taken by
+    apply, whatever apply did: refused, its grant is ended at once."""
+    path = str(tmp_path / "hypervisor")
+    ended = threading.Event()
+    requests: list[dict[str, object]] = []
+
+    def handle(conn: socket.socket) -> None:
+        while data := conn.recv(MAX_MESSAGE):
+            request = json.loads(data)
+            requests.append(request)
+            send_message(conn, {"id": request["id"], "refs": [8]})
+            if request["op"] == "gnt_end":
+                ended.set()
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+
+    def refuse(reply: dict[str, object], fds: list[int]) -> None:
+        raise PlatformError(errno.EPROTO, "not this one")
+
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        with pytest.raises(PlatformError, match="not this one"):
+            conn.call("gnt_share", apply=refuse, domid=0, count=1, writable=True)
+        assert ended.wait(TIMEOUT), requests
+        assert [(r["op"], r.get("refs")) for r in requests] == [
+            ("gnt_share", None), ("gnt_end", [8])]
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
+
+
+def test_a_reply_of_valid_json_longer_than_max_message_is_malformed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A packet one byte over MAX_MESSAGE is no message even if it parses
+    (the receive's buffer holds it whole, with room for that one byte)."""
+    path = str(tmp_path / "hypervisor")
+
+    def answer(conn: socket.socket, request_id: int) -> None:
+        reply = {"id": request_id, "pad": ""}
+        reply["pad"] = "x" * (MAX_MESSAGE + 1 - len(json.dumps(reply, separators=(",", ":"))))
+        data = json.dumps(reply, separators=(",", ":")).encode()
+        assert len(data) == MAX_MESSAGE + 1
+        conn.send(data)
+
+    server = _serve(path, answer)
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"), \
+                pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert info.value.errno == errno.EPROTO
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
+
+
+def test_descriptors_a_reply_brings_are_close_on_exec(
+        service: Callable[[Callable[[socket.socket], None]], str]) -> None:
+    answer, r = _with_pipe(lambda conn, fd: send_message(conn, {"ok": 1}, [fd]))
+    conn = ServiceConnection(service(answer), PlatformError)
+    try:
+        reply, fds = conn.call("info")
+        try:
+            assert (reply, len(fds)) == ({"ok": 1}, 1)
+            assert fcntl.fcntl(fds[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        finally:
+            close_fds(fds)
+    finally:
+        conn.close()
+        os.close(r)
+
+
+def test_a_request_that_could_not_go_is_not_listed(tmp_path: Path) -> None:
+    """The service gone before the request: the send fails (ENODEV), and
+    the request is not left waiting for a reply (only one that went is)."""
+    path = str(tmp_path / "hypervisor")
+    server = serve_one_client(path, lambda conn: None, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        server.join(TIMEOUT)  # accepted and closed
+        with pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert info.value.errno == errno.ENODEV, info.value
+        assert not conn._unanswered, conn._unanswered
+    finally:
+        conn.close()
