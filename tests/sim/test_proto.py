@@ -34,6 +34,7 @@ from xenback.sim._proto import (
     close_taken,
     decode,
     encode,
+    raise_nofile_limit,
     recv_message,
     send_message,
 )
@@ -1456,5 +1457,33 @@ def test_a_request_that_could_not_go_is_not_listed(tmp_path: Path) -> None:
             conn.call("info")
         assert info.value.errno == errno.ENODEV, info.value
         assert not conn._unanswered, conn._unanswered
+    finally:
+        conn.close()
+
+
+def test_raise_nofile_limit_lifts_the_soft_limit_to_the_hard_one() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = len(descriptors()) + 16
+    if soft != resource.RLIM_INFINITY and soft <= lowered:
+        pytest.skip(f"the soft limit ({soft}) leaves no room to lower it")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        raise_nofile_limit()
+        now = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert now == (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_refusal_that_says_no_errno_is_enodev(tmp_path: Path) -> None:
+    path = str(tmp_path / "hypervisor")
+    server = serve_one_client(path, lambda conn: send_message(conn, {"event": "refused"}),
+                              socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        server.join(TIMEOUT)  # refused and closed
+        with pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert info.value.errno == errno.ENODEV, info.value
     finally:
         conn.close()
