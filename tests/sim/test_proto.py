@@ -946,8 +946,10 @@ def test_a_reply_whose_descriptors_find_no_room_fails_its_call_and_is_given_back
                 continue
             if request["op"] == "evtchn_unbind":
                 unbound.append(request)
+                unbinding.set()
             send_message(conn, {"id": request["id"]})
 
+    unbinding = threading.Event()
     server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
     conn = ServiceConnection(path, EventChannelError, lambda msg, fds: None)
     try:
@@ -957,6 +959,8 @@ def test_a_reply_whose_descriptors_find_no_room_fails_its_call_and_is_given_back
             conn.call("evtchn_alloc_unbound", domid=0)
         assert info.value.errno == errno.EMFILE, info.value
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        # Given back by the call that failed, not left to the next one.
+        assert unbinding.wait(TIMEOUT), "the port stays bound until the next call"
         assert eventually(lambda: conn.drain() and not conn._unanswered), conn._unanswered
         assert [m["port"] for m in unbound] == [7]
         assert conn.call("info")[0] == {"id": unbound[0]["id"] + 1}  # type: ignore[operator]
