@@ -1491,3 +1491,21 @@ def test_a_refusal_that_says_no_errno_is_enodev(tmp_path: Path) -> None:
         assert info.value.errno == errno.ENODEV, info.value
     finally:
         conn.close()
+
+
+def test_a_reply_short_of_what_undoes_it_is_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A share's reply without its refs: nothing could give back what it
+    gave, were it abandoned, which is the service's fault and logged so;
+    the call still gets it, to refuse as it sees fit."""
+    path = str(tmp_path / "hypervisor")
+    server = _serve(path, lambda conn, request_id: send_message(conn, {"id": request_id}))
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        with caplog.at_level("WARNING", logger="xenback.sim._proto"):
+            assert conn.call("gnt_share", domid=0, count=1, writable=True) == ({"id": 1}, [])
+        (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert "malformed reply" in record.getMessage() and "gnt_share" in record.getMessage()
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
