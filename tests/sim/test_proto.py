@@ -1509,3 +1509,28 @@ def test_a_reply_short_of_what_undoes_it_is_logged(
     finally:
         conn.close()
         server.join(TIMEOUT)
+
+
+def test_a_refusal_drained_before_the_service_hangs_up_still_fails_the_next_call(
+        tmp_path: Path) -> None:
+    """The refusal read by a drain while the service has not closed the
+    connection yet: the next call fails with its errno at once.  Were its
+    request sent, it would go, and the hang-up that answers it would say
+    ENODEV (a host gone) instead."""
+    path = str(tmp_path / "hypervisor")
+
+    def handle(conn: socket.socket) -> None:
+        send_message(conn, _REFUSAL)
+        conn.recv(MAX_MESSAGE)  # a request, or the client's hang-up
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, PlatformError, lambda msg, _fds: None)
+    try:
+        assert select.select([conn], [], [], TIMEOUT)[0] == [conn]
+        assert conn.drain() is False
+        with pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert info.value.errno == errno.EMFILE, info.value
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
