@@ -1534,3 +1534,39 @@ def test_a_refusal_drained_before_the_service_hangs_up_still_fails_the_next_call
     finally:
         conn.close()
         server.join(TIMEOUT)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("left", ["in-apply", "before-its-reply"])
+def test_the_release_of_an_abandoned_reply_cut_short_anywhere_is_finished_once(
+        host: SimHost, guest: Domain, left: str) -> None:
+    """A reply with a descriptor left to nobody (its call cut short in
+    apply, before it took anything, or before the reply came), then a
+    Ctrl-C anywhere in the next call, which releases it: the call after
+    that finishes the release.  Its descriptor is closed once (not again,
+    closing whatever file has its number by then), and its port unbound
+    (not forgotten because its descriptors are gone by then, as if apply
+    had taken them)."""
+    with host.dom0.evtchn() as e0:
+        conn = e0._conn
+
+        def cut(reply: dict[str, object], fds: list[int]) -> None:
+            raise Interrupted  # as apply starts
+
+        def landing(n: int) -> str:
+            if left == "in-apply":
+                with pytest.raises(Interrupted):
+                    conn.call("evtchn_alloc_unbound", apply=cut, domid=guest.domid)
+            else:
+                assert interrupted_as_call_returns(
+                    ServiceConnection._call.__code__, 0,
+                    lambda: conn.call("evtchn_alloc_unbound", domid=guest.domid))
+            where = interrupted_at(n, SIM_CODE, lambda: conn.call("info"),
+                                   unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
+            with _numbers_kept() as check:
+                assert conn.call("info")[0]["domid"] == 0, where
+                assert eventually(lambda: conn.drain() and not conn._unanswered), where
+                check(where)
+            return where
+
+        every_landing(host, landing, more_than=5)
