@@ -1546,7 +1546,7 @@ def test_the_release_of_an_abandoned_reply_cut_short_anywhere_is_finished_once(
     that finishes the release.  Its descriptor is closed once (not again,
     closing whatever file has its number by then), and its port unbound
     (not forgotten because its descriptors are gone by then, as if apply
-    had taken them)."""
+    had taken them), and its done() run once."""
     with host.dom0.evtchn() as e0:
         conn = e0._conn
 
@@ -1554,19 +1554,22 @@ def test_the_release_of_an_abandoned_reply_cut_short_anywhere_is_finished_once(
             raise Interrupted  # as apply starts
 
         def landing(n: int) -> str:
+            ran: list[int] = []
+            done = functools.partial(ran.append, 1)
             if left == "in-apply":
                 with pytest.raises(Interrupted):
-                    conn.call("evtchn_alloc_unbound", apply=cut, domid=guest.domid)
+                    conn.call("evtchn_alloc_unbound", apply=cut, done=done, domid=guest.domid)
             else:
                 assert interrupted_as_call_returns(
                     ServiceConnection._call.__code__, 0,
-                    lambda: conn.call("evtchn_alloc_unbound", domid=guest.domid))
+                    lambda: conn.call("evtchn_alloc_unbound", done=done, domid=guest.domid))
             where = interrupted_at(n, SIM_CODE, lambda: conn.call("info"),
                                    unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
             with _numbers_kept() as check:
                 assert conn.call("info")[0]["domid"] == 0, where
                 assert eventually(lambda: conn.drain() and not conn._unanswered), where
                 check(where)
+            assert ran == [1], where
             return where
 
         every_landing(host, landing, more_than=5)
