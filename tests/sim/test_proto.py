@@ -1573,3 +1573,79 @@ def test_the_release_of_an_abandoned_reply_cut_short_anywhere_is_finished_once(
             return where
 
         every_landing(host, landing, more_than=5)
+
+
+def test_the_undo_of_an_abandoned_reply_goes_once_whatever_cuts_its_call_short(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reply (a port) left to nobody, then a Ctrl-C anywhere in the call
+    that releases it, then a call that finishes: the port is unbound
+    exactly once (a second unbind of its number would unbind the port
+    that took the number meanwhile), and the unbind's reply is known (no
+    reply to no request)."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+    unbound: list[int] = []
+
+    def handle(conn: socket.socket) -> None:
+        while data := conn.recv(MAX_MESSAGE):
+            request = json.loads(data)
+            if request["op"] == "evtchn_alloc_unbound":
+                send_message(conn, {"id": request["id"], "port": 7}, [w])
+                continue
+            if request["op"] == "evtchn_unbind":
+                unbound.append(request["port"])
+            send_message(conn, {"id": request["id"]})
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, EventChannelError, lambda msg, fds: None)
+    landed: list[str] = []
+    try:
+        for n in itertools.count():
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="xenback.sim._proto"):
+                assert interrupted_as_call_returns(
+                    ServiceConnection._call.__code__, 0,
+                    lambda: conn.call("evtchn_alloc_unbound", domid=0))
+                where = interrupted_at(n, SIM_CODE, lambda: conn.call("info"),
+                                       unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
+                conn.call("info")
+                assert eventually(lambda: conn.drain() and not conn._unanswered), \
+                    (where, conn._unanswered)
+            assert unbound == [7], where
+            assert not [r for r in caplog.records if "no request" in r.getMessage()], where
+            unbound.clear()
+            if not where:
+                break
+            landed.append(where)
+        assert len(landed) > 5, landed
+    finally:
+        conn.close()
+        os.close(w)
+        os.close(r)
+        server.join(TIMEOUT)
+
+
+def test_an_undo_that_cannot_go_is_not_listed(tmp_path: Path) -> None:
+    """The service gone as an abandoned reply (a port) is released: the
+    unbind's send fails, and it is not left listed as waiting for a reply
+    (the service released the port with the connection)."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+
+    def handle(conn: socket.socket) -> None:
+        request = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": request["id"], "port": 7}, [w])
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, EventChannelError, lambda msg, fds: None)
+    try:
+        assert interrupted_as_call_returns(
+            ServiceConnection._call.__code__, 0,
+            lambda: conn.call("evtchn_alloc_unbound", domid=0))
+        server.join(TIMEOUT)  # replied and closed
+        assert conn.drain() is False
+        assert not conn._unanswered, conn._unanswered
+    finally:
+        conn.close()
+        os.close(w)
+        os.close(r)
