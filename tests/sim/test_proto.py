@@ -1656,3 +1656,42 @@ def test_an_undo_that_cannot_go_is_not_listed(tmp_path: Path) -> None:
         conn.close()
         os.close(w)
         os.close(r)
+
+
+def test_a_drain_that_meets_a_reset_says_the_service_is_gone(tmp_path: Path) -> None:
+    """The service closed the connection with a request of ours unread:
+    the receive fails (ECONNRESET) rather than reading the end, and the
+    drain says the service is gone all the same."""
+    path = str(tmp_path / "hypervisor")
+
+    def handle(conn: socket.socket) -> None:
+        select.select([conn], [], [], TIMEOUT)  # the request came: closed unread
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, PlatformError, lambda msg, _fds: None)
+    try:
+        conn._sock.send(encode({"op": "info", "id": 1000}))
+        server.join(TIMEOUT)
+        assert conn.drain() is False
+    finally:
+        conn.close()
+
+
+def test_close_releases_a_reply_left_on_its_way_out_and_the_socket(
+        host: SimHost, guest: Domain) -> None:
+    """A Ctrl-C as call() lets go of the lock, with a reply no apply took
+    (a port and its read end), then close(): the read end is closed, and
+    so is the connection's socket, while the handle is still referenced."""
+    with host.dom0.evtchn() as e0:
+        conn = e0._conn
+        for k in itertools.count():
+            fds = descriptors()
+            assert interrupted_as_call_returns(
+                ServiceConnection.call.__code__, k,
+                lambda: conn.call("evtchn_alloc_unbound", domid=guest.domid)), "never left"
+            if conn._delivering:
+                break
+            assert eventually(lambda: conn.drain() and not conn._unanswered)
+        conn.close()
+        assert conn.fileno() == -1  # the socket closed
+        assert eventually(lambda: descriptors() <= fds), sorted(descriptors() - fds)
