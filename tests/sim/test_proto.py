@@ -1718,3 +1718,51 @@ def test_the_wake_up_requests_reply_is_known_and_dropped_quietly(
             assert select.select([conn], [], [], TIMEOUT)[0] == [conn]
             assert eventually(lambda: conn.drain() and not conn._unanswered and not conn._inbox)
         assert not [r for r in caplog.records if "no request" in r.getMessage()]
+
+
+@pytest.mark.parametrize("bad", ["closed", "too-many"])
+def test_a_request_whose_descriptors_the_kernel_refuses_fails_with_its_errno(
+        tmp_path: Path, bad: str) -> None:
+    """A request carrying a descriptor that is not open (EBADF), or more
+    than a packet may carry (EINVAL): the send fails for the caller's
+    descriptors, not for the connection, which still serves the next call.
+    It failed ENODEV, saying that the hypervisor had closed the connection."""
+    path = str(tmp_path / "hypervisor")
+
+    def handle(conn: socket.socket) -> None:
+        while data := conn.recv(MAX_MESSAGE):
+            send_message(conn, {"id": json.loads(data)["id"], "domid": 0})
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, PlatformError)
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        fds, err = ([r], errno.EBADF) if bad == "closed" else ([w] * 254, errno.EINVAL)
+        with pytest.raises(PlatformError) as info:
+            conn.call("info", fds)
+        assert info.value.errno == err, info.value
+        assert not conn._unanswered, conn._unanswered
+        assert conn.call("info")[0]["domid"] == 0
+    finally:
+        conn.close()
+        os.close(w)
+        server.join(TIMEOUT)
+
+
+def test_a_call_after_close_is_enodev(
+        service: Callable[[Callable[[socket.socket], None]], str]) -> None:
+    """The socket closed by close(): the send fails (EBADF, as Python
+    says of a closed socket), which is the connection's end, not the
+    caller's descriptors."""
+    r, w = os.pipe()
+    conn = ServiceConnection(service(lambda _conn: None), PlatformError)
+    conn.close()
+    try:
+        for fds in ([], [w]):
+            with pytest.raises(PlatformError) as info:
+                conn.call("info", fds)
+            assert info.value.errno == errno.ENODEV, (fds, info.value)
+    finally:
+        os.close(r)
+        os.close(w)
