@@ -31,7 +31,10 @@ from xenback.sim._proto import (
     MAX_MESSAGE,
     ServiceConnection,
     close_fds,
+    close_taken,
+    decode,
     encode,
+    raise_nofile_limit,
     recv_message,
     send_message,
 )
@@ -943,8 +946,10 @@ def test_a_reply_whose_descriptors_find_no_room_fails_its_call_and_is_given_back
                 continue
             if request["op"] == "evtchn_unbind":
                 unbound.append(request)
+                unbinding.set()
             send_message(conn, {"id": request["id"]})
 
+    unbinding = threading.Event()
     server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
     conn = ServiceConnection(path, EventChannelError, lambda msg, fds: None)
     try:
@@ -954,6 +959,8 @@ def test_a_reply_whose_descriptors_find_no_room_fails_its_call_and_is_given_back
             conn.call("evtchn_alloc_unbound", domid=0)
         assert info.value.errno == errno.EMFILE, info.value
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        # Given back by the call that failed, not left to the next one.
+        assert unbinding.wait(TIMEOUT), "the port stays bound until the next call"
         assert eventually(lambda: conn.drain() and not conn._unanswered), conn._unanswered
         assert [m["port"] for m in unbound] == [7]
         assert conn.call("info")[0] == {"id": unbound[0]["id"] + 1}  # type: ignore[operator]
@@ -1271,3 +1278,491 @@ def test_a_push_cut_short_as_on_push_starts_keeps_no_descriptor(tmp_path: Path) 
         conn.close()
         os.close(r)
         server.join(TIMEOUT)
+
+
+@pytest.mark.parametrize("data", [b"1", b'"x"', b"null", b"true", b"[" * 60000],
+                         ids=["number", "string", "null", "bool", "nested"])
+def test_decode_takes_an_object_and_nothing_else(data: bytes) -> None:
+    """Any JSON value but an object, and a nesting deeper than the parser
+    goes (a hostile packet), is a ValueError: what a connection counts as
+    a malformed packet, never another exception escaping it."""
+    with pytest.raises(ValueError):
+        decode(data)
+    assert decode(b'{"a":[1]}') == {"a": [1]}
+
+
+def test_close_taken_closes_every_one_and_empties_the_list() -> None:
+    """A descriptor that is closed already (EBADF) stops neither the
+    others' closing nor the emptying of the list."""
+    r, w = os.pipe()
+    bad = os.open(os.devnull, os.O_RDONLY)
+    os.close(bad)
+    fds = [r, bad, w]
+    close_taken(fds)
+    assert fds == []
+    for fd in (r, w):
+        with pytest.raises(OSError) as info:
+            os.fstat(fd)
+        assert info.value.errno == errno.EBADF
+
+
+def test_a_service_out_of_reach_is_said_with_the_connects_errno_and_keeps_no_descriptor(
+        tmp_path: Path) -> None:
+    fds = descriptors()
+    with pytest.raises(PlatformError) as info:
+        ServiceConnection(str(tmp_path / "nobody"), PlatformError)
+    assert info.value.errno == errno.ENOENT, info.value
+    assert descriptors() <= fds, sorted(descriptors() - fds)
+
+
+@pytest.mark.timeout(600)
+def test_a_reply_left_on_its_way_out_is_released_by_the_next_call_cut_short_anywhere(
+        host: SimHost, guest: Domain) -> None:
+    """A Ctrl-C as call() lets go of the lock, with a reply no apply took
+    (a port and its read end), then one anywhere in the thread's next
+    call, which releases it: the call after that finishes the release.
+    The port is unbound, the descriptor closed once; the next call, not
+    only the next drain, does it, before its own reply takes the
+    thread's place on the way out (where it would be lost)."""
+    with host.dom0.evtchn() as e0:
+        conn = e0._conn
+
+        def landing(n: int) -> str:
+            for k in itertools.count():
+                assert interrupted_as_call_returns(
+                    ServiceConnection.call.__code__, k,
+                    lambda: conn.call("evtchn_alloc_unbound", domid=guest.domid)), "never left"
+                if conn._delivering:
+                    break
+                # Released already (by drain: the handle lists no port of a raw call).
+                assert eventually(lambda: conn.drain() and not conn._unanswered)
+            where = interrupted_at(n, SIM_CODE, lambda: conn.call("info"),
+                                   unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
+            with _numbers_kept() as check:
+                assert conn.call("info")[0]["domid"] == 0, where
+                assert not conn._delivering, where
+                check(where)
+            return where
+
+        every_landing(host, landing, more_than=5)
+
+
+def test_a_malformed_packet_left_in_the_inbox_fails_no_later_call(
+        guest: Domain, caplog: pytest.LogCaptureFixture) -> None:
+    """A packet that is no message, left in the inbox by a call cut short
+    (it may have been that call's reply): the next call drops it, logged,
+    and gets its own reply; it does not fail for a packet received before
+    its request went."""
+    with guest.evtchn() as e1:
+        conn = e1._conn
+        with conn._lock:
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with a, b:
+                a.send(b"{not json")
+                conn._inbox.append(b.recvmsg(MAX_MESSAGE + 1, 1024))
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"):
+            assert conn.call("info")[0]["domid"] == guest.domid
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "malformed" in record.getMessage()
+
+
+def test_an_error_reply_needs_no_text(tmp_path: Path) -> None:
+    """A reply carrying "errno" alone is an error all the same (its text,
+    as any reply's, is optional): the call fails with that errno."""
+    path = str(tmp_path / "hypervisor")
+    server = _serve(path, lambda conn, request_id: send_message(
+        conn, {"id": request_id, "errno": errno.EINVAL}))
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        with pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert (info.value.errno, info.value.strerror) == (errno.EINVAL, "")
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
+
+
+def test_what_a_reply_without_descriptors_gave_goes_back_when_apply_refuses_it(
+        tmp_path: Path) -> None:
+    """A reply without descriptors (a share's refs) is never taken by
+    apply, whatever apply did: refused, its grant is ended at once."""
+    path = str(tmp_path / "hypervisor")
+    ended = threading.Event()
+    requests: list[dict[str, object]] = []
+
+    def handle(conn: socket.socket) -> None:
+        # The client may hang up with the last reply unread: a reset.
+        with contextlib.suppress(ConnectionResetError):
+            while data := conn.recv(MAX_MESSAGE):
+                request = json.loads(data)
+                requests.append(request)
+                send_message(conn, {"id": request["id"], "refs": [8]})
+                if request["op"] == "gnt_end":
+                    ended.set()
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+
+    def refuse(reply: dict[str, object], fds: list[int]) -> None:
+        raise PlatformError(errno.EPROTO, "not this one")
+
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        with pytest.raises(PlatformError, match="not this one"):
+            conn.call("gnt_share", apply=refuse, domid=0, count=1, writable=True)
+        assert ended.wait(TIMEOUT), requests
+        assert [(r["op"], r.get("refs")) for r in requests] == [
+            ("gnt_share", None), ("gnt_end", [8])]
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
+
+
+def test_a_reply_of_valid_json_longer_than_max_message_is_malformed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A packet one byte over MAX_MESSAGE is no message even if it parses
+    (the receive's buffer holds it whole, with room for that one byte)."""
+    path = str(tmp_path / "hypervisor")
+
+    def answer(conn: socket.socket, request_id: int) -> None:
+        reply = {"id": request_id, "pad": ""}
+        reply["pad"] = "x" * (MAX_MESSAGE + 1 - len(json.dumps(reply, separators=(",", ":"))))
+        data = json.dumps(reply, separators=(",", ":")).encode()
+        assert len(data) == MAX_MESSAGE + 1
+        conn.send(data)
+
+    server = _serve(path, answer)
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"), \
+                pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert info.value.errno == errno.EPROTO
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
+
+
+def test_descriptors_a_reply_brings_are_close_on_exec(
+        service: Callable[[Callable[[socket.socket], None]], str]) -> None:
+    answer, r = _with_pipe(lambda conn, fd: send_message(conn, {"ok": 1}, [fd]))
+    conn = ServiceConnection(service(answer), PlatformError)
+    try:
+        reply, fds = conn.call("info")
+        try:
+            assert (reply, len(fds)) == ({"ok": 1}, 1)
+            assert fcntl.fcntl(fds[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        finally:
+            close_fds(fds)
+    finally:
+        conn.close()
+        os.close(r)
+
+
+def test_a_request_that_could_not_go_is_not_listed(tmp_path: Path) -> None:
+    """The service gone before the request: the send fails (ENODEV), and
+    the request is not left waiting for a reply (only one that went is)."""
+    path = str(tmp_path / "hypervisor")
+    server = serve_one_client(path, lambda conn: None, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        server.join(TIMEOUT)  # accepted and closed
+        with pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert info.value.errno == errno.ENODEV, info.value
+        assert not conn._unanswered, conn._unanswered
+    finally:
+        conn.close()
+
+
+def test_raise_nofile_limit_lifts_the_soft_limit_to_the_hard_one() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = len(descriptors()) + 16
+    if soft != resource.RLIM_INFINITY and soft <= lowered:
+        pytest.skip(f"the soft limit ({soft}) leaves no room to lower it")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        raise_nofile_limit()
+        now = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert now == (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_refusal_that_says_no_errno_is_enodev(tmp_path: Path) -> None:
+    path = str(tmp_path / "hypervisor")
+    server = serve_one_client(path, lambda conn: send_message(conn, {"event": "refused"}),
+                              socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        server.join(TIMEOUT)  # refused and closed
+        with pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert info.value.errno == errno.ENODEV, info.value
+    finally:
+        conn.close()
+
+
+def test_a_reply_short_of_what_undoes_it_is_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A share's reply without its refs: nothing could give back what it
+    gave, were it abandoned, which is the service's fault and logged so;
+    the call still gets it, to refuse as it sees fit."""
+    path = str(tmp_path / "hypervisor")
+    server = _serve(path, lambda conn, request_id: send_message(conn, {"id": request_id}))
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        with caplog.at_level("WARNING", logger="xenback.sim._proto"):
+            assert conn.call("gnt_share", domid=0, count=1, writable=True) == ({"id": 1}, [])
+        (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert "malformed reply" in record.getMessage() and "gnt_share" in record.getMessage()
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
+
+
+def test_a_refusal_drained_before_the_service_hangs_up_still_fails_the_next_call(
+        tmp_path: Path) -> None:
+    """The refusal read by a drain while the service has not closed the
+    connection yet: the next call fails with its errno at once.  Were its
+    request sent, it would go, and the hang-up that answers it would say
+    ENODEV (a host gone) instead."""
+    path = str(tmp_path / "hypervisor")
+
+    def handle(conn: socket.socket) -> None:
+        send_message(conn, _REFUSAL)
+        conn.recv(MAX_MESSAGE)  # a request, or the client's hang-up
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, PlatformError, lambda msg, _fds: None)
+    try:
+        assert select.select([conn], [], [], TIMEOUT)[0] == [conn]
+        assert conn.drain() is False
+        with pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert info.value.errno == errno.EMFILE, info.value
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("left", ["in-apply", "before-its-reply"])
+def test_the_release_of_an_abandoned_reply_cut_short_anywhere_is_finished_once(
+        host: SimHost, guest: Domain, left: str) -> None:
+    """A reply with a descriptor left to nobody (its call cut short in
+    apply, before it took anything, or before the reply came), then a
+    Ctrl-C anywhere in the next call, which releases it: the call after
+    that finishes the release.  Its descriptor is closed once (not again,
+    closing whatever file has its number by then), and its port unbound
+    (not forgotten because its descriptors are gone by then, as if apply
+    had taken them), and its done() run once."""
+    with host.dom0.evtchn() as e0:
+        conn = e0._conn
+
+        def cut(reply: dict[str, object], fds: list[int]) -> None:
+            raise Interrupted  # as apply starts
+
+        def landing(n: int) -> str:
+            ran: list[int] = []
+            done = functools.partial(ran.append, 1)
+            if left == "in-apply":
+                with pytest.raises(Interrupted):
+                    conn.call("evtchn_alloc_unbound", apply=cut, done=done, domid=guest.domid)
+            else:
+                assert interrupted_as_call_returns(
+                    ServiceConnection._call.__code__, 0,
+                    lambda: conn.call("evtchn_alloc_unbound", done=done, domid=guest.domid))
+            where = interrupted_at(n, SIM_CODE, lambda: conn.call("info"),
+                                   unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
+            with _numbers_kept() as check:
+                assert conn.call("info")[0]["domid"] == 0, where
+                assert eventually(lambda: conn.drain() and not conn._unanswered), where
+                check(where)
+            assert ran == [1], where
+            return where
+
+        every_landing(host, landing, more_than=5)
+
+
+def test_the_undo_of_an_abandoned_reply_goes_once_whatever_cuts_its_call_short(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reply (a port) left to nobody, then a Ctrl-C anywhere in the call
+    that releases it, then a call that finishes: the port is unbound
+    exactly once (a second unbind of its number would unbind the port
+    that took the number meanwhile), and the unbind's reply is known (no
+    reply to no request)."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+    unbound: list[int] = []
+
+    def handle(conn: socket.socket) -> None:
+        while data := conn.recv(MAX_MESSAGE):
+            request = json.loads(data)
+            if request["op"] == "evtchn_alloc_unbound":
+                send_message(conn, {"id": request["id"], "port": 7}, [w])
+                continue
+            if request["op"] == "evtchn_unbind":
+                unbound.append(request["port"])
+            send_message(conn, {"id": request["id"]})
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, EventChannelError, lambda msg, fds: None)
+    landed: list[str] = []
+    try:
+        for n in itertools.count():
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="xenback.sim._proto"):
+                assert interrupted_as_call_returns(
+                    ServiceConnection._call.__code__, 0,
+                    lambda: conn.call("evtchn_alloc_unbound", domid=0))
+                where = interrupted_at(n, SIM_CODE, lambda: conn.call("info"),
+                                       unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
+                conn.call("info")
+                assert eventually(lambda: conn.drain() and not conn._unanswered), \
+                    (where, conn._unanswered)
+            assert unbound == [7], where
+            assert not [r for r in caplog.records if "no request" in r.getMessage()], where
+            unbound.clear()
+            if not where:
+                break
+            landed.append(where)
+        assert len(landed) > 5, landed
+    finally:
+        conn.close()
+        os.close(w)
+        os.close(r)
+        server.join(TIMEOUT)
+
+
+def test_an_undo_that_cannot_go_is_not_listed(tmp_path: Path) -> None:
+    """The service gone as an abandoned reply (a port) is released: the
+    unbind's send fails, and it is not left listed as waiting for a reply
+    (the service released the port with the connection)."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+
+    def handle(conn: socket.socket) -> None:
+        request = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": request["id"], "port": 7}, [w])
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, EventChannelError, lambda msg, fds: None)
+    try:
+        assert interrupted_as_call_returns(
+            ServiceConnection._call.__code__, 0,
+            lambda: conn.call("evtchn_alloc_unbound", domid=0))
+        server.join(TIMEOUT)  # replied and closed
+        assert conn.drain() is False
+        assert not conn._unanswered, conn._unanswered
+    finally:
+        conn.close()
+        os.close(w)
+        os.close(r)
+
+
+def test_a_drain_that_meets_a_reset_says_the_service_is_gone(tmp_path: Path) -> None:
+    """The service closed the connection with a request of ours unread:
+    the receive fails (ECONNRESET) rather than reading the end, and the
+    drain says the service is gone all the same."""
+    path = str(tmp_path / "hypervisor")
+
+    def handle(conn: socket.socket) -> None:
+        select.select([conn], [], [], TIMEOUT)  # the request came: closed unread
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, PlatformError, lambda msg, _fds: None)
+    try:
+        conn._sock.send(encode({"op": "info", "id": 1000}))
+        server.join(TIMEOUT)
+        assert conn.drain() is False
+    finally:
+        conn.close()
+
+
+def test_close_releases_a_reply_left_on_its_way_out_and_the_socket(
+        host: SimHost, guest: Domain) -> None:
+    """A Ctrl-C as call() lets go of the lock, with a reply no apply took
+    (a port and its read end), then close(): the read end is closed, and
+    so is the connection's socket, while the handle is still referenced."""
+    with host.dom0.evtchn() as e0:
+        conn = e0._conn
+        for k in itertools.count():
+            fds = descriptors()
+            assert interrupted_as_call_returns(
+                ServiceConnection.call.__code__, k,
+                lambda: conn.call("evtchn_alloc_unbound", domid=guest.domid)), "never left"
+            if conn._delivering:
+                break
+            assert eventually(lambda: conn.drain() and not conn._unanswered)
+        conn.close()
+        assert conn.fileno() == -1  # the socket closed
+        assert eventually(lambda: descriptors() <= fds), sorted(descriptors() - fds)
+
+
+def test_the_wake_up_requests_reply_is_known_and_dropped_quietly(
+        guest: Domain, caplog: pytest.LogCaptureFixture) -> None:
+    """The request a drain cut short makes to wake the handle's waiters:
+    its reply makes the socket readable, and the drain it wakes drops it
+    as the reply to a request of ours, not as a stray reply (a warning
+    that the service is confused)."""
+    with guest.evtchn() as e1:
+        conn = e1._conn
+        with conn._lock:
+            # A push a Ctrl-C left in the inbox (for no port of ours).
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with a, b:
+                send_message(a, {"event": "unbound", "port": 4000})
+                conn._inbox.append(b.recvmsg(MAX_MESSAGE + 1, 1024))
+            conn._cut_short()
+        with caplog.at_level("WARNING", logger="xenback.sim._proto"):
+            assert select.select([conn], [], [], TIMEOUT)[0] == [conn]
+            assert eventually(lambda: conn.drain() and not conn._unanswered and not conn._inbox)
+        assert not [r for r in caplog.records if "no request" in r.getMessage()]
+
+
+@pytest.mark.parametrize("bad", ["closed", "too-many"])
+def test_a_request_whose_descriptors_the_kernel_refuses_fails_with_its_errno(
+        tmp_path: Path, bad: str) -> None:
+    """A request carrying a descriptor that is not open (EBADF), or more
+    than a packet may carry (EINVAL): the send fails for the caller's
+    descriptors, not for the connection, which still serves the next call.
+    It failed ENODEV, saying that the hypervisor had closed the connection."""
+    path = str(tmp_path / "hypervisor")
+
+    def handle(conn: socket.socket) -> None:
+        while data := conn.recv(MAX_MESSAGE):
+            send_message(conn, {"id": json.loads(data)["id"], "domid": 0})
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, PlatformError)
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        fds, err = ([r], errno.EBADF) if bad == "closed" else ([w] * 254, errno.EINVAL)
+        with pytest.raises(PlatformError) as info:
+            conn.call("info", fds)
+        assert info.value.errno == err, info.value
+        assert not conn._unanswered, conn._unanswered
+        assert conn.call("info")[0]["domid"] == 0
+    finally:
+        conn.close()
+        os.close(w)
+        server.join(TIMEOUT)
+
+
+def test_a_call_after_close_is_enodev(
+        service: Callable[[Callable[[socket.socket], None]], str]) -> None:
+    """The socket closed by close(): the send fails (EBADF, as Python
+    says of a closed socket), which is the connection's end, not the
+    caller's descriptors."""
+    r, w = os.pipe()
+    conn = ServiceConnection(service(lambda _conn: None), PlatformError)
+    conn.close()
+    try:
+        for fds in ([], [w]):
+            with pytest.raises(PlatformError) as info:
+                conn.call("info", fds)
+            assert info.value.errno == errno.ENODEV, (fds, info.value)
+    finally:
+        os.close(r)
+        os.close(w)

@@ -388,7 +388,9 @@ class ServiceConnection:
         it refused the connection with (EMFILE: it had no descriptor for
         it, or the domain has as many handles open as it may), or
         ``ENODEV`` once the service has gone (host stopped, domain
-        destroyed) or the connection was closed during the call.
+        destroyed) or the connection was closed during the call; the
+        kernel's errno if it will not send ``fds`` (EBADF: one is not
+        open; EINVAL: more than :data:`MAX_FDS`).
         """
         me = threading.get_ident()
         # No wake-up request (see _cut_short) for a call cut short: the
@@ -502,6 +504,10 @@ class ServiceConnection:
                 sent.extend(map(self._sock.send, (data,)))
         except OSError as e:
             self._unanswered.pop(request_id, None)
+            if fds and e.errno in (errno.EBADF, errno.EINVAL) and self._sock.fileno() != -1:
+                # The caller's descriptors (one not open, or more than a
+                # packet carries), not the connection: it serves on.
+                raise self._error(e.errno, f"cannot send {op}'s descriptors: {e.strerror}") from None
             raise self._refused() or self._gone(e) from None
         except BaseException:
             if not sent:
