@@ -148,6 +148,33 @@ def test_a_handle_closes_the_descriptors_of_what_it_refuses(
         os.close(r)
 
 
+@pytest.mark.parametrize("code", ["EIO", None, True, 0, -5, 5.0, [5], 1 << 70],
+                         ids=["str", "null", "bool", "zero", "negative", "float", "list", "huge"])
+@pytest.mark.parametrize("kind", ["reply", "refusal"])
+def test_an_errno_that_is_no_errno_is_a_protocol_error(
+    service: Callable[[Callable[[socket.socket], None]], str], kind: str, code: object,
+) -> None:
+    """A reply or a refusal whose errno is no positive int fails the call
+    with EPROTO, naming it, as any malformed message does; int() let a
+    ValueError or TypeError out of call(), or made an OSError of errno 0."""
+    message: dict[str, object] = {"errno": code, "error": "no"}
+    if kind == "refusal":
+        message["event"] = "refused"
+    answer, r = _with_pipe(lambda conn, fd: send_message(conn, message, [fd]))
+    conn = ServiceConnection(service(answer), PlatformError)
+    try:
+        with pytest.raises(PlatformError) as info:
+            conn.call("info")
+        assert info.value.errno == errno.EPROTO, info.value
+        assert "errno" in str(info.value), info.value
+        # Its descriptors are closed all the same.
+        assert select.select([r], [], [], TIMEOUT)[0] == [r]
+        assert os.read(r, 1) == b""
+    finally:
+        conn.close()
+        os.close(r)
+
+
 def test_close_wakes_a_call_waiting_for_its_reply(
     service: Callable[[Callable[[socket.socket], None]], str],
 ) -> None:

@@ -77,6 +77,7 @@ import itertools
 import json
 import logging
 import os
+import reprlib
 import resource
 import socket
 import threading
@@ -106,6 +107,8 @@ _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * _FDS.itemsize)
+#: Linux's errnos are below it (include/linux/err.h's MAX_ERRNO, 4095).
+_MAX_ERRNO = 4096
 
 
 def raise_nofile_limit() -> None:
@@ -141,6 +144,19 @@ def decode(data: bytes) -> Message:
     if not isinstance(msg, dict):
         raise ValueError("a message must be a JSON object")
     return msg
+
+
+def _reported(msg: Message, default: int) -> tuple[int, str]:
+    """The errno and text of a reply's or a refusal's error (``default``
+    if it says no errno).  An errno that is no errno (not an int, or not
+    within Linux's 1-4095) is the service's protocol error, EPROTO, not a
+    ValueError out of int() or an OSError of errno 0."""
+    code = msg.get("errno", default)
+    text = str(msg.get("error", ""))
+    if type(code) is not int or not 0 < code < _MAX_ERRNO:
+        return errno.EPROTO, (f"malformed errno {reprlib.repr(code)} from the hypervisor "
+                              f"service ({text!r})")
+    return code, text
 
 
 def close_fds(fds: Sequence[int]) -> None:
@@ -461,7 +477,7 @@ class ServiceConnection:
                 break
         msg = taken.msg
         if "errno" in msg:
-            error = self._error(int(msg["errno"]), str(msg.get("error", "")))
+            error = self._error(*_reported(msg, errno.EIO))
             self._release_head(taken)
             raise error
         done = taken.done
@@ -507,7 +523,8 @@ class ServiceConnection:
             if fds and e.errno in (errno.EBADF, errno.EINVAL) and self._sock.fileno() != -1:
                 # The caller's descriptors (one not open, or more than a
                 # packet carries), not the connection: it serves on.
-                raise self._error(e.errno, f"cannot send {op}'s descriptors: {e.strerror}") from None
+                raise self._error(e.errno,
+                                  f"cannot send {op}'s descriptors: {e.strerror}") from None
             raise self._refused() or self._gone(e) from None
         except BaseException:
             if not sent:
@@ -603,7 +620,8 @@ class ServiceConnection:
             try:
                 msg = decode(data)
             except ValueError as e:
-                error = self._error(errno.EPROTO, f"malformed message from the hypervisor service: {e}")
+                error = self._error(errno.EPROTO,
+                                    f"malformed message from the hypervisor service: {e}")
                 malformed = True
             else:
                 if msg.get("event") == "refused":
@@ -805,7 +823,7 @@ class ServiceConnection:
             raise self._refused() or self._gone(e) from None
 
     def _refuse(self, msg: Message) -> tuple[int, str]:
-        self._refusal = (int(msg.get("errno", errno.ENODEV)), str(msg.get("error", "")))
+        self._refusal = _reported(msg, errno.ENODEV)
         return self._refusal
 
     def _refused(self) -> OSError | None:
