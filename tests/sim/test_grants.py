@@ -567,6 +567,8 @@ def ask(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> dict:
         (b'{"op": "evtchn_alloc_unbound", "domid": 32752}', errno.EINVAL),
         (b'{"op": "evtchn_unbind", "port": 1}', errno.EINVAL),
         (b'{"op": "evtchn_alloc_unbound", "domid": "0"}', errno.EINVAL),
+        # JSON's false is no domain id, though Python's False == 0.
+        (b'{"op": "gnt_share", "domid": false, "count": 1, "writable": true}', errno.EINVAL),
         (b'{"op": "evtchn_bind_interdomain", "domid": 0, "port": 0}', errno.EINVAL),
         (b"x" * 66000, errno.E2BIG),
         (b"x" * (64 * 1024 + 1), errno.E2BIG),  # one byte over MAX_MESSAGE

@@ -1,0 +1,184 @@
+"""The hypervisor service's own side (xenback.sim._hypervisor): what it
+does out of descriptors, what it sends a handle and when, what it closes.
+
+Running a real process out of descriptors is test_daemon.py's; here one
+domain's listener fails its accept() with EMFILE on demand, which is what
+the service sees then, and the rest of the host goes on as usual."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hosthelpers import eventually
+from racewindow import TIMEOUT
+
+from xenback.sim import Domain, SimHost, _hypervisor
+from xenback.sim._hypervisor import domain_socket
+
+
+class ShortListener:
+    """Stands for a domain's listener: its next ``failures`` accept()
+    calls fail as they do when the process has no descriptor left."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.failures = 0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.sock.accept()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def short(host: SimHost, guest: Domain) -> Iterator[ShortListener]:
+    """The guest's listener, made to run short of descriptors at will."""
+    hv = host.hypervisor
+    with hv._lock:
+        dom = hv._domains[guest.domid]
+        listener = ShortListener(dom.listener)
+        dom.listener = listener  # type: ignore[assignment]
+    yield listener
+    listener.failures = 0
+
+
+def connect(host: SimHost, domid: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(TIMEOUT)
+    sock.connect(os.fspath(domain_socket(host.run_dir, domid)))
+    return sock
+
+
+def received(sock: socket.socket) -> dict[str, Any]:
+    data, fds, _, _ = socket.recv_fds(sock, 70000, 4)
+    assert not fds
+    return json.loads(data)
+
+
+def refusal(sock: socket.socket) -> tuple[str, int]:
+    """What the service tells a handle it refuses, asked nothing (a request
+    it closed unread would make the first receive fail, ECONNRESET)."""
+    said = received(sock)
+    assert sock.recv(1) == b""  # and closed
+    return said["event"], said["errno"]
+
+
+def info(sock: socket.socket) -> dict[str, Any]:
+    sock.send(b'{"op": "info", "id": 1}')
+    return received(sock)
+
+
+def test_a_handle_accepted_with_the_reserve_is_told_emfile_each_time(
+    host: SimHost, guest: Domain, short: ShortListener
+) -> None:
+    """Each time accept() finds no descriptor, the service closes its spare
+    one to take the handle off the backlog and tell it why, then opens the
+    spare again for the next time: every such handle hears EMFILE at once."""
+    for _ in range(3):
+        short.failures = 1
+        with connect(host, guest.domid) as sock:
+            assert refusal(sock) == ("refused", errno.EMFILE)
+    with connect(host, guest.domid) as sock:
+        assert info(sock)["domid"] == guest.domid
+
+
+def _pause(host: SimHost, guest: Domain, short: ShortListener,
+           monkeypatch: pytest.MonkeyPatch, *, hold: bool = True) -> socket.socket:
+    """Runs the guest's listener out of descriptors, the spare one too:
+    the service stops watching it (for good if ``hold``, until _resume;
+    else it retries as it would, and stops again, while short).  Returns
+    the handle left waiting."""
+    hv = host.hypervisor
+    monkeypatch.setattr(_hypervisor, "_open_reserve", lambda: -1)
+    with hv._lock:
+        reserve, hv._reserve = hv._reserve, -1
+        os.close(reserve)
+        short.failures = 1 << 30
+    sock = connect(host, guest.domid)
+    sock.send(b'{"op": "info", "id": 1}')
+    dom = hv._domains[guest.domid]
+
+    def paused() -> bool:
+        with hv._lock:
+            if dom not in hv._accept_paused:
+                return False
+            if hold:
+                hv._accept_retry_at = time.monotonic() + 3600
+            return True
+
+    assert eventually(paused, TIMEOUT), "the listener was never paused"
+    return sock
+
+
+def _resume(host: SimHost, short: ShortListener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gives descriptors back and lets the service retry at once."""
+    hv = host.hypervisor
+    monkeypatch.undo()
+    with hv._lock:
+        short.failures = 0
+        hv._accept_retry_at = 0.0
+    os.write(hv._wake_w, b"x")
+
+
+def test_a_handle_waiting_on_a_paused_listener_is_served_once_descriptors_return(
+    host: SimHost, guest: Domain, short: ShortListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With not even the spare descriptor left, the listener is unwatched
+    for a while (it would keep the loop spinning), then watched again: the
+    handle waiting in its backlog is served, and the spare is back, so
+    that the next shortage is told to its handle at once again."""
+    with _pause(host, guest, short, monkeypatch) as waiting:
+        _resume(host, short, monkeypatch)
+        assert received(waiting)["domid"] == guest.domid
+    assert host.hypervisor._reserve >= 0
+    short.failures = 1
+    with connect(host, guest.domid) as sock:
+        assert refusal(sock) == ("refused", errno.EMFILE)
+
+
+def test_a_paused_listener_is_retried_without_any_other_event(
+    host: SimHost, guest: Domain, short: ShortListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing else happens on the host: the service wakes up by itself
+    to retry the listener it stopped watching."""
+    hv = host.hypervisor
+    with _pause(host, guest, short, monkeypatch, hold=False) as waiting:
+        with hv._lock:
+            monkeypatch.undo()
+            short.failures = 0
+        assert received(waiting)["domid"] == guest.domid
+
+
+def test_stats_and_destroy_while_a_listener_is_paused(
+    host: SimHost, guest: Domain, short: ShortListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listener the service does not watch for now is neither accepted
+    from by stats() (it would fail again, and unwatch it twice) nor
+    unwatched again when its domain goes, nor watched again after."""
+    hv = host.hypervisor
+    with _pause(host, guest, short, monkeypatch) as waiting:
+        before = hv.stats()
+        assert before["domains"] == 2
+        host.destroy_domain(guest)
+        assert hv._accept_paused == []
+        _resume(host, short, monkeypatch)
+        with pytest.raises(ConnectionResetError):  # closed with the domain, its request unread
+            waiting.recv(1)
+    after = hv.stats()
+    assert (after["domains"], after["connections"]) == (1, before["connections"])
+    with host.dom0.evtchn():  # the service still serves
+        pass
