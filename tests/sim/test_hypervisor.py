@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -182,3 +183,48 @@ def test_stats_and_destroy_while_a_listener_is_paused(
     assert (after["domains"], after["connections"]) == (1, before["connections"])
     with host.dom0.evtchn():  # the service still serves
         pass
+
+
+def test_a_bug_serving_a_handle_drops_that_handle_only(
+    host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure that is no errno (a bug) while serving one handle is
+    logged, and that handle closed (its state may be anything by then);
+    the service goes on serving the others."""
+    real = _hypervisor.recv_message
+    failed = threading.Event()
+
+    def buggy(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int], bool]:
+        packet = real(sock, flags)
+        if not failed.is_set():
+            failed.set()
+            raise RuntimeError("a bug")
+        return packet
+
+    with connect(host, guest.domid) as doomed, connect(host, 0) as other:
+        assert info(other)["domid"] == 0  # accepted before the bug is armed
+        monkeypatch.setattr(_hypervisor, "recv_message", buggy)
+        doomed.send(b'{"op": "info", "id": 1}')
+        assert doomed.recv(1) == b""  # closed, not answered
+        assert failed.is_set()
+        assert info(other)["domid"] == 0
+    assert "hypervisor: failure serving" in caplog.text
+
+
+def test_descriptors_with_an_empty_packet_are_closed_with_the_handle(
+    host: SimHost, guest: Domain
+) -> None:
+    """An empty packet reads as the end of the connection; descriptors it
+    carried are the service's all the same, and closed, not kept."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        with connect(host, guest.domid) as sock:
+            socket.send_fds(sock, [b""], [w])
+            os.close(w)
+            w = -1
+            assert sock.recv(1) == b""  # the service took it for the end
+        assert os.read(r, 1) == b""  # and no write end is left open anywhere
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
