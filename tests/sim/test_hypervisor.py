@@ -228,3 +228,26 @@ def test_descriptors_with_an_empty_packet_are_closed_with_the_handle(
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+def test_a_default_socket_timeout_in_the_process_does_not_make_the_service_wait(
+    host: SimHost, guest: Domain
+) -> None:
+    """Whatever socket.setdefaulttimeout() the process hosting the service
+    set (its sockets are made with it), a handle that reads no replies
+    is dropped once its socket is full, not waited for: Python waits for
+    room before sending on a socket with a timeout, MSG_DONTWAIT or not,
+    and would hold up every other domain meanwhile."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(3600)
+    try:
+        hostile = connect(host, guest.domid)  # accepted under that default
+        assert info(hostile)["domid"] == guest.domid
+    finally:
+        socket.setdefaulttimeout(previous)
+    with hostile, connect(host, 0) as other:
+        with pytest.raises(OSError) as dropped:
+            for _ in range(1 << 20):
+                hostile.send(b'{"op": "info"}')
+        assert isinstance(dropped.value, (BrokenPipeError, ConnectionResetError)), dropped.value
+        assert info(other)["domid"] == 0
