@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hosthelpers import eventually
+from hosthelpers import eventually, wait_pending
 from racewindow import TIMEOUT
 
 from xenback.sim import Domain, SimHost, _hypervisor
@@ -251,3 +251,60 @@ def test_a_default_socket_timeout_in_the_process_does_not_make_the_service_wait(
                 hostile.send(b'{"op": "info"}')
         assert isinstance(dropped.value, (BrokenPipeError, ConnectionResetError)), dropped.value
         assert info(other)["domid"] == 0
+
+
+@pytest.mark.parametrize("bug", [OSError(errno.ENOSPC, "No space left on device"),
+                                 RuntimeError("a bug")])
+def test_a_request_failing_of_a_bug_is_answered_eio_and_its_descriptors_closed(
+    host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, bug: Exception,
+) -> None:
+    """A failure that is none of the request's doing (not out of
+    descriptors either) is the service's: logged, and answered EIO, not
+    with its own errno, which would blame the request; the handle stays."""
+
+    def failing(*args: object) -> None:
+        raise bug
+
+    monkeypatch.setitem(_hypervisor.Hypervisor._ops, "info", failing)
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        with connect(host, guest.domid) as sock:
+            socket.send_fds(sock, [b'{"op": "info", "id": 7}'], [w])
+            os.close(w)
+            w = -1
+            assert received(sock) == {"errno": errno.EIO, "error": "internal error", "id": 7}
+            assert os.read(r, 1) == b""  # the service kept no write end
+            sock.send(b'{"op": "evtchn_unbind", "port": 1, "id": 8}')
+            assert received(sock)["errno"] == errno.EINVAL  # served still
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert "hypervisor: request 'info' from domain 1 failed" in caplog.text
+
+
+def test_news_held_back_for_a_port_unbound_since_is_not_told_of_its_successor(
+    host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """News waiting for room in a handle's socket is of a port object: if
+    the handle unbinds that port and binds another that gets its number,
+    the old news (unbound) must not go out as the new port's."""
+    full = threading.Event()  # set: no socket has room for news
+    real = _hypervisor._has_room
+    monkeypatch.setattr(_hypervisor, "_has_room", lambda sock: not full.is_set() and real(sock))
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+        p1 = e1.bind_unbound_port(0)
+        p0 = e0.bind_interdomain(guest.domid, p1)
+        assert eventually(lambda: e1.remote(p1) == (0, p0))
+        full.set()
+        e0.unbind(p0)  # news for e1's p1, held back
+        e1.unbind(p1)
+        q0 = e0.bind_unbound_port(guest.domid)
+        assert e1.bind_interdomain(0, q0) == p1  # the number again
+        full.clear()
+        e1.bind_unbound_port(0)  # after any news (sent first: see _dispatch)
+        assert e1.remote(p1) == (0, q0)
+        assert eventually(lambda: e0.remote(q0) == (guest.domid, p1))
+        e0.notify(q0)
+        assert wait_pending(e1) == p1
