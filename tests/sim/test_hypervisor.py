@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import selectors
 import socket
 import threading
 import time
@@ -231,7 +232,7 @@ def test_descriptors_with_an_empty_packet_are_closed_with_the_handle(
 
 
 def test_a_default_socket_timeout_in_the_process_does_not_make_the_service_wait(
-    host: SimHost, guest: Domain
+    host: SimHost, guest: Domain, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Whatever socket.setdefaulttimeout() the process hosting the service
     set (its sockets are made with it), a handle that reads no replies
@@ -251,6 +252,9 @@ def test_a_default_socket_timeout_in_the_process_does_not_make_the_service_wait(
                 hostile.send(b'{"op": "info"}')
         assert isinstance(dropped.value, (BrokenPipeError, ConnectionResetError)), dropped.value
         assert info(other)["domid"] == 0
+    # A handle that takes no messages is worth a warning (one gone is not).
+    assert [r.levelname for r in caplog.records
+            if "dropping a handle of domain" in r.getMessage()] == ["WARNING"]
 
 
 @pytest.mark.parametrize("bug", [OSError(errno.ENOSPC, "No space left on device"),
@@ -308,3 +312,9 @@ def test_news_held_back_for_a_port_unbound_since_is_not_told_of_its_successor(
         assert eventually(lambda: e0.remote(q0) == (guest.domid, p1))
         e0.notify(q0)
         assert wait_pending(e1) == p1
+        # All told: no socket is watched for room any more (it would be
+        # reported writable round after round, the service spinning).
+        hv = host.hypervisor
+        with hv._lock:
+            assert not [k for k in hv._selector.get_map().values()
+                        if k.events & selectors.EVENT_WRITE]
