@@ -318,3 +318,45 @@ def test_news_held_back_for_a_port_unbound_since_is_not_told_of_its_successor(
         with hv._lock:
             assert not [k for k in hv._selector.get_map().values()
                         if k.events & selectors.EVENT_WRITE]
+
+
+def test_a_handle_closed_with_its_domain_in_the_round_its_event_came_is_left_alone(
+    host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The service takes a round's events, then removes the domains asked
+    for, then serves the events: one for a handle closed with its domain
+    by then is skipped, not served on a closed socket (a bug, logged)."""
+    hv = host.hypervisor
+    full = threading.Event()  # set: no socket has room for news
+    real = _hypervisor._has_room
+    monkeypatch.setattr(_hypervisor, "_has_room", lambda sock: not full.is_set() and real(sock))
+    select = hv._selector.select
+    paused, resume = threading.Event(), threading.Event()
+
+    def stalled_select(timeout: float | None = None) -> list[Any]:
+        paused.set()
+        assert resume.wait(TIMEOUT)
+        return select(timeout)
+
+    e0 = host.dom0.evtchn()
+    e1 = guest.evtchn()
+    destroyer = threading.Thread(target=host.destroy_domain, args=(guest,))
+    try:
+        p0 = e0.bind_interdomain(guest.domid, e1.bind_unbound_port(0))
+        full.set()
+        e0.unbind(p0)  # e1's handle is watched for room now: an event each round
+        hv._selector.select = stalled_select  # type: ignore[method-assign]
+        os.write(hv._wake_w, b"x")
+        assert paused.wait(TIMEOUT)
+        destroyer.start()
+        assert eventually(lambda: bool(hv._removals), TIMEOUT)
+    finally:
+        hv._selector.select = select  # type: ignore[method-assign]
+        resume.set()
+        destroyer.join(TIMEOUT)
+        full.clear()
+        e1.close()
+        e0.close()
+    assert not destroyer.is_alive()
+    assert "failure serving" not in caplog.text
