@@ -360,3 +360,32 @@ def test_a_handle_closed_with_its_domain_in_the_round_its_event_came_is_left_alo
         e0.close()
     assert not destroyer.is_alive()
     assert "failure serving" not in caplog.text
+
+
+def test_a_port_bound_again_before_its_unbound_news_went_gets_its_new_pipe_with_the_bound(
+    host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The peer unbinds (the port gets a new pipe) and binds again while
+    the news waits for room: the one news sent is "bound", carrying both
+    the new peer's write end and the port's new read end, each where the
+    message says, and the port fires on the new pipe."""
+    full = threading.Event()  # set: no socket has room for news
+    real = _hypervisor._has_room
+    monkeypatch.setattr(_hypervisor, "_has_room", lambda sock: not full.is_set() and real(sock))
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+        p1 = e1.bind_unbound_port(0)
+        p0 = e0.bind_interdomain(guest.domid, p1)
+        assert eventually(lambda: e1.remote(p1) == (0, p0))
+        full.set()
+        e0.unbind(p0)
+        q0 = e0.bind_interdomain(guest.domid, p1)
+        full.clear()
+        e1.bind_unbound_port(0)  # after the news (sent first: see _dispatch)
+        assert e1.remote(p1) == (0, q0)
+        e0.notify(q0)
+        assert wait_pending(e1) == p1
+        e1.unmask(p1)
+        e1.notify(p1)
+        assert wait_pending(e0) == q0
+    assert "malformed" not in caplog.text
