@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hosthelpers import eventually, wait_pending
+from hosthelpers import eventually, handle_census, released_since, wait_pending
 from racewindow import TIMEOUT
 
 from xenback.sim import Domain, SimHost, _hypervisor
@@ -297,6 +297,7 @@ def test_news_held_back_for_a_port_unbound_since_is_not_told_of_its_successor(
     full = threading.Event()  # set: no socket has room for news
     real = _hypervisor._has_room
     monkeypatch.setattr(_hypervisor, "_has_room", lambda sock: not full.is_set() and real(sock))
+    before = handle_census(host)
     with host.dom0.evtchn() as e0, guest.evtchn() as e1:
         p1 = e1.bind_unbound_port(0)
         p0 = e0.bind_interdomain(guest.domid, p1)
@@ -318,6 +319,7 @@ def test_news_held_back_for_a_port_unbound_since_is_not_told_of_its_successor(
         with hv._lock:
             assert not [k for k in hv._selector.get_map().values()
                         if k.events & selectors.EVENT_WRITE]
+    released_since(host, before, "the test")
 
 
 def test_a_handle_closed_with_its_domain_in_the_round_its_event_came_is_left_alone(
@@ -373,12 +375,16 @@ def test_a_port_bound_again_before_its_unbound_news_went_gets_its_new_pipe_with_
     full = threading.Event()  # set: no socket has room for news
     real = _hypervisor._has_room
     monkeypatch.setattr(_hypervisor, "_has_room", lambda sock: not full.is_set() and real(sock))
+    before = handle_census(host)
     with host.dom0.evtchn() as e0, guest.evtchn() as e1:
         p1 = e1.bind_unbound_port(0)
         p0 = e0.bind_interdomain(guest.domid, p1)
         assert eventually(lambda: e1.remote(p1) == (0, p0))
         full.set()
         e0.unbind(p0)
+        spare = e1.bind_unbound_port(0)  # a round trip: no news came with it
+        e1.unbind(spare)
+        assert e1.remote(p1) == (0, p0)
         q0 = e0.bind_interdomain(guest.domid, p1)
         full.clear()
         e1.bind_unbound_port(0)  # after the news (sent first: see _dispatch)
@@ -389,3 +395,4 @@ def test_a_port_bound_again_before_its_unbound_news_went_gets_its_new_pipe_with_
         e1.notify(p1)
         assert wait_pending(e0) == q0
     assert "malformed" not in caplog.text
+    released_since(host, before, "the test")
