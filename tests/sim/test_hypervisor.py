@@ -396,3 +396,46 @@ def test_a_port_bound_again_before_its_unbound_news_went_gets_its_new_pipe_with_
         assert wait_pending(e0) == q0
     assert "malformed" not in caplog.text
     released_since(host, before, "the test")
+
+
+def test_a_bind_failing_as_its_own_port_is_made_keeps_nothing(
+    host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors as the binder's side is being made (its peer's
+    write end of the new port's pipe): the bind fails EMFILE, and the new
+    port, its pipe and the write end made for the other side are all
+    given back; the port offered stays offered."""
+    real = _hypervisor._writer
+    calls: list[int] = []
+
+    def writer(port: Any) -> int | None:
+        calls.append(port.port)
+        if len(calls) == 2:  # the remote's end came first; then the binder's
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(port)
+
+    with host.dom0.evtchn() as e0:
+        offered = e0.bind_unbound_port(guest.domid)
+        before = handle_census(host)
+        monkeypatch.setattr(_hypervisor, "_writer", writer)
+        with connect(host, guest.domid) as sock:
+            sock.send(json.dumps({"op": "evtchn_bind_interdomain", "domid": 0,
+                                  "port": offered, "id": 1}).encode())
+            assert received(sock)["errno"] == errno.EMFILE
+            # Not even left to the handle (whose close would free it).
+            assert host.hypervisor.stats()["ports"] == before[0]["ports"]
+        assert len(calls) == 2
+        monkeypatch.undo()
+        released_since(host, before, "a bind that failed")
+        with guest.evtchn() as e1:
+            p1 = e1.bind_interdomain(0, offered)
+            assert eventually(lambda: e0.remote(offered) == (guest.domid, p1))
+
+
+def test_an_id_that_is_no_integer_is_not_echoed(host: SimHost, guest: Domain) -> None:
+    """A reply carries back its request's id only if it is an integer, as
+    the handles number theirs: JSON's true is none, though Python's True
+    == 1 would answer request 1."""
+    with connect(host, guest.domid) as sock:
+        sock.send(b'{"op": "info", "id": true}')
+        assert "id" not in received(sock)
