@@ -439,3 +439,41 @@ def test_an_id_that_is_no_integer_is_not_echoed(host: SimHost, guest: Domain) ->
     with connect(host, guest.domid) as sock:
         sock.send(b'{"op": "info", "id": true}')
         assert "id" not in received(sock)
+
+
+class _DupFailing:
+    """The os module as _hypervisor sees it, whose ``n``-th dup() from now
+    fails for want of a descriptor."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def dup(self, fd: int) -> int:
+        self.n -= 1
+        if self.n == 0:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return os.dup(fd)
+
+
+def test_a_map_failing_halfway_through_its_descriptors_keeps_none(
+    host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages of two shares make two descriptors in a map's reply; out of
+    descriptors at the second, the map fails EMFILE and the first is
+    closed, not kept, nor anything counted as mapped."""
+    from xenback.platform import GrantError
+
+    with guest.gntshr() as shr, host.dom0.gnttab() as tab:
+        one, two = shr.share_pages(0, 1), shr.share_pages(0, 1)
+        before = handle_census(host)
+        monkeypatch.setattr(_hypervisor, "os", _DupFailing(2))
+        with pytest.raises(GrantError) as info:
+            tab.map_grant_refs(guest.domid, [*one.refs, *two.refs])
+        assert info.value.errno == errno.EMFILE
+        monkeypatch.undo()
+        released_since(host, before, "a map that failed")
+        with tab.map_grant_refs(guest.domid, [*one.refs, *two.refs]):
+            pass
