@@ -477,3 +477,23 @@ def test_a_map_failing_halfway_through_its_descriptors_keeps_none(
         released_since(host, before, "a map that failed")
         with tab.map_grant_refs(guest.domid, [*one.refs, *two.refs]):
             pass
+
+
+def test_a_bug_removing_a_domain_is_raised_to_the_caller(
+    host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The service thread removes the domain; a bug it meets doing so is
+    logged there and raised to the caller waiting, not taken for done."""
+    hv = host.hypervisor
+
+    def failing(domid: int) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(hv, "_remove_domain", failing)
+    with pytest.raises(RuntimeError, match="^a bug$"):
+        hv.remove_domain(guest.domid)
+    monkeypatch.undo()
+    assert f"hypervisor: failure removing domain {guest.domid}" in caplog.text
+    with connect(host, 0) as sock:  # still serving
+        assert info(sock)["domid"] == 0
