@@ -497,3 +497,37 @@ def test_a_bug_removing_a_domain_is_raised_to_the_caller(
     assert f"hypervisor: failure removing domain {guest.domid}" in caplog.text
     with connect(host, 0) as sock:  # still serving
         assert info(sock)["domid"] == 0
+
+
+def test_a_late_reply_a_handle_cannot_take_closes_it_at_once(
+    host: SimHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A domain control request is answered later, from another thread;
+    if its handle cannot take the reply, the handle is closed there and
+    then, not left open until some other event wakes the service."""
+    hv = host.hypervisor
+    replies: list[Any] = []
+    asked = threading.Event()
+
+    def control(op: str, args: dict[str, Any], reply: Any) -> None:
+        replies.append(reply)  # answered from the test's thread, not here (under the lock)
+        asked.set()
+
+    def full(*args: object) -> None:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    previous = hv._control
+    hv.set_control(control)
+    try:
+        before = hv.stats()["connections"]
+        with connect(host, 0) as sock:
+            sock.send(b'{"op": "domain_create", "name": "late", "id": 3}')
+            assert asked.wait(TIMEOUT)
+            assert hv.stats()["connections"] == before + 1
+            monkeypatch.setattr(_hypervisor, "send_message", full)
+            replies[0]({"domid": 99})
+            monkeypatch.undo()
+            assert hv.stats()["connections"] == before
+            assert sock.recv(1) == b""
+    finally:
+        hv.set_control(previous)
