@@ -441,21 +441,25 @@ def test_an_id_that_is_no_integer_is_not_echoed(host: SimHost, guest: Domain) ->
         assert "id" not in received(sock)
 
 
-class _DupFailing:
-    """The os module as _hypervisor sees it, whose ``n``-th dup() from now
-    fails for want of a descriptor."""
+class _FailingOs:
+    """The os module as _hypervisor sees it, whose ``n``-th call of
+    ``name`` from now fails for want of a descriptor."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
+    def __init__(self, name: str, n: int) -> None:
+        self.name, self.n = name, n
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(os, name)
+        call = getattr(os, name)
+        if name != self.name:
+            return call
 
-    def dup(self, fd: int) -> int:
-        self.n -= 1
-        if self.n == 0:
-            raise OSError(errno.EMFILE, "Too many open files")
-        return os.dup(fd)
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            self.n -= 1
+            if self.n == 0:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return call(*args, **kwargs)
+
+        return failing
 
 
 def test_a_map_failing_halfway_through_its_descriptors_keeps_none(
@@ -469,7 +473,7 @@ def test_a_map_failing_halfway_through_its_descriptors_keeps_none(
     with guest.gntshr() as shr, host.dom0.gnttab() as tab:
         one, two = shr.share_pages(0, 1), shr.share_pages(0, 1)
         before = handle_census(host)
-        monkeypatch.setattr(_hypervisor, "os", _DupFailing(2))
+        monkeypatch.setattr(_hypervisor, "os", _FailingOs("dup", 2))
         with pytest.raises(GrantError) as info:
             tab.map_grant_refs(guest.domid, [*one.refs, *two.refs])
         assert info.value.errno == errno.EMFILE
@@ -531,3 +535,22 @@ def test_a_late_reply_a_handle_cannot_take_closes_it_at_once(
             assert sock.recv(1) == b""
     finally:
         hv.set_control(previous)
+
+
+def test_a_bind_out_of_descriptors_says_so(
+    host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No descriptor left for the write end of the offered port's pipe:
+    EMFILE, as for any request the service is short for, not EINVAL (the
+    offered port is fine, its owner is not going away)."""
+    with host.dom0.evtchn() as e0:
+        offered = e0.bind_unbound_port(guest.domid)
+        monkeypatch.setattr(_hypervisor, "os", _FailingOs("open", 1))
+        with connect(host, guest.domid) as sock:
+            sock.send(json.dumps({"op": "evtchn_bind_interdomain", "domid": 0,
+                                  "port": offered, "id": 1}).encode())
+            assert received(sock)["errno"] == errno.EMFILE
+        monkeypatch.undo()
+        with guest.evtchn() as e1:
+            p1 = e1.bind_interdomain(0, offered)
+            assert eventually(lambda: e0.remote(offered) == (guest.domid, p1))
