@@ -1724,3 +1724,24 @@ def test_a_memory_file_let_go_keeps_no_descriptor_number(host: SimHost, guest: D
         with host.hypervisor._lock:
             assert memory.users == 0 and memory.fd == -1
             assert table.files == 0
+
+
+def test_refs_map_their_own_pages_whatever_came_before(
+    handles: tuple[GrantShare, GrantTable], guest: Domain
+) -> None:
+    """Refs of consecutive pages of one share make one segment of the
+    reply; a ref given again after its successor starts a new one (the
+    page going back), not a longer run of the pages that follow, and so
+    does the page of another share."""
+    shr, tab = handles
+    shared = shr.share_pages(0, 3)
+    for page in range(3):
+        shared.buffer[page * PAGE_SIZE] = page + 1
+    r0, r1, _ = shared.refs
+    with tab.map_grant_refs(guest.domid, [r0, r1, r1]) as m:
+        assert [m.buffer[page * PAGE_SIZE] for page in range(3)] == [1, 2, 2]
+    # Nor does a page of another share that comes next in its own.
+    other = shr.share_pages(0, 1)
+    other.buffer[0] = 9
+    with tab.map_grant_refs(guest.domid, [*other.refs, r1]) as m:
+        assert [m.buffer[0], m.buffer[PAGE_SIZE]] == [9, 2]
