@@ -554,3 +554,29 @@ def test_a_bind_out_of_descriptors_says_so(
         with guest.evtchn() as e1:
             p1 = e1.bind_interdomain(0, offered)
             assert eventually(lambda: e0.remote(offered) == (guest.domid, p1))
+
+
+def test_a_new_pipe_never_sent_is_closed_when_a_newer_one_replaces_it(
+    host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer goes twice while the port's news waits for room: each time
+    the port gets a new pipe; the read end of the first, never sent, is
+    closed as the second replaces it, and the port fires on the last."""
+    full = threading.Event()  # set: no socket has room for news
+    real = _hypervisor._has_room
+    monkeypatch.setattr(_hypervisor, "_has_room", lambda sock: not full.is_set() and real(sock))
+    before = handle_census(host)
+    with host.dom0.evtchn() as e0, guest.evtchn() as e1:
+        p1 = e1.bind_unbound_port(0)
+        p0 = e0.bind_interdomain(guest.domid, p1)
+        assert eventually(lambda: e1.remote(p1) == (0, p0))
+        full.set()
+        e0.unbind(p0)
+        e0.unbind(e0.bind_interdomain(guest.domid, p1))
+        q0 = e0.bind_interdomain(guest.domid, p1)
+        full.clear()
+        e1.bind_unbound_port(0)  # after the news (sent first: see _dispatch)
+        assert e1.remote(p1) == (0, q0)
+        e0.notify(q0)
+        assert wait_pending(e1) == p1
+    released_since(host, before, "the test")
