@@ -580,3 +580,13 @@ def test_a_new_pipe_never_sent_is_closed_when_a_newer_one_replaces_it(
         e0.notify(q0)
         assert wait_pending(e1) == p1
     released_since(host, before, "the test")
+
+
+def test_a_late_reply_carries_its_request_id(host: SimHost) -> None:
+    """A domain control request answered later, from another thread, is
+    answered with its own id, as any other: the handle may have other
+    requests in flight by then (see _proto.py)."""
+    with connect(host, 0) as sock:
+        sock.send(b'{"op": "domain_destroy", "domid": 999, "id": 5}')
+        reply = received(sock)
+    assert (reply["errno"], reply["id"]) == (errno.ESRCH, 5)
