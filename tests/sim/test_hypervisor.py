@@ -590,3 +590,27 @@ def test_a_late_reply_carries_its_request_id(host: SimHost) -> None:
         sock.send(b'{"op": "domain_destroy", "domid": 999, "id": 5}')
         reply = received(sock)
     assert (reply["errno"], reply["id"]) == (errno.ESRCH, 5)
+
+
+def test_a_handle_dropped_while_its_domain_goes_is_closed_once(
+    host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Closing one handle of a dying domain tells its peer, another handle
+    of the domain, which cannot take the news and is dropped (to be closed
+    later), then closed with its domain: the later close finds it closed."""
+    a, b = guest.evtchn(), guest.evtchn()
+    try:
+        b.bind_interdomain(guest.domid, a.bind_unbound_port(guest.domid))
+
+        def full(*args: object) -> None:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+        monkeypatch.setattr(_hypervisor, "send_message", full)
+        host.destroy_domain(guest)
+        monkeypatch.undo()
+    finally:
+        a.close()
+        b.close()
+    assert "failure" not in caplog.text
+    assert host.hypervisor.stats()["domains"] == 1
