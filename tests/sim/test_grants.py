@@ -567,6 +567,8 @@ def ask(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> dict:
         (b'{"op": "evtchn_alloc_unbound", "domid": 32752}', errno.EINVAL),
         (b'{"op": "evtchn_unbind", "port": 1}', errno.EINVAL),
         (b'{"op": "evtchn_alloc_unbound", "domid": "0"}', errno.EINVAL),
+        # JSON's false is no domain id, though Python's False == 0.
+        (b'{"op": "gnt_share", "domid": false, "count": 1, "writable": true}', errno.EINVAL),
         (b'{"op": "evtchn_bind_interdomain", "domid": 0, "port": 0}', errno.EINVAL),
         (b"x" * 66000, errno.E2BIG),
         (b"x" * (64 * 1024 + 1), errno.E2BIG),  # one byte over MAX_MESSAGE
@@ -1722,3 +1724,24 @@ def test_a_memory_file_let_go_keeps_no_descriptor_number(host: SimHost, guest: D
         with host.hypervisor._lock:
             assert memory.users == 0 and memory.fd == -1
             assert table.files == 0
+
+
+def test_refs_map_their_own_pages_whatever_came_before(
+    handles: tuple[GrantShare, GrantTable], guest: Domain
+) -> None:
+    """Refs of consecutive pages of one share make one segment of the
+    reply; a ref given again after its successor starts a new one (the
+    page going back), not a longer run of the pages that follow, and so
+    does the page of another share."""
+    shr, tab = handles
+    shared = shr.share_pages(0, 3)
+    for page in range(3):
+        shared.buffer[page * PAGE_SIZE] = page + 1
+    r0, r1, _ = shared.refs
+    with tab.map_grant_refs(guest.domid, [r0, r1, r1]) as m:
+        assert [m.buffer[page * PAGE_SIZE] for page in range(3)] == [1, 2, 2]
+    # Nor does a page of another share that comes next in its own.
+    other = shr.share_pages(0, 1)
+    other.buffer[0] = 9
+    with tab.map_grant_refs(guest.domid, [*other.refs, r1]) as m:
+        assert [m.buffer[0], m.buffer[PAGE_SIZE]] == [9, 2]

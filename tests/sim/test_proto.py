@@ -952,6 +952,37 @@ def _no_descriptor_left() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def test_the_descriptors_of_a_request_the_service_got_in_part_are_closed(
+        host: SimHost, guest: Domain) -> None:
+    """With numbers for only some of a request's descriptors, the kernel
+    gives the service those (MSG_CTRUNC): the request is refused as the
+    service out of descriptors is, and the ones it got are closed, not
+    kept for good."""
+    from xenback.sim._hypervisor import domain_socket
+
+    pipes = [os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for _ in range(2)]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.connect(os.fspath(domain_socket(host.run_dir, guest.domid)))
+            sock.send(b'{"op": "info", "id": 1}')
+            assert json.loads(sock.recv(70000))["domid"] == guest.domid  # accepted
+            room = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            with _no_descriptor_left():
+                os.close(room)  # one number left, for the first descriptor
+                socket.send_fds(sock, [b'{"op": "info", "id": 2}'], [w for _, w in pipes])
+                data, fds, _, _ = socket.recv_fds(sock, 70000, 4)
+            assert (json.loads(data)["errno"], fds) == (errno.EMFILE, [])
+        for r, w in pipes:
+            os.close(w)
+            assert os.read(r, 1) == b""  # no write end left in the service
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            with contextlib.suppress(OSError):
+                os.close(w)
+
+
 def test_a_reply_whose_descriptors_find_no_room_fails_its_call_and_is_given_back(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A reply whose descriptors this process has no number left for (the
