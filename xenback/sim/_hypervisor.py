@@ -755,7 +755,11 @@ class Hypervisor:
                 peer_w = own = _writer(peer)
             except OSError as e:
                 # Out of descriptors: the owner cannot notify the peer, as
-                # if it had not bound; the peer's notifications still arrive.
+                # if it had not bound.  The peer's notifications still
+                # arrive, unless a new pipe (``fresh``) waits to go with
+                # this news: the peer writes to it, unread until the port's
+                # next news (not retried: that would spin while descriptors
+                # are short).
                 self._warn_fds("news of port %d of domain %d lost: %s", port.port, port.domid, e)
                 return False
             if peer_w is None:
