@@ -617,6 +617,23 @@ def test_fileno_waits_for_data(fe: pvcalls.Frontend, server: Any) -> None:
         assert sel.select(0) == []
 
 
+def test_fileno_read_after_many_updates_while_readable_polls_unreadable(
+        fe: pvcalls.Frontend, server: Any) -> None:
+    """Every send() and every event updates the descriptor; the many that
+    find it readable already must leave it as one update did, so that
+    taking the data clears it (a byte written per update was more than
+    the clearing read takes)."""
+    srv = server()
+    with connected(fe, srv.address) as s, selectors.DefaultSelector() as sel:
+        sel.register(s, selectors.EVENT_READ)
+        s.sendall(b"hello")
+        assert [key.fileobj for key, _ in sel.select(TIMEOUT)] == [s]
+        for _ in range(40):  # each updates the descriptor, readable throughout
+            assert s.send(b"x") == 1
+        assert recv_exactly(s, 45) == b"hello" + b"x" * 40
+        assert sel.select(0) == []
+
+
 def test_a_ring_relayed_late_for_its_old_socket_serves_the_next_one(
         fe: pvcalls.Frontend, server: Any) -> None:
     """A fileno() that read a socket's ring just before a refused
@@ -3789,6 +3806,38 @@ def test_a_readiness_update_interrupted_anywhere_leaves_the_descriptor_as_record
                 fd.close()
             if not where:
                 break
+
+
+@pytest.mark.parametrize(("start", "to"), [
+    ((False, True), (True, True)),  # the byte that makes it readable
+    ((True, True), (False, True)),  # the read that clears it
+    ((False, True), (False, False)),  # the send buffer that makes it unwritable
+    ((False, False), (False, True)),  # and writable again
+], ids=["to-readable", "to-unreadable", "to-unwritable", "to-writable"])
+def test_a_readiness_update_a_closed_descriptor_fails_is_tried_again_by_the_next(
+        start: tuple[bool, bool], to: tuple[bool, bool]) -> None:
+    """The program closed the descriptor fileno() gave it (another file
+    took its number): a set() that cannot make it poll as asked raises
+    and keeps the record as it was, so that the next set() tries again
+    and raises too, and every later call says so (see
+    PVSocket._repair_ready), rather than one only."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    fd = ReadyFd()
+    try:
+        fd.set(*start)
+        readonly = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.dup2(readonly, fd.fileno())
+        finally:
+            os.close(readonly)
+        for _ in range(2):
+            with pytest.raises(OSError):
+                fd.set(*to)
+            assert (fd.readable, fd.writable) == start
+    finally:
+        with contextlib.suppress(OSError):
+            fd.close()
 
 
 @pytest.mark.timeout(600)

@@ -4386,6 +4386,28 @@ def test_recv_waitall_sees_the_data_across_the_in_index_wrap(
         s.close()  # ends the call if it waits on
 
 
+def test_a_receive_across_the_end_of_the_in_ring_takes_what_was_asked(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """Data that runs past the end of the in ring's pages comes in two
+    pieces: a receive of fewer bytes than the buffer holds, taking from
+    both, copies what was asked for and no more (peeking or not), and
+    the rest stays for the next call, in order."""
+    s, ring = connected(fe, fake)
+    for offset in (IN_CONS_OFFSET, IN_PROD_OFFSET):
+        ring.put(offset, ring.size - 3)
+    data = bytes(range(1, 11))
+    ring.produce(data)  # 3 bytes at the end of the pages, 7 at the start
+    s.settimeout(TIMEOUT)
+    try:
+        for flags in (socket.MSG_PEEK, 0):
+            buf = bytearray(20)
+            assert s.recv_into(buf, 5, flags) == 5
+            assert buf == data[:5] + bytes(15)
+        assert s.recv(100) == data[5:]
+    finally:
+        s.close()
+
+
 def test_a_recycled_ring_starts_with_no_errors(fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """A ring whose backend wrote in_error and out_error (the host socket
     failed), back in the pool once its socket is released, is clean for
