@@ -593,6 +593,22 @@ def test_a_signal_another_thread_took_interrupts_a_blocked_call(
         assert first.join().oserror().errno == errno.EBADF
 
 
+def test_sendfile_of_a_pipe_sends_what_it_reads(fe: pvcalls.Frontend, server: Any) -> None:
+    """A file that cannot tell its position (a pipe) is read to its end
+    and sent, its position asked for neither before nor after.  (CPython's
+    sendfile() sends nothing from a pipe: its fstat size 0 is taken for
+    an empty file.)"""
+    got: list[bytes] = []
+    srv = server(lambda conn: got.append(recv_exactly(conn, 5)))
+    r, w = os.pipe()
+    os.write(w, b"hello")
+    os.close(w)
+    with connected(fe, srv.address) as s, os.fdopen(r, "rb") as f:
+        assert s.sendfile(f) == 5
+        srv.close()
+    assert got == [b"hello"]
+
+
 def test_makefile_keeps_socket_open_until_closed(fe: pvcalls.Frontend, server: Any) -> None:
     srv = server()
     s = connected(fe, srv.address)

@@ -745,6 +745,33 @@ def test_sendfile_of_a_file_that_is_not_a_regular_one(pair: tuple[Any, socket.so
     assert recv_exactly(peer, 13) == b"0123456789456"
 
 
+def test_sendfile_of_a_file_whose_descriptor_is_no_file_sends_what_it_reads(
+        pair: tuple[Any, socket.socket]) -> None:
+    """A file object whose fileno() names no open file (fstat fails) is
+    read and sent as one with no descriptor: CPython gives up on
+    os.sendfile() for it, and falls back to send()."""
+
+    class NoFile(io.BytesIO):
+        def fileno(self) -> int:
+            return -1
+
+    c, peer = pair
+    f = NoFile(b"0123456789")
+    assert c.sendfile(f, 2) == 8 and f.tell() == 10
+    assert recv_exactly(peer, 8) == b"23456789"
+
+
+def test_a_send_with_a_timeout_returns_once_some_went(pair: tuple[Any, socket.socket]) -> None:
+    """With a timeout, send() returns what went once the buffers are full
+    (as a non-blocking one, after waiting for room for a first byte),
+    rather than waiting within the timeout for room for all of it."""
+    c, peer = pair
+    c.settimeout(3600)
+    data = bytes(64 << 20)  # far more than the socket's buffers (or the ring) hold
+    sent = Call(lambda: c.send(data)).join().result
+    assert 0 < sent < len(data)
+
+
 def test_the_timeout_attribute(make: Callable[[], Any]) -> None:
     s = make()
     s.settimeout(2.5)
