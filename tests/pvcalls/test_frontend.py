@@ -314,6 +314,30 @@ def test_close_wakes_a_blocked_sender(fe: pvcalls.Frontend, server: Any) -> None
         release.set()
 
 
+def test_close_ends_a_blocked_send_with_what_it_sent(fe: pvcalls.Frontend, server: Any) -> None:
+    """A blocking send() that filled the out ring and waits for room
+    returns how much went into the ring when another thread closes the
+    socket (the next call says EBADF), as it does on a failed connection."""
+    release = threading.Event()
+
+    def sluggish(conn: socket.socket) -> None:
+        release.wait(TIMEOUT)
+
+    srv = server(sluggish)
+    s = connected(fe, srv.address)
+    s.settimeout(None)
+    data = bytes(64 << 20)  # far more than the ring and socket buffers hold
+    sender = Call(lambda: s.send(data))
+    try:
+        wait_until(lambda: sleeping_in_wait(s))
+        s.close()
+        sent = sender.join().result
+        assert sender.error is None and 0 < sent < len(data), sender.error
+        assert_fails(errno.EBADF, lambda: s.send(b"x"))
+    finally:
+        release.set()
+
+
 class _PausedPoller:
     """Stands in for a data ring's ``select.poll`` of one caller: its first
     ``poll()`` stops (``paused`` set) until ``go`` is set."""
@@ -708,6 +732,9 @@ def test_notifications_after_consuming_only_for_a_full_ring(
             s.sendall(b"x" * 64)
             assert recv_exactly(s, 64) == b"x" * 64
         assert len(notified) == 20  # the sends only
+        assert s.send(b"") == 0
+        s.sendall(b"")
+        assert len(notified) == 20  # nothing produced, nothing to tell
         notified.clear()
         more.set()
         wait_until(lambda: ring.in_was_full(_wire_u32(ring, "in_cons")))  # the backend filled it

@@ -745,6 +745,24 @@ def test_sendfile_of_a_file_that_is_not_a_regular_one(pair: tuple[Any, socket.so
     assert recv_exactly(peer, 13) == b"0123456789456"
 
 
+def test_a_blocking_send_cut_short_by_a_reset_returns_what_went(
+        pair: tuple[Any, socket.socket]) -> None:
+    """A blocking send() waiting for room when the peer resets returns
+    how much it sent (as Linux's does once it copied some), and the next
+    send() raises the reset."""
+    c, peer = pair
+    c.settimeout(None)
+    data = bytes(64 << 20)  # far more than the socket's buffers (or the ring) hold
+    sending = Call(lambda: c.send(data))
+    assert peer.recv(1) == b"\0"  # the send is under way
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # with SO_LINGER 0: a reset
+    sent = sending.join().result
+    assert sending.error is None and 0 < sent < len(data), sending.error
+    with pytest.raises(ConnectionResetError):
+        c.send(b"y")
+
+
 def test_sendfile_of_a_file_whose_descriptor_is_no_file_sends_what_it_reads(
         pair: tuple[Any, socket.socket]) -> None:
     """A file object whose fileno() names no open file (fstat fails) is
