@@ -1298,6 +1298,37 @@ def test_a_close_racing_one_cut_short_leaves_the_socket_to_the_next(
     wait_until(lambda: s.id not in fake.rings)  # the backend had its RELEASE
 
 
+def test_a_blocking_send_the_backend_leaves_mid_call_returns_what_went(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A blocking send() that filled the out ring and waits for room when
+    the backend goes Closing returns how much went into the ring; the
+    next call says that the backend went away."""
+    s, ring = connected(fe, fake)
+    s.settimeout(None)
+    sending = Call(lambda: s.send(bytes(2 * ring.size)))
+    wait_until(lambda: sleeping_in_wait(s))
+    fake.set_state(5)
+    assert sending.join().error is None, sending.error
+    assert sending.result == ring.size
+    with pytest.raises(OSError) as info:
+        s.send(b"x")
+    assert (info.value.errno, info.value.strerror) == (
+        errno.ENOTCONN, "the PV Calls backend went away")
+    s.close()
+
+
+def test_a_sendall_out_of_time_with_a_byte_left_raises(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """sendall() whose timeout passes with all but one byte sent raises
+    TimeoutError: it did not send all."""
+    s, ring = connected(fe, fake)
+    s.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        s.sendall(bytes(ring.size + 1))  # the backend consumes nothing
+    assert ring.get(OUT_PROD_OFFSET) - ring.get(OUT_CONS_OFFSET) == ring.size
+    s.close()
+
+
 def test_the_backend_closing_mid_call_fails_the_waiters(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """Calls blocked without a timeout (a CONNECT, a SOCKET, a recv) when

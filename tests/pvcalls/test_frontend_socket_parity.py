@@ -154,6 +154,9 @@ def test_msg_dontwait_send_on_a_full_socket(pair: tuple[Any, socket.socket]) -> 
         for _ in range(10_000):  # the peer reads nothing: buffers fill
             sent += c.send(chunk, DONTWAIT)
     assert sent > 0
+    # sendall() too, as soon as it would wait (for more than any buffer holds).
+    sending = Call(lambda: c.sendall(bytes(64 << 20), DONTWAIT)).join()
+    assert isinstance(sending.error, BlockingIOError), sending.error
 
 
 def test_msg_waitall_waits_for_all_in_blocking_mode(pair: tuple[Any, socket.socket]) -> None:
