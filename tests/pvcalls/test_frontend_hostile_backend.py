@@ -4439,6 +4439,24 @@ def test_a_receive_across_the_end_of_the_in_ring_takes_what_was_asked(
         s.close()
 
 
+def test_a_peek_for_all_of_more_than_the_ring_holds_returns_a_full_ring(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """recv(MSG_PEEK | MSG_WAITALL) of more than the in ring can hold
+    waits for a full ring, not for ever (more never comes in while the
+    data stays), and returns it."""
+    s, ring = connected(fe, fake)
+    s.settimeout(None)
+    data = os.urandom(ring.size)
+    ring.produce(data[:10])
+    peeking = Call(lambda: s.recv(2 * ring.size, socket.MSG_PEEK | socket.MSG_WAITALL))
+    wait_until(lambda: sleeping_in_wait(s))
+    ring.produce(data[10:])
+    try:
+        assert peeking.join().result == data
+    finally:
+        s.close()  # ends the call if it waits on
+
+
 def test_a_recycled_ring_starts_with_no_errors(fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """A ring whose backend wrote in_error and out_error (the host socket
     failed), back in the pool once its socket is released, is clean for

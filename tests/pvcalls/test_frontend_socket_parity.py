@@ -170,8 +170,8 @@ def test_msg_waitall_waits_for_all_in_blocking_mode(pair: tuple[Any, socket.sock
     # With a timeout, CPython's recv() returns what is there.
     peer.sendall(b"gh")
     arrived(c, b"gh")
-    c.settimeout(TIMEOUT)
-    assert c.recv(10, WAITALL) == b"gh"
+    c.settimeout(3600.0)  # returns at once: waiting out the timeout fails the join
+    assert Call(lambda: c.recv(10, WAITALL)).join().result == b"gh"
     c.setblocking(False)
     with pytest.raises(BlockingIOError):
         c.recv(10, WAITALL)
@@ -179,6 +179,7 @@ def test_msg_waitall_waits_for_all_in_blocking_mode(pair: tuple[Any, socket.sock
     c.settimeout(None)
     peer.sendall(b"ef")
     peer.close()
+    assert Call(lambda: c.recv(10, PEEK | WAITALL)).join().result == b"ef"  # a peek too
     assert c.recv(10, WAITALL) == b"ef"
     assert c.recv(10, WAITALL) == b""
 
