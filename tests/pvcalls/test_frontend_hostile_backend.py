@@ -4439,6 +4439,26 @@ def test_a_receive_across_the_end_of_the_in_ring_takes_what_was_asked(
         s.close()
 
 
+def test_a_recv_for_all_into_a_larger_buffer_takes_what_was_asked(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """recv_into(MSG_WAITALL) of fewer bytes than the buffer holds, its
+    data coming in two goes, takes what was asked for and no more: the
+    rest stays for the next call."""
+    s, ring = connected(fe, fake)
+    s.settimeout(None)
+    ring.produce(b"ab")
+    buf = bytearray(20)
+    receiving = Call(lambda: s.recv_into(buf, 4, socket.MSG_WAITALL))
+    wait_until(lambda: sleeping_in_wait(s))  # "ab" taken, waiting for more
+    ring.produce(b"cdefgh")
+    try:
+        assert receiving.join().result == 4
+        assert buf == b"abcd" + bytes(16)
+        assert s.recv(10) == b"efgh"
+    finally:
+        s.close()
+
+
 def test_a_peek_for_all_of_more_than_the_ring_holds_returns_a_full_ring(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """recv(MSG_PEEK | MSG_WAITALL) of more than the in ring can hold
