@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import functools
 import gc
+import io
 import itertools
 import logging
 import os
@@ -1314,6 +1315,20 @@ def test_a_blocking_send_the_backend_leaves_mid_call_returns_what_went(
         s.send(b"x")
     assert (info.value.errno, info.value.strerror) == (
         errno.ENOTCONN, "the PV Calls backend went away")
+    s.close()
+
+
+def test_sendfile_out_of_time_leaves_the_position_after_the_last_byte_sent(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """sendfile() from a file that is no regular one, cut short by its
+    timeout with some sent, leaves the file's position after the last byte
+    sent (as socket.socket's), not after what it read."""
+    s, ring = connected(fe, fake)
+    s.settimeout(0.05)
+    f = io.BytesIO(bytes(4 * ring.size))
+    with pytest.raises(TimeoutError):
+        s.sendfile(f)  # the backend consumes nothing
+    assert f.tell() == ring.size
     s.close()
 
 

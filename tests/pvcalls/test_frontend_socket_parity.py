@@ -592,6 +592,17 @@ def test_recvfrom_and_recvmsg(pair: tuple[Any, socket.socket]) -> None:
         c.recvmsg(-1)
     with pytest.raises(ValueError):
         c.recvmsg(10, -1)
+    # recvmsg_into() fills only what it received, and refuses before it
+    # takes any data.
+    peer.sendall(b"seven")
+    arrived(c, b"seven")
+    with pytest.raises(ValueError):
+        c.recvmsg_into([bytearray(10)], -1)
+    with pytest.raises(TypeError):
+        c.recvmsg_into([bytearray(10), b"read-only"])
+    first, second, third = bytearray(b"????"), bytearray(b"????"), bytearray(b"????")
+    assert c.recvmsg_into([first, second, third]) == (5, [], 0, None)
+    assert (first, second, third) == (b"seve", b"n???", b"????")
 
 
 #: The receives of nothing that reach the kernel (CPython's recv() and
@@ -712,6 +723,13 @@ def test_sendto_and_sendmsg(pair: tuple[Any, socket.socket]) -> None:
         c.sendto(b"x")  # type: ignore[call-overload]
     with pytest.raises(TypeError):
         c.sendmsg(b"not a list of buffers")
+    with pytest.raises(TypeError):
+        c.sendto(b"x", 0, elsewhere, None)  # type: ignore[call-overload]
+    # The flags are checked, also where the address is.
+    with pytest.raises(TypeError):
+        c.sendto(b"x", "no flags", elsewhere)  # type: ignore[call-overload]
+    with pytest.raises(TypeError):
+        c.sendmsg([b"x"], [], "no flags")
 
 
 def test_sendfile_sends_from_the_offset_and_moves_the_file_position(
