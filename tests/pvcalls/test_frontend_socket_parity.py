@@ -746,7 +746,9 @@ def test_sendfile_sends_from_the_offset_and_moves_the_file_position(
         assert c.sendfile(f) == len(data)  # from offset 0, not the file position
         assert f.tell() == len(data)
         assert recv_exactly(peer, len(data)) == data
+        f.seek(3)
         assert c.sendfile(f, len(data)) == 0
+        assert f.tell() == 3  # nothing sent: where it was
         with pytest.raises(TypeError):
             c.sendfile(f, 0, "10")
         with pytest.raises(ValueError):
@@ -799,6 +801,51 @@ def test_sendfile_of_a_file_whose_descriptor_is_no_file_sends_what_it_reads(
     f = NoFile(b"0123456789")
     assert c.sendfile(f, 2) == 8 and f.tell() == 10
     assert recv_exactly(peer, 8) == b"23456789"
+
+
+def test_sendfile_of_a_count_from_a_file_that_reads_short_sends_the_count(
+        pair: tuple[Any, socket.socket]) -> None:
+    """A file whose reads return fewer bytes than asked for (a raw one)
+    gives sendfile() exactly ``count`` bytes: each read asks for no more
+    than is left to send."""
+
+    class Trickle(io.RawIOBase):
+        def __init__(self, data: bytes) -> None:
+            self.data, self.pos = data, 0
+
+        def readable(self) -> bool:
+            return True
+
+        def seekable(self) -> bool:
+            return True
+
+        def seek(self, pos: int, whence: int = 0) -> int:
+            assert whence == 0
+            self.pos = pos
+            return pos
+
+        def tell(self) -> int:
+            return self.pos
+
+        def readinto(self, buffer: Any) -> int:
+            n = min(3, len(buffer), len(self.data) - self.pos)
+            buffer[:n] = self.data[self.pos : self.pos + n]
+            self.pos += n
+            return n
+
+    c, peer = pair
+    f = Trickle(b"abcdefgh")
+    assert c.sendfile(f, count=4) == 4
+    assert f.tell() == 4
+    assert recv_exactly(peer, 4) == b"abcd"
+
+
+def test_makefile_takes_a_negative_buffering_for_the_default(
+        pair: tuple[Any, socket.socket]) -> None:
+    c, peer = pair
+    with c.makefile("rb", -1) as f:
+        peer.sendall(b"line\n")
+        assert f.readline() == b"line\n"
 
 
 def test_a_send_with_a_timeout_returns_once_some_went(pair: tuple[Any, socket.socket]) -> None:
