@@ -840,10 +840,24 @@ def test_sendfile_of_a_count_from_a_file_that_reads_short_sends_the_count(
     assert recv_exactly(peer, 4) == b"abcd"
 
 
-def test_makefile_takes_a_negative_buffering_for_the_default(
+def test_makefile_takes_a_negative_buffering_for_the_default_and_says_its_mode(
         pair: tuple[Any, socket.socket]) -> None:
     c, peer = pair
     with c.makefile("rb", -1) as f:
+        peer.sendall(b"line\n")
+        assert f.readline() == b"line\n"
+    with c.makefile("r") as text:
+        assert text.mode == "r"
+
+
+def test_a_socketio_closed_before_makefile_does_not_close_the_sockets_file(
+        pair: tuple[Any, socket.socket]) -> None:
+    """A SocketIO made by hand and closed counts no file of makefile()'s:
+    close() of the socket still waits for the one makefile() gives after."""
+    c, peer = pair
+    socket.SocketIO(c, "rb").close()
+    with c.makefile("rb") as f:
+        c.close()
         peer.sendall(b"line\n")
         assert f.readline() == b"line\n"
 
