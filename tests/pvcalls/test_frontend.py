@@ -1155,6 +1155,8 @@ def test_a_rings_own_handle_that_overflows_again_at_once_fails_its_socket(
             with pytest.raises(OSError) as info:
                 failing()
             assert info.value.errno == errno.EIO
+        fd = s.fileno()  # readable: recv() fails at once
+        assert select.select([fd], [], [], 0)[0] == [fd]
         assert len(resets) == RESETS_IN_A_ROW  # no waiter asks it again
     with connected(fe, srv.address) as other:  # the frontend goes on
         go.set()
