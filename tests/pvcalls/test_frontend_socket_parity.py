@@ -773,7 +773,7 @@ def test_a_blocking_send_cut_short_by_a_reset_returns_what_went(
         pair: tuple[Any, socket.socket]) -> None:
     """A blocking send() waiting for room when the peer resets returns
     how much it sent (as Linux's does once it copied some), and the next
-    send() raises the reset."""
+    send() fails."""
     c, peer = pair
     c.settimeout(None)
     data = bytes(64 << 20)  # far more than the socket's buffers (or the ring) hold
@@ -783,7 +783,10 @@ def test_a_blocking_send_cut_short_by_a_reset_returns_what_went(
     peer.close()  # with SO_LINGER 0: a reset
     sent = sending.join().result
     assert sending.error is None and 0 < sent < len(data), sending.error
-    with pytest.raises(ConnectionResetError):
+    # EPIPE over PV Calls at times: the backend, writing when the reset
+    # came, may get EPIPE where its reader got ECONNRESET, and send()
+    # reports the backend's out_error first.
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
         c.send(b"y")
 
 
