@@ -314,6 +314,30 @@ def test_close_wakes_a_blocked_sender(fe: pvcalls.Frontend, server: Any) -> None
         release.set()
 
 
+def test_close_ends_a_blocked_send_with_what_it_sent(fe: pvcalls.Frontend, server: Any) -> None:
+    """A blocking send() that filled the out ring and waits for room
+    returns how much went into the ring when another thread closes the
+    socket (the next call says EBADF), as it does on a failed connection."""
+    release = threading.Event()
+
+    def sluggish(conn: socket.socket) -> None:
+        release.wait(TIMEOUT)
+
+    srv = server(sluggish)
+    s = connected(fe, srv.address)
+    s.settimeout(None)
+    data = bytes(64 << 20)  # far more than the ring and socket buffers hold
+    sender = Call(lambda: s.send(data))
+    try:
+        wait_until(lambda: sleeping_in_wait(s))
+        s.close()
+        sent = sender.join().result
+        assert sender.error is None and 0 < sent < len(data), sender.error
+        assert_fails(errno.EBADF, lambda: s.send(b"x"))
+    finally:
+        release.set()
+
+
 class _PausedPoller:
     """Stands in for a data ring's ``select.poll`` of one caller: its first
     ``poll()`` stops (``paused`` set) until ``go`` is set."""
@@ -593,6 +617,20 @@ def test_a_signal_another_thread_took_interrupts_a_blocked_call(
         assert first.join().oserror().errno == errno.EBADF
 
 
+def test_sendfile_of_a_pipe_sends_what_it_reads(fe: pvcalls.Frontend, server: Any) -> None:
+    """A file that cannot tell its position (a pipe) is read to its end
+    and sent, its position asked for neither before nor after.  (CPython's
+    sendfile() sends nothing from a pipe: its fstat size 0 is taken for
+    an empty file.)"""
+    srv = server()  # echoes
+    r, w = os.pipe()
+    os.write(w, b"hello")
+    os.close(w)
+    with connected(fe, srv.address) as s, os.fdopen(r, "rb") as f:
+        assert s.sendfile(f) == 5
+        assert recv_exactly(s, 5) == b"hello"
+
+
 def test_makefile_keeps_socket_open_until_closed(fe: pvcalls.Frontend, server: Any) -> None:
     srv = server()
     s = connected(fe, srv.address)
@@ -614,6 +652,23 @@ def test_fileno_waits_for_data(fe: pvcalls.Frontend, server: Any) -> None:
         s.sendall(b"hello")
         assert [key.fileobj for key, _ in sel.select(TIMEOUT)] == [s]
         assert recv_exactly(s, 5) == b"hello"
+        assert sel.select(0) == []
+
+
+def test_fileno_read_after_many_updates_while_readable_polls_unreadable(
+        fe: pvcalls.Frontend, server: Any) -> None:
+    """Every send() and every event updates the descriptor; the many that
+    find it readable already must leave it as one update did, so that
+    taking the data clears it (a byte written per update was more than
+    the clearing read takes)."""
+    srv = server()
+    with connected(fe, srv.address) as s, selectors.DefaultSelector() as sel:
+        sel.register(s, selectors.EVENT_READ)
+        s.sendall(b"hello")
+        assert [key.fileobj for key, _ in sel.select(TIMEOUT)] == [s]
+        for _ in range(40):  # each updates the descriptor, readable throughout
+            assert s.send(b"x") == 1
+        assert recv_exactly(s, 45) == b"hello" + b"x" * 40
         assert sel.select(0) == []
 
 
@@ -675,6 +730,9 @@ def test_notifications_after_consuming_only_for_a_full_ring(
             s.sendall(b"x" * 64)
             assert recv_exactly(s, 64) == b"x" * 64
         assert len(notified) == 20  # the sends only
+        assert s.send(b"") == 0
+        s.sendall(b"")
+        assert len(notified) == 20  # nothing produced, nothing to tell
         notified.clear()
         more.set()
         wait_until(lambda: ring.in_was_full(_wire_u32(ring, "in_cons")))  # the backend filled it
@@ -1097,6 +1155,8 @@ def test_a_rings_own_handle_that_overflows_again_at_once_fails_its_socket(
             with pytest.raises(OSError) as info:
                 failing()
             assert info.value.errno == errno.EIO
+        fd = s.fileno()  # readable: recv() fails at once
+        assert select.select([fd], [], [], 0)[0] == [fd]
         assert len(resets) == RESETS_IN_A_ROW  # no waiter asks it again
     with connected(fe, srv.address) as other:  # the frontend goes on
         go.set()
@@ -3789,6 +3849,38 @@ def test_a_readiness_update_interrupted_anywhere_leaves_the_descriptor_as_record
                 fd.close()
             if not where:
                 break
+
+
+@pytest.mark.parametrize(("start", "to"), [
+    ((False, True), (True, True)),  # the byte that makes it readable
+    ((True, True), (False, True)),  # the read that clears it
+    ((False, True), (False, False)),  # the send buffer that makes it unwritable
+    ((False, False), (False, True)),  # and writable again
+], ids=["to-readable", "to-unreadable", "to-unwritable", "to-writable"])
+def test_a_readiness_update_a_closed_descriptor_fails_is_tried_again_by_the_next(
+        start: tuple[bool, bool], to: tuple[bool, bool]) -> None:
+    """The program closed the descriptor fileno() gave it (another file
+    took its number): a set() that cannot make it poll as asked raises
+    and keeps the record as it was, so that the next set() tries again
+    and raises too, and every later call says so (see
+    PVSocket._repair_ready), rather than one only."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    fd = ReadyFd()
+    try:
+        fd.set(*start)
+        readonly = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.dup2(readonly, fd.fileno())
+        finally:
+            os.close(readonly)
+        for _ in range(2):
+            with pytest.raises(OSError):
+                fd.set(*to)
+            assert (fd.readable, fd.writable) == start
+    finally:
+        with contextlib.suppress(OSError):
+            fd.close()
 
 
 @pytest.mark.timeout(600)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import functools
 import gc
+import io
 import itertools
 import logging
 import os
@@ -1296,6 +1297,51 @@ def test_a_close_racing_one_cut_short_leaves_the_socket_to_the_next(
     assert s.id in fake.rings  # not released yet
     s.close()
     wait_until(lambda: s.id not in fake.rings)  # the backend had its RELEASE
+
+
+def test_a_blocking_send_the_backend_leaves_mid_call_returns_what_went(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A blocking send() that filled the out ring and waits for room when
+    the backend goes Closing returns how much went into the ring; the
+    next call says that the backend went away."""
+    s, ring = connected(fe, fake)
+    s.settimeout(None)
+    sending = Call(lambda: s.send(bytes(2 * ring.size)))
+    wait_until(lambda: sleeping_in_wait(s))
+    fake.set_state(5)
+    assert sending.join().error is None, sending.error
+    assert sending.result == ring.size
+    with pytest.raises(OSError) as info:
+        s.send(b"x")
+    assert (info.value.errno, info.value.strerror) == (
+        errno.ENOTCONN, "the PV Calls backend went away")
+    s.close()
+
+
+def test_sendfile_out_of_time_leaves_the_position_after_the_last_byte_sent(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """sendfile() from a file that is no regular one, cut short by its
+    timeout with some sent, leaves the file's position after the last byte
+    sent (as socket.socket's), not after what it read."""
+    s, ring = connected(fe, fake)
+    s.settimeout(0.05)
+    f = io.BytesIO(bytes(4 * ring.size))
+    with pytest.raises(TimeoutError):
+        s.sendfile(f)  # the backend consumes nothing
+    assert f.tell() == ring.size
+    s.close()
+
+
+def test_a_sendall_out_of_time_with_a_byte_left_raises(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """sendall() whose timeout passes with all but one byte sent raises
+    TimeoutError: it did not send all."""
+    s, ring = connected(fe, fake)
+    s.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        s.sendall(bytes(ring.size + 1))  # the backend consumes nothing
+    assert ring.get(OUT_PROD_OFFSET) - ring.get(OUT_CONS_OFFSET) == ring.size
+    s.close()
 
 
 def test_the_backend_closing_mid_call_fails_the_waiters(
@@ -4382,6 +4428,66 @@ def test_recv_waitall_sees_the_data_across_the_in_index_wrap(
     ring.produce(b"cd")  # in_prod wraps to 1
     try:
         assert receiving.join().result == b"abcd"
+    finally:
+        s.close()  # ends the call if it waits on
+
+
+def test_a_receive_across_the_end_of_the_in_ring_takes_what_was_asked(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """Data that runs past the end of the in ring's pages comes in two
+    pieces: a receive of fewer bytes than the buffer holds, taking from
+    both, copies what was asked for and no more (peeking or not), and
+    the rest stays for the next call, in order."""
+    s, ring = connected(fe, fake)
+    for offset in (IN_CONS_OFFSET, IN_PROD_OFFSET):
+        ring.put(offset, ring.size - 3)
+    data = bytes(range(1, 11))
+    ring.produce(data)  # 3 bytes at the end of the pages, 7 at the start
+    s.settimeout(TIMEOUT)
+    try:
+        for flags in (socket.MSG_PEEK, 0):
+            buf = bytearray(20)
+            assert s.recv_into(buf, 5, flags) == 5
+            assert buf == data[:5] + bytes(15)
+        assert s.recv(100) == data[5:]
+    finally:
+        s.close()
+
+
+def test_a_recv_for_all_into_a_larger_buffer_takes_what_was_asked(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """recv_into(MSG_WAITALL) of fewer bytes than the buffer holds, its
+    data coming in two goes, takes what was asked for and no more: the
+    rest stays for the next call."""
+    s, ring = connected(fe, fake)
+    s.settimeout(None)
+    ring.produce(b"ab")
+    buf = bytearray(20)
+    receiving = Call(lambda: s.recv_into(buf, 4, socket.MSG_WAITALL))
+    wait_until(lambda: sleeping_in_wait(s))  # "ab" taken, waiting for more
+    ring.produce(b"cdefgh")
+    try:
+        assert receiving.join().result == 4
+        assert buf == b"abcd" + bytes(16)
+        assert s.recv(10) == b"efgh"
+    finally:
+        s.close()
+
+
+def test_a_peek_for_all_of_more_than_the_ring_holds_returns_a_full_ring(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """recv(MSG_PEEK | MSG_WAITALL) of more than the in ring can hold
+    waits for a full ring, not for ever (more never comes in while the
+    data stays), and returns it."""
+    s, ring = connected(fe, fake)
+    s.settimeout(None)
+    data = os.urandom(ring.size)
+    ring.produce(data[:10])
+    peeking = Call(lambda: s.recv(2 * ring.size, socket.MSG_PEEK | socket.MSG_WAITALL))
+    wait_until(lambda: sleeping_in_wait(s))
+    ring.produce(data[10:])
+    try:
+        assert peeking.join().result == data
     finally:
         s.close()  # ends the call if it waits on
 

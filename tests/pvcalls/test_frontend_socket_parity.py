@@ -154,6 +154,9 @@ def test_msg_dontwait_send_on_a_full_socket(pair: tuple[Any, socket.socket]) -> 
         for _ in range(10_000):  # the peer reads nothing: buffers fill
             sent += c.send(chunk, DONTWAIT)
     assert sent > 0
+    # sendall() too, as soon as it would wait (for more than any buffer holds).
+    sending = Call(lambda: c.sendall(bytes(64 << 20), DONTWAIT)).join()
+    assert isinstance(sending.error, BlockingIOError), sending.error
 
 
 def test_msg_waitall_waits_for_all_in_blocking_mode(pair: tuple[Any, socket.socket]) -> None:
@@ -167,8 +170,8 @@ def test_msg_waitall_waits_for_all_in_blocking_mode(pair: tuple[Any, socket.sock
     # With a timeout, CPython's recv() returns what is there.
     peer.sendall(b"gh")
     arrived(c, b"gh")
-    c.settimeout(TIMEOUT)
-    assert c.recv(10, WAITALL) == b"gh"
+    c.settimeout(3600.0)  # returns at once: waiting out the timeout fails the join
+    assert Call(lambda: c.recv(10, WAITALL)).join().result == b"gh"
     c.setblocking(False)
     with pytest.raises(BlockingIOError):
         c.recv(10, WAITALL)
@@ -176,6 +179,7 @@ def test_msg_waitall_waits_for_all_in_blocking_mode(pair: tuple[Any, socket.sock
     c.settimeout(None)
     peer.sendall(b"ef")
     peer.close()
+    assert Call(lambda: c.recv(10, PEEK | WAITALL)).join().result == b"ef"  # a peek too
     assert c.recv(10, WAITALL) == b"ef"
     assert c.recv(10, WAITALL) == b""
 
@@ -588,6 +592,17 @@ def test_recvfrom_and_recvmsg(pair: tuple[Any, socket.socket]) -> None:
         c.recvmsg(-1)
     with pytest.raises(ValueError):
         c.recvmsg(10, -1)
+    # recvmsg_into() fills only what it received, and refuses before it
+    # takes any data.
+    peer.sendall(b"seven")
+    arrived(c, b"seven")
+    with pytest.raises(ValueError):
+        c.recvmsg_into([bytearray(10)], -1)
+    with pytest.raises(TypeError):
+        c.recvmsg_into([bytearray(10), b"read-only"])
+    first, second, third = bytearray(b"????"), bytearray(b"????"), bytearray(b"????")
+    assert c.recvmsg_into([first, second, third]) == (5, [], 0, None)
+    assert (first, second, third) == (b"seve", b"n???", b"????")
 
 
 #: The receives of nothing that reach the kernel (CPython's recv() and
@@ -708,6 +723,13 @@ def test_sendto_and_sendmsg(pair: tuple[Any, socket.socket]) -> None:
         c.sendto(b"x")  # type: ignore[call-overload]
     with pytest.raises(TypeError):
         c.sendmsg(b"not a list of buffers")
+    with pytest.raises(TypeError):
+        c.sendto(b"x", 0, elsewhere, None)  # type: ignore[call-overload]
+    # The flags are checked, also where the address is.
+    with pytest.raises(TypeError):
+        c.sendto(b"x", "no flags", elsewhere)  # type: ignore[call-overload]
+    with pytest.raises(TypeError):
+        c.sendmsg([b"x"], [], "no flags")
 
 
 def test_sendfile_sends_from_the_offset_and_moves_the_file_position(
@@ -724,7 +746,9 @@ def test_sendfile_sends_from_the_offset_and_moves_the_file_position(
         assert c.sendfile(f) == len(data)  # from offset 0, not the file position
         assert f.tell() == len(data)
         assert recv_exactly(peer, len(data)) == data
+        f.seek(3)
         assert c.sendfile(f, len(data)) == 0
+        assert f.tell() == 3  # nothing sent: where it was
         with pytest.raises(TypeError):
             c.sendfile(f, 0, "10")
         with pytest.raises(ValueError):
@@ -743,6 +767,113 @@ def test_sendfile_of_a_file_that_is_not_a_regular_one(pair: tuple[Any, socket.so
     assert c.sendfile(f) == 10 and f.tell() == 10
     assert c.sendfile(f, 4, 3) == 3 and f.tell() == 7
     assert recv_exactly(peer, 13) == b"0123456789456"
+
+
+def test_a_blocking_send_cut_short_by_a_reset_returns_what_went(
+        pair: tuple[Any, socket.socket]) -> None:
+    """A blocking send() waiting for room when the peer resets returns
+    how much it sent (as Linux's does once it copied some), and the next
+    send() fails."""
+    c, peer = pair
+    c.settimeout(None)
+    data = bytes(64 << 20)  # far more than the socket's buffers (or the ring) hold
+    sending = Call(lambda: c.send(data))
+    assert peer.recv(1) == b"\0"  # the send is under way
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # with SO_LINGER 0: a reset
+    sent = sending.join().result
+    assert sending.error is None and 0 < sent < len(data), sending.error
+    # EPIPE over PV Calls at times: the backend, writing when the reset
+    # came, may get EPIPE where its reader got ECONNRESET, and send()
+    # reports the backend's out_error first.
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        c.send(b"y")
+
+
+def test_sendfile_of_a_file_whose_descriptor_is_no_file_sends_what_it_reads(
+        pair: tuple[Any, socket.socket]) -> None:
+    """A file object whose fileno() names no open file (fstat fails) is
+    read and sent as one with no descriptor: CPython gives up on
+    os.sendfile() for it, and falls back to send()."""
+
+    class NoFile(io.BytesIO):
+        def fileno(self) -> int:
+            return -1
+
+    c, peer = pair
+    f = NoFile(b"0123456789")
+    assert c.sendfile(f, 2) == 8 and f.tell() == 10
+    assert recv_exactly(peer, 8) == b"23456789"
+
+
+def test_sendfile_of_a_count_from_a_file_that_reads_short_sends_the_count(
+        pair: tuple[Any, socket.socket]) -> None:
+    """A file whose reads return fewer bytes than asked for (a raw one)
+    gives sendfile() exactly ``count`` bytes: each read asks for no more
+    than is left to send."""
+
+    class Trickle(io.RawIOBase):
+        def __init__(self, data: bytes) -> None:
+            self.data, self.pos = data, 0
+
+        def readable(self) -> bool:
+            return True
+
+        def seekable(self) -> bool:
+            return True
+
+        def seek(self, pos: int, whence: int = 0) -> int:
+            assert whence == 0
+            self.pos = pos
+            return pos
+
+        def tell(self) -> int:
+            return self.pos
+
+        def readinto(self, buffer: Any) -> int:
+            n = min(3, len(buffer), len(self.data) - self.pos)
+            buffer[:n] = self.data[self.pos : self.pos + n]
+            self.pos += n
+            return n
+
+    c, peer = pair
+    f = Trickle(b"abcdefgh")
+    assert c.sendfile(f, count=4) == 4
+    assert f.tell() == 4
+    assert recv_exactly(peer, 4) == b"abcd"
+
+
+def test_makefile_takes_a_negative_buffering_for_the_default_and_says_its_mode(
+        pair: tuple[Any, socket.socket]) -> None:
+    c, peer = pair
+    with c.makefile("rb", -1) as f:
+        peer.sendall(b"line\n")
+        assert f.readline() == b"line\n"
+    with c.makefile("r") as text:
+        assert text.mode == "r"
+
+
+def test_a_socketio_closed_before_makefile_does_not_close_the_sockets_file(
+        pair: tuple[Any, socket.socket]) -> None:
+    """A SocketIO made by hand and closed counts no file of makefile()'s:
+    close() of the socket still waits for the one makefile() gives after."""
+    c, peer = pair
+    socket.SocketIO(c, "rb").close()
+    with c.makefile("rb") as f:
+        c.close()
+        peer.sendall(b"line\n")
+        assert f.readline() == b"line\n"
+
+
+def test_a_send_with_a_timeout_returns_once_some_went(pair: tuple[Any, socket.socket]) -> None:
+    """With a timeout, send() returns what went once the buffers are full
+    (as a non-blocking one, after waiting for room for a first byte),
+    rather than waiting within the timeout for room for all of it."""
+    c, peer = pair
+    c.settimeout(3600)
+    data = bytes(64 << 20)  # far more than the socket's buffers (or the ring) hold
+    sent = Call(lambda: c.send(data)).join().result
+    assert 0 < sent < len(data)
 
 
 def test_the_timeout_attribute(make: Callable[[], Any]) -> None:
