@@ -237,8 +237,17 @@ def _failure(in_error: int) -> int:
 def _connection_error(ring: DataRing) -> int:
     """The negative errno that the connection failed with (the backend's
     out_error, or an in_error that is no orderly end), 0 if none: send()
-    fails at once on it."""
-    return ring.out_error() or _failure(ring.in_error())
+    fails at once on it.
+
+    An out_error of EPIPE gives way to a failure in in_error: the host
+    socket reset, the backend's reader took its pending error
+    (ECONNRESET) and its sender was left EPIPE, where a TCP socket's
+    first call after a reset says the reset."""
+    out = ring.out_error()
+    failure = _failure(ring.in_error())
+    if failure and out == -_errno.EPIPE:
+        return failure
+    return out or failure
 
 
 def _copy_out(parts: tuple[memoryview, ...], dst: memoryview, nbytes: int) -> int:

@@ -593,6 +593,30 @@ def test_an_error_in_the_data_ring_is_an_oserror_by_name(
         s.close()
 
 
+@pytest.mark.parametrize("first", ["send", "SO_ERROR"])
+def test_a_reset_the_backend_s_reader_took_is_said_before_its_sender_s_epipe(
+        fe: pvcalls.Frontend, fake: FakeBackend, first: str) -> None:
+    """The host socket reset: the backend's reader got ECONNRESET (the
+    socket's pending error, taken), its sender then EPIPE.  The guest's
+    first send() says the reset, as a TCP socket's first call after one
+    does, or SO_ERROR does; then send() says EPIPE."""
+    s, ring = connected(fe, fake)
+    s.settimeout(TIMEOUT)
+    ring.set_error(OUT_ERROR_OFFSET, -32)  # EPIPE
+    ring.set_error(IN_ERROR_OFFSET, -104)  # ECONNRESET
+    ring.notify()
+    try:
+        if first == "send":
+            with pytest.raises(ConnectionResetError):
+                s.send(b"x")
+        else:
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+        with pytest.raises(BrokenPipeError):
+            s.send(b"x")
+    finally:
+        s.close()
+
+
 # -- broken indexes --------------------------------------------------------------------
 
 
