@@ -670,6 +670,35 @@ def test_a_broken_command_ring_is_read_no_more(
     s.close()
 
 
+def test_a_frontend_opened_again_after_its_command_ring_broke_reads_the_new_one(
+        host: SimHost, log: LogWatch) -> None:
+    """A broken command ring is the connection's, not the frontend's: once
+    closed and opened again (with a backend that behaves), the frontend
+    reads the new ring's answers rather than ignoring them as the broken
+    ring's."""
+    guest = host.create_domain("reopened")
+    fe = pvcalls.Frontend(guest, timeout=TIMEOUT)
+    first = FakeBackend(host, guest)
+    try:
+        fe.open()
+        first.set_rsp_prod(first.rsp_prod_pvt + 2 * RING_SLOTS)
+        log.wait("broke the command ring")
+        assert Call(fe.close).join().error is None
+    finally:
+        first.close()
+    assert first.failures == []
+    second = FakeBackend(host, guest)
+    try:
+        fe.open()
+        with fe.socket():
+            pass
+        assert Call(fe.close).join().error is None
+    finally:
+        fe.close()
+        second.close()
+    assert second.failures == []
+
+
 def test_a_backend_notifying_without_end_starves_nothing(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
     """A backend that fires the command port again while each event is
@@ -2002,6 +2031,35 @@ def test_the_backend_leaving_is_answered_once(
     said = [m for m in log.messages(logging.INFO) if "went to state" in m]
     assert said == [f"pvcalls backend of domain {fe.domain.domid} went to state 5: "
                     "disconnecting"], said
+
+
+def test_the_backend_leaving_is_not_answered_over_a_frontend_that_took_the_device(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """The backend leaves as the device is added again for another frontend,
+    whose ring-ref and port are in the frontend directory by the time the
+    watch acts: this frontend does not write Closed over that one's state
+    (the write checks, in its transaction, that the nodes are its own)."""
+    fake.xs.transaction(lambda t: [t.write(f"{fake.fe}/{key}", value) for key, value in
+                                   (("ring-ref", "4095"), ("port", "4095"), ("state", "3"))])
+    fake.set_state(5)  # Closing
+    wait_until(lambda: fe._backend_left)
+    with fe._watch_lock:  # held by the watch while it acts
+        pass
+    assert fake.xs.read(f"{fake.fe}/state") == "3"
+
+
+def test_close_does_not_wait_for_a_backend_whose_state_is_gone(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """The backend's state node removed (the backend gone with its
+    directory) reads as Unknown: close() goes Closing and finds nobody to
+    wait for, rather than waiting out its timeout for the backend to go
+    Closing and warning that it did not."""
+    fake._closed_once = True  # nothing writes the backend's state again
+    fake.xs.rm(f"{fake.be}/state")
+    wait_until(lambda: fe._backend_left)
+    assert Call(fe.close).join().error is None
+    assert fe.device is None
+    assert [m for m in log.messages() if "closing frontend" in m] == []
 
 
 def test_a_failing_data_ring_handler_fails_nothing_else(
