@@ -42,6 +42,7 @@ from stolensignal import (
 
 import pvcalls
 import workqueue
+from pvcalls import _errno as pvcalls_errno
 from pvcalls import _wire
 from pvcalls._wire import (
     IN_CONS_OFFSET,
@@ -690,6 +691,42 @@ def test_a_frontend_opened_again_after_its_command_ring_broke_reads_the_new_one(
     second = FakeBackend(host, guest)
     try:
         fe.open()
+        with fe.socket():
+            pass
+        assert Call(fe.close).join().error is None
+    finally:
+        fe.close()
+        second.close()
+    assert second.failures == []
+
+
+def test_a_kick_owed_on_the_first_request_after_a_reopen_goes_out(
+        host: SimHost) -> None:
+    """A Ctrl-C between the push and the notify of the first request of a
+    frontend opened again: the notify it owes goes out, though the last
+    connection ended with as many requests pushed as the new one has now
+    (one).  Its notify index is the new ring's, not the old one's, which
+    took the request for notified: it and every one after it waited for
+    a notify that never came."""
+    guest = host.create_domain("kicked-again")
+    fe = pvcalls.Frontend(guest, timeout=TIMEOUT)
+    first = FakeBackend(host, guest)
+    try:
+        fe.open()
+        first.rets[PVCALLS_SOCKET] = -pvcalls_errno.EMFILE
+        with pytest.raises(OSError):
+            fe.socket()  # the one request of this connection
+        assert Call(fe.close).join().error is None
+    finally:
+        first.close()
+    assert first.failures == []
+    second = FakeBackend(host, guest)
+    try:
+        fe.open()
+        second.hold = {PVCALLS_SOCKET}
+        assert interrupted_as_frame_starts(_frontend.Frontend._notify.__code__, fe.socket)
+        second.next_request(PVCALLS_SOCKET)  # it reached the backend
+        second.hold = set()
         with fe.socket():
             pass
         assert Call(fe.close).join().error is None
