@@ -4412,6 +4412,27 @@ def test_a_request_whose_entry_awaits_an_uncollected_answer_takes_the_next(
             s.close()
 
 
+def test_a_request_takes_the_one_free_entry_wherever_it_is(fe: pvcalls.Frontend) -> None:
+    """Every response table entry taken but the one just before the slot
+    index (answers not yet collected, CONNECTs in flight): a SOCKET, which
+    may take the last free entry, takes that one at once, the search for
+    a free entry going all the way round."""
+    assert fe._ring is not None
+    with fe._lock:
+        free = (fe._ring.req_prod_pvt - 1) % _wire.RING_SLOTS
+        held = [i for i in range(_wire.RING_SLOTS) if i != free]
+        for i in held:
+            fe._slots[i] = _common.Slot(_wire.PVCALLS_CONNECT, 0)
+    try:
+        making = Call(fe.socket)
+        assert making.join().error is None, "the request waited for an entry"
+        making.result.close()
+    finally:
+        with fe._lock:
+            for i in held:
+                fe._slots[i] = None
+
+
 def test_fileno_is_writable_only_while_the_out_ring_has_room(
         fe: pvcalls.Frontend, server: Any) -> None:
     """EVENT_WRITE means send() would not block, as for a socket.socket: a
