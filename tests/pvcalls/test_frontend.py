@@ -4412,6 +4412,17 @@ def test_a_request_whose_entry_awaits_an_uncollected_answer_takes_the_next(
             s.close()
 
 
+def test_the_event_threads_wake_up_is_taken_once_served(fe: pvcalls.Frontend) -> None:
+    """The event thread clears its wake-up descriptor as it serves it: left
+    readable, every wait of the thread returned at once, and it spun."""
+    wakeup = fe._wakeup
+    assert wakeup is not None
+    wakeup.set()
+    poller = select.poll()
+    poller.register(wakeup.fd, select.POLLIN)
+    wait_until(lambda: not poller.poll(0))
+
+
 def test_a_request_takes_the_one_free_entry_wherever_it_is(fe: pvcalls.Frontend) -> None:
     """Every response table entry taken but the one just before the slot
     index (answers not yet collected, CONNECTs in flight): a SOCKET, which
