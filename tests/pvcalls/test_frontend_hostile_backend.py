@@ -736,6 +736,33 @@ def test_a_kick_owed_on_the_first_request_after_a_reopen_goes_out(
     assert second.failures == []
 
 
+def test_room_a_caller_makes_is_told_to_a_listener_waiting_for_it(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A listener's fileno() finds no response table entry to spare for its
+    POLL; the entry a caller frees as it collects its answer (no command
+    event after it) is room, and the event thread, woken for it, sends the
+    POLL: the listener polls readable."""
+    ls = _listener(fe)
+    assert fe._ring is not None
+    with fe._lock:
+        taken = {i: _common.Slot(PVCALLS_CONNECT, 0) for i in range(RING_SLOTS - 1)}
+        for i, slot in taken.items():
+            fe._slots[i] = slot
+    try:
+        fd = ls.fileno()
+        assert not ls._poll_inflight and not select.select([fd], [], [], 0)[0]
+        collected = taken.pop(0)
+        collected.done = True
+        # A caller collecting an answer, as _call() does after the event.
+        assert fe._wait_slot(0, collected, _common.Deadline(TIMEOUT)) == 0
+        assert select.select([fd], [], [], TIMEOUT)[0], "the POLL did not go out"
+    finally:
+        with fe._lock:
+            for i in taken:
+                fe._slots[i] = None
+    ls.close()
+
+
 def test_a_backend_notifying_without_end_starves_nothing(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
     """A backend that fires the command port again while each event is
