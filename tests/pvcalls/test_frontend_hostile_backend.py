@@ -2014,6 +2014,24 @@ def test_an_event_channel_handle_failing_once_fails_nothing(
     assert failed[0].levelno == logging.WARNING and failed[0].exc_info[1] is exc
 
 
+def test_an_event_channel_handle_failing_now_and_then_fails_nothing(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure that does not stay, then rounds that go well, then another
+    such failure: the second is one more that does not stay (only one in
+    the round right after a failure does), and the calls are answered."""
+    handle = fe._evtchn
+    assert handle is not None
+    for n in (1, 2):
+        monkeypatch.setattr(handle, "pending", fails_once(
+            handle.pending, EventChannelError(errno.EIO, f"transient failure {n}")))
+        for _ in range(3):
+            fe.socket().close()
+        wait_until(lambda: len(log.messages()) == n)  # noqa: B023
+    assert all("handed out again" in m for m in log.messages())
+    assert not fe._dead
+
+
 def test_a_failing_backend_state_watch_fails_every_call_with_eio(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
         monkeypatch: pytest.MonkeyPatch) -> None:
