@@ -763,6 +763,56 @@ def test_room_a_caller_makes_is_told_to_a_listener_waiting_for_it(
     ls.close()
 
 
+def test_one_reaper_at_a_time_releases_the_sockets_dropped(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket dropped while the reaper is busy releasing another is left
+    to that reaper (it runs until the queue is empty): the event thread
+    starts no second one.  Both are released."""
+    release = fe._release
+    entered = threading.Semaphore(0)
+    go = threading.Event()
+
+    def held_release(st: Any, sock: Any = None) -> None:
+        entered.release()
+        assert go.wait(TIMEOUT)
+        release(st, sock)
+
+    monkeypatch.setattr(fe, "_release", held_release)
+    wakeup = fe._wakeup
+    assert wakeup is not None
+    poller = select.poll()
+    poller.register(wakeup.fd, select.POLLIN)
+
+    def round_served() -> None:
+        # A round is over once the next one has taken its wake-up.
+        wakeup.set()
+        wait_until(lambda: not poller.poll(0))
+
+    def reapers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate()
+                if t.name == f"pvcalls-reap-{fe.domain.domid}" and t.is_alive()]
+
+    ids = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        for _ in range(2):
+            box = [fe.socket()]
+            ids.append(box[0].id)
+            box.clear()
+            gc.collect()
+            if len(ids) == 1:
+                assert entered.acquire(timeout=TIMEOUT)  # the first reaper holds it
+            round_served()
+            round_served()
+    try:
+        assert len(reapers()) == 1
+    finally:
+        go.set()
+    wait_until(lambda: not reapers())
+    with fe._lock:
+        assert not set(ids) & set(fe._sockets)  # both released
+
+
 def test_a_backend_notifying_without_end_starves_nothing(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
     """A backend that fires the command port again while each event is
