@@ -2194,6 +2194,40 @@ def test_close_does_not_wait_for_a_backend_whose_state_is_gone(
     assert [m for m in log.messages() if "closing frontend" in m] == []
 
 
+def test_only_the_event_thread_reads_the_shared_handles_fired_ports(
+        fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data rings on the frontend's shared handle (no handle of their own to
+    be had): freeing one reads nothing off the shared handle's queue, which
+    holds every port's events (the command ring's among them) and is the
+    event thread's: an event taken there by another thread was lost to
+    its handler."""
+
+    def no_handle_of_its_own() -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    fe = pvcalls.Frontend(fake.guest, timeout=TIMEOUT)
+    fe.open()
+    try:
+        monkeypatch.setattr(fe.domain, "evtchn", no_handle_of_its_own)
+        handle = fe._evtchn
+        assert handle is not None
+        readers: set[str] = set()
+        pending = handle.pending
+
+        def recorded() -> Any:
+            readers.add(threading.current_thread().name)
+            return pending()
+
+        monkeypatch.setattr(handle, "pending", recorded)
+        s, _ = connected(fe, fake)
+        assert s._st.ring is not None and not s._st.ring.direct
+        s.close()
+        wait_until(lambda: bool(fe._ring_pool))  # the RELEASE answered
+    finally:
+        assert Call(fe.close).join().error is None  # frees the pool's ring
+    assert readers == {f"pvcalls-front-{fake.domid}"}
+
+
 def test_a_failing_data_ring_handler_fails_nothing_else(
         fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
