@@ -1678,6 +1678,8 @@ def test_socket_ids_look_like_pointers_and_are_unique(fe: pvcalls.Frontend) -> N
         s.close()
     assert len(set(ids)) == 3
     assert all(i >> 63 for i in ids)  # kernel-half pointers, as Linux sends
+    # Aligned as a slab object's address is: no two ids one byte apart.
+    assert all(i % 0x100 == 0 for i in ids)
     with fe.socket() as s:
         assert s.id not in ids
 
