@@ -2789,6 +2789,10 @@ def test_bad_addresses_and_families(fe: pvcalls.Frontend, monkeypatch: pytest.Mo
     # TCP named, as socket.socket takes it (SOCKET still carries protocol 0).
     with fe.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP) as s:
         assert s.proto == 0
+    # Any other protocol is none PV Calls carries.
+    with pytest.raises(OSError) as info:
+        fe.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_UDP)
+    assert info.value.errno == errno.EAFNOSUPPORT
 
 
 def test_settimeout_takes_what_socket_socket_takes(fe: pvcalls.Frontend) -> None:
