@@ -53,6 +53,7 @@ from pvcalls.frontend import _common, _frontend
 from pvcalls.frontend._common import RECV, RESETS_IN_A_ROW, SEND, Deadline
 from xenback.ring import _REQ_EVENT
 from xenback.sim import SimHost
+from xenback.sim._toolstack import Toolstack
 from xenback.xenstore import XenStore
 
 TIMEOUT = 10.0
@@ -1738,6 +1739,8 @@ def test_socket_ids_look_like_pointers_and_are_unique(fe: pvcalls.Frontend) -> N
         s.close()
     assert len(set(ids)) == 3
     assert all(i >> 63 for i in ids)  # kernel-half pointers, as Linux sends
+    # Aligned as a slab object's address is: no two ids one byte apart.
+    assert all(i % 0x100 == 0 for i in ids)
     with fe.socket() as s:
         assert s.id not in ids
 
@@ -2596,10 +2599,20 @@ _GOOD_BACKEND_NODES = {"versions": "1", "max-page-order": "4", "function-calls":
 ], ids=["versions", "versions-10", "order", "order-not-a-number", "order-unicode-digit", "function-calls",
         "no-initwait", "no-connected"])
 def test_a_backend_that_does_not_conform_fails_the_handshake(
-        nodes: dict[str, str], states: list[str], err: int, said: str) -> None:
+        nodes: dict[str, str], states: list[str], err: int, said: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A backend (faked in dom0's XenStore) that offers the wrong protocol,
     or leaves the handshake: open() says what was wrong, in an errno and a
-    message, and takes back all it set up."""
+    message, and takes back all it set up, giving the backend that never
+    connected 2 s to close (not the whole timeout: it may be no backend)."""
+    removals: list[float] = []
+    remove_device = Toolstack.remove_device
+
+    def recorded(self: Toolstack, device: Any, timeout: float) -> bool:
+        removals.append(timeout)
+        return remove_device(self, device, timeout)
+
+    monkeypatch.setattr(Toolstack, "remove_device", recorded)
     with SimHost() as host, XenStore.connect_to(host.dom0) as xs:
         guest = host.create_domain("picky")
         be = f"/local/domain/0/backend/pvcalls/{guest.domid}/0"
@@ -2632,11 +2645,41 @@ def test_a_backend_that_does_not_conform_fails_the_handshake(
         assert failures == []
         assert info.value.errno == err and info.value.strerror == said
         assert fe.device is None and not xs.exists(be)
+        assert removals == [2.0]
         # The command ring's page, unshared (a closed handle's, on the
         # host's service thread after close() returned).
         wait_until(lambda: host.hypervisor.stats()["grants"] == 0)
         with pytest.raises(OSError):
             fe.socket()
+
+
+def test_a_backend_state_that_is_no_state_is_waited_past_as_unknown() -> None:
+    """A backend state node that holds no state (garbage) reads as Unknown,
+    as Linux's xenbus reads it: the handshake goes on waiting for InitWait
+    (and times out saying state 0), rather than taking it for a state the
+    backend went to."""
+    with SimHost() as host, XenStore.connect_to(host.dom0) as xs:
+        guest = host.create_domain("garbled")
+        be = f"/local/domain/0/backend/pvcalls/{guest.domid}/0"
+        failures: list[BaseException] = []
+
+        def fake_backend() -> None:
+            try:
+                xs.wait_for(f"{be}/state", "1", timeout=TIMEOUT)  # the toolstack's
+                for key, value in _GOOD_BACKEND_NODES.items():
+                    xs.write(f"{be}/{key}", value)
+                xs.write(f"{be}/state", "bogus")
+            except BaseException as exc:
+                failures.append(exc)
+
+        t = threading.Thread(target=fake_backend, daemon=True)
+        t.start()
+        fe = pvcalls.Frontend(guest, timeout=1.0)
+        with pytest.raises(TimeoutError, match=r"did not reach InitWait .*\(state 0\)$"):
+            fe.open()
+        t.join(TIMEOUT)
+        assert failures == []
+        assert fe.device is None and not xs.exists(be)
 
 
 def test_host_going_away_fails_a_handshake_at_once() -> None:
@@ -2649,6 +2692,29 @@ def test_host_going_away_fails_a_handshake_at_once() -> None:
         host.close()
         # (Not waiting for its timeout.)
         assert opener.oserror().errno == errno.ENOTCONN
+    finally:
+        host.close()
+
+
+def test_a_frontend_whose_host_went_away_closes_without_asking_xenstore(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Once XenStore dropped the connection (the host is gone), close()
+    neither goes Closing nor removes the device through it: it says, once,
+    that XenStore is gone, and warns of nothing it tried and failed."""
+    host = SimHost().start()
+    try:
+        domain = host.create_domain("orphaned")
+        with pvcalls.Backend(host.dom0, max_ioworkers=1):
+            fe = pvcalls.Frontend(domain, timeout=TIMEOUT)
+            fe.open()
+            host.close()
+            wait_until(lambda: fe._dead)
+            with caplog.at_level(logging.DEBUG, logger="pvcalls.frontend"):
+                fe.close()
+            assert fe.device is None
+            assert "not removing pvcalls device" in caplog.text
+            assert [r.getMessage() for r in caplog.records
+                    if r.name == "pvcalls.frontend" and r.levelno >= logging.WARNING] == []
     finally:
         host.close()
 
@@ -2784,6 +2850,10 @@ def test_bad_addresses_and_families(fe: pvcalls.Frontend, monkeypatch: pytest.Mo
     # TCP named, as socket.socket takes it (SOCKET still carries protocol 0).
     with fe.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP) as s:
         assert s.proto == 0
+    # Any other protocol is none PV Calls carries.
+    with pytest.raises(OSError) as info:
+        fe.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_UDP)
+    assert info.value.errno == errno.EAFNOSUPPORT
 
 
 def test_settimeout_takes_what_socket_socket_takes(fe: pvcalls.Frontend) -> None:
@@ -4439,6 +4509,38 @@ def test_a_request_whose_entry_awaits_an_uncollected_answer_takes_the_next(
         assert accepted
         for s in (*others, accepted[0][0], ls):
             s.close()
+
+
+def test_the_event_threads_wake_up_is_taken_once_served(fe: pvcalls.Frontend) -> None:
+    """The event thread clears its wake-up descriptor as it serves it: left
+    readable, every wait of the thread returned at once, and it spun."""
+    wakeup = fe._wakeup
+    assert wakeup is not None
+    wakeup.set()
+    poller = select.poll()
+    poller.register(wakeup.fd, select.POLLIN)
+    wait_until(lambda: not poller.poll(0))
+
+
+def test_a_request_takes_the_one_free_entry_wherever_it_is(fe: pvcalls.Frontend) -> None:
+    """Every response table entry taken but the one just before the slot
+    index (answers not yet collected, CONNECTs in flight): a SOCKET, which
+    may take the last free entry, takes that one at once, the search for
+    a free entry going all the way round."""
+    assert fe._ring is not None
+    with fe._lock:
+        free = (fe._ring.req_prod_pvt - 1) % _wire.RING_SLOTS
+        held = [i for i in range(_wire.RING_SLOTS) if i != free]
+        for i in held:
+            fe._slots[i] = _common.Slot(_wire.PVCALLS_CONNECT, 0)
+    try:
+        making = Call(fe.socket)
+        assert making.join().error is None, "the request waited for an entry"
+        making.result.close()
+    finally:
+        with fe._lock:
+            for i in held:
+                fe._slots[i] = None
 
 
 def test_fileno_is_writable_only_while_the_out_ring_has_room(

@@ -43,6 +43,7 @@ from stolensignal import (
 
 import pvcalls
 import workqueue
+from pvcalls import _errno as pvcalls_errno
 from pvcalls import _wire
 from pvcalls._wire import (
     IN_CONS_OFFSET,
@@ -693,6 +694,148 @@ def test_a_broken_command_ring_is_read_no_more(
     with fe._lock:
         assert fe._slots[bind.req_id] is not None
     s.close()
+
+
+def test_a_frontend_opened_again_after_its_command_ring_broke_reads_the_new_one(
+        host: SimHost, log: LogWatch) -> None:
+    """A broken command ring is the connection's, not the frontend's: once
+    closed and opened again (with a backend that behaves), the frontend
+    reads the new ring's answers rather than ignoring them as the broken
+    ring's."""
+    guest = host.create_domain("reopened")
+    fe = pvcalls.Frontend(guest, timeout=TIMEOUT)
+    first = FakeBackend(host, guest)
+    try:
+        fe.open()
+        first.set_rsp_prod(first.rsp_prod_pvt + 2 * RING_SLOTS)
+        log.wait("broke the command ring")
+        assert Call(fe.close).join().error is None
+    finally:
+        first.close()
+    assert first.failures == []
+    second = FakeBackend(host, guest)
+    try:
+        fe.open()
+        with fe.socket():
+            pass
+        assert Call(fe.close).join().error is None
+    finally:
+        fe.close()
+        second.close()
+    assert second.failures == []
+
+
+def test_a_kick_owed_on_the_first_request_after_a_reopen_goes_out(
+        host: SimHost) -> None:
+    """A Ctrl-C between the push and the notify of the first request of a
+    frontend opened again: the notify it owes goes out, though the last
+    connection ended with as many requests pushed as the new one has now
+    (one).  Its notify index is the new ring's, not the old one's, which
+    took the request for notified: it and every one after it waited for
+    a notify that never came."""
+    guest = host.create_domain("kicked-again")
+    fe = pvcalls.Frontend(guest, timeout=TIMEOUT)
+    first = FakeBackend(host, guest)
+    try:
+        fe.open()
+        first.rets[PVCALLS_SOCKET] = -pvcalls_errno.EMFILE
+        with pytest.raises(OSError):
+            fe.socket()  # the one request of this connection
+        assert Call(fe.close).join().error is None
+    finally:
+        first.close()
+    assert first.failures == []
+    second = FakeBackend(host, guest)
+    try:
+        fe.open()
+        second.hold = {PVCALLS_SOCKET}
+        assert interrupted_as_frame_starts(_frontend.Frontend._notify.__code__, fe.socket)
+        second.next_request(PVCALLS_SOCKET)  # it reached the backend
+        second.hold = set()
+        with fe.socket():
+            pass
+        assert Call(fe.close).join().error is None
+    finally:
+        fe.close()
+        second.close()
+    assert second.failures == []
+
+
+def test_room_a_caller_makes_is_told_to_a_listener_waiting_for_it(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A listener's fileno() finds no response table entry to spare for its
+    POLL; the entry a caller frees as it collects its answer (no command
+    event after it) is room, and the event thread, woken for it, sends the
+    POLL: the listener polls readable."""
+    ls = _listener(fe)
+    assert fe._ring is not None
+    with fe._lock:
+        taken = {i: _common.Slot(PVCALLS_CONNECT, 0) for i in range(RING_SLOTS - 1)}
+        for i, slot in taken.items():
+            fe._slots[i] = slot
+    try:
+        fd = ls.fileno()
+        assert not ls._poll_inflight and not select.select([fd], [], [], 0)[0]
+        collected = taken.pop(0)
+        collected.done = True
+        # A caller collecting an answer, as _call() does after the event.
+        assert fe._wait_slot(0, collected, _common.Deadline(TIMEOUT)) == 0
+        assert select.select([fd], [], [], TIMEOUT)[0], "the POLL did not go out"
+    finally:
+        with fe._lock:
+            for i in taken:
+                fe._slots[i] = None
+    ls.close()
+
+
+def test_one_reaper_at_a_time_releases_the_sockets_dropped(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket dropped while the reaper is busy releasing another is left
+    to that reaper (it runs until the queue is empty): the event thread
+    starts no second one.  Both are released."""
+    release = fe._release
+    entered = threading.Semaphore(0)
+    go = threading.Event()
+
+    def held_release(st: Any, sock: Any = None) -> None:
+        entered.release()
+        assert go.wait(TIMEOUT)
+        release(st, sock)
+
+    monkeypatch.setattr(fe, "_release", held_release)
+    wakeup = fe._wakeup
+    assert wakeup is not None
+    poller = select.poll()
+    poller.register(wakeup.fd, select.POLLIN)
+
+    def round_served() -> None:
+        # A round is over once the next one has taken its wake-up.
+        wakeup.set()
+        wait_until(lambda: not poller.poll(0))
+
+    def reapers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate()
+                if t.name == f"pvcalls-reap-{fe.domain.domid}" and t.is_alive()]
+
+    ids = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        for _ in range(2):
+            box = [fe.socket()]
+            ids.append(box[0].id)
+            box.clear()
+            gc.collect()
+            if len(ids) == 1:
+                assert entered.acquire(timeout=TIMEOUT)  # the first reaper holds it
+            round_served()
+            round_served()
+    try:
+        assert len(reapers()) == 1
+    finally:
+        go.set()
+    wait_until(lambda: not reapers())
+    with fe._lock:
+        assert not set(ids) & set(fe._sockets)  # both released
 
 
 def test_a_backend_notifying_without_end_starves_nothing(
@@ -1991,6 +2134,24 @@ def test_an_event_channel_handle_failing_once_fails_nothing(
     assert failed[0].levelno == logging.WARNING and failed[0].exc_info[1] is exc
 
 
+def test_an_event_channel_handle_failing_now_and_then_fails_nothing(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure that does not stay, then rounds that go well, then another
+    such failure: the second is one more that does not stay (only one in
+    the round right after a failure does), and the calls are answered."""
+    handle = fe._evtchn
+    assert handle is not None
+    for n in (1, 2):
+        monkeypatch.setattr(handle, "pending", fails_once(
+            handle.pending, EventChannelError(errno.EIO, f"transient failure {n}")))
+        for _ in range(3):
+            fe.socket().close()
+        wait_until(lambda: len(log.messages()) == n)  # noqa: B023
+    assert all("handed out again" in m for m in log.messages())
+    assert not fe._dead
+
+
 def test_a_failing_backend_state_watch_fails_every_call_with_eio(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -2072,6 +2233,69 @@ def test_the_backend_leaving_is_answered_once(
     said = [m for m in log.messages(logging.INFO) if "went to state" in m]
     assert said == [f"pvcalls backend of domain {fe.domain.domid} went to state 5: "
                     "disconnecting"], said
+
+
+def test_the_backend_leaving_is_not_answered_over_a_frontend_that_took_the_device(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """The backend leaves as the device is added again for another frontend,
+    whose ring-ref and port are in the frontend directory by the time the
+    watch acts: this frontend does not write Closed over that one's state
+    (the write checks, in its transaction, that the nodes are its own)."""
+    fake.xs.transaction(lambda t: [t.write(f"{fake.fe}/{key}", value) for key, value in
+                                   (("ring-ref", "4095"), ("port", "4095"), ("state", "3"))])
+    fake.set_state(5)  # Closing
+    wait_until(lambda: fe._backend_left)
+    with fe._watch_lock:  # held by the watch while it acts
+        pass
+    assert fake.xs.read(f"{fake.fe}/state") == "3"
+
+
+def test_close_does_not_wait_for_a_backend_whose_state_is_gone(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """The backend's state node removed (the backend gone with its
+    directory) reads as Unknown: close() goes Closing and finds nobody to
+    wait for, rather than waiting out its timeout for the backend to go
+    Closing and warning that it did not."""
+    fake._closed_once = True  # nothing writes the backend's state again
+    fake.xs.rm(f"{fake.be}/state")
+    wait_until(lambda: fe._backend_left)
+    assert Call(fe.close).join().error is None
+    assert fe.device is None
+    assert [m for m in log.messages() if "closing frontend" in m] == []
+
+
+def test_only_the_event_thread_reads_the_shared_handles_fired_ports(
+        fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data rings on the frontend's shared handle (no handle of their own to
+    be had): freeing one reads nothing off the shared handle's queue, which
+    holds every port's events (the command ring's among them) and is the
+    event thread's: an event taken there by another thread was lost to
+    its handler."""
+
+    def no_handle_of_its_own() -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    fe = pvcalls.Frontend(fake.guest, timeout=TIMEOUT)
+    fe.open()
+    try:
+        monkeypatch.setattr(fe.domain, "evtchn", no_handle_of_its_own)
+        handle = fe._evtchn
+        assert handle is not None
+        readers: set[str] = set()
+        pending = handle.pending
+
+        def recorded() -> Any:
+            readers.add(threading.current_thread().name)
+            return pending()
+
+        monkeypatch.setattr(handle, "pending", recorded)
+        s, _ = connected(fe, fake)
+        assert s._st.ring is not None and not s._st.ring.direct
+        s.close()
+        wait_until(lambda: bool(fe._ring_pool))  # the RELEASE answered
+    finally:
+        assert Call(fe.close).join().error is None  # frees the pool's ring
+    assert readers == {f"pvcalls-front-{fake.domid}"}
 
 
 def test_a_failing_data_ring_handler_fails_nothing_else(

@@ -62,12 +62,15 @@ def test_default_is_linux_order(guest: Any) -> None:
 
 @pytest.mark.parametrize("order", [1, BACKEND_ORDER])
 def test_ring_of_the_order_asked_for_carries_data(
-        guest: Any, echo_address: tuple[str, int], order: int) -> None:
+        host: SimHost, guest: Any, echo_address: tuple[str, int], order: int) -> None:
     size = _wire.flex_ring_size(order)
     data = os.urandom(5 * size + 123)  # wraps the ring several times
     with pvcalls.Frontend(guest, ring_order=order) as fe, fe.socket() as s:
         s.settimeout(TIMEOUT)
+        grants = host.hypervisor.stats()["grants"]
         s.connect(echo_address)
+        # The indexes page and 2**order data pages: no page more.
+        assert host.hypervisor.stats()["grants"] - grants == 1 + (1 << order)
         ring = s._st.ring
         assert ring is not None
         intf = _wire.ffi.from_buffer("struct pvcalls_data_intf *", ring.indexes)
