@@ -12,6 +12,7 @@ import os
 import socket
 import stat
 import struct
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -213,6 +214,8 @@ _SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL | socket.MSG_MORE)
 _MSG_PEEK = int(socket.MSG_PEEK)
 _MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 _MSG_WAITALL = int(socket.MSG_WAITALL)
+#: What CPython's recvmsg() and recvmsg_into() say of a negative ancbufsize.
+_NEGATIVE_ANCILLARY = "invalid ancillary data buffer length"
 
 
 def _check_flags(flags: int, supported: int, call: str) -> int:
@@ -291,6 +294,27 @@ def _send_view(data: bytes | bytearray | memoryview) -> memoryview:
     if not view.c_contiguous:
         raise BufferError("memoryview: underlying buffer is not C-contiguous")
     return view.cast("B")
+
+
+def _ssize(n: Any) -> int:
+    """``n`` as CPython's socket methods take a size, a C ssize_t: so an
+    int past one fails with its OverflowError, not bytearray()'s."""
+    n = operator.index(n)
+    if not -sys.maxsize - 1 <= n <= sys.maxsize:
+        raise OverflowError("Python int too large to convert to C ssize_t")
+    return n
+
+
+def _writable_view(buffer: Any) -> memoryview | None:
+    """``buffer`` as bytes to receive into; None if it is no writable
+    C-contiguous buffer (the caller says so as CPython's call does)."""
+    try:
+        dst = memoryview(buffer)
+    except TypeError:
+        return None
+    if dst.readonly or not dst.c_contiguous:
+        return None
+    return dst.cast("B")
 
 
 class SocketState:
@@ -1610,18 +1634,20 @@ class PVSocket(Closing):
                    call: str = "recv_into") -> int:
         """:meth:`recv_into`; of nothing as the kernel's if ``kernel``;
         ``call`` is the method a negative ``nbytes`` was given to."""
-        flags = _check_flags(flags, _RECV_FLAGS, "recv")
-        dst = memoryview(buffer).cast("B")
-        if dst.readonly:
-            raise TypeError("recv_into() argument 1 must be read-write bytes-like object, "
+        dst = _writable_view(buffer)
+        if dst is None:
+            raise TypeError(f"{call}() argument 1 must be read-write bytes-like object, "
                             f"not {type(buffer).__name__}")
+        flags = _check_flags(flags, _RECV_FLAGS, "recv")
         # An integer, as socket.socket's: a float would pass the checks
         # below and wait for data before failing (or never, without a timeout).
-        nbytes = operator.index(nbytes)
+        nbytes = _ssize(nbytes)
         if nbytes < 0:
             raise ValueError(f"negative buffersize in {call}")
         if nbytes > len(dst):
-            raise ValueError("buffer too small for requested bytes")
+            # CPython's two calls say it in words of their own.
+            raise ValueError("nbytes is greater than the length of the buffer"
+                             if call == "recvfrom_into" else "buffer too small for requested bytes")
         if nbytes == 0:
             nbytes = len(dst)
         if nbytes == 0:
@@ -1721,7 +1747,7 @@ class PVSocket(Closing):
 
     def _recv(self, bufsize: int, flags: int, *, kernel: bool, call: str = "recv") -> bytes:
         # Said as socket.socket says it, not as a failed comparison.
-        bufsize = operator.index(bufsize)
+        bufsize = _ssize(bufsize)
         if bufsize < 0:
             raise ValueError(f"negative buffersize in {call}")
         buf = bytearray(bufsize)
@@ -1745,22 +1771,29 @@ class PVSocket(Closing):
         """:meth:`recvfrom` as ``(data, ancdata, msg_flags, address)``:
         what a TCP stream gives there, no ancillary data, no message flags
         and no address."""
-        bufsize, ancbufsize = operator.index(bufsize), operator.index(ancbufsize)
+        bufsize, ancbufsize = _ssize(bufsize), _ssize(ancbufsize)
         if bufsize < 0:
             raise ValueError("negative buffer size in recvmsg()")
         if ancbufsize < 0:
-            raise ValueError("negative ancillary buffer size in recvmsg()")
+            raise ValueError(_NEGATIVE_ANCILLARY)
         return self._recv(bufsize, flags, kernel=True), [], 0, None
 
     def recvmsg_into(self, buffers: Any, ancbufsize: int = 0,
                      flags: int = 0) -> tuple[int, list[tuple[int, int, bytes]], int, None]:
         """:meth:`recvmsg` into ``buffers``, filled one after the other."""
-        views = [memoryview(buf).cast("B") for buf in buffers]
-        if any(view.readonly for view in views):
+        # In CPython's order: its arguments converted, then the buffers
+        # looked at, then the ancillary size.
+        ancbufsize = _ssize(ancbufsize)
+        try:
+            items = list(buffers)
+        except TypeError:
+            raise TypeError("recvmsg_into() argument 1 must be an iterable") from None
+        views = [view for view in map(_writable_view, items) if view is not None]
+        if len(views) != len(items):
             raise TypeError("recvmsg_into() argument 1 must be an iterable "
-                            "of read-write bytes-like objects")
-        if operator.index(ancbufsize) < 0:
-            raise ValueError("negative ancillary buffer size in recvmsg_into()")
+                            "of single-segment read-write buffers")
+        if ancbufsize < 0:
+            raise ValueError(_NEGATIVE_ANCILLARY)
         # One receive, as the kernel's: copied out to the buffers after.
         data = bytearray(sum(map(len, views)))
         got = self._recv_into(data, len(data), flags, kernel=True)

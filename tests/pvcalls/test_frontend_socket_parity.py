@@ -656,6 +656,45 @@ def test_a_negative_receive_size_names_the_call(make: Callable[[], Any],
     assert str(got.value) == str(expected.value)
 
 
+#: Receives with wrong arguments, which CPython's refuses before any system call.
+WRONG_RECEIVES: dict[str, Callable[[Any], Any]] = {
+    "recvmsg negative": lambda s: s.recvmsg(-1),
+    "recvmsg negative ancillary": lambda s: s.recvmsg(1, -1),
+    "recvmsg huge": lambda s: s.recvmsg(1 << 70),
+    "recvmsg huge ancillary": lambda s: s.recvmsg(1, 1 << 70),
+    "recvmsg_into negative ancillary": lambda s: s.recvmsg_into([bytearray(1)], -1),
+    "recvmsg_into huge ancillary": lambda s: s.recvmsg_into([bytearray(1)], 1 << 70),
+    "recvmsg_into no iterable": lambda s: s.recvmsg_into(5),
+    "recvmsg_into no buffer": lambda s: s.recvmsg_into([bytearray(1), 5]),
+    "recvmsg_into read-only": lambda s: s.recvmsg_into([bytearray(1), b"x"]),
+    "recvmsg_into str": lambda s: s.recvmsg_into("ab"),
+    "recvmsg_into not contiguous": lambda s: s.recvmsg_into([memoryview(bytearray(4))[::2]]),
+    "recvfrom huge": lambda s: s.recvfrom(1 << 70),
+    "recvfrom_into read-only": lambda s: s.recvfrom_into(b"x"),
+    "recvfrom_into no buffer": lambda s: s.recvfrom_into(5),
+    "recvfrom_into too small": lambda s: s.recvfrom_into(bytearray(1), 2),
+    "recvfrom_into huge": lambda s: s.recvfrom_into(bytearray(1), 1 << 70),
+    "recv_into no buffer": lambda s: s.recv_into(5),
+    "recv_into not contiguous": lambda s: s.recv_into(memoryview(bytearray(4))[::2]),
+    "recv_into too small": lambda s: s.recv_into(bytearray(1), 2),
+    "recv huge": lambda s: s.recv(1 << 70),
+}
+
+
+@pytest.mark.parametrize("call", WRONG_RECEIVES.values(), ids=WRONG_RECEIVES.keys())
+def test_a_receive_with_wrong_arguments_fails_as_cpythons(
+        make: Callable[[], Any], call: Callable[[Any], Any]) -> None:
+    """Each fails with CPython's exception and message, naming its call,
+    before anything is received (here on an unconnected socket, which
+    would fail otherwise)."""
+    with socket.socket() as real, pytest.raises(Exception) as expected:
+        call(real)
+    assert not isinstance(expected.value, OSError), expected.value
+    with pytest.raises(type(expected.value)) as got:
+        call(make())
+    assert str(got.value) == str(expected.value)
+
+
 def test_a_receive_of_nothing_waits_as_the_kernels(pair: tuple[Any, socket.socket]) -> None:
     """recvfrom(), recvmsg() and their _into forms of nothing reach the
     kernel, which waits as for a receive of one byte (for data, the end
