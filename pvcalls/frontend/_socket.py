@@ -289,8 +289,11 @@ def _send_view(data: bytes | bytearray | memoryview) -> memoryview:
     """``data`` as the bytes send() takes: any C-contiguous buffer, whatever
     its format and shape.  Another one is a :class:`BufferError`, as
     socket.socket's (asking for a simple buffer) says, not cast()'s
-    :class:`TypeError`."""
-    view = memoryview(data)
+    :class:`TypeError`; no buffer at all, its TypeError."""
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(f"a bytes-like object is required, not '{type(data).__name__}'") from None
     if not view.c_contiguous:
         raise BufferError("memoryview: underlying buffer is not C-contiguous")
     return view.cast("B")
@@ -1217,6 +1220,9 @@ class PVSocket(Closing):
 
     def connect_ex(self, address: tuple[str, int]) -> int:
         """Like :meth:`connect` but return an errno instead of raising."""
+        # Checked (and a name resolved) here, to be refused as
+        # connect_ex() is; connect() takes the numeric address as it is.
+        address = resolve(address, "connect_ex")
         try:
             self.connect(address)
         except TimeoutError as exc:
@@ -1237,7 +1243,7 @@ class PVSocket(Closing):
         """Bind to ``address`` in the backend domain (port 0 lets the
         backend's host pick one; PV Calls cannot tell the guest which).
         Another thread's close() ends its wait for the answer (EBADF)."""
-        host, port = resolve(address)
+        host, port = resolve(address, "bind")
         self._check_open()
         if self._st.ring is not None or self._st.bound or self._broken:
             raise OSError(errno.EINVAL, "socket is already bound or connected")
@@ -1810,7 +1816,10 @@ class PVSocket(Closing):
         if len(args) not in (1, 2):
             raise TypeError(f"sendto() takes 2 or 3 arguments ({len(args) + 1} given)")
         flags, address = (0, *args) if len(args) == 1 else args
-        resolve(address)
+        # In CPython's order: the data, the flags, then the address.
+        _send_view(data)
+        flags = operator.index(flags)
+        resolve(address, "sendto")
         return self.send(data, flags)
 
     def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0,
@@ -1818,13 +1827,24 @@ class PVSocket(Closing):
         """:meth:`send` of ``buffers`` one after the other, as on a
         connected TCP socket (which ignores ``address``).  Ancillary data
         cannot go over PV Calls: :class:`OSError` EOPNOTSUPP."""
-        views = [_send_view(buf) for buf in buffers]
-        if list(ancdata):
+        # In CPython's order: the flags converted, the address, the
+        # buffers, then the ancillary data.
+        flags = operator.index(flags)
+        if address is not None:
+            resolve(address, "sendmsg")
+        try:
+            items = list(buffers)
+        except TypeError:
+            raise TypeError("sendmsg() argument 1 must be an iterable") from None
+        views = [_send_view(buf) for buf in items]
+        try:
+            ancillary = list(ancdata)
+        except TypeError:
+            raise TypeError("sendmsg() argument 2 must be an iterable") from None
+        if ancillary:
             raise OSError(errno.EOPNOTSUPP,
                           "ancillary data (file descriptors, credentials) cannot be sent "
                           "over PV Calls")
-        if address is not None:
-            resolve(address)
         return self.send(b"".join(views), flags)
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:

@@ -771,6 +771,72 @@ def test_sendto_and_sendmsg(pair: tuple[Any, socket.socket]) -> None:
         c.sendmsg([b"x"], [], "no flags")
 
 
+#: Addresses CPython's AF_INET socket refuses before any system call.
+WRONG_ADDRESSES: dict[str, object] = {
+    "str": "127.0.0.1", "list": ["127.0.0.1", 9], "None": None, "one": ("127.0.0.1",),
+    "three": ("127.0.0.1", 9, 0), "host None": (None, 9), "host int": (1, 9),
+    "port str": ("127.0.0.1", "9"), "port float": ("127.0.0.1", 9.0),
+    "port big": ("127.0.0.1", 1 << 16), "port negative": ("127.0.0.1", -1),
+    "port huge": (b"127.0.0.1", 1 << 70), "null": ("a\0b", 9),
+    "null before port": ("a\0b", "9"), "host before port": (None, "9"),
+}
+
+#: The calls that take an address, each with its other arguments right.
+ADDRESS_CALLS: dict[str, Callable[[Any, object], Any]] = {
+    "connect": lambda s, a: s.connect(a),
+    "connect_ex": lambda s, a: s.connect_ex(a),
+    "bind": lambda s, a: s.bind(a),
+    "sendto": lambda s, a: s.sendto(b"x", a),
+    "sendto flags": lambda s, a: s.sendto(b"x", 0, a),
+    "sendmsg": lambda s, a: s.sendmsg([b"x"], [], 0, a),
+}
+
+
+@pytest.mark.parametrize(("call", "address"), [
+    pytest.param(call, address, id=f"{name}-{what}")
+    for name, call in ADDRESS_CALLS.items() for what, address in WRONG_ADDRESSES.items()
+    if not (name == "sendmsg" and address is None)  # sendmsg()'s None: no address
+])
+def test_a_wrong_address_fails_as_cpythons(make: Callable[[], Any],
+                                           call: Callable[[Any, object], Any],
+                                           address: object) -> None:
+    """Refused with CPython's exception and message (which names the call
+    for some), before anything else is done."""
+    with socket.socket() as real, pytest.raises(Exception) as expected:
+        call(real, address)
+    assert not isinstance(expected.value, OSError), expected.value
+    s = make()
+    with pytest.raises(type(expected.value)) as got:
+        call(s, address)
+    assert str(got.value) == str(expected.value)
+
+
+#: sendmsg() and sendto() with wrong arguments: refused as CPython's
+#: refuses them, in its order.
+WRONG_SENDMSGS: dict[str, Callable[[Any], Any]] = {
+    "address before buffers": lambda s: s.sendmsg(5, [], 0, "x"),
+    "address before ancillary data": lambda s: s.sendmsg([b"x"], [(1, 1, b"")], 0, "x"),
+    "flags before address": lambda s: s.sendmsg([b"x"], [], "no flags", "x"),
+    "no iterable": lambda s: s.sendmsg(5),
+    "no buffer": lambda s: s.sendmsg([b"x", "y"]),
+    "ancillary data no iterable": lambda s: s.sendmsg([b"x"], 5),
+    "send str": lambda s: s.send("x"),
+    "sendto data before address": lambda s: s.sendto("x", "x"),
+    "sendto flags before address": lambda s: s.sendto(b"x", "no flags", "x"),
+}
+
+
+@pytest.mark.parametrize("call", WRONG_SENDMSGS.values(), ids=WRONG_SENDMSGS.keys())
+def test_a_sendmsg_with_wrong_arguments_fails_as_cpythons(
+        make: Callable[[], Any], call: Callable[[Any], Any]) -> None:
+    with socket.socket() as real, pytest.raises(Exception) as expected:
+        call(real)
+    assert not isinstance(expected.value, OSError), expected.value
+    with pytest.raises(type(expected.value)) as got:
+        call(make())
+    assert str(got.value) == str(expected.value)
+
+
 def test_sendfile_sends_from_the_offset_and_moves_the_file_position(
         pair: tuple[Any, socket.socket], tmp_path: Path) -> None:
     c, peer = pair
