@@ -269,13 +269,15 @@ def _copy_out(parts: tuple[memoryview, ...], dst: memoryview, nbytes: int) -> in
 _SENDFILE_CHUNK = 1 << 17
 
 
-def _regular_file(file: Any) -> bool:
-    """Whether ``file`` is a regular file: socket.socket.sendfile() gives
-    one to os.sendfile(), which sends from the offset it is given."""
+def _regular_size(file: Any) -> int | None:
+    """The size of ``file`` if it is a regular file (socket.socket.sendfile()
+    gives one to os.sendfile(), which sends from the offset it is given),
+    else None."""
     try:
-        return stat.S_ISREG(os.fstat(file.fileno()).st_mode)
+        st = os.fstat(file.fileno())
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
-        return False
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def _seekable(file: Any) -> bool:
@@ -1856,7 +1858,9 @@ class PVSocket(Closing):
         one, offset 0 is its position.  The file is read and given to
         :meth:`send`, each wait for room bounded by the timeout (there is
         no descriptor of the connection for ``os.sendfile()``).  As there,
-        a non-blocking socket is a :class:`ValueError`."""
+        a non-blocking socket is a :class:`ValueError`, and an empty
+        regular file sends nothing at once, whatever the socket's state
+        (see :mod:`pvcalls.frontend` for where it differs)."""
         if "b" not in getattr(file, "mode", "b"):
             raise ValueError("file should be opened in binary mode")
         if count is not None:
@@ -1864,10 +1868,16 @@ class PVSocket(Closing):
                 raise TypeError(f"count must be a positive integer (got {count!r})")
             if count <= 0:
                 raise ValueError(f"count must be a positive integer (got {count!r})")
+        size = _regular_size(file)
+        if size == 0:
+            # As CPython's, which looks at the file's size before the
+            # socket: nothing to send, whatever the socket's state (closed,
+            # non-blocking), and the file's position stays.
+            return 0
         if self._timeout == 0.0:
             raise ValueError("non-blocking sockets are not supported")
         self._check_open()
-        regular = _regular_file(file)
+        regular = size is not None
         before = file.tell() if regular else None
         if offset or regular:
             file.seek(offset)

@@ -874,6 +874,29 @@ def test_sendfile_of_a_file_that_is_not_a_regular_one(pair: tuple[Any, socket.so
     assert recv_exactly(peer, 13) == b"0123456789456"
 
 
+@pytest.mark.parametrize("state", ["closed", "non-blocking", "unconnected"])
+def test_sendfile_of_an_empty_file_sends_nothing_whatever_the_socket(
+        make: Callable[[], Any], tmp_path: Path, state: str) -> None:
+    """CPython's sendfile() returns 0 for an empty regular file before it
+    looks at the socket: closed, non-blocking or not connected (and the
+    file's position stays where it was, whatever the offset)."""
+    s = make()
+    if state == "closed":
+        s.close()
+    elif state == "non-blocking":
+        s.setblocking(False)
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    with open(path, "rb") as f:
+        assert s.sendfile(f) == 0
+        assert s.sendfile(f, 5) == 0 and f.tell() == 0
+        # Its arguments are checked all the same.
+        with pytest.raises(TypeError):
+            s.sendfile(f, 0, 1.5)
+    with open(path, encoding="ascii") as f, pytest.raises(ValueError):  # text, not binary
+        s.sendfile(f)
+
+
 def test_a_blocking_send_cut_short_by_a_reset_returns_what_went(
         pair: tuple[Any, socket.socket]) -> None:
     """A blocking send() waiting for room when the peer resets returns
