@@ -980,6 +980,38 @@ def test_makefile_takes_a_negative_buffering_for_the_default_and_says_its_mode(
         assert text.mode == "r"
 
 
+@pytest.mark.parametrize("mode", ["b", "", "rb", "wb", "rwb", "w", "rw", "br", "bw"])
+@pytest.mark.parametrize("buffering", [None, 0], ids=["buffered", "unbuffered"])
+def test_makefile_modes(pair: tuple[Any, socket.socket], mode: str,
+                        buffering: int | None) -> None:
+    """A mode without "w" reads ("b" alone too), one with "b" is binary,
+    and a text one says the mode it was given; unbuffered only binary."""
+    c, peer = pair
+    binary = "b" in mode
+    if buffering == 0 and not binary:
+        with socket.socket() as real, pytest.raises(ValueError) as expected:
+            real.makefile(mode, 0)
+        with pytest.raises(ValueError) as got:
+            c.makefile(mode, 0)
+        assert str(got.value) == str(expected.value)
+        return
+    with c.makefile(mode, buffering) as f:
+        reading, writing = "r" in mode or "w" not in mode, "w" in mode
+        assert (f.readable(), f.writable()) == (reading, writing)
+        assert isinstance(f, io.TextIOBase) != binary
+        raw_mode = ("r" if reading else "") + ("w" if writing else "") + "b"
+        pair_of_buffers = reading and writing and buffering is None  # BufferedRWPair: no mode
+        assert getattr(f, "mode", None) == (
+            mode if not binary else None if pair_of_buffers else raw_mode)
+        if writing:
+            f.write(b"out\n" if binary else "out\n")
+            f.flush()
+            assert recv_exactly(peer, 4) == b"out\n"
+        if reading:
+            peer.sendall(b"in\n")
+            assert f.readline() == (b"in\n" if binary else "in\n")
+
+
 def test_a_socketio_closed_before_makefile_does_not_close_the_sockets_file(
         pair: tuple[Any, socket.socket]) -> None:
     """A SocketIO made by hand and closed counts no file of makefile()'s:
