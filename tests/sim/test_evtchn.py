@@ -1979,6 +1979,65 @@ def test_a_bind_reply_with_other_descriptors_than_the_port_needs_is_given_back(
         server.join(TIMEOUT)
 
 
+@pytest.mark.parametrize("port", [0, -1, xenback.platform.EVTCHN_PORT_MAX + 1, 1 << 70, True],
+                         ids=["zero", "negative", "past-the-last", "huge", "bool"])
+def test_a_bind_reply_naming_no_port_is_given_back(tmp_path: Path, port: object) -> None:
+    """A port number no port has (as check_port() says) is the service's
+    protocol error (EPROTO), given back as any malformed reply is: not a
+    port listed that no call of the handle can name."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+    server, later = answering_once(path, {"port": port}, [w])
+    ch = EventChannel(path)
+    try:
+        with pytest.raises(EventChannelError) as info:
+            ch.bind_unbound_port(1)
+        assert info.value.errno == errno.EPROTO
+        assert ch.ports() == []
+        assert select.select([r], [], [], TIMEOUT)[0] == [r]
+        assert os.read(r, 1) == b""
+    finally:
+        ch.close()
+        os.close(r)
+        server.join(TIMEOUT)
+
+
+def test_a_bind_reply_naming_a_port_the_handle_has_is_given_back(tmp_path: Path) -> None:
+    """A second bind answered with the number of a port the handle holds
+    (the service's bug) fails with EPROTO, and the first port stays the
+    handle's, its descriptor open: listing the new one over it lost the
+    first (its descriptors left open by close(), its peer never told)."""
+    path = str(tmp_path / "hypervisor")
+    pipes = [os.pipe() for _ in range(2)]
+    later: list[dict[str, Any]] = []
+
+    def handle(conn: socket.socket) -> None:
+        for _, w in pipes:
+            request = json.loads(conn.recv(MAX_MESSAGE))
+            send_message(conn, {"id": request["id"], "port": 7}, [w])
+            os.close(w)
+        while data := conn.recv(MAX_MESSAGE):
+            later.append(json.loads(data))
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    ch = EventChannel(path)
+    try:
+        assert ch.bind_unbound_port(1) == 7
+        with pytest.raises(EventChannelError) as info:
+            ch.bind_unbound_port(1)
+        assert info.value.errno == errno.EPROTO
+        assert ch.ports() == [7]
+        (second_r, _), (first_r, _) = pipes[1], pipes[0]
+        assert select.select([second_r], [], [], TIMEOUT)[0] == [second_r]
+        assert os.read(second_r, 1) == b""  # the second reply's descriptor closed
+        assert select.select([first_r], [], [], 0)[0] == []  # the first port's still open
+    finally:
+        ch.close()
+        for r, _ in pipes:
+            os.close(r)
+        server.join(TIMEOUT)
+
+
 def test_a_refused_bind_reply_cut_short_anywhere_is_given_back(
         host: SimHost, guest: Domain) -> None:
     """A Ctrl-C landing anywhere in a call whose apply refuses the reply
