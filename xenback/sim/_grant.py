@@ -373,6 +373,14 @@ class _Handle(Closing, Generic[P]):
         """
         with self._lock:
             closed = self._closed
+            held = self._live.get(key)
+            if not closed and held is not None and not held._told:
+                # The key of pages the service still holds for this handle
+                # (its bug; once told of their end, it may give the key
+                # again): listed over them, those would be lost, never
+                # ended.  Given back as any malformed reply.
+                raise GrantError(errno.EPROTO, f"the service gave {self._kind} key {key} "
+                                 "again, which this handle holds")
             if not closed:
                 # One step, as far as a signal goes (no call in between):
                 # the pages, their region and the descriptors become the
