@@ -1512,7 +1512,8 @@ def _memfds(name: str, count: int, *, pages: int) -> list[int]:
 
 @pytest.mark.parametrize("reply", [
     {}, {"refs": 8}, {"refs": ["8", "9"]}, {"refs": [8, -9]}, {"refs": [8, True]},
-], ids=["no-refs", "refs-not-a-list", "refs-not-ints", "negative-ref", "bool-ref"])
+    {"refs": [8, 1 << 32]},
+], ids=["no-refs", "refs-not-a-list", "refs-not-ints", "negative-ref", "bool-ref", "huge-ref"])
 def test_a_share_reply_without_refs_as_such_fails_as_a_protocol_error(
         tmp_path: Path, reply: dict[str, object]) -> None:
     """A service answering a share with no list of refs (missing, or
