@@ -2038,6 +2038,51 @@ def test_a_bind_reply_naming_a_port_the_handle_has_is_given_back(tmp_path: Path)
         server.join(TIMEOUT)
 
 
+def test_a_port_number_given_again_as_its_unbind_finishes_is_the_new_ports(
+        tmp_path: Path) -> None:
+    """The service frees an unbound port's number as it answers the
+    unbind, and may give it to a bind of another thread before the
+    unbind's caller took the old port off the table: the new port is
+    listed (not refused as one the handle holds), and stays."""
+    path = str(tmp_path / "hypervisor")
+    pipes = [os.pipe() for _ in range(2)]
+    read_ends = [r for r, _ in pipes]
+
+    def handle(conn: socket.socket) -> None:
+        answers = iter([{"port": 7}, {}, {"port": 7}])
+        while data := conn.recv(MAX_MESSAGE):
+            request = json.loads(data)
+            reply = next(answers, {})
+            fds = [pipes.pop(0)[1]] if "port" in reply else []
+            send_message(conn, {"id": request["id"], **reply}, fds)
+            close_fds(fds)
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    ch = EventChannel(path)
+    bound_again = threading.Event()
+    drop = ch._drop
+
+    def late_drop(lp: Any) -> None:
+        assert bound_again.wait(TIMEOUT)
+        drop(lp)
+
+    ch._drop = late_drop  # type: ignore[method-assign]
+    try:
+        assert ch.bind_unbound_port(1) == 7
+        unbinding = threading.Thread(target=ch.unbind, args=(7,))
+        unbinding.start()
+        assert eventually(lambda: ch.ports() == [])  # the old port forgotten, not yet dropped
+        assert ch.bind_unbound_port(1) == 7
+        bound_again.set()
+        unbinding.join(TIMEOUT)
+        assert ch.ports() == [7]
+    finally:
+        bound_again.set()
+        ch.close()
+        close_fds(read_ends + [w for _, w in pipes])  # what the service did not send
+        server.join(TIMEOUT)
+
+
 def test_a_refused_bind_reply_cut_short_anywhere_is_given_back(
         host: SimHost, guest: Domain) -> None:
     """A Ctrl-C landing anywhere in a call whose apply refuses the reply
