@@ -101,6 +101,14 @@ A few calls differ with no error of their own:
   ``connect()`` with EISCONN (Linux's may connect anew), but for the one
   that completes a non-blocking or timed ``connect()``, which reports
   the reset as Linux's does.
+* ``sendfile()`` reads a file that is not a regular one (a pipe, a
+  ``/proc`` file) and sends what it holds, where CPython's sends nothing
+  of one whose size ``fstat()`` says is 0 (it takes it for an empty
+  file).  On a closed socket it fails with EBADF, where CPython's says
+  ValueError "Invalid file descriptor: -1" for a regular file (an empty
+  one sends nothing on both).  A failure before any byte went leaves
+  the file's position where it was, where CPython's, for a file that is
+  not a regular one, leaves it after what it read.
 * ``accept()`` of a socket that is not listening fails with EINVAL at
   once, also with a timeout, where CPython's waits for a connected
   socket to poll readable first.

@@ -103,22 +103,27 @@ def host_bytes(host: str) -> bytes:
         raise TypeError("encoding of hostname failed") from None
 
 
-def resolve(address: object) -> tuple[str, int]:
+def resolve(address: object, call: str = "connect") -> tuple[str, int]:
     """An AF_INET ``(host, port)`` as :class:`socket.socket` takes it: the
     host a string or bytes, numeric (``inet_aton`` forms such as ``127.1``
     included) or a name resolved here, in the guest, as a Linux guest's C
-    library does before it calls connect() or bind()."""
-    if not isinstance(address, tuple) or len(address) != 2:
-        raise TypeError(f"AF_INET address must be a (host, port) tuple, not {address!r}")
+    library does before it calls connect() or bind().  A wrong one is
+    refused as by CPython's method ``call``: its checks, in its order
+    (the host before the port), its exceptions and words, naming ``call``
+    where it does."""
+    if not isinstance(address, tuple):
+        raise TypeError(f"{call}(): AF_INET address must be tuple, not {type(address).__name__}")
+    if len(address) != 2:
+        raise TypeError("AF_INET address must be a pair (host, port)")
     host, port = address
     if not isinstance(host, str | bytes | bytearray):
         raise TypeError(f"str, bytes or bytearray expected, not {type(host).__name__}")
-    port = operator.index(port)
-    if not 0 <= port <= 0xFFFF:
-        raise OverflowError("port must be 0-65535.")
     name = host_bytes(host) if isinstance(host, str) else bytes(host)
     if b"\0" in name:
         raise TypeError("host name must not contain null character")
+    port = operator.index(port)
+    if not 0 <= port <= 0xFFFF:
+        raise OverflowError(f"{call}(): port must be 0-65535.")
     if name == b"":
         return "0.0.0.0", port
     if name == b"<broadcast>":

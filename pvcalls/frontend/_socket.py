@@ -12,6 +12,7 @@ import os
 import socket
 import stat
 import struct
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -213,6 +214,8 @@ _SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL | socket.MSG_MORE)
 _MSG_PEEK = int(socket.MSG_PEEK)
 _MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 _MSG_WAITALL = int(socket.MSG_WAITALL)
+#: What CPython's recvmsg() and recvmsg_into() say of a negative ancbufsize.
+_NEGATIVE_ANCILLARY = "invalid ancillary data buffer length"
 
 
 def _check_flags(flags: int, supported: int, call: str) -> int:
@@ -266,13 +269,15 @@ def _copy_out(parts: tuple[memoryview, ...], dst: memoryview, nbytes: int) -> in
 _SENDFILE_CHUNK = 1 << 17
 
 
-def _regular_file(file: Any) -> bool:
-    """Whether ``file`` is a regular file: socket.socket.sendfile() gives
-    one to os.sendfile(), which sends from the offset it is given."""
+def _regular_size(file: Any) -> int | None:
+    """The size of ``file`` if it is a regular file (socket.socket.sendfile()
+    gives one to os.sendfile(), which sends from the offset it is given),
+    else None."""
     try:
-        return stat.S_ISREG(os.fstat(file.fileno()).st_mode)
+        st = os.fstat(file.fileno())
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
-        return False
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def _seekable(file: Any) -> bool:
@@ -286,11 +291,35 @@ def _send_view(data: bytes | bytearray | memoryview) -> memoryview:
     """``data`` as the bytes send() takes: any C-contiguous buffer, whatever
     its format and shape.  Another one is a :class:`BufferError`, as
     socket.socket's (asking for a simple buffer) says, not cast()'s
-    :class:`TypeError`."""
-    view = memoryview(data)
+    :class:`TypeError`; no buffer at all, its TypeError."""
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(f"a bytes-like object is required, not '{type(data).__name__}'") from None
     if not view.c_contiguous:
         raise BufferError("memoryview: underlying buffer is not C-contiguous")
     return view.cast("B")
+
+
+def _ssize(n: Any) -> int:
+    """``n`` as CPython's socket methods take a size, a C ssize_t: so an
+    int past one fails with its OverflowError, not bytearray()'s."""
+    n = operator.index(n)
+    if not -sys.maxsize - 1 <= n <= sys.maxsize:
+        raise OverflowError("Python int too large to convert to C ssize_t")
+    return n
+
+
+def _writable_view(buffer: Any) -> memoryview | None:
+    """``buffer`` as bytes to receive into; None if it is no writable
+    C-contiguous buffer (the caller says so as CPython's call does)."""
+    try:
+        dst = memoryview(buffer)
+    except TypeError:
+        return None
+    if dst.readonly or not dst.c_contiguous:
+        return None
+    return dst.cast("B")
 
 
 class SocketState:
@@ -1193,6 +1222,9 @@ class PVSocket(Closing):
 
     def connect_ex(self, address: tuple[str, int]) -> int:
         """Like :meth:`connect` but return an errno instead of raising."""
+        # Checked (and a name resolved) here, to be refused as
+        # connect_ex() is; connect() takes the numeric address as it is.
+        address = resolve(address, "connect_ex")
         try:
             self.connect(address)
         except TimeoutError as exc:
@@ -1213,7 +1245,7 @@ class PVSocket(Closing):
         """Bind to ``address`` in the backend domain (port 0 lets the
         backend's host pick one; PV Calls cannot tell the guest which).
         Another thread's close() ends its wait for the answer (EBADF)."""
-        host, port = resolve(address)
+        host, port = resolve(address, "bind")
         self._check_open()
         if self._st.ring is not None or self._st.bound or self._broken:
             raise OSError(errno.EINVAL, "socket is already bound or connected")
@@ -1610,18 +1642,20 @@ class PVSocket(Closing):
                    call: str = "recv_into") -> int:
         """:meth:`recv_into`; of nothing as the kernel's if ``kernel``;
         ``call`` is the method a negative ``nbytes`` was given to."""
-        flags = _check_flags(flags, _RECV_FLAGS, "recv")
-        dst = memoryview(buffer).cast("B")
-        if dst.readonly:
-            raise TypeError("recv_into() argument 1 must be read-write bytes-like object, "
+        dst = _writable_view(buffer)
+        if dst is None:
+            raise TypeError(f"{call}() argument 1 must be read-write bytes-like object, "
                             f"not {type(buffer).__name__}")
+        flags = _check_flags(flags, _RECV_FLAGS, "recv")
         # An integer, as socket.socket's: a float would pass the checks
         # below and wait for data before failing (or never, without a timeout).
-        nbytes = operator.index(nbytes)
+        nbytes = _ssize(nbytes)
         if nbytes < 0:
             raise ValueError(f"negative buffersize in {call}")
         if nbytes > len(dst):
-            raise ValueError("buffer too small for requested bytes")
+            # CPython's two calls say it in words of their own.
+            raise ValueError("nbytes is greater than the length of the buffer"
+                             if call == "recvfrom_into" else "buffer too small for requested bytes")
         if nbytes == 0:
             nbytes = len(dst)
         if nbytes == 0:
@@ -1721,7 +1755,7 @@ class PVSocket(Closing):
 
     def _recv(self, bufsize: int, flags: int, *, kernel: bool, call: str = "recv") -> bytes:
         # Said as socket.socket says it, not as a failed comparison.
-        bufsize = operator.index(bufsize)
+        bufsize = _ssize(bufsize)
         if bufsize < 0:
             raise ValueError(f"negative buffersize in {call}")
         buf = bytearray(bufsize)
@@ -1745,22 +1779,29 @@ class PVSocket(Closing):
         """:meth:`recvfrom` as ``(data, ancdata, msg_flags, address)``:
         what a TCP stream gives there, no ancillary data, no message flags
         and no address."""
-        bufsize, ancbufsize = operator.index(bufsize), operator.index(ancbufsize)
+        bufsize, ancbufsize = _ssize(bufsize), _ssize(ancbufsize)
         if bufsize < 0:
             raise ValueError("negative buffer size in recvmsg()")
         if ancbufsize < 0:
-            raise ValueError("negative ancillary buffer size in recvmsg()")
+            raise ValueError(_NEGATIVE_ANCILLARY)
         return self._recv(bufsize, flags, kernel=True), [], 0, None
 
     def recvmsg_into(self, buffers: Any, ancbufsize: int = 0,
                      flags: int = 0) -> tuple[int, list[tuple[int, int, bytes]], int, None]:
         """:meth:`recvmsg` into ``buffers``, filled one after the other."""
-        views = [memoryview(buf).cast("B") for buf in buffers]
-        if any(view.readonly for view in views):
+        # In CPython's order: its arguments converted, then the buffers
+        # looked at, then the ancillary size.
+        ancbufsize = _ssize(ancbufsize)
+        try:
+            items = list(buffers)
+        except TypeError:
+            raise TypeError("recvmsg_into() argument 1 must be an iterable") from None
+        views = [view for view in map(_writable_view, items) if view is not None]
+        if len(views) != len(items):
             raise TypeError("recvmsg_into() argument 1 must be an iterable "
-                            "of read-write bytes-like objects")
-        if operator.index(ancbufsize) < 0:
-            raise ValueError("negative ancillary buffer size in recvmsg_into()")
+                            "of single-segment read-write buffers")
+        if ancbufsize < 0:
+            raise ValueError(_NEGATIVE_ANCILLARY)
         # One receive, as the kernel's: copied out to the buffers after.
         data = bytearray(sum(map(len, views)))
         got = self._recv_into(data, len(data), flags, kernel=True)
@@ -1777,7 +1818,10 @@ class PVSocket(Closing):
         if len(args) not in (1, 2):
             raise TypeError(f"sendto() takes 2 or 3 arguments ({len(args) + 1} given)")
         flags, address = (0, *args) if len(args) == 1 else args
-        resolve(address)
+        # In CPython's order: the data, the flags, then the address.
+        _send_view(data)
+        flags = operator.index(flags)
+        resolve(address, "sendto")
         return self.send(data, flags)
 
     def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0,
@@ -1785,13 +1829,24 @@ class PVSocket(Closing):
         """:meth:`send` of ``buffers`` one after the other, as on a
         connected TCP socket (which ignores ``address``).  Ancillary data
         cannot go over PV Calls: :class:`OSError` EOPNOTSUPP."""
-        views = [_send_view(buf) for buf in buffers]
-        if list(ancdata):
+        # In CPython's order: the flags converted, the address, the
+        # buffers, then the ancillary data.
+        flags = operator.index(flags)
+        if address is not None:
+            resolve(address, "sendmsg")
+        try:
+            items = list(buffers)
+        except TypeError:
+            raise TypeError("sendmsg() argument 1 must be an iterable") from None
+        views = [_send_view(buf) for buf in items]
+        try:
+            ancillary = list(ancdata)
+        except TypeError:
+            raise TypeError("sendmsg() argument 2 must be an iterable") from None
+        if ancillary:
             raise OSError(errno.EOPNOTSUPP,
                           "ancillary data (file descriptors, credentials) cannot be sent "
                           "over PV Calls")
-        if address is not None:
-            resolve(address)
         return self.send(b"".join(views), flags)
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
@@ -1803,7 +1858,9 @@ class PVSocket(Closing):
         one, offset 0 is its position.  The file is read and given to
         :meth:`send`, each wait for room bounded by the timeout (there is
         no descriptor of the connection for ``os.sendfile()``).  As there,
-        a non-blocking socket is a :class:`ValueError`."""
+        a non-blocking socket is a :class:`ValueError`, and an empty
+        regular file sends nothing at once, whatever the socket's state
+        (see :mod:`pvcalls.frontend` for where it differs)."""
         if "b" not in getattr(file, "mode", "b"):
             raise ValueError("file should be opened in binary mode")
         if count is not None:
@@ -1811,10 +1868,16 @@ class PVSocket(Closing):
                 raise TypeError(f"count must be a positive integer (got {count!r})")
             if count <= 0:
                 raise ValueError(f"count must be a positive integer (got {count!r})")
+        size = _regular_size(file)
+        if size == 0:
+            # As CPython's, which looks at the file's size before the
+            # socket: nothing to send, whatever the socket's state (closed,
+            # non-blocking), and the file's position stays.
+            return 0
         if self._timeout == 0.0:
             raise ValueError("non-blocking sockets are not supported")
         self._check_open()
-        regular = _regular_file(file)
+        regular = size is not None
         before = file.tell() if regular else None
         if offset or regular:
             file.seek(offset)

@@ -594,13 +594,14 @@ def test_an_error_in_the_data_ring_is_an_oserror_by_name(
         s.close()
 
 
-@pytest.mark.parametrize("first", ["send", "SO_ERROR"])
+@pytest.mark.parametrize("first", ["send", "SO_ERROR", "recv"])
 def test_a_reset_the_backend_s_reader_took_is_said_before_its_sender_s_epipe(
         fe: pvcalls.Frontend, fake: FakeBackend, first: str) -> None:
     """The host socket reset: the backend's reader got ECONNRESET (the
     socket's pending error, taken), its sender then EPIPE.  The guest's
     first send() says the reset, as a TCP socket's first call after one
-    does, or SO_ERROR does; then send() says EPIPE."""
+    does, or SO_ERROR or recv() does; then send() says EPIPE, and recv()
+    the end of the stream (said once, as a TCP socket's pending error)."""
     s, ring = connected(fe, fake)
     s.settimeout(TIMEOUT)
     ring.set_error(OUT_ERROR_OFFSET, -32)  # EPIPE
@@ -610,10 +611,39 @@ def test_a_reset_the_backend_s_reader_took_is_said_before_its_sender_s_epipe(
         if first == "send":
             with pytest.raises(ConnectionResetError):
                 s.send(b"x")
-        else:
+        elif first == "SO_ERROR":
             assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+        else:
+            with pytest.raises(ConnectionResetError):
+                s.recv(1)
         with pytest.raises(BrokenPipeError):
             s.send(b"x")
+        assert s.recv(1) == b""
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("first", ["send", "SO_ERROR"])
+def test_a_senders_error_other_than_epipe_is_said_before_the_readers(
+        fe: pvcalls.Frontend, fake: FakeBackend, first: str) -> None:
+    """Only EPIPE (the sender meeting an error its reader took) gives way
+    to in_error's failure: any other out_error is the backend's word on
+    the connection, said first, and said once."""
+    s, ring = connected(fe, fake)
+    s.settimeout(TIMEOUT)
+    ring.set_error(OUT_ERROR_OFFSET, -110)  # ETIMEDOUT
+    ring.set_error(IN_ERROR_OFFSET, -104)  # ECONNRESET
+    ring.notify()
+    try:
+        if first == "send":
+            with pytest.raises(TimeoutError):
+                s.send(b"x")
+        else:
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ETIMEDOUT
+        with pytest.raises(BrokenPipeError):
+            s.send(b"x")
+        assert s.recv(1) == b""  # the reset is not said again
     finally:
         s.close()
 

@@ -656,6 +656,45 @@ def test_a_negative_receive_size_names_the_call(make: Callable[[], Any],
     assert str(got.value) == str(expected.value)
 
 
+#: Receives with wrong arguments, which CPython's refuses before any system call.
+WRONG_RECEIVES: dict[str, Callable[[Any], Any]] = {
+    "recvmsg negative": lambda s: s.recvmsg(-1),
+    "recvmsg negative ancillary": lambda s: s.recvmsg(1, -1),
+    "recvmsg huge": lambda s: s.recvmsg(1 << 70),
+    "recvmsg huge ancillary": lambda s: s.recvmsg(1, 1 << 70),
+    "recvmsg_into negative ancillary": lambda s: s.recvmsg_into([bytearray(1)], -1),
+    "recvmsg_into huge ancillary": lambda s: s.recvmsg_into([bytearray(1)], 1 << 70),
+    "recvmsg_into no iterable": lambda s: s.recvmsg_into(5),
+    "recvmsg_into no buffer": lambda s: s.recvmsg_into([bytearray(1), 5]),
+    "recvmsg_into read-only": lambda s: s.recvmsg_into([bytearray(1), b"x"]),
+    "recvmsg_into str": lambda s: s.recvmsg_into("ab"),
+    "recvmsg_into not contiguous": lambda s: s.recvmsg_into([memoryview(bytearray(4))[::2]]),
+    "recvfrom huge": lambda s: s.recvfrom(1 << 70),
+    "recvfrom_into read-only": lambda s: s.recvfrom_into(b"x"),
+    "recvfrom_into no buffer": lambda s: s.recvfrom_into(5),
+    "recvfrom_into too small": lambda s: s.recvfrom_into(bytearray(1), 2),
+    "recvfrom_into huge": lambda s: s.recvfrom_into(bytearray(1), 1 << 70),
+    "recv_into no buffer": lambda s: s.recv_into(5),
+    "recv_into not contiguous": lambda s: s.recv_into(memoryview(bytearray(4))[::2]),
+    "recv_into too small": lambda s: s.recv_into(bytearray(1), 2),
+    "recv huge": lambda s: s.recv(1 << 70),
+}
+
+
+@pytest.mark.parametrize("call", WRONG_RECEIVES.values(), ids=WRONG_RECEIVES.keys())
+def test_a_receive_with_wrong_arguments_fails_as_cpythons(
+        make: Callable[[], Any], call: Callable[[Any], Any]) -> None:
+    """Each fails with CPython's exception and message, naming its call,
+    before anything is received (here on an unconnected socket, which
+    would fail otherwise)."""
+    with socket.socket() as real, pytest.raises(Exception) as expected:
+        call(real)
+    assert not isinstance(expected.value, OSError), expected.value
+    with pytest.raises(type(expected.value)) as got:
+        call(make())
+    assert str(got.value) == str(expected.value)
+
+
 def test_a_receive_of_nothing_waits_as_the_kernels(pair: tuple[Any, socket.socket]) -> None:
     """recvfrom(), recvmsg() and their _into forms of nothing reach the
     kernel, which waits as for a receive of one byte (for data, the end
@@ -732,6 +771,72 @@ def test_sendto_and_sendmsg(pair: tuple[Any, socket.socket]) -> None:
         c.sendmsg([b"x"], [], "no flags")
 
 
+#: Addresses CPython's AF_INET socket refuses before any system call.
+WRONG_ADDRESSES: dict[str, object] = {
+    "str": "127.0.0.1", "list": ["127.0.0.1", 9], "None": None, "one": ("127.0.0.1",),
+    "three": ("127.0.0.1", 9, 0), "host None": (None, 9), "host int": (1, 9),
+    "port str": ("127.0.0.1", "9"), "port float": ("127.0.0.1", 9.0),
+    "port big": ("127.0.0.1", 1 << 16), "port negative": ("127.0.0.1", -1),
+    "port huge": (b"127.0.0.1", 1 << 70), "null": ("a\0b", 9),
+    "null before port": ("a\0b", "9"), "host before port": (None, "9"),
+}
+
+#: The calls that take an address, each with its other arguments right.
+ADDRESS_CALLS: dict[str, Callable[[Any, object], Any]] = {
+    "connect": lambda s, a: s.connect(a),
+    "connect_ex": lambda s, a: s.connect_ex(a),
+    "bind": lambda s, a: s.bind(a),
+    "sendto": lambda s, a: s.sendto(b"x", a),
+    "sendto flags": lambda s, a: s.sendto(b"x", 0, a),
+    "sendmsg": lambda s, a: s.sendmsg([b"x"], [], 0, a),
+}
+
+
+@pytest.mark.parametrize(("call", "address"), [
+    pytest.param(call, address, id=f"{name}-{what}")
+    for name, call in ADDRESS_CALLS.items() for what, address in WRONG_ADDRESSES.items()
+    if not (name == "sendmsg" and address is None)  # sendmsg()'s None: no address
+])
+def test_a_wrong_address_fails_as_cpythons(make: Callable[[], Any],
+                                           call: Callable[[Any, object], Any],
+                                           address: object) -> None:
+    """Refused with CPython's exception and message (which names the call
+    for some), before anything else is done."""
+    with socket.socket() as real, pytest.raises(Exception) as expected:
+        call(real, address)
+    assert not isinstance(expected.value, OSError), expected.value
+    s = make()
+    with pytest.raises(type(expected.value)) as got:
+        call(s, address)
+    assert str(got.value) == str(expected.value)
+
+
+#: sendmsg() and sendto() with wrong arguments: refused as CPython's
+#: refuses them, in its order.
+WRONG_SENDMSGS: dict[str, Callable[[Any], Any]] = {
+    "address before buffers": lambda s: s.sendmsg(5, [], 0, "x"),
+    "address before ancillary data": lambda s: s.sendmsg([b"x"], [(1, 1, b"")], 0, "x"),
+    "flags before address": lambda s: s.sendmsg([b"x"], [], "no flags", "x"),
+    "no iterable": lambda s: s.sendmsg(5),
+    "no buffer": lambda s: s.sendmsg([b"x", "y"]),
+    "ancillary data no iterable": lambda s: s.sendmsg([b"x"], 5),
+    "send str": lambda s: s.send("x"),
+    "sendto data before address": lambda s: s.sendto("x", "x"),
+    "sendto flags before address": lambda s: s.sendto(b"x", "no flags", "x"),
+}
+
+
+@pytest.mark.parametrize("call", WRONG_SENDMSGS.values(), ids=WRONG_SENDMSGS.keys())
+def test_a_sendmsg_with_wrong_arguments_fails_as_cpythons(
+        make: Callable[[], Any], call: Callable[[Any], Any]) -> None:
+    with socket.socket() as real, pytest.raises(Exception) as expected:
+        call(real)
+    assert not isinstance(expected.value, OSError), expected.value
+    with pytest.raises(type(expected.value)) as got:
+        call(make())
+    assert str(got.value) == str(expected.value)
+
+
 def test_sendfile_sends_from_the_offset_and_moves_the_file_position(
         pair: tuple[Any, socket.socket], tmp_path: Path) -> None:
     c, peer = pair
@@ -767,6 +872,29 @@ def test_sendfile_of_a_file_that_is_not_a_regular_one(pair: tuple[Any, socket.so
     assert c.sendfile(f) == 10 and f.tell() == 10
     assert c.sendfile(f, 4, 3) == 3 and f.tell() == 7
     assert recv_exactly(peer, 13) == b"0123456789456"
+
+
+@pytest.mark.parametrize("state", ["closed", "non-blocking", "unconnected"])
+def test_sendfile_of_an_empty_file_sends_nothing_whatever_the_socket(
+        make: Callable[[], Any], tmp_path: Path, state: str) -> None:
+    """CPython's sendfile() returns 0 for an empty regular file before it
+    looks at the socket: closed, non-blocking or not connected (and the
+    file's position stays where it was, whatever the offset)."""
+    s = make()
+    if state == "closed":
+        s.close()
+    elif state == "non-blocking":
+        s.setblocking(False)
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    with open(path, "rb") as f:
+        assert s.sendfile(f) == 0
+        assert s.sendfile(f, 5) == 0 and f.tell() == 0
+        # Its arguments are checked all the same.
+        with pytest.raises(TypeError):
+            s.sendfile(f, 0, 1.5)
+    with open(path, encoding="ascii") as f, pytest.raises(ValueError):  # text, not binary
+        s.sendfile(f)
 
 
 def test_a_blocking_send_cut_short_by_a_reset_returns_what_went(
@@ -850,6 +978,38 @@ def test_makefile_takes_a_negative_buffering_for_the_default_and_says_its_mode(
         assert f.readline() == b"line\n"
     with c.makefile("r") as text:
         assert text.mode == "r"
+
+
+@pytest.mark.parametrize("mode", ["b", "", "rb", "wb", "rwb", "w", "rw", "br", "bw"])
+@pytest.mark.parametrize("buffering", [None, 0], ids=["buffered", "unbuffered"])
+def test_makefile_modes(pair: tuple[Any, socket.socket], mode: str,
+                        buffering: int | None) -> None:
+    """A mode without "w" reads ("b" alone too), one with "b" is binary,
+    and a text one says the mode it was given; unbuffered only binary."""
+    c, peer = pair
+    binary = "b" in mode
+    if buffering == 0 and not binary:
+        with socket.socket() as real, pytest.raises(ValueError) as expected:
+            real.makefile(mode, 0)
+        with pytest.raises(ValueError) as got:
+            c.makefile(mode, 0)
+        assert str(got.value) == str(expected.value)
+        return
+    with c.makefile(mode, buffering) as f:
+        reading, writing = "r" in mode or "w" not in mode, "w" in mode
+        assert (f.readable(), f.writable()) == (reading, writing)
+        assert isinstance(f, io.TextIOBase) != binary
+        raw_mode = ("r" if reading else "") + ("w" if writing else "") + "b"
+        pair_of_buffers = reading and writing and buffering is None  # BufferedRWPair: no mode
+        assert getattr(f, "mode", None) == (
+            mode if not binary else None if pair_of_buffers else raw_mode)
+        if writing:
+            f.write(b"out\n" if binary else "out\n")
+            f.flush()
+            assert recv_exactly(peer, 4) == b"out\n"
+        if reading:
+            peer.sendall(b"in\n")
+            assert f.readline() == (b"in\n" if binary else "in\n")
 
 
 def test_a_socketio_closed_before_makefile_does_not_close_the_sockets_file(

@@ -1979,6 +1979,110 @@ def test_a_bind_reply_with_other_descriptors_than_the_port_needs_is_given_back(
         server.join(TIMEOUT)
 
 
+@pytest.mark.parametrize("port", [0, -1, xenback.platform.EVTCHN_PORT_MAX + 1, 1 << 70, True],
+                         ids=["zero", "negative", "past-the-last", "huge", "bool"])
+def test_a_bind_reply_naming_no_port_is_given_back(tmp_path: Path, port: object) -> None:
+    """A port number no port has (as check_port() says) is the service's
+    protocol error (EPROTO), given back as any malformed reply is: not a
+    port listed that no call of the handle can name."""
+    path = str(tmp_path / "hypervisor")
+    r, w = os.pipe()
+    server, later = answering_once(path, {"port": port}, [w])
+    ch = EventChannel(path)
+    try:
+        with pytest.raises(EventChannelError) as info:
+            ch.bind_unbound_port(1)
+        assert info.value.errno == errno.EPROTO
+        assert ch.ports() == []
+        assert select.select([r], [], [], TIMEOUT)[0] == [r]
+        assert os.read(r, 1) == b""
+    finally:
+        ch.close()
+        os.close(r)
+        server.join(TIMEOUT)
+
+
+def test_a_bind_reply_naming_a_port_the_handle_has_is_given_back(tmp_path: Path) -> None:
+    """A second bind answered with the number of a port the handle holds
+    (the service's bug) fails with EPROTO, and the first port stays the
+    handle's, its descriptor open: listing the new one over it lost the
+    first (its descriptors left open by close(), its peer never told)."""
+    path = str(tmp_path / "hypervisor")
+    pipes = [os.pipe() for _ in range(2)]
+    later: list[dict[str, Any]] = []
+
+    def handle(conn: socket.socket) -> None:
+        for _, w in pipes:
+            request = json.loads(conn.recv(MAX_MESSAGE))
+            send_message(conn, {"id": request["id"], "port": 7}, [w])
+            os.close(w)
+        while data := conn.recv(MAX_MESSAGE):
+            later.append(json.loads(data))
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    ch = EventChannel(path)
+    try:
+        assert ch.bind_unbound_port(1) == 7
+        with pytest.raises(EventChannelError) as info:
+            ch.bind_unbound_port(1)
+        assert info.value.errno == errno.EPROTO
+        assert ch.ports() == [7]
+        (second_r, _), (first_r, _) = pipes[1], pipes[0]
+        assert select.select([second_r], [], [], TIMEOUT)[0] == [second_r]
+        assert os.read(second_r, 1) == b""  # the second reply's descriptor closed
+        assert select.select([first_r], [], [], 0)[0] == []  # the first port's still open
+    finally:
+        ch.close()
+        for r, _ in pipes:
+            os.close(r)
+        server.join(TIMEOUT)
+
+
+def test_a_port_number_given_again_as_its_unbind_finishes_is_the_new_ports(
+        tmp_path: Path) -> None:
+    """The service frees an unbound port's number as it answers the
+    unbind, and may give it to a bind of another thread before the
+    unbind's caller took the old port off the table: the new port is
+    listed (not refused as one the handle holds), and stays."""
+    path = str(tmp_path / "hypervisor")
+    pipes = [os.pipe() for _ in range(2)]
+    read_ends = [r for r, _ in pipes]
+
+    def handle(conn: socket.socket) -> None:
+        answers = iter([{"port": 7}, {}, {"port": 7}])
+        while data := conn.recv(MAX_MESSAGE):
+            request = json.loads(data)
+            reply = next(answers, {})
+            fds = [pipes.pop(0)[1]] if "port" in reply else []
+            send_message(conn, {"id": request["id"], **reply}, fds)
+            close_fds(fds)
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    ch = EventChannel(path)
+    bound_again = threading.Event()
+    drop = ch._drop
+
+    def late_drop(lp: Any) -> None:
+        assert bound_again.wait(TIMEOUT)
+        drop(lp)
+
+    ch._drop = late_drop  # type: ignore[method-assign]
+    try:
+        assert ch.bind_unbound_port(1) == 7
+        unbinding = threading.Thread(target=ch.unbind, args=(7,))
+        unbinding.start()
+        assert eventually(lambda: ch.ports() == [])  # the old port forgotten, not yet dropped
+        assert ch.bind_unbound_port(1) == 7
+        bound_again.set()
+        unbinding.join(TIMEOUT)
+        assert ch.ports() == [7]
+    finally:
+        bound_again.set()
+        ch.close()
+        close_fds(read_ends + [w for _, w in pipes])  # what the service did not send
+        server.join(TIMEOUT)
+
+
 def test_a_refused_bind_reply_cut_short_anywhere_is_given_back(
         host: SimHost, guest: Domain) -> None:
     """A Ctrl-C landing anywhere in a call whose apply refuses the reply

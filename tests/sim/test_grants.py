@@ -24,6 +24,7 @@ from hosthelpers import (
     descriptors,
     eventually,
     every_landing,
+    serve_one_client,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -45,6 +46,7 @@ from xenback.platform import SharedPages as SharedPagesProtocol
 from xenback.sim import Domain, GrantShare, GrantTable, SimHost, _hypervisor
 from xenback.sim._grant import _ffi, _Handle, _Pages, _Region
 from xenback.sim._hypervisor import domain_socket
+from xenback.sim._proto import MAX_MESSAGE, send_message
 
 
 @pytest.fixture
@@ -1510,7 +1512,8 @@ def _memfds(name: str, count: int, *, pages: int) -> list[int]:
 
 @pytest.mark.parametrize("reply", [
     {}, {"refs": 8}, {"refs": ["8", "9"]}, {"refs": [8, -9]}, {"refs": [8, True]},
-], ids=["no-refs", "refs-not-a-list", "refs-not-ints", "negative-ref", "bool-ref"])
+    {"refs": [8, 1 << 32]},
+], ids=["no-refs", "refs-not-a-list", "refs-not-ints", "negative-ref", "bool-ref", "huge-ref"])
 def test_a_share_reply_without_refs_as_such_fails_as_a_protocol_error(
         tmp_path: Path, reply: dict[str, object]) -> None:
     """A service answering a share with no list of refs (missing, or
@@ -1664,6 +1667,49 @@ def test_a_share_reply_unlike_the_share_asked_for_is_given_back(
     finally:
         shr.close()
         server.join(TIMEOUT)
+
+
+@pytest.mark.parametrize("kind", ["share", "map"])
+def test_a_reply_naming_pages_the_handle_holds_is_given_back(tmp_path: Path, kind: str) -> None:
+    """A second share answered with the first ref of a share the handle
+    holds, or a second map with the handle of a live mapping (the
+    service's bug), fails with EPROTO and leaves the first pages listed,
+    live: listed over them, the first were lost (never unmapped nor
+    ended by close())."""
+    path = str(tmp_path / "hypervisor")
+    reply = {"refs": [8, 9]} if kind == "share" else {"handle": 5, "segments": [[0, 0, 2]]}
+    later: list[dict[str, Any]] = []
+
+    def handle(conn: socket.socket) -> None:
+        for _ in range(2):
+            request = json.loads(conn.recv(MAX_MESSAGE))
+            files = _memfds("fake-pages", 1, pages=2)
+            send_message(conn, {"id": request["id"], **reply}, files)
+            os.close(files[0])
+        while data := conn.recv(MAX_MESSAGE):
+            later.append(json.loads(data))
+            send_message(conn, {"id": later[-1]["id"]})
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    handle_: GrantShare | GrantTable = GrantShare(path) if kind == "share" else GrantTable(path)
+
+    def pages() -> Any:
+        if isinstance(handle_, GrantShare):
+            return handle_.share_pages(0, 2)
+        return handle_.map_grant_refs(0, [1, 2])
+
+    try:
+        first = pages()
+        first.buffer[:3] = b"abc"
+        with pytest.raises(GrantError) as info:
+            pages()
+        assert info.value.errno == errno.EPROTO, info.value
+        assert list(handle_._live.values()) == [first]
+        assert bytes(first.buffer[:3]) == b"abc"
+    finally:
+        handle_.close()
+        server.join(TIMEOUT)
+    assert first.refs and repr(first).endswith(("unshared>", "unmapped>"))  # ended by close()
 
 
 def _leave_unlisted(shr: GrantShare) -> None:

@@ -8,6 +8,7 @@ import math
 import os
 import queue
 import re
+import select
 import signal
 import stat
 import tempfile
@@ -22,6 +23,7 @@ import pyxs
 from hosthelpers import (
     SIM_CODE,
     SIM_ROUND_TRIP,
+    answering_once,
     descriptors,
     eventually,
     every_landing,
@@ -1351,6 +1353,50 @@ def test_attach_to_a_host_that_died_finds_no_domain(tmp_path: Path) -> None:
     assert info.value.errno == errno.ECONNREFUSED
     assert str(info.value.strerror).startswith(
         f"no domain 0 on a simulated host in {tmp_path} "), info.value
+
+
+_GOOD_INFO = {"domid": 0, "name": "guest", "xenstore_path": "/run/xs"}
+
+_MALFORMED_INFO = {
+    "empty": {}, "no-path": {"domid": 0, "name": "guest"},
+    "name-null": {**_GOOD_INFO, "name": None}, "name-int": {**_GOOD_INFO, "name": 5},
+    "path-null": {**_GOOD_INFO, "xenstore_path": None},
+    "path-list": {**_GOOD_INFO, "xenstore_path": ["/x"]},
+    "domid-str": {**_GOOD_INFO, "domid": "0"}, "domid-bool": {**_GOOD_INFO, "domid": False},
+    "domid-negative": {**_GOOD_INFO, "domid": -1}, "domid-reserved": {**_GOOD_INFO, "domid": 0x7FF0},
+    "good": _GOOD_INFO, "another-domain": {**_GOOD_INFO, "domid": 3},
+}
+
+
+@pytest.mark.parametrize("reply", _MALFORMED_INFO.values(), ids=_MALFORMED_INFO.keys())
+@pytest.mark.parametrize("call", ["attach", "create_domain"])
+def test_a_malformed_reply_to_attach_or_create_domain_is_a_protocol_error(
+        tmp_path: Path, call: str, reply: dict[str, Any]) -> None:
+    """The service's reply names the domain: one short of a field, or
+    with one of the wrong type (or, to attach(), naming another domain)
+    is its protocol error (EPROTO), not a KeyError or TypeError, nor a
+    Domain of a name or domid that is none; descriptors it carried are
+    closed, also those of a good one."""
+    path = tmp_path / "domains" / "0" / "hypervisor"
+    path.parent.mkdir(parents=True)
+    r, w = os.pipe()
+    server, _ = answering_once(str(path), reply, [w])
+    good = reply is _GOOD_INFO or (call == "create_domain" and reply.get("domid") == 3)
+    try:
+        if good:
+            domain = attach(tmp_path, 0) if call == "attach" else create_domain(tmp_path, "guest")
+            assert (domain.domid, domain.name, domain.xenstore_path) == (
+                reply["domid"], "guest", Path("/run/xs"))
+        else:
+            with pytest.raises(PlatformError) as info:
+                attach(tmp_path, 0) if call == "attach" else create_domain(tmp_path, "guest")
+            assert info.value.errno == errno.EPROTO, info.value
+        # The write end it carried is closed: EOF.
+        assert select.select([r], [], [], TIMEOUT)[0] == [r]
+        assert os.read(r, 1) == b""
+    finally:
+        os.close(r)
+        server.join(TIMEOUT)
 
 
 @pytest.mark.timeout(600)

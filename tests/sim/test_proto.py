@@ -541,6 +541,46 @@ def test_what_a_reply_gave_goes_back_when_apply_refuses_it(host: SimHost, guest:
         assert e0.ports() == [port]
 
 
+def test_a_reply_too_long_to_name_back_is_kept_by_the_service_not_the_connection(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What a refused reply gave goes back with a request that names it
+    (gnt_end of its refs); a reply that fits a packet but whose request
+    back would not (the service's fault) leaves it to the service, said
+    as an error, and the connection serves on.  encode()'s ValueError
+    came out of the call, and again out of every later call and drain
+    that tried to release it."""
+    path = str(tmp_path / "hypervisor")
+    count = (MAX_MESSAGE - len(encode({"id": 1, "refs": []}))) // 2
+    assert len(encode({"id": 1, "refs": [0] * count})) <= MAX_MESSAGE
+    with pytest.raises(ValueError):
+        encode({"op": "gnt_end", "refs": [0] * count, "id": 2})
+    requests: list[str] = []
+
+    def handle(conn: socket.socket) -> None:
+        first = json.loads(conn.recv(MAX_MESSAGE))
+        send_message(conn, {"id": first["id"], "refs": [0] * count})
+        while data := conn.recv(MAX_MESSAGE):
+            request = json.loads(data)
+            requests.append(request["op"])
+            send_message(conn, {"id": request["id"], "domid": 0})
+
+    def refuse(reply: dict[str, object], fds: list[int]) -> None:
+        raise PlatformError(errno.EPROTO, "not this one")
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, PlatformError)
+    try:
+        with caplog.at_level(logging.ERROR, "xenback.sim._proto"), \
+                pytest.raises(PlatformError, match="not this one"):
+            conn.call("gnt_share", apply=refuse, domid=0, count=1)
+        assert "gnt_end" in caplog.text, caplog.text
+        assert conn.call("info")[0]["domid"] == 0
+        assert requests == ["info"]
+    finally:
+        conn.close()
+        server.join(TIMEOUT)
+
+
 def test_a_call_interrupted_anywhere_after_a_pushed_message_leaves_nothing(
         host: SimHost, guest: Domain) -> None:
     """The sweep of a call whose reply comes after a message the service

@@ -17,7 +17,7 @@ from xenback.platform import PlatformError, PlatformUnavailable
 from ._evtchn import EventChannel
 from ._grant import GrantShare, GrantTable
 from ._hypervisor import domain_socket
-from ._proto import ServiceConnection
+from ._proto import Message, ServiceConnection, close_taken
 
 if TYPE_CHECKING:
     from ._toolstack import Toolstack
@@ -126,6 +126,25 @@ class Domain:
         return hash((self._run_dir, self._domid))
 
 
+def _domain_of(run_dir: Path, reply: Message, error: type[PlatformError],
+               domid: int | None = None) -> Domain:
+    """The domain an ``info`` or ``domain_create`` reply names (``domid``:
+    the one asked for, if any).  A reply short of a field, or with one of
+    the wrong type, or naming another domain, is the service's protocol
+    error (EPROTO): not a KeyError or TypeError, nor a Domain whose id or
+    name is none."""
+    got, name, xenstore_path = reply.get("domid"), reply.get("name"), reply.get("xenstore_path")
+    try:
+        got = check_domain_id(got)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        got = None
+    if (got is None or (domid is not None and got != domid) or type(name) is not str
+            or type(xenstore_path) is not str):
+        raise error(errno.EPROTO,
+                    f"a malformed reply from the simulated hypervisor: {shown(reply)}")
+    return Domain(run_dir, got, name, Path(xenstore_path))
+
+
 def _dom0_call(run_dir: Path, op: str, **args: Any) -> dict[str, Any]:
     path = domain_socket(run_dir, 0)
     try:
@@ -135,9 +154,10 @@ def _dom0_call(run_dir: Path, op: str, **args: Any) -> dict[str, Any]:
             e.errno or errno.ENOENT, f"no simulated host in {run_dir} ({path}: {e.strerror or e})"
         ) from None
     try:
-        reply, _ = conn.call(op, **args)
+        reply, fds = conn.call(op, **args)
     finally:
         conn.close()
+    close_taken(fds)  # none are due: a malformed reply's
     return reply
 
 
@@ -183,7 +203,7 @@ def create_domain(run_dir: str | os.PathLike[str], name: str) -> Domain:
         raise TypeError(f"a domain name must be a str, not {type(name).__name__} {shown(name)}")
     run_dir = run_dir_path(run_dir)
     reply = _dom0_call(run_dir, "domain_create", name=name)
-    return Domain(run_dir, reply["domid"], reply["name"], Path(reply["xenstore_path"]))
+    return _domain_of(run_dir, reply, PlatformError)
 
 
 def destroy_domain(run_dir: str | os.PathLike[str], domid: int) -> None:
@@ -231,7 +251,8 @@ def attach(run_dir: str | os.PathLike[str], domid: int) -> Domain:
             f"cannot join domain {domid} of the simulated host in {run_dir}: {e.strerror or e}",
         ) from None
     try:
-        info, _ = conn.call("info")
+        info, fds = conn.call("info")
     finally:
         conn.close()
-    return Domain(run_dir, domid, str(info["name"]), Path(info["xenstore_path"]))
+    close_taken(fds)  # none are due: a malformed reply's
+    return _domain_of(run_dir, info, PlatformUnavailable, domid)

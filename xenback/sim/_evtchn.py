@@ -206,9 +206,10 @@ class EventChannel(Closing):
         the reply is given back by the connection, its descriptors closed.
         """
         # get(): a reply without its port is the service's fault (EPROTO),
-        # not a KeyError that would pass for a bug of the handle.
+        # not a KeyError that would pass for a bug of the handle; so is a
+        # number no port has, which no call of the handle could name.
         port = reply.get("port")
-        if len(fds) != nfds or type(port) is not int:
+        if len(fds) != nfds or type(port) is not int or not 0 < port <= EVTCHN_PORT_MAX:
             raise EventChannelError(errno.EPROTO, f"a malformed reply from the service: {reply!r}")
         lp = _LocalPort(port, fds[0], domid, remote_port, fds[1] if nfds == 2 else None)
         with self._lock:
@@ -216,6 +217,13 @@ class EventChannel(Closing):
                 # Closed while the request was in flight: close() did not
                 # see the port, the connection gives it back.
                 raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+            held = self._ports.get(port)
+            if held is not None and not held.unbound:
+                # The number of a port the handle holds (one whose unbind
+                # is under way has been freed): listed over it, that port
+                # would be lost, its descriptors never closed.
+                raise EventChannelError(
+                    errno.EPROTO, f"the service gave port {port} again, which this handle holds")
             # Watched before it is listed: the read end is the only one
             # left (the service closed its copy as it replied), so if the
             # port is given back instead, closing it takes it out of the

@@ -373,6 +373,14 @@ class _Handle(Closing, Generic[P]):
         """
         with self._lock:
             closed = self._closed
+            held = self._live.get(key)
+            if not closed and held is not None and not held._told:
+                # The key of pages the service still holds for this handle
+                # (its bug; once told of their end, it may give the key
+                # again): listed over them, those would be lost, never
+                # ended.  Given back as any malformed reply.
+                raise GrantError(errno.EPROTO, f"the service gave {self._kind} key {key} "
+                                 "again, which this handle holds")
             if not closed:
                 # One step, as far as a signal goes (no call in between):
                 # the pages, their region and the descriptors become the
@@ -503,13 +511,13 @@ class GrantShare(_Handle[SharedPages]):
         ``apply``).  An error raised here, or a Ctrl-C, before they are
         listed gives the reply back (see :meth:`_take`)."""
         # Refs are the share's keys and what its end names: any but a list
-        # of count of them (get(): none at all, say) is the service's
+        # of count of them (each a grant_ref_t, which a peer maps) (get(): none at all, say) is the service's
         # fault (EPROTO), not a KeyError or TypeError that would pass for
         # a bug here, nor pages listed under a key share_pages() does not
         # look for.
         given = reply.get("refs")
         if (len(fds) != 1 or type(given) is not list or len(given) != count
-                or any(type(ref) is not int or ref < 0 for ref in given)):
+                or any(type(ref) is not int or not 0 <= ref <= 0xFFFFFFFF for ref in given)):
             raise GrantError(errno.EPROTO, f"a malformed reply from the service: {reply!r}")
         refs: tuple[int, ...] = tuple(given)
         try:

@@ -696,7 +696,17 @@ class ServiceConnection:
         undo_op, undo_args = undo
         logger.debug("releasing what an abandoned reply gave: %s %r", undo_op, undo_args)
         request_id = next(self._ids)
-        data = encode({"op": undo_op, **undo_args, "id": request_id})
+        try:
+            data = encode({"op": undo_op, **undo_args, "id": request_id})
+        except ValueError:
+            # A reply that filled its packet names more than a request
+            # can (the service's fault): what it gave stays the service's
+            # until the handle closes.  Raised, it would come out of every
+            # call that tried the release again.
+            taken.undo = None
+            logger.error("cannot give back what a reply from the hypervisor service gave: "
+                         "%s of it exceeds a message (left to the service)", undo_op)
+            return
         self._unanswered[request_id] = (undo_op, None)  # its reply is dropped in turn
         sent: list[int] = []
         taken.undo = None
