@@ -1363,7 +1363,8 @@ _MALFORMED_INFO = {
     "path-null": {**_GOOD_INFO, "xenstore_path": None},
     "path-list": {**_GOOD_INFO, "xenstore_path": ["/x"]},
     "domid-str": {**_GOOD_INFO, "domid": "0"}, "domid-bool": {**_GOOD_INFO, "domid": False},
-    "domid-negative": {**_GOOD_INFO, "domid": -1}, "domid-reserved": {**_GOOD_INFO, "domid": 0x7FF0},
+    "domid-negative": {**_GOOD_INFO, "domid": -1},
+    "domid-reserved": {**_GOOD_INFO, "domid": 0x7FF0},
     "good": _GOOD_INFO, "another-domain": {**_GOOD_INFO, "domid": 3},
 }
 

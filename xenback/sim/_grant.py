@@ -511,10 +511,10 @@ class GrantShare(_Handle[SharedPages]):
         ``apply``).  An error raised here, or a Ctrl-C, before they are
         listed gives the reply back (see :meth:`_take`)."""
         # Refs are the share's keys and what its end names: any but a list
-        # of count of them (each a grant_ref_t, which a peer maps) (get(): none at all, say) is the service's
-        # fault (EPROTO), not a KeyError or TypeError that would pass for
-        # a bug here, nor pages listed under a key share_pages() does not
-        # look for.
+        # of count of them, each a grant_ref_t (which a peer maps), is the
+        # service's fault (EPROTO; get(): none at all, say), not a KeyError
+        # or TypeError that would pass for a bug here, nor pages listed
+        # under a key share_pages() does not look for.
         given = reply.get("refs")
         if (len(fds) != 1 or type(given) is not list or len(given) != count
                 or any(type(ref) is not int or not 0 <= ref <= 0xFFFFFFFF for ref in given)):
