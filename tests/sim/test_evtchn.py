@@ -2002,6 +2002,36 @@ def test_a_bind_reply_naming_no_port_is_given_back(tmp_path: Path, port: object)
         server.join(TIMEOUT)
 
 
+def test_descriptors_an_unbind_reply_carries_are_closed(tmp_path: Path) -> None:
+    """An unbind's reply gives nothing: descriptors it carries all the
+    same (the service's bug) are closed, not left open for the life of
+    the process."""
+    path = str(tmp_path / "hypervisor")
+    (r1, w1), (r2, w2) = os.pipe(), os.pipe()
+
+    def handle(conn: socket.socket) -> None:
+        for w in (w1, w2):  # the bind's, then the unbind's
+            request = json.loads(conn.recv(MAX_MESSAGE))
+            send_message(conn, {"id": request["id"], "port": 7}, [w])
+            os.close(w)
+        while conn.recv(MAX_MESSAGE):
+            pass
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    ch = EventChannel(path)
+    try:
+        assert ch.bind_unbound_port(1) == 7
+        ch.unbind(7)
+        assert ch.ports() == []
+        assert select.select([r2], [], [], TIMEOUT)[0] == [r2]
+        assert os.read(r2, 1) == b""  # no copy of its write end is left
+    finally:
+        ch.close()
+        os.close(r1)
+        os.close(r2)
+        server.join(TIMEOUT)
+
+
 def test_a_bind_reply_naming_a_port_the_handle_has_is_given_back(tmp_path: Path) -> None:
     """A second bind answered with the number of a port the handle holds
     (the service's bug) fails with EPROTO, and the first port stays the

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import select
 import socket
 import threading
 import types
@@ -1710,6 +1711,41 @@ def test_a_reply_naming_pages_the_handle_holds_is_given_back(tmp_path: Path, kin
         handle_.close()
         server.join(TIMEOUT)
     assert first.refs and repr(first).endswith(("unshared>", "unmapped>"))  # ended by close()
+
+
+@pytest.mark.parametrize("kind", ["share", "map"])
+def test_descriptors_an_end_s_reply_carries_are_closed(tmp_path: Path, kind: str) -> None:
+    """The reply to an end (unshare, unmap) gives nothing: descriptors it
+    carries all the same (the service's bug) are closed, not left open
+    for the life of the process."""
+    path = str(tmp_path / "hypervisor")
+    reply = {"refs": [8]} if kind == "share" else {"handle": 5, "segments": [[0, 0, 1]]}
+    r, w = os.pipe()
+
+    def handle(conn: socket.socket) -> None:
+        request = json.loads(conn.recv(MAX_MESSAGE))
+        files = _memfds("fake-pages", 1, pages=1)
+        send_message(conn, {"id": request["id"], **reply}, files)
+        os.close(files[0])
+        request = json.loads(conn.recv(MAX_MESSAGE))  # the end
+        send_message(conn, {"id": request["id"]}, [w])
+        os.close(w)
+        while conn.recv(MAX_MESSAGE):
+            pass
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    handle_: GrantShare | GrantTable = GrantShare(path) if kind == "share" else GrantTable(path)
+    try:
+        if isinstance(handle_, GrantShare):
+            handle_.share_pages(0, 1).unshare()
+        else:
+            handle_.map_grant_refs(0, [1]).unmap()
+        assert select.select([r], [], [], TIMEOUT)[0] == [r]
+        assert os.read(r, 1) == b""  # no copy of its write end is left
+    finally:
+        handle_.close()
+        os.close(r)
+        server.join(TIMEOUT)
 
 
 def _leave_unlisted(shr: GrantShare) -> None:

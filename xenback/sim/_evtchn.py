@@ -46,7 +46,7 @@ from workqueue import shown
 from xenback._closing import Closing
 from xenback.platform import EVTCHN_PORT_MAX, EventChannelError, check_domid, check_port
 
-from ._proto import Message, ServiceConnection, close_fds, raise_nofile_limit
+from ._proto import Message, ServiceConnection, close_fds, close_taken, raise_nofile_limit
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,8 @@ class EventChannel(Closing):
             again = lp.unbound
             self._forget(lp)
         try:
-            self._conn.call("evtchn_unbind", port=port)
+            _, fds = self._conn.call("evtchn_unbind", port=port)
+            close_taken(fds)  # none are due: a malformed reply's
         except EventChannelError as e:
             if e.errno != errno.EINVAL:
                 raise  # kept, for the next unbind() (see above)

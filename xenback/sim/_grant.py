@@ -413,7 +413,8 @@ class _Handle(Closing, Generic[P]):
         ``done()`` once it said so (see ServiceConnection.call)."""
         op, args = request
         try:
-            self._conn.call(op, done=done, **args)
+            _, fds = self._conn.call(op, done=done, **args)
+            close_taken(fds)  # none are due: a malformed reply's
         except GrantError as e:
             if e.errno != errno.ENODEV:
                 raise
