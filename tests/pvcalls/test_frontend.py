@@ -887,62 +887,109 @@ def test_overflows_under_traffic_hang_no_call_and_lose_no_data(
     event thread has read the handle's queue empty since the last reset,
     as Linux's can overflow again (one that overflows before is broken).
 
-    The streams go on until the handle overflowed a few times: had they
-    a fixed length, a loaded machine could let them end before the
-    second overflow, and the test would prove nothing of overflows in a
-    row."""
+    Between overflows the traffic pauses: each stream finishes the chunk
+    it was echoing when the handle overflowed (its events lost with the
+    queue, so only the hand-out after the reset lets it finish) and the
+    open/close loop its call.  Only then is the handle waited on to be
+    read empty: under endless traffic an event thread slower than the
+    backend always finds a port pending, and never reads it empty.
+    No naps: one would end a stream's wait for an event the reset lost,
+    and hide it."""
+    _no_naps(monkeypatch)
     srv = server()
+    streams = 3
     with pvcalls.Frontend(host.create_domain("overflowing")) as other:
         _on_the_shared_handle(other, monkeypatch)
         handle = other._evtchn
         assert handle is not None
-        done = threading.Event()
-        enough = threading.Event()  # the streams may end
+        # Each traffic thread meets the test at both barriers when asked
+        # to pause: once stopped, once to go on (or to end).
+        stopped = threading.Barrier(streams + 2, timeout=TIMEOUT * 3)
+        going = threading.Barrier(streams + 2, timeout=TIMEOUT * 3)
+        pause = threading.Event()
+        end = threading.Event()
+        chunks = [0] * streams  # echoed whole, per stream
         errors: list[BaseException] = []
+
+        def paused() -> bool:
+            """At a pause: meet the test; True if the traffic is to end."""
+            if not pause.is_set():
+                return False
+            stopped.wait()
+            going.wait()
+            return end.is_set()
+
+        def failed(exc: BaseException) -> None:
+            errors.append(exc)
+            stopped.abort()  # the test stops waiting for this thread
+            going.abort()
 
         def echo_some(seed: int) -> None:
             try:
                 with connected(other, srv.address) as s:
                     assert s._st.ring is not None and not s._st.ring.direct
-                    while not enough.is_set():
+                    while not paused():
                         data = os.urandom(100_000 + seed)
                         sender = Call(lambda data=data: s.sendall(data))
                         assert recv_exactly(s, len(data)) == data
                         sender.join(TIMEOUT)
                         assert sender.error is None, sender.error
+                        chunks[seed] += 1
             except BaseException as exc:
-                errors.append(exc)
+                failed(exc)
 
         def open_and_close() -> None:
             try:
-                while not done.is_set():
+                while not paused():
                     other.socket().close()
             except BaseException as exc:
-                errors.append(exc)
+                failed(exc)
 
-        threads = [threading.Thread(target=echo_some, args=(i,)) for i in range(3)]
+        def meet(barrier: threading.Barrier) -> None:
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                raise AssertionError(f"a call hangs, or failed: {errors}") from None
+
+        def flowing(since: list[int]) -> bool:
+            return bool(errors) or all(now > then for now, then in zip(chunks, since, strict=True))
+
+        threads = [threading.Thread(target=echo_some, args=(i,)) for i in range(streams)]
         threads.append(threading.Thread(target=open_and_close))
         for t in threads:
             t.start()
         try:
-            overflows = 0
-            while any(t.is_alive() for t in threads[:-1]) and overflows < 200:
-                handle.overflow()
-                overflows += 1
-                # Reset by the event thread (or the frontend failed), and
-                # the handle read empty since.
-                wait_until(lambda: not handle._overflowed  # type: ignore[attr-defined]
-                           and other._resets == 0)
+            for overflows in range(1, 6):
+                # Under traffic: every stream has echoed a chunk since it
+                # went on, and is at its next.
+                since = list(chunks)
+                wait_until(functools.partial(flowing, since))
+                handle.overflow()  # type: ignore[attr-defined]
+                pause.set()
+                meet(stopped)  # every call returned, every chunk came back
+                # Reset by the event thread (or the frontend failed), then
+                # one event after the reset (it counted before it cleared
+                # the overflow): the round that takes it reads the handle
+                # empty, with no traffic to keep a port pending.
+                wait_until(lambda: not handle._overflowed)  # type: ignore[attr-defined]
+                other.socket().close()
+                wait_until(lambda: other._resets == 0)
+                # Said before they go on, so that each sees it.
                 if overflows == 5:
-                    enough.set()
+                    end.set()
+                pause.clear()
+                meet(going)
+        except BaseException:
+            # No thread waits for the test at a barrier.  Not on success:
+            # a thread yet to wake from the last would find it broken.
+            stopped.abort()
+            going.abort()
+            raise
         finally:
-            enough.set()
-            done.set()
             for t in threads:
                 t.join(TIMEOUT * 3)
         assert not any(t.is_alive() for t in threads), "a call hangs"
         assert not errors, errors
-        assert overflows >= 5
         with connected(other, srv.address) as s:  # and the frontend still works
             echo_through(s, b"after")
 
