@@ -288,15 +288,22 @@ def test_a_request_failing_of_a_bug_is_answered_eio_and_its_descriptors_closed(
     assert "hypervisor: request 'info' from domain 1 failed" in caplog.text
 
 
+def _room_switch(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """An event that, while set, makes every handle's socket have no room
+    for news (as a handle that reads nothing), so the service holds it."""
+    full = threading.Event()
+    real = _hypervisor._has_room
+    monkeypatch.setattr(_hypervisor, "_has_room", lambda sock: not full.is_set() and real(sock))
+    return full
+
+
 def test_news_held_back_for_a_port_unbound_since_is_not_told_of_its_successor(
     host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """News waiting for room in a handle's socket is of a port object: if
     the handle unbinds that port and binds another that gets its number,
     the old news (unbound) must not go out as the new port's."""
-    full = threading.Event()  # set: no socket has room for news
-    real = _hypervisor._has_room
-    monkeypatch.setattr(_hypervisor, "_has_room", lambda sock: not full.is_set() and real(sock))
+    full = _room_switch(monkeypatch)
     before = handle_census(host)
     with host.dom0.evtchn() as e0, guest.evtchn() as e1:
         p1 = e1.bind_unbound_port(0)
@@ -330,9 +337,7 @@ def test_a_handle_closed_with_its_domain_in_the_round_its_event_came_is_left_alo
     for, then serves the events: one for a handle closed with its domain
     by then is skipped, not served on a closed socket (a bug, logged)."""
     hv = host.hypervisor
-    full = threading.Event()  # set: no socket has room for news
-    real = _hypervisor._has_room
-    monkeypatch.setattr(_hypervisor, "_has_room", lambda sock: not full.is_set() and real(sock))
+    full = _room_switch(monkeypatch)
     select = hv._selector.select
     paused, resume = threading.Event(), threading.Event()
 
@@ -372,9 +377,7 @@ def test_a_port_bound_again_before_its_unbound_news_went_gets_its_new_pipe_with_
     the news waits for room: the one news sent is "bound", carrying both
     the new peer's write end and the port's new read end, each where the
     message says, and the port fires on the new pipe."""
-    full = threading.Event()  # set: no socket has room for news
-    real = _hypervisor._has_room
-    monkeypatch.setattr(_hypervisor, "_has_room", lambda sock: not full.is_set() and real(sock))
+    full = _room_switch(monkeypatch)
     before = handle_census(host)
     with host.dom0.evtchn() as e0, guest.evtchn() as e1:
         p1 = e1.bind_unbound_port(0)
@@ -562,9 +565,7 @@ def test_a_new_pipe_never_sent_is_closed_when_a_newer_one_replaces_it(
     """The peer goes twice while the port's news waits for room: each time
     the port gets a new pipe; the read end of the first, never sent, is
     closed as the second replaces it, and the port fires on the last."""
-    full = threading.Event()  # set: no socket has room for news
-    real = _hypervisor._has_room
-    monkeypatch.setattr(_hypervisor, "_has_room", lambda sock: not full.is_set() and real(sock))
+    full = _room_switch(monkeypatch)
     before = handle_census(host)
     with host.dom0.evtchn() as e0, guest.evtchn() as e1:
         p1 = e1.bind_unbound_port(0)
