@@ -133,6 +133,17 @@ def test_nr_ioworkers_is_capped(host: Any) -> None:
         assert b.nr_ioworkers == 1 and len(b.stats().cpus) == 1
 
 
+def test_nr_ioworkers_counts_the_cpus_online_as_the_backend_starts(host: Any) -> None:
+    """A given topology's offline CPUs are in stats() (they may come up)
+    but are no ioworkers of the start."""
+    topology = Topology(4)
+    topology.cpu_down(2)
+    with pvcalls.Backend(host.dom0, topology=topology) as b:
+        assert b.nr_ioworkers == 3
+        assert [(c.cpu, c.online) for c in b.stats().cpus] == [
+            (0, True), (1, True), (2, False), (3, True)]
+
+
 def test_bad_version_is_fatal(dom0_xs: Any, make_frontend: Any, host: Any, backend: pvcalls.Backend) -> None:
     fe = make_frontend("g", connect=False)
     fe.connect(version="2")

@@ -217,6 +217,7 @@ def test_stats_tell_apart_the_sockets_of_a_domain_s_devices(
     guest = host.create_domain("two-devices")
     first = RawFrontend(host, guest, devid=0)
     second = RawFrontend(host, guest, devid=1)
+    assert backend.stats().frontends == 2  # devices, not sockets (none yet)
     assert first.socket(0x42)[1].ret == 0
     assert second.socket(0x42)[1].ret == 0
     assert second.bind(0x42, ("127.0.0.1", 0)).ret == 0
