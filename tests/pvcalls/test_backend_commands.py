@@ -210,6 +210,27 @@ def test_responses_are_notified_on_the_command_port(raw: RawFrontend) -> None:
         assert raw.responses.pop(req_id) == Response(req_id, _wire.PVCALLS_SOCKET, 0, sock_id)
 
 
+def test_a_frontend_that_did_not_ask_is_not_notified(raw: RawFrontend,
+                                                     backend: pvcalls.Backend) -> None:
+    """The other half of the rule: a frontend that took a response without
+    the final check (rsp_event left behind, as a busy frontend polling its
+    ring does) is not interrupted for the next one."""
+    assert raw.ring is not None
+    raw.drain_events()
+    first = raw.new_id()
+    req_id = raw.push(_wire.PVCALLS_SOCKET, lambda req: _socket_fill(req, first))
+    raw.wait_notified(raw.port)
+    assert len(list(raw.ring.responses())) == 1  # no final check: rsp_event stays
+    second = raw.new_id()
+    req_id = raw.push(_wire.PVCALLS_SOCKET, lambda req: _socket_fill(req, second))
+    ring = raw.ring
+    wait_until(lambda: ring.unconsumed_responses() == 1)  # no final check either
+    backend.cmd_wq.flush(timeout=TIMEOUT)  # the response's notification, if any, is sent
+    assert raw.evtchn.pending() is None
+    rsp = ffi.from_buffer("struct xen_pvcalls_response *", next(raw.ring.responses()))
+    assert (rsp.req_id, rsp.ret, rsp.u.socket.id) == (req_id, 0, second)
+
+
 def _socket_fill(req: Any, sock_id: int) -> None:
     req.u.socket.id = sock_id
     req.u.socket.domain = _wire.AF_INET
