@@ -751,6 +751,31 @@ def test_an_accept_that_fails_to_map_its_ring_gives_its_reservation_back(
         fe.close()
 
 
+def test_an_accepted_socket_counts_once(host: Any, topology: Any) -> None:
+    """The reservation of an ACCEPT ends as its socket enters the table:
+    once that socket is released, the domain's count is back to where it
+    was, for every further SOCKET."""
+    policy = Policy.from_toml("[default]\nmax_sockets = 2\n")
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology) as backend:
+        fe = RawFrontend(host, host.create_domain("one"))
+        listener, rsp = fe.socket()
+        assert rsp.ret == 0
+        assert fe.bind(listener, ("127.0.0.1", 0)).ret == 0
+        assert fe.listen(listener).ret == 0
+        address = next(r.address for r in backend.stats().sockets if r.id == listener)
+        assert address is not None
+        id_new = fe.new_id()
+        req_id = fe.push_accept(listener, id_new, fe.new_ring())
+        with socket.create_connection(address, timeout=TIMEOUT):
+            assert fe.response(req_id).ret == 0
+        assert backend.domain_sockets(fe.guest.domid) == 2
+        assert fe.release(id_new).ret == 0
+        assert backend.domain_sockets(fe.guest.domid) == 1
+        assert fe.socket()[1].ret == 0  # the second of two again
+        assert fe.socket()[1].ret == -EMFILE
+        fe.close()
+
+
 def test_a_socket_limit_of_0_allows_no_socket(make_frontend: Any, host: Any,
                                               topology: Any) -> None:
     policy = Policy.from_toml("[default]\nmax_sockets = 0\n")
