@@ -131,6 +131,9 @@ def test_nr_ioworkers_is_capped(host: Any) -> None:
     # The host's own CPUs (this machine's, at least one) are capped too.
     with pvcalls.Backend(host.dom0, max_ioworkers=1) as b:
         assert b.nr_ioworkers == 1 and len(b.stats().cpus) == 1
+    # A given topology may have as many CPUs as the cap, not one more.
+    with pvcalls.Backend(host.dom0, max_ioworkers=2, topology=Topology(2)) as b:
+        assert b.nr_ioworkers == 2
 
 
 def test_nr_ioworkers_counts_the_cpus_online_as_the_backend_starts(host: Any) -> None:
