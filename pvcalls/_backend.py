@@ -1082,9 +1082,15 @@ class _Frontend:
             entry.release()
         elif isinstance(entry, ActiveSocket):
             parent = entry.parent
-            if parent is not None:
-                self._cancel_accept(parent, entry)
-            pending = entry.teardown()
+            cancelled = self._cancel_accept(parent, entry) if parent is not None else None
+            try:
+                pending = entry.teardown()
+            finally:
+                # The cancelled ACCEPT only now: its answer tells the frontend
+                # id_new's ring is ours no more (as a listener's RELEASE does).
+                # Whatever the teardown raised: the guest must not wait for ever.
+                if cancelled is not None:
+                    self.respond(cancelled, -_errno.EINTR)
             if pending is not None:
                 self.respond(pending, -_errno.EINTR)
         else:
@@ -1096,9 +1102,10 @@ class _Frontend:
                 self.respond(waiting_request, -_errno.EINTR)
         return 0
 
-    def _cancel_accept(self, parent: PassiveSocket, new: ActiveSocket) -> None:
-        """RELEASE of an ACCEPT's id_new: answer that ACCEPT -EINTR, unless
-        the connection was accepted already."""
+    def _cancel_accept(self, parent: PassiveSocket, new: ActiveSocket) -> Request | None:
+        """RELEASE of an ACCEPT's id_new: take that ACCEPT off its listener,
+        unless the connection was accepted already; the ACCEPT to answer
+        -EINTR (once ``new`` is torn down), or None."""
         parent.disable_sync()  # an accept in progress has finished with `new`
         try:
             with parent._lock:
@@ -1113,8 +1120,7 @@ class _Frontend:
             # were refused: the next ACCEPT or POLL may already wait, its
             # connection's edge gone.  Run once more (a spare run is harmless).
             parent.kick()
-        if waiting is not None:
-            self.respond(waiting[0], -_errno.EINTR)
+        return waiting[0] if waiting is not None else None
 
     # -- lifetime ---------------------------------------------------------------------
 

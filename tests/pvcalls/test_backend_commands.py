@@ -1272,6 +1272,33 @@ def test_second_accept_or_poll_is_eintr(raw: RawFrontend, backend: pvcalls.Backe
     assert backend.stats().sockets == ()
 
 
+@pytest.mark.parametrize("released", ["listener", "id_new"])
+def test_an_accept_cancelled_by_a_release_gives_its_id_new_back_before_its_answer(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any,
+        monkeypatch: pytest.MonkeyPatch, released: str) -> None:
+    """The ACCEPT answered -EINTR by a RELEASE (of its listener or of its
+    id_new) gives its id_new's ring back before that answer: a frontend
+    ends the grants of the ring as it learns the ACCEPT failed (Linux
+    frees the map), and the RELEASE is answered after the ACCEPT."""
+    listener, _ = _listener(raw, backend)
+    ring = raw.new_ring()
+    before = resources(backend, host)
+    id_new = raw.new_id()
+    accept = raw.push_accept(listener, id_new, ring)
+    wait_until(lambda: resources(backend, host) != before)  # its ring is mapped
+    held: dict[int, tuple[object, ...]] = {}
+    real_respond = _Frontend.respond
+
+    def respond(self: _Frontend, request: Request, ret: int) -> None:
+        held[request.cmd] = resources(backend, host)
+        real_respond(self, request, ret)
+
+    monkeypatch.setattr(_Frontend, "respond", respond)
+    assert raw.release(listener if released == "listener" else id_new).ret == 0
+    assert raw.response(accept).ret == EINTR
+    assert held[_wire.PVCALLS_ACCEPT] == before
+
+
 def test_release_of_accept_id_new_answers_the_accept(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     listener, address = _listener(raw, backend)
