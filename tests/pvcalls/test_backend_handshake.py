@@ -180,6 +180,8 @@ def test_garbage_ring_ref_or_port_is_fatal(make_frontend: Any, host: Any, backen
     fe.connect(ring_ref=ring_ref, port=port)
     fe.wait_backend_state(5)
     assert backend.stats().frontends == 0
+    # A ring mapped before its port could not be bound is unmapped again.
+    assert not backend.gnttab._live
     # The backend still serves a well-behaved frontend.
     good = make_frontend("good")
     _, rsp = good.socket()
