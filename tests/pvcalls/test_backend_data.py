@@ -141,6 +141,29 @@ def test_reset_by_the_peer_is_econnreset_not_eof(raw: RawFrontend) -> None:
     assert ring.out_error == 0  # the guest has sent nothing: no send failed
 
 
+def test_a_reset_behind_data_the_guest_has_not_read_is_econnreset(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """The peer's bytes fill the in ring, some more wait in the host
+    socket, then the peer resets.  Its event comes while no receive can
+    run (the ring is full): the error stays the receive's to report, after
+    the last byte.  Taken then as the socket's error (SO_ERROR), it would
+    be gone, and the receive would say EOF: a reset read as an orderly end."""
+    sock_id, ring, peer = _accepted_pair(raw, order=1)
+    sock = _socket_of(backend, raw, sock_id)
+    size = _wire.flex_ring_size(1)
+    data = os.urandom(size + 100)
+    peer.sendall(data)
+    raw.wait(lambda: ring.get(_wire.IN_PROD_OFFSET) == size)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # a reset
+    wait_until(lambda: sock._host_hangup)  # its event came
+    sock.flush()  # and the run it queued is over
+    assert raw.recv_exactly(ring, len(data)) == data
+    raw.wait(lambda: ring.in_error != 0)
+    assert ring.in_error == -_errno.ECONNRESET
+    assert ring.out_error == 0  # the guest has sent nothing: no send failed
+
+
 def test_a_reset_after_the_end_of_the_stream_is_notified(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     """The peer ends its stream (in_error -ENOTCONN, notified), then resets
