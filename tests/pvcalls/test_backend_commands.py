@@ -1853,6 +1853,36 @@ def test_write_space_is_watched_only_while_a_send_is_blocked(
     peer.close()
 
 
+def test_host_sockets_are_watched_edge_triggered_and_not_for_write_space(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listening socket is watched edge-triggered: level-triggered, a
+    connection waiting for an ACCEPT would run its Work without end.  A
+    connected socket, by CONNECT or accepted, is watched edge-triggered for
+    data and the peer's end, not for write space: every ACK of the peer
+    would wake its Work (EPOLLOUT is added only while a send is blocked)."""
+    watched: dict[int, int] = {}
+    real = EventDispatcher.add_fd
+
+    def add_fd(self: EventDispatcher, fd: int, events: int, callback: Any) -> None:
+        watched[fd] = events
+        real(self, fd, events, callback)
+
+    monkeypatch.setattr(EventDispatcher, "add_fd", add_fd)
+    sockets = backend._frontends[(raw.guest.domid, 0)]._sockets
+    listener, address = _listener(raw, backend)
+    id_new = raw.new_id()
+    accept_req = raw.push_accept(listener, id_new, raw.new_ring())
+    client = socket.create_connection(address)
+    assert raw.response(accept_req).ret == 0
+    connected, _ = raw.connect_socket(echo_server.address)
+    data_events = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+    assert watched[sockets[listener].host.fileno()] == select.EPOLLIN | select.EPOLLET
+    assert watched[sockets[id_new].host.fileno()] == data_events
+    assert watched[sockets[connected].host.fileno()] == data_events
+    client.close()
+
+
 def test_a_release_whose_flush_fails_still_frees_everything(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
