@@ -397,6 +397,28 @@ def test_a_host_signal_is_taken_by_one_receive(
     assert raw.recv_exactly(ring, 4) == b"back"
 
 
+def test_a_host_signal_with_nothing_to_read_is_used_up_too(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An edge of the host socket with nothing to read behind it (write
+    space, while a send was blocked) costs the receive that finds the
+    socket empty (EAGAIN), and no more: the guest's writes after it cost
+    none, until the next signal."""
+    receives = _receives_counted(monkeypatch)
+    sock_id, ring, peer = _accepted_pair(raw)
+    sock = _socket_of(backend, raw, sock_id)
+    assert sock.host is not None
+    sock.flush()
+    before = len(receives)
+    sock._on_host_event(sock.host.fileno(), select.EPOLLOUT)
+    sock.flush()
+    assert len(receives) == before + 1
+    peer.settimeout(TIMEOUT)
+    _guest_writes(ring, peer, sock, b"one", b"two", b"three")
+    assert len(receives) == before + 1
+    peer.sendall(b"back")
+    assert raw.recv_exactly(ring, 4) == b"back"
+
+
 def test_a_short_send_consumes_only_what_was_sent(
         raw: RawFrontend, monkeypatch: pytest.MonkeyPatch) -> None:
     """A send that takes part of what the out ring holds (the host's send
@@ -706,12 +728,18 @@ def test_room_made_in_an_out_ring_not_full_is_not_notified(
     assert ring.port not in fired
 
 
-def test_a_data_ring_protocol_error_is_notified(raw: RawFrontend) -> None:
-    """Impossible out indexes: the frontend learns of the error by its
-    event channel, not only by looking at the indexes page."""
+@pytest.mark.parametrize("broken", ["out", "in"])
+def test_a_data_ring_protocol_error_is_notified(raw: RawFrontend, broken: str) -> None:
+    """Impossible indexes, of the out ring (we consume) or of the in ring
+    (we produce): the frontend learns of the error by its event channel,
+    not only by looking at the indexes page."""
     _, ring, _peer = _accepted_pair(raw)
     raw.drain_events()
-    ring.put(_wire.OUT_PROD_OFFSET, ring.get(_wire.OUT_CONS_OFFSET) + ring.size + 1)
+    if broken == "out":
+        ring.put(_wire.OUT_PROD_OFFSET, ring.get(_wire.OUT_CONS_OFFSET) + ring.size + 1)
+    else:  # a consumer more than a ring behind the producer
+        ring.put(_wire.IN_CONS_OFFSET,
+                 ring.get(_wire.IN_PROD_OFFSET) - ring.size - 1)
     raw.evtchn.notify(ring.port)
     raw.wait_notified(ring.port)
     assert ring.in_error == ring.out_error == -_errno.EINVAL
