@@ -882,25 +882,30 @@ def test_a_bug_moving_data_fails_that_socket_only(
     assert raw.release(good_id).ret == 0 and other.release(other_id).ret == 0
 
 
-@pytest.mark.parametrize("before", ["in", "out"])
+@pytest.mark.parametrize("before", ["in", "in-reset", "out"])
 def test_a_bug_keeps_the_error_the_guest_was_given(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
         before: str) -> None:
     """A socket failing for a bug of ours after one direction of it had
-    ended (the peer's FIN: in_error -ENOTCONN; its reset met by a send:
-    out_error): that error stays, which the guest may have read already,
-    and only the other direction's says EIO."""
+    ended (the peer's FIN: in_error -ENOTCONN; its reset met by a receive:
+    in_error -ECONNRESET; its reset met by a send: out_error): that error
+    stays, which the guest may have read already, and only the other
+    direction's says EIO."""
     sock_id, ring, peer = _accepted_pair(raw)
     bad = _socket_of(backend, raw, sock_id)
     bad.flush()  # the run its CONNECT queued is over
-    if before == "in":
-        peer.close()  # FIN: the end of the stream
+    if before != "out":
+        ended = -_errno.ENOTCONN
+        if before == "in-reset":
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ended = -_errno.ECONNRESET
+        peer.close()  # FIN, or a reset
         raw.wait(lambda: ring.in_error != 0)
-        assert ring.in_error == -_errno.ENOTCONN
+        assert ring.in_error == ended
         _bug_in(monkeypatch, "_tx", lambda sock: sock is bad)
         ring.write(b"x")
         raw.wait(lambda: ring.out_error != 0)
-        assert (ring.in_error, ring.out_error) == (-_errno.ENOTCONN, -_errno.EIO)
+        assert (ring.in_error, ring.out_error) == (ended, -_errno.EIO)
     else:
         # Before the peer resets, so that the run it sets off sends, fails,
         # then receives: the bug.
