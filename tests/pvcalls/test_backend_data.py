@@ -864,6 +864,7 @@ def test_a_bug_moving_data_fails_that_socket_only(
         raw.evtchn.notify(ring.port)
         bad.kick()
     bad.flush()
+    assert bad.disabled and not bad.pending
     assert ring.get(_wire.OUT_CONS_OFFSET) == 0 and ring.get(_wire.IN_PROD_OFFSET) == 0
     bugs = _bugs_logged(caplog)
     assert len(bugs) == 1, [r.getMessage() for r in bugs]
