@@ -182,6 +182,34 @@ def test_a_reset_after_the_end_of_the_stream_is_notified(
     assert ring.out_error == -_errno.EPIPE
 
 
+def test_a_host_socket_error_after_the_end_of_the_stream_is_out_error_by_its_errno(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the peer's FIN, the error the host socket reports (a reset
+    says EPIPE there; here a retransmission timeout, which SO_ERROR stands
+    in for) is out_error, by its own errno, in Xen's numbering."""
+    timed_out = threading.Event()
+
+    class TimedOut(socket.socket):
+        def getsockopt(self, level: int, option: int, *args: Any) -> Any:
+            if (level, option) == (socket.SOL_SOCKET, socket.SO_ERROR) and timed_out.is_set():
+                return errno.ETIMEDOUT
+            return super().getsockopt(level, option, *args)
+
+    _host_sockets_are(monkeypatch, TimedOut)
+    sock_id, ring, peer = _accepted_pair(raw)
+    sock = _socket_of(backend, raw, sock_id)
+    assert sock.host is not None
+    peer.shutdown(socket.SHUT_WR)
+    raw.wait(lambda: ring.in_error != 0)
+    assert ring.in_error == -_errno.ENOTCONN
+    sock.flush()
+    timed_out.set()
+    sock._on_host_event(sock.host.fileno(), select.EPOLLERR | select.EPOLLHUP)
+    raw.wait(lambda: ring.out_error != 0)
+    assert ring.out_error == -_errno.ETIMEDOUT
+    peer.close()
+
+
 def test_no_data_into_an_in_ring_whose_error_the_frontend_set(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     """A producer stops on in_error (Linux's frontend writes -EBADF there
