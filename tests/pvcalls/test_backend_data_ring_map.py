@@ -192,6 +192,9 @@ def test_a_recycled_ring_is_mapped_in_one_request(
         assert raw.recv_exactly(ring, len(word)) == word
         assert raw.release(sock_id).ret == 0
     assert maps == [1 + 16]
+    # The hint used is counted out of the refs kept, as it is taken out.
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    assert fe.ring_hint_refs == sum(map(len, fe.ring_hints.values())) == 16
 
 
 def test_the_hints_a_frontend_leaves_hold_a_bounded_number_of_refs(
