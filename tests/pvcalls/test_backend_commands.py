@@ -1418,7 +1418,13 @@ def test_listen_on_a_port_another_socket_listens_on(
     assert passive.host.fileno() not in backend.dispatcher._fds
     assert raw.release(first).ret == 0
     assert raw.listen(second).ret == 0
+    assert passive.host.fileno() in backend.dispatcher._fds  # watched again
     accept = raw.push_accept(second, raw.new_id(), raw.new_ring())
+    # The ACCEPT waits, its connection to come: only the edge can answer it.
+    _, rsp = raw.socket()
+    assert rsp.ret == 0
+    passive.flush()
+    assert accept not in raw.responses
     with socket.create_connection(address, timeout=TIMEOUT):
         assert raw.response(accept).ret == 0
 
