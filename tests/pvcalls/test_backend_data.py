@@ -448,17 +448,18 @@ def test_a_host_signal_with_nothing_to_read_is_used_up_too(
 
 
 def test_a_short_send_consumes_only_what_was_sent(
-        raw: RawFrontend, monkeypatch: pytest.MonkeyPatch) -> None:
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """A send that takes part of what the out ring holds (the host's send
-    buffer nearly full) consumes that part only: the rest goes with the
-    next sends, in order."""
+    buffer nearly full) consumes that part only, and counts that part
+    only in the socket's stats: the rest goes with the next sends, in
+    order."""
     class ShortSends(socket.socket):
         def sendmsg(self, buffers: Any, *args: Any) -> int:
             # At most 7 bytes of the first buffer.
             return super().sendmsg([bytes(memoryview(buffers[0])[:7])], *args)
 
     _host_sockets_are(monkeypatch, ShortSends)
-    _, ring, peer = _accepted_pair(raw)
+    sock_id, ring, peer = _accepted_pair(raw)
     data = bytes(range(256)) * 4
     assert ring.write(data) == len(data)
     peer.settimeout(TIMEOUT)
@@ -466,6 +467,9 @@ def test_a_short_send_consumes_only_what_was_sent(
     while len(got) < len(data):
         got += peer.recv(len(data))
     assert bytes(got) == data
+    raw.wait(lambda: ring.get(_wire.OUT_CONS_OFFSET) == len(data))
+    row, = (r for r in backend.stats().sockets if r.id == sock_id)
+    assert row.bytes_out == len(data)
 
 
 def test_full_in_ring_is_resumed_when_the_guest_reads(raw: RawFrontend) -> None:
