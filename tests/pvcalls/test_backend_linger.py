@@ -426,6 +426,33 @@ def test_a_close_interrupted_as_the_lingerer_takes_a_socket_leaves_it_the_linger
     assert sock.host.fileno() == -1
 
 
+def test_a_teardown_interrupted_as_it_unwatches_the_host_socket_leaves_it_open(
+        backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the unwatching of the host socket: it may still be
+    watched, so it stays open (closed, its number could be another file's
+    while the poller still reports it); the teardown done again unwatches
+    and closes it."""
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    sock = _socket_of(backend, raw, sock_id)
+    assert sock.host is not None and sock.events is not None
+    fd = sock.host.fileno()
+    remove_fd = sock.events.remove_fd
+
+    def interrupted(n: int) -> None:
+        raise Interrupted
+
+    monkeypatch.setattr(sock.events, "remove_fd", interrupted)
+    with pytest.raises(Interrupted):
+        sock.teardown()
+    monkeypatch.setattr(sock.events, "remove_fd", remove_fd)
+    assert sock.host.fileno() == fd and fd in sock.events._fds
+    sock.teardown()
+    assert sock.host.fileno() == -1 and fd not in sock.events._fds
+    assert raw.release(sock_id).ret == 0
+
+
 def test_the_timeout_cannot_end_a_socket_before_it_is_watched(backend: pvcalls.Backend) -> None:
     """adopt() queues the timer, then watches the socket: a timer that ran
     in between closed the socket, and adopt() then watched its number,
