@@ -1466,7 +1466,13 @@ def test_listen_on_a_port_another_socket_listens_on(
     assert passive.host.fileno() not in backend.dispatcher._fds
     assert raw.release(first).ret == 0
     assert raw.listen(second).ret == 0
+    assert passive.host.fileno() in backend.dispatcher._fds  # watched again
     accept = raw.push_accept(second, raw.new_id(), raw.new_ring())
+    # The ACCEPT waits, its connection to come: only the edge can answer it.
+    _, rsp = raw.socket()
+    assert rsp.ret == 0
+    passive.flush()
+    assert accept not in raw.responses
     with socket.create_connection(address, timeout=TIMEOUT):
         assert raw.response(accept).ret == 0
 
@@ -1612,11 +1618,13 @@ def test_accept_without_a_descriptor_left_is_emfile(
 @pytest.mark.parametrize("early", [b"", b"early"])
 def test_an_accepted_connection_that_cannot_be_watched_fails_the_accept(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
-        early: bytes) -> None:
+        caplog: pytest.LogCaptureFixture, early: bytes) -> None:
     """The accepted connection cannot join its CPU's epoll set (the host
     out of memory or of epoll watches): the ACCEPT is answered with that
     errno rather than never, and its id_new is given up, with nothing sent
-    to the client of what the guest wrote early into its out ring."""
+    to the client of what the guest wrote early into its out ring.  No
+    traceback: the teardown's unwatching of a socket never watched is no
+    failure."""
     listener, address = _listener(raw, backend)
     id_new = raw.new_id()
     ring = raw.new_ring()
@@ -1636,6 +1644,7 @@ def test_an_accepted_connection_that_cannot_be_watched_fails_the_accept(
         # The host's end was closed with the id: the client sees it go.
         client.settimeout(TIMEOUT)
         assert client.recv(1) == b""
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     monkeypatch.undo()
     with socket.create_connection(address) as client:
         ring = raw.new_ring()
@@ -1899,6 +1908,36 @@ def test_write_space_is_watched_only_while_a_send_is_blocked(
     sock.flush()
     assert write_space_watches == [(fd, True), (fd, False)]
     peer.close()
+
+
+def test_host_sockets_are_watched_edge_triggered_and_not_for_write_space(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listening socket is watched edge-triggered: level-triggered, a
+    connection waiting for an ACCEPT would run its Work without end.  A
+    connected socket, by CONNECT or accepted, is watched edge-triggered for
+    data and the peer's end, not for write space: every ACK of the peer
+    would wake its Work (EPOLLOUT is added only while a send is blocked)."""
+    watched: dict[int, int] = {}
+    real = EventDispatcher.add_fd
+
+    def add_fd(self: EventDispatcher, fd: int, events: int, callback: Any) -> None:
+        watched[fd] = events
+        real(self, fd, events, callback)
+
+    monkeypatch.setattr(EventDispatcher, "add_fd", add_fd)
+    sockets = backend._frontends[(raw.guest.domid, 0)]._sockets
+    listener, address = _listener(raw, backend)
+    id_new = raw.new_id()
+    accept_req = raw.push_accept(listener, id_new, raw.new_ring())
+    client = socket.create_connection(address)
+    assert raw.response(accept_req).ret == 0
+    connected, _ = raw.connect_socket(echo_server.address)
+    data_events = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+    assert watched[sockets[listener].host.fileno()] == select.EPOLLIN | select.EPOLLET
+    assert watched[sockets[id_new].host.fileno()] == data_events
+    assert watched[sockets[connected].host.fileno()] == data_events
+    client.close()
 
 
 def test_a_release_whose_flush_fails_still_frees_everything(

@@ -141,6 +141,29 @@ def test_reset_by_the_peer_is_econnreset_not_eof(raw: RawFrontend) -> None:
     assert ring.out_error == 0  # the guest has sent nothing: no send failed
 
 
+def test_a_reset_behind_data_the_guest_has_not_read_is_econnreset(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """The peer's bytes fill the in ring, some more wait in the host
+    socket, then the peer resets.  Its event comes while no receive can
+    run (the ring is full): the error stays the receive's to report, after
+    the last byte.  Taken then as the socket's error (SO_ERROR), it would
+    be gone, and the receive would say EOF: a reset read as an orderly end."""
+    sock_id, ring, peer = _accepted_pair(raw, order=1)
+    sock = _socket_of(backend, raw, sock_id)
+    size = _wire.flex_ring_size(1)
+    data = os.urandom(size + 100)
+    peer.sendall(data)
+    raw.wait(lambda: ring.get(_wire.IN_PROD_OFFSET) == size)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # a reset
+    wait_until(lambda: sock._host_hangup)  # its event came
+    sock.flush()  # and the run it queued is over
+    assert raw.recv_exactly(ring, len(data)) == data
+    raw.wait(lambda: ring.in_error != 0)
+    assert ring.in_error == -_errno.ECONNRESET
+    assert ring.out_error == 0  # the guest has sent nothing: no send failed
+
+
 def test_a_reset_after_the_end_of_the_stream_is_notified(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     """The peer ends its stream (in_error -ENOTCONN, notified), then resets
@@ -157,6 +180,34 @@ def test_a_reset_after_the_end_of_the_stream_is_notified(
     peer.close()  # a reset
     raw.wait_notified(ring.port)  # a missing notification times out
     assert ring.out_error == -_errno.EPIPE
+
+
+def test_a_host_socket_error_after_the_end_of_the_stream_is_out_error_by_its_errno(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the peer's FIN, the error the host socket reports (a reset
+    says EPIPE there; here a retransmission timeout, which SO_ERROR stands
+    in for) is out_error, by its own errno, in Xen's numbering."""
+    timed_out = threading.Event()
+
+    class TimedOut(socket.socket):
+        def getsockopt(self, level: int, option: int, *args: Any) -> Any:
+            if (level, option) == (socket.SOL_SOCKET, socket.SO_ERROR) and timed_out.is_set():
+                return errno.ETIMEDOUT
+            return super().getsockopt(level, option, *args)
+
+    _host_sockets_are(monkeypatch, TimedOut)
+    sock_id, ring, peer = _accepted_pair(raw)
+    sock = _socket_of(backend, raw, sock_id)
+    assert sock.host is not None
+    peer.shutdown(socket.SHUT_WR)
+    raw.wait(lambda: ring.in_error != 0)
+    assert ring.in_error == -_errno.ENOTCONN
+    sock.flush()
+    timed_out.set()
+    sock._on_host_event(sock.host.fileno(), select.EPOLLERR | select.EPOLLHUP)
+    raw.wait(lambda: ring.out_error != 0)
+    assert ring.out_error == -_errno.ETIMEDOUT
+    peer.close()
 
 
 def test_no_data_into_an_in_ring_whose_error_the_frontend_set(
@@ -374,18 +425,41 @@ def test_a_host_signal_is_taken_by_one_receive(
     assert raw.recv_exactly(ring, 4) == b"back"
 
 
+def test_a_host_signal_with_nothing_to_read_is_used_up_too(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An edge of the host socket with nothing to read behind it (write
+    space, while a send was blocked) costs the receive that finds the
+    socket empty (EAGAIN), and no more: the guest's writes after it cost
+    none, until the next signal."""
+    receives = _receives_counted(monkeypatch)
+    sock_id, ring, peer = _accepted_pair(raw)
+    sock = _socket_of(backend, raw, sock_id)
+    assert sock.host is not None
+    sock.flush()
+    before = len(receives)
+    sock._on_host_event(sock.host.fileno(), select.EPOLLOUT)
+    sock.flush()
+    assert len(receives) == before + 1
+    peer.settimeout(TIMEOUT)
+    _guest_writes(ring, peer, sock, b"one", b"two", b"three")
+    assert len(receives) == before + 1
+    peer.sendall(b"back")
+    assert raw.recv_exactly(ring, 4) == b"back"
+
+
 def test_a_short_send_consumes_only_what_was_sent(
-        raw: RawFrontend, monkeypatch: pytest.MonkeyPatch) -> None:
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """A send that takes part of what the out ring holds (the host's send
-    buffer nearly full) consumes that part only: the rest goes with the
-    next sends, in order."""
+    buffer nearly full) consumes that part only, and counts that part
+    only in the socket's stats: the rest goes with the next sends, in
+    order."""
     class ShortSends(socket.socket):
         def sendmsg(self, buffers: Any, *args: Any) -> int:
             # At most 7 bytes of the first buffer.
             return super().sendmsg([bytes(memoryview(buffers[0])[:7])], *args)
 
     _host_sockets_are(monkeypatch, ShortSends)
-    _, ring, peer = _accepted_pair(raw)
+    sock_id, ring, peer = _accepted_pair(raw)
     data = bytes(range(256)) * 4
     assert ring.write(data) == len(data)
     peer.settimeout(TIMEOUT)
@@ -393,6 +467,9 @@ def test_a_short_send_consumes_only_what_was_sent(
     while len(got) < len(data):
         got += peer.recv(len(data))
     assert bytes(got) == data
+    raw.wait(lambda: ring.get(_wire.OUT_CONS_OFFSET) == len(data))
+    row, = (r for r in backend.stats().sockets if r.id == sock_id)
+    assert row.bytes_out == len(data)
 
 
 def test_full_in_ring_is_resumed_when_the_guest_reads(raw: RawFrontend) -> None:
@@ -683,12 +760,18 @@ def test_room_made_in_an_out_ring_not_full_is_not_notified(
     assert ring.port not in fired
 
 
-def test_a_data_ring_protocol_error_is_notified(raw: RawFrontend) -> None:
-    """Impossible out indexes: the frontend learns of the error by its
-    event channel, not only by looking at the indexes page."""
+@pytest.mark.parametrize("broken", ["out", "in"])
+def test_a_data_ring_protocol_error_is_notified(raw: RawFrontend, broken: str) -> None:
+    """Impossible indexes, of the out ring (we consume) or of the in ring
+    (we produce): the frontend learns of the error by its event channel,
+    not only by looking at the indexes page."""
     _, ring, _peer = _accepted_pair(raw)
     raw.drain_events()
-    ring.put(_wire.OUT_PROD_OFFSET, ring.get(_wire.OUT_CONS_OFFSET) + ring.size + 1)
+    if broken == "out":
+        ring.put(_wire.OUT_PROD_OFFSET, ring.get(_wire.OUT_CONS_OFFSET) + ring.size + 1)
+    else:  # a consumer more than a ring behind the producer
+        ring.put(_wire.IN_CONS_OFFSET,
+                 ring.get(_wire.IN_PROD_OFFSET) - ring.size - 1)
     raw.evtchn.notify(ring.port)
     raw.wait_notified(ring.port)
     assert ring.in_error == ring.out_error == -_errno.EINVAL
@@ -813,6 +896,7 @@ def test_a_bug_moving_data_fails_that_socket_only(
         raw.evtchn.notify(ring.port)
         bad.kick()
     bad.flush()
+    assert bad.disabled and not bad.pending
     assert ring.get(_wire.OUT_CONS_OFFSET) == 0 and ring.get(_wire.IN_PROD_OFFSET) == 0
     bugs = _bugs_logged(caplog)
     assert len(bugs) == 1, [r.getMessage() for r in bugs]
@@ -831,25 +915,30 @@ def test_a_bug_moving_data_fails_that_socket_only(
     assert raw.release(good_id).ret == 0 and other.release(other_id).ret == 0
 
 
-@pytest.mark.parametrize("before", ["in", "out"])
+@pytest.mark.parametrize("before", ["in", "in-reset", "out"])
 def test_a_bug_keeps_the_error_the_guest_was_given(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
         before: str) -> None:
     """A socket failing for a bug of ours after one direction of it had
-    ended (the peer's FIN: in_error -ENOTCONN; its reset met by a send:
-    out_error): that error stays, which the guest may have read already,
-    and only the other direction's says EIO."""
+    ended (the peer's FIN: in_error -ENOTCONN; its reset met by a receive:
+    in_error -ECONNRESET; its reset met by a send: out_error): that error
+    stays, which the guest may have read already, and only the other
+    direction's says EIO."""
     sock_id, ring, peer = _accepted_pair(raw)
     bad = _socket_of(backend, raw, sock_id)
     bad.flush()  # the run its CONNECT queued is over
-    if before == "in":
-        peer.close()  # FIN: the end of the stream
+    if before != "out":
+        ended = -_errno.ENOTCONN
+        if before == "in-reset":
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ended = -_errno.ECONNRESET
+        peer.close()  # FIN, or a reset
         raw.wait(lambda: ring.in_error != 0)
-        assert ring.in_error == -_errno.ENOTCONN
+        assert ring.in_error == ended
         _bug_in(monkeypatch, "_tx", lambda sock: sock is bad)
         ring.write(b"x")
         raw.wait(lambda: ring.out_error != 0)
-        assert (ring.in_error, ring.out_error) == (-_errno.ENOTCONN, -_errno.EIO)
+        assert (ring.in_error, ring.out_error) == (ended, -_errno.EIO)
     else:
         # Before the peer resets, so that the run it sets off sends, fails,
         # then receives: the bug.

@@ -139,6 +139,22 @@ def test_a_hint_the_hypervisor_refuses_takes_the_long_way(guest: Guest) -> None:
         ring.close()
 
 
+def test_a_closed_ring_keeps_no_view_of_the_pages(guest: Guest) -> None:
+    """close() releases the in and out rings' views before it unmaps:
+    a use of a closed ring fails loudly, rather than read or write the
+    zero pages the mapping's place holds once the grants are gone."""
+    guest.lay_out(ORDER, guest.a)
+    guest.put_out_byte(0, b"A")
+    ring = guest.ring(None)
+    in_ring, out_ring = ring.in_ring, ring.out_ring
+    ring.close()
+    assert guest.live_mappings() == 0
+    with pytest.raises(ValueError, match="released"):
+        out_ring.readable()
+    with pytest.raises(ValueError, match="released"):
+        in_ring.writable()
+
+
 @pytest.mark.parametrize("hint", [False, True])
 def test_a_bad_ring_order_maps_nothing_whatever_the_hint(guest: Guest, hint: bool) -> None:
     guest.lay_out(ORDER + 1, guest.a + guest.b)  # beyond max_page_order
@@ -176,6 +192,9 @@ def test_a_recycled_ring_is_mapped_in_one_request(
         assert raw.recv_exactly(ring, len(word)) == word
         assert raw.release(sock_id).ret == 0
     assert maps == [1 + 16]
+    # The hint used is counted out of the refs kept, as it is taken out.
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    assert fe.ring_hint_refs == sum(map(len, fe.ring_hints.values())) == 16
 
 
 def test_the_hints_a_frontend_leaves_hold_a_bounded_number_of_refs(

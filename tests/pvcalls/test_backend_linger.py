@@ -390,6 +390,69 @@ def test_a_close_interrupted_while_it_ends_a_lingering_socket_is_finished_by_the
     assert sock.host.fileno() == -1
 
 
+def test_a_close_interrupted_as_the_lingerer_takes_a_socket_leaves_it_the_lingerer_s(
+        host: SimHost, topology: Any, make_frontend: Any, peer: Peer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C as adopt() returns: the lingerer holds the host socket, and
+    the teardown never learnt so.  Neither it nor the teardown done again
+    may close the socket under the lingerer, which still has the rest of
+    the out ring to send; close() ends it, as every lingering socket."""
+    backend = pvcalls.Backend(host.dom0, topology=topology)
+    try:
+        raw = make_frontend("linger-adopt-interrupted")
+        sock_id, ring = raw.connect_socket(peer.address)
+        peer.accept()
+        sock = _socket_of(backend, raw, sock_id)
+        _fill(raw, ring, sock)
+        assert sock.host is not None
+        adopt = backend.lingerer.adopt
+
+        def interrupted(*args: Any, **kwargs: Any) -> bool:
+            adopt(*args, **kwargs)
+            raise Interrupted
+
+        monkeypatch.setattr(backend.lingerer, "adopt", interrupted)
+        with pytest.raises(Interrupted):
+            sock.teardown()  # as the RELEASE's, or close()'s
+        monkeypatch.undo()
+        assert backend.lingerer.holds(sock.host)
+        assert sock.host.fileno() != -1
+        sock.teardown()  # done again: leaves the socket to the lingerer
+        assert backend.lingerer.holds(sock.host)
+        assert sock.host.fileno() != -1
+    finally:
+        backend.close()
+    assert len(backend.lingerer) == 0
+    assert sock.host.fileno() == -1
+
+
+def test_a_teardown_interrupted_as_it_unwatches_the_host_socket_leaves_it_open(
+        backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the unwatching of the host socket: it may still be
+    watched, so it stays open (closed, its number could be another file's
+    while the poller still reports it); the teardown done again unwatches
+    and closes it."""
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    sock = _socket_of(backend, raw, sock_id)
+    assert sock.host is not None and sock.events is not None
+    fd = sock.host.fileno()
+    remove_fd = sock.events.remove_fd
+
+    def interrupted(n: int) -> None:
+        raise Interrupted
+
+    monkeypatch.setattr(sock.events, "remove_fd", interrupted)
+    with pytest.raises(Interrupted):
+        sock.teardown()
+    monkeypatch.setattr(sock.events, "remove_fd", remove_fd)
+    assert sock.host.fileno() == fd and fd in sock.events._fds
+    sock.teardown()
+    assert sock.host.fileno() == -1 and fd not in sock.events._fds
+    assert raw.release(sock_id).ret == 0
+
+
 def test_the_timeout_cannot_end_a_socket_before_it_is_watched(backend: pvcalls.Backend) -> None:
     """adopt() queues the timer, then watches the socket: a timer that ran
     in between closed the socket, and adopt() then watched its number,
