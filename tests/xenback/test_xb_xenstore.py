@@ -1015,6 +1015,17 @@ def test_wait_for_fails_as_soon_as_the_connection_ends(host, end: str) -> None:
 
         waiter = Attempt(lambda: xs.wait_for("/never", never, timeout=600))
         assert checked.wait(TIMEOUT)
+        # The event its watch fires as it is set may come after that first
+        # read, and wake the wait as well as the end would (one more read
+        # then failed at once).  Events of a connection come in order: once
+        # a later watch's has come, so has the waiter's, and the waiter is
+        # settled when it waits with no change left to see.
+        (changed,) = xs._waiters
+        fired = threading.Event()
+        xs.watch("/never", lambda _path: fired.set())
+        assert fired.wait(TIMEOUT)
+        assert eventually(lambda: not changed.is_set() and stands_at(
+            waiter.thread.ident, XenStore.wait_for, "changed.wait("), TIMEOUT)
         if end == "lost":
             host.close()
         else:
