@@ -106,22 +106,31 @@ def test_read_int_takes_white_space_around_the_number(dom0_xs, value, number) ->
 def test_read_int_refuses_digits_other_than_ascii(host, dom0_xs, value) -> None:
     """int() takes any Unicode decimal digit; a guest's "\u0663" is no number
     of the XenStore protocol, whose numbers are ASCII."""
-    import socket
-
-    payload = b"/test/n\0" + value.encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(TIMEOUT)
-        # pyxs sends ASCII only: write the bytes as another domain's client may.
-        sock.connect(str(host.dom0.xenstore_path))
-        sock.sendall(_packet(Op.WRITE, 1, 0, payload))
-        header = sock.recv(16, socket.MSG_WAITALL)
-        op, _, _, length = struct.unpack("<4I", header)
-        assert op == Op.WRITE, sock.recv(length, socket.MSG_WAITALL)
-        sock.recv(length, socket.MSG_WAITALL)
+    _write_raw(host, "/test/n", value.encode())
     assert dom0_xs.read("/test/n") == value
     with pytest.raises(ValueError) as info:
         dom0_xs.read_int("/test/n")
     assert str(info.value) == f"/test/n: expected an integer, found {ascii(value)}"
+
+
+def test_a_value_that_is_no_utf8_is_read_with_replacement_characters(host, dom0_xs) -> None:
+    """Another domain's value may be any bytes: read() gives what it can
+    of them rather than fail on a UnicodeDecodeError."""
+    _write_raw(host, "/test/raw", b"ok \xff\xfe end")
+    assert dom0_xs.read("/test/raw") == "ok \ufffd\ufffd end"
+
+
+def _write_raw(host, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` as another domain's client may: pyxs
+    sends ASCII only."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(str(host.dom0.xenstore_path))
+        sock.sendall(_packet(Op.WRITE, 1, 0, path.encode() + b"\0" + data))
+        header = sock.recv(16, socket.MSG_WAITALL)
+        op, _, _, length = struct.unpack("<4I", header)
+        assert op == Op.WRITE, sock.recv(length, socket.MSG_WAITALL)
+        sock.recv(length, socket.MSG_WAITALL)
 
 
 @pytest.mark.parametrize(
@@ -140,6 +149,10 @@ def test_values_pyxs_cannot_send_are_refused_by_name(dom0_xs, value, text) -> No
     assert dom0_xs.read("/test/v") is None  # nothing was sent
     dom0_xs.write("/test/v", "printable ASCII and \x7f go")
     assert dom0_xs.read("/test/v") == "printable ASCII and \x7f go"
+    # NUL goes too (C readers, the kernel's xenbus among them, take it
+    # for the value's end): XenStore keeps every byte.
+    dom0_xs.write("/test/v", "before\0after")
+    assert dom0_xs.read("/test/v") == "before\0after"
 
 
 def test_a_value_can_be_emptied(dom0_xs) -> None:
