@@ -845,6 +845,27 @@ def test_a_request_whose_reply_never_comes_fails(tmp_path) -> None:
     server.join(TIMEOUT)
 
 
+def test_a_transaction_whose_start_is_never_answered_fails_as_a_lost_connection(
+        tmp_path) -> None:
+    """XenStore hangs up on a TRANSACTION_START: the router answers it
+    ENOTCONN as it ends, which the start raises as ConnectionError, as a
+    read does, not some other OSError (EIO) a caller would take for a
+    refusal of this one request."""
+    path = str(tmp_path / "xenstored")
+    server = hang_up_after_one_request(path)
+    xs = XenStore(pyxs.Client(unix_socket_path=path))
+    xs.open()
+    ran: list[object] = []
+    try:
+        attempt = Attempt(lambda: xs.transaction(ran.append))
+        exc = attempt.result(TIMEOUT, msg="the transaction still waits for its start")
+        assert isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN, repr(exc)
+        assert not ran
+    finally:
+        xs.close()
+        server.join(TIMEOUT)
+
+
 def test_connection_lost_is_set_by_xenstore_not_by_close(host) -> None:
     closed = XenStore(host.dom0.xenstore())
     assert not closed.connected
@@ -988,6 +1009,32 @@ def test_close_as_xenstore_hangs_up_is_quiet(tmp_path, monkeypatch) -> None:
     pause.resume()
     assert closer.result() is None
     server.join(TIMEOUT)
+
+
+def test_close_raises_a_terminator_failure_while_still_connected(host) -> None:
+    """Only a connection that is over makes a failing write to the
+    terminator pair quiet (see above): with the connection still up, the
+    router was never told to stop, and close() waiting for it would wait
+    for ever.  It raises instead, and a later close() finishes the job."""
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    router = xs._client.router
+    real = router.w_terminator
+
+    class _Failing:
+        def sendall(self, _data: bytes) -> None:
+            raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+
+    router.w_terminator = _Failing()
+    try:
+        exc = Attempt(lambda: close_client(xs._client)).result(
+            TIMEOUT, msg="close waits for a router it never told to stop")
+        assert isinstance(exc, OSError) and exc.errno == errno.ENOBUFS, repr(exc)
+        assert router.thread.is_alive() and xs.connected
+    finally:
+        router.w_terminator = real
+    xs.close()
+    assert not router.thread.is_alive()
 
 
 def test_on_lost_is_told_instead_of_a_warning(host, caplog) -> None:
@@ -1350,6 +1397,22 @@ def test_a_connection_never_made_closes_its_terminator_pair(tmp_path) -> None:
     router = xs._client.router
     xs.close()
     assert router.r_terminator.fileno() == -1 and router.w_terminator.fileno() == -1
+    xs.close()  # again: the terminator pair, closed, is not written to
+
+
+def test_a_connection_closed_leaves_no_descriptor_open(host) -> None:
+    """The router polls a duplicate of the connection's descriptor (see
+    xenback.xenstore._route): closing the connection must close it too,
+    or every XenStore opened and closed kept one."""
+    from tests.fdcensus import descriptors
+
+    before = descriptors()
+    for _ in range(3):
+        with XenStore(host.dom0.xenstore()) as xs:
+            assert xs.read("/local/domain/0/name") == "Domain-0"
+    # The simulated XenStore closes its side of each as it sees it end.  (The
+    # host may close some of its own meanwhile: only new ones count.)
+    assert eventually(lambda: not descriptors() - before, TIMEOUT), descriptors() - before
 
 
 def test_a_closed_connection_cannot_be_opened_again(host) -> None:
