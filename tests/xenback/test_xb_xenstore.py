@@ -879,6 +879,10 @@ def test_connection_lost_is_set_by_xenstore_not_by_close(host) -> None:
         assert not xs.connected
         with pytest.raises(ConnectionError):
             xs.read("/local")
+        # pyxs cannot connect its client again: said so, not "threads can
+        # only be started once".
+        with pytest.raises(RuntimeError, match="this XenStore connection was lost"):
+            xs.open()
 
 
 @pytest.mark.parametrize("where", ["request", "transaction"])
@@ -1392,8 +1396,10 @@ def test_a_connection_never_made_closes_its_terminator_pair(tmp_path) -> None:
     no router thread ever ran to close pyxs's terminator socket pair, so
     close() does, or each failed attempt cost two descriptors."""
     xs = XenStore(pyxs.Client(unix_socket_path=str(tmp_path / "none")))
-    with pytest.raises(ConnectionError):
+    with pytest.raises(ConnectionError) as info:
         xs.open()
+    # The system's errno, kept from pyxs's error: no xenstored there.
+    assert info.value.errno == errno.ENOENT, repr(info.value)
     router = xs._client.router
     xs.close()
     assert router.r_terminator.fileno() == -1 and router.w_terminator.fileno() == -1
