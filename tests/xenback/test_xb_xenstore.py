@@ -2259,6 +2259,31 @@ def test_a_read_a_sender_closes_under_is_a_lost_connection(tmp_path, monkeypatch
     server.join(TIMEOUT)
 
 
+def test_an_attribute_error_of_a_read_on_a_connection_still_up_is_told_as_it_is(
+        host, monkeypatch) -> None:
+    """Only a connection a sender closed makes the router's AttributeError
+    a lost connection (above): with the connection still up it is a bug,
+    and on_lost is told of it, not of a "not connected" that hides it."""
+    told: list[Exception] = []
+    xs = XenStore(host.dom0.xenstore(), on_lost=told.append)
+    xs.open()
+    try:
+        # Answered once: no refusal, whose message would wrap the error.
+        assert xs.read("/local/domain/0/name") == "Domain-0"
+
+        def recv() -> None:
+            raise AttributeError("a bug of the read itself")
+
+        monkeypatch.setattr(xs._client.router.connection, "recv", recv)
+        exc = _try_read(xs)  # its reply wakes the router, whose read fails
+        assert isinstance(exc, ConnectionError), repr(exc)
+        assert xs.connection_lost.wait(TIMEOUT)
+        (lost,) = told
+        assert isinstance(lost, AttributeError), repr(lost)
+    finally:
+        xs.close()
+
+
 def test_open_retried_until_xenstored_comes_closes_as_any(tmp_path, caplog) -> None:
     """open() failing to connect leaves the client unconnected, to be
     opened again (a daemon waiting for xenstored to start).  Each attempt
