@@ -2548,6 +2548,54 @@ def test_a_transaction_start_given_up_before_its_reply_is_ended(
         xs.close()
 
 
+def test_a_transaction_start_given_up_and_refused_sends_nothing_more(
+        host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, but XenStore refuses the start (EAGAIN): no transaction
+    began, so the router has nothing to end, and sends no END for a
+    transaction 0 that is nobody's."""
+    from xenback import xenstore
+
+    given_up = threading.Event()
+    dispatched = threading.Event()
+    real_dispatch = xenstore._dispatch
+
+    def dispatch(router: Any, packet: Any) -> None:
+        start = packet.op == Op.TRANSACTION_START
+        if start:
+            assert given_up.wait(TIMEOUT)
+            packet = packet._replace(op=Op.ERROR, payload=b"EAGAIN\0")
+        real_dispatch(router, packet)
+        if start:
+            dispatched.set()
+
+    monkeypatch.setattr(xenstore, "_dispatch", dispatch)
+    real_get = xenstore._Reply.get
+
+    def get(reply: Any) -> Any:
+        monkeypatch.setattr(xenstore._Reply, "get", real_get)
+        raise KeyboardInterrupt  # as the first wait for a reply begins
+
+    monkeypatch.setattr(xenstore._Reply, "get", get)
+    with XenStore(host.dom0.xenstore()) as xs:
+        router = xs._client.router
+        real_send = router.send
+        ops: list[int] = []
+
+        def send(packet: Any, rvar: Any = None) -> Any:
+            ops.append(packet.op)
+            return real_send(packet, rvar)
+
+        monkeypatch.setattr(router, "send", send)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                xs.transaction(lambda t: t.write("/test/tx", "x"))
+        finally:
+            given_up.set()
+        assert dispatched.wait(TIMEOUT)
+        assert ops == [Op.TRANSACTION_START], ops
+        assert xs.read("/test/tx") is None
+
+
 def test_a_commit_interrupted_as_its_reply_is_handed_over_waits_for_it(
         host, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C as the commit's reply, read already, is being handed to
