@@ -1421,6 +1421,21 @@ def test_a_connection_closed_leaves_no_descriptor_open(host) -> None:
     assert eventually(lambda: not descriptors() - before, TIMEOUT), descriptors() - before
 
 
+def test_adopt_router_takes_a_router_that_never_ran_and_makes_it_a_daemon(host) -> None:
+    """A router thread that has run cannot run again: adopting it says so
+    at once.  The thread adopt_router() makes is a daemon's, as pyxs's
+    is: a connection nobody closed must not keep the process alive."""
+    from xenback.xenstore import adopt_router
+
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    router = xs._client.router
+    assert router.thread.daemon
+    xs.close()
+    with pytest.raises(RuntimeError, match="the router has run already"):
+        adopt_router(router, lambda _exc: None, name="again")
+
+
 def test_a_closed_connection_cannot_be_opened_again(host) -> None:
     """pyxs cannot reconnect a client (its router thread has run): open()
     after close() says so, not 'threads can only be started once'."""
