@@ -536,14 +536,20 @@ def test_a_transaction_whose_function_fails_is_aborted(host) -> None:
 
 def test_transaction_gives_up_after_attempts(dom0_xs) -> None:
     dom0_xs.write("/hot", 0)
+    runs: list[int] = []
 
     def always_conflicts(t) -> None:
+        runs.append(len(runs))
         t.read("/hot")
         dom0_xs.write("/hot", 1)
         t.write("/hot", 2)
 
-    with pytest.raises(OSError, match="still conflicting after 3 attempts"):
+    with pytest.raises(OSError, match="still conflicting after 3 attempts") as info:
         dom0_xs.transaction(always_conflicts, attempts=3)
+    # EAGAIN, as each conflict was: a caller may retry later.
+    assert info.value.errno == errno.EAGAIN
+    assert runs == [0, 1, 2]
+    assert dom0_xs.read("/hot") == "1"
 
 
 def test_wait_for(dom0_xs) -> None:
