@@ -3210,6 +3210,46 @@ def test_an_event_of_a_token_never_watched_leaves_no_subscription(tmp_path) -> N
         server.join(TIMEOUT)
 
 
+def test_an_event_path_that_is_no_utf8_silences_no_watch(tmp_path) -> None:
+    """The watch thread decodes each event's path leniently, as read()
+    does a value: one it could not decode would end the thread, and with
+    it every watch of the connection."""
+    from tests.sim.hosthelpers import serve_one_client
+
+    path = str(tmp_path / "xenstored")
+    hang_up = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        header = conn.recv(16, socket.MSG_WAITALL)
+        _op, rq_id, tx_id, size = struct.unpack("<4I", header)
+        conn.recv(size, socket.MSG_WAITALL)  # the WATCH of token xb0
+        conn.sendall(_packet(Op.WATCH, rq_id, tx_id, b"OK\0")
+                     + _packet(Op.WATCH_EVENT, 0, 0, b"/w/\xff\0xb0\0")
+                     + _packet(Op.WATCH_EVENT, 0, 0, b"/w\0xb0\0"))
+        hang_up.wait(TIMEOUT)
+
+    server = serve_one_client(path, handle)
+    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=lambda _exc: None)
+    xs.open()
+    try:
+        seen: list[str] = []
+        both = threading.Event()
+
+        def changed(event_path: str) -> None:
+            seen.append(event_path)
+            if len(seen) == 2:
+                both.set()
+
+        xs.watch("/w", changed)
+        assert both.wait(TIMEOUT), seen
+        assert seen == ["/w/\ufffd", "/w"]
+    finally:
+        hang_up.set()
+        server.join(TIMEOUT)
+        assert xs.connection_lost.wait(TIMEOUT)  # so close() asks nothing more
+        xs.close()
+
+
 def test_a_watch_removed_leaves_no_subscription(dom0_xs) -> None:
     """pyxs's unwatch leaves its token's empty list of monitors behind:
     every wait_for() left one more for as long as the connection lives."""
