@@ -2569,11 +2569,12 @@ def test_a_transaction_start_given_up_before_its_reply_is_ended(
         xs.close()
 
 
-def test_a_transaction_start_given_up_and_refused_sends_nothing_more(
-        host, monkeypatch: pytest.MonkeyPatch) -> None:
-    """As above, but XenStore refuses the start (EAGAIN): no transaction
-    began, so the router has nothing to end, and sends no END for a
-    transaction 0 that is nobody's."""
+def _start_given_up(monkeypatch: pytest.MonkeyPatch, *, refused: bool = False
+                    ) -> tuple[threading.Event, threading.Event]:
+    """Have the next transaction start given up (a Ctrl-C as its requester
+    begins to wait) before its reply, held on the router thread until the
+    first event returned is set, is handed over (with ``refused``, as
+    EAGAIN); the second is set once the router is past that reply."""
     from xenback import xenstore
 
     given_up = threading.Event()
@@ -2584,7 +2585,8 @@ def test_a_transaction_start_given_up_and_refused_sends_nothing_more(
         start = packet.op == Op.TRANSACTION_START
         if start:
             assert given_up.wait(TIMEOUT)
-            packet = packet._replace(op=Op.ERROR, payload=b"EAGAIN\0")
+            if refused:
+                packet = packet._replace(op=Op.ERROR, payload=b"EAGAIN\0")
         real_dispatch(router, packet)
         if start:
             dispatched.set()
@@ -2597,6 +2599,15 @@ def test_a_transaction_start_given_up_and_refused_sends_nothing_more(
         raise KeyboardInterrupt  # as the first wait for a reply begins
 
     monkeypatch.setattr(xenstore._Reply, "get", get)
+    return given_up, dispatched
+
+
+def test_a_transaction_start_given_up_and_refused_sends_nothing_more(
+        host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, but XenStore refuses the start (EAGAIN): no transaction
+    began, so the router has nothing to end, and sends no END for a
+    transaction 0 that is nobody's."""
+    given_up, dispatched = _start_given_up(monkeypatch, refused=True)
     with XenStore(host.dom0.xenstore()) as xs:
         router = xs._client.router
         real_send = router.send
@@ -2612,9 +2623,35 @@ def test_a_transaction_start_given_up_and_refused_sends_nothing_more(
                 xs.transaction(lambda t: t.write("/test/tx", "x"))
         finally:
             given_up.set()
-        assert dispatched.wait(TIMEOUT)
+        assert dispatched.wait(TIMEOUT), "the router did not get past the start's reply"
         assert ops == [Op.TRANSACTION_START], ops
         assert xs.read("/test/tx") is None
+
+
+def test_a_given_up_start_whose_end_cannot_be_sent_keeps_the_connection(
+        host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router ends a transaction whose start was given up; if that
+    END cannot be sent, the failure stays the router's to log: raised on
+    the router thread, it would end the connection for everybody."""
+    given_up, dispatched = _start_given_up(monkeypatch)
+    with XenStore(host.dom0.xenstore()) as xs:
+        router = xs._client.router
+        real_send = router.send
+
+        def send(packet: Any, rvar: Any = None) -> Any:
+            if packet.op == Op.TRANSACTION_END:
+                raise pyxs.PyXSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+            return real_send(packet, rvar)
+
+        monkeypatch.setattr(router, "send", send)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                xs.transaction(lambda t: t.write("/test/tx", "x"))
+        finally:
+            given_up.set()
+        assert dispatched.wait(TIMEOUT), "the router did not get past the start's reply"
+        assert xs.read("/local/domain/0/name") == "Domain-0"
+        assert not xs.connection_lost.is_set()
 
 
 def test_a_commit_interrupted_as_its_reply_is_handed_over_waits_for_it(
