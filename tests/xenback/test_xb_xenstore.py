@@ -106,22 +106,31 @@ def test_read_int_takes_white_space_around_the_number(dom0_xs, value, number) ->
 def test_read_int_refuses_digits_other_than_ascii(host, dom0_xs, value) -> None:
     """int() takes any Unicode decimal digit; a guest's "\u0663" is no number
     of the XenStore protocol, whose numbers are ASCII."""
-    import socket
-
-    payload = b"/test/n\0" + value.encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(TIMEOUT)
-        # pyxs sends ASCII only: write the bytes as another domain's client may.
-        sock.connect(str(host.dom0.xenstore_path))
-        sock.sendall(_packet(Op.WRITE, 1, 0, payload))
-        header = sock.recv(16, socket.MSG_WAITALL)
-        op, _, _, length = struct.unpack("<4I", header)
-        assert op == Op.WRITE, sock.recv(length, socket.MSG_WAITALL)
-        sock.recv(length, socket.MSG_WAITALL)
+    _write_raw(host, "/test/n", value.encode())
     assert dom0_xs.read("/test/n") == value
     with pytest.raises(ValueError) as info:
         dom0_xs.read_int("/test/n")
     assert str(info.value) == f"/test/n: expected an integer, found {ascii(value)}"
+
+
+def test_a_value_that_is_no_utf8_is_read_with_replacement_characters(host, dom0_xs) -> None:
+    """Another domain's value may be any bytes: read() gives what it can
+    of them rather than fail on a UnicodeDecodeError."""
+    _write_raw(host, "/test/raw", b"ok \xff\xfe end")
+    assert dom0_xs.read("/test/raw") == "ok \ufffd\ufffd end"
+
+
+def _write_raw(host, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` as another domain's client may: pyxs
+    sends ASCII only."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(str(host.dom0.xenstore_path))
+        sock.sendall(_packet(Op.WRITE, 1, 0, path.encode() + b"\0" + data))
+        header = sock.recv(16, socket.MSG_WAITALL)
+        op, _, _, length = struct.unpack("<4I", header)
+        assert op == Op.WRITE, sock.recv(length, socket.MSG_WAITALL)
+        sock.recv(length, socket.MSG_WAITALL)
 
 
 @pytest.mark.parametrize(
@@ -140,6 +149,10 @@ def test_values_pyxs_cannot_send_are_refused_by_name(dom0_xs, value, text) -> No
     assert dom0_xs.read("/test/v") is None  # nothing was sent
     dom0_xs.write("/test/v", "printable ASCII and \x7f go")
     assert dom0_xs.read("/test/v") == "printable ASCII and \x7f go"
+    # NUL goes too (C readers, the kernel's xenbus among them, take it
+    # for the value's end): XenStore keeps every byte.
+    dom0_xs.write("/test/v", "before\0after")
+    assert dom0_xs.read("/test/v") == "before\0after"
 
 
 def test_a_value_can_be_emptied(dom0_xs) -> None:
@@ -523,14 +536,20 @@ def test_a_transaction_whose_function_fails_is_aborted(host) -> None:
 
 def test_transaction_gives_up_after_attempts(dom0_xs) -> None:
     dom0_xs.write("/hot", 0)
+    runs: list[int] = []
 
     def always_conflicts(t) -> None:
+        runs.append(len(runs))
         t.read("/hot")
         dom0_xs.write("/hot", 1)
         t.write("/hot", 2)
 
-    with pytest.raises(OSError, match="still conflicting after 3 attempts"):
+    with pytest.raises(OSError, match="still conflicting after 3 attempts") as info:
         dom0_xs.transaction(always_conflicts, attempts=3)
+    # EAGAIN, as each conflict was: a caller may retry later.
+    assert info.value.errno == errno.EAGAIN
+    assert runs == [0, 1, 2]
+    assert dom0_xs.read("/hot") == "1"
 
 
 def test_wait_for(dom0_xs) -> None:
@@ -832,6 +851,27 @@ def test_a_request_whose_reply_never_comes_fails(tmp_path) -> None:
     server.join(TIMEOUT)
 
 
+def test_a_transaction_whose_start_is_never_answered_fails_as_a_lost_connection(
+        tmp_path) -> None:
+    """XenStore hangs up on a TRANSACTION_START: the router answers it
+    ENOTCONN as it ends, which the start raises as ConnectionError, as a
+    read does, not some other OSError (EIO) a caller would take for a
+    refusal of this one request."""
+    path = str(tmp_path / "xenstored")
+    server = hang_up_after_one_request(path)
+    xs = XenStore(pyxs.Client(unix_socket_path=path))
+    xs.open()
+    ran: list[object] = []
+    try:
+        attempt = Attempt(lambda: xs.transaction(ran.append))
+        exc = attempt.result(TIMEOUT, msg="the transaction still waits for its start")
+        assert isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN, repr(exc)
+        assert not ran
+    finally:
+        xs.close()
+        server.join(TIMEOUT)
+
+
 def test_connection_lost_is_set_by_xenstore_not_by_close(host) -> None:
     closed = XenStore(host.dom0.xenstore())
     assert not closed.connected
@@ -845,6 +885,10 @@ def test_connection_lost_is_set_by_xenstore_not_by_close(host) -> None:
         assert not xs.connected
         with pytest.raises(ConnectionError):
             xs.read("/local")
+        # pyxs cannot connect its client again: said so, not "threads can
+        # only be started once".
+        with pytest.raises(RuntimeError, match="this XenStore connection was lost"):
+            xs.open()
 
 
 @pytest.mark.parametrize("where", ["request", "transaction"])
@@ -977,6 +1021,32 @@ def test_close_as_xenstore_hangs_up_is_quiet(tmp_path, monkeypatch) -> None:
     server.join(TIMEOUT)
 
 
+def test_close_raises_a_terminator_failure_while_still_connected(host) -> None:
+    """Only a connection that is over makes a failing write to the
+    terminator pair quiet (see above): with the connection still up, the
+    router was never told to stop, and close() waiting for it would wait
+    for ever.  It raises instead, and a later close() finishes the job."""
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    router = xs._client.router
+    real = router.w_terminator
+
+    class _Failing:
+        def sendall(self, _data: bytes) -> None:
+            raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+
+    router.w_terminator = _Failing()
+    try:
+        exc = Attempt(lambda: close_client(xs._client)).result(
+            TIMEOUT, msg="close waits for a router it never told to stop")
+        assert isinstance(exc, OSError) and exc.errno == errno.ENOBUFS, repr(exc)
+        assert router.thread.is_alive() and xs.connected
+    finally:
+        router.w_terminator = real
+    xs.close()
+    assert not router.thread.is_alive()
+
+
 def test_on_lost_is_told_instead_of_a_warning(host, caplog) -> None:
     told: list[Exception] = []
     seen = threading.Event()
@@ -1015,6 +1085,17 @@ def test_wait_for_fails_as_soon_as_the_connection_ends(host, end: str) -> None:
 
         waiter = Attempt(lambda: xs.wait_for("/never", never, timeout=600))
         assert checked.wait(TIMEOUT)
+        # The event its watch fires as it is set may come after that first
+        # read, and wake the wait as well as the end would (one more read
+        # then failed at once).  Events of a connection come in order: once
+        # a later watch's has come, so has the waiter's, and the waiter is
+        # settled when it waits with no change left to see.
+        (changed,) = xs._waiters
+        fired = threading.Event()
+        xs.watch("/never", lambda _path: fired.set())
+        assert fired.wait(TIMEOUT)
+        assert eventually(lambda: not changed.is_set() and stands_at(
+            waiter.thread.ident, XenStore.wait_for, "changed.wait("), TIMEOUT)
         if end == "lost":
             host.close()
         else:
@@ -1321,11 +1402,44 @@ def test_a_connection_never_made_closes_its_terminator_pair(tmp_path) -> None:
     no router thread ever ran to close pyxs's terminator socket pair, so
     close() does, or each failed attempt cost two descriptors."""
     xs = XenStore(pyxs.Client(unix_socket_path=str(tmp_path / "none")))
-    with pytest.raises(ConnectionError):
+    with pytest.raises(ConnectionError) as info:
         xs.open()
+    # The system's errno, kept from pyxs's error: no xenstored there.
+    assert info.value.errno == errno.ENOENT, repr(info.value)
     router = xs._client.router
     xs.close()
     assert router.r_terminator.fileno() == -1 and router.w_terminator.fileno() == -1
+    xs.close()  # again: the terminator pair, closed, is not written to
+
+
+def test_a_connection_closed_leaves_no_descriptor_open(host) -> None:
+    """The router polls a duplicate of the connection's descriptor (see
+    xenback.xenstore._route): closing the connection must close it too,
+    or every XenStore opened and closed kept one."""
+    from tests.fdcensus import descriptors
+
+    before = descriptors()
+    for _ in range(3):
+        with XenStore(host.dom0.xenstore()) as xs:
+            assert xs.read("/local/domain/0/name") == "Domain-0"
+    # The simulated XenStore closes its side of each as it sees it end.  (The
+    # host may close some of its own meanwhile: only new ones count.)
+    assert eventually(lambda: not descriptors() - before, TIMEOUT), descriptors() - before
+
+
+def test_adopt_router_takes_a_router_that_never_ran_and_makes_it_a_daemon(host) -> None:
+    """A router thread that has run cannot run again: adopting it says so
+    at once.  The thread adopt_router() makes is a daemon's, as pyxs's
+    is: a connection nobody closed must not keep the process alive."""
+    from xenback.xenstore import adopt_router
+
+    xs = XenStore(host.dom0.xenstore())
+    xs.open()
+    router = xs._client.router
+    assert router.thread.daemon
+    xs.close()
+    with pytest.raises(RuntimeError, match="the router has run already"):
+        adopt_router(router, lambda _exc: None, name="again")
 
 
 def test_a_closed_connection_cannot_be_opened_again(host) -> None:
@@ -2166,6 +2280,31 @@ def test_a_read_a_sender_closes_under_is_a_lost_connection(tmp_path, monkeypatch
     server.join(TIMEOUT)
 
 
+def test_an_attribute_error_of_a_read_on_a_connection_still_up_is_told_as_it_is(
+        host, monkeypatch) -> None:
+    """Only a connection a sender closed makes the router's AttributeError
+    a lost connection (above): with the connection still up it is a bug,
+    and on_lost is told of it, not of a "not connected" that hides it."""
+    told: list[Exception] = []
+    xs = XenStore(host.dom0.xenstore(), on_lost=told.append)
+    xs.open()
+    try:
+        # Answered once: no refusal, whose message would wrap the error.
+        assert xs.read("/local/domain/0/name") == "Domain-0"
+
+        def recv() -> None:
+            raise AttributeError("a bug of the read itself")
+
+        monkeypatch.setattr(xs._client.router.connection, "recv", recv)
+        exc = _try_read(xs)  # its reply wakes the router, whose read fails
+        assert isinstance(exc, ConnectionError), repr(exc)
+        assert xs.connection_lost.wait(TIMEOUT)
+        (lost,) = told
+        assert isinstance(lost, AttributeError), repr(lost)
+    finally:
+        xs.close()
+
+
 def test_open_retried_until_xenstored_comes_closes_as_any(tmp_path, caplog) -> None:
     """open() failing to connect leaves the client unconnected, to be
     opened again (a daemon waiting for xenstored to start).  Each attempt
@@ -2428,6 +2567,91 @@ def test_a_transaction_start_given_up_before_its_reply_is_ended(
     finally:
         given_up.set()
         xs.close()
+
+
+def _start_given_up(monkeypatch: pytest.MonkeyPatch, *, refused: bool = False
+                    ) -> tuple[threading.Event, threading.Event]:
+    """Have the next transaction start given up (a Ctrl-C as its requester
+    begins to wait) before its reply, held on the router thread until the
+    first event returned is set, is handed over (with ``refused``, as
+    EAGAIN); the second is set once the router is past that reply."""
+    from xenback import xenstore
+
+    given_up = threading.Event()
+    dispatched = threading.Event()
+    real_dispatch = xenstore._dispatch
+
+    def dispatch(router: Any, packet: Any) -> None:
+        start = packet.op == Op.TRANSACTION_START
+        if start:
+            assert given_up.wait(TIMEOUT)
+            if refused:
+                packet = packet._replace(op=Op.ERROR, payload=b"EAGAIN\0")
+        real_dispatch(router, packet)
+        if start:
+            dispatched.set()
+
+    monkeypatch.setattr(xenstore, "_dispatch", dispatch)
+    real_get = xenstore._Reply.get
+
+    def get(reply: Any) -> Any:
+        monkeypatch.setattr(xenstore._Reply, "get", real_get)
+        raise KeyboardInterrupt  # as the first wait for a reply begins
+
+    monkeypatch.setattr(xenstore._Reply, "get", get)
+    return given_up, dispatched
+
+
+def test_a_transaction_start_given_up_and_refused_sends_nothing_more(
+        host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, but XenStore refuses the start (EAGAIN): no transaction
+    began, so the router has nothing to end, and sends no END for a
+    transaction 0 that is nobody's."""
+    given_up, dispatched = _start_given_up(monkeypatch, refused=True)
+    with XenStore(host.dom0.xenstore()) as xs:
+        router = xs._client.router
+        real_send = router.send
+        ops: list[int] = []
+
+        def send(packet: Any, rvar: Any = None) -> Any:
+            ops.append(packet.op)
+            return real_send(packet, rvar)
+
+        monkeypatch.setattr(router, "send", send)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                xs.transaction(lambda t: t.write("/test/tx", "x"))
+        finally:
+            given_up.set()
+        assert dispatched.wait(TIMEOUT), "the router did not get past the start's reply"
+        assert ops == [Op.TRANSACTION_START], ops
+        assert xs.read("/test/tx") is None
+
+
+def test_a_given_up_start_whose_end_cannot_be_sent_keeps_the_connection(
+        host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router ends a transaction whose start was given up; if that
+    END cannot be sent, the failure stays the router's to log: raised on
+    the router thread, it would end the connection for everybody."""
+    given_up, dispatched = _start_given_up(monkeypatch)
+    with XenStore(host.dom0.xenstore()) as xs:
+        router = xs._client.router
+        real_send = router.send
+
+        def send(packet: Any, rvar: Any = None) -> Any:
+            if packet.op == Op.TRANSACTION_END:
+                raise pyxs.PyXSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+            return real_send(packet, rvar)
+
+        monkeypatch.setattr(router, "send", send)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                xs.transaction(lambda t: t.write("/test/tx", "x"))
+        finally:
+            given_up.set()
+        assert dispatched.wait(TIMEOUT), "the router did not get past the start's reply"
+        assert xs.read("/local/domain/0/name") == "Domain-0"
+        assert not xs.connection_lost.is_set()
 
 
 def test_a_commit_interrupted_as_its_reply_is_handed_over_waits_for_it(
@@ -3021,6 +3245,46 @@ def test_an_event_of_a_token_never_watched_leaves_no_subscription(tmp_path) -> N
     finally:
         xs.close()
         server.join(TIMEOUT)
+
+
+def test_an_event_path_that_is_no_utf8_silences_no_watch(tmp_path) -> None:
+    """The watch thread decodes each event's path leniently, as read()
+    does a value: one it could not decode would end the thread, and with
+    it every watch of the connection."""
+    from tests.sim.hosthelpers import serve_one_client
+
+    path = str(tmp_path / "xenstored")
+    hang_up = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        header = conn.recv(16, socket.MSG_WAITALL)
+        _op, rq_id, tx_id, size = struct.unpack("<4I", header)
+        conn.recv(size, socket.MSG_WAITALL)  # the WATCH of token xb0
+        conn.sendall(_packet(Op.WATCH, rq_id, tx_id, b"OK\0")
+                     + _packet(Op.WATCH_EVENT, 0, 0, b"/w/\xff\0xb0\0")
+                     + _packet(Op.WATCH_EVENT, 0, 0, b"/w\0xb0\0"))
+        hang_up.wait(TIMEOUT)
+
+    server = serve_one_client(path, handle)
+    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=lambda _exc: None)
+    xs.open()
+    try:
+        seen: list[str] = []
+        both = threading.Event()
+
+        def changed(event_path: str) -> None:
+            seen.append(event_path)
+            if len(seen) == 2:
+                both.set()
+
+        xs.watch("/w", changed)
+        assert both.wait(TIMEOUT), seen
+        assert seen == ["/w/\ufffd", "/w"]
+    finally:
+        hang_up.set()
+        server.join(TIMEOUT)
+        assert xs.connection_lost.wait(TIMEOUT)  # so close() asks nothing more
+        xs.close()
 
 
 def test_a_watch_removed_leaves_no_subscription(dom0_xs) -> None:
