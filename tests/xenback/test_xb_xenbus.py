@@ -121,7 +121,9 @@ def test_state_values_and_parsing() -> None:
     assert S.parse(None) is S.UNKNOWN
     assert S.parse("4") is S.CONNECTED
     assert S.parse(" 4\n") is S.CONNECTED  # as Linux's "%d" reads it
-    for bad in ("", "9", "-1", "4x", "connected"):
+    # Other scripts' digits too: int() takes them, and a frontend writing
+    # "\u0664" (Arabic-Indic four) must not be read as Connected.
+    for bad in ("", "9", "-1", "4x", "connected", "\u0664", "\uff14"):
         with pytest.raises(ValueError, match="invalid xenbus state"):
             S.parse(bad)
 
