@@ -740,6 +740,21 @@ def test_an_errno_given_negative_as_in_the_kernel_is_written_positive(
     assert error_node(dom0_xs, dev) == "5 broken"
 
 
+def test_a_long_error_message_is_cut_to_what_the_error_node_holds(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """XenStore takes at most 4096 bytes a value: a driver's message (that
+    may quote what the frontend wrote) past that would have its error node
+    refused.  The line is cut to 1024 characters, and written."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    assert bdev.error(errno.EINVAL, "x" * 5000) is True
+    assert error_node(dom0_xs, dev) == ("22 " + "x" * 5000)[:1024]
+    bdev.queue(bdev.fatal, errno.EIO, "y" * 5000)
+    fe.wait_backend(S.CLOSING)
+    assert error_node(dom0_xs, dev) == ("5 " + "y" * 5000)[:1024]
+    assert not [r for r in caplog.records if "could not write" in r.getMessage()]
+
+
 def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom0_xs,
                                                    caplog) -> None:
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
