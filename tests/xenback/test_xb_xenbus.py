@@ -31,6 +31,7 @@ from tests.xenback.xbhelpers import (
     backend_device,
     connected,
     error_node,
+    fails_once,
     handed_over,
     leaked_threads,
 )
@@ -350,6 +351,63 @@ def test_releasing_what_the_framework_released_already(host, driver, frontends) 
         assert len(other.buffer) == 4096
     fe.close()
     census.check()
+
+
+def _closes_without_error(dom0_xs, driver, guest, dev, fe) -> None:
+    """The frontend closes ``dev``: the backend follows to Closed, and
+    writes no error node (a failed release is the driver's, not the
+    frontend's, and the device goes on closing)."""
+    fe.set_state(S.CLOSING)
+    fe.wait_backend(S.CLOSING)
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+    assert error_node(dom0_xs, dev) is None
+    assert backend_device(driver, guest.domid).resources == (0, 0)
+
+
+def test_a_port_unbound_behind_the_device_s_back_does_not_stop_its_release(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """A driver that unbinds a port through the dispatcher, not
+    unbind_evtchn(): the release after disconnect() meets KeyError, says
+    so, and releases the rest, the device closing as ever."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    (port,) = driver.events.ports
+    driver.events.unbind(port)
+    _closes_without_error(dom0_xs, driver, guest, dev, fe)
+    (unbind,) = [r for r in caplog.records if r.msg == "%s: unbinding port %d failed"]
+    assert unbind.args == (bdev.nodename, port)
+    fe.close()
+
+
+def test_a_mapping_that_fails_to_unmap_does_not_stop_the_release(
+        host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
+    """The grant handle refuses an unmap (EIO): said, with its traceback,
+    and the device closes as ever, rather than the OSError escaping the
+    release into the frontend's Closing, failing the device."""
+    guest, dev, fe = connected(host, frontends)
+    mapping = backend_device(driver, guest.domid).driver_data
+    real = type(mapping).unmap
+    monkeypatch.setattr(type(mapping), "unmap", fails_once(
+        real, OSError(errno.EIO, "unmap refused"), after=True))
+    _closes_without_error(dom0_xs, driver, guest, dev, fe)
+    (unmap,) = [r for r in caplog.records if r.msg == "%s: unmapping %s failed"]
+    assert unmap.args[1] is mapping and unmap.exc_info is not None  # type: ignore[index]
+    fe.close()
+
+
+def test_an_os_error_without_an_errno_fails_the_device_as_eio(
+        host, driver, frontends, dom0_xs) -> None:
+    """OSError("text") has no errno: the error node says EIO and the
+    exception, as for any other exception, not a number it does not have."""
+    def hook(_dev) -> None:
+        raise OSError("no errno here")
+
+    driver.connect_hook = hook
+    guest, dev, fe = _at_init_wait(host, frontends, "bad")
+    fe.publish()
+    fe.wait_backend(S.CLOSING)
+    assert error_node(dom0_xs, dev) == "5 connecting: OSError: no errno here"
 
 
 def test_a_removed_device_takes_no_new_resources(host, driver, frontends) -> None:
@@ -2144,10 +2202,10 @@ def test_any_other_driver_exception_is_reported_as_eio(host, driver, frontends, 
     census.check()
 
 
-@pytest.mark.parametrize("online", ["0", None])
+@pytest.mark.parametrize("online", ["0", None, "yes"])
 def test_frontend_closed_while_offline_drops_the_device(
         host, driver, frontends, dom0_xs, online) -> None:
-    """``online`` = 0 (or missing, as xenbus_dev_is_online() reads it) and
+    """``online`` = 0 (or missing or garbled, as xenbus_dev_is_online() reads it) and
     the frontend closes: Closed is written and the device dropped, though
     the toolstack has not deleted its directory."""
     census = Census(host, driver)
@@ -2167,6 +2225,22 @@ def test_frontend_closed_while_offline_drops_the_device(
     assert error_node(dom0_xs, dev) is None
     fe.close()
     census.check()
+
+
+def test_a_removal_with_a_garbled_frontend_state_is_answered_at_once(
+        host, driver, frontends, dom0_xs) -> None:
+    """The frontend writes a state that is none (the device fails for it,
+    Closing) and the toolstack removes the device: a frontend whose state
+    is garbage will never say Closed, so it reads as Unknown, and Closed
+    is written at once rather than after libxl's timeout."""
+    guest, dev, fe = connected(host, frontends)
+    fe.set_state("connected")
+    fe.wait_backend(S.CLOSING)
+    assert error_node(dom0_xs, dev) == "22 frontend invalid xenbus state 'connected'"
+    assert host.toolstack.remove_device(dev, timeout=TIMEOUT) is True
+    driver.wait_removed(guest.domid)
+    assert driver.devices() == []
+    fe.close()
 
 
 def test_start_twice_is_refused(driver) -> None:
