@@ -1762,6 +1762,23 @@ def test_the_error_node_goes_with_the_device(host, driver, frontends, dom0_xs) -
     assert error_node(dom0_xs, again) == f"{errno.EINVAL} frontend invalid xenbus state '9'"
 
 
+def test_forgetting_an_error_node_checks_the_device_again_in_its_transaction(
+        host, driver, frontends, dom0_xs) -> None:
+    """_forget_error() runs on what a listing or a read showed a moment
+    before: the device may have been made again (or not deleted) since.
+    Its transaction looks again, and an error node whose device is there
+    (the failed one itself, Closing) is kept, asked as deleted or as made
+    again alike."""
+    guest, dev, fe = _at_init_wait(host, frontends)
+    fe.set_state("9")
+    fe.wait_backend(S.CLOSING)
+    said = f"{errno.EINVAL} frontend invalid xenbus state '9'"
+    assert error_node(dom0_xs, dev) == said
+    for made_again in (False, True):
+        driver._forget_error(str(guest.domid), "0", made_again=made_again)
+        assert error_node(dom0_xs, dev) == said
+
+
 def test_a_taken_over_device_re_created_at_the_same_path_is_served(
         host, frontends, dom0_xs) -> None:
     """A device taken over at InitWait has not written its state itself,
