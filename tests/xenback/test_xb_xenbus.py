@@ -4544,6 +4544,45 @@ def test_a_device_dropped_for_its_frontend_on_a_node_taken_says_the_taking_once(
         assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
 
 
+def test_a_fatal_wrapped_to_return_none_is_no_drop(
+        host, driver, frontends, dom0_xs, monkeypatch) -> None:
+    """fatal() wrapped (by a driver, or a tracer) so that it returns None
+    reported all the same: the device stays, Closing, for its frontend to
+    start again; only False (nothing reported: the directory not ours)
+    drops it."""
+    real = xenbus.BackendDevice.fatal
+
+    def wrapped(self, err: int, message: str) -> None:
+        real(self, err, message)
+
+    monkeypatch.setattr(xenbus.BackendDevice, "fatal", wrapped)
+
+    def hook(_dev) -> None:
+        raise ValueError("no ring for you")
+
+    driver.connect_hook = hook
+    guest, dev, fe = _at_init_wait(host, frontends, "bad")
+    bdev = backend_device(driver, guest.domid)
+    fe.publish()
+    fe.wait_backend(S.CLOSING)
+    bdev.events.flush()
+    assert not bdev.gone and driver.devices() == [bdev]
+    assert error_node(dom0_xs, dev) == "22 connecting: no ring for you"
+
+
+def test_a_connect_again_first_undoes_the_one_before(host, driver, frontends) -> None:
+    """_connect() on a device still connected (its Connected refused, say:
+    the frontend then publishes again) disconnects first: connect() is
+    never called twice without a disconnect() between, and nothing the
+    first held is held twice."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    assert bdev.queue(driver._connect, bdev)
+    bdev.events.flush()
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "connect"]
+    assert bdev.resources == (1, 1)
+
+
 def test_a_connect_that_reports_its_own_failure_and_returns_is_not_connected(
         host, driver, frontends, dom0_xs) -> None:
     """A driver's connect() that says its failure itself, as Linux's
