@@ -31,6 +31,7 @@ from tests.xenback.xbhelpers import (
     backend_device,
     connected,
     error_node,
+    fails_once,
     handed_over,
     leaked_threads,
 )
@@ -121,7 +122,9 @@ def test_state_values_and_parsing() -> None:
     assert S.parse(None) is S.UNKNOWN
     assert S.parse("4") is S.CONNECTED
     assert S.parse(" 4\n") is S.CONNECTED  # as Linux's "%d" reads it
-    for bad in ("", "9", "-1", "4x", "connected"):
+    # Other scripts' digits too: int() takes them, and a frontend writing
+    # "\u0664" (Arabic-Indic four) must not be read as Connected.
+    for bad in ("", "9", "-1", "4x", "connected", "\u0664", "\uff14"):
         with pytest.raises(ValueError, match="invalid xenbus state"):
             S.parse(bad)
 
@@ -348,6 +351,63 @@ def test_releasing_what_the_framework_released_already(host, driver, frontends) 
         assert len(other.buffer) == 4096
     fe.close()
     census.check()
+
+
+def _closes_without_error(dom0_xs, driver, guest, dev, fe) -> None:
+    """The frontend closes ``dev``: the backend follows to Closed, and
+    writes no error node (a failed release is the driver's, not the
+    frontend's, and the device goes on closing)."""
+    fe.set_state(S.CLOSING)
+    fe.wait_backend(S.CLOSING)
+    fe.set_state(S.CLOSED)
+    fe.wait_backend(S.CLOSED)
+    assert error_node(dom0_xs, dev) is None
+    assert backend_device(driver, guest.domid).resources == (0, 0)
+
+
+def test_a_port_unbound_behind_the_device_s_back_does_not_stop_its_release(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """A driver that unbinds a port through the dispatcher, not
+    unbind_evtchn(): the release after disconnect() meets KeyError, says
+    so, and releases the rest, the device closing as ever."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    (port,) = driver.events.ports
+    driver.events.unbind(port)
+    _closes_without_error(dom0_xs, driver, guest, dev, fe)
+    (unbind,) = [r for r in caplog.records if r.msg == "%s: unbinding port %d failed"]
+    assert unbind.args == (bdev.nodename, port)
+    fe.close()
+
+
+def test_a_mapping_that_fails_to_unmap_does_not_stop_the_release(
+        host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
+    """The grant handle refuses an unmap (EIO): said, with its traceback,
+    and the device closes as ever, rather than the OSError escaping the
+    release into the frontend's Closing, failing the device."""
+    guest, dev, fe = connected(host, frontends)
+    mapping = backend_device(driver, guest.domid).driver_data
+    real = type(mapping).unmap
+    monkeypatch.setattr(type(mapping), "unmap", fails_once(
+        real, OSError(errno.EIO, "unmap refused"), after=True))
+    _closes_without_error(dom0_xs, driver, guest, dev, fe)
+    (unmap,) = [r for r in caplog.records if r.msg == "%s: unmapping %s failed"]
+    assert unmap.args[1] is mapping and unmap.exc_info is not None  # type: ignore[index]
+    fe.close()
+
+
+def test_an_os_error_without_an_errno_fails_the_device_as_eio(
+        host, driver, frontends, dom0_xs) -> None:
+    """OSError("text") has no errno: the error node says EIO and the
+    exception, as for any other exception, not a number it does not have."""
+    def hook(_dev) -> None:
+        raise OSError("no errno here")
+
+    driver.connect_hook = hook
+    guest, dev, fe = _at_init_wait(host, frontends, "bad")
+    fe.publish()
+    fe.wait_backend(S.CLOSING)
+    assert error_node(dom0_xs, dev) == "5 connecting: OSError: no errno here"
 
 
 def test_a_removed_device_takes_no_new_resources(host, driver, frontends) -> None:
@@ -736,6 +796,21 @@ def test_an_errno_given_negative_as_in_the_kernel_is_written_positive(
     bdev.queue(bdev.fatal, -errno.EIO, "broken")
     fe.wait_backend(S.CLOSING)
     assert error_node(dom0_xs, dev) == "5 broken"
+
+
+def test_a_long_error_message_is_cut_to_what_the_error_node_holds(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """XenStore takes at most 4096 bytes a value: a driver's message (that
+    may quote what the frontend wrote) past that would have its error node
+    refused.  The line is cut to 1024 characters, and written."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    assert bdev.error(errno.EINVAL, "x" * 5000) is True
+    assert error_node(dom0_xs, dev) == ("22 " + "x" * 5000)[:1024]
+    bdev.queue(bdev.fatal, errno.EIO, "y" * 5000)
+    fe.wait_backend(S.CLOSING)
+    assert error_node(dom0_xs, dev) == ("5 " + "y" * 5000)[:1024]
+    assert not [r for r in caplog.records if "could not write" in r.getMessage()]
 
 
 def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom0_xs,
@@ -1687,6 +1762,23 @@ def test_the_error_node_goes_with_the_device(host, driver, frontends, dom0_xs) -
     assert error_node(dom0_xs, again) == f"{errno.EINVAL} frontend invalid xenbus state '9'"
 
 
+def test_forgetting_an_error_node_checks_the_device_again_in_its_transaction(
+        host, driver, frontends, dom0_xs) -> None:
+    """_forget_error() runs on what a listing or a read showed a moment
+    before: the device may have been made again (or not deleted) since.
+    Its transaction looks again, and an error node whose device is there
+    (the failed one itself, Closing) is kept, asked as deleted or as made
+    again alike."""
+    guest, dev, fe = _at_init_wait(host, frontends)
+    fe.set_state("9")
+    fe.wait_backend(S.CLOSING)
+    said = f"{errno.EINVAL} frontend invalid xenbus state '9'"
+    assert error_node(dom0_xs, dev) == said
+    for made_again in (False, True):
+        driver._forget_error(str(guest.domid), "0", made_again=made_again)
+        assert error_node(dom0_xs, dev) == said
+
+
 def test_a_taken_over_device_re_created_at_the_same_path_is_served(
         host, frontends, dom0_xs) -> None:
     """A device taken over at InitWait has not written its state itself,
@@ -2127,10 +2219,10 @@ def test_any_other_driver_exception_is_reported_as_eio(host, driver, frontends, 
     census.check()
 
 
-@pytest.mark.parametrize("online", ["0", None])
+@pytest.mark.parametrize("online", ["0", None, "yes"])
 def test_frontend_closed_while_offline_drops_the_device(
         host, driver, frontends, dom0_xs, online) -> None:
-    """``online`` = 0 (or missing, as xenbus_dev_is_online() reads it) and
+    """``online`` = 0 (or missing or garbled, as xenbus_dev_is_online() reads it) and
     the frontend closes: Closed is written and the device dropped, though
     the toolstack has not deleted its directory."""
     census = Census(host, driver)
@@ -2150,6 +2242,22 @@ def test_frontend_closed_while_offline_drops_the_device(
     assert error_node(dom0_xs, dev) is None
     fe.close()
     census.check()
+
+
+def test_a_removal_with_a_garbled_frontend_state_is_answered_at_once(
+        host, driver, frontends, dom0_xs) -> None:
+    """The frontend writes a state that is none (the device fails for it,
+    Closing) and the toolstack removes the device: a frontend whose state
+    is garbage will never say Closed, so it reads as Unknown, and Closed
+    is written at once rather than after libxl's timeout."""
+    guest, dev, fe = connected(host, frontends)
+    fe.set_state("connected")
+    fe.wait_backend(S.CLOSING)
+    assert error_node(dom0_xs, dev) == "22 frontend invalid xenbus state 'connected'"
+    assert host.toolstack.remove_device(dev, timeout=TIMEOUT) is True
+    driver.wait_removed(guest.domid)
+    assert driver.devices() == []
+    fe.close()
 
 
 def test_start_twice_is_refused(driver) -> None:
@@ -4434,6 +4542,45 @@ def test_a_device_dropped_for_its_frontend_on_a_node_taken_says_the_taking_once(
         _taking_warned_once(caplog, taken)
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
         assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CONNECTED))
+
+
+def test_a_fatal_wrapped_to_return_none_is_no_drop(
+        host, driver, frontends, dom0_xs, monkeypatch) -> None:
+    """fatal() wrapped (by a driver, or a tracer) so that it returns None
+    reported all the same: the device stays, Closing, for its frontend to
+    start again; only False (nothing reported: the directory not ours)
+    drops it."""
+    real = xenbus.BackendDevice.fatal
+
+    def wrapped(self, err: int, message: str) -> None:
+        real(self, err, message)
+
+    monkeypatch.setattr(xenbus.BackendDevice, "fatal", wrapped)
+
+    def hook(_dev) -> None:
+        raise ValueError("no ring for you")
+
+    driver.connect_hook = hook
+    guest, dev, fe = _at_init_wait(host, frontends, "bad")
+    bdev = backend_device(driver, guest.domid)
+    fe.publish()
+    fe.wait_backend(S.CLOSING)
+    bdev.events.flush()
+    assert not bdev.gone and driver.devices() == [bdev]
+    assert error_node(dom0_xs, dev) == "22 connecting: no ring for you"
+
+
+def test_a_connect_again_first_undoes_the_one_before(host, driver, frontends) -> None:
+    """_connect() on a device still connected (its Connected refused, say:
+    the frontend then publishes again) disconnects first: connect() is
+    never called twice without a disconnect() between, and nothing the
+    first held is held twice."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    assert bdev.queue(driver._connect, bdev)
+    bdev.events.flush()
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "connect"]
+    assert bdev.resources == (1, 1)
 
 
 def test_a_connect_that_reports_its_own_failure_and_returns_is_not_connected(
