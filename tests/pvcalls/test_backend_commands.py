@@ -1299,6 +1299,36 @@ def test_an_accept_cancelled_by_a_release_gives_its_id_new_back_before_its_answe
     assert held[_wire.PVCALLS_ACCEPT] == before
 
 
+@pytest.mark.parametrize("raised", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("released", ["listener", "id_new"])
+def test_an_accept_cancelled_by_a_release_is_answered_though_its_id_new_teardown_raised(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        released: str, raised: type[BaseException]) -> None:
+    """The teardown of the id_new raising (a bug of ours, or an interrupt)
+    still answers the ACCEPT -EINTR, before the RELEASE (-EIO for a bug;
+    an interrupt leaves the RELEASE unanswered): the guest must not wait
+    for it for ever."""
+    listener, _ = _listener(raw, backend)
+    id_new = raw.new_id()
+    teardown = ActiveSocket.teardown
+
+    def raising_teardown(self: ActiveSocket, *, from_work: bool = False) -> Request | None:
+        teardown(self, from_work=from_work)
+        if self.id == id_new:
+            raise raised("in the teardown")
+        return None
+
+    accept = raw.push_accept(listener, id_new, raw.new_ring())
+    wait_until(lambda: id_new in {row.id for row in backend.stats().sockets})
+    monkeypatch.setattr(ActiveSocket, "teardown", raising_teardown)
+    release = raw.push_release(listener if released == "listener" else id_new)
+    assert raw.response(accept).ret == EINTR
+    if raised is RuntimeError:
+        assert raw.response(release).ret == EIO
+        assert raw.arrived[-2:] == [accept, release]
+    assert raw.unexpected == []
+
+
 def test_release_of_accept_id_new_answers_the_accept(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     listener, address = _listener(raw, backend)
