@@ -1097,9 +1097,13 @@ class _Frontend:
             waiting = entry.teardown()
             if waiting is not None:
                 waiting_request, new = waiting
-                if new is not None:
-                    self.accept_failed(new)
-                self.respond(waiting_request, -_errno.EINTR)
+                try:
+                    if new is not None:
+                        self.accept_failed(new)
+                finally:
+                    # As for a RELEASE of the id_new: answered whatever its
+                    # teardown raised, or the guest waits for ever.
+                    self.respond(waiting_request, -_errno.EINTR)
         return 0
 
     def _cancel_accept(self, parent: PassiveSocket, new: ActiveSocket) -> Request | None:

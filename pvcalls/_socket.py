@@ -834,6 +834,7 @@ class ActiveSocket(Work):
             # finds it still to be answered.
             self._watch_write_space(host, False)
             with self._lock:
+                # Always CONNECTING today (teardown waits for us): kept against a future caller.
                 if self.state is not SockState.CONNECTING:
                     return False
                 self.state = SockState.CONNECTED
@@ -1125,7 +1126,7 @@ class PassiveSocket(Work):
             logger.debug("%r: accept failed: %s", self, exc)
             self.frontend.accept_failed(new)
             return -_errno.from_oserror(exc)
-        if not self._take(request):
+        if not self._take(request):  # never today: see _take
             conn.close()
             return None
         try:
@@ -1172,6 +1173,7 @@ class PassiveSocket(Work):
 
     def _take(self, request: Request) -> bool:
         with self._lock:
+            # Never false today (whoever else takes `waiting` waits for us): kept for later callers.
             if self.waiting is None or self.waiting[0] is not request:
                 return False
             self.waiting = None

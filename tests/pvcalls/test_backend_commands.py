@@ -1299,6 +1299,36 @@ def test_an_accept_cancelled_by_a_release_gives_its_id_new_back_before_its_answe
     assert held[_wire.PVCALLS_ACCEPT] == before
 
 
+@pytest.mark.parametrize("raised", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("released", ["listener", "id_new"])
+def test_an_accept_cancelled_by_a_release_is_answered_though_its_id_new_teardown_raised(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        released: str, raised: type[BaseException]) -> None:
+    """The teardown of the id_new raising (a bug of ours, or an interrupt)
+    still answers the ACCEPT -EINTR, before the RELEASE (-EIO for a bug;
+    an interrupt leaves the RELEASE unanswered): the guest must not wait
+    for it for ever."""
+    listener, _ = _listener(raw, backend)
+    id_new = raw.new_id()
+    teardown = ActiveSocket.teardown
+
+    def raising_teardown(self: ActiveSocket, *, from_work: bool = False) -> Request | None:
+        teardown(self, from_work=from_work)
+        if self.id == id_new:
+            raise raised("in the teardown")
+        return None
+
+    accept = raw.push_accept(listener, id_new, raw.new_ring())
+    wait_until(lambda: id_new in {row.id for row in backend.stats().sockets})
+    monkeypatch.setattr(ActiveSocket, "teardown", raising_teardown)
+    release = raw.push_release(listener if released == "listener" else id_new)
+    assert raw.response(accept).ret == EINTR
+    if raised is RuntimeError:
+        assert raw.response(release).ret == EIO
+        assert raw.arrived[-2:] == [accept, release]
+    assert raw.unexpected == []
+
+
 def test_release_of_accept_id_new_answers_the_accept(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     listener, address = _listener(raw, backend)
@@ -1882,29 +1912,42 @@ def write_space_watches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool
     return changes
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
 def test_write_space_is_watched_only_while_a_send_is_blocked(
         raw: RawFrontend, backend: pvcalls.Backend, sends_blocked: threading.Event,
-        write_space_watches: list[tuple[int, bool]]) -> None:
+        write_space_watches: list[tuple[int, bool]], wrapped: bool) -> None:
     """EPOLLOUT is added when a send meets a full send buffer, and dropped
     once the Work has sent all the out ring held: left on, every ACK of
-    the peer would wake the Work for nothing."""
+    the peer would wake the Work for nothing.  Also when what it held
+    wraps around the ring's end (two pieces, both sent)."""
     with socket.create_server(("127.0.0.1", 0)) as server:
-        sock_id, ring = raw.connect_socket(server.getsockname())
+        sock_id, ring = raw.connect_socket(server.getsockname(), order=1)
         peer, _ = server.accept()
     sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
     assert isinstance(sock, ActiveSocket) and sock.host is not None
     fd = sock.host.fileno()
+    peer.settimeout(TIMEOUT)
+    start = ring.size - 4 if wrapped else 0  # 4 bytes before the end, 13 after
+    if start:
+        assert ring.write(b"x" * start) == start
+        got = b""
+        while len(got) < start:
+            got += peer.recv(start)
+        wait_until(lambda: ring.get(_wire.OUT_CONS_OFFSET) == start)
     sends_blocked.set()
     ring.write(b"blocked ")
     wait_until(lambda: write_space_watches == [(fd, True)])
+    # Written while blocked too: whichever run comes after the clear
+    # (the notification's below, or an earlier one late) sends all 17
+    # bytes at once, in two pieces when wrapped.
+    ring.write(b"then sent")
     sends_blocked.clear()
-    ring.write(b"then sent")  # its notification runs the Work
-    peer.settimeout(TIMEOUT)
+    raw.evtchn.notify(ring.port)
     got = b""
     while len(got) < 17:
         got += peer.recv(64)
     assert got == b"blocked then sent"
-    wait_until(lambda: ring.get(_wire.OUT_CONS_OFFSET) == 17)
+    wait_until(lambda: ring.get(_wire.OUT_CONS_OFFSET) == start + 17)
     sock.flush()
     assert write_space_watches == [(fd, True), (fd, False)]
     peer.close()
