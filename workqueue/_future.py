@@ -197,7 +197,8 @@ class _Settled:
         pass
 
     def wait(self, timeout: float | None = None) -> bool:
-        raise RuntimeError("waiting on the condition of a future that is done: nothing will notify it")
+        raise RuntimeError("waiting on the condition of a future that is done: "
+                           "nothing will notify it")
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
         # As Condition.wait_for: what holds already is no reason to wait.
@@ -619,7 +620,8 @@ class CallWork(Work):
     __slots__ = ("future",)
     _is_call = True
 
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> None:
         Work.__init__(self, _run_call)
         self.future = LeanFuture(fn, args, kwargs, self)
 

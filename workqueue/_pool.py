@@ -226,7 +226,8 @@ def check_timeout(timeout: float | None) -> float | None:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+        raise TypeError("timeout must be a number of seconds or None, "
+                        f"not {type(timeout).__name__}")
     if not timeout >= 0:
         raise ValueError(f"timeout must be 0 or more seconds, or None; got {shown(timeout)}")
     return None if timeout > threading.TIMEOUT_MAX else float(timeout)

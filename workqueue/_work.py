@@ -274,7 +274,8 @@ class Work:
         """Refuse to wait for ourselves (engine lock held)."""
         worker = current_worker()
         if worker is not None and self._worker is worker:
-            raise RuntimeError(f"{what}() of {work_name(self)} from its own function would deadlock")
+            raise RuntimeError(f"{what}() of {work_name(self)} from its own function "
+                               "would deadlock")
 
     def cancel(self) -> bool:
         """Remove the item if pending (cancel_work); True if it was pending.

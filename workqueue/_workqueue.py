@@ -84,7 +84,8 @@ _STATE_NAMES = ("running", "draining", "being destroyed", "destroyed")
 _default_topology: Topology | None = None
 _default_topology_lock = threading.Lock()  # guards the creation of _default_topology
 if hasattr(os, "register_at_fork"):  # a thread of the parent may hold it at a fork
-    os.register_at_fork(after_in_child=_default_topology_lock._at_fork_reinit)  # type: ignore[attr-defined]
+    os.register_at_fork(
+        after_in_child=_default_topology_lock._at_fork_reinit)  # type: ignore[attr-defined]
 
 
 def default_topology() -> Topology:
@@ -122,7 +123,8 @@ def _check_work(work: object, kind: type[Work] = Work) -> None:
         hint = ""
         if callable(work) and not isinstance(work, type):
             # What a concurrent.futures user passes first.
-            hint = f": make it a {kind.__name__}(func), which calls func(work), or submit() the call"
+            hint = (f": make it a {kind.__name__}(func), which calls func(work), "
+                    "or submit() the call")
         raise TypeError(f"expected a {kind.__name__}, not {type(work).__name__}{hint}")
 
 
@@ -554,7 +556,8 @@ class Workqueue(Executor):
     def _check_not_own_item(self, what: str) -> None:
         if self._is_chained():
             raise RuntimeError(
-                f"{what}() of workqueue {self.name!r} from one of its own work items would deadlock")
+                f"{what}() of workqueue {self.name!r} from one of its own work items "
+                "would deadlock")
 
     def flush(self, *, timeout: float | None = None) -> None:
         """Wait for every item queued before the call (flush_workqueue).
