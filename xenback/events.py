@@ -698,8 +698,9 @@ class EventDispatcher(Closing):
             # Logged as the failure it is, with the back-off it sets off.
             raise OSError(errno.EFBIG, "the event channel handle overflowed again before its "
                           "queue was found empty since its reset: reset again") from overflow
-        self._breakdowns.log(logger, logging.WARNING,
-                             "event channel handle overflowed: reset; every port is handed out again")
+        self._breakdowns.log(
+            logger, logging.WARNING,
+            "event channel handle overflowed: reset; every port is handed out again")
         return True
 
     def _dispatch_port(self, port: int) -> None:

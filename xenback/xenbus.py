@@ -2120,7 +2120,8 @@ class BackendDriver:
             return
         if dev._otherend_watch is not None:
             try:
-                fstate = XenbusState.parse(self._otherend_state(dev)) if dev.otherend else XenbusState.UNKNOWN
+                fstate = (XenbusState.parse(self._otherend_state(dev)) if dev.otherend
+                          else XenbusState.UNKNOWN)
             except ValueError:
                 fstate = XenbusState.UNKNOWN
             if fstate not in (XenbusState.UNKNOWN, XenbusState.INITIALISING, XenbusState.CLOSED):

@@ -1246,7 +1246,8 @@ class XenStore(_Ops, Closing):
 
     # Transactions.
 
-    def transaction(self, fn: Callable[[Transaction], T], *, attempts: int = TRANSACTION_ATTEMPTS) -> T:
+    def transaction(self, fn: Callable[[Transaction], T], *,
+                    attempts: int = TRANSACTION_ATTEMPTS) -> T:
         """Run ``fn(t)`` inside a transaction and commit it, re-running
         ``fn`` from scratch while the commit fails with EAGAIN (or ``fn``
         raises an :class:`OSError` EAGAIN, as a request inside a

@@ -85,15 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     cannot create a ``--domain`` or cannot write to stdout, 2 for a bad
     option)."""
     parser = argparse.ArgumentParser(
-        prog="xenback-sim", description="Run a simulated Xen host (XenStore, grants, event channels)."
+        prog="xenback-sim",
+        description="Run a simulated Xen host (XenStore, grants, event channels)."
     )
-    parser.add_argument("--run-dir", required=True, type=run_dir_argument, help="directory for the sockets")
+    parser.add_argument(
+        "--run-dir", required=True, type=run_dir_argument, help="directory for the sockets"
+    )
     parser.add_argument(
         "--domain", action="append", default=[], type=_domain_name, metavar="NAME",
         help="create a guest domain called NAME (repeat for more guests)"
     )
     parser.add_argument(
-        "-w", "--timeout", action="append", default=[], type=_timeout, metavar="watch-event=SECONDS",
+        "-w", "--timeout", action="append", default=[], type=_timeout,
+        metavar="watch-event=SECONDS",
         help=f"drop a watch event for a guest left unsent this long (default "
              f"{WATCH_EVENT_TIMEOUT:g}; 0: never), as cxenstored's option"
     )

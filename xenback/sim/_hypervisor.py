@@ -2,9 +2,10 @@
 
 One service thread owns all state.  Each domain has a listening socket,
 ``<run_dir>/domains/<domid>/hypervisor`` (next to its XenStore socket);
-whatever connects there acts as that domain (see :mod:`xenback.sim._proto`).  Every request is validated against the
-state before anything changes, so a hostile or buggy domain gets an errno
-back and never disturbs the service or other domains.
+whatever connects there acts as that domain (see :mod:`xenback.sim._proto`).
+Every request is validated against the state before anything changes, so a
+hostile or buggy domain gets an errno back and never disturbs the service or
+other domains.
 
 Grants.  A share allocates a sealed memfd (it can neither shrink nor grow,
 so a mapper never meets SIGBUS), returns it to the granter and enters one
@@ -650,13 +651,16 @@ class Hypervisor:
             close_fds(fds)
             # Cut: a message may quote the request, which may be as long
             # as a message, and the reply must fit in one.
-            self._send(conn, _reply_to(request_id, {"errno": e.errno, "error": str(e)[:_ERROR_TEXT_MAX]}))
+            self._send(conn, _reply_to(request_id,
+                                       {"errno": e.errno, "error": str(e)[:_ERROR_TEXT_MAX]}))
             return
         except OSError as e:
             close_fds(fds)
             if e.errno not in _OUT_OF_FDS:
-                logger.exception("hypervisor: request %r from domain %d failed", op, conn.domain.domid)
-                self._send(conn, _reply_to(request_id, {"errno": errno.EIO, "error": "internal error"}))
+                logger.exception("hypervisor: request %r from domain %d failed",
+                                 op, conn.domain.domid)
+                self._send(conn, _reply_to(request_id,
+                                           {"errno": errno.EIO, "error": "internal error"}))
                 return
             # What a domain can cause (ports and shares hold descriptors
             # here), not a bug: an errno, as Linux gives for a full table.
@@ -1017,7 +1021,9 @@ class Hypervisor:
             )
         to_remote = _writer(remote)
         if to_remote is None:
-            raise RequestError(errno.EINVAL, f"port {remote_port} of domain {remote_domid} is closing")
+            raise RequestError(
+                errno.EINVAL, f"port {remote_port} of domain {remote_domid} is closing"
+            )
         # Each step may fail (no free port, out of descriptors): undo what
         # the earlier ones made, or the service keeps it for good.
         try:

@@ -187,7 +187,8 @@ def missing_pieces() -> list[str]:
         missing.append(f"library {EVTCHN_LIBRARY} (Debian package libxenevtchn1)")
     for device, what in ((GNTDEV, "grant device"), (EVTCHN_DEVICE, "event channel device")):
         if not device.exists():
-            missing.append(f"{what} {device} (not running on Xen, or xen-gntdev/xen-evtchn not loaded)")
+            missing.append(f"{what} {device} "
+                           "(not running on Xen, or xen-gntdev/xen-evtchn not loaded)")
     sock = xenstored_socket()
     if not sock.exists():
         missing.append(f"xenstored socket {sock} (xenstored not running; set XENSTORED_PATH)")
@@ -480,7 +481,8 @@ class XenGrantTable(_Device):
     def _path(self) -> Path:
         return GNTDEV
 
-    def map_grant_refs(self, domid: int, refs: Sequence[int], *, writable: bool = True) -> XenGrantMapping:
+    def map_grant_refs(self, domid: int, refs: Sequence[int], *,
+                       writable: bool = True) -> XenGrantMapping:
         check_flag("writable", writable)
         # As the simulated host checks them, in its order; plain ints (an
         # int subclass's str() may be its name in a message).
@@ -824,5 +826,6 @@ def open() -> XenPlatform:  # noqa: A001 - the module's verb, like io.open
     except (OSError, ValueError) as exc:
         # The errno kept: a host short of descriptors is no host without Xen.
         code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
-        raise PlatformUnavailable(code, f"cannot read our domid from xenstored at {sock}: {exc}") from exc
+        raise PlatformUnavailable(
+            code, f"cannot read our domid from xenstored at {sock}: {exc}") from exc
     return XenPlatform(domid, sock)
