@@ -212,7 +212,8 @@ def _demo_on(host: Any, args: argparse.Namespace, out: Any) -> int:
                     clients.append(client)
                     ok = ok and same
                     print(f"host client -> guest2 -> host client: {_fmt_bytes(size)} sent, "
-                          f"echoed back {'identical' if same else 'DIFFERENT'}", file=out, flush=True)
+                          f"echoed back {'identical' if same else 'DIFFERENT'}",
+                          file=out, flush=True)
                 # Statistics while every connection is still open.
                 _print_stats(backend.stats(), names, out)
                 for client in clients:
@@ -523,8 +524,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     d = sub.add_parser("demo", parents=[options], help="two guests on an embedded simulated host",
                        description="Run the backend and two guests on an embedded simulated host.")
     s = sub.add_parser("serve", parents=[options], help="serve the guests of a host",
-                       description="Serve every pvcalls device of a host until SIGTERM, SIGINT or SIGHUP.",
-                       epilog=_SERVE_EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description="Serve every pvcalls device of a host until SIGTERM, "
+                                   "SIGINT or SIGHUP.",
+                       epilog=_SERVE_EXIT_STATUSES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--platform", choices=["sim", "xen"], required=True,
                    help="sim: join a xenback-sim host; xen: a real dom0")
     s.add_argument("--run-dir", type=run_dir_argument, help="run directory of the xenback-sim host")

@@ -138,9 +138,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Pipe stdin/stdout through a PV Calls connection of a simulated guest.",
         epilog=_EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--run-dir", required=True, type=run_dir_argument, help="run directory of the xenback-sim host")
+    p.add_argument("--run-dir", required=True, type=run_dir_argument,
+                   help="run directory of the xenback-sim host")
     p.add_argument("--domid", required=True, type=_domid, help="guest domain to act as (not 0)")
-    p.add_argument("-l", "--listen", action="store_true", help="listen on PORT and accept one connection")
+    p.add_argument("-l", "--listen", action="store_true",
+                   help="listen on PORT and accept one connection")
     p.add_argument(
         "-q",
         "--quit-after",

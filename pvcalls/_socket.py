@@ -99,7 +99,8 @@ if TYPE_CHECKING:
     from ._backend import _Frontend
 
 __all__ = [
-    "ActiveSocket", "CommandError", "DataRing", "NewSocket", "PassiveSocket", "Request", "SockState",
+    "ActiveSocket", "CommandError", "DataRing", "NewSocket", "PassiveSocket", "Request",
+    "SockState",
 ]
 
 logger = logging.getLogger(__name__)

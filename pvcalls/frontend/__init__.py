@@ -20,11 +20,11 @@ tested against this class works with real guests:
   non-blocking connect() say: then the next free one, where Linux would
   wait or fail with -EAGAIN);
 * socket ids are unique pointer-sized values, never reused by one frontend;
-* every active socket gets a data ring of ``ring_order`` 4 (``FRONTEND_RING_ORDER``: 16 pages, 32 KiB
-  each way) plus its indexes page, and an event channel of its own (the
-  ``ring_order`` option asks for larger rings, up to the backend's
-  ``max-page-order``: not what Linux does, but allowed by the protocol and
-  fewer notifications per megabyte);
+* every active socket gets a data ring of ``ring_order`` 4
+  (``FRONTEND_RING_ORDER``: 16 pages, 32 KiB each way) plus its indexes page,
+  and an event channel of its own (the ``ring_order`` option asks for larger
+  rings, up to the backend's ``max-page-order``: not what Linux does, but
+  allowed by the protocol and fewer notifications per megabyte);
 * CONNECT and BIND carry ``len`` = 16 (``sizeof(struct sockaddr)``);
 * accept() first sends POLL and waits for a pending connection, then sends
   ACCEPT, as a Linux program calling ``poll()`` then ``accept()`` does; at most

@@ -2020,7 +2020,8 @@ class PVSocket(Closing):
         if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
             raise OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)} (shutdown how={how})")
         ring = self._st.ring
-        if (ring is None and not self._st.listening) or (ring is not None and _connection_error(ring)):
+        if ((ring is None and not self._st.listening)
+                or (ring is not None and _connection_error(ring))):
             raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
         raise OSError(errno.EOPNOTSUPP, "PV Calls has no shutdown; close() releases the socket")
 
