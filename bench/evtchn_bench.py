@@ -372,11 +372,13 @@ def _bench(args: argparse.Namespace, interrupts: benchlib.Interrupts) -> int:
     lines = [
         "# Event channel benchmark",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}; "
         f"{args.rounds} timed round trips (after {WARMUP} warm-up), ping-pong between two "
         "processes, best of 2 interleaved runs.",
         "",
-        "| mechanism | round trips/s (at the median) | median round trip (us) | p99 (us) | vs fastest bare |",
+        "| mechanism | round trips/s (at the median) | median round trip (us) | p99 (us) "
+        "| vs fastest bare |",
         "|---|---:|---:|---:|---:|",
     ]
     for name in ("pipe", "eventfd", "epoll+pipe", "evtchn", "evtchn-wait", "pipe, one CPU"):

@@ -248,7 +248,8 @@ def single_stream(connect: Callable[[], Any], seconds: float) -> float:
     return received / elapsed
 
 
-def streams(socks: list[Any], seconds: float, go: threading.Barrier | None = None) -> tuple[int, float]:
+def streams(socks: list[Any], seconds: float,
+            go: threading.Barrier | None = None) -> tuple[int, float]:
     """Every socket in its own thread: write 64 KiB, read it back, repeat."""
     total = [0] * len(socks)
     chunk = os.urandom(CHUNK)

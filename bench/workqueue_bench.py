@@ -512,7 +512,8 @@ def _bench(args: argparse.Namespace, interrupts: benchlib.Interrupts) -> int:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(table + "\n")
         print(
-            f"\n(written to {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS})"
+            "\n(written to "
+            f"{RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS})"
         )
     return 0
 

@@ -235,8 +235,9 @@ def measure(client: str, path: str, op: int, nclients: int, seconds: float, echo
                     _kill(procs)
                     codes = [p.exitcode for p in procs]
                     server = "an embedded server" if client == "embedded" else path
-                    raise BenchError(f"{client} clients against {server} failed or hung (exit "
-                                     f"codes {codes}; their tracebacks, if any, are above)") from None
+                    raise BenchError(f"{client} clients against {server} failed or hung "
+                                     f"(exit codes {codes}; their tracebacks, if any, "
+                                     "are above)") from None
         for p in procs:
             p.join()
     finally:
@@ -352,11 +353,13 @@ def _bench(args: argparse.Namespace, interrupts: benchlib.Interrupts) -> int:
         " server and clients in separate processes, except for the embedded rows (server"
         " thread in the client's process, as in the tests and the demo).",
         "",
-        "| client | op | clients | xenstored round trips/s | echo round trips/s | xenstored / echo |",
+        "| client | op | clients | xenstored round trips/s | echo round trips/s "
+        "| xenstored / echo |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for client, opname, n, ours, base in rows:
-        lines.append(f"| {client} | {opname} | {n} | {ours:,.0f} | {base:,.0f} | {ours / base:.0%} |")
+        lines.append(f"| {client} | {opname} | {n} | {ours:,.0f} | {base:,.0f} "
+                     f"| {ours / base:.0%} |")
     lines += [
         "",
         "Echo = bare Python Unix-socket echo server (selector loop, sends back what it"
