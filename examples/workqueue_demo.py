@@ -70,7 +70,8 @@ def main() -> None:
             print(f"  {work.said}")
 
         section(
-            "pending bit: queueing a pending item does nothing; queueing a running one runs it once more"
+            "pending bit: queueing a pending item does nothing; "
+            "queueing a running one runs it once more"
         )
         counter = Counter()
         print(f"  queue_work -> {wq.queue_work(counter)}")
