@@ -299,7 +299,8 @@ class Hostile:
         sock_id = self.any_id()
         args = (_wire.AF_INET, _wire.SOCK_STREAM, 0)
         if self.rng.random() < 0.1:
-            args = (self.rng.choice([2, 10, 1]), self.rng.choice([1, 2, 5]), self.rng.choice([0, 6]))
+            args = (self.rng.choice([2, 10, 1]), self.rng.choice([1, 2, 5]),
+                    self.rng.choice([0, 6]))
         self.push(_wire.PVCALLS_SOCKET, sock_id, struct.pack("=III", *args))
 
     def op_connect(self) -> None:
@@ -711,7 +712,8 @@ class Hostile:
             if self.spares and rng.random() < 0.7:
                 if self.revoke(rng.choice(self.spares)) and rng.random() < 0.7:
                     again = self.spare(new=True).refs[0] in self.gone
-                    self.fz.seen[f"recycle indexes page granted again, {'same' if again else 'other'} ref"] += 1
+                    self.fz.seen["recycle indexes page granted again, "
+                                 f"{'same' if again else 'other'} ref"] += 1
             elif self.data_pool is not None and self.revoke(self.data_pool):
                 self.pool_pages()
         listener = self._idle_listener() if rng.random() < 0.25 else None

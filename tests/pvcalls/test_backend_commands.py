@@ -804,8 +804,9 @@ def test_a_connect_reset_as_it_completes_is_answered(
             return getattr(self._sock, name)
 
     real_connected = _socket._connected
-    monkeypatch.setattr(_socket, "_connected",
-                        lambda sock: real_connected(ResetOnceConnected(sock)))  # type: ignore[arg-type]
+    monkeypatch.setattr(
+        _socket, "_connected",
+        lambda sock: real_connected(ResetOnceConnected(sock)))  # type: ignore[arg-type]
     sock_id, _ = raw.socket()
     ring = raw.new_ring()
     rsp = raw.response(raw.push_connect(sock_id, server.getsockname(), ring))
@@ -2023,8 +2024,8 @@ def test_a_release_whose_flush_fails_still_frees_everything(
 
 
 def test_a_release_whose_watch_for_room_fails_still_lingers_the_rest(
-        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-        sends_blocked: threading.Event) -> None:
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, sends_blocked: threading.Event) -> None:
     """The RELEASE's last send finds the host socket's buffer full and would
     watch it for room, of no use at teardown: epoll failing there (out of
     memory) must not drop what the out ring holds.  It goes to the lingerer,

@@ -147,7 +147,8 @@ def test_nr_ioworkers_counts_the_cpus_online_as_the_backend_starts(host: Any) ->
             (0, True), (1, True), (2, False), (3, True)]
 
 
-def test_bad_version_is_fatal(dom0_xs: Any, make_frontend: Any, host: Any, backend: pvcalls.Backend) -> None:
+def test_bad_version_is_fatal(dom0_xs: Any, make_frontend: Any, host: Any,
+                              backend: pvcalls.Backend) -> None:
     fe = make_frontend("g", connect=False)
     fe.connect(version="2")
     fe.wait_backend_state(5)
@@ -338,7 +339,8 @@ def test_a_frontends_close_closes_its_host_sockets(raw: RawFrontend,
         socket.create_connection(address, timeout=TIMEOUT).close()
 
 
-def test_close_closes_every_frontend(make_frontend: Any, host: Any, topology: Topology, echo_server: Any) -> None:
+def test_close_closes_every_frontend(make_frontend: Any, host: Any, topology: Topology,
+                                     echo_server: Any) -> None:
     backend = pvcalls.Backend(host.dom0, topology=topology)
     fes = [make_frontend(f"g{i}") for i in range(3)]
     for fe in fes:

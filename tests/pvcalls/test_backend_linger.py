@@ -469,7 +469,8 @@ def test_the_timeout_cannot_end_a_socket_before_it_is_watched(backend: pvcalls.B
                 a.send(bytes(65536))
         fd = a.fileno()
         pause = PauseAt(Lingerer.adopt, "self._dispatcher.add_fd(")
-        call = Call(lambda: pause.run(lambda: lingerer.adopt(a, 4242, bytes(1000), RateLimit("dom4242"))))
+        call = Call(lambda: pause.run(
+            lambda: lingerer.adopt(a, 4242, bytes(1000), RateLimit("dom4242"))))
         assert pause.reached.wait(TIMEOUT)
 
         def timer_waits() -> bool:

@@ -53,7 +53,8 @@ def serve_argv(run_dir: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def service_manager(tmp_path: Path, *, abstract: bool = False) -> Iterator[tuple[str, socket.socket]]:
+def service_manager(tmp_path: Path, *,
+                    abstract: bool = False) -> Iterator[tuple[str, socket.socket]]:
     """What systemd listens on for the messages of a Type=notify service:
     ``(NOTIFY_SOCKET's value, the socket)``.  A file in ``tmp_path``, or a
     name in the abstract namespace, which NOTIFY_SOCKET writes with '@'."""

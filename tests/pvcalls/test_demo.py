@@ -19,7 +19,8 @@ def test_demo_runs_and_reports_cpus_and_bytes() -> None:
     out = result.stdout
     assert result.returncode == 0, result.stdout + result.stderr
     # Guest 1 fetched the page through pvcalls.
-    assert re.search(r"guest1 .*GET http://127\.0\.0\.1:\d+/ -> 'HTTP/1\.\d 200 OK', \d+ bytes", out)
+    assert re.search(r"guest1 .*GET http://127\.0\.0\.1:\d+/ -> "
+                     r"'HTTP/1\.\d 200 OK', \d+ bytes", out)
     # The host client's data went through guest 2's echo server unchanged.
     assert "identical" in out
     # The socket table: each active socket with its CPU and bytes each way.

@@ -1058,7 +1058,8 @@ def test_a_handle_that_overflows_again_after_one_reset_lives_on(
 
         monkeypatch.setattr(handle, "reset", reset)
         handle.overflow()  # type: ignore[attr-defined]
-        wait_until(lambda: len(resets) == 2 and not handle._overflowed)  # type: ignore[attr-defined]
+        wait_until(
+            lambda: len(resets) == 2 and not handle._overflowed)  # type: ignore[attr-defined]
         other.socket().close()  # its answer is taken: the event thread lives
         assert not other._dead
 
@@ -1517,7 +1518,8 @@ def test_bind_listen_accept_from_host(fe: pvcalls.Frontend, backend: Any, guest:
                 assert client.recv(10) == b""  # RELEASE closed the host socket
 
 
-def test_accept_timeout_keeps_poll_in_flight(fe: pvcalls.Frontend, backend: Any, guest: Any) -> None:
+def test_accept_timeout_keeps_poll_in_flight(fe: pvcalls.Frontend, backend: Any,
+                                             guest: Any) -> None:
     with fe.socket() as ls:
         ls.bind(("127.0.0.1", 0))
         ls.listen(4)
@@ -2643,8 +2645,8 @@ _GOOD_BACKEND_NODES = {"versions": "1", "max-page-order": "4", "function-calls":
      "backend does not offer function-calls 1"),
     ({}, ["5"], errno.EPROTO, "backend went to state 5 instead of InitWait"),
     ({}, ["2", "5"], errno.ECONNREFUSED, "backend went to state 5 instead of Connected"),
-], ids=["versions", "versions-10", "order", "order-not-a-number", "order-unicode-digit", "function-calls",
-        "no-initwait", "no-connected"])
+], ids=["versions", "versions-10", "order", "order-not-a-number", "order-unicode-digit",
+        "function-calls", "no-initwait", "no-connected"])
 def test_a_backend_that_does_not_conform_fails_the_handshake(
         nodes: dict[str, str], states: list[str], err: int, said: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -3248,7 +3250,8 @@ def test_a_socket_call_given_up_on_releases_what_the_backend_makes_late(
 
     guest = host.create_domain(f"late-socket-{how}")
     with pvcalls.Frontend(guest, timeout=TIMEOUT) as fe:
-        monkeypatch.setitem(_backend._HANDLERS, _wire.PVCALLS_SOCKET, slow_socket)  # type: ignore[index]
+        monkeypatch.setitem(_backend._HANDLERS, _wire.PVCALLS_SOCKET,  # type: ignore[index]
+                            slow_socket)
         try:
             if how == "timeout":
                 fe.timeout = 0.5  # for this call only: not the handshake's or close()'s

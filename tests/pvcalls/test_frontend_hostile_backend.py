@@ -1083,7 +1083,8 @@ def test_the_sendall_timeout_bounds_the_whole_call(
     the test's, so no wait is real."""
     s, ring = connected(fe, fake)
     now = [time.monotonic()]
-    monkeypatch.setattr(pvcalls.frontend._common, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(pvcalls.frontend._common, "time",
+                        types.SimpleNamespace(monotonic=lambda: now[0]))
     s.settimeout(1.0)
     step = 4096
     prod0 = ring.get(OUT_PROD_OFFSET)
@@ -4672,7 +4673,8 @@ def test_a_listen_answered_with_no_room_for_the_poll_leaves_fileno_alive(
     fd = s.fileno()  # armed: listen()'s mark sends the POLL
     full = [True]
     has_room = fe._has_room
-    fe._has_room = lambda spare: has_room(spare) and not (full[0] and spare)  # type: ignore[method-assign]
+    fe._has_room = (  # type: ignore[method-assign]
+        lambda spare: has_room(spare) and not (full[0] and spare))
     polls: list[int] = []
     submit = fe._submit
 

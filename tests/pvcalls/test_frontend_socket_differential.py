@@ -1,4 +1,4 @@
-"""A PVSocket against a TCP socket.socket, differentially (hypothesis,
+r"""A PVSocket against a TCP socket.socket, differentially (hypothesis,
 stateful): random steps run in lockstep in two worlds, and every outcome
 (value, bytes, exception type and errno) must be the same in both.
 
@@ -31,7 +31,8 @@ must be the documented one.  What the walk does not do, and why, is in
 
 The suite runs a few derandomized walks.  Long campaigns (they shrink a
 failure, unless PV_PARITY_SHRINK=0):
-    PV_PARITY_EXAMPLES=2000 PV_PARITY_SEED=7 pytest tests/pvcalls/test_frontend_socket_differential.py
+    PV_PARITY_EXAMPLES=2000 PV_PARITY_SEED=7 \
+        pytest tests/pvcalls/test_frontend_socket_differential.py
 (``PV_PARITY_STEPS`` sets the walk's length.)
 """
 

@@ -345,7 +345,8 @@ def test_a_frontend_failing_again_and_again_does_not_flood_the_log(
 
 
 def test_a_frontend_breaking_its_command_ring_again_and_again_does_not_flood_the_log(
-        one_interval: None, raw: RawFrontend, backend: pvcalls.Backend, caplog: pytest.LogCaptureFixture) -> None:
+        one_interval: None, raw: RawFrontend, backend: pvcalls.Backend,
+        caplog: pytest.LogCaptureFixture) -> None:
     """Each connection's broken command ring is logged, through the
     device's rate limit: reconnecting (Initialising, a new ring) and
     breaking the ring again does not get the guest a new line each time."""
@@ -367,7 +368,8 @@ def test_a_frontend_breaking_its_command_ring_again_and_again_does_not_flood_the
 
 
 def test_restarting_the_device_does_not_renew_the_log_budget(
-        one_interval: None, make_frontend: Any, host: Any, caplog: pytest.LogCaptureFixture) -> None:
+        one_interval: None, make_frontend: Any, host: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
     """What a guest makes the backend log (here CONNECTs refused by
     policy) is rate-limited per device, not per connection: a guest that
     restarts its device (Initialising, connect again) whenever its budget
@@ -447,7 +449,8 @@ def test_a_command_ring_broken_as_the_frontend_closes_leaves_the_device_closed(
     fe.wait_backend_state(6)
     dev.events.flush()
     assert fe.backend_state() == 6
-    assert dev.xenstore.read(f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error") is None
+    assert dev.xenstore.read(
+        f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error") is None
 
 
 @pytest.mark.parametrize("toolstack", ["deleted", "made again"])

@@ -458,7 +458,8 @@ def test_no_device_id_left_is_said(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     claim, _ = _nc._claim_devid(tmp_path, 1)
     with claim, pytest.raises(_nc._Failed) as info:
         _nc._claim_devid(tmp_path, 1)
-    assert info.value.message == "1 pvcalls-nc run as domain 1 already: it has no pvcalls device left"
+    assert info.value.message == ("1 pvcalls-nc run as domain 1 already: "
+                                  "it has no pvcalls device left")
 
 
 @pytest.mark.parametrize(("redirect", "message"), [

@@ -254,8 +254,8 @@ def test_rule_parse(text: str, network: str, first: int, last: int) -> None:
     assert rule.ports.start == first and rule.ports.stop - 1 == last
 
 
-@pytest.mark.parametrize("text", ["0.0.0.0/0", "10.1.2.3/32", "10.1.2.0/24:80", "10.0.0.0/8:1024-65535",
-                                  "0.0.0.0/0:0-1"])
+@pytest.mark.parametrize("text", ["0.0.0.0/0", "10.1.2.3/32", "10.1.2.0/24:80",
+                                  "10.0.0.0/8:1024-65535", "0.0.0.0/0:0-1"])
 def test_rule_str_is_its_rule_text(text: str) -> None:
     rule = Rule.parse(text)
     assert str(rule) == text
@@ -487,7 +487,8 @@ bind.allow = ["127.0.0.1:0", "127.0.0.1:1024-65535"]
         yield backend
 
 
-def test_backend_refuses_connect_and_bind(make_frontend: Any, host: Any, strict: Any, echo_server: Any,
+def test_backend_refuses_connect_and_bind(make_frontend: Any, host: Any, strict: Any,
+                                          echo_server: Any,
                                           caplog: pytest.LogCaptureFixture) -> None:
     fe = make_frontend("limited")
     sock_id, _ = fe.socket()
@@ -915,7 +916,8 @@ def test_a_policy_built_in_python_keeps_no_reference_to_what_it_was_given() -> N
         # key(s): a, d, e, ..."), a list or None failed inside.
         (lambda: Policy.from_dict("default"),
          r"^policy data must be a mapping \(parsed TOML\), not str$"),
-        (lambda: Policy.from_dict([]), r"^policy data must be a mapping \(parsed TOML\), not list$"),
+        (lambda: Policy.from_dict([]),
+         r"^policy data must be a mapping \(parsed TOML\), not list$"),
         (lambda: Policy.from_dict(None), r"^policy data must be a mapping"),
         # bytes used to get tomllib's "a bytes-like object is required,
         # not 'str'", the other way round.
