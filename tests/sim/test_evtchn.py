@@ -542,7 +542,9 @@ def test_notify_from_another_thread(pair: tuple[EventChannel, int, EventChannel,
         (lambda ch: ch.bind_interdomain(0, 5), errno.EINVAL),
     ],
 )
-def test_bad_requests_get_errno(host: SimHost, call, err: int) -> None:  # type: ignore[no-untyped-def]
+def test_bad_requests_get_errno(  # type: ignore[no-untyped-def]
+    host: SimHost, call, err: int
+) -> None:
     with host.dom0.evtchn() as ch:
         with pytest.raises(EventChannelError) as info:
             call(ch)

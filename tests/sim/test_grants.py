@@ -537,7 +537,9 @@ def raw(host: SimHost, domid: int) -> socket.socket:
     return sock
 
 
-def ask(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> dict:  # type: ignore[type-arg]
+def ask(
+    sock: socket.socket, data: bytes, fds: list[int] | None = None
+) -> dict:  # type: ignore[type-arg]
     if fds:
         socket.send_fds(sock, [data], fds)
     else:
@@ -716,7 +718,8 @@ def test_a_map_needing_more_descriptors_than_a_message_holds_is_refused(
         assert ask(mapper, json.dumps({**req, "refs": refs}).encode())["errno"] == errno.E2BIG
         reply = ask(mapper, json.dumps({**req, "refs": refs[:MAX_FDS]}).encode())
         assert "handle" in reply
-        assert ask(mapper, json.dumps({"op": "gnt_unmap", "handle": reply["handle"]}).encode()) == {}
+        assert ask(mapper, json.dumps({"op": "gnt_unmap",
+                                       "handle": reply["handle"]}).encode()) == {}
 
 
 def test_ending_a_ref_twice_in_one_request_ends_none(
@@ -739,7 +742,8 @@ def test_an_error_quoting_a_huge_request_still_fits_in_a_reply(host: SimHost) ->
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (st.lists(inner, max_size=4)
+                   | st.dictionaries(st.text(max_size=8), inner, max_size=4)),
     max_leaves=8,
 )
 _ops = st.sampled_from(
@@ -749,10 +753,13 @@ _ops = st.sampled_from(
 _keys = st.sampled_from(["domid", "refs", "count", "writable", "handle", "port"])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(op=_ops, args=st.dictionaries(_keys, _json | st.lists(st.integers(-5, 20), max_size=5)))
 def test_fuzzed_requests_never_hurt_the_service(
-    host: SimHost, handles: tuple[GrantShare, GrantTable], op: str, args: dict  # type: ignore[type-arg]
+    host: SimHost, handles: tuple[GrantShare, GrantTable], op: str,
+    args: dict,  # type: ignore[type-arg]
 ) -> None:
     shr, tab = handles
     with raw(host, 1) as sock:
@@ -850,7 +857,9 @@ def test_a_domain_refused_handle_after_handle_is_warned_of_within_a_rate_limit(
             handle.close()
 
 
-def test_read_only_pages_resist_a_reopen_for_writing(handles: tuple[GrantShare, GrantTable]) -> None:
+def test_read_only_pages_resist_a_reopen_for_writing(
+    handles: tuple[GrantShare, GrantTable],
+) -> None:
     """Even reopening the backing file (same user, via /proc) gives no write access."""
     import mmap
 
@@ -1001,7 +1010,9 @@ def test_a_domain_cannot_grant_more_than_its_table_holds(
     _assert_full_until_one_goes(host, shr, shares)
 
 
-def test_pages_mapped_through_one_handle_are_bounded(handles: tuple[GrantShare, GrantTable]) -> None:
+def test_pages_mapped_through_one_handle_are_bounded(
+    handles: tuple[GrantShare, GrantTable],
+) -> None:
     from xenback.sim._hypervisor import MAX_MAPPED_PAGES_PER_HANDLE, MAX_PAGES_PER_REQUEST
 
     shr, tab = handles
@@ -1555,8 +1566,9 @@ def test_a_share_reply_without_refs_as_such_fails_as_a_protocol_error(
     {"handle": 5, "segments": [[0, 0, True], [0, 1, True]]},
     {"handle": 5, "segments": 2},
 ], ids=["no-handle", "handle-not-int", "no-segments", "segment-short", "file-out-of-range",
-        "negative-file-index", "too-few-pages", "too-many-pages", "empty-segment", "negative-file-page",
-        "file-page-past-any-file", "pages-not-ints", "pages-bools", "segments-not-a-list"])
+        "negative-file-index", "too-few-pages", "too-many-pages", "empty-segment",
+        "negative-file-page", "file-page-past-any-file", "pages-not-ints", "pages-bools",
+        "segments-not-a-list"])
 def test_a_map_reply_whose_segments_are_not_the_pages_asked_for_fails_as_a_protocol_error(
         tmp_path: Path, reply: dict[str, object]) -> None:
     """A service answering a map of 2 refs without its handle, or with

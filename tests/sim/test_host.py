@@ -1418,7 +1418,8 @@ def test_a_destroy_interrupted_anywhere_is_finished_when_called_again(host: SimH
             grants = host.hypervisor.stats()["grants"]
             guest = host.create_domain("guest")
             host.toolstack.add_device("vif", guest.domid)
-            e0, e1, shr, tab = host.dom0.evtchn(), guest.evtchn(), guest.gntshr(), host.dom0.gnttab()
+            e0, e1, shr, tab = (host.dom0.evtchn(), guest.evtchn(), guest.gntshr(),
+                                host.dom0.gnttab())
             p0 = e0.bind_interdomain(guest.domid, e1.bind_unbound_port(0))
             pages = shr.share_pages(0, 1)
             mapping = tab.map_grant_refs(guest.domid, pages.refs)

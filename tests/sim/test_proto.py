@@ -99,7 +99,9 @@ def service(tmp_path: Path) -> Iterator[Callable[[Callable[[socket.socket], None
         thread.join(TIMEOUT)
 
 
-def _with_pipe(send: Callable[[socket.socket, int], None]) -> tuple[Callable[[socket.socket], None], int]:
+def _with_pipe(
+    send: Callable[[socket.socket, int], None],
+) -> tuple[Callable[[socket.socket], None], int]:
     """An answer that sends the write end of a new pipe; the read end,
     which reads EOF once every copy of the write end is closed."""
     r, w = os.pipe()
@@ -665,7 +667,8 @@ def test_a_reply_left_on_its_way_out_is_released_whatever_cuts_its_release_short
                 tab.map_grant_refs(guest.domid, pages.refs).unmap()  # flush
             made: list[object] = []
             where = interrupted_at(
-                n, SIM_CODE, lambda made=made: made.append(tab.map_grant_refs(guest.domid, pages.refs)),
+                n, SIM_CODE,
+                lambda made=made: made.append(tab.map_grant_refs(guest.domid, pages.refs)),
                 unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
             with _numbers_kept() as check:
                 for mapping in [*made, *tab._live.values()]:
@@ -678,7 +681,8 @@ def test_a_reply_left_on_its_way_out_is_released_whatever_cuts_its_release_short
             # to the next call, and no request listed that never went.
             assert not tab._conn._unanswered, (where, tab._conn._unanswered)
             assert eventually(lambda stats=stats: host.hypervisor.stats() == stats), where
-            assert eventually(lambda fds=fds: descriptors() <= fds), (where, sorted(descriptors() - fds))
+            assert eventually(lambda fds=fds: descriptors() <= fds), (
+                where, sorted(descriptors() - fds))
             if not where:
                 break
             landed.append(where)

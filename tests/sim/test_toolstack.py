@@ -166,7 +166,8 @@ def test_a_signal_another_thread_took_interrupts_the_wait_for_closed(
     dev = host.toolstack.add_device("vif", guest.domid)
 
     def main_waits() -> bool:
-        return main_thread_in("wait", path="threading") and main_thread_within("_wait_closed", depth=3)
+        return (main_thread_in("wait", path="threading")
+                and main_thread_within("_wait_closed", depth=3))
 
     interrupt(main_waits, lambda: host.toolstack.remove_device(dev, timeout=OUTLASTS_THE_TEST))
     assert host.toolstack.remove_device(dev, timeout=0.1) is False

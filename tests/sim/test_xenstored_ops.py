@@ -1005,7 +1005,8 @@ def test_a_call_from_the_loop_thread_runs_there_at_once() -> None:
         assert xsd._call(lambda: xsd.is_introduced(0)) is True
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop's death
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop's death
 def test_a_call_the_loop_ended_without_running_fails_at_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -101,7 +101,9 @@ def check_alive(xsd: XenStored, marker: str = "alive") -> None:
 # --- malformed input --------------------------------------------------------------
 
 
-def test_oversized_header_closes_only_that_connection(xsd: XenStored, no_internal_errors: None) -> None:
+def test_oversized_header_closes_only_that_connection(
+    xsd: XenStored, no_internal_errors: None
+) -> None:
     with RawClient(xsd.path) as good, socket.socket(socket.AF_UNIX) as bad:
         bad.connect(str(xsd.path))
         bad.sendall(HEADER.pack(Op.READ, 1, 0, 4097))
@@ -256,7 +258,9 @@ def test_the_raw_client_refuses_a_watch_event_without_a_token(short_tmp: Path) -
     assert not server.is_alive()
 
 
-def test_garbage_gets_errors_or_a_closed_connection(xsd: XenStored, no_internal_errors: None) -> None:
+def test_garbage_gets_errors_or_a_closed_connection(
+    xsd: XenStored, no_internal_errors: None
+) -> None:
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(xsd.path))
         s.sendall(bytes(range(256)) * 4)
@@ -458,7 +462,8 @@ def test_guest_events_for_dom0_hold_the_guest_back_not_cut_dom0(
         assert dom0.read("/local/domain/1/n0") == b""
         # All read, so nothing is charged any more.
         domain = xsd._dispatcher.domains[1]
-        assert xsd._call(lambda: (domain.outstanding, domain.queued, len(backend.waiting))) == (0, 0, 0)
+        assert xsd._call(
+            lambda: (domain.outstanding, domain.queued, len(backend.waiting))) == (0, 0, 0)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -971,8 +976,8 @@ def test_an_event_begun_keeps_going_but_later_ones_still_go_stale() -> None:
         assert xsd._call(lambda: len(conn.waiting)) == 2
         assert eventually(lambda: xsd._call(lambda: list(conn.waiting) == [begun]), 10.0)
         assert writer.read("/shared/later") == b""
-        assert xsd._call(lambda: (writer_domain.outstanding, conn.domain.queued, len(conn.out))) == (
-            0, len(conn.out), begun.end - conn.out_base)
+        assert xsd._call(lambda: (writer_domain.outstanding, conn.domain.queued,
+                                  len(conn.out))) == (0, len(conn.out), begun.end - conn.out_base)
         # Its connection gone, the begun one is not uncharged twice.
         deaf.close()
         assert eventually(lambda: xsd._call(lambda: conn.closed))
