@@ -93,7 +93,8 @@ class StandinBackend:
         state = self._read(f"{frontend}/state")
         self._report(f"standin: frontend {frontend} state={state}")
         if state == str(INITIALISED) and dev not in self.frontends:
-            nodes = {k: self._read(f"{frontend}/{k}") or "" for k in ("version", "ring-ref", "port")}
+            nodes = {k: self._read(f"{frontend}/{k}") or ""
+                     for k in ("version", "ring-ref", "port")}
             self.frontends[dev] = nodes
             self._report(
                 "standin: frontend nodes " + " ".join(f"{k}={v}" for k, v in nodes.items())
