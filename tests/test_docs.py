@@ -561,8 +561,10 @@ def test_campaign_tools_explain_their_arguments(tool: str) -> None:
 
 
 @pytest.mark.parametrize(("tool", "args", "message"), [
-    ("tools/wq_model_campaign.py", ["-5"], "argument examples: -5 is not a whole number of 1 or more"),
-    ("tools/wq_model_campaign.py", ["10", "0"], "argument steps: 0 is not a whole number of 1 or more"),
+    ("tools/wq_model_campaign.py", ["-5"],
+     "argument examples: -5 is not a whole number of 1 or more"),
+    ("tools/wq_model_campaign.py", ["10", "0"],
+     "argument steps: 0 is not a whole number of 1 or more"),
     ("tools/wq_race_campaign.py", ["0"], "argument rounds: 0 is not a whole number of 1 or more"),
     ("tests/pvcalls/pvcalls_fuzz.py", ["--seeds", "x"],
      "argument --seeds: 'x' is not a seed or a range of seeds (N or N-M)"),
@@ -601,7 +603,8 @@ def test_the_campaign_tools_take_their_least_numbers(monkeypatch: pytest.MonkeyP
     assert toolargs.seed_range("3-3") == range(3, 4)
 
 
-@pytest.mark.parametrize("fuzzer", ["tests/pvcalls/pvcalls_fuzz.py", "tests/xenback/xenbus_fuzz.py"])
+@pytest.mark.parametrize("fuzzer", ["tests/pvcalls/pvcalls_fuzz.py",
+                                    "tests/xenback/xenbus_fuzz.py"])
 def test_the_fuzzers_run_as_the_readme_says(fuzzer: str) -> None:
     # Scripts, not tests: nothing else runs them as the README does.  One
     # ran into another directory's conftest (its EchoServer's old home).
