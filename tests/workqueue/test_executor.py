@@ -1209,7 +1209,8 @@ def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
     wq = make_wq()
     # A function is what a concurrent.futures user passes first: say what to do.
     with pytest.raises(TypeError, match=r"expected a Work, not builtin_function_or_method: "
-                                        r"make it a Work\(func\), which calls func\(work\), or submit\(\) the call"):
+                                        r"make it a Work\(func\), which calls func\(work\), "
+                                        r"or submit\(\) the call"):
         wq.queue_work(print)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="expected a Work"):
         wq.queue_work_on(0, None)  # type: ignore[arg-type]
@@ -1231,7 +1232,8 @@ def test_bad_input_gets_clear_errors(make_wq: Any, topo: Any) -> None:
 
 
 @pytest.mark.parametrize(("huge", "approx"), [(10**400, "10**400"), (-10**400, "-10**400"),
-                                               (10**5000, "10**5000")], ids=["1e400", "-1e400", "1e5000"])
+                                               (10**5000, "10**5000")],
+                         ids=["1e400", "-1e400", "1e5000"])
 def test_errors_show_a_huge_number_short(make_wq: Any, topo: Any, huge: int, approx: str) -> None:
     # A delay of 10**400 printed all 401 digits in its error, and one of
     # 10**5000 said instead that Python would not print an int of more
@@ -1256,14 +1258,16 @@ def test_errors_show_a_huge_number_short(make_wq: Any, topo: Any, huge: int, app
         calls += [("timeout", lambda: wq.flush(timeout=huge)),
                   ("weight", lambda: index.assign("k", weight=huge))]
     else:
-        calls += [("unknown workqueue flags", lambda: alloc_workqueue("x", huge << 6, topology=topo))]
+        calls += [("unknown workqueue flags",
+                   lambda: alloc_workqueue("x", huge << 6, topology=topo))]
     try:
         for what, call in calls:
             with pytest.raises(ValueError) as caught:
                 call()
             message = str(caught.value)
             assert what in message and len(message) < 200, message
-            assert f"about {approx} (an int of " in message or what == "unknown workqueue flags", message
+            assert (f"about {approx} (an int of " in message
+                    or what == "unknown workqueue flags"), message
     finally:
         index.close()
 

@@ -463,7 +463,8 @@ def test_dump_lists_pending_items_and_not_cancelled_ones(make_wq: Any) -> None:
     finally:
         release.set()
     assert lines[0].startswith("workqueue dumppending: ")
-    assert lines[1].startswith("  pwq ") and lines[1].endswith(": cpu0 active=2/256 inactive=0"), lines
+    assert (lines[1].startswith("  pwq ")
+            and lines[1].endswith(": cpu0 active=2/256 inactive=0")), lines
     assert lines[2].startswith("    in-flight: kworker/cpu0") and "hog" in lines[2]
     assert lines[3] == f"    pending: {waiting!r}"
     assert len(lines) == 4, lines

@@ -494,30 +494,34 @@ def test_a_tunable_set_cut_short_by_ctrl_c_leaves_one_check_running(
 def test_a_topology_has_at_most_nr_cpus_cpus() -> None:
     # Topology(10**8) built a list of 10**8 CPUs (gigabytes; 10**7 took
     # 1.2 GB), and a workqueue on 10**7 of them did not start in minutes.
-    with pytest.raises(ValueError, match=r"^ncpus must be at most 8192 \(Linux's most\), got 8193$"):
+    with pytest.raises(ValueError, match=r"^ncpus must be at most 8192 \(Linux's most\), "
+                                         r"got 8193$"):
         Topology(8193)
     with pytest.raises(ValueError, match=r"^a topology has at most 8192 CPUs \(Linux's most\)$"):
         Topology(cpus=range(8193))
     assert len(Topology(8192).possible()) == 8192
     # 8192 CPUs, but not numbered 0 to 8191: CPU 8192 is beyond Linux's most.
-    with pytest.raises(ValueError, match=r"^CPU 8192 is not a possible CPU: CPU numbers are 0 to 8191"):
+    with pytest.raises(ValueError, match=r"^CPU 8192 is not a possible CPU: "
+                                         r"CPU numbers are 0 to 8191"):
         Topology(cpus=range(1, 8193))
 
 
 def test_cpus_that_are_not_an_iterable_say_what_cpus_must_be() -> None:
     # Topology(cpus=3) said only "'int' object is not iterable".
-    with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), not int: "
-                                        r"for CPUs 0 to 2, give ncpus=3$"):
+    with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), "
+                                        r"not int: for CPUs 0 to 2, give ncpus=3$"):
         Topology(cpus=3)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), not float$"):
+    with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), "
+                                        r"not float$"):
         Topology(cpus=2.0)  # type: ignore[arg-type]
     assert Topology(cpus=iter([2, 0])).possible() == [0, 2]
     # The hint only for a count a topology may have: 1 to NR_CPUS_MAX.
-    with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), not int: "
-                                        r"for CPUs 0 to 8191, give ncpus=8192$"):
+    with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), "
+                                        r"not int: for CPUs 0 to 8191, give ncpus=8192$"):
         Topology(cpus=8192)  # type: ignore[arg-type]
     for count in (0, 8193, -1):
-        with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), not int$"):
+        with pytest.raises(TypeError, match=r"^cpus must be an iterable of CPU numbers \(ints\), "
+                                            r"not int$"):
             Topology(cpus=count)  # type: ignore[arg-type]
 
 
@@ -573,7 +577,8 @@ def test_a_cpu_number_is_shown_whole_up_to_64_bits() -> None:
     for big, said in ((2**64, "10"), (-2**64, "-10"), (10**20, "10")):
         power = 19 if abs(big) == 2**64 else 20
         bits = big.bit_length()
-        with pytest.raises(ValueError, match=rf"^CPU about {said}\*\*{power} \(an int of {bits} bits\) {rng}"):
+        with pytest.raises(ValueError, match=rf"^CPU about {said}\*\*{power} "
+                                             rf"\(an int of {bits} bits\) {rng}"):
             Topology(cpus=[big])
 
 
@@ -604,8 +609,8 @@ def test_cpu_numbers_beyond_nr_cpus_are_refused_wherever_they_come_in(make_wq: A
             # A CPU number in range that the topology lacks says so, as before,
             # up to the last one Linux may have.
             for lacked in (5, 8191):
-                with pytest.raises(ValueError, match=rf"^CPU {lacked} is not a possible CPU of this "
-                                                     r"topology$"):
+                with pytest.raises(ValueError, match=rf"^CPU {lacked} is not a possible CPU "
+                                                     r"of this topology$"):
                     fn(lacked, *rest)
         assert not dwork.pending
     finally:

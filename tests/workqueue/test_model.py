@@ -98,7 +98,8 @@ class WorkModel(RuleBasedStateMachine):
             item.wait_count("starts", self.starts[name])
             item.wait_count("finishes", self.finishes[name])
             if self.running != name:
-                wait_until(lambda item=item: not item.running, f"{name} stops running")  # type: ignore[misc]
+                wait_until(lambda item=item: not item.running,  # type: ignore[misc]
+                           f"{name} stops running")
             assert item.starts == self.starts[name], name
 
     def finish_running(self) -> None:

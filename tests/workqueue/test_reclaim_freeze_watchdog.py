@@ -853,7 +853,8 @@ def test_watchdog_goes_on_timing_a_stall_when_a_cancel_leaves_items_waiting(
     stalled = _checks_of(wq)
     monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
     ran = threading.Event()
-    first, second, third = Work(lambda work: None), Work(lambda work: ran.set()), Work(lambda work: None)
+    first, second, third = (Work(lambda work: None), Work(lambda work: ran.set()),
+                            Work(lambda work: None))
     for work in (first, second, third):
         assert wq.queue_work(work)
     (pwq,) = wq._all_pwqs()

@@ -6,8 +6,8 @@ would: no flush is left registered (a later flush waits for what it
 should, no more), a cancel_sync() goes on without its caller until the run
 it waited for ends, a drain() leaves the workqueue running, a destroy()
 goes on without its caller and a second destroy() waits for its end, a
-freeze() leaves the workqueue frozen.  Without a timeout, or one that does not expire, the calls return what the
-kernel's return.
+freeze() leaves the workqueue frozen.  Without a timeout, or one that does
+not expire, the calls return what the kernel's return.
 """
 
 from __future__ import annotations
@@ -616,7 +616,8 @@ def test_a_wait_that_times_out_as_it_completes_is_no_timeout(
 
 # -- the argument -------------------------------------------------------------
 
-def waiting_calls(wq: Workqueue, work: Work, dwork: DelayedWork) -> dict[str, Callable[..., object]]:
+def waiting_calls(wq: Workqueue, work: Work,
+                  dwork: DelayedWork) -> dict[str, Callable[..., object]]:
     return {
         "Work.flush": work.flush, "Work.cancel_sync": work.cancel_sync,
         "Work.disable_sync": work.disable_sync,

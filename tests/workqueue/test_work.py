@@ -1,4 +1,5 @@
-"""Work item life cycle: pending bit, non-reentrancy, flush, cancel, disable (Part 3: 1, 2, 7, 8)."""
+"""Work item life cycle: pending bit, non-reentrancy, flush, cancel, disable
+(Part 3: 1, 2, 7, 8)."""
 
 from __future__ import annotations
 

@@ -455,7 +455,8 @@ class WqModel(RuleBasedStateMachine):
             probe.wait_count("finishes", m.finishes)
             if m.running is None:
                 item = self.items[name]
-                wait_until(lambda item=item: not item.running, f"{name} stops running")  # type: ignore[misc]
+                wait_until(lambda item=item: not item.running,  # type: ignore[misc]
+                           f"{name} stops running")
             assert probe.where == m.where, f"{name} ran at {probe.where}, model {m.where}"
             if isinstance(m.pending, tuple):
                 got = self.key_of(self.items[name])
