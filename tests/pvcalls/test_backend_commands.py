@@ -1329,6 +1329,84 @@ def test_an_accept_cancelled_by_a_release_is_answered_though_its_id_new_teardown
     assert raw.unexpected == []
 
 
+def _cut_short_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str,
+                    raised: BaseException, only: Any = None) -> threading.Event:
+    """Make ``owner.name`` raise ``raised`` once (for the argument ``only``,
+    if given), without doing its work; the event is set when it has."""
+    real = getattr(owner, name)
+    done = threading.Event()
+
+    def cut(*args: Any) -> Any:
+        if not done.is_set() and (only is None or only in args):
+            done.set()
+            raise raised
+        return real(*args)
+
+    monkeypatch.setattr(owner, name, cut)
+    return done
+
+
+@pytest.mark.parametrize("waiting", ["accept", "poll"])
+def test_a_listener_whose_host_socket_fails_to_close_answers_what_waits_on_it(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any,
+        monkeypatch: pytest.MonkeyPatch, waiting: str) -> None:
+    """close() of the listener's host socket fails (after letting go of the
+    descriptor, as Linux's close does): logged, and the teardown goes on as
+    an active socket's does, so the ACCEPT or POLL it took is answered
+    -EINTR, the ACCEPT's id_new given back, and the RELEASE answered 0.
+    Raising, it lost them: the guest waited for ever, its id_new held
+    until the frontend closed."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    listener, _ = _listener(raw, backend)
+    passive = fe._sockets[listener]
+    assert isinstance(passive, PassiveSocket)
+    ring = raw.new_ring()
+    before = resources(backend, host)
+    if waiting == "accept":
+        pending = raw.push_accept(listener, raw.new_id(), ring)
+    else:
+        pending = raw.push_poll(listener)
+    wait_until(lambda: passive.waiting is not None)
+    close = socket.socket.close
+
+    def failing_close(sock: socket.socket) -> None:
+        close(sock)
+        if sock is passive.host:
+            raise OSError(errno.EIO, "close failed")
+
+    monkeypatch.setattr(socket.socket, "close", failing_close)
+    release = raw.push_release(listener)
+    assert raw.response(pending).ret == EINTR
+    assert raw.response(release).ret == 0
+    assert raw.arrived[-2:] == [pending, release]
+    assert passive.host.fileno() == -1
+    assert resources(backend, host) == before
+    assert backend.stats().sockets == ()
+    assert raw.unexpected == []
+
+
+def test_a_listener_s_teardown_cut_short_leaves_what_waits_to_the_next(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt as the listener's host socket is unwatched: the host
+    socket stays open (it may still be watched), and the POLL in flight
+    stays the socket's, for the teardown done again to return to its
+    caller to answer.  Taken first, it was lost with the interrupt."""
+    listener, _ = _listener(raw, backend)
+    passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
+    assert isinstance(passive, PassiveSocket)
+    poll = raw.push_poll(listener)
+    wait_until(lambda: passive.waiting is not None)
+    fd = passive.host.fileno()
+    _cut_short_once(monkeypatch, backend.dispatcher, "remove_fd", KeyboardInterrupt(), fd)
+    with pytest.raises(KeyboardInterrupt):
+        passive.teardown()
+    assert passive.host.fileno() == fd and fd in watched_fds(backend)
+    waiting = passive.teardown()
+    assert waiting is not None and waiting[0].req_id == poll
+    assert passive.host.fileno() == -1 and fd not in watched_fds(backend)
+    assert passive.teardown() is None
+
+
 def test_release_of_accept_id_new_answers_the_accept(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     listener, address = _listener(raw, backend)
