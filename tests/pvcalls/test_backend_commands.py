@@ -1346,6 +1346,80 @@ def _cut_short_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str,
     return done
 
 
+@pytest.mark.parametrize("kind", ["connected", "id_new", "listener"])
+def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """An interrupt in a step of a RELEASE's teardown (the unbinding of a
+    port, the unwatching of a listener's host socket) leaves what that step
+    held, and the RELEASE unanswered: the socket stays in the table, where
+    the frontend's close finishes its teardown.  Taken out of the table
+    first, it was found by nothing: its port stayed bound (the listener's
+    host socket open) for the life of the backend."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    accept = None
+    if kind == "connected":
+        sock_id, _ = raw.connect_socket(echo_server.address)
+        cut = _cut_short_once(monkeypatch, ActiveSocket, "_unbind", KeyboardInterrupt())
+    elif kind == "id_new":
+        listener, _ = _listener(raw, backend)
+        sock_id = raw.new_id()
+        accept = raw.push_accept(listener, sock_id, raw.new_ring())
+        wait_until(lambda: sock_id in fe._sockets)
+        cut = _cut_short_once(monkeypatch, ActiveSocket, "_unbind", KeyboardInterrupt())
+    else:
+        sock_id, _ = _listener(raw, backend)
+        passive = fe._sockets[sock_id]
+        assert isinstance(passive, PassiveSocket)
+        raw.push_poll(sock_id)
+        wait_until(lambda: passive.waiting is not None)
+        cut = _cut_short_once(monkeypatch, backend.dispatcher, "remove_fd", KeyboardInterrupt(),
+                              passive.host.fileno())
+    host_socket = fe._sockets[sock_id].host
+    release = raw.push_release(sock_id)
+    assert cut.wait(TIMEOUT)
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    if accept is not None:
+        # Answered before the interrupt went on (see the test above).
+        assert raw.response(accept).ret == EINTR
+    assert release not in raw.responses and sock_id in fe._sockets
+    raw.close()
+    assert backend.stats().frontends == 0
+    if host_socket is not None:
+        assert host_socket.fileno() == -1
+    assert bound_ports(backend) == []
+    assert len(backend.gnttab._live) == 0
+    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+    assert raw.unexpected == []
+
+
+def test_a_release_of_an_id_new_whose_listener_cannot_be_kicked_gives_everything_back(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listener's run after its ACCEPT was taken back cannot be queued
+    (its workqueue destroyed, say): the ACCEPT it took is answered -EINTR
+    all the same, the id_new's ring and port given back, and the RELEASE
+    answered -EIO.  Raising as it was taken back, it left the ACCEPT
+    unanswered for ever and the id_new's ring mapped."""
+    listener, _ = _listener(raw, backend)
+    ring = raw.new_ring()
+    before = resources(backend, host)
+    id_new = raw.new_id()
+    accept = raw.push_accept(listener, id_new, ring)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    wait_until(lambda: id_new in fe._sockets)
+    fe._work.flush(timeout=TIMEOUT)  # the ACCEPT's own kick done
+    _cut_short_once(monkeypatch, PassiveSocket, "kick",
+                    RuntimeError("workqueue 'pvcalls-cmd' is destroyed"))
+    release = raw.push_release(id_new)
+    assert raw.response(accept).ret == EINTR
+    assert raw.response(release).ret == EIO
+    assert raw.arrived[-2:] == [accept, release]
+    assert resources(backend, host) == before
+    assert [row.id for row in backend.stats().sockets] == [listener]
+    assert raw.unexpected == []
+
+
 @pytest.mark.parametrize("waiting", ["accept", "poll"])
 def test_a_listener_whose_host_socket_fails_to_close_answers_what_waits_on_it(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any,
