@@ -1346,13 +1346,14 @@ def _cut_short_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str,
     return done
 
 
-@pytest.mark.parametrize("kind", ["connected", "id_new", "listener"])
+@pytest.mark.parametrize("kind", ["connected", "id_new", "id_new's ACCEPT", "listener"])
 def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     """An interrupt in a step of a RELEASE's teardown (the unbinding of a
-    port, the unwatching of a listener's host socket) leaves what that step
-    held, and the RELEASE unanswered: the socket stays in the table, where
+    port, the taking back of an id_new's ACCEPT, the unwatching of a
+    listener's host socket) leaves what that step held, and the RELEASE
+    unanswered: the socket stays in the table, where
     the frontend's close finishes its teardown.  Taken out of the table
     first, it was found by nothing: its port stayed bound (the listener's
     host socket open) for the life of the backend."""
@@ -1361,12 +1362,18 @@ def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
     if kind == "connected":
         sock_id, _ = raw.connect_socket(echo_server.address)
         cut = _cut_short_once(monkeypatch, ActiveSocket, "_unbind", KeyboardInterrupt())
-    elif kind == "id_new":
+    elif kind.startswith("id_new"):
         listener, _ = _listener(raw, backend)
         sock_id = raw.new_id()
         accept = raw.push_accept(listener, sock_id, raw.new_ring())
         wait_until(lambda: sock_id in fe._sockets)
-        cut = _cut_short_once(monkeypatch, ActiveSocket, "_unbind", KeyboardInterrupt())
+        if kind == "id_new":
+            cut = _cut_short_once(monkeypatch, ActiveSocket, "_unbind", KeyboardInterrupt())
+        else:
+            # Not taken back: the listener's teardown, at close, has it.
+            cut = _cut_short_once(monkeypatch, PassiveSocket, "disable_sync",
+                                  KeyboardInterrupt())
+            accept = None
     else:
         sock_id, _ = _listener(raw, backend)
         passive = fe._sockets[sock_id]
@@ -1459,22 +1466,29 @@ def test_a_listener_whose_host_socket_fails_to_close_answers_what_waits_on_it(
     assert raw.unexpected == []
 
 
+@pytest.mark.parametrize("where", ["unwatching", "closing"])
 def test_a_listener_s_teardown_cut_short_leaves_what_waits_to_the_next(
-        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An interrupt as the listener's host socket is unwatched: the host
-    socket stays open (it may still be watched), and the POLL in flight
-    stays the socket's, for the teardown done again to return to its
-    caller to answer.  Taken first, it was lost with the interrupt."""
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        where: str) -> None:
+    """An interrupt as the listener's host socket is unwatched (it stays
+    open: it may still be watched) or before it is closed: the POLL in
+    flight stays the socket's, and the teardown done again closes the host
+    socket and returns the POLL, for its caller to answer.  Taken first,
+    it was lost with the interrupt."""
     listener, _ = _listener(raw, backend)
     passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
     assert isinstance(passive, PassiveSocket)
     poll = raw.push_poll(listener)
     wait_until(lambda: passive.waiting is not None)
     fd = passive.host.fileno()
-    _cut_short_once(monkeypatch, backend.dispatcher, "remove_fd", KeyboardInterrupt(), fd)
+    if where == "unwatching":
+        _cut_short_once(monkeypatch, backend.dispatcher, "remove_fd", KeyboardInterrupt(), fd)
+    else:
+        _cut_short_once(monkeypatch, socket.socket, "close", KeyboardInterrupt(), passive.host)
     with pytest.raises(KeyboardInterrupt):
         passive.teardown()
-    assert passive.host.fileno() == fd and fd in watched_fds(backend)
+    assert passive.host.fileno() == fd
+    assert (fd in watched_fds(backend)) is (where == "unwatching")
     waiting = passive.teardown()
     assert waiting is not None and waiting[0].req_id == poll
     assert passive.host.fileno() == -1 and fd not in watched_fds(backend)
