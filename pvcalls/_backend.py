@@ -1079,7 +1079,8 @@ class _Frontend:
         is logged (see the sockets' teardown()), and the RELEASE answered 0
         all the same.  One that raises (an interrupt, or a bug of ours:
         -EIO) puts the socket back in the table, for a RELEASE again or the
-        frontend's close() to finish what it left held."""
+        frontend's close() to finish what it left held.  The kick of an
+        id_new's listener refused afterwards: -EIO, the socket released."""
         with self._lock:
             entry = self._sockets.pop(request.id, None)
         if entry is None:
@@ -1100,16 +1101,16 @@ class _Frontend:
                 # The cancelled ACCEPT only now: its answer tells the frontend
                 # id_new's ring is ours no more (as a listener's RELEASE does).
                 # Whatever the teardown raised: the guest must not wait for ever.
-                try:
-                    if cancelled is not None:
-                        self.respond(cancelled, -_errno.EINTR)
-                finally:
-                    if parent is not None:
-                        # _cancel_accept's disable_sync() took back a queued
-                        # run, and kicks meanwhile were refused: the next
-                        # ACCEPT or POLL may already wait, its connection's
-                        # edge gone.  Run once more (a spare run is harmless).
-                        parent.kick()
+                if cancelled is not None:
+                    self.respond(cancelled, -_errno.EINTR)
+                if parent is not None:
+                    # _cancel_accept's disable_sync() took back a queued
+                    # run, and kicks meanwhile were refused: the next ACCEPT
+                    # or POLL may already wait, its connection's edge gone.
+                    # Run once more (a spare run is harmless), after the
+                    # answer: a kick refused (a destroyed workqueue) must
+                    # not lose it.
+                    parent.kick()
             if pending is not None:
                 self.respond(pending, -_errno.EINTR)
         else:
