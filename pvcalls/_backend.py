@@ -1074,6 +1074,13 @@ class _Frontend:
         return None  # answered by the passive socket's Work
 
     def _release(self, request: Request, req: Any) -> int:
+        """RELEASE: tear the socket down, then answer 0; first -EINTR to
+        the ACCEPT or POLL it cancels.  A step of the teardown that fails
+        is logged (see the sockets' teardown()), and the RELEASE answered 0
+        all the same.  One that raises (an interrupt, or a bug of ours:
+        -EIO) puts the socket back in the table, for a RELEASE again or the
+        frontend's close() to finish what it left held.  The kick of an
+        id_new's listener refused afterwards: -EIO, the socket released."""
         with self._lock:
             entry = self._sockets.pop(request.id, None)
         if entry is None:
@@ -1082,19 +1089,36 @@ class _Frontend:
             entry.release()
         elif isinstance(entry, ActiveSocket):
             parent = entry.parent
-            cancelled = self._cancel_accept(parent, entry) if parent is not None else None
+            cancelled = None
             try:
+                if parent is not None:
+                    cancelled = self._cancel_accept(parent, entry)
                 pending = entry.teardown()
+            except BaseException:
+                self._put_back(request.id, entry)
+                raise
             finally:
                 # The cancelled ACCEPT only now: its answer tells the frontend
                 # id_new's ring is ours no more (as a listener's RELEASE does).
                 # Whatever the teardown raised: the guest must not wait for ever.
                 if cancelled is not None:
                     self.respond(cancelled, -_errno.EINTR)
+                if parent is not None:
+                    # _cancel_accept's disable_sync() took back a queued
+                    # run, and kicks meanwhile were refused: the next ACCEPT
+                    # or POLL may already wait, its connection's edge gone.
+                    # Run once more (a spare run is harmless), after the
+                    # answer: a kick refused (a destroyed workqueue) must
+                    # not lose it.
+                    parent.kick()
             if pending is not None:
                 self.respond(pending, -_errno.EINTR)
         else:
-            waiting = entry.teardown()
+            try:
+                waiting = entry.teardown()
+            except BaseException:
+                self._put_back(request.id, entry)
+                raise
             if waiting is not None:
                 waiting_request, new = waiting
                 try:
@@ -1106,10 +1130,17 @@ class _Frontend:
                     self.respond(waiting_request, -_errno.EINTR)
         return 0
 
+    def _put_back(self, sock_id: int, entry: Socket) -> None:
+        # Not if the id was taken since: never today (the command Work,
+        # which is us, alone adds ids), kept for later callers.
+        with self._lock:
+            self._sockets.setdefault(sock_id, entry)
+
     def _cancel_accept(self, parent: PassiveSocket, new: ActiveSocket) -> Request | None:
         """RELEASE of an ACCEPT's id_new: take that ACCEPT off its listener,
         unless the connection was accepted already; the ACCEPT to answer
-        -EINTR (once ``new`` is torn down), or None."""
+        -EINTR (once ``new`` is torn down), or None.  The caller kicks
+        ``parent`` once done (see _release)."""
         parent.disable_sync()  # an accept in progress has finished with `new`
         try:
             with parent._lock:
@@ -1120,10 +1151,6 @@ class _Frontend:
                     waiting = None
         finally:
             parent.enable()
-            # disable_sync() took back a queued run, and kicks meanwhile
-            # were refused: the next ACCEPT or POLL may already wait, its
-            # connection's edge gone.  Run once more (a spare run is harmless).
-            parent.kick()
         return waiting[0] if waiting is not None else None
 
     # -- lifetime ---------------------------------------------------------------------

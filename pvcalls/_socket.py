@@ -1182,24 +1182,42 @@ class PassiveSocket(Work):
 
     def teardown(self) -> tuple[Request, ActiveSocket | None] | None:
         """Stop the Work, close the host socket; returns the ACCEPT/POLL
-        still in flight (the caller answers it and releases its socket)."""
+        still in flight (the caller answers it and releases its socket).
+        Idempotent.
+
+        As ActiveSocket.teardown: a step that fails (the host socket's
+        close(), which lets go of the descriptor all the same) is logged,
+        not raised, and the one in flight is still returned, for the guest
+        to be answered; an interrupt is re-raised once every step has been
+        tried, and leaves the one in flight here, for the next teardown.
+        """
         self.disable_sync()
         with self._lock:
-            waiting, self.waiting = self.waiting, None
             self.state = SockState.CLOSED
-            if self._torn_down:
-                return waiting
         # Torn down once the host socket is closed, not before: a teardown
         # cut short (Ctrl-C) is done again by the next.  Closed, its
         # fileno() is -1, which no remove_fd() finds.
-        if self._registered:
-            try:
-                self.frontend.dispatcher.remove_fd(self.host.fileno())
-            except (OSError, KeyError, ValueError):
-                pass
-        self.host.close()
-        self._torn_down = True
+        if not self._torn_down:
+            steps = _Steps(self)
+            if self._registered:
+                steps.run("unwatching the host socket", self._unwatch)
+            # Not after an interrupted unwatch: the descriptor may still be
+            # watched, and its number must not be another file's by then.
+            if not steps.interrupted:
+                steps.run("closing the host socket", self.host.close)
+                self._torn_down = not steps.interrupted
+            steps.done()
+        # Only now, the Work disabled (nobody else takes it): a teardown cut
+        # short leaves it to the next.
+        with self._lock:
+            waiting, self.waiting = self.waiting, None
         return waiting
+
+    def _unwatch(self) -> None:
+        try:
+            self.frontend.dispatcher.remove_fd(self.host.fileno())
+        except (OSError, KeyError, ValueError):
+            pass  # not watched
 
 
 def _connected(sock: socket.socket) -> bool:

@@ -1330,6 +1330,172 @@ def test_an_accept_cancelled_by_a_release_is_answered_though_its_id_new_teardown
     assert raw.unexpected == []
 
 
+def _cut_short_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str,
+                    raised: BaseException, only: Any = None) -> threading.Event:
+    """Make ``owner.name`` raise ``raised`` once (for the argument ``only``,
+    if given), without doing its work; the event is set when it has."""
+    real = getattr(owner, name)
+    done = threading.Event()
+
+    def cut(*args: Any) -> Any:
+        if not done.is_set() and (only is None or only in args):
+            done.set()
+            raise raised
+        return real(*args)
+
+    monkeypatch.setattr(owner, name, cut)
+    return done
+
+
+@pytest.mark.parametrize("kind", ["connected", "id_new", "id_new's ACCEPT", "listener"])
+def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """An interrupt in a step of a RELEASE's teardown (the unbinding of a
+    port, the taking back of an id_new's ACCEPT, the unwatching of a
+    listener's host socket) leaves what that step held, and the RELEASE
+    unanswered: the socket stays in the table, where
+    the frontend's close finishes its teardown.  Taken out of the table
+    first, it was found by nothing: its port stayed bound (the listener's
+    host socket open) for the life of the backend."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    accept = None
+    if kind == "connected":
+        sock_id, _ = raw.connect_socket(echo_server.address)
+        cut = _cut_short_once(monkeypatch, ActiveSocket, "_unbind", KeyboardInterrupt())
+    elif kind.startswith("id_new"):
+        listener, _ = _listener(raw, backend)
+        sock_id = raw.new_id()
+        accept = raw.push_accept(listener, sock_id, raw.new_ring())
+        wait_until(lambda: sock_id in fe._sockets)
+        if kind == "id_new":
+            cut = _cut_short_once(monkeypatch, ActiveSocket, "_unbind", KeyboardInterrupt())
+        else:
+            # Not taken back: the listener's teardown, at close, has it.
+            cut = _cut_short_once(monkeypatch, PassiveSocket, "disable_sync",
+                                  KeyboardInterrupt())
+            accept = None
+    else:
+        sock_id, _ = _listener(raw, backend)
+        passive = fe._sockets[sock_id]
+        assert isinstance(passive, PassiveSocket)
+        raw.push_poll(sock_id)
+        wait_until(lambda: passive.waiting is not None)
+        cut = _cut_short_once(monkeypatch, backend.dispatcher, "remove_fd", KeyboardInterrupt(),
+                              passive.host.fileno())
+    host_socket = fe._sockets[sock_id].host
+    release = raw.push_release(sock_id)
+    assert cut.wait(TIMEOUT)
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    if accept is not None:
+        # Answered before the interrupt went on (see the test above).
+        assert raw.response(accept).ret == EINTR
+    assert release not in raw.responses and sock_id in fe._sockets
+    raw.close()
+    assert backend.stats().frontends == 0
+    if host_socket is not None:
+        assert host_socket.fileno() == -1
+    assert bound_ports(backend) == []
+    assert len(backend.gnttab._live) == 0
+    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+    assert raw.unexpected == []
+
+
+def test_a_release_of_an_id_new_whose_listener_cannot_be_kicked_gives_everything_back(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listener's run after its ACCEPT was taken back cannot be queued
+    (its workqueue destroyed, say): the ACCEPT it took is answered -EINTR
+    all the same, the id_new's ring and port given back, and the RELEASE
+    answered -EIO.  Raising as it was taken back, it left the ACCEPT
+    unanswered for ever and the id_new's ring mapped."""
+    listener, _ = _listener(raw, backend)
+    ring = raw.new_ring()
+    before = resources(backend, host)
+    id_new = raw.new_id()
+    accept = raw.push_accept(listener, id_new, ring)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    wait_until(lambda: id_new in fe._sockets)
+    fe._work.flush(timeout=TIMEOUT)  # the ACCEPT's own kick done
+    _cut_short_once(monkeypatch, PassiveSocket, "kick",
+                    RuntimeError("workqueue 'pvcalls-cmd' is destroyed"))
+    release = raw.push_release(id_new)
+    assert raw.response(accept).ret == EINTR
+    assert raw.response(release).ret == EIO
+    assert raw.arrived[-2:] == [accept, release]
+    assert resources(backend, host) == before
+    assert [row.id for row in backend.stats().sockets] == [listener]
+    assert raw.unexpected == []
+
+
+@pytest.mark.parametrize("waiting", ["accept", "poll"])
+def test_a_listener_whose_host_socket_fails_to_close_answers_what_waits_on_it(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any,
+        monkeypatch: pytest.MonkeyPatch, waiting: str) -> None:
+    """close() of the listener's host socket fails (after letting go of the
+    descriptor, as Linux's close does): logged, and the teardown goes on as
+    an active socket's does, so the ACCEPT or POLL it took is answered
+    -EINTR, the ACCEPT's id_new given back, and the RELEASE answered 0.
+    Raising, it lost them: the guest waited for ever, its id_new held
+    until the frontend closed."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    listener, _ = _listener(raw, backend)
+    passive = fe._sockets[listener]
+    assert isinstance(passive, PassiveSocket)
+    ring = raw.new_ring()
+    before = resources(backend, host)
+    if waiting == "accept":
+        pending = raw.push_accept(listener, raw.new_id(), ring)
+    else:
+        pending = raw.push_poll(listener)
+    wait_until(lambda: passive.waiting is not None)
+    close = socket.socket.close
+
+    def failing_close(sock: socket.socket) -> None:
+        close(sock)
+        if sock is passive.host:
+            raise OSError(errno.EIO, "close failed")
+
+    monkeypatch.setattr(socket.socket, "close", failing_close)
+    release = raw.push_release(listener)
+    assert raw.response(pending).ret == EINTR
+    assert raw.response(release).ret == 0
+    assert raw.arrived[-2:] == [pending, release]
+    assert passive.host.fileno() == -1
+    assert resources(backend, host) == before
+    assert backend.stats().sockets == ()
+    assert raw.unexpected == []
+
+
+@pytest.mark.parametrize("where", ["unwatching", "closing"])
+def test_a_listener_s_teardown_cut_short_leaves_what_waits_to_the_next(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        where: str) -> None:
+    """An interrupt as the listener's host socket is unwatched (it stays
+    open: it may still be watched) or before it is closed: the POLL in
+    flight stays the socket's, and the teardown done again closes the host
+    socket and returns the POLL, for its caller to answer.  Taken first,
+    it was lost with the interrupt."""
+    listener, _ = _listener(raw, backend)
+    passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
+    assert isinstance(passive, PassiveSocket)
+    poll = raw.push_poll(listener)
+    wait_until(lambda: passive.waiting is not None)
+    fd = passive.host.fileno()
+    if where == "unwatching":
+        _cut_short_once(monkeypatch, backend.dispatcher, "remove_fd", KeyboardInterrupt(), fd)
+    else:
+        _cut_short_once(monkeypatch, socket.socket, "close", KeyboardInterrupt(), passive.host)
+    with pytest.raises(KeyboardInterrupt):
+        passive.teardown()
+    assert passive.host.fileno() == fd
+    assert (fd in watched_fds(backend)) is (where == "unwatching")
+    waiting = passive.teardown()
+    assert waiting is not None and waiting[0].req_id == poll
+    assert passive.host.fileno() == -1 and fd not in watched_fds(backend)
+    assert passive.teardown() is None
+
+
 def test_release_of_accept_id_new_answers_the_accept(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     listener, address = _listener(raw, backend)
