@@ -5388,6 +5388,10 @@ def test_an_online_node_taken_with_no_frontend_left_drops_the_device_at_a_remova
     with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         fe.set_state(S.CLOSED)
         fe.wait_backend(S.CLOSED)
+        # The backend's Closed may answer an earlier event that read the
+        # frontend's Closed already: the Closed's own event, still on the
+        # watch thread, would write Closed over the toolstack's Closing.
+        handed_over(drv.xenstore, "closed", base=f"/local/domain/{drvdom.domid}/data")
         bdev.events.flush()
         online = f"{bdev.nodename}/online"
         dom0_xs.set_perms(online, ["n0"])
