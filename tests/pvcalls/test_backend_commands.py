@@ -37,6 +37,7 @@ from pvcalls import _errno, _socket, _wire
 from pvcalls._backend import _Frontend
 from pvcalls._socket import ActiveSocket, PassiveSocket, Request, SockState
 from pvcalls._wire import ffi
+from workqueue import _work
 from xenback.events import EventDispatcher
 from xenback.ratelimit import RateLimit
 
@@ -1372,8 +1373,7 @@ def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
             cut = _cut_short_once(monkeypatch, ActiveSocket, "_unbind", KeyboardInterrupt())
         else:
             # Not taken back: the listener's teardown, at close, has it.
-            cut = _cut_short_once(monkeypatch, PassiveSocket, "disable_sync",
-                                  KeyboardInterrupt())
+            cut = _cut_short_once(monkeypatch, PassiveSocket, "flush", KeyboardInterrupt())
             accept = None
     else:
         sock_id, _ = _listener(raw, backend)
@@ -1398,6 +1398,54 @@ def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
     assert bound_ports(backend) == []
     assert len(backend.gnttab._live) == 0
     assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+    assert raw.unexpected == []
+
+
+def test_a_release_of_an_id_new_cut_short_waiting_for_its_listener_leaves_it_enabled(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt while the RELEASE of an ACCEPT's id_new waits for the
+    listener's run in progress: the listener's Work is enabled again, and
+    its ACCEPT answered once a connection arrives.  disable_sync() keeps
+    its disable when its wait is cut short (the disable is the caller's):
+    taken outside the try that enables it again, the listener stayed
+    disabled for good, and every ACCEPT or POLL on it waited for ever."""
+    listener, address = _listener(raw, backend)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    passive = fe._sockets[listener]
+    assert isinstance(passive, PassiveSocket)
+    running, go_on = threading.Event(), threading.Event()
+    serve = PassiveSocket._serve
+
+    def held_serve(self: PassiveSocket, *args: Any) -> int | None:
+        if not go_on.is_set():
+            running.set()
+            go_on.wait(TIMEOUT)
+        return serve(self, *args)
+
+    monkeypatch.setattr(PassiveSocket, "_serve", held_serve)
+    id_new = raw.new_id()
+    accept = raw.push_accept(listener, id_new, raw.new_ring())
+    assert running.wait(TIMEOUT)
+    cut = threading.Event()
+
+    class CutShort(_work.Completion):
+        def wait(self, timeout: float | None = None) -> bool:
+            if threading.current_thread() is threading.main_thread() or cut.is_set():
+                return super().wait(timeout)
+            cut.set()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_work, "Completion", CutShort)
+    release = raw.push_release(id_new)
+    assert cut.wait(TIMEOUT)
+    go_on.set()
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    assert release not in raw.responses and id_new in fe._sockets
+    client = socket.create_connection(address, timeout=TIMEOUT)
+    with client:
+        assert raw.response(accept).ret == 0
+        row = next(r for r in backend.stats().sockets if r.id == id_new)
+        assert row.state == "connected"
     assert raw.unexpected == []
 
 
