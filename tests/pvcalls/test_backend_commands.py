@@ -1530,12 +1530,13 @@ def test_a_listener_whose_host_socket_fails_to_close_answers_what_waits_on_it(
 @pytest.mark.parametrize("where", ["unwatching", "closing"])
 def test_a_listener_s_teardown_cut_short_leaves_what_waits_to_the_next(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
-        where: str) -> None:
+        caplog: pytest.LogCaptureFixture, where: str) -> None:
     """An interrupt as the listener's host socket is unwatched (it stays
     open: it may still be watched) or before it is closed: the POLL in
     flight stays the socket's, and the teardown done again closes the host
     socket and returns the POLL, for its caller to answer.  Taken first,
-    it was lost with the interrupt."""
+    it was lost with the interrupt.  A host socket unwatched already is
+    no failure of the teardown done again: nothing logged."""
     listener, _ = _listener(raw, backend)
     passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
     assert isinstance(passive, PassiveSocket)
@@ -1550,10 +1551,12 @@ def test_a_listener_s_teardown_cut_short_leaves_what_waits_to_the_next(
         passive.teardown()
     assert passive.host.fileno() == fd
     assert (fd in watched_fds(backend)) is (where == "unwatching")
+    caplog.clear()
     waiting = passive.teardown()
     assert waiting is not None and waiting[0].req_id == poll
     assert passive.host.fileno() == -1 and fd not in watched_fds(backend)
     assert passive.teardown() is None
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_release_of_accept_id_new_answers_the_accept(
