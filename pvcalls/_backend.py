@@ -1141,8 +1141,12 @@ class _Frontend:
         unless the connection was accepted already; the ACCEPT to answer
         -EINTR (once ``new`` is torn down), or None.  The caller kicks
         ``parent`` once done (see _release)."""
-        parent.disable_sync()  # an accept in progress has finished with `new`
+        # disable_sync() as two calls: its wait cut short (Ctrl-C) keeps its
+        # disable, the caller's, which the finally must then give back.
+        # disable() does not wait.
+        parent.disable()
         try:
+            parent.flush()  # an accept in progress has finished with `new`
             with parent._lock:
                 waiting = parent.waiting
                 if waiting is not None and waiting[1] is new:

@@ -37,6 +37,7 @@ from pvcalls import _errno, _socket, _wire
 from pvcalls._backend import _Frontend
 from pvcalls._socket import ActiveSocket, PassiveSocket, Request, SockState
 from pvcalls._wire import ffi
+from workqueue import _work
 from xenback.events import EventDispatcher
 from xenback.ratelimit import RateLimit
 
@@ -1372,8 +1373,7 @@ def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
             cut = _cut_short_once(monkeypatch, ActiveSocket, "_unbind", KeyboardInterrupt())
         else:
             # Not taken back: the listener's teardown, at close, has it.
-            cut = _cut_short_once(monkeypatch, PassiveSocket, "disable_sync",
-                                  KeyboardInterrupt())
+            cut = _cut_short_once(monkeypatch, PassiveSocket, "flush", KeyboardInterrupt())
             accept = None
     else:
         sock_id, _ = _listener(raw, backend)
@@ -1398,6 +1398,66 @@ def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
     assert bound_ports(backend) == []
     assert len(backend.gnttab._live) == 0
     assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+    assert raw.unexpected == []
+
+
+def _called_from(func: Any) -> bool:
+    """Whether the calling thread is inside ``func``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is func.__code__:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+def test_a_release_of_an_id_new_cut_short_waiting_for_its_listener_leaves_it_enabled(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt while the RELEASE of an ACCEPT's id_new waits for the
+    listener's run in progress: the listener's Work is enabled again, and
+    its ACCEPT answered once a connection arrives.  disable_sync() keeps
+    its disable when its wait is cut short (the disable is the caller's):
+    taken outside the try that enables it again, the listener stayed
+    disabled for good, and every ACCEPT or POLL on it waited for ever."""
+    listener, address = _listener(raw, backend)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    passive = fe._sockets[listener]
+    assert isinstance(passive, PassiveSocket)
+    running, go_on = threading.Event(), threading.Event()
+    serve = PassiveSocket._serve
+
+    def held_serve(self: PassiveSocket, *args: Any) -> int | None:
+        if not go_on.is_set():
+            running.set()
+            go_on.wait(TIMEOUT)
+        return serve(self, *args)
+
+    monkeypatch.setattr(PassiveSocket, "_serve", held_serve)
+    id_new = raw.new_id()
+    accept = raw.push_accept(listener, id_new, raw.new_ring())
+    assert running.wait(TIMEOUT)
+    cut = threading.Event()
+
+    class CutShort(_work.Completion):
+        def wait(self, timeout: float | None = None) -> bool:
+            if cut.is_set() or not _called_from(_Frontend._cancel_accept):
+                return super().wait(timeout)
+            cut.set()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_work, "Completion", CutShort)
+    release = raw.push_release(id_new)
+    assert cut.wait(TIMEOUT)
+    go_on.set()
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    # The held run over before the connection comes, else it accepts it.
+    passive.flush(timeout=TIMEOUT)
+    assert release not in raw.responses and id_new in fe._sockets
+    client = socket.create_connection(address, timeout=TIMEOUT)
+    with client:
+        assert raw.response(accept).ret == 0
+        row = next(r for r in backend.stats().sockets if r.id == id_new)
+        assert row.state == "connected"
     assert raw.unexpected == []
 
 
@@ -1470,12 +1530,13 @@ def test_a_listener_whose_host_socket_fails_to_close_answers_what_waits_on_it(
 @pytest.mark.parametrize("where", ["unwatching", "closing"])
 def test_a_listener_s_teardown_cut_short_leaves_what_waits_to_the_next(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
-        where: str) -> None:
+        caplog: pytest.LogCaptureFixture, where: str) -> None:
     """An interrupt as the listener's host socket is unwatched (it stays
     open: it may still be watched) or before it is closed: the POLL in
     flight stays the socket's, and the teardown done again closes the host
     socket and returns the POLL, for its caller to answer.  Taken first,
-    it was lost with the interrupt."""
+    it was lost with the interrupt.  A host socket unwatched already is
+    no failure of the teardown done again: nothing logged."""
     listener, _ = _listener(raw, backend)
     passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
     assert isinstance(passive, PassiveSocket)
@@ -1490,10 +1551,12 @@ def test_a_listener_s_teardown_cut_short_leaves_what_waits_to_the_next(
         passive.teardown()
     assert passive.host.fileno() == fd
     assert (fd in watched_fds(backend)) is (where == "unwatching")
+    caplog.clear()
     waiting = passive.teardown()
     assert waiting is not None and waiting[0].req_id == poll
     assert passive.host.fileno() == -1 and fd not in watched_fds(backend)
     assert passive.teardown() is None
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_release_of_accept_id_new_answers_the_accept(
