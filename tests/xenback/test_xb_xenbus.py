@@ -275,6 +275,44 @@ def test_removal_of_a_device_whose_frontend_never_connected(host, driver, fronte
     connected(host, frontends, "other")
 
 
+@pytest.mark.parametrize("connect", [False, True], ids=["init-wait", "connected"])
+def test_a_removal_of_a_probed_device_is_answered_by_its_own_drop(
+        host, driver, frontends, dom0_xs, caplog, connect: bool) -> None:
+    """A removal (online=0, Closing) of a device we probed is answered by
+    its drop, which writes Closed over the toolstack's Closing before
+    remove(); not left to the look at the path that comes after the drop,
+    which answers only devices never probed (_close_unprobed), and would
+    hide a Closed refused by the device's own switch behind a line saying
+    the device was removed before it was probed."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends) if connect else _at_init_wait(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    at_remove: list[S] = []
+    plain = driver.remove
+
+    def remove(d: Any) -> None:
+        at_remove.append(d.state)  # as last written: the toolstack may delete it now
+        plain(d)
+
+    driver.remove = remove  # type: ignore[method-assign]
+
+    def follow() -> None:
+        fe.wait_backend(S.CLOSING)
+        fe.set_state(S.CLOSING)
+        fe.set_state(S.CLOSED)
+
+    follower = threading.Thread(target=follow)
+    if connect:
+        follower.start()
+    assert host.toolstack.remove_device(dev, timeout=TIMEOUT) is True
+    if connect:
+        follower.join(TIMEOUT)
+    assert driver.wait_removed(guest.domid) is bdev
+    driver._bus.flush()  # the drop's look at the path, last
+    assert at_remove == [S.CLOSED]
+    assert not [r for r in caplog.records if "before it was probed" in r.getMessage()]
+
+
 def test_connect_is_not_repeated_while_connected(host, driver, frontends) -> None:
     guest, dev, fe = connected(host, frontends)
     fe.set_state(S.CONNECTED)  # Initialised -> Connected on the frontend
