@@ -3109,6 +3109,33 @@ def test_a_stop_interrupted_in_its_wait_can_be_finished_by_another(host, driver,
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
 
 
+def test_a_drop_that_stop_queued_and_that_did_not_finish_is_done_by_stop(
+        host, frontends, dom0_xs) -> None:
+    """A device whose drop, queued by stop(), ended early (its driver's
+    disconnect() raised SystemExit, which the hooks' handling leaves
+    alone, and the worker only logs) is still there once its queue is
+    closed: stop() drops it itself, or it would outlive the driver, its
+    Closed never written and remove() never called."""
+    drv = RecordingDriver(host.dom0)
+    drv.start()
+    try:
+        guest, dev, _fe = connected(host, frontends)
+        bdev = backend_device(drv, guest.domid)
+
+        def exits(_dev: Any) -> None:
+            drv.disconnect_hook = None  # once
+            raise SystemExit("disconnect() exits")
+
+        drv.disconnect_hook = exits
+    finally:
+        drv.stop()
+    assert drv.devices() == [] and bdev.gone and bdev.resources == (0, 0)
+    assert drv.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+    # remove() ran on stop()'s thread: the device's queue was closed.
+    assert drv.unordered == [f"remove of {bdev.nodename}"]
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
+
+
 @pytest.mark.parametrize("was", [S.CONNECTED, S.CLOSING])
 def test_a_frontend_restarting_without_closing_can_connect_again(
         host, driver, frontends, dom0_xs, was: S) -> None:
