@@ -5541,6 +5541,38 @@ def test_a_connect_that_reports_its_own_failure_on_a_read_only_state_is_not_conn
         assert not bdev.gone
 
 
+def test_a_connected_refused_on_a_read_only_state_undoes_the_connection(
+        host, dom0_xs, frontends, caplog) -> None:
+    """connect() succeeds, but the switch to Connected is refused (our state
+    left to us to read only, the toolstack's set_perms): the device fails
+    (error node; its Closing is refused too) and, as for a connect() that
+    raised, what connect() set up is undone at once.  Kept, the frontend's
+    ring stayed mapped and its port bound for a connection the frontend
+    was never told of, and never could be told to close: nothing but its
+    own next state, or the device's removal, released them."""
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
+        _starting_over_with(drv, fe, bdev, drv.connect)
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0", f"r{drvdom.domid}"])
+        bdev.events.flush()
+        caplog.clear()
+        fe.set_state(S.INITIALISED)
+        drv.wait_call("connect", fe.guest.domid, count=2)
+        bdev.events.flush()
+        assert _driver_domain_error(dom0_xs, drvdom, fe) == (
+            f"{errno.EACCES} frontend state {int(S.INITIALISED)}: Permission denied: "
+            f"{bdev.nodename}/state")
+        assert drv.calls_of(fe.guest.domid)[-2:] == ["connect", "disconnect"]
+        assert bdev.resources == (0, 0)
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
+        assert not bdev.gone
+        # The frontend may publish again: connected anew, and refused again.
+        fe.set_state(S.CONNECTED)
+        drv.wait_call("connect", fe.guest.domid, count=3)
+        bdev.events.flush()
+        assert drv.calls_of(fe.guest.domid)[-2:] == ["connect", "disconnect"]
+        assert bdev.resources == (0, 0)
+
+
 @pytest.mark.parametrize(("node", "write_only"), _TAKINGS)
 def test_a_connect_that_gives_up_after_a_report_met_a_node_taken_writes_nothing(
         host, dom0_xs, frontends, caplog, node, write_only) -> None:
