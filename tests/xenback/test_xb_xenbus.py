@@ -2111,6 +2111,19 @@ def test_a_junk_directory_is_reported_once_until_it_goes(
     assert driver._junk == {("01", "0")}
 
 
+def test_a_junk_directory_is_said_again_in_a_new_run(host, driver, dom0_xs, caplog) -> None:
+    """What a run said it ignores, a new run (the driver stopped and
+    started again) says again: its log may be read alone."""
+    d = _Discovery(host, dom0_xs, caplog)
+    d.write("01/0")
+    d.seen()
+    assert d.warnings("01/0") == 1
+    driver.stop()
+    driver.start()
+    d.seen()
+    assert d.warnings("01/0") == 2
+
+
 def test_junk_beyond_what_the_driver_remembers_is_rate_limited(
         host, driver, dom0_xs, caplog, monkeypatch) -> None:
     """A toolstack may make more junk than is worth remembering (dom0 has
@@ -2499,6 +2512,79 @@ def test_release_domain_in_a_driver_domain(host, frontends, caplog) -> None:
         living.set_state(S.CLOSING)
         living.wait_backend(S.CLOSING)
     assert drv.calls_of(living.guest.domid) == ["probe", "connect", "disconnect", "remove"]
+
+
+def test_a_driver_domain_that_may_not_watch_release_domain_still_serves(
+        host, frontends, caplog, monkeypatch) -> None:
+    """A XenStore that refuses a driver domain's watch on @releaseDomain
+    (cxenstored only filters its events, as the simulated one does):
+    start() says so and serves all the same, learning of a frontend's
+    death from its directory vanishing."""
+    drvdom = host.create_domain("driver-domain")
+    drv = RecordingDriver(drvdom)
+    plain = XenStore.watch
+
+    def watch(xs: XenStore, path: str, *args: Any, **kwargs: Any) -> Any:
+        if path == "@releaseDomain":
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return plain(xs, path, *args, **kwargs)
+
+    monkeypatch.setattr(XenStore, "watch", watch)
+    with drv:
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+            "cannot watch @releaseDomain: relying on frontend removal"]
+        guest = host.create_domain("guest")
+        dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+        fe = _connect(frontends, guest, dev)
+        fe.close()
+        host.destroy_domain(guest)
+        drv.wait_removed(guest.domid)
+        assert drv.devices() == []
+
+
+def test_a_probe_queued_before_our_domain_went_probes_nothing(
+        host, driver, dom0_xs, monkeypatch) -> None:
+    """A new device's probe queued, then our domain found going before it
+    ran: nothing is served any more, so nothing is probed (probe() would
+    write features, and InitWait, where our home is going)."""
+    plain = driver._probe
+    ran: list[xenbus.BackendDevice] = []
+    done = threading.Event()
+
+    def probe(dev: Any, taken_over: bool = False) -> None:
+        ran.append(dev)
+        driver._lose_domain()
+        try:
+            plain(dev, taken_over)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(driver, "_probe", probe)
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    assert done.wait(TIMEOUT)
+    ran[0].events.flush()  # its drop, queued by _lose_domain
+    assert driver.calls_of(guest.domid) == [] and driver.devices() == []
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.INITIALISING))
+
+
+def test_a_driver_whose_domain_went_in_a_run_before_serves_in_the_next(
+        host, dom0_xs, frontends) -> None:
+    """Our domain going (see _lose_domain) ends a run, not the driver: one
+    stopped and started again serves new devices."""
+    drvdom, drv, fes = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        drv._lose_domain()
+        drv.wait_removed(fes[0].guest.domid)
+        for fe in fes:
+            fe.close()
+        drv.stop()
+        drv.start()
+        guest = host.create_domain("two")
+        dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+        _connect(frontends, guest, dev)
+    finally:
+        drv.stop()
 
 
 def test_release_domain_in_a_driver_domain_that_may_look_at_homes(host) -> None:
