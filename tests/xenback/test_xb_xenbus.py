@@ -993,6 +993,8 @@ def test_a_device_re_created_while_probe_runs_gets_its_features(
     assert dom0_xs.read(f"{again.backend_path}/feature-test") == "1"
     assert driver.calls_of(guest.domid) == ["probe", "remove", "probe", "connect"]
     assert error_node(dom0_xs, again) is None
+    # The old device, dropped, set no watch on the frontend: the new one's alone.
+    assert _watches_on(host, f"{again.frontend_path}/state") == 1
     fe.set_state(S.CLOSED)
     fe.wait_backend(S.CLOSED)
 
