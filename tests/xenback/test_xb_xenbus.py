@@ -5410,12 +5410,12 @@ def test_an_online_refused_as_the_domain_goes_is_no_refusal_of_ours(
         drv.stop()
 
 
-@pytest.mark.parametrize("where", ["taken-over", "new", "removed"])
+@pytest.mark.parametrize("where", ["taken-over", "new", "new-state", "removed"])
 def test_a_read_refused_as_the_domain_goes_is_not_passed_over_by_discovery(
         host, dom0_xs, frontends, caplog, monkeypatch, where) -> None:
     """Our home deleted just before discovery reads a device's node: the
-    ``online`` of one left Closed at start, the directory of a new one,
-    the state of one removed before we saw it.  The EACCES is our domain
+    ``online`` of one left Closed at start, the directory or the state of
+    a new one, the state of one removed before we saw it.  The EACCES is our domain
     going, learnt there and then and said once, not a node the toolstack
     took, which discovery passes over ("not served", "not closed") for
     the next request to learn of the domain's going."""
@@ -5425,7 +5425,8 @@ def test_a_read_refused_as_the_domain_goes_is_not_passed_over_by_discovery(
     drv = RecordingDriver(drvdom)
     home = f"/local/domain/{drvdom.domid}"
     path = f"{home}/backend/xbtest/{guest.domid}/0"
-    node = {"taken-over": f"{path}/online", "new": path, "removed": f"{path}/state"}[where]
+    node = {"taken-over": f"{path}/online", "new": path, "new-state": f"{path}/state",
+            "removed": f"{path}/state"}[where]
     armed, refused = threading.Event(), []
 
     def home_gone_then(store: Any, read: Any, p: str, *args: Any) -> Any:
@@ -5454,7 +5455,7 @@ def test_a_read_refused_as_the_domain_goes_is_not_passed_over_by_discovery(
             handed_over(drv.xenstore, "started", base=f"{home}/data")
             drv._bus.flush()
             armed.set()
-            if where == "new":
+            if where.startswith("new"):
                 host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
             else:
                 def removed(t: Transaction) -> None:
