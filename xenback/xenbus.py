@@ -113,7 +113,9 @@ protocol (section 2 of the protocol reference), item by item:
   whose Closed we may not write is said once as a warning (the
   toolstack then waits its timeout, as it made it).  A state we may
   read but not write fails the device at its next switch, as in Linux:
-  error node, no Closing;
+  error node, no Closing; a Connected refused so undoes the connection
+  first, as a failed connect() is (Linux's backends keep it, until a
+  frontend that was never told Connected nor Closing moves on);
 * our own domain going away (a driver domain destroyed under its
   backend): libxl deletes its home before the domain, and with it goes
   our right to read anything we had there (EACCES where a node was).  A
@@ -2187,7 +2189,16 @@ class BackendDriver:
             # said as a second failure over the driver's error node.
             self._disconnect(dev)
             return
-        dev.switch_state(XenbusState.CONNECTED)
+        try:
+            dev.switch_state(XenbusState.CONNECTED)
+        except Exception:
+            # The frontend was never told Connected (our state left to us
+            # to read only, say), and the failure, reported by the caller,
+            # may leave it no Closing to answer either: undone now, as for
+            # a connect() that failed, or its ring and port stay held for
+            # a connection nobody can use or close.
+            self._disconnect(dev)
+            raise
 
     def _fail(self, dev: BackendDevice, what: str, exc: Exception) -> None:
         """``exc`` escaped ``what``, the driver's code for ``dev`` run after

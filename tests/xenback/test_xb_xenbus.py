@@ -275,6 +275,44 @@ def test_removal_of_a_device_whose_frontend_never_connected(host, driver, fronte
     connected(host, frontends, "other")
 
 
+@pytest.mark.parametrize("connect", [False, True], ids=["init-wait", "connected"])
+def test_a_removal_of_a_probed_device_is_answered_by_its_own_drop(
+        host, driver, frontends, dom0_xs, caplog, connect: bool) -> None:
+    """A removal (online=0, Closing) of a device we probed is answered by
+    its drop, which writes Closed over the toolstack's Closing before
+    remove(); not left to the look at the path that comes after the drop,
+    which answers only devices never probed (_close_unprobed), and would
+    hide a Closed refused by the device's own switch behind a line saying
+    the device was removed before it was probed."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends) if connect else _at_init_wait(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    at_remove: list[S] = []
+    plain = driver.remove
+
+    def remove(d: Any) -> None:
+        at_remove.append(d.state)  # as last written: the toolstack may delete it now
+        plain(d)
+
+    driver.remove = remove  # type: ignore[method-assign]
+
+    def follow() -> None:
+        fe.wait_backend(S.CLOSING)
+        fe.set_state(S.CLOSING)
+        fe.set_state(S.CLOSED)
+
+    follower = threading.Thread(target=follow)
+    if connect:
+        follower.start()
+    assert host.toolstack.remove_device(dev, timeout=TIMEOUT) is True
+    if connect:
+        follower.join(TIMEOUT)
+    assert driver.wait_removed(guest.domid) is bdev
+    driver._bus.flush()  # the drop's look at the path, last
+    assert at_remove == [S.CLOSED]
+    assert not [r for r in caplog.records if "before it was probed" in r.getMessage()]
+
+
 def test_connect_is_not_repeated_while_connected(host, driver, frontends) -> None:
     guest, dev, fe = connected(host, frontends)
     fe.set_state(S.CONNECTED)  # Initialised -> Connected on the frontend
@@ -955,6 +993,8 @@ def test_a_device_re_created_while_probe_runs_gets_its_features(
     assert dom0_xs.read(f"{again.backend_path}/feature-test") == "1"
     assert driver.calls_of(guest.domid) == ["probe", "remove", "probe", "connect"]
     assert error_node(dom0_xs, again) is None
+    # The old device, dropped, set no watch on the frontend: the new one's alone.
+    assert _watches_on(host, f"{again.frontend_path}/state") == 1
     fe.set_state(S.CLOSED)
     fe.wait_backend(S.CLOSED)
 
@@ -2073,6 +2113,19 @@ def test_a_junk_directory_is_reported_once_until_it_goes(
     assert driver._junk == {("01", "0")}
 
 
+def test_a_junk_directory_is_said_again_in_a_new_run(host, driver, dom0_xs, caplog) -> None:
+    """What a run said it ignores, a new run (the driver stopped and
+    started again) says again: its log may be read alone."""
+    d = _Discovery(host, dom0_xs, caplog)
+    d.write("01/0")
+    d.seen()
+    assert d.warnings("01/0") == 1
+    driver.stop()
+    driver.start()
+    d.seen()
+    assert d.warnings("01/0") == 2
+
+
 def test_junk_beyond_what_the_driver_remembers_is_rate_limited(
         host, driver, dom0_xs, caplog, monkeypatch) -> None:
     """A toolstack may make more junk than is worth remembering (dom0 has
@@ -2461,6 +2514,79 @@ def test_release_domain_in_a_driver_domain(host, frontends, caplog) -> None:
         living.set_state(S.CLOSING)
         living.wait_backend(S.CLOSING)
     assert drv.calls_of(living.guest.domid) == ["probe", "connect", "disconnect", "remove"]
+
+
+def test_a_driver_domain_that_may_not_watch_release_domain_still_serves(
+        host, frontends, caplog, monkeypatch) -> None:
+    """A XenStore that refuses a driver domain's watch on @releaseDomain
+    (cxenstored only filters its events, as the simulated one does):
+    start() says so and serves all the same, learning of a frontend's
+    death from its directory vanishing."""
+    drvdom = host.create_domain("driver-domain")
+    drv = RecordingDriver(drvdom)
+    plain = XenStore.watch
+
+    def watch(xs: XenStore, path: str, *args: Any, **kwargs: Any) -> Any:
+        if path == "@releaseDomain":
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return plain(xs, path, *args, **kwargs)
+
+    monkeypatch.setattr(XenStore, "watch", watch)
+    with drv:
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+            "cannot watch @releaseDomain: relying on frontend removal"]
+        guest = host.create_domain("guest")
+        dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+        fe = _connect(frontends, guest, dev)
+        fe.close()
+        host.destroy_domain(guest)
+        drv.wait_removed(guest.domid)
+        assert drv.devices() == []
+
+
+def test_a_probe_queued_before_our_domain_went_probes_nothing(
+        host, driver, dom0_xs, monkeypatch) -> None:
+    """A new device's probe queued, then our domain found going before it
+    ran: nothing is served any more, so nothing is probed (probe() would
+    write features, and InitWait, where our home is going)."""
+    plain = driver._probe
+    ran: list[xenbus.BackendDevice] = []
+    done = threading.Event()
+
+    def probe(dev: Any, taken_over: bool = False) -> None:
+        ran.append(dev)
+        driver._lose_domain()
+        try:
+            plain(dev, taken_over)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(driver, "_probe", probe)
+    guest = host.create_domain("guest")
+    dev = host.toolstack.add_device("xbtest", guest.domid)
+    assert done.wait(TIMEOUT)
+    ran[0].events.flush()  # its drop, queued by _lose_domain
+    assert driver.calls_of(guest.domid) == [] and driver.devices() == []
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.INITIALISING))
+
+
+def test_a_driver_whose_domain_went_in_a_run_before_serves_in_the_next(
+        host, dom0_xs, frontends) -> None:
+    """Our domain going (see _lose_domain) ends a run, not the driver: one
+    stopped and started again serves new devices."""
+    drvdom, drv, fes = _driver_domain_backend(host, dom0_xs, frontends, ("one",), (0,))
+    try:
+        drv._lose_domain()
+        drv.wait_removed(fes[0].guest.domid)
+        for fe in fes:
+            fe.close()
+        drv.stop()
+        drv.start()
+        guest = host.create_domain("two")
+        dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+        _connect(frontends, guest, dev)
+    finally:
+        drv.stop()
 
 
 def test_release_domain_in_a_driver_domain_that_may_look_at_homes(host) -> None:
@@ -3069,6 +3195,33 @@ def test_a_stop_interrupted_in_its_wait_can_be_finished_by_another(host, driver,
     driver.stop()
     assert driver.devices() == [] and driver._xs is None
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+
+
+def test_a_drop_that_stop_queued_and_that_did_not_finish_is_done_by_stop(
+        host, frontends, dom0_xs) -> None:
+    """A device whose drop, queued by stop(), ended early (its driver's
+    disconnect() raised SystemExit, which the hooks' handling leaves
+    alone, and the worker only logs) is still there once its queue is
+    closed: stop() drops it itself, or it would outlive the driver, its
+    Closed never written and remove() never called."""
+    drv = RecordingDriver(host.dom0)
+    drv.start()
+    try:
+        guest, dev, _fe = connected(host, frontends)
+        bdev = backend_device(drv, guest.domid)
+
+        def exits(_dev: Any) -> None:
+            drv.disconnect_hook = None  # once
+            raise SystemExit("disconnect() exits")
+
+        drv.disconnect_hook = exits
+    finally:
+        drv.stop()
+    assert drv.devices() == [] and bdev.gone and bdev.resources == (0, 0)
+    assert drv.calls_of(guest.domid) == ["probe", "connect", "disconnect", "remove"]
+    # remove() ran on stop()'s thread: the device's queue was closed.
+    assert drv.unordered == [f"remove of {bdev.nodename}"]
+    assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
 
 
 @pytest.mark.parametrize("was", [S.CONNECTED, S.CLOSING])
@@ -5257,12 +5410,12 @@ def test_an_online_refused_as_the_domain_goes_is_no_refusal_of_ours(
         drv.stop()
 
 
-@pytest.mark.parametrize("where", ["taken-over", "new", "removed"])
+@pytest.mark.parametrize("where", ["taken-over", "new", "new-state", "removed"])
 def test_a_read_refused_as_the_domain_goes_is_not_passed_over_by_discovery(
         host, dom0_xs, frontends, caplog, monkeypatch, where) -> None:
     """Our home deleted just before discovery reads a device's node: the
-    ``online`` of one left Closed at start, the directory of a new one,
-    the state of one removed before we saw it.  The EACCES is our domain
+    ``online`` of one left Closed at start, the directory or the state of
+    a new one, the state of one removed before we saw it.  The EACCES is our domain
     going, learnt there and then and said once, not a node the toolstack
     took, which discovery passes over ("not served", "not closed") for
     the next request to learn of the domain's going."""
@@ -5272,7 +5425,8 @@ def test_a_read_refused_as_the_domain_goes_is_not_passed_over_by_discovery(
     drv = RecordingDriver(drvdom)
     home = f"/local/domain/{drvdom.domid}"
     path = f"{home}/backend/xbtest/{guest.domid}/0"
-    node = {"taken-over": f"{path}/online", "new": path, "removed": f"{path}/state"}[where]
+    node = {"taken-over": f"{path}/online", "new": path, "new-state": f"{path}/state",
+            "removed": f"{path}/state"}[where]
     armed, refused = threading.Event(), []
 
     def home_gone_then(store: Any, read: Any, p: str, *args: Any) -> Any:
@@ -5301,7 +5455,7 @@ def test_a_read_refused_as_the_domain_goes_is_not_passed_over_by_discovery(
             handed_over(drv.xenstore, "started", base=f"{home}/data")
             drv._bus.flush()
             armed.set()
-            if where == "new":
+            if where.startswith("new"):
                 host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
             else:
                 def removed(t: Transaction) -> None:
@@ -5478,6 +5632,38 @@ def test_a_connect_that_reports_its_own_failure_on_a_read_only_state_is_not_conn
         assert [r.msg for r in _backend_warnings(caplog) if r.levelno == logging.WARNING] == [
             "%s: could not switch to Closing: %s"]
         assert not bdev.gone
+
+
+def test_a_connected_refused_on_a_read_only_state_undoes_the_connection(
+        host, dom0_xs, frontends, caplog) -> None:
+    """connect() succeeds, but the switch to Connected is refused (our state
+    left to us to read only, the toolstack's set_perms): the device fails
+    (error node; its Closing is refused too) and, as for a connect() that
+    raised, what connect() set up is undone at once.  Kept, the frontend's
+    ring stayed mapped and its port bound for a connection the frontend
+    was never told of, and never could be told to close: nothing but its
+    own next state, or the device's removal, released them."""
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
+        _starting_over_with(drv, fe, bdev, drv.connect)
+        dom0_xs.set_perms(f"{bdev.nodename}/state", ["n0", f"r{drvdom.domid}"])
+        bdev.events.flush()
+        caplog.clear()
+        fe.set_state(S.INITIALISED)
+        drv.wait_call("connect", fe.guest.domid, count=2)
+        bdev.events.flush()
+        assert _driver_domain_error(dom0_xs, drvdom, fe) == (
+            f"{errno.EACCES} frontend state {int(S.INITIALISED)}: Permission denied: "
+            f"{bdev.nodename}/state")
+        assert drv.calls_of(fe.guest.domid)[-2:] == ["connect", "disconnect"]
+        assert bdev.resources == (0, 0)
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
+        assert not bdev.gone
+        # The frontend may publish again: connected anew, and refused again.
+        fe.set_state(S.CONNECTED)
+        drv.wait_call("connect", fe.guest.domid, count=3)
+        bdev.events.flush()
+        assert drv.calls_of(fe.guest.domid)[-2:] == ["connect", "disconnect"]
+        assert bdev.resources == (0, 0)
 
 
 @pytest.mark.parametrize(("node", "write_only"), _TAKINGS)
