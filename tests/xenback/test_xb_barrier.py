@@ -41,7 +41,8 @@ def test_barriers_are_callable() -> None:
         fn()
 
 
-@pytest.mark.skipif(platform.machine() not in EXPECTED, reason="fences documented for x86-64 and arm64")
+@pytest.mark.skipif(platform.machine() not in EXPECTED,
+                    reason="fences documented for x86-64 and arm64")
 def test_fences_match_the_documented_reasoning() -> None:
     bodies = _disassembly()
     for name, pattern in EXPECTED[platform.machine()].items():

@@ -278,7 +278,8 @@ def test_backend_and_guest_through_the_run_directory(host, tmp_path) -> None:
     dev = host.toolstack.add_device("console", domain.domid)
     logged = threading.Event()
     platform = attach(host.run_dir, 0)
-    with console_backend.ConsoleBackend(platform, tmp_path, on_output=lambda d, b: logged.set()) as backend:
+    with console_backend.ConsoleBackend(platform, tmp_path,
+                                        on_output=lambda d, b: logged.set()) as backend:
         fe = SimFrontend(attach(host.run_dir, domain.domid), dev)
         try:
             fe.wait_backend(S.INIT_WAIT)

@@ -409,7 +409,8 @@ def test_an_fd_must_be_a_number(pair) -> None:
     _guest, _evtchn, dispatcher = pair
     a, b = socket.socketpair()
     with a, b:
-        with pytest.raises(TypeError, match=r"fd must be an int .* not socket: pass its fileno\(\)"):
+        with pytest.raises(TypeError,
+                           match=r"fd must be an int .* not socket: pass its fileno\(\)"):
             dispatcher.add_fd(a, select.EPOLLIN, lambda fd, events: None)  # type: ignore[arg-type]
         # Nothing was registered: the number itself can be added.
         ready = threading.Semaphore(0)
@@ -598,7 +599,8 @@ def test_a_dispatcher_interrupted_anywhere_in_its_making_is_whole_or_nothing(
         before = {t.ident for t in threading.enumerate()}
         made: list[EventDispatcher] = []
         if into:
-            where = interrupted_at(n, within, lambda made=made: EventDispatcher(host.dom0, into=made))
+            where = interrupted_at(
+                n, within, lambda made=made: EventDispatcher(host.dom0, into=made))
         else:
             where = interrupted_at(
                 n, within, lambda made=made: made.append(EventDispatcher(host.dom0)))

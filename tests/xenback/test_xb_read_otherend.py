@@ -135,7 +135,8 @@ def test_the_default_is_checked(nodes) -> None:
         bdev.read_otherend_u32("x", -1)
     with pytest.raises(TypeError, match="default must be an int, not str"):
         bdev.read_otherend_u32("x", "0")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="default must be a 32-bit unsigned integer, not 4294967296"):
+    with pytest.raises(ValueError,
+                       match="default must be a 32-bit unsigned integer, not 4294967296"):
         bdev.read_otherend_u32("x", 1 << 32)
     with pytest.raises(TypeError, match="default must be an int, not bool"):
         bdev.read_otherend_u32("x", True)

@@ -67,7 +67,8 @@ def test_open_names_every_missing_piece(monkeypatch, tmp_path) -> None:
 @needs_no_xen
 def test_open_names_a_missing_library(monkeypatch) -> None:
     monkeypatch.setattr(_platform, "EVTCHN_LIBRARY", "libxenevtchn-absent.so.1")
-    with pytest.raises(PlatformUnavailable, match=r"library libxenevtchn-absent\.so\.1 \(Debian package libxenevtchn1\)"):
+    with pytest.raises(PlatformUnavailable, match=r"library libxenevtchn-absent\.so\.1 "
+                                                  r"\(Debian package libxenevtchn1\)"):
         xenback.xen.open()
 
 

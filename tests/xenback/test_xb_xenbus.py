@@ -573,7 +573,8 @@ def test_frontend_that_never_appears(host, driver, frontends, dom0_xs) -> None:
     relative = base[len("/local/domain/0/"):]
     error = dom0_xs.read(f"/local/domain/0/error/{relative}/error")
     assert error == (
-        f"{errno.ENOENT} probing: frontend does not exist: /local/domain/{guest.domid}/device/xbtest/0"
+        f"{errno.ENOENT} probing: frontend does not exist: "
+        f"/local/domain/{guest.domid}/device/xbtest/0"
     )  # the error names the node, as the OSError did
     assert driver.calls_of(guest.domid) == []  # the driver was never bothered
 
@@ -634,7 +635,8 @@ def test_frontend_id_that_does_not_match_the_path(host, driver, frontends, dom0_
     ids=["garbage-ring-ref", "garbage-port", "missing-ring-ref", "grant-never-made",
          "negative-ring-ref", "huge-ring-ref"],
 )
-def test_frontend_garbage_fails_the_device_only(host, driver, frontends, dom0_xs, nodes, err, text) -> None:
+def test_frontend_garbage_fails_the_device_only(
+        host, driver, frontends, dom0_xs, nodes, err, text) -> None:
     census = Census(host, driver)
     guest, dev, fe = _at_init_wait(host, frontends, "bad")
     fe.publish(nodes)
@@ -656,7 +658,8 @@ def test_frontend_garbage_fails_the_device_only(host, driver, frontends, dom0_xs
     connected(host, frontends, "good")
 
 
-def test_bad_event_channel_releases_the_grant_already_mapped(host, driver, frontends, dom0_xs) -> None:
+def test_bad_event_channel_releases_the_grant_already_mapped(
+        host, driver, frontends, dom0_xs) -> None:
     census = Census(host, driver)
     guest, dev, fe = _at_init_wait(host, frontends, "bad")
     fe.share()
@@ -811,7 +814,8 @@ def test_non_ascii_from_the_frontend_is_reported_and_fatal(
     assert _no_tracebacks(caplog) == []
 
 
-def test_error_message_is_escaped_for_the_error_node(host, driver, frontends, dom0_xs, caplog) -> None:
+def test_error_message_is_escaped_for_the_error_node(
+        host, driver, frontends, dom0_xs, caplog) -> None:
     def hook(_dev) -> None:
         raise ValueError("caf\u00e9\nor\ttea")
 
@@ -1023,7 +1027,8 @@ def test_a_probe_failing_after_the_device_was_re_created_leaves_the_new_one_alon
     fe.wait_backend(S.CLOSED)
 
 
-@pytest.mark.parametrize("found", ["frontend gone", "frontend node missing", "frontend-id not ours"])
+@pytest.mark.parametrize("found", [
+    "frontend gone", "frontend node missing", "frontend-id not ours"])
 def test_a_failed_look_at_the_frontend_re_created_in_its_moment_is_not_reported_there(
         host, driver, frontends, dom0_xs, caplog, monkeypatch, found: str) -> None:
     """The reads before probe() (our frontend and frontend-id nodes, the
@@ -2253,7 +2258,8 @@ def test_driver_stops_after_the_host_went_away(frontends) -> None:
     assert not leaked_threads(before)  # pyxs's router threads saw the reset and ended
 
 
-def test_any_other_driver_exception_is_reported_as_eio(host, driver, frontends, dom0_xs, caplog) -> None:
+def test_any_other_driver_exception_is_reported_as_eio(
+        host, driver, frontends, dom0_xs, caplog) -> None:
     """An exception that is neither an OSError nor a ValueError/TypeError
     still fails the device cleanly: EIO, the exception's type and text."""
 
@@ -2694,7 +2700,8 @@ def test_the_driver_domain_going_away_under_its_backend(host, dom0_xs, frontends
     assert said[0].exc_info is None
 
 
-def test_the_driver_domain_destroyed_under_devices_being_dropped(host, dom0_xs, frontends, caplog) -> None:
+def test_the_driver_domain_destroyed_under_devices_being_dropped(
+        host, dom0_xs, frontends, caplog) -> None:
     """The driver domain is destroyed while its backend is still dropping
     the devices libxl deleted first (their disconnect() is slow): the
     domain, its XenStore connection and its ports go under the drops.

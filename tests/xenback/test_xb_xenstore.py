@@ -618,9 +618,11 @@ def test_wait_for_timeout_says_what_was_awaited(dom0_xs) -> None:
     from xenback import XenbusState
 
     dom0_xs.write("/s", XenbusState.CLOSING)
-    with pytest.raises(TimeoutError, match=r"^/s did not become '4' within 0.05 s \(last value '5'\)$"):
+    with pytest.raises(TimeoutError,
+                       match=r"^/s did not become '4' within 0.05 s \(last value '5'\)$"):
         dom0_xs.wait_for("/s", XenbusState.CONNECTED, timeout=0.05)
-    with pytest.raises(TimeoutError, match=r"^/none did not appear within 0.05 s \(last value None\)$"):
+    with pytest.raises(TimeoutError,
+                       match=r"^/none did not appear within 0.05 s \(last value None\)$"):
         dom0_xs.wait_for("/none", timeout=0.05)
 
     def backend_ready(value: str | None) -> bool:
@@ -1289,7 +1291,8 @@ def test_event_queue_leaves_what_its_owner_handled_unlogged(wq, caplog) -> None:
     assert out == [1]
     assert [type(e) for e in seen] == [PermissionError, ZeroDivisionError, KeyError]
     logged = [r for r in caplog.records if r.name == "xenback._eventqueue"]
-    assert [r.exc_info[0] for r in logged if r.exc_info] == [ZeroDivisionError, RuntimeError, KeyError]
+    assert [r.exc_info[0] for r in logged if r.exc_info] == [
+        ZeroDivisionError, RuntimeError, KeyError]
     assert "Permission denied" not in caplog.text
 
 
@@ -1505,7 +1508,8 @@ def test_a_path_with_a_nul_is_refused_before_anything_is_written(dom0_xs, path) 
     """pyxs's path check lets one trailing NUL through, which then ends
     the path inside the request: write("/test/nul\\0", "x") wrote "\\0x"
     to /test/nul."""
-    with pytest.raises(ValueError, match=r"invalid XenStore path '/test/n.*': contains NUL at offset \d"):
+    with pytest.raises(ValueError,
+                       match=r"invalid XenStore path '/test/n.*': contains NUL at offset \d"):
         dom0_xs.write(path, "x")
     with pytest.raises(ValueError, match="contains NUL"):
         dom0_xs.transaction(lambda t: t.write(path, "x"))

@@ -105,7 +105,7 @@ class RecordingDriver(BackendDriver):
                 raise AssertionError(f"timed out; calls so far: {self.calls}")
 
     def wait_call(self, name: str, fe: int, devid: int = 0, count: int = 1) -> None:
-        self.wait(lambda: [n for n, f, d in self.calls if (n, f, d) == (name, fe, devid)].__len__() >= count)
+        self.wait(lambda: sum((n, f, d) == (name, fe, devid) for n, f, d in self.calls) >= count)
 
     def wait_removed(self, fe: int, devid: int = 0, count: int = 1) -> BackendDevice:
         """Wait for the ``count``-th remove() of frontend ``fe``'s device
@@ -157,7 +157,8 @@ class RecordingDriver(BackendDriver):
         self._record("remove", dev)
 
 
-def connected(host: Any, frontends: Any, name: str = "guest", devid: int = 0) -> tuple[Any, Any, Any]:
+def connected(host: Any, frontends: Any, name: str = "guest",
+              devid: int = 0) -> tuple[Any, Any, Any]:
     """A new guest ``name`` whose ``xbtest`` device is Connected:
     ``(guest, toolstack device, frontend)``."""
     guest = host.create_domain(name)

@@ -403,7 +403,8 @@ class Fuzzer:
         dev = known.get((g.domid, devid))
         be_state = f"{fd.device.backend_path}/state"
         fe_state = f"{fd.device.frontend_path}/state"
-        if (dev is None or dev.gone or dev._otherend_watch is None or drv.faults.get((g.domid, devid))
+        if (dev is None or dev.gone or dev._otherend_watch is None
+                or drv.faults.get((g.domid, devid))
                 or self.dom0.read(f"{fd.device.backend_path}/online") != "1"):
             return
         if self.taken.get(fd.device.backend_path):
@@ -1000,7 +1001,8 @@ class Fuzzer:
             fstate = S.parse(f_raw)
         except ValueError:
             fstate = S.UNKNOWN
-        if fstate in (S.UNKNOWN, S.INIT_WAIT, S.RECONFIGURING, S.RECONFIGURED) and f_raw is not None:
+        impossible = (S.UNKNOWN, S.INIT_WAIT, S.RECONFIGURING, S.RECONFIGURED)
+        if fstate in impossible and f_raw is not None:
             # A state no frontend may write is a fatal error, reported.
             check(b_raw == "5" or stuck, f"{where}: impossible frontend state not fatal")
             check(error is not None, f"{where}: impossible frontend state, no error node")
