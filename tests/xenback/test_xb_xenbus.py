@@ -5673,6 +5673,50 @@ def test_a_connected_refused_on_a_read_only_state_undoes_the_connection(
         assert bdev.resources == (0, 0)
 
 
+def test_a_connected_xenstore_refuses_otherwise_undoes_the_connection_before_closing(
+        host, driver, dom0_xs, frontends, monkeypatch) -> None:
+    """The switch to Connected fails with another error than a state left
+    to us to read only (ENOSPC here, a quota of XenStore's, say): undone
+    all the same, before the Closing the failure's report writes, as for
+    a connect() that failed.  Only a refused state undone, the device
+    would say Closing with the frontend's ring still mapped and its port
+    bound, until the frontend answered."""
+    guest = host.create_domain("guest")
+    device = host.toolstack.add_device("xbtest", guest.domid)
+    fe = frontends(guest, device)
+    fe.wait_backend(S.INIT_WAIT)
+    bdev = backend_device(driver, guest.domid)
+    state_path = f"{bdev.nodename}/state"
+    plain_write = Transaction.write
+    refused: list[str] = []
+
+    def write(t: Transaction, path: str, value: str | int) -> None:
+        if path == state_path and str(value) == str(int(S.CONNECTED)) and not refused:
+            refused.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        plain_write(t, path, value)
+
+    monkeypatch.setattr(Transaction, "write", write)
+    fe.publish()
+    fe.wait_backend(S.CLOSING)
+    bdev.events.flush()
+    assert refused == [state_path]
+    assert error_node(dom0_xs, device) == (
+        f"{errno.ENOSPC} frontend state {int(S.INITIALISED)}: No space left on device: "
+        f"{state_path}")
+    # Undone at once: the frontend has not answered the Closing.
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
+    assert bdev.resources == (0, 0)
+    # It starts over, and is connected.
+    fe.set_state(S.INITIALISING)
+    fe.wait_backend(S.INIT_WAIT)
+    fe.publish()
+    fe.wait_backend(S.CONNECTED)
+    bdev.events.flush()
+    assert driver.calls_of(guest.domid)[-1] == "connect"
+    assert bdev.resources == (1, 1)
+
+
 @pytest.mark.parametrize(("node", "write_only"), _TAKINGS)
 def test_a_connect_that_gives_up_after_a_report_met_a_node_taken_writes_nothing(
         host, dom0_xs, frontends, caplog, node, write_only) -> None:
