@@ -3783,6 +3783,24 @@ def test_stop_from_a_work_on_a_workqueue_the_driver_was_given_stops_it(
     assert drv.calls_of(guest.domid)[-1] == "remove"
 
 
+@pytest.mark.parametrize("hook", ["probe", "connect"])
+def test_stop_from_a_driver_callback_on_a_workqueue_it_was_given_is_refused(
+        host, frontends, dom0_xs, hook) -> None:
+    """A workqueue passed in that runs many items at once lets a plain
+    work item of its stop the driver, but not a device's xenbus callback
+    run there: the device's drop waits for its queue, the caller's.
+    Refused before it does anything, as on the workqueue the driver
+    made, and the driver goes on serving."""
+    wq = alloc_workqueue("given", WQ_UNBOUND)
+    with _driver_given(host, wq) as drv:
+        stop_here = _Stopper(drv)
+        setattr(drv, f"{hook}_hook", stop_here)
+        guest, dev, _fe = connected(host, frontends)
+        assert stop_here.refused()
+        setattr(drv, f"{hook}_hook", None)
+        _goes_on_serving(drv, host, frontends, dom0_xs, guest, dev)
+
+
 @pytest.mark.parametrize("make", [
     lambda: alloc_ordered_workqueue("given-ordered"),
     lambda: alloc_workqueue("given-one", WQ_UNBOUND, 1),
