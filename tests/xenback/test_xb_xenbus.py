@@ -7,6 +7,7 @@ import contextlib
 import enum
 import errno
 import functools
+import gc
 import itertools
 import logging
 import os
@@ -15,6 +16,7 @@ import select
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -2170,6 +2172,19 @@ def test_a_driver_can_be_started_again(host, frontends) -> None:
         other = host.create_domain("other")
         dev2 = host.toolstack.add_device("xbtest", other.domid)
         frontends(other, dev2).wait_backend(S.INIT_WAIT)
+
+
+def test_a_stopped_driver_keeps_nothing_of_its_run(host) -> None:
+    """stop() lets go of what start() made: the XenStore connection (its
+    watches name it) and the domain's lock.  A driver kept to be started
+    again held on to every run's closed connection, one more each run."""
+    drv = RecordingDriver(host.dom0)
+    for _ in range(2):
+        drv.start()
+        made = [weakref.ref(drv.xenstore), weakref.ref(drv._host_lock)]
+        drv.stop()
+        gc.collect()
+        assert [ref() for ref in made] == [None, None]
 
 
 def test_only_initialising_devices_are_probed(host, driver, frontends, dom0_xs) -> None:
