@@ -3798,6 +3798,47 @@ def test_stop_from_a_work_on_a_workqueue_the_driver_was_given_stops_it(
     assert drv.calls_of(guest.domid)[-1] == "remove"
 
 
+def test_stop_on_a_workqueue_it_was_given_waits_for_a_discovery_under_way(
+        host, caplog, monkeypatch) -> None:
+    """A workqueue passed in goes on running after stop(), which does
+    not shut it down: a look at a new device under way on the bus as
+    stop() begins is waited for, or it ran on after stop() returned,
+    on a connection stop() closed."""
+    wq = alloc_workqueue("given", WQ_UNBOUND)
+    with _driver_given(host, wq) as drv:
+        assert drv._bus is not None
+        bus_close = drv._bus.close
+        check_device = drv._check_device
+        entered, release = threading.Event(), threading.Event()
+        running: list[int] = []
+        at_close: list[int] = []
+
+        def looking(*args: Any, **kwargs: Any) -> None:
+            running.append(1)
+            try:
+                if not entered.is_set():
+                    entered.set()
+                    assert release.wait(TIMEOUT)
+                check_device(*args, **kwargs)
+            finally:
+                running.pop()
+
+        def closing(*, wait: bool = True) -> None:
+            release.set()
+            bus_close(wait=wait)
+            at_close.append(len(running))
+
+        monkeypatch.setattr(drv, "_check_device", looking)
+        monkeypatch.setattr(drv._bus, "close", closing)
+        guest = host.create_domain("guest")
+        host.toolstack.add_device("xbtest", guest.domid)
+        assert entered.wait(TIMEOUT)
+        drv.stop()
+        assert at_close == [0]
+        assert drv.calls_of(guest.domid) == []  # stopping: not probed
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 @pytest.mark.parametrize("hook", ["probe", "connect"])
 def test_stop_from_a_driver_callback_on_a_workqueue_it_was_given_is_refused(
         host, frontends, dom0_xs, hook) -> None:
