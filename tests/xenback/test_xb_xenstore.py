@@ -2574,11 +2574,12 @@ def test_a_transaction_start_given_up_before_its_reply_is_ended(
 
 
 def _start_given_up(monkeypatch: pytest.MonkeyPatch, *, refused: bool = False
-                    ) -> tuple[threading.Event, threading.Event]:
-    """Have the next transaction start given up (a Ctrl-C as its requester
-    begins to wait) before its reply, held on the router thread until the
-    first event returned is set, is handed over (with ``refused``, as
-    EAGAIN); the second is set once the router is past that reply."""
+                    ) -> Callable[[XenStore], None]:
+    """A function that runs a transaction on a XenStore whose start is
+    given up (a Ctrl-C as its requester begins to wait) before its reply,
+    held on the router thread until then, is handed over (with
+    ``refused``, as EAGAIN); it returns once the router is past that
+    reply."""
     from xenback import xenstore
 
     given_up = threading.Event()
@@ -2603,7 +2604,16 @@ def _start_given_up(monkeypatch: pytest.MonkeyPatch, *, refused: bool = False
         raise KeyboardInterrupt  # as the first wait for a reply begins
 
     monkeypatch.setattr(xenstore._Reply, "get", get)
-    return given_up, dispatched
+
+    def give_up(xs: XenStore) -> None:
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                xs.transaction(lambda t: t.write("/test/tx", "x"))
+        finally:
+            given_up.set()
+        assert dispatched.wait(TIMEOUT), "the router did not get past the start's reply"
+
+    return give_up
 
 
 def test_a_transaction_start_given_up_and_refused_sends_nothing_more(
@@ -2611,7 +2621,7 @@ def test_a_transaction_start_given_up_and_refused_sends_nothing_more(
     """As above, but XenStore refuses the start (EAGAIN): no transaction
     began, so the router has nothing to end, and sends no END for a
     transaction 0 that is nobody's."""
-    given_up, dispatched = _start_given_up(monkeypatch, refused=True)
+    give_up = _start_given_up(monkeypatch, refused=True)
     with XenStore(host.dom0.xenstore()) as xs:
         router = xs._client.router
         real_send = router.send
@@ -2622,12 +2632,7 @@ def test_a_transaction_start_given_up_and_refused_sends_nothing_more(
             return real_send(packet, rvar)
 
         monkeypatch.setattr(router, "send", send)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                xs.transaction(lambda t: t.write("/test/tx", "x"))
-        finally:
-            given_up.set()
-        assert dispatched.wait(TIMEOUT), "the router did not get past the start's reply"
+        give_up(xs)
         assert ops == [Op.TRANSACTION_START], ops
         assert xs.read("/test/tx") is None
 
@@ -2637,7 +2642,7 @@ def test_a_given_up_start_whose_end_cannot_be_sent_keeps_the_connection(
     """The router ends a transaction whose start was given up; if that
     END cannot be sent, the failure stays the router's to log: raised on
     the router thread, it would end the connection for everybody."""
-    given_up, dispatched = _start_given_up(monkeypatch)
+    give_up = _start_given_up(monkeypatch)
     with XenStore(host.dom0.xenstore()) as xs:
         router = xs._client.router
         real_send = router.send
@@ -2648,12 +2653,7 @@ def test_a_given_up_start_whose_end_cannot_be_sent_keeps_the_connection(
             return real_send(packet, rvar)
 
         monkeypatch.setattr(router, "send", send)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                xs.transaction(lambda t: t.write("/test/tx", "x"))
-        finally:
-            given_up.set()
-        assert dispatched.wait(TIMEOUT), "the router did not get past the start's reply"
+        give_up(xs)
         assert xs.read("/local/domain/0/name") == "Domain-0"
         assert not xs.connection_lost.is_set()
 
