@@ -1104,8 +1104,8 @@ class _Frontend:
                 if cancelled is not None:
                     self.respond(cancelled, -_errno.EINTR)
                 if parent is not None:
-                    # _cancel_accept's disable_sync() took back a queued
-                    # run, and kicks meanwhile were refused: the next ACCEPT
+                    # _cancel_accept's disable() took back a queued run,
+                    # and kicks meanwhile were refused: the next ACCEPT
                     # or POLL may already wait, its connection's edge gone.
                     # Run once more (a spare run is harmless), after the
                     # answer: a kick refused (a destroyed workqueue) must
