@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from racewindow import stands_at
 
-from pvcalls import _wire
+from pvcalls import Backend, _wire
 from pvcalls._socket import PassiveSocket
 from pvcalls._wire import ffi
 from xenback.ring import FlexRing, FrontRing, mb
@@ -501,6 +501,16 @@ class RawFrontend:
 
         return self.call(_wire.PVCALLS_LISTEN, fill)
 
+    def listening(self, backend: Backend, backlog: int = 16) -> tuple[int, tuple[str, int]]:
+        """SOCKET, BIND to a free port of 127.0.0.1 and LISTEN, each answered
+        0: the listener's id and the address host clients connect to (only
+        the backend knows the port its host socket got)."""
+        sock_id, rsp = self.socket()
+        assert rsp.ret == 0, rsp
+        assert self.bind(sock_id, ("127.0.0.1", 0)).ret == 0
+        assert self.listen(sock_id, backlog).ret == 0
+        return sock_id, address_of(backend, sock_id)
+
     def push_accept(self, sock_id: int, id_new: int, ring: DataRing) -> int:
         def fill(req: Any) -> None:
             req.u.accept.id = sock_id
@@ -552,6 +562,13 @@ class RawFrontend:
             return sent == len(data)
 
         self.wait(done, timeout)
+
+
+def address_of(backend: Backend, sock_id: int) -> tuple[str, int]:
+    """The host address of a bound socket of the backend's, from its stats."""
+    address = next(r.address for r in backend.stats().sockets if r.id == sock_id)
+    assert address is not None
+    return address
 
 
 def bound_ports(backend: Any) -> list[int]:

@@ -25,6 +25,7 @@ from pvcalls_rawfront import (
     DataRing,
     RawFrontend,
     Response,
+    address_of,
     bound_ports,
     resources,
     wait_until,
@@ -753,7 +754,7 @@ def test_connect_is_answered_once_when_its_work_runs_meanwhile(
 
     monkeypatch.setattr(ActiveSocket, "place", place_and_run_the_work)
     # A request in flight: a second answer to a CONNECT would take its slot.
-    listener, listening = _listener(raw, backend)
+    listener, listening = raw.listening(backend)
     poll = raw.push_poll(listener)
     closed = socket.create_server(("127.0.0.1", 0))
     refused = closed.getsockname()
@@ -1166,18 +1167,9 @@ def test_slow_connect_is_answered_when_it_completes(
 
 # -- BIND / LISTEN / ACCEPT / POLL -------------------------------------------------------
 
-def _listener(raw: RawFrontend, backend: pvcalls.Backend) -> tuple[int, tuple[str, int]]:
-    sock_id, _ = raw.socket()
-    assert raw.bind(sock_id, ("127.0.0.1", 0)).ret == 0
-    assert raw.listen(sock_id).ret == 0
-    address = next(r.address for r in backend.stats().sockets if r.id == sock_id)
-    assert address is not None
-    return sock_id, address
-
-
 def test_accept_answered_only_when_a_connection_arrives(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     id_new = raw.new_id()
     ring = raw.new_ring()
     req_id = raw.push_accept(listener, id_new, ring)
@@ -1214,7 +1206,7 @@ def test_data_that_came_before_the_accept_is_delivered(
     the socket is watched) may run the new socket's Work before it is
     CONNECTED, which then does nothing.  The run queued once the ACCEPT
     is answered delivers it, with no notification from the guest."""
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     client = socket.create_connection(address)
     client.sendall(b"early")
     watched = PauseAt.in_method(monkeypatch, ActiveSocket, "start_accepted",
@@ -1245,7 +1237,7 @@ def test_data_that_came_before_the_accept_is_delivered(
 
 def test_poll_answered_when_a_connection_is_pending(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     req_id = raw.push_poll(listener)
     with pytest.raises(TimeoutError):
         raw.wait(lambda: req_id in raw.responses, timeout=0.3)
@@ -1259,7 +1251,7 @@ def test_poll_answered_when_a_connection_is_pending(
 
 
 def test_second_accept_or_poll_is_eintr(raw: RawFrontend, backend: pvcalls.Backend) -> None:
-    listener, _ = _listener(raw, backend)
+    listener, _ = raw.listening(backend)
     first = raw.push_accept(listener, raw.new_id(), raw.new_ring())
     assert raw.response(raw.push_poll(listener)).ret == EINTR
     assert raw.response(raw.push_accept(listener, raw.new_id(), raw.new_ring())).ret == EINTR
@@ -1282,7 +1274,7 @@ def test_an_accept_cancelled_by_a_release_gives_its_id_new_back_before_its_answe
     id_new) gives its id_new's ring back before that answer: a frontend
     ends the grants of the ring as it learns the ACCEPT failed (Linux
     frees the map), and the RELEASE is answered after the ACCEPT."""
-    listener, _ = _listener(raw, backend)
+    listener, _ = raw.listening(backend)
     ring = raw.new_ring()
     before = resources(backend, host)
     id_new = raw.new_id()
@@ -1310,7 +1302,7 @@ def test_an_accept_cancelled_by_a_release_is_answered_though_its_id_new_teardown
     still answers the ACCEPT -EINTR, before the RELEASE (-EIO for a bug;
     an interrupt leaves the RELEASE unanswered): the guest must not wait
     for it for ever."""
-    listener, _ = _listener(raw, backend)
+    listener, _ = raw.listening(backend)
     id_new = raw.new_id()
     teardown = ActiveSocket.teardown
 
@@ -1365,7 +1357,7 @@ def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
         sock_id, _ = raw.connect_socket(echo_server.address)
         cut = _cut_short_once(monkeypatch, ActiveSocket, "_unbind", KeyboardInterrupt())
     elif kind.startswith("id_new"):
-        listener, _ = _listener(raw, backend)
+        listener, _ = raw.listening(backend)
         sock_id = raw.new_id()
         accept = raw.push_accept(listener, sock_id, raw.new_ring())
         wait_until(lambda: sock_id in fe._sockets)
@@ -1376,7 +1368,7 @@ def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
             cut = _cut_short_once(monkeypatch, PassiveSocket, "flush", KeyboardInterrupt())
             accept = None
     else:
-        sock_id, _ = _listener(raw, backend)
+        sock_id, _ = raw.listening(backend)
         passive = fe._sockets[sock_id]
         assert isinstance(passive, PassiveSocket)
         raw.push_poll(sock_id)
@@ -1419,7 +1411,7 @@ def test_a_release_of_an_id_new_cut_short_waiting_for_its_listener_leaves_it_ena
     its disable when its wait is cut short (the disable is the caller's):
     taken outside the try that enables it again, the listener stayed
     disabled for good, and every ACCEPT or POLL on it waited for ever."""
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     fe = backend._frontends[(raw.guest.domid, 0)]
     passive = fe._sockets[listener]
     assert isinstance(passive, PassiveSocket)
@@ -1469,7 +1461,7 @@ def test_a_release_of_an_id_new_whose_listener_cannot_be_kicked_gives_everything
     all the same, the id_new's ring and port given back, and the RELEASE
     answered -EIO.  Raising as it was taken back, it left the ACCEPT
     unanswered for ever and the id_new's ring mapped."""
-    listener, _ = _listener(raw, backend)
+    listener, _ = raw.listening(backend)
     ring = raw.new_ring()
     before = resources(backend, host)
     id_new = raw.new_id()
@@ -1499,7 +1491,7 @@ def test_a_listener_whose_host_socket_fails_to_close_answers_what_waits_on_it(
     Raising, it lost them: the guest waited for ever, its id_new held
     until the frontend closed."""
     fe = backend._frontends[(raw.guest.domid, 0)]
-    listener, _ = _listener(raw, backend)
+    listener, _ = raw.listening(backend)
     passive = fe._sockets[listener]
     assert isinstance(passive, PassiveSocket)
     ring = raw.new_ring()
@@ -1537,7 +1529,7 @@ def test_a_listener_s_teardown_cut_short_leaves_what_waits_to_the_next(
     socket and returns the POLL, for its caller to answer.  Taken first,
     it was lost with the interrupt.  A host socket unwatched already is
     no failure of the teardown done again: nothing logged."""
-    listener, _ = _listener(raw, backend)
+    listener, _ = raw.listening(backend)
     passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
     assert isinstance(passive, PassiveSocket)
     poll = raw.push_poll(listener)
@@ -1561,7 +1553,7 @@ def test_a_listener_s_teardown_cut_short_leaves_what_waits_to_the_next(
 
 def test_release_of_accept_id_new_answers_the_accept(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     id_new = raw.new_id()
     accept = raw.push_accept(listener, id_new, raw.new_ring())
     release = raw.push_release(id_new)
@@ -1581,7 +1573,7 @@ def test_release_of_id_new_while_its_accept_completes(
     """RELEASE of id_new arriving while the listener's Work takes over the
     connection: the ACCEPT is answered first, then the RELEASE, and the
     socket leaves no CPU slot behind."""
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     id_new = raw.new_id()
     inside, go_on = threading.Event(), threading.Event()
     place = ActiveSocket.place
@@ -1621,7 +1613,7 @@ def test_release_of_an_accepted_id_new_keeps_the_next_accept_awake(
         edges.append(self)
 
     monkeypatch.setattr(PassiveSocket, "_on_event", counting_on_event)
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
     assert isinstance(passive, PassiveSocket)
     inside, go_on = threading.Event(), threading.Event()
@@ -1655,7 +1647,7 @@ def test_release_of_an_accepted_id_new_keeps_the_next_accept_awake(
 
 
 def test_accept_id_new_in_use(raw: RawFrontend, backend: pvcalls.Backend) -> None:
-    listener, _ = _listener(raw, backend)
+    listener, _ = raw.listening(backend)
     existing, _ = raw.socket()
     assert raw.response(raw.push_accept(listener, existing, raw.new_ring())).ret == EEXIST
 
@@ -1710,8 +1702,7 @@ def test_listen_on_a_port_another_socket_listens_on(
     to listen once the port is free."""
     first, _ = raw.socket()
     assert raw.bind(first, ("127.0.0.1", 0)).ret == 0
-    address = next(r.address for r in backend.stats().sockets if r.id == first)
-    assert address is not None
+    address = address_of(backend, first)
     second, _ = raw.socket()
     assert raw.bind(second, address).ret == 0
     assert raw.listen(first).ret == 0
@@ -1747,8 +1738,7 @@ def test_a_listen_whose_socket_cannot_be_watched_leaves_it_bound(
     answered; the LISTEN retried once the host recovers works."""
     sock_id, _ = raw.socket()
     assert raw.bind(sock_id, ("127.0.0.1", 0)).ret == 0
-    address = next(r.address for r in backend.stats().sockets if r.id == sock_id)
-    assert address is not None
+    address = address_of(backend, sock_id)
     refused = _fail_add_fd_once(monkeypatch, backend.dispatcher)
     rsp = raw.listen(sock_id)
     assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_LISTEN, ENOMEM, sock_id)
@@ -1774,7 +1764,7 @@ def test_listen_again_only_changes_the_backlog(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     """LISTEN on a listening socket is allowed, as listen() twice on Linux;
     the socket goes on accepting."""
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     assert _backlog(backend, raw, listener) == 16
     assert raw.listen(listener, backlog=1).ret == 0
     assert _backlog(backend, raw, listener) == 1
@@ -1806,12 +1796,8 @@ def test_listen_with_a_huge_backlog_is_clamped(raw: RawFrontend, backend: pvcall
                                                backlog: int) -> None:
     """The guest's u32 backlog beyond what the host's listen() takes (a C
     int) is clamped to SOMAXCONN, not a failed LISTEN."""
-    sock_id, _ = raw.socket()
-    assert raw.bind(sock_id, ("127.0.0.1", 0)).ret == 0
-    assert raw.listen(sock_id, backlog=backlog).ret == 0
+    sock_id, address = raw.listening(backend, backlog)
     assert _backlog(backend, raw, sock_id) == socket.SOMAXCONN
-    address = next(r.address for r in backend.stats().sockets if r.id == sock_id)
-    assert address is not None
     _accepts_one(raw, sock_id, address)
 
 
@@ -1857,7 +1843,7 @@ def test_accept_without_a_descriptor_left_is_emfile(
     """The host cannot take the connection (no descriptor left): the ACCEPT
     is answered -EMFILE and its id_new given up; the connection stays
     queued for the next ACCEPT."""
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     id_new = raw.new_id()
     accept = raw.push_accept(listener, id_new, raw.new_ring())
     wait_until(lambda: any(r.id == id_new for r in backend.stats().sockets))
@@ -1885,7 +1871,7 @@ def test_an_accepted_connection_that_cannot_be_watched_fails_the_accept(
     to the client of what the guest wrote early into its out ring.  No
     traceback: the teardown's unwatching of a socket never watched is no
     failure."""
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     id_new = raw.new_id()
     ring = raw.new_ring()
     assert ring.write(early, notify=False) == len(early)
@@ -1929,10 +1915,10 @@ def test_a_bug_answering_a_poll_fails_that_listener_only(
     listener.  The other listeners and sockets of the guest carry on.
     (The POLL used to wait for ever.)"""
     caplog.set_level(logging.ERROR)
-    good, good_address = _listener(raw, backend)
+    good, good_address = raw.listening(backend)
     conn_id, ring = raw.connect_socket(echo_server.address)
     watched = watched_fds(backend)
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     readable = _socket._readable
     bad = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
 
@@ -1975,7 +1961,7 @@ def test_a_bug_taking_an_accepted_connection_answers_the_accept_eio(
     answered -EIO, its id_new gives back all it held, the client sees its
     connection closed, and the listener takes no more."""
     caplog.set_level(logging.ERROR)
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     id_new = raw.new_id()
     ring = raw.new_ring()
     before = resources(backend, host)
@@ -2024,7 +2010,7 @@ def test_an_accept_or_poll_sent_as_the_listener_fails_is_answered_eio(
     an ACCEPT gives back what its id_new held, and the failure is logged
     once."""
     caplog.set_level(logging.ERROR)
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
     assert isinstance(passive, PassiveSocket)
     serving, go = _accepts_fail_when_let(monkeypatch)
@@ -2057,7 +2043,7 @@ def test_an_accept_whose_listener_fails_as_it_is_taken_in_gives_back_id_new(
     -EIO, and what its id_new was given (the socket in the table, its
     mapped ring, its bound port) goes with it: the id is free again."""
     caplog.set_level(logging.ERROR)
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     serving, go = _accepts_fail_when_let(monkeypatch)
     first_ring, second_ring = raw.new_ring(), raw.new_ring()
     before = resources(backend, host)
@@ -2090,7 +2076,7 @@ def test_a_listen_again_as_the_listener_fails_is_answered_eio(
     FAILED, not LISTENING again over a closed host socket (whose next
     ACCEPT would get -EBADF from it)."""
     caplog.set_level(logging.ERROR)
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
     assert isinstance(passive, PassiveSocket)
     serving, go = _accepts_fail_when_let(monkeypatch)
@@ -2200,7 +2186,7 @@ def test_host_sockets_are_watched_edge_triggered_and_not_for_write_space(
 
     monkeypatch.setattr(EventDispatcher, "add_fd", add_fd)
     sockets = backend._frontends[(raw.guest.domid, 0)]._sockets
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     id_new = raw.new_id()
     accept_req = raw.push_accept(listener, id_new, raw.new_ring())
     client = socket.create_connection(address)
@@ -2332,7 +2318,7 @@ def test_release_of_a_listener_closes_its_host_socket(
     """After RELEASE of a listening socket nothing listens on its port:
     closed by the release, not left to the garbage collector (the test
     holds the socket object, as a reference cycle or a traceback could)."""
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     passive = backend._frontends[(raw.guest.domid, 0)]._sockets[listener]
     assert isinstance(passive, PassiveSocket)
     assert raw.release(listener).ret == 0
@@ -2351,7 +2337,7 @@ def test_release_of_a_listener_stops_watching_its_host_socket(
     watched = watched_fds(backend)
     fe = backend._frontends[(raw.guest.domid, 0)]
     for poll in (False, True):
-        listener, _ = _listener(raw, backend)
+        listener, _ = raw.listening(backend)
         passive = fe._sockets[listener]
         assert isinstance(passive, PassiveSocket)
         fd = passive.host.fileno()
@@ -2460,7 +2446,7 @@ def test_a_frontend_closing_as_an_accept_completes_lets_the_connection_go(
     connection and closes it.  The other way round, the ACCEPT's socket
     was torn down empty, and the connection the Work gave it afterwards
     stayed open and watched for good."""
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     taking_over = PauseAt.in_method(monkeypatch, PassiveSocket, "_serve",
                                     "new.start_accepted(conn, address)")
     raw.push_accept(listener, raw.new_id(), raw.new_ring())

@@ -239,11 +239,7 @@ def test_accepted_sockets_are_polled_on_their_own_cpus(
         for _ in range(2):
             raw.connect_socket(echo_server.address)
         assert [c.sockets for c in backend.stats().cpus] == [1, 1, 0, 0]
-        listener, _ = raw.socket()
-        assert raw.bind(listener, ("127.0.0.1", 0)).ret == 0
-        assert raw.listen(listener).ret == 0
-        address = next(r.address for r in backend.stats().sockets if r.id == listener)
-        assert address is not None
+        listener, address = raw.listening(backend)
         id_new = raw.new_id()
         accept = raw.push_accept(listener, id_new, raw.new_ring())
         with socket.create_connection(address, timeout=TIMEOUT):

@@ -205,11 +205,7 @@ def test_a_frontend_notifying_without_pause_does_not_stop_the_listeners(
 
     monkeypatch.setattr(_Frontend, "_on_event", notified_again)
     fe = make_frontend("bystander")
-    listener, _ = fe.socket()
-    assert fe.bind(listener, ("127.0.0.1", 0)).ret == 0
-    assert fe.listen(listener).ret == 0
-    address = next(r.address for r in backend.stats().sockets if r.id == listener)
-    assert address is not None
+    listener, address = fe.listening(backend)
     accept = fe.push_accept(listener, fe.new_id(), fe.new_ring())
     stormer = make_frontend("stormer")
     storming[stormer.guest.domid] = stormer

@@ -759,12 +759,7 @@ def test_an_accepted_socket_counts_once(host: Any, topology: Any) -> None:
     policy = Policy.from_toml("[default]\nmax_sockets = 2\n")
     with pvcalls.Backend(host.dom0, policy=policy, topology=topology) as backend:
         fe = RawFrontend(host, host.create_domain("one"))
-        listener, rsp = fe.socket()
-        assert rsp.ret == 0
-        assert fe.bind(listener, ("127.0.0.1", 0)).ret == 0
-        assert fe.listen(listener).ret == 0
-        address = next(r.address for r in backend.stats().sockets if r.id == listener)
-        assert address is not None
+        listener, address = fe.listening(backend)
         id_new = fe.new_id()
         req_id = fe.push_accept(listener, id_new, fe.new_ring())
         with socket.create_connection(address, timeout=TIMEOUT):
