@@ -324,12 +324,9 @@ def test_a_frontends_close_closes_its_host_sockets(raw: RawFrontend,
         connected, _ = raw.connect_socket(server.getsockname())
         peer, _ = server.accept()
     with peer:
-        listener, _ = raw.socket()
-        assert raw.bind(listener, ("127.0.0.1", 0)).ret == 0
-        assert raw.listen(listener).ret == 0
+        listener, address = raw.listening(backend)
         active, passive = fe._sockets[connected], fe._sockets[listener]
         assert isinstance(active, ActiveSocket) and isinstance(passive, PassiveSocket)
-        address = passive.host.getsockname()
         raw.close()
         assert active.host is not None
         assert (active.host.fileno(), passive.host.fileno()) == (-1, -1)
@@ -769,9 +766,7 @@ def test_a_close_interrupted_anywhere_closes_every_frontend_when_called_again(
                 fe = RawFrontend(host, host.create_domain(name))
                 fe.connect_socket(echo_server.address)
                 fe.socket()
-                listener, _ = fe.socket()
-                assert fe.bind(listener, ("127.0.0.1", 0)).ret == 0
-                assert fe.listen(listener).ret == 0
+                fe.listening(b)
                 fes.append(fe)
             assert b.stats().frontends == 2 and len(b.stats().sockets) == 6
             monkeypatch.setattr(b, "_disconnect", lambda dev: None)
@@ -865,9 +860,7 @@ def test_a_close_interrupted_in_any_frame_releases_everything_when_called_again(
         fe = RawFrontend(host, host.create_domain("g"))
         conn, _ = _stuck_connection(fe, b, peer)
         fe.socket()
-        listener, _ = fe.socket()
-        assert fe.bind(listener, ("127.0.0.1", 0)).ret == 0
-        assert fe.listen(listener).ret == 0
+        listener, _ = fe.listening(b)
         fe.push_accept(listener, fe.new_id(), fe.new_ring())
         # The ACCEPT's socket is in the table once its ring is mapped.
         wait_until(lambda b=b: len(b.stats().sockets) == 4)

@@ -635,14 +635,11 @@ def test_a_domain_with_two_devices_has_one_socket_limit(host: Any, topology: Any
     """max_sockets is the domain's, not each of its pvcalls devices'."""
     policy = Policy.from_toml('[domain.two]\nmax_sockets = 3\n')
     guest = host.create_domain("two")
-    with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology) as backend:
         first = RawFrontend(host, guest, devid=0)
         second = RawFrontend(host, guest, devid=1)
         assert first.socket()[1].ret == 0
-        listener, rsp = second.socket()
-        assert rsp.ret == 0
-        assert second.bind(listener, ("127.0.0.1", 0)).ret == 0
-        assert second.listen(listener).ret == 0
+        listener, _ = second.listening(backend)
         assert first.socket()[1].ret == 0
         assert first.socket()[1].ret == -EMFILE
         assert second.socket()[1].ret == -EMFILE
@@ -670,13 +667,10 @@ def _accept_paused_at(host: Any, topology: Any, monkeypatch: pytest.MonkeyPatch,
         return pause.run(lambda: real_accept(fe, request, req))
 
     monkeypatch.setitem(_backend._HANDLERS, pvcalls._wire.PVCALLS_ACCEPT, paused_accept)
-    with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology) as backend:
         first = RawFrontend(host, guest, devid=0)
         second = RawFrontend(host, guest, devid=1)
-        listener, rsp = first.socket()
-        assert rsp.ret == 0
-        assert first.bind(listener, ("127.0.0.1", 0)).ret == 0
-        assert first.listen(listener).ret == 0
+        listener, _ = first.listening(backend)
         accept = first.push_accept(listener, first.new_id(), first.new_ring())
         assert pause.reached.wait(10)
         yield first, second, listener, accept, pause
@@ -739,12 +733,9 @@ def test_an_accept_that_fails_to_map_its_ring_gives_its_reservation_back(
     """An ACCEPT counted against the limit from its check on, and refused
     because its ring cannot be mapped, leaves the domain's count as it was."""
     policy = Policy.from_toml("[default]\nmax_sockets = 2\n")
-    with pvcalls.Backend(host.dom0, policy=policy, topology=topology):
+    with pvcalls.Backend(host.dom0, policy=policy, topology=topology) as backend:
         fe = RawFrontend(host, host.create_domain("one"))
-        listener, rsp = fe.socket()
-        assert rsp.ret == 0
-        assert fe.bind(listener, ("127.0.0.1", 0)).ret == 0
-        assert fe.listen(listener).ret == 0
+        listener, _ = fe.listening(backend)
         bad = fe.new_ring(refs=[0xFFFFFF])  # no such grant
         assert fe.response(fe.push_accept(listener, fe.new_id(), bad)).ret == -22
         assert fe.socket()[1].ret == 0  # the second of two
