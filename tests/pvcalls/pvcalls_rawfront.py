@@ -23,7 +23,7 @@ import pytest
 from racewindow import stands_at
 
 from pvcalls import Backend, _wire
-from pvcalls._socket import PassiveSocket
+from pvcalls._socket import ActiveSocket, PassiveSocket
 from pvcalls._wire import ffi
 from xenback.ring import FlexRing, FrontRing, mb
 from xenback.xenstore import XenStore
@@ -569,6 +569,13 @@ def address_of(backend: Backend, sock_id: int) -> tuple[str, int]:
     address = next(r.address for r in backend.stats().sockets if r.id == sock_id)
     assert address is not None
     return address
+
+
+def socket_of(backend: Backend, fe: RawFrontend, sock_id: int) -> ActiveSocket:
+    """The backend's active socket ``sock_id`` of ``fe`` (its device 0)."""
+    sock = backend._frontends[(fe.guest.domid, 0)]._sockets[sock_id]
+    assert isinstance(sock, ActiveSocket)
+    return sock
 
 
 def bound_ports(backend: Any) -> list[int]:

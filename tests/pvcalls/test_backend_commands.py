@@ -28,6 +28,7 @@ from pvcalls_rawfront import (
     address_of,
     bound_ports,
     resources,
+    socket_of,
     wait_until,
     watched_fds,
 )
@@ -421,8 +422,7 @@ def test_a_connect_answered_at_once_runs_the_socket_for_its_events_only(
     sock_id, _ = raw.socket()
     ring = raw.new_ring()
     assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
-    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
-    assert isinstance(sock, ActiveSocket)
+    sock = socket_of(backend, raw, sock_id)
     sock.flush()
     assert runs == []
     raw.send_all(ring, b"first")
@@ -447,8 +447,7 @@ def test_a_notification_while_the_connect_is_set_up_is_not_lost(
     connect_req = raw.push_connect(sock_id, echo_server.address, ring)
     assert starting.reached.wait(TIMEOUT)
     try:
-        sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
-        assert isinstance(sock, ActiveSocket)
+        sock = socket_of(backend, raw, sock_id)
         assert ring.write(b"early") == 5  # and notifies
         wait_until(lambda: sock._missed)  # the Work ran, NEW
         assert connect_req not in raw.responses
@@ -508,8 +507,7 @@ def test_data_from_the_peer_while_the_connect_is_set_up_is_not_lost(
     connect_req = raw.push_connect(sock_id, greeter.address, ring)
     assert starting.reached.wait(TIMEOUT)
     try:
-        sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
-        assert isinstance(sock, ActiveSocket)
+        sock = socket_of(backend, raw, sock_id)
         wait_until(lambda: sock._missed)  # the host's edge ran the Work, NEW
     finally:
         starting.resume()
@@ -538,8 +536,7 @@ def test_a_work_that_found_the_socket_new_as_it_connected_runs_again(
         starting.resume()
     try:
         assert raw.response(connect_req).ret == 0
-        sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
-        assert isinstance(sock, ActiveSocket)
+        sock = socket_of(backend, raw, sock_id)
         assert sock.state is SockState.CONNECTED and not sock._missed
     finally:
         noting.resume()
@@ -871,8 +868,7 @@ def test_slow_connect_does_not_stall_the_ring(raw: RawFrontend,
     assert again.ret == -114  # EALREADY
     # Its Work woken meanwhile (a notification on its ring, say) finds the
     # connect in progress and answers nothing.
-    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
-    assert isinstance(sock, ActiveSocket)
+    sock = socket_of(backend, raw, sock_id)
     sock.kick()
     sock.flush()
     raw.poll_responses()
@@ -998,8 +994,7 @@ def _connect_in_progress(raw: RawFrontend, backend: pvcalls.Backend, host: Any
     connect_req = raw.push_connect(sock_id, listener.getsockname(), ring)
     _, rsp = raw.socket()  # the CONNECT was processed, and is in progress
     assert rsp.ret == 0 and connect_req not in raw.responses
-    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
-    assert isinstance(sock, ActiveSocket)
+    sock = socket_of(backend, raw, sock_id)
     return listener, filler, sock, connect_req, before
 
 
@@ -1110,8 +1105,7 @@ def test_a_connect_completing_as_it_starts_is_answered(
     connect_req = raw.push_connect(sock_id, listener.getsockname(), raw.new_ring())
     assert starting.reached.wait(TIMEOUT)
     try:
-        sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
-        assert isinstance(sock, ActiveSocket)
+        sock = socket_of(backend, raw, sock_id)
         filler.close()
         listener.settimeout(TIMEOUT)
         listener.accept()[0].close()  # room: the SYN retransmission completes the connect
@@ -1216,8 +1210,7 @@ def test_data_that_came_before_the_accept_is_delivered(
     req_id = raw.push_accept(listener, id_new, ring)
     assert watched.reached.wait(TIMEOUT)
     try:
-        new = backend._frontends[(raw.guest.domid, 0)]._sockets[id_new]
-        assert isinstance(new, ActiveSocket)
+        new = socket_of(backend, raw, id_new)
         wait_until(lambda: new._host_ready)  # the edge came, and queued the Work
         new.flush()  # which ran, still ACCEPTING
         assert ring.get(_wire.IN_PROD_OFFSET) == 0
@@ -2212,8 +2205,7 @@ def test_a_release_whose_flush_fails_still_frees_everything(
     ring = raw.new_ring()
     before = resources(backend, host)
     assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
-    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
-    assert isinstance(sock, ActiveSocket)
+    sock = socket_of(backend, raw, sock_id)
     assert sock.events is not None and sock.host is not None
     sock.flush()  # its Work idle: the bytes below wait for the RELEASE
     fd = sock.host.fileno()
@@ -2249,8 +2241,7 @@ def test_a_release_whose_watch_for_room_fails_still_lingers_the_rest(
         sock_id, ring = raw.connect_socket(server.getsockname())
         peer, _ = server.accept()
     with peer:
-        sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
-        assert isinstance(sock, ActiveSocket)
+        sock = socket_of(backend, raw, sock_id)
         assert sock.events is not None and sock.host is not None
         sock.flush()  # its Work idle: the bytes below wait for the RELEASE
         assert ring.write(b"unsent", notify=False) == 6
@@ -2286,8 +2277,7 @@ def test_release_waits_for_the_sockets_work(
     with socket.create_server(("127.0.0.1", 0)) as server:
         sock_id, ring = raw.connect_socket(server.getsockname())
         peer, _ = server.accept()
-    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
-    assert isinstance(sock, ActiveSocket)
+    sock = socket_of(backend, raw, sock_id)
     with peer:
         ring.write(b"in flight")
         assert sending.reached.wait(TIMEOUT)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import TIMEOUT, RawFrontend, resources, wait_until, watched_fds
+from pvcalls_rawfront import TIMEOUT, RawFrontend, resources, socket_of, wait_until, watched_fds
 from racewindow import PauseAt
 from scripts import helper_path
 
@@ -116,7 +116,7 @@ def test_data_and_the_end_of_the_stream_are_notified(
     something to read is woken by the data the backend produced, and then
     by in_error set at the end of the stream."""
     sock_id, ring, peer = _accepted_pair(raw)
-    sock = _socket_of(backend, raw, sock_id)
+    sock = socket_of(backend, raw, sock_id)
     raw.drain_events()
     peer.sendall(b"hello")  # one segment: one receive takes it all
     raw.wait_notified(ring.port)
@@ -149,7 +149,7 @@ def test_a_reset_behind_data_the_guest_has_not_read_is_econnreset(
     the last byte.  Taken then as the socket's error (SO_ERROR), it would
     be gone, and the receive would say EOF: a reset read as an orderly end."""
     sock_id, ring, peer = _accepted_pair(raw, order=1)
-    sock = _socket_of(backend, raw, sock_id)
+    sock = socket_of(backend, raw, sock_id)
     size = _wire.flex_ring_size(1)
     data = os.urandom(size + 100)
     peer.sendall(data)
@@ -170,7 +170,7 @@ def test_a_reset_after_the_end_of_the_stream_is_notified(
     the connection: out_error takes the reset, and a frontend sleeping on
     its port is woken for it, as for any error the backend sets."""
     sock_id, ring, peer = _accepted_pair(raw)
-    sock = _socket_of(backend, raw, sock_id)
+    sock = socket_of(backend, raw, sock_id)
     peer.shutdown(socket.SHUT_WR)
     raw.wait(lambda: ring.in_error != 0)
     assert ring.in_error == -_errno.ENOTCONN
@@ -197,7 +197,7 @@ def test_a_host_socket_error_after_the_end_of_the_stream_is_out_error_by_its_err
 
     _host_sockets_are(monkeypatch, TimedOut)
     sock_id, ring, peer = _accepted_pair(raw)
-    sock = _socket_of(backend, raw, sock_id)
+    sock = socket_of(backend, raw, sock_id)
     assert sock.host is not None
     peer.shutdown(socket.SHUT_WR)
     raw.wait(lambda: ring.in_error != 0)
@@ -220,7 +220,7 @@ def test_no_data_into_an_in_ring_whose_error_the_frontend_set(
     # above and be about to receive: it would take the bytes sent below, as
     # any producer may that checked before the frontend wrote.  Every run
     # from now on sees the error.
-    _socket_of(backend, raw, sock_id).flush()
+    socket_of(backend, raw, sock_id).flush()
     peer.sendall(b"unwanted")  # in the backend's socket when sendall returns
     # Two guest writes: the second reaches the host only after the Work's
     # receive pass that followed the first.
@@ -297,12 +297,6 @@ def _host_sockets_are(monkeypatch: pytest.MonkeyPatch, cls: type[socket.socket])
     monkeypatch.setattr(_socket, "socket", module)
 
 
-def _socket_of(backend: pvcalls.Backend, raw: RawFrontend, sock_id: int) -> ActiveSocket:
-    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
-    assert isinstance(sock, ActiveSocket)
-    return sock
-
-
 def test_no_send_after_one_failed(raw: RawFrontend, backend: pvcalls.Backend,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Once a send failed and out_error says so, the socket sends no more:
@@ -322,7 +316,7 @@ def test_no_send_after_one_failed(raw: RawFrontend, backend: pvcalls.Backend,
     raw.wait(lambda: ring.out_error != 0)
     assert ring.out_error == -_errno.ECONNRESET
     ring.write(b"second")  # notifies: the Work runs again
-    sock = _socket_of(backend, raw, sock_id)
+    sock = socket_of(backend, raw, sock_id)
     sock.kick()
     sock.flush()
     assert (ring.out_error, len(sends)) == (-_errno.ECONNRESET, 1)
@@ -395,7 +389,7 @@ def test_a_work_woken_by_the_frontend_alone_does_not_receive(
     last one drained it: a guest that only sends costs no recv per write."""
     receives = _receives_counted(monkeypatch)
     sock_id, ring, peer = _accepted_pair(raw)
-    sock = _socket_of(backend, raw, sock_id)
+    sock = socket_of(backend, raw, sock_id)
     sock.flush()  # not run yet: connected at once, it waits for an event
     before = len(receives)
     peer.settimeout(TIMEOUT)
@@ -412,7 +406,7 @@ def test_a_host_signal_is_taken_by_one_receive(
     no receive again (each would find the socket empty), until the next."""
     receives = _receives_counted(monkeypatch)
     sock_id, ring, peer = _accepted_pair(raw)
-    sock = _socket_of(backend, raw, sock_id)
+    sock = socket_of(backend, raw, sock_id)
     peer.settimeout(TIMEOUT)
     peer.sendall(b"first")
     assert raw.recv_exactly(ring, 5) == b"first"
@@ -433,7 +427,7 @@ def test_a_host_signal_with_nothing_to_read_is_used_up_too(
     none, until the next signal."""
     receives = _receives_counted(monkeypatch)
     sock_id, ring, peer = _accepted_pair(raw)
-    sock = _socket_of(backend, raw, sock_id)
+    sock = socket_of(backend, raw, sock_id)
     assert sock.host is not None
     sock.flush()
     before = len(receives)
@@ -530,7 +524,7 @@ def test_bytes_received_count_against_the_budget(
     the CPU): a socket busy receiving does not keep its CPU."""
     monkeypatch.setattr(_socket, "IO_BUDGET", 1)
     sock_id, ring, peer = _accepted_pair(raw)
-    sock = _socket_of(backend, raw, sock_id)
+    sock = socket_of(backend, raw, sock_id)
     sock.flush()
     runs: list[list[tuple[int, int]]] = []  # per run: (sent, received) per iteration
     real_run, real_tx, real_rx = sock.func, ActiveSocket._tx, ActiveSocket._rx
@@ -577,7 +571,7 @@ def test_a_run_that_drains_both_ways_makes_one_pass(
     finds nothing costs the backend as much as one that moves a small
     request.  So each event of a round trip is one pass."""
     sock_id, ring, peer = _accepted_pair(raw)
-    sock = _socket_of(backend, raw, sock_id)
+    sock = socket_of(backend, raw, sock_id)
     sock.flush()
     passes: list[int] = []  # per run, once it has ended
     # The run in progress: the guest's last read notifies, and the run it
@@ -656,8 +650,7 @@ def test_a_socket_stopped_by_a_protocol_error_stays_stopped(raw: RawFrontend,
     ring.put(_wire.IN_ERROR_OFFSET, 0)
     ring.put(_wire.OUT_ERROR_OFFSET, 0)
     assert ring.write(b"after the error") == 15
-    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
-    assert isinstance(sock, ActiveSocket)
+    sock = socket_of(backend, raw, sock_id)
     sock.kick()
     sock.flush()  # the socket's Work has run since the guest's write
     assert ring.get(_wire.OUT_CONS_OFFSET) == cons
@@ -682,7 +675,7 @@ def test_a_reset_after_a_protocol_error_keeps_the_errors_the_guest_read(
 
     monkeypatch.setattr(ActiveSocket, "_on_host_event", on_host_event_seen)
     sock_id, ring, peer = _accepted_pair(raw)
-    sock = _socket_of(backend, raw, sock_id)
+    sock = socket_of(backend, raw, sock_id)
     ring.put(_wire.OUT_PROD_OFFSET, ring.get(_wire.OUT_CONS_OFFSET) + ring.size + 1)
     raw.evtchn.notify(ring.port)
     raw.wait(lambda: ring.in_error != 0 and ring.out_error != 0)
@@ -743,7 +736,7 @@ def test_room_made_in_an_out_ring_not_full_is_not_notified(
     simulated event channel is a pipe written by notify(): once the Work
     has run, a notification would be pending.)"""
     sock_id, ring, peer = _accepted_pair(raw, order=1)
-    sock = _socket_of(backend, raw, sock_id)
+    sock = socket_of(backend, raw, sock_id)
     sock.flush()
     raw.drain_events()
     assert ring.write(b"f" * (ring.size - 1)) == ring.size - 1
@@ -789,7 +782,7 @@ def test_a_send_failure_is_notified(raw: RawFrontend, backend: pvcalls.Backend) 
     would: in_error has two writers, and no store of either can be
     conditional on the other's)."""
     sock_id, ring, peer = _accepted_pair(raw)
-    _socket_of(backend, raw, sock_id).flush()
+    socket_of(backend, raw, sock_id).flush()
     ring.put(_wire.IN_ERROR_OFFSET, -_errno.EBADF)
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     peer.close()  # a reset: the backend's next send fails
@@ -877,7 +870,7 @@ def test_a_bug_moving_data_fails_that_socket_only(
     assert raw.response(raw.push_connect(sock_id, server.getsockname(), ring)).ret == 0
     peer, _ = server.accept()
     server.close()
-    bad = _socket_of(backend, raw, sock_id)
+    bad = socket_of(backend, raw, sock_id)
     bad.flush()  # the run its CONNECT queued is over
     _bug_in(monkeypatch, method, lambda sock: sock is bad)
     raw.drain_events()
@@ -925,7 +918,7 @@ def test_a_bug_keeps_the_error_the_guest_was_given(
     stays, which the guest may have read already, and only the other
     direction's says EIO."""
     sock_id, ring, peer = _accepted_pair(raw)
-    bad = _socket_of(backend, raw, sock_id)
+    bad = socket_of(backend, raw, sock_id)
     bad.flush()  # the run its CONNECT queued is over
     if before != "out":
         ended = -_errno.ENOTCONN

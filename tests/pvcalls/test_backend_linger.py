@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import TIMEOUT, Call, DataRing, RawFrontend, wait_until
+from pvcalls_rawfront import TIMEOUT, Call, DataRing, RawFrontend, socket_of, wait_until
 from racewindow import PauseAt, stands_at
 
 import pvcalls
@@ -66,12 +66,6 @@ def peer() -> Iterator[Peer]:
     p = Peer(rcvbuf=4096)
     yield p
     p.close()
-
-
-def _socket_of(backend: pvcalls.Backend, raw: RawFrontend, sock_id: int) -> ActiveSocket:
-    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
-    assert isinstance(sock, ActiveSocket)
-    return sock
 
 
 def _fill(raw: RawFrontend, ring: DataRing, sock: ActiveSocket) -> bytes:
@@ -124,7 +118,7 @@ def test_an_out_ring_made_impossible_at_release_is_dropped_and_said(
     last send read them sound, before it copies the rest."""
     sock_id, ring = raw.connect_socket(peer.address)
     peer.accept()
-    _fill(raw, ring, _socket_of(backend, raw, sock_id))
+    _fill(raw, ring, socket_of(backend, raw, sock_id))
     if when == "before RELEASE":
         _break_out_ring(ring)
     else:
@@ -155,7 +149,7 @@ def test_what_the_peer_cannot_take_yet_is_sent_as_it_reads(
         raw: RawFrontend, backend: pvcalls.Backend, peer: Peer) -> None:
     sock_id, ring = raw.connect_socket(peer.address)
     peer.accept()
-    written = _fill(raw, ring, _socket_of(backend, raw, sock_id))
+    written = _fill(raw, ring, socket_of(backend, raw, sock_id))
     assert raw.release(sock_id).ret == 0  # at once, the ring let go of
     assert len(backend.lingerer) == 1
     assert peer.read_to_eof() == written
@@ -168,7 +162,7 @@ def test_a_peer_that_takes_nothing_is_closed_after_the_timeout(
     caplog.set_level(logging.INFO, logger="pvcalls")
     sock_id, ring = raw.connect_socket(peer.address)
     peer.accept()
-    written = _fill(raw, ring, _socket_of(backend, raw, sock_id))
+    written = _fill(raw, ring, socket_of(backend, raw, sock_id))
     backend.lingerer.timeout = 0.05
     assert raw.release(sock_id).ret == 0
     wait_until(lambda: len(backend.lingerer) == 0)
@@ -184,7 +178,7 @@ def test_a_domain_lingers_at_most_its_share(
         caplog: pytest.LogCaptureFixture) -> None:
     sock_id, ring = raw.connect_socket(peer.address)
     peer.accept()
-    written = _fill(raw, ring, _socket_of(backend, raw, sock_id))
+    written = _fill(raw, ring, socket_of(backend, raw, sock_id))
     backend.lingerer.max_bytes = 1000  # less than the out ring holds
     with caplog.at_level(logging.WARNING, logger="pvcalls"):
         assert raw.release(sock_id).ret == 0
@@ -275,7 +269,7 @@ def test_closing_the_backend_closes_lingering_sockets(
         raw = make_frontend("linger-close")
         sock_id, ring = raw.connect_socket(peer.address)
         peer.accept()
-        sock = _socket_of(backend, raw, sock_id)
+        sock = socket_of(backend, raw, sock_id)
         written = _fill(raw, ring, sock)
         assert raw.release(sock_id).ret == 0
         assert len(backend.lingerer) == 1
@@ -340,7 +334,7 @@ def test_a_domain_lingers_at_most_so_many_sockets(
         sock_id, ring = raw.connect_socket(peer.address)
         peer.accept()
         stuck.append((sock_id, peer.conn))
-        _fill(raw, ring, _socket_of(backend, raw, sock_id))
+        _fill(raw, ring, socket_of(backend, raw, sock_id))
     with caplog.at_level(logging.WARNING, logger="pvcalls"):
         for sock_id, _conn in stuck:
             assert raw.release(sock_id).ret == 0
@@ -367,7 +361,7 @@ def test_a_close_interrupted_while_it_ends_a_lingering_socket_is_finished_by_the
         raw = make_frontend("linger-interrupted")
         sock_id, ring = raw.connect_socket(peer.address)
         peer.accept()
-        sock = _socket_of(backend, raw, sock_id)
+        sock = socket_of(backend, raw, sock_id)
         _fill(raw, ring, sock)
         assert raw.release(sock_id).ret == 0
         assert len(backend.lingerer) == 1
@@ -402,7 +396,7 @@ def test_a_close_interrupted_as_the_lingerer_takes_a_socket_leaves_it_the_linger
         raw = make_frontend("linger-adopt-interrupted")
         sock_id, ring = raw.connect_socket(peer.address)
         peer.accept()
-        sock = _socket_of(backend, raw, sock_id)
+        sock = socket_of(backend, raw, sock_id)
         _fill(raw, ring, sock)
         assert sock.host is not None
         adopt = backend.lingerer.adopt
@@ -435,7 +429,7 @@ def test_a_teardown_interrupted_as_it_unwatches_the_host_socket_leaves_it_open(
     and closes it."""
     sock_id, ring = raw.connect_socket(peer.address)
     peer.accept()
-    sock = _socket_of(backend, raw, sock_id)
+    sock = socket_of(backend, raw, sock_id)
     assert sock.host is not None and sock.events is not None
     fd = sock.host.fileno()
     remove_fd = sock.events.remove_fd
@@ -504,7 +498,7 @@ def test_one_domain_dropping_lingering_data_does_not_silence_another(
             assert not backend.lingerer.adopt(a, 4242, b"x", other)
     sock_id, ring = raw.connect_socket(peer.address)
     peer.accept()
-    _fill(raw, ring, _socket_of(backend, raw, sock_id))
+    _fill(raw, ring, socket_of(backend, raw, sock_id))
     with caplog.at_level(logging.WARNING, logger="pvcalls"):
         assert raw.release(sock_id).ret == 0
     assert any(f"dom{raw.guest.domid}: a released socket's last" in r.getMessage()
@@ -568,7 +562,7 @@ def test_a_domain_with_a_socket_limit_lingers_no_more_sockets_than_it(
         for _ in range(3):
             sock_id, ring = raw.connect_socket(peer.address)
             conns.append(peer.accept())
-            _fill(raw, ring, _socket_of(backend, raw, sock_id))
+            _fill(raw, ring, socket_of(backend, raw, sock_id))
             assert raw.release(sock_id).ret == 0
         assert len(backend.lingerer) == 1
         raw.close()

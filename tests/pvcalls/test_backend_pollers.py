@@ -10,7 +10,7 @@ import threading
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import TIMEOUT, RawFrontend, wait_until
+from pvcalls_rawfront import TIMEOUT, RawFrontend, socket_of, wait_until
 
 import pvcalls
 from pvcalls._poller import CpuPoller
@@ -27,16 +27,10 @@ def topology() -> Topology:
     return Topology(1, watchdog_thresh=WATCHDOG)
 
 
-def _socket(raw: RawFrontend, backend: pvcalls.Backend, sock_id: int) -> ActiveSocket:
-    sock = backend._frontends[(raw.guest.domid, 0)]._sockets[sock_id]
-    assert isinstance(sock, ActiveSocket)
-    return sock
-
-
 def test_a_socket_is_polled_by_its_cpus_poller(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any) -> None:
     sock_id, ring = raw.connect_socket(echo_server.address)
-    sock = _socket(raw, backend, sock_id)
+    sock = socket_of(backend, raw, sock_id)
     poller = backend._pollers[sock.cpu]
     assert sock.events is poller.events
     assert sock.port in poller.events.ports
@@ -223,7 +217,7 @@ def test_connected_sockets_are_polled_on_their_own_cpus(
             t.join(TIMEOUT)
         assert len(done) == 18
         for fe, sock_id in done:
-            sock = _socket(fe, backend, sock_id)
+            sock = socket_of(backend, fe, sock_id)
             assert sock.events is backend._pollers[sock.cpu].events, sock
         counts = [c.sockets for c in backend.stats().cpus]
         assert max(counts) - min(counts) <= 1
@@ -244,7 +238,7 @@ def test_accepted_sockets_are_polled_on_their_own_cpus(
         accept = raw.push_accept(listener, id_new, raw.new_ring())
         with socket.create_connection(address, timeout=TIMEOUT):
             assert raw.response(accept).ret == 0
-            sock = _socket(raw, backend, id_new)
+            sock = socket_of(backend, raw, id_new)
             assert sock.cpu == 2
             assert sock.events is backend._pollers[2].events
 
@@ -258,10 +252,10 @@ def test_a_socket_keeps_its_poller_when_its_cpu_goes_offline(
     try:
         fe = make_frontend("hotplug")
         socks = [fe.connect_socket(echo_server.address) for _ in range(2)]
-        victim = _socket(fe, backend, socks[0][0]).cpu
+        victim = socket_of(backend, fe, socks[0][0]).cpu
         topology.cpu_down(victim)
         for sock_id, ring in socks:
-            sock = _socket(fe, backend, sock_id)
+            sock = socket_of(backend, fe, sock_id)
             assert sock.cpu != victim
             raw_message = b"after cpu_down %d" % sock_id
             fe.send_all(ring, raw_message)
@@ -302,7 +296,7 @@ def test_a_failed_poll_loses_no_event(
         sock_id, ring = raw.connect_socket(listener.getsockname())
         peer, _ = listener.accept()
     peer.settimeout(TIMEOUT)
-    sock = _socket(raw, backend, sock_id)
+    sock = socket_of(backend, raw, sock_id)
     events = backend._pollers[sock.cpu].events
     assert sock.port is not None and sock.host is not None
     failed = threading.Event()
