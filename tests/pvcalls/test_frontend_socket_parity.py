@@ -60,6 +60,19 @@ def make(request: pytest.FixtureRequest, fe: pvcalls.Frontend) -> Iterator[Calla
         s.close()
 
 
+def _fails_as_cpythons(call: Callable[[Any], Any], s: Any,
+                       kind: type[Exception] = Exception) -> None:
+    """``call`` fails on ``s`` as on a new socket of CPython's: with the same
+    exception (of ``kind``, and no OSError: refused before any system
+    call) and message."""
+    with socket.socket() as real, pytest.raises(kind) as expected:
+        call(real)
+    assert not isinstance(expected.value, OSError), expected.value
+    with pytest.raises(type(expected.value)) as got:
+        call(s)
+    assert str(got.value) == str(expected.value)
+
+
 @pytest.fixture
 def pair(make: Callable[[], Any]) -> Iterator[tuple[Any, socket.socket]]:
     """A connected socket of the kind under test, and its peer on the host."""
@@ -635,12 +648,7 @@ def test_a_receive_size_that_is_not_an_integer_is_said_so(
         make: Callable[[], Any], bufsize: object) -> None:
     """Any object not an integer fails as CPython's says it ("'str' object
     cannot be interpreted as an integer"), before anything is received."""
-    s = make()
-    with socket.socket() as real, pytest.raises(TypeError) as expected:
-        real.recv(bufsize)  # type: ignore[arg-type]
-    with pytest.raises(TypeError) as got:
-        s.recv(bufsize)
-    assert str(got.value) == str(expected.value)
+    _fails_as_cpythons(lambda s: s.recv(bufsize), make(), TypeError)
 
 
 @pytest.mark.parametrize("call", [
@@ -649,11 +657,7 @@ def test_a_receive_size_that_is_not_an_integer_is_said_so(
 ], ids=["recv", "recvfrom", "recv_into", "recvfrom_into"])
 def test_a_negative_receive_size_names_the_call(make: Callable[[], Any],
                                                 call: Callable[[Any], Any]) -> None:
-    with socket.socket() as real, pytest.raises(ValueError) as expected:
-        call(real)
-    with pytest.raises(ValueError) as got:
-        call(make())
-    assert str(got.value) == str(expected.value)
+    _fails_as_cpythons(call, make(), ValueError)
 
 
 #: Receives with wrong arguments, which CPython's refuses before any system call.
@@ -687,12 +691,7 @@ def test_a_receive_with_wrong_arguments_fails_as_cpythons(
     """Each fails with CPython's exception and message, naming its call,
     before anything is received (here on an unconnected socket, which
     would fail otherwise)."""
-    with socket.socket() as real, pytest.raises(Exception) as expected:
-        call(real)
-    assert not isinstance(expected.value, OSError), expected.value
-    with pytest.raises(type(expected.value)) as got:
-        call(make())
-    assert str(got.value) == str(expected.value)
+    _fails_as_cpythons(call, make())
 
 
 def test_a_receive_of_nothing_waits_as_the_kernels(pair: tuple[Any, socket.socket]) -> None:
@@ -802,13 +801,7 @@ def test_a_wrong_address_fails_as_cpythons(make: Callable[[], Any],
                                            address: object) -> None:
     """Refused with CPython's exception and message (which names the call
     for some), before anything else is done."""
-    with socket.socket() as real, pytest.raises(Exception) as expected:
-        call(real, address)
-    assert not isinstance(expected.value, OSError), expected.value
-    s = make()
-    with pytest.raises(type(expected.value)) as got:
-        call(s, address)
-    assert str(got.value) == str(expected.value)
+    _fails_as_cpythons(lambda s: call(s, address), make())
 
 
 #: sendmsg() and sendto() with wrong arguments: refused as CPython's
@@ -829,12 +822,7 @@ WRONG_SENDMSGS: dict[str, Callable[[Any], Any]] = {
 @pytest.mark.parametrize("call", WRONG_SENDMSGS.values(), ids=WRONG_SENDMSGS.keys())
 def test_a_sendmsg_with_wrong_arguments_fails_as_cpythons(
         make: Callable[[], Any], call: Callable[[Any], Any]) -> None:
-    with socket.socket() as real, pytest.raises(Exception) as expected:
-        call(real)
-    assert not isinstance(expected.value, OSError), expected.value
-    with pytest.raises(type(expected.value)) as got:
-        call(make())
-    assert str(got.value) == str(expected.value)
+    _fails_as_cpythons(call, make())
 
 
 def test_sendfile_sends_from_the_offset_and_moves_the_file_position(
@@ -989,11 +977,7 @@ def test_makefile_modes(pair: tuple[Any, socket.socket], mode: str,
     c, peer = pair
     binary = "b" in mode
     if buffering == 0 and not binary:
-        with socket.socket() as real, pytest.raises(ValueError) as expected:
-            real.makefile(mode, 0)
-        with pytest.raises(ValueError) as got:
-            c.makefile(mode, 0)
-        assert str(got.value) == str(expected.value)
+        _fails_as_cpythons(lambda s: s.makefile(mode, 0), c, ValueError)
         return
     with c.makefile(mode, buffering) as f:
         reading, writing = "r" in mode or "w" not in mode, "w" in mode
