@@ -7,14 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_cli import script
+
 TIMEOUT = 90
 
 
 def test_demo_runs_and_reports_cpus_and_bytes() -> None:
-    exe = Path(sys.executable).parent / "pvcalls-backend"
-    cmd = [str(exe)] if exe.exists() else [
-        sys.executable, "-c", "import sys; from pvcalls._cli import main; sys.exit(main())"]
-    result = subprocess.run([*cmd, "demo", "--max-ioworkers", "2"],
+    result = subprocess.run([*script("pvcalls-backend"), "demo", "--max-ioworkers", "2"],
                             capture_output=True, text=True, timeout=TIMEOUT)
     out = result.stdout
     assert result.returncode == 0, result.stdout + result.stderr
@@ -35,10 +34,7 @@ def test_demo_runs_and_reports_cpus_and_bytes() -> None:
 
 
 def test_the_log_level_is_taken() -> None:
-    exe = Path(sys.executable).parent / "pvcalls-backend"
-    cmd = [str(exe)] if exe.exists() else [
-        sys.executable, "-c", "import sys; from pvcalls._cli import main; sys.exit(main())"]
-    result = subprocess.run([*cmd, "--log-level", "debug", "demo"],
+    result = subprocess.run([*script("pvcalls-backend"), "--log-level", "debug", "demo"],
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr
     # The page's request, which the demo's HTTP server logs at DEBUG.
