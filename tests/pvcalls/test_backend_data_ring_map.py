@@ -6,6 +6,7 @@ pages (A and B), so that the indexes page can name either."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -70,6 +71,16 @@ class Guest:
     def live_mappings(self) -> int:
         return len(self.gnttab._live)
 
+    @contextlib.contextmanager
+    def mapped(self, hint: tuple[int, ...] | None) -> Iterator[DataRing]:
+        """The ring, for the block; closed after it, with nothing left mapped."""
+        ring = self.ring(hint)
+        try:
+            yield ring
+        finally:
+            ring.close()
+        assert self.live_mappings() == 0
+
 
 @pytest.fixture
 def guest(host: SimHost) -> Iterator[Guest]:
@@ -86,28 +97,20 @@ def _out_bytes(ring: DataRing) -> bytes:
 def test_without_a_hint_the_ring_is_the_page_s(guest: Guest) -> None:
     guest.lay_out(ORDER, guest.a)
     guest.put_out_byte(0, b"A")
-    ring = guest.ring(None)
-    try:
+    with guest.mapped(None) as ring:
         assert guest.maps == [(guest.indexes,), (guest.indexes, *guest.a)]
         assert ring.refs == guest.a
         assert guest.live_mappings() == 1  # the first one went
         assert _out_bytes(ring) == b"A"
-    finally:
-        ring.close()
-    assert guest.live_mappings() == 0
 
 
 def test_a_hint_the_page_confirms_maps_the_ring_in_one_request(guest: Guest) -> None:
     guest.lay_out(ORDER, guest.a)
     guest.put_out_byte(0, b"A")
-    ring = guest.ring(guest.a)
-    try:
+    with guest.mapped(guest.a) as ring:
         assert guest.maps == [(guest.indexes, *guest.a)]
         assert ring.refs == guest.a and guest.live_mappings() == 1
         assert _out_bytes(ring) == b"A"
-    finally:
-        ring.close()
-    assert guest.live_mappings() == 0
 
 
 def test_a_hint_the_page_contradicts_maps_what_the_page_says(guest: Guest) -> None:
@@ -115,14 +118,10 @@ def test_a_hint_the_page_contradicts_maps_what_the_page_says(guest: Guest) -> No
     they are the ring, and the mapping made on the hint's word goes."""
     guest.lay_out(ORDER, guest.b)
     guest.put_out_byte(1, b"B")
-    ring = guest.ring(guest.a)
-    try:
+    with guest.mapped(guest.a) as ring:
         assert guest.maps == [(guest.indexes, *guest.a), (guest.indexes, *guest.b)]
         assert ring.refs == guest.b and guest.live_mappings() == 1
         assert _out_bytes(ring) == b"B"
-    finally:
-        ring.close()
-    assert guest.live_mappings() == 0
 
 
 def test_a_hint_the_hypervisor_refuses_takes_the_long_way(guest: Guest) -> None:
@@ -130,13 +129,10 @@ def test_a_hint_the_hypervisor_refuses_takes_the_long_way(guest: Guest) -> None:
     from the indexes page alone, as without a hint."""
     guest.lay_out(ORDER, guest.a)
     stale = tuple(ref + 10_000 for ref in guest.a)
-    ring = guest.ring(stale)
-    try:
+    with guest.mapped(stale) as ring:
         assert guest.maps == [(guest.indexes, *stale), (guest.indexes,),
                               (guest.indexes, *guest.a)]
         assert ring.refs == guest.a and guest.live_mappings() == 1
-    finally:
-        ring.close()
 
 
 def test_a_closed_ring_keeps_no_view_of_the_pages(guest: Guest) -> None:
