@@ -468,13 +468,15 @@ class RawFrontend:
         return ring
 
     def push_connect(self, sock_id: int, address: tuple[str, int], ring: DataRing,
-                     *, length: int = 16) -> int:
+                     *, length: int = 16, ref: int | None = None,
+                     evtchn: int | None = None) -> int:
+        """``ref`` and ``evtchn`` replace the ring's (hostile)."""
         def fill(req: Any) -> None:
             req.u.connect.id = sock_id
             ffi.memmove(req.u.connect.addr, _wire.pack_sockaddr_in(*address), 16)
             req.u.connect.len = length
-            req.u.connect.ref = ring.ref
-            req.u.connect.evtchn = ring.port
+            req.u.connect.ref = ring.ref if ref is None else ref
+            req.u.connect.evtchn = ring.port if evtchn is None else evtchn
 
         return self.push(_wire.PVCALLS_CONNECT, fill)
 

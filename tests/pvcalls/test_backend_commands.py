@@ -657,15 +657,10 @@ def test_connect_with_a_bad_ring_or_event_channel_holds_nothing(
         ring = raw.new_ring(4, refs=[0xFFFF0000 + i for i in range(16)])
     else:
         ring = raw.new_ring()
-
-    def fill(req: Any) -> None:
-        req.u.connect.id = sock_id
-        ffi.memmove(req.u.connect.addr, _wire.pack_sockaddr_in(*echo_server.address), 16)
-        req.u.connect.len = 16
-        req.u.connect.ref = 0xFFFFFFFF if bad == "ref" else ring.ref
-        req.u.connect.evtchn = 4000 if bad == "evtchn" else ring.port
-
-    assert raw.call(_wire.PVCALLS_CONNECT, fill).ret == EINVAL
+    req_id = raw.push_connect(sock_id, echo_server.address, ring,
+                              ref=0xFFFFFFFF if bad == "ref" else None,
+                              evtchn=4000 if bad == "evtchn" else None)
+    assert raw.response(req_id).ret == EINVAL
     row, = backend.stats().sockets
     assert (row.id, row.kind, row.state) == (sock_id, "new", "new")
     assert all(c.sockets == 0 for c in backend.stats().cpus)

@@ -18,7 +18,6 @@ from pvcalls_rawfront import TIMEOUT, RawFrontend, wait_until
 import pvcalls
 from pvcalls import _wire
 from pvcalls._backend import _Frontend
-from pvcalls._wire import ffi
 from tests.xenback.xbhelpers import handed_over
 from xenback.ratelimit import RateLimit
 from xenback.ring import RingError
@@ -69,14 +68,7 @@ def test_bad_grant_refs(raw: RawFrontend, echo_server: Any, bystander: Any) -> N
     ring = raw.new_ring()
 
     def connect_with(ref: int) -> int:
-        def fill(req: Any) -> None:
-            req.u.connect.id = sock_id
-            ffi.memmove(req.u.connect.addr, _wire.pack_sockaddr_in(*echo_server.address), 16)
-            req.u.connect.len = 16
-            req.u.connect.ref = ref
-            req.u.connect.evtchn = ring.port
-
-        return int(raw.call(_wire.PVCALLS_CONNECT, fill).ret)
+        return raw.response(raw.push_connect(sock_id, echo_server.address, ring, ref=ref)).ret
 
     # A page granted to another domain, not to the backend.
     elsewhere = raw.gntshr.share_pages(bystander[0].guest.domid, 1)
@@ -103,15 +95,8 @@ def test_ring_order_out_of_range(raw: RawFrontend, echo_server: Any, bystander: 
 def test_bad_event_channel(raw: RawFrontend, echo_server: Any, bystander: Any) -> None:
     sock_id, _ = raw.socket()
     ring = raw.new_ring()
-
-    def fill(req: Any) -> None:
-        req.u.connect.id = sock_id
-        ffi.memmove(req.u.connect.addr, _wire.pack_sockaddr_in(*echo_server.address), 16)
-        req.u.connect.len = 16
-        req.u.connect.ref = ring.ref
-        req.u.connect.evtchn = 4000
-
-    assert raw.call(_wire.PVCALLS_CONNECT, fill).ret == EINVAL
+    assert raw.response(raw.push_connect(sock_id, echo_server.address, ring,
+                                         evtchn=4000)).ret == EINVAL
 
 
 @pytest.mark.parametrize("which", ["in_cons", "out_prod", "both"])
