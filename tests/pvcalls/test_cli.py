@@ -86,6 +86,14 @@ def script(name: str) -> list[str]:
     return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
 
 
+def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """What ``main(argv)`` says as it exits with status 2 (refused)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -127,10 +135,7 @@ def script(name: str) -> list[str]:
     ],
 )
 def test_bad_options(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
+    err = usage_error(argv, capsys)
     assert message in err
     assert "usage: pvcalls-backend" in err
 
@@ -152,10 +157,8 @@ def test_common_options_go_before_or_after_the_command(
 
 
 def test_a_bad_common_option_before_the_command_is_said(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["--max-ioworkers", "0", "demo"])
-    assert info.value.code == 2
-    assert "argument --max-ioworkers: 0 must be at least 1" in capsys.readouterr().err
+    err = usage_error(["--max-ioworkers", "0", "demo"], capsys)
+    assert "argument --max-ioworkers: 0 must be at least 1" in err
 
 
 def test_the_largest_page_order_is_taken() -> None:
@@ -214,10 +217,8 @@ def test_statistics_show_each_socket_and_the_online_cpus(
 def test_bad_policy_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text("[default]\nmax_sockets = 'lots'\n")
-    with pytest.raises(SystemExit) as info:
-        main(["serve", "--platform", "sim", "--run-dir", str(tmp_path), "--policy", str(policy)])
-    assert info.value.code == 2
-    assert f"--policy {policy}" in capsys.readouterr().err
+    argv = ["serve", "--platform", "sim", "--run-dir", str(tmp_path), "--policy", str(policy)]
+    assert f"--policy {policy}" in usage_error(argv, capsys)
 
 
 def test_endless_policy_file(tmp_path: Path) -> None:
@@ -240,10 +241,7 @@ def test_endless_policy_file(tmp_path: Path) -> None:
 def test_serve_xen_without_xen_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     if Path("/dev/xen/evtchn").exists():
         pytest.skip("this machine runs Xen")
-    with pytest.raises(SystemExit) as info:
-        main(["serve", "--platform", "xen"])
-    assert info.value.code == 2
-    assert "cannot open the Xen platform" in capsys.readouterr().err
+    assert "cannot open the Xen platform" in usage_error(["serve", "--platform", "xen"], capsys)
 
 
 # -- serve + pvcalls-nc against a xenback-sim daemon ------------------------------------

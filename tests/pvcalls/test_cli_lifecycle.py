@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from scripts import helper_path
 from stolensignal import OUTLASTS_THE_TEST
-from test_cli import FAULTHANDLER_ENV, TIMEOUT, Lines, reap, script
+from test_cli import FAULTHANDLER_ENV, TIMEOUT, Lines, reap, script, usage_error
 
 from pvcalls._cli import main
 
@@ -79,10 +79,7 @@ def nothing_more_from(sock: socket.socket) -> None:
 
 def test_serve_on_a_run_dir_without_a_host_is_a_clear_error(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["serve", "--platform", "sim", "--run-dir", str(tmp_path)])
-    assert info.value.code == 2
-    err = capsys.readouterr().err
+    err = usage_error(["serve", "--platform", "sim", "--run-dir", str(tmp_path)], capsys)
     assert "cannot join the simulated host as domain 0" in err
     assert "Traceback" not in err
 
@@ -107,10 +104,8 @@ def test_a_demo_whose_host_cannot_start_says_why(
 
 
 def test_demo_needs_the_ring_order_of_its_guests(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["demo", "--max-page-order", "3"])
-    assert info.value.code == 2
-    assert "below 4, the ring order of the demo's guests" in capsys.readouterr().err
+    err = usage_error(["demo", "--max-page-order", "3"], capsys)
+    assert "below 4, the ring order of the demo's guests" in err
 
 
 # The demo with its first guest's fetch stuck: a signal then finds it in
@@ -844,10 +839,7 @@ def test_a_lock_holder_that_has_not_written_its_pid_is_said_as_such(
 
     monkeypatch.setattr(pvcalls, "Backend", refused)
     monkeypatch.setattr(cli, "_open_platform", lambda args, error: types.SimpleNamespace(domid=0))
-    with pytest.raises(SystemExit) as info:
-        main(["serve", "--platform", "xen"])
-    assert info.value.code == 2
-    assert capsys.readouterr().err.endswith(
+    assert usage_error(["serve", "--platform", "xen"], capsys).endswith(
         f"error: another pvcalls-backend (pid ?) serves this host already; it holds {lock}\n")
 
 
@@ -892,10 +884,8 @@ def test_a_bad_policy_file_is_named_once(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text("[default]\nmax_sockets = 'lots'\n")
-    with pytest.raises(SystemExit) as info:
-        main(["serve", "--platform", "sim", "--run-dir", str(tmp_path), "--policy", str(policy)])
-    assert info.value.code == 2
-    err = capsys.readouterr().err
+    argv = ["serve", "--platform", "sim", "--run-dir", str(tmp_path), "--policy", str(policy)]
+    err = usage_error(argv, capsys)
     assert err.count(str(policy)) == 1 and "max_sockets" in err
 
 
