@@ -565,6 +565,12 @@ class RawFrontend:
 
         self.wait(done, timeout)
 
+    def echo(self, ring: DataRing, data: bytes, timeout: float = TIMEOUT) -> None:
+        """Send ``data`` on ``ring``, whose peer echoes, and check that all of
+        it comes back (no more than the rings hold)."""
+        self.send_all(ring, data, timeout)
+        assert self.recv_exactly(ring, len(data), timeout) == data
+
 
 def address_of(backend: Backend, sock_id: int) -> tuple[str, int]:
     """The host address of a bound socket of the backend's, from its stats."""

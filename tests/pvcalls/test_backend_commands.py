@@ -393,8 +393,7 @@ def test_connect_and_echo(raw: RawFrontend, echo_server: Any, backend: pvcalls.B
     req_id = raw.push_connect(sock_id, echo_server.address, ring)
     rsp = raw.response(req_id)
     assert (rsp.req_id, rsp.cmd, rsp.ret, rsp.id) == (req_id, _wire.PVCALLS_CONNECT, 0, sock_id)
-    raw.send_all(ring, b"hello pvcalls")
-    assert raw.recv_exactly(ring, 13) == b"hello pvcalls"
+    raw.echo(ring, b"hello pvcalls")
     row, = backend.stats().sockets
     assert (row.domain, row.id, row.kind, row.state) == (raw.guest.domid, sock_id, "active",
                                                           "connected")
@@ -425,8 +424,7 @@ def test_a_connect_answered_at_once_runs_the_socket_for_its_events_only(
     sock = socket_of(backend, raw, sock_id)
     sock.flush()
     assert runs == []
-    raw.send_all(ring, b"first")
-    assert raw.recv_exactly(ring, 5) == b"first"
+    raw.echo(ring, b"first")
     assert runs and set(runs) == {SockState.CONNECTED}
     assert raw.release(sock_id).ret == 0
 
@@ -634,8 +632,7 @@ def test_connect_failing_at_once_leaves_a_new_socket(
     assert all(c.sockets == 0 for c in backend.stats().cpus)
     # The guest retries with the same ring, as Linux's frontend would.
     assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
-    raw.send_all(ring, b"second try")
-    assert raw.recv_exactly(ring, 10) == b"second try"
+    raw.echo(ring, b"second try")
     assert raw.unexpected == []
 
 
@@ -1657,8 +1654,7 @@ def test_listen_and_accept_need_the_right_state(raw: RawFrontend, backend: pvcal
     assert raw.response(raw.push_poll(active)).ret == EINVAL
     assert raw.response(raw.push_accept(active, raw.new_id(), raw.new_ring())).ret == EINVAL
     # ... and none of those harmed it.
-    raw.send_all(ring, b"still connected")
-    assert raw.recv_exactly(ring, 15) == b"still connected"
+    raw.echo(ring, b"still connected")
 
 
 def test_bind_address_in_use(raw: RawFrontend, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1934,8 +1930,7 @@ def test_a_bug_answering_a_poll_fails_that_listener_only(
     poll = raw.push_poll(good)
     with socket.create_connection(good_address, timeout=TIMEOUT):
         assert raw.response(poll).ret == 0
-    raw.send_all(ring, b"still fine")
-    assert raw.recv_exactly(ring, 10) == b"still fine"
+    raw.echo(ring, b"still fine")
     assert raw.release(listener).ret == 0
     assert raw.unexpected == []
     assert {r.id for r in backend.stats().sockets} == {good, conn_id}
@@ -2352,8 +2347,7 @@ def test_linux_like_sequence_on_one_ring(raw: RawFrontend, echo_server: Any,
     for _ in range(3):  # 3 x 12 requests > 32 slots: req_ids wrap
         for _ in range(4):
             sock_id, ring = raw.connect_socket(echo_server.address)
-            raw.send_all(ring, b"x" * 100)
-            assert raw.recv_exactly(ring, 100) == b"x" * 100
+            raw.echo(ring, b"x" * 100)
             rsp = raw.release(sock_id)
             assert rsp.ret == 0
             seen.append(rsp.req_id)
@@ -2405,8 +2399,7 @@ def test_responses_from_many_threads_share_one_producer(make_frontend: Any,
             fe = make_frontend(f"t{i}")
             for _ in range(5):
                 sock_id, ring = fe.connect_socket(echo_server.address, order=1)
-                fe.send_all(ring, b"abc")
-                assert fe.recv_exactly(ring, 3) == b"abc"
+                fe.echo(ring, b"abc")
                 assert fe.release(sock_id).ret == 0
             assert fe.unexpected == [] and fe.responses == {}
             fe.close()

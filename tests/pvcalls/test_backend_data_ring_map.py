@@ -184,8 +184,7 @@ def test_a_recycled_ring_is_mapped_in_one_request(
         maps.clear()
         sock_id, _ = raw.socket()
         assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
-        raw.send_all(ring, word)
-        assert raw.recv_exactly(ring, len(word)) == word
+        raw.echo(ring, word)
         assert raw.release(sock_id).ret == 0
     assert maps == [1 + 16]
     # The hint used is counted out of the refs kept, as it is taken out.

@@ -35,8 +35,7 @@ def test_a_socket_is_polled_by_its_cpus_poller(
     assert sock.events is poller.events
     assert sock.port in poller.events.ports
     assert sock.port not in backend.dispatcher.ports  # the command rings' thread
-    raw.send_all(ring, b"ping")
-    assert raw.recv_exactly(ring, 4) == b"ping"
+    raw.echo(ring, b"ping")
     assert raw.release(sock_id).ret == 0
     assert poller.events.ports == []
 
@@ -71,8 +70,7 @@ def test_the_polling_worker_runs_the_socket_it_woke(
     try:
         for i in range(50):
             message = b"%03d" % i
-            raw.send_all(ring, message)
-            assert raw.recv_exactly(ring, len(message)) == message
+            raw.echo(ring, message)
     finally:
         backend.io_wq.remove_trace_hook(hook)
     # Every round trip wakes the socket twice (the guest's notify, the echo's
@@ -132,8 +130,7 @@ def test_a_failing_poll_does_not_stop_its_cpus_sockets(
     poller.events.wakeup()  # the poll under way returns; the next ones fail
     for _ in range(30):
         assert failures.acquire(timeout=TIMEOUT)
-    raw.send_all(ring, b"ping")
-    assert raw.recv_exactly(ring, 4) == b"ping"
+    raw.echo(ring, b"ping")
     bugs = [r for r in caplog.records if r.name.startswith("pvcalls") and r.exc_info]
     assert len(bugs) == 10
     assert all(isinstance(r.exc_info[1], RuntimeError) for r in bugs if r.exc_info)
@@ -258,8 +255,7 @@ def test_a_socket_keeps_its_poller_when_its_cpu_goes_offline(
             sock = socket_of(backend, fe, sock_id)
             assert sock.cpu != victim
             raw_message = b"after cpu_down %d" % sock_id
-            fe.send_all(ring, raw_message)
-            assert fe.recv_exactly(ring, len(raw_message)) == raw_message
+            fe.echo(ring, raw_message)
     finally:
         backend.close()  # with the CPU offline
     assert backend._pollers == {}

@@ -32,8 +32,7 @@ def bystander(make_frontend: Any, host: Any, backend: pvcalls.Backend, echo_serv
     sock_id, ring = fe.connect_socket(echo_server.address)
     yield fe, ring
     payload = b"undisturbed" * 100
-    fe.send_all(ring, payload)
-    assert fe.recv_exactly(ring, len(payload)) == payload
+    fe.echo(ring, payload)
     assert fe.release(sock_id).ret == 0
 
 
@@ -103,8 +102,7 @@ def test_bad_event_channel(raw: RawFrontend, echo_server: Any, bystander: Any) -
 def test_indexes_pointing_outside_the_ring(raw: RawFrontend, echo_server: Any,
                                            bystander: Any, which: str) -> None:
     sock_id, ring = raw.connect_socket(echo_server.address, order=1)
-    raw.send_all(ring, b"a" * 100)
-    assert raw.recv_exactly(ring, 100) == b"a" * 100
+    raw.echo(ring, b"a" * 100)
     if which in ("in_cons", "both"):
         ring.put(_wire.IN_CONS_OFFSET, 0x80000000)
     if which in ("out_prod", "both"):
