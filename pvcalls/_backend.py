@@ -543,10 +543,12 @@ class Backend(Closing):
         port = dev.read_otherend_u32("port")
         fe = _Frontend(self, dev, ring_ref, port)
         with self._lock:
-            if self._closed:
-                fe.close()
-                raise RuntimeError("backend is closing")
-            self._frontends[(dev.frontend_id, dev.devid)] = fe
+            closing = self._closed
+            if not closing:
+                self._frontends[(dev.frontend_id, dev.devid)] = fe
+        if closing:
+            fe.close()
+            raise RuntimeError("backend is closing")
         dev.driver_data = fe
         fe.start()
         logger.info("dom%d: pvcalls frontend connected (ring-ref %d, port %d)",
