@@ -107,7 +107,8 @@ _ID_STRIDE = 0x100  # kmalloc-256, roughly sizeof(struct sock_mapping)
 #: next wait returns at once while ports are pending.
 _PORT_BATCH = 64
 
-#: Released data rings a frontend keeps for reuse (17 pages and a port each).
+#: Released data rings a frontend keeps for reuse (``2**ring_order`` data
+#: pages, an indexes page and a port each).
 _RING_POOL_MAX = 32
 
 
@@ -140,8 +141,9 @@ class _Release:
 
     ``ring`` and ``inflight`` are moved in and out by steps that call
     nothing (see :meth:`Frontend._give_back`), so that exactly one party
-    takes each; ``settled`` and ``ret`` are under the frontend's
-    ``_lock``."""
+    takes each; ``ret`` is under the frontend's ``_lock``, and
+    ``settled`` is written by the thread that claimed the release alone,
+    read by the others under ``_lock``."""
 
     __slots__ = ("sock_id", "ring", "inflight", "settled", "ret")
 
@@ -221,8 +223,9 @@ class Frontend(Closing):
     :meth:`open` (entering the ``with`` block) raises
     :class:`TimeoutError` if no backend answers within ``timeout`` (none
     serves ``backend_id``), and :class:`OSError` if the backend's answer
-    will not do: EPROTONOSUPPORT (no protocol version 1, or its
-    ``max-page-order`` is below ``ring_order``), EPROTO or ECONNREFUSED
+    will not do: EPROTONOSUPPORT (no protocol version 1, no
+    ``function-calls`` 1, or its ``max-page-order`` is below
+    ``ring_order``), EPROTO or ECONNREFUSED
     (it went to a state other than the one expected); it closes what it
     had opened first.  Once the backend goes away (its state leaves
     Connected), every call of the frontend and its sockets fails with
@@ -357,8 +360,9 @@ class Frontend(Closing):
         # starts it when _dropped has states, it ends once it is empty.
         self._reaper: threading.Thread | None = None
         self._handlers: dict[int, Callable[[], None]] = {}
-        # The event thread's epoll set: the shared handle, the stop pipe and
-        # the own handles of rings being relayed (descriptor -> callback).
+        # The event thread's epoll set: the shared handle, the wake-up
+        # eventfd (_Wakeup) and the own handles of rings being relayed
+        # (descriptor -> callback).
         self._event_epoll: select.epoll | None = None
         self._relays: dict[int, Callable[[], None]] = {}
         # Data rings the backend let go of, kept for the next sockets: a
