@@ -1121,7 +1121,8 @@ class Frontend(Closing):
     def _wake_everyone(self) -> None:
         with self._lock:
             self._cmd_cond.notify_all()
-        for st in list(self._sockets.values()):
+            states = list(self._sockets.values())
+        for st in states:
             sock = st.owner()
             if sock is None:
                 continue
