@@ -737,7 +737,8 @@ class _Frontend:
 
         # _rsp_lock: the one producer of responses.  It serialises
         # push_response/push_responses/notify and guards _closed and
-        # _released; taken last (nothing else is acquired under it).
+        # _released; taken last (no other lock of the backend's is
+        # acquired under it).
         self._rsp_lock = threading.Lock()
         self._closed = False
         # close() ran to its end; until then (one cut short by a Ctrl-C)

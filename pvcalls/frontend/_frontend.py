@@ -1071,6 +1071,9 @@ class Frontend(Closing):
 
     def _handle_port(self, evtchn: EventChannel, port: int) -> None:
         """Run the handler of ``port`` (masked), then unmask it."""
+        # Without _lock, once per event: a data ring's handler is set
+        # before its socket's CONNECT or ACCEPT goes out, so an event of the
+        # port's present user finds it; a stale one only wakes a socket.
         handler = self._handlers.get(port)
         lost = None
         try:
