@@ -234,7 +234,8 @@ class Frontend(Closing):
     The arguments stay readable as attributes (``domain``, ``backend_id``,
     ``devid``, ``ring_order``, and ``timeout`` as a float); ``device`` is
     the :class:`xenback.sim.Device` the toolstack added (its frontend and
-    backend paths in XenStore), None until the first :meth:`open`.
+    backend paths in XenStore), None before :meth:`open` and after
+    :meth:`close`.
     """
 
     def __init__(
