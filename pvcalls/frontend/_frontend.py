@@ -1194,9 +1194,9 @@ class Frontend(Closing):
                 rings[:] = self._ring_pool[-1:]
                 del self._ring_pool[-1:]
                 if rings:
-                    # A fileno() racing with the ring's return to the pool
-                    # may have relayed it for its old socket after it was
-                    # unrelayed.
+                    # A second guard: _return_rings unrelayed it on its way
+                    # here, and a fileno() racing with that relays it for
+                    # its old socket no more (see _relay).
                     self._unrelay(rings[0])
             if not rings:
                 self._make_data_ring(rings)
