@@ -543,10 +543,12 @@ class Backend(Closing):
         port = dev.read_otherend_u32("port")
         fe = _Frontend(self, dev, ring_ref, port)
         with self._lock:
-            if self._closed:
-                fe.close()
-                raise RuntimeError("backend is closing")
-            self._frontends[(dev.frontend_id, dev.devid)] = fe
+            closing = self._closed
+            if not closing:
+                self._frontends[(dev.frontend_id, dev.devid)] = fe
+        if closing:
+            fe.close()
+            raise RuntimeError("backend is closing")
         dev.driver_data = fe
         fe.start()
         logger.info("dom%d: pvcalls frontend connected (ring-ref %d, port %d)",
@@ -735,7 +737,8 @@ class _Frontend:
 
         # _rsp_lock: the one producer of responses.  It serialises
         # push_response/push_responses/notify and guards _closed and
-        # _released; taken last (nothing else is acquired under it).
+        # _released; taken last (no other lock of the backend's is
+        # acquired under it).
         self._rsp_lock = threading.Lock()
         self._closed = False
         # close() ran to its end; until then (one cut short by a Ctrl-C)

@@ -60,7 +60,9 @@ class _Orphan:
     host: socket.socket
     domid: int
     size: int  # bytes adopted, counted against the domain until the end
-    rest: memoryview  # what the peer has yet to take (only the sender touches it)
+    # What the peer has yet to take: only the sender touches it, until
+    # whoever ends the orphan has taken it out of the table.
+    rest: memoryview
     # The releasing frontend's (it outlives the frontend): a guest whose
     # peers reset every connection ends orphans as fast as it releases them.
     ratelimit: RateLimit

@@ -229,7 +229,7 @@ class DataRing:
             self.out_ring = FlexRing(buffer[PAGE_SIZE + size : PAGE_SIZE + 2 * size], page,
                                      prod_offset=OUT_PROD_OFFSET, cons_offset=OUT_CONS_OFFSET)
             self._rings.append(self.out_ring)
-            # Signed views of the two error fields.
+            # Signed views of the two error fields, unsigned of the indexes.
             self._errors = page[:128].cast("i")
             self._words = page[:128].cast("I")
         except BaseException:
@@ -356,8 +356,10 @@ class _Steps:
 class ActiveSocket(Work):
     """A connected (or connecting, or being accepted) socket: one Work.
 
-    Fields written by the command processing before the socket is published
-    to its Work (``ring``, ``port``, ``host``) are not changed afterwards
+    Fields written before the socket is published to its Work (``ring``,
+    ``port``, ``host``: by the command processing, or ``host`` of an
+    ACCEPT's socket by the listening socket's Work while the state is
+    ACCEPTING, in which the Work does nothing) are not changed afterwards
     until the Work has been disabled and cancelled (:meth:`teardown`), so the
     Work reads them without a lock.  ``_lock`` protects ``state`` and
     ``connect_request`` (the CONNECT awaiting its answer), which the command
@@ -995,9 +997,10 @@ class PassiveSocket(Work):
         self._lock = threading.Lock()
         self.waiting: tuple[Request, ActiveSocket | None] | None = None
         # Whether the host socket is in the dispatcher's epoll set: changed
-        # by LISTEN and teardown, both from the command processing, one at
-        # a time (no lock), and by the Work failing, which runs only once
-        # LISTEN has set it (ACCEPT and POLL wait for LISTENING).
+        # by LISTEN (and taken back by its failure), read by teardown, both
+        # from the command processing, one at a time (no lock), and
+        # cleared by the Work failing, which runs only once LISTEN has set
+        # it (ACCEPT and POLL wait for LISTENING).
         self._registered = False
         self._torn_down = False
 

@@ -107,7 +107,8 @@ _ID_STRIDE = 0x100  # kmalloc-256, roughly sizeof(struct sock_mapping)
 #: next wait returns at once while ports are pending.
 _PORT_BATCH = 64
 
-#: Released data rings a frontend keeps for reuse (17 pages and a port each).
+#: Released data rings a frontend keeps for reuse (``2**ring_order`` data
+#: pages, an indexes page and a port each).
 _RING_POOL_MAX = 32
 
 
@@ -140,8 +141,9 @@ class _Release:
 
     ``ring`` and ``inflight`` are moved in and out by steps that call
     nothing (see :meth:`Frontend._give_back`), so that exactly one party
-    takes each; ``settled`` and ``ret`` are under the frontend's
-    ``_lock``."""
+    takes each; ``ret`` is under the frontend's ``_lock``, and
+    ``settled`` is written by the thread that claimed the release alone,
+    read by the others under ``_lock``."""
 
     __slots__ = ("sock_id", "ring", "inflight", "settled", "ret")
 
@@ -221,8 +223,9 @@ class Frontend(Closing):
     :meth:`open` (entering the ``with`` block) raises
     :class:`TimeoutError` if no backend answers within ``timeout`` (none
     serves ``backend_id``), and :class:`OSError` if the backend's answer
-    will not do: EPROTONOSUPPORT (no protocol version 1, or its
-    ``max-page-order`` is below ``ring_order``), EPROTO or ECONNREFUSED
+    will not do: EPROTONOSUPPORT (no protocol version 1, no
+    ``function-calls`` 1, or its ``max-page-order`` is below
+    ``ring_order``), EPROTO or ECONNREFUSED
     (it went to a state other than the one expected); it closes what it
     had opened first.  Once the backend goes away (its state leaves
     Connected), every call of the frontend and its sockets fails with
@@ -231,7 +234,8 @@ class Frontend(Closing):
     The arguments stay readable as attributes (``domain``, ``backend_id``,
     ``devid``, ``ring_order``, and ``timeout`` as a float); ``device`` is
     the :class:`xenback.sim.Device` the toolstack added (its frontend and
-    backend paths in XenStore), None until the first :meth:`open`.
+    backend paths in XenStore), None before :meth:`open` and after
+    :meth:`close`.
     """
 
     def __init__(
@@ -357,8 +361,9 @@ class Frontend(Closing):
         # starts it when _dropped has states, it ends once it is empty.
         self._reaper: threading.Thread | None = None
         self._handlers: dict[int, Callable[[], None]] = {}
-        # The event thread's epoll set: the shared handle, the stop pipe and
-        # the own handles of rings being relayed (descriptor -> callback).
+        # The event thread's epoll set: the shared handle, the wake-up
+        # eventfd (_Wakeup) and the own handles of rings being relayed
+        # (descriptor -> callback).
         self._event_epoll: select.epoll | None = None
         self._relays: dict[int, Callable[[], None]] = {}
         # Data rings the backend let go of, kept for the next sockets: a
@@ -1067,6 +1072,9 @@ class Frontend(Closing):
 
     def _handle_port(self, evtchn: EventChannel, port: int) -> None:
         """Run the handler of ``port`` (masked), then unmask it."""
+        # Without _lock, once per event: a data ring's handler is set
+        # before its socket's CONNECT or ACCEPT goes out, so an event of the
+        # port's present user finds it; a stale one only wakes a socket.
         handler = self._handlers.get(port)
         lost = None
         try:
@@ -1117,7 +1125,8 @@ class Frontend(Closing):
     def _wake_everyone(self) -> None:
         with self._lock:
             self._cmd_cond.notify_all()
-        for st in list(self._sockets.values()):
+            states = list(self._sockets.values())
+        for st in states:
             sock = st.owner()
             if sock is None:
                 continue
@@ -1185,9 +1194,9 @@ class Frontend(Closing):
                 rings[:] = self._ring_pool[-1:]
                 del self._ring_pool[-1:]
                 if rings:
-                    # A fileno() racing with the ring's return to the pool
-                    # may have relayed it for its old socket after it was
-                    # unrelayed.
+                    # A second guard: _return_rings unrelayed it on its way
+                    # here, and a fileno() racing with that relays it for
+                    # its old socket no more (see _relay).
                     self._unrelay(rings[0])
             if not rings:
                 self._make_data_ring(rings)

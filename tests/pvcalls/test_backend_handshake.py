@@ -544,9 +544,19 @@ def test_backend_closing_during_a_handshake(
         dom0_xs: Any, make_frontend: Any, host: Any, backend: pvcalls.Backend,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """close() while a frontend's connect is being set up: that frontend is
-    not connected (the guest is told why) and keeps nothing mapped or bound."""
+    not connected (the guest is told why) and keeps nothing mapped or bound.
+    It is closed without the backend's _lock held, which is never held
+    while a frontend is set up or torn down (stats() waits on it)."""
     inside, go_on = threading.Event(), threading.Event()
     domain_name = pvcalls._backend._domain_name
+    frontend_close = _Frontend.close
+    lock_held_at_close: list[bool] = []
+
+    def close_noting_the_lock(fe: _Frontend) -> None:
+        lock_held_at_close.append(fe.backend._lock.locked())
+        frontend_close(fe)
+
+    monkeypatch.setattr(_Frontend, "close", close_noting_the_lock)
 
     def name_when_told(dev: Any, policy: Any) -> str | None:
         inside.set()
@@ -567,6 +577,7 @@ def test_backend_closing_during_a_handshake(
     assert not closer.is_alive()
     error = dom0_xs.read(f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error")
     assert error is not None and error.endswith(": backend is closing")
+    assert lock_held_at_close == [False]
     assert fe.backend_state() == 6
     assert backend.stats().frontends == 0
     assert bound_ports(backend) == []

@@ -2581,6 +2581,28 @@ def test_a_close_before_open_leaves_the_frontend_to_open(host: SimHost, backend:
         s.close()
 
 
+def test_waking_everyone_reads_the_sockets_table_under_the_lock(
+        host: SimHost, backend: Any) -> None:
+    """The sockets table is under the frontend's _lock: the wake-up of
+    every waiter, as the frontend dies or closes, lists it there too (a
+    socket made or released by another thread meanwhile changes it)."""
+    unlocked: list[str] = []
+
+    class Checked(dict[int, Any]):
+        def values(self) -> Any:
+            if not fe._lock.locked():
+                unlocked.append("values() without _lock")
+            return super().values()
+
+    fe = pvcalls.Frontend(host.create_domain("wakes-all"), timeout=TIMEOUT)
+    with fe:
+        s = fe.socket()
+        fe._sockets = Checked(fe._sockets)
+        fe._wake_everyone()
+        s.close()
+    assert unlocked == []
+
+
 def _in_function(thread: threading.Thread, name: str) -> bool:
     """Whether ``thread`` runs ``name`` itself (not a function it called)."""
     frame = sys._current_frames().get(thread.ident or -1)
