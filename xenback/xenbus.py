@@ -2,8 +2,9 @@
 kernel backend, for a backend written in Python.
 
 A driver subclasses :class:`BackendDriver`, names its ``device_type`` and
-overrides up to four methods; the base class does the rest of the xenbus
-protocol (section 2 of the protocol reference), item by item:
+overrides up to four methods (and :meth:`BackendDriver.frontend_changed`,
+only to extend it); the base class does the rest of the xenbus protocol
+(section 2 of the protocol reference), item by item:
 
 * one driver of a type per domain on a host: start() takes the domain's
   ``xenback-<type>`` :class:`~xenback.hostlock.HostLock` before anything
