@@ -385,10 +385,14 @@ class BackendDevice:
                                  handled=driver._callback_failed)
         # Everything below is only touched from this device's event queue,
         # except _gone and the resources, guarded by _lock (drivers may map
-        # and bind from their own work items too), and _otherend_pending
-        # and _failing, also set by other threads (the watch thread, the
-        # driver's) under _lock.  Invariant: once _gone is set, nothing is
-        # tracked and nothing more can be.
+        # and bind from their own work items too); _otherend_pending and
+        # _failing, also set by other threads (the watch thread, the
+        # driver's) under _lock; and what a driver's own thread reaches
+        # through write_nodes(), switch_state(), error() and fatal():
+        # _switched, _probe_nodes, _lookup_failure, _fatal_calls and
+        # _refusal, with no lock (see write_nodes() and _stale() for
+        # _probe_nodes).  Invariant: once _gone is set, nothing more can be
+        # tracked, and what was is released next (see BackendDriver._drop).
         self._otherend_watch: Watch | None = None
         # probe() was called (remove() undoes it), as _connected for connect().
         self._probed = False
