@@ -542,7 +542,9 @@ class BackendDevice:
         """``xenbus_switch_state``: write our ``state`` unless it already
         holds ``state``, the device directory is gone (or is a new
         device's, made again at our path) or the device was removed.
-        True if written.
+        True if written.  XenStore's errors are raised: :class:`PermissionError`
+        where the toolstack took our ``state`` from us or left it to us to
+        read only (see the module docstring).
 
         Once the toolstack asked for removal (``online`` = 0 and Closing in
         our directory), nothing but Closed replaces Closing: a probe or a
