@@ -1400,7 +1400,8 @@ class BackendDriver:
         of our ``device_type`` serves our domain, in this process or
         another on the host (it names that process and the lock file), and
         :class:`OSError` naming the lock file if that cannot be made:
-        either before anything is started.  Whole or nothing: failing or
+        either before anything is started; :class:`RuntimeError` if this
+        driver is started already.  Whole or nothing: failing or
         interrupted (Ctrl-C) halfway, it undoes what it had started before
         it raises.
         """
