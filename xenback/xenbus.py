@@ -1351,7 +1351,8 @@ class BackendDriver:
 
     @property
     def workqueue(self) -> Workqueue:
-        """The workqueue running the device callbacks (while started)."""
+        """The workqueue running the device callbacks: one passed in, from
+        the start; the driver's own, only while started."""
         if self._workqueue is None:
             raise RuntimeError(f"{type(self).__name__} is not started")
         return self._workqueue
