@@ -299,7 +299,8 @@ class EventDispatcher(Closing):
 
     def bind_interdomain(self, domid: int, remote_port: int, callback: PortCallback) -> int:
         """Bind to ``remote_port`` of ``domid``; returns the local port.
-        Raises :class:`~xenback.platform.EventChannelError` on failure."""
+        Raises :class:`~xenback.platform.EventChannelError` on failure, and
+        :class:`RuntimeError` once the dispatcher is closed."""
         _check_callback(callback)
         with self._lock:
             self._check_open()
@@ -308,7 +309,8 @@ class EventDispatcher(Closing):
         return port
 
     def bind_unbound_port(self, domid: int, callback: PortCallback) -> int:
-        """Allocate a port for ``domid`` to bind to (frontend side)."""
+        """Allocate a port for ``domid`` to bind to (frontend side).
+        Raises as :meth:`bind_interdomain` does."""
         _check_callback(callback)
         with self._lock:
             self._check_open()
@@ -339,7 +341,9 @@ class EventDispatcher(Closing):
         """Call ``callback(fd, revents)`` when ``fd`` is ready for ``events``
         (an epoll mask).  Level-triggered unless ``select.EPOLLET`` or
         ``select.EPOLLONESHOT`` is in ``events``; with ONESHOT, re-arm with
-        :meth:`modify_fd` once the work is done."""
+        :meth:`modify_fd` once the work is done.  :class:`ValueError` if
+        ``fd`` is registered already, :class:`RuntimeError` once the
+        dispatcher is closed."""
         _check_callback(callback)
         _check_fd(fd)
         with self._lock:
