@@ -166,10 +166,13 @@ class EventDispatcher(Closing):
         dispatcher to it."""
         check_flag("thread", thread)
         self.name = name
-        # _lock guards _ports, _fds, _running (which running_port() reads
-        # without it in the one thread that writes it), _closed and
-        # _released, and serialises evtchn bind/unbind/unmask so that a
-        # port is never unmasked after it was unbound.  pending() is
+        # _lock guards _ports, _fds (with _fd_events and _fds_taken),
+        # _running (which running_port() reads without it in the one
+        # thread that writes it), _closed (which the dispatching thread
+        # also reads without it, between callbacks: close() waits for that
+        # thread, or poll, before the descriptors go) and _released, and
+        # serialises evtchn bind/unbind/unmask so that a port is never
+        # unmasked after it was unbound.  pending() is
         # called only by the dispatcher thread, without it.  _idle is notified whenever a callback
         # finishes while _wait_idle() waits on it (_idle_waiters, under
         # _lock: a notify_all() with no waiter is three Python calls, at
