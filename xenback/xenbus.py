@@ -985,8 +985,10 @@ class BackendDevice:
         runs on the dispatcher thread and must only queue work, which must
         take finding nothing to do: after a failure of its own the
         dispatcher runs every callback once more (see
-        :mod:`xenback.events`).  Raises :class:`OSError` ENODEV once the
-        device was removed.
+        :mod:`xenback.events`).  Raises
+        :class:`~xenback.platform.EventChannelError` (a ``remote_port`` that
+        is no unbound port of the frontend's for us, say), or
+        :class:`OSError` ENODEV once the device was removed.
 
         An exception escaping ``callback`` fails the device (see the
         module docstring), on its queue, after the callback returned."""
