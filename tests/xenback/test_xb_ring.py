@@ -215,6 +215,27 @@ def test_responses_notify_only_for_what_the_frontend_waits_for() -> None:
     assert back.push_responses() is False
 
 
+def test_the_notify_check_compares_with_the_rsp_prod_we_published() -> None:
+    """push_responses() takes the old ``rsp_prod`` from what it last
+    published, not from the page: a frontend that rewrites ``rsp_prod``
+    there cannot sway whether it is notified."""
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    for i in range(2):
+        front.push_request(REQ.pack(i, 0))
+    front.push_requests()
+    first, second = back.requests()
+    back.push_response(first)
+    assert back.push_responses() is True  # rsp_event was 1
+    view = memoryview(buf)
+    _set(view, 3, 2)  # the frontend asks to hear of the next response...
+    _set(view, 2, 2)  # ...and claims it was published already
+    back.push_response(second)
+    assert back.push_responses() is True  # asked for: 1 -> 2 crosses rsp_event 2
+    assert _header(view)[2] == 2
+
+
 def test_notification_across_the_32bit_wrap() -> None:
     # The frontend consumed everything up to 2**32 - 1 and asked to hear
     # of the next response, at index 0: two responses that straddle the
