@@ -276,6 +276,48 @@ def test_the_final_check_sees_a_request_published_as_req_event_was_armed(
     assert back.unconsumed_requests() == 1
 
 
+def test_the_final_check_sees_a_response_published_as_rsp_event_was_armed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """final_check_for_responses() too, for the frontend's end."""
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    front.push_request(REQ.pack(1, 0))
+    front.push_request(REQ.pack(2, 0))
+    front.push_requests()
+    first, second = back.requests()
+    back.push_response(first)
+    back.push_responses()
+    assert len(list(front.responses())) == 1
+
+    def backend_publishes() -> None:
+        # At the barrier between arming rsp_event and the second look.
+        if _header(memoryview(buf))[3] == 2 and _header(memoryview(buf))[2] == 1:
+            back.push_response(second)
+            back.push_responses()
+
+    monkeypatch.setattr(ring_module, "_mb", backend_publishes)
+    assert front.final_check_for_responses() is True
+    assert front.unconsumed_responses() == 1
+
+
+def test_the_final_check_leaves_req_event_alone_while_requests_wait() -> None:
+    """As RING_FINAL_CHECK_FOR_REQUESTS: with requests still to take,
+    req_event is not armed (the frontend need not notify a backend that
+    is about to look anyway)."""
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    front.push_request(REQ.pack(1, 0))
+    front.push_requests()
+    assert len(list(back.requests())) == 1
+    front.push_request(REQ.pack(2, 0))
+    front.push_requests()
+    assert back.final_check_for_requests() is True
+    assert _header(memoryview(buf))[1] == 1  # as SHARED_RING_INIT left it
+
+
 def test_notification_across_the_32bit_wrap() -> None:
     # The frontend consumed everything up to 2**32 - 1 and asked to hear
     # of the next response, at index 0: two responses that straddle the
