@@ -531,6 +531,42 @@ def test_resources_taken_while_the_device_is_being_dropped_are_released(
     census.check()
 
 
+@pytest.mark.parametrize("what", ["map", "bind"])
+def test_a_resource_taken_as_the_device_is_dropped_is_given_back_not_tracked(
+        host, driver, frontends, monkeypatch, what) -> None:
+    """A driver's work item maps (or binds) while the device is dropped:
+    past the look at ``gone`` before the platform call, the drop done by
+    the time that call returns.  What it took is given back at once and
+    ENODEV raised: tracked by a device already gone, nothing would
+    release it."""
+    census = Census(host, driver)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    target = driver.gnttab if what == "map" else driver.events
+    name = "map_grant_refs" if what == "map" else "bind_interdomain"
+    platform_call = getattr(target, name)
+
+    def dropped_meanwhile(*args, **kwargs):
+        taken = platform_call(*args, **kwargs)
+        fe.xs.rm(f"{dev.frontend_path}/state")  # Unknown: the device is dropped
+        driver.wait_removed(guest.domid)
+        assert bdev.gone
+        return taken
+
+    spare = fe.frontend.bind_port()  # the connection holds fe.port
+    monkeypatch.setattr(target, name, dropped_meanwhile)
+    with pytest.raises(OSError) as info:
+        if what == "map":
+            bdev.map_grant_refs([fe.pages.refs[0]])
+        else:
+            bdev.bind_evtchn(spare, lambda port: None)
+    assert info.value.errno == errno.ENODEV
+    assert bdev.resources == (0, 0)
+    monkeypatch.undo()
+    fe.close()
+    census.check()
+
+
 def test_a_stopped_driver_opens_no_handles_for_a_late_work_item(host, driver, frontends) -> None:
     """A driver's work item on a workqueue of its own may still map or bind
     after stop(): it gets ENODEV, and the driver does not open a new event
