@@ -318,6 +318,24 @@ def test_the_final_check_leaves_req_event_alone_while_requests_wait() -> None:
     assert _header(memoryview(buf))[1] == 1  # as SHARED_RING_INIT left it
 
 
+def test_the_final_check_leaves_rsp_event_alone_while_responses_wait() -> None:
+    """RING_FINAL_CHECK_FOR_RESPONSES likewise, at the frontend's end."""
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    front.push_request(REQ.pack(1, 0))
+    front.push_request(REQ.pack(2, 0))
+    front.push_requests()
+    first, second = back.requests()
+    back.push_response(first)
+    back.push_responses()
+    assert len(list(front.responses())) == 1
+    back.push_response(second)
+    back.push_responses()
+    assert front.final_check_for_responses() is True
+    assert _header(memoryview(buf))[3] == 1  # as SHARED_RING_INIT left it
+
+
 def test_notification_across_the_32bit_wrap() -> None:
     # The frontend consumed everything up to 2**32 - 1 and asked to hear
     # of the next response, at index 0: two responses that straddle the
