@@ -69,9 +69,10 @@ only to extend it); the base class does the rest of the xenbus protocol
   when the write of our ``state`` is refused (checked as ever: never into a new
   device's directory), Closing when anything else is (the error node);
   each refusal said as a warning (see :meth:`BackendDevice.fatal`).
-  An exception's errno is its own for an :class:`OSError` (the message
-  then ends with its ``filename``: the node that was missing, say), EINVAL
-  for a :class:`ValueError` or :class:`TypeError`, EIO for anything else.
+  An exception's errno is its own for an :class:`OSError` that has one
+  (the message then ends with its ``filename``: the node that was missing,
+  say), EINVAL for a :class:`ValueError` or :class:`TypeError`, EIO for
+  anything else, an OSError without an errno included.
   One met once the device directory is no longer the device's (deleted,
   or deleted and made again for a new device) is the old device's: only
   logged, as information, and the device dropped (see ``_fatal_or_drop``;
