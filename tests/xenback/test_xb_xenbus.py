@@ -450,6 +450,23 @@ def test_an_os_error_without_an_errno_fails_the_device_as_eio(
     assert error_node(dom0_xs, dev) == "5 connecting: OSError: no errno here"
 
 
+@pytest.mark.parametrize("kind", [ValueError, TypeError])
+def test_a_value_or_type_error_fails_the_device_as_einval(
+        host, driver, frontends, dom0_xs, kind) -> None:
+    """As the module docstring says: EINVAL for a ValueError or a
+    TypeError (a driver's wrong argument is as much an invalid value),
+    with the exception's text alone."""
+    def hook(_dev) -> None:
+        raise kind("not what the frontend should have written")
+
+    driver.connect_hook = hook
+    guest, dev, fe = _at_init_wait(host, frontends, "bad")
+    fe.publish()
+    fe.wait_backend(S.CLOSING)
+    assert error_node(dom0_xs, dev) == (
+        f"{errno.EINVAL} connecting: not what the frontend should have written")
+
+
 def test_a_removed_device_takes_no_new_resources(host, driver, frontends) -> None:
     """A driver's own work item may try to map or bind after the device was
     dropped: it gets ENODEV and nothing stays mapped or bound."""
