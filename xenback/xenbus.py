@@ -1458,7 +1458,7 @@ class BackendDriver:
 
     def stop(self) -> None:
         """Disconnect every device (writing Closed where its directory
-        still exists), call :meth:`remove` for each, and release all
+        still exists), call :meth:`remove` for each that was probed, and release all
         threads, handles and watches.  Not from a driver callback, a
         :class:`DeviceWork` of its devices, the callback of a port on
         its dispatcher, or a work item on the driver's workqueue when
@@ -2350,7 +2350,7 @@ class BackendDriver:
 
     def _drop(self, dev: BackendDevice, *, closed: bool = True) -> None:
         """Disconnect, write Closed (if the directory is still there, and
-        ``closed``), call remove() and forget the device."""
+        ``closed``), call remove() (if probe() was) and forget the device."""
         if dev.gone:
             return
         self._disconnect(dev)
