@@ -2392,6 +2392,28 @@ def test_start_twice_is_refused(driver) -> None:
         driver.start()
 
 
+def test_a_workqueue_passed_in_is_the_driver_s_before_start_and_after_stop(host) -> None:
+    """BackendDriver.workqueue: one passed in is there from the start,
+    and stays the caller's after stop(); the driver's own only while it
+    is started."""
+    wq = alloc_workqueue("given", WQ_UNBOUND)
+    try:
+        drv = RecordingDriver(host.dom0, workqueue=wq)
+        assert drv.workqueue is wq
+        drv.start()
+        drv.stop()
+        assert drv.workqueue is wq
+    finally:
+        wq.destroy()
+    own = RecordingDriver(host.dom0)
+    with pytest.raises(RuntimeError, match="RecordingDriver is not started"):
+        own.workqueue  # noqa: B018
+    with own:
+        assert own.workqueue is not wq
+    with pytest.raises(RuntimeError, match="RecordingDriver is not started"):
+        own.workqueue  # noqa: B018
+
+
 def test_start_without_xenstore_fails_and_holds_nothing(tmp_path) -> None:
     # A run directory of ours, which outlives the host: in the host's own,
     # removed with it, start() would fail at its lock file, before XenStore.
