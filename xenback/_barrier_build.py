@@ -8,8 +8,10 @@ kernel uses for Xen rings (``virt_mb``/``virt_rmb``/``virt_wmb``):
   so ``rmb``/``wmb`` only have to stop the compiler; ``mb`` must order a store
   before a later load and needs ``mfence`` (``__atomic_thread_fence`` emits a
   locked instruction with the same effect).
-* arm64 is weakly ordered: ``dmb ish`` for ``mb``, ``dmb ishld`` for ``rmb``
-  and ``dmb ishst`` for ``wmb``; the GCC builtins emit exactly these.
+* arm64 is weakly ordered: ``dmb ish`` for ``mb`` (the GCC builtin emits
+  it), ``dmb ishld`` for ``rmb`` and ``dmb ishst`` for ``wmb`` (written out
+  as inline assembly).
+* elsewhere ``rmb`` and ``wmb`` are the full fence of ``mb``.
 
 Which ring step needs which barrier is explained in :mod:`xenback.ring`;
 ``tests/xenback/test_xb_barrier.py`` disassembles the built helper and checks

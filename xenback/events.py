@@ -166,10 +166,13 @@ class EventDispatcher(Closing):
         dispatcher to it."""
         check_flag("thread", thread)
         self.name = name
-        # _lock guards _ports, _fds, _running (which running_port() reads
-        # without it in the one thread that writes it), _closed and
-        # _released, and serialises evtchn bind/unbind/unmask so that a
-        # port is never unmasked after it was unbound.  pending() is
+        # _lock guards _ports, _fds (with _fd_events and _fds_taken),
+        # _running (which running_port() reads without it in the one
+        # thread that writes it), _closed (which the dispatching thread
+        # also reads without it, between callbacks: close() waits for that
+        # thread, or poll, before the descriptors go) and _released, and
+        # serialises evtchn bind/unbind/unmask so that a port is never
+        # unmasked after it was unbound.  pending() is
         # called only by the dispatcher thread, without it.  _idle is notified whenever a callback
         # finishes while _wait_idle() waits on it (_idle_waiters, under
         # _lock: a notify_all() with no waiter is three Python calls, at
@@ -299,7 +302,8 @@ class EventDispatcher(Closing):
 
     def bind_interdomain(self, domid: int, remote_port: int, callback: PortCallback) -> int:
         """Bind to ``remote_port`` of ``domid``; returns the local port.
-        Raises :class:`~xenback.platform.EventChannelError` on failure."""
+        Raises :class:`~xenback.platform.EventChannelError` on failure, and
+        :class:`RuntimeError` once the dispatcher is closed."""
         _check_callback(callback)
         with self._lock:
             self._check_open()
@@ -308,7 +312,8 @@ class EventDispatcher(Closing):
         return port
 
     def bind_unbound_port(self, domid: int, callback: PortCallback) -> int:
-        """Allocate a port for ``domid`` to bind to (frontend side)."""
+        """Allocate a port for ``domid`` to bind to (frontend side).
+        Raises as :meth:`bind_interdomain` does."""
         _check_callback(callback)
         with self._lock:
             self._check_open()
@@ -339,7 +344,9 @@ class EventDispatcher(Closing):
         """Call ``callback(fd, revents)`` when ``fd`` is ready for ``events``
         (an epoll mask).  Level-triggered unless ``select.EPOLLET`` or
         ``select.EPOLLONESHOT`` is in ``events``; with ONESHOT, re-arm with
-        :meth:`modify_fd` once the work is done."""
+        :meth:`modify_fd` once the work is done.  :class:`ValueError` if
+        ``fd`` is registered already, :class:`RuntimeError` once the
+        dispatcher is closed."""
         _check_callback(callback)
         _check_fd(fd)
         with self._lock:

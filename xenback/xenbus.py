@@ -2,8 +2,9 @@
 kernel backend, for a backend written in Python.
 
 A driver subclasses :class:`BackendDriver`, names its ``device_type`` and
-overrides up to four methods; the base class does the rest of the xenbus
-protocol (section 2 of the protocol reference), item by item:
+overrides up to four methods (and :meth:`BackendDriver.frontend_changed`,
+only to extend it); the base class does the rest of the xenbus protocol
+(section 2 of the protocol reference), item by item:
 
 * one driver of a type per domain on a host: start() takes the domain's
   ``xenback-<type>`` :class:`~xenback.hostlock.HostLock` before anything
@@ -68,9 +69,10 @@ protocol (section 2 of the protocol reference), item by item:
   when the write of our ``state`` is refused (checked as ever: never into a new
   device's directory), Closing when anything else is (the error node);
   each refusal said as a warning (see :meth:`BackendDevice.fatal`).
-  An exception's errno is its own for an :class:`OSError` (the message
-  then ends with its ``filename``: the node that was missing, say), EINVAL
-  for a :class:`ValueError` or :class:`TypeError`, EIO for anything else.
+  An exception's errno is its own for an :class:`OSError` that has one
+  (the message then ends with its ``filename``: the node that was missing,
+  say), EINVAL for a :class:`ValueError` or :class:`TypeError`, EIO for
+  anything else, an OSError without an errno included.
   One met once the device directory is no longer the device's (deleted,
   or deleted and made again for a new device) is the old device's: only
   logged, as information, and the device dropped (see ``_fatal_or_drop``;
@@ -384,10 +386,14 @@ class BackendDevice:
                                  handled=driver._callback_failed)
         # Everything below is only touched from this device's event queue,
         # except _gone and the resources, guarded by _lock (drivers may map
-        # and bind from their own work items too), and _otherend_pending
-        # and _failing, also set by other threads (the watch thread, the
-        # driver's) under _lock.  Invariant: once _gone is set, nothing is
-        # tracked and nothing more can be.
+        # and bind from their own work items too); _otherend_pending and
+        # _failing, also set by other threads (the watch thread, the
+        # driver's) under _lock; and what a driver's own thread reaches
+        # through write_nodes(), switch_state(), error() and fatal():
+        # _switched, _probe_nodes, _lookup_failure, _fatal_calls and
+        # _refusal, with no lock (see write_nodes() and _stale() for
+        # _probe_nodes).  Invariant: once _gone is set, nothing more can be
+        # tracked, and what was is released next (see BackendDriver._drop).
         self._otherend_watch: Watch | None = None
         # probe() was called (remove() undoes it), as _connected for connect().
         self._probed = False
@@ -537,7 +543,9 @@ class BackendDevice:
         """``xenbus_switch_state``: write our ``state`` unless it already
         holds ``state``, the device directory is gone (or is a new
         device's, made again at our path) or the device was removed.
-        True if written.
+        True if written.  XenStore's errors are raised: :class:`PermissionError`
+        where the toolstack took our ``state`` from us or left it to us to
+        read only (see the module docstring).
 
         Once the toolstack asked for removal (``online`` = 0 and Closing in
         our directory), nothing but Closed replaces Closing: a probe or a
@@ -978,8 +986,10 @@ class BackendDevice:
         runs on the dispatcher thread and must only queue work, which must
         take finding nothing to do: after a failure of its own the
         dispatcher runs every callback once more (see
-        :mod:`xenback.events`).  Raises :class:`OSError` ENODEV once the
-        device was removed.
+        :mod:`xenback.events`).  Raises
+        :class:`~xenback.platform.EventChannelError` (a ``remote_port`` that
+        is no unbound port of the frontend's for us, say), or
+        :class:`OSError` ENODEV once the device was removed.
 
         An exception escaping ``callback`` fails the device (see the
         module docstring), on its queue, after the callback returned."""
@@ -1344,7 +1354,8 @@ class BackendDriver:
 
     @property
     def workqueue(self) -> Workqueue:
-        """The workqueue running the device callbacks (while started)."""
+        """The workqueue running the device callbacks: one passed in, from
+        the start; the driver's own, only while started."""
         if self._workqueue is None:
             raise RuntimeError(f"{type(self).__name__} is not started")
         return self._workqueue
@@ -1393,7 +1404,8 @@ class BackendDriver:
         of our ``device_type`` serves our domain, in this process or
         another on the host (it names that process and the lock file), and
         :class:`OSError` naming the lock file if that cannot be made:
-        either before anything is started.  Whole or nothing: failing or
+        either before anything is started; :class:`RuntimeError` if this
+        driver is started already.  Whole or nothing: failing or
         interrupted (Ctrl-C) halfway, it undoes what it had started before
         it raises.
         """
@@ -1446,7 +1458,7 @@ class BackendDriver:
 
     def stop(self) -> None:
         """Disconnect every device (writing Closed where its directory
-        still exists), call :meth:`remove` for each, and release all
+        still exists), call :meth:`remove` for each that was probed, and release all
         threads, handles and watches.  Not from a driver callback, a
         :class:`DeviceWork` of its devices, the callback of a port on
         its dispatcher, or a work item on the driver's workqueue when
@@ -2338,7 +2350,7 @@ class BackendDriver:
 
     def _drop(self, dev: BackendDevice, *, closed: bool = True) -> None:
         """Disconnect, write Closed (if the directory is still there, and
-        ``closed``), call remove() and forget the device."""
+        ``closed``), call remove() (if probe() was) and forget the device."""
         if dev.gone:
             return
         self._disconnect(dev)

@@ -358,6 +358,31 @@ def test_host_fds(pair) -> None:
     os.close(w)
 
 
+def test_a_closed_dispatcher_refuses_to_bind_or_add(host, pair) -> None:
+    """bind_interdomain(), bind_unbound_port() and add_fd() of a closed
+    dispatcher raise RuntimeError, as their docstrings say, before the
+    handle is asked: the guest's port stays unbound, for another to bind."""
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    dispatcher.close()
+    with pytest.raises(RuntimeError, match="event dispatcher is closed"):
+        dispatcher.bind_interdomain(guest.domid, remote, lambda port: None)
+    with pytest.raises(RuntimeError, match="event dispatcher is closed"):
+        dispatcher.bind_unbound_port(guest.domid, lambda port: None)
+    r, w = os.pipe()
+    try:
+        with pytest.raises(RuntimeError, match="event dispatcher is closed"):
+            dispatcher.add_fd(r, select.EPOLLIN, lambda fd, events: None)
+    finally:
+        os.close(r)
+        os.close(w)
+    other = EventDispatcher(host.dom0)
+    try:
+        assert other.bind_interdomain(guest.domid, remote, lambda port: None) in other.ports
+    finally:
+        other.close()
+
+
 def test_running_port_is_the_port_whose_callback_the_caller_runs(host, pair) -> None:
     """What stop() asks before it waits for ports to be unbound: the port
     in its own callback, and None in an fd's callback (whose unbind

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xenback import ring as ring_module
 from xenback.ring import BackRing, FlexRing, FrontRing, RingError, ring_size
 
 SLOT = 64
@@ -213,6 +214,126 @@ def test_responses_notify_only_for_what_the_frontend_waits_for() -> None:
     back.push_response(second)
     # rsp_event is still 1: the frontend was told, and has not asked again.
     assert back.push_responses() is False
+
+
+def test_the_notify_check_compares_with_the_rsp_prod_we_published() -> None:
+    """push_responses() takes the old ``rsp_prod`` from what it last
+    published, not from the page: a frontend that rewrites ``rsp_prod``
+    there cannot sway whether it is notified."""
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    for i in range(2):
+        front.push_request(REQ.pack(i, 0))
+    front.push_requests()
+    first, second = back.requests()
+    back.push_response(first)
+    assert back.push_responses() is True  # rsp_event was 1
+    view = memoryview(buf)
+    _set(view, 3, 2)  # the frontend asks to hear of the next response...
+    _set(view, 2, 2)  # ...and claims it was published already
+    back.push_response(second)
+    assert back.push_responses() is True  # asked for: 1 -> 2 crosses rsp_event 2
+    assert _header(view)[2] == 2
+
+
+def test_the_request_notify_check_compares_with_the_req_prod_we_published() -> None:
+    """push_requests() too: a backend that rewrites ``req_prod`` on the
+    page cannot sway whether it is notified."""
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    front.push_request(REQ.pack(1, 0))
+    assert front.push_requests() is True  # req_event was 1
+    view = memoryview(buf)
+    _set(view, 1, 2)  # the backend asks to hear of the next request...
+    _set(view, 0, 2)  # ...and claims it was published already
+    front.push_request(REQ.pack(2, 0))
+    assert front.push_requests() is True  # asked for: 1 -> 2 crosses req_event 2
+    assert _header(view)[0] == 2
+
+
+def test_the_final_check_sees_a_request_published_as_req_event_was_armed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """final_check_for_requests() reads req_prod again after it armed
+    req_event: a request the frontend published just before it saw the
+    new req_event (and so notified nobody) is found, not slept on."""
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    front.push_request(REQ.pack(1, 0))
+    front.push_requests()
+    assert len(list(back.requests())) == 1
+
+    def frontend_publishes() -> None:
+        # At the barrier between arming req_event and the second look.
+        if _header(memoryview(buf))[1] == 2 and _header(memoryview(buf))[0] == 1:
+            front.push_request(REQ.pack(2, 0))
+            front.push_requests()
+
+    monkeypatch.setattr(ring_module, "_mb", frontend_publishes)
+    assert back.final_check_for_requests() is True
+    assert back.unconsumed_requests() == 1
+
+
+def test_the_final_check_sees_a_response_published_as_rsp_event_was_armed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """final_check_for_responses() too, for the frontend's end."""
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    front.push_request(REQ.pack(1, 0))
+    front.push_request(REQ.pack(2, 0))
+    front.push_requests()
+    first, second = back.requests()
+    back.push_response(first)
+    back.push_responses()
+    assert len(list(front.responses())) == 1
+
+    def backend_publishes() -> None:
+        # At the barrier between arming rsp_event and the second look.
+        if _header(memoryview(buf))[3] == 2 and _header(memoryview(buf))[2] == 1:
+            back.push_response(second)
+            back.push_responses()
+
+    monkeypatch.setattr(ring_module, "_mb", backend_publishes)
+    assert front.final_check_for_responses() is True
+    assert front.unconsumed_responses() == 1
+
+
+def test_the_final_check_leaves_req_event_alone_while_requests_wait() -> None:
+    """As RING_FINAL_CHECK_FOR_REQUESTS: with requests still to take,
+    req_event is not armed (the frontend need not notify a backend that
+    is about to look anyway)."""
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    front.push_request(REQ.pack(1, 0))
+    front.push_requests()
+    assert len(list(back.requests())) == 1
+    front.push_request(REQ.pack(2, 0))
+    front.push_requests()
+    assert back.final_check_for_requests() is True
+    assert _header(memoryview(buf))[1] == 1  # as SHARED_RING_INIT left it
+
+
+def test_the_final_check_leaves_rsp_event_alone_while_responses_wait() -> None:
+    """RING_FINAL_CHECK_FOR_RESPONSES likewise, at the frontend's end."""
+    buf = bytearray(4096)
+    front = FrontRing(buf, SLOT)
+    back = BackRing(buf, SLOT)
+    front.push_request(REQ.pack(1, 0))
+    front.push_request(REQ.pack(2, 0))
+    front.push_requests()
+    first, second = back.requests()
+    back.push_response(first)
+    back.push_responses()
+    assert len(list(front.responses())) == 1
+    back.push_response(second)
+    back.push_responses()
+    assert front.final_check_for_responses() is True
+    assert _header(memoryview(buf))[3] == 1  # as SHARED_RING_INIT left it
 
 
 def test_notification_across_the_32bit_wrap() -> None:

@@ -450,6 +450,23 @@ def test_an_os_error_without_an_errno_fails_the_device_as_eio(
     assert error_node(dom0_xs, dev) == "5 connecting: OSError: no errno here"
 
 
+@pytest.mark.parametrize("kind", [ValueError, TypeError])
+def test_a_value_or_type_error_fails_the_device_as_einval(
+        host, driver, frontends, dom0_xs, kind) -> None:
+    """As the module docstring says: EINVAL for a ValueError or a
+    TypeError (a driver's wrong argument is as much an invalid value),
+    with the exception's text alone."""
+    def hook(_dev) -> None:
+        raise kind("not what the frontend should have written")
+
+    driver.connect_hook = hook
+    guest, dev, fe = _at_init_wait(host, frontends, "bad")
+    fe.publish()
+    fe.wait_backend(S.CLOSING)
+    assert error_node(dom0_xs, dev) == (
+        f"{errno.EINVAL} connecting: not what the frontend should have written")
+
+
 def test_a_removed_device_takes_no_new_resources(host, driver, frontends) -> None:
     """A driver's own work item may try to map or bind after the device was
     dropped: it gets ENODEV and nothing stays mapped or bound."""
@@ -527,6 +544,42 @@ def test_resources_taken_while_the_device_is_being_dropped_are_released(
     driver.wait_call("remove", guest.domid)
     bdev.events.flush()
     assert bdev.gone and bdev.resources == (0, 0)
+    fe.close()
+    census.check()
+
+
+@pytest.mark.parametrize("what", ["map", "bind"])
+def test_a_resource_taken_as_the_device_is_dropped_is_given_back_not_tracked(
+        host, driver, frontends, monkeypatch, what) -> None:
+    """A driver's work item maps (or binds) while the device is dropped:
+    past the look at ``gone`` before the platform call, the drop done by
+    the time that call returns.  What it took is given back at once and
+    ENODEV raised: tracked by a device already gone, nothing would
+    release it."""
+    census = Census(host, driver)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    target = driver.gnttab if what == "map" else driver.events
+    name = "map_grant_refs" if what == "map" else "bind_interdomain"
+    platform_call = getattr(target, name)
+
+    def dropped_meanwhile(*args, **kwargs):
+        taken = platform_call(*args, **kwargs)
+        fe.xs.rm(f"{dev.frontend_path}/state")  # Unknown: the device is dropped
+        driver.wait_removed(guest.domid)
+        assert bdev.gone
+        return taken
+
+    spare = fe.frontend.bind_port()  # the connection holds fe.port
+    monkeypatch.setattr(target, name, dropped_meanwhile)
+    with pytest.raises(OSError) as info:
+        if what == "map":
+            bdev.map_grant_refs([fe.pages.refs[0]])
+        else:
+            bdev.bind_evtchn(spare, lambda port: None)
+    assert info.value.errno == errno.ENODEV
+    assert bdev.resources == (0, 0)
+    monkeypatch.undo()
     fe.close()
     census.check()
 
@@ -2337,6 +2390,28 @@ def test_a_removal_with_a_garbled_frontend_state_is_answered_at_once(
 def test_start_twice_is_refused(driver) -> None:
     with pytest.raises(RuntimeError, match="RecordingDriver is already started"):
         driver.start()
+
+
+def test_a_workqueue_passed_in_is_the_driver_s_before_start_and_after_stop(host) -> None:
+    """BackendDriver.workqueue: one passed in is there from the start,
+    and stays the caller's after stop(); the driver's own only while it
+    is started."""
+    wq = alloc_workqueue("given", WQ_UNBOUND)
+    try:
+        drv = RecordingDriver(host.dom0, workqueue=wq)
+        assert drv.workqueue is wq
+        drv.start()
+        drv.stop()
+        assert drv.workqueue is wq
+    finally:
+        wq.destroy()
+    own = RecordingDriver(host.dom0)
+    with pytest.raises(RuntimeError, match="RecordingDriver is not started"):
+        own.workqueue  # noqa: B018
+    with own:
+        assert own.workqueue is not wq
+    with pytest.raises(RuntimeError, match="RecordingDriver is not started"):
+        own.workqueue  # noqa: B018
 
 
 def test_start_without_xenstore_fails_and_holds_nothing(tmp_path) -> None:
