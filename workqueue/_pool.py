@@ -882,6 +882,9 @@ def _worker_thread(worker: Worker) -> None:
                     worker.wake.acquire()  # our waker raced with the timeout
                 worker.woken = False
                 if worker.die:
+                    # Off pool.workers already, unless Ctrl-C cut short the
+                    # release_pwq() that told us to exit, as it woke us.
+                    pool.workers.discard(worker)
                     return
                 # worker_leave_idle
                 idle = pool.idle
@@ -1273,14 +1276,21 @@ def release_pwq(pwq: PoolWorkqueue) -> None:
     """
     pool = pwq.pool
     if pool.pwqs == [pwq]:
-        for worker in pool.idle:
+        idle = pool.idle
+        while idle:
+            # Off the idle list as it is told to exit, with no call in
+            # between, where Ctrl-C lands: one told and left there was the
+            # worker that kick_pool() woke for the items of a workqueue
+            # taking the pool up before this was called again (which then
+            # leaves the idle list alone), and it exited instead.
+            worker = idle[-1]
+            del idle[-1]
             worker.die = True
             worker.idle = False
-            pool.workers.discard(worker)
             if not worker.woken:
                 worker.woken = True
                 worker.wake.release()
-        pool.idle.clear()
+            pool.workers.discard(worker)  # also as it exits: see _worker_thread
         for handle in (pool.tick, pool.retry):
             if handle is not None:
                 del_timer(handle)

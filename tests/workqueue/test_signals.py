@@ -33,6 +33,7 @@ from stolensignal import (
     main_thread_within,
     signal_taken_elsewhere,
 )
+from wqhelpers import wait_until
 
 import workqueue
 from workqueue import DelayedWork, Work, Workqueue, _pool, _serial
@@ -835,6 +836,54 @@ def test_ctrl_c_anywhere_in_destroy_releases_every_pool(
                 assert pwq not in pwq.pool.pwqs, pwq.pool.dump()
 
     assert at_every_place(attempt, under_the_lock=True) > 5
+
+
+def test_ctrl_c_as_destroy_tells_idle_workers_to_exit_leaves_the_pool_working(
+        make_wq: Callable[..., Workqueue]) -> None:
+    """Ctrl-C at each call of release_pwq(), as it tells the idle workers
+    of a pool that no workqueue uses any longer to exit, and a workqueue
+    taking the pool up before the destruction goes on: that one's items
+    run (a worker told to exit and left on the idle list was the one
+    woken for them, and exited instead), and the pool ends up counting no
+    worker that has exited."""
+    def attempt(n: int) -> bool:
+        topology = workqueue.Topology(1, cpu_intensive_thresh=60.0)
+        wq = make_wq("old", workqueue.WQ_UNBOUND, topology=topology)
+        work = Work(lambda w: None)
+        assert wq.queue_work(work)
+        work.flush(timeout=TIMEOUT)  # the pool has workers: the one that ran it and its spare
+        pool = wq._all_pwqs()[0].pool
+        resume = threading.Event()
+        go_on = wq._drain_and_release
+
+        def held() -> None:
+            resume.wait()  # set in any case, by the finally below
+            go_on()
+
+        # The destruction goes on only once the new workqueue uses the pool.
+        wq._drain_and_release = held  # type: ignore[method-assign]
+        try:
+            landed = interrupted_as_call_returns(
+                _pool.release_pwq.__code__, n, lambda: wq.destroy(timeout=TIMEOUT))
+            if landed:
+                new = make_wq("new", workqueue.WQ_UNBOUND, topology=topology)
+                assert new._all_pwqs()[0].pool is pool
+                ran = threading.Event()
+                assert new.queue_work(Work(lambda w: ran.set()))
+                assert ran.wait(TIMEOUT), f"Ctrl-C at call {n}: the item never ran\n{new.dump()}"
+        finally:
+            resume.set()
+        assert wq._destroyed.wait(TIMEOUT)
+        if landed:
+            wait_until(lambda: all(w.thread.is_alive() for w in pool.workers),
+                       f"the pool counts no exited worker (Ctrl-C at call {n})")
+            new.destroy(timeout=TIMEOUT)
+        return landed
+
+    n = 0
+    while attempt(n):
+        n += 1
+    assert n >= 5  # two workers told, the list cleared, the pool left
 
 
 def assert_pools_count_their_workers(topology: workqueue.Topology) -> None:
