@@ -809,6 +809,58 @@ def test_ctrl_c_anywhere_in_a_call_that_moves_items_leaves_them_whole(
     assert at_every_place(attempt, under_the_lock=True) >= 3
 
 
+@pytest.mark.parametrize("call", ["destroy", "shutdown"])
+def test_ctrl_c_as_destroy_hands_itself_off_starts_one_thread(
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, call: str) -> None:
+    """Ctrl-C at each call of the hand-off of a destruction, the engine
+    lock held (as Thread.start() returns, say): one thread goes on with
+    the destruction, which ends, and a destroy() again waits for that end
+    (the thread started and not yet recorded was started again by the
+    caller's cleanup, and two threads drained and released the
+    workqueue)."""
+    finished: list[Workqueue] = []
+    real_finish_destroy = Workqueue._finish_destroy
+
+    def finish_destroy(wq: Workqueue) -> None:
+        finished.append(wq)
+        real_finish_destroy(wq)
+
+    monkeypatch.setattr(Workqueue, "_finish_destroy", finish_destroy)
+
+    def attempt(n: int) -> bool:
+        wq = make_wq()
+        stuck = Stuck(wq)
+        try:
+            work = stuck.running()
+
+            def hand_off() -> None:
+                if call == "shutdown":
+                    wq.shutdown(wait=False)
+                    return
+                with pytest.raises(TimeoutError):  # the drain: the item runs on
+                    wq.destroy(timeout=0)
+
+            landed = interrupted_as_call_returns(Workqueue._hand_off_destroy.__code__, n,
+                                                 hand_off)
+            stuck.release.set()
+            if landed or call == "destroy":
+                wq.destroy(timeout=TIMEOUT)  # waits for the destruction handed off
+            assert wq._destroyed.wait(TIMEOUT), wq.dump()
+            assert not work.pending and not work.running
+            thread = wq._destroy_thread
+            assert thread is not None
+            thread.join(TIMEOUT)
+            assert finished.count(wq) == 1, "two threads went on with the destruction"
+        finally:
+            stuck.release.set()  # a failed check must not leave it running
+        return landed
+
+    n = 0
+    while attempt(n):
+        n += 1
+    assert n >= 2  # the thread made, and started
+
+
 def test_ctrl_c_anywhere_in_destroy_releases_every_pool(
         make_wq: Callable[..., Workqueue]) -> None:
     """Wherever Ctrl-C lands in destroy(), the engine lock held or not,
