@@ -198,7 +198,9 @@ class Workqueue(Executor):
         self._max_active = max_active or WQ_DFL_ACTIVE
         self._cpu_intensive = bool(flags & WQFlags.WQ_CPU_INTENSIVE)
         highpri = bool(flags & WQFlags.WQ_HIGHPRI)
-        # Everything below is guarded by the engine lock.
+        # Everything below is guarded by the engine lock, but _destroyed (an
+        # Event) and _serial_domain (see there); start_rescuer() sets
+        # _rescuer without it, before any item can be queued.
         self._state = _RUNNING
         self._nr_drainers = 0
         self._shutdown = False
