@@ -793,6 +793,9 @@ def test_ctrl_c_anywhere_in_a_call_that_moves_items_leaves_them_whole(
                 for dwork in dws:
                     on_timer = dwork._timer is not None
                     assert not dwork._pending or on_timer or dwork._entry, repr(dwork)
+                    # And its timer only while it waits on it: one left to a
+                    # queued item queued it again as it fired.
+                    assert not on_timer or dwork._pending and dwork._entry is None, repr(dwork)
             for dwork in dws:
                 dwork.cancel()
             stuck.finish(first)
