@@ -36,7 +36,7 @@ from stolensignal import (
 from wqhelpers import wait_until
 
 import workqueue
-from workqueue import DelayedWork, Work, Workqueue, _pool, _serial
+from workqueue import DelayedWork, Work, Workqueue, _pool, _serial, _timer
 from workqueue._future import LeanFuture, _sleeping, cancel_pending_futures
 from workqueue._serial import cancel_serial_calls, close_serial
 from workqueue._topology import idempotent_notifier
@@ -223,6 +223,38 @@ def test_an_interrupt_as_a_delayed_item_is_queued_leaves_the_timer_free(
     queued.start()
     assert ran.wait(TIMEOUT), "the timer stood still"
     first.cancel_sync()
+
+
+def test_an_interrupt_as_the_timer_thread_starts_leaves_a_timer_thread_that_fires() -> None:
+    """Ctrl-C at each place of the add_timer() that starts the timer
+    thread, Thread.start() starting included: a later timer fires, on the
+    thread the timer records (recorded before its start, a thread that
+    Ctrl-C kept from starting was taken for the timer thread, and no timer
+    of the process fired again)."""
+
+    def attempt(interrupted: Callable[[Callable[[], object]], bool]) -> bool:
+        timer = _timer._TimerBase()  # one of its own, with no thread yet
+        landed = interrupted(lambda: timer.add(0.0, lambda arg: None, None))
+        fired_on: list[threading.Thread] = []
+        fired = threading.Event()
+
+        def record(arg: object) -> None:
+            fired_on.append(threading.current_thread())
+            fired.set()
+
+        timer.add(0.0, record, None)
+        assert fired.wait(TIMEOUT), "the timer never fired"
+        with timer._lock:
+            assert fired_on == [timer._thread]
+        return landed
+
+    assert attempt(lambda call: interrupted_as_frame_starts(threading.Thread.start.__code__,
+                                                            call))
+    n = 0
+    while attempt(lambda call, n=n: interrupted_as_call_returns(_timer._TimerBase.add.__code__,
+                                                                n, call)):
+        n += 1
+    assert n >= 5
 
 
 @pytest.mark.parametrize("call", ["flush", "cancel_sync", "flush_workqueue", "drain"])
