@@ -234,7 +234,11 @@ def test_an_interrupt_as_the_timer_thread_starts_leaves_a_timer_thread_that_fire
 
     def attempt(interrupted: Callable[[Callable[[], object]], bool]) -> bool:
         timer = _timer._TimerBase()  # one of its own, with no thread yet
+        before = set(threading.enumerate())
         landed = interrupted(lambda: timer.add(0.0, lambda arg: None, None))
+        if any(t.name == "wq-timer" for t in set(threading.enumerate()) - before):
+            # Started, whether recorded or not: it runs as the timer thread.
+            wait_until(lambda: timer._thread is not None, "the timer thread is recorded")
         fired_on: list[threading.Thread] = []
         fired = threading.Event()
 
