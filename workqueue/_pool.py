@@ -58,19 +58,21 @@ logger = logging.getLogger(__name__)
 #
 # It guards all mutable engine state: every Work's pending bit, disable
 # count, list membership and flushers; every pool's worklist, idle list,
-# workers, nr_running and flags; every pool_workqueue's counters and inactive
-# list; every Workqueue's state, flush colors and in-flight counts.  One lock
-# rather than the kernel's per-pool locks: under the GIL finer locks buy no
-# parallelism, and a single lock makes the pending bit, non-reentrancy and
-# hotplug simple to get right.
+# workers and nr_running, and its workers' flags; every pool_workqueue's
+# counters and inactive list; every Workqueue's state, flush colors and
+# in-flight counts.  One lock rather than the kernel's per-pool locks: under
+# the GIL finer locks buy no parallelism, and a single lock makes the pending
+# bit, non-reentrancy and hotplug simple to get right.
 #
 # Rules: it is held only for bookkeeping, never while a work function runs
 # and never while waiting for anything but itself -- with one exception:
-# threads are started while it is held, workers and the thread a destroy()
-# hands its destruction to (Thread.start() waits only for the new thread to
+# threads are started while it is held, workers, the thread a destroy()
+# hands its destruction to, and the timer thread, which the first
+# add_timer() starts (Thread.start() waits only for the new thread to
 # exist, which needs nothing of ours).  Trace hooks run under
 # it, like kernel tracepoints, so they must be quick and must not call back
-# into the workqueue.  Lock order: topology hotplug lock -> engine lock ->
+# into the workqueue; so do work items' repr()s, in the dumps and the
+# watchdog's reports.  Lock order: topology hotplug lock -> engine lock ->
 # timer lock.  A future's condition is never taken while it is held.
 #
 # Everything it guards is written only with it held.  Reads without it are
@@ -96,7 +98,7 @@ lock_release = lock.release
 # that way, and half the throughput.
 # Yielding the GIL instead lets the owner run on to its release, and the lock
 # is free when the GIL comes back: no wake-up at all.  The yields are bounded
-# for the lock rule's one exception (an owner starting a worker thread);
+# for the lock rule's one exception (an owner starting a thread);
 # after them we sleep on the lock.
 _CONTENDED_YIELDS = 8
 _yield_gil = os.sched_yield  # drops the GIL around sched_yield(2)
@@ -882,6 +884,9 @@ def _worker_thread(worker: Worker) -> None:
                     worker.wake.acquire()  # our waker raced with the timeout
                 worker.woken = False
                 if worker.die:
+                    # Off pool.workers already, unless Ctrl-C cut short the
+                    # release_pwq() that told us to exit, as it woke us.
+                    pool.workers.discard(worker)
                     return
                 # worker_leave_idle
                 idle = pool.idle
@@ -1273,14 +1278,21 @@ def release_pwq(pwq: PoolWorkqueue) -> None:
     """
     pool = pwq.pool
     if pool.pwqs == [pwq]:
-        for worker in pool.idle:
+        idle = pool.idle
+        while idle:
+            # Off the idle list as it is told to exit, with no call in
+            # between, where Ctrl-C lands: one told and left there was the
+            # worker that kick_pool() woke for the items of a workqueue
+            # taking the pool up before this was called again (which then
+            # leaves the idle list alone), and it exited instead.
+            worker = idle[-1]
+            del idle[-1]
             worker.die = True
             worker.idle = False
-            pool.workers.discard(worker)
             if not worker.woken:
                 worker.woken = True
                 worker.wake.release()
-        pool.idle.clear()
+            pool.workers.discard(worker)  # also as it exits: see _worker_thread
         for handle in (pool.tick, pool.retry):
             if handle is not None:
                 del_timer(handle)

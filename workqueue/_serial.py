@@ -70,8 +70,10 @@ class _SerialWork(Work):
         super().__init__(_drain)
         self.wq = wq
         self.cpu = cpu
-        # Appended by submit(), popped by _drain() and by
-        # shutdown(cancel_futures=True); deque's append and popleft are atomic.
+        # Appended by submit() (which takes back one it could not queue),
+        # popped by _drain() only: shutdown(cancel_futures=True) leaves the
+        # calls it cancels for the run to skip (see _cancel_calls).  deque's
+        # append, popleft and remove are atomic.
         self.calls: deque[LeanFuture] = deque()
 
 

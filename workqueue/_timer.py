@@ -63,8 +63,14 @@ class _TimerBase:
             first = not self._heap or handle.deadline < self._heap[0][0]
             heapq.heappush(self._heap, (handle.deadline, next(self._seq), handle))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="wq-timer", daemon=True)
-                self._thread.start()
+                # Recorded once started, in the same hold: recorded first, a
+                # thread that Ctrl-C kept from starting (as start() began,
+                # in the main thread) was the timer thread for good, and no
+                # timer fired again.  Ctrl-C as start() returns skips the
+                # record instead: the thread then records itself (see _run).
+                thread = threading.Thread(target=self._run, name="wq-timer", daemon=True)
+                thread.start()
+                self._thread = thread
             elif first:
                 self._cond.notify()
         return handle
@@ -89,6 +95,12 @@ class _TimerBase:
                     if handle.callback is not None]
 
     def _run(self) -> None:
+        me = threading.current_thread()
+        with self._lock:
+            if self._thread is None:
+                self._thread = me  # Ctrl-C skipped the record: see add()
+            elif self._thread is not me:
+                return  # started again as Ctrl-C skipped our record: the other one runs
         heap = self._heap  # compacted in place, never replaced
         while True:
             with self._lock:

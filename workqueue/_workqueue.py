@@ -198,7 +198,9 @@ class Workqueue(Executor):
         self._max_active = max_active or WQ_DFL_ACTIVE
         self._cpu_intensive = bool(flags & WQFlags.WQ_CPU_INTENSIVE)
         highpri = bool(flags & WQFlags.WQ_HIGHPRI)
-        # Everything below is guarded by the engine lock.
+        # Everything below is guarded by the engine lock, but _destroyed (an
+        # Event) and _serial_domain (see there); start_rescuer() sets
+        # _rescuer without it, before any item can be queued.
         self._state = _RUNNING
         self._nr_drainers = 0
         self._shutdown = False
@@ -762,8 +764,12 @@ class Workqueue(Executor):
         with lock:
             if self._destroy_thread is None:
                 # Started under the lock, as workers are (see the lock's
-                # rules in _pool): no Ctrl-C lands between the start and
-                # its record, which a second destroy() relies on.
+                # rules in _pool), and recorded in the same hold: no other
+                # thread sees it started and not recorded.  Ctrl-C as
+                # start() returns may still skip the record; the thread
+                # then records itself, or ends at once if the caller's
+                # cleanup, calling this again, started another (see
+                # _drain_and_release).
                 thread = threading.Thread(target=self._drain_and_release,
                                           name=f"{self.name}-shutdown", daemon=True)
                 thread.start()
@@ -777,6 +783,12 @@ class Workqueue(Executor):
         logged: nobody waits here to hear it, and it must not end up as a
         traceback of the library's thread.  The workqueue is released
         either way, as destroy() does."""
+        me = threading.current_thread()
+        with lock:
+            if self._destroy_thread is None:
+                self._destroy_thread = me  # Ctrl-C skipped the record: see _hand_off_destroy
+            elif self._destroy_thread is not me:
+                return  # started again as Ctrl-C skipped our record: the other one goes on
         try:
             if self._state != _DESTROYED:  # see _finish_destroy
                 self._drain(None)

@@ -33,9 +33,10 @@ from stolensignal import (
     main_thread_within,
     signal_taken_elsewhere,
 )
+from wqhelpers import wait_until
 
 import workqueue
-from workqueue import DelayedWork, Work, Workqueue, _pool, _serial
+from workqueue import DelayedWork, Work, Workqueue, _pool, _serial, _timer
 from workqueue._future import LeanFuture, _sleeping, cancel_pending_futures
 from workqueue._serial import cancel_serial_calls, close_serial
 from workqueue._topology import idempotent_notifier
@@ -222,6 +223,42 @@ def test_an_interrupt_as_a_delayed_item_is_queued_leaves_the_timer_free(
     queued.start()
     assert ran.wait(TIMEOUT), "the timer stood still"
     first.cancel_sync()
+
+
+def test_an_interrupt_as_the_timer_thread_starts_leaves_a_timer_thread_that_fires() -> None:
+    """Ctrl-C at each place of the add_timer() that starts the timer
+    thread, Thread.start() starting included: a later timer fires, on the
+    thread the timer records (recorded before its start, a thread that
+    Ctrl-C kept from starting was taken for the timer thread, and no timer
+    of the process fired again)."""
+
+    def attempt(interrupted: Callable[[Callable[[], object]], bool]) -> bool:
+        timer = _timer._TimerBase()  # one of its own, with no thread yet
+        before = set(threading.enumerate())
+        landed = interrupted(lambda: timer.add(0.0, lambda arg: None, None))
+        if any(t.name == "wq-timer" for t in set(threading.enumerate()) - before):
+            # Started, whether recorded or not: it runs as the timer thread.
+            wait_until(lambda: timer._thread is not None, "the timer thread is recorded")
+        fired_on: list[threading.Thread] = []
+        fired = threading.Event()
+
+        def record(arg: object) -> None:
+            fired_on.append(threading.current_thread())
+            fired.set()
+
+        timer.add(0.0, record, None)
+        assert fired.wait(TIMEOUT), "the timer never fired"
+        with timer._lock:
+            assert fired_on == [timer._thread]
+        return landed
+
+    assert attempt(lambda call: interrupted_as_frame_starts(threading.Thread.start.__code__,
+                                                            call))
+    n = 0
+    while attempt(lambda call, n=n: interrupted_as_call_returns(_timer._TimerBase.add.__code__,
+                                                                n, call)):
+        n += 1
+    assert n >= 5
 
 
 @pytest.mark.parametrize("call", ["flush", "cancel_sync", "flush_workqueue", "drain"])
@@ -792,6 +829,9 @@ def test_ctrl_c_anywhere_in_a_call_that_moves_items_leaves_them_whole(
                 for dwork in dws:
                     on_timer = dwork._timer is not None
                     assert not dwork._pending or on_timer or dwork._entry, repr(dwork)
+                    # And its timer only while it waits on it: one left to a
+                    # queued item queued it again as it fired.
+                    assert not on_timer or dwork._pending and dwork._entry is None, repr(dwork)
             for dwork in dws:
                 dwork.cancel()
             stuck.finish(first)
@@ -806,6 +846,58 @@ def test_ctrl_c_anywhere_in_a_call_that_moves_items_leaves_them_whole(
     # run with what the earlier attempts left (cancel: 9 or 10 alone, 4
     # once after other files' tests): the invariants above are the test.
     assert at_every_place(attempt, under_the_lock=True) >= 3
+
+
+@pytest.mark.parametrize("call", ["destroy", "shutdown"])
+def test_ctrl_c_as_destroy_hands_itself_off_starts_one_thread(
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, call: str) -> None:
+    """Ctrl-C at each call of the hand-off of a destruction, the engine
+    lock held (as Thread.start() returns, say): one thread goes on with
+    the destruction, which ends, and a destroy() again waits for that end
+    (the thread started and not yet recorded was started again by the
+    caller's cleanup, and two threads drained and released the
+    workqueue)."""
+    finished: list[Workqueue] = []
+    real_finish_destroy = Workqueue._finish_destroy
+
+    def finish_destroy(wq: Workqueue) -> None:
+        finished.append(wq)
+        real_finish_destroy(wq)
+
+    monkeypatch.setattr(Workqueue, "_finish_destroy", finish_destroy)
+
+    def attempt(n: int) -> bool:
+        wq = make_wq()
+        stuck = Stuck(wq)
+        try:
+            work = stuck.running()
+
+            def hand_off() -> None:
+                if call == "shutdown":
+                    wq.shutdown(wait=False)
+                    return
+                with pytest.raises(TimeoutError):  # the drain: the item runs on
+                    wq.destroy(timeout=0)
+
+            landed = interrupted_as_call_returns(Workqueue._hand_off_destroy.__code__, n,
+                                                 hand_off)
+            stuck.release.set()
+            if landed or call == "destroy":
+                wq.destroy(timeout=TIMEOUT)  # waits for the destruction handed off
+            assert wq._destroyed.wait(TIMEOUT), wq.dump()
+            assert not work.pending and not work.running
+            thread = wq._destroy_thread
+            assert thread is not None
+            thread.join(TIMEOUT)
+            assert finished.count(wq) == 1, "two threads went on with the destruction"
+        finally:
+            stuck.release.set()  # a failed check must not leave it running
+        return landed
+
+    n = 0
+    while attempt(n):
+        n += 1
+    assert n >= 2  # the thread made, and started
 
 
 def test_ctrl_c_anywhere_in_destroy_releases_every_pool(
@@ -835,6 +927,54 @@ def test_ctrl_c_anywhere_in_destroy_releases_every_pool(
                 assert pwq not in pwq.pool.pwqs, pwq.pool.dump()
 
     assert at_every_place(attempt, under_the_lock=True) > 5
+
+
+def test_ctrl_c_as_destroy_tells_idle_workers_to_exit_leaves_the_pool_working(
+        make_wq: Callable[..., Workqueue]) -> None:
+    """Ctrl-C at each call of release_pwq(), as it tells the idle workers
+    of a pool that no workqueue uses any longer to exit, and a workqueue
+    taking the pool up before the destruction goes on: that one's items
+    run (a worker told to exit and left on the idle list was the one
+    woken for them, and exited instead), and the pool ends up counting no
+    worker that has exited."""
+    def attempt(n: int) -> bool:
+        topology = workqueue.Topology(1, cpu_intensive_thresh=60.0)
+        wq = make_wq("old", workqueue.WQ_UNBOUND, topology=topology)
+        work = Work(lambda w: None)
+        assert wq.queue_work(work)
+        work.flush(timeout=TIMEOUT)  # the pool has workers: the one that ran it and its spare
+        pool = wq._all_pwqs()[0].pool
+        resume = threading.Event()
+        go_on = wq._drain_and_release
+
+        def held() -> None:
+            resume.wait()  # set in any case, by the finally below
+            go_on()
+
+        # The destruction goes on only once the new workqueue uses the pool.
+        wq._drain_and_release = held  # type: ignore[method-assign]
+        try:
+            landed = interrupted_as_call_returns(
+                _pool.release_pwq.__code__, n, lambda: wq.destroy(timeout=TIMEOUT))
+            if landed:
+                new = make_wq("new", workqueue.WQ_UNBOUND, topology=topology)
+                assert new._all_pwqs()[0].pool is pool
+                ran = threading.Event()
+                assert new.queue_work(Work(lambda w: ran.set()))
+                assert ran.wait(TIMEOUT), f"Ctrl-C at call {n}: the item never ran\n{new.dump()}"
+        finally:
+            resume.set()
+        assert wq._destroyed.wait(TIMEOUT)
+        if landed:
+            wait_until(lambda: all(w.thread.is_alive() for w in pool.workers),
+                       f"the pool counts no exited worker (Ctrl-C at call {n})")
+            new.destroy(timeout=TIMEOUT)
+        return landed
+
+    n = 0
+    while attempt(n):
+        n += 1
+    assert n >= 5  # two workers told, the list cleared, the pool left
 
 
 def assert_pools_count_their_workers(topology: workqueue.Topology) -> None:
