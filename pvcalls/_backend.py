@@ -843,6 +843,15 @@ class _Frontend:
             # done: from here, our Closing could land after the frontend's
             # Closed was answered, and stay.
             self.dev.queue(self._fail_broken_ring, str(exc))
+        except BaseException as exc:
+            # An interrupt (DeviceWork lets it through, to the workqueue's
+            # log; a bug of ours fails the device) ends the run before the
+            # ring is found empty, which alone moves req_event on: the
+            # requests behind the one it cut short would wait for a
+            # notification that the frontend, past req_event, never sends.
+            if not isinstance(exc, Exception):
+                self.backend.cmd_wq.queue_work(work)
+            raise
 
     def _fail_broken_ring(self, why: str) -> None:
         # On the device's queue.  Not once we are disconnected: the

@@ -315,6 +315,41 @@ def test_a_run_answers_at_most_command_budget_requests_and_goes_on(
     assert [req_id for run in handled for req_id in run] == req_ids
     assert [len(run) for run in handled] == [2, 2, 1]
 
+def test_an_interrupt_escaping_a_command_leaves_the_rest_of_the_ring_served(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt escaping a command's handler (no Exception: the command
+    Work lets it through, to the workqueue's log) leaves that command
+    unanswered, and the ring served: the request behind it in the ring,
+    and the one the frontend sends later, are answered.  The run ended
+    there left req_event where it was (it is moved on only once the ring
+    is found empty): the request behind waited for a notification, and
+    the frontend, which notifies only past req_event, sent none again."""
+    cut = _cut_short_once(monkeypatch, _Frontend, "_lookup", KeyboardInterrupt())
+    ring = raw.ring
+    assert ring is not None
+    behind = raw.new_id()
+    fills = [(_wire.PVCALLS_POLL, lambda req: setattr(req.u.poll, "id", raw.new_id())),
+             (_wire.PVCALLS_SOCKET, lambda req: _socket_fill(req, behind))]
+    req_ids = []
+    for cmd, fill in fills:  # both in the ring before the one notification
+        req = ffi.new("struct xen_pvcalls_request *")
+        req.req_id = ring.req_prod_pvt & (ring.nr_ents - 1)
+        req.cmd = cmd
+        fill(req)
+        req_ids.append(int(req.req_id))
+        ring.push_request(bytes(ffi.buffer(req)))
+    if ring.push_requests():
+        raw.evtchn.notify(raw.port)
+    interrupted, socket_req = req_ids
+    assert raw.response(socket_req).ret == 0
+    assert cut.is_set()
+    later, answer = raw.socket()
+    assert answer.ret == 0
+    assert interrupted not in raw.responses
+    assert {row.id for row in backend.stats().sockets} == {behind, later}
+    assert raw.unexpected == []
+
+
 # -- unknown commands and ids -------------------------------------------------------------
 
 @pytest.mark.parametrize("cmd", [7, 8, 0x7FFFFFFF, 0xFFFFFFFF])
@@ -1332,15 +1367,19 @@ def test_an_accept_cancelled_by_a_release_is_answered_though_its_id_new_teardown
 
 
 def _cut_short_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str,
-                    raised: BaseException, only: Any = None) -> threading.Event:
+                    raised: BaseException, only: Any = None, *,
+                    after: bool = False) -> threading.Event:
     """Make ``owner.name`` raise ``raised`` once (for the argument ``only``,
-    if given), without doing its work; the event is set when it has."""
+    if given), without doing its work (with ``after``: as it returns, its
+    work done); the event is set when it has."""
     real = getattr(owner, name)
     done = threading.Event()
 
     def cut(*args: Any) -> Any:
         if not done.is_set() and (only is None or only in args):
             done.set()
+            if after:
+                real(*args)
             raise raised
         return real(*args)
 
