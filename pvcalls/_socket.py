@@ -1019,8 +1019,12 @@ class PassiveSocket(Work):
         the step that may fail (epoll out of memory or of watches), and
         its own failure (EADDRINUSE) takes back the watch added here.
         Only then LISTENING, which lets ACCEPT and POLL wait for edges.
-        A FAILED socket is refused with EIO."""
+        A FAILED socket is refused with EIO, a CLOSED one (a teardown cut
+        short) with EINVAL: LISTENING again, it would take ACCEPTs and
+        POLLs that its disabled Work never answers."""
         self._check_failed()
+        if self.state is SockState.CLOSED:
+            raise CommandError(_errno.EINVAL, f"socket {self.id:#x} is closed")
         added = False
         if not self._registered:
             # Watched before it listens: the edge of a connection arriving
@@ -1191,9 +1195,13 @@ class PassiveSocket(Work):
         to be answered; an interrupt is re-raised once every step has been
         tried, and leaves the one in flight here, for the next teardown.
         """
-        self.disable_sync()
+        # CLOSED before the wait: one cut short (Ctrl-C) keeps its disable
+        # (the caller's), and the socket is put back, where an ACCEPT or
+        # POLL taken as LISTENING would wait for a run that never comes.
+        # (A run failing meanwhile makes it FAILED: refused too.)
         with self._lock:
             self.state = SockState.CLOSED
+        self.disable_sync()
         # Torn down once the host socket is closed, not before: a teardown
         # cut short (Ctrl-C) is done again by the next.  Closed, its
         # fileno() is -1, which no remove_fd() finds.

@@ -1500,6 +1500,73 @@ def test_a_release_of_an_id_new_cut_short_waiting_for_its_listener_leaves_it_ena
     assert raw.unexpected == []
 
 
+@pytest.mark.parametrize(("command", "finish"),
+                         [("accept", "release"), ("poll", "close"), ("listen", "release")])
+def test_a_listener_s_release_cut_short_waiting_for_its_run_refuses_what_follows(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        command: str, finish: str) -> None:
+    """An interrupt while a listener's RELEASE waits for the listener's run
+    in progress (its teardown's disable_sync(), which keeps its disable):
+    the socket is put back CLOSED, so an ACCEPT, POLL or LISTEN sent after
+    that unanswered RELEASE is refused at once (-EINVAL, as on a socket
+    not listening), and the RELEASE done again, or the frontend's close,
+    finishes it.  Put back
+    LISTENING, an ACCEPT or POLL was taken and waited for a run of the
+    disabled Work, which never came, until the frontend closed."""
+    listener, address = _listener(raw, backend)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    passive = fe._sockets[listener]
+    assert isinstance(passive, PassiveSocket)
+    running, go_on = threading.Event(), threading.Event()
+    serve = PassiveSocket._serve
+
+    def held_serve(self: PassiveSocket, *args: Any) -> int | None:
+        if not go_on.is_set():
+            running.set()
+            go_on.wait(TIMEOUT)
+        return serve(self, *args)
+
+    monkeypatch.setattr(PassiveSocket, "_serve", held_serve)
+    poll = raw.push_poll(listener)
+    assert running.wait(TIMEOUT)
+    cut = threading.Event()
+
+    class CutShort(_work.Completion):
+        def wait(self, timeout: float | None = None) -> bool:
+            if cut.is_set() or not _called_from(PassiveSocket.teardown):
+                return super().wait(timeout)
+            cut.set()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_work, "Completion", CutShort)
+    release = raw.push_release(listener)
+    assert cut.wait(TIMEOUT)
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    with socket.create_connection(address, timeout=TIMEOUT):
+        # The held run answers its POLL (a connection is there) and ends:
+        # nothing is in flight on the listener any more.
+        go_on.set()
+        assert raw.response(poll).ret == 0
+        passive.flush(timeout=TIMEOUT)
+        assert passive.waiting is None and fe._sockets.get(listener) is passive
+        if command == "accept":
+            answer = raw.response(raw.push_accept(listener, raw.new_id(), raw.new_ring()))
+        elif command == "poll":
+            answer = raw.response(raw.push_poll(listener))
+        else:
+            answer = raw.listen(listener)
+        assert answer.ret == EINVAL
+        if finish == "release":
+            assert raw.release(listener).ret == 0
+            assert backend.stats().sockets == ()
+        else:
+            raw.close()
+            assert backend.stats().frontends == 0
+    assert release not in raw.responses
+    assert passive.host.fileno() == -1 and watched_fds(backend) == []
+    assert raw.unexpected == []
+
+
 def test_a_release_of_an_id_new_whose_listener_cannot_be_kicked_gives_everything_back(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
