@@ -901,7 +901,8 @@ class ActiveSocket(Work):
         unmapping: every caller still has requests to answer and a table to
         fix.  An interrupt (Ctrl-C in a wait for a callback) is re-raised
         once every step has been tried; what it left held is still recorded
-        here, for the next teardown to release.
+        here, for the next teardown to release (but a port whose unbinding
+        it cut short: see _unbind).
         """
         if from_work:
             self.disable()
@@ -959,13 +960,17 @@ class ActiveSocket(Work):
                 host.close()
 
     def _unbind(self) -> None:
-        port = self.port
+        # The record goes first: kept by an interrupt as unbind() returns,
+        # it would have the teardown done again unbind the number, which
+        # may be another socket's by then.  One landing before the unbind
+        # is done leaves the port bound until the dispatcher closes: the
+        # lesser harm.
+        port, self.port = self.port, None
         if port is not None and self.events is not None:
             try:
                 self.events.unbind(port)
             except (OSError, KeyError, ValueError):
                 logger.debug("unbinding port %s failed", port, exc_info=True)
-        self.port = None
 
     def _unplace(self) -> None:
         try:

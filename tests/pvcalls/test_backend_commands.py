@@ -1440,6 +1440,37 @@ def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
     assert raw.unexpected == []
 
 
+def test_a_release_cut_short_as_its_port_is_unbound_leaves_the_number_to_its_next_owner(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt as the unbinding of a connected socket's port returns:
+    the socket, put back for a RELEASE again, records that port no more,
+    and the number stays its next owner's (a socket connected meanwhile,
+    on the same poller).  Recorded still, the RELEASE done again unbound
+    the other socket's port."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    first, _ = raw.connect_socket(echo_server.address)
+    sock = fe._sockets[first]
+    assert isinstance(sock, ActiveSocket) and sock.events is not None
+    port = sock.port
+    cut = _cut_short_once(monkeypatch, sock.events, "unbind", KeyboardInterrupt(), port,
+                          after=True)
+    release = raw.push_release(first)
+    assert cut.wait(TIMEOUT)
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    assert fe._sockets.get(first) is sock
+    second, ring = raw.connect_socket(echo_server.address)
+    other = fe._sockets[second]
+    assert isinstance(other, ActiveSocket)
+    assert (other.port, other.events) == (port, sock.events)  # the number given again
+    assert raw.release(first).ret == 0
+    assert port in sock.events.ports
+    raw.send_all(ring, b"still bound")
+    assert raw.recv_exactly(ring, 11) == b"still bound"
+    assert release not in raw.responses
+    assert raw.unexpected == []
+
+
 def _called_from(func: Any) -> bool:
     """Whether the calling thread is inside ``func``."""
     frame = sys._getframe(1)
