@@ -1148,22 +1148,29 @@ class _Frontend:
     def _cancel_accept(self, parent: PassiveSocket, new: ActiveSocket) -> Request | None:
         """RELEASE of an ACCEPT's id_new: take that ACCEPT off its listener,
         unless the connection was accepted already; the ACCEPT to answer
-        -EINTR (once ``new`` is torn down), or None.  The caller kicks
-        ``parent`` once done (see _release)."""
+        -EINTR (once ``new`` is torn down), or None.  If the listener's
+        enable() raises, that ACCEPT is answered here, before it goes on.
+        The caller kicks ``parent`` once done (see _release)."""
         # disable_sync() as two calls: its wait cut short (Ctrl-C) keeps its
         # disable, the caller's, which the finally must then give back.
         # disable() does not wait.
         parent.disable()
+        waiting = None
         try:
             parent.flush()  # an accept in progress has finished with `new`
             with parent._lock:
-                waiting = parent.waiting
-                if waiting is not None and waiting[1] is new:
-                    parent.waiting = None
-                else:
-                    waiting = None
+                if parent.waiting is not None and parent.waiting[1] is new:
+                    waiting, parent.waiting = parent.waiting, None
         finally:
-            parent.enable()
+            try:
+                parent.enable()
+            except BaseException:
+                # The ACCEPT taken would be lost with what enable() raised
+                # (an interrupt as it returns): answered now, as the caller
+                # answers one whose id_new's teardown raised.
+                if waiting is not None:
+                    self.respond(waiting[0], -_errno.EINTR)
+                raise
         return waiting[0] if waiting is not None else None
 
     # -- lifetime ---------------------------------------------------------------------

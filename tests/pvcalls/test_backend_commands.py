@@ -1598,6 +1598,34 @@ def test_a_listener_s_release_cut_short_waiting_for_its_run_refuses_what_follows
     assert raw.unexpected == []
 
 
+def test_a_release_of_an_id_new_cut_short_as_its_listener_is_enabled_answers_the_accept(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt as the RELEASE of an ACCEPT's id_new enables the
+    listener again, that ACCEPT taken off it: the ACCEPT is answered
+    -EINTR all the same (the RELEASE, cut short, is not), the RELEASE done
+    again finishes the id_new, and the listener serves the next ACCEPT.
+    Lost with the interrupt, the ACCEPT was never answered."""
+    listener, address = _listener(raw, backend)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    passive = fe._sockets[listener]
+    id_new = raw.new_id()
+    accept = raw.push_accept(listener, id_new, raw.new_ring())
+    wait_until(lambda: id_new in fe._sockets)
+    cut = _cut_short_once(monkeypatch, PassiveSocket, "enable", KeyboardInterrupt(), passive,
+                          after=True)
+    release = raw.push_release(id_new)
+    assert raw.response(accept).ret == EINTR
+    assert cut.is_set()
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    assert id_new in fe._sockets
+    assert raw.release(id_new).ret == 0
+    assert release not in raw.responses
+    again = raw.push_accept(listener, raw.new_id(), raw.new_ring())
+    with socket.create_connection(address, timeout=TIMEOUT):
+        assert raw.response(again).ret == 0
+    assert raw.unexpected == []
+
+
 def test_a_release_of_an_id_new_whose_listener_cannot_be_kicked_gives_everything_back(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
