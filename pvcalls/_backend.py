@@ -1089,7 +1089,9 @@ class _Frontend:
         all the same.  One that raises (an interrupt, or a bug of ours:
         -EIO) puts the socket back in the table, for a RELEASE again or the
         frontend's close() to finish what it left held.  The kick of an
-        id_new's listener refused afterwards: -EIO, the socket released."""
+        id_new's listener refused afterwards: -EIO, the socket released;
+        after a teardown that raised, logged, what the teardown raised
+        going on."""
         with self._lock:
             entry = self._sockets.pop(request.id, None)
         if entry is None:
@@ -1099,11 +1101,13 @@ class _Frontend:
         elif isinstance(entry, ActiveSocket):
             parent = entry.parent
             cancelled = None
+            raised = False
             try:
                 if parent is not None:
                     cancelled = self._cancel_accept(parent, entry)
                 pending = entry.teardown()
             except BaseException:
+                raised = True
                 self._put_back(request.id, entry)
                 raise
             finally:
@@ -1119,7 +1123,16 @@ class _Frontend:
                     # Run once more (a spare run is harmless), after the
                     # answer: a kick refused (a destroyed workqueue) must
                     # not lose it.
-                    parent.kick()
+                    try:
+                        parent.kick()
+                    except Exception as exc:
+                        if not raised:
+                            raise
+                        # What the teardown raised goes on: replaced, an
+                        # interrupt's socket, put back, was answered -EIO.
+                        self.ratelimit.log(logger, logging.ERROR,
+                                           "dom%d: RELEASE id %#x: the listener's run failed",
+                                           self.domid, request.id, exc_info=exc)
             if pending is not None:
                 self.respond(pending, -_errno.EINTR)
         else:

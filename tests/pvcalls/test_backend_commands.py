@@ -1653,6 +1653,38 @@ def test_a_release_of_an_id_new_whose_listener_cannot_be_kicked_gives_everything
     assert raw.unexpected == []
 
 
+def test_a_release_of_an_id_new_cut_short_whose_listener_cannot_be_kicked_stays_cut_short(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The teardown of an ACCEPT's id_new cut short (an interrupt as its
+    port is unbound), and the listener's run after it refused (its
+    workqueue destroyed): the interrupt goes on, the refusal is logged.
+    The ACCEPT is answered -EINTR, the RELEASE not, the id_new put back
+    for the RELEASE done again.  The refusal replaced the interrupt: the
+    RELEASE was answered -EIO, as if released, for a socket still held."""
+    listener, _ = _listener(raw, backend)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    id_new = raw.new_id()
+    accept = raw.push_accept(listener, id_new, raw.new_ring())
+    wait_until(lambda: id_new in fe._sockets)
+    fe._work.flush(timeout=TIMEOUT)  # the ACCEPT's own kick done
+    cut = _cut_short_once(monkeypatch, ActiveSocket, "_unbind", KeyboardInterrupt())
+    _cut_short_once(monkeypatch, PassiveSocket, "kick",
+                    RuntimeError("workqueue 'pvcalls-cmd' is destroyed"))
+    release = raw.push_release(id_new)
+    assert raw.response(accept).ret == EINTR
+    assert cut.is_set()
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    raw.poll_responses()
+    assert release not in raw.responses and id_new in fe._sockets
+    refused = [r for r in caplog.records
+               if r.exc_info is not None and isinstance(r.exc_info[1], RuntimeError)]
+    assert len(refused) == 1 and refused[0].name == "pvcalls._backend"
+    assert raw.release(id_new).ret == 0
+    assert [row.id for row in backend.stats().sockets] == [listener]
+    assert raw.unexpected == []
+
+
 @pytest.mark.parametrize("waiting", ["accept", "poll"])
 def test_a_listener_whose_host_socket_fails_to_close_answers_what_waits_on_it(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any,
