@@ -1440,21 +1440,29 @@ def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
     assert raw.unexpected == []
 
 
+@pytest.mark.parametrize("unbind", ["interrupted", "failed"])
 def test_a_release_cut_short_as_its_port_is_unbound_leaves_the_number_to_its_next_owner(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """An interrupt as the unbinding of a connected socket's port returns:
-    the socket, put back for a RELEASE again, records that port no more,
-    and the number stays its next owner's (a socket connected meanwhile,
-    on the same poller).  Recorded still, the RELEASE done again unbound
-    the other socket's port."""
+        monkeypatch: pytest.MonkeyPatch, unbind: str) -> None:
+    """An interrupt as the unbinding of a connected socket's port returns
+    (or after an unbinding that failed, in the next step): the socket, put
+    back for a RELEASE again, records that port no more, and the number
+    stays its next owner's (a socket connected meanwhile, on the same
+    poller).  Recorded still, the RELEASE done again unbound the other
+    socket's port."""
     fe = backend._frontends[(raw.guest.domid, 0)]
     first, _ = raw.connect_socket(echo_server.address)
     sock = fe._sockets[first]
     assert isinstance(sock, ActiveSocket) and sock.events is not None
     port = sock.port
-    cut = _cut_short_once(monkeypatch, sock.events, "unbind", KeyboardInterrupt(), port,
-                          after=True)
+    if unbind == "interrupted":
+        cut = _cut_short_once(monkeypatch, sock.events, "unbind", KeyboardInterrupt(), port,
+                              after=True)
+    else:
+        _cut_short_once(monkeypatch, sock.events, "unbind", OSError(errno.EIO, "unbind failed"),
+                        port, after=True)
+        cut = _cut_short_once(monkeypatch, _socket.DataRing, "close", KeyboardInterrupt(),
+                              sock.ring)
     release = raw.push_release(first)
     assert cut.wait(TIMEOUT)
     fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
