@@ -846,6 +846,15 @@ class _Frontend:
             # done: from here, our Closing could land after the frontend's
             # Closed was answered, and stay.
             self.dev.queue(self._fail_broken_ring, str(exc))
+        except BaseException as exc:
+            # An interrupt (DeviceWork lets it through, to the workqueue's
+            # log; a bug of ours fails the device) ends the run before the
+            # ring is found empty, which alone moves req_event on: the
+            # requests behind the one it cut short would wait for a
+            # notification that the frontend, past req_event, never sends.
+            if not isinstance(exc, Exception):
+                self.backend.cmd_wq.queue_work(work)
+            raise
 
     def _fail_broken_ring(self, why: str) -> None:
         # On the device's queue.  Not once we are disconnected: the
@@ -1083,7 +1092,9 @@ class _Frontend:
         all the same.  One that raises (an interrupt, or a bug of ours:
         -EIO) puts the socket back in the table, for a RELEASE again or the
         frontend's close() to finish what it left held.  The kick of an
-        id_new's listener refused afterwards: -EIO, the socket released."""
+        id_new's listener refused afterwards: -EIO, the socket released;
+        after a teardown that raised, logged, what the teardown raised
+        going on."""
         with self._lock:
             entry = self._sockets.pop(request.id, None)
         if entry is None:
@@ -1093,11 +1104,13 @@ class _Frontend:
         elif isinstance(entry, ActiveSocket):
             parent = entry.parent
             cancelled = None
+            raised = False
             try:
                 if parent is not None:
                     cancelled = self._cancel_accept(parent, entry)
                 pending = entry.teardown()
             except BaseException:
+                raised = True
                 self._put_back(request.id, entry)
                 raise
             finally:
@@ -1113,7 +1126,16 @@ class _Frontend:
                     # Run once more (a spare run is harmless), after the
                     # answer: a kick refused (a destroyed workqueue) must
                     # not lose it.
-                    parent.kick()
+                    try:
+                        parent.kick()
+                    except Exception as exc:
+                        if not raised:
+                            raise
+                        # What the teardown raised goes on: replaced, an
+                        # interrupt's socket, put back, was answered -EIO.
+                        self.ratelimit.log(logger, logging.ERROR,
+                                           "dom%d: RELEASE id %#x: the listener's run failed",
+                                           self.domid, request.id, exc_info=exc)
             if pending is not None:
                 self.respond(pending, -_errno.EINTR)
         else:
@@ -1142,22 +1164,29 @@ class _Frontend:
     def _cancel_accept(self, parent: PassiveSocket, new: ActiveSocket) -> Request | None:
         """RELEASE of an ACCEPT's id_new: take that ACCEPT off its listener,
         unless the connection was accepted already; the ACCEPT to answer
-        -EINTR (once ``new`` is torn down), or None.  The caller kicks
-        ``parent`` once done (see _release)."""
+        -EINTR (once ``new`` is torn down), or None.  If the listener's
+        enable() raises, that ACCEPT is answered here, before it goes on.
+        The caller kicks ``parent`` once done (see _release)."""
         # disable_sync() as two calls: its wait cut short (Ctrl-C) keeps its
         # disable, the caller's, which the finally must then give back.
         # disable() does not wait.
         parent.disable()
+        waiting = None
         try:
             parent.flush()  # an accept in progress has finished with `new`
             with parent._lock:
-                waiting = parent.waiting
-                if waiting is not None and waiting[1] is new:
-                    parent.waiting = None
-                else:
-                    waiting = None
+                if parent.waiting is not None and parent.waiting[1] is new:
+                    waiting, parent.waiting = parent.waiting, None
         finally:
-            parent.enable()
+            try:
+                parent.enable()
+            except BaseException:
+                # The ACCEPT taken would be lost with what enable() raised
+                # (an interrupt as it returns): answered now, as the caller
+                # answers one whose id_new's teardown raised.
+                if waiting is not None:
+                    self.respond(waiting[0], -_errno.EINTR)
+                raise
         return waiting[0] if waiting is not None else None
 
     # -- lifetime ---------------------------------------------------------------------

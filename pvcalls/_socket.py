@@ -903,7 +903,8 @@ class ActiveSocket(Work):
         unmapping: every caller still has requests to answer and a table to
         fix.  An interrupt (Ctrl-C in a wait for a callback) is re-raised
         once every step has been tried; what it left held is still recorded
-        here, for the next teardown to release.
+        here, for the next teardown to release (but a port whose unbinding
+        it cut short: see _unbind).
         """
         if from_work:
             self.disable()
@@ -961,13 +962,17 @@ class ActiveSocket(Work):
                 host.close()
 
     def _unbind(self) -> None:
-        port = self.port
+        # The record goes first: kept by an interrupt as unbind() returns,
+        # it would have the teardown done again unbind the number, which
+        # may be another socket's by then.  One landing before the unbind
+        # is done leaves the port bound until the dispatcher closes: the
+        # lesser harm.
+        port, self.port = self.port, None
         if port is not None and self.events is not None:
             try:
                 self.events.unbind(port)
             except (OSError, KeyError, ValueError):
                 logger.debug("unbinding port %s failed", port, exc_info=True)
-        self.port = None
 
     def _unplace(self) -> None:
         try:
@@ -1022,8 +1027,12 @@ class PassiveSocket(Work):
         the step that may fail (epoll out of memory or of watches), and
         its own failure (EADDRINUSE) takes back the watch added here.
         Only then LISTENING, which lets ACCEPT and POLL wait for edges.
-        A FAILED socket is refused with EIO."""
+        A FAILED socket is refused with EIO, a CLOSED one (a teardown cut
+        short) with EINVAL: LISTENING again, it would take ACCEPTs and
+        POLLs that its disabled Work never answers."""
         self._check_failed()
+        if self.state is SockState.CLOSED:
+            raise CommandError(_errno.EINVAL, f"socket {self.id:#x} is closed")
         added = False
         if not self._registered:
             # Watched before it listens: the edge of a connection arriving
@@ -1194,9 +1203,13 @@ class PassiveSocket(Work):
         to be answered; an interrupt is re-raised once every step has been
         tried, and leaves the one in flight here, for the next teardown.
         """
-        self.disable_sync()
+        # CLOSED before the wait: one cut short (Ctrl-C) keeps its disable
+        # (the caller's), and the socket is put back, where an ACCEPT or
+        # POLL taken as LISTENING would wait for a run that never comes.
+        # (A run failing meanwhile makes it FAILED: refused too.)
         with self._lock:
             self.state = SockState.CLOSED
+        self.disable_sync()
         # Torn down once the host socket is closed, not before: a teardown
         # cut short (Ctrl-C) is done again by the next.  Closed, its
         # fileno() is -1, which no remove_fd() finds.

@@ -317,6 +317,41 @@ def test_a_run_answers_at_most_command_budget_requests_and_goes_on(
     assert [req_id for run in handled for req_id in run] == req_ids
     assert [len(run) for run in handled] == [2, 2, 1]
 
+def test_an_interrupt_escaping_a_command_leaves_the_rest_of_the_ring_served(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt escaping a command's handler (no Exception: the command
+    Work lets it through, to the workqueue's log) leaves that command
+    unanswered, and the ring served: the request behind it in the ring,
+    and the one the frontend sends later, are answered.  The run ended
+    there left req_event where it was (it is moved on only once the ring
+    is found empty): the request behind waited for a notification, and
+    the frontend, which notifies only past req_event, sent none again."""
+    cut = _cut_short_once(monkeypatch, _Frontend, "_lookup", KeyboardInterrupt())
+    ring = raw.ring
+    assert ring is not None
+    behind = raw.new_id()
+    fills = [(_wire.PVCALLS_POLL, lambda req: setattr(req.u.poll, "id", raw.new_id())),
+             (_wire.PVCALLS_SOCKET, lambda req: _socket_fill(req, behind))]
+    req_ids = []
+    for cmd, fill in fills:  # both in the ring before the one notification
+        req = ffi.new("struct xen_pvcalls_request *")
+        req.req_id = ring.req_prod_pvt & (ring.nr_ents - 1)
+        req.cmd = cmd
+        fill(req)
+        req_ids.append(int(req.req_id))
+        ring.push_request(bytes(ffi.buffer(req)))
+    if ring.push_requests():
+        raw.evtchn.notify(raw.port)
+    interrupted, socket_req = req_ids
+    assert raw.response(socket_req).ret == 0
+    assert cut.is_set()
+    later, answer = raw.socket()
+    assert answer.ret == 0
+    assert interrupted not in raw.responses
+    assert {row.id for row in backend.stats().sockets} == {behind, later}
+    assert raw.unexpected == []
+
+
 # -- unknown commands and ids -------------------------------------------------------------
 
 @pytest.mark.parametrize("cmd", [7, 8, 0x7FFFFFFF, 0xFFFFFFFF])
@@ -1309,15 +1344,19 @@ def test_an_accept_cancelled_by_a_release_is_answered_though_its_id_new_teardown
 
 
 def _cut_short_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str,
-                    raised: BaseException, only: Any = None) -> threading.Event:
+                    raised: BaseException, only: Any = None, *,
+                    after: bool = False) -> threading.Event:
     """Make ``owner.name`` raise ``raised`` once (for the argument ``only``,
-    if given), without doing its work; the event is set when it has."""
+    if given), without doing its work (with ``after``: as it returns, its
+    work done); the event is set when it has."""
     real = getattr(owner, name)
     done = threading.Event()
 
     def cut(*args: Any) -> Any:
         if not done.is_set() and (only is None or only in args):
             done.set()
+            if after:
+                real(*args)
             raise raised
         return real(*args)
 
@@ -1375,6 +1414,45 @@ def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
     assert bound_ports(backend) == []
     assert len(backend.gnttab._live) == 0
     assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+    assert raw.unexpected == []
+
+
+@pytest.mark.parametrize("unbind", ["interrupted", "failed"])
+def test_a_release_cut_short_as_its_port_is_unbound_leaves_the_number_to_its_next_owner(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, unbind: str) -> None:
+    """An interrupt as the unbinding of a connected socket's port returns
+    (or after an unbinding that failed, in the next step): the socket, put
+    back for a RELEASE again, records that port no more, and the number
+    stays its next owner's (a socket connected meanwhile, on the same
+    poller).  Recorded still, the RELEASE done again unbound the other
+    socket's port."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    first, _ = raw.connect_socket(echo_server.address)
+    sock = fe._sockets[first]
+    assert isinstance(sock, ActiveSocket) and sock.events is not None
+    port = sock.port
+    if unbind == "interrupted":
+        cut = _cut_short_once(monkeypatch, sock.events, "unbind", KeyboardInterrupt(), port,
+                              after=True)
+    else:
+        _cut_short_once(monkeypatch, sock.events, "unbind", OSError(errno.EIO, "unbind failed"),
+                        port, after=True)
+        cut = _cut_short_once(monkeypatch, _socket.DataRing, "close", KeyboardInterrupt(),
+                              sock.ring)
+    release = raw.push_release(first)
+    assert cut.wait(TIMEOUT)
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    assert fe._sockets.get(first) is sock
+    second, ring = raw.connect_socket(echo_server.address)
+    other = fe._sockets[second]
+    assert isinstance(other, ActiveSocket)
+    assert (other.port, other.events) == (port, sock.events)  # the number given again
+    assert raw.release(first).ret == 0
+    assert port in sock.events.ports
+    raw.send_all(ring, b"still bound")
+    assert raw.recv_exactly(ring, 11) == b"still bound"
+    assert release not in raw.responses
     assert raw.unexpected == []
 
 
@@ -1438,6 +1516,101 @@ def test_a_release_of_an_id_new_cut_short_waiting_for_its_listener_leaves_it_ena
     assert raw.unexpected == []
 
 
+@pytest.mark.parametrize(("command", "finish"),
+                         [("accept", "release"), ("poll", "close"), ("listen", "release")])
+def test_a_listener_s_release_cut_short_waiting_for_its_run_refuses_what_follows(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        command: str, finish: str) -> None:
+    """An interrupt while a listener's RELEASE waits for the listener's run
+    in progress (its teardown's disable_sync(), which keeps its disable):
+    the socket is put back CLOSED, so an ACCEPT, POLL or LISTEN sent after
+    that unanswered RELEASE is refused at once (-EINVAL, as on a socket
+    not listening), and the RELEASE done again, or the frontend's close,
+    finishes it.  Put back
+    LISTENING, an ACCEPT or POLL was taken and waited for a run of the
+    disabled Work, which never came, until the frontend closed."""
+    listener, address = _listener(raw, backend)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    passive = fe._sockets[listener]
+    assert isinstance(passive, PassiveSocket)
+    running, go_on = threading.Event(), threading.Event()
+    serve = PassiveSocket._serve
+
+    def held_serve(self: PassiveSocket, *args: Any) -> int | None:
+        if not go_on.is_set():
+            running.set()
+            go_on.wait(TIMEOUT)
+        return serve(self, *args)
+
+    monkeypatch.setattr(PassiveSocket, "_serve", held_serve)
+    poll = raw.push_poll(listener)
+    assert running.wait(TIMEOUT)
+    cut = threading.Event()
+
+    class CutShort(_work.Completion):
+        def wait(self, timeout: float | None = None) -> bool:
+            if cut.is_set() or not _called_from(PassiveSocket.teardown):
+                return super().wait(timeout)
+            cut.set()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_work, "Completion", CutShort)
+    release = raw.push_release(listener)
+    assert cut.wait(TIMEOUT)
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    with socket.create_connection(address, timeout=TIMEOUT):
+        # The held run answers its POLL (a connection is there) and ends:
+        # nothing is in flight on the listener any more.
+        go_on.set()
+        assert raw.response(poll).ret == 0
+        passive.flush(timeout=TIMEOUT)
+        assert passive.waiting is None and fe._sockets.get(listener) is passive
+        if command == "accept":
+            answer = raw.response(raw.push_accept(listener, raw.new_id(), raw.new_ring()))
+        elif command == "poll":
+            answer = raw.response(raw.push_poll(listener))
+        else:
+            answer = raw.listen(listener)
+        assert answer.ret == EINVAL
+        if finish == "release":
+            assert raw.release(listener).ret == 0
+            assert backend.stats().sockets == ()
+        else:
+            raw.close()
+            assert backend.stats().frontends == 0
+    assert release not in raw.responses
+    assert passive.host.fileno() == -1 and watched_fds(backend) == []
+    assert raw.unexpected == []
+
+
+def test_a_release_of_an_id_new_cut_short_as_its_listener_is_enabled_answers_the_accept(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt as the RELEASE of an ACCEPT's id_new enables the
+    listener again, that ACCEPT taken off it: the ACCEPT is answered
+    -EINTR all the same (the RELEASE, cut short, is not), the RELEASE done
+    again finishes the id_new, and the listener serves the next ACCEPT.
+    Lost with the interrupt, the ACCEPT was never answered."""
+    listener, address = _listener(raw, backend)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    passive = fe._sockets[listener]
+    id_new = raw.new_id()
+    accept = raw.push_accept(listener, id_new, raw.new_ring())
+    wait_until(lambda: id_new in fe._sockets)
+    cut = _cut_short_once(monkeypatch, PassiveSocket, "enable", KeyboardInterrupt(), passive,
+                          after=True)
+    release = raw.push_release(id_new)
+    assert raw.response(accept).ret == EINTR
+    assert cut.is_set()
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    assert id_new in fe._sockets
+    assert raw.release(id_new).ret == 0
+    assert release not in raw.responses
+    again = raw.push_accept(listener, raw.new_id(), raw.new_ring())
+    with socket.create_connection(address, timeout=TIMEOUT):
+        assert raw.response(again).ret == 0
+    assert raw.unexpected == []
+
+
 def test_a_release_of_an_id_new_whose_listener_cannot_be_kicked_gives_everything_back(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1461,6 +1634,38 @@ def test_a_release_of_an_id_new_whose_listener_cannot_be_kicked_gives_everything
     assert raw.response(release).ret == EIO
     assert raw.arrived[-2:] == [accept, release]
     assert resources(backend, host) == before
+    assert [row.id for row in backend.stats().sockets] == [listener]
+    assert raw.unexpected == []
+
+
+def test_a_release_of_an_id_new_cut_short_whose_listener_cannot_be_kicked_stays_cut_short(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The teardown of an ACCEPT's id_new cut short (an interrupt as its
+    port is unbound), and the listener's run after it refused (its
+    workqueue destroyed): the interrupt goes on, the refusal is logged.
+    The ACCEPT is answered -EINTR, the RELEASE not, the id_new put back
+    for the RELEASE done again.  The refusal replaced the interrupt: the
+    RELEASE was answered -EIO, as if released, for a socket still held."""
+    listener, _ = _listener(raw, backend)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    id_new = raw.new_id()
+    accept = raw.push_accept(listener, id_new, raw.new_ring())
+    wait_until(lambda: id_new in fe._sockets)
+    fe._work.flush(timeout=TIMEOUT)  # the ACCEPT's own kick done
+    cut = _cut_short_once(monkeypatch, ActiveSocket, "_unbind", KeyboardInterrupt())
+    _cut_short_once(monkeypatch, PassiveSocket, "kick",
+                    RuntimeError("workqueue 'pvcalls-cmd' is destroyed"))
+    release = raw.push_release(id_new)
+    assert raw.response(accept).ret == EINTR
+    assert cut.is_set()
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    raw.poll_responses()
+    assert release not in raw.responses and id_new in fe._sockets
+    refused = [r for r in caplog.records
+               if r.exc_info is not None and isinstance(r.exc_info[1], RuntimeError)]
+    assert len(refused) == 1 and refused[0].name == "pvcalls._backend"
+    assert raw.release(id_new).ret == 0
     assert [row.id for row in backend.stats().sockets] == [listener]
     assert raw.unexpected == []
 
