@@ -1529,7 +1529,7 @@ def test_a_listener_s_release_cut_short_waiting_for_its_run_refuses_what_follows
     finishes it.  Put back
     LISTENING, an ACCEPT or POLL was taken and waited for a run of the
     disabled Work, which never came, until the frontend closed."""
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     fe = backend._frontends[(raw.guest.domid, 0)]
     passive = fe._sockets[listener]
     assert isinstance(passive, PassiveSocket)
@@ -1590,7 +1590,7 @@ def test_a_release_of_an_id_new_cut_short_as_its_listener_is_enabled_answers_the
     -EINTR all the same (the RELEASE, cut short, is not), the RELEASE done
     again finishes the id_new, and the listener serves the next ACCEPT.
     Lost with the interrupt, the ACCEPT was never answered."""
-    listener, address = _listener(raw, backend)
+    listener, address = raw.listening(backend)
     fe = backend._frontends[(raw.guest.domid, 0)]
     passive = fe._sockets[listener]
     id_new = raw.new_id()
@@ -1647,7 +1647,7 @@ def test_a_release_of_an_id_new_cut_short_whose_listener_cannot_be_kicked_stays_
     The ACCEPT is answered -EINTR, the RELEASE not, the id_new put back
     for the RELEASE done again.  The refusal replaced the interrupt: the
     RELEASE was answered -EIO, as if released, for a socket still held."""
-    listener, _ = _listener(raw, backend)
+    listener, _ = raw.listening(backend)
     fe = backend._frontends[(raw.guest.domid, 0)]
     id_new = raw.new_id()
     accept = raw.push_accept(listener, id_new, raw.new_ring())
