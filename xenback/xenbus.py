@@ -2018,7 +2018,7 @@ class BackendDriver:
         frontend's at once, and the frontend_changed table goes on from
         there (Closed: reconnect when the frontend writes Initialising;
         InitWait: connect when it publishes its ring).  A connection the
-        earlier backend made cannot be: its sockets went with it.  Closing
+        earlier backend made cannot be: its state went with it.  Closing
         tells the frontend so, as a fatal error would.  So it does a
         frontend still Initialised or Connected after a stop left Closed
         (it has not seen the Closed yet): the table would connect to its
