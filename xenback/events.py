@@ -172,12 +172,12 @@ class EventDispatcher(Closing):
         # also reads without it, between callbacks: close() waits for that
         # thread, or poll, before the descriptors go) and _released, and
         # serialises evtchn bind/unbind/unmask so that a port is never
-        # unmasked after it was unbound.  pending() is
-        # called only by the dispatcher thread, without it.  _idle is notified whenever a callback
-        # finishes while _wait_idle() waits on it (_idle_waiters, under
-        # _lock: a notify_all() with no waiter is three Python calls, at
-        # every event), and as a poll() leaves a closed dispatcher.  Never
-        # held while a callback runs.
+        # unmasked after it was unbound.  pending() is called only by the
+        # dispatcher thread, without it.  _idle is notified whenever a
+        # callback finishes while _wait_idle() waits on it (_idle_waiters,
+        # under _lock: a notify_all() with no waiter is three Python calls,
+        # at every event), and as a poll() leaves a closed dispatcher.
+        # Never held while a callback runs.
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._idle_waiters = 0
