@@ -1311,7 +1311,9 @@ class BackendDriver:
     def remove(self, dev: BackendDevice) -> None:
         """The device is going away: free what :meth:`probe` set up (also
         after a probe that raised).  Not called for a device that failed
-        before its probe, as Linux binds no driver to it."""
+        before its probe, as Linux binds no driver to it.  Called once, but
+        again after one cut short (Ctrl-C as stop() drops the device on
+        its own thread): free each thing once, and take finding it freed."""
 
     def frontend_changed(self, dev: BackendDevice, state: XenbusState) -> None:
         """React to the frontend's new state (the table in the module
