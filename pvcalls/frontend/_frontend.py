@@ -1797,10 +1797,13 @@ class Frontend(Closing):
             with self._lock:
                 if self._sockets.get(st.id) is not st:
                     return  # released
-                if st.release is not None:
-                    if not st.release.settled:
+                # Read once: the claimer gives an unsettled claim back
+                # without the lock (see SocketState.release).
+                claim = st.release
+                if claim is not None:
+                    if not claim.settled:
                         return  # another thread is sending the RELEASE
-                    rel = st.release  # a release a Ctrl-C cut short
+                    rel = claim  # a release a Ctrl-C cut short
                 else:
                     st.release = rel
                     claimed = True

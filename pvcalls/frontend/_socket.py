@@ -364,8 +364,14 @@ class SocketState:
         # here, not in the PVSocket, so that the warning of a socket
         # dropped meanwhile says so, as its repr did.
         self.connecting = False
-        # The socket's release once claimed (under the frontend's _lock):
-        # see Frontend._release.
+        # The socket's release once claimed (see Frontend._release): set and
+        # read under the frontend's _lock.  Given back (None again) without
+        # the lock, by the claiming thread alone, whose RELEASE a Ctrl-C
+        # stopped before it went out: taking the lock first would be a call
+        # where another handler could run and leave the claim held for
+        # good.  The others read it once, under the lock, and leave an
+        # unsettled claim alone: a give-back racing them leaves the socket
+        # to the next release, as one just after them would.
         self.release: _Release | None = None
         # The program called close(): dropped with that close() cut short,
         # the socket is no "unclosed" one (see Frontend._collect).
