@@ -61,7 +61,8 @@ if TYPE_CHECKING:
 
 class _Claim(Protocol):
     """What Frontend._finish_each() claims: set under the frontend's
-    ``_lock`` while a thread takes the item's step."""
+    ``_lock`` while a thread takes the item's step; given back without it,
+    by that thread alone, as a Ctrl-C stops the step."""
 
     claimed: bool
 
@@ -163,8 +164,8 @@ class _EndingAccept:
     """The ACCEPT a released listener had in flight, on its way to be
     ended (see :meth:`Frontend._end_accepts`): ``inflight`` as the
     listener's state held it, and whether the backend answered the
-    listener's RELEASE.  ``claimed`` (under the frontend's ``_lock``):
-    a thread is ending it."""
+    listener's RELEASE.  ``claimed``: a thread is ending it (see
+    :class:`_Claim`)."""
 
     __slots__ = ("inflight", "released", "claimed")
 
