@@ -2081,6 +2081,10 @@ class PVSocket(Closing):
         with self._mutex:
             again = self._closed
             self._closed = True
+        # Without the frontend's _lock on purpose: a socket the program
+        # holds leaves the table only as its release ends and never comes
+        # back (ids are not reused), so "gone" is final; "there" may be
+        # stale, and _release looks again under _lock.
         if again and self._fe._sockets.get(self.id) is not self._st:
             # Released, by a close() cut short before it detached the
             # finaliser: nothing is left for the reaper.
