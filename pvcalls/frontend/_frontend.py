@@ -332,7 +332,7 @@ class Frontend(Closing):
         # way: no code holding a socket's _cond calls into the command
         # ring (the order PVSocket's locks say).
         self._lock = threading.Lock()
-        # Waited on only; blocks take _lock itself (see SocketState's _mutex
+        # Waited on only; blocks take _lock itself (see PVSocket's _mutex
         # in _socket.py: a signal's handler cannot leave it held).
         self._cmd_cond = threading.Condition(self._lock)
         # The command ring's req_prod up to which the backend was notified,

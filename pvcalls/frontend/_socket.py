@@ -347,7 +347,12 @@ class SocketState:
         # receive and send locks; taken by close() under those and _cond.
         self.ring: DataRing | None = None
         # An ACCEPT in flight and the socket it offers (under _accept_lock,
-        # set and read under _cond too): the listener keeps that socket.
+        # most stores under _cond too): the listener keeps that socket.
+        # accept()'s hand-over to its caller and Frontend._take clear it
+        # without _cond, by stores that call nothing (no handler between
+        # them and what goes with them).  A reader under _cond alone may
+        # see it a moment late: accept() brings the descriptor and the POLL
+        # up to date after its store, and after _take the socket is closed.
         self.accept_inflight: tuple[int, Slot, PVSocket] | None = None
         # The socket an ACCEPT being sent offers (under _accept_lock): in
         # this list before it is in the frontend's table, until the ACCEPT
