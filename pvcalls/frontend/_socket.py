@@ -1971,7 +1971,8 @@ class PVSocket(Closing):
             return -1
         with self._mutex:
             # Again under _cond: a close() since the check above took
-            # _readyfd under it, and would not see a descriptor made now.
+            # the state's readyfd under it (Frontend._release), and would
+            # not see a descriptor made now.
             if self._closed:
                 return -1
             readyfd = self._st.readyfd
