@@ -61,7 +61,8 @@ if TYPE_CHECKING:
 
 class _Claim(Protocol):
     """What Frontend._finish_each() claims: set under the frontend's
-    ``_lock`` while a thread takes the item's step."""
+    ``_lock`` while a thread takes the item's step; given back without it,
+    by that thread alone, as a Ctrl-C stops the step."""
 
     claimed: bool
 
@@ -163,8 +164,8 @@ class _EndingAccept:
     """The ACCEPT a released listener had in flight, on its way to be
     ended (see :meth:`Frontend._end_accepts`): ``inflight`` as the
     listener's state held it, and whether the backend answered the
-    listener's RELEASE.  ``claimed`` (under the frontend's ``_lock``):
-    a thread is ending it."""
+    listener's RELEASE.  ``claimed``: a thread is ending it (see
+    :class:`_Claim`)."""
 
     __slots__ = ("inflight", "released", "claimed")
 
@@ -331,7 +332,7 @@ class Frontend(Closing):
         # way: no code holding a socket's _cond calls into the command
         # ring (the order PVSocket's locks say).
         self._lock = threading.Lock()
-        # Waited on only; blocks take _lock itself (see SocketState's _mutex
+        # Waited on only; blocks take _lock itself (see PVSocket's _mutex
         # in _socket.py: a signal's handler cannot leave it held).
         self._cmd_cond = threading.Condition(self._lock)
         # The command ring's req_prod up to which the backend was notified,
@@ -1797,10 +1798,13 @@ class Frontend(Closing):
             with self._lock:
                 if self._sockets.get(st.id) is not st:
                     return  # released
-                if st.release is not None:
-                    if not st.release.settled:
+                # Read once: the claimer gives an unsettled claim back
+                # without the lock (see SocketState.release).
+                claim = st.release
+                if claim is not None:
+                    if not claim.settled:
                         return  # another thread is sending the RELEASE
-                    rel = st.release  # a release a Ctrl-C cut short
+                    rel = claim  # a release a Ctrl-C cut short
                 else:
                     st.release = rel
                     claimed = True

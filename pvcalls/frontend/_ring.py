@@ -82,7 +82,9 @@ class DataRing:
         # What free() has released so far, one entry per step (see free).
         self._released: list[object] = []
         # Set under the frontend's _lock by whoever frees the ring (see
-        # Frontend._free_rings): one thread at a time.
+        # Frontend._finish_each): one thread at a time.  Given back without
+        # the lock by that thread alone, as a Ctrl-C stops it: no call, so
+        # no handler, between the interrupt and the give-back.
         self.claimed = False
         # Whole or nothing: short of grants, ports or descriptors any step
         # may fail, and what the steps before made is given back before the

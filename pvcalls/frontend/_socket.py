@@ -347,7 +347,12 @@ class SocketState:
         # receive and send locks; taken by close() under those and _cond.
         self.ring: DataRing | None = None
         # An ACCEPT in flight and the socket it offers (under _accept_lock,
-        # set and read under _cond too): the listener keeps that socket.
+        # most stores under _cond too): the listener keeps that socket.
+        # accept()'s hand-over to its caller and Frontend._take clear it
+        # without _cond, by stores that call nothing (no handler between
+        # them and what goes with them).  A reader under _cond alone may
+        # see it a moment late: accept() brings the descriptor and the POLL
+        # up to date after its store, and after _take the socket is closed.
         self.accept_inflight: tuple[int, Slot, PVSocket] | None = None
         # The socket an ACCEPT being sent offers (under _accept_lock): in
         # this list before it is in the frontend's table, until the ACCEPT
@@ -364,8 +369,14 @@ class SocketState:
         # here, not in the PVSocket, so that the warning of a socket
         # dropped meanwhile says so, as its repr did.
         self.connecting = False
-        # The socket's release once claimed (under the frontend's _lock):
-        # see Frontend._release.
+        # The socket's release once claimed (see Frontend._release): set and
+        # read under the frontend's _lock.  Given back (None again) without
+        # the lock, by the claiming thread alone, whose RELEASE a Ctrl-C
+        # stopped before it went out: taking the lock first would be a call
+        # where another handler could run and leave the claim held for
+        # good.  The others read it once, under the lock, and leave an
+        # unsettled claim alone: a give-back racing them leaves the socket
+        # to the next release, as one just after them would.
         self.release: _Release | None = None
         # The program called close(): dropped with that close() cut short,
         # the socket is no "unclosed" one (see Frontend._collect).
@@ -1960,7 +1971,8 @@ class PVSocket(Closing):
             return -1
         with self._mutex:
             # Again under _cond: a close() since the check above took
-            # _readyfd under it, and would not see a descriptor made now.
+            # the state's readyfd under it (Frontend._release), and would
+            # not see a descriptor made now.
             if self._closed:
                 return -1
             readyfd = self._st.readyfd
@@ -2075,6 +2087,10 @@ class PVSocket(Closing):
         with self._mutex:
             again = self._closed
             self._closed = True
+        # Without the frontend's _lock on purpose: a socket the program
+        # holds leaves the table only as its release ends and never comes
+        # back (ids are not reused), so "gone" is final; "there" may be
+        # stale, and _release looks again under _lock.
         if again and self._fe._sockets.get(self.id) is not self._st:
             # Released, by a close() cut short before it detached the
             # finaliser: nothing is left for the reaper.

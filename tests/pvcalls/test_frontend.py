@@ -3354,6 +3354,49 @@ def test_a_close_interrupted_before_its_release_went_out_is_finished_by_the_next
     wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))
 
 
+def test_a_close_racing_a_claim_given_back_leaves_it_to_the_next(
+    host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads close a socket; the first's claim of the release is
+    given back (a Ctrl-C before its RELEASE went out) after the second
+    found it claimed, before it looked whether it was settled.  The give-back
+    takes no lock (see SocketState.release), so the second must read the
+    claim once: it read it again and failed with AttributeError on None.
+    Now it leaves the socket to the next close(), as when it comes a moment
+    earlier."""
+    srv = server()
+    guest = host.create_domain("claim-given-back")
+    with pvcalls.Frontend(guest, timeout=TIMEOUT) as fe:
+        s = connected(fe, srv.address)
+        submit = fe._submit
+        in_submit, go = threading.Event(), threading.Event()
+
+        def interrupted_release(slot: Any, *args: Any, **kwargs: Any) -> Any:
+            if slot.cmd == _wire.PVCALLS_RELEASE:
+                in_submit.set()
+                assert go.wait(TIMEOUT)
+                raise Interrupted  # as from the wait for a free slot
+            return submit(slot, *args, **kwargs)
+
+        monkeypatch.setattr(fe, "_submit", interrupted_release)
+        pause = PauseAt.in_method(monkeypatch, _frontend.Frontend, "_release",
+                                  "if not claim.settled")
+        first = Attempt(s.close)
+        assert in_submit.wait(TIMEOUT)
+        second = Attempt(s.close)
+        assert pause.reached.wait(TIMEOUT)
+        go.set()
+        wait_until(lambda: s._st.release is None)  # given back, the second still paused
+        pause.resume()
+        assert isinstance(first.result(), Interrupted)
+        assert second.result() is None
+        monkeypatch.undo()
+        assert any(r.domain == guest.domid for r in backend.stats().sockets)
+        s.close()  # releases it
+        wait_until(lambda: all(r.domain != guest.domid for r in backend.stats().sockets))
+        assert s.id not in fe._sockets
+
+
 def test_a_close_interrupted_twice_after_its_release_went_out_is_finished_by_the_next(
     host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

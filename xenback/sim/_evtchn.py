@@ -12,8 +12,8 @@ stays masked until :meth:`EventChannel.unmask`, and whatever was notified
 meanwhile is reported again at that moment.  It is done lazily, as Linux
 masks interrupts lazily: :meth:`~EventChannel.pending` only marks the port
 masked; only if the port is notified again while masked does the handle
-stop watching its pipe (``EPOLL_CTL_MOD`` with no events), and unmask
-resumes watching it, which reports the remembered notification.  The common
+stop watching its pipe (it leaves the epoll set: see ``_WATCH``), and unmask
+puts it back, which reports the remembered notification.  The common
 cycle (fire, pending, unmask) thus costs no epoll_ctl at all.
 
 The connection to the hypervisor service is in the same epoll set: the
@@ -73,8 +73,9 @@ class _LocalPort:
     ignored: bool = False  # notified while masked: rfd is out of the epoll set
     dead: bool = False  # the host went away: never watched again
     # unbind() or close() began to forget the port: its descriptors go
-    # (each taken off it before it is closed, rfd set to -1), its number
-    # stays in the table until the service freed it.
+    # (each taken off it before it is closed, rfd set to -1), and unbind()
+    # leaves its number in the table until the service freed it (close()
+    # empties the table: the service frees them all as the handle goes).
     unbound: bool = False
 
 
@@ -245,6 +246,8 @@ class EventChannel(Closing):
         ``IOCTL_EVTCHN_UNBIND`` leaves Linux's port bound: the service may
         hold it still, its peer connected, and unbind() again asks it
         again.  EINVAL (the service holds no such port of ours) drops it.
+        :class:`EventChannelError` ENOTCONN for a port this handle has not
+        bound, EINVAL for no port number, EBADF once closed.
         """
         # EINVAL for no port (as the xen platform checks it), ENOTCONN
         # for one not bound here: Linux's IOCTL_EVTCHN_UNBIND on a FIFO
@@ -317,7 +320,10 @@ class EventChannel(Closing):
     # -- events --------------------------------------------------------------
 
     def notify(self, port: int) -> None:
-        """Fire the peer of ``port``; a no-op while it has no peer (as in Xen)."""
+        """Fire the peer of ``port``; a no-op while it has no peer (as in Xen).
+        :class:`EventChannelError` ENOTCONN for a port this handle has not
+        bound (or is unbinding), EINVAL for no port number, EBADF once
+        closed."""
         if type(port) is not int or not 0 < port <= EVTCHN_PORT_MAX:
             # As the xen platform checks it (a plain int in range spared
             # the call), before the table: True and 1.0 are port 1's keys
@@ -368,7 +374,9 @@ class EventChannel(Closing):
         os.close(peer_fd)
 
     def pending(self) -> int | None:
-        """Return one fired port, now masked, or None."""
+        """Return one fired port, now masked, or None.
+        :class:`EventChannelError` EFBIG after :meth:`overflow` until
+        :meth:`reset`, EBADF once closed."""
         lock = self._lock
         while True:
             with lock:

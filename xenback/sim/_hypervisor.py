@@ -296,9 +296,11 @@ class Hypervisor:
         self.run_dir = Path(run_dir)
         # _lock protects every field below and all the state reachable from
         # them.  Rule: the service thread holds it while it handles one event;
-        # host calls hold it for their whole body.  Nothing blocks under it:
-        # sockets are non-blocking, and a peer that cannot take a message is
-        # dropped instead of waited for.
+        # host calls hold it while they touch the state, and let go of it
+        # before they wait for the service thread (stop()'s join,
+        # remove_domain()'s future), which needs it.  Nothing blocks under
+        # it: sockets are non-blocking, and a peer that cannot take a
+        # message is dropped instead of waited for.
         self._lock = threading.Lock()
         self._domains: dict[int, _Domain] = {}
         self._selector = selectors.DefaultSelector()
@@ -425,7 +427,9 @@ class Hypervisor:
         it), end its grants (freed once nobody maps them).
 
         Done by the service thread, as any change of its state, while the
-        caller waits: a hypercall, which no signal cuts in half.  A
+        caller waits: a hypercall, which no signal cuts in half (by the
+        caller itself if that thread does not serve, or is the caller).
+        :class:`ValueError` if there is no such domain.  A
         KeyboardInterrupt in the wait leaves the removal to finish without
         the caller, whose next remove_domain() finds the domain gone
         (ValueError) or waits for the removal again.
@@ -1083,7 +1087,8 @@ class Hypervisor:
             os.close(old_r)  # never sent: the owner still reads the old one
 
     def _free_port(self, port: _Port) -> None:
-        """Forget an unconnected ``port`` and close the service's write end."""
+        """Forget ``port`` (unconnected, or its peer already told, see
+        _unbind) and close the service's write end."""
         del port.owner.domain.ports[port.port]
         port.owner.ports.discard(port)
         wfd, port.wfd = port.wfd, -1
