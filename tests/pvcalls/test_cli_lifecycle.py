@@ -889,6 +889,28 @@ def test_a_bad_policy_file_is_named_once(tmp_path: Path,
     assert err.count(str(policy)) == 1 and "max_sockets" in err
 
 
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM])
+def test_a_shortage_as_serve_reads_its_policy_is_worth_a_restart(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        code: int) -> None:
+    # Reading the policy is the first thing serve does as it starts: a host
+    # short of descriptors or memory there has no bad policy file (status
+    # 2, never restarted), but a shortage (status 1), as --help says.
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[default]\n")
+    path_open = Path.open
+
+    def short_open(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if path == policy:
+            raise OSError(code, os.strerror(code), str(path))
+        return path_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", short_open)
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--platform", "sim", "--run-dir", str(tmp_path), "--policy", str(policy)])
+    _said_worth_a_restart(info, capsys, "read the policy file", code)
+
+
 def serve_with(backend: str, *args: str) -> subprocess.CompletedProcess[str]:
     """serve() in a child process, on a stand-in platform, with the class
     ``Backend`` defined by the source ``backend`` (its ``__enter__`` and
