@@ -20,8 +20,8 @@ Three kinds of shared memory exist:
   ring (frontend produces), each :func:`flex_ring_size` bytes.
 
 Integers on the wire are in the guest's native byte order, which is the
-host's (a backend and its frontends share the machine); sockaddr fields are
-in network byte order as in C.
+host's (a backend and its frontends share the machine); a sockaddr's port
+and address are in network byte order, its family in native order, as in C.
 """
 
 from __future__ import annotations
