@@ -38,6 +38,7 @@ WQ_ORDERED = WQFlags._WQ_ORDERED
 #: The public flags alloc_workqueue() accepts.
 WQ_USER_FLAGS = WQ_UNBOUND | WQ_FREEZABLE | WQ_MEM_RECLAIM | WQ_HIGHPRI | WQ_CPU_INTENSIVE
 
-#: Upper limit of max_active, and the value 0 ("default") stands for.
+#: Upper limit of max_active.
 WQ_MAX_ACTIVE = 512
+#: The max_active that 0 ("default") stands for.
 WQ_DFL_ACTIVE = WQ_MAX_ACTIVE // 2
