@@ -809,7 +809,9 @@ def open() -> XenPlatform:  # noqa: A001 - the module's verb, like io.open
 
     Raises :class:`~xenback.platform.PlatformUnavailable` naming every
     missing piece (library, ``/dev/xen/gntdev``, ``/dev/xen/evtchn``,
-    xenstored socket) when this machine cannot run a backend on Xen.
+    xenstored socket) when this machine cannot run a backend on Xen, and
+    when our ``domid`` cannot be read from xenstored (its errno kept: a
+    host short of descriptors is EMFILE; EIO for a malformed domid).
     """
     missing = missing_pieces()
     if missing:
