@@ -268,7 +268,8 @@ class Policy:
     like a host firewall refusing the operation; a SOCKET or ACCEPT beyond the
     limit is answered with ``-EMFILE`` (24), "too many open files", since the
     limit is the domain's descriptor table.  The backend logs each refusal at
-    WARNING with the domain, the command and the address, at most 10 lines per
+    WARNING with the domain, the command and the address (the socket id and
+    the limit for one beyond the limit), at most 10 lines per
     5 s for one frontend device, however often it reconnects (as the kernel's
     ``printk_ratelimited``); how many it left out is logged when the next one
     goes out and when the device goes.
@@ -331,7 +332,9 @@ class Policy:
     @classmethod
     def from_toml(cls, text: str) -> Policy:
         """Parse policy text in the file format (text without any section
-        is an error, as in a file)."""
+        is an error, as in a file).  Raises :class:`PolicyError` for text
+        that is not TOML or holds a wrong rule or value, TypeError for
+        ``text`` not a str."""
         if not isinstance(text, str):
             hint = " (decode it, or use Policy.from_file())" if isinstance(text, bytes) else ""
             raise TypeError(f"policy text must be a str, not {type(text).__name__}{hint}")
