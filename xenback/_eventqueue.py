@@ -68,6 +68,8 @@ class EventQueue:
         self._work: Work = Work(self._drain)
 
     def __repr__(self) -> str:
+        # A snapshot, without _lock: a debugger stopped where it is held
+        # would hang showing us.
         return f"<EventQueue {self.name!r} pending={len(self._calls)}>"
 
     def call(self, fn: Callable[..., object], *args: object) -> bool:

@@ -72,6 +72,8 @@ class RateLimit:
         self._missed = 0  # messages suppressed and not yet reported
 
     def __repr__(self) -> str:
+        # A snapshot, without _lock: a debugger stopped where it is held
+        # would hang showing us.
         return (f"<RateLimit {self.name} {self.burst} per {self.interval:g} s "
                 f"missed={self._missed}>")
 
