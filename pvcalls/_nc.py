@@ -471,7 +471,9 @@ def run(args: argparse.Namespace, host: str, port: int, stdin: BinaryIO, stdout:
         gate: _SignalGate | None = None) -> int:
     """Join the host, connect or accept, and pipe until the other side
     closes (or, with ``-q``, the connection idles after end of input).
-    Raises :class:`_Failed` if anything fails on the way; SIGINT, SIGTERM
+    Raises :class:`_Failed` for a failure it put in words, else the
+    OSError of the call that failed (joining the host, the handshake's
+    TimeoutError, a refused connect), which says what; SIGINT, SIGTERM
     and SIGHUP interrupt it only where ``gate`` lets them (see _SignalGate)."""
     from xenback.sim import attach
 
