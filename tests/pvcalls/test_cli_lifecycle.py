@@ -635,7 +635,8 @@ def test_a_lock_file_that_cannot_be_opened_is_said_as_it_is(
         f"[Errno 21] cannot open the lock file {lock}: Is a directory"), err
 
 
-@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC])
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC,
+                                  errno.EDQUOT])
 def test_a_host_short_of_resources_at_start_is_worth_a_restart(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         code: int) -> None:
