@@ -388,8 +388,8 @@ class XenStored:
         self._call(self._release_and_flush, domid)
 
     def is_introduced(self, domid: int) -> bool:
-        """Whether ``domid`` is introduced (dom0 is not listed); ``domid``
-        checked as :meth:`introduce_domain` checks it: True was domain 1."""
+        """Whether ``domid`` is introduced (dom0 always is, as IS_DOMAIN_INTRODUCED says);
+        ``domid`` checked as :meth:`introduce_domain` checks it: True was domain 1."""
         domid = check_xenstore_domid(domid)
         return self._call(lambda: domid in self._dispatcher.domains)
 
