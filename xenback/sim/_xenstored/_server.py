@@ -696,8 +696,10 @@ class XenStored:
         """Handle every complete request in ``data``; keep the rest.
 
         Stops early, pausing the connection, while too many replies wait
-        for the client: the rest stays in ``conn.inbuf`` (and further
-        requests in the kernel) until :meth:`_flush` finds room again.
+        for the client or too many of its guest's requests are outstanding
+        (``Quota.outstanding``): the rest stays in ``conn.inbuf`` (and
+        further requests in the kernel) until :meth:`_flush` finds room
+        again.
         """
         handle = self._dispatcher.handle
         out = conn.out
@@ -759,9 +761,10 @@ class XenStored:
           the watcher after the change, so what the watcher reads then is at
           least as new.  Special events ("@releaseDomain") are queued every
           time: some handlers count on each one;
-        * if ``conn`` is a guest's and ``max_queued`` bytes wait for that
-          guest already (cxenstored's memory quota): it does not read, and
-          nothing else bounds what other clients' changes make it owe.
+        * if ``conn`` is a guest's and queuing it would put more than
+          ``max_queued`` bytes waiting for that guest (cxenstored's memory
+          quota): it does not read, and nothing else bounds what other
+          clients' changes make it owe.
 
         A privileged client gets every other event, however many wait; a
         guest gets it unless it goes stale (see the module's docstring).
