@@ -169,7 +169,7 @@ class SimHost(Closing):
     :func:`xenback.sim.attach`.  Without ``run_dir`` a fresh temporary
     directory is used and removed on exit.  ``max_queued`` and
     ``watch_event_timeout`` go to its XenStore server (see XenStored;
-    ValueError at once if it would refuse them).
+    TypeError or ValueError at once if it would refuse them).
     """
 
     def __init__(
