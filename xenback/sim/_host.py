@@ -640,6 +640,10 @@ class SimHost(Closing):
                         )
                 else:
                     other.running.release()
+            # Without _lock (a test, no change): whatever takes the domain
+            # out of _dying meanwhile (a close(), a destroy under ours from
+            # a signal's handler), the steps below take one done for done,
+            # and finish() looks again under the lock.
             if domid not in self._dying:
                 return  # gone with the host meanwhile, or by the one we waited for
             try:
