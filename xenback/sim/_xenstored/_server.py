@@ -364,6 +364,9 @@ class XenStored:
 
         ``domid`` is checked as xenback.XenStore's domain queries check
         it (TypeError or ValueError naming it), before anything changes.
+        OSError if its socket cannot be made (a run_dir too long for a
+        socket's path, say); RuntimeError unless the server is running,
+        TimeoutError if its loop is stuck (see :meth:`_call`).
         """
         domid = check_xenstore_domid(domid)
         if domid == 0:
