@@ -1315,6 +1315,32 @@ def test_a_signal_handler_closes_the_host_while_no_lock_is_held(
         host.create_domain("late")
 
 
+def test_a_signal_handler_destroying_the_domain_a_destroy_waits_on_finishes_it(
+    host: SimHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """destroy_domain() of the same domain from a handler that came while
+    destroy_domain() waited for the backends (without the lock): the
+    interrupted destroy, of this thread, cannot end before the handler
+    returns, so the handler's goes on with what it left rather than wait
+    for it (which would time out, or wait for ever), and both return."""
+    guest = host.create_domain("guest")
+    destroy_devices = host.toolstack.destroy_devices
+    paused: list[bool] = []
+    with CallFromHandler(lambda: host.destroy_domain(guest.domid, 0)) as handler:
+        def paused_destroy_devices(domid: int, timeout: float) -> list[Any]:
+            if not paused:  # the interrupted destroy's, not the handler's
+                paused.append(True)
+                handler.pause()
+            return destroy_devices(domid, timeout)
+
+        monkeypatch.setattr(host.toolstack, "destroy_devices", paused_destroy_devices)
+        host.destroy_domain(guest, 5.0)
+    assert handler.raised == []
+    monkeypatch.undo()
+    assert host.domains() == [host.dom0]
+    _no_guest_left(host)
+
+
 @pytest.mark.parametrize("function", ["_locked", "_create_domain"])
 def test_an_interrupt_as_any_call_of_create_domain_returns_leaves_no_half_domain(
     host: SimHost, function: str

@@ -1822,6 +1822,40 @@ def test_the_wake_up_requests_reply_is_known_and_dropped_quietly(
         assert not [r for r in caplog.records if "no request" in r.getMessage()]
 
 
+def test_a_drain_cut_short_without_an_owner_of_pushes_asks_nothing(tmp_path: Path) -> None:
+    """A connection nobody watches for pushes (a grant handle's) with a
+    packet a Ctrl-C left in its inbox: no thread waits on its socket, and
+    the next call or drain takes the packet, so _cut_short sends no
+    wake-up request (which would stay unanswered, its reply unread)."""
+    path = str(tmp_path / "hypervisor")
+    got: list[bytes] = []
+    done = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        try:
+            while data := conn.recv(MAX_MESSAGE):
+                got.append(data)
+        finally:
+            done.set()
+
+    server = serve_one_client(path, handle, socket.SOCK_SEQPACKET)
+    conn = ServiceConnection(path, PlatformError)  # no on_push
+    try:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with a, b:
+            send_message(a, {"event": "unbound", "port": 1})
+            left = b.recvmsg(MAX_MESSAGE + 1, 1024)
+        with conn._lock:
+            conn._inbox.append(left)  # a packet a Ctrl-C left there
+            conn._cut_short()
+        assert not conn._unanswered
+    finally:
+        conn.close()
+        assert done.wait(TIMEOUT)
+        server.join(TIMEOUT)
+    assert got == []
+
+
 @pytest.mark.parametrize("bad", ["closed", "too-many"])
 def test_a_request_whose_descriptors_the_kernel_refuses_fails_with_its_errno(
         tmp_path: Path, bad: str) -> None:

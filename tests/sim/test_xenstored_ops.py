@@ -705,6 +705,22 @@ def test_release_removes_what_the_domain_owns(xsd: XenStored, dom0: RawClient) -
         assert error_of(again.read, "/local/domain/0/backend/vif/4/0") == "EACCES"
 
 
+def test_release_gives_root_and_special_nodes_it_owns_to_dom0(
+    xsd: XenStored, dom0: RawClient
+) -> None:
+    # "/" and the special nodes cannot go as the rest of what a released
+    # domain owns does: they become dom0's, their other entries kept.
+    with make_guest(xsd, dom0, 4):
+        dom0.set_perms("/", ["n4", "r7"])
+        dom0.set_perms("@introduceDomain", ["b4", "w7"])
+        dom0.write("/owned-by-4", "")  # takes its parent's permissions
+        xsd.release_domain(4)
+    assert dom0.get_perms("/") == ["n0", "r7"]
+    assert dom0.get_perms("@introduceDomain") == ["b0", "w7"]
+    assert error_of(dom0.read, "/owned-by-4") == "ENOENT"
+    assert "owned-by-4" not in dom0.directory("/")
+
+
 def test_lifecycle() -> None:
     with tempfile.TemporaryDirectory(prefix="xs") as d:
         server = XenStored(Path(d))

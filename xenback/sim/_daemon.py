@@ -82,8 +82,9 @@ def _max_queued(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xenback-sim`` console script; returns the exit
     status (0 after SIGTERM, SIGINT or SIGHUP, 1 if the host cannot start,
-    cannot create a ``--domain`` or cannot write to stdout, 2 for a bad
-    option)."""
+    cannot create a ``--domain`` or cannot write to stdout, 2 for a
+    ``--domain`` the host refuses, as dom0's name).  A bad option, and
+    ``--help``, end it through argparse's SystemExit (2, and 0)."""
     parser = argparse.ArgumentParser(
         prog="xenback-sim",
         description="Run a simulated Xen host (XenStore, grants, event channels)."

@@ -196,8 +196,12 @@ def create_domain(run_dir: str | os.PathLike[str], name: str) -> Domain:
     For processes other than the host's; raises
     :class:`~xenback.platform.PlatformError` with ``EINVAL`` for a bad or
     duplicate name, ``ENOMEM`` once the host has no domid left, ``EAGAIN``
-    while it has no thread to serve the request (try again later);
-    :class:`TypeError` at once for a name that is no str.
+    while it has no thread to serve the request (try again later),
+    ``ENODEV`` if the host closes before it answers;
+    :class:`~xenback.platform.PlatformUnavailable` if no host runs in
+    ``run_dir`` (as :func:`attach`); :class:`TypeError` at once for a name
+    that is no str, and TypeError or ValueError for a ``run_dir`` as
+    :func:`attach` refuses it.
     """
     if not isinstance(name, str):
         raise TypeError(f"a domain name must be a str, not {type(name).__name__} {shown(name)}")
@@ -208,7 +212,8 @@ def create_domain(run_dir: str | os.PathLike[str], name: str) -> Domain:
 
 def destroy_domain(run_dir: str | os.PathLike[str], domid: int) -> None:
     """Ask a running host to destroy guest ``domid`` (``ESRCH`` if unknown,
-    ``EAGAIN`` as :func:`create_domain` says); at once, as :func:`attach`
+    ``EINVAL`` for dom0, ``EAGAIN``, ``ENODEV`` and PlatformUnavailable
+    as :func:`create_domain` says); at once, as :func:`attach`
     checks it, :class:`TypeError` for a ``domid`` that is no int (by the
     rule of ports: True would destroy domain 1) and :class:`ValueError` for
     one that is no domain id (0 to 0x7FEF: 10**5000 would fail in the

@@ -337,8 +337,10 @@ class FrontendDevice(Closing):
                 raise
             return
         except BaseException:
-            # Interrupted or XenStore gone: what we hold goes all the same,
-            # and the device without a further wait.
+            # Interrupted, or another failure (XenStore's error, a backend
+            # state that is garbage; a lost connection is the clause above):
+            # what we hold goes all the same, and the device without a
+            # further wait.
             self._release(remove=handshake, deadline=time.monotonic())
             raise
         failure = self._release(remove=handshake, deadline=deadline)

@@ -169,7 +169,7 @@ class SimHost(Closing):
     :func:`xenback.sim.attach`.  Without ``run_dir`` a fresh temporary
     directory is used and removed on exit.  ``max_queued`` and
     ``watch_event_timeout`` go to its XenStore server (see XenStored;
-    ValueError at once if it would refuse them).
+    TypeError or ValueError at once if it would refuse them).
     """
 
     def __init__(
@@ -640,6 +640,10 @@ class SimHost(Closing):
                         )
                 else:
                     other.running.release()
+            # Without _lock (a test, no change): whatever takes the domain
+            # out of _dying meanwhile (a close(), a destroy under ours from
+            # a signal's handler), the steps below take one done for done,
+            # and finish() looks again under the lock.
             if domid not in self._dying:
                 return  # gone with the host meanwhile, or by the one we waited for
             try:

@@ -406,7 +406,11 @@ class ServiceConnection:
         ``ENODEV`` once the service has gone (host stopped, domain
         destroyed) or the connection was closed during the call; the
         kernel's errno if it will not send ``fds`` (EBADF: one is not
-        open; EINVAL: more than :data:`MAX_FDS`).
+        open; EINVAL: more than :data:`MAX_FDS`); EPROTO for a packet
+        from the service that is no message, met as the call waits, or a
+        reply whose errno is malformed; EMFILE for a reply whose descriptors
+        this process had no room for.  :class:`ValueError` for a request
+        past :data:`MAX_MESSAGE`, which is not sent.
         """
         me = threading.get_ident()
         # No wake-up request (see _cut_short) for a call cut short: the
@@ -771,8 +775,8 @@ class ServiceConnection:
         info), so that its reply, which is dropped, wakes that thread, and
         the drain it makes then delivers what waits in the inbox first.
 
-        The normal path pays nothing for it (a failed request pays a test
-        of the inbox): making the inbox itself watchable (an eventfd that
+        The normal path pays nothing for it (a drain that raises pays a
+        test of the inbox): making the inbox itself watchable (an eventfd that
         says it is not empty, joined to the socket in an epoll of its own
         as the descriptor owners watch) would cost every handle two more
         descriptors, and every wake-up a nested epoll, for the rare

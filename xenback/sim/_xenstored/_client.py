@@ -57,7 +57,8 @@ class RawClient(Closing):
     def recv_message(self) -> tuple[int, int, int, bytes]:
         """The next message, whatever it is: (op, req_id, tx_id, payload).
 
-        Raises ConnectionError if the server closed the connection.
+        Raises ConnectionError if the server closed the connection,
+        TimeoutError (socket.timeout) past the client's ``timeout``.
         """
         while True:
             if len(self._buf) >= HEADER_SIZE:
@@ -82,7 +83,8 @@ class RawClient(Closing):
                 return op, tx_id, payload
 
     def request(self, op: int, payload: bytes, tx_id: int = 0) -> bytes:
-        """Send a request and return its reply payload; XS_ERROR raises XsError."""
+        """Send a request and return its reply payload; XS_ERROR raises XsError,
+        a reply of another type ConnectionError (as recv_message's errors)."""
         rop, _tx, payload = self.reply(self.send(op, payload, tx_id))
         if rop == Op.ERROR:
             raise XsError(payload.rstrip(b"\0").decode("ascii", "replace"))
@@ -91,7 +93,8 @@ class RawClient(Closing):
         return payload
 
     def wait_event(self, timeout: float = 10.0) -> tuple[str, str]:
-        """The next watch event (path, token); TimeoutError if none comes."""
+        """The next watch event (path, token); TimeoutError if none comes,
+        ConnectionError if a message of another type comes first."""
         if self.events:
             return self.events.popleft()
         deadline = time.monotonic() + timeout

@@ -131,7 +131,8 @@ class Connection:
         #: watch events waiting in ``out``, wholly or in part (whole
         #: messages) -> the offset just past them, oldest first.  Every
         #: entry waits: only XenStored._flush moves ``out_base``, and it
-        #: drops the entries the kernel has taken (see _send_event).
+        #: drops the entries the kernel has taken (_forget_sent_events);
+        #: _expire drops those of the stale events it takes out.
         self.queued_events: dict[bytes, int] = {}
         #: watch events in ``out``, oldest first: for a guest's connection
         #: every one (each goes stale), for a privileged one those a guest

@@ -545,11 +545,11 @@ class Dispatcher:
     def remove_domain_nodes(self, domid: int) -> None:
         """Forget a released domain, as cxenstored does (XSA-322).
 
-        Nodes it owns go, with their subtrees (watches fire as for RM);
-        permission entries naming it are dropped from every other node
-        (silently), so that a later domain with the same id inherits
-        nothing.  Open transactions learn of the release at commit (see
-        _transaction.py).
+        Nodes it owns go, with their subtrees (watches fire as for RM),
+        but "/" and the special nodes, which go to dom0; permission
+        entries naming it are dropped from every other node (silently), so
+        that a later domain with the same id inherits nothing.  Open
+        transactions learn of the release at commit (see _transaction.py).
         """
         store = self.store
         store.note_release(domid)
@@ -572,7 +572,7 @@ class Dispatcher:
 
     def _strip_perms(self, path: str, node: Node, domid: int) -> None:
         perms = node.perms
-        if perms[0][0] == domid:  # only special nodes get here owned by domid
+        if perms[0][0] == domid:  # only "/" and the special nodes get here owned by domid
             perms = ((0, perms[0][1]), *perms[1:])
         perms = (perms[0], *(p for p in perms[1:] if p[0] != domid))
         if perms != node.perms:

@@ -364,6 +364,9 @@ class XenStored:
 
         ``domid`` is checked as xenback.XenStore's domain queries check
         it (TypeError or ValueError naming it), before anything changes.
+        OSError if its socket cannot be made (a run_dir too long for a
+        socket's path, say); RuntimeError unless the server is running,
+        TimeoutError if its loop is stuck (see :meth:`_call`).
         """
         domid = check_xenstore_domid(domid)
         if domid == 0:
@@ -388,8 +391,8 @@ class XenStored:
         self._call(self._release_and_flush, domid)
 
     def is_introduced(self, domid: int) -> bool:
-        """Whether ``domid`` is introduced (dom0 is not listed); ``domid``
-        checked as :meth:`introduce_domain` checks it: True was domain 1."""
+        """Whether ``domid`` is introduced (dom0 always is, as IS_DOMAIN_INTRODUCED says);
+        ``domid`` checked as :meth:`introduce_domain` checks it: True was domain 1."""
         domid = check_xenstore_domid(domid)
         return self._call(lambda: domid in self._dispatcher.domains)
 
@@ -696,8 +699,10 @@ class XenStored:
         """Handle every complete request in ``data``; keep the rest.
 
         Stops early, pausing the connection, while too many replies wait
-        for the client: the rest stays in ``conn.inbuf`` (and further
-        requests in the kernel) until :meth:`_flush` finds room again.
+        for the client or too many of its guest's requests are outstanding
+        (``Quota.outstanding``): the rest stays in ``conn.inbuf`` (and
+        further requests in the kernel) until :meth:`_flush` finds room
+        again.
         """
         handle = self._dispatcher.handle
         out = conn.out
@@ -759,9 +764,10 @@ class XenStored:
           the watcher after the change, so what the watcher reads then is at
           least as new.  Special events ("@releaseDomain") are queued every
           time: some handlers count on each one;
-        * if ``conn`` is a guest's and ``max_queued`` bytes wait for that
-          guest already (cxenstored's memory quota): it does not read, and
-          nothing else bounds what other clients' changes make it owe.
+        * if ``conn`` is a guest's and queuing it would put more than
+          ``max_queued`` bytes waiting for that guest (cxenstored's memory
+          quota): it does not read, and nothing else bounds what other
+          clients' changes make it owe.
 
         A privileged client gets every other event, however many wait; a
         guest gets it unless it goes stale (see the module's docstring).

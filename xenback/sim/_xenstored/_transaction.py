@@ -6,8 +6,9 @@ from then on serves that path from its own view.  Because live nodes are
 never mutated (see _tree.py), "its own view" can simply hold the live node
 objects it read; only paths it changes get new nodes.
 
-Commit fails with EAGAIN exactly when some path the transaction touched
-has a different live generation now than at first touch; otherwise every
+Commit fails with EAGAIN when some path the transaction touched has a
+different live generation now than at first touch (or, below, when a node
+it installs would belong to a domain released meanwhile); otherwise every
 changed path is installed (fresh generations) and the queued watch events
 fire.  This is cxenstored's scheme: the conflict granularity is one node.
 
