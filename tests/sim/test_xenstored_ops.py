@@ -547,6 +547,26 @@ def test_python_introduce_and_release(xsd: XenStored) -> None:
     assert xsd.introduce_domain(0) == xsd.path
 
 
+def test_a_domain_socket_that_cannot_be_made_keeps_its_errno(tmp_path: Path) -> None:
+    """The host's caller hears why (ENAMETOOLONG: a run_dir too long for
+    the domain's socket path, which dom0's path still fits), not an
+    OSError with no errno; nothing is introduced."""
+    # A socket's path has at most 107 bytes: domain 12345's is made 110.
+    width = 110 - len(f"{tmp_path}//domains/12345/xenstore")
+    if width < 1:
+        pytest.skip(f"{tmp_path} is too long for this test")
+    with XenStored(tmp_path / ("d" * width)) as xsd:
+        too_long = xsd.introduce_path(12345)
+        assert len(bytes(xsd.path)) <= 107 < len(bytes(too_long))
+        with pytest.raises(OSError) as info:
+            xsd.introduce_domain(12345)
+        assert info.value.errno == errno.ENAMETOOLONG
+        assert str(info.value) == (f"[Errno {errno.ENAMETOOLONG}] cannot create socket for "
+                                   f"domain 12345: cannot listen on {too_long}: "
+                                   "AF_UNIX path too long")
+        assert not xsd.is_introduced(12345)
+
+
 def test_control(dom0: RawClient) -> None:
     assert dom0.request(Op.CONTROL, b"check\0") == b"OK\0"
     assert dom0.request(Op.CONTROL, b"print\0hello\0") == b"OK\0"

@@ -1096,7 +1096,8 @@ class XenStored:
         try:
             domain.listener = self._bind(domain.socket_path)
         except OSError as e:
-            raise XsError("EIO", f"cannot create socket for domain {domid}: {e}") from e
+            raise XsError("EIO", f"cannot create socket for domain {domid}: "
+                                 f"{e.strerror or e}") from e
         assert self._selector is not None
         self._selector.register(domain.listener, _READ, (self._accept, domain))
         domains[domid] = domain
@@ -1109,7 +1110,12 @@ class XenStored:
         try:
             return self._introduce(domid)
         except XsError as e:
-            raise OSError(str(e)) from e
+            # The host's caller hears why (a run_dir too long for the
+            # socket's path: ENAMETOOLONG), not the reply's EIO.
+            cause = e.__cause__
+            code = (cause.errno if isinstance(cause, OSError) and cause.errno
+                    else getattr(errno, e.name, errno.EIO))
+            raise OSError(code, e.detail or e.name) from e
         finally:
             self._dispatcher.flush_deferred()
 
