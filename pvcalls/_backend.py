@@ -772,6 +772,8 @@ class _Frontend:
         try:
             ring = BackRing(self._mapping.buffer[:PAGE_SIZE], SLOT_SIZE)
             self.port = self.dispatcher.bind_interdomain(self.domid, remote_port, self._on_event)
+            # Whether close() has still to unbind the port (see there).
+            self._port_bound = True
         except BaseException:
             if ring is not None:
                 ring.release()
@@ -1201,11 +1203,19 @@ class _Frontend:
             if self._released:
                 return
             self._closed = True
-        try:
-            self.dispatcher.unbind(self.port)
-        except (OSError, KeyError, RuntimeError):
-            # KeyError too once a close() cut short has unbound it.
-            logger.debug("dom%d: unbinding the command port failed", self.domid, exc_info=True)
+        # The record goes first (as ActiveSocket._unbind): kept by an
+        # interrupt as unbind() returns, it would have the close() done
+        # again unbind the number, which may be another frontend's command
+        # port on the shared dispatcher by then.  One landing before the
+        # unbind is done leaves the port bound until the dispatcher
+        # closes: the lesser harm.
+        if self._port_bound:
+            self._port_bound = False
+            try:
+                self.dispatcher.unbind(self.port)
+            except (OSError, KeyError, RuntimeError):
+                logger.debug("dom%d: unbinding the command port failed", self.domid,
+                             exc_info=True)
         self._work.disable_sync()
         with self._lock:
             sockets = list(self._sockets.items())

@@ -1456,6 +1456,32 @@ def test_a_release_cut_short_as_its_port_is_unbound_leaves_the_number_to_its_nex
     assert raw.unexpected == []
 
 
+def test_a_frontend_s_close_cut_short_as_its_port_is_unbound_leaves_the_number_to_its_next_owner(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt as the unbinding of a frontend's command port returns
+    (a Ctrl-C in Backend.close(), which closes the frontends their devices
+    left): the close() done again unbinds that number no more, and it stays
+    its next owner's (another frontend's command port, on the same shared
+    dispatcher).  Recorded still, the close() done again unbound the other
+    frontend's port, which was never served again."""
+    first = make_frontend("first")
+    fe = backend._frontends[(first.guest.domid, 0)]
+    port = fe.port
+    cut = _cut_short_once(monkeypatch, backend.dispatcher, "unbind", KeyboardInterrupt(), port,
+                          after=True)
+    with pytest.raises(KeyboardInterrupt):
+        fe.close()
+    assert cut.is_set() and port not in backend.dispatcher.ports
+    second = make_frontend("second")
+    other = backend._frontends[(second.guest.domid, 0)]
+    assert other.port == port  # the number given again
+    fe.close()
+    assert port in backend.dispatcher.ports
+    _, answer = second.socket()
+    assert answer.ret == 0
+    assert first.unexpected == [] and second.unexpected == []
+
+
 def _called_from(func: Any) -> bool:
     """Whether the calling thread is inside ``func``."""
     frame = sys._getframe(1)
