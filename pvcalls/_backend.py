@@ -1105,11 +1105,14 @@ class _Frontend:
             entry.release()
         elif isinstance(entry, ActiveSocket):
             parent = entry.parent
-            cancelled = None
+            # Filled by _cancel_accept as it takes the ACCEPT, not from
+            # what it returns: an interrupt as it returns (or as the
+            # listener's lock is let go) would lose the ACCEPT taken.
+            cancelled: list[Request] = []
             raised = False
             try:
                 if parent is not None:
-                    cancelled = self._cancel_accept(parent, entry)
+                    self._cancel_accept(parent, entry, cancelled)
                 pending = entry.teardown()
             except BaseException:
                 raised = True
@@ -1119,8 +1122,8 @@ class _Frontend:
                 # The cancelled ACCEPT only now: its answer tells the frontend
                 # id_new's ring is ours no more (as a listener's RELEASE does).
                 # Whatever the teardown raised: the guest must not wait for ever.
-                if cancelled is not None:
-                    self.respond(cancelled, -_errno.EINTR)
+                for accept in cancelled:
+                    self.respond(accept, -_errno.EINTR)
                 if parent is not None:
                     # _cancel_accept's disable() took back a queued run,
                     # and kicks meanwhile were refused: the next ACCEPT
@@ -1163,33 +1166,28 @@ class _Frontend:
         with self._lock:
             self._sockets.setdefault(sock_id, entry)
 
-    def _cancel_accept(self, parent: PassiveSocket, new: ActiveSocket) -> Request | None:
+    def _cancel_accept(self, parent: PassiveSocket, new: ActiveSocket,
+                       into: list[Request]) -> None:
         """RELEASE of an ACCEPT's id_new: take that ACCEPT off its listener,
-        unless the connection was accepted already; the ACCEPT to answer
-        -EINTR (once ``new`` is torn down), or None.  If the listener's
-        enable() raises, that ACCEPT is answered here, before it goes on.
-        The caller kicks ``parent`` once done (see _release)."""
+        unless the connection was accepted already, and append it to
+        ``into``, for the caller to answer -EINTR (once ``new`` is torn
+        down, or whatever raised).  The caller kicks ``parent`` once done
+        (see _release)."""
         # disable_sync() as two calls: its wait cut short (Ctrl-C) keeps its
         # disable, the caller's, which the finally must then give back.
         # disable() does not wait.
         parent.disable()
-        waiting = None
         try:
             parent.flush()  # an accept in progress has finished with `new`
             with parent._lock:
-                if parent.waiting is not None and parent.waiting[1] is new:
-                    waiting, parent.waiting = parent.waiting, None
+                waiting = parent.waiting
+                if waiting is not None and waiting[1] is new:
+                    # Taken off first: an interrupt as append() returns
+                    # must not leave it to the listener's run too.
+                    parent.waiting = None
+                    into.append(waiting[0])
         finally:
-            try:
-                parent.enable()
-            except BaseException:
-                # The ACCEPT taken would be lost with what enable() raised
-                # (an interrupt as it returns): answered now, as the caller
-                # answers one whose id_new's teardown raised.
-                if waiting is not None:
-                    self.respond(waiting[0], -_errno.EINTR)
-                raise
-        return waiting[0] if waiting is not None else None
+            parent.enable()
 
     # -- lifetime ---------------------------------------------------------------------
 

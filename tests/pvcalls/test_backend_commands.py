@@ -1609,21 +1609,49 @@ def test_a_listener_s_release_cut_short_waiting_for_its_run_refuses_what_follows
     assert raw.unexpected == []
 
 
+@pytest.mark.parametrize("where", ["enable", "lock", "return"])
 def test_a_release_of_an_id_new_cut_short_as_its_listener_is_enabled_answers_the_accept(
-        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An interrupt as the RELEASE of an ACCEPT's id_new enables the
-    listener again, that ACCEPT taken off it: the ACCEPT is answered
-    -EINTR all the same (the RELEASE, cut short, is not), the RELEASE done
-    again finishes the id_new, and the listener serves the next ACCEPT.
-    Lost with the interrupt, the ACCEPT was never answered."""
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        where: str) -> None:
+    """An interrupt as the RELEASE of an ACCEPT's id_new takes that ACCEPT
+    off the listener (as the listener's lock is let go, as the listener is
+    enabled again, or as the taking returns to the RELEASE): the ACCEPT is
+    answered -EINTR all the same (the RELEASE, cut short, is not), the
+    RELEASE done again finishes the id_new, and the listener serves the
+    next ACCEPT.  Lost with the interrupt, the ACCEPT was never answered."""
     listener, address = raw.listening(backend)
     fe = backend._frontends[(raw.guest.domid, 0)]
     passive = fe._sockets[listener]
+    assert isinstance(passive, PassiveSocket)
     id_new = raw.new_id()
     accept = raw.push_accept(listener, id_new, raw.new_ring())
     wait_until(lambda: id_new in fe._sockets)
-    cut = _cut_short_once(monkeypatch, PassiveSocket, "enable", KeyboardInterrupt(), passive,
-                          after=True)
+    if where == "enable":
+        cut = _cut_short_once(monkeypatch, PassiveSocket, "enable", KeyboardInterrupt(),
+                              passive, after=True)
+    elif where == "return":
+        cut = _cut_short_once(monkeypatch, _Frontend, "_cancel_accept", KeyboardInterrupt(),
+                              after=True)
+    else:
+        cut = threading.Event()
+
+        class CutLock:
+            """The listener's lock, whose release in _cancel_accept is cut
+            short once, as it returns."""
+
+            def __init__(self, real: Any) -> None:
+                self.real = real
+
+            def __enter__(self) -> Any:
+                return self.real.__enter__()
+
+            def __exit__(self, *exc: Any) -> None:
+                self.real.__exit__(*exc)
+                if not cut.is_set() and _called_from(_Frontend._cancel_accept):
+                    cut.set()
+                    raise KeyboardInterrupt
+
+        monkeypatch.setattr(passive, "_lock", CutLock(passive._lock))
     release = raw.push_release(id_new)
     assert raw.response(accept).ret == EINTR
     assert cut.is_set()
