@@ -318,7 +318,8 @@ def test_a_run_answers_at_most_command_budget_requests_and_goes_on(
     assert [len(run) for run in handled] == [2, 2, 1]
 
 def test_an_interrupt_escaping_a_command_leaves_the_rest_of_the_ring_served(
-        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """An interrupt escaping a command's handler (no Exception: the command
     Work lets it through, to the workqueue's log) leaves that command
     unanswered, and the ring served: the request behind it in the ring,
@@ -345,6 +346,10 @@ def test_an_interrupt_escaping_a_command_leaves_the_rest_of_the_ring_served(
     interrupted, socket_req = req_ids
     assert raw.response(socket_req).ret == 0
     assert cut.is_set()
+    # The interrupt went on, to the workqueue's log (before the run that
+    # answered the SOCKET could start), not swallowed by the run again.
+    assert [r.exc_info[0] for r in caplog.records
+            if r.name == "workqueue._pool" and r.exc_info] == [KeyboardInterrupt]
     later, answer = raw.socket()
     assert answer.ret == 0
     assert interrupted not in raw.responses
