@@ -904,7 +904,8 @@ class ActiveSocket(Work):
         fix.  An interrupt (Ctrl-C in a wait for a callback) is re-raised
         once every step has been tried; what it left held is still recorded
         here, for the next teardown to release (but a port whose unbinding
-        it cut short: see _unbind).
+        it cut short: see _unbind), and so is the CONNECT still waiting, for
+        the next teardown to return.
         """
         if from_work:
             self.disable()
@@ -913,7 +914,6 @@ class ActiveSocket(Work):
         with self._lock:
             was_connected = self.state is SockState.CONNECTED
             self.state = SockState.CLOSED
-            request, self.connect_request = self.connect_request, None
         steps = _Steps(self)
         host = self.host
         if host is not None and not self._host_released:
@@ -935,6 +935,11 @@ class ActiveSocket(Work):
         if self._placed:
             steps.run("leaving its CPU", self._unplace)
         steps.done()
+        # Only now, the Work stopped (nobody else takes it), as a
+        # listener's teardown does: taken before a step cut short, the
+        # CONNECT was lost with the interrupt, never answered.
+        with self._lock:
+            request, self.connect_request = self.connect_request, None
         return request
 
     # The steps of teardown; each gives up one resource, or leaves it

@@ -1461,6 +1461,34 @@ def test_a_release_cut_short_as_its_port_is_unbound_leaves_the_number_to_its_nex
     assert raw.unexpected == []
 
 
+def test_a_release_of_a_connecting_socket_cut_short_leaves_its_connect_to_the_next(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt in a step of the teardown of a socket whose CONNECT is
+    in progress (as its port is unbound): the RELEASE, cut short, is not
+    answered and the socket is put back with its CONNECT, which the
+    RELEASE done again answers -EINTR first, as any RELEASE of a connecting
+    socket.  Taken at the start of the teardown cut short, the CONNECT was
+    lost with the interrupt, and never answered."""
+    listener, filler, sock_id, connect_req = _connecting(raw)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    cut = _cut_short_once(monkeypatch, ActiveSocket, "_unbind", KeyboardInterrupt(), after=True)
+    release = raw.push_release(sock_id)
+    assert cut.wait(TIMEOUT)
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    raw.poll_responses()
+    assert release not in raw.responses and connect_req not in raw.responses
+    assert fe._sockets.get(sock_id) is not None
+    again = raw.push_release(sock_id)
+    raw.wait(lambda: again in raw.responses)
+    assert raw.responses.pop(connect_req).ret == EINTR
+    assert raw.responses.pop(again).ret == 0
+    assert raw.arrived[-2:] == [connect_req, again]
+    assert sock_id not in {row.id for row in backend.stats().sockets}
+    assert raw.unexpected == []
+    filler.close()
+    listener.close()
+
+
 def test_a_frontend_s_close_cut_short_as_its_port_is_unbound_leaves_the_number_to_its_next_owner(
         make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """An interrupt as the unbinding of a frontend's command port returns
