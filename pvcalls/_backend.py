@@ -1109,11 +1109,14 @@ class _Frontend:
             # what it returns: an interrupt as it returns (or as the
             # listener's lock is let go) would lose the ACCEPT taken.
             cancelled: list[Request] = []
+            # The CONNECT the teardown takes, once it is done: as for
+            # cancelled, not from what it returns.
+            pending: list[Request] = []
             raised = False
             try:
                 if parent is not None:
                     self._cancel_accept(parent, entry, cancelled)
-                pending = entry.teardown()
+                entry.teardown(into=pending)
             except BaseException:
                 raised = True
                 self._put_back(request.id, entry)
@@ -1124,6 +1127,8 @@ class _Frontend:
                 # Whatever the teardown raised: the guest must not wait for ever.
                 for accept in cancelled:
                     self.respond(accept, -_errno.EINTR)
+                for connect in pending:
+                    self.respond(connect, -_errno.EINTR)
                 if parent is not None:
                     # _cancel_accept's disable() took back a queued run,
                     # and kicks meanwhile were refused: the next ACCEPT
@@ -1141,23 +1146,24 @@ class _Frontend:
                         self.ratelimit.log(logger, logging.ERROR,
                                            "dom%d: RELEASE id %#x: the listener's run failed",
                                            self.domid, request.id, exc_info=exc)
-            if pending is not None:
-                self.respond(pending, -_errno.EINTR)
         else:
+            # The ACCEPT or POLL the teardown takes, once it is done: not
+            # from what it returns, which an interrupt as it returns loses.
+            taken: list[tuple[Request, ActiveSocket | None]] = []
             try:
-                waiting = entry.teardown()
+                entry.teardown(taken)
             except BaseException:
                 self._put_back(request.id, entry)
                 raise
-            if waiting is not None:
-                waiting_request, new = waiting
-                try:
-                    if new is not None:
-                        self.accept_failed(new)
-                finally:
-                    # As for a RELEASE of the id_new: answered whatever its
-                    # teardown raised, or the guest waits for ever.
-                    self.respond(waiting_request, -_errno.EINTR)
+            finally:
+                for waiting_request, new in taken:
+                    try:
+                        if new is not None:
+                            self.accept_failed(new)
+                    finally:
+                        # As for a RELEASE of the id_new: answered whatever its
+                        # teardown raised, or the guest waits for ever.
+                        self.respond(waiting_request, -_errno.EINTR)
         return 0
 
     def _put_back(self, sock_id: int, entry: Socket) -> None:

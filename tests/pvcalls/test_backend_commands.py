@@ -1357,13 +1357,13 @@ def _cut_short_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str,
     real = getattr(owner, name)
     done = threading.Event()
 
-    def cut(*args: Any) -> Any:
+    def cut(*args: Any, **kwargs: Any) -> Any:
         if not done.is_set() and (only is None or only in args):
             done.set()
             if after:
-                real(*args)
+                real(*args, **kwargs)
             raise raised
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(owner, name, cut)
     return done
@@ -1487,6 +1487,45 @@ def test_a_release_of_a_connecting_socket_cut_short_leaves_its_connect_to_the_ne
     assert raw.unexpected == []
     filler.close()
     listener.close()
+
+
+@pytest.mark.parametrize("kind", ["listener", "connecting"])
+def test_a_release_cut_short_as_the_teardown_returns_answers_what_it_took(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        kind: str) -> None:
+    """An interrupt as the teardown of a RELEASE returns, everything done
+    and the request in flight on the socket taken (a listener's ACCEPT, a
+    connecting socket's CONNECT): that request is answered -EINTR all the
+    same (an ACCEPT's id_new given back), the RELEASE, cut short, is not,
+    and the RELEASE done again finishes.  Lost with the interrupt in the
+    value teardown() returned, it was never answered."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    held: list[socket.socket] = []
+    id_new = None
+    if kind == "listener":
+        sock_id, _ = raw.listening(backend)
+        id_new = raw.new_id()
+        waiting = raw.push_accept(sock_id, id_new, raw.new_ring())
+        wait_until(lambda: id_new in fe._sockets)
+        cls: Any = PassiveSocket
+    else:
+        listener, filler, sock_id, waiting = _connecting(raw)
+        held += [listener, filler]
+        cls = ActiveSocket
+    cut = _cut_short_once(monkeypatch, cls, "teardown", KeyboardInterrupt(), fe._sockets[sock_id],
+                          after=True)
+    release = raw.push_release(sock_id)
+    assert raw.response(waiting).ret == EINTR
+    assert cut.is_set()
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    raw.poll_responses()
+    assert release not in raw.responses and sock_id in fe._sockets
+    assert id_new not in fe._sockets
+    assert raw.release(sock_id).ret == 0
+    assert sock_id not in {row.id for row in backend.stats().sockets}
+    assert raw.unexpected == []
+    for s in held:
+        s.close()
 
 
 def test_a_frontend_s_close_cut_short_as_its_port_is_unbound_leaves_the_number_to_its_next_owner(
