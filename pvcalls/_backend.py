@@ -772,6 +772,8 @@ class _Frontend:
         try:
             ring = BackRing(self._mapping.buffer[:PAGE_SIZE], SLOT_SIZE)
             self.port = self.dispatcher.bind_interdomain(self.domid, remote_port, self._on_event)
+            # Whether close() has still to unbind the port (see there).
+            self._port_bound = True
         except BaseException:
             if ring is not None:
                 ring.release()
@@ -1103,12 +1105,18 @@ class _Frontend:
             entry.release()
         elif isinstance(entry, ActiveSocket):
             parent = entry.parent
-            cancelled = None
+            # Filled by _cancel_accept as it takes the ACCEPT, not from
+            # what it returns: an interrupt as it returns (or as the
+            # listener's lock is let go) would lose the ACCEPT taken.
+            cancelled: list[Request] = []
+            # The CONNECT the teardown takes, once it is done: as for
+            # cancelled, not from what it returns.
+            pending: list[Request] = []
             raised = False
             try:
                 if parent is not None:
-                    cancelled = self._cancel_accept(parent, entry)
-                pending = entry.teardown()
+                    self._cancel_accept(parent, entry, cancelled)
+                entry.teardown(into=pending)
             except BaseException:
                 raised = True
                 self._put_back(request.id, entry)
@@ -1117,8 +1125,10 @@ class _Frontend:
                 # The cancelled ACCEPT only now: its answer tells the frontend
                 # id_new's ring is ours no more (as a listener's RELEASE does).
                 # Whatever the teardown raised: the guest must not wait for ever.
-                if cancelled is not None:
-                    self.respond(cancelled, -_errno.EINTR)
+                for accept in cancelled:
+                    self.respond(accept, -_errno.EINTR)
+                for connect in pending:
+                    self.respond(connect, -_errno.EINTR)
                 if parent is not None:
                     # _cancel_accept's disable() took back a queued run,
                     # and kicks meanwhile were refused: the next ACCEPT
@@ -1136,23 +1146,24 @@ class _Frontend:
                         self.ratelimit.log(logger, logging.ERROR,
                                            "dom%d: RELEASE id %#x: the listener's run failed",
                                            self.domid, request.id, exc_info=exc)
-            if pending is not None:
-                self.respond(pending, -_errno.EINTR)
         else:
+            # The ACCEPT or POLL the teardown takes, once it is done: not
+            # from what it returns, which an interrupt as it returns loses.
+            taken: list[tuple[Request, ActiveSocket | None]] = []
             try:
-                waiting = entry.teardown()
+                entry.teardown(taken)
             except BaseException:
                 self._put_back(request.id, entry)
                 raise
-            if waiting is not None:
-                waiting_request, new = waiting
-                try:
-                    if new is not None:
-                        self.accept_failed(new)
-                finally:
-                    # As for a RELEASE of the id_new: answered whatever its
-                    # teardown raised, or the guest waits for ever.
-                    self.respond(waiting_request, -_errno.EINTR)
+            finally:
+                for waiting_request, new in taken:
+                    try:
+                        if new is not None:
+                            self.accept_failed(new)
+                    finally:
+                        # As for a RELEASE of the id_new: answered whatever its
+                        # teardown raised, or the guest waits for ever.
+                        self.respond(waiting_request, -_errno.EINTR)
         return 0
 
     def _put_back(self, sock_id: int, entry: Socket) -> None:
@@ -1161,33 +1172,28 @@ class _Frontend:
         with self._lock:
             self._sockets.setdefault(sock_id, entry)
 
-    def _cancel_accept(self, parent: PassiveSocket, new: ActiveSocket) -> Request | None:
+    def _cancel_accept(self, parent: PassiveSocket, new: ActiveSocket,
+                       into: list[Request]) -> None:
         """RELEASE of an ACCEPT's id_new: take that ACCEPT off its listener,
-        unless the connection was accepted already; the ACCEPT to answer
-        -EINTR (once ``new`` is torn down), or None.  If the listener's
-        enable() raises, that ACCEPT is answered here, before it goes on.
-        The caller kicks ``parent`` once done (see _release)."""
+        unless the connection was accepted already, and append it to
+        ``into``, for the caller to answer -EINTR (once ``new`` is torn
+        down, or whatever raised).  The caller kicks ``parent`` once done
+        (see _release)."""
         # disable_sync() as two calls: its wait cut short (Ctrl-C) keeps its
         # disable, the caller's, which the finally must then give back.
         # disable() does not wait.
         parent.disable()
-        waiting = None
         try:
             parent.flush()  # an accept in progress has finished with `new`
             with parent._lock:
-                if parent.waiting is not None and parent.waiting[1] is new:
-                    waiting, parent.waiting = parent.waiting, None
+                waiting = parent.waiting
+                if waiting is not None and waiting[1] is new:
+                    # Taken off first: an interrupt as append() returns
+                    # must not leave it to the listener's run too.
+                    parent.waiting = None
+                    into.append(waiting[0])
         finally:
-            try:
-                parent.enable()
-            except BaseException:
-                # The ACCEPT taken would be lost with what enable() raised
-                # (an interrupt as it returns): answered now, as the caller
-                # answers one whose id_new's teardown raised.
-                if waiting is not None:
-                    self.respond(waiting[0], -_errno.EINTR)
-                raise
-        return waiting[0] if waiting is not None else None
+            parent.enable()
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -1201,11 +1207,19 @@ class _Frontend:
             if self._released:
                 return
             self._closed = True
-        try:
-            self.dispatcher.unbind(self.port)
-        except (OSError, KeyError, RuntimeError):
-            # KeyError too once a close() cut short has unbound it.
-            logger.debug("dom%d: unbinding the command port failed", self.domid, exc_info=True)
+        # The record goes first (as ActiveSocket._unbind): kept by an
+        # interrupt as unbind() returns, it would have the close() done
+        # again unbind the number, which may be another frontend's command
+        # port on the shared dispatcher by then.  One landing before the
+        # unbind is done leaves the port bound until the dispatcher
+        # closes: the lesser harm.
+        if self._port_bound:
+            self._port_bound = False
+            try:
+                self.dispatcher.unbind(self.port)
+            except (OSError, KeyError, RuntimeError):
+                logger.debug("dom%d: unbinding the command port failed", self.domid,
+                             exc_info=True)
         self._work.disable_sync()
         with self._lock:
             sockets = list(self._sockets.items())

@@ -884,10 +884,13 @@ class ActiveSocket(Work):
         finally:
             del views
 
-    def teardown(self, *, from_work: bool = False) -> Request | None:
+    def teardown(self, *, from_work: bool = False,
+                 into: list[Request] | None = None) -> Request | None:
         """Stop the Work and release everything: host socket, event channel,
         data ring, CPU slot.  Returns the CONNECT still waiting for its answer
-        (the caller answers it), if any.  Idempotent.
+        (the caller answers it), if any, also appended to ``into`` as it is
+        taken (an interrupt as this returns would lose the value returned).
+        Idempotent.
 
         From the command processing: the Work is disabled and cancelled
         first, so that it is neither running nor queued while the pages go.
@@ -904,7 +907,8 @@ class ActiveSocket(Work):
         fix.  An interrupt (Ctrl-C in a wait for a callback) is re-raised
         once every step has been tried; what it left held is still recorded
         here, for the next teardown to release (but a port whose unbinding
-        it cut short: see _unbind).
+        it cut short: see _unbind), and so is the CONNECT still waiting, for
+        the next teardown to return.
         """
         if from_work:
             self.disable()
@@ -913,7 +917,6 @@ class ActiveSocket(Work):
         with self._lock:
             was_connected = self.state is SockState.CONNECTED
             self.state = SockState.CLOSED
-            request, self.connect_request = self.connect_request, None
         steps = _Steps(self)
         host = self.host
         if host is not None and not self._host_released:
@@ -935,6 +938,13 @@ class ActiveSocket(Work):
         if self._placed:
             steps.run("leaving its CPU", self._unplace)
         steps.done()
+        # Only now, the Work stopped (nobody else takes it), as a
+        # listener's teardown does: taken before a step cut short, the
+        # CONNECT was lost with the interrupt, never answered.
+        with self._lock:
+            request, self.connect_request = self.connect_request, None
+            if request is not None and into is not None:
+                into.append(request)
         return request
 
     # The steps of teardown; each gives up one resource, or leaves it
@@ -1192,10 +1202,12 @@ class PassiveSocket(Work):
             self.waiting = None
             return True
 
-    def teardown(self) -> tuple[Request, ActiveSocket | None] | None:
+    def teardown(self, into: list[tuple[Request, ActiveSocket | None]] | None = None,
+                 ) -> tuple[Request, ActiveSocket | None] | None:
         """Stop the Work, close the host socket; returns the ACCEPT/POLL
-        still in flight (the caller answers it and releases its socket).
-        Idempotent.
+        still in flight (the caller answers it and releases its socket),
+        also appended to ``into`` as it is taken (an interrupt as this
+        returns would lose the value returned).  Idempotent.
 
         As ActiveSocket.teardown: a step that fails (the host socket's
         close(), which lets go of the descriptor all the same) is logged,
@@ -1227,6 +1239,8 @@ class PassiveSocket(Work):
         # short leaves it to the next.
         with self._lock:
             waiting, self.waiting = self.waiting, None
+            if waiting is not None and into is not None:
+                into.append(waiting)
         return waiting
 
     def _unwatch(self) -> None:

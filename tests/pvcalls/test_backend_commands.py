@@ -318,7 +318,8 @@ def test_a_run_answers_at_most_command_budget_requests_and_goes_on(
     assert [len(run) for run in handled] == [2, 2, 1]
 
 def test_an_interrupt_escaping_a_command_leaves_the_rest_of_the_ring_served(
-        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """An interrupt escaping a command's handler (no Exception: the command
     Work lets it through, to the workqueue's log) leaves that command
     unanswered, and the ring served: the request behind it in the ring,
@@ -345,6 +346,10 @@ def test_an_interrupt_escaping_a_command_leaves_the_rest_of_the_ring_served(
     interrupted, socket_req = req_ids
     assert raw.response(socket_req).ret == 0
     assert cut.is_set()
+    # The interrupt went on, to the workqueue's log (before the run that
+    # answered the SOCKET could start), not swallowed by the run again.
+    assert [r.exc_info[0] for r in caplog.records
+            if r.name == "workqueue._pool" and r.exc_info] == [KeyboardInterrupt]
     later, answer = raw.socket()
     assert answer.ret == 0
     assert interrupted not in raw.responses
@@ -1352,13 +1357,13 @@ def _cut_short_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str,
     real = getattr(owner, name)
     done = threading.Event()
 
-    def cut(*args: Any) -> Any:
+    def cut(*args: Any, **kwargs: Any) -> Any:
         if not done.is_set() and (only is None or only in args):
             done.set()
             if after:
-                real(*args)
+                real(*args, **kwargs)
             raise raised
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(owner, name, cut)
     return done
@@ -1454,6 +1459,99 @@ def test_a_release_cut_short_as_its_port_is_unbound_leaves_the_number_to_its_nex
     assert raw.recv_exactly(ring, 11) == b"still bound"
     assert release not in raw.responses
     assert raw.unexpected == []
+
+
+def test_a_release_of_a_connecting_socket_cut_short_leaves_its_connect_to_the_next(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt in a step of the teardown of a socket whose CONNECT is
+    in progress (as its port is unbound): the RELEASE, cut short, is not
+    answered and the socket is put back with its CONNECT, which the
+    RELEASE done again answers -EINTR first, as any RELEASE of a connecting
+    socket.  Taken at the start of the teardown cut short, the CONNECT was
+    lost with the interrupt, and never answered."""
+    listener, filler, sock_id, connect_req = _connecting(raw)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    cut = _cut_short_once(monkeypatch, ActiveSocket, "_unbind", KeyboardInterrupt(), after=True)
+    release = raw.push_release(sock_id)
+    assert cut.wait(TIMEOUT)
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    raw.poll_responses()
+    assert release not in raw.responses and connect_req not in raw.responses
+    assert fe._sockets.get(sock_id) is not None
+    again = raw.push_release(sock_id)
+    raw.wait(lambda: again in raw.responses)
+    assert raw.responses.pop(connect_req).ret == EINTR
+    assert raw.responses.pop(again).ret == 0
+    assert raw.arrived[-2:] == [connect_req, again]
+    assert sock_id not in {row.id for row in backend.stats().sockets}
+    assert raw.unexpected == []
+    filler.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("kind", ["listener", "connecting"])
+def test_a_release_cut_short_as_the_teardown_returns_answers_what_it_took(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        kind: str) -> None:
+    """An interrupt as the teardown of a RELEASE returns, everything done
+    and the request in flight on the socket taken (a listener's ACCEPT, a
+    connecting socket's CONNECT): that request is answered -EINTR all the
+    same (an ACCEPT's id_new given back), the RELEASE, cut short, is not,
+    and the RELEASE done again finishes.  Lost with the interrupt in the
+    value teardown() returned, it was never answered."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    held: list[socket.socket] = []
+    id_new = None
+    if kind == "listener":
+        sock_id, _ = raw.listening(backend)
+        id_new = raw.new_id()
+        waiting = raw.push_accept(sock_id, id_new, raw.new_ring())
+        wait_until(lambda: id_new in fe._sockets)
+        cls: Any = PassiveSocket
+    else:
+        listener, filler, sock_id, waiting = _connecting(raw)
+        held += [listener, filler]
+        cls = ActiveSocket
+    cut = _cut_short_once(monkeypatch, cls, "teardown", KeyboardInterrupt(), fe._sockets[sock_id],
+                          after=True)
+    release = raw.push_release(sock_id)
+    assert raw.response(waiting).ret == EINTR
+    assert cut.is_set()
+    fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+    raw.poll_responses()
+    assert release not in raw.responses and sock_id in fe._sockets
+    assert id_new not in fe._sockets
+    assert raw.release(sock_id).ret == 0
+    assert sock_id not in {row.id for row in backend.stats().sockets}
+    assert raw.unexpected == []
+    for s in held:
+        s.close()
+
+
+def test_a_frontend_s_close_cut_short_as_its_port_is_unbound_leaves_the_number_to_its_next_owner(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt as the unbinding of a frontend's command port returns
+    (a Ctrl-C in Backend.close(), which closes the frontends their devices
+    left): the close() done again unbinds that number no more, and it stays
+    its next owner's (another frontend's command port, on the same shared
+    dispatcher).  Recorded still, the close() done again unbound the other
+    frontend's port, which was never served again."""
+    first = make_frontend("first")
+    fe = backend._frontends[(first.guest.domid, 0)]
+    port = fe.port
+    cut = _cut_short_once(monkeypatch, backend.dispatcher, "unbind", KeyboardInterrupt(), port,
+                          after=True)
+    with pytest.raises(KeyboardInterrupt):
+        fe.close()
+    assert cut.is_set() and port not in backend.dispatcher.ports
+    second = make_frontend("second")
+    other = backend._frontends[(second.guest.domid, 0)]
+    assert other.port == port  # the number given again
+    fe.close()
+    assert port in backend.dispatcher.ports
+    _, answer = second.socket()
+    assert answer.ret == 0
+    assert first.unexpected == [] and second.unexpected == []
 
 
 def _called_from(func: Any) -> bool:
@@ -1583,21 +1681,49 @@ def test_a_listener_s_release_cut_short_waiting_for_its_run_refuses_what_follows
     assert raw.unexpected == []
 
 
+@pytest.mark.parametrize("where", ["enable", "lock", "return"])
 def test_a_release_of_an_id_new_cut_short_as_its_listener_is_enabled_answers_the_accept(
-        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An interrupt as the RELEASE of an ACCEPT's id_new enables the
-    listener again, that ACCEPT taken off it: the ACCEPT is answered
-    -EINTR all the same (the RELEASE, cut short, is not), the RELEASE done
-    again finishes the id_new, and the listener serves the next ACCEPT.
-    Lost with the interrupt, the ACCEPT was never answered."""
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        where: str) -> None:
+    """An interrupt as the RELEASE of an ACCEPT's id_new takes that ACCEPT
+    off the listener (as the listener's lock is let go, as the listener is
+    enabled again, or as the taking returns to the RELEASE): the ACCEPT is
+    answered -EINTR all the same (the RELEASE, cut short, is not), the
+    RELEASE done again finishes the id_new, and the listener serves the
+    next ACCEPT.  Lost with the interrupt, the ACCEPT was never answered."""
     listener, address = raw.listening(backend)
     fe = backend._frontends[(raw.guest.domid, 0)]
     passive = fe._sockets[listener]
+    assert isinstance(passive, PassiveSocket)
     id_new = raw.new_id()
     accept = raw.push_accept(listener, id_new, raw.new_ring())
     wait_until(lambda: id_new in fe._sockets)
-    cut = _cut_short_once(monkeypatch, PassiveSocket, "enable", KeyboardInterrupt(), passive,
-                          after=True)
+    if where == "enable":
+        cut = _cut_short_once(monkeypatch, PassiveSocket, "enable", KeyboardInterrupt(),
+                              passive, after=True)
+    elif where == "return":
+        cut = _cut_short_once(monkeypatch, _Frontend, "_cancel_accept", KeyboardInterrupt(),
+                              after=True)
+    else:
+        cut = threading.Event()
+
+        class CutLock:
+            """The listener's lock, whose release in _cancel_accept is cut
+            short once, as it returns."""
+
+            def __init__(self, real: Any) -> None:
+                self.real = real
+
+            def __enter__(self) -> Any:
+                return self.real.__enter__()
+
+            def __exit__(self, *exc: Any) -> None:
+                self.real.__exit__(*exc)
+                if not cut.is_set() and _called_from(_Frontend._cancel_accept):
+                    cut.set()
+                    raise KeyboardInterrupt
+
+        monkeypatch.setattr(passive, "_lock", CutLock(passive._lock))
     release = raw.push_release(id_new)
     assert raw.response(accept).ret == EINTR
     assert cut.is_set()
