@@ -884,12 +884,11 @@ class ActiveSocket(Work):
         finally:
             del views
 
-    def teardown(self, *, from_work: bool = False,
-                 into: list[Request] | None = None) -> Request | None:
+    def teardown(self, *, from_work: bool = False, into: list[Request] | None = None) -> None:
         """Stop the Work and release everything: host socket, event channel,
-        data ring, CPU slot.  Returns the CONNECT still waiting for its answer
-        (the caller answers it), if any, also appended to ``into`` as it is
-        taken (an interrupt as this returns would lose the value returned).
+        data ring, CPU slot.  The CONNECT still waiting for its answer, if
+        any, is appended to ``into`` (the caller answers it) as it is taken:
+        returned, it would be lost to an interrupt as this returns.
         Idempotent.
 
         From the command processing: the Work is disabled and cancelled
@@ -908,7 +907,7 @@ class ActiveSocket(Work):
         once every step has been tried; what it left held is still recorded
         here, for the next teardown to release (but a port whose unbinding
         it cut short: see _unbind), and so is the CONNECT still waiting, for
-        the next teardown to return.
+        the next teardown to hand on.
         """
         if from_work:
             self.disable()
@@ -945,7 +944,6 @@ class ActiveSocket(Work):
             request, self.connect_request = self.connect_request, None
             if request is not None and into is not None:
                 into.append(request)
-        return request
 
     # The steps of teardown; each gives up one resource, or leaves it
     # recorded if interrupted.
@@ -1202,16 +1200,15 @@ class PassiveSocket(Work):
             self.waiting = None
             return True
 
-    def teardown(self, into: list[tuple[Request, ActiveSocket | None]] | None = None,
-                 ) -> tuple[Request, ActiveSocket | None] | None:
-        """Stop the Work, close the host socket; returns the ACCEPT/POLL
-        still in flight (the caller answers it and releases its socket),
-        also appended to ``into`` as it is taken (an interrupt as this
-        returns would lose the value returned).  Idempotent.
+    def teardown(self, into: list[tuple[Request, ActiveSocket | None]] | None = None) -> None:
+        """Stop the Work, close the host socket.  The ACCEPT/POLL still in
+        flight, if any, is appended to ``into`` (the caller answers it and
+        releases its socket) as it is taken: returned, it would be lost to
+        an interrupt as this returns.  Idempotent.
 
         As ActiveSocket.teardown: a step that fails (the host socket's
         close(), which lets go of the descriptor all the same) is logged,
-        not raised, and the one in flight is still returned, for the guest
+        not raised, and the one in flight is still handed on, for the guest
         to be answered; an interrupt is re-raised once every step has been
         tried, and leaves the one in flight here, for the next teardown.
         """
@@ -1241,7 +1238,6 @@ class PassiveSocket(Work):
             waiting, self.waiting = self.waiting, None
             if waiting is not None and into is not None:
                 into.append(waiting)
-        return waiting
 
     def _unwatch(self) -> None:
         try:

@@ -1842,7 +1842,7 @@ def test_a_listener_s_teardown_cut_short_leaves_what_waits_to_the_next(
     """An interrupt as the listener's host socket is unwatched (it stays
     open: it may still be watched) or before it is closed: the POLL in
     flight stays the socket's, and the teardown done again closes the host
-    socket and returns the POLL, for its caller to answer.  Taken first,
+    socket and hands on the POLL, for its caller to answer.  Taken first,
     it was lost with the interrupt.  A host socket unwatched already is
     no failure of the teardown done again: nothing logged."""
     listener, _ = raw.listening(backend)
@@ -1860,10 +1860,12 @@ def test_a_listener_s_teardown_cut_short_leaves_what_waits_to_the_next(
     assert passive.host.fileno() == fd
     assert (fd in watched_fds(backend)) is (where == "unwatching")
     caplog.clear()
-    waiting = passive.teardown()
-    assert waiting is not None and waiting[0].req_id == poll
+    taken: list[Any] = []
+    passive.teardown(taken)
+    assert [request.req_id for request, _ in taken] == [poll]
     assert passive.host.fileno() == -1 and fd not in watched_fds(backend)
-    assert passive.teardown() is None
+    passive.teardown(taken)
+    assert len(taken) == 1
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
