@@ -881,14 +881,18 @@ def test_ctrl_c_as_destroy_hands_itself_off_starts_one_thread(
 
             landed = interrupted_as_call_returns(Workqueue._hand_off_destroy.__code__, n,
                                                  hand_off)
+            # Each thread started, recorded or not (a second one, joined
+            # alone, let the first's release come after the count below).
+            started = [t for t in threading.enumerate() if t.name == f"{wq.name}-shutdown"]
             stuck.release.set()
             if landed or call == "destroy":
                 wq.destroy(timeout=TIMEOUT)  # waits for the destruction handed off
             assert wq._destroyed.wait(TIMEOUT), wq.dump()
             assert not work.pending and not work.running
-            thread = wq._destroy_thread
-            assert thread is not None
-            thread.join(TIMEOUT)
+            assert wq._destroy_thread in started
+            for thread in started:
+                thread.join(TIMEOUT)
+                assert not thread.is_alive()
             assert finished.count(wq) == 1, "two threads went on with the destruction"
         finally:
             stuck.release.set()  # a failed check must not leave it running
