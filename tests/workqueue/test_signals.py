@@ -848,25 +848,41 @@ def test_ctrl_c_anywhere_in_a_call_that_moves_items_leaves_them_whole(
     assert at_every_place(attempt, under_the_lock=True) >= 3
 
 
+@pytest.mark.parametrize("first", ["cleanup", "thread"])
 @pytest.mark.parametrize("call", ["destroy", "shutdown"])
 def test_ctrl_c_as_destroy_hands_itself_off_starts_one_thread(
-        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, call: str) -> None:
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, call: str,
+        first: str) -> None:
     """Ctrl-C at each call of the hand-off of a destruction, the engine
     lock held (as Thread.start() returns, say): one thread goes on with
     the destruction, which ends, and a destroy() again waits for that end
     (the thread started and not yet recorded was started again by the
     caller's cleanup, and two threads drained and released the
-    workqueue)."""
+    workqueue).  Whichever takes the engine lock first: the caller's
+    cleanup, handing off again (as it mostly does, holding the GIL), or
+    the thread left unrecorded, which must record itself."""
     finished: list[Workqueue] = []
     real_finish_destroy = Workqueue._finish_destroy
+    real_hand_off = Workqueue._hand_off_destroy
 
     def finish_destroy(wq: Workqueue) -> None:
         finished.append(wq)
         real_finish_destroy(wq)
 
+    def hand_off_after_the_thread(wq: Workqueue, resumable: bool = True) -> None:
+        if wq._destroy_thread is None and any(
+                t.name == f"{wq.name}-shutdown" for t in threading.enumerate()):
+            wait_until(lambda: wq._destroy_thread is not None,
+                       "the thread left unrecorded records itself")
+        real_hand_off(wq, resumable)
+
     monkeypatch.setattr(Workqueue, "_finish_destroy", finish_destroy)
+    if first == "thread":
+        monkeypatch.setattr(Workqueue, "_hand_off_destroy", hand_off_after_the_thread)
 
     def attempt(n: int) -> bool:
+        """Ctrl-C as call n returns; n = -1: as Thread.start() begins (the
+        hand-off's is the first: the stuck item's spare worker is made)."""
         wq = make_wq()
         stuck = Stuck(wq)
         try:
@@ -879,8 +895,10 @@ def test_ctrl_c_as_destroy_hands_itself_off_starts_one_thread(
                 with pytest.raises(TimeoutError):  # the drain: the item runs on
                     wq.destroy(timeout=0)
 
-            landed = interrupted_as_call_returns(Workqueue._hand_off_destroy.__code__, n,
-                                                 hand_off)
+            if n < 0:
+                landed = interrupted_as_frame_starts(threading.Thread.start.__code__, hand_off)
+            else:
+                landed = interrupted_as_call_returns(real_hand_off.__code__, n, hand_off)
             # Each thread started, recorded or not (a second one, joined
             # alone, let the first's release come after the count below).
             started = [t for t in threading.enumerate() if t.name == f"{wq.name}-shutdown"]
@@ -898,6 +916,7 @@ def test_ctrl_c_as_destroy_hands_itself_off_starts_one_thread(
             stuck.release.set()  # a failed check must not leave it running
         return landed
 
+    assert attempt(-1)
     n = 0
     while attempt(n):
         n += 1
