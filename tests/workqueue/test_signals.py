@@ -261,6 +261,47 @@ def test_an_interrupt_as_the_timer_thread_starts_leaves_a_timer_thread_that_fire
     assert n >= 5
 
 
+def test_a_timer_thread_started_again_before_the_first_records_itself_leaves_one() -> None:
+    """Ctrl-C as the Thread.start() of the timer thread returns, and the
+    next add_timer() taking the lock before the thread started: that one
+    starts another, and the first ends at once, leaving one thread to
+    fire the timers (two would run callbacks side by side, and a timer
+    callback may assume it has the timer thread to itself)."""
+
+    def attempt(n: int) -> bool:
+        gate = threading.Event()
+
+        class Gated(_timer._TimerBase):
+            def _run(self) -> None:
+                assert gate.wait(TIMEOUT)  # both started before either looks
+                super()._run()
+
+        timer = Gated()
+        before = set(threading.enumerate())
+        fired = threading.Event()
+        fired_on: list[threading.Thread] = []
+        try:
+            landed = interrupted_as_call_returns(_timer._TimerBase.add.__code__, n,
+                                                 lambda: timer.add(0.0, lambda arg: None, None))
+            left = [t for t in set(threading.enumerate()) - before if t.name == "wq-timer"]
+            timer.add(0.0, lambda arg: (fired_on.append(threading.current_thread()),
+                                        fired.set()), None)
+        finally:
+            gate.set()
+        assert fired.wait(TIMEOUT)
+        assert fired_on == [timer._thread]
+        for thread in left:
+            if thread is not timer._thread:
+                thread.join(TIMEOUT)
+                assert not thread.is_alive(), f"Ctrl-C at call {n}: two timer threads run"
+        return landed
+
+    n = 0
+    while attempt(n):
+        n += 1
+    assert n >= 5
+
+
 @pytest.mark.parametrize("call", ["flush", "cancel_sync", "flush_workqueue", "drain"])
 def test_an_interrupted_wait_leaves_what_a_timeout_leaves(
         make_wq: Callable[..., Workqueue], call: str) -> None:
