@@ -649,6 +649,30 @@ def test_a_pool_no_workqueue_uses_leaves_no_timer_armed(make_wq: Any) -> None:
     assert pool_timers() == []
 
 
+def test_a_pool_taken_up_again_after_its_release_arms_its_check_again(make_wq: Any) -> None:
+    """Released with its CPU-intensive check armed, a pool forgets the
+    deleted timer: a workqueue taking it up again gets the check, and a
+    hog stops holding back the item behind it (a deleted handle left in
+    place looked armed to insert_work(), which then armed none)."""
+    topo = Topology(1, cpu_intensive_thresh=60.0)
+    old = make_wq("old", topology=topo)
+    gate, started = threading.Event(), threading.Event()
+    assert old.queue_work(Work(lambda w: (started.set(), gate.wait(TIMEOUT))))
+    assert started.wait(TIMEOUT)
+    assert old.queue_work(Work(lambda w: None))  # waits: its pool's check is armed
+    gate.set()
+    old.destroy(timeout=TIMEOUT)
+    topo.cpu_intensive_thresh = 0.02
+    new = make_wq("new", topology=topo)
+    release, ran = threading.Event(), threading.Event()
+    try:
+        assert new.queue_work(Work(lambda w: release.wait(TIMEOUT)))  # blocks without saying so
+        assert new.queue_work(Work(lambda w: ran.set()))
+        assert ran.wait(TIMEOUT), new.dump()
+    finally:
+        release.set()
+
+
 def test_an_item_handed_to_another_pool_s_worker_activates_the_next_in_its_own_pool(
         make_wq: Any, tracer: Any) -> None:
     """An unbound item still running on a CPU's worker is run there again

@@ -261,6 +261,47 @@ def test_an_interrupt_as_the_timer_thread_starts_leaves_a_timer_thread_that_fire
     assert n >= 5
 
 
+def test_a_timer_thread_started_again_before_the_first_records_itself_leaves_one() -> None:
+    """Ctrl-C as the Thread.start() of the timer thread returns, and the
+    next add_timer() taking the lock before the thread started: that one
+    starts another, and the first ends at once, leaving one thread to
+    fire the timers (two would run callbacks side by side, and a timer
+    callback may assume it has the timer thread to itself)."""
+
+    def attempt(n: int) -> bool:
+        gate = threading.Event()
+
+        class Gated(_timer._TimerBase):
+            def _run(self) -> None:
+                assert gate.wait(TIMEOUT)  # both started before either looks
+                super()._run()
+
+        timer = Gated()
+        before = set(threading.enumerate())
+        fired = threading.Event()
+        fired_on: list[threading.Thread] = []
+        try:
+            landed = interrupted_as_call_returns(_timer._TimerBase.add.__code__, n,
+                                                 lambda: timer.add(0.0, lambda arg: None, None))
+            left = [t for t in set(threading.enumerate()) - before if t.name == "wq-timer"]
+            timer.add(0.0, lambda arg: (fired_on.append(threading.current_thread()),
+                                        fired.set()), None)
+        finally:
+            gate.set()
+        assert fired.wait(TIMEOUT)
+        assert fired_on == [timer._thread]
+        for thread in left:
+            if thread is not timer._thread:
+                thread.join(TIMEOUT)
+                assert not thread.is_alive(), f"Ctrl-C at call {n}: two timer threads run"
+        return landed
+
+    n = 0
+    while attempt(n):
+        n += 1
+    assert n >= 5
+
+
 @pytest.mark.parametrize("call", ["flush", "cancel_sync", "flush_workqueue", "drain"])
 def test_an_interrupted_wait_leaves_what_a_timeout_leaves(
         make_wq: Callable[..., Workqueue], call: str) -> None:
@@ -745,6 +786,9 @@ def assert_lists_consistent(wq: Workqueue) -> None:
         _pool.lock.release()
 
 
+# A worker that Ctrl-C left on no list as it started must exit as it wakes,
+# not die of finding itself off the idle list: nothing else shows that.
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 @pytest.mark.parametrize("call", ["queue_work", "queue_work_on", "behind max_active"])
 def test_ctrl_c_anywhere_in_queue_work_queues_the_item_whole_or_not_at_all(
         make_wq: Callable[..., Workqueue], call: str) -> None:
@@ -848,25 +892,41 @@ def test_ctrl_c_anywhere_in_a_call_that_moves_items_leaves_them_whole(
     assert at_every_place(attempt, under_the_lock=True) >= 3
 
 
+@pytest.mark.parametrize("first", ["cleanup", "thread"])
 @pytest.mark.parametrize("call", ["destroy", "shutdown"])
 def test_ctrl_c_as_destroy_hands_itself_off_starts_one_thread(
-        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, call: str) -> None:
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch, call: str,
+        first: str) -> None:
     """Ctrl-C at each call of the hand-off of a destruction, the engine
     lock held (as Thread.start() returns, say): one thread goes on with
     the destruction, which ends, and a destroy() again waits for that end
     (the thread started and not yet recorded was started again by the
     caller's cleanup, and two threads drained and released the
-    workqueue)."""
+    workqueue).  Whichever takes the engine lock first: the caller's
+    cleanup, handing off again (as it mostly does, holding the GIL), or
+    the thread left unrecorded, which must record itself."""
     finished: list[Workqueue] = []
     real_finish_destroy = Workqueue._finish_destroy
+    real_hand_off = Workqueue._hand_off_destroy
 
     def finish_destroy(wq: Workqueue) -> None:
         finished.append(wq)
         real_finish_destroy(wq)
 
+    def hand_off_after_the_thread(wq: Workqueue, resumable: bool = True) -> None:
+        if wq._destroy_thread is None and any(
+                t.name == f"{wq.name}-shutdown" for t in threading.enumerate()):
+            wait_until(lambda: wq._destroy_thread is not None,
+                       "the thread left unrecorded records itself")
+        real_hand_off(wq, resumable)
+
     monkeypatch.setattr(Workqueue, "_finish_destroy", finish_destroy)
+    if first == "thread":
+        monkeypatch.setattr(Workqueue, "_hand_off_destroy", hand_off_after_the_thread)
 
     def attempt(n: int) -> bool:
+        """Ctrl-C as call n returns; n = -1: as Thread.start() begins (the
+        hand-off's is the first: the stuck item's spare worker is made)."""
         wq = make_wq()
         stuck = Stuck(wq)
         try:
@@ -879,21 +939,28 @@ def test_ctrl_c_as_destroy_hands_itself_off_starts_one_thread(
                 with pytest.raises(TimeoutError):  # the drain: the item runs on
                     wq.destroy(timeout=0)
 
-            landed = interrupted_as_call_returns(Workqueue._hand_off_destroy.__code__, n,
-                                                 hand_off)
+            if n < 0:
+                landed = interrupted_as_frame_starts(threading.Thread.start.__code__, hand_off)
+            else:
+                landed = interrupted_as_call_returns(real_hand_off.__code__, n, hand_off)
+            # Each thread started, recorded or not (a second one, joined
+            # alone, let the first's release come after the count below).
+            started = [t for t in threading.enumerate() if t.name == f"{wq.name}-shutdown"]
             stuck.release.set()
             if landed or call == "destroy":
                 wq.destroy(timeout=TIMEOUT)  # waits for the destruction handed off
             assert wq._destroyed.wait(TIMEOUT), wq.dump()
             assert not work.pending and not work.running
-            thread = wq._destroy_thread
-            assert thread is not None
-            thread.join(TIMEOUT)
+            assert wq._destroy_thread in started
+            for thread in started:
+                thread.join(TIMEOUT)
+                assert not thread.is_alive()
             assert finished.count(wq) == 1, "two threads went on with the destruction"
         finally:
             stuck.release.set()  # a failed check must not leave it running
         return landed
 
+    assert attempt(-1)
     n = 0
     while attempt(n):
         n += 1
