@@ -1231,6 +1231,9 @@ class _Frontend:
                 if isinstance(sock, PassiveSocket) is not listening:
                     continue
                 if isinstance(sock, PassiveSocket | ActiveSocket):
+                    # No into: the CONNECT, ACCEPT or POLL a teardown
+                    # takes goes unanswered (respond() sends nothing once
+                    # _closed); an ACCEPT's id_new is in the table too.
                     sock.teardown()
                 else:
                     sock.release()

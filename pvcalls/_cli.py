@@ -300,9 +300,9 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         try:
             policy = Policy.from_file(args.policy)
         except PolicyError as exc:  # names the file, and what is wrong where
-            # from_file() raises its read's OSError "from None", which keeps
-            # it as the context: a shortage there is no bad file.
-            failed = exc.__context__
+            # The read's OSError is the cause (see from_file()): a shortage
+            # there is no bad file.
+            failed = exc.__cause__
             if isinstance(failed, OSError) and failed.errno in _SHORT_OF_RESOURCES:
                 _exit_short_of_resources(parser, "read the policy file", failed)
             error(f"--policy {exc}")

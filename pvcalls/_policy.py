@@ -296,11 +296,13 @@ class Policy:
     def from_file(cls, path: str | Path) -> Policy:
         """Load a TOML policy file (the format: :class:`Policy`'s docstring).
 
-        Raises :class:`PolicyError` for a file that cannot be read, is
-        larger than 1 MiB, is not UTF-8 or not TOML, or holds a rule or
-        value that is wrong.  Its message starts with ``path`` and names it
-        only there, so a caller can add context without repeating it.  A
-        UTF-8 byte order mark at its start is skipped.
+        Raises :class:`PolicyError` for a file that cannot be read (the
+        read's OSError is its ``__cause__``, for a caller to tell a host
+        short of descriptors or memory from a bad file), is larger than
+        1 MiB, is not UTF-8 or not TOML, or holds a rule or value that is
+        wrong.  Its message starts with ``path`` and names it only there,
+        so a caller can add context without repeating it.  A UTF-8 byte
+        order mark at its start is skipped.
         """
         if not isinstance(path, str | os.PathLike):
             raise TypeError(f"policy path must be a str or an os.PathLike, "
@@ -312,8 +314,10 @@ class Policy:
             with path.open("rb") as file:
                 raw = file.read(_MAX_FILE_SIZE + 1)
         except OSError as exc:
-            # str(exc) would name the file a second time.
-            raise PolicyError(f"{path}: cannot read policy: {exc.strerror or exc}") from None
+            # str(exc) would name the file a second time.  The cause, not
+            # "from None": a caller's test of the context would also see
+            # an exception it was handling itself as it called us.
+            raise PolicyError(f"{path}: cannot read policy: {exc.strerror or exc}") from exc
         if len(raw) > _MAX_FILE_SIZE:
             raise PolicyError(f"{path}: larger than {_MAX_FILE_SIZE >> 20} MiB, "
                               "too large for a policy file")

@@ -888,8 +888,10 @@ class ActiveSocket(Work):
         """Stop the Work and release everything: host socket, event channel,
         data ring, CPU slot.  The CONNECT still waiting for its answer, if
         any, is appended to ``into`` (the caller answers it) as it is taken:
-        returned, it would be lost to an interrupt as this returns.
-        Idempotent.
+        returned, it would be lost to an interrupt as this returns.  Without
+        ``into`` it is dropped: for callers that know there is none (the
+        Work's connect_failed took it first, an id_new has none) or that
+        answer nothing (the frontend's close()).  Idempotent.
 
         From the command processing: the Work is disabled and cancelled
         first, so that it is neither running nor queued while the pages go.
@@ -1204,7 +1206,8 @@ class PassiveSocket(Work):
         """Stop the Work, close the host socket.  The ACCEPT/POLL still in
         flight, if any, is appended to ``into`` (the caller answers it and
         releases its socket) as it is taken: returned, it would be lost to
-        an interrupt as this returns.  Idempotent.
+        an interrupt as this returns.  Without ``into`` it is dropped, for
+        the frontend's close(), which answers nothing.  Idempotent.
 
         As ActiveSocket.teardown: a step that fails (the host socket's
         close(), which lets go of the descriptor all the same) is logged,

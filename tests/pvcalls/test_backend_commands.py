@@ -1522,6 +1522,7 @@ def test_a_release_cut_short_as_the_teardown_returns_answers_what_it_took(
     assert release not in raw.responses and sock_id in fe._sockets
     assert id_new not in fe._sockets
     assert raw.release(sock_id).ret == 0
+    assert raw.arrived.count(waiting) == 1  # not again by the RELEASE done again
     assert sock_id not in {row.id for row in backend.stats().sockets}
     assert raw.unexpected == []
     for s in held:
@@ -1681,16 +1682,18 @@ def test_a_listener_s_release_cut_short_waiting_for_its_run_refuses_what_follows
     assert raw.unexpected == []
 
 
-@pytest.mark.parametrize("where", ["enable", "lock", "return"])
+@pytest.mark.parametrize("where", ["enable", "lock", "return", "append"])
 def test_a_release_of_an_id_new_cut_short_as_its_listener_is_enabled_answers_the_accept(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
         where: str) -> None:
     """An interrupt as the RELEASE of an ACCEPT's id_new takes that ACCEPT
     off the listener (as the listener's lock is let go, as the listener is
-    enabled again, or as the taking returns to the RELEASE): the ACCEPT is
-    answered -EINTR all the same (the RELEASE, cut short, is not), the
-    RELEASE done again finishes the id_new, and the listener serves the
-    next ACCEPT.  Lost with the interrupt, the ACCEPT was never answered."""
+    enabled again, as the taking returns to the RELEASE, or as the ACCEPT
+    goes into the RELEASE's list): the ACCEPT is answered -EINTR all the
+    same, once (the RELEASE, cut short, is not), the RELEASE done again
+    finishes the id_new, and the listener serves the next ACCEPT.  Lost
+    with the interrupt, the ACCEPT was never answered; left on the
+    listener as well as in the list, it was answered twice."""
     listener, address = raw.listening(backend)
     fe = backend._frontends[(raw.guest.domid, 0)]
     passive = fe._sockets[listener]
@@ -1704,6 +1707,27 @@ def test_a_release_of_an_id_new_cut_short_as_its_listener_is_enabled_answers_the
     elif where == "return":
         cut = _cut_short_once(monkeypatch, _Frontend, "_cancel_accept", KeyboardInterrupt(),
                               after=True)
+    elif where == "append":
+        cut = threading.Event()
+        cancel_accept = _Frontend._cancel_accept
+
+        class CutAppend:
+            """The RELEASE's list, whose append is cut short once, as it
+            returns."""
+
+            def __init__(self, real: list[Any]) -> None:
+                self.real = real
+
+            def append(self, item: Any) -> None:
+                self.real.append(item)
+                if not cut.is_set():
+                    cut.set()
+                    raise KeyboardInterrupt
+
+        def cut_append(fe_: Any, parent: Any, new: Any, into: list[Any]) -> None:
+            cancel_accept(fe_, parent, new, CutAppend(into))
+
+        monkeypatch.setattr(_Frontend, "_cancel_accept", cut_append)
     else:
         cut = threading.Event()
 
@@ -1734,6 +1758,7 @@ def test_a_release_of_an_id_new_cut_short_as_its_listener_is_enabled_answers_the
     again = raw.push_accept(listener, raw.new_id(), raw.new_ring())
     with socket.create_connection(address, timeout=TIMEOUT):
         assert raw.response(again).ret == 0
+    assert raw.arrived.count(accept) == 1
     assert raw.unexpected == []
 
 

@@ -912,6 +912,30 @@ def test_a_shortage_as_serve_reads_its_policy_is_worth_a_restart(
     _said_worth_a_restart(info, capsys, "read the policy file", code)
 
 
+@pytest.mark.parametrize("code", [errno.ENOENT, errno.EACCES, errno.EISDIR, errno.EIO])
+def test_a_policy_file_that_cannot_be_read_is_refused_not_restarted(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        code: int) -> None:
+    # Any other error reading it is the file's (or its path's): status 2,
+    # which the unit does not restart, as for a file that does not parse.
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[default]\n")
+    path_open = Path.open
+
+    def failing_open(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if path == policy:
+            raise OSError(code, os.strerror(code), str(path))
+        return path_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", failing_open)
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--platform", "sim", "--run-dir", str(tmp_path), "--policy", str(policy)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"pvcalls-backend serve: error: --policy {policy}: cannot read policy: "
+        f"{os.strerror(code)}")
+
+
 def serve_with(backend: str, *args: str) -> subprocess.CompletedProcess[str]:
     """serve() in a child process, on a stand-in platform, with the class
     ``Backend`` defined by the source ``backend`` (its ``__enter__`` and

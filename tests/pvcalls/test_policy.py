@@ -435,6 +435,20 @@ def test_bad_file_names_the_file_once(tmp_path: Path, content: bytes | None, mes
     assert str(info.value).count("bad.toml") == 1
 
 
+def test_a_file_that_cannot_be_read_has_its_oserror_as_the_cause(tmp_path: Path) -> None:
+    # The read's OSError is the PolicyError's __cause__ (serve tells a
+    # shortage, worth a restart, from a bad file by it); the rest have none.
+    path = tmp_path / "missing.toml"
+    with pytest.raises(PolicyError) as info:
+        Policy.from_file(path)
+    cause = info.value.__cause__
+    assert isinstance(cause, FileNotFoundError) and cause.errno == errno.ENOENT
+    path.write_bytes(b"[default\n")
+    with pytest.raises(PolicyError) as info:
+        Policy.from_file(path)
+    assert info.value.__cause__ is None
+
+
 def test_a_file_of_the_largest_size_is_read(tmp_path: Path) -> None:
     path = tmp_path / "policy.toml"
     head = b"[default]\nmax_sockets = 9\n#"

@@ -567,6 +567,25 @@ def test_a_domain_socket_that_cannot_be_made_keeps_its_errno(tmp_path: Path) -> 
         assert not xsd.is_introduced(12345)
 
 
+def test_a_domain_socket_whose_directory_cannot_be_made_names_it(
+        xsd: XenStored, dom0: RawClient) -> None:
+    """A file where the domain's directory goes: the host's caller hears
+    the errno and which path (the directory's, which mkdir's strerror
+    alone does not name); a dom0 client's INTRODUCE of it is answered EIO,
+    as cxenstored's is; nothing is introduced either way."""
+    blocker = xsd.introduce_path(12345).parent
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_bytes(b"")
+    with pytest.raises(OSError) as info:
+        xsd.introduce_domain(12345)
+    assert info.value.errno == errno.EEXIST
+    assert str(info.value) == (f"[Errno {errno.EEXIST}] cannot create socket for domain 12345: "
+                               f"{blocker}: {os.strerror(errno.EEXIST)}")
+    assert error_of(dom0.request, Op.INTRODUCE, b"12345\0" b"0\0" b"1\0") == "EIO"
+    assert not xsd.is_introduced(12345)
+    assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"12345\0") == b"F\0"
+
+
 def test_control(dom0: RawClient) -> None:
     assert dom0.request(Op.CONTROL, b"check\0") == b"OK\0"
     assert dom0.request(Op.CONTROL, b"print\0hello\0") == b"OK\0"

@@ -1096,8 +1096,13 @@ class XenStored:
         try:
             domain.listener = self._bind(domain.socket_path)
         except OSError as e:
-            raise XsError("EIO", f"cannot create socket for domain {domid}: "
-                                 f"{e.strerror or e}") from e
+            # strerror, not str(e): the host's OSError gives the errno again
+            # (_introduce_and_flush).  But with the file it names, which
+            # strerror leaves out: mkdir's says "File exists", not where.
+            why = e.strerror or str(e)
+            if e.filename is not None:
+                why = f"{e.filename}: {why}"
+            raise XsError("EIO", f"cannot create socket for domain {domid}: {why}") from e
         assert self._selector is not None
         self._selector.register(domain.listener, _READ, (self._accept, domain))
         domains[domid] = domain
