@@ -1093,8 +1093,16 @@ class XenStored:
             return domain
         domain = Domain(domid, privileged=False)
         domain.socket_path = self.introduce_path(domid)
+        assert self._selector is not None
         try:
             domain.listener = self._bind(domain.socket_path)
+            try:
+                self._selector.register(domain.listener, _READ, (self._accept, domain))
+            except BaseException:
+                # epoll out of memory or of watches (max_user_watches):
+                # no socket left that nobody would ever accept on.
+                self._remove_socket(domain)
+                raise
         except OSError as e:
             # strerror, not str(e): the host's OSError gives the errno again
             # (_introduce_and_flush).  But with the file it names, which
@@ -1103,8 +1111,6 @@ class XenStored:
             if e.filename is not None:
                 why = f"{e.filename}: {why}"
             raise XsError("EIO", f"cannot create socket for domain {domid}: {why}") from e
-        assert self._selector is not None
-        self._selector.register(domain.listener, _READ, (self._accept, domain))
         domains[domid] = domain
         self._dispatcher.store.note_introduce(domid)
         self._dispatcher.fire_special("@introduceDomain")
@@ -1153,6 +1159,11 @@ class XenStored:
                 self._accept_paused.remove(domain)
             else:
                 self._selector.unregister(domain.listener)
+        self._remove_socket(domain)
+
+    def _remove_socket(self, domain: Domain) -> None:
+        """Close ``domain``'s listener (unwatched) and remove its socket."""
+        if domain.listener is not None:
             domain.listener.close()
             domain.listener = None
         if domain.socket_path is not None:
