@@ -62,3 +62,16 @@ def test_whatever_the_value_the_text_is_at_most_60_characters(value: object,
     assert len(text) <= 60, text
     assert "..." in text
     assert (text[0], text[-1]) == (whole[0], whole[-1]), text
+
+
+def test_a_text_of_60_characters_is_shown_whole() -> None:
+    assert shown("x" * 60, "s") == "x" * 60
+    assert shown("x" * 61, "s") == "x" * 28 + "..." + "x" * 29
+
+
+def test_an_object_s_long_repr_is_cut_to_40_characters_as_a_str_s() -> None:
+    class Long:
+        def __repr__(self) -> str:
+            return "<" + "r" * 48 + ">"
+
+    assert shown(Long()) == "<" + "r" * 17 + "..." + "r" * 18 + ">"
