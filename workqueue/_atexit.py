@@ -10,10 +10,11 @@ refused (RuntimeError, as ThreadPoolExecutor's), and the work items behind
 the calls already accepted are flushed until none is left.  Plain work
 items are not waited for: a workqueue's own items (pollers that queue
 themselves again, say) may never be done, and the kernel does not wait for
-them either.  But a program that meant them to run must hear that they do
+them either.  But a program that meant them to run must hear that they may
 not: the items still pending then -- queued, or on their timers -- are
-counted in one warning, per workqueue, with the first few of each.
-Running ones stop with the process, unsaid.
+counted in one warning, per workqueue, with the first few of each.  The
+workers go on until the process ends, so some of those may yet start (and
+stop with it, as running ones do, unsaid): dropped means not waited for.
 
 A frozen workqueue's calls queued since the freeze cannot run until thaw(),
 which nobody will call any more: they are dropped, with a warning.  Those

@@ -33,13 +33,19 @@ _POWER_OF_TWO_BASES = "xXob"
 _CUT_WHOLE = 20
 _CUT_KEEP = 8
 
+#: The longest text shown() returns.  reprlib bounds each string of a
+#: container, and how many items it shows, but not their sum (six cut
+#: strings of a list are some 250 characters), and a spec's format() has
+#: no bound at all: past it, the middle is cut out, both ends kept.
+_MAX_CHARS = 60
+
 _repr = reprlib.Repr()
 _repr.maxstring = 40
 _repr.maxother = 40
 
 
 def shown(value: object, spec: str = "") -> str:
-    """*value* for an error message, at most some 60 characters.
+    """*value* for an error message, at most 60 characters.
 
     An int of more than 64 bits is shown by its size, as "about 10**400
     (an int of 1329 bits)", or, for a spec in a base of a power of two
@@ -48,8 +54,14 @@ def shown(value: object, spec: str = "") -> str:
     as format(value, spec).
     Anything else as format(value, spec) if a spec is given, else as a
     repr cut short (reprlib), so a long str or list does not fill the
-    message either.
+    message either.  Whatever it is, a text longer than 60 characters
+    keeps only its first and last ones, with "..." between.
     """
+    return _bounded(_shown(value, spec))
+
+
+def _shown(value: object, spec: str) -> str:
+    """shown(), before the cut to _MAX_CHARS."""
     if isinstance(value, int) and not isinstance(value, bool):
         bits = value.bit_length()
         if bits <= _WHOLE_BITS:
@@ -63,6 +75,14 @@ def shown(value: object, spec: str = "") -> str:
     if spec:
         return format(value, spec)
     return _repr.repr(value)
+
+
+def _bounded(text: str) -> str:
+    """``text``, or its ends around "..." if it is longer than _MAX_CHARS."""
+    if len(text) <= _MAX_CHARS:
+        return text
+    head = (_MAX_CHARS - 3) // 2
+    return f"{text[:head]}...{text[-(_MAX_CHARS - 3 - head):]}"
 
 
 def _cut(text: str) -> str:

@@ -609,6 +609,53 @@ def test_the_exit_waits_for_the_run_of_an_item_a_freeze_holds_back(
 
 
 @pytest.mark.usefixtures("hook_of_our_own")
+def test_the_exit_waits_for_the_calls_a_thaw_lets_run_during_its_wait(
+        make_wq: Callable[..., Workqueue], log_waiter: Any) -> None:
+    """The run the exit waits for thaws its workqueue: the call left
+    behind that run's batch, held back by the freeze as the exit looked,
+    may run now, and the exit looks again and waits for it, rather than
+    drop it as frozen."""
+    wq = make_wq("frozen", WQ_FREEZABLE)
+    logged = log_waiter("workqueue._atexit", "is frozen at exit")
+    started, gate = threading.Event(), threading.Event()
+    last_started, last_gate = threading.Event(), threading.Event()
+
+    def thawer() -> None:
+        started.set()
+        assert gate.wait(TIMEOUT)
+        wq.thaw()
+
+    def last_call() -> None:
+        last_started.set()
+        assert last_gate.wait(TIMEOUT)
+
+    key = wq.serial("key")
+    key.submit(thawer)
+    assert started.wait(TIMEOUT)
+    with pytest.raises(TimeoutError):
+        wq.freeze(timeout=0)
+    for _ in range(_BATCH - 1):  # the rest of the thawer's run
+        key.submit(int)
+    last = key.submit(last_call)  # for the next run, behind the freeze
+    (work,) = wq._call_works()
+    assert work.running and work.pending
+    try:
+        hook = Attempt(_atexit.wait_for_calls)
+        wait_until(lambda: _flushing(hook.thread, work) or not hook.thread.is_alive(),
+                   "the exit waits for the run")
+        gate.set()  # the run thaws the workqueue and ends
+        wait_until(lambda: last_started.is_set() or not hook.thread.is_alive(),
+                   "the call behind the run starts, or the exit ends")
+        assert hook.thread.is_alive(), "the exit did not wait for the call the thaw let run"
+    finally:
+        gate.set()
+        last_gate.set()
+    assert hook.result() is None
+    assert last.done()
+    assert not logged.records
+
+
+@pytest.mark.usefixtures("hook_of_our_own")
 def test_a_freeze_waiting_for_the_engine_lock_as_the_exit_begins_is_refused(
         make_wq: Callable[..., Workqueue]) -> None:
     """A freeze() that waits for the engine lock as the exit hook marks the

@@ -42,3 +42,36 @@ def test_anything_else_is_formatted_by_its_spec_or_cut_short() -> None:
     assert shown(0.25, ".0%") == "25%"
     assert shown("x" * 100) == "'" + "x" * 17 + "..." + "x" * 18 + "'"  # 40 characters
     assert shown(list(range(100))) == "[0, 1, 2, 3, 4, 5, ...]"
+
+
+@pytest.mark.parametrize(("value", "spec"), [
+    (["x" * 100] * 10, ""),  # reprlib cuts each string, but keeps six of them
+    ({f"{key}" * 100: "v" * 100 for key in "abcde"}, ""),
+    (("y" * 100, ("z" * 100, ["w" * 100])), ""),
+    ("x" * 1000, "s"),  # a spec's format() has no limit of its own
+    (1e300, "f"),
+    (5, ">1000"),
+])
+def test_whatever_the_value_the_text_is_at_most_60_characters(value: object,
+                                                               spec: str) -> None:
+    # The README's promise: an error message quoting a value stays short.
+    # The text keeps both ends of what it would have said: a container's
+    # brackets still show what it was.
+    whole = format(value, spec) if spec else repr(value)
+    text = shown(value, spec)
+    assert len(text) <= 60, text
+    assert "..." in text
+    assert (text[0], text[-1]) == (whole[0], whole[-1]), text
+
+
+def test_a_text_of_60_characters_is_shown_whole() -> None:
+    assert shown("x" * 60, "s") == "x" * 60
+    assert shown("x" * 61, "s") == "x" * 28 + "..." + "x" * 29
+
+
+def test_an_object_s_long_repr_is_cut_to_40_characters_as_a_str_s() -> None:
+    class Long:
+        def __repr__(self) -> str:
+            return "<" + "r" * 48 + ">"
+
+    assert shown(Long()) == "<" + "r" * 17 + "..." + "r" * 18 + ">"
