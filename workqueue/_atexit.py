@@ -118,7 +118,7 @@ def _calls_of(work: Work) -> int:
 
 
 def _warn_dropped(wqs: list[Workqueue]) -> None:
-    """One warning for the work items of *wqs* that the exit drops, if any."""
+    """One warning for the work items of *wqs* the exit does not wait for, if any."""
     lines = []
     total = 0
     for wq in sorted(wqs, key=lambda wq: wq.name):
@@ -131,9 +131,9 @@ def _warn_dropped(wqs: list[Workqueue]) -> None:
             shown += f" and {len(works) - _SHOWN_DROPPED} more"
         lines.append(f"  workqueue {wq.name!r}: {len(works)} pending: {shown}")
     if lines:
-        logger.warning("interpreter exit drops %d pending work item%s of %d workqueue%s (flush "
-                       "or cancel them, or destroy their workqueues, before the program "
-                       "ends):\n%s", total, "" if total == 1 else "s",
+        logger.warning("interpreter exit does not wait for %d pending work item%s of %d "
+                       "workqueue%s (flush or cancel them, or destroy their workqueues, before "
+                       "the program ends):\n%s", total, "" if total == 1 else "s",
                        len(lines), "" if len(lines) == 1 else "s", "\n".join(lines))
 
 

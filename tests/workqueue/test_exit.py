@@ -89,8 +89,9 @@ def test_the_work_items_dropped_at_exit_are_logged_once(tmp_path: Path) -> None:
     hear that they did not: one warning, counting them per workqueue, with
     the first few of each."""
     stderr = run(tmp_path, _DROPPING_SCRIPT).stderr
-    assert stderr.count("WARNING workqueue._atexit: interpreter exit drops") == 1, stderr
-    assert "interpreter exit drops 8 pending work items of 2 workqueues" in stderr, stderr
+    assert stderr.count("WARNING workqueue._atexit: interpreter exit does not wait for") == 1, \
+        stderr
+    assert "exit does not wait for 8 pending work items of 2 workqueues" in stderr, stderr
     assert ("workqueue 'busy': 5 pending: <Work item0 pending>, <Work item1 pending>, "
             "<Work item2 pending> and 2 more") in stderr, stderr
     timers = [line for line in stderr.splitlines() if "workqueue 'timers'" in line]
@@ -163,7 +164,7 @@ def last():
 threading.Thread(target=last).start()
 """)
     assert "Traceback" not in done.stderr, done.stderr
-    assert "interpreter exit drops 1 pending work item of 1 workqueue (flush" in done.stderr, \
+    assert "exit does not wait for 1 pending work item of 1 workqueue (flush" in done.stderr, \
         done.stderr
     assert "workqueue 'conns': 1 pending: <__main__.Conn object at 0x" in done.stderr
     assert "(its repr() raised OSError)" in done.stderr, done.stderr
@@ -181,7 +182,8 @@ def test_the_exit_warning_lists_the_workqueues_by_name(
         _atexit._warn_dropped(found)
     [record] = caplog.records
     lines = record.getMessage().splitlines()
-    assert lines[0].startswith("interpreter exit drops 3 pending work items of 3 workqueues")
+    assert lines[0].startswith(
+        "interpreter exit does not wait for 3 pending work items of 3 workqueues"), lines
     assert [line.split("'")[1] for line in lines[1:]] == ["alpha", "mu", "zeta"], lines
     for dwork in dworks:
         assert dwork.cancel()
