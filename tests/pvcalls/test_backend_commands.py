@@ -1682,6 +1682,65 @@ def test_a_listener_s_release_cut_short_waiting_for_its_run_refuses_what_follows
     assert raw.unexpected == []
 
 
+def test_a_connected_socket_s_release_cut_short_waiting_for_its_run_still_sends_what_it_holds(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt while a connected socket's RELEASE waits for the
+    socket's run in progress (its teardown's disable_sync(), which keeps
+    its disable): the socket is put back still CONNECTED (unlike a
+    listener, which goes back CLOSED: nothing a guest sends to an active
+    id waits for its Work), and the RELEASE done again sends the peer what
+    the out ring held.  Put back CLOSED, the RELEASE done again took it
+    for a socket that never connected and closed the connection without
+    that flush: the guest's last bytes were lost."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sock_id, ring = raw.connect_socket(server.getsockname())
+        peer, _ = server.accept()
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    sock = socket_of(backend, raw, sock_id)
+    with peer:
+        sock.flush()  # its Work idle: the run below is the one the RELEASE waits for
+        running, go_on = threading.Event(), threading.Event()
+        rx = ActiveSocket._rx
+
+        def held_rx(self: ActiveSocket, *args: Any) -> int:
+            if self is sock and not go_on.is_set():
+                running.set()
+                go_on.wait(TIMEOUT)
+            return rx(self, *args)
+
+        monkeypatch.setattr(ActiveSocket, "_rx", held_rx)
+        sock.kick()
+        assert running.wait(TIMEOUT)  # past its send: the bytes below wait for the RELEASE
+        assert ring.write(b"unsent", notify=False) == 6
+        cut = threading.Event()
+
+        class CutShort(_work.Completion):
+            def wait(self, timeout: float | None = None) -> bool:
+                if cut.is_set() or not _called_from(ActiveSocket.teardown):
+                    return super().wait(timeout)
+                cut.set()
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(_work, "Completion", CutShort)
+        release = raw.push_release(sock_id)
+        assert cut.wait(TIMEOUT)
+        fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+        go_on.set()
+        sock.flush(timeout=TIMEOUT)  # the held run is over, and none follows
+        assert fe._sockets.get(sock_id) is sock
+        row = next(r for r in backend.stats().sockets if r.id == sock_id)
+        assert row.state == "connected"
+        assert raw.release(sock_id).ret == 0
+        assert backend.stats().sockets == ()
+        peer.settimeout(TIMEOUT)
+        got = b""
+        while chunk := peer.recv(64):
+            got += chunk
+    assert got == b"unsent"
+    assert release not in raw.responses
+    assert raw.unexpected == []
+
+
 @pytest.mark.parametrize("where", ["enable", "lock", "return", "append"])
 def test_a_release_of_an_id_new_cut_short_as_its_listener_is_enabled_answers_the_accept(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
