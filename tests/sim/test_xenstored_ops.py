@@ -578,6 +578,43 @@ def test_a_domain_socket_that_cannot_be_made_keeps_its_errno(tmp_path: Path) -> 
         assert fits.exists()
 
 
+@pytest.mark.parametrize("failure", ["interrupted", "theirs meanwhile"])
+def test_a_domain_socket_that_cannot_be_made_takes_back_only_its_own_empty_directories(
+        xsd: XenStored, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    """The directories made for a socket that cannot be made go again
+    whatever stopped it (an interrupt too), but one that someone else put
+    a file in meanwhile stays, with those above it, and the error the
+    host's caller hears is still the socket's, not the removal's
+    (ENOTEMPTY)."""
+    socket_path = xsd.introduce_path(5)
+    domains = socket_path.parent.parent
+    assert not domains.exists()
+    listen = xsd._listen
+
+    def fails(path: Path) -> socket.socket:
+        monkeypatch.setattr(xsd, "_listen", listen)  # once
+        if failure == "interrupted":
+            raise KeyboardInterrupt
+        (path.parent / "theirs").write_bytes(b"")
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+
+    monkeypatch.setattr(xsd, "_listen", fails)
+    if failure == "interrupted":
+        # From this thread: an interrupt on the loop's ends the loop.
+        with pytest.raises(KeyboardInterrupt):
+            xsd._bind(socket_path)
+        assert not domains.exists()
+    else:
+        with pytest.raises(OSError) as info:
+            xsd.introduce_domain(5)
+        assert info.value.errno == errno.ENAMETOOLONG
+        assert [p.name for p in socket_path.parent.iterdir()] == ["theirs"]
+    assert not xsd.is_introduced(5)
+    path = xsd.introduce_domain(5)
+    with RawClient(path) as c:
+        assert c.request(Op.GET_DOMAIN_PATH, b"5\0") == b"/local/domain/5\0"
+
+
 def test_a_domain_socket_whose_directory_cannot_be_made_names_it(
         xsd: XenStored, dom0: RawClient) -> None:
     """A file where the domain's directory goes: the host's caller hears
