@@ -975,11 +975,13 @@ class _Frontend:
                                request.id, host, port)
             raise CommandError(DENIED_ERRNO, f"connect to {host}:{port} denied")
         sock = ActiveSocket(self, request.id)
-        # Homed first, so that its event channel goes to its CPU's poller.
-        sock.place()
         try:
+            # Homed first, so that its event channel goes to its CPU's poller.
+            sock.place()
             sock.attach_ring(int(args.ref), int(args.evtchn))
-        except CommandError:
+        except BaseException:
+            # An interrupt too: the socket is in no table yet, and what it
+            # holds (its CPU, its pages) would be held for good.
             sock.teardown()
             raise
         with self._lock:
@@ -1067,6 +1069,7 @@ class _Frontend:
             # Counted from the check on, for the domain's other devices too;
             # in the table once its ring is attached.
             self._reserved += 1
+        new = None
         try:
             new = ActiveSocket(self, id_new)
             new.state = SockState.ACCEPTING
@@ -1075,6 +1078,9 @@ class _Frontend:
         except BaseException:
             with self._lock:
                 self._reserved -= 1
+            if new is not None:
+                # An interrupt as the pages are mapped too (as _connect).
+                new.teardown()
             raise
         # Under limit_lock too: another device of the domain counts our
         # sockets (nr_sockets, without our _lock) under it only, and must

@@ -708,6 +708,46 @@ def test_connect_with_a_bad_ring_or_event_channel_holds_nothing(
     assert len(backend.gnttab._live) == mappings
 
 
+@pytest.mark.parametrize("where", ["mapping", "binding"])
+@pytest.mark.parametrize("command", ["connect", "accept"])
+def test_a_connect_or_accept_cut_short_setting_up_its_ring_holds_nothing(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, command: str, where: str) -> None:
+    """An interrupt as a CONNECT's or ACCEPT's data ring is set up (as its
+    pages are mapped, or as its event channel is bound, the pages mapped):
+    the command, cut short, is not answered, the id stays free (NEW for a
+    CONNECT), and what was set up for it goes back at once: the CPU a
+    CONNECT was homed on, the pages.  Torn down only for a CommandError,
+    the socket, in no table, held them for the life of the backend."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    ports = sorted(bound_ports(backend))
+    mappings = len(backend.gnttab._live)
+    if where == "mapping":
+        cut = _cut_short_once(monkeypatch, _socket.DataRing, "__init__", KeyboardInterrupt())
+    else:
+        cut = _cut_short_once(monkeypatch, EventDispatcher, "bind_interdomain",
+                              KeyboardInterrupt())
+    if command == "connect":
+        sock_id, _ = raw.socket()
+        req_id = raw.push_connect(sock_id, echo_server.address, raw.new_ring())
+        left = [(sock_id, "new")]
+    else:
+        listener, _ = raw.listening(backend)
+        sock_id = raw.new_id()
+        req_id = raw.push_accept(listener, sock_id, raw.new_ring())
+        left = [(listener, "listening")]
+    assert cut.wait(TIMEOUT)
+    fe._work.flush(timeout=TIMEOUT)  # the command handled, cut short
+    raw.poll_responses()
+    assert req_id not in raw.responses
+    assert [(row.id, row.state) for row in backend.stats().sockets] == left
+    assert fe.nr_sockets == 1
+    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+    assert sorted(bound_ports(backend)) == ports
+    assert len(backend.gnttab._live) == mappings
+    assert raw.unexpected == []
+
+
 def test_a_connect_whose_socket_cannot_be_watched_holds_nothing(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch, sends_blocked: threading.Event) -> None:
