@@ -708,21 +708,25 @@ def test_connect_with_a_bad_ring_or_event_channel_holds_nothing(
     assert len(backend.gnttab._live) == mappings
 
 
-@pytest.mark.parametrize("where", ["mapping", "binding"])
-@pytest.mark.parametrize("command", ["connect", "accept"])
+@pytest.mark.parametrize(("command", "where"), [
+    ("connect", "homing"), ("connect", "mapping"), ("connect", "binding"),
+    ("accept", "mapping"), ("accept", "binding")])
 def test_a_connect_or_accept_cut_short_setting_up_its_ring_holds_nothing(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch, command: str, where: str) -> None:
-    """An interrupt as a CONNECT's or ACCEPT's data ring is set up (as its
-    pages are mapped, or as its event channel is bound, the pages mapped):
-    the command, cut short, is not answered, the id stays free (NEW for a
-    CONNECT), and what was set up for it goes back at once: the CPU a
-    CONNECT was homed on, the pages.  Torn down only for a CommandError,
-    the socket, in no table, held them for the life of the backend."""
+    """An interrupt as a CONNECT's or ACCEPT's data ring is set up (as a
+    CONNECT's socket is homed on a CPU, as its pages are mapped, or as its
+    event channel is bound, the pages mapped): the command, cut short, is
+    not answered, the id stays free (NEW for a CONNECT), and what was set
+    up for it goes back at once: the CPU a CONNECT was homed on, the
+    pages.  Torn down only for a CommandError, the socket, in no table,
+    held them for the life of the backend."""
     fe = backend._frontends[(raw.guest.domid, 0)]
     ports = sorted(bound_ports(backend))
     mappings = len(backend.gnttab._live)
-    if where == "mapping":
+    if where == "homing":
+        cut = _cut_short_once(monkeypatch, ActiveSocket, "place", KeyboardInterrupt(), after=True)
+    elif where == "mapping":
         cut = _cut_short_once(monkeypatch, _socket.DataRing, "__init__", KeyboardInterrupt())
     else:
         cut = _cut_short_once(monkeypatch, EventDispatcher, "bind_interdomain",
