@@ -767,18 +767,32 @@ class _Frontend:
         # connect that failed does; the requests it took off the ring can
         # no longer be answered.
         self._work = DeviceWork(dev, self._process_commands)
-        self._mapping: GrantMapping = self.gnttab.map_grant_refs(self.domid, [ring_ref])
+        # Each resource recorded by the call that makes it (list.extend()
+        # stores it before control is back here, as pvcalls.frontend's
+        # rings do): one kept from us by an interrupt as its call returned
+        # would be held for the life of the backend by a frontend that
+        # nobody has, this one never made.
+        mappings: list[GrantMapping] = []
+        ports: list[int] = []
         ring = None
         try:
-            ring = BackRing(self._mapping.buffer[:PAGE_SIZE], SLOT_SIZE)
-            self.port = self.dispatcher.bind_interdomain(self.domid, remote_port, self._on_event)
-            # Whether close() has still to unbind the port (see there).
-            self._port_bound = True
+            mappings.extend(map(self.gnttab.map_grant_refs, (self.domid,), ([ring_ref],)))
+            ring = BackRing(mappings[0].buffer[:PAGE_SIZE], SLOT_SIZE)
+            ports.extend(map(self.dispatcher.bind_interdomain, (self.domid,), (remote_port,),
+                             (self._on_event,)))
         except BaseException:
+            for port in ports:
+                self._unbind_port(port)
             if ring is not None:
                 ring.release()
-            self._mapping.unmap()
+            for mapping in mappings:
+                mapping.unmap()
             raise
+        # No call from here on, so no interrupt: the records are taken over.
+        self._mapping = mappings[0]
+        self.port = ports[0]
+        # Whether close() has still to unbind the port (see there).
+        self._port_bound = True
         self.ring = ring
 
     def __repr__(self) -> str:
@@ -961,11 +975,13 @@ class _Frontend:
                                request.id, host, port)
             raise CommandError(DENIED_ERRNO, f"connect to {host}:{port} denied")
         sock = ActiveSocket(self, request.id)
-        # Homed first, so that its event channel goes to its CPU's poller.
-        sock.place()
         try:
+            # Homed first, so that its event channel goes to its CPU's poller.
+            sock.place()
             sock.attach_ring(int(args.ref), int(args.evtchn))
-        except CommandError:
+        except BaseException:
+            # An interrupt too: the socket is in no table yet, and what it
+            # holds (its CPU, its pages) would be held for good.
             sock.teardown()
             raise
         with self._lock:
@@ -1053,6 +1069,7 @@ class _Frontend:
             # Counted from the check on, for the domain's other devices too;
             # in the table once its ring is attached.
             self._reserved += 1
+        new = None
         try:
             new = ActiveSocket(self, id_new)
             new.state = SockState.ACCEPTING
@@ -1061,6 +1078,9 @@ class _Frontend:
         except BaseException:
             with self._lock:
                 self._reserved -= 1
+            if new is not None:
+                # An interrupt as the pages are mapped too (as _connect).
+                new.teardown()
             raise
         # Under limit_lock too: another device of the domain counts our
         # sockets (nr_sockets, without our _lock) under it only, and must
@@ -1215,11 +1235,7 @@ class _Frontend:
         # closes: the lesser harm.
         if self._port_bound:
             self._port_bound = False
-            try:
-                self.dispatcher.unbind(self.port)
-            except (OSError, KeyError, RuntimeError):
-                logger.debug("dom%d: unbinding the command port failed", self.domid,
-                             exc_info=True)
+            self._unbind_port(self.port)
         self._work.disable_sync()
         with self._lock:
             sockets = list(self._sockets.items())
@@ -1250,6 +1266,12 @@ class _Frontend:
         # No count of suppressed lines here: the limit is the device's, and
         # a guest restarting it would get one line per restart.  The count
         # comes with the next line let through, or when the device goes.
+
+    def _unbind_port(self, port: int) -> None:
+        try:
+            self.dispatcher.unbind(port)
+        except (OSError, KeyError, RuntimeError):
+            logger.debug("dom%d: unbinding the command port failed", self.domid, exc_info=True)
 
     # -- statistics ---------------------------------------------------------------------
 

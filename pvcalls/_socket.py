@@ -911,6 +911,8 @@ class ActiveSocket(Work):
         it cut short: see _unbind), and so is the CONNECT still waiting, for
         the next teardown to hand on.
         """
+        # CLOSED after the wait, unlike a listener's: nothing sent to an active id waits for
+        # its Work, and one put back by a wait cut short must stay CONNECTED for the next flush.
         if from_work:
             self.disable()
         else:

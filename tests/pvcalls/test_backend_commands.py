@@ -708,6 +708,50 @@ def test_connect_with_a_bad_ring_or_event_channel_holds_nothing(
     assert len(backend.gnttab._live) == mappings
 
 
+@pytest.mark.parametrize(("command", "where"), [
+    ("connect", "homing"), ("connect", "mapping"), ("connect", "binding"),
+    ("accept", "mapping"), ("accept", "binding")])
+def test_a_connect_or_accept_cut_short_setting_up_its_ring_holds_nothing(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, command: str, where: str) -> None:
+    """An interrupt as a CONNECT's or ACCEPT's data ring is set up (as a
+    CONNECT's socket is homed on a CPU, as its pages are mapped, or as its
+    event channel is bound, the pages mapped): the command, cut short, is
+    not answered, the id stays free (NEW for a CONNECT), and what was set
+    up for it goes back at once: the CPU a CONNECT was homed on, the
+    pages.  Torn down only for a CommandError, the socket, in no table,
+    held them for the life of the backend."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    ports = sorted(bound_ports(backend))
+    mappings = len(backend.gnttab._live)
+    if where == "homing":
+        cut = _cut_short_once(monkeypatch, ActiveSocket, "place", KeyboardInterrupt(), after=True)
+    elif where == "mapping":
+        cut = _cut_short_once(monkeypatch, _socket.DataRing, "__init__", KeyboardInterrupt())
+    else:
+        cut = _cut_short_once(monkeypatch, EventDispatcher, "bind_interdomain",
+                              KeyboardInterrupt())
+    if command == "connect":
+        sock_id, _ = raw.socket()
+        req_id = raw.push_connect(sock_id, echo_server.address, raw.new_ring())
+        left = [(sock_id, "new")]
+    else:
+        listener, _ = raw.listening(backend)
+        sock_id = raw.new_id()
+        req_id = raw.push_accept(listener, sock_id, raw.new_ring())
+        left = [(listener, "listening")]
+    assert cut.wait(TIMEOUT)
+    fe._work.flush(timeout=TIMEOUT)  # the command handled, cut short
+    raw.poll_responses()
+    assert req_id not in raw.responses
+    assert [(row.id, row.state) for row in backend.stats().sockets] == left
+    assert fe.nr_sockets == 1
+    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+    assert sorted(bound_ports(backend)) == ports
+    assert len(backend.gnttab._live) == mappings
+    assert raw.unexpected == []
+
+
 def test_a_connect_whose_socket_cannot_be_watched_holds_nothing(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch, sends_blocked: threading.Event) -> None:
@@ -1679,6 +1723,65 @@ def test_a_listener_s_release_cut_short_waiting_for_its_run_refuses_what_follows
             assert backend.stats().frontends == 0
     assert release not in raw.responses
     assert passive.host.fileno() == -1 and watched_fds(backend) == []
+    assert raw.unexpected == []
+
+
+def test_a_connected_socket_s_release_cut_short_waiting_for_its_run_still_sends_what_it_holds(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt while a connected socket's RELEASE waits for the
+    socket's run in progress (its teardown's disable_sync(), which keeps
+    its disable): the socket is put back still CONNECTED (unlike a
+    listener, which goes back CLOSED: nothing a guest sends to an active
+    id waits for its Work), and the RELEASE done again sends the peer what
+    the out ring held.  Put back CLOSED, the RELEASE done again took it
+    for a socket that never connected and closed the connection without
+    that flush: the guest's last bytes were lost."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sock_id, ring = raw.connect_socket(server.getsockname())
+        peer, _ = server.accept()
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    sock = socket_of(backend, raw, sock_id)
+    with peer:
+        sock.flush()  # its Work idle: the run below is the one the RELEASE waits for
+        running, go_on = threading.Event(), threading.Event()
+        rx = ActiveSocket._rx
+
+        def held_rx(self: ActiveSocket, *args: Any) -> int:
+            if self is sock and not go_on.is_set():
+                running.set()
+                go_on.wait(TIMEOUT)
+            return rx(self, *args)
+
+        monkeypatch.setattr(ActiveSocket, "_rx", held_rx)
+        sock.kick()
+        assert running.wait(TIMEOUT)  # past its send: the bytes below wait for the RELEASE
+        assert ring.write(b"unsent", notify=False) == 6
+        cut = threading.Event()
+
+        class CutShort(_work.Completion):
+            def wait(self, timeout: float | None = None) -> bool:
+                if cut.is_set() or not _called_from(ActiveSocket.teardown):
+                    return super().wait(timeout)
+                cut.set()
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(_work, "Completion", CutShort)
+        release = raw.push_release(sock_id)
+        assert cut.wait(TIMEOUT)
+        fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
+        go_on.set()
+        sock.flush(timeout=TIMEOUT)  # the held run is over, and none follows
+        assert fe._sockets.get(sock_id) is sock
+        row = next(r for r in backend.stats().sockets if r.id == sock_id)
+        assert row.state == "connected"
+        assert raw.release(sock_id).ret == 0
+        assert backend.stats().sockets == ()
+        peer.settimeout(TIMEOUT)
+        got = b""
+        while chunk := peer.recv(64):
+            got += chunk
+    assert got == b"unsent"
+    assert release not in raw.responses
     assert raw.unexpected == []
 
 

@@ -614,6 +614,38 @@ def test_an_event_as_soon_as_the_command_port_is_bound(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+def test_a_frontend_s_set_up_interrupted_as_any_of_its_calls_returns_holds_nothing(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """A Ctrl-C landing as any call made by _Frontend.__init__ returns (a
+    device's connect): what the set-up made so far goes back, the command
+    ring's mapping and its event channel port, before the interrupt goes
+    on.  Each was recorded by the assignment of what its call returned
+    (the port's record, for the except clause, only after that): one
+    landing as map_grant_refs or bind_interdomain returned lost it, held
+    for the life of the backend by a frontend that nobody had."""
+    from stolensignal import interrupted_as_call_returns
+
+    dev = backend._frontends[(raw.guest.domid, 0)].dev
+    ports, mapped = sorted(backend.dispatcher.ports), len(backend.gnttab._live)
+    landed = 0
+    for n in itertools.count():
+        ring = raw.new_ring(order=0)  # a page and an unbound port of the guest's
+        made: list[_Frontend] = []
+        interrupted = interrupted_as_call_returns(
+            _Frontend.__init__.__code__, n,
+            lambda ring=ring, made=made: made.append(
+                _Frontend(backend, dev, ring.ref, ring.port)))
+        if not interrupted:
+            made[0].close()
+        assert sorted(backend.dispatcher.ports) == ports, f"interrupted as call {n} returned"
+        assert len(backend.gnttab._live) == mapped, f"interrupted as call {n} returned"
+        ring.close()
+        if not interrupted:
+            break
+        landed += 1
+    assert landed >= 5  # every call of the set-up, the mapping and the binding among them
+
+
 def test_requests_before_the_connect_is_over_count_against_the_limit(
         make_frontend: Any, host: Any, topology: Topology,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -550,7 +550,9 @@ def test_python_introduce_and_release(xsd: XenStored) -> None:
 def test_a_domain_socket_that_cannot_be_made_keeps_its_errno(tmp_path: Path) -> None:
     """The host's caller hears why (ENAMETOOLONG: a run_dir too long for
     the domain's socket path, which dom0's path still fits), not an
-    OSError with no errno; nothing is introduced."""
+    OSError with no errno; nothing is introduced, and the directories
+    made for the socket go again (those there before stay): they were
+    left behind, made by the bind that failed."""
     # A socket's path has at most 107 bytes: domain 12345's is made 110.
     width = 110 - len(f"{tmp_path}//domains/12345/xenstore")
     if width < 1:
@@ -565,6 +567,52 @@ def test_a_domain_socket_that_cannot_be_made_keeps_its_errno(tmp_path: Path) -> 
                                    f"domain 12345: cannot listen on {too_long}: "
                                    "AF_UNIX path too long")
         assert not xsd.is_introduced(12345)
+        domains = too_long.parent.parent
+        assert not domains.exists()
+        # Domain 1's path, four bytes shorter, fits: its directories are there before.
+        fits = xsd.introduce_domain(1)
+        with pytest.raises(OSError) as info:
+            xsd.introduce_domain(12345)
+        assert info.value.errno == errno.ENAMETOOLONG
+        assert sorted(p.name for p in domains.iterdir()) == ["1"]
+        assert fits.exists()
+
+
+@pytest.mark.parametrize("failure", ["interrupted", "theirs meanwhile"])
+def test_a_domain_socket_that_cannot_be_made_takes_back_only_its_own_empty_directories(
+        xsd: XenStored, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    """The directories made for a socket that cannot be made go again
+    whatever stopped it (an interrupt too), but one that someone else put
+    a file in meanwhile stays, with those above it, and the error the
+    host's caller hears is still the socket's, not the removal's
+    (ENOTEMPTY)."""
+    socket_path = xsd.introduce_path(5)
+    domains = socket_path.parent.parent
+    assert not domains.exists()
+    listen = xsd._listen
+
+    def fails(path: Path) -> socket.socket:
+        monkeypatch.setattr(xsd, "_listen", listen)  # once
+        if failure == "interrupted":
+            raise KeyboardInterrupt
+        (path.parent / "theirs").write_bytes(b"")
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+
+    monkeypatch.setattr(xsd, "_listen", fails)
+    if failure == "interrupted":
+        # From this thread: an interrupt on the loop's ends the loop.
+        with pytest.raises(KeyboardInterrupt):
+            xsd._bind(socket_path)
+        assert not domains.exists()
+    else:
+        with pytest.raises(OSError) as info:
+            xsd.introduce_domain(5)
+        assert info.value.errno == errno.ENAMETOOLONG
+        assert [p.name for p in socket_path.parent.iterdir()] == ["theirs"]
+    assert not xsd.is_introduced(5)
+    path = xsd.introduce_domain(5)
+    with RawClient(path) as c:
+        assert c.request(Op.GET_DOMAIN_PATH, b"5\0") == b"/local/domain/5\0"
 
 
 def test_a_domain_socket_whose_directory_cannot_be_made_names_it(
@@ -584,6 +632,7 @@ def test_a_domain_socket_whose_directory_cannot_be_made_names_it(
     assert error_of(dom0.request, Op.INTRODUCE, b"12345\0" b"0\0" b"1\0") == "EIO"
     assert not xsd.is_introduced(12345)
     assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"12345\0") == b"F\0"
+    assert blocker.is_file()  # not ours: nothing was made, nothing goes
 
 
 def test_a_domain_socket_that_cannot_be_watched_is_undone(

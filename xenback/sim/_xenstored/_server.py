@@ -559,7 +559,27 @@ class XenStored:
     # --- sockets -----------------------------------------------------------------
 
     def _bind(self, path: Path) -> socket.socket:
+        # The directories mkdir is to make, deepest first, taken back if
+        # the socket cannot be made after all (they were left behind).  Not
+        # when mkdir fails: then it made none, as a file where one goes
+        # (EEXIST) or above one (ENOTDIR, which exists() hides) stops it.
+        made: list[Path] = []
+        directory = path.parent
+        while not directory.exists():
+            made.append(directory)
+            directory = directory.parent
         path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._listen(path)
+        except BaseException:
+            for directory in made:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break  # not empty: someone else's by now, and so are those above
+            raise
+
+    def _listen(self, path: Path) -> socket.socket:
         if self._served(path):
             raise OSError(errno.EADDRINUSE, f"{path} is served by someone else already")
         self._unlink(path)  # a stale socket of a dead server
