@@ -262,7 +262,8 @@ class Work:
             if self._pending and self._entry is not None and self._pwq is not None:
                 wq = self._pwq.wq
                 where.append(f"it is pending on workqueue {wq.name!r}")
-            text = f"{what}() of {work_name(self)} timed out after {timeout:g} s"
+        # Named with the lock free (see Draft).
+        text = f"{what}() of {work_name(self)} timed out after {timeout:g} s"
         if where:
             text += ": " + ", and ".join(where)
         text += then
