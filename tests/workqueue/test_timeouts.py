@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from wqhelpers import (
     CallsInRepr,
+    DelayedCallsInRepr,
     assert_waits_until_released,
     bounded,
     named_unlocked,
@@ -198,6 +199,36 @@ def test_timeouts_name_their_items_with_the_engine_lock_free(
     message = bounded(lambda: times_out(lambda: wq.flush(timeout=SHORT)), "wq.flush()")
     assert "in-flight: " in message and "inactive: <CallsInRepr>" in message, message
     assert named_unlocked(blocker, work)
+
+
+def test_refusals_name_their_items_with_the_engine_lock_free(make_wq: Any) -> None:
+    """The misuses that name the item -- enable() of one not disabled, a
+    wait for an item from its own function -- name it with the engine
+    lock free."""
+    wq = make_wq()
+    idle = CallsInRepr(lambda w: None, wq)
+    with pytest.raises(RuntimeError, match=r"^enable\(\) of <CallsInRepr>, which is not"):
+        bounded(idle.enable, "enable()")
+    assert named_unlocked(idle)
+    refused: list[str] = []
+
+    def wait_for_self(work: Work) -> None:
+        for wait in (work.flush, work.cancel_sync, work.disable_sync):
+            with pytest.raises(RuntimeError) as info:
+                wait(timeout=TIMEOUT)
+            refused.append(str(info.value))
+
+    for kind in (CallsInRepr, DelayedCallsInRepr):
+        refused.clear()
+        work = kind(wait_for_self, wq)
+        assert wq.queue_work(work)
+        bounded(lambda work=work: work.flush(timeout=TIMEOUT), "the item's run")
+        name = kind.__name__
+        assert refused == [f"{what}() of <{name}> from its own function would deadlock"
+                           for what in ("flush", "cancel_sync", "disable_sync")], refused
+        assert named_unlocked(work)
+        # Its disable_sync() was refused before it counted: nothing to undo.
+        assert not work.disabled
 
 
 def test_a_hog_is_named_in_the_debug_log_with_the_engine_lock_free(
