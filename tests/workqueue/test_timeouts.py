@@ -172,18 +172,19 @@ def test_dump_names_its_items_with_the_engine_lock_free(make_wq: Any, held: Held
     """A work item's repr() is the program's code, which may call into
     the workqueue: dump() names the items once it has let go of the
     engine lock, in-flight, pending and inactive alike."""
-    wq = make_wq(max_active=2)
+    wq = make_wq(max_active=3)
     blocker = CallsInRepr(held, wq)
     assert wq.queue_work_on(0, blocker)
     held.wait_started()
     # Behind the running item, which does not say it blocks: pending on
     # the pool's worklist, then, past max_active, inactive.
-    pending, inactive = CallsInRepr(held, wq), CallsInRepr(held, wq)
-    assert wq.queue_work_on(0, pending) and wq.queue_work_on(0, inactive)
+    behind = [CallsInRepr(held, wq) for _ in range(4)]
+    assert all(wq.queue_work_on(0, work) for work in behind)
     dump = bounded(wq.dump, "dump()")
-    assert named_unlocked(blocker, pending, inactive), dump
-    assert ":<CallsInRepr>\n" in dump and "pending: <CallsInRepr>\n" in dump, dump
-    assert dump.endswith("inactive: <CallsInRepr>"), dump
+    assert named_unlocked(blocker, *behind), dump
+    assert ":<CallsInRepr>\n" in dump, dump
+    assert "\n    pending: <CallsInRepr>, <CallsInRepr>\n" in dump, dump
+    assert dump.endswith("\n    inactive: <CallsInRepr>, <CallsInRepr>"), dump
 
 
 def test_timeouts_name_their_items_with_the_engine_lock_free(
@@ -214,6 +215,9 @@ def test_refusals_name_their_items_with_the_engine_lock_free(make_wq: Any) -> No
 
     def wait_for_self(work: Work) -> None:
         for wait in (work.flush, work.cancel_sync, work.disable_sync):
+            # A timeout that is no timeout is refused first, as anywhere.
+            with pytest.raises(ValueError, match="^timeout must be"):
+                wait(timeout=-1)
             with pytest.raises(RuntimeError) as info:
                 wait(timeout=TIMEOUT)
             refused.append(str(info.value))
