@@ -39,7 +39,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._shown import shown
@@ -71,8 +71,11 @@ logger = logging.getLogger(__name__)
 # add_timer() starts (Thread.start() waits only for the new thread to
 # exist, which needs nothing of ours).  Trace hooks run under
 # it, like kernel tracepoints, so they must be quick and must not call back
-# into the workqueue; so do work items' repr()s, in the dumps and the
-# watchdog's reports.  Lock order: topology hotplug lock -> engine lock ->
+# into the workqueue.  Work items' repr()s, which the program writes and
+# which may call into the workqueue (or wait for a thread that does), run
+# outside it: the dumps, the watchdog's reports and the errors that name an
+# item take the items under the lock and name them once it is free (see
+# Draft).  Lock order: topology hotplug lock -> engine lock ->
 # timer lock.  A future's condition is never taken while it is held.
 #
 # Everything it guards is written only with it held.  Reads without it are
@@ -285,6 +288,40 @@ def work_name(work: object) -> str:
         return repr(work)
     except Exception as exc:
         return f"{object.__repr__(work)} (its repr() raised {type(exc).__name__})"
+
+
+class Draft:
+    """A report's text, written under the engine lock with its work items
+    left to be named: text() names them (work_name) once the lock is
+    free.  An item's repr() is the program's code, and may call into the
+    workqueue, or wait for a thread that does: under the lock, that
+    deadlocks every workqueue of the process -- the watchdog's first."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, text: str = "") -> None:
+        # A str is text; a 1-tuple holds an item to name.
+        self._parts: list[str | tuple[object]] = [text]
+
+    def add(self, text: str) -> None:
+        self._parts.append(text)
+
+    def item(self, work: object) -> None:
+        self._parts.append((work,))
+
+    def items(self, works: Iterable[object]) -> None:
+        """*works*, ", "-separated."""
+        first = True
+        for work in works:
+            if not first:
+                self._parts.append(", ")
+            first = False
+            self._parts.append((work,))
+
+    def text(self) -> str:
+        """The report, its items named (engine lock not held)."""
+        return "".join(part if isinstance(part, str) else work_name(part[0])
+                       for part in self._parts)
 
 
 class WorkList:
@@ -554,21 +591,29 @@ class WorkerPool:
                 busy.append(rescuer)
         return busy
 
-    def dump(self) -> str:
-        """One pool, like the kernel's show_one_worker_pool (engine lock held)."""
+    def draft(self) -> Draft:
+        """One pool, like the kernel's show_one_worker_pool (engine lock
+        held); its items are named once the lock is free (Draft.text())."""
         busy = self.busy_workers()
         idle = " ".join(w.name for w in self.idle)
-        lines = [
+        draft = Draft(
             f"pool {self.id} ({self.name}): cpus={sorted(self.cpumask())} "
             f"flags={'disassociated' if self.disassociated else 'bound'} "
-            f"nr_running={self.nr_running} workers={len(self.workers)} idle: {idle}"
-        ]
+            f"nr_running={self.nr_running} workers={len(self.workers)} idle: {idle}")
         now = time.monotonic()
         for w in busy:
-            lines.append(f"  in-flight: {w.name}:{work_name(w.current)} for {now - w.start:.3f}s")
+            draft.add(f"\n  in-flight: {w.name}:")
+            draft.item(w.current)
+            draft.add(f" for {now - w.start:.3f}s")
         if self.worklist.nr:
-            lines.append("  pending: " + ", ".join(map(work_name, self.worklist)))
-        return "\n".join(lines)
+            draft.add("\n  pending: ")
+            draft.items(self.worklist)
+        return draft
+
+    def dump(self) -> str:
+        """draft() as text, for tests and debugging: it names the items
+        where it is called, engine lock held or not."""
+        return self.draft().text()
 
 
 class PoolSet:
@@ -835,6 +880,7 @@ def arm_tick(pool: WorkerPool) -> None:
 
 def _cpu_intensive_tick(pool: WorkerPool) -> None:
     """wq_worker_tick: items running longer than the threshold stop counting."""
+    hogs: list[tuple[Work, float]] = []
     with lock:
         if timer_pending(pool.tick):
             # Superseded: armed again (PoolSet.rearm_checks) as we fired.
@@ -852,13 +898,15 @@ def _cpu_intensive_tick(pool: WorkerPool) -> None:
                 if w.current_pwq is not None:
                     w.current_pwq.nr_cpu_intensive += 1
                 if logger.isEnabledFor(logging.DEBUG):
-                    logger.debug("workqueue: %s hogged %s for %.1f ms; no longer counted",
-                                 work_name(w.current), pool.name, (now - w.start) * 1e3)
+                    hogs.append((w.current, (now - w.start) * 1e3))
         if pool.worklist.nr:
             if pool.nr_running == 0:
                 kick_pool(pool)
             else:
                 arm_tick(pool)
+    for work, ms in hogs:  # named with the lock free (see Draft)
+        logger.debug("workqueue: %s hogged %s for %.1f ms; no longer counted",
+                     work_name(work), pool.name, ms)
 
 
 def _worker_thread(worker: Worker) -> None:

@@ -83,7 +83,8 @@ def _pool_stalled(pool: _pool.WorkerPool, now: float, thresh: float) -> float | 
 
 
 def _watchdog_timer_fn(pset: _pool.PoolSet) -> None:
-    reports: list[tuple[str, tuple[object, ...]]] = []  # logged once the lock is free
+    # Logged once the lock is free, its items named then too (see Draft).
+    reports: list[tuple[str, tuple[object, ...]]] = []
     with _pool.lock:
         if timer_pending(pset.watchdog):
             # Superseded: armed again (PoolSet.rearm_checks) as we fired.
@@ -99,18 +100,25 @@ def _watchdog_timer_fn(pset: _pool.PoolSet) -> None:
                     worker.reported = worker.start
                     reports.append((
                         "BUG: workqueue lockup - pool %s: %s has been running %s for %.1fs\n%s",
-                        (pool.name, worker.name, _pool.work_name(worker.current),
-                         now - worker.start, pool.dump())))
+                        (pool.name, worker.name, _named(worker.current),
+                         now - worker.start, pool.draft())))
             stalled = _pool_stalled(pool, now, thresh)
             if stalled is not None:
                 reports.append((
                     "BUG: workqueue lockup - pool %s stuck for %.1fs: %s waits, and no item "
                     "of the pool has started since\n%s",
-                    (pool.name, stalled, _pool.work_name(next(iter(pool.worklist))),
-                     pool.dump())))
+                    (pool.name, stalled, _named(next(iter(pool.worklist))), pool.draft())))
             if pool.worklist.nr:
                 watching = True
         if watching:
             arm_watchdog(pset)
     for message, args in reports:
-        logger.warning(message, *args)
+        logger.warning(message, *[arg.text() if isinstance(arg, _pool.Draft) else arg
+                                  for arg in args])
+
+
+def _named(work: object) -> _pool.Draft:
+    """*work*, to be named once the lock is free."""
+    draft = _pool.Draft()
+    draft.item(work)
+    return draft

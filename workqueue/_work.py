@@ -174,6 +174,9 @@ class Work:
         back is not waited for, only the run going on now, if any -- else
         the wait would last until a thaw() that nobody will call."""
         timeout = check_timeout(timeout)
+        # Before anything, a DelayedWork's timer too: a refused flush
+        # changes nothing.
+        self._check_not_own_function("flush")
         completion = Completion()
         # The flush is registered, and taken back when the wait times out,
         # inside the try that takes it back on any other way out: Ctrl-C,
@@ -213,7 +216,6 @@ class Work:
         held = at_exit and self._held_by_freeze()
         if self._worker is None and (held or not on_list):
             return False
-        self._check_not_own_function("flush")
         flushers = self._flushers
         if flushers is None:
             flushers = self._flushers = []
@@ -262,7 +264,8 @@ class Work:
             if self._pending and self._entry is not None and self._pwq is not None:
                 wq = self._pwq.wq
                 where.append(f"it is pending on workqueue {wq.name!r}")
-            text = f"{what}() of {work_name(self)} timed out after {timeout:g} s"
+        # Named with the lock free (see Draft).
+        text = f"{what}() of {work_name(self)} timed out after {timeout:g} s"
         if where:
             text += ": " + ", and ".join(where)
         text += then
@@ -271,7 +274,10 @@ class Work:
         return TimeoutError(text)
 
     def _check_not_own_function(self, what: str) -> None:
-        """Refuse to wait for ourselves (engine lock held)."""
+        """Refuse to wait for ourselves (engine lock not held: the error
+        names the item, see Draft).  Without the lock, _worker is our
+        worker exactly when the lock would say so: only our own thread
+        sets it to our worker, and only it clears it."""
         worker = current_worker()
         if worker is not None and self._worker is worker:
             raise RuntimeError(f"{what}() of {work_name(self)} from its own function "
@@ -323,10 +329,11 @@ class Work:
         RuntimeError if the item is not disabled.
         """
         with _pool.lock:
-            if not self._disable % _CANCEL_HOLD:
-                raise RuntimeError(f"enable() of {work_name(self)}, which is not disabled")
-            self._disable -= 1
-            return not self._disable % _CANCEL_HOLD
+            if self._disable % _CANCEL_HOLD:
+                self._disable -= 1
+                return not self._disable % _CANCEL_HOLD
+        # Named with the lock free (see Draft).
+        raise RuntimeError(f"enable() of {work_name(self)}, which is not disabled")
 
     def _cancel(self, *, disable: bool, sync: bool, timeout: float | None = None) -> bool:
         what = "disable_sync" if disable else "cancel_sync"
@@ -336,11 +343,10 @@ class Work:
         # which its wait holds (see _CancelSync).
         completion = None
         if sync:
+            self._check_not_own_function(what)
             completion = Completion() if disable else _CancelSync(self)
         try:
             with _pool.lock:
-                if sync:
-                    self._check_not_own_function(what)
                 if disable:
                     self._disable += 1
                 was_pending = try_to_grab_pending(self)
@@ -401,8 +407,6 @@ class DelayedWork(Work):
     def _queue_from_timer(self) -> Workqueue | None:
         """Queue at once if on the timer; the workqueue that refused it,
         if one did (engine lock held)."""
-        # Before the timer is touched: a refused flush changes nothing.
-        self._check_not_own_function("flush")
         handle = self._timer
         if handle is None:
             return None

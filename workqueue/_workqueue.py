@@ -37,6 +37,7 @@ from ._future import CallWork, cancel_pending_futures
 from ._pool import (
     NOWAIT,
     Completion,
+    Draft,
     PoolWorkqueue,
     WorkerPool,
     activate_inactive,
@@ -1026,24 +1027,28 @@ class Workqueue(Executor):
     def dump(self) -> str:
         """The workqueue's busy pools and items, like show_one_workqueue()."""
         with lock:
-            lines = [f"workqueue {self.name}: flags={self.flags!r} "
-                     f"max_active={self._max_active} {_STATE_NAMES[self._state]}"
-                     + (" frozen" if self._frozen else "")]
+            draft = Draft(f"workqueue {self.name}: flags={self.flags!r} "
+                          f"max_active={self._max_active} {_STATE_NAMES[self._state]}"
+                          + (" frozen" if self._frozen else ""))
             for pwq, running in running_workers(self._all_pwqs()).items():
                 pool = pwq.pool
                 pending = [w for w in pool.worklist if w._pwq is pwq]
                 if not (running or pending or pwq.inactive.nr):
                     continue
-                lines.append(f"  pwq {pool.id}: {pool.name} active={pwq.nr_active}/"
-                             f"{pwq.max_active} inactive={pwq.inactive.nr}")
+                draft.add(f"\n  pwq {pool.id}: {pool.name} active={pwq.nr_active}/"
+                          f"{pwq.max_active} inactive={pwq.inactive.nr}")
                 if running:
-                    lines.append("    in-flight: " + ", ".join(
-                        f"{w.name}:{work_name(w.current)}" for w in running))
+                    draft.add("\n    in-flight: ")
+                    for i, w in enumerate(running):
+                        draft.add(f"{', ' if i else ''}{w.name}:")
+                        draft.item(w.current)
                 if pending:
-                    lines.append("    pending: " + ", ".join(map(work_name, pending)))
+                    draft.add("\n    pending: ")
+                    draft.items(pending)
                 if pwq.inactive.nr:
-                    lines.append("    inactive: " + ", ".join(map(work_name, pwq.inactive)))
-            return "\n".join(lines)
+                    draft.add("\n    inactive: ")
+                    draft.items(pwq.inactive)
+        return draft.text()  # the items named with the lock free (see Draft)
 
     # -- the Executor face --------------------------------------------------
 

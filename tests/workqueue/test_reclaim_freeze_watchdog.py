@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from wqhelpers import wait_until
+from wqhelpers import CallsInRepr, named_unlocked, wait_until
 
 import workqueue._pool as pool_module
 import workqueue._watchdog as _watchdog
@@ -648,6 +648,35 @@ def test_watchdog_reports_a_stall_of_an_item_whose_repr_fails(
     message = logged.records[-1].getMessage()
     assert "Conn object at" in message and "its repr() raised OSError" in message, message
     assert "pending: <" in message and message.count("its repr() raised OSError") == 3, message
+
+
+def test_watchdog_names_the_items_it_reports_with_the_engine_lock_free(
+        make_wq: Any, log_waiter: Any) -> None:
+    """The watchdog checks under the engine lock, on the timer thread that
+    every timer needs: it names the items of its reports (and of its
+    pools' dumps) once it has let go of the lock, as a repr() may call
+    into the workqueue."""
+    wq = make_wq(topology=_watched())
+    ran_long = log_waiter("workqueue._watchdog", "has been running")
+    stuck = log_waiter("workqueue._watchdog", "stuck for")
+    release = threading.Event()
+    hog = CallsInRepr(lambda work: release.wait(TIMEOUT), wq)
+    behind = CallsInRepr(lambda work: None, wq)
+    assert wq.queue_work(hog) and wq.queue_work(behind)
+    try:
+        assert ran_long.seen.wait(TIMEOUT), "the long run was not reported"
+        assert stuck.seen.wait(TIMEOUT), "the stuck pool was not reported"
+    finally:
+        release.set()
+    wq.flush()
+    assert named_unlocked(hog, behind)
+    message = ran_long.records[0].getMessage()
+    assert " has been running <CallsInRepr> for " in message, message
+    assert ":<CallsInRepr> for " in message, message  # the dump's in-flight line
+    assert message.endswith("\n  pending: <CallsInRepr>"), message
+    message = stuck.records[0].getMessage()
+    assert ": <CallsInRepr> waits, " in message, message
+    assert message.endswith("\n  pending: <CallsInRepr>"), message
 
 
 def test_watchdog_reports_a_pool_that_cannot_start_its_items_once_per_stall(

@@ -730,7 +730,10 @@ def test_ctrl_c_as_a_wait_is_registered_leaves_its_hold_and_owner_together(
         if not landed:
             break
         n += 1
-    assert n >= 2
+    # One place: the append that registers the wait, after the hold (the
+    # check of a wait from the item's own function is made before the
+    # lock is taken, as its error names the item).
+    assert n >= 1
 
 
 @pytest.mark.parametrize("then", ["destroy", "shutdown"])

@@ -21,7 +21,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from wqhelpers import assert_waits_until_released, wait_until
+from wqhelpers import (
+    CallsInRepr,
+    DelayedCallsInRepr,
+    assert_waits_until_released,
+    bounded,
+    named_unlocked,
+    wait_until,
+)
 
 from workqueue import WQ_FREEZABLE, DelayedWork, Topology, Work, Workqueue
 from workqueue._pool import WAIT_SLICE, Completion, wait_slice
@@ -53,8 +60,8 @@ class Held:
         assert self.started.acquire(timeout=TIMEOUT)
 
 
-def running(wq: Workqueue, held: Held, kind: type[Work] = Work) -> Work:
-    """An item of ``held`` that runs on ``wq``, held."""
+def running(wq: Workqueue, held: Held, kind: Callable[[Held], Work] = Work) -> Work:
+    """An item of ``held``, made by ``kind``, that runs on ``wq``, held."""
     work = kind(held)
     assert wq.queue_work(work)
     held.wait_started()
@@ -159,6 +166,92 @@ def test_refusals_name_an_item_whose_repr_fails(make_wq: Any) -> None:
     work.flush(timeout=TIMEOUT)
     (message,) = refused
     assert re.match(f"^flush\\(\\) of {named} from its own function would deadlock$", message)
+
+
+def test_dump_names_its_items_with_the_engine_lock_free(make_wq: Any, held: Held) -> None:
+    """A work item's repr() is the program's code, which may call into
+    the workqueue: dump() names the items once it has let go of the
+    engine lock, in-flight, pending and inactive alike."""
+    wq = make_wq(max_active=3)
+    blocker = CallsInRepr(held, wq)
+    assert wq.queue_work_on(0, blocker)
+    held.wait_started()
+    # Behind the running item, which does not say it blocks: pending on
+    # the pool's worklist, then, past max_active, inactive.
+    behind = [CallsInRepr(held, wq) for _ in range(4)]
+    assert all(wq.queue_work_on(0, work) for work in behind)
+    dump = bounded(wq.dump, "dump()")
+    assert named_unlocked(blocker, *behind), dump
+    assert ":<CallsInRepr>\n" in dump, dump
+    assert "\n    pending: <CallsInRepr>, <CallsInRepr>\n" in dump, dump
+    assert dump.endswith("\n    inactive: <CallsInRepr>, <CallsInRepr>"), dump
+
+
+def test_timeouts_name_their_items_with_the_engine_lock_free(
+        make_wq: Any, held: Held) -> None:
+    """A timed-out wait names the item and dumps the workqueue: neither
+    repr() runs under the engine lock."""
+    wq = make_wq(ordered=True)
+    blocker = running(wq, held, lambda func: CallsInRepr(func, wq))
+    work = CallsInRepr(lambda w: None, wq)
+    assert wq.queue_work(work)
+    message = bounded(lambda: times_out(lambda: work.flush(timeout=SHORT)), "flush()")
+    assert message.startswith("flush() of <CallsInRepr> timed out"), message
+    message = bounded(lambda: times_out(lambda: wq.flush(timeout=SHORT)), "wq.flush()")
+    assert "in-flight: " in message and "inactive: <CallsInRepr>" in message, message
+    assert named_unlocked(blocker, work)
+
+
+def test_refusals_name_their_items_with_the_engine_lock_free(make_wq: Any) -> None:
+    """The misuses that name the item -- enable() of one not disabled, a
+    wait for an item from its own function -- name it with the engine
+    lock free."""
+    wq = make_wq()
+    idle = CallsInRepr(lambda w: None, wq)
+    with pytest.raises(RuntimeError, match=r"^enable\(\) of <CallsInRepr>, which is not"):
+        bounded(idle.enable, "enable()")
+    assert named_unlocked(idle)
+    refused: list[str] = []
+
+    def wait_for_self(work: Work) -> None:
+        for wait in (work.flush, work.cancel_sync, work.disable_sync):
+            # A timeout that is no timeout is refused first, as anywhere.
+            with pytest.raises(ValueError, match="^timeout must be"):
+                wait(timeout=-1)
+            with pytest.raises(RuntimeError) as info:
+                wait(timeout=TIMEOUT)
+            refused.append(str(info.value))
+
+    for kind in (CallsInRepr, DelayedCallsInRepr):
+        refused.clear()
+        work = kind(wait_for_self, wq)
+        assert wq.queue_work(work)
+        bounded(lambda work=work: work.flush(timeout=TIMEOUT), "the item's run")
+        name = kind.__name__
+        assert refused == [f"{what}() of <{name}> from its own function would deadlock"
+                           for what in ("flush", "cancel_sync", "disable_sync")], refused
+        assert named_unlocked(work)
+        # Its disable_sync() was refused before it counted: nothing to undo.
+        assert not work.disabled
+
+
+def test_a_hog_is_named_in_the_debug_log_with_the_engine_lock_free(
+        make_wq: Any, held: Held, caplog: pytest.LogCaptureFixture) -> None:
+    """The CPU-intensive check runs on the timer thread under the engine
+    lock: it names the hog once it has let go of the lock."""
+    caplog.set_level(logging.DEBUG, logger="workqueue._pool")
+    wq = make_wq(topology=Topology(1, cpu_intensive_thresh=0.01))
+    hog = running(wq, held, lambda func: CallsInRepr(func, wq))
+    behind = threading.Event()
+    assert wq.queue_work(Work(lambda w: behind.set()))
+    try:
+        assert behind.wait(TIMEOUT), "the item behind the hog did not run"
+    finally:
+        held.release.set()
+    wq.flush(timeout=TIMEOUT)
+    hogged = [r.getMessage() for r in caplog.records if "hogged" in r.getMessage()]
+    assert hogged and hogged[0].startswith("workqueue: <CallsInRepr> hogged "), hogged
+    assert named_unlocked(hog)
 
 
 class _DelayedConn(DelayedWork):

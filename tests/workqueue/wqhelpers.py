@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from workqueue import Work
+from workqueue import DelayedWork, Work, Workqueue
 
 TIMEOUT = 10.0
 
@@ -71,3 +71,76 @@ def assert_next_run_waits(queue_first: Callable[[Any], bool],
     w.flush()
     assert saw == [True]
     return w
+
+
+# How long a repr() of CallsInRepr waits for its call into the workqueue:
+# the engine lock is held for bookkeeping only, never this long, unless
+# the repr itself runs under it.
+REPR_CALL_BOUND = 5.0
+
+
+class _CallsInRepr:
+    """A work item whose repr() calls into its workqueue (``wq.stats()``,
+    as a repr that shows its queue's load may) and records, in ``reprs``,
+    whether the call got through.  It makes the call from another thread,
+    for at most REPR_CALL_BOUND: a repr() that the engine runs under its
+    lock then fails the test rather than deadlock every workqueue of the
+    process (the lock is not reentrant)."""
+
+    wq: Workqueue
+    reprs: list[bool]
+
+    def __init__(self, func: Callable[[Any], object], wq: Workqueue) -> None:
+        super().__init__(func)  # type: ignore[call-arg]  # the Work's
+        self.wq = wq
+        self.reprs = []
+
+    def __repr__(self) -> str:
+        done = threading.Event()
+
+        def call_in() -> None:
+            self.wq.stats()
+            done.set()
+
+        threading.Thread(target=call_in, daemon=True).start()
+        got_through = done.wait(REPR_CALL_BOUND)
+        self.reprs.append(got_through)
+        name = type(self).__name__
+        return f"<{name}>" if got_through else f"<{name} named under the engine lock>"
+
+
+class CallsInRepr(_CallsInRepr, Work):
+    pass
+
+
+class DelayedCallsInRepr(_CallsInRepr, DelayedWork):
+    pass
+
+
+def named_unlocked(*items: _CallsInRepr) -> bool:
+    """Whether every repr() of *items* ran with the engine lock free (and
+    each was named at least once)."""
+    return all(item.reprs and all(item.reprs) for item in items)
+
+
+def bounded(call: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
+    """``call()`` in a daemon thread: what it returned, or raise what it
+    raised; fail saying *what* hung if it is not over in *timeout* (a
+    deadlock then leaves only that thread stuck, not the run)."""
+    outcome: list[Any] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append((False, exc))
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(timeout), f"{what} hung"
+    ((returned, value),) = outcome
+    if not returned:
+        raise value
+    return value
