@@ -236,10 +236,13 @@ def test_refusals_name_their_items_with_the_engine_lock_free(make_wq: Any) -> No
 
 
 def test_a_hog_is_named_in_the_debug_log_with_the_engine_lock_free(
-        make_wq: Any, held: Held, caplog: pytest.LogCaptureFixture) -> None:
+        make_wq: Any, held: Held, caplog: pytest.LogCaptureFixture, log_waiter: Any) -> None:
     """The CPU-intensive check runs on the timer thread under the engine
     lock: it names the hog once it has let go of the lock."""
     caplog.set_level(logging.DEBUG, logger="workqueue._pool")
+    # Logged after the check has let go of the lock, so possibly after the
+    # item behind has run: waited for, not looked for.
+    logged = log_waiter("workqueue._pool", "hogged")
     wq = make_wq(topology=Topology(1, cpu_intensive_thresh=0.01))
     hog = running(wq, held, lambda func: CallsInRepr(func, wq))
     behind = threading.Event()
@@ -249,8 +252,9 @@ def test_a_hog_is_named_in_the_debug_log_with_the_engine_lock_free(
     finally:
         held.release.set()
     wq.flush(timeout=TIMEOUT)
-    hogged = [r.getMessage() for r in caplog.records if "hogged" in r.getMessage()]
-    assert hogged and hogged[0].startswith("workqueue: <CallsInRepr> hogged "), hogged
+    assert logged.seen.wait(TIMEOUT), "the hog was not logged"
+    hogged = [r.getMessage() for r in logged.records]
+    assert hogged[0].startswith("workqueue: <CallsInRepr> hogged "), hogged
     assert named_unlocked(hog)
 
 
@@ -274,11 +278,13 @@ def test_a_delayed_item_dropped_is_logged_though_its_repr_fails(
 
 
 def test_a_hog_whose_repr_fails_is_named_in_the_debug_log(
-        make_wq: Any, held: Held, caplog: pytest.LogCaptureFixture) -> None:
+        make_wq: Any, held: Held, caplog: pytest.LogCaptureFixture, log_waiter: Any) -> None:
     """The CPU-intensive check logs the item it stops counting, on the
-    timer thread under the engine lock: a repr() that raised there would
-    leave the pool's other items waiting behind the hog."""
+    timer thread: a repr() that raised there would leave the pool's other
+    items waiting behind the hog."""
     caplog.set_level(logging.DEBUG, logger="workqueue._pool")
+    # Logged once the check has let go of the lock (see above): waited for.
+    logged = log_waiter("workqueue._pool", "hogged")
     wq = make_wq(topology=Topology(1, cpu_intensive_thresh=0.01))
     running(wq, held, _Conn)
     behind = threading.Event()
@@ -287,8 +293,9 @@ def test_a_hog_whose_repr_fails_is_named_in_the_debug_log(
         assert behind.wait(TIMEOUT), "the item behind the hog did not run"
     finally:
         held.release.set()
-    hogged = [r.getMessage() for r in caplog.records if "hogged" in r.getMessage()]
-    assert hogged and "its repr() raised OSError" in hogged[0], hogged
+    assert logged.seen.wait(TIMEOUT), "the hog was not logged"
+    hogged = [r.getMessage() for r in logged.records]
+    assert "its repr() raised OSError" in hogged[0], hogged
 
 
 def test_flush_with_a_timeout_that_does_not_expire_returns_the_kernels_value(
