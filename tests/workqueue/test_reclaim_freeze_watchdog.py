@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import re
 import threading
 import time
 import weakref
@@ -672,7 +673,8 @@ def test_watchdog_names_the_items_it_reports_with_the_engine_lock_free(
     assert named_unlocked(hog, behind)
     message = ran_long.records[0].getMessage()
     assert " has been running <CallsInRepr> for " in message, message
-    assert ":<CallsInRepr> for " in message, message  # the dump's in-flight line
+    # The dump's in-flight line, a line of its own.
+    assert re.search(r"\n  in-flight: \S+:<CallsInRepr> for ", message), message
     assert message.endswith("\n  pending: <CallsInRepr>"), message
     message = stuck.records[0].getMessage()
     assert ": <CallsInRepr> waits, " in message, message
