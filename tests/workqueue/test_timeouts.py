@@ -185,6 +185,9 @@ def test_dump_names_its_items_with_the_engine_lock_free(make_wq: Any, held: Held
     assert ":<CallsInRepr>\n" in dump, dump
     assert "\n    pending: <CallsInRepr>, <CallsInRepr>\n" in dump, dump
     assert dump.endswith("\n    inactive: <CallsInRepr>, <CallsInRepr>"), dump
+    # The pool's own dump, for debugging, is the text of its draft.
+    pool_dump = bounded(wq._pwqs[0].pool.dump, "the pool's dump()")
+    assert pool_dump.endswith("\n  pending: <CallsInRepr>, <CallsInRepr>"), pool_dump
 
 
 def test_timeouts_name_their_items_with_the_engine_lock_free(
