@@ -258,6 +258,9 @@ def test_a_hog_is_named_in_the_debug_log_with_the_engine_lock_free(
     assert logged.seen.wait(TIMEOUT), "the hog was not logged"
     hogged = [r.getMessage() for r in logged.records]
     assert hogged[0].startswith("workqueue: <CallsInRepr> hogged "), hogged
+    # In milliseconds, at least the threshold's 10.
+    ms = re.search(r" for ([0-9.]+) ms; no longer counted$", hogged[0])
+    assert ms and float(ms.group(1)) >= 10.0, hogged
     assert named_unlocked(hog)
 
 
