@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import re
 import threading
 import time
 import weakref
@@ -589,6 +590,9 @@ def test_watchdog_reports_a_run_once_it_has_lasted_the_threshold_not_before(
             assert len(logged.records) == reports, now - worker.start
     finally:
         release.set()
+    # Nothing pending: the pool's dump ends with the run, no empty list.
+    message = logged.records[0].getMessage()
+    assert message.splitlines()[-1].startswith("  in-flight: "), message
 
 
 def test_watchdog_reports_a_stall_of_an_item_the_rescuer_runs(
@@ -672,7 +676,8 @@ def test_watchdog_names_the_items_it_reports_with_the_engine_lock_free(
     assert named_unlocked(hog, behind)
     message = ran_long.records[0].getMessage()
     assert " has been running <CallsInRepr> for " in message, message
-    assert ":<CallsInRepr> for " in message, message  # the dump's in-flight line
+    # The dump's in-flight line, a line of its own.
+    assert re.search(r"\n  in-flight: \S+:<CallsInRepr> for ", message), message
     assert message.endswith("\n  pending: <CallsInRepr>"), message
     message = stuck.records[0].getMessage()
     assert ": <CallsInRepr> waits, " in message, message

@@ -185,6 +185,9 @@ def test_dump_names_its_items_with_the_engine_lock_free(make_wq: Any, held: Held
     assert ":<CallsInRepr>\n" in dump, dump
     assert "\n    pending: <CallsInRepr>, <CallsInRepr>\n" in dump, dump
     assert dump.endswith("\n    inactive: <CallsInRepr>, <CallsInRepr>"), dump
+    # The pool's own dump, for debugging, is the text of its draft.
+    pool_dump = bounded(wq._pwqs[0].pool.dump, "the pool's dump()")
+    assert pool_dump.endswith("\n  pending: <CallsInRepr>, <CallsInRepr>"), pool_dump
 
 
 def test_timeouts_name_their_items_with_the_engine_lock_free(
@@ -254,6 +257,9 @@ def test_a_hog_is_named_in_the_debug_log_with_the_engine_lock_free(
     assert logged.seen.wait(TIMEOUT), "the hog was not logged"
     hogged = [r.getMessage() for r in logged.records]
     assert hogged[0].startswith("workqueue: <CallsInRepr> hogged "), hogged
+    # In milliseconds, at least the threshold's 10.
+    ms = re.search(r" for ([0-9.]+) ms; no longer counted$", hogged[0])
+    assert ms and float(ms.group(1)) >= 10.0, hogged
     assert named_unlocked(hog)
 
 

@@ -374,6 +374,43 @@ def test_flush_and_cancel_sync_from_own_function_raise(make_wq: Any) -> None:
     assert "cancel_sync()" in errors[1]
 
 
+def test_an_item_may_wait_for_another_running_item(make_wq: Any) -> None:
+    """Only a wait for the caller's own item is refused: an item's function
+    may flush, cancel_sync() or disable_sync() another item running on
+    another worker, and waits for that run."""
+    wq = make_wq()
+    other = Gate()
+    a = Work(other)
+    assert wq.queue_work_on(0, a)
+    assert other.started.wait(TIMEOUT)
+    outcomes: list[tuple[str, object]] = []
+    lock = threading.Lock()
+
+    def waiter(op: str) -> Any:
+        def func(work: Work) -> None:
+            try:
+                outcome: object = getattr(a, op)(timeout=TIMEOUT)
+            except RuntimeError as exc:
+                outcome = exc
+            with lock:
+                outcomes.append((op, outcome))
+        return func
+
+    ops = ("flush", "cancel_sync", "disable_sync")
+    for op in ops:
+        assert wq.queue_work_on(1, Work(waiter(op)))
+    try:
+        # Each wait registered on a's run (or, refused, over) before a ends.
+        wait_until(lambda: len(a._flushers or ()) + len(outcomes) == len(ops),
+                   "the three waits are registered")
+    finally:
+        other.release.set()
+    wq.flush(timeout=TIMEOUT)
+    assert sorted(outcomes, key=lambda o: ops.index(o[0])) == [
+        ("flush", True), ("cancel_sync", False), ("disable_sync", False)], outcomes
+    assert a.disabled and a.enable() is True
+
+
 def test_disable_enable_counter_and_return_values(make_wq: Any) -> None:
     wq, blocker = held_ordered_queue(make_wq)
     ran: list[int] = []
