@@ -1609,6 +1609,40 @@ def _called_from(func: Any) -> bool:
     return False
 
 
+def _cut_wait_in(monkeypatch: pytest.MonkeyPatch, func: Any) -> threading.Event:
+    """The first wait for a run (a workqueue Completion) inside ``func``
+    raises KeyboardInterrupt, as Ctrl-C would; the Event is set once it
+    did."""
+    cut = threading.Event()
+
+    class CutShort(_work.Completion):
+        def wait(self, timeout: float | None = None) -> bool:
+            if cut.is_set() or not _called_from(func):
+                return super().wait(timeout)
+            cut.set()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_work, "Completion", CutShort)
+    return cut
+
+
+def _held_listener_runs(monkeypatch: pytest.MonkeyPatch,
+                        ) -> tuple[threading.Event, threading.Event]:
+    """Hold every listener's run (PassiveSocket._serve) until the second
+    Event is set; the first is set as one is held."""
+    running, go_on = threading.Event(), threading.Event()
+    serve = PassiveSocket._serve
+
+    def held_serve(self: PassiveSocket, *args: Any) -> int | None:
+        if not go_on.is_set():
+            running.set()
+            go_on.wait(TIMEOUT)
+        return serve(self, *args)
+
+    monkeypatch.setattr(PassiveSocket, "_serve", held_serve)
+    return running, go_on
+
+
 def test_a_release_of_an_id_new_cut_short_waiting_for_its_listener_leaves_it_enabled(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """An interrupt while the RELEASE of an ACCEPT's id_new waits for the
@@ -1621,29 +1655,11 @@ def test_a_release_of_an_id_new_cut_short_waiting_for_its_listener_leaves_it_ena
     fe = backend._frontends[(raw.guest.domid, 0)]
     passive = fe._sockets[listener]
     assert isinstance(passive, PassiveSocket)
-    running, go_on = threading.Event(), threading.Event()
-    serve = PassiveSocket._serve
-
-    def held_serve(self: PassiveSocket, *args: Any) -> int | None:
-        if not go_on.is_set():
-            running.set()
-            go_on.wait(TIMEOUT)
-        return serve(self, *args)
-
-    monkeypatch.setattr(PassiveSocket, "_serve", held_serve)
+    running, go_on = _held_listener_runs(monkeypatch)
     id_new = raw.new_id()
     accept = raw.push_accept(listener, id_new, raw.new_ring())
     assert running.wait(TIMEOUT)
-    cut = threading.Event()
-
-    class CutShort(_work.Completion):
-        def wait(self, timeout: float | None = None) -> bool:
-            if cut.is_set() or not _called_from(_Frontend._cancel_accept):
-                return super().wait(timeout)
-            cut.set()
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(_work, "Completion", CutShort)
+    cut = _cut_wait_in(monkeypatch, _Frontend._cancel_accept)
     release = raw.push_release(id_new)
     assert cut.wait(TIMEOUT)
     go_on.set()
@@ -1676,28 +1692,10 @@ def test_a_listener_s_release_cut_short_waiting_for_its_run_refuses_what_follows
     fe = backend._frontends[(raw.guest.domid, 0)]
     passive = fe._sockets[listener]
     assert isinstance(passive, PassiveSocket)
-    running, go_on = threading.Event(), threading.Event()
-    serve = PassiveSocket._serve
-
-    def held_serve(self: PassiveSocket, *args: Any) -> int | None:
-        if not go_on.is_set():
-            running.set()
-            go_on.wait(TIMEOUT)
-        return serve(self, *args)
-
-    monkeypatch.setattr(PassiveSocket, "_serve", held_serve)
+    running, go_on = _held_listener_runs(monkeypatch)
     poll = raw.push_poll(listener)
     assert running.wait(TIMEOUT)
-    cut = threading.Event()
-
-    class CutShort(_work.Completion):
-        def wait(self, timeout: float | None = None) -> bool:
-            if cut.is_set() or not _called_from(PassiveSocket.teardown):
-                return super().wait(timeout)
-            cut.set()
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(_work, "Completion", CutShort)
+    cut = _cut_wait_in(monkeypatch, PassiveSocket.teardown)
     release = raw.push_release(listener)
     assert cut.wait(TIMEOUT)
     fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
@@ -1756,16 +1754,7 @@ def test_a_connected_socket_s_release_cut_short_waiting_for_its_run_still_sends_
         sock.kick()
         assert running.wait(TIMEOUT)  # past its send: the bytes below wait for the RELEASE
         assert ring.write(b"unsent", notify=False) == 6
-        cut = threading.Event()
-
-        class CutShort(_work.Completion):
-            def wait(self, timeout: float | None = None) -> bool:
-                if cut.is_set() or not _called_from(ActiveSocket.teardown):
-                    return super().wait(timeout)
-                cut.set()
-                raise KeyboardInterrupt
-
-        monkeypatch.setattr(_work, "Completion", CutShort)
+        cut = _cut_wait_in(monkeypatch, ActiveSocket.teardown)
         release = raw.push_release(sock_id)
         assert cut.wait(TIMEOUT)
         fe._work.flush(timeout=TIMEOUT)  # the RELEASE handled, cut short
