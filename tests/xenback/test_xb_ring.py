@@ -200,7 +200,9 @@ def _ring_at(start: int, rsp_event: int | None = None) -> tuple[bytearray, Front
     return buf, FrontRing(buf, SLOT, init=False), BackRing(buf, SLOT, index=start)
 
 
-def test_responses_notify_only_for_what_the_frontend_waits_for() -> None:
+def _two_requests_taken() -> tuple[bytearray, FrontRing, BackRing, bytes, bytes]:
+    """A fresh ring whose frontend pushed two requests, both taken by the
+    backend: the page, both ends and the two requests."""
     buf = bytearray(4096)
     front = FrontRing(buf, SLOT)
     back = BackRing(buf, SLOT)
@@ -208,6 +210,11 @@ def test_responses_notify_only_for_what_the_frontend_waits_for() -> None:
         front.push_request(REQ.pack(i, 0))
     front.push_requests()
     first, second = back.requests()
+    return buf, front, back, first, second
+
+
+def test_responses_notify_only_for_what_the_frontend_waits_for() -> None:
+    buf, front, back, first, second = _two_requests_taken()
     back.push_response(first)
     assert back.push_responses() is True  # rsp_event was 1
     assert back.push_responses() is False  # nothing new
@@ -220,13 +227,7 @@ def test_the_notify_check_compares_with_the_rsp_prod_we_published() -> None:
     """push_responses() takes the old ``rsp_prod`` from what it last
     published, not from the page: a frontend that rewrites ``rsp_prod``
     there cannot sway whether it is notified."""
-    buf = bytearray(4096)
-    front = FrontRing(buf, SLOT)
-    back = BackRing(buf, SLOT)
-    for i in range(2):
-        front.push_request(REQ.pack(i, 0))
-    front.push_requests()
-    first, second = back.requests()
+    buf, front, back, first, second = _two_requests_taken()
     back.push_response(first)
     assert back.push_responses() is True  # rsp_event was 1
     view = memoryview(buf)
@@ -280,13 +281,7 @@ def test_the_final_check_sees_a_response_published_as_rsp_event_was_armed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """final_check_for_responses() too, for the frontend's end."""
-    buf = bytearray(4096)
-    front = FrontRing(buf, SLOT)
-    back = BackRing(buf, SLOT)
-    front.push_request(REQ.pack(1, 0))
-    front.push_request(REQ.pack(2, 0))
-    front.push_requests()
-    first, second = back.requests()
+    buf, front, back, first, second = _two_requests_taken()
     back.push_response(first)
     back.push_responses()
     assert len(list(front.responses())) == 1
@@ -320,13 +315,7 @@ def test_the_final_check_leaves_req_event_alone_while_requests_wait() -> None:
 
 def test_the_final_check_leaves_rsp_event_alone_while_responses_wait() -> None:
     """RING_FINAL_CHECK_FOR_RESPONSES likewise, at the frontend's end."""
-    buf = bytearray(4096)
-    front = FrontRing(buf, SLOT)
-    back = BackRing(buf, SLOT)
-    front.push_request(REQ.pack(1, 0))
-    front.push_request(REQ.pack(2, 0))
-    front.push_requests()
-    first, second = back.requests()
+    buf, front, back, first, second = _two_requests_taken()
     back.push_response(first)
     back.push_responses()
     assert len(list(front.responses())) == 1
