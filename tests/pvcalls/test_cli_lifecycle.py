@@ -890,34 +890,9 @@ def test_a_bad_policy_file_is_named_once(tmp_path: Path,
     assert err.count(str(policy)) == 1 and "max_sockets" in err
 
 
-@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM])
-def test_a_shortage_as_serve_reads_its_policy_is_worth_a_restart(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-        code: int) -> None:
-    # Reading the policy is the first thing serve does as it starts: a host
-    # short of descriptors or memory there has no bad policy file (status
-    # 2, never restarted), but a shortage (status 1), as --help says.
-    policy = tmp_path / "policy.toml"
-    policy.write_text("[default]\n")
-    path_open = Path.open
-
-    def short_open(path: Path, *args: Any, **kwargs: Any) -> Any:
-        if path == policy:
-            raise OSError(code, os.strerror(code), str(path))
-        return path_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "open", short_open)
-    with pytest.raises(SystemExit) as info:
-        main(["serve", "--platform", "sim", "--run-dir", str(tmp_path), "--policy", str(policy)])
-    _said_worth_a_restart(info, capsys, "read the policy file", code)
-
-
-@pytest.mark.parametrize("code", [errno.ENOENT, errno.EACCES, errno.EISDIR, errno.EIO])
-def test_a_policy_file_that_cannot_be_read_is_refused_not_restarted(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-        code: int) -> None:
-    # Any other error reading it is the file's (or its path's): status 2,
-    # which the unit does not restart, as for a file that does not parse.
+def _serve_reading_a_policy_that_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       code: int) -> tuple[pytest.ExceptionInfo[SystemExit], Path]:
+    """serve's exit, and the policy file, whose open() fails with ``code``."""
     policy = tmp_path / "policy.toml"
     policy.write_text("[default]\n")
     path_open = Path.open
@@ -930,6 +905,27 @@ def test_a_policy_file_that_cannot_be_read_is_refused_not_restarted(
     monkeypatch.setattr(Path, "open", failing_open)
     with pytest.raises(SystemExit) as info:
         main(["serve", "--platform", "sim", "--run-dir", str(tmp_path), "--policy", str(policy)])
+    return info, policy
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM])
+def test_a_shortage_as_serve_reads_its_policy_is_worth_a_restart(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        code: int) -> None:
+    # Reading the policy is the first thing serve does as it starts: a host
+    # short of descriptors or memory there has no bad policy file (status
+    # 2, never restarted), but a shortage (status 1), as --help says.
+    info, _ = _serve_reading_a_policy_that_fails(tmp_path, monkeypatch, code)
+    _said_worth_a_restart(info, capsys, "read the policy file", code)
+
+
+@pytest.mark.parametrize("code", [errno.ENOENT, errno.EACCES, errno.EISDIR, errno.EIO])
+def test_a_policy_file_that_cannot_be_read_is_refused_not_restarted(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        code: int) -> None:
+    # Any other error reading it is the file's (or its path's): status 2,
+    # which the unit does not restart, as for a file that does not parse.
+    info, policy = _serve_reading_a_policy_that_fails(tmp_path, monkeypatch, code)
     assert info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"pvcalls-backend serve: error: --policy {policy}: cannot read policy: "
