@@ -1125,30 +1125,28 @@ class _Frontend:
             entry.release()
         elif isinstance(entry, ActiveSocket):
             parent = entry.parent
-            # Filled by _cancel_accept as it takes the ACCEPT, not from
-            # what it returns: an interrupt as it returns (or as the
-            # listener's lock is let go) would lose the ACCEPT taken.
-            cancelled: list[Request] = []
-            # The CONNECT the teardown takes, once it is done: as for
-            # cancelled, not from what it returns.
-            pending: list[Request] = []
+            # The request the RELEASE ends: the ACCEPT _cancel_accept takes
+            # (an id_new's), or the CONNECT the teardown takes (never both).
+            # Filled as each is taken, not from what they return: an
+            # interrupt as they return (or as the listener's lock is let
+            # go) would lose it.
+            ended: list[Request] = []
             raised = False
             try:
                 if parent is not None:
-                    self._cancel_accept(parent, entry, cancelled)
-                entry.teardown(into=pending)
+                    self._cancel_accept(parent, entry, ended)
+                entry.teardown(into=ended)
             except BaseException:
                 raised = True
                 self._put_back(request.id, entry)
                 raise
             finally:
-                # The cancelled ACCEPT only now: its answer tells the frontend
-                # id_new's ring is ours no more (as a listener's RELEASE does).
-                # Whatever the teardown raised: the guest must not wait for ever.
-                for accept in cancelled:
-                    self.respond(accept, -_errno.EINTR)
-                for connect in pending:
-                    self.respond(connect, -_errno.EINTR)
+                # Answered only now: a cancelled ACCEPT's answer tells the
+                # frontend id_new's ring is ours no more (as a listener's
+                # RELEASE does).  Whatever the teardown raised: the guest
+                # must not wait for ever.
+                for ended_request in ended:
+                    self.respond(ended_request, -_errno.EINTR)
                 if parent is not None:
                     # _cancel_accept's disable() took back a queued run,
                     # and kicks meanwhile were refused: the next ACCEPT

@@ -172,7 +172,7 @@ def test_a_socket_placed_as_its_cpu_goes_down_follows_the_move(
 
 @pytest.mark.parametrize(("cmd", "where"), [
     (_wire.PVCALLS_CONNECT, "sock.attach_ring("),  # homed, not yet in the table
-    (_wire.PVCALLS_RELEASE, "entry.teardown(into=pending)"),  # out of the table, still homed
+    (_wire.PVCALLS_RELEASE, "entry.teardown(into=ended)"),  # out of the table, still homed
 ])
 def test_a_snapshot_s_cpu_counts_are_its_rows(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
