@@ -561,7 +561,7 @@ def test_signals_leave_no_device_behind(tmp_path: Path) -> None:
 # next runs Python code: pvcalls-nc's waits watch signal.set_wakeup_fd()'s
 # pipe, so that its handler runs, and stops it, at once.
 _SIGNAL_WHILE_WAITING = """
-import os, signal, sys, threading
+import os, signal, sys, threading, time
 sys.path[:0] = sys.argv[1:]
 from racewindow import stands_at
 from pvcalls._nc import _wait_readable
@@ -577,11 +577,22 @@ wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
 signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
 never, _ = os.pipe()
 main = threading.get_ident()
+main_wchan = f"/proc/self/task/{threading.get_native_id()}/wchan"
 
 def signal_from_here():
     while not stands_at(main, _wait_readable, "poller.poll("):
         threading.Event().wait(0.001)
-    threading.Event().wait(0.05)  # into the system call
+    # Asleep in the system call, not about to enter it: a signal now is
+    # seen only through the wakeup fd (a fixed nap hoped for that).
+    deadline = time.monotonic() + 10
+    while True:
+        with open(main_wchan) as wchan:
+            if "poll" in wchan.read():
+                break
+        if time.monotonic() > deadline:
+            sys.stderr.write("the main thread never slept in poll()\\n")
+            os._exit(3)
+        threading.Event().wait(0.001)
     signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # to this thread
 
 threading.Thread(target=signal_from_here).start()
