@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import select
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -250,18 +251,28 @@ def test_a_close_interrupted_as_the_poll_leaves_does_not_keep_the_poll_lock(
         sending.set()  # the signal goes right after this returns
         return True
 
+    # The signal's C handler, in whichever thread took it, writes to the
+    # wakeup fd: then its Python handler waits for the main thread to look.
+    taken_r, taken_w = os.pipe2(os.O_NONBLOCK)
+    taken: list[bool] = []
+
     def leave_after_the_signal() -> None:
         if sending.wait(TIMEOUT):
-            time.sleep(0.1)  # for another thread to take it
+            taken.append(bool(select.select([taken_r], [], [], TIMEOUT)[0]))
         leave.set()  # well within the main thread's slice
 
     helper = threading.Thread(target=leave_after_the_signal)
+    previous_wake = signal.set_wakeup_fd(taken_w, warn_on_full_buffer=False)
     helper.start()
     try:
         interrupt(main_waits, dispatcher.close)
     finally:
         leave.set()
         helper.join(TIMEOUT)
+        signal.set_wakeup_fd(previous_wake)
+        os.close(taken_r)
+        os.close(taken_w)
+    assert taken == [True], "the poll left before the signal was taken"
     t.join(TIMEOUT)
     assert not t.is_alive()
     assert not dispatcher._poll_lock.locked()
