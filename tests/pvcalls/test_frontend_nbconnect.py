@@ -297,6 +297,8 @@ def backend_goes(host: SimHost, caplog: pytest.LogCaptureFixture, how: str) -> N
                 s = fe.socket()
                 s.setblocking(False)
                 connecting = asyncio.ensure_future(loop.sock_connect(s, address))
+                # Its first step runs in the loop's next round; the nap is
+                # only for a wrongly done connect to show: longer is stricter.
                 await asyncio.sleep(0.05)
                 assert not connecting.done()
                 gone.set()
