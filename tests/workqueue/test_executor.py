@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from racewindow import Attempt, PauseAt
 from stolensignal import OUTLASTS_THE_TEST
+from wqhelpers import CallsInReprHook, named_unlocked
 
 from workqueue import (
     TRACE_EVENTS,
@@ -464,6 +465,33 @@ def test_a_failing_trace_hook_is_logged_and_the_items_still_run(
     assert [str(r.exc_info[1]) for r in failures if r.exc_info] == [
         f"hook broke at {event}" for event in ("queue", "activate", "execute_start", "execute_end")
     ]
+
+
+def test_a_trace_hook_is_named_with_the_engine_lock_free(
+        make_wq: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A hook runs inside a step of the engine, under its lock, but its
+    repr() is the program's code and may call into the workqueue: a
+    failing hook is logged, and one that remove_trace_hook() does not
+    know is refused, naming it as its repr() did with the lock free (under
+    the lock, that deadlocks every workqueue of the process)."""
+    wq = make_wq()
+
+    def broken(event: str, work: Any, cpu: int | None) -> None:
+        if event == "queue":
+            raise RuntimeError("hook broke")
+
+    hook = CallsInReprHook(broken, wq)
+    wq.add_trace_hook(hook)
+    w = Work(lambda work: None)
+    assert wq.queue_work(w)
+    w.flush()
+    failures = [r for r in caplog.records if r.getMessage().startswith("trace hook ")]
+    assert [r.getMessage() for r in failures] == ["trace hook <CallsInReprHook> failed"]
+    stranger = CallsInReprHook(broken, wq)
+    with pytest.raises(ValueError, match=r"^<CallsInReprHook> is not a trace hook of 'test'$"):
+        wq.remove_trace_hook(stranger)
+    assert named_unlocked(hook, stranger)
+    wq.remove_trace_hook(hook)  # the one added, found by itself, not by its name
 
 
 class HookEscape(BaseException):
