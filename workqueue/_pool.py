@@ -591,16 +591,19 @@ class WorkerPool:
                 busy.append(rescuer)
         return busy
 
-    def draft(self) -> Draft:
+    def draft(self, now: float | None = None) -> Draft:
         """One pool, like the kernel's show_one_worker_pool (engine lock
-        held); its items are named once the lock is free (Draft.text())."""
+        held); its items are named once the lock is free (Draft.text()).
+        Runs are aged at *now*, time.monotonic() if None: a report's own
+        clock, so that the dump and the report agree."""
         busy = self.busy_workers()
         idle = " ".join(w.name for w in self.idle)
         draft = Draft(
             f"pool {self.id} ({self.name}): cpus={sorted(self.cpumask())} "
             f"flags={'disassociated' if self.disassociated else 'bound'} "
             f"nr_running={self.nr_running} workers={len(self.workers)} idle: {idle}")
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         for w in busy:
             draft.add(f"\n  in-flight: {w.name}:")
             draft.item(w.current)

@@ -591,8 +591,41 @@ def test_watchdog_reports_a_run_once_it_has_lasted_the_threshold_not_before(
     finally:
         release.set()
     # Nothing pending: the pool's dump ends with the run, no empty list.
+    # The dump ages it by the watchdog's clock, as the report itself does.
     message = logged.records[0].getMessage()
-    assert message.splitlines()[-1].startswith("  in-flight: "), message
+    assert " for 3600.0s\n" in message, message
+    last = message.splitlines()[-1]
+    assert last.startswith("  in-flight: ") and last.endswith(" for 3600.000s"), message
+
+
+def test_watchdog_dumps_a_stalled_pool_by_its_own_clock(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, log_waiter: Any) -> None:
+    """The pool check, called with the clock in the test's hand: the dump
+    of a stalled pool ages the run that holds its worklist up by that
+    clock too, as the stall itself."""
+    topo = Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0)
+    wq = make_wq(topology=topo)
+    pset = topo._pools
+    logged = log_waiter("workqueue._watchdog", "stuck for")
+    started, release = threading.Event(), threading.Event()
+    assert wq.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
+    try:
+        assert started.wait(TIMEOUT)
+        assert wq.queue_work(Work(lambda work: None))  # waits: the run neither returns nor blocks
+        with pool_module.lock:
+            (worker,) = [w for pool in pset.pools() for w in pool.busy_workers()]
+            start = worker.start
+        for now in (start + 10.0, start + 3610.0):  # first seen waiting, then stalled
+            monkeypatch.setattr(_watchdog, "time", SimpleNamespace(monotonic=lambda now=now: now))
+            assert del_timer(pset.watchdog)  # as the timer thread takes it when due
+            _watchdog_timer_fn(pset)
+    finally:
+        release.set()
+    wq.flush()
+    (record,) = logged.records
+    message = record.getMessage()
+    assert " stuck for 3600.0s: " in message, message
+    assert re.search(r"\n  in-flight: \S+:<Work .*> for 3610\.000s\n  pending: <", message), message
 
 
 def test_watchdog_reports_a_stall_of_an_item_the_rescuer_runs(
