@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from racewindow import Attempt, PauseAt
 from stolensignal import OUTLASTS_THE_TEST
-from wqhelpers import CallsInReprHook, named_unlocked
+from wqhelpers import REPR_CALL_BOUND, CallsInReprHook, named_unlocked
 
 from workqueue import (
     TRACE_EVENTS,
@@ -1001,6 +1001,57 @@ def test_cancel_pending_futures_makes_a_watched_future_final_under_its_condition
     assert future._state == CANCELLED_AND_NOTIFIED
     assert cf.wait([future], timeout=TIMEOUT).done == {future}
     release.set()
+
+
+class _AsksInRepr:
+    """A call whose repr() asks a workqueue for a result (as a repr that
+    shows its executor's load may), recording in ``reprs`` whether the
+    answer came: it waits REPR_CALL_BOUND at most, so that a repr() made
+    under _futures_lock, which a worker takes to start a call, fails the
+    test rather than deadlock it."""
+
+    def __init__(self, wq: Any) -> None:
+        self.wq = wq
+        self.reprs: list[bool] = []
+
+    def __call__(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        try:
+            self.wq.submit(int).result(REPR_CALL_BOUND)
+            self.reprs.append(True)
+        except cf.TimeoutError:
+            self.reprs.append(False)
+        return "<AsksInRepr>"
+
+
+def test_a_second_outcome_is_refused_naming_the_call_with_the_futures_lock_free(
+    make_wq: Any,
+) -> None:
+    # A cancelled call not yet let go of (cancel_pending_futures() waits
+    # for the future's condition to make it final): the InvalidStateError
+    # names it by its call's repr(), the program's code, which may wait
+    # for a worker -- that takes _futures_lock to start the call.
+    wq = make_wq(ordered=True)
+    other = make_wq("other")
+    release, started = threading.Event(), threading.Event()
+    wq.submit(lambda: (started.set(), release.wait(TIMEOUT)))
+    assert started.wait(TIMEOUT)
+    call = _AsksInRepr(other)
+    future = wq.submit(call)
+    canceller = threading.Thread(target=cancel_pending_futures, args=(wq,))
+    try:
+        with future._condition:
+            canceller.start()
+            assert _within(TIMEOUT, future.cancelled)
+            with pytest.raises(cf.InvalidStateError, match=r"^CANCELLED: <LeanFuture "):
+                future.set_result(1)
+    finally:
+        canceller.join(TIMEOUT)
+        release.set()
+    assert call.reprs and all(call.reprs), call.reprs
+    assert future._state == CANCELLED_AND_NOTIFIED
 
 
 def test_code_that_waits_on_the_condition_itself_is_woken() -> None:
