@@ -907,6 +907,48 @@ def test_watchdog_times_a_pool_stall_from_when_it_first_saw_the_item_wait(
     assert ran.wait(TIMEOUT)
 
 
+def test_watchdog_times_afresh_a_stall_after_a_worklist_seen_empty(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool check, called with the clock in the test's hand: a check
+    that sees the worklist empty forgets when it first saw items wait, so
+    the next stall is timed from the next check that sees one wait -- also
+    when the items that moved the worklist were the only starts, and
+    their workqueue is gone since (a newcomer that has started nothing
+    does not look like a move, and its item was reported early, timed
+    from before it was queued)."""
+    topo = Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0)
+    first = make_wq("first", topology=topo)
+    started, release, ran = threading.Event(), threading.Event(), threading.Event()
+    assert first.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
+    assert started.wait(TIMEOUT)
+    assert first.queue_work(Work(lambda work: None))  # waits behind the run
+    (pwq,) = first._all_pwqs()
+    pool = pwq.pool
+
+    def stalled(now: float) -> float | None:
+        with pool_module.lock:
+            return _pool_stalled(pool, now, 1.0)
+
+    assert stalled(100.0) is None  # first seen waiting
+    release.set()
+    first.flush()
+    assert stalled(100.5) is None  # seen empty
+    first.destroy(timeout=TIMEOUT)
+
+    def no_workers() -> bool:
+        with pool_module.lock:
+            return not pool.workers
+
+    wait_until(no_workers, "the pool's workers exited")
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    second = make_wq("second", topology=topo)
+    assert second.queue_work(Work(lambda work: ran.set()))  # no worker: it waits
+    assert stalled(101.4) is None  # first seen waiting: timed from here
+    assert stalled(102.4) == 1.0
+    monkeypatch.undo()  # the pool's retry makes a worker now
+    assert ran.wait(TIMEOUT)
+
+
 def test_watchdog_goes_on_timing_a_stall_when_a_cancel_leaves_items_waiting(
         make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a cancel that empties the worklist times the next stall
