@@ -6,6 +6,7 @@ import contextlib
 import gc
 import math
 import re
+import sys
 import threading
 import time
 import weakref
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from racewindow import line_of, stands_at
 from wqhelpers import CallsInRepr, named_unlocked, wait_until
 
 import workqueue._pool as pool_module
@@ -1169,6 +1171,60 @@ def test_idle_workers_beyond_two_exit_after_the_idle_timeout(
     # And they still run items.
     ran = threading.Event()
     assert wq.queue_work_on(0, Work(lambda work: ran.set())) is True
+    assert ran.wait(TIMEOUT)
+
+
+def test_a_wake_up_racing_the_idle_timeout_is_taken_once(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle worker whose timed sleep ends as a waker wakes it (the waker
+    holds the engine lock that the worker then waits for) takes that
+    wake-up all the same, and back on the idle list it sleeps on a wake
+    lock taken again: left released, it woke once more for nothing, and a
+    waker meanwhile released a released lock (RuntimeError)."""
+    monkeypatch.setattr(pool_module, "IDLE_WORKER_TIMEOUT", 0.01)
+    real_worker_thread = pool_module._worker_thread
+    asleep = line_of(real_worker_thread, "worker.wake.acquire(timeout=IDLE_WORKER_TIMEOUT)")
+    pause_next, paused, go = threading.Event(), threading.Event(), threading.Event()
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == asleep and pause_next.is_set() \
+                and not paused.is_set():
+            paused.set()  # about to sleep again, after the wake-up
+            assert go.wait(TIMEOUT)
+        return local
+
+    def traced(worker: Any) -> None:
+        sys.settrace(lambda frame, event, arg: (
+            local if frame.f_code is real_worker_thread.__code__ else None))
+        try:
+            real_worker_thread(worker)
+        finally:
+            sys.settrace(None)
+
+    monkeypatch.setattr(pool_module, "_worker_thread", traced)
+    wq = make_wq(topology=Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0))
+    pool = wq._all_pwqs()[0].pool
+    try:
+        with pool_module.lock:
+            assert not pool.workers  # nothing queued yet: no worker made
+            assert pool_module.create_worker(pool)
+            (worker,) = pool.workers  # alone and idle: it times out, and sleeps again
+            wait_until(lambda: stands_at(worker.thread.ident, real_worker_thread,
+                                         "lock_acquire_contended()"),
+                       "the worker's sleep timed out and it waits for the engine lock")
+            pool_module.kick_pool(pool)  # the wake-up that raced the timeout
+            assert worker.woken
+            pause_next.set()
+        assert paused.wait(TIMEOUT), "the worker did not go back to sleep"
+        with pool_module.lock:
+            assert worker.idle and not worker.woken and pool.idle == [worker]
+            assert worker.wake.locked(), "the wake-up was left to be taken again"
+            pool_module.kick_pool(pool)  # a waker now: no RuntimeError
+    finally:
+        go.set()
+    monkeypatch.undo()
+    ran = threading.Event()
+    assert wq.queue_work(Work(lambda work: ran.set()))
     assert ran.wait(TIMEOUT)
 
 
