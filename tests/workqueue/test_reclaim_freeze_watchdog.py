@@ -658,6 +658,34 @@ def test_watchdog_reports_a_stall_of_an_item_the_rescuer_runs(
     assert "reclaim-rescuer" in message and "stuck" in message
 
 
+def test_the_rescuer_arms_the_watchdog_for_the_items_it_runs(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, log_waiter: Any) -> None:
+    """The failed creation of a worker arms the watchdog after sending its
+    maydays, and Ctrl-C in the main thread may land in between: the
+    rescuer, which runs the items then, arms it too, and a stall of its
+    item is reported all the same."""
+    wq = make_wq("reclaim", WQ_MEM_RECLAIM, topology=_watched())
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    real_arm = pool_module._arm_watchdog
+
+    def arm_but_from_a_failed_creation(pset: Any) -> None:
+        if sys._getframe(1).f_code is not pool_module.create_worker.__code__:
+            real_arm(pset)
+
+    monkeypatch.setattr(pool_module, "_arm_watchdog", arm_but_from_a_failed_creation)
+    logged = log_waiter("workqueue._watchdog", "has been running")
+    started, release = threading.Event(), threading.Event()
+    w = Work(lambda work: (started.set(), release.wait(TIMEOUT)))
+    assert wq.queue_work(w)
+    try:
+        assert started.wait(TIMEOUT)
+        assert logged.seen.wait(TIMEOUT), "the rescuer's stalled item was not reported"
+    finally:
+        release.set()
+    w.flush()
+    assert "reclaim-rescuer" in logged.records[0].getMessage()
+
+
 def test_watchdog_reports_a_stall_of_an_item_whose_repr_fails(
         make_wq: Any, log_waiter: Any) -> None:
     """A failing repr() of one item must not silence the watchdog: it
