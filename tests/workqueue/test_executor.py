@@ -494,6 +494,40 @@ def test_a_trace_hook_is_named_with_the_engine_lock_free(
     wq.remove_trace_hook(hook)  # the one added, found by itself, not by its name
 
 
+def test_a_bound_method_is_a_trace_hook_whatever_its_repr(
+        make_wq: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A hook is found for removal as list.remove() finds it, by ==: a
+    bound method, made anew at each attribute access, is removed by the
+    expression that added it.  Its repr() (its object's) may fail: the
+    hook is added all the same, and named without it when it fails."""
+    wq = make_wq()
+
+    class Conn:
+        def __init__(self) -> None:
+            self.events: list[str] = []
+
+        def on_trace(self, event: str, work: Any, cpu: int | None) -> None:
+            self.events.append(event)
+            if event == "queue":
+                raise RuntimeError("hook broke")
+
+        def __repr__(self) -> str:
+            raise OSError("the socket is closed")
+
+    conn = Conn()
+    wq.add_trace_hook(conn.on_trace)
+    w = Work(lambda work: None)
+    assert wq.queue_work(w)
+    w.flush()
+    assert conn.events == list(TRACE_EVENTS)
+    (failure,) = [r for r in caplog.records if r.getMessage().startswith("trace hook ")]
+    assert failure.getMessage().endswith(" (its repr() raised OSError) failed"), failure
+    wq.remove_trace_hook(conn.on_trace)
+    assert wq.queue_work(w)
+    w.flush()
+    assert conn.events == list(TRACE_EVENTS)  # not called since
+
+
 class HookEscape(BaseException):
     """Raised by a hostile trace hook: no Exception, as KeyboardInterrupt."""
 
