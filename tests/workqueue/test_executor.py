@@ -528,6 +528,26 @@ def test_a_bound_method_is_a_trace_hook_whatever_its_repr(
     assert conn.events == list(TRACE_EVENTS)  # not called since
 
 
+def test_a_hook_added_twice_is_removed_as_list_remove_would(make_wq: Any) -> None:
+    """Hooks run in the order added, and removing one added twice takes
+    the first of the two, as list.remove() does: the rest keep their
+    order."""
+    wq = make_wq()
+    order: list[str] = []
+
+    def hook(name: str) -> Callable[[str, Any, int | None], None]:
+        return lambda event, work, cpu: order.append(name) if event == "queue" else None
+
+    a, b = hook("a"), hook("b")
+    for added in (a, b, a):
+        wq.add_trace_hook(added)
+    wq.remove_trace_hook(a)
+    w = Work(lambda work: None)
+    assert wq.queue_work(w)
+    w.flush()
+    assert order == ["b", "a"]
+
+
 class HookEscape(BaseException):
     """Raised by a hostile trace hook: no Exception, as KeyboardInterrupt."""
 
