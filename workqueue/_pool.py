@@ -75,8 +75,9 @@ logger = logging.getLogger(__name__)
 # which may call into the workqueue (or wait for a thread that does), run
 # outside it: the dumps, the watchdog's reports and the errors that name an
 # item take the items under the lock and name them once it is free (see
-# Draft).  Lock order: topology hotplug lock -> engine lock ->
-# timer lock.  A future's condition is never taken while it is held.
+# Draft); a trace hook is named as it is added (see add_trace_hook).
+# Lock order: topology hotplug lock -> engine lock -> timer lock.  A
+# future's condition is never taken while it is held.
 #
 # Everything it guards is written only with it held.  Reads without it are
 # allowed where one attribute's value at one instant is enough: queue_work()
