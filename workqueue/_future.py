@@ -351,17 +351,25 @@ class LeanFuture(Future[Any]):
         refuse a future already done (its maker's bug; _run() never does).
         Its maker may call them in the main thread, where Ctrl-C lands:
         _settle() then tells everybody all the same."""
-        self._settle(lambda: self._finish_locked(result, exception))
+        refused = self._settle(lambda: self._finish_locked(result, exception))
+        if refused is not None:
+            # Named with _futures_lock free: the call's repr() is the
+            # program's code, and may wait for a worker, which takes that
+            # lock to start any call.
+            raise InvalidStateError(f"{refused}: {self!r}")
 
-    def _finish_locked(self, result: Any, exception: BaseException | None) -> None:
-        """_set_final()'s step under _futures_lock."""
-        if self._state in _DONE:
-            raise InvalidStateError(f"{self._state}: {self!r}")
+    def _finish_locked(self, result: Any, exception: BaseException | None) -> str | None:
+        """_set_final()'s step under _futures_lock: the state that refuses
+        the outcome, None once the future has taken it."""
+        state = self._state
+        if state in _DONE:
+            return state
         self._result = result
         self._exception = exception
         self._state = FINISHED
         if self._blocked is not None:
             self._wake_sleepers()
+        return None
 
     def _finish(self, result: Any, exception: BaseException | None) -> None:
         """_set_final() for _run(), on the per-call path: it runs on a

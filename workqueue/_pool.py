@@ -75,8 +75,9 @@ logger = logging.getLogger(__name__)
 # which may call into the workqueue (or wait for a thread that does), run
 # outside it: the dumps, the watchdog's reports and the errors that name an
 # item take the items under the lock and name them once it is free (see
-# Draft).  Lock order: topology hotplug lock -> engine lock ->
-# timer lock.  A future's condition is never taken while it is held.
+# Draft); a trace hook is named as it is added (see add_trace_hook).
+# Lock order: topology hotplug lock -> engine lock -> timer lock.  A
+# future's condition is never taken while it is held.
 #
 # Everything it guards is written only with it held.  Reads without it are
 # allowed where one attribute's value at one instant is enough: queue_work()
@@ -591,16 +592,19 @@ class WorkerPool:
                 busy.append(rescuer)
         return busy
 
-    def draft(self) -> Draft:
+    def draft(self, now: float | None = None) -> Draft:
         """One pool, like the kernel's show_one_worker_pool (engine lock
-        held); its items are named once the lock is free (Draft.text())."""
+        held); its items are named once the lock is free (Draft.text()).
+        Runs are aged at *now*, time.monotonic() if None: a report's own
+        clock, so that the dump and the report agree."""
         busy = self.busy_workers()
         idle = " ".join(w.name for w in self.idle)
         draft = Draft(
             f"pool {self.id} ({self.name}): cpus={sorted(self.cpumask())} "
             f"flags={'disassociated' if self.disassociated else 'bound'} "
             f"nr_running={self.nr_running} workers={len(self.workers)} idle: {idle}")
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         for w in busy:
             draft.add(f"\n  in-flight: {w.name}:")
             draft.item(w.current)

@@ -101,13 +101,13 @@ def _watchdog_timer_fn(pset: _pool.PoolSet) -> None:
                     reports.append((
                         "BUG: workqueue lockup - pool %s: %s has been running %s for %.1fs\n%s",
                         (pool.name, worker.name, _named(worker.current),
-                         now - worker.start, pool.draft())))
+                         now - worker.start, pool.draft(now))))
             stalled = _pool_stalled(pool, now, thresh)
             if stalled is not None:
                 reports.append((
                     "BUG: workqueue lockup - pool %s stuck for %.1fs: %s waits, and no item "
                     "of the pool has started since\n%s",
-                    (pool.name, stalled, _named(next(iter(pool.worklist))), pool.draft())))
+                    (pool.name, stalled, _named(next(iter(pool.worklist))), pool.draft(now))))
             if pool.worklist.nr:
                 watching = True
         if watching:

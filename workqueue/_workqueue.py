@@ -223,7 +223,8 @@ class Workqueue(Executor):
         self._flushers: list[tuple[int, Completion]] = []
         self._frozen = False
         self._freezing: list[Completion] | None = None
-        self._trace_hooks: tuple[TraceHook, ...] = ()
+        # Each hook with its name, for the log should it fail (see add_trace_hook).
+        self._trace_hooks: tuple[tuple[TraceHook, str], ...] = ()
         self._maydays: list[PoolWorkqueue] = []
         self._rescuer: _pool.Worker | None = None
         # serial(key)'s executors and their LoadIndex (see _serial), made on
@@ -984,24 +985,32 @@ class Workqueue(Executor):
         must not call into the workqueue.  Whatever a hook raises,
         KeyboardInterrupt and SystemExit included, is logged and the engine
         goes on, as after a work function that raises: hooks run under the
-        engine lock, inside its steps."""
+        engine lock, inside its steps.  The log names the hook as its
+        repr() did here."""
         if not callable(hook):
             raise TypeError(f"a trace hook must be callable, not {type(hook).__name__}")
+        # Named now, the engine lock free: a hook fails under it, where its
+        # repr() -- the program's code, which may call into the workqueue
+        # -- would deadlock every workqueue of the process (see Draft).
+        named = (hook, work_name(hook))
         with lock:
-            self._trace_hooks = (*self._trace_hooks, hook)
+            self._trace_hooks = (*self._trace_hooks, named)
 
     def remove_trace_hook(self, hook: TraceHook) -> None:
         """Remove a hook added with add_trace_hook(); ValueError if absent."""
         with lock:
             hooks = list(self._trace_hooks)
-            try:
-                hooks.remove(hook)
-            except ValueError:
-                raise ValueError(f"{hook!r} is not a trace hook of {self.name!r}") from None
-            self._trace_hooks = tuple(hooks)
+            # The first one added that list.remove() would take.
+            for i, (added, _) in enumerate(hooks):
+                if added is hook or added == hook:
+                    del hooks[i]
+                    self._trace_hooks = tuple(hooks)
+                    return
+        # Named with the lock free, as a hook is (see add_trace_hook).
+        raise ValueError(f"{work_name(hook)} is not a trace hook of {self.name!r}")
 
     def _trace(self, event: str, work: Work, pool: WorkerPool) -> None:
-        for hook in self._trace_hooks:
+        for hook, name in self._trace_hooks:
             try:
                 hook(event, work, pool.cpu)
             except BaseException:
@@ -1014,7 +1023,7 @@ class Workqueue(Executor):
                 # that finish what a Ctrl-C cut short.  The price: Ctrl-C
                 # landing inside a hook of the main thread is logged here,
                 # not raised (a hook must be quick: that window is short).
-                logger.exception("trace hook %r failed", hook)
+                logger.exception("trace hook %s failed", name)
 
     def stats(self) -> WorkqueueStats:
         """A frozen snapshot of this workqueue's counters, per pool."""

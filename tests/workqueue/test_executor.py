@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from racewindow import Attempt, PauseAt
 from stolensignal import OUTLASTS_THE_TEST
+from wqhelpers import REPR_CALL_BOUND, CallsInReprHook, named_unlocked
 
 from workqueue import (
     TRACE_EVENTS,
@@ -464,6 +465,87 @@ def test_a_failing_trace_hook_is_logged_and_the_items_still_run(
     assert [str(r.exc_info[1]) for r in failures if r.exc_info] == [
         f"hook broke at {event}" for event in ("queue", "activate", "execute_start", "execute_end")
     ]
+
+
+def test_a_trace_hook_is_named_with_the_engine_lock_free(
+        make_wq: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A hook runs inside a step of the engine, under its lock, but its
+    repr() is the program's code and may call into the workqueue: a
+    failing hook is logged, and one that remove_trace_hook() does not
+    know is refused, naming it as its repr() did with the lock free (under
+    the lock, that deadlocks every workqueue of the process)."""
+    wq = make_wq()
+
+    def broken(event: str, work: Any, cpu: int | None) -> None:
+        if event == "queue":
+            raise RuntimeError("hook broke")
+
+    hook = CallsInReprHook(broken, wq)
+    wq.add_trace_hook(hook)
+    w = Work(lambda work: None)
+    assert wq.queue_work(w)
+    w.flush()
+    failures = [r for r in caplog.records if r.getMessage().startswith("trace hook ")]
+    assert [r.getMessage() for r in failures] == ["trace hook <CallsInReprHook> failed"]
+    stranger = CallsInReprHook(broken, wq)
+    with pytest.raises(ValueError, match=r"^<CallsInReprHook> is not a trace hook of 'test'$"):
+        wq.remove_trace_hook(stranger)
+    assert named_unlocked(hook, stranger)
+    wq.remove_trace_hook(hook)  # the one added, found by itself, not by its name
+
+
+def test_a_bound_method_is_a_trace_hook_whatever_its_repr(
+        make_wq: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A hook is found for removal as list.remove() finds it, by ==: a
+    bound method, made anew at each attribute access, is removed by the
+    expression that added it.  Its repr() (its object's) may fail: the
+    hook is added all the same, and named without it when it fails."""
+    wq = make_wq()
+
+    class Conn:
+        def __init__(self) -> None:
+            self.events: list[str] = []
+
+        def on_trace(self, event: str, work: Any, cpu: int | None) -> None:
+            self.events.append(event)
+            if event == "queue":
+                raise RuntimeError("hook broke")
+
+        def __repr__(self) -> str:
+            raise OSError("the socket is closed")
+
+    conn = Conn()
+    wq.add_trace_hook(conn.on_trace)
+    w = Work(lambda work: None)
+    assert wq.queue_work(w)
+    w.flush()
+    assert conn.events == list(TRACE_EVENTS)
+    (failure,) = [r for r in caplog.records if r.getMessage().startswith("trace hook ")]
+    assert failure.getMessage().endswith(" (its repr() raised OSError) failed"), failure
+    wq.remove_trace_hook(conn.on_trace)
+    assert wq.queue_work(w)
+    w.flush()
+    assert conn.events == list(TRACE_EVENTS)  # not called since
+
+
+def test_a_hook_added_twice_is_removed_as_list_remove_would(make_wq: Any) -> None:
+    """Hooks run in the order added, and removing one added twice takes
+    the first of the two, as list.remove() does: the rest keep their
+    order."""
+    wq = make_wq()
+    order: list[str] = []
+
+    def hook(name: str) -> Callable[[str, Any, int | None], None]:
+        return lambda event, work, cpu: order.append(name) if event == "queue" else None
+
+    a, b = hook("a"), hook("b")
+    for added in (a, b, a):
+        wq.add_trace_hook(added)
+    wq.remove_trace_hook(a)
+    w = Work(lambda work: None)
+    assert wq.queue_work(w)
+    w.flush()
+    assert order == ["b", "a"]
 
 
 class HookEscape(BaseException):
@@ -973,6 +1055,57 @@ def test_cancel_pending_futures_makes_a_watched_future_final_under_its_condition
     assert future._state == CANCELLED_AND_NOTIFIED
     assert cf.wait([future], timeout=TIMEOUT).done == {future}
     release.set()
+
+
+class _AsksInRepr:
+    """A call whose repr() asks a workqueue for a result (as a repr that
+    shows its executor's load may), recording in ``reprs`` whether the
+    answer came: it waits REPR_CALL_BOUND at most, so that a repr() made
+    under _futures_lock, which a worker takes to start a call, fails the
+    test rather than deadlock it."""
+
+    def __init__(self, wq: Any) -> None:
+        self.wq = wq
+        self.reprs: list[bool] = []
+
+    def __call__(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        try:
+            self.wq.submit(int).result(REPR_CALL_BOUND)
+            self.reprs.append(True)
+        except cf.TimeoutError:
+            self.reprs.append(False)
+        return "<AsksInRepr>"
+
+
+def test_a_second_outcome_is_refused_naming_the_call_with_the_futures_lock_free(
+    make_wq: Any,
+) -> None:
+    # A cancelled call not yet let go of (cancel_pending_futures() waits
+    # for the future's condition to make it final): the InvalidStateError
+    # names it by its call's repr(), the program's code, which may wait
+    # for a worker -- that takes _futures_lock to start the call.
+    wq = make_wq(ordered=True)
+    other = make_wq("other")
+    release, started = threading.Event(), threading.Event()
+    wq.submit(lambda: (started.set(), release.wait(TIMEOUT)))
+    assert started.wait(TIMEOUT)
+    call = _AsksInRepr(other)
+    future = wq.submit(call)
+    canceller = threading.Thread(target=cancel_pending_futures, args=(wq,))
+    try:
+        with future._condition:
+            canceller.start()
+            assert _within(TIMEOUT, future.cancelled)
+            with pytest.raises(cf.InvalidStateError, match=r"^CANCELLED: <LeanFuture "):
+                future.set_result(1)
+    finally:
+        canceller.join(TIMEOUT)
+        release.set()
+    assert call.reprs and all(call.reprs), call.reprs
+    assert future._state == CANCELLED_AND_NOTIFIED
 
 
 def test_code_that_waits_on_the_condition_itself_is_woken() -> None:

@@ -825,6 +825,54 @@ def test_the_cpu_intensive_check_leaves_out_an_item_that_said_it_blocks(make_wq:
         release.set()
 
 
+@pytest.mark.parametrize("uncounted", ["blocks", "cpu-intensive"])
+def test_the_cpu_intensive_check_is_timed_by_the_runs_that_count(
+        make_wq: Any, uncounted: str) -> None:
+    """The check is armed for the earliest run that still counts: one
+    older, but inside blocking() or CPU-intensive already, is none of its
+    business (timed by that one, the check came due at once, found
+    nothing to count out, and was armed at once again: a busy loop of the
+    timer thread until the counted run reached the threshold)."""
+    thresh = 60.0
+    topo = Topology(1, cpu_intensive_thresh=thresh)
+    old = make_wq("old", WQ_CPU_INTENSIVE if uncounted == "cpu-intensive" else 0, topology=topo)
+    wq = make_wq(topology=topo)
+    old_in, b_started, release = (threading.Event() for _ in range(3))
+
+    def a(work: Work) -> None:
+        if uncounted == "blocks":
+            with blocking():
+                old_in.set()
+                assert release.wait(TIMEOUT)
+        else:
+            old_in.set()
+            assert release.wait(TIMEOUT)
+
+    def b(work: Work) -> None:
+        b_started.set()
+        assert release.wait(TIMEOUT)
+
+    pool = topo._pools.bound[0, False]
+    try:
+        assert old.queue_work(Work(a))
+        assert old_in.wait(TIMEOUT)
+        with pool_module.lock:
+            (a_worker,) = pool.busy_workers()
+            a_start = a_worker.start
+        # A run older than b's by far more than arming a timer takes.
+        wait_until(lambda: time.monotonic() - a_start >= 0.05, "the uncounted run aged")
+        assert wq.queue_work(Work(b))
+        assert b_started.wait(TIMEOUT)
+        assert wq.queue_work(Work(lambda w: None))  # waits behind b: the check is armed
+        with pool_module.lock:
+            (b_worker,) = [w for w in pool.busy_workers() if w is not a_worker]
+            assert pool.nr_running == 1 and pool.tick is not None, pool.dump()
+            due = pool.tick.deadline
+        assert due >= b_worker.start + thresh - 1e-6, (due - a_start, b_worker.start - a_start)
+    finally:
+        release.set()
+
+
 def test_an_item_handed_to_a_worker_runs_before_the_pool_s_waiting_ones(make_wq: Any) -> None:
     """An item handed to the worker still running its previous run
     (non-reentrancy) is next on that worker: it has waited for that run

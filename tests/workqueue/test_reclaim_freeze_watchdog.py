@@ -6,6 +6,7 @@ import contextlib
 import gc
 import math
 import re
+import sys
 import threading
 import time
 import weakref
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from racewindow import line_of, stands_at
 from wqhelpers import CallsInRepr, named_unlocked, wait_until
 
 import workqueue._pool as pool_module
@@ -591,8 +593,41 @@ def test_watchdog_reports_a_run_once_it_has_lasted_the_threshold_not_before(
     finally:
         release.set()
     # Nothing pending: the pool's dump ends with the run, no empty list.
+    # The dump ages it by the watchdog's clock, as the report itself does.
     message = logged.records[0].getMessage()
-    assert message.splitlines()[-1].startswith("  in-flight: "), message
+    assert " for 3600.0s\n" in message, message
+    last = message.splitlines()[-1]
+    assert last.startswith("  in-flight: ") and last.endswith(" for 3600.000s"), message
+
+
+def test_watchdog_dumps_a_stalled_pool_by_its_own_clock(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, log_waiter: Any) -> None:
+    """The pool check, called with the clock in the test's hand: the dump
+    of a stalled pool ages the run that holds its worklist up by that
+    clock too, as the stall itself."""
+    topo = Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0)
+    wq = make_wq(topology=topo)
+    pset = topo._pools
+    logged = log_waiter("workqueue._watchdog", "stuck for")
+    started, release = threading.Event(), threading.Event()
+    assert wq.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
+    try:
+        assert started.wait(TIMEOUT)
+        assert wq.queue_work(Work(lambda work: None))  # waits: the run neither returns nor blocks
+        with pool_module.lock:
+            (worker,) = [w for pool in pset.pools() for w in pool.busy_workers()]
+            start = worker.start
+        for now in (start + 10.0, start + 3610.0):  # first seen waiting, then stalled
+            monkeypatch.setattr(_watchdog, "time", SimpleNamespace(monotonic=lambda now=now: now))
+            assert del_timer(pset.watchdog)  # as the timer thread takes it when due
+            _watchdog_timer_fn(pset)
+    finally:
+        release.set()
+    wq.flush()
+    (record,) = logged.records
+    message = record.getMessage()
+    assert " stuck for 3600.0s: " in message, message
+    assert re.search(r"\n  in-flight: \S+:<Work .*> for 3610\.000s\n  pending: <", message), message
 
 
 def test_watchdog_reports_a_stall_of_an_item_the_rescuer_runs(
@@ -621,6 +656,34 @@ def test_watchdog_reports_a_stall_of_an_item_the_rescuer_runs(
     w.flush()
     message = logged.records[0].getMessage()
     assert "reclaim-rescuer" in message and "stuck" in message
+
+
+def test_the_rescuer_arms_the_watchdog_for_the_items_it_runs(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch, log_waiter: Any) -> None:
+    """The failed creation of a worker arms the watchdog after sending its
+    maydays, and Ctrl-C in the main thread may land in between: the
+    rescuer, which runs the items then, arms it too, and a stall of its
+    item is reported all the same."""
+    wq = make_wq("reclaim", WQ_MEM_RECLAIM, topology=_watched())
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    real_arm = pool_module._arm_watchdog
+
+    def arm_but_from_a_failed_creation(pset: Any) -> None:
+        if sys._getframe(1).f_code is not pool_module.create_worker.__code__:
+            real_arm(pset)
+
+    monkeypatch.setattr(pool_module, "_arm_watchdog", arm_but_from_a_failed_creation)
+    logged = log_waiter("workqueue._watchdog", "has been running")
+    started, release = threading.Event(), threading.Event()
+    w = Work(lambda work: (started.set(), release.wait(TIMEOUT)))
+    assert wq.queue_work(w)
+    try:
+        assert started.wait(TIMEOUT)
+        assert logged.seen.wait(TIMEOUT), "the rescuer's stalled item was not reported"
+    finally:
+        release.set()
+    w.flush()
+    assert "reclaim-rescuer" in logged.records[0].getMessage()
 
 
 def test_watchdog_reports_a_stall_of_an_item_whose_repr_fails(
@@ -874,6 +937,48 @@ def test_watchdog_times_a_pool_stall_from_when_it_first_saw_the_item_wait(
     assert ran.wait(TIMEOUT)
 
 
+def test_watchdog_times_afresh_a_stall_after_a_worklist_seen_empty(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool check, called with the clock in the test's hand: a check
+    that sees the worklist empty forgets when it first saw items wait, so
+    the next stall is timed from the next check that sees one wait -- also
+    when the items that moved the worklist were the only starts, and
+    their workqueue is gone since (a newcomer that has started nothing
+    does not look like a move, and its item was reported early, timed
+    from before it was queued)."""
+    topo = Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0)
+    first = make_wq("first", topology=topo)
+    started, release, ran = threading.Event(), threading.Event(), threading.Event()
+    assert first.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
+    assert started.wait(TIMEOUT)
+    assert first.queue_work(Work(lambda work: None))  # waits behind the run
+    (pwq,) = first._all_pwqs()
+    pool = pwq.pool
+
+    def stalled(now: float) -> float | None:
+        with pool_module.lock:
+            return _pool_stalled(pool, now, 1.0)
+
+    assert stalled(100.0) is None  # first seen waiting
+    release.set()
+    first.flush()
+    assert stalled(100.5) is None  # seen empty
+    first.destroy(timeout=TIMEOUT)
+
+    def no_workers() -> bool:
+        with pool_module.lock:
+            return not pool.workers
+
+    wait_until(no_workers, "the pool's workers exited")
+    monkeypatch.setattr(pool_module, "_start_thread", _no_threads)
+    second = make_wq("second", topology=topo)
+    assert second.queue_work(Work(lambda work: ran.set()))  # no worker: it waits
+    assert stalled(101.4) is None  # first seen waiting: timed from here
+    assert stalled(102.4) == 1.0
+    monkeypatch.undo()  # the pool's retry makes a worker now
+    assert ran.wait(TIMEOUT)
+
+
 def test_watchdog_goes_on_timing_a_stall_when_a_cancel_leaves_items_waiting(
         make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a cancel that empties the worklist times the next stall
@@ -1094,6 +1199,60 @@ def test_idle_workers_beyond_two_exit_after_the_idle_timeout(
     # And they still run items.
     ran = threading.Event()
     assert wq.queue_work_on(0, Work(lambda work: ran.set())) is True
+    assert ran.wait(TIMEOUT)
+
+
+def test_a_wake_up_racing_the_idle_timeout_is_taken_once(
+        make_wq: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle worker whose timed sleep ends as a waker wakes it (the waker
+    holds the engine lock that the worker then waits for) takes that
+    wake-up all the same, and back on the idle list it sleeps on a wake
+    lock taken again: left released, it woke once more for nothing, and a
+    waker meanwhile released a released lock (RuntimeError)."""
+    monkeypatch.setattr(pool_module, "IDLE_WORKER_TIMEOUT", 0.01)
+    real_worker_thread = pool_module._worker_thread
+    asleep = line_of(real_worker_thread, "worker.wake.acquire(timeout=IDLE_WORKER_TIMEOUT)")
+    pause_next, paused, go = threading.Event(), threading.Event(), threading.Event()
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == asleep and pause_next.is_set() \
+                and not paused.is_set():
+            paused.set()  # about to sleep again, after the wake-up
+            assert go.wait(TIMEOUT)
+        return local
+
+    def traced(worker: Any) -> None:
+        sys.settrace(lambda frame, event, arg: (
+            local if frame.f_code is real_worker_thread.__code__ else None))
+        try:
+            real_worker_thread(worker)
+        finally:
+            sys.settrace(None)
+
+    monkeypatch.setattr(pool_module, "_worker_thread", traced)
+    wq = make_wq(topology=Topology(1, watchdog_thresh=3600.0, cpu_intensive_thresh=60.0))
+    pool = wq._all_pwqs()[0].pool
+    try:
+        with pool_module.lock:
+            assert not pool.workers  # nothing queued yet: no worker made
+            assert pool_module.create_worker(pool)
+            (worker,) = pool.workers  # alone and idle: it times out, and sleeps again
+            wait_until(lambda: stands_at(worker.thread.ident, real_worker_thread,
+                                         "lock_acquire_contended()"),
+                       "the worker's sleep timed out and it waits for the engine lock")
+            pool_module.kick_pool(pool)  # the wake-up that raced the timeout
+            assert worker.woken
+            pause_next.set()
+        assert paused.wait(TIMEOUT), "the worker did not go back to sleep"
+        with pool_module.lock:
+            assert worker.idle and not worker.woken and pool.idle == [worker]
+            assert worker.wake.locked(), "the wake-up was left to be taken again"
+            pool_module.kick_pool(pool)  # a waker now: no RuntimeError
+    finally:
+        go.set()
+    monkeypatch.undo()
+    ran = threading.Event()
+    assert wq.queue_work(Work(lambda work: ran.set()))
     assert ran.wait(TIMEOUT)
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from racewindow import Attempt
+from racewindow import Attempt, stands_at
 from stolensignal import (
     OUTLASTS_THE_TEST,
     Interrupted,
@@ -968,6 +968,36 @@ def test_ctrl_c_as_destroy_hands_itself_off_starts_one_thread(
     while attempt(n):
         n += 1
     assert n >= 2  # the thread made, and started
+
+
+def test_a_destruction_thread_left_unrecorded_records_itself_under_the_engine_lock(
+        make_wq: Callable[..., Workqueue], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread of a hand-off that Ctrl-C left unrecorded (as start()
+    returned) looks for the record under the engine lock: the caller's
+    cleanup hands off again in one hold of it, starting a second thread
+    and recording it, and the first must find that one and leave the
+    destruction to it.  (Read without the lock, the record was found
+    missing between that start and that record, and two threads drained
+    and released the workqueue.)"""
+    wq = make_wq()
+    finished: list[Workqueue] = []
+    real_finish_destroy = Workqueue._finish_destroy
+    monkeypatch.setattr(Workqueue, "_finish_destroy",
+                        lambda self: (finished.append(self), real_finish_destroy(self)))
+    cleanups = threading.Thread(target=lambda: None)  # what the cleanup starts and records
+    try:
+        with _pool.lock:  # the cleanup's hold, between its start() and its record
+            first = Attempt(wq._drain_and_release)
+            wait_until(lambda: wq._destroy_thread is not None or not first.thread.is_alive()
+                       or stands_at(first.thread.ident or 0, Workqueue._drain_and_release,
+                                    "with lock:"),
+                       "the unrecorded thread waits for the engine lock")
+            assert wq._destroy_thread is None, "it recorded itself without the engine lock"
+            wq._destroy_thread = cleanups
+        assert first.result() is None
+        assert finished == [], "the unrecorded thread went on with the destruction too"
+    finally:
+        wq._destroy_thread = None
 
 
 def test_ctrl_c_anywhere_in_destroy_releases_every_pool(

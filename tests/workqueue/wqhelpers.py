@@ -117,6 +117,20 @@ class DelayedCallsInRepr(_CallsInRepr, DelayedWork):
     pass
 
 
+class _Hook:
+    """A trace hook that hands each trace point to *func*."""
+
+    def __init__(self, func: Callable[[str, Any, int | None], object]) -> None:
+        self.func = func
+
+    def __call__(self, event: str, work: Any, cpu: int | None) -> None:
+        self.func(event, work, cpu)
+
+
+class CallsInReprHook(_CallsInRepr, _Hook):
+    pass
+
+
 def named_unlocked(*items: _CallsInRepr) -> bool:
     """Whether every repr() of *items* ran with the engine lock free (and
     each was named at least once)."""
