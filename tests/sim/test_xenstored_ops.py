@@ -639,12 +639,15 @@ def test_a_domain_socket_that_cannot_be_watched_is_undone(
         xsd: XenStored, monkeypatch: pytest.MonkeyPatch) -> None:
     """epoll refusing the new listener (ENOSPC: max_user_watches) fails
     the introduction with that errno, leaving no socket, descriptor or
-    directory behind, and the next introduction goes on; it let the
-    error out of the loop's call as a bug, the listener open."""
+    directory behind (``domains/`` too, which this introduction made),
+    and the next introduction goes on; it let the error out of the
+    loop's call as a bug, the listener open."""
     selector = xsd._selector
     assert selector is not None
     register = selector.register
     opened: list[socket.socket] = []
+    domains = xsd.introduce_path(7).parent.parent
+    assert not domains.exists()
 
     def refuses(fileobj: Any, events: int, data: Any = None) -> Any:
         monkeypatch.setattr(selector, "register", register)  # once
@@ -660,10 +663,38 @@ def test_a_domain_socket_that_cannot_be_watched_is_undone(
     assert not xsd.is_introduced(7)
     [listener] = opened
     assert listener.fileno() == -1
-    assert not xsd.introduce_path(7).parent.exists()
+    assert not domains.exists()
     path = xsd.introduce_domain(7)
     with RawClient(path) as c:
         assert c.request(Op.GET_DOMAIN_PATH, b"7\0") == b"/local/domain/7\0"
+
+
+@pytest.mark.parametrize("filled", ["domain's", "domains"])
+def test_a_domain_socket_that_cannot_be_watched_leaves_directories_filled_meanwhile(
+        xsd: XenStored, monkeypatch: pytest.MonkeyPatch, filled: str) -> None:
+    """The directories an introduction that epoll refused made go again,
+    deepest first, but not one someone else put a file in meanwhile, nor
+    those above it: they are someone else's by then."""
+    selector = xsd._selector
+    assert selector is not None
+    register = selector.register
+    socket_path = xsd.introduce_path(7)
+    domains = socket_path.parent.parent
+    theirs = (socket_path.parent if filled == "domain's" else domains) / "theirs"
+
+    def refuses(fileobj: Any, events: int, data: Any = None) -> Any:
+        monkeypatch.setattr(selector, "register", register)  # once
+        theirs.write_bytes(b"")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(selector, "register", refuses)
+    with pytest.raises(OSError) as info:
+        xsd.introduce_domain(7)
+    assert info.value.errno == errno.ENOSPC
+    assert [p.name for p in theirs.parent.iterdir()] == ["theirs"]
+    assert not socket_path.exists()
+    assert domains.is_dir()
+    assert not xsd.is_introduced(7)
 
 
 def test_control(dom0: RawClient) -> None:
