@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import errno
 import itertools
+import logging
 import os
 import re
 import signal
@@ -695,6 +696,45 @@ def test_a_domain_socket_that_cannot_be_watched_leaves_directories_filled_meanwh
     assert not socket_path.exists()
     assert domains.is_dir()
     assert not xsd.is_introduced(7)
+
+
+def test_a_domain_socket_that_cannot_be_watched_nor_removed_says_why_epoll_refused(
+        xsd: XenStored, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """When taking back the refused socket fails too (its file cannot be
+    unlinked), the host's caller hears epoll's errno, which says what went
+    wrong, not the removal's; the removal's failure is logged.  It
+    replaced epoll's."""
+    selector = xsd._selector
+    assert selector is not None
+    register = selector.register
+    unlink = _server.XenStored._unlink
+    socket_path = xsd.introduce_path(7)
+    refused = threading.Event()
+
+    def refuses(fileobj: Any, events: int, data: Any = None) -> Any:
+        monkeypatch.setattr(selector, "register", register)  # once
+        refused.set()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def cannot_unlink(path: Path) -> None:
+        # Not before: _listen unlinks a stale socket first.
+        if refused.is_set() and path == socket_path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        unlink(path)
+
+    monkeypatch.setattr(selector, "register", refuses)
+    monkeypatch.setattr(xsd, "_unlink", cannot_unlink)
+    with caplog.at_level(logging.ERROR, logger=_server.__name__):
+        with pytest.raises(OSError) as info:
+            xsd.introduce_domain(7)
+    assert info.value.errno == errno.ENOSPC
+    assert "cannot create socket for domain 7" in str(info.value)
+    assert not xsd.is_introduced(7)
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert str(socket_path) in record.getMessage()
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], PermissionError)
 
 
 def test_control(dom0: RawClient) -> None:

@@ -582,8 +582,14 @@ class XenStored:
                 try:
                     watch(sock)
                 except BaseException:
-                    sock.close()
-                    self._unlink(path)
+                    # Logged, not raised: the refusal says what went wrong,
+                    # a failure here only what it left behind.
+                    for step in (sock.close, functools.partial(self._unlink, path)):
+                        try:
+                            step()
+                        except Exception:
+                            logger.exception("cannot take back %s, which could not be watched",
+                                             path)
                     raise
             return sock
         except BaseException:
