@@ -1725,6 +1725,26 @@ def test_domid_arguments_go_up_to_65535(dom0: RawClient) -> None:
     assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"65535\0") == b"F\0"
 
 
+@pytest.mark.parametrize("domid", [0x7FF0, 0x7FF4, 0xFFFF])
+def test_a_reserved_domid_is_no_domain_to_introduce(
+        xsd: XenStored, dom0: RawClient, domid: int) -> None:
+    """From DOMID_FIRST_RESERVED (0x7FF0) on no domain has the id:
+    cxenstored's INTRODUCE fails to map its ring (the grant map finds no
+    such domain, EINVAL), and so does the wire's here; introduce_domain()
+    refuses it before anything changes, as the host refuses such a domid.
+    Both made it a socket and an introduced domain."""
+    payload = f"{domid}\0" "1234\0" "7\0".encode()
+    assert error_of(dom0.request, Op.INTRODUCE, payload) == "EINVAL"
+    with pytest.raises(ValueError, match=rf"^domid {domid} is reserved \(0x7FF0 on\): "
+                                         r"no domain has it$"):
+        xsd.introduce_domain(domid)
+    assert not xsd.is_introduced(domid)
+    assert not (xsd.run_dir / "domains").exists()
+    # The largest id a domain has is fine.
+    assert dom0.request(Op.INTRODUCE, b"32751\0" b"1234\0" b"7\0") == b"OK\0"
+    assert xsd.introduce_domain(0x7FEF) == xsd.introduce_path(0x7FEF)
+
+
 def test_directory_part_generation_changes_with_each_change_in_a_transaction(
     dom0: RawClient,
 ) -> None:

@@ -90,7 +90,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from xenback._flags import check_xenstore_domid
+from xenback._flags import DOMID_FIRST_RESERVED, check_xenstore_domid
 
 from ._connection import Connection, Domain, Outstanding, WaitingEvent
 from ._ops import Dispatcher, Quota
@@ -366,9 +366,14 @@ class XenStored:
         it (TypeError or ValueError naming it), before anything changes.
         OSError if its socket cannot be made (a run_dir too long for a
         socket's path, say); RuntimeError unless the server is running,
-        TimeoutError if its loop is stuck (see :meth:`_call`).
+        TimeoutError if its loop is stuck (see :meth:`_call`).  A domid
+        from DOMID_FIRST_RESERVED (0x7FF0) on is a ValueError too: no
+        domain has it (cxenstored's INTRODUCE of it fails, EINVAL).
         """
         domid = check_xenstore_domid(domid)
+        if domid >= DOMID_FIRST_RESERVED:
+            raise ValueError(f"domid {domid} is reserved (0x{DOMID_FIRST_RESERVED:X} on): "
+                             "no domain has it")
         if domid == 0:
             return self.path
         domain = self._call(self._introduce_and_flush, domid)
