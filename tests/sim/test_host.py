@@ -552,6 +552,37 @@ def test_a_hypervisor_stop_interrupted_anywhere_closes_nothing_twice(tmp_path: P
     assert any("Hypervisor.stop" in where for where in landed), landed
 
 
+def test_a_hypervisor_start_interrupted_anywhere_removes_domains_and_stops(
+        tmp_path: Path) -> None:
+    """A Ctrl-C landing anywhere in the hypervisor service's start(): its
+    domains are still removed, and stop() stops it, leaving no thread.
+    One landing after it marked itself serving, before it started its
+    thread, left remove_domain() waiting for ever for a thread that never
+    ran, and stop() raising RuntimeError ("cannot join thread before it
+    is started"), every time: the host could never close."""
+    from xenback.sim._hypervisor import Hypervisor
+
+    landed = []
+    for n in itertools.count():
+        threads = set(threading.enumerate())
+        hv = Hypervisor(tmp_path / str(n))
+        try:
+            where = interrupted_at(n, SIM_CODE, hv.start)
+            hv.add_domain(1, "guest")
+            removal = threading.Thread(target=hv.remove_domain, args=(1,), daemon=True)
+            removal.start()
+            removal.join(TIMEOUT)
+            assert not removal.is_alive(), f"interrupted {where}: remove_domain() hangs"
+        finally:
+            hv.stop()
+        assert eventually(lambda threads=threads: set(threading.enumerate()) <= threads), (
+            f"interrupted {where}: threads left {set(threading.enumerate()) - threads}")
+        if not where:
+            break
+        landed.append(where)
+    assert any("Hypervisor.start" in where for where in landed), landed
+
+
 def test_no_domain_is_added_to_a_stopping_hypervisor() -> None:
     """stop() destroyed every domain: one added after it would keep a
     listening socket no service thread ever serves."""
