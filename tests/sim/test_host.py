@@ -782,6 +782,41 @@ def test_a_host_starts_once() -> None:
         host.start()
 
 
+def test_a_host_start_interrupted_anywhere_is_closed_whole(tmp_path: Path) -> None:
+    """A Ctrl-C landing anywhere in start() comes out as itself, and the
+    host it leaves is running whole (the Ctrl-C came as start() returned)
+    or refuses to serve dom0, never serving it while starting; close()
+    closes it, leaving no thread.  One landing after the hypervisor
+    marked itself serving, before it started its thread, came out as
+    RuntimeError ("cannot join thread before it is started") from the
+    undo, and every close() after failed so, the host closing for ever."""
+    landed = []
+    for n in itertools.count():
+        threads = set(threading.enumerate())
+        host = SimHost(tmp_path / str(n))
+        try:
+            where = interrupted_at(n, SIM_CODE, host.start)
+            try:
+                dom0: Domain | None = host.dom0
+            except RuntimeError:
+                dom0 = None
+            # Served, it starts no more; no host serves dom0 while starting.
+            if dom0 is not None:
+                with pytest.raises(RuntimeError, match="^SimHost is running$"):
+                    host.start()
+        finally:
+            host.close()
+        with pytest.raises(RuntimeError, match="^SimHost is closed$"):
+            host.start()
+        assert eventually(lambda threads=threads: set(threading.enumerate()) <= threads), (
+            f"interrupted {where}: threads left {set(threading.enumerate()) - threads}")
+        if not where:
+            break
+        landed.append(where)
+    assert any("Hypervisor.start" in where for where in landed), landed
+    assert any("XenStored.start" in where for where in landed), landed
+
+
 def test_the_last_domain_id_is_0x7fef(host: SimHost) -> None:
     # libxl's DOMID_FIRST_RESERVED (0x7FF0) and above name no guest.
     host._domids = itertools.count(0x7FEF)
