@@ -705,6 +705,43 @@ def test_a_destroy_waiting_for_another_honours_its_own_timeout(host: SimHost) ->
     assert host.domains() == [host.dom0]
 
 
+def test_a_destroy_waiting_for_another_waits_no_slice_past_its_own_deadline(
+        host: SimHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each wait for the other destroy, which gives its backends longer,
+    ends by this one's deadline: the slice is cut at it.  A whole slice
+    (0.1 s) raised the TimeoutError up to a slice late.  Told by the
+    timeouts the waits ask for, which no clock or scheduling changes."""
+    from xenback.sim._host import _DESTROY_WAIT_SLICE
+
+    guest = host.create_domain("guest")
+    first, raised, close_backend = _destroy_waiting_for_its_backend(
+        host, guest, OUTLASTS_THE_TEST)
+    timeout = _DESTROY_WAIT_SLICE / 2
+    other = host._dying[guest.domid]
+    running = other.running
+    asked: list[float] = []
+
+    class Recording:
+        """The other destroy's lock, noting how long each wait asks for."""
+
+        def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+            asked.append(timeout)
+            return running.acquire(blocking, timeout)
+
+        def release(self) -> None:
+            running.release()
+
+    monkeypatch.setattr(other, "running", Recording())
+    try:
+        with pytest.raises(TimeoutError):
+            host.destroy_domain(guest, timeout=timeout)
+    finally:
+        close_backend()
+        first.join(TIMEOUT)
+    assert not first.is_alive() and raised == []
+    assert asked and all(0 <= t <= timeout for t in asked), asked
+
+
 def test_a_destroy_waiting_for_one_that_gives_its_backends_less_time_waits_it_out(
         host: SimHost) -> None:
     """The other destroy's timeout ends before this one's: it waits for
