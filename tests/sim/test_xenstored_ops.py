@@ -670,6 +670,26 @@ def test_a_domain_socket_that_cannot_be_watched_is_undone(
         assert c.request(Op.GET_DOMAIN_PATH, b"7\0") == b"/local/domain/7\0"
 
 
+def test_a_domain_socket_whose_watch_is_interrupted_is_undone(xsd: XenStored) -> None:
+    """A Ctrl-C as the new listener is handed to epoll comes out as itself
+    and takes back all the introduction made, as a refusal does: the
+    listener, its socket file and the directories made for it."""
+    socket_path = xsd.introduce_path(5)
+    domains = socket_path.parent.parent
+    watched: list[socket.socket] = []
+
+    def interrupted(sock: socket.socket) -> None:
+        watched.append(sock)
+        raise KeyboardInterrupt
+
+    # From this thread: an interrupt on the loop's ends the loop.
+    with pytest.raises(KeyboardInterrupt):
+        xsd._bind(socket_path, interrupted)
+    [listener] = watched
+    assert listener.fileno() == -1
+    assert not domains.exists()
+
+
 @pytest.mark.parametrize("filled", ["domain's", "domains"])
 def test_a_domain_socket_that_cannot_be_watched_leaves_directories_filled_meanwhile(
         xsd: XenStored, monkeypatch: pytest.MonkeyPatch, filled: str) -> None:
