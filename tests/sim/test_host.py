@@ -583,6 +583,24 @@ def test_a_hypervisor_start_interrupted_anywhere_removes_domains_and_stops(
     assert any("Hypervisor.start" in where for where in landed), landed
 
 
+def test_a_hypervisor_thread_that_runs_only_after_stop_ends_without_serving(
+        tmp_path: Path) -> None:
+    """A Ctrl-C inside threading's start() can leave the service thread
+    launched but not yet running: stop() does not join it (join() refuses
+    a thread not started) and closes the service's descriptors.  When it
+    runs, it ends at once; it went on to serve, and died on the closed
+    selector (an unhandled thread exception, which fails the test)."""
+    from xenback.sim._hypervisor import Hypervisor
+
+    hv = Hypervisor(tmp_path)
+    late = threading.Thread(target=hv._serve, daemon=True)
+    hv._thread = late  # as a start() cut short in Thread.start() leaves it
+    hv.stop()
+    late.start()
+    late.join(TIMEOUT)
+    assert not late.is_alive()
+
+
 def test_no_domain_is_added_to_a_stopping_hypervisor() -> None:
     """stop() destroyed every domain: one added after it would keep a
     listening socket no service thread ever serves."""
