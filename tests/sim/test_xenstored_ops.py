@@ -690,6 +690,35 @@ def test_a_domain_socket_whose_watch_is_interrupted_is_undone(xsd: XenStored) ->
     assert not domains.exists()
 
 
+def test_a_ctrl_c_anywhere_in_taking_back_a_refused_socket_comes_out_as_itself(
+        xsd: XenStored) -> None:
+    """A Ctrl-C landing anywhere as _bind() takes back a socket epoll
+    refused comes out as itself, not as the refusal: the removal's own
+    failures are logged, a Ctrl-C is not one of them.  And the next
+    introduction of the domain goes on."""
+    socket_path = xsd.introduce_path(5)
+
+    def refuses(sock: socket.socket) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def bind_refused() -> None:
+        try:
+            xsd._bind(socket_path, refuses)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC  # (and a Ctrl-C dropped on the way fails)
+
+    landed = []
+    for n in itertools.count():
+        # From this thread: an interrupt on the loop's ends the loop.
+        where = interrupted_at(n, SIM_CODE, bind_refused)
+        if not where:
+            break
+        landed.append(where)
+    assert any("_bind" in where for where in landed), landed
+    with RawClient(xsd.introduce_domain(5)) as c:
+        assert c.request(Op.GET_DOMAIN_PATH, b"5\0") == b"/local/domain/5\0"
+
+
 @pytest.mark.parametrize("filled", ["domain's", "domains"])
 def test_a_domain_socket_that_cannot_be_watched_leaves_directories_filled_meanwhile(
         xsd: XenStored, monkeypatch: pytest.MonkeyPatch, filled: str) -> None:
