@@ -552,6 +552,55 @@ def test_a_hypervisor_stop_interrupted_anywhere_closes_nothing_twice(tmp_path: P
     assert any("Hypervisor.stop" in where for where in landed), landed
 
 
+def test_a_hypervisor_start_interrupted_anywhere_removes_domains_and_stops(
+        tmp_path: Path) -> None:
+    """A Ctrl-C landing anywhere in the hypervisor service's start(): its
+    domains are still removed, and stop() stops it, leaving no thread.
+    One landing after it marked itself serving, before it started its
+    thread, left remove_domain() waiting for ever for a thread that never
+    ran, and stop() raising RuntimeError ("cannot join thread before it
+    is started"), every time: the host could never close."""
+    from xenback.sim._hypervisor import Hypervisor
+
+    landed = []
+    for n in itertools.count():
+        threads = set(threading.enumerate())
+        hv = Hypervisor(tmp_path / str(n))
+        try:
+            where = interrupted_at(n, SIM_CODE, hv.start)
+            hv.add_domain(1, "guest")
+            removal = threading.Thread(target=hv.remove_domain, args=(1,), daemon=True)
+            removal.start()
+            removal.join(TIMEOUT)
+            assert not removal.is_alive(), f"interrupted {where}: remove_domain() hangs"
+        finally:
+            hv.stop()
+        assert eventually(lambda threads=threads: set(threading.enumerate()) <= threads), (
+            f"interrupted {where}: threads left {set(threading.enumerate()) - threads}")
+        if not where:
+            break
+        landed.append(where)
+    assert any("Hypervisor.start" in where for where in landed), landed
+
+
+def test_a_hypervisor_thread_that_runs_only_after_stop_ends_without_serving(
+        tmp_path: Path) -> None:
+    """A Ctrl-C inside threading's start() can leave the service thread
+    launched but not yet running: stop() does not join it (join() refuses
+    a thread not started) and closes the service's descriptors.  When it
+    runs, it ends at once; it went on to serve, and died on the closed
+    selector (an unhandled thread exception, which fails the test)."""
+    from xenback.sim._hypervisor import Hypervisor
+
+    hv = Hypervisor(tmp_path)
+    late = threading.Thread(target=hv._serve, daemon=True)
+    hv._thread = late  # as a start() cut short in Thread.start() leaves it
+    hv.stop()
+    late.start()
+    late.join(TIMEOUT)
+    assert not late.is_alive()
+
+
 def test_no_domain_is_added_to_a_stopping_hypervisor() -> None:
     """stop() destroyed every domain: one added after it would keep a
     listening socket no service thread ever serves."""
@@ -674,6 +723,43 @@ def test_a_destroy_waiting_for_another_honours_its_own_timeout(host: SimHost) ->
     assert host.domains() == [host.dom0]
 
 
+def test_a_destroy_waiting_for_another_waits_no_slice_past_its_own_deadline(
+        host: SimHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each wait for the other destroy, which gives its backends longer,
+    ends by this one's deadline: the slice is cut at it.  A whole slice
+    (0.1 s) raised the TimeoutError up to a slice late.  Told by the
+    timeouts the waits ask for, which no clock or scheduling changes."""
+    from xenback.sim._host import _DESTROY_WAIT_SLICE
+
+    guest = host.create_domain("guest")
+    first, raised, close_backend = _destroy_waiting_for_its_backend(
+        host, guest, OUTLASTS_THE_TEST)
+    timeout = _DESTROY_WAIT_SLICE / 2
+    other = host._dying[guest.domid]
+    running = other.running
+    asked: list[float] = []
+
+    class Recording:
+        """The other destroy's lock, noting how long each wait asks for."""
+
+        def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+            asked.append(timeout)
+            return running.acquire(blocking, timeout)
+
+        def release(self) -> None:
+            running.release()
+
+    monkeypatch.setattr(other, "running", Recording())
+    try:
+        with pytest.raises(TimeoutError):
+            host.destroy_domain(guest, timeout=timeout)
+    finally:
+        close_backend()
+        first.join(TIMEOUT)
+    assert not first.is_alive() and raised == []
+    assert asked and all(0 <= t <= timeout for t in asked), asked
+
+
 def test_a_destroy_waiting_for_one_that_gives_its_backends_less_time_waits_it_out(
         host: SimHost) -> None:
     """The other destroy's timeout ends before this one's: it waits for
@@ -749,6 +835,43 @@ def test_a_host_starts_once() -> None:
         assert host.domains() == [host.dom0]
     with pytest.raises(RuntimeError, match="SimHost is closed"):
         host.start()
+
+
+def test_a_host_start_interrupted_anywhere_is_closed_whole(tmp_path: Path) -> None:
+    """A Ctrl-C landing anywhere in SimHost's own start() code comes out
+    as itself, and the host it leaves is running whole (the Ctrl-C came
+    as start() returned) or refuses to serve dom0: never serving it while
+    starting, which _check_running() allowed for a state none reaches.
+    close() closes it, leaving no thread."""
+    # In SimHost's own code: cut short inside XenStored.start(),
+    # Hypervisor.add_domain() or the toolstack's connecting, they leave
+    # sockets open (to the collector, which warns in some later test).
+    # Hypervisor.start() has a sweep of its own.
+    elsewhere = tuple(os.fspath(p) for p in Path(SIM_CODE).iterdir() if p.name != "_host.py")
+    landed = []
+    for n in itertools.count():
+        threads = set(threading.enumerate())
+        host = SimHost(tmp_path / str(n))
+        try:
+            where = interrupted_at(n, SIM_CODE, host.start, besides=elsewhere)
+            try:
+                dom0: Domain | None = host.dom0
+            except RuntimeError:
+                dom0 = None
+            # Served, it starts no more; no host serves dom0 while starting.
+            if dom0 is not None:
+                with pytest.raises(RuntimeError, match="^SimHost is running$"):
+                    host.start()
+        finally:
+            host.close()
+        with pytest.raises(RuntimeError, match="^SimHost is closed$"):
+            host.start()
+        assert eventually(lambda threads=threads: set(threading.enumerate()) <= threads), (
+            f"interrupted {where}: threads left {set(threading.enumerate()) - threads}")
+        if not where:
+            break
+        landed.append(where)
+    assert any("SimHost._start" in where for where in landed), landed
 
 
 def test_the_last_domain_id_is_0x7fef(host: SimHost) -> None:

@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import errno
 import itertools
+import logging
 import os
 import re
 import signal
@@ -639,12 +640,15 @@ def test_a_domain_socket_that_cannot_be_watched_is_undone(
         xsd: XenStored, monkeypatch: pytest.MonkeyPatch) -> None:
     """epoll refusing the new listener (ENOSPC: max_user_watches) fails
     the introduction with that errno, leaving no socket, descriptor or
-    directory behind, and the next introduction goes on; it let the
-    error out of the loop's call as a bug, the listener open."""
+    directory behind (``domains/`` too, which this introduction made),
+    and the next introduction goes on; it let the error out of the
+    loop's call as a bug, the listener open."""
     selector = xsd._selector
     assert selector is not None
     register = selector.register
     opened: list[socket.socket] = []
+    domains = xsd.introduce_path(7).parent.parent
+    assert not domains.exists()
 
     def refuses(fileobj: Any, events: int, data: Any = None) -> Any:
         monkeypatch.setattr(selector, "register", register)  # once
@@ -660,10 +664,126 @@ def test_a_domain_socket_that_cannot_be_watched_is_undone(
     assert not xsd.is_introduced(7)
     [listener] = opened
     assert listener.fileno() == -1
-    assert not xsd.introduce_path(7).parent.exists()
+    assert not domains.exists()
     path = xsd.introduce_domain(7)
     with RawClient(path) as c:
         assert c.request(Op.GET_DOMAIN_PATH, b"7\0") == b"/local/domain/7\0"
+
+
+def test_a_domain_socket_whose_watch_is_interrupted_is_undone(xsd: XenStored) -> None:
+    """A Ctrl-C as the new listener is handed to epoll comes out as itself
+    and takes back all the introduction made, as a refusal does: the
+    listener, its socket file and the directories made for it."""
+    socket_path = xsd.introduce_path(5)
+    domains = socket_path.parent.parent
+    watched: list[socket.socket] = []
+
+    def interrupted(sock: socket.socket) -> None:
+        watched.append(sock)
+        raise KeyboardInterrupt
+
+    # From this thread: an interrupt on the loop's ends the loop.
+    with pytest.raises(KeyboardInterrupt):
+        xsd._bind(socket_path, interrupted)
+    [listener] = watched
+    assert listener.fileno() == -1
+    assert not domains.exists()
+
+
+def test_a_ctrl_c_anywhere_in_taking_back_a_refused_socket_comes_out_as_itself(
+        xsd: XenStored) -> None:
+    """A Ctrl-C landing anywhere as _bind() takes back a socket epoll
+    refused comes out as itself, not as the refusal: the removal's own
+    failures are logged, a Ctrl-C is not one of them.  And the next
+    introduction of the domain goes on."""
+    socket_path = xsd.introduce_path(5)
+
+    def refuses(sock: socket.socket) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def bind_refused() -> None:
+        try:
+            xsd._bind(socket_path, refuses)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC  # (and a Ctrl-C dropped on the way fails)
+
+    landed = []
+    for n in itertools.count():
+        # From this thread: an interrupt on the loop's ends the loop.
+        where = interrupted_at(n, SIM_CODE, bind_refused)
+        if not where:
+            break
+        landed.append(where)
+    assert any("_bind" in where for where in landed), landed
+    with RawClient(xsd.introduce_domain(5)) as c:
+        assert c.request(Op.GET_DOMAIN_PATH, b"5\0") == b"/local/domain/5\0"
+
+
+@pytest.mark.parametrize("filled", ["domain's", "domains"])
+def test_a_domain_socket_that_cannot_be_watched_leaves_directories_filled_meanwhile(
+        xsd: XenStored, monkeypatch: pytest.MonkeyPatch, filled: str) -> None:
+    """The directories an introduction that epoll refused made go again,
+    deepest first, but not one someone else put a file in meanwhile, nor
+    those above it: they are someone else's by then."""
+    selector = xsd._selector
+    assert selector is not None
+    register = selector.register
+    socket_path = xsd.introduce_path(7)
+    domains = socket_path.parent.parent
+    theirs = (socket_path.parent if filled == "domain's" else domains) / "theirs"
+
+    def refuses(fileobj: Any, events: int, data: Any = None) -> Any:
+        monkeypatch.setattr(selector, "register", register)  # once
+        theirs.write_bytes(b"")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(selector, "register", refuses)
+    with pytest.raises(OSError) as info:
+        xsd.introduce_domain(7)
+    assert info.value.errno == errno.ENOSPC
+    assert [p.name for p in theirs.parent.iterdir()] == ["theirs"]
+    assert not socket_path.exists()
+    assert domains.is_dir()
+    assert not xsd.is_introduced(7)
+
+
+def test_a_domain_socket_that_cannot_be_watched_nor_removed_says_why_epoll_refused(
+        xsd: XenStored, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """When taking back the refused socket fails too (its file cannot be
+    unlinked), the host's caller hears epoll's errno, which says what went
+    wrong, not the removal's; the removal's failure is logged.  It
+    replaced epoll's."""
+    selector = xsd._selector
+    assert selector is not None
+    register = selector.register
+    unlink = _server.XenStored._unlink
+    socket_path = xsd.introduce_path(7)
+    refused = threading.Event()
+
+    def refuses(fileobj: Any, events: int, data: Any = None) -> Any:
+        monkeypatch.setattr(selector, "register", register)  # once
+        refused.set()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def cannot_unlink(path: Path) -> None:
+        # Not before: _listen unlinks a stale socket first.
+        if refused.is_set() and path == socket_path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        unlink(path)
+
+    monkeypatch.setattr(selector, "register", refuses)
+    monkeypatch.setattr(xsd, "_unlink", cannot_unlink)
+    with caplog.at_level(logging.ERROR, logger=_server.__name__):
+        with pytest.raises(OSError) as info:
+            xsd.introduce_domain(7)
+    assert info.value.errno == errno.ENOSPC
+    assert "cannot create socket for domain 7" in str(info.value)
+    assert not xsd.is_introduced(7)
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert str(socket_path) in record.getMessage()
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], PermissionError)
 
 
 def test_control(dom0: RawClient) -> None:
@@ -1656,6 +1776,26 @@ def test_domid_arguments_go_up_to_65535(dom0: RawClient) -> None:
     assert dom0.request(Op.GET_DOMAIN_PATH, b"65535\0") == b"/local/domain/65535\0"
     assert error_of(dom0.request, Op.GET_DOMAIN_PATH, b"65536\0") == "EINVAL"
     assert dom0.request(Op.IS_DOMAIN_INTRODUCED, b"65535\0") == b"F\0"
+
+
+@pytest.mark.parametrize("domid", [0x7FF0, 0x7FF4, 0xFFFF])
+def test_a_reserved_domid_is_no_domain_to_introduce(
+        xsd: XenStored, dom0: RawClient, domid: int) -> None:
+    """From DOMID_FIRST_RESERVED (0x7FF0) on no domain has the id:
+    cxenstored's INTRODUCE fails to map its ring (the grant map finds no
+    such domain, EINVAL), and so does the wire's here; introduce_domain()
+    refuses it before anything changes, as the host refuses such a domid.
+    Both made it a socket and an introduced domain."""
+    payload = f"{domid}\0" "1234\0" "7\0".encode()
+    assert error_of(dom0.request, Op.INTRODUCE, payload) == "EINVAL"
+    with pytest.raises(ValueError, match=rf"^domid {domid} is reserved \(0x7FF0 on\): "
+                                         r"no domain has it$"):
+        xsd.introduce_domain(domid)
+    assert not xsd.is_introduced(domid)
+    assert not (xsd.run_dir / "domains").exists()
+    # The largest id a domain has is fine.
+    assert dom0.request(Op.INTRODUCE, b"32751\0" b"1234\0" b"7\0") == b"OK\0"
+    assert xsd.introduce_domain(0x7FEF) == xsd.introduce_path(0x7FEF)
 
 
 def test_directory_part_generation_changes_with_each_change_in_a_transaction(

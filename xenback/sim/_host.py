@@ -752,7 +752,10 @@ class SimHost(Closing):
             raise RequestError(errno.EAGAIN, f"no thread to serve it: {e}") from None
 
     def _check_running(self) -> None:
-        if self._state != "running" and not (self._state == "starting" and 0 in self._domains):
+        # Called under _lock, which _start() holds throughout: "starting"
+        # with dom0 listed is never seen here (dom0 is listed last in its
+        # try, and no signal's handler can run before "running" follows).
+        if self._state != "running":
             state = "not started (start() or with)" if self._state == "new" else self._state
             raise RuntimeError(f"SimHost is {state}")
 

@@ -340,9 +340,12 @@ class Hypervisor:
         self._thread = threading.Thread(
             target=self._serve, name=f"xenback-sim-hypervisor:{self.run_dir}", daemon=True
         )
-        with self._lock:
-            self._serving = True
+        # Marked serving inside the try: a Ctrl-C as the lock is let go
+        # left it serving with no thread, and remove_domain() waiting for
+        # one for ever.
         try:
+            with self._lock:
+                self._serving = True
             self._thread.start()
         except BaseException:
             with self._lock:
@@ -357,7 +360,11 @@ class Hypervisor:
                 self._remove_domain(domid)
         if self._thread is not None:
             os.write(self._wake_w, b"x")
-            self._thread.join()
+            # Not if a start() cut short never started it (join() refuses
+            # one not started), or its start() has not got it going yet:
+            # it sees _stopping then, and ends without serving (_serve).
+            if self._thread.is_alive():
+                self._thread.join()
             self._thread = None
         with self._lock:
             # Asked for as the thread stopped: done by the loop above.
@@ -471,6 +478,9 @@ class Hypervisor:
 
     def _serve(self) -> None:
         try:
+            with self._lock:
+                if self._stopping:
+                    return  # stopped before it ran (a start() cut short): see stop()
             self._serve_loop()
         except BaseException:
             logger.exception("hypervisor: the service thread died")

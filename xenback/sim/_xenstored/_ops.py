@@ -19,6 +19,8 @@ import logging
 import re
 from collections.abc import Callable
 
+from xenback._flags import DOMID_FIRST_RESERVED
+
 from ._connection import Connection, Domain
 from ._transaction import Transaction
 from ._tree import (
@@ -740,6 +742,10 @@ class Dispatcher:
         if len(strings) < 3:
             raise XsError("EINVAL", "INTRODUCE needs domid, mfn, port")
         domid = parse_domid(strings[0])
+        if domid >= DOMID_FIRST_RESERVED:
+            # cxenstored maps the domain's ring first, and the grant map
+            # finds no domain by such an id: EINVAL (Linux's gntdev).
+            raise XsError("EINVAL", f"domid {domid} is reserved: no domain has it")
         port = _atoi(strings[2])
         if port <= 0:
             raise XsError("EINVAL", "bad event channel port")

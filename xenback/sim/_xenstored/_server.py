@@ -90,7 +90,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from xenback._flags import check_xenstore_domid
+from xenback._flags import DOMID_FIRST_RESERVED, check_xenstore_domid
 
 from ._connection import Connection, Domain, Outstanding, WaitingEvent
 from ._ops import Dispatcher, Quota
@@ -366,9 +366,14 @@ class XenStored:
         it (TypeError or ValueError naming it), before anything changes.
         OSError if its socket cannot be made (a run_dir too long for a
         socket's path, say); RuntimeError unless the server is running,
-        TimeoutError if its loop is stuck (see :meth:`_call`).
+        TimeoutError if its loop is stuck (see :meth:`_call`).  A domid
+        from DOMID_FIRST_RESERVED (0x7FF0) on is a ValueError too: no
+        domain has it (cxenstored's INTRODUCE of it fails, EINVAL).
         """
         domid = check_xenstore_domid(domid)
+        if domid >= DOMID_FIRST_RESERVED:
+            raise ValueError(f"domid {domid} is reserved (0x{DOMID_FIRST_RESERVED:X} on): "
+                             "no domain has it")
         if domid == 0:
             return self.path
         domain = self._call(self._introduce_and_flush, domid)
@@ -558,11 +563,18 @@ class XenStored:
 
     # --- sockets -----------------------------------------------------------------
 
-    def _bind(self, path: Path) -> socket.socket:
-        # The directories mkdir is to make, deepest first, taken back if
-        # the socket cannot be made after all (they were left behind).  Not
-        # when mkdir fails: then it made none, as a file where one goes
-        # (EEXIST) or above one (ENOTDIR, which exists() hides) stops it.
+    def _bind(self, path: Path,
+              watch: Callable[[socket.socket], object] | None = None) -> socket.socket:
+        """A listening socket on ``path``, its directories made as needed,
+        handed to ``watch`` (a selector's register) before it is returned.
+
+        If the socket cannot be made or watched, everything made for it
+        goes again: its file and the directories made (they were left
+        behind, and a socket nobody accepts on with them).
+        """
+        # The directories mkdir is to make, deepest first.  Not when mkdir
+        # fails: then it made none, as a file where one goes (EEXIST) or
+        # above one (ENOTDIR, which exists() hides) stops it.
         made: list[Path] = []
         directory = path.parent
         while not directory.exists():
@@ -570,7 +582,21 @@ class XenStored:
             directory = directory.parent
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            return self._listen(path)
+            sock = self._listen(path)
+            if watch is not None:
+                try:
+                    watch(sock)
+                except BaseException:
+                    # Logged, not raised: the refusal says what went wrong,
+                    # a failure here only what it left behind.
+                    for step in (sock.close, functools.partial(self._unlink, path)):
+                        try:
+                            step()
+                        except Exception:
+                            logger.exception("cannot take back %s, which could not be watched",
+                                             path)
+                    raise
+            return sock
         except BaseException:
             for directory in made:
                 try:
@@ -1113,16 +1139,14 @@ class XenStored:
             return domain
         domain = Domain(domid, privileged=False)
         domain.socket_path = self.introduce_path(domid)
-        assert self._selector is not None
+        selector = self._selector
+        assert selector is not None
         try:
-            domain.listener = self._bind(domain.socket_path)
-            try:
-                self._selector.register(domain.listener, _READ, (self._accept, domain))
-            except BaseException:
-                # epoll out of memory or of watches (max_user_watches):
-                # no socket left that nobody would ever accept on.
-                self._remove_socket(domain)
-                raise
+            # epoll may refuse it (out of memory or of watches:
+            # max_user_watches); _bind then takes back what it made.
+            domain.listener = self._bind(
+                domain.socket_path,
+                lambda sock: selector.register(sock, _READ, (self._accept, domain)))
         except OSError as e:
             # strerror, not str(e): the host's OSError gives the errno again
             # (_introduce_and_flush).  But with the file it names, which
