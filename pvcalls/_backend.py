@@ -541,15 +541,28 @@ class Backend(Closing):
                              f"{PVCALLS_VERSIONS!r}")
         ring_ref = dev.read_otherend_u32("ring-ref")
         port = dev.read_otherend_u32("port")
-        fe = _Frontend(self, dev, ring_ref, port)
-        with self._lock:
-            closing = self._closed
-            if not closing:
-                self._frontends[(dev.frontend_id, dev.devid)] = fe
-        if closing:
-            fe.close()
-            raise RuntimeError("backend is closing")
-        dev.driver_data = fe
+        key = (dev.frontend_id, dev.devid)
+        # Recorded by the call that makes it (see _keep), and closed here
+        # until driver_data has it, where the device's disconnect finds it:
+        # an interrupt as _Frontend() returned, or before that store, left
+        # its ring mapped and its port bound for the life of the backend.
+        made: list[_Frontend] = []
+        try:
+            fe = _keep(made, _Frontend, self, dev, ring_ref, port)
+            with self._lock:
+                closing = self._closed
+                if not closing:
+                    self._frontends[key] = fe
+            if closing:
+                raise RuntimeError("backend is closing")
+            dev.driver_data = fe
+        except BaseException:
+            for unrecorded in made:
+                unrecorded.close()  # not under _lock (see there)
+                with self._lock:
+                    if self._frontends.get(key) is unrecorded:
+                        del self._frontends[key]
+            raise
         fe.start()
         logger.info("dom%d: pvcalls frontend connected (ring-ref %d, port %d)",
                     dev.frontend_id, ring_ref, port)
