@@ -310,6 +310,15 @@ def _unmap(pages: GrantMapping) -> None:
         logger.exception("unmapping a data ring failed")
 
 
+def _unbind_quietly(events: EventDispatcher, port: int) -> None:
+    """Unbind ``port``; a failure (unbound already) is logged, not raised:
+    the callers are giving the socket up, with more to release."""
+    try:
+        events.unbind(port)
+    except (OSError, KeyError, ValueError):
+        logger.debug("unbinding port %s failed", port, exc_info=True)
+
+
 def _read_layout(buffer: memoryview, max_page_order: int) -> tuple[int, tuple[int, ...]]:
     """``ring_order`` and the ``ref[]`` array of the indexes page at the
     start of ``buffer``, copied out once (the frontend may change the page
@@ -427,30 +436,51 @@ class ActiveSocket(Work):
     def attach_ring(self, ref: int, remote_port: int) -> None:
         """Map the data ring at ``ref`` and bind the frontend's ``remote_port``."""
         fe = self.frontend
-        # The hints are the command Work's, which makes every ring of its
-        # frontend (CONNECT, ACCEPT), one command at a time: no lock.
-        hints = fe.ring_hints
-        hint = hints.pop(ref, None)
-        if hint is not None:
-            fe.ring_hint_refs -= len(hint)
-        self.ring = DataRing(fe.gnttab, fe.domid, ref, fe.backend.max_page_order, hint)
-        hints[ref] = refs = self.ring.refs  # the newest last
-        fe.ring_hint_refs += len(refs)
-        # The oldest go, for as many refs as rings (see RING_HINT_REFS).
-        while len(hints) > RING_HINTS or fe.ring_hint_refs > RING_HINT_REFS:
-            fe.ring_hint_refs -= len(hints.pop(next(iter(hints))))
-        # Our CPU's poller if we have a CPU (CONNECT), else the one of the
-        # CPU we will most likely get (ACCEPT, placed when a connection comes).
-        backend = fe.backend
-        self.events = (backend._events_of(self.cpu) if self._placed
-                       else backend._events_for_next_socket())
+        # Each recorded by the call that makes it (list.extend() stores it
+        # before control is back here, as _Frontend.__init__ does), and
+        # given up here on the way out: one kept from us by an interrupt
+        # as its call returned would be held for the life of the backend,
+        # the teardown of our caller's except clause finding no record.
+        rings: list[DataRing] = []
+        ports: list[int] = []
+        events = None
         try:
-            self.port = self.events.bind_interdomain(fe.domid, remote_port, self._on_event)
-        except (OSError, ValueError) as exc:
-            self.ring.close()
-            self.ring = None
-            raise CommandError(_errno.EINVAL, f"cannot bind event channel {remote_port}: {exc}"
-                               ) from None
+            # The hints are the command Work's, which makes every ring of
+            # its frontend (CONNECT, ACCEPT), one command at a time: no lock.
+            hints = fe.ring_hints
+            hint = hints.pop(ref, None)
+            if hint is not None:
+                fe.ring_hint_refs -= len(hint)
+            rings.extend(map(DataRing, (fe.gnttab,), (fe.domid,), (ref,),
+                             (fe.backend.max_page_order,), (hint,)))
+            hints[ref] = refs = rings[0].refs  # the newest last
+            fe.ring_hint_refs += len(refs)
+            # The oldest go, for as many refs as rings (see RING_HINT_REFS).
+            while len(hints) > RING_HINTS or fe.ring_hint_refs > RING_HINT_REFS:
+                fe.ring_hint_refs -= len(hints.pop(next(iter(hints))))
+            # Our CPU's poller if we have a CPU (CONNECT), else the one of
+            # the CPU we will most likely get (ACCEPT, placed when a
+            # connection comes).
+            backend = fe.backend
+            events = (backend._events_of(self.cpu) if self._placed
+                      else backend._events_for_next_socket())
+            try:
+                ports.extend(map(events.bind_interdomain, (fe.domid,), (remote_port,),
+                                 (self._on_event,)))
+            except (OSError, ValueError) as exc:
+                raise CommandError(_errno.EINVAL, f"cannot bind event channel {remote_port}: "
+                                   f"{exc}") from None
+        except BaseException:
+            for port in ports:
+                assert events is not None, "bound through it"
+                _unbind_quietly(events, port)
+            for ring in rings:
+                ring.close()
+            raise
+        # No call from here on, so no interrupt: the records are taken over.
+        self.ring = rings[0]
+        self.events = events
+        self.port = ports[0]
 
     def place(self) -> None:
         """Home the socket on the least loaded CPU (once)."""
@@ -981,10 +1011,7 @@ class ActiveSocket(Work):
         # lesser harm.
         port, self.port = self.port, None
         if port is not None and self.events is not None:
-            try:
-                self.events.unbind(port)
-            except (OSError, KeyError, ValueError):
-                logger.debug("unbinding port %s failed", port, exc_info=True)
+            _unbind_quietly(self.events, port)
 
     def _unplace(self) -> None:
         try:
