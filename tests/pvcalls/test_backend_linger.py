@@ -447,6 +447,49 @@ def test_a_teardown_interrupted_as_it_unwatches_the_host_socket_leaves_it_open(
     assert raw.release(sock_id).ret == 0
 
 
+@pytest.mark.parametrize("where", ["sending", "unwatching"])
+def test_a_teardown_interrupted_after_it_found_the_socket_connected_still_sends_what_it_holds(
+        backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
+        monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Ctrl-C as the teardown of a connected socket sends what its out ring
+    holds (the socket CLOSED by then), or once that is done, as it
+    unwatches the host socket (the rest the peer cannot take yet copied
+    out, the ring unmapped next): the teardown done again (the RELEASE put
+    back, done again) still gets every byte to the peer, the rest through
+    the lingerer.  Taken for a socket that never connected, it closed the
+    host socket without sending, the ring unmapped by the first."""
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    sock = socket_of(backend, raw, sock_id)
+    written = _fill(raw, ring, sock)
+    assert sock.events is not None
+    if where == "sending":
+        tx, flush_out = ActiveSocket._tx, ActiveSocket._flush_out
+
+        def cut_tx(self: ActiveSocket, *args: Any) -> int:
+            if self is sock and sys._getframe(1).f_code is flush_out.__code__:
+                monkeypatch.setattr(ActiveSocket, "_tx", tx)
+                raise Interrupted
+            return tx(self, *args)
+
+        monkeypatch.setattr(ActiveSocket, "_tx", cut_tx)
+    else:
+        remove_fd = sock.events.remove_fd
+
+        def cut_remove_fd(fd: int) -> None:
+            monkeypatch.setattr(sock.events, "remove_fd", remove_fd)
+            raise Interrupted
+
+        monkeypatch.setattr(sock.events, "remove_fd", cut_remove_fd)
+    with pytest.raises(Interrupted):
+        sock.teardown()
+    assert sock.state is pvcalls._socket.SockState.CLOSED
+    assert raw.release(sock_id).ret == 0  # the teardown done again
+    assert peer.read_to_eof() == written
+    wait_until(lambda: len(backend.lingerer) == 0)
+    assert raw.unexpected == []
+
+
 def test_the_timeout_cannot_end_a_socket_before_it_is_watched(backend: pvcalls.Backend) -> None:
     """adopt() queues the timer, then watches the socket: a timer that ran
     in between closed the socket, and adopt() then watched its number,
