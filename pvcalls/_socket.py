@@ -404,6 +404,13 @@ class ActiveSocket(Work):
         self._missed = False
         # The host socket was closed or handed to the lingerer (teardown).
         self._host_released = False
+        # A teardown found us CONNECTED: what the out ring holds is to be
+        # sent before the host socket goes, by a teardown done again too
+        # (one cut short leaves us CLOSED).  Cleared once a flush ran
+        # whole, ``_rest`` then what it left for the lingerer.  Set only
+        # while the host socket is ours (see teardown).
+        self._flush_due = False
+        self._rest = b""
         self._out_armed = False             # EPOLLOUT in the host socket's mask
         self._room_made = False             # _tx freed room in a full out ring
         # Whether a receive may find data: the host socket signalled since
@@ -948,25 +955,35 @@ class ActiveSocket(Work):
         else:
             self.disable_sync()
         with self._lock:
-            was_connected = self.state is SockState.CONNECTED
+            # CONNECTED only with the host socket ours: _fail, which
+            # releases it otherwise, makes us FAILED.
+            if self.state is SockState.CONNECTED:
+                self._flush_due = True
             self.state = SockState.CLOSED
         steps = _Steps(self)
         host = self.host
         if host is not None and not self._host_released:
-            rest = b""
-            if was_connected:
-                rest = steps.run("sending what the out ring holds", self._flush_out, host) or b""
+            if self._flush_due:
+                rest = steps.run("sending what the out ring holds", self._flush_out, host)
+                # Cut short, the flush is done again by the next teardown,
+                # from the ring kept mapped for it (what was sent is gone
+                # from it, the rest only copied, so nothing goes twice).
+                # Done, the rest is kept for the teardown that hands the
+                # host socket on.
+                if not steps.interrupted:
+                    self._rest, self._flush_due = rest or b"", False
             steps.run("unwatching the host socket", self._unwatch, host)
             # Not after an interrupted unwatch: the descriptor may still be
             # watched, and its number must not be another file's by then.
             if not steps.interrupted:
-                steps.run("closing the host socket", self._release_host, host, rest)
+                steps.run("closing the host socket", self._release_host, host, self._rest)
                 # Not after a step cut short, which may have left it open:
                 # the next teardown closes it (or sees the lingerer has it).
                 self._host_released = not steps.interrupted
         if self.port is not None:
             steps.run("unbinding the event channel", self._unbind)
-        if self.ring is not None:
+        # Not while a flush is due: the ring holds what the next teardown sends.
+        if self.ring is not None and not self._flush_due:
             steps.run("unmapping the data ring", self.ring.close)
         if self._placed:
             steps.run("leaving its CPU", self._unplace)
@@ -992,9 +1009,13 @@ class ActiveSocket(Work):
     def _release_host(self, host: socket.socket, rest: bytes) -> None:
         """Hand ``host`` to the lingerer with ``rest`` to send, or close it.
         Done again after a Ctrl-C, which may have landed as adopt() took it
-        (returned, or not): the lingerer's is not closed under it."""
+        (returned, or not), or as close() returned: the lingerer's is
+        neither closed under it nor given it again (``rest`` is kept for
+        the teardown done again: see _flush_due), a closed one left alone."""
         fe = self.frontend
         lingerer = fe.backend.lingerer
+        if host.fileno() == -1 or lingerer.holds(host):
+            return
         adopted = False
         try:
             adopted = bool(rest) and lingerer.adopt(

@@ -414,6 +414,10 @@ def test_a_close_interrupted_as_the_lingerer_takes_a_socket_leaves_it_the_linger
         sock.teardown()  # done again: leaves the socket to the lingerer
         assert backend.lingerer.holds(sock.host)
         assert sock.host.fileno() != -1
+        # Taken once: given again, it was counted twice against the
+        # domain's bounds, and the first timer, no longer its orphan's,
+        # stayed queued.
+        assert backend.lingerer._count == {raw.guest.domid: 1}
     finally:
         backend.close()
     assert len(backend.lingerer) == 0
