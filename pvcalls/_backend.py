@@ -866,15 +866,18 @@ class _Frontend:
             # The frontend broke the ring: it gets no more service, the
             # other frontends are not affected.
             self._broken = True
+            # On the device's queue, where everything about its state is
+            # done: from here, our Closing could land after the frontend's
+            # Closed was answered, and stay.  Queued before the log line,
+            # and with the exception, not its str() (a call): an interrupt
+            # landing before the queueing would lose the failure, and no
+            # later run, the ring broken, would queue it.
+            self.dev.queue(self._fail_broken_ring, exc)
             # Rate-limited (the device's budget): the guest can reconnect
             # and break its ring again at will.
             self.ratelimit.log(logger, logging.ERROR,
                                "dom%d: command ring protocol error, frontend stopped: %s",
                                self.domid, exc)
-            # On the device's queue, where everything about its state is
-            # done: from here, our Closing could land after the frontend's
-            # Closed was answered, and stay.
-            self.dev.queue(self._fail_broken_ring, str(exc))
         except BaseException as exc:
             # An interrupt (DeviceWork lets it through, to the workqueue's
             # log; a bug of ours fails the device) ends the run before the
@@ -885,7 +888,7 @@ class _Frontend:
                 self.backend.cmd_wq.queue_work(work)
             raise
 
-    def _fail_broken_ring(self, why: str) -> None:
+    def _fail_broken_ring(self, why: RingError) -> None:
         # On the device's queue.  Not once we are disconnected: the
         # frontend closed or started over as the Work met its broken ring
         # (disconnect() waited for the Work, which queued this behind it),
