@@ -494,6 +494,38 @@ def test_a_teardown_interrupted_after_it_found_the_socket_connected_still_sends_
     assert raw.unexpected == []
 
 
+def test_a_teardown_done_again_leaves_a_host_socket_closed_by_the_one_cut_short_alone(
+        backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Ctrl-C as the host socket's close() returns (the lingerer not
+    taking it): the teardown done again, with the rest the flush left
+    still to hand on, neither gives the lingerer that closed socket nor
+    says its bytes were dropped.  Given it, the lingerer recorded and
+    watched descriptor -1."""
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    sock = socket_of(backend, raw, sock_id)
+    _fill(raw, ring, sock)
+    host = sock.host
+    assert host is not None
+    adopt = backend.lingerer.adopt
+
+    def refused_then_cut(h: socket.socket, *args: Any, **kwargs: Any) -> bool:
+        monkeypatch.setattr(backend.lingerer, "adopt", adopt)
+        h.close()  # what the caller does with a socket not taken, done
+        raise Interrupted
+
+    monkeypatch.setattr(backend.lingerer, "adopt", refused_then_cut)
+    with pytest.raises(Interrupted):
+        sock.teardown()
+    assert host.fileno() == -1 and not sock._host_released
+    caplog.set_level(logging.INFO, logger="pvcalls._linger")
+    sock.teardown()  # done again
+    assert len(backend.lingerer) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "pvcalls._linger"] == []
+    assert raw.release(sock_id).ret == 0
+
+
 def test_the_timeout_cannot_end_a_socket_before_it_is_watched(backend: pvcalls.Backend) -> None:
     """adopt() queues the timer, then watches the socket: a timer that ran
     in between closed the socket, and adopt() then watched its number,
