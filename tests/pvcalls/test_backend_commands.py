@@ -753,6 +753,23 @@ def test_a_connect_or_accept_cut_short_setting_up_its_ring_holds_nothing(
     assert raw.unexpected == []
 
 
+def test_an_event_channel_the_platform_calls_out_of_range_is_einval(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bind_interdomain() refusing the guest's port with ValueError (a
+    platform's check of its range), not OSError: the CONNECT is still
+    -EINVAL, the guest's fault, not -EIO, a bug of ours, and the ring
+    mapped for it goes back."""
+    mappings = len(backend.gnttab._live)
+    _cut_short_once(monkeypatch, EventDispatcher, "bind_interdomain",
+                    ValueError("port out of range"))
+    sock_id, _ = raw.socket()
+    assert raw.response(raw.push_connect(sock_id, echo_server.address, raw.new_ring())
+                        ).ret == EINVAL
+    assert len(backend.gnttab._live) == mappings
+    assert raw.unexpected == []
+
+
 @pytest.mark.parametrize("command", ["connect", "accept"])
 def test_a_ring_attached_with_an_interrupt_as_any_of_its_calls_returns_holds_nothing(
         raw: RawFrontend, backend: pvcalls.Backend, command: str) -> None:
