@@ -541,15 +541,28 @@ class Backend(Closing):
                              f"{PVCALLS_VERSIONS!r}")
         ring_ref = dev.read_otherend_u32("ring-ref")
         port = dev.read_otherend_u32("port")
-        fe = _Frontend(self, dev, ring_ref, port)
-        with self._lock:
-            closing = self._closed
-            if not closing:
-                self._frontends[(dev.frontend_id, dev.devid)] = fe
-        if closing:
-            fe.close()
-            raise RuntimeError("backend is closing")
-        dev.driver_data = fe
+        key = (dev.frontend_id, dev.devid)
+        # Recorded by the call that makes it (see _keep), and closed here
+        # until driver_data has it, where the device's disconnect finds it:
+        # an interrupt as _Frontend() returned, or before that store, left
+        # its ring mapped and its port bound for the life of the backend.
+        made: list[_Frontend] = []
+        try:
+            fe = _keep(made, _Frontend, self, dev, ring_ref, port)
+            with self._lock:
+                closing = self._closed
+                if not closing:
+                    self._frontends[key] = fe
+            if closing:
+                raise RuntimeError("backend is closing")
+            dev.driver_data = fe
+        except BaseException:
+            for unrecorded in made:
+                unrecorded.close()  # not under _lock (see there)
+                with self._lock:
+                    if self._frontends.get(key) is unrecorded:
+                        del self._frontends[key]
+            raise
         fe.start()
         logger.info("dom%d: pvcalls frontend connected (ring-ref %d, port %d)",
                     dev.frontend_id, ring_ref, port)
@@ -853,15 +866,18 @@ class _Frontend:
             # The frontend broke the ring: it gets no more service, the
             # other frontends are not affected.
             self._broken = True
+            # On the device's queue, where everything about its state is
+            # done: from here, our Closing could land after the frontend's
+            # Closed was answered, and stay.  Queued before the log line,
+            # and with the exception, not its str() (a call): an interrupt
+            # landing before the queueing would lose the failure, and no
+            # later run, the ring broken, would queue it.
+            self.dev.queue(self._fail_broken_ring, exc)
             # Rate-limited (the device's budget): the guest can reconnect
             # and break its ring again at will.
             self.ratelimit.log(logger, logging.ERROR,
                                "dom%d: command ring protocol error, frontend stopped: %s",
                                self.domid, exc)
-            # On the device's queue, where everything about its state is
-            # done: from here, our Closing could land after the frontend's
-            # Closed was answered, and stay.
-            self.dev.queue(self._fail_broken_ring, str(exc))
         except BaseException as exc:
             # An interrupt (DeviceWork lets it through, to the workqueue's
             # log; a bug of ours fails the device) ends the run before the
@@ -872,7 +888,7 @@ class _Frontend:
                 self.backend.cmd_wq.queue_work(work)
             raise
 
-    def _fail_broken_ring(self, why: str) -> None:
+    def _fail_broken_ring(self, why: RingError) -> None:
         # On the device's queue.  Not once we are disconnected: the
         # frontend closed or started over as the Work met its broken ring
         # (disconnect() waited for the Work, which queued this behind it),

@@ -310,6 +310,15 @@ def _unmap(pages: GrantMapping) -> None:
         logger.exception("unmapping a data ring failed")
 
 
+def _unbind_quietly(events: EventDispatcher, port: int) -> None:
+    """Unbind ``port``; a failure (unbound already) is logged, not raised:
+    the callers are giving the socket up, with more to release."""
+    try:
+        events.unbind(port)
+    except (OSError, KeyError, ValueError):
+        logger.debug("unbinding port %s failed", port, exc_info=True)
+
+
 def _read_layout(buffer: memoryview, max_page_order: int) -> tuple[int, tuple[int, ...]]:
     """``ring_order`` and the ``ref[]`` array of the indexes page at the
     start of ``buffer``, copied out once (the frontend may change the page
@@ -395,6 +404,13 @@ class ActiveSocket(Work):
         self._missed = False
         # The host socket was closed or handed to the lingerer (teardown).
         self._host_released = False
+        # A teardown found us CONNECTED: what the out ring holds is to be
+        # sent before the host socket goes, by a teardown done again too
+        # (one cut short leaves us CLOSED).  Cleared once a flush ran
+        # whole, ``_rest`` then what it left for the lingerer.  Set only
+        # while the host socket is ours (see teardown).
+        self._flush_due = False
+        self._rest = b""
         self._out_armed = False             # EPOLLOUT in the host socket's mask
         self._room_made = False             # _tx freed room in a full out ring
         # Whether a receive may find data: the host socket signalled since
@@ -427,30 +443,51 @@ class ActiveSocket(Work):
     def attach_ring(self, ref: int, remote_port: int) -> None:
         """Map the data ring at ``ref`` and bind the frontend's ``remote_port``."""
         fe = self.frontend
-        # The hints are the command Work's, which makes every ring of its
-        # frontend (CONNECT, ACCEPT), one command at a time: no lock.
-        hints = fe.ring_hints
-        hint = hints.pop(ref, None)
-        if hint is not None:
-            fe.ring_hint_refs -= len(hint)
-        self.ring = DataRing(fe.gnttab, fe.domid, ref, fe.backend.max_page_order, hint)
-        hints[ref] = refs = self.ring.refs  # the newest last
-        fe.ring_hint_refs += len(refs)
-        # The oldest go, for as many refs as rings (see RING_HINT_REFS).
-        while len(hints) > RING_HINTS or fe.ring_hint_refs > RING_HINT_REFS:
-            fe.ring_hint_refs -= len(hints.pop(next(iter(hints))))
-        # Our CPU's poller if we have a CPU (CONNECT), else the one of the
-        # CPU we will most likely get (ACCEPT, placed when a connection comes).
-        backend = fe.backend
-        self.events = (backend._events_of(self.cpu) if self._placed
-                       else backend._events_for_next_socket())
+        # Each recorded by the call that makes it (list.extend() stores it
+        # before control is back here, as _Frontend.__init__ does), and
+        # given up here on the way out: one kept from us by an interrupt
+        # as its call returned would be held for the life of the backend,
+        # the teardown of our caller's except clause finding no record.
+        rings: list[DataRing] = []
+        ports: list[int] = []
+        events = None
         try:
-            self.port = self.events.bind_interdomain(fe.domid, remote_port, self._on_event)
-        except (OSError, ValueError) as exc:
-            self.ring.close()
-            self.ring = None
-            raise CommandError(_errno.EINVAL, f"cannot bind event channel {remote_port}: {exc}"
-                               ) from None
+            # The hints are the command Work's, which makes every ring of
+            # its frontend (CONNECT, ACCEPT), one command at a time: no lock.
+            hints = fe.ring_hints
+            hint = hints.pop(ref, None)
+            if hint is not None:
+                fe.ring_hint_refs -= len(hint)
+            rings.extend(map(DataRing, (fe.gnttab,), (fe.domid,), (ref,),
+                             (fe.backend.max_page_order,), (hint,)))
+            hints[ref] = refs = rings[0].refs  # the newest last
+            fe.ring_hint_refs += len(refs)
+            # The oldest go, for as many refs as rings (see RING_HINT_REFS).
+            while len(hints) > RING_HINTS or fe.ring_hint_refs > RING_HINT_REFS:
+                fe.ring_hint_refs -= len(hints.pop(next(iter(hints))))
+            # Our CPU's poller if we have a CPU (CONNECT), else the one of
+            # the CPU we will most likely get (ACCEPT, placed when a
+            # connection comes).
+            backend = fe.backend
+            events = (backend._events_of(self.cpu) if self._placed
+                      else backend._events_for_next_socket())
+            try:
+                ports.extend(map(events.bind_interdomain, (fe.domid,), (remote_port,),
+                                 (self._on_event,)))
+            except (OSError, ValueError) as exc:
+                raise CommandError(_errno.EINVAL, f"cannot bind event channel {remote_port}: "
+                                   f"{exc}") from None
+        except BaseException:
+            for port in ports:
+                assert events is not None, "bound through it"
+                _unbind_quietly(events, port)
+            for ring in rings:
+                ring.close()
+            raise
+        # No call from here on, so no interrupt: the records are taken over.
+        self.ring = rings[0]
+        self.events = events
+        self.port = ports[0]
 
     def place(self) -> None:
         """Home the socket on the least loaded CPU (once)."""
@@ -918,25 +955,35 @@ class ActiveSocket(Work):
         else:
             self.disable_sync()
         with self._lock:
-            was_connected = self.state is SockState.CONNECTED
+            # CONNECTED only with the host socket ours: _fail, which
+            # releases it otherwise, makes us FAILED.
+            if self.state is SockState.CONNECTED:
+                self._flush_due = True
             self.state = SockState.CLOSED
         steps = _Steps(self)
         host = self.host
         if host is not None and not self._host_released:
-            rest = b""
-            if was_connected:
-                rest = steps.run("sending what the out ring holds", self._flush_out, host) or b""
+            if self._flush_due:
+                rest = steps.run("sending what the out ring holds", self._flush_out, host)
+                # Cut short, the flush is done again by the next teardown,
+                # from the ring kept mapped for it (what was sent is gone
+                # from it, the rest only copied, so nothing goes twice).
+                # Done, the rest is kept for the teardown that hands the
+                # host socket on.
+                if not steps.interrupted:
+                    self._rest, self._flush_due = rest or b"", False
             steps.run("unwatching the host socket", self._unwatch, host)
             # Not after an interrupted unwatch: the descriptor may still be
             # watched, and its number must not be another file's by then.
             if not steps.interrupted:
-                steps.run("closing the host socket", self._release_host, host, rest)
+                steps.run("closing the host socket", self._release_host, host, self._rest)
                 # Not after a step cut short, which may have left it open:
                 # the next teardown closes it (or sees the lingerer has it).
                 self._host_released = not steps.interrupted
         if self.port is not None:
             steps.run("unbinding the event channel", self._unbind)
-        if self.ring is not None:
+        # Not while a flush is due: the ring holds what the next teardown sends.
+        if self.ring is not None and not self._flush_due:
             steps.run("unmapping the data ring", self.ring.close)
         if self._placed:
             steps.run("leaving its CPU", self._unplace)
@@ -962,9 +1009,13 @@ class ActiveSocket(Work):
     def _release_host(self, host: socket.socket, rest: bytes) -> None:
         """Hand ``host`` to the lingerer with ``rest`` to send, or close it.
         Done again after a Ctrl-C, which may have landed as adopt() took it
-        (returned, or not): the lingerer's is not closed under it."""
+        (returned, or not), or as close() returned: the lingerer's is
+        neither closed under it nor given it again (``rest`` is kept for
+        the teardown done again: see _flush_due), a closed one left alone."""
         fe = self.frontend
         lingerer = fe.backend.lingerer
+        if host.fileno() == -1 or lingerer.holds(host):
+            return
         adopted = False
         try:
             adopted = bool(rest) and lingerer.adopt(
@@ -981,10 +1032,7 @@ class ActiveSocket(Work):
         # lesser harm.
         port, self.port = self.port, None
         if port is not None and self.events is not None:
-            try:
-                self.events.unbind(port)
-            except (OSError, KeyError, ValueError):
-                logger.debug("unbinding port %s failed", port, exc_info=True)
+            _unbind_quietly(self.events, port)
 
     def _unplace(self) -> None:
         try:

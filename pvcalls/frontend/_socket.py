@@ -2314,9 +2314,11 @@ class PVSocket(Closing):
             self._update_ready()
 
     def _arm_poll(self, deadline: Deadline | None = None) -> None:
-        """Send a POLL unless one is in flight, an ACCEPT is in flight, or a
-        connection is already known to be pending.  ``deadline`` bounds the
-        wait for room on the command ring.  Without one (the POLL fileno()
+        """Send a POLL unless one is in flight, an ACCEPT is in flight or
+        being sent (accept() took the readiness), a connection is already
+        known to be pending, an error the last POLL was answered with is
+        not reported yet (by accept()), or the socket is closed.
+        ``deadline`` bounds the wait for room on the command ring.  Without one (the POLL fileno()
         keeps in flight for a selector) or in non-blocking mode, nothing
         waits: with no room, the POLL goes out once answers make room (see
         :meth:`_on_room`), and fileno() never blocks its caller."""

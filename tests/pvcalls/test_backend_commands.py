@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import re
@@ -750,6 +751,64 @@ def test_a_connect_or_accept_cut_short_setting_up_its_ring_holds_nothing(
     assert sorted(bound_ports(backend)) == ports
     assert len(backend.gnttab._live) == mappings
     assert raw.unexpected == []
+
+
+def test_an_event_channel_the_platform_calls_out_of_range_is_einval(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bind_interdomain() refusing the guest's port with ValueError (a
+    platform's check of its range), not OSError: the CONNECT is still
+    -EINVAL, the guest's fault, not -EIO, a bug of ours, and the ring
+    mapped for it goes back."""
+    mappings = len(backend.gnttab._live)
+    _cut_short_once(monkeypatch, EventDispatcher, "bind_interdomain",
+                    ValueError("port out of range"))
+    sock_id, _ = raw.socket()
+    assert raw.response(raw.push_connect(sock_id, echo_server.address, raw.new_ring())
+                        ).ret == EINVAL
+    assert len(backend.gnttab._live) == mappings
+    assert raw.unexpected == []
+
+
+@pytest.mark.parametrize("command", ["connect", "accept"])
+def test_a_ring_attached_with_an_interrupt_as_any_of_its_calls_returns_holds_nothing(
+        raw: RawFrontend, backend: pvcalls.Backend, command: str) -> None:
+    """A Ctrl-C landing as any call made by ActiveSocket.attach_ring
+    returns (a CONNECT's socket, homed first, or an ACCEPT's id_new): the
+    teardown that the command's except clause does gives back what it
+    made, the data ring's mapping and its event channel port.  Recorded
+    by the assignment of what DataRing() or bind_interdomain() returned,
+    one the interrupt lost as its call returned was held for the life of
+    the backend."""
+    from stolensignal import interrupted_as_call_returns
+
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    ports, mapped = sorted(bound_ports(backend)), len(backend.gnttab._live)
+    landed = 0
+    for n in itertools.count():
+        ring = raw.new_ring()
+        sock = ActiveSocket(fe, raw.new_id())
+
+        def attach(sock: ActiveSocket = sock, ring: Any = ring) -> None:
+            try:
+                if command == "connect":
+                    sock.place()
+                sock.attach_ring(ring.ref, ring.port)
+            except BaseException:
+                sock.teardown()  # as _Frontend._connect and _accept do
+                raise
+
+        interrupted = interrupted_as_call_returns(ActiveSocket.attach_ring.__code__, n, attach)
+        if not interrupted:
+            sock.teardown()
+        assert sorted(bound_ports(backend)) == ports, f"interrupted as call {n} returned"
+        assert len(backend.gnttab._live) == mapped, f"interrupted as call {n} returned"
+        ring.close()
+        if not interrupted:
+            break
+        landed += 1
+    assert landed >= 5  # the mapping and the binding among them
+    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
 
 
 def test_a_connect_whose_socket_cannot_be_watched_holds_nothing(

@@ -646,6 +646,35 @@ def test_a_frontend_s_set_up_interrupted_as_any_of_its_calls_returns_holds_nothi
     assert landed >= 5  # every call of the set-up, the mapping and the binding among them
 
 
+def test_a_device_s_connect_interrupted_as_any_of_its_calls_returns_holds_nothing_once_disconnected(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """A Ctrl-C landing as any call made by Backend._connect returns (a
+    device's connect, on its queue): what is left of the frontend it made
+    goes with the device's disconnect, its command ring's mapping and its
+    port.  Recorded only by the assignment of what _Frontend() returned,
+    and in the device's driver_data only at the end, a frontend that the
+    interrupt kept from there was closed by nobody (or by the backend's
+    close alone, if it was among its frontends by then)."""
+    from stolensignal import interrupted_as_call_returns
+
+    dev = backend._frontends[(raw.guest.domid, 0)].dev
+    key = (raw.guest.domid, 0)
+    backend._disconnect(dev)
+    ports, mapped = sorted(backend.dispatcher.ports), len(backend.gnttab._live)
+    landed = 0
+    for n in itertools.count():
+        interrupted = interrupted_as_call_returns(
+            pvcalls.Backend._connect.__code__, n, lambda: backend._connect(dev))
+        backend._disconnect(dev)  # what the device's disconnect does
+        assert key not in backend._frontends, f"interrupted as call {n} returned"
+        assert sorted(backend.dispatcher.ports) == ports, f"interrupted as call {n} returned"
+        assert len(backend.gnttab._live) == mapped, f"interrupted as call {n} returned"
+        if not interrupted:
+            break
+        landed += 1
+    assert landed >= 5  # the reads, the frontend's making and its start among them
+
+
 def test_requests_before_the_connect_is_over_count_against_the_limit(
         make_frontend: Any, host: Any, topology: Topology,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -414,6 +414,10 @@ def test_a_close_interrupted_as_the_lingerer_takes_a_socket_leaves_it_the_linger
         sock.teardown()  # done again: leaves the socket to the lingerer
         assert backend.lingerer.holds(sock.host)
         assert sock.host.fileno() != -1
+        # Taken once: given again, it was counted twice against the
+        # domain's bounds, and the first timer, no longer its orphan's,
+        # stayed queued.
+        assert backend.lingerer._count == {raw.guest.domid: 1}
     finally:
         backend.close()
     assert len(backend.lingerer) == 0
@@ -444,6 +448,81 @@ def test_a_teardown_interrupted_as_it_unwatches_the_host_socket_leaves_it_open(
     assert sock.host.fileno() == fd and fd in sock.events._fds
     sock.teardown()
     assert sock.host.fileno() == -1 and fd not in sock.events._fds
+    assert raw.release(sock_id).ret == 0
+
+
+@pytest.mark.parametrize("where", ["sending", "unwatching"])
+def test_a_teardown_interrupted_after_it_found_the_socket_connected_still_sends_what_it_holds(
+        backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
+        monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Ctrl-C as the teardown of a connected socket sends what its out ring
+    holds (the socket CLOSED by then), or once that is done, as it
+    unwatches the host socket (the rest the peer cannot take yet copied
+    out, the ring unmapped next): the teardown done again (the RELEASE put
+    back, done again) still gets every byte to the peer, the rest through
+    the lingerer.  Taken for a socket that never connected, it closed the
+    host socket without sending, the ring unmapped by the first."""
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    sock = socket_of(backend, raw, sock_id)
+    written = _fill(raw, ring, sock)
+    assert sock.events is not None
+    if where == "sending":
+        tx, flush_out = ActiveSocket._tx, ActiveSocket._flush_out
+
+        def cut_tx(self: ActiveSocket, *args: Any) -> int:
+            if self is sock and sys._getframe(1).f_code is flush_out.__code__:
+                monkeypatch.setattr(ActiveSocket, "_tx", tx)
+                raise Interrupted
+            return tx(self, *args)
+
+        monkeypatch.setattr(ActiveSocket, "_tx", cut_tx)
+    else:
+        remove_fd = sock.events.remove_fd
+
+        def cut_remove_fd(fd: int) -> None:
+            monkeypatch.setattr(sock.events, "remove_fd", remove_fd)
+            raise Interrupted
+
+        monkeypatch.setattr(sock.events, "remove_fd", cut_remove_fd)
+    with pytest.raises(Interrupted):
+        sock.teardown()
+    assert sock.state is pvcalls._socket.SockState.CLOSED
+    assert raw.release(sock_id).ret == 0  # the teardown done again
+    assert peer.read_to_eof() == written
+    wait_until(lambda: len(backend.lingerer) == 0)
+    assert raw.unexpected == []
+
+
+def test_a_teardown_done_again_leaves_a_host_socket_closed_by_the_one_cut_short_alone(
+        backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Ctrl-C as the host socket's close() returns (the lingerer not
+    taking it): the teardown done again, with the rest the flush left
+    still to hand on, neither gives the lingerer that closed socket nor
+    says its bytes were dropped.  Given it, the lingerer recorded and
+    watched descriptor -1."""
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    sock = socket_of(backend, raw, sock_id)
+    _fill(raw, ring, sock)
+    host = sock.host
+    assert host is not None
+    adopt = backend.lingerer.adopt
+
+    def refused_then_cut(h: socket.socket, *args: Any, **kwargs: Any) -> bool:
+        monkeypatch.setattr(backend.lingerer, "adopt", adopt)
+        h.close()  # what the caller does with a socket not taken, done
+        raise Interrupted
+
+    monkeypatch.setattr(backend.lingerer, "adopt", refused_then_cut)
+    with pytest.raises(Interrupted):
+        sock.teardown()
+    assert host.fileno() == -1 and not sock._host_released
+    caplog.set_level(logging.INFO, logger="pvcalls._linger")
+    sock.teardown()  # done again
+    assert len(backend.lingerer) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "pvcalls._linger"] == []
     assert raw.release(sock_id).ret == 0
 
 

@@ -7,6 +7,7 @@ import logging
 import random
 import socket
 import struct
+import sys
 import threading
 from typing import Any
 
@@ -394,6 +395,40 @@ def test_a_broken_command_ring_fails_its_device_on_the_device_queue(
     fe.evtchn.notify(fe.port)
     fe.wait_backend_state(5)
     assert where == [True]
+    fe.close()
+    fe.xs.close()
+
+
+def test_a_broken_command_ring_fails_its_device_though_an_interrupt_cuts_its_log_line_short(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C in the log line the command Work writes of a broken ring
+    (the longest call of that branch): the device is failed all the same
+    (Closing, the error node written).  Queued after the log line, the
+    failure was lost with the interrupt, and the guest, whose ring is
+    served no more, was never told."""
+    fe = make_frontend("breaker")
+    assert fe.ring is not None
+    front = backend._frontends[(fe.guest.domid, 0)]
+    cut = threading.Event()
+    log = front.ratelimit.log
+
+    def cut_log(*args: Any, **kwargs: Any) -> bool:
+        if sys._getframe(1).f_code is _Frontend._process_commands.__code__ and not cut.is_set():
+            cut.set()
+            raise KeyboardInterrupt
+        return log(*args, **kwargs)
+
+    monkeypatch.setattr(front.ratelimit, "log", cut_log)
+    fe.ring._idx[0] = 1000  # req_prod far beyond the slots the ring has
+    fe.evtchn.notify(fe.port)
+    assert cut.wait(TIMEOUT)
+    front._work.flush(timeout=TIMEOUT)  # the run cut short is over
+    front.dev.events.flush()  # and what it queued on the device's queue has run
+    assert front._broken
+    assert fe.backend_state() == 5
+    error = front.dev.xenstore.read(
+        f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error")
+    assert error is not None and error.startswith("22 ")
     fe.close()
     fe.xs.close()
 
