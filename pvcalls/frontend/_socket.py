@@ -2318,10 +2318,11 @@ class PVSocket(Closing):
         being sent (accept() took the readiness), a connection is already
         known to be pending, an error the last POLL was answered with is
         not reported yet (by accept()), or the socket is closed.
-        ``deadline`` bounds the wait for room on the command ring.  Without one (the POLL fileno()
-        keeps in flight for a selector) or in non-blocking mode, nothing
-        waits: with no room, the POLL goes out once answers make room (see
-        :meth:`_on_room`), and fileno() never blocks its caller."""
+        ``deadline`` bounds the wait for room on the command ring.  Without
+        one (the POLL fileno() keeps in flight for a selector) or in
+        non-blocking mode, nothing waits: with no room, the POLL goes out
+        once answers make room (see :meth:`_on_room`), and fileno() never
+        blocks its caller."""
         wait = deadline is not None and deadline.timeout != 0.0
 
         def fill(req: Any) -> None:
