@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from racewindow import Attempt, PauseAt
 from stolensignal import OUTLASTS_THE_TEST
-from wqhelpers import REPR_CALL_BOUND, CallsInReprHook, named_unlocked
+from wqhelpers import REPR_CALL_BOUND, CallsInEqHook, CallsInReprHook, bounded, named_unlocked
 
 from workqueue import (
     TRACE_EVENTS,
@@ -546,6 +546,65 @@ def test_a_hook_added_twice_is_removed_as_list_remove_would(make_wq: Any) -> Non
     assert wq.queue_work(w)
     w.flush()
     assert order == ["b", "a"]
+
+
+def test_a_trace_hook_is_compared_with_the_engine_lock_free(make_wq: Any) -> None:
+    """remove_trace_hook() finds a hook by ==, as list.remove() does, and
+    a hook's == is the program's code, as its repr() is, which may call
+    into the workqueue: compared under the engine lock, that deadlocks
+    every workqueue of the process."""
+    wq = make_wq()
+    events: list[str] = []
+    first = CallsInEqHook(lambda event, work, cpu: None, wq)
+    second = CallsInEqHook(lambda event, work, cpu: events.append(event), wq)
+    wq.add_trace_hook(first)
+    wq.add_trace_hook(second)
+    wq.remove_trace_hook(second)  # compared with the first on the way
+    with pytest.raises(ValueError, match=r" is not a trace hook of 'test'$"):
+        wq.remove_trace_hook(second)
+    assert first.eqs and all(first.eqs), first.eqs
+    w = Work(lambda work: None)
+    assert wq.queue_work(w)
+    w.flush()
+    assert events == []
+    wq.remove_trace_hook(first)
+
+
+def test_a_trace_hook_added_as_another_is_removed_is_kept(make_wq: Any) -> None:
+    """The hooks are compared with the engine lock free: one added
+    meanwhile (here by a hook's own ==) is kept, and the one removed is
+    removed once, the rest in order."""
+    wq = make_wq()
+    order: list[str] = []
+    late_added = threading.Event()
+
+    def hook(name: str) -> Callable[[str, Any, int | None], None]:
+        return lambda event, work, cpu: order.append(name) if event == "queue" else None
+
+    late, gone = hook("late"), hook("gone")
+
+    class AddsOneInEq:
+        def __call__(self, event: str, work: Any, cpu: int | None) -> None:
+            if event == "queue":
+                order.append("meddler")
+
+        def __eq__(self, other: object) -> bool:
+            if not late_added.is_set():
+                late_added.set()
+                bounded(lambda: wq.add_trace_hook(late), "a hook added from a hook's ==",
+                        REPR_CALL_BOUND)
+            return self is other
+
+        __hash__ = object.__hash__
+
+    wq.add_trace_hook(AddsOneInEq())
+    wq.add_trace_hook(gone)
+    wq.remove_trace_hook(gone)
+    assert late_added.is_set()
+    w = Work(lambda work: None)
+    assert wq.queue_work(w)
+    w.flush()
+    assert order == ["meddler", "late"]
 
 
 class HookEscape(BaseException):
