@@ -570,41 +570,73 @@ def test_a_trace_hook_is_compared_with_the_engine_lock_free(make_wq: Any) -> Non
     wq.remove_trace_hook(first)
 
 
-def test_a_trace_hook_added_as_another_is_removed_is_kept(make_wq: Any) -> None:
-    """The hooks are compared with the engine lock free: one added
-    meanwhile (here by a hook's own ==) is kept, and the one removed is
-    removed once, the rest in order."""
+def test_trace_hooks_changed_as_one_is_removed_are_kept_as_changed(make_wq: Any) -> None:
+    """The hooks are compared with the engine lock free: those added and
+    removed meanwhile (here by a hook's own ==, one before the hook being
+    removed) stay so, and the one removed is the one asked for, found
+    again among the hooks as they are now."""
     wq = make_wq()
     order: list[str] = []
-    late_added = threading.Event()
+    meddled = threading.Event()
 
     def hook(name: str) -> Callable[[str, Any, int | None], None]:
         return lambda event, work, cpu: order.append(name) if event == "queue" else None
 
-    late, gone = hook("late"), hook("gone")
+    early, late, gone = hook("early"), hook("late"), hook("gone")
 
-    class AddsOneInEq:
+    class Meddler:
         def __call__(self, event: str, work: Any, cpu: int | None) -> None:
             if event == "queue":
                 order.append("meddler")
 
         def __eq__(self, other: object) -> bool:
-            if not late_added.is_set():
-                late_added.set()
-                bounded(lambda: wq.add_trace_hook(late), "a hook added from a hook's ==",
-                        REPR_CALL_BOUND)
+            if not meddled.is_set():
+                meddled.set()
+                bounded(lambda: (wq.remove_trace_hook(early), wq.add_trace_hook(late)),
+                        "hooks changed from a hook's ==", REPR_CALL_BOUND)
             return self is other
 
         __hash__ = object.__hash__
 
-    wq.add_trace_hook(AddsOneInEq())
-    wq.add_trace_hook(gone)
+    for added in (early, Meddler(), gone):
+        wq.add_trace_hook(added)
     wq.remove_trace_hook(gone)
-    assert late_added.is_set()
+    assert meddled.is_set()
     w = Work(lambda work: None)
     assert wq.queue_work(w)
     w.flush()
     assert order == ["meddler", "late"]
+
+
+def test_a_trace_hook_is_found_by_itself_whatever_its_eq(make_wq: Any) -> None:
+    """As list.remove() does, a hook is found by identity before ==: one
+    whose == says it equals nothing is removed all the same.  A hook not
+    added is refused, named without its repr() if that fails."""
+    wq = make_wq()
+    calls: list[str] = []
+
+    class Unequal:
+        def __call__(self, event: str, work: Any, cpu: int | None) -> None:
+            calls.append(event)
+
+        def __eq__(self, other: object) -> bool:
+            return False
+
+        __hash__ = object.__hash__
+
+        def __repr__(self) -> str:
+            raise OSError("the socket is closed")
+
+    hook = Unequal()
+    wq.add_trace_hook(hook)
+    wq.remove_trace_hook(hook)
+    w = Work(lambda work: None)
+    assert wq.queue_work(w)
+    w.flush()
+    assert calls == []
+    with pytest.raises(ValueError, match=r"^<.*Unequal object at 0x[0-9a-f]+> \(its repr\(\) "
+                                         r"raised OSError\) is not a trace hook of 'test'$"):
+        wq.remove_trace_hook(hook)
 
 
 class HookEscape(BaseException):
