@@ -75,7 +75,8 @@ logger = logging.getLogger(__name__)
 # which may call into the workqueue (or wait for a thread that does), run
 # outside it: the dumps, the watchdog's reports and the errors that name an
 # item take the items under the lock and name them once it is free (see
-# Draft); a trace hook is named as it is added (see add_trace_hook).
+# Draft); a trace hook is named as it is added, and compared (==) for its
+# removal with the lock free (see add_trace_hook, remove_trace_hook).
 # Lock order: topology hotplug lock -> engine lock -> timer lock.  A
 # future's condition is never taken while it is held.
 #

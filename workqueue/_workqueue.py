@@ -997,17 +997,23 @@ class Workqueue(Executor):
             self._trace_hooks = (*self._trace_hooks, named)
 
     def remove_trace_hook(self, hook: TraceHook) -> None:
-        """Remove a hook added with add_trace_hook(); ValueError if absent."""
-        with lock:
-            hooks = list(self._trace_hooks)
-            # The first one added that list.remove() would take.
-            for i, (added, _) in enumerate(hooks):
-                if added is hook or added == hook:
-                    del hooks[i]
-                    self._trace_hooks = tuple(hooks)
+        """Remove a hook added with add_trace_hook(), the first one added
+        that list.remove() would take (``is``, then ==); ValueError if
+        absent.  The hooks are compared with the engine lock free."""
+        while True:
+            # == is the program's code, as a hook's repr() is (see
+            # add_trace_hook): the hooks are compared as they were at one
+            # instant, with the lock free, and the removal is made only if
+            # no hook came or went since (else they are compared again).
+            hooks = self._trace_hooks
+            found = next((i for i, (added, _) in enumerate(hooks)
+                          if added is hook or added == hook), None)
+            if found is None:
+                raise ValueError(f"{work_name(hook)} is not a trace hook of {self.name!r}")
+            with lock:
+                if self._trace_hooks is hooks:
+                    self._trace_hooks = (*hooks[:found], *hooks[found + 1:])
                     return
-        # Named with the lock free, as a hook is (see add_trace_hook).
-        raise ValueError(f"{work_name(hook)} is not a trace hook of {self.name!r}")
 
     def _trace(self, event: str, work: Work, pool: WorkerPool) -> None:
         for hook, name in self._trace_hooks:

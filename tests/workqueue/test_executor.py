@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from racewindow import Attempt, PauseAt
 from stolensignal import OUTLASTS_THE_TEST
-from wqhelpers import REPR_CALL_BOUND, CallsInReprHook, named_unlocked
+from wqhelpers import REPR_CALL_BOUND, CallsInEqHook, CallsInReprHook, bounded, named_unlocked
 
 from workqueue import (
     TRACE_EVENTS,
@@ -546,6 +546,97 @@ def test_a_hook_added_twice_is_removed_as_list_remove_would(make_wq: Any) -> Non
     assert wq.queue_work(w)
     w.flush()
     assert order == ["b", "a"]
+
+
+def test_a_trace_hook_is_compared_with_the_engine_lock_free(make_wq: Any) -> None:
+    """remove_trace_hook() finds a hook by ==, as list.remove() does, and
+    a hook's == is the program's code, as its repr() is, which may call
+    into the workqueue: compared under the engine lock, that deadlocks
+    every workqueue of the process."""
+    wq = make_wq()
+    events: list[str] = []
+    first = CallsInEqHook(lambda event, work, cpu: None, wq)
+    second = CallsInEqHook(lambda event, work, cpu: events.append(event), wq)
+    wq.add_trace_hook(first)
+    wq.add_trace_hook(second)
+    wq.remove_trace_hook(second)  # compared with the first on the way
+    with pytest.raises(ValueError, match=r" is not a trace hook of 'test'$"):
+        wq.remove_trace_hook(second)
+    assert first.eqs and all(first.eqs), first.eqs
+    w = Work(lambda work: None)
+    assert wq.queue_work(w)
+    w.flush()
+    assert events == []
+    wq.remove_trace_hook(first)
+
+
+def test_trace_hooks_changed_as_one_is_removed_are_kept_as_changed(make_wq: Any) -> None:
+    """The hooks are compared with the engine lock free: those added and
+    removed meanwhile (here by a hook's own ==, one before the hook being
+    removed) stay so, and the one removed is the one asked for, found
+    again among the hooks as they are now."""
+    wq = make_wq()
+    order: list[str] = []
+    meddled = threading.Event()
+
+    def hook(name: str) -> Callable[[str, Any, int | None], None]:
+        return lambda event, work, cpu: order.append(name) if event == "queue" else None
+
+    early, late, gone = hook("early"), hook("late"), hook("gone")
+
+    class Meddler:
+        def __call__(self, event: str, work: Any, cpu: int | None) -> None:
+            if event == "queue":
+                order.append("meddler")
+
+        def __eq__(self, other: object) -> bool:
+            if not meddled.is_set():
+                meddled.set()
+                bounded(lambda: (wq.remove_trace_hook(early), wq.add_trace_hook(late)),
+                        "hooks changed from a hook's ==", REPR_CALL_BOUND)
+            return self is other
+
+        __hash__ = object.__hash__
+
+    for added in (early, Meddler(), gone):
+        wq.add_trace_hook(added)
+    wq.remove_trace_hook(gone)
+    assert meddled.is_set()
+    w = Work(lambda work: None)
+    assert wq.queue_work(w)
+    w.flush()
+    assert order == ["meddler", "late"]
+
+
+def test_a_trace_hook_is_found_by_itself_whatever_its_eq(make_wq: Any) -> None:
+    """As list.remove() does, a hook is found by identity before ==: one
+    whose == says it equals nothing is removed all the same.  A hook not
+    added is refused, named without its repr() if that fails."""
+    wq = make_wq()
+    calls: list[str] = []
+
+    class Unequal:
+        def __call__(self, event: str, work: Any, cpu: int | None) -> None:
+            calls.append(event)
+
+        def __eq__(self, other: object) -> bool:
+            return False
+
+        __hash__ = object.__hash__
+
+        def __repr__(self) -> str:
+            raise OSError("the socket is closed")
+
+    hook = Unequal()
+    wq.add_trace_hook(hook)
+    wq.remove_trace_hook(hook)
+    w = Work(lambda work: None)
+    assert wq.queue_work(w)
+    w.flush()
+    assert calls == []
+    with pytest.raises(ValueError, match=r"^<.*Unequal object at 0x[0-9a-f]+> \(its repr\(\) "
+                                         r"raised OSError\) is not a trace hook of 'test'$"):
+        wq.remove_trace_hook(hook)
 
 
 class HookEscape(BaseException):

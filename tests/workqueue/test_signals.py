@@ -1488,6 +1488,36 @@ def test_ctrl_c_anywhere_in_finishing_a_bare_future_tells_every_watcher_once(
     assert at_every_place(attempt, under_the_lock=True) > 5
 
 
+@pytest.mark.parametrize("first", ["result", "cancel"])
+def test_ctrl_c_anywhere_in_refusing_a_second_outcome_leaves_the_first(first: str) -> None:
+    """Wherever Ctrl-C lands as the main thread gives a done LeanFuture a
+    second outcome -- in the hold that refuses it, or as the refusal is
+    named once that is over -- the future keeps its first outcome, and
+    its done-callbacks are not called again."""
+
+    def attempt(interrupted: Callable[[Callable[[], object]], None]) -> None:
+        future = LeanFuture()
+        called: list[cf.Future[Any]] = []
+        future.add_done_callback(called.append)
+        if first == "result":
+            future.set_result(1)
+        else:
+            assert future.cancel()
+
+        def second() -> None:
+            with pytest.raises(cf.InvalidStateError, match=r"^(FINISHED|CANCELLED\S*): "):
+                future.set_result(2)
+
+        interrupted(second)
+        assert called == [future]
+        if first == "result":
+            assert future.result(0) == 1
+        else:
+            assert future.cancelled()
+
+    assert at_every_place(attempt, under_the_lock=True) > 5
+
+
 # -- Ctrl-C as a call is submitted to a serial executor ------------------------
 
 

@@ -79,6 +79,21 @@ def assert_next_run_waits(queue_first: Callable[[Any], bool],
 REPR_CALL_BOUND = 5.0
 
 
+def calls_into(wq: Workqueue) -> bool:
+    """Whether a call into *wq* (``wq.stats()``), made from another thread,
+    got through within REPR_CALL_BOUND: made by the program's code that
+    the engine runs, a False says it ran under the engine lock (which is
+    not reentrant), and fails the test rather than deadlock it."""
+    done = threading.Event()
+
+    def call_in() -> None:
+        wq.stats()
+        done.set()
+
+    threading.Thread(target=call_in, daemon=True).start()
+    return done.wait(REPR_CALL_BOUND)
+
+
 class _CallsInRepr:
     """A work item whose repr() calls into its workqueue (``wq.stats()``,
     as a repr that shows its queue's load may) and records, in ``reprs``,
@@ -96,14 +111,7 @@ class _CallsInRepr:
         self.reprs = []
 
     def __repr__(self) -> str:
-        done = threading.Event()
-
-        def call_in() -> None:
-            self.wq.stats()
-            done.set()
-
-        threading.Thread(target=call_in, daemon=True).start()
-        got_through = done.wait(REPR_CALL_BOUND)
+        got_through = calls_into(self.wq)
         self.reprs.append(got_through)
         name = type(self).__name__
         return f"<{name}>" if got_through else f"<{name} named under the engine lock>"
@@ -129,6 +137,23 @@ class _Hook:
 
 class CallsInReprHook(_CallsInRepr, _Hook):
     pass
+
+
+class CallsInEqHook(_Hook):
+    """A trace hook whose == calls into *wq* (as a hook comparing the
+    state of its connection may) and records, in ``eqs``, whether the
+    call got through (see calls_into); equal to itself alone."""
+
+    def __init__(self, func: Callable[[str, Any, int | None], object], wq: Workqueue) -> None:
+        super().__init__(func)
+        self.wq = wq
+        self.eqs: list[bool] = []
+
+    def __eq__(self, other: object) -> bool:
+        self.eqs.append(calls_into(self.wq))
+        return self is other
+
+    __hash__ = object.__hash__
 
 
 def named_unlocked(*items: _CallsInRepr) -> bool:
