@@ -382,6 +382,7 @@ def _bench(args: argparse.Namespace, interrupts: benchlib.Interrupts) -> int:
         }[args.profile]
         profiler = cProfile.Profile()
         profiler.runcall(job)
+        interrupts.checkpoint()  # stopped meanwhile: no results, as for the table
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return 0
 

@@ -129,3 +129,14 @@ def test_the_table_says_which_way_its_ratios_go(capsys: pytest.CaptureFixture[st
     low = (base - 0.05) / (ours + 0.05) - 0.005
     high = (base + 0.05) / max(ours - 0.05, 1e-9) + 0.005
     assert low <= ratio <= high, (ours, base, ratio)
+
+
+def test_a_ctrl_c_while_profiling_ends_the_run_with_no_profile(
+        bench: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # The profiled scenario is the measurement under way: it ends, and
+    # then the run, with no results, as the table's run does.
+    _ctrl_c(bench, "a_workqueue", 1, monkeypatch)
+    before = {t.ident for t in threading.enumerate()}
+    assert bench.main(["--quick", "--profile", "a"]) == 130
+    assert bench.ran == ["a_workqueue"]
+    _check_stopped(bench, capsys, before)
