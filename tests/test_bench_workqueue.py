@@ -140,3 +140,24 @@ def test_a_ctrl_c_while_profiling_ends_the_run_with_no_profile(
     assert bench.main(["--quick", "--profile", "a"]) == 130
     assert bench.ran == ["a_workqueue"]
     _check_stopped(bench, capsys, before)
+
+
+def test_a_measurement_that_fails_its_check_fails_the_run_with_why(
+        bench: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    check = bench.c_check
+
+    def out_of_order(seen: dict[int, list[int]], keys: int, per_key: int) -> None:
+        seen[0].reverse()  # as if key 0's calls had run out of order
+        check(seen, keys, per_key)
+
+    monkeypatch.setattr(bench, "c_check", out_of_order)
+    assert bench.main(["--quick", "--no-write"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""  # no table
+    assert err.endswith(
+        "workqueue_bench: FAILED, no results: key 0 ran out of order or lost items\n"), err
+    assert "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is bench.sigint_before
+    for wq in bench.made:  # the failing scenario's workqueue too
+        with pytest.raises(RuntimeError, match="is destroyed"):
+            wq.queue_work(bench.Work(print))
