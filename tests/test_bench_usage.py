@@ -37,6 +37,11 @@ BAD = [
     ("pvcalls_bench", "--only", "rr,bogus", "'bogus'"),
     ("pvcalls_bench", "--only", ",", "some of single,streams,rr,connects"),
     ("pvcalls_bench", "--output", ".", "'.' is a directory"),
+    # Under a file: mkdir() would fail it only after the whole run.
+    ("pvcalls_bench", "--output", str(BENCH_DIR / "benchlib.py" / "table.md"),
+     f"{str(BENCH_DIR / 'benchlib.py')!r} is not a directory"),
+    ("pvcalls_bench", "--output", str(BENCH_DIR / "benchlib.py" / "new" / "table.md"),
+     f"{str(BENCH_DIR / 'benchlib.py')!r} is not a directory"),
     ("pvcalls_bench", "--cpus", "", "no CPU"),
     ("pvcalls_bench", "--cpus", "one", "'one' is not a CPU list"),
     ("pvcalls_bench", "--cpus", "0,,1", "'0,,1' is not a CPU list"),
