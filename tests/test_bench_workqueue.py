@@ -161,3 +161,12 @@ def test_a_measurement_that_fails_its_check_fails_the_run_with_why(
     for wq in bench.made:  # the failing scenario's workqueue too
         with pytest.raises(RuntimeError, match="is destroyed"):
             wq.queue_work(bench.Work(print))
+
+
+def test_a_quick_run_leaves_the_results_file_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    bench: Any = load_script(BENCH, "workqueue_bench")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "workqueue.md")
+    assert bench.main(["--quick"]) == 0  # a smoke run, as its --help says
+    assert "| benchmark |" in capsys.readouterr().out
+    assert not (tmp_path / "workqueue.md").exists()
