@@ -170,3 +170,21 @@ def test_a_quick_run_leaves_the_results_file_alone(monkeypatch: pytest.MonkeyPat
     assert bench.main(["--quick"]) == 0  # a smoke run, as its --help says
     assert "| benchmark |" in capsys.readouterr().out
     assert not (tmp_path / "workqueue.md").exists()
+
+
+def test_a_sigterm_ends_the_run_at_once(
+        bench: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Only Ctrl-C waits for the measurement under way.
+    scenario = bench.b_tpe
+
+    def terminated(*args: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return scenario(*args)
+
+    monkeypatch.setattr(bench, "b_tpe", terminated)
+    before = {t.ident for t in threading.enumerate()}
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    assert bench.main(["--quick", "--no-write"]) == 143
+    assert "b_tpe" not in bench.ran and "b_workqueue" in bench.ran
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
+    _check_stopped(bench, capsys, before)
