@@ -450,9 +450,14 @@ def _keys(text: str) -> list[str]:
 
 def _output(text: str) -> Path:
     # Found out now rather than after the whole run, with no table written.
-    if Path(text).is_dir():
+    path = Path(text)
+    if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory")
-    return Path(text)
+    # The directories missing are made then, but none under a file.
+    nearest = next((parent for parent in path.parents if parent.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        raise argparse.ArgumentTypeError(f"{str(nearest)!r} is not a directory")
+    return path
 
 
 def measure(key: str, clients: list[Party], seconds: float, groups: dict[str, list[Party]],

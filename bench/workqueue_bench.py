@@ -53,6 +53,10 @@ RATIOS = (
 )
 
 
+class BenchError(Exception):
+    """A measurement went wrong: the run prints why and exits 1."""
+
+
 def empty(*_: object) -> None:
     pass
 
@@ -209,7 +213,7 @@ def c_check(seen: dict[int, list[int]], keys: int, per_key: int) -> None:
     expected = list(range(per_key))
     for key in range(keys):
         if seen[key] != expected:
-            raise AssertionError(f"key {key} ran out of order or lost items")
+            raise BenchError(f"key {key} ran out of order or lost items")
 
 
 def c_workqueue(keys: int, per_key: int) -> Rate:
@@ -361,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     # The first Ctrl-C lets the measurement under way end as usual: then
     # every workqueue and pool is taken down in order, as after any run.
     return benchlib.run("workqueue_bench", lambda interrupts: _bench(args, interrupts),
+                        failure=BenchError,
                         grace="interrupted: stopping once this measurement is done "
                               "(Ctrl-C again to stop now)")
 
@@ -382,6 +387,7 @@ def _bench(args: argparse.Namespace, interrupts: benchlib.Interrupts) -> int:
         }[args.profile]
         profiler = cProfile.Profile()
         profiler.runcall(job)
+        interrupts.checkpoint()  # stopped meanwhile: no results, as for the table
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return 0
 

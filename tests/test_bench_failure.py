@@ -4,6 +4,7 @@ left behind."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -71,3 +72,17 @@ def test_a_measurement_of_nothing_is_a_failure_not_a_ratio() -> None:
     with pytest.raises(bench.BenchError, match="measured nothing"):
         bench.measure("rr", [_Answers(0.0)], 0.1, {})
     assert bench.measure("rr", [_Answers(5.0)], 0.1, {})[0] == 5.0
+
+
+def _dies(conn: Any) -> None:
+    os._exit(3)
+
+
+def test_a_party_that_dies_without_answering_is_said_to_have_exited() -> None:
+    # Not a wait of the whole timeout for an answer that cannot come: the
+    # parent holds no copy of the child's end of the pipe, so its death is
+    # an end of file at once.
+    bench = _bench()
+    party = bench.Party(multiprocessing.get_context("fork"), "doomed", _dies)
+    with pytest.raises(bench.BenchError, match=r"doomed \(pid \d+\) exited \(code 3\) without"):
+        party.ask(timeout=30)

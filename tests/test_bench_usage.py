@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
@@ -37,6 +38,11 @@ BAD = [
     ("pvcalls_bench", "--only", "rr,bogus", "'bogus'"),
     ("pvcalls_bench", "--only", ",", "some of single,streams,rr,connects"),
     ("pvcalls_bench", "--output", ".", "'.' is a directory"),
+    # Under a file: mkdir() would fail it only after the whole run.
+    ("pvcalls_bench", "--output", str(BENCH_DIR / "benchlib.py" / "table.md"),
+     f"{str(BENCH_DIR / 'benchlib.py')!r} is not a directory"),
+    ("pvcalls_bench", "--output", str(BENCH_DIR / "benchlib.py" / "new" / "table.md"),
+     f"{str(BENCH_DIR / 'benchlib.py')!r} is not a directory"),
     ("pvcalls_bench", "--cpus", "", "no CPU"),
     ("pvcalls_bench", "--cpus", "one", "'one' is not a CPU list"),
     ("pvcalls_bench", "--cpus", "0,,1", "'0,,1' is not a CPU list"),
@@ -46,6 +52,10 @@ BAD = [
     ("pvcalls_bench", "--cpus", "4096", "CPU 4096 is not one this process may run on"),
     ("evtchn_bench", "--rounds", "0", "at least 1"),
     ("evtchn_bench", "--rounds", "many", "not a whole number"),
+    ("evtchn_bench", "--rounds", "\uff15", "not a whole number"),  # int() takes it
+    ("evtchn_bench", "--rounds", "9" * 5000, "is too large"),  # int() refuses it
+    # Refused without building the range.
+    ("pvcalls_bench", "--cpus", "0-99999999999", "is not one this process may run on"),
 ]
 
 
@@ -85,3 +95,34 @@ def test_help_says_what_is_measured_against_what(bench: str, measures: str,
     assert f"bench/results/{bench.removesuffix('_bench')}.md" in text
     assert "Exit status: 0 when done, 1 when a measurement failed" in text
     assert "130 (143) when interrupted by Ctrl-C (SIGTERM)" in text
+
+
+def test_only_takes_each_measurement_once_in_the_order_given() -> None:
+    bench = load_script(BENCH_DIR / "pvcalls_bench.py", "pvcalls_bench")
+    assert bench._keys("rr,single,rr,,rr") == ["rr", "single"]
+
+
+def test_the_option_types_take_the_ends_of_their_ranges() -> None:
+    # The refusals above must not reach the values a run can use.
+    import benchlib
+
+    assert benchlib.at_least(1)("1") == 1
+    assert benchlib.at_least(4, 9)("4") == 4 and benchlib.at_least(4, 9)("9") == 9
+    assert benchlib.seconds_or_none("0") == 0.0  # --warmup 0: none
+    assert benchlib.seconds("1e-9") == 1e-9
+
+
+def test_the_warm_up_is_seconds_at_most_half_a_second_unless_given(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load_script(BENCH_DIR / "pvcalls_bench.py", "pvcalls_bench")
+    warmups: list[float] = []
+
+    def record(args: object, keys: object, warmup: float, interrupts: object) -> int:
+        warmups.append(warmup)
+        return 0
+
+    monkeypatch.setattr(bench, "_bench", record)
+    for argv in (["--seconds", "2"], ["--seconds", "0.2"], ["--seconds", "2", "--warmup", "0"],
+                 ["--warmup", "1.5"]):
+        assert bench.main(argv) == 0
+    assert warmups == [0.5, 0.2, 0.0, 1.5]

@@ -129,3 +129,62 @@ def test_the_table_says_which_way_its_ratios_go(capsys: pytest.CaptureFixture[st
     low = (base - 0.05) / (ours + 0.05) - 0.005
     high = (base + 0.05) / max(ours - 0.05, 1e-9) + 0.005
     assert low <= ratio <= high, (ours, base, ratio)
+
+
+def test_a_ctrl_c_while_profiling_ends_the_run_with_no_profile(
+        bench: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # The profiled scenario is the measurement under way: it ends, and
+    # then the run, with no results, as the table's run does.
+    _ctrl_c(bench, "a_workqueue", 1, monkeypatch)
+    before = {t.ident for t in threading.enumerate()}
+    assert bench.main(["--quick", "--profile", "a"]) == 130
+    assert bench.ran == ["a_workqueue"]
+    _check_stopped(bench, capsys, before)
+
+
+def test_a_measurement_that_fails_its_check_fails_the_run_with_why(
+        bench: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    check = bench.c_check
+
+    def out_of_order(seen: dict[int, list[int]], keys: int, per_key: int) -> None:
+        seen[0].reverse()  # as if key 0's calls had run out of order
+        check(seen, keys, per_key)
+
+    monkeypatch.setattr(bench, "c_check", out_of_order)
+    assert bench.main(["--quick", "--no-write"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""  # no table
+    assert err.endswith(
+        "workqueue_bench: FAILED, no results: key 0 ran out of order or lost items\n"), err
+    assert "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is bench.sigint_before
+    for wq in bench.made:  # the failing scenario's workqueue too
+        with pytest.raises(RuntimeError, match="is destroyed"):
+            wq.queue_work(bench.Work(print))
+
+
+def test_a_quick_run_leaves_the_results_file_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    bench: Any = load_script(BENCH, "workqueue_bench")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "workqueue.md")
+    assert bench.main(["--quick"]) == 0  # a smoke run, as its --help says
+    assert "| benchmark |" in capsys.readouterr().out
+    assert not (tmp_path / "workqueue.md").exists()
+
+
+def test_a_sigterm_ends_the_run_at_once(
+        bench: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Only Ctrl-C waits for the measurement under way.
+    scenario = bench.b_tpe
+
+    def terminated(*args: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return scenario(*args)
+
+    monkeypatch.setattr(bench, "b_tpe", terminated)
+    before = {t.ident for t in threading.enumerate()}
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    assert bench.main(["--quick", "--no-write"]) == 143
+    assert "b_tpe" not in bench.ran and "b_workqueue" in bench.ran
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
+    _check_stopped(bench, capsys, before)

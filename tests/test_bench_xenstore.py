@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scripts import load_script
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
@@ -212,3 +213,35 @@ def test_a_stop_as_a_childs_pidfd_fails_to_open_is_a_stop(
         for child in started:
             child.kill()
             child.wait()
+
+
+def test_the_table_and_the_event_channel_part_heed_no_write(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    bench: Any = load_script(BENCH_DIR / "xenstore_bench.py", "xenstore_bench")
+    # Made-up round trips per second: (client, op, clients, xenstored, echo).
+    rows = [(client, op, n, 1.0, 2.0) for client in ("pyxs", "raw")
+            for op in ("READ", "WRITE") for n in (1, 8)]
+    rows += [("pyxs, server embedded", op, 1, 1.0, 2.0) for op in ("READ", "WRITE")]
+    rows[0] = ("pyxs", "READ", 1, 150.0, 250.0)
+    rows[4] = ("raw", "READ", 1, 1.0, 500.0)
+    monkeypatch.setattr(bench, "_measure_all", lambda args, interrupts: rows)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "xenstore.md")
+    ran: list[list[str]] = []
+
+    def call(interrupts: Any, cmd: list[str]) -> int:
+        ran.append(cmd)
+        return 7
+
+    monkeypatch.setattr(bench.benchlib.Interrupts, "call", call)
+    evtchn = str(BENCH_DIR / "evtchn_bench.py")
+    assert bench.main(["--no-write"]) == 7  # the event channel part's status is the run's
+    assert ran[-1][1:] == [evtchn, "--no-write"]
+    assert not (tmp_path / "xenstore.md").exists()
+    out = capsys.readouterr().out
+    assert "| pyxs | READ | 1 | 150 | 250 | 60% |" in out
+    assert ("pyxs READ through xenstored vs the 16-byte raw echo limit (one client): 30% "
+            "(pyxs's own cost included: pyxs vs echo is 50%).") in out
+    assert bench.main([]) == 7
+    assert ran[-1][1:] == [evtchn]
+    assert (tmp_path / "xenstore.md").read_text() + "\n" == capsys.readouterr().out

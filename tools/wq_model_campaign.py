@@ -3,8 +3,9 @@
     python tools/wq_model_campaign.py [examples] [steps] [seed ...]
 
 tests/workqueue/test_wq_model.py and test_loadindex_model.py run bounded
-and derandomized in the suite; this runs them with random seeds, many
-examples and longer walks, and prints how many steps each seed took.
+and derandomized in the suite; this runs them with the seeds given (1 by
+default), each for many examples of longer walks, and prints how many steps
+each seed took.
 """
 
 from __future__ import annotations
