@@ -76,7 +76,11 @@ logger = logging.getLogger(__name__)
 # outside it: the dumps, the watchdog's reports and the errors that name an
 # item take the items under the lock and name them once it is free (see
 # Draft); a trace hook is named as it is added, and compared (==) for its
-# removal with the lock free (see add_trace_hook, remove_trace_hook).
+# removal with the lock free (see add_trace_hook, remove_trace_hook).  A
+# few records are logged under it (a worker that cannot be made or pinned,
+# a trace hook that failed), as the kernel's printk under a pool lock: a
+# logging handler must not call into the workqueue, nor wait for a thread
+# that does.
 # Lock order: topology hotplug lock -> engine lock -> timer lock.  A
 # future's condition is never taken while it is held.
 #
