@@ -514,6 +514,68 @@ def test_a_hypervisor_without_domain_control_says_so(tmp_path: Path) -> None:
         hv.stop()
 
 
+@pytest.mark.parametrize("refusal", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                                     Interrupted()], ids=["ENOSPC", "Ctrl-C"])
+def test_a_hypervisor_domain_whose_listener_cannot_be_watched_is_not_added(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: BaseException) -> None:
+    """epoll refusing a new domain's listener (ENOSPC: max_user_watches),
+    or a Ctrl-C inside the register: add_domain() raises it, and the
+    domain is not there, its socket neither; it is added again, and
+    stop() stops.  The domain was listed with its listener unwatched:
+    stop() and remove_domain() failed on it (KeyError from unregister)."""
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
+
+    hv = Hypervisor(tmp_path)
+    hv.start()
+    try:
+        selector = hv._selector
+        register = selector.register
+
+        def refuses(fileobj: Any, events: int, data: Any = None) -> Any:
+            monkeypatch.setattr(selector, "register", register)  # once
+            raise refusal
+
+        monkeypatch.setattr(selector, "register", refuses)
+        with pytest.raises(type(refusal)):
+            hv.add_domain(3, "guest")
+        assert hv.stats()["domains"] == 0
+        assert not domain_socket(tmp_path, 3).exists()
+        with pytest.raises(ValueError, match="^no domain 3$"):
+            hv.remove_domain(3)
+        assert hv.add_domain(3, "guest") == domain_socket(tmp_path, 3)
+        hv.remove_domain(3)
+    finally:
+        hv.stop()
+
+
+def test_a_hypervisor_add_domain_interrupted_anywhere_adds_it_whole_or_not_at_all(
+        tmp_path: Path) -> None:
+    """A Ctrl-C landing anywhere in add_domain(): the domain is there,
+    listened for and removable, or not there at all, with no socket file
+    nor descriptor of its left.  stop() stops either way."""
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
+
+    landed = []
+    for n in itertools.count():
+        hv = Hypervisor(tmp_path / str(n))
+        hv.start()
+        try:
+            fds = open_fds()
+            where = interrupted_at(n, SIM_CODE, lambda hv=hv: hv.add_domain(3, "guest"))
+            path = domain_socket(hv.run_dir, 3)
+            if hv.stats()["domains"]:
+                assert path.exists(), f"interrupted {where}: added with no socket"
+                hv.remove_domain(3)
+            assert not path.exists(), f"interrupted {where}: its socket is left"
+            assert open_fds() == fds, f"interrupted {where}: descriptors left"
+        finally:
+            hv.stop()
+        if not where:
+            break
+        landed.append(where)
+    assert any("Hypervisor.add_domain" in where for where in landed), landed
+
+
 def _is_pipe(fd: int) -> bool:
     try:
         return stat.S_ISFIFO(os.fstat(fd).st_mode)
