@@ -592,7 +592,7 @@ def test_a_domain_socket_that_cannot_be_made_takes_back_only_its_own_empty_direc
     assert not domains.exists()
     listen = xsd._listen
 
-    def fails(path: Path) -> socket.socket:
+    def fails(sock: socket.socket, path: Path) -> None:
         monkeypatch.setattr(xsd, "_listen", listen)  # once
         if failure == "interrupted":
             raise KeyboardInterrupt
@@ -717,6 +717,37 @@ def test_a_ctrl_c_anywhere_in_taking_back_a_refused_socket_comes_out_as_itself(
     assert any("_bind" in where for where in landed), landed
     with RawClient(xsd.introduce_domain(5)) as c:
         assert c.request(Op.GET_DOMAIN_PATH, b"5\0") == b"/local/domain/5\0"
+
+
+def test_a_domain_socket_whose_making_is_interrupted_anywhere_leaves_nothing(
+        xsd: XenStored) -> None:
+    """A Ctrl-C landing anywhere as _bind() makes a domain's socket, unwatched
+    (as XenStored.start() makes the main one) or watched: it comes out as
+    itself and leaves no socket file, descriptor or directory of it behind.
+    One landing as bind() returned left the socket file, and with it the
+    directories made for it."""
+    socket_path = xsd.introduce_path(5)
+    domains = socket_path.parent.parent
+    for watch in (None, lambda sock: None):
+        landed = []
+        for n in itertools.count():
+            fds = set(os.listdir("/proc/self/fd"))
+            made: list[socket.socket] = []
+            # From this thread: an interrupt on the loop's ends the loop.
+            where = interrupted_at(n, SIM_CODE, lambda made=made, watch=watch: made.append(
+                xsd._bind(socket_path, watch)))
+            if not where:
+                break
+            landed.append(where)
+            assert not socket_path.exists(), f"interrupted {where}: its socket file is left"
+            assert not domains.exists(), f"interrupted {where}: directories left"
+            assert set(os.listdir("/proc/self/fd")) <= fds, f"interrupted {where}: descriptors"
+        [sock] = made
+        sock.close()
+        xsd._unlink(socket_path)
+        for directory in (socket_path.parent, domains):
+            directory.rmdir()
+        assert any("_listen" in where for where in landed), landed
 
 
 @pytest.mark.parametrize("filled", ["domain's", "domains"])

@@ -572,44 +572,61 @@ class XenStored:
         goes again: its file and the directories made (they were left
         behind, and a socket nobody accepts on with them).
         """
-        # The directories mkdir is to make, deepest first.  Not when mkdir
-        # fails: then it made none, as a file where one goes (EEXIST) or
-        # above one (ENOTDIR, which exists() hides) stops it.
+        # The directories mkdir is to make, deepest first.  Its own failure
+        # too takes back those it made (the upper ones, before a deeper
+        # one failed), and a Ctrl-C as it returns all of them.
         made: list[Path] = []
         directory = path.parent
         while not directory.exists():
             made.append(directory)
             directory = directory.parent
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Made here and handed to _listen(), so that whatever comes after
+        # it is made (a Ctrl-C as _listen() returns, too) finds it to take back.
+        sock: socket.socket | None = None
         try:
-            sock = self._listen(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if self._served(path):
+                raise OSError(errno.EADDRINUSE, f"{path} is served by someone else already")
+            self._unlink(path)  # a stale socket of a dead server
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listen(sock, path)
             if watch is not None:
-                try:
-                    watch(sock)
-                except BaseException:
-                    # Logged, not raised: the refusal says what went wrong,
-                    # a failure here only what it left behind.
-                    for step in (sock.close, functools.partial(self._unlink, path)):
-                        try:
-                            step()
-                        except Exception:
-                            logger.exception("cannot take back %s, which could not be watched",
-                                             path)
-                    raise
+                watch(sock)
             return sock
         except BaseException:
+            # Here, not in a function of its own: a Ctrl-C as that started
+            # would leave the socket accepting on its file.  Failures are
+            # logged, not raised: the error being handled says what went
+            # wrong, these only what it left behind.
+            if sock is not None:
+                bound = ""
+                try:
+                    bound = sock.getsockname()  # "" for a socket not bound
+                except OSError:
+                    logger.exception("cannot tell whether %s was bound", path)
+                finally:
+                    # First: a Ctrl-C in what follows leaves a stale file at
+                    # most (the next _bind() removes it), no socket on it.
+                    try:
+                        sock.close()
+                    except OSError:
+                        logger.exception("cannot close the socket for %s", path)
+                if bound:
+                    try:
+                        self._unlink(path)
+                    except Exception:
+                        logger.exception("cannot take back %s, a socket not handed out", path)
             for directory in made:
                 try:
                     directory.rmdir()
+                except FileNotFoundError:
+                    pass  # never made: mkdir failed below it
                 except OSError:
                     break  # not empty: someone else's by now, and so are those above
             raise
 
-    def _listen(self, path: Path) -> socket.socket:
-        if self._served(path):
-            raise OSError(errno.EADDRINUSE, f"{path} is served by someone else already")
-        self._unlink(path)  # a stale socket of a dead server
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    @staticmethod
+    def _listen(sock: socket.socket, path: Path) -> None:
         try:
             # Whoever connects acts as the socket's domain: the user's
             # alone, as a real xenstored's socket is root's, whatever the
@@ -619,15 +636,10 @@ class XenStored:
             sock.listen(64)
             sock.setblocking(False)
         except OSError as e:
-            sock.close()
             # Name the path: "AF_UNIX path too long" alone does not say
             # which.  That one comes with no errno (nor strerror).
             raise OSError(e.errno if e.errno is not None else errno.ENAMETOOLONG,
                           f"cannot listen on {path}: {e.strerror or e}") from e
-        except BaseException:
-            sock.close()
-            raise
-        return sock
 
     @staticmethod
     def _served(path: Path) -> bool:
