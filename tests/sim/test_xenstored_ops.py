@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import gc
 import itertools
 import logging
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hosthelpers import SIM_CODE, error_of, make_guest, refused_as_not_running
+from hosthelpers import SIM_CODE, error_of, eventually, make_guest, refused_as_not_running
 from stolensignal import (
     OUTLASTS_THE_TEST,
     Interrupted,
@@ -1691,6 +1692,75 @@ def test_a_stop_cut_short_by_ctrl_c_is_finished_by_the_next() -> None:
                 break
             landed.append(where)
     assert len(landed) > 3, landed
+
+
+def _open_sockets() -> set[int]:
+    sockets = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile (listdir's own, say)
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                sockets.add(int(fd))
+    return sockets
+
+
+def test_a_start_cut_short_by_ctrl_c_anywhere_is_undone_by_stop() -> None:
+    """A Ctrl-C landing anywhere in XenStored.start(), then stop(): no
+    thread, socket or socket file of its is left, nor any descriptor once
+    the collector ran (an epoll selector lost as its constructor returned
+    is in a reference cycle: no code of ours has it to close).  One
+    landing before the thread was made left the listener, selector and
+    wake-up pair open for good (stop() saw no thread and did nothing)."""
+    landed = []
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        for n in itertools.count():
+            threads, fds = set(threading.enumerate()), set(os.listdir("/proc/self/fd"))
+            sockets = _open_sockets()
+            xsd = XenStored(Path(d) / str(n))
+            try:
+                where = interrupted_at(n, SIM_CODE, xsd.start)
+            finally:
+                xsd.stop()
+            assert eventually(lambda threads=threads: set(threading.enumerate()) <= threads), (
+                f"interrupted {where}: threads left")
+            assert _open_sockets() <= sockets, f"interrupted {where}: sockets left"
+            gc.collect()
+            assert set(os.listdir("/proc/self/fd")) <= fds, f"interrupted {where}: descriptors"
+            assert not xsd.path.exists(), f"interrupted {where}: its socket file is left"
+            if not where:
+                break
+            landed.append(where)
+    assert any("XenStored.start" in where for where in landed), landed
+
+
+@pytest.mark.parametrize("runs", ["never", "after stop()"])
+def test_a_start_cut_short_in_starting_its_thread_is_undone_by_stop(
+        monkeypatch: pytest.MonkeyPatch, runs: str) -> None:
+    """A Ctrl-C inside threading's start() leaves the loop thread never
+    started, or launched but running only later: stop() joins no thread
+    that is not started (RuntimeError, and the server could never stop)
+    and closes everything itself; the late thread, when it runs, ends at
+    once, without touching what stop() closed."""
+    launched: list[threading.Thread] = []
+
+    def cut_short(thread: threading.Thread) -> None:
+        launched.append(thread)
+        raise Interrupted
+
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        fds = set(os.listdir("/proc/self/fd"))
+        xsd = XenStored(Path(d))
+        with monkeypatch.context() as patched:
+            patched.setattr(threading.Thread, "start", cut_short)
+            with pytest.raises(Interrupted):
+                xsd.start()
+        xsd.stop()
+        assert set(os.listdir("/proc/self/fd")) <= fds
+        assert not xsd.path.exists()
+        if runs == "after stop()":
+            [late] = launched
+            late.start()
+            late.join(10)
+            assert not late.is_alive()
 
 
 _STUCK_TEST = """
