@@ -552,7 +552,9 @@ def test_a_hypervisor_add_domain_interrupted_anywhere_adds_it_whole_or_not_at_al
         tmp_path: Path) -> None:
     """A Ctrl-C landing anywhere in add_domain(): the domain is there,
     listened for and removable, or not there at all, with no socket file
-    nor descriptor of its left.  stop() stops either way."""
+    nor descriptor of its left, and it can be added again (its listener
+    is not left watched: the next one, given the same descriptor number,
+    could not be).  stop() stops either way."""
     from xenback.sim._hypervisor import Hypervisor, domain_socket
 
     landed = []
@@ -568,6 +570,8 @@ def test_a_hypervisor_add_domain_interrupted_anywhere_adds_it_whole_or_not_at_al
                 hv.remove_domain(3)
             assert not path.exists(), f"interrupted {where}: its socket is left"
             assert open_fds() == fds, f"interrupted {where}: descriptors left"
+            assert hv.add_domain(3, "guest") == path
+            hv.remove_domain(3)
         finally:
             hv.stop()
         if not where:
