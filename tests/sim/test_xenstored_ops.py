@@ -751,6 +751,49 @@ def test_a_domain_socket_whose_making_is_interrupted_anywhere_leaves_nothing(
         assert any("_listen" in where for where in landed), landed
 
 
+def test_a_domain_socket_whose_directories_are_made_only_in_part_takes_them_back(
+        xsd: XenStored, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mkdir making the upper directories, then failing on a deeper one
+    (ENOSPC, EACCES): the error comes out, and the ones it made go again.
+    They were left (mkdir's failure came before the try that removes them)."""
+    socket_path = xsd.introduce_path(5)
+    domains = socket_path.parent.parent
+    mkdir = Path.mkdir
+
+    def halfway(self: Path, mode: int = 0o777, parents: bool = False,
+                exist_ok: bool = False) -> None:
+        if self != socket_path.parent:
+            return mkdir(self, mode, parents, exist_ok)
+        mkdir(domains)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(self))
+
+    monkeypatch.setattr(Path, "mkdir", halfway)
+    with pytest.raises(OSError) as info:
+        xsd._bind(socket_path)
+    assert info.value.errno == errno.ENOSPC
+    assert not domains.exists()
+
+
+def test_a_domain_socket_that_cannot_be_bound_leaves_the_file_in_its_way(
+        xsd: XenStored, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone else's file comes in the way between the removal of a stale
+    socket and bind(): EADDRINUSE, and that file stays.  Only a socket
+    that bound its file takes the file back with it."""
+    socket_path = xsd.introduce_path(5)
+    unlink = xsd._unlink
+
+    def theirs_comes(path: Path) -> None:
+        monkeypatch.setattr(xsd, "_unlink", unlink)  # once
+        unlink(path)
+        path.write_bytes(b"theirs")
+
+    monkeypatch.setattr(xsd, "_unlink", theirs_comes)
+    with pytest.raises(OSError) as info:
+        xsd._bind(socket_path)
+    assert info.value.errno == errno.EADDRINUSE
+    assert socket_path.read_bytes() == b"theirs"
+
+
 @pytest.mark.parametrize("filled", ["domain's", "domains"])
 def test_a_domain_socket_that_cannot_be_watched_leaves_directories_filled_meanwhile(
         xsd: XenStored, monkeypatch: pytest.MonkeyPatch, filled: str) -> None:
@@ -1757,10 +1800,51 @@ def test_a_start_cut_short_in_starting_its_thread_is_undone_by_stop(
         assert set(os.listdir("/proc/self/fd")) <= fds
         assert not xsd.path.exists()
         if runs == "after stop()":
-            [late] = launched
-            late.start()
-            late.join(10)
-            assert not late.is_alive()
+            # The path serves someone else by then: the late thread must
+            # not shut the server down again (unlinking it).
+            theirs = xsd._bind(xsd.path)
+            try:
+                [late] = launched
+                late.start()
+                late.join(10)
+                assert not late.is_alive()
+                assert xsd.path.exists()
+            finally:
+                theirs.close()
+
+
+def test_a_stop_before_the_loop_began_waits_for_its_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """stop() coming after start() returned but before the loop thread
+    began its loop closes everything itself, and joins the thread all the
+    same (it ends as it begins): no thread is left running after stop()."""
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        xsd = XenStored(Path(d))
+        loop = xsd._loop
+        gate = threading.Event()
+
+        def held_back() -> None:
+            gate.wait(10)
+            loop()
+
+        monkeypatch.setattr(xsd, "_loop", held_back)
+        xsd.start()
+
+        def open_gate_once_joined() -> None:
+            # Opened once stop() waits in the join (or, failing that, at
+            # the deadline: the test fails then on the thread left running).
+            eventually(lambda: main_thread_within("join", 3), timeout=5)
+            gate.set()
+
+        opener = threading.Thread(target=open_gate_once_joined)
+        opener.start()
+        try:
+            xsd.stop()
+            assert xsd._thread is not None and not xsd._thread.is_alive()
+        finally:
+            gate.set()
+            opener.join(10)
+        assert not xsd.path.exists()
 
 
 _STUCK_TEST = """
