@@ -909,10 +909,11 @@ def test_a_host_start_interrupted_anywhere_is_closed_whole(tmp_path: Path) -> No
     as start() returned) or refuses to serve dom0: never serving it while
     starting, which _check_running() allowed for a state none reaches.
     close() closes it, leaving no thread."""
-    # In SimHost's own code: cut short inside XenStored.start(),
-    # Hypervisor.add_domain() or the toolstack's connecting, they leave
-    # sockets open (to the collector, which warns in some later test).
-    # Hypervisor.start() has a sweep of its own.
+    # In SimHost's own code.  XenStored.start(), Hypervisor.start() and
+    # add_domain() and the toolstack's operations have sweeps of their own
+    # (test_xenstored_ops.py, above, test_toolstack.py); Hypervisor()
+    # cut short still leaves its pipes and epoll open (it makes them in
+    # __init__, and no stop() follows for one never stored).
     elsewhere = tuple(os.fspath(p) for p in Path(SIM_CODE).iterdir() if p.name != "_host.py")
     landed = []
     for n in itertools.count():
