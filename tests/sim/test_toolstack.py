@@ -2,28 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import inspect
 import itertools
 import logging
+import os
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pyxs
 from highfds import descriptors_past_fd_setsize
-from hosthelpers import eventually, hang_up_after_one_request, serve_one_client
+from hosthelpers import SIM_CODE, eventually, hang_up_after_one_request, serve_one_client
 from pyxs._internal import Op
 from racewindow import TIMEOUT, Attempt, PauseAt, stands_at
 from stolensignal import (
     OUTLASTS_THE_TEST,
     interrupt,
     interrupted_as_call_returns,
+    interrupted_at,
     main_thread_in,
     main_thread_within,
 )
@@ -858,6 +863,52 @@ def test_a_ctrl_c_as_an_operation_closes_its_client_leaves_no_router(
         if not landed:
             break
     assert n > 1, n
+
+
+def _open_sockets() -> set[int]:
+    sockets = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile (listdir's own, say)
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                sockets.add(int(fd))
+    return sockets
+
+
+def test_an_operation_cut_short_by_ctrl_c_anywhere_in_the_toolstack_leaves_no_socket(
+        host: SimHost, guest: Domain) -> None:
+    """A Ctrl-C landing anywhere in the toolstack's own code as an
+    operation runs: no socket of its client is left open (nor router).
+    One landing as the client's router was adopted, before the try that
+    closes the client, left its terminator pair to the collector."""
+    from xenback.sim import _toolstack
+
+    host.toolstack.add_device("vif", guest.domid)
+    elsewhere = tuple(os.fspath(p) for p in Path(SIM_CODE).iterdir()
+                      if p.name != os.path.basename(_toolstack.__file__))
+    client_code = _toolstack.Toolstack._client.__wrapped__.__code__  # type: ignore[attr-defined]
+
+    def no_client_yet() -> bool:
+        # Not as pyxs.Client() returns: the client is lost before any code
+        # of ours has it, in a reference cycle (its router's thread runs
+        # the router) that only the collector frees.
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code is not client_code:
+            frame = frame.f_back  # type: ignore[assignment]
+        return frame is not None and "client" not in frame.f_locals
+
+    landed = []
+    for n in itertools.count():
+        sockets = _open_sockets()
+        where = interrupted_at(n, SIM_CODE, host.toolstack.devices, no_client_yet,
+                               besides=elsewhere)
+        assert eventually(lambda sockets=sockets: _open_sockets() <= sockets), (
+            f"interrupted {where}: sockets left {_open_sockets() - sockets}")
+        routers = [t for t in threading.enumerate() if t.name == "toolstack-xenstore"]
+        assert routers == [], f"interrupted {where}: {routers}"
+        if not where:
+            break
+        landed.append(where)
+    assert any("_client" in where for where in landed), landed
 
 
 class Interrupted(BaseException):

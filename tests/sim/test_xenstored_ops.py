@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import gc
 import itertools
 import logging
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hosthelpers import SIM_CODE, error_of, make_guest, refused_as_not_running
+from hosthelpers import SIM_CODE, error_of, eventually, make_guest, refused_as_not_running
 from stolensignal import (
     OUTLASTS_THE_TEST,
     Interrupted,
@@ -592,7 +593,7 @@ def test_a_domain_socket_that_cannot_be_made_takes_back_only_its_own_empty_direc
     assert not domains.exists()
     listen = xsd._listen
 
-    def fails(path: Path) -> socket.socket:
+    def fails(sock: socket.socket, path: Path) -> None:
         monkeypatch.setattr(xsd, "_listen", listen)  # once
         if failure == "interrupted":
             raise KeyboardInterrupt
@@ -717,6 +718,80 @@ def test_a_ctrl_c_anywhere_in_taking_back_a_refused_socket_comes_out_as_itself(
     assert any("_bind" in where for where in landed), landed
     with RawClient(xsd.introduce_domain(5)) as c:
         assert c.request(Op.GET_DOMAIN_PATH, b"5\0") == b"/local/domain/5\0"
+
+
+def test_a_domain_socket_whose_making_is_interrupted_anywhere_leaves_nothing(
+        xsd: XenStored) -> None:
+    """A Ctrl-C landing anywhere as _bind() makes a domain's socket, unwatched
+    (as XenStored.start() makes the main one) or watched: it comes out as
+    itself and leaves no socket file, descriptor or directory of it behind.
+    One landing as bind() returned left the socket file, and with it the
+    directories made for it."""
+    socket_path = xsd.introduce_path(5)
+    domains = socket_path.parent.parent
+    for watch in (None, lambda sock: None):
+        landed = []
+        for n in itertools.count():
+            fds = set(os.listdir("/proc/self/fd"))
+            made: list[socket.socket] = []
+            # From this thread: an interrupt on the loop's ends the loop.
+            where = interrupted_at(n, SIM_CODE, lambda made=made, watch=watch: made.append(
+                xsd._bind(socket_path, watch)))
+            if not where:
+                break
+            landed.append(where)
+            assert not socket_path.exists(), f"interrupted {where}: its socket file is left"
+            assert not domains.exists(), f"interrupted {where}: directories left"
+            assert set(os.listdir("/proc/self/fd")) <= fds, f"interrupted {where}: descriptors"
+        [sock] = made
+        sock.close()
+        xsd._unlink(socket_path)
+        for directory in (socket_path.parent, domains):
+            directory.rmdir()
+        assert any("_listen" in where for where in landed), landed
+
+
+def test_a_domain_socket_whose_directories_are_made_only_in_part_takes_them_back(
+        xsd: XenStored, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mkdir making the upper directories, then failing on a deeper one
+    (ENOSPC, EACCES): the error comes out, and the ones it made go again.
+    They were left (mkdir's failure came before the try that removes them)."""
+    socket_path = xsd.introduce_path(5)
+    domains = socket_path.parent.parent
+    mkdir = Path.mkdir
+
+    def halfway(self: Path, mode: int = 0o777, parents: bool = False,
+                exist_ok: bool = False) -> None:
+        if self != socket_path.parent:
+            return mkdir(self, mode, parents, exist_ok)
+        mkdir(domains)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(self))
+
+    monkeypatch.setattr(Path, "mkdir", halfway)
+    with pytest.raises(OSError) as info:
+        xsd._bind(socket_path)
+    assert info.value.errno == errno.ENOSPC
+    assert not domains.exists()
+
+
+def test_a_domain_socket_that_cannot_be_bound_leaves_the_file_in_its_way(
+        xsd: XenStored, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone else's file comes in the way between the removal of a stale
+    socket and bind(): EADDRINUSE, and that file stays.  Only a socket
+    that bound its file takes the file back with it."""
+    socket_path = xsd.introduce_path(5)
+    unlink = xsd._unlink
+
+    def theirs_comes(path: Path) -> None:
+        monkeypatch.setattr(xsd, "_unlink", unlink)  # once
+        unlink(path)
+        path.write_bytes(b"theirs")
+
+    monkeypatch.setattr(xsd, "_unlink", theirs_comes)
+    with pytest.raises(OSError) as info:
+        xsd._bind(socket_path)
+    assert info.value.errno == errno.EADDRINUSE
+    assert socket_path.read_bytes() == b"theirs"
 
 
 @pytest.mark.parametrize("filled", ["domain's", "domains"])
@@ -1660,6 +1735,116 @@ def test_a_stop_cut_short_by_ctrl_c_is_finished_by_the_next() -> None:
                 break
             landed.append(where)
     assert len(landed) > 3, landed
+
+
+def _open_sockets() -> set[int]:
+    sockets = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile (listdir's own, say)
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                sockets.add(int(fd))
+    return sockets
+
+
+def test_a_start_cut_short_by_ctrl_c_anywhere_is_undone_by_stop() -> None:
+    """A Ctrl-C landing anywhere in XenStored.start(), then stop(): no
+    thread, socket or socket file of its is left, nor any descriptor once
+    the collector ran (an epoll selector lost as its constructor returned
+    is in a reference cycle: no code of ours has it to close).  One
+    landing before the thread was made left the listener, selector and
+    wake-up pair open for good (stop() saw no thread and did nothing)."""
+    landed = []
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        for n in itertools.count():
+            threads, fds = set(threading.enumerate()), set(os.listdir("/proc/self/fd"))
+            sockets = _open_sockets()
+            xsd = XenStored(Path(d) / str(n))
+            try:
+                where = interrupted_at(n, SIM_CODE, xsd.start)
+            finally:
+                xsd.stop()
+            assert eventually(lambda threads=threads: set(threading.enumerate()) <= threads), (
+                f"interrupted {where}: threads left")
+            assert _open_sockets() <= sockets, f"interrupted {where}: sockets left"
+            gc.collect()
+            assert set(os.listdir("/proc/self/fd")) <= fds, f"interrupted {where}: descriptors"
+            assert not xsd.path.exists(), f"interrupted {where}: its socket file is left"
+            if not where:
+                break
+            landed.append(where)
+    assert any("XenStored.start" in where for where in landed), landed
+
+
+@pytest.mark.parametrize("runs", ["never", "after stop()"])
+def test_a_start_cut_short_in_starting_its_thread_is_undone_by_stop(
+        monkeypatch: pytest.MonkeyPatch, runs: str) -> None:
+    """A Ctrl-C inside threading's start() leaves the loop thread never
+    started, or launched but running only later: stop() joins no thread
+    that is not started (RuntimeError, and the server could never stop)
+    and closes everything itself; the late thread, when it runs, ends at
+    once, without touching what stop() closed."""
+    launched: list[threading.Thread] = []
+
+    def cut_short(thread: threading.Thread) -> None:
+        launched.append(thread)
+        raise Interrupted
+
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        fds = set(os.listdir("/proc/self/fd"))
+        xsd = XenStored(Path(d))
+        with monkeypatch.context() as patched:
+            patched.setattr(threading.Thread, "start", cut_short)
+            with pytest.raises(Interrupted):
+                xsd.start()
+        xsd.stop()
+        assert set(os.listdir("/proc/self/fd")) <= fds
+        assert not xsd.path.exists()
+        if runs == "after stop()":
+            # The path serves someone else by then: the late thread must
+            # not shut the server down again (unlinking it).
+            theirs = xsd._bind(xsd.path)
+            try:
+                [late] = launched
+                late.start()
+                late.join(10)
+                assert not late.is_alive()
+                assert xsd.path.exists()
+            finally:
+                theirs.close()
+
+
+def test_a_stop_before_the_loop_began_waits_for_its_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """stop() coming after start() returned but before the loop thread
+    began its loop closes everything itself, and joins the thread all the
+    same (it ends as it begins): no thread is left running after stop()."""
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        xsd = XenStored(Path(d))
+        loop = xsd._loop
+        gate = threading.Event()
+
+        def held_back() -> None:
+            gate.wait(10)
+            loop()
+
+        monkeypatch.setattr(xsd, "_loop", held_back)
+        xsd.start()
+
+        def open_gate_once_joined() -> None:
+            # Opened once stop() waits in the join (or, failing that, at
+            # the deadline: the test fails then on the thread left running).
+            eventually(lambda: main_thread_within("join", 3), timeout=5)
+            gate.set()
+
+        opener = threading.Thread(target=open_gate_once_joined)
+        opener.start()
+        try:
+            xsd.stop()
+            assert xsd._thread is not None and not xsd._thread.is_alive()
+        finally:
+            gate.set()
+            opener.join(10)
+        assert not xsd.path.exists()
 
 
 _STUCK_TEST = """

@@ -406,18 +406,38 @@ class Hypervisor:
                 listener.bind(os.fspath(path))
                 listener.listen(64)
                 listener.setblocking(False)
+                dom = _Domain(domid, name, xenstore_path, listener, path, _GrantTable(domid))
+                # Watched before it is listed: listed with its listener
+                # unwatched (epoll out of memory or of watches, a Ctrl-C in
+                # the register), stop() and remove_domain() failed on it.
+                self._selector.register(listener, selectors.EVENT_READ, dom)
+                self._domains[domid] = dom
             except OSError as e:
-                listener.close()
+                self._abandon_listener(listener)
                 # Name the path: "AF_UNIX path too long" alone does not say which.
                 why = f"cannot listen on {path}: {e.strerror or e}"
                 raise (OSError(why) if e.errno is None else OSError(e.errno, why)) from e
             except BaseException:
-                listener.close()
+                self._abandon_listener(listener)
                 raise
-            dom = _Domain(domid, name, xenstore_path, listener, path, _GrantTable(domid))
-            self._domains[domid] = dom
-            self._selector.register(listener, selectors.EVENT_READ, dom)
         return path
+
+    def _abandon_listener(self, listener: socket.socket) -> None:
+        """Take back the listener of an add_domain() that failed (under
+        _lock): unwatched, its socket file gone (if it got as far as
+        binding one: nobody would ever accept on it), closed."""
+        try:
+            self._selector.unregister(listener)
+        except KeyError:
+            pass  # not watched yet
+        try:
+            # A bound socket names its file; an unbound one, "".
+            bound = listener.getsockname()
+            if bound:
+                os.unlink(bound)
+        except OSError:
+            logger.exception("hypervisor: cannot remove the socket of a domain not added")
+        listener.close()
 
     def set_control(self, control: ControlHandler | None) -> None:
         """Let dom0 create and destroy domains through ``control``."""

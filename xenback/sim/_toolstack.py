@@ -174,10 +174,12 @@ class Toolstack(Closing):
         self, on_lost: Callable[[Exception], None] | None = None
     ) -> Iterator[pyxs.Client]:
         client = pyxs.Client(unix_socket_path=self._xenstore_path)
-        # Should XenStore go away (the host closing under us), requests
-        # waiting for replies fail with ENOTCONN instead of waiting forever.
-        adopt_router(client.router, on_lost or _lost, name="toolstack-xenstore")
         try:
+            # Should XenStore go away (the host closing under us), requests
+            # waiting for replies fail with ENOTCONN instead of waiting
+            # forever.  In the try: a Ctrl-C as it returns must not leave
+            # the router's terminator pair open (close_client closes it).
+            adopt_router(client.router, on_lost or _lost, name="toolstack-xenstore")
             # In the try: a Ctrl-C as connect() returns (its router thread
             # started) must not leave that thread running.
             client.connect()

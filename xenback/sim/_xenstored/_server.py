@@ -237,6 +237,10 @@ class XenStored:
         self._held: dict[int, Connection] = {}
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        #: Whether the loop thread began its loop (it stops itself then),
+        #: or stop() came first (and closes it all): under _entry_lock.
+        self._entered = False
+        self._entry_lock = threading.Lock()
         # Cross-thread call queue; see "Threading rules" above.
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
         self._calls = collections.deque()
@@ -303,21 +307,50 @@ class XenStored:
         return self.run_dir / "xenstored" / "socket"
 
     def start(self) -> None:
-        """Bind the main socket and start serving; returns once listening."""
+        """Bind the main socket and start serving; returns once listening.
+
+        Cut short (a Ctrl-C) before its thread, it takes back what it made
+        and may be called again; in starting the thread, stop() takes it
+        back (whether that thread ever runs or not: see _loop).
+        """
         if self._thread is not None:
             raise RuntimeError("XenStored already started")
-        self._listener = self._bind(self.path)
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._listener, _READ, (self._accept, self._dispatcher.dom0))
-        self._selector.register(self._wake_r, _READ, (self._run_calls, None))
-        self._hup = select.epoll()
-        self._selector.register(self._hup, _READ, (self._on_hangup, None))
-        self._thread = threading.Thread(target=self._loop, name="xenstored", daemon=True)
-        self._thread.start()
+        try:
+            self._selector = selector = selectors.DefaultSelector()
+            # Kept by _watch_main, inside _bind: a Ctrl-C as _bind returns
+            # would else leave the socket and its file with nobody to close.
+            self._bind(self.path, self._watch_main)
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+            selector.register(self._wake_r, _READ, (self._run_calls, None))
+            self._hup = select.epoll()
+            selector.register(self._hup, _READ, (self._on_hangup, None))
+            thread = threading.Thread(target=self._loop, name="xenstored", daemon=True)
+        except BaseException:
+            self._unmake()
+            raise
+        self._thread = thread
+        thread.start()
         logger.info("xenstored listening on %s", self.path)
+
+    def _watch_main(self, sock: socket.socket) -> None:
+        assert self._selector is not None
+        self._selector.register(sock, _READ, (self._accept, self._dispatcher.dom0))
+        # Kept once watched: if the register fails, _bind takes it back.
+        self._listener = sock
+
+    def _unmake(self) -> None:
+        """Take back what a start() cut short before its thread made."""
+        listener, self._listener = self._listener, None
+        hup, self._hup = self._hup, None
+        selector, self._selector = self._selector, None
+        made = [listener, hup, selector, *(getattr(self, name, None)
+                                          for name in ("_wake_r", "_wake_w"))]
+        steps: list[Callable[[], object]] = [each.close for each in made if each is not None]
+        if listener is not None:
+            steps.append(functools.partial(self._unlink, self.path))
+        _each(steps, "taking back a start() cut short")
 
     def stop(self, timeout: float | None = None) -> None:
         """Close every connection and socket and stop the loop thread.
@@ -337,11 +370,22 @@ class XenStored:
         if thread is threading.current_thread():
             raise RuntimeError("XenStored.stop() called from its own loop")
         self._stopping = True
+        if timeout is None:
+            timeout = STOP_TIMEOUT
+        with self._entry_lock:
+            entered = self._entered
+        if not entered:
+            # Its start() cut short in starting the thread, or it has not
+            # got going yet: it never runs, or ends as it begins (_loop).
+            # So what start() made is closed here, and no thread joined
+            # that was never started (join() refuses it).
+            self._shutdown()
+            if thread.is_alive():
+                thread.join(timeout)
+            return
         with self._calls_lock:
             if not self._calls_closed:
                 self._wake()
-        if timeout is None:
-            timeout = STOP_TIMEOUT
         thread.join(timeout)
         if thread.is_alive():
             raise TimeoutError(
@@ -501,6 +545,10 @@ class XenStored:
     # --- the loop ----------------------------------------------------------------
 
     def _loop(self) -> None:
+        with self._entry_lock:
+            if self._stopping:
+                return  # stopped before it ran: stop() closed everything (see stop)
+            self._entered = True
         selector = self._selector
         assert selector is not None
         dirty = self._dirty
@@ -572,44 +620,61 @@ class XenStored:
         goes again: its file and the directories made (they were left
         behind, and a socket nobody accepts on with them).
         """
-        # The directories mkdir is to make, deepest first.  Not when mkdir
-        # fails: then it made none, as a file where one goes (EEXIST) or
-        # above one (ENOTDIR, which exists() hides) stops it.
+        # The directories mkdir is to make, deepest first.  Its own failure
+        # too takes back those it made (the upper ones, before a deeper
+        # one failed), and a Ctrl-C as it returns all of them.
         made: list[Path] = []
         directory = path.parent
         while not directory.exists():
             made.append(directory)
             directory = directory.parent
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Made here and handed to _listen(), so that whatever comes after
+        # it is made (a Ctrl-C as _listen() returns, too) finds it to take back.
+        sock: socket.socket | None = None
         try:
-            sock = self._listen(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if self._served(path):
+                raise OSError(errno.EADDRINUSE, f"{path} is served by someone else already")
+            self._unlink(path)  # a stale socket of a dead server
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listen(sock, path)
             if watch is not None:
-                try:
-                    watch(sock)
-                except BaseException:
-                    # Logged, not raised: the refusal says what went wrong,
-                    # a failure here only what it left behind.
-                    for step in (sock.close, functools.partial(self._unlink, path)):
-                        try:
-                            step()
-                        except Exception:
-                            logger.exception("cannot take back %s, which could not be watched",
-                                             path)
-                    raise
+                watch(sock)
             return sock
         except BaseException:
+            # Here, not in a function of its own: a Ctrl-C as that started
+            # would leave the socket accepting on its file.  Failures are
+            # logged, not raised: the error being handled says what went
+            # wrong, these only what it left behind.
+            if sock is not None:
+                bound = ""
+                try:
+                    bound = sock.getsockname()  # "" for a socket not bound
+                except OSError:
+                    logger.exception("cannot tell whether %s was bound", path)
+                finally:
+                    # First: a Ctrl-C in what follows leaves a stale file at
+                    # most (the next _bind() removes it), no socket on it.
+                    try:
+                        sock.close()
+                    except OSError:
+                        logger.exception("cannot close the socket for %s", path)
+                if bound:
+                    try:
+                        self._unlink(path)
+                    except Exception:
+                        logger.exception("cannot take back %s, a socket not handed out", path)
             for directory in made:
                 try:
                     directory.rmdir()
+                except FileNotFoundError:
+                    pass  # never made: mkdir failed below it
                 except OSError:
                     break  # not empty: someone else's by now, and so are those above
             raise
 
-    def _listen(self, path: Path) -> socket.socket:
-        if self._served(path):
-            raise OSError(errno.EADDRINUSE, f"{path} is served by someone else already")
-        self._unlink(path)  # a stale socket of a dead server
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    @staticmethod
+    def _listen(sock: socket.socket, path: Path) -> None:
         try:
             # Whoever connects acts as the socket's domain: the user's
             # alone, as a real xenstored's socket is root's, whatever the
@@ -619,15 +684,10 @@ class XenStored:
             sock.listen(64)
             sock.setblocking(False)
         except OSError as e:
-            sock.close()
             # Name the path: "AF_UNIX path too long" alone does not say
             # which.  That one comes with no errno (nor strerror).
             raise OSError(e.errno if e.errno is not None else errno.ENAMETOOLONG,
                           f"cannot listen on {path}: {e.strerror or e}") from e
-        except BaseException:
-            sock.close()
-            raise
-        return sock
 
     @staticmethod
     def _served(path: Path) -> bool:
