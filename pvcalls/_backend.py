@@ -763,11 +763,9 @@ class _Frontend:
         self._sockets: dict[int, Socket] = {}
         self._reserved = 0  # see _accept
         # Indexes page grant -> the data refs of the last ring given with
-        # it (see pvcalls._socket.DataRing), oldest first, and how many
-        # refs they hold in all (see ActiveSocket.attach_ring).  The
-        # command Work's alone.
+        # it (see pvcalls._socket.DataRing), oldest first (see
+        # ActiveSocket.attach_ring).  The command Work's alone.
         self.ring_hints: dict[int, tuple[int, ...]] = {}
-        self.ring_hint_refs = 0
 
         self._broken = False
         # Set by start(), once the frontend is set up and counted among the
@@ -810,6 +808,14 @@ class _Frontend:
 
     def __repr__(self) -> str:
         return f"<pvcalls frontend dom{self.domid} sockets={len(self._sockets)}>"
+
+    @property
+    def ring_hint_refs(self) -> int:
+        """The refs the ring hints hold in all.  Counted, at most RING_HINTS
+        arrays, not kept beside them: a Ctrl-C between a hint's change and
+        its count's left the count off for good, and attach_ring's bound,
+        with a count too high, dropped every hint, then found none to drop."""
+        return sum(map(len, self.ring_hints.values()))
 
     def start(self) -> None:
         # Requests may already be waiting, notified before we started.

@@ -456,15 +456,14 @@ class ActiveSocket(Work):
             # its frontend (CONNECT, ACCEPT), one command at a time: no lock.
             hints = fe.ring_hints
             hint = hints.pop(ref, None)
-            if hint is not None:
-                fe.ring_hint_refs -= len(hint)
             rings.extend(map(DataRing, (fe.gnttab,), (fe.domid,), (ref,),
                              (fe.backend.max_page_order,), (hint,)))
-            hints[ref] = refs = rings[0].refs  # the newest last
-            fe.ring_hint_refs += len(refs)
-            # The oldest go, for as many refs as rings (see RING_HINT_REFS).
-            while len(hints) > RING_HINTS or fe.ring_hint_refs > RING_HINT_REFS:
-                fe.ring_hint_refs -= len(hints.pop(next(iter(hints))))
+            hints[ref] = rings[0].refs  # the newest last
+            # The oldest go, for as many refs as rings (see RING_HINT_REFS),
+            # counted here, not kept beside them: see ring_hint_refs.
+            kept = fe.ring_hint_refs
+            while len(hints) > RING_HINTS or kept > RING_HINT_REFS:
+                kept -= len(hints.pop(next(iter(hints))))
             # Our CPU's poller if we have a CPU (CONNECT), else the one of
             # the CPU we will most likely get (ACCEPT, placed when a
             # connection comes).

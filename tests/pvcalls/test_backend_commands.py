@@ -811,6 +811,48 @@ def test_a_ring_attached_with_an_interrupt_as_any_of_its_calls_returns_holds_not
     assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
 
 
+def test_the_ring_hints_keep_their_bound_however_an_attach_is_cut_short(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing as any call made by ActiveSocket.attach_ring
+    returns, where it takes a ring's own hint out (the ring given again)
+    or the oldest out for the bound (one ring's refs here): the next
+    attach still works, its hint the one kept.  With a count of the refs
+    kept tracked beside the hints, an interrupt between a hint's removal
+    and the count's left the count too high for good, and the bound's
+    loop, emptying the hints, ran out of them (StopIteration, and every
+    CONNECT of the frontend -EIO from then on)."""
+    from stolensignal import interrupted_as_call_returns
+
+    monkeypatch.setattr(_socket, "RING_HINTS", 1)
+    monkeypatch.setattr(_socket, "RING_HINT_REFS", 16)  # one ring of order 4
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    first, second = raw.new_ring(), raw.new_ring()
+
+    def attach(ring: DataRing) -> None:
+        sock = ActiveSocket(fe, raw.new_id())
+        try:
+            sock.attach_ring(ring.ref, ring.port)
+        finally:
+            sock.teardown()
+
+    attach(first)
+    landed = 0
+    for n in itertools.count():
+        # The ring's own hint out, then the oldest (first's) for second's.
+        interrupted = interrupted_as_call_returns(
+            ActiveSocket.attach_ring.__code__, n, lambda: attach(first))
+        attach(second)
+        assert fe.ring_hints == {second.ref: second.refs}, f"interrupted as call {n} returned"
+        assert fe.ring_hint_refs == 16, f"interrupted as call {n} returned"
+        attach(first)  # its hint back for the next round
+        if not interrupted:
+            break
+        landed += 1
+    assert landed >= 3
+    first.close()
+    second.close()
+
+
 def test_a_connect_whose_socket_cannot_be_watched_holds_nothing(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch, sends_blocked: threading.Event) -> None:
