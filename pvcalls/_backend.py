@@ -558,10 +558,11 @@ class Backend(Closing):
             dev.driver_data = fe
         except BaseException:
             for unrecorded in made:
-                unrecorded.close()  # not under _lock (see there)
-                with self._lock:
-                    if self._frontends.get(key) is unrecorded:
-                        del self._frontends[key]
+                # In driver_data first (a store, no call): a close() cut
+                # short there too is done again by the device's next
+                # disconnect or connect, which find it there.
+                dev.driver_data = unrecorded
+                self._forget(dev, unrecorded)
             raise
         fe.start()
         logger.info("dom%d: pvcalls frontend connected (ring-ref %d, port %d)",
@@ -571,12 +572,20 @@ class Backend(Closing):
         fe = dev.driver_data
         if not isinstance(fe, _Frontend):
             return
+        self._forget(dev, fe)
+        logger.info("dom%d: pvcalls frontend disconnected", dev.frontend_id)
+
+    def _forget(self, dev: BackendDevice, fe: _Frontend) -> None:
+        """Close ``fe``, ``dev``'s driver_data, and let go of it.  Let go
+        of only once closed: a close() cut short (Ctrl-C) is done again by
+        the device's next disconnect or connect, which find it there.  Let
+        go of first, it was in no place that they look, and the device's
+        next connect replaced it among our frontends: held for good."""
+        fe.close()  # not under _lock (see there); before it leaves stats()
         dev.driver_data = None
-        fe.close()  # before it leaves stats(): gone from there means released
         with self._lock:
             if self._frontends.get((dev.frontend_id, dev.devid)) is fe:
                 del self._frontends[(dev.frontend_id, dev.devid)]
-        logger.info("dom%d: pvcalls frontend disconnected", dev.frontend_id)
 
     def _close_device(self, dev: BackendDevice) -> None:
         self._disconnect(dev)
