@@ -771,6 +771,8 @@ class _Frontend:
         self._lock = threading.Lock()
         self._sockets: dict[int, Socket] = {}
         self._reserved = 0  # see _accept
+        # Sockets in no table whose teardown is under way (see _undo).
+        self._undone: list[ActiveSocket] = []
         # Indexes page grant -> the data refs of the last ring given with
         # it (see pvcalls._socket.DataRing), oldest first (see
         # ActiveSocket.attach_ring).  The command Work's alone.
@@ -1013,7 +1015,7 @@ class _Frontend:
         except BaseException:
             # An interrupt too: the socket is in no table yet, and what it
             # holds (its CPU, its pages) would be held for good.
-            sock.teardown()
+            self._undo(sock)
             raise
         with self._lock:
             self._sockets[request.id] = sock
@@ -1028,6 +1030,14 @@ class _Frontend:
                 raise
             raise CommandError(_errno.from_oserror(exc), f"connect: {exc}") from None
         return 0 if connected else None  # None: answered by the socket's Work
+
+    def _undo(self, sock: ActiveSocket) -> None:
+        """Tear down ``sock``, which is in no table.  Recorded first where
+        close() tears it down again: a teardown cut short (Ctrl-C) left
+        what it held (its pages, its port, its CPU slot) to nobody."""
+        self._undone.append(sock)
+        sock.teardown()
+        self._undone.remove(sock)
 
     def connect_failed(self, sock: ActiveSocket, request: Request | None, ret: int) -> None:
         """From the socket's Work: the CONNECT failed.  Answer ``request``
@@ -1111,7 +1121,7 @@ class _Frontend:
                 self._reserved -= 1
             if new is not None:
                 # An interrupt as the pages are mapped too (as _connect).
-                new.teardown()
+                self._undo(new)
             raise
         # Under limit_lock too: another device of the domain counts our
         # sockets (nr_sockets, without our _lock) under it only, and must
@@ -1285,6 +1295,10 @@ class _Frontend:
                 with self._lock:
                     if self._sockets.get(sock_id) is sock:
                         del self._sockets[sock_id]
+        # The Work, which adds to them, stopped above.
+        for undone in list(self._undone):
+            undone.teardown()
+            self._undone.remove(undone)
         self.ring.release()
         try:
             self._mapping.unmap()

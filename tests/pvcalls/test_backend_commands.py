@@ -753,6 +753,38 @@ def test_a_connect_or_accept_cut_short_setting_up_its_ring_holds_nothing(
     assert raw.unexpected == []
 
 
+@pytest.mark.parametrize("command", ["connect", "accept"])
+def test_a_connect_or_accept_whose_undo_is_cut_short_too_holds_nothing_once_closed(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    """An interrupt as a CONNECT's or ACCEPT's data ring is set up (as
+    attach_ring returns, a CONNECT's socket homed), and a second one as
+    the teardown that gives them back starts: the frontend's close still
+    gives back what the socket holds.  That socket is in no table, and
+    its teardown, done by nobody else, held the pages, the port, the CPU
+    slot for the life of the backend."""
+    cut = _cut_short_once(monkeypatch, ActiveSocket, "attach_ring", KeyboardInterrupt(),
+                          after=True)
+    undo_cut = _cut_short_once(monkeypatch, ActiveSocket, "teardown", KeyboardInterrupt())
+    if command == "connect":
+        sock_id, _ = raw.socket()
+        req_id = raw.push_connect(sock_id, echo_server.address, raw.new_ring())
+    else:
+        listener, _ = raw.listening(backend)
+        req_id = raw.push_accept(listener, raw.new_id(), raw.new_ring())
+    assert cut.wait(TIMEOUT) and undo_cut.wait(TIMEOUT)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    fe._work.flush(timeout=TIMEOUT)  # the command handled, cut short twice
+    raw.poll_responses()
+    assert req_id not in raw.responses
+    raw.close()
+    assert backend.stats().frontends == 0
+    assert bound_ports(backend) == []
+    assert len(backend.gnttab._live) == 0
+    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+    assert raw.unexpected == []
+
+
 def test_an_event_channel_the_platform_calls_out_of_range_is_einval(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
