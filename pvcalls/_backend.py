@@ -779,6 +779,8 @@ class _Frontend:
         self.ring_hints: dict[int, tuple[int, ...]] = {}
 
         self._broken = False
+        # The device was failed for the broken ring (on its queue alone).
+        self._ring_failed = False
         # Set by start(), once the frontend is set up and counted among the
         # backend's: the guest may notify its port the moment it is bound,
         # and the command Work must not run before (on a half-built
@@ -889,7 +891,15 @@ class _Frontend:
             # and with the exception, not its str() (a call): an interrupt
             # landing before the queueing would lose the failure, and no
             # later run, the ring broken, would queue it.
-            self.dev.queue(self._fail_broken_ring, exc)
+            try:
+                self.dev.queue(self._fail_broken_ring, exc)
+            except BaseException:
+                # Cut short, maybe before the failure was stored: the run
+                # queued again meets the broken ring and queues it again
+                # (_fail_broken_ring does it once).
+                self._broken = False
+                self.backend.cmd_wq.queue_work(work)
+                raise
             # Rate-limited (the device's budget): the guest can reconnect
             # and break its ring again at will.
             self.ratelimit.log(logger, logging.ERROR,
@@ -910,15 +920,17 @@ class _Frontend:
         # frontend closed or started over as the Work met its broken ring
         # (disconnect() waited for the Work, which queued this behind it),
         # and a Closing now would outlive its Closed, or fail its next
-        # connection.
+        # connection.  Once: a queueing cut short may have stored it, and
+        # the run done again queued it too.
         with self._rsp_lock:
             closed = self._closed
-        if not closed:
+        if not closed and not self._ring_failed:
             # False (the directory deleted, or made again for a new device,
             # meanwhile) asks nothing more of us: nothing was written, the
             # failure was logged as information, and the deletion's events,
             # queued behind this, drop the device, which disconnects it.
             self.dev.fatal(_errno.EINVAL, f"pvcalls command ring: {why}")
+            self._ring_failed = True
 
     def _handle(self, raw: bytes) -> None:
         req = ffi.from_buffer("struct xen_pvcalls_request *", raw)
