@@ -902,10 +902,12 @@ class ActiveSocket(Work):
             return b""
         try:
             self._tx(ring, host)
-        except OSError:
+        except (OSError, KeyError, ValueError):
             # Not the send (_tx takes its errors): the watch for room a
-            # full host socket asks for, of no use now.  The lingerer
-            # still gets the rest.
+            # full host socket asks for (or its end), of no use now, and
+            # refused (KeyError) to the flush a teardown cut short left,
+            # the host socket unwatched by then.  The lingerer still gets
+            # the rest.
             logger.debug("%r: watching for room at release failed", self, exc_info=True)
         if self._tx_done:
             return b""
@@ -966,7 +968,9 @@ class ActiveSocket(Work):
                 rest = steps.run("sending what the out ring holds", self._flush_out, host)
                 # Cut short, the flush is done again by the next teardown,
                 # from the ring kept mapped for it (what was sent is gone
-                # from it, the rest only copied, so nothing goes twice).
+                # from it, the rest only copied: nothing goes twice, but
+                # what an interrupt between _tx's send and its consume()
+                # left in the ring).
                 # Done, the rest is kept for the teardown that hands the
                 # host socket on.
                 if not steps.interrupted:

@@ -494,6 +494,42 @@ def test_a_teardown_interrupted_after_it_found_the_socket_connected_still_sends_
     assert raw.unexpected == []
 
 
+def test_a_flush_done_again_that_finds_the_host_socket_full_still_hands_the_rest_on(
+        backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Ctrl-C as the teardown of a connected socket starts sending what its
+    out ring holds, the host socket full, its room not watched (the
+    Work's last send took all it had): the teardown done again finds the
+    host socket unwatched by the first, and the room it would watch for
+    is none of its business: every byte still reaches the peer, and
+    nothing is said to have failed.  The watch's KeyError ended that
+    flush, logged with a traceback, the rest lost."""
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    sock = socket_of(backend, raw, sock_id)
+    written = _fill(raw, ring, sock)
+    assert sock.host is not None
+    # As after a send that took all the ring had, the host socket full.
+    sock._watch_write_space(sock.host, False)
+    tx, flush_out = ActiveSocket._tx, ActiveSocket._flush_out
+
+    def cut_tx(self: ActiveSocket, *args: Any) -> int:
+        if self is sock and sys._getframe(1).f_code is flush_out.__code__:
+            monkeypatch.setattr(ActiveSocket, "_tx", tx)
+            raise Interrupted
+        return tx(self, *args)
+
+    monkeypatch.setattr(ActiveSocket, "_tx", cut_tx)
+    with pytest.raises(Interrupted):
+        sock.teardown()
+    caplog.set_level(logging.DEBUG, logger="pvcalls._socket")
+    assert raw.release(sock_id).ret == 0  # the teardown done again
+    assert peer.read_to_eof() == written
+    wait_until(lambda: len(backend.lingerer) == 0)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert raw.unexpected == []
+
+
 def test_a_teardown_done_again_leaves_a_host_socket_closed_by_the_one_cut_short_alone(
         backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
