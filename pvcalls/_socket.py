@@ -1019,13 +1019,19 @@ class ActiveSocket(Work):
         lingerer = fe.backend.lingerer
         if host.fileno() == -1 or lingerer.holds(host):
             return
-        adopted = False
         try:
             adopted = bool(rest) and lingerer.adopt(
                 host, fe.domid, rest, fe.ratelimit, limit=fe.policy.max_sockets)
-        finally:
-            if not adopted and not lingerer.holds(host):
+        except Exception:
+            # A bug of ours: the step counts as done (see teardown), so
+            # the socket goes now.  Not so after an interrupt, whose
+            # teardown done again gives it to adopt() again: closed, it
+            # went with the rest, and nobody said so.
+            if not lingerer.holds(host):
                 host.close()
+            raise
+        if not adopted and not lingerer.holds(host):
+            host.close()
 
     def _unbind(self) -> None:
         # The record goes first: kept by an interrupt as unbind() returns,

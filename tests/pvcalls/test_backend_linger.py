@@ -424,6 +424,33 @@ def test_a_close_interrupted_as_the_lingerer_takes_a_socket_leaves_it_the_linger
     assert sock.host.fileno() == -1
 
 
+def test_a_teardown_interrupted_before_the_lingerer_takes_the_socket_hands_it_on_when_done_again(
+        backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C as the teardown's adopt() starts, the host socket not taken:
+    the teardown done again (the RELEASE put back, done again) hands it
+    to the lingerer with the rest of the out ring, and every byte reaches
+    the peer.  Closed on the way out of the step cut short, the socket
+    went with that rest, which nothing had said was dropped."""
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    sock = socket_of(backend, raw, sock_id)
+    written = _fill(raw, ring, sock)
+    adopt = backend.lingerer.adopt
+
+    def cut_adopt(*args: Any, **kwargs: Any) -> bool:
+        monkeypatch.setattr(backend.lingerer, "adopt", adopt)
+        raise Interrupted
+
+    monkeypatch.setattr(backend.lingerer, "adopt", cut_adopt)
+    with pytest.raises(Interrupted):
+        sock.teardown()
+    assert raw.release(sock_id).ret == 0  # the teardown done again
+    assert peer.read_to_eof() == written
+    wait_until(lambda: len(backend.lingerer) == 0)
+    assert raw.unexpected == []
+
+
 def test_a_teardown_interrupted_as_it_unwatches_the_host_socket_leaves_it_open(
         backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
         monkeypatch: pytest.MonkeyPatch) -> None:
