@@ -799,6 +799,10 @@ def test_an_event_channel_the_platform_calls_out_of_range_is_einval(
     assert raw.response(raw.push_connect(sock_id, echo_server.address, raw.new_ring())
                         ).ret == EINVAL
     assert len(backend.gnttab._live) == mappings
+    # Nor is the socket kept for close() to tear down again: a guest
+    # refused so, at will, would grow that record for the life of its
+    # frontend.
+    assert backend._frontends[(raw.guest.domid, 0)]._undone == []
     assert raw.unexpected == []
 
 

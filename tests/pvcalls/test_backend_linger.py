@@ -451,6 +451,32 @@ def test_a_teardown_interrupted_before_the_lingerer_takes_the_socket_hands_it_on
     assert raw.unexpected == []
 
 
+def test_a_bug_in_the_lingerer_s_adopt_still_closes_the_host_socket(
+        backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An exception out of adopt() (a bug of ours), given a released
+    socket with bytes left: the teardown says so and still closes the
+    host socket, whose peer sees the end of the stream.  That step counts
+    as done, and no teardown after it would close the socket."""
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    sock = socket_of(backend, raw, sock_id)
+    _fill(raw, ring, sock)
+    host = sock.host
+    assert host is not None
+
+    def bug(*args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(backend.lingerer, "adopt", bug)
+    caplog.set_level(logging.ERROR, logger="pvcalls._socket")
+    assert raw.release(sock_id).ret == 0
+    assert host.fileno() == -1
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "teardown: closing the host socket failed"]
+    assert raw.unexpected == []
+
+
 def test_a_teardown_interrupted_as_it_unwatches_the_host_socket_leaves_it_open(
         backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
         monkeypatch: pytest.MonkeyPatch) -> None:
