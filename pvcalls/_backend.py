@@ -558,10 +558,11 @@ class Backend(Closing):
             dev.driver_data = fe
         except BaseException:
             for unrecorded in made:
-                unrecorded.close()  # not under _lock (see there)
-                with self._lock:
-                    if self._frontends.get(key) is unrecorded:
-                        del self._frontends[key]
+                # In driver_data first (a store, no call): a close() cut
+                # short there too is done again by the device's next
+                # disconnect or connect, which find it there.
+                dev.driver_data = unrecorded
+                self._forget(dev, unrecorded)
             raise
         fe.start()
         logger.info("dom%d: pvcalls frontend connected (ring-ref %d, port %d)",
@@ -571,12 +572,20 @@ class Backend(Closing):
         fe = dev.driver_data
         if not isinstance(fe, _Frontend):
             return
+        self._forget(dev, fe)
+        logger.info("dom%d: pvcalls frontend disconnected", dev.frontend_id)
+
+    def _forget(self, dev: BackendDevice, fe: _Frontend) -> None:
+        """Close ``fe``, ``dev``'s driver_data, and let go of it.  Let go
+        of only once closed: a close() cut short (Ctrl-C) is done again by
+        the device's next disconnect or connect, which find it there.  Let
+        go of first, it was in no place that they look, and the device's
+        next connect replaced it among our frontends: held for good."""
+        fe.close()  # not under _lock (see there); before it leaves stats()
         dev.driver_data = None
-        fe.close()  # before it leaves stats(): gone from there means released
         with self._lock:
             if self._frontends.get((dev.frontend_id, dev.devid)) is fe:
                 del self._frontends[(dev.frontend_id, dev.devid)]
-        logger.info("dom%d: pvcalls frontend disconnected", dev.frontend_id)
 
     def _close_device(self, dev: BackendDevice) -> None:
         self._disconnect(dev)
@@ -762,14 +771,16 @@ class _Frontend:
         self._lock = threading.Lock()
         self._sockets: dict[int, Socket] = {}
         self._reserved = 0  # see _accept
+        # Sockets in no table whose teardown is under way (see _undo).
+        self._undone: list[ActiveSocket] = []
         # Indexes page grant -> the data refs of the last ring given with
-        # it (see pvcalls._socket.DataRing), oldest first, and how many
-        # refs they hold in all (see ActiveSocket.attach_ring).  The
-        # command Work's alone.
+        # it (see pvcalls._socket.DataRing), oldest first (see
+        # ActiveSocket.attach_ring).  The command Work's alone.
         self.ring_hints: dict[int, tuple[int, ...]] = {}
-        self.ring_hint_refs = 0
 
         self._broken = False
+        # The device was failed for the broken ring (on its queue alone).
+        self._ring_failed = False
         # Set by start(), once the frontend is set up and counted among the
         # backend's: the guest may notify its port the moment it is bound,
         # and the command Work must not run before (on a half-built
@@ -810,6 +821,14 @@ class _Frontend:
 
     def __repr__(self) -> str:
         return f"<pvcalls frontend dom{self.domid} sockets={len(self._sockets)}>"
+
+    @property
+    def ring_hint_refs(self) -> int:
+        """The refs the ring hints hold in all.  Counted, at most RING_HINTS
+        arrays, not kept beside them: a Ctrl-C between a hint's change and
+        its count's left the count off for good, and attach_ring's bound,
+        with a count too high, dropped every hint, then found none to drop."""
+        return sum(map(len, self.ring_hints.values()))
 
     def start(self) -> None:
         # Requests may already be waiting, notified before we started.
@@ -872,7 +891,15 @@ class _Frontend:
             # and with the exception, not its str() (a call): an interrupt
             # landing before the queueing would lose the failure, and no
             # later run, the ring broken, would queue it.
-            self.dev.queue(self._fail_broken_ring, exc)
+            try:
+                self.dev.queue(self._fail_broken_ring, exc)
+            except BaseException:
+                # Cut short, maybe before the failure was stored: the run
+                # queued again meets the broken ring and queues it again
+                # (_fail_broken_ring does it once).
+                self._broken = False
+                self.backend.cmd_wq.queue_work(work)
+                raise
             # Rate-limited (the device's budget): the guest can reconnect
             # and break its ring again at will.
             self.ratelimit.log(logger, logging.ERROR,
@@ -893,15 +920,17 @@ class _Frontend:
         # frontend closed or started over as the Work met its broken ring
         # (disconnect() waited for the Work, which queued this behind it),
         # and a Closing now would outlive its Closed, or fail its next
-        # connection.
+        # connection.  Once: a queueing cut short may have stored it, and
+        # the run done again queued it too.
         with self._rsp_lock:
             closed = self._closed
-        if not closed:
+        if not closed and not self._ring_failed:
             # False (the directory deleted, or made again for a new device,
             # meanwhile) asks nothing more of us: nothing was written, the
             # failure was logged as information, and the deletion's events,
             # queued behind this, drop the device, which disconnects it.
             self.dev.fatal(_errno.EINVAL, f"pvcalls command ring: {why}")
+            self._ring_failed = True
 
     def _handle(self, raw: bytes) -> None:
         req = ffi.from_buffer("struct xen_pvcalls_request *", raw)
@@ -998,7 +1027,7 @@ class _Frontend:
         except BaseException:
             # An interrupt too: the socket is in no table yet, and what it
             # holds (its CPU, its pages) would be held for good.
-            sock.teardown()
+            self._undo(sock)
             raise
         with self._lock:
             self._sockets[request.id] = sock
@@ -1013,6 +1042,14 @@ class _Frontend:
                 raise
             raise CommandError(_errno.from_oserror(exc), f"connect: {exc}") from None
         return 0 if connected else None  # None: answered by the socket's Work
+
+    def _undo(self, sock: ActiveSocket) -> None:
+        """Tear down ``sock``, which is in no table.  Recorded first where
+        close() tears it down again: a teardown cut short (Ctrl-C) left
+        what it held (its pages, its port, its CPU slot) to nobody."""
+        self._undone.append(sock)
+        sock.teardown()
+        self._undone.remove(sock)
 
     def connect_failed(self, sock: ActiveSocket, request: Request | None, ret: int) -> None:
         """From the socket's Work: the CONNECT failed.  Answer ``request``
@@ -1096,7 +1133,7 @@ class _Frontend:
                 self._reserved -= 1
             if new is not None:
                 # An interrupt as the pages are mapped too (as _connect).
-                new.teardown()
+                self._undo(new)
             raise
         # Under limit_lock too: another device of the domain counts our
         # sockets (nr_sockets, without our _lock) under it only, and must
@@ -1270,6 +1307,10 @@ class _Frontend:
                 with self._lock:
                     if self._sockets.get(sock_id) is sock:
                         del self._sockets[sock_id]
+        # The Work, which adds to them, stopped above.
+        for undone in list(self._undone):
+            undone.teardown()
+            self._undone.remove(undone)
         self.ring.release()
         try:
             self._mapping.unmap()

@@ -456,15 +456,14 @@ class ActiveSocket(Work):
             # its frontend (CONNECT, ACCEPT), one command at a time: no lock.
             hints = fe.ring_hints
             hint = hints.pop(ref, None)
-            if hint is not None:
-                fe.ring_hint_refs -= len(hint)
             rings.extend(map(DataRing, (fe.gnttab,), (fe.domid,), (ref,),
                              (fe.backend.max_page_order,), (hint,)))
-            hints[ref] = refs = rings[0].refs  # the newest last
-            fe.ring_hint_refs += len(refs)
-            # The oldest go, for as many refs as rings (see RING_HINT_REFS).
-            while len(hints) > RING_HINTS or fe.ring_hint_refs > RING_HINT_REFS:
-                fe.ring_hint_refs -= len(hints.pop(next(iter(hints))))
+            hints[ref] = rings[0].refs  # the newest last
+            # The oldest go, for as many refs as rings (see RING_HINT_REFS),
+            # counted here, not kept beside them: see ring_hint_refs.
+            kept = fe.ring_hint_refs
+            while len(hints) > RING_HINTS or kept > RING_HINT_REFS:
+                kept -= len(hints.pop(next(iter(hints))))
             # Our CPU's poller if we have a CPU (CONNECT), else the one of
             # the CPU we will most likely get (ACCEPT, placed when a
             # connection comes).
@@ -903,10 +902,12 @@ class ActiveSocket(Work):
             return b""
         try:
             self._tx(ring, host)
-        except OSError:
+        except (OSError, KeyError, ValueError):
             # Not the send (_tx takes its errors): the watch for room a
-            # full host socket asks for, of no use now.  The lingerer
-            # still gets the rest.
+            # full host socket asks for (or its end), of no use now, and
+            # refused (KeyError) to the flush a teardown cut short left,
+            # the host socket unwatched by then.  The lingerer still gets
+            # the rest.
             logger.debug("%r: watching for room at release failed", self, exc_info=True)
         if self._tx_done:
             return b""
@@ -967,7 +968,9 @@ class ActiveSocket(Work):
                 rest = steps.run("sending what the out ring holds", self._flush_out, host)
                 # Cut short, the flush is done again by the next teardown,
                 # from the ring kept mapped for it (what was sent is gone
-                # from it, the rest only copied, so nothing goes twice).
+                # from it, the rest only copied: nothing goes twice, but
+                # what an interrupt between _tx's send and its consume()
+                # left in the ring).
                 # Done, the rest is kept for the teardown that hands the
                 # host socket on.
                 if not steps.interrupted:
@@ -1016,13 +1019,19 @@ class ActiveSocket(Work):
         lingerer = fe.backend.lingerer
         if host.fileno() == -1 or lingerer.holds(host):
             return
-        adopted = False
         try:
             adopted = bool(rest) and lingerer.adopt(
                 host, fe.domid, rest, fe.ratelimit, limit=fe.policy.max_sockets)
-        finally:
-            if not adopted and not lingerer.holds(host):
+        except Exception:
+            # A bug of ours: the step counts as done (see teardown), so
+            # the socket goes now.  Not so after an interrupt, whose
+            # teardown done again gives it to adopt() again: closed, it
+            # went with the rest, and nobody said so.
+            if not lingerer.holds(host):
                 host.close()
+            raise
+        if not adopted and not lingerer.holds(host):
+            host.close()
 
     def _unbind(self) -> None:
         # The record goes first: kept by an interrupt as unbind() returns,

@@ -753,6 +753,38 @@ def test_a_connect_or_accept_cut_short_setting_up_its_ring_holds_nothing(
     assert raw.unexpected == []
 
 
+@pytest.mark.parametrize("command", ["connect", "accept"])
+def test_a_connect_or_accept_whose_undo_is_cut_short_too_holds_nothing_once_closed(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    """An interrupt as a CONNECT's or ACCEPT's data ring is set up (as
+    attach_ring returns, a CONNECT's socket homed), and a second one as
+    the teardown that gives them back starts: the frontend's close still
+    gives back what the socket holds.  That socket is in no table, and
+    its teardown, done by nobody else, held the pages, the port, the CPU
+    slot for the life of the backend."""
+    cut = _cut_short_once(monkeypatch, ActiveSocket, "attach_ring", KeyboardInterrupt(),
+                          after=True)
+    undo_cut = _cut_short_once(monkeypatch, ActiveSocket, "teardown", KeyboardInterrupt())
+    if command == "connect":
+        sock_id, _ = raw.socket()
+        req_id = raw.push_connect(sock_id, echo_server.address, raw.new_ring())
+    else:
+        listener, _ = raw.listening(backend)
+        req_id = raw.push_accept(listener, raw.new_id(), raw.new_ring())
+    assert cut.wait(TIMEOUT) and undo_cut.wait(TIMEOUT)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    fe._work.flush(timeout=TIMEOUT)  # the command handled, cut short twice
+    raw.poll_responses()
+    assert req_id not in raw.responses
+    raw.close()
+    assert backend.stats().frontends == 0
+    assert bound_ports(backend) == []
+    assert len(backend.gnttab._live) == 0
+    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+    assert raw.unexpected == []
+
+
 def test_an_event_channel_the_platform_calls_out_of_range_is_einval(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -767,6 +799,10 @@ def test_an_event_channel_the_platform_calls_out_of_range_is_einval(
     assert raw.response(raw.push_connect(sock_id, echo_server.address, raw.new_ring())
                         ).ret == EINVAL
     assert len(backend.gnttab._live) == mappings
+    # Nor is the socket kept for close() to tear down again: a guest
+    # refused so, at will, would grow that record for the life of its
+    # frontend.
+    assert backend._frontends[(raw.guest.domid, 0)]._undone == []
     assert raw.unexpected == []
 
 
@@ -809,6 +845,48 @@ def test_a_ring_attached_with_an_interrupt_as_any_of_its_calls_returns_holds_not
         landed += 1
     assert landed >= 5  # the mapping and the binding among them
     assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+
+
+def test_the_ring_hints_keep_their_bound_however_an_attach_is_cut_short(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing as any call made by ActiveSocket.attach_ring
+    returns, where it takes a ring's own hint out (the ring given again)
+    or the oldest out for the bound (one ring's refs here): the next
+    attach still works, its hint the one kept.  With a count of the refs
+    kept tracked beside the hints, an interrupt between a hint's removal
+    and the count's left the count too high for good, and the bound's
+    loop, emptying the hints, ran out of them (StopIteration, and every
+    CONNECT of the frontend -EIO from then on)."""
+    from stolensignal import interrupted_as_call_returns
+
+    monkeypatch.setattr(_socket, "RING_HINTS", 1)
+    monkeypatch.setattr(_socket, "RING_HINT_REFS", 16)  # one ring of order 4
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    first, second = raw.new_ring(), raw.new_ring()
+
+    def attach(ring: DataRing) -> None:
+        sock = ActiveSocket(fe, raw.new_id())
+        try:
+            sock.attach_ring(ring.ref, ring.port)
+        finally:
+            sock.teardown()
+
+    attach(first)
+    landed = 0
+    for n in itertools.count():
+        # The ring's own hint out, then the oldest (first's) for second's.
+        interrupted = interrupted_as_call_returns(
+            ActiveSocket.attach_ring.__code__, n, lambda: attach(first))
+        attach(second)
+        assert fe.ring_hints == {second.ref: second.refs}, f"interrupted as call {n} returned"
+        assert fe.ring_hint_refs == 16, f"interrupted as call {n} returned"
+        attach(first)  # its hint back for the next round
+        if not interrupted:
+            break
+        landed += 1
+    assert landed >= 3
+    first.close()
+    second.close()
 
 
 def test_a_connect_whose_socket_cannot_be_watched_holds_nothing(

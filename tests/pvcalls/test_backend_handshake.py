@@ -675,6 +675,78 @@ def test_a_device_s_connect_interrupted_as_any_of_its_calls_returns_holds_nothin
     assert landed >= 5  # the reads, the frontend's making and its start among them
 
 
+def test_a_device_s_disconnect_cut_short_in_its_frontend_s_close_is_finished_by_its_next_connect(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """A Ctrl-C landing as any call made by the frontend's close() returns
+    (a device's disconnect), the device then connected again and
+    disconnected: the frontend the first close() left is finished, its
+    command ring's mapping and its port given back.  Let go of by
+    driver_data before its close(), it was found by no later disconnect
+    or connect, and the new frontend took its place among the backend's:
+    held for the life of the backend."""
+    from stolensignal import interrupted_as_call_returns
+
+    key = (raw.guest.domid, 0)
+    dev = backend._frontends[key].dev
+    backend._disconnect(dev)
+    ports, mapped = sorted(backend.dispatcher.ports), len(backend.gnttab._live)
+    landed = 0
+    for n in itertools.count():
+        backend._connect(dev)
+        interrupted = interrupted_as_call_returns(
+            _Frontend.close.__code__, n, lambda: backend._disconnect(dev))
+        backend._connect(dev)  # the device connected again
+        backend._disconnect(dev)
+        assert key not in backend._frontends, f"interrupted as call {n} returned"
+        assert sorted(backend.dispatcher.ports) == ports, f"interrupted as call {n} returned"
+        assert len(backend.gnttab._live) == mapped, f"interrupted as call {n} returned"
+        if not interrupted:
+            break
+        landed += 1
+    assert landed >= 3  # the unbinding, the wait for the Work, the unmapping among them
+
+
+def test_a_device_s_connect_cut_short_then_its_frontend_s_close_too_holds_nothing_once_disconnected(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing as any call made by Backend._connect returns, and
+    a second one as the close() of the frontend it made starts (in the
+    except clause that gives it back): the device's disconnect still
+    finds that frontend and gives back what it holds.  Closed from a
+    local record alone, a frontend whose close() was cut short was in no
+    place that a disconnect looks (and one among the backend's was
+    replaced there by the device's next connect)."""
+    from stolensignal import Interrupted, interrupted_as_call_returns
+
+    key = (raw.guest.domid, 0)
+    dev = backend._frontends[key].dev
+    backend._disconnect(dev)
+    ports, mapped = sorted(backend.dispatcher.ports), len(backend.gnttab._live)
+    close = _Frontend.close
+    landed = 0
+    for n in itertools.count():
+        cut: list[_Frontend] = []
+
+        def close_cut_once(fe: _Frontend, cut: list[_Frontend] = cut) -> None:
+            # The only close() in the connect: the device had no frontend.
+            if not cut:
+                cut.append(fe)
+                raise Interrupted
+            return close(fe)
+
+        monkeypatch.setattr(_Frontend, "close", close_cut_once)
+        interrupted = interrupted_as_call_returns(
+            pvcalls.Backend._connect.__code__, n, lambda: backend._connect(dev))
+        monkeypatch.setattr(_Frontend, "close", close)
+        backend._disconnect(dev)  # what the device's disconnect does
+        assert key not in backend._frontends, f"interrupted as call {n} returned"
+        assert sorted(backend.dispatcher.ports) == ports, f"interrupted as call {n} returned"
+        assert len(backend.gnttab._live) == mapped, f"interrupted as call {n} returned"
+        if not interrupted:
+            break
+        landed += 1 if cut else 0
+    assert landed >= 2  # as the frontend was made, and as it was counted
+
+
 def test_requests_before_the_connect_is_over_count_against_the_limit(
         make_frontend: Any, host: Any, topology: Topology,
         monkeypatch: pytest.MonkeyPatch) -> None:

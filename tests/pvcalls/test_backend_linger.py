@@ -424,6 +424,59 @@ def test_a_close_interrupted_as_the_lingerer_takes_a_socket_leaves_it_the_linger
     assert sock.host.fileno() == -1
 
 
+def test_a_teardown_interrupted_before_the_lingerer_takes_the_socket_hands_it_on_when_done_again(
+        backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C as the teardown's adopt() starts, the host socket not taken:
+    the teardown done again (the RELEASE put back, done again) hands it
+    to the lingerer with the rest of the out ring, and every byte reaches
+    the peer.  Closed on the way out of the step cut short, the socket
+    went with that rest, which nothing had said was dropped."""
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    sock = socket_of(backend, raw, sock_id)
+    written = _fill(raw, ring, sock)
+    adopt = backend.lingerer.adopt
+
+    def cut_adopt(*args: Any, **kwargs: Any) -> bool:
+        monkeypatch.setattr(backend.lingerer, "adopt", adopt)
+        raise Interrupted
+
+    monkeypatch.setattr(backend.lingerer, "adopt", cut_adopt)
+    with pytest.raises(Interrupted):
+        sock.teardown()
+    assert raw.release(sock_id).ret == 0  # the teardown done again
+    assert peer.read_to_eof() == written
+    wait_until(lambda: len(backend.lingerer) == 0)
+    assert raw.unexpected == []
+
+
+def test_a_bug_in_the_lingerer_s_adopt_still_closes_the_host_socket(
+        backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An exception out of adopt() (a bug of ours), given a released
+    socket with bytes left: the teardown says so and still closes the
+    host socket, whose peer sees the end of the stream.  That step counts
+    as done, and no teardown after it would close the socket."""
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    sock = socket_of(backend, raw, sock_id)
+    _fill(raw, ring, sock)
+    host = sock.host
+    assert host is not None
+
+    def bug(*args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(backend.lingerer, "adopt", bug)
+    caplog.set_level(logging.ERROR, logger="pvcalls._socket")
+    assert raw.release(sock_id).ret == 0
+    assert host.fileno() == -1
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "teardown: closing the host socket failed"]
+    assert raw.unexpected == []
+
+
 def test_a_teardown_interrupted_as_it_unwatches_the_host_socket_leaves_it_open(
         backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -491,6 +544,42 @@ def test_a_teardown_interrupted_after_it_found_the_socket_connected_still_sends_
     assert raw.release(sock_id).ret == 0  # the teardown done again
     assert peer.read_to_eof() == written
     wait_until(lambda: len(backend.lingerer) == 0)
+    assert raw.unexpected == []
+
+
+def test_a_flush_done_again_that_finds_the_host_socket_full_still_hands_the_rest_on(
+        backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Ctrl-C as the teardown of a connected socket starts sending what its
+    out ring holds, the host socket full, its room not watched (the
+    Work's last send took all it had): the teardown done again finds the
+    host socket unwatched by the first, and the room it would watch for
+    is none of its business: every byte still reaches the peer, and
+    nothing is said to have failed.  The watch's KeyError ended that
+    flush, logged with a traceback, the rest lost."""
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    sock = socket_of(backend, raw, sock_id)
+    written = _fill(raw, ring, sock)
+    assert sock.host is not None
+    # As after a send that took all the ring had, the host socket full.
+    sock._watch_write_space(sock.host, False)
+    tx, flush_out = ActiveSocket._tx, ActiveSocket._flush_out
+
+    def cut_tx(self: ActiveSocket, *args: Any) -> int:
+        if self is sock and sys._getframe(1).f_code is flush_out.__code__:
+            monkeypatch.setattr(ActiveSocket, "_tx", tx)
+            raise Interrupted
+        return tx(self, *args)
+
+    monkeypatch.setattr(ActiveSocket, "_tx", cut_tx)
+    with pytest.raises(Interrupted):
+        sock.teardown()
+    caplog.set_level(logging.DEBUG, logger="pvcalls._socket")
+    assert raw.release(sock_id).ret == 0  # the teardown done again
+    assert peer.read_to_eof() == written
+    wait_until(lambda: len(backend.lingerer) == 0)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert raw.unexpected == []
 
 

@@ -433,6 +433,48 @@ def test_a_broken_command_ring_fails_its_device_though_an_interrupt_cuts_its_log
     fe.xs.close()
 
 
+@pytest.mark.parametrize("stored", [False, True])
+def test_a_broken_command_ring_fails_its_device_once_though_an_interrupt_cuts_its_queueing_short(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        stored: bool) -> None:
+    """A Ctrl-C in the device's queue() that the command Work calls with
+    the failure of a broken ring, before that failure is stored there, or
+    as queue() returns: the device is failed all the same, and once.  Cut
+    short before the store, the failure was lost, the ring marked broken
+    already (no later run looked at it again): the guest, whose ring is
+    served no more, was never told."""
+    fe = make_frontend("breaker")
+    assert fe.ring is not None
+    front = backend._frontends[(fe.guest.domid, 0)]
+    cut = threading.Event()
+    queue = front.dev.queue
+    failed = []
+
+    def cut_queue(fn: Any, *args: Any) -> bool:
+        if getattr(fn, "__func__", None) is not _Frontend._fail_broken_ring:
+            return queue(fn, *args)
+        if not cut.is_set():
+            cut.set()
+            if stored:
+                queue(fn, *args)
+            raise KeyboardInterrupt
+        return queue(fn, *args)
+
+    fatal = front.dev.fatal
+    monkeypatch.setattr(front.dev, "queue", cut_queue)
+    monkeypatch.setattr(front.dev, "fatal", lambda *args: failed.append(args) or fatal(*args))
+    fe.ring._idx[0] = 1000  # req_prod far beyond the slots the ring has
+    fe.evtchn.notify(fe.port)
+    assert cut.wait(TIMEOUT)
+    wait_until(lambda: front._broken)
+    front._work.flush(timeout=TIMEOUT)  # the runs are over
+    front.dev.events.flush()  # and what they queued on the device's queue has run
+    assert fe.backend_state() == 5
+    assert len(failed) == 1
+    fe.close()
+    fe.xs.close()
+
+
 def test_a_command_ring_broken_as_the_frontend_closes_leaves_the_device_closed(
         make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """The command Work meets the broken ring as the frontend goes Closed,
