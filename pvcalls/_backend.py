@@ -893,12 +893,15 @@ class _Frontend:
             # later run, the ring broken, would queue it.
             try:
                 self.dev.queue(self._fail_broken_ring, exc)
-            except BaseException:
+            except BaseException as queue_exc:
                 # Cut short, maybe before the failure was stored: the run
                 # queued again meets the broken ring and queues it again
-                # (_fail_broken_ring does it once).
-                self._broken = False
-                self.backend.cmd_wq.queue_work(work)
+                # (_fail_broken_ring does it once).  Not after a bug of
+                # ours in the queueing: that fails the device (DeviceWork),
+                # and a run queued again would meet it again, and again.
+                if not isinstance(queue_exc, Exception):
+                    self._broken = False
+                    self.backend.cmd_wq.queue_work(work)
                 raise
             # Rate-limited (the device's budget): the guest can reconnect
             # and break its ring again at will.

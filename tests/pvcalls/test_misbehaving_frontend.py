@@ -475,6 +475,47 @@ def test_a_broken_command_ring_fails_its_device_once_though_an_interrupt_cuts_it
     fe.xs.close()
 
 
+def test_a_bug_in_queueing_a_broken_ring_s_failure_fails_the_device_without_running_again(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception (a bug of ours, not an interrupt) out of the device's
+    queue() that the command Work calls with the failure of a broken
+    ring: the device is failed for it (DeviceWork), and the Work meets
+    the broken ring no more.  Taken as an interrupt is, the ring marked
+    unbroken and the Work queued again, each run met the ring, raised
+    again and queued itself again: a loop on the command workqueue,
+    until the failure, behind a busy device queue, disabled the Work."""
+    fe = make_frontend("breaker")
+    assert fe.ring is not None
+    front = backend._frontends[(fe.guest.domid, 0)]
+    queue = front.dev.queue
+    hold = threading.Event()  # the device's queue busy until then
+    calls: list[object] = []
+
+    def buggy_queue(fn: Any, *args: Any) -> bool:
+        if getattr(fn, "__func__", None) is not _Frontend._fail_broken_ring:
+            return queue(fn, *args)
+        calls.append(fn)
+        if len(calls) == 1:
+            queue(hold.wait, TIMEOUT)
+            raise RuntimeError("a bug of ours")
+        return queue(fn, *args)  # a second run (the bug): the loop ends here
+
+    monkeypatch.setattr(front.dev, "queue", buggy_queue)
+    fe.ring._idx[0] = 1000  # req_prod far beyond the slots the ring has
+    fe.evtchn.notify(fe.port)
+    wait_until(lambda: calls)
+    # Until no run is left, queued again by a run too (the device's
+    # queue, held, has not failed the device and disabled the Work yet).
+    backend.cmd_wq.drain(timeout=TIMEOUT)
+    hold.set()
+    assert len(calls) == 1
+    assert front._broken
+    front.dev.events.flush()  # the failure handed over has run
+    assert fe.backend_state() == 5
+    fe.close()
+    fe.xs.close()
+
+
 def test_a_command_ring_broken_as_the_frontend_closes_leaves_the_device_closed(
         make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """The command Work meets the broken ring as the frontend goes Closed,
