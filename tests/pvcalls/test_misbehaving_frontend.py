@@ -475,6 +475,51 @@ def test_a_broken_command_ring_fails_its_device_once_though_an_interrupt_cuts_it
     fe.xs.close()
 
 
+def test_a_broken_ring_s_failure_cut_short_on_the_device_s_queue_is_done_by_the_one_queued_again(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C as the command Work's queueing of a broken ring's failure
+    returns (stored: the run done again queues it a second time), and a
+    second one in the first failure's fatal(), before it wrote anything:
+    the second failure queued fails the device.  Counted as done before
+    fatal() was, the first left the device unfailed, and the second,
+    taking it as done, did nothing: the guest, whose ring is served no
+    more, was never told."""
+    fe = make_frontend("breaker")
+    assert fe.ring is not None
+    front = backend._frontends[(fe.guest.domid, 0)]
+    queue = front.dev.queue
+    queued: list[object] = []  # the failures queued, once queue() returned
+
+    def cut_queue(fn: Any, *args: Any) -> bool:
+        if getattr(fn, "__func__", None) is not _Frontend._fail_broken_ring:
+            return queue(fn, *args)
+        stored = queue(fn, *args)
+        queued.append(fn)
+        if len(queued) == 1:
+            raise KeyboardInterrupt
+        return stored
+
+    fatal = front.dev.fatal
+    attempts: list[object] = []
+
+    def cut_fatal(*args: Any) -> bool:
+        attempts.append(args)
+        if len(attempts) == 1:
+            raise KeyboardInterrupt
+        return fatal(*args)
+
+    monkeypatch.setattr(front.dev, "queue", cut_queue)
+    monkeypatch.setattr(front.dev, "fatal", cut_fatal)
+    fe.ring._idx[0] = 1000  # req_prod far beyond the slots the ring has
+    fe.evtchn.notify(fe.port)
+    # The run done again queued it too, and the device's queue ran both.
+    wait_until(lambda: len(queued) == 2)
+    fe.wait_backend_state(5)
+    assert len(attempts) == 2
+    fe.close()
+    fe.xs.close()
+
+
 def test_a_bug_in_queueing_a_broken_ring_s_failure_fails_the_device_without_running_again(
         make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception (a bug of ours, not an interrupt) out of the device's
