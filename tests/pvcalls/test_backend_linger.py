@@ -477,6 +477,34 @@ def test_a_bug_in_the_lingerer_s_adopt_still_closes_the_host_socket(
     assert raw.unexpected == []
 
 
+def test_a_bug_in_the_lingerer_s_adopt_after_it_took_the_socket_leaves_it_the_lingerer_s(
+        backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An exception out of adopt() (a bug of ours) once it took the host
+    socket: the teardown says so, and leaves the socket to the lingerer,
+    which sends the rest of the out ring to the peer.  Closed on the way
+    out whoever held it, the socket went under the lingerer, with that
+    rest."""
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    sock = socket_of(backend, raw, sock_id)
+    written = _fill(raw, ring, sock)
+    adopt = backend.lingerer.adopt
+
+    def taken_then_bug(*args: Any, **kwargs: Any) -> bool:
+        assert adopt(*args, **kwargs)
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(backend.lingerer, "adopt", taken_then_bug)
+    caplog.set_level(logging.ERROR, logger="pvcalls._socket")
+    assert raw.release(sock_id).ret == 0
+    assert peer.read_to_eof() == written
+    wait_until(lambda: len(backend.lingerer) == 0)
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "teardown: closing the host socket failed"]
+    assert raw.unexpected == []
+
+
 def test_a_teardown_interrupted_as_it_unwatches_the_host_socket_leaves_it_open(
         backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
         monkeypatch: pytest.MonkeyPatch) -> None:
