@@ -785,6 +785,45 @@ def test_a_connect_or_accept_whose_undo_is_cut_short_too_holds_nothing_once_clos
     assert raw.unexpected == []
 
 
+def test_two_connects_whose_undo_is_cut_short_too_hold_nothing_once_closed(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two CONNECTs, each cut short as its data ring is set up and again
+    as the teardown that gives it back starts: the frontend's close gives
+    back what both sockets hold.  Its loop over those sockets takes each
+    off the record as it is done: over the record itself, not a copy, it
+    skipped the one behind each it took off."""
+    attach, teardown = ActiveSocket.attach_ring, ActiveSocket.teardown
+    cuts: list[str] = []
+
+    def cut_attach(self: ActiveSocket, *args: Any) -> None:
+        attach(self, *args)
+        if cuts.count("attach") < 2:
+            cuts.append("attach")
+            raise KeyboardInterrupt
+
+    def cut_teardown(self: ActiveSocket, **kwargs: Any) -> None:
+        if cuts.count("teardown") < 2:
+            cuts.append("teardown")
+            raise KeyboardInterrupt
+        teardown(self, **kwargs)
+
+    monkeypatch.setattr(ActiveSocket, "attach_ring", cut_attach)
+    monkeypatch.setattr(ActiveSocket, "teardown", cut_teardown)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    for n in (1, 2):
+        sock_id, _ = raw.socket()
+        raw.push_connect(sock_id, echo_server.address, raw.new_ring())
+        wait_until(lambda n=n: len(fe._undone) == n)
+    fe._work.flush(timeout=TIMEOUT)  # the commands handled, each cut short twice
+    raw.close()
+    assert backend.stats().frontends == 0
+    assert bound_ports(backend) == []
+    assert len(backend.gnttab._live) == 0
+    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+    assert raw.unexpected == []
+
+
 def test_an_event_channel_the_platform_calls_out_of_range_is_einval(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
