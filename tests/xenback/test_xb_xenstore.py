@@ -802,6 +802,54 @@ def test_a_call_raising_past_exception_leaves_none_behind(caplog, exc, raiser) -
         wq.destroy()
 
 
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
+def test_a_flush_waits_for_the_calls_a_run_ended_past_exception_left(caplog, exc) -> None:
+    # flush() waits for the queue's Work as it was queued when called; a
+    # run ended by what no "except Exception" takes queues the Work anew
+    # for the calls behind it, and flush() must wait for that run too.
+    from workqueue import Work, alloc_ordered_workqueue
+
+    wq = alloc_ordered_workqueue("xb-flush-exiting")
+    try:
+        queue = EventQueue(wq, "exiting")
+        started, release = threading.Event(), threading.Event()
+        second, gate = threading.Event(), threading.Event()
+        out: list[int] = []
+
+        def hold(_work: object) -> None:
+            started.set()
+            release.wait(TIMEOUT)
+
+        def leave() -> None:
+            raise exc
+
+        def behind() -> None:
+            second.set()
+            gate.wait(TIMEOUT)
+            out.append(1)
+
+        wq.queue_work(Work(hold))
+        assert started.wait(TIMEOUT)
+        queue.call(leave)
+        queue.call(behind)  # the same queueing of the Work as leave's
+        flushed = threading.Event()
+        flusher = threading.Thread(target=lambda: (queue.flush(), flushed.set()))
+        flusher.start()
+        release.set()
+        assert second.wait(TIMEOUT)
+        # The first run is over by now: a flush that waited for it alone
+        # has returned.  Longer only makes this stricter.
+        assert not flushed.wait(0.2), "flush() returned before a call queued before it ran"
+        gate.set()
+        assert flushed.wait(TIMEOUT)
+        assert out == [1]
+        assert exc.__name__ in caplog.text
+    finally:
+        release.set()
+        gate.set()
+        wq.destroy()
+
+
 def test_an_unnamed_event_queue_says_what_failed_all_the_same(wq, caplog) -> None:
     queue = EventQueue(wq)
     queue.call(lambda: 1 / 0)
