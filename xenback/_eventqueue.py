@@ -65,6 +65,11 @@ class EventQueue:
         self._lock = threading.Lock()
         self._calls: deque[tuple[Callable[..., object], tuple[object, ...]]] = deque()
         self._closed = False
+        # Calls let in (under _lock), and calls that ended, however (written
+        # by _drain alone: the Work runs one at a time; read as a snapshot).
+        # flush() waits until the second reaches what the first was.
+        self._queued = 0
+        self._ended = 0
         self._work: Work = Work(self._drain)
 
     def __repr__(self) -> str:
@@ -80,6 +85,7 @@ class EventQueue:
             if self._closed:
                 return False
             self._calls.append((fn, args))
+            self._queued += 1
             self._workqueue.queue_work(self._work)
         return True
 
@@ -96,15 +102,9 @@ class EventQueue:
                 try:
                     fn(*args)
                 except Exception as exc:
-                    if self._explained(exc):
-                        continue
-                    if isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN:
-                        # XenStore (or the host) went away under the call:
-                        # not a bug of the callback, and every later call
-                        # says the same.
-                        logger.warning("%s: callback %r: %s", self.name or "event queue", fn, exc)
-                    else:
-                        logger.exception("%s: callback %r failed", self.name or "event queue", fn)
+                    self._failed(fn, exc)
+                finally:
+                    self._ended += 1
         except BaseException:
             # SystemExit, say, from a call or from ``handled``: it ends this
             # run, and the worker logs it.  The calls behind it run in the
@@ -114,6 +114,17 @@ class EventQueue:
                 if self._calls:
                     self._workqueue.queue_work(self._work)
             raise
+
+    def _failed(self, fn: Callable[..., object], exc: Exception) -> None:
+        """Say that the call of ``fn`` raised ``exc``, unless ``handled`` did."""
+        if self._explained(exc):
+            return
+        if isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN:
+            # XenStore (or the host) went away under the call: not a bug of
+            # the callback, and every later call says the same.
+            logger.warning("%s: callback %r: %s", self.name or "event queue", fn, exc)
+        else:
+            logger.exception("%s: callback %r failed", self.name or "event queue", fn)
 
     def _explained(self, exc: Exception) -> bool:
         """Whether ``handled`` took care of ``exc``."""
@@ -134,8 +145,17 @@ class EventQueue:
     def flush(self) -> None:
         """Wait until every call queued so far has run.  From a call of this
         queue it returns at once (waiting for itself would never end)."""
-        if not self.in_queue():
-            self._work.flush()
+        if self.in_queue():
+            return
+        with self._lock:
+            target = self._queued
+        # The Work's flush waits for its queueing as it stands now; a run
+        # that something past Exception ended queued it anew for the calls
+        # behind (see _drain), and those must be waited for too.  Not once
+        # the Work is idle with calls left: nothing will run them (its
+        # workqueue refused it), and waiting would never end.
+        while self._work.flush() and self._ended < target:
+            pass
 
     def close(self, *, wait: bool = True) -> None:
         """Refuse further calls; with ``wait``, let the queued ones finish
