@@ -2609,13 +2609,28 @@ def _connect_interrupted_at(n: int, within: str, s: pvcalls.PVSocket,
     set once that connect() has ended (so that it stops waiting for a
     main thread the Ctrl-C took out of the connect())."""
     over = threading.Event()
-    helper = threading.Thread(target=meanwhile, args=(over,))
+    # Kept, and reported as this attempt's failure: a helper whose wait ran
+    # out (a stalled machine) otherwise shows as a thread's error apart
+    # from the connect() it then never answers.
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            meanwhile(over)
+        except BaseException as exc:
+            failed.append(exc)
+
+    helper = threading.Thread(target=run)
     helper.start()
     try:
-        return interrupted_at(n, within, functools.partial(s.connect, _ADDRESS))
+        where = interrupted_at(n, within, functools.partial(s.connect, _ADDRESS))
     finally:
         over.set()
         helper.join(TIMEOUT)
+    assert not helper.is_alive(), f"{where}: the backend's side still runs after {TIMEOUT} s"
+    if failed:
+        raise AssertionError(f"{where}: the backend's side failed") from failed[0]
+    return where
 
 
 def _starved_threads(fe: pvcalls.Frontend, monkeypatch: pytest.MonkeyPatch) -> list[int]:
