@@ -850,6 +850,63 @@ def test_a_flush_waits_for_the_calls_a_run_ended_past_exception_left(caplog, exc
         wq.destroy()
 
 
+def test_a_flush_waits_for_a_run_ended_past_exception_after_a_call_cut_short(caplog) -> None:
+    # A Ctrl-C landing anywhere in call() must leave flush()'s count of the
+    # calls let in no lower than the calls in the queue: one too low let a
+    # flush return as the run that SystemExit split ended, before the call
+    # queued behind it ran.
+    import os
+
+    import xenback
+    from tests.stolensignal import interrupted_at
+    from workqueue import Work, alloc_ordered_workqueue
+
+    within = os.path.dirname(xenback.__file__)
+    for n in itertools.count():
+        wq = alloc_ordered_workqueue("xb-flush-cut-short")
+        release, gate = threading.Event(), threading.Event()
+        try:
+            queue = EventQueue(wq, "cut-short")
+            started, second = threading.Event(), threading.Event()
+
+            def hold(_work: object, started: threading.Event = started,
+                     release: threading.Event = release) -> None:
+                started.set()
+                release.wait(TIMEOUT)
+
+            def leave() -> None:
+                raise SystemExit
+
+            def behind(second: threading.Event = second, gate: threading.Event = gate) -> None:
+                second.set()
+                gate.wait(TIMEOUT)
+
+            wq.queue_work(Work(hold))
+            assert started.wait(TIMEOUT)
+            where = interrupted_at(n, within, lambda queue=queue: queue.call(lambda: None))
+            if not where:
+                break
+            assert queue.call(leave) and queue.call(behind)
+            flushed = threading.Event()
+            flusher = threading.Thread(
+                target=lambda queue=queue, flushed=flushed: (queue.flush(), flushed.set()))
+            flusher.start()
+            # Its flush under way before the run that SystemExit ends.
+            assert eventually(lambda queue=queue: queue._work._flushers is not None, TIMEOUT)
+            release.set()
+            assert second.wait(TIMEOUT)
+            assert not flushed.wait(0.2), f"flush() returned before a call queued before it ran" \
+                f" (Ctrl-C {where})"
+            gate.set()
+            assert flushed.wait(TIMEOUT)
+            flusher.join(TIMEOUT)
+        finally:
+            release.set()
+            gate.set()
+            wq.destroy()
+    assert n > 2  # it landed somewhere
+
+
 def test_an_unnamed_event_queue_says_what_failed_all_the_same(wq, caplog) -> None:
     queue = EventQueue(wq)
     queue.call(lambda: 1 / 0)
