@@ -149,7 +149,9 @@ class EventQueue:
 
     def flush(self) -> None:
         """Wait until every call queued so far has run.  From a call of this
-        queue it returns at once (waiting for itself would never end)."""
+        queue it returns at once (waiting for itself would never end).
+        Not for calls that nothing will run: those a call() left when its
+        workqueue refused the queue's Work (destroyed, say)."""
         if self.in_queue():
             return
         with self._lock:
