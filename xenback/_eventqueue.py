@@ -84,8 +84,13 @@ class EventQueue:
         with self._lock:
             if self._closed:
                 return False
-            self._calls.append((fn, args))
+            # Counted first: a Ctrl-C as append() returns must not leave a
+            # call in that flush() does not count (it would return as the
+            # run ending at that call's count ends, with calls behind it
+            # still to run); one counted that never came in only costs a
+            # flush one more look at an idle Work.
             self._queued += 1
+            self._calls.append((fn, args))
             self._workqueue.queue_work(self._work)
         return True
 
@@ -144,7 +149,9 @@ class EventQueue:
 
     def flush(self) -> None:
         """Wait until every call queued so far has run.  From a call of this
-        queue it returns at once (waiting for itself would never end)."""
+        queue it returns at once (waiting for itself would never end).
+        Not for calls that nothing will run: those a call() left when its
+        workqueue refused the queue's Work (destroyed, say)."""
         if self.in_queue():
             return
         with self._lock:

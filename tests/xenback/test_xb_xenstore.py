@@ -850,6 +850,125 @@ def test_a_flush_waits_for_the_calls_a_run_ended_past_exception_left(caplog, exc
         wq.destroy()
 
 
+def test_a_flush_waits_for_a_run_ended_past_exception_after_a_call_cut_short(caplog) -> None:
+    # A Ctrl-C landing anywhere in call() must leave flush()'s count of the
+    # calls let in no lower than the calls in the queue: one too low let a
+    # flush return as the run that SystemExit split ended, before the call
+    # queued behind it ran.
+    import os
+
+    import xenback
+    from tests.stolensignal import interrupted_at
+    from workqueue import Work, alloc_ordered_workqueue
+
+    within = os.path.dirname(xenback.__file__)
+    for n in itertools.count():
+        wq = alloc_ordered_workqueue("xb-flush-cut-short")
+        release, gate = threading.Event(), threading.Event()
+        try:
+            queue = EventQueue(wq, "cut-short")
+            started, second = threading.Event(), threading.Event()
+
+            def hold(_work: object, started: threading.Event = started,
+                     release: threading.Event = release) -> None:
+                started.set()
+                release.wait(TIMEOUT)
+
+            def leave() -> None:
+                raise SystemExit
+
+            def behind(second: threading.Event = second, gate: threading.Event = gate) -> None:
+                second.set()
+                gate.wait(TIMEOUT)
+
+            wq.queue_work(Work(hold))
+            assert started.wait(TIMEOUT)
+            where = interrupted_at(n, within, lambda queue=queue: queue.call(lambda: None))
+            if not where:
+                break
+            assert queue.call(leave) and queue.call(behind)
+            flushed = threading.Event()
+            flusher = threading.Thread(
+                target=lambda queue=queue, flushed=flushed: (queue.flush(), flushed.set()))
+            flusher.start()
+            # Its flush under way before the run that SystemExit ends.
+            assert eventually(lambda queue=queue: queue._work._flushers is not None, TIMEOUT)
+            release.set()
+            assert second.wait(TIMEOUT)
+            assert not flushed.wait(0.2), f"flush() returned before a call queued before it ran" \
+                f" (Ctrl-C {where})"
+            gate.set()
+            assert flushed.wait(TIMEOUT)
+            flusher.join(TIMEOUT)
+        finally:
+            release.set()
+            gate.set()
+            wq.destroy()
+    assert n > 2  # it landed somewhere
+
+
+def test_a_flush_waits_across_every_run_that_exiting_calls_split(caplog) -> None:
+    # Each call raising SystemExit ends a run and queues the next: flush()
+    # waits for as many runs as it takes, not for two.
+    from workqueue import Work, alloc_ordered_workqueue
+
+    wq = alloc_ordered_workqueue("xb-flush-exiting-twice")
+    started, release = threading.Event(), threading.Event()
+    third, gate = threading.Event(), threading.Event()
+    try:
+        queue = EventQueue(wq, "exiting-twice")
+
+        def hold(_work: object) -> None:
+            started.set()
+            release.wait(TIMEOUT)
+
+        def leave() -> None:
+            # Not before the flush waits for this run: one that came later
+            # would wait for the next run at once, as a flush that waits
+            # for two runs only would too.
+            assert eventually(lambda: queue._work._flushers is not None, TIMEOUT)
+            raise SystemExit
+
+        def behind() -> None:
+            third.set()
+            gate.wait(TIMEOUT)
+
+        wq.queue_work(Work(hold))
+        assert started.wait(TIMEOUT)
+        assert queue.call(leave) and queue.call(leave) and queue.call(behind)
+        flushed = threading.Event()
+        flusher = threading.Thread(target=lambda: (queue.flush(), flushed.set()))
+        flusher.start()
+        # Its flush under way before the first run that SystemExit ends.
+        assert eventually(lambda: queue._work._flushers is not None, TIMEOUT)
+        release.set()
+        assert third.wait(TIMEOUT)
+        assert not flushed.wait(0.2), "flush() returned before the third run ended"
+        gate.set()
+        assert flushed.wait(TIMEOUT)
+        flusher.join(TIMEOUT)
+    finally:
+        release.set()
+        gate.set()
+        wq.destroy()
+
+
+def test_a_flush_returns_when_nothing_will_run_the_calls_left() -> None:
+    # A call let in whose Work its destroyed workqueue refused stays in the
+    # queue, and nothing will ever run it: flush() must not wait for it.
+    from workqueue import alloc_ordered_workqueue
+
+    wq = alloc_ordered_workqueue("xb-flush-refused")
+    queue = EventQueue(wq, "refused")
+    wq.destroy()
+    with pytest.raises(RuntimeError, match="destroyed"):
+        queue.call(lambda: None)
+    flushed = threading.Event()
+    # A daemon: a flush that never returns must fail the test, not hang it.
+    threading.Thread(target=lambda: (queue.flush(), flushed.set()), daemon=True).start()
+    assert flushed.wait(TIMEOUT), "flush() waits for a call that nothing will run"
+
+
 def test_an_unnamed_event_queue_says_what_failed_all_the_same(wq, caplog) -> None:
     queue = EventQueue(wq)
     queue.call(lambda: 1 / 0)
