@@ -954,8 +954,8 @@ def test_a_flush_waits_across_every_run_that_exiting_calls_split(caplog) -> None
 
 
 def test_a_flush_returns_when_nothing_will_run_the_calls_left() -> None:
-    # A call let in whose Work its destroyed workqueue refused stays in the
-    # queue, and nothing will ever run it: flush() must not wait for it.
+    # A call whose Work its destroyed workqueue refused will never run:
+    # flush() must not wait for it.
     from workqueue import alloc_ordered_workqueue
 
     wq = alloc_ordered_workqueue("xb-flush-refused")
@@ -967,6 +967,40 @@ def test_a_flush_returns_when_nothing_will_run_the_calls_left() -> None:
     # A daemon: a flush that never returns must fail the test, not hang it.
     threading.Thread(target=lambda: (queue.flush(), flushed.set()), daemon=True).start()
     assert flushed.wait(TIMEOUT), "flush() waits for a call that nothing will run"
+
+
+def test_a_call_its_workqueue_refuses_is_not_run_later() -> None:
+    # call() raising says the call is not taken: a draining workqueue
+    # refuses the queue's Work, and the call must not run when a later
+    # call() queues the Work again.  It stayed in the queue, and did.
+    from workqueue import Work, alloc_ordered_workqueue
+
+    wq = alloc_ordered_workqueue("xb-call-refused")
+    try:
+        queue = EventQueue(wq, "refused")
+        started, release = threading.Event(), threading.Event()
+        ran: list[str] = []
+
+        def hold(_work: object) -> None:
+            started.set()
+            release.wait(TIMEOUT)
+
+        wq.queue_work(Work(hold))
+        assert started.wait(TIMEOUT)
+        drainer = threading.Thread(target=wq.drain)
+        drainer.start()
+        eventually(lambda: wq._state != 0)  # drain() has begun
+        with pytest.raises(RuntimeError, match="draining"):
+            queue.call(ran.append, "refused")
+        release.set()
+        drainer.join(TIMEOUT)
+        assert not drainer.is_alive()
+        assert queue.call(ran.append, "taken")
+        queue.flush()
+        assert ran == ["taken"]
+    finally:
+        release.set()
+        wq.destroy()
 
 
 def test_an_unnamed_event_queue_says_what_failed_all_the_same(wq, caplog) -> None:
