@@ -79,7 +79,9 @@ class EventQueue:
 
     def call(self, fn: Callable[..., object], *args: object) -> bool:
         """Queue ``fn(*args)`` behind every earlier call.  Returns False
-        (and drops the call) once the queue is closed."""
+        (and drops the call) once the queue is closed; RuntimeError if the
+        workqueue refuses the queue's Work (draining or destroyed), the
+        call not taken."""
         check_callback(fn)
         with self._lock:
             if self._closed:
@@ -88,10 +90,14 @@ class EventQueue:
             # call in that flush() does not count (it would return as the
             # run ending at that call's count ends, with calls behind it
             # still to run); one counted that never came in only costs a
-            # flush one more look at an idle Work.
+            # flush one more look at an idle Work.  The Work queued before
+            # the call goes in: refused (a workqueue draining or destroyed),
+            # the call is not taken, as call() raising says, and does not
+            # run when a later call() queues the Work.  Queued first, it
+            # finds the call all the same: _drain looks under our _lock.
             self._queued += 1
-            self._calls.append((fn, args))
             self._workqueue.queue_work(self._work)
+            self._calls.append((fn, args))
         return True
 
     def _drain(self, _work: object) -> None:
@@ -150,8 +156,8 @@ class EventQueue:
     def flush(self) -> None:
         """Wait until every call queued so far has run.  From a call of this
         queue it returns at once (waiting for itself would never end).
-        Not for calls that nothing will run: those a call() left when its
-        workqueue refused the queue's Work (destroyed, say)."""
+        Not once nothing will run them: the Work idle, its workqueue
+        destroyed, say, as a run ended past Exception."""
         if self.in_queue():
             return
         with self._lock:
