@@ -569,14 +569,21 @@ def test_watchdog_reports_a_stall_once_with_the_pool_dump(make_wq: Any, log_wait
 
 
 @contextlib.contextmanager
-def _a_run_held(wq: Any) -> Iterator[None]:
+def _a_run_held(wq: Any) -> Iterator[Work]:
     """One item of *wq*'s started and held running (neither returning nor
-    blocking) until the block ends."""
+    blocking) until the block ends: that item."""
     started, release = threading.Event(), threading.Event()
-    assert wq.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
+
+    # Named so: a report naming the item says "stuck", as tests check.
+    def stuck(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+
+    w = Work(stuck)
+    assert wq.queue_work(w)
     try:
         assert started.wait(TIMEOUT)
-        yield
+        yield w
     finally:
         release.set()
 
@@ -650,19 +657,8 @@ def test_watchdog_reports_a_stall_of_an_item_the_rescuer_runs(
     # The run, not the pool: the rescuer may take the item only once the
     # pool has waited long enough to be reported as well.
     logged = log_waiter("workqueue._watchdog", "has been running")
-    started, release = threading.Event(), threading.Event()
-
-    def stuck(work: Work) -> None:
-        started.set()
-        assert release.wait(TIMEOUT)
-
-    w = Work(stuck)
-    wq.queue_work(w)
-    try:
-        assert started.wait(TIMEOUT)
+    with _a_run_held(wq) as w:
         assert logged.seen.wait(TIMEOUT), "the rescuer's stalled item was not reported"
-    finally:
-        release.set()
     w.flush()
     message = logged.records[0].getMessage()
     assert "reclaim-rescuer" in message and "stuck" in message
@@ -684,14 +680,8 @@ def test_the_rescuer_arms_the_watchdog_for_the_items_it_runs(
 
     monkeypatch.setattr(pool_module, "_arm_watchdog", arm_but_from_a_failed_creation)
     logged = log_waiter("workqueue._watchdog", "has been running")
-    started, release = threading.Event(), threading.Event()
-    w = Work(lambda work: (started.set(), release.wait(TIMEOUT)))
-    assert wq.queue_work(w)
-    try:
-        assert started.wait(TIMEOUT)
+    with _a_run_held(wq) as w:
         assert logged.seen.wait(TIMEOUT), "the rescuer's stalled item was not reported"
-    finally:
-        release.set()
     w.flush()
     assert "reclaim-rescuer" in logged.records[0].getMessage()
 
