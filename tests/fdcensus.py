@@ -3,6 +3,7 @@ failure or a Ctrl-C left none open."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 
@@ -19,3 +20,15 @@ def descriptors() -> frozenset[tuple[int, str]]:
         except FileNotFoundError:
             pass  # listdir()'s own, or closed meanwhile
     return frozenset(fds)
+
+
+def open_sockets() -> set[int]:
+    """This process's descriptors that are sockets, as they stand: not
+    collected first, so that a socket lost to a reference cycle counts
+    as held."""
+    sockets = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile (listdir's own, say)
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                sockets.add(int(fd))
+    return sockets

@@ -753,6 +753,18 @@ def test_a_connect_or_accept_cut_short_setting_up_its_ring_holds_nothing(
     assert raw.unexpected == []
 
 
+def _closed_holds_nothing(raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """The frontend closed, the backend holds nothing of it: no frontend,
+    no bound port, no mapped page, no socket counted on any CPU, and no
+    response the guest did not ask for."""
+    raw.close()
+    assert backend.stats().frontends == 0
+    assert bound_ports(backend) == []
+    assert len(backend.gnttab._live) == 0
+    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+    assert raw.unexpected == []
+
+
 @pytest.mark.parametrize("command", ["connect", "accept"])
 def test_a_connect_or_accept_whose_undo_is_cut_short_too_holds_nothing_once_closed(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
@@ -777,12 +789,7 @@ def test_a_connect_or_accept_whose_undo_is_cut_short_too_holds_nothing_once_clos
     fe._work.flush(timeout=TIMEOUT)  # the command handled, cut short twice
     raw.poll_responses()
     assert req_id not in raw.responses
-    raw.close()
-    assert backend.stats().frontends == 0
-    assert bound_ports(backend) == []
-    assert len(backend.gnttab._live) == 0
-    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
-    assert raw.unexpected == []
+    _closed_holds_nothing(raw, backend)
 
 
 def test_two_connects_whose_undo_is_cut_short_too_hold_nothing_once_closed(
@@ -816,12 +823,7 @@ def test_two_connects_whose_undo_is_cut_short_too_hold_nothing_once_closed(
         raw.push_connect(sock_id, echo_server.address, raw.new_ring())
         wait_until(lambda n=n: len(fe._undone) == n)
     fe._work.flush(timeout=TIMEOUT)  # the commands handled, each cut short twice
-    raw.close()
-    assert backend.stats().frontends == 0
-    assert bound_ports(backend) == []
-    assert len(backend.gnttab._live) == 0
-    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
-    assert raw.unexpected == []
+    _closed_holds_nothing(raw, backend)
 
 
 def test_an_event_channel_the_platform_calls_out_of_range_is_einval(
@@ -1632,14 +1634,9 @@ def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
         # Answered before the interrupt went on (see the test above).
         assert raw.response(accept).ret == EINTR
     assert release not in raw.responses and sock_id in fe._sockets
-    raw.close()
-    assert backend.stats().frontends == 0
+    _closed_holds_nothing(raw, backend)
     if host_socket is not None:
         assert host_socket.fileno() == -1
-    assert bound_ports(backend) == []
-    assert len(backend.gnttab._live) == 0
-    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
-    assert raw.unexpected == []
 
 
 @pytest.mark.parametrize("unbind", ["interrupted", "failed"])

@@ -646,6 +646,26 @@ def test_a_frontend_s_set_up_interrupted_as_any_of_its_calls_returns_holds_nothi
     assert landed >= 5  # every call of the set-up, the mapping and the binding among them
 
 
+def _a_device_disconnected(
+        raw: RawFrontend, backend: pvcalls.Backend) -> tuple[Any, Callable[[int], None]]:
+    """The guest's device, disconnected, and a check that the backend then
+    holds no more than it did at that point: no frontend for the device,
+    no other port bound, no other page mapped; its failures name call n,
+    the one the Ctrl-C landed as."""
+    key = (raw.guest.domid, 0)
+    dev = backend._frontends[key].dev
+    backend._disconnect(dev)
+    ports, mapped = sorted(backend.dispatcher.ports), len(backend.gnttab._live)
+
+    def holds_no_more(n: int) -> None:
+        where = f"interrupted as call {n} returned"
+        assert key not in backend._frontends, where
+        assert sorted(backend.dispatcher.ports) == ports, where
+        assert len(backend.gnttab._live) == mapped, where
+
+    return dev, holds_no_more
+
+
 def test_a_device_s_connect_interrupted_as_any_of_its_calls_returns_holds_nothing_once_disconnected(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     """A Ctrl-C landing as any call made by Backend._connect returns (a
@@ -657,18 +677,13 @@ def test_a_device_s_connect_interrupted_as_any_of_its_calls_returns_holds_nothin
     close alone, if it was among its frontends by then)."""
     from stolensignal import interrupted_as_call_returns
 
-    dev = backend._frontends[(raw.guest.domid, 0)].dev
-    key = (raw.guest.domid, 0)
-    backend._disconnect(dev)
-    ports, mapped = sorted(backend.dispatcher.ports), len(backend.gnttab._live)
+    dev, holds_no_more = _a_device_disconnected(raw, backend)
     landed = 0
     for n in itertools.count():
         interrupted = interrupted_as_call_returns(
             pvcalls.Backend._connect.__code__, n, lambda: backend._connect(dev))
         backend._disconnect(dev)  # what the device's disconnect does
-        assert key not in backend._frontends, f"interrupted as call {n} returned"
-        assert sorted(backend.dispatcher.ports) == ports, f"interrupted as call {n} returned"
-        assert len(backend.gnttab._live) == mapped, f"interrupted as call {n} returned"
+        holds_no_more(n)
         if not interrupted:
             break
         landed += 1
@@ -686,10 +701,7 @@ def test_a_device_s_disconnect_cut_short_in_its_frontend_s_close_is_finished_by_
     held for the life of the backend."""
     from stolensignal import interrupted_as_call_returns
 
-    key = (raw.guest.domid, 0)
-    dev = backend._frontends[key].dev
-    backend._disconnect(dev)
-    ports, mapped = sorted(backend.dispatcher.ports), len(backend.gnttab._live)
+    dev, holds_no_more = _a_device_disconnected(raw, backend)
     landed = 0
     for n in itertools.count():
         backend._connect(dev)
@@ -697,9 +709,7 @@ def test_a_device_s_disconnect_cut_short_in_its_frontend_s_close_is_finished_by_
             _Frontend.close.__code__, n, lambda: backend._disconnect(dev))
         backend._connect(dev)  # the device connected again
         backend._disconnect(dev)
-        assert key not in backend._frontends, f"interrupted as call {n} returned"
-        assert sorted(backend.dispatcher.ports) == ports, f"interrupted as call {n} returned"
-        assert len(backend.gnttab._live) == mapped, f"interrupted as call {n} returned"
+        holds_no_more(n)
         if not interrupted:
             break
         landed += 1
@@ -717,10 +727,7 @@ def test_a_device_s_connect_cut_short_then_its_frontend_s_close_too_holds_nothin
     replaced there by the device's next connect)."""
     from stolensignal import Interrupted, interrupted_as_call_returns
 
-    key = (raw.guest.domid, 0)
-    dev = backend._frontends[key].dev
-    backend._disconnect(dev)
-    ports, mapped = sorted(backend.dispatcher.ports), len(backend.gnttab._live)
+    dev, holds_no_more = _a_device_disconnected(raw, backend)
     close = _Frontend.close
     landed = 0
     for n in itertools.count():
@@ -738,9 +745,7 @@ def test_a_device_s_connect_cut_short_then_its_frontend_s_close_too_holds_nothin
             pvcalls.Backend._connect.__code__, n, lambda: backend._connect(dev))
         monkeypatch.setattr(_Frontend, "close", close)
         backend._disconnect(dev)  # what the device's disconnect does
-        assert key not in backend._frontends, f"interrupted as call {n} returned"
-        assert sorted(backend.dispatcher.ports) == ports, f"interrupted as call {n} returned"
-        assert len(backend.gnttab._live) == mapped, f"interrupted as call {n} returned"
+        holds_no_more(n)
         if not interrupted:
             break
         landed += 1 if cut else 0

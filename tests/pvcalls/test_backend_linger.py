@@ -424,6 +424,40 @@ def test_a_close_interrupted_as_the_lingerer_takes_a_socket_leaves_it_the_linger
     assert sock.host.fileno() == -1
 
 
+def _connected_and_filled(
+        raw: RawFrontend, backend: pvcalls.Backend, peer: Peer) -> tuple[int, ActiveSocket, bytes]:
+    """A socket connected to the peer, its out ring filled (_fill): its id,
+    the backend's socket and what was written."""
+    sock_id, ring = raw.connect_socket(peer.address)
+    peer.accept()
+    sock = socket_of(backend, raw, sock_id)
+    return sock_id, sock, _fill(raw, ring, sock)
+
+
+def _cut_the_flush_s_send(monkeypatch: pytest.MonkeyPatch, sock: ActiveSocket) -> None:
+    """Ctrl-C at the first send of sock's teardown flush, once: other
+    sockets' sends, and sends from elsewhere, go through."""
+    tx, flush_out = ActiveSocket._tx, ActiveSocket._flush_out
+
+    def cut_tx(self: ActiveSocket, *args: Any) -> int:
+        if self is sock and sys._getframe(1).f_code is flush_out.__code__:
+            monkeypatch.setattr(ActiveSocket, "_tx", tx)
+            raise Interrupted
+        return tx(self, *args)
+
+    monkeypatch.setattr(ActiveSocket, "_tx", cut_tx)
+
+
+def _release_hands_every_byte_on(
+        raw: RawFrontend, backend: pvcalls.Backend, peer: Peer, sock_id: int,
+        written: bytes) -> None:
+    """RELEASE answered, every byte written read at the peer, in order, and
+    the lingerer then empty (what it held finished, not dropped)."""
+    assert raw.release(sock_id).ret == 0
+    assert peer.read_to_eof() == written
+    wait_until(lambda: len(backend.lingerer) == 0)
+
+
 def test_a_teardown_interrupted_before_the_lingerer_takes_the_socket_hands_it_on_when_done_again(
         backend: pvcalls.Backend, raw: RawFrontend, peer: Peer,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -432,10 +466,7 @@ def test_a_teardown_interrupted_before_the_lingerer_takes_the_socket_hands_it_on
     to the lingerer with the rest of the out ring, and every byte reaches
     the peer.  Closed on the way out of the step cut short, the socket
     went with that rest, which nothing had said was dropped."""
-    sock_id, ring = raw.connect_socket(peer.address)
-    peer.accept()
-    sock = socket_of(backend, raw, sock_id)
-    written = _fill(raw, ring, sock)
+    sock_id, sock, written = _connected_and_filled(raw, backend, peer)
     adopt = backend.lingerer.adopt
 
     def cut_adopt(*args: Any, **kwargs: Any) -> bool:
@@ -445,9 +476,7 @@ def test_a_teardown_interrupted_before_the_lingerer_takes_the_socket_hands_it_on
     monkeypatch.setattr(backend.lingerer, "adopt", cut_adopt)
     with pytest.raises(Interrupted):
         sock.teardown()
-    assert raw.release(sock_id).ret == 0  # the teardown done again
-    assert peer.read_to_eof() == written
-    wait_until(lambda: len(backend.lingerer) == 0)
+    _release_hands_every_byte_on(raw, backend, peer, sock_id, written)  # the teardown done again
     assert raw.unexpected == []
 
 
@@ -458,10 +487,7 @@ def test_a_bug_in_the_lingerer_s_adopt_still_closes_the_host_socket(
     socket with bytes left: the teardown says so and still closes the
     host socket, whose peer sees the end of the stream.  That step counts
     as done, and no teardown after it would close the socket."""
-    sock_id, ring = raw.connect_socket(peer.address)
-    peer.accept()
-    sock = socket_of(backend, raw, sock_id)
-    _fill(raw, ring, sock)
+    sock_id, sock, _ = _connected_and_filled(raw, backend, peer)
     host = sock.host
     assert host is not None
 
@@ -485,10 +511,7 @@ def test_a_bug_in_the_lingerer_s_adopt_after_it_took_the_socket_leaves_it_the_li
     which sends the rest of the out ring to the peer.  Closed on the way
     out whoever held it, the socket went under the lingerer, with that
     rest."""
-    sock_id, ring = raw.connect_socket(peer.address)
-    peer.accept()
-    sock = socket_of(backend, raw, sock_id)
-    written = _fill(raw, ring, sock)
+    sock_id, sock, written = _connected_and_filled(raw, backend, peer)
     adopt = backend.lingerer.adopt
 
     def taken_then_bug(*args: Any, **kwargs: Any) -> bool:
@@ -497,9 +520,7 @@ def test_a_bug_in_the_lingerer_s_adopt_after_it_took_the_socket_leaves_it_the_li
 
     monkeypatch.setattr(backend.lingerer, "adopt", taken_then_bug)
     caplog.set_level(logging.ERROR, logger="pvcalls._socket")
-    assert raw.release(sock_id).ret == 0
-    assert peer.read_to_eof() == written
-    wait_until(lambda: len(backend.lingerer) == 0)
+    _release_hands_every_byte_on(raw, backend, peer, sock_id, written)
     assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
         "teardown: closing the host socket failed"]
     assert raw.unexpected == []
@@ -543,21 +564,10 @@ def test_a_teardown_interrupted_after_it_found_the_socket_connected_still_sends_
     back, done again) still gets every byte to the peer, the rest through
     the lingerer.  Taken for a socket that never connected, it closed the
     host socket without sending, the ring unmapped by the first."""
-    sock_id, ring = raw.connect_socket(peer.address)
-    peer.accept()
-    sock = socket_of(backend, raw, sock_id)
-    written = _fill(raw, ring, sock)
+    sock_id, sock, written = _connected_and_filled(raw, backend, peer)
     assert sock.events is not None
     if where == "sending":
-        tx, flush_out = ActiveSocket._tx, ActiveSocket._flush_out
-
-        def cut_tx(self: ActiveSocket, *args: Any) -> int:
-            if self is sock and sys._getframe(1).f_code is flush_out.__code__:
-                monkeypatch.setattr(ActiveSocket, "_tx", tx)
-                raise Interrupted
-            return tx(self, *args)
-
-        monkeypatch.setattr(ActiveSocket, "_tx", cut_tx)
+        _cut_the_flush_s_send(monkeypatch, sock)
     else:
         remove_fd = sock.events.remove_fd
 
@@ -569,9 +579,7 @@ def test_a_teardown_interrupted_after_it_found_the_socket_connected_still_sends_
     with pytest.raises(Interrupted):
         sock.teardown()
     assert sock.state is pvcalls._socket.SockState.CLOSED
-    assert raw.release(sock_id).ret == 0  # the teardown done again
-    assert peer.read_to_eof() == written
-    wait_until(lambda: len(backend.lingerer) == 0)
+    _release_hands_every_byte_on(raw, backend, peer, sock_id, written)  # the teardown done again
     assert raw.unexpected == []
 
 
@@ -585,28 +593,15 @@ def test_a_flush_done_again_that_finds_the_host_socket_full_still_hands_the_rest
     is none of its business: every byte still reaches the peer, and
     nothing is said to have failed.  The watch's KeyError ended that
     flush, logged with a traceback, the rest lost."""
-    sock_id, ring = raw.connect_socket(peer.address)
-    peer.accept()
-    sock = socket_of(backend, raw, sock_id)
-    written = _fill(raw, ring, sock)
+    sock_id, sock, written = _connected_and_filled(raw, backend, peer)
     assert sock.host is not None
     # As after a send that took all the ring had, the host socket full.
     sock._watch_write_space(sock.host, False)
-    tx, flush_out = ActiveSocket._tx, ActiveSocket._flush_out
-
-    def cut_tx(self: ActiveSocket, *args: Any) -> int:
-        if self is sock and sys._getframe(1).f_code is flush_out.__code__:
-            monkeypatch.setattr(ActiveSocket, "_tx", tx)
-            raise Interrupted
-        return tx(self, *args)
-
-    monkeypatch.setattr(ActiveSocket, "_tx", cut_tx)
+    _cut_the_flush_s_send(monkeypatch, sock)
     with pytest.raises(Interrupted):
         sock.teardown()
     caplog.set_level(logging.DEBUG, logger="pvcalls._socket")
-    assert raw.release(sock_id).ret == 0  # the teardown done again
-    assert peer.read_to_eof() == written
-    wait_until(lambda: len(backend.lingerer) == 0)
+    _release_hands_every_byte_on(raw, backend, peer, sock_id, written)  # the teardown done again
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert raw.unexpected == []
 
@@ -619,10 +614,7 @@ def test_a_teardown_done_again_leaves_a_host_socket_closed_by_the_one_cut_short_
     still to hand on, neither gives the lingerer that closed socket nor
     says its bytes were dropped.  Given it, the lingerer recorded and
     watched descriptor -1."""
-    sock_id, ring = raw.connect_socket(peer.address)
-    peer.accept()
-    sock = socket_of(backend, raw, sock_id)
-    _fill(raw, ring, sock)
+    sock_id, sock, _ = _connected_and_filled(raw, backend, peer)
     host = sock.host
     assert host is not None
     adopt = backend.lingerer.adopt

@@ -217,6 +217,20 @@ def every_landing(host: SimHost, landing: Callable[[int], str], more_than: int) 
     return landed
 
 
+def landings(landing: Callable[[int], str]) -> list[str]:
+    """Where ``landing(n)`` landed its Ctrl-C, for n = 0, 1, 2, ... up to
+    the first that ran undisturbed (''), which is run and checked too:
+    for sweeps with no host to count (every_landing counts a host's
+    objects), each ``landing`` checking what it made itself."""
+    landed: list[str] = []
+    for n in itertools.count():
+        where = landing(n)
+        if not where:
+            break
+        landed.append(where)
+    return landed
+
+
 def closed_while_paused(handle: EventChannel | GrantShare | GrantTable, pause: PauseAt,
                         call: Callable[[], object], *, close_returns_first: bool = False,
                         ) -> object:

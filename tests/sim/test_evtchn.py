@@ -27,6 +27,7 @@ from hosthelpers import (
     eventually,
     every_landing,
     handle_census,
+    landings,
     readable,
     released_since,
     serve_one_client,
@@ -1818,20 +1819,6 @@ def test_news_for_a_port_being_unbound_keeps_nothing(tmp_path: Path) -> None:
         close_fds([port_w, peer_r])
 
 
-def _landings(landing: Callable[[int], str]) -> list[str]:
-    """Where ``landing(n)`` landed its Ctrl-C, for n = 0, 1, 2, ... up to
-    the first that ran undisturbed (''), which is run and checked too:
-    the hosthelpers sweep (every_landing) counts a host's objects, and
-    these tests have no host, only a fake service."""
-    landed: list[str] = []
-    for n in itertools.count():
-        where = landing(n)
-        if not where:
-            break
-        landed.append(where)
-    return landed
-
-
 def _no_descriptors_since(before: frozenset[tuple[int, str]], where: str) -> None:
     assert eventually(lambda: descriptors() <= before), (
         f"interrupted {where}: new descriptors {sorted(descriptors() - before)}")
@@ -1888,7 +1875,7 @@ def test_news_of_a_peer_interrupted_anywhere_leaks_nothing(tmp_path: Path) -> No
         _no_descriptors_since(before, where)
         return where
 
-    landed = _landings(landing)
+    landed = landings(landing)
     assert len(landed) > 10, landed
 
 
@@ -1938,7 +1925,7 @@ def test_a_notify_finding_its_peer_gone_interrupted_anywhere_closes_nothing_twic
         _no_descriptors_since(before, where)
         return where
 
-    landed = _landings(landing)
+    landed = landings(landing)
     assert any("_lost_peer" in where for where in landed), landed
 
 

@@ -27,6 +27,7 @@ from hosthelpers import (
     descriptors,
     eventually,
     every_landing,
+    landings,
     wait_pending,
 )
 from racewindow import TIMEOUT, stands_at
@@ -557,13 +558,13 @@ def test_a_hypervisor_add_domain_interrupted_anywhere_adds_it_whole_or_not_at_al
     could not be).  stop() stops either way."""
     from xenback.sim._hypervisor import Hypervisor, domain_socket
 
-    landed = []
-    for n in itertools.count():
+
+    def landing(n: int) -> str:
         hv = Hypervisor(tmp_path / str(n))
         hv.start()
         try:
             fds = open_fds()
-            where = interrupted_at(n, SIM_CODE, lambda hv=hv: hv.add_domain(3, "guest"))
+            where = interrupted_at(n, SIM_CODE, lambda: hv.add_domain(3, "guest"))
             path = domain_socket(hv.run_dir, 3)
             if hv.stats()["domains"]:
                 assert path.exists(), f"interrupted {where}: added with no socket"
@@ -574,9 +575,9 @@ def test_a_hypervisor_add_domain_interrupted_anywhere_adds_it_whole_or_not_at_al
             hv.remove_domain(3)
         finally:
             hv.stop()
-        if not where:
-            break
-        landed.append(where)
+        return where
+
+    landed = landings(landing)
     assert any("Hypervisor.add_domain" in where for where in landed), landed
 
 
@@ -595,8 +596,8 @@ def test_a_hypervisor_stop_interrupted_anywhere_closes_nothing_twice(tmp_path: P
     pipe made in between here)."""
     from xenback.sim._hypervisor import Hypervisor
 
-    landed = []
-    for n in itertools.count():
+
+    def landing(n: int) -> str:
         before = descriptors()
         hv = Hypervisor(tmp_path / str(n))
         hv.start()
@@ -610,12 +611,19 @@ def test_a_hypervisor_stop_interrupted_anywhere_closes_nothing_twice(tmp_path: P
         closed = [fd for fd in mine if not _is_pipe(fd)]
         assert not closed, f"interrupted {where}: stop() closed {closed}, not its own"
         close_fds(mine)
-        assert eventually(lambda before=before: descriptors() <= before), (
+        assert eventually(lambda: descriptors() <= before), (
             f"interrupted {where}: new descriptors {sorted(descriptors() - before)}")
-        if not where:
-            break
-        landed.append(where)
+        return where
+
+    landed = landings(landing)
     assert any("Hypervisor.stop" in where for where in landed), landed
+
+
+def _no_threads_since(threads: set[threading.Thread], where: str) -> None:
+    """Wait until no thread is left but ``threads``; else fail saying
+    which are, after the Ctrl-C ``where``."""
+    assert eventually(lambda: set(threading.enumerate()) <= threads), (
+        f"interrupted {where}: threads left {set(threading.enumerate()) - threads}")
 
 
 def test_a_hypervisor_start_interrupted_anywhere_removes_domains_and_stops(
@@ -628,8 +636,8 @@ def test_a_hypervisor_start_interrupted_anywhere_removes_domains_and_stops(
     is started"), every time: the host could never close."""
     from xenback.sim._hypervisor import Hypervisor
 
-    landed = []
-    for n in itertools.count():
+
+    def landing(n: int) -> str:
         threads = set(threading.enumerate())
         hv = Hypervisor(tmp_path / str(n))
         try:
@@ -641,11 +649,10 @@ def test_a_hypervisor_start_interrupted_anywhere_removes_domains_and_stops(
             assert not removal.is_alive(), f"interrupted {where}: remove_domain() hangs"
         finally:
             hv.stop()
-        assert eventually(lambda threads=threads: set(threading.enumerate()) <= threads), (
-            f"interrupted {where}: threads left {set(threading.enumerate()) - threads}")
-        if not where:
-            break
-        landed.append(where)
+        _no_threads_since(threads, where)
+        return where
+
+    landed = landings(landing)
     assert any("Hypervisor.start" in where for where in landed), landed
 
 
@@ -915,8 +922,8 @@ def test_a_host_start_interrupted_anywhere_is_closed_whole(tmp_path: Path) -> No
     # cut short still leaves its pipes and epoll open (it makes them in
     # __init__, and no stop() follows for one never stored).
     elsewhere = tuple(os.fspath(p) for p in Path(SIM_CODE).iterdir() if p.name != "_host.py")
-    landed = []
-    for n in itertools.count():
+
+    def landing(n: int) -> str:
         threads = set(threading.enumerate())
         host = SimHost(tmp_path / str(n))
         try:
@@ -933,11 +940,10 @@ def test_a_host_start_interrupted_anywhere_is_closed_whole(tmp_path: Path) -> No
             host.close()
         with pytest.raises(RuntimeError, match="^SimHost is closed$"):
             host.start()
-        assert eventually(lambda threads=threads: set(threading.enumerate()) <= threads), (
-            f"interrupted {where}: threads left {set(threading.enumerate()) - threads}")
-        if not where:
-            break
-        landed.append(where)
+        _no_threads_since(threads, where)
+        return where
+
+    landed = landings(landing)
     assert any("SimHost._start" in where for where in landed), landed
 
 

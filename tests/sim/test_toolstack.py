@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import inspect
 import itertools
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 import pyxs
+from fdcensus import open_sockets
 from highfds import descriptors_past_fd_setsize
 from hosthelpers import SIM_CODE, eventually, hang_up_after_one_request, serve_one_client
 from pyxs._internal import Op
@@ -865,15 +865,6 @@ def test_a_ctrl_c_as_an_operation_closes_its_client_leaves_no_router(
     assert n > 1, n
 
 
-def _open_sockets() -> set[int]:
-    sockets = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # closed meanwhile (listdir's own, say)
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                sockets.add(int(fd))
-    return sockets
-
-
 def test_an_operation_cut_short_by_ctrl_c_anywhere_in_the_toolstack_leaves_no_socket(
         host: SimHost, guest: Domain) -> None:
     """A Ctrl-C landing anywhere in the toolstack's own code as an
@@ -898,11 +889,11 @@ def test_an_operation_cut_short_by_ctrl_c_anywhere_in_the_toolstack_leaves_no_so
 
     landed = []
     for n in itertools.count():
-        sockets = _open_sockets()
+        sockets = open_sockets()
         where = interrupted_at(n, SIM_CODE, host.toolstack.devices, no_client_yet,
                                besides=elsewhere)
-        assert eventually(lambda sockets=sockets: _open_sockets() <= sockets), (
-            f"interrupted {where}: sockets left {_open_sockets() - sockets}")
+        assert eventually(lambda sockets=sockets: open_sockets() <= sockets), (
+            f"interrupted {where}: sockets left {open_sockets() - sockets}")
         routers = [t for t in threading.enumerate() if t.name == "toolstack-xenstore"]
         assert routers == [], f"interrupted {where}: {routers}"
         if not where:

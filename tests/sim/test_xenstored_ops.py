@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fdcensus import open_sockets
 from hosthelpers import SIM_CODE, error_of, eventually, make_guest, refused_as_not_running
 from stolensignal import (
     OUTLASTS_THE_TEST,
@@ -1737,15 +1738,6 @@ def test_a_stop_cut_short_by_ctrl_c_is_finished_by_the_next() -> None:
     assert len(landed) > 3, landed
 
 
-def _open_sockets() -> set[int]:
-    sockets = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # closed meanwhile (listdir's own, say)
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                sockets.add(int(fd))
-    return sockets
-
-
 def test_a_start_cut_short_by_ctrl_c_anywhere_is_undone_by_stop() -> None:
     """A Ctrl-C landing anywhere in XenStored.start(), then stop(): no
     thread, socket or socket file of its is left, nor any descriptor once
@@ -1757,7 +1749,7 @@ def test_a_start_cut_short_by_ctrl_c_anywhere_is_undone_by_stop() -> None:
     with tempfile.TemporaryDirectory(prefix="xs") as d:
         for n in itertools.count():
             threads, fds = set(threading.enumerate()), set(os.listdir("/proc/self/fd"))
-            sockets = _open_sockets()
+            sockets = open_sockets()
             xsd = XenStored(Path(d) / str(n))
             try:
                 where = interrupted_at(n, SIM_CODE, xsd.start)
@@ -1765,7 +1757,7 @@ def test_a_start_cut_short_by_ctrl_c_anywhere_is_undone_by_stop() -> None:
                 xsd.stop()
             assert eventually(lambda threads=threads: set(threading.enumerate()) <= threads), (
                 f"interrupted {where}: threads left")
-            assert _open_sockets() <= sockets, f"interrupted {where}: sockets left"
+            assert open_sockets() <= sockets, f"interrupted {where}: sockets left"
             gc.collect()
             assert set(os.listdir("/proc/self/fd")) <= fds, f"interrupted {where}: descriptors"
             assert not xsd.path.exists(), f"interrupted {where}: its socket file is left"

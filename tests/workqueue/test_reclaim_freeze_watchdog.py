@@ -568,6 +568,40 @@ def test_watchdog_reports_a_stall_once_with_the_pool_dump(make_wq: Any, log_wait
     assert len(logged.records) == 2
 
 
+@contextlib.contextmanager
+def _a_run_held(wq: Any) -> Iterator[Work]:
+    """One item of *wq*'s started and held running (neither returning nor
+    blocking) until the block ends: that item."""
+    started, release = threading.Event(), threading.Event()
+
+    # Named so: a report naming the item says "stuck", as tests check.
+    def stuck(work: Work) -> None:
+        started.set()
+        assert release.wait(TIMEOUT)
+
+    w = Work(stuck)
+    assert wq.queue_work(w)
+    try:
+        assert started.wait(TIMEOUT)
+        yield w
+    finally:
+        release.set()
+
+
+def _the_run_s_start(pset: Any) -> float:
+    """When the one busy worker of *pset* started its run."""
+    with pool_module.lock:
+        (worker,) = [w for pool in pset.pools() for w in pool.busy_workers()]
+        return worker.start
+
+
+def _watchdog_checks_at(monkeypatch: pytest.MonkeyPatch, pset: Any, now: float) -> None:
+    """The watchdog's timer run by hand, its clock reading *now*."""
+    monkeypatch.setattr(_watchdog, "time", SimpleNamespace(monotonic=lambda: now))
+    assert del_timer(pset.watchdog)  # as the timer thread takes it when due
+    _watchdog_timer_fn(pset)
+
+
 def test_watchdog_reports_a_run_once_it_has_lasted_the_threshold_not_before(
         make_wq: Any, monkeypatch: pytest.MonkeyPatch, log_waiter: Any) -> None:
     """The check of a running item, called with the clock in the test's
@@ -577,21 +611,13 @@ def test_watchdog_reports_a_run_once_it_has_lasted_the_threshold_not_before(
     wq = make_wq(topology=topo)
     pset = topo._pools
     logged = log_waiter("workqueue._watchdog", "has been running")
-    started, release = threading.Event(), threading.Event()
-    assert wq.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
-    try:
-        assert started.wait(TIMEOUT)
-        with pool_module.lock:
-            (worker,) = [w for pool in pset.pools() for w in pool.busy_workers()]
-            due = worker.start + 3600.0
-        topo.watchdog_thresh = due - worker.start  # exactly, in floating point
+    with _a_run_held(wq):
+        start = _the_run_s_start(pset)
+        due = start + 3600.0
+        topo.watchdog_thresh = due - start  # exactly, in floating point
         for now, reports in ((math.nextafter(due, 0.0), 0), (due, 1), (due + 60.0, 1)):
-            monkeypatch.setattr(_watchdog, "time", SimpleNamespace(monotonic=lambda now=now: now))
-            assert del_timer(pset.watchdog)  # as the timer thread takes it when due
-            _watchdog_timer_fn(pset)
-            assert len(logged.records) == reports, now - worker.start
-    finally:
-        release.set()
+            _watchdog_checks_at(monkeypatch, pset, now)
+            assert len(logged.records) == reports, now - start
     # Nothing pending: the pool's dump ends with the run, no empty list.
     # The dump ages it by the watchdog's clock, as the report itself does.
     message = logged.records[0].getMessage()
@@ -609,20 +635,11 @@ def test_watchdog_dumps_a_stalled_pool_by_its_own_clock(
     wq = make_wq(topology=topo)
     pset = topo._pools
     logged = log_waiter("workqueue._watchdog", "stuck for")
-    started, release = threading.Event(), threading.Event()
-    assert wq.queue_work(Work(lambda work: (started.set(), release.wait(TIMEOUT))))
-    try:
-        assert started.wait(TIMEOUT)
+    with _a_run_held(wq):
         assert wq.queue_work(Work(lambda work: None))  # waits: the run neither returns nor blocks
-        with pool_module.lock:
-            (worker,) = [w for pool in pset.pools() for w in pool.busy_workers()]
-            start = worker.start
+        start = _the_run_s_start(pset)
         for now in (start + 10.0, start + 3610.0):  # first seen waiting, then stalled
-            monkeypatch.setattr(_watchdog, "time", SimpleNamespace(monotonic=lambda now=now: now))
-            assert del_timer(pset.watchdog)  # as the timer thread takes it when due
-            _watchdog_timer_fn(pset)
-    finally:
-        release.set()
+            _watchdog_checks_at(monkeypatch, pset, now)
     wq.flush()
     (record,) = logged.records
     message = record.getMessage()
@@ -640,19 +657,8 @@ def test_watchdog_reports_a_stall_of_an_item_the_rescuer_runs(
     # The run, not the pool: the rescuer may take the item only once the
     # pool has waited long enough to be reported as well.
     logged = log_waiter("workqueue._watchdog", "has been running")
-    started, release = threading.Event(), threading.Event()
-
-    def stuck(work: Work) -> None:
-        started.set()
-        assert release.wait(TIMEOUT)
-
-    w = Work(stuck)
-    wq.queue_work(w)
-    try:
-        assert started.wait(TIMEOUT)
+    with _a_run_held(wq) as w:
         assert logged.seen.wait(TIMEOUT), "the rescuer's stalled item was not reported"
-    finally:
-        release.set()
     w.flush()
     message = logged.records[0].getMessage()
     assert "reclaim-rescuer" in message and "stuck" in message
@@ -674,14 +680,8 @@ def test_the_rescuer_arms_the_watchdog_for_the_items_it_runs(
 
     monkeypatch.setattr(pool_module, "_arm_watchdog", arm_but_from_a_failed_creation)
     logged = log_waiter("workqueue._watchdog", "has been running")
-    started, release = threading.Event(), threading.Event()
-    w = Work(lambda work: (started.set(), release.wait(TIMEOUT)))
-    assert wq.queue_work(w)
-    try:
-        assert started.wait(TIMEOUT)
+    with _a_run_held(wq) as w:
         assert logged.seen.wait(TIMEOUT), "the rescuer's stalled item was not reported"
-    finally:
-        release.set()
     w.flush()
     assert "reclaim-rescuer" in logged.records[0].getMessage()
 
