@@ -578,9 +578,10 @@ class Backend(Closing):
     def _forget(self, dev: BackendDevice, fe: _Frontend) -> None:
         """Close ``fe``, ``dev``'s driver_data, and let go of it.  Let go
         of only once closed: a close() cut short (Ctrl-C) is done again by
-        the device's next disconnect or connect, which find it there.  Let
-        go of first, it was in no place that they look, and the device's
-        next connect replaced it among our frontends: held for good."""
+        the device's next disconnect or connect, which find it there.  (Let
+        go of first, as it was, a frontend whose close() was cut short was
+        in no place they look, and the device's next connect replaced it
+        among our frontends: its ring and port held for good.)"""
         fe.close()  # not under _lock (see there); before it leaves stats()
         dev.driver_data = None
         with self._lock:
