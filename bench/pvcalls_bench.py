@@ -601,13 +601,16 @@ def _bench(args: argparse.Namespace, keys: list[str], warmup: float,
             f"socket beyond its ring pages: {mem_per_socket / 1024:.1f} KiB "
             f"(RssAnon growth / {STREAMS}, the first time they were open)",
         ]
+    large = max(orders)
     lines += [
-        f"- ring order 4 is what Linux's pvcalls-front uses; order {max(orders)} needs a frontend "
-        f"that asks for it (pvcalls.Frontend(ring_order=...)) and a backend offering "
-        f"max-page-order >= {max(orders)}",
+        f"- ring order {LINUX_ORDER} is what Linux's pvcalls-front uses" + (
+            f"; order {large} needs a frontend that asks for it "
+            f"(pvcalls.Frontend(ring_order=...)) and a backend offering "
+            f"max-page-order >= {large}" if large != LINUX_ORDER else ""),
         f"- every party set up (guests' frontends connected) before anything was timed; "
         f"then {warmup:g} s of each measurement with each setup, not counted; then "
-        f"{args.rounds} rounds; in each, every measurement ran with direct loopback and "
+        f"{args.rounds} round{'s' if args.rounds != 1 else ''}; in each, every measurement "
+        f"ran with direct loopback and "
         f"each ring order back to back (reversed every other round); values and CPU are "
         f"medians over the rounds, the ratio is the median of the rounds' ratios (their range "
         f"in brackets); the machine is shared, so single rounds can be far off",

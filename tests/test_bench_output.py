@@ -46,6 +46,10 @@ def test_a_partial_run_writes_where_it_is_told(tmp_path: Path) -> None:
     # Which way the ratio goes, and of what.
     assert "| pvcalls / direct loopback, median of the rounds (range) |" in table
     assert "single stream" not in table
+    # --large-order 4: Linux's order alone, which no frontend has to ask for.
+    assert "- ring order 4 is what Linux's pvcalls-front uses\n" in table
+    assert "needs a frontend" not in table
+    assert " then 1 round; in each," in table  # --rounds 1
 
 
 def test_max_ioworkers_reaches_the_backend(tmp_path: Path) -> None:
