@@ -802,6 +802,18 @@ def test_a_call_raising_past_exception_leaves_none_behind(caplog, exc, raiser) -
         wq.destroy()
 
 
+def _flushing(queue: EventQueue) -> tuple[threading.Thread, threading.Event]:
+    """``queue.flush()`` on a thread of its own, waiting by the time this
+    returns (a flush begun only after a run ended past Exception would find
+    the Work queued again, and wait for it as a right one does), and the
+    event it sets once it returned."""
+    flushed = threading.Event()
+    flusher = threading.Thread(target=lambda: (queue.flush(), flushed.set()))
+    flusher.start()
+    assert eventually(lambda: queue._work._flushers is not None, TIMEOUT)
+    return flusher, flushed
+
+
 @pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
 def test_a_flush_waits_for_the_calls_a_run_ended_past_exception_left(caplog, exc) -> None:
     # flush() waits for the queue's Work as it was queued when called; a
@@ -832,9 +844,7 @@ def test_a_flush_waits_for_the_calls_a_run_ended_past_exception_left(caplog, exc
         assert started.wait(TIMEOUT)
         queue.call(leave)
         queue.call(behind)  # the same queueing of the Work as leave's
-        flushed = threading.Event()
-        flusher = threading.Thread(target=lambda: (queue.flush(), flushed.set()))
-        flusher.start()
+        flusher, flushed = _flushing(queue)
         release.set()
         assert second.wait(TIMEOUT)
         # The first run is over by now: a flush that waited for it alone
@@ -842,6 +852,7 @@ def test_a_flush_waits_for_the_calls_a_run_ended_past_exception_left(caplog, exc
         assert not flushed.wait(0.2), "flush() returned before a call queued before it ran"
         gate.set()
         assert flushed.wait(TIMEOUT)
+        flusher.join(TIMEOUT)
         assert out == [1]
         assert exc.__name__ in caplog.text
     finally:
@@ -887,12 +898,8 @@ def test_a_flush_waits_for_a_run_ended_past_exception_after_a_call_cut_short(cap
             if not where:
                 break
             assert queue.call(leave) and queue.call(behind)
-            flushed = threading.Event()
-            flusher = threading.Thread(
-                target=lambda queue=queue, flushed=flushed: (queue.flush(), flushed.set()))
-            flusher.start()
             # Its flush under way before the run that SystemExit ends.
-            assert eventually(lambda queue=queue: queue._work._flushers is not None, TIMEOUT)
+            flusher, flushed = _flushing(queue)
             release.set()
             assert second.wait(TIMEOUT)
             assert not flushed.wait(0.2), f"flush() returned before a call queued before it ran" \
@@ -936,11 +943,8 @@ def test_a_flush_waits_across_every_run_that_exiting_calls_split(caplog) -> None
         wq.queue_work(Work(hold))
         assert started.wait(TIMEOUT)
         assert queue.call(leave) and queue.call(leave) and queue.call(behind)
-        flushed = threading.Event()
-        flusher = threading.Thread(target=lambda: (queue.flush(), flushed.set()))
-        flusher.start()
         # Its flush under way before the first run that SystemExit ends.
-        assert eventually(lambda: queue._work._flushers is not None, TIMEOUT)
+        flusher, flushed = _flushing(queue)
         release.set()
         assert third.wait(TIMEOUT)
         assert not flushed.wait(0.2), "flush() returned before the third run ended"
@@ -989,7 +993,7 @@ def test_a_call_its_workqueue_refuses_is_not_run_later() -> None:
         assert started.wait(TIMEOUT)
         drainer = threading.Thread(target=wq.drain)
         drainer.start()
-        eventually(lambda: wq._state != 0)  # drain() has begun
+        assert eventually(lambda: wq._state != 0)  # drain() has begun
         with pytest.raises(RuntimeError, match="draining"):
             queue.call(ran.append, "refused")
         release.set()
