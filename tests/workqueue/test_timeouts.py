@@ -238,15 +238,16 @@ def test_refusals_name_their_items_with_the_engine_lock_free(make_wq: Any) -> No
         assert not work.disabled
 
 
-def test_a_hog_is_named_in_the_debug_log_with_the_engine_lock_free(
-        make_wq: Any, held: Held, caplog: pytest.LogCaptureFixture, log_waiter: Any) -> None:
-    """The CPU-intensive check runs on the timer thread under the engine
-    lock: it names the hog once it has let go of the lock (after the item
-    behind the hog may have run: waited for)."""
+def _hogged(make_wq: Any, held: Held, caplog: pytest.LogCaptureFixture, log_waiter: Any,
+            kind: Callable[[Held, Workqueue], Work]) -> tuple[Work, list[str]]:
+    """An item of ``held``, made by ``kind``, that runs past the
+    CPU-intensive threshold, so that the item queued behind it runs; then
+    released: that item, and the debug log's "hogged" lines once there is
+    one (named with the lock free: after the item behind may have run)."""
     caplog.set_level(logging.DEBUG, logger="workqueue._pool")
     logged = log_waiter("workqueue._pool", "hogged")
     wq = make_wq(topology=Topology(1, cpu_intensive_thresh=0.01))
-    hog = running(wq, held, lambda func: CallsInRepr(func, wq))
+    hog = running(wq, held, lambda func: kind(func, wq))
     behind = threading.Event()
     assert wq.queue_work(Work(lambda w: behind.set()))
     try:
@@ -255,7 +256,14 @@ def test_a_hog_is_named_in_the_debug_log_with_the_engine_lock_free(
         held.release.set()
     wq.flush(timeout=TIMEOUT)
     assert logged.seen.wait(TIMEOUT), "the hog was not logged"
-    hogged = [r.getMessage() for r in logged.records]
+    return hog, [r.getMessage() for r in logged.records]
+
+
+def test_a_hog_is_named_in_the_debug_log_with_the_engine_lock_free(
+        make_wq: Any, held: Held, caplog: pytest.LogCaptureFixture, log_waiter: Any) -> None:
+    """The CPU-intensive check runs on the timer thread under the engine
+    lock: it names the hog once it has let go of the lock."""
+    hog, hogged = _hogged(make_wq, held, caplog, log_waiter, CallsInRepr)
     assert hogged[0].startswith("workqueue: <CallsInRepr> hogged "), hogged
     # In milliseconds, at least the threshold's 10.
     ms = re.search(r" for ([0-9.]+) ms; no longer counted$", hogged[0])
@@ -288,18 +296,7 @@ def test_a_hog_whose_repr_fails_is_named_in_the_debug_log(
     timer thread: a repr() that raised there would leave the pool's other
     items waiting behind the hog (or, now that it is named once the lock
     is free, after them: waited for)."""
-    caplog.set_level(logging.DEBUG, logger="workqueue._pool")
-    logged = log_waiter("workqueue._pool", "hogged")
-    wq = make_wq(topology=Topology(1, cpu_intensive_thresh=0.01))
-    running(wq, held, _Conn)
-    behind = threading.Event()
-    assert wq.queue_work(Work(lambda w: behind.set()))
-    try:
-        assert behind.wait(TIMEOUT), "the item behind the hog did not run"
-    finally:
-        held.release.set()
-    assert logged.seen.wait(TIMEOUT), "the hog was not logged"
-    hogged = [r.getMessage() for r in logged.records]
+    _, hogged = _hogged(make_wq, held, caplog, log_waiter, lambda func, wq: _Conn(func))
     assert "its repr() raised OSError" in hogged[0], hogged
 
 
