@@ -758,6 +758,21 @@ def test_event_queue_survives_a_failing_call(wq, caplog) -> None:
     assert "ZeroDivisionError" in caplog.text
 
 
+def _hold(wq: Any, release: threading.Event) -> None:
+    """Start an item on ``wq`` that holds it until ``release`` is set: on
+    an ordered workqueue, what is queued meanwhile waits behind it."""
+    from workqueue import Work
+
+    started = threading.Event()
+
+    def hold(_work: object) -> None:
+        started.set()
+        release.wait(TIMEOUT)
+
+    wq.queue_work(Work(hold))
+    assert started.wait(TIMEOUT)
+
+
 @pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
 @pytest.mark.parametrize("raiser", ["call", "handled"])
 def test_a_call_raising_past_exception_leaves_none_behind(caplog, exc, raiser) -> None:
@@ -766,7 +781,7 @@ def test_a_call_raising_past_exception_leaves_none_behind(caplog, exc, raiser) -
     # next call() to queue the Work again.  An ordered workqueue busy with
     # another item keeps the queue's Work waiting until both calls are in.
     # The same from the ``handled`` hook, shown the call's own exception.
-    from workqueue import Work, alloc_ordered_workqueue
+    from workqueue import alloc_ordered_workqueue
 
     def handled(_exc: Exception) -> bool:
         raise exc
@@ -778,19 +793,15 @@ def test_a_call_raising_past_exception_leaves_none_behind(caplog, exc, raiser) -
         else:
             queue = EventQueue(wq, "exiting", handled=handled)
         out: list[int] = []
-        started, release = threading.Event(), threading.Event()
+        release = threading.Event()
 
-        def hold(_work: object) -> None:
-            started.set()
-            release.wait(TIMEOUT)
 
         def leave() -> None:
             if raiser == "call":
                 raise exc
             raise ValueError("for the handled hook")
 
-        wq.queue_work(Work(hold))
-        assert started.wait(TIMEOUT)
+        _hold(wq, release)
         queue.call(leave)
         queue.call(out.append, 1)
         release.set()
@@ -819,18 +830,15 @@ def test_a_flush_waits_for_the_calls_a_run_ended_past_exception_left(caplog, exc
     # flush() waits for the queue's Work as it was queued when called; a
     # run ended by what no "except Exception" takes queues the Work anew
     # for the calls behind it, and flush() must wait for that run too.
-    from workqueue import Work, alloc_ordered_workqueue
+    from workqueue import alloc_ordered_workqueue
 
     wq = alloc_ordered_workqueue("xb-flush-exiting")
     try:
         queue = EventQueue(wq, "exiting")
-        started, release = threading.Event(), threading.Event()
+        release = threading.Event()
         second, gate = threading.Event(), threading.Event()
         out: list[int] = []
 
-        def hold(_work: object) -> None:
-            started.set()
-            release.wait(TIMEOUT)
 
         def leave() -> None:
             raise exc
@@ -840,8 +848,7 @@ def test_a_flush_waits_for_the_calls_a_run_ended_past_exception_left(caplog, exc
             gate.wait(TIMEOUT)
             out.append(1)
 
-        wq.queue_work(Work(hold))
-        assert started.wait(TIMEOUT)
+        _hold(wq, release)
         queue.call(leave)
         queue.call(behind)  # the same queueing of the Work as leave's
         flusher, flushed = _flushing(queue)
@@ -870,7 +877,7 @@ def test_a_flush_waits_for_a_run_ended_past_exception_after_a_call_cut_short(cap
 
     import xenback
     from tests.stolensignal import interrupted_at
-    from workqueue import Work, alloc_ordered_workqueue
+    from workqueue import alloc_ordered_workqueue
 
     within = os.path.dirname(xenback.__file__)
     for n in itertools.count():
@@ -878,12 +885,7 @@ def test_a_flush_waits_for_a_run_ended_past_exception_after_a_call_cut_short(cap
         release, gate = threading.Event(), threading.Event()
         try:
             queue = EventQueue(wq, "cut-short")
-            started, second = threading.Event(), threading.Event()
-
-            def hold(_work: object, started: threading.Event = started,
-                     release: threading.Event = release) -> None:
-                started.set()
-                release.wait(TIMEOUT)
+            second = threading.Event()
 
             def leave() -> None:
                 raise SystemExit
@@ -892,8 +894,7 @@ def test_a_flush_waits_for_a_run_ended_past_exception_after_a_call_cut_short(cap
                 second.set()
                 gate.wait(TIMEOUT)
 
-            wq.queue_work(Work(hold))
-            assert started.wait(TIMEOUT)
+            _hold(wq, release)
             where = interrupted_at(n, within, lambda queue=queue: queue.call(lambda: None))
             if not where:
                 break
@@ -917,17 +918,14 @@ def test_a_flush_waits_for_a_run_ended_past_exception_after_a_call_cut_short(cap
 def test_a_flush_waits_across_every_run_that_exiting_calls_split(caplog) -> None:
     # Each call raising SystemExit ends a run and queues the next: flush()
     # waits for as many runs as it takes, not for two.
-    from workqueue import Work, alloc_ordered_workqueue
+    from workqueue import alloc_ordered_workqueue
 
     wq = alloc_ordered_workqueue("xb-flush-exiting-twice")
-    started, release = threading.Event(), threading.Event()
+    release = threading.Event()
     third, gate = threading.Event(), threading.Event()
     try:
         queue = EventQueue(wq, "exiting-twice")
 
-        def hold(_work: object) -> None:
-            started.set()
-            release.wait(TIMEOUT)
 
         def leave() -> None:
             # Not before the flush waits for this run: one that came later
@@ -940,8 +938,7 @@ def test_a_flush_waits_across_every_run_that_exiting_calls_split(caplog) -> None
             third.set()
             gate.wait(TIMEOUT)
 
-        wq.queue_work(Work(hold))
-        assert started.wait(TIMEOUT)
+        _hold(wq, release)
         assert queue.call(leave) and queue.call(leave) and queue.call(behind)
         # Its flush under way before the first run that SystemExit ends.
         flusher, flushed = _flushing(queue)
@@ -977,20 +974,16 @@ def test_a_call_its_workqueue_refuses_is_not_run_later() -> None:
     # call() raising says the call is not taken: a draining workqueue
     # refuses the queue's Work, and the call must not run when a later
     # call() queues the Work again.  It stayed in the queue, and did.
-    from workqueue import Work, alloc_ordered_workqueue
+    from workqueue import alloc_ordered_workqueue
 
     wq = alloc_ordered_workqueue("xb-call-refused")
     try:
         queue = EventQueue(wq, "refused")
-        started, release = threading.Event(), threading.Event()
+        release = threading.Event()
         ran: list[str] = []
 
-        def hold(_work: object) -> None:
-            started.set()
-            release.wait(TIMEOUT)
 
-        wq.queue_work(Work(hold))
-        assert started.wait(TIMEOUT)
+        _hold(wq, release)
         drainer = threading.Thread(target=wq.drain)
         drainer.start()
         assert eventually(lambda: wq._state != 0)  # drain() has begun
