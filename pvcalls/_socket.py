@@ -1030,7 +1030,7 @@ class ActiveSocket(Work):
             if not lingerer.holds(host):
                 host.close()
             raise
-        if not adopted and not lingerer.holds(host):
+        if not adopted:  # refused: not the lingerer's (it held none above)
             host.close()
 
     def _unbind(self) -> None:
