@@ -97,6 +97,7 @@ from ._socket import (
     PassiveSocket,
     Request,
     SockState,
+    unbind_quietly,
 )
 from ._wire import (
     AF_INET,
@@ -807,7 +808,7 @@ class _Frontend:
                              (self._on_event,)))
         except BaseException:
             for port in ports:
-                self._unbind_port(port)
+                unbind_quietly(self.dispatcher, port)
             if ring is not None:
                 ring.release()
             for mapping in mappings:
@@ -1290,7 +1291,7 @@ class _Frontend:
         # closes: the lesser harm.
         if self._port_bound:
             self._port_bound = False
-            self._unbind_port(self.port)
+            unbind_quietly(self.dispatcher, self.port)
         self._work.disable_sync()
         with self._lock:
             sockets = list(self._sockets.items())
@@ -1325,12 +1326,6 @@ class _Frontend:
         # No count of suppressed lines here: the limit is the device's, and
         # a guest restarting it would get one line per restart.  The count
         # comes with the next line let through, or when the device goes.
-
-    def _unbind_port(self, port: int) -> None:
-        try:
-            self.dispatcher.unbind(port)
-        except (OSError, KeyError, RuntimeError):
-            logger.debug("dom%d: unbinding the command port failed", self.domid, exc_info=True)
 
     # -- statistics ---------------------------------------------------------------------
 

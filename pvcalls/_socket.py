@@ -310,12 +310,13 @@ def _unmap(pages: GrantMapping) -> None:
         logger.exception("unmapping a data ring failed")
 
 
-def _unbind_quietly(events: EventDispatcher, port: int) -> None:
-    """Unbind ``port``; a failure (unbound already) is logged, not raised:
-    the callers are giving the socket up, with more to release."""
+def unbind_quietly(events: EventDispatcher, port: int) -> None:
+    """Unbind ``port``; a failure (unbound already, the dispatcher closed)
+    is logged, not raised: the callers, a socket's or a frontend's, are
+    giving it up, with more to release."""
     try:
         events.unbind(port)
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, RuntimeError):
         logger.debug("unbinding port %s failed", port, exc_info=True)
 
 
@@ -479,7 +480,7 @@ class ActiveSocket(Work):
         except BaseException:
             for port in ports:
                 assert events is not None, "bound through it"
-                _unbind_quietly(events, port)
+                unbind_quietly(events, port)
             for ring in rings:
                 ring.close()
             raise
@@ -1041,7 +1042,7 @@ class ActiveSocket(Work):
         # lesser harm.
         port, self.port = self.port, None
         if port is not None and self.events is not None:
-            _unbind_quietly(self.events, port)
+            unbind_quietly(self.events, port)
 
     def _unplace(self) -> None:
         try:
