@@ -1000,20 +1000,27 @@ class Workqueue(Executor):
         """Remove a hook added with add_trace_hook(), the first one added
         that list.remove() would take (``is``, then ==); ValueError if
         absent.  The hooks are compared with the engine lock free."""
+        hooks = self._trace_hooks
         while True:
             # == is the program's code, as a hook's repr() is (see
             # add_trace_hook): the hooks are compared as they were at one
-            # instant, with the lock free, and the removal is made only if
-            # no hook came or went since (else they are compared again).
-            hooks = self._trace_hooks
-            found = next((i for i, (added, _) in enumerate(hooks)
-                          if added is hook or added == hook), None)
+            # instant, with the lock free.  The entry found is then taken
+            # by identity from the hooks as they are now: one made per
+            # add, it is none other, and hooks come at the end, so none
+            # added meanwhile is one list.remove() would take before it.
+            # Only its own removal meanwhile makes it look again: compared
+            # again at every change, other threads adding hooks could keep
+            # it comparing for ever.
+            found = next((named for named in hooks if named[0] is hook or named[0] == hook),
+                         None)
             if found is None:
                 raise ValueError(f"{work_name(hook)} is not a trace hook of {self.name!r}")
             with lock:
-                if self._trace_hooks is hooks:
-                    self._trace_hooks = (*hooks[:found], *hooks[found + 1:])
-                    return
+                hooks = self._trace_hooks
+                for i, named in enumerate(hooks):
+                    if named is found:
+                        self._trace_hooks = (*hooks[:i], *hooks[i + 1:])
+                        return
 
     def _trace(self, event: str, work: Work, pool: WorkerPool) -> None:
         for hook, name in self._trace_hooks:

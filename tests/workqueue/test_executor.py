@@ -608,6 +608,89 @@ def test_trace_hooks_changed_as_one_is_removed_are_kept_as_changed(make_wq: Any)
     assert order == ["meddler", "late"]
 
 
+def test_trace_hooks_changed_at_every_compare_do_not_make_a_removal_compare_again(
+        make_wq: Any) -> None:
+    """Hooks that other threads keep adding while one is being removed
+    (here one at each == of a hook before it) do not make the removal
+    compare the hooks again: the one found is found again, by identity,
+    among the hooks as they are now; once compared, it is removed."""
+    wq = make_wq()
+    order: list[str] = []
+    adds = 3  # each compare adds one, these many times at most
+
+    def hook(name: str) -> Callable[[str, Any, int | None], None]:
+        return lambda event, work, cpu: order.append(name) if event == "queue" else None
+
+    class Meddler:
+        def __init__(self) -> None:
+            self.eqs = 0
+
+        def __call__(self, event: str, work: Any, cpu: int | None) -> None:
+            if event == "queue":
+                order.append("meddler")
+
+        def __eq__(self, other: object) -> bool:
+            self.eqs += 1
+            if self.eqs <= adds:
+                bounded(lambda: wq.add_trace_hook(hook(f"late{self.eqs}")),
+                        "a hook added from a hook's ==", REPR_CALL_BOUND)
+            return self is other
+
+        __hash__ = object.__hash__
+
+    meddler, gone = Meddler(), hook("gone")
+    wq.add_trace_hook(meddler)
+    wq.add_trace_hook(gone)
+    wq.remove_trace_hook(gone)
+    assert meddler.eqs == 1, f"the hooks were compared {meddler.eqs} times"
+    w = Work(lambda work: None)
+    assert wq.queue_work(w)
+    w.flush()
+    assert order == ["meddler", "late1"]
+
+
+def test_a_trace_hook_removed_as_it_is_found_is_looked_for_again(make_wq: Any) -> None:
+    """The hook found equal may be removed by another thread before the
+    removal takes it: the hooks are then looked at again, as they are
+    now, and the next one equal is removed, as list.remove() would, not
+    the next one added by the same hook; with none left, ValueError."""
+    wq = make_wq()
+    order: list[str] = []
+    meddled = threading.Event()
+
+    class Twin:
+        """Equal to the key and to every Twin."""
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __call__(self, event: str, work: Any, cpu: int | None) -> None:
+            if event == "queue":
+                order.append(self.name)
+
+        def __eq__(self, other: object) -> bool:
+            if self.name == "first" and not meddled.is_set():
+                meddled.set()  # the first one found goes, by another thread
+                bounded(lambda: wq.remove_trace_hook(self), "a hook removed from its own ==",
+                        REPR_CALL_BOUND)
+            return isinstance(other, Twin)
+
+        __hash__ = object.__hash__
+
+    first, second, key = Twin("first"), Twin("second"), Twin("key")
+    for added in (first, second, first):
+        wq.add_trace_hook(added)
+    wq.remove_trace_hook(key)
+    assert meddled.is_set()
+    w = Work(lambda work: None)
+    assert wq.queue_work(w)
+    w.flush()
+    assert order == ["first"]  # the first one gone by the meddling, second by the removal
+    wq.remove_trace_hook(key)
+    with pytest.raises(ValueError, match=r" is not a trace hook of 'test'$"):
+        wq.remove_trace_hook(key)
+
+
 def test_a_trace_hook_is_found_by_itself_whatever_its_eq(make_wq: Any) -> None:
     """As list.remove() does, a hook is found by identity before ==: one
     whose == says it equals nothing is removed all the same.  A hook not
