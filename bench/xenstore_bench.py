@@ -2,6 +2,7 @@
 bare Python Unix-socket echo server, measured in the same run.
 
     .venv/bin/python bench/xenstore_bench.py [--seconds 1] [--rounds 3] [--clients 8]
+        [--evtchn-rounds N | --no-evtchn]
 
 Each server runs in a process of its own (as the daemon would), each client
 in a process of its own, so no GIL is shared between them.  Two clients:
@@ -18,7 +19,9 @@ fixed; "raw vs echo (16 B)" is the same for the thinnest client.
 
 Prints a Markdown table and writes it to bench/results/xenstore.md, then runs
 bench/evtchn_bench.py (event-channel notify-to-wakeup latency against a bare
-pipe/eventfd round trip), so that one run covers the simulated host.
+pipe/eventfd round trip), so that one run covers the simulated host;
+``--evtchn-rounds N`` is its ``--rounds N`` (shorter with fewer), ``--no-evtchn``
+skips it.
 """
 
 from __future__ import annotations
@@ -335,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                              "evtchn.md")
     parser.add_argument("--no-evtchn", action="store_true",
                         help="skip the event-channel part (bench/evtchn_bench.py)")
+    parser.add_argument("--evtchn-rounds", type=benchlib.at_least(1), metavar="N",
+                        help="timed round trips of each event-channel run, its --rounds: "
+                             "fewer for a shorter run (default: evtchn_bench.py's)")
     args = parser.parse_args(argv)
     return benchlib.run("xenstore_bench", lambda interrupts: _bench(args, interrupts),
                         failure=BenchError)
@@ -379,7 +385,9 @@ def _bench(args: argparse.Namespace, interrupts: benchlib.Interrupts) -> int:
     if not args.no_evtchn:
         # A process of its own: it needs the "fork" start method for itself.
         evtchn = Path(__file__).with_name("evtchn_bench.py")
-        extra = ["--no-write"] if args.no_write else []
+        extra = [] if args.evtchn_rounds is None else ["--rounds", str(args.evtchn_rounds)]
+        if args.no_write:
+            extra.append("--no-write")
         # A stop is its to take, and to say so: this process waits for it.
         try:
             return interrupts.call([sys.executable, str(evtchn), *extra])

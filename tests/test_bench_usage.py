@@ -24,6 +24,8 @@ BAD = [
     ("xenstore_bench", "--rounds", "1.5", "not a whole number"),
     ("xenstore_bench", "--clients", "0", "at least 1"),
     ("xenstore_bench", "--clients", "-3", "at least 1"),
+    ("xenstore_bench", "--evtchn-rounds", "0", "at least 1"),
+    ("xenstore_bench", "--evtchn-rounds", "many", "not a whole number"),
     ("pvcalls_bench", "--large-order", "3", "4..9"),
     ("pvcalls_bench", "--large-order", "10", "4..9"),
     ("pvcalls_bench", "--large-order", "30", "4..9"),

@@ -1,7 +1,7 @@
 """bench/xenstore_bench.py when a server cannot start: exit status 1 with the
 reason, promptly, and no server process left to keep the run from exiting.
-And the exit status of the evtchn_bench it runs, which is the run's, however
-a stop comes."""
+And the evtchn_bench it runs: the options passed on to it, and its exit
+status, which is the run's, however a stop comes."""
 
 from __future__ import annotations
 
@@ -245,3 +245,37 @@ def test_the_table_and_the_event_channel_part_heed_no_write(
     assert bench.main([]) == 7
     assert ran[-1][1:] == [evtchn]
     assert (tmp_path / "xenstore.md").read_text() + "\n" == capsys.readouterr().out
+
+
+def test_evtchn_rounds_shortens_the_event_channel_part(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Its 20000 round trips of each mechanism, twice, could only be run
+    # whole or skipped (--no-evtchn).
+    bench: Any = load_script(BENCH_DIR / "xenstore_bench.py", "xenstore_bench")
+    rows = [(client, op, 1, 1.0, 1.0) for client in ("pyxs", "raw") for op in ("READ", "WRITE")]
+    monkeypatch.setattr(bench, "_measure_all", lambda args, interrupts: rows)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "xenstore.md")
+    ran: list[list[str]] = []
+
+    def call(interrupts: Any, cmd: list[str]) -> int:
+        ran.append(cmd)
+        return 0
+
+    monkeypatch.setattr(bench.benchlib.Interrupts, "call", call)
+    evtchn = str(BENCH_DIR / "evtchn_bench.py")
+    assert bench.main(["--no-write", "--evtchn-rounds", "500"]) == 0
+    assert ran[-1][1:] == [evtchn, "--rounds", "500", "--no-write"]
+    assert bench.main(["--evtchn-rounds=1"]) == 0
+    assert ran[-1][1:] == [evtchn, "--rounds", "1"]
+    assert bench.main([]) == 0
+    assert ran[-1][1:] == [evtchn]  # its own default
+    assert len(ran) == 3
+    assert bench.main(["--no-evtchn", "--evtchn-rounds", "500"]) == 0
+    assert len(ran) == 3  # skipped all the same
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # checked as evtchn_bench checks --rounds
+        bench.main(["--evtchn-rounds", "0"])
+    assert refused.value.code == 2
+    assert "argument --evtchn-rounds: 0 must be at least 1" in capsys.readouterr().err
+    assert len(ran) == 3
