@@ -18,27 +18,66 @@ from scripts import load_script
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 _RUN = """
-import sys
+import signal, sys
 sys.path.insert(0, {bench!r})
 import xenstore_bench
 
-def boom(*args):
-    raise RuntimeError("xenstored cannot start here")
+def server(*args):
+    {server}
 
-xenstore_bench.serve_xenstored = boom
+xenstore_bench.serve_xenstored = server
+xenstore_bench.START_TIMEOUT = {start_timeout!r}
 sys.exit(xenstore_bench.main(["--seconds", "0.05", "--rounds", "1", "--clients", "1",
                               "--no-write", "--no-evtchn"]))
 """
 
 
+def _run_with_xenstored(server: str, start_timeout: float,
+                        hang: float = 60) -> subprocess.CompletedProcess[str]:
+    """xenstore_bench run with ``server`` for the body of its xenstored
+    process, and ``start_timeout`` for its START_TIMEOUT; a run not over
+    in ``hang`` seconds fails the test."""
+    return subprocess.run(
+        [sys.executable, "-c",
+         _RUN.format(bench=str(BENCH_DIR), server=server, start_timeout=start_timeout)],
+        capture_output=True, text=True, timeout=hang)
+
+
 def test_a_server_that_cannot_start_fails_the_run_at_once() -> None:
     # Before, the run raised SystemExit after 30 s and then hung for ever:
-    # the echo server, a non-daemon child, was never told to stop.
-    proc = subprocess.run([sys.executable, "-c", _RUN.format(bench=str(BENCH_DIR))],
-                          capture_output=True, text=True, timeout=60)
+    # the echo server, a non-daemon child, was never told to stop.  "At
+    # once" is which wait ended the run: the server's exit, with a start
+    # timeout that would outlast the test's bound (rather than a bound on
+    # the time taken, which a slow machine could fail).
+    proc = _run_with_xenstored('raise RuntimeError("xenstored cannot start here")', 3600.0)
     assert proc.returncode == 1, proc.stderr
-    assert "FAILED" in proc.stderr and "xenstored did not start" in proc.stderr
+    assert "FAILED" in proc.stderr, proc.stderr
+    assert "the xenstored exited as it started (exit code 1;" in proc.stderr, proc.stderr
+    assert "did not start within" not in proc.stderr
     assert "xenstored cannot start here" in proc.stderr  # the server's own traceback
+
+
+def test_a_server_that_never_says_it_is_ready_fails_the_run_at_the_start_timeout() -> None:
+    # Alive but silent: only the start timeout ends the wait, the one
+    # made short (the bound is far above it, far under the bench's own).
+    import xenstore_bench
+
+    proc = _run_with_xenstored("signal.pause()", 0.5, hang=xenstore_bench.START_TIMEOUT / 2)
+    assert proc.returncode == 1, proc.stderr
+    assert "FAILED" in proc.stderr and "the xenstored did not start within 0.5 s" in proc.stderr
+    assert "exited" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_server_slow_to_start_is_waited_for() -> None:
+    # Ready after some polls of its pipe: the run goes on to measure (and
+    # fails there, the server gone once it said so), not at the start.
+    import xenstore_bench
+
+    proc = _run_with_xenstored("import time; time.sleep(0.5); args[1].send('ready')",
+                               xenstore_bench.START_TIMEOUT)
+    assert proc.returncode == 1, proc.stderr
+    assert "FAILED" in proc.stderr and "pyxs clients against " in proc.stderr, proc.stderr
+    assert "did not start" not in proc.stderr and "exited as it started" not in proc.stderr
 
 
 def test_a_stop_never_lands_inside_the_making_of_a_measurements_objects(
