@@ -8,7 +8,7 @@ import logging
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -523,8 +523,10 @@ def test_backend_refuses_connect_and_bind(make_frontend: Any, host: Any, strict:
     fe.close()
 
 
+@pytest.mark.parametrize("command", ["BIND", "CONNECT"])
 def test_refusals_are_logged_at_most_ten_per_interval_for_each_frontend(
-        make_frontend: Any, host: Any, strict: Any, caplog: pytest.LogCaptureFixture) -> None:
+        make_frontend: Any, host: Any, strict: Any, caplog: pytest.LogCaptureFixture,
+        command: str) -> None:
     """A guest sending refused requests without pause gets 10 log lines per
     interval, the rest counted and the count logged as it goes; another
     guest's refusals are still logged meanwhile."""
@@ -534,17 +536,27 @@ def test_refusals_are_logged_at_most_ten_per_interval_for_each_frontend(
     be_flooder = strict._frontends[(flooder.guest.domid, 0)]
     be_flooder.ratelimit = be_flooder.dev.ratelimit = RateLimit(
         f"dom{flooder.guest.domid}", clock=lambda: 0.0)
-    sock_id, _ = flooder.socket()
+
+    def refusing(fe: RawFrontend) -> Callable[[tuple[str, int]], int]:
+        sock_id, _ = fe.socket()
+        ring = fe.new_ring()  # never mapped: the policy refuses first
+
+        def refused(address: tuple[str, int]) -> int:
+            if command == "BIND":
+                return int(fe.bind(sock_id, address).ret)
+            return int(fe.response(fe.push_connect(sock_id, address, ring)).ret)
+        return refused
+
+    flood = refusing(flooder)
     for _ in range(25):
-        assert flooder.bind(sock_id, ("127.0.0.1", 80)).ret == -EACCES
-    other_id, _ = bystander.socket()
-    assert bystander.bind(other_id, ("127.0.0.1", 81)).ret == -EACCES
+        assert flood(("127.0.0.1", 80)) == -EACCES
+    assert refusing(bystander)(("127.0.0.1", 81)) == -EACCES
 
     def lines(text: str) -> list[str]:
         return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
-    assert len(lines(f"dom{flooder.guest.domid}: BIND")) == 10
-    assert len(lines(f"dom{bystander.guest.domid}: BIND")) == 1
+    assert len(lines(f"dom{flooder.guest.domid}: {command}")) == 10
+    assert len(lines(f"dom{bystander.guest.domid}: {command}")) == 1
     assert lines("suppressed") == []
     # The count waits for the next interval, or for the device to go (not
     # for a mere restart, which a guest can repeat at will).
