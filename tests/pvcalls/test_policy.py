@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -654,6 +655,23 @@ def test_a_backend_that_cannot_read_a_name_does_not_guess_its_rules(
         fe = RawFrontend(host, host.create_domain("plain"), backend_id=driver.domid)
         assert fe.socket()[1].ret == 0
         fe.close()
+
+
+def test_a_name_that_cannot_be_read_is_said_through_the_device_s_rate_limit(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The guest may restart its device at will, each refused for the name
+    that cannot be read: its lines share the device's budget."""
+    def read(path: str) -> str:
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    dev = SimpleNamespace(frontend_id=3, xenstore=SimpleNamespace(read=read),
+                          ratelimit=RateLimit("dom3", clock=lambda: 0.0))
+    policy = Policy.from_toml("[domain.tiny]\nmax_sockets = 1\n")
+    for _ in range(25):
+        with pytest.raises(PermissionError, match="the policy needs the domain's name"):
+            _backend._domain_name(dev, policy)  # type: ignore[arg-type]
+    said = [r for r in caplog.records if "name cannot be read" in r.getMessage()]
+    assert len(said) == 10
 
 
 def test_a_domain_with_two_devices_has_one_socket_limit(host: Any, topology: Any) -> None:
