@@ -2560,6 +2560,27 @@ def test_a_bug_answering_a_poll_fails_that_listener_only(
     assert watched_fds(backend) == watched
 
 
+def test_bugs_serving_listeners_are_logged_through_the_rate_limit(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Each listener's failure is logged through its guest's rate limit: a
+    guest that can set a bug of ours off, listener after listener, gets
+    10 lines per interval, not one per listener."""
+    caplog.set_level(logging.ERROR)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    fe.ratelimit = RateLimit(f"dom{raw.guest.domid}", clock=lambda: 0.0)  # one interval
+
+    def buggy(sock: socket.socket) -> bool:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(_socket, "_readable", buggy)
+    for _ in range(12):
+        listener, _ = raw.listening(backend)
+        assert raw.response(raw.push_poll(listener)).ret == EIO
+        assert raw.release(listener).ret == 0
+    assert len(_bugs_logged(caplog)) == 10
+
+
 def test_a_bug_taking_an_accepted_connection_answers_the_accept_eio(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
