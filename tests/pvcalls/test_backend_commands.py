@@ -2445,6 +2445,40 @@ def test_bind_without_a_descriptor_left_is_emfile(
     assert raw.bind(sock_id, ("127.0.0.1", 0)).ret == 0
 
 
+def test_connect_without_a_descriptor_left_is_emfile(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The host cannot give the CONNECT its host socket (no descriptor
+    left; here only that socket() fails, the ring's mapping needing
+    descriptors of the simulated hypervisor): -EMFILE, everything set up
+    for it let go, no error logged, and the id NEW for a later CONNECT."""
+    ports = sorted(bound_ports(backend))
+    mappings = len(backend.gnttab._live)
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+
+    class NoDescriptor:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(socket, name)
+
+        @staticmethod
+        def socket(*args: Any) -> socket.socket:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(_socket, "socket", NoDescriptor())
+    rsp = raw.response(raw.push_connect(sock_id, echo_server.address, ring))
+    monkeypatch.undo()
+    assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_CONNECT, EMFILE, sock_id)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    row, = backend.stats().sockets
+    assert (row.id, row.kind, row.state) == (sock_id, "new", "new")
+    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+    assert sorted(bound_ports(backend)) == ports
+    assert len(backend.gnttab._live) == mappings
+    assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
+    raw.echo(ring, b"a descriptor again")
+
+
 def test_accept_without_a_descriptor_left_is_emfile(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     """The host cannot take the connection (no descriptor left): the ACCEPT
