@@ -538,7 +538,10 @@ class Backend(Closing):
             self._disconnect(dev)
         version = dev.read_otherend("version")
         if version not in PVCALLS_VERSIONS.split(","):
-            raise ValueError(f"frontend protocol version {version!r} is not one of "
+            # ascii(), and a prefix, as read_otherend_u32() quotes a node:
+            # the value is the guest's, kilobytes of it for every line.
+            shown = ascii(version if version is None else version[:32])
+            raise ValueError(f"frontend protocol version {shown} is not one of "
                              f"{PVCALLS_VERSIONS!r}")
         ring_ref = dev.read_otherend_u32("ring-ref")
         port = dev.read_otherend_u32("port")

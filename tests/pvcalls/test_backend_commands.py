@@ -2445,6 +2445,40 @@ def test_bind_without_a_descriptor_left_is_emfile(
     assert raw.bind(sock_id, ("127.0.0.1", 0)).ret == 0
 
 
+def test_connect_without_a_descriptor_left_is_emfile(
+        raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The host cannot give the CONNECT its host socket (no descriptor
+    left; here only that socket() fails, the ring's mapping needing
+    descriptors of the simulated hypervisor): -EMFILE, everything set up
+    for it let go, no error logged, and the id NEW for a later CONNECT."""
+    ports = sorted(bound_ports(backend))
+    mappings = len(backend.gnttab._live)
+    sock_id, _ = raw.socket()
+    ring = raw.new_ring()
+
+    class NoDescriptor:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(socket, name)
+
+        @staticmethod
+        def socket(*args: Any) -> socket.socket:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(_socket, "socket", NoDescriptor())
+    rsp = raw.response(raw.push_connect(sock_id, echo_server.address, ring))
+    monkeypatch.undo()
+    assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_CONNECT, EMFILE, sock_id)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    row, = backend.stats().sockets
+    assert (row.id, row.kind, row.state) == (sock_id, "new", "new")
+    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+    assert sorted(bound_ports(backend)) == ports
+    assert len(backend.gnttab._live) == mappings
+    assert raw.response(raw.push_connect(sock_id, echo_server.address, ring)).ret == 0
+    raw.echo(ring, b"a descriptor again")
+
+
 def test_accept_without_a_descriptor_left_is_emfile(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     """The host cannot take the connection (no descriptor left): the ACCEPT
@@ -2558,6 +2592,27 @@ def test_a_bug_answering_a_poll_fails_that_listener_only(
     assert raw.unexpected == []
     assert {r.id for r in backend.stats().sockets} == {good, conn_id}
     assert watched_fds(backend) == watched
+
+
+def test_bugs_serving_listeners_are_logged_through_the_rate_limit(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Each listener's failure is logged through its guest's rate limit: a
+    guest that can set a bug of ours off, listener after listener, gets
+    10 lines per interval, not one per listener."""
+    caplog.set_level(logging.ERROR)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    fe.ratelimit = RateLimit(f"dom{raw.guest.domid}", clock=lambda: 0.0)  # one interval
+
+    def buggy(sock: socket.socket) -> bool:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(_socket, "_readable", buggy)
+    for _ in range(12):
+        listener, _ = raw.listening(backend)
+        assert raw.response(raw.push_poll(listener)).ret == EIO
+        assert raw.release(listener).ret == 0
+    assert len(_bugs_logged(caplog)) == 10
 
 
 def test_a_bug_taking_an_accepted_connection_answers_the_accept_eio(

@@ -1303,3 +1303,25 @@ def test_a_close_interrupted_as_it_starts_is_finished_by_the_next(
     _wait_released(host, before)
     assert not [n for n in topology._notifiers if isinstance(n, _HotplugNotifier)]
     pvcalls.Backend(host.dom0, cpus=1).close()  # the domain is nobody's
+
+
+def test_a_long_version_is_quoted_short_on_one_line(
+        dom0_xs: Any, make_frontend: Any, backend: pvcalls.Backend,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The frontend's version node is the guest's, as long as XenStore
+    lets it be (kilobytes): the error node and the host's log quote only
+    its start, as every other node read from a frontend is quoted."""
+    version = "2" + "x" * 1900
+    fe = make_frontend("g", connect=False)
+    fe.connect(version=version)
+    fe.wait_backend_state(5)
+    error = dom0_xs.read(f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error")
+    assert error == (f"{errno.EINVAL} connecting: frontend protocol version "
+                     f"{ascii(version[:32])} is not one of '1'"), error
+    said = [r for r in caplog.records if "version" in r.getMessage()]
+    assert said
+    for record in said:
+        text = logging.Formatter().format(record)
+        assert "\n" not in record.getMessage() and len(text) < 1000, text[:200]
+    assert backend.stats().frontends == 0
+    fe.xs.close()

@@ -737,6 +737,44 @@ def test_a_bug_sending_what_a_released_socket_holds_ends_that_socket(
     assert bugs[0].name.startswith("pvcalls") and "dom4242" in bugs[0].getMessage()
 
 
+@pytest.mark.parametrize("loss", ["dropped", "unwatchable", "bug"])
+def test_every_line_a_guest_s_released_sockets_cause_goes_through_its_rate_limit(
+        backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, loss: str) -> None:
+    """A guest releases sockets as fast as it likes: what each costs the
+    log (its rest dropped over the domain's bounds, refused a watch, or a
+    bug of ours sending it) comes out of the guest's budget, 10 lines per
+    interval, not one per socket."""
+    caplog.set_level(logging.INFO, logger="pvcalls")
+    lingerer = backend.lingerer
+    ratelimit = RateLimit("dom4242", clock=lambda: 0.0)  # one interval
+    if loss == "dropped":
+        lingerer.max_sockets = 0
+    elif loss == "unwatchable":
+        def out_of_watches(fd: int, events: int, callback: Any) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(backend.dispatcher, "add_fd", out_of_watches)
+
+    class BuggySend(socket.socket):
+        def send(self, *args: Any) -> int:
+            raise RuntimeError("a bug")
+
+    for _ in range(3 * ratelimit.burst):
+        a, b = socket.socketpair()
+        with b:
+            if loss == "bug":
+                buggy = BuggySend(fileno=a.detach())
+                buggy.setblocking(False)
+                assert lingerer.adopt(buggy, 4242, b"lost", ratelimit) is True
+                wait_until(lambda: len(lingerer) == 0)
+            else:
+                with a:
+                    assert lingerer.adopt(a, 4242, b"lost", ratelimit) is False
+    said = [r for r in caplog.records if r.getMessage().startswith("dom4242: ")]
+    assert len(said) == ratelimit.burst, [r.getMessage() for r in said]
+
+
 def test_a_domain_with_a_socket_limit_lingers_no_more_sockets_than_it(
         host: SimHost, topology: Any, make_frontend: Any, peer: Peer) -> None:
     """A lingering socket holds a host descriptor the domain's limit no

@@ -8,8 +8,9 @@ import logging
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -523,8 +524,10 @@ def test_backend_refuses_connect_and_bind(make_frontend: Any, host: Any, strict:
     fe.close()
 
 
+@pytest.mark.parametrize("command", ["BIND", "CONNECT"])
 def test_refusals_are_logged_at_most_ten_per_interval_for_each_frontend(
-        make_frontend: Any, host: Any, strict: Any, caplog: pytest.LogCaptureFixture) -> None:
+        make_frontend: Any, host: Any, strict: Any, caplog: pytest.LogCaptureFixture,
+        command: str) -> None:
     """A guest sending refused requests without pause gets 10 log lines per
     interval, the rest counted and the count logged as it goes; another
     guest's refusals are still logged meanwhile."""
@@ -534,17 +537,27 @@ def test_refusals_are_logged_at_most_ten_per_interval_for_each_frontend(
     be_flooder = strict._frontends[(flooder.guest.domid, 0)]
     be_flooder.ratelimit = be_flooder.dev.ratelimit = RateLimit(
         f"dom{flooder.guest.domid}", clock=lambda: 0.0)
-    sock_id, _ = flooder.socket()
+
+    def refusing(fe: RawFrontend) -> Callable[[tuple[str, int]], int]:
+        sock_id, _ = fe.socket()
+        ring = fe.new_ring()  # never mapped: the policy refuses first
+
+        def refused(address: tuple[str, int]) -> int:
+            if command == "BIND":
+                return int(fe.bind(sock_id, address).ret)
+            return int(fe.response(fe.push_connect(sock_id, address, ring)).ret)
+        return refused
+
+    flood = refusing(flooder)
     for _ in range(25):
-        assert flooder.bind(sock_id, ("127.0.0.1", 80)).ret == -EACCES
-    other_id, _ = bystander.socket()
-    assert bystander.bind(other_id, ("127.0.0.1", 81)).ret == -EACCES
+        assert flood(("127.0.0.1", 80)) == -EACCES
+    assert refusing(bystander)(("127.0.0.1", 81)) == -EACCES
 
     def lines(text: str) -> list[str]:
         return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
-    assert len(lines(f"dom{flooder.guest.domid}: BIND")) == 10
-    assert len(lines(f"dom{bystander.guest.domid}: BIND")) == 1
+    assert len(lines(f"dom{flooder.guest.domid}: {command}")) == 10
+    assert len(lines(f"dom{bystander.guest.domid}: {command}")) == 1
     assert lines("suppressed") == []
     # The count waits for the next interval, or for the device to go (not
     # for a mere restart, which a guest can repeat at will).
@@ -642,6 +655,23 @@ def test_a_backend_that_cannot_read_a_name_does_not_guess_its_rules(
         fe = RawFrontend(host, host.create_domain("plain"), backend_id=driver.domid)
         assert fe.socket()[1].ret == 0
         fe.close()
+
+
+def test_a_name_that_cannot_be_read_is_said_through_the_device_s_rate_limit(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The guest may restart its device at will, each refused for the name
+    that cannot be read: its lines share the device's budget."""
+    def read(path: str) -> str:
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    dev = SimpleNamespace(frontend_id=3, xenstore=SimpleNamespace(read=read),
+                          ratelimit=RateLimit("dom3", clock=lambda: 0.0))
+    policy = Policy.from_toml("[domain.tiny]\nmax_sockets = 1\n")
+    for _ in range(25):
+        with pytest.raises(PermissionError, match="the policy needs the domain's name"):
+            _backend._domain_name(dev, policy)  # type: ignore[arg-type]
+    said = [r for r in caplog.records if "name cannot be read" in r.getMessage()]
+    assert len(said) == 10
 
 
 def test_a_domain_with_two_devices_has_one_socket_limit(host: Any, topology: Any) -> None:

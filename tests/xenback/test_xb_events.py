@@ -1310,6 +1310,39 @@ def test_a_read_that_finds_the_queue_empty_ends_an_overflow(pair, monkeypatch, c
         "event channel handle overflowed: reset; every port is handed out again"] * 2
 
 
+def test_overflows_are_said_within_the_dispatcher_s_rate_limit(
+        pair, monkeypatch, caplog) -> None:
+    """Guests' ports firing in a storm may overflow the handle again and
+    again, each overflow over before the next (a read found the queue
+    empty): each is a warning of the dispatcher's rate limit, not a
+    line each."""
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    fired = threading.Semaphore(0)
+    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: fired.release())
+    real = dispatcher._evtchn.pending
+    empty = threading.Event()
+
+    def pending() -> int | None:
+        port = real()
+        if port is None:
+            empty.set()
+        return port
+
+    monkeypatch.setattr(dispatcher._evtchn, "pending", pending)
+    monkeypatch.setattr(dispatcher, "_breakdowns", RateLimit("test", clock=lambda: 0.0))
+    caplog.set_level(logging.WARNING, logger="xenback.events")
+    for _ in range(12):
+        dispatcher._evtchn.overflow()
+        assert fired.acquire(timeout=TIMEOUT)  # reset, and handed out again
+        empty.clear()
+        evtchn.notify(remote)
+        assert fired.acquire(timeout=TIMEOUT)
+        assert empty.wait(TIMEOUT)  # the overflow is over
+    assert [rec.getMessage() for rec in caplog.records] == [
+        "event channel handle overflowed: reset; every port is handed out again"] * 10
+
+
 @pytest.mark.parametrize("where", ["port", "fd"])
 def test_no_callback_of_a_hand_out_runs_once_close_has_begun(pair, where) -> None:
     """close() from another thread waits for the thread, which may be

@@ -131,6 +131,14 @@ def test_state_values_and_parsing() -> None:
             S.parse(bad)
 
 
+def test_an_invalid_state_is_quoted_short_and_escaped() -> None:
+    """The state is the frontend's, kilobytes of it if it likes: its error
+    (the error node's text, and the log line's) quotes its start only."""
+    with pytest.raises(ValueError) as caught:
+        S.parse("\x1b[2J" + "9" * 2000)
+    assert str(caught.value) == f"invalid xenbus state {ascii(chr(27) + '[2J' + '9' * 28)}"
+
+
 def test_driver_needs_a_device_type(host) -> None:
     from xenback import BackendDriver
 
