@@ -1794,7 +1794,7 @@ def test_a_device_removed_before_it_was_probed_lets_the_toolstack_go(
     again = host.toolstack.add_device("xbtest", guest.domid)
     removed: list[bool] = []
     remover = threading.Thread(
-        target=lambda: removed.append(host.toolstack.remove_device(again, timeout=3)))
+        target=lambda: removed.append(host.toolstack.remove_device(again, timeout=TIMEOUT)))
     remover.start()
     dom0_xs.wait_for(f"{again.backend_path}/state", str(int(S.CLOSING)), timeout=TIMEOUT)
     release.set()
@@ -1859,7 +1859,7 @@ def test_the_error_node_goes_with_the_device(host, driver, frontends, dom0_xs) -
     assert host.toolstack.remove_device(dev, timeout=TIMEOUT)
     driver.wait_call("remove", guest.domid)
     errors = f"/local/domain/0/error/backend/xbtest/{guest.domid}"
-    dom0_xs.wait_for(errors, lambda v: v is None, timeout=3)
+    dom0_xs.wait_for(errors, lambda v: v is None, timeout=TIMEOUT)
     assert dom0_xs.ls("/local/domain/0/error/backend/xbtest") == []
     # A device made again at the path fails and reports as the first did.
     again = host.toolstack.add_device("xbtest", guest.domid)
@@ -3345,7 +3345,7 @@ def test_a_frontend_restarting_without_closing_can_connect_again(
         fe.wait_backend(S.CLOSING)
     old = fe.pages
     fe.set_state(S.INITIALISING)
-    fe.wait_backend(S.INIT_WAIT, timeout=3)
+    fe.wait_backend(S.INIT_WAIT)
     assert bdev.resources == (0, 0)
     old.unshare()  # nobody maps the old ring any more: its grant goes
     fe.pages = None
@@ -3370,7 +3370,7 @@ def test_a_frontend_restarting_during_removal_lets_the_toolstack_go(
     bdev = backend_device(driver, guest.domid)
     removed: list[bool] = []
     remover = threading.Thread(
-        target=lambda: removed.append(host.toolstack.remove_device(dev, timeout=3)))
+        target=lambda: removed.append(host.toolstack.remove_device(dev, timeout=TIMEOUT)))
     remover.start()
     fe.wait_backend(S.CLOSING)
     dom0_xs.wait_for(f"{dev.backend_path}/online", "0", timeout=TIMEOUT)
@@ -3380,7 +3380,7 @@ def test_a_frontend_restarting_during_removal_lets_the_toolstack_go(
     bdev.events.flush()
     assert bdev.resources == (1, 1)
     fe.set_state(S.INITIALISING)
-    remover.join(TIMEOUT)
+    remover.join(2 * TIMEOUT)
     assert removed == [True]
     assert not [r for r in caplog.records if "did not close" in r.getMessage()]
     driver.wait_call("remove", guest.domid)
@@ -3404,7 +3404,7 @@ def test_a_frontend_changed_that_raises_fails_the_device(
     driver.frontend_changed = extended  # type: ignore[method-assign]
     guest, dev, fe = _at_init_wait(host, frontends, "bad")
     fe.publish()
-    fe.wait_backend(S.CLOSING, timeout=3)
+    fe.wait_backend(S.CLOSING)
     assert error_node(dom0_xs, dev) == (
         f"{errno.EIO} frontend state 3: LookupError: no queue for this frontend")
     assert _no_tracebacks(caplog) == []
@@ -3463,22 +3463,22 @@ def test_a_device_an_earlier_backend_left_is_taken_over(
     drv = RecordingDriver(host.dom0)
     with drv:
         if left in (S.INITIALISED, S.CONNECTED):
-            fe.wait_backend(S.CLOSING, timeout=3)
+            fe.wait_backend(S.CLOSING)
             fe.set_state(S.CLOSED)
-            fe.wait_backend(S.CLOSED, timeout=3)
+            fe.wait_backend(S.CLOSED)
         elif left == S.CLOSING:
             fe.set_state(S.CLOSED)
-            fe.wait_backend(S.CLOSED, timeout=3)
+            fe.wait_backend(S.CLOSED)
         if left != S.INIT_WAIT:
             fe.set_state(S.INITIALISING)  # reconnect after Closed
-            fe.wait_backend(S.INIT_WAIT, timeout=3)
+            fe.wait_backend(S.INIT_WAIT)
         fe.publish()
-        fe.wait_backend(S.CONNECTED, timeout=3)
+        fe.wait_backend(S.CONNECTED)
         bdev = backend_device(drv, guest.domid)
         assert bdev.resources == (1, 1)
         assert error_node(dom0_xs, dev) is None
         fe.set_state(S.CLOSED)
-        fe.wait_backend(S.CLOSED, timeout=3)
+        fe.wait_backend(S.CLOSED)
         assert bdev.resources == (0, 0)
     assert drv.calls_of(guest.domid)[:2] == ["probe", "connect"]
 
@@ -3502,14 +3502,14 @@ def test_a_frontend_still_connected_to_a_stopped_backend_is_not_reconnected_as_i
     assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
     second = RecordingDriver(host.dom0)
     with second:
-        fe.wait_backend(S.CLOSING, timeout=3)
+        fe.wait_backend(S.CLOSING)
         assert second.calls_of(guest.domid) == ["probe"]
         fe.set_state(S.CLOSED)
-        fe.wait_backend(S.CLOSED, timeout=3)
+        fe.wait_backend(S.CLOSED)
         fe.set_state(S.INITIALISING)
-        fe.wait_backend(S.INIT_WAIT, timeout=3)
+        fe.wait_backend(S.INIT_WAIT)
         fe.publish()
-        fe.wait_backend(S.CONNECTED, timeout=3)
+        fe.wait_backend(S.CONNECTED)
         assert second.calls_of(guest.domid)[:2] == ["probe", "connect"]
         assert error_node(dom0_xs, dev) is None
 
@@ -3522,9 +3522,9 @@ def _remove_in_background(host, dev, *, destroy: bool) -> tuple[threading.Thread
 
     def remove() -> None:
         if destroy:
-            closed.append(host.toolstack.destroy_devices(dev.frontend_id, timeout=3) == [])
+            closed.append(host.toolstack.destroy_devices(dev.frontend_id, timeout=TIMEOUT) == [])
         else:
-            closed.append(host.toolstack.remove_device(dev, timeout=3))
+            closed.append(host.toolstack.remove_device(dev, timeout=TIMEOUT))
 
     remover = threading.Thread(target=remove)
     remover.start()
