@@ -246,7 +246,7 @@ def _wait_until_served(port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            socket.create_connection(("127.0.0.1", port), timeout=timeout).close()
             return
         except ConnectionRefusedError:
             if time.monotonic() > deadline:

@@ -197,7 +197,7 @@ def test_a_frontend_notifying_without_pause_does_not_stop_the_listeners(
         stormer.evtchn.notify(stormer.port)
         assert under_way.wait(TIMEOUT)
         with socket.create_connection(address, timeout=TIMEOUT):
-            assert fe.response(accept, timeout=3).ret == 0
+            assert fe.response(accept, timeout=TIMEOUT).ret == 0
     finally:
         storming.clear()
 

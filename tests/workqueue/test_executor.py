@@ -1047,7 +1047,7 @@ def test_wait_over_mixed_futures_takes_their_locks_in_one_order(done: bool) -> N
         w.start()
         assert lock.taken.wait(TIMEOUT)
         # W lets go of A's lock once it has taken L1's: with the cycle, never.
-        got = lock.acquire(timeout=1.0)
+        got = lock.acquire(timeout=TIMEOUT)
         if got:
             lock.release()
     for f in leans:

@@ -607,7 +607,7 @@ def test_a_pool_taken_up_again_while_its_last_worker_runs_a_handed_item_gets_wor
         else:
             handed_runs.set()
             with blocking():
-                waited.append(ran.wait(4.0))
+                waited.append(ran.wait(TIMEOUT))
 
     item = Work(func)
     bound.queue_work_on(0, item)
