@@ -36,7 +36,7 @@ def readable(ch: EventChannel, timeout: float) -> bool:
     return bool(r)
 
 
-def wait_pending(ch: EventChannel, timeout: float = 5.0) -> int:
+def wait_pending(ch: EventChannel, timeout: float = TIMEOUT) -> int:
     """The next fired port; fails after ``timeout`` seconds without one."""
     deadline = time.monotonic() + timeout
     while True:
@@ -62,7 +62,7 @@ def service_caught_up(domain: Domain) -> None:
         probe.bind_unbound_port(domain.domid)  # one round trip
 
 
-def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+def eventually(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
     """Wait for a condition the service reaches asynchronously (it has no
     completion event to wait on), polling until ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -142,7 +142,7 @@ def test_an_overflowed_handle_says_efbig_until_reset(
     notifications remembered, until it is unmasked."""
     e0, p0, e1, p1 = pair
     e1.notify(p1)
-    assert readable(e0, 5.0)
+    assert readable(e0, TIMEOUT)
     e0.overflow()
     for _ in range(2):
         assert readable(e0, 0)
@@ -212,7 +212,7 @@ def test_a_port_whose_old_pipe_hung_up_lives_again_on_its_new_one(
     e0.unmask(p0)
     # Watched again (pending() alone would read the pipe of the port it
     # returned last directly, and find the event anyway).
-    assert readable(e0, 5.0)
+    assert readable(e0, TIMEOUT)
     assert wait_pending(e0) == p0
     e0.unmask(p0)
     assert e0.pending() is None
@@ -424,7 +424,7 @@ def test_peer_may_bind_again_after_unbind(
     p0 = e0.bind_interdomain(guest.domid, p1)
     e1.unmask(p1)
     e0.notify(p0)
-    assert readable(e1, 5)
+    assert readable(e1, TIMEOUT)
     assert e1.remote(p1) == (0, p0)
 
 
@@ -515,7 +515,7 @@ def test_notify_from_another_thread(pair: tuple[EventChannel, int, EventChannel,
         e1.notify(p1)
         assert wait_pending(e1) == p1
         e1.unmask(p1)
-    t.join(5)
+    t.join(TIMEOUT)
     assert got == [p0] * 100
 
 
@@ -590,7 +590,7 @@ def test_the_service_refuses_to_unbind_another_handles_port(
 
     e0, p0, e1, p1 = pair
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-        sock.settimeout(5)
+        sock.settimeout(TIMEOUT)
         sock.connect(os.fspath(domain_socket(host.run_dir, guest.domid)))
         sock.send(json.dumps({"op": "evtchn_unbind", "port": p1}).encode())
         data, fds, _, _ = socket.recv_fds(sock, 65536, 4)
@@ -679,27 +679,27 @@ def test_a_refused_request_leaves_the_handle_watching_its_service(
     with pytest.raises(EventChannelError):
         e0.bind_interdomain(77, 1)  # ESRCH
     e1.unbind(p1)  # pushed to e0 by the service: its port fires
-    assert readable(e0, 5)
-    assert e0.wait(5) == p0
+    assert readable(e0, TIMEOUT)
+    assert e0.wait(TIMEOUT) == p0
 
 
 def test_wait_blocks_until_a_port_fires(pair: tuple[EventChannel, int, EventChannel, int]) -> None:
     e0, p0, e1, p1 = pair
     assert e0.wait(0.02) is None
     got: list[int | None] = []
-    waiter = threading.Thread(target=lambda: got.append(e0.wait(5)), daemon=True)
+    waiter = threading.Thread(target=lambda: got.append(e0.wait(TIMEOUT)), daemon=True)
     waiter.start()
     # Notify only once the waiter is inside wait() (counted before its epoll_wait).
     assert eventually(lambda: e0._waiters == 1)
     waiter.join(0.1)
     assert waiter.is_alive() and got == [], "wait() returned with nothing fired"
     e1.notify(p1)
-    waiter.join(5)
+    waiter.join(TIMEOUT)
     assert not waiter.is_alive() and got == [p0]
     e1.notify(p1)  # masked: remembered, not delivered
     assert e0.wait(0.05) is None
     e0.unmask(p0)
-    assert e0.wait(5) == p0
+    assert e0.wait(TIMEOUT) == p0
 
 
 @pytest.mark.parametrize("request_kind", ["bind", "unbind"])
@@ -721,7 +721,7 @@ def test_the_reply_to_a_request_does_not_wake_the_handles_waiters(
         receive = conn._receive
 
         def look_then_receive(flags: int) -> tuple[dict[str, object], list[int]]:
-            assert readable(conn.fileno(), 5)
+            assert readable(conn.fileno(), TIMEOUT)
             seen.append(readable(e0.fileno(), 0))
             return receive(flags)
 
@@ -735,7 +735,7 @@ def test_the_reply_to_a_request_does_not_wake_the_handles_waiters(
         # Watched again once the request is over: pushed news still wakes
         # the handle's waiters (the guest unbinding its end of our port).
         e1.close()
-        assert readable(e0.fileno(), 5)
+        assert readable(e0.fileno(), TIMEOUT)
         assert eventually(lambda: e0.remote(kept) is None)
 
 
@@ -789,7 +789,7 @@ def test_a_pipe_left_without_writers_is_not_reported_for_ever(masked: bool) -> N
 
         taker = threading.Thread(target=take_all, daemon=True)
         taker.start()
-        taker.join(5.0)
+        taker.join(TIMEOUT)
         assert not taker.is_alive(), "pending() spins on the hang-up"
         assert taken[:-1] in ([], [p1])  # at most the port's last event, once
         assert not readable(e1, 0.05)
@@ -838,7 +838,7 @@ def test_close_wakes_a_waiting_thread(host: SimHost) -> None:
     # would just be refused at wait()'s entry.
     assert eventually(lambda: ch._waiters == 1)
     ch.close()
-    thread.join(5)
+    thread.join(TIMEOUT)
     assert not thread.is_alive(), "close() left a thread waiting"
     assert errors == [errno.EBADF]
     assert ch._waiters == 0  # the waiter released the descriptors on its way out
@@ -986,7 +986,7 @@ def test_a_hostile_peer_cannot_make_anyone_block(host: SimHost, guest: Domain) -
         return json.loads(data), list(fds)
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock, host.dom0.evtchn() as e0:
-        sock.settimeout(5)
+        sock.settimeout(TIMEOUT)
         sock.connect(os.fspath(domain_socket(host.run_dir, guest.domid)))
         sock.send(json.dumps({"op": "evtchn_alloc_unbound", "domid": 0}).encode())
         reply, fds = recv(sock)
@@ -1090,7 +1090,7 @@ def test_a_peer_binding_and_unbinding_in_a_loop_cannot_get_a_handle_dropped(
         p0 = e0.bind_unbound_port(other.domid)
         p2 = e2.bind_interdomain(0, p0)
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-            sock.settimeout(5)
+            sock.settimeout(TIMEOUT)
             sock.connect(os.fspath(domain_socket(host.run_dir, guest.domid)))
 
             def ask(**msg: object) -> dict:  # type: ignore[type-arg]
@@ -1153,7 +1153,7 @@ def test_a_long_chain_of_dead_handles_is_closed_without_recursion(
         for domid, nxt in zip(chain, chain[1:] + chain[-1:], strict=True):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             socks.append(sock)
-            sock.settimeout(5)
+            sock.settimeout(TIMEOUT)
             sock.connect(os.fspath(domain_socket(host.run_dir, domid)))
             if previous is not None:
                 ask(sock, op="evtchn_bind_interdomain", domid=previous[0], port=previous[1])

@@ -532,7 +532,7 @@ def test_refs_are_reused_after_release(handles: tuple[GrantShare, GrantTable]) -
 
 def raw(host: SimHost, domid: int) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.settimeout(5)
+    sock.settimeout(TIMEOUT)
     sock.connect(os.fspath(domain_socket(host.run_dir, domid)))
     return sock
 

@@ -176,13 +176,14 @@ def test_introduce_and_release_fire(host: SimHost) -> None:
         monitor.watch(b"@introduceDomain", b"intro")
         monitor.watch(b"@releaseDomain", b"release")
         # The immediate first event of each watch.
-        assert {events.get(timeout=5)[1], events.get(timeout=5)[1]} == {b"intro", b"release"}
+        firsts = {events.get(timeout=TIMEOUT)[1], events.get(timeout=TIMEOUT)[1]}
+        assert firsts == {b"intro", b"release"}
         guest = host.create_domain("guest")
-        assert events.get(timeout=5) == (b"@introduceDomain", b"intro")
+        assert events.get(timeout=TIMEOUT) == (b"@introduceDomain", b"intro")
         with guest.xenstore() as gc:
             assert gc.read(b"name") == b"guest"
         host.destroy_domain(guest)
-        assert events.get(timeout=5) == (b"@releaseDomain", b"release")
+        assert events.get(timeout=TIMEOUT) == (b"@releaseDomain", b"release")
         assert not c.exists(b"/local/domain/1")
         assert not c.is_domain_introduced(1)
 
@@ -425,7 +426,7 @@ def test_only_dom0_controls_domains(host: SimHost) -> None:
 
     guest = host.create_domain("guest")
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-        sock.settimeout(5)
+        sock.settimeout(TIMEOUT)
         sock.connect(os.fspath(domain_socket(host.run_dir, guest.domid)))
         sock.send(json.dumps({"op": "domain_create", "name": "evil"}).encode())
         assert json.loads(sock.recv(65536))["errno"] == errno.EPERM
@@ -441,7 +442,7 @@ def test_dom0_cannot_destroy_itself_over_the_wire(host: SimHost) -> None:
     from xenback.sim._hypervisor import domain_socket
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-        sock.settimeout(5)
+        sock.settimeout(TIMEOUT)
         sock.connect(os.fspath(domain_socket(host.run_dir, 0)))
         sock.send(json.dumps({"op": "domain_destroy", "domid": 0}).encode())
         assert json.loads(sock.recv(65536))["errno"] == errno.EINVAL
@@ -505,7 +506,7 @@ def test_a_hypervisor_without_domain_control_says_so(tmp_path: Path) -> None:
     try:
         path = hv.add_domain(0, "Domain-0")
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-            sock.settimeout(5)
+            sock.settimeout(TIMEOUT)
             sock.connect(os.fspath(path))
             for request in ({"op": "domain_create", "name": "new"},
                             {"op": "domain_destroy", "domid": 1}):

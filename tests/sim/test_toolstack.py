@@ -131,7 +131,7 @@ def test_remove_the_libxl_way(host: SimHost, guest: Domain) -> None:
     seen: list[bytes] = []
     backend = backend_that_closes(host, dev, seen)
     assert host.toolstack.remove_device(dev) is True
-    backend.join(5)
+    backend.join(TIMEOUT)
     assert seen == [b"0"]  # online=0 was written with Closing
     with host.dom0.xenstore() as c:
         for path in (dev.backend_path, dev.frontend_path, dev.libxl_path):
@@ -150,15 +150,15 @@ def test_a_toolstack_holding_1024_descriptors_adds_and_removes(
             state = dev.backend_path + "/state"
 
             def close() -> None:  # the backend's side of the removal
-                backend.wait_for(state, "5", timeout=5)
+                backend.wait_for(state, "5", timeout=TIMEOUT)
                 backend.write(state, "6")
 
             closer = threading.Thread(target=close)
             closer.start()
             try:
-                assert host.toolstack.remove_device(dev, timeout=5) is True
+                assert host.toolstack.remove_device(dev, timeout=TIMEOUT) is True
             finally:
-                closer.join(5)
+                closer.join(TIMEOUT)
         assert host.toolstack.devices() == []
 
 

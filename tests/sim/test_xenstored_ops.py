@@ -1083,7 +1083,9 @@ def test_stopping_a_stuck_loop_fails_naming_it() -> None:
             began = time.monotonic()
             with pytest.raises(TimeoutError) as info:
                 xsd.stop(timeout=0.5)
-            assert time.monotonic() - began < 10
+            # Its 0.5 s, not the 60 s the loop is stuck for (half of that
+            # for a loaded machine's stalls).
+            assert time.monotonic() - began < 30
             message = str(info.value)
             assert "'xenstored'" in message and "within 0.5 s" in message
             assert "in stuck" in message  # where it is stuck
@@ -1129,16 +1131,16 @@ def test_a_call_to_a_stuck_loop_fails_naming_it_and_never_runs(
         try:
             holder = call("stuck", stuck)
             assert entered.wait(10)
-            began = time.monotonic()
             caller = call("queued", lambda: ran.append(1))
-            caller.join(5)
+            # Its 0.5 s, not the 60 s the loop is stuck for: the message
+            # below says so; wall time on a loaded machine would not.
+            caller.join(10)
             assert not caller.is_alive(), "a call waits for a stuck loop for good"
-            assert time.monotonic() - began < 5
             queued = answers["queued"]
             assert isinstance(queued, TimeoutError), queued
             assert "'xenstored'" in str(queued) and "0.5 s" in str(queued)
             assert "in stuck" in str(queued)  # where the loop is stuck
-            holder.join(5)
+            holder.join(10)
             assert isinstance(answers["stuck"], TimeoutError), answers
         finally:
             gate.set()
