@@ -1708,7 +1708,7 @@ if pid == 0:
     sys.exit(0)  # a normal exit: the child runs its exit hooks
 release.set()
 assert running.result(10) == (None, True) and queued.result(10) == 0
-reap(pid, 10)
+reap(pid, 30)
 wq.shutdown()
 """
 
@@ -1730,7 +1730,7 @@ def ran_on_every_cpu(wq):
     for cpu in wq.topology.online():
         done = threading.Event()
         wq.queue_work_on(cpu, Work(lambda work: done.set()))
-        if not done.wait(5):
+        if not done.wait(10):
             return False
     return True
 
@@ -1739,16 +1739,16 @@ parent = alloc_workqueue("parent", topology=topo)
 assert ran_on_every_cpu(parent)  # every pool has workers, the timer its thread
 fired = threading.Event()
 parent.queue_delayed_work(DelayedWork(lambda work: fired.set()), 0.01)
-assert fired.wait(5)
+assert fired.wait(10)
 pid = os.fork()
 if pid == 0:
     child = alloc_workqueue("child", topology=topo)
     fired = threading.Event()
     child.queue_delayed_work(DelayedWork(lambda work: fired.set()), 0.01)
     print("child items ran:", ran_on_every_cpu(child), flush=True)
-    print("child delayed item ran:", fired.wait(5), flush=True)
-    print("child calls ran:", child.submit(pow, 2, 5).result(5),
-          child.serial("key").submit(pow, 3, 2).result(5), flush=True)
+    print("child delayed item ran:", fired.wait(10), flush=True)
+    print("child calls ran:", child.submit(pow, 2, 5).result(10),
+          child.serial("key").submit(pow, 3, 2).result(10), flush=True)
     child.shutdown()
     os._exit(0)
 reap(pid, 30)
@@ -1783,7 +1783,7 @@ def fork_here(work):
 item = Work(fork_here)
 wq.queue_work(item)
 item.flush()
-reap(pids[0], 10)
+reap(pids[0], 30)
 wq.destroy()
 """
 
@@ -1817,15 +1817,15 @@ pid = os.fork()
 if pid == 0:
     print("parent's timer armed:", _timer.timer_pending(parents_timer), flush=True)
     wq = alloc_workqueue("child", topology=Topology(2))
-    print("child serial call ran:", wq.serial("key").submit(pow, 3, 2).result(5), flush=True)
+    print("child serial call ran:", wq.serial("key").submit(pow, 3, 2).result(10), flush=True)
     fired = threading.Event()
     wq.queue_delayed_work(DelayedWork(lambda work: fired.set()), 0.01)
-    print("child delayed item ran:", fired.wait(5), flush=True)
+    print("child delayed item ran:", fired.wait(10), flush=True)
     wq.shutdown()
     os._exit(0)
 release.set()
 thread.join(10)
-reap(pid, 10)
+reap(pid, 30)
 _timer.del_timer(parents_timer)
 """
 
