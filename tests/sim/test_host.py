@@ -835,12 +835,25 @@ def test_a_destroy_waiting_for_another_waits_no_slice_past_its_own_deadline(
 
 
 def test_a_destroy_waiting_for_one_that_gives_its_backends_less_time_waits_it_out(
-        host: SimHost) -> None:
+        host: SimHost, monkeypatch: pytest.MonkeyPatch) -> None:
     """The other destroy's timeout ends before this one's: it waits for
     that destroy's forced removal, past its own timeout if the removal
     takes that long, and returns with the domain gone, as its own destroy
     would have."""
     guest = host.create_domain("guest")
+    main = threading.get_ident()
+    destroy_devices = host.toolstack.destroy_devices
+
+    def forced_once_the_second_waits(domid: int, timeout: float | None = None) -> Any:
+        late = destroy_devices(domid, timeout)
+        # Not over before the second destroy waits for it: a main thread
+        # stalled past the first's 0.5 s (a loaded machine) would find the
+        # domain gone, a LookupError.
+        assert eventually(lambda: stands_at(main, SimHost.destroy_domain,
+                                            "other.running.acquire("))
+        return late
+
+    monkeypatch.setattr(host.toolstack, "destroy_devices", forced_once_the_second_waits)
     first, raised, _ = _destroy_waiting_for_its_backend(host, guest, 0.5)
     try:
         host.destroy_domain(guest, timeout=0.5)
