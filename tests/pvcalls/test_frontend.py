@@ -2742,10 +2742,22 @@ def test_a_backend_state_that_is_no_state_is_waited_past_as_unknown() -> None:
                 xs.write(f"{be}/state", "bogus")
             except BaseException as exc:
                 failures.append(exc)
+            finally:
+                written.set()
 
+        written = threading.Event()
         t = threading.Thread(target=fake_backend, daemon=True)
         t.start()
         fe = pvcalls.Frontend(guest, timeout=1.0)
+        wait_backend = fe._wait_backend
+
+        def after_the_garbage(*args: Any) -> Any:
+            # Its 1 s from the garbage on: a loaded machine may take longer
+            # to write it, and the timeout would then say state 1.
+            assert written.wait(TIMEOUT)
+            return wait_backend(*args)
+
+        fe._wait_backend = after_the_garbage  # type: ignore[method-assign]
         with pytest.raises(TimeoutError, match=r"did not reach InitWait .*\(state 0\)$"):
             fe.open()
         t.join(TIMEOUT)
@@ -3087,11 +3099,14 @@ def test_a_non_blocking_accept_waits_for_its_accept_no_longer_than_the_frontend_
     a timeout the socket never had; the ACCEPT stays in flight, and once
     answered the socket is readable and the next accept() returns it."""
     release = hold_accepts(monkeypatch)
-    with pvcalls.Frontend(host.create_domain("held-accept"), timeout=0.2) as fe2, \
+    with pvcalls.Frontend(host.create_domain("held-accept"), timeout=TIMEOUT) as fe2, \
             fe2.socket() as ls, selectors.DefaultSelector() as sel:
         ls.bind(("127.0.0.1", 0))
         ls.listen()
         ls.setblocking(False)
+        # The accept()'s only: the handshake, bind() and listen() need their
+        # answers, which a loaded machine can take longer than 0.2 s to give.
+        fe2.timeout = 0.2
         sel.register(ls, selectors.EVENT_READ)
         address = listen_address(backend, fe2.domain.domid, ls.id)
         with socket.create_connection(address, timeout=TIMEOUT) as client:
@@ -4482,7 +4497,7 @@ def test_an_interrupt_as_a_socket_takes_or_leaves_its_condition_leaves_it_free(
         else:
             interrupted_as_frame_starts(threading.Condition.__exit__.__code__, so_error)
         for cond in (s._cond, fe._cmd_cond):
-            assert cond.acquire(timeout=1), "left held"
+            assert cond.acquire(timeout=TIMEOUT), "left held"
             cond.release()
         s.close()
 
