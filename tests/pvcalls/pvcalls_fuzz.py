@@ -234,7 +234,7 @@ class Hostile:
         # held (eventually: an ACCEPT's socket is placed as its connection
         # comes, a connect that fails late gives its ring back).
         try:
-            wait_until(self.fz.consistent, timeout=5)
+            wait_until(self.fz.consistent)
         except TimeoutError:
             raise FuzzFailure(f"loads, ports or mappings are not those of "
                               f"{self.fz.backend.stats()}") from None
@@ -1288,8 +1288,7 @@ def run_seed(seed: int, args: Any, seen: collections.Counter[str],
             wait_released(host, before, margin=0)
             try:
                 # None more (after close() of the backend: fewer).
-                wait_until(partial(no_new_threads, collections.Counter(threads_before)),
-                           timeout=5)
+                wait_until(partial(no_new_threads, collections.Counter(threads_before)))
             except TimeoutError:
                 raise FuzzFailure(f"threads {threads()}, were {threads_before}") from None
         finally:

@@ -1123,7 +1123,7 @@ def test_a_guest_connected_to_a_killed_backend_reconnects_to_the_next(
                      stderr=subprocess.PIPE) as second:
             Lines(second.stderr).wait_for("serving")
             # The frontend saw the backend leave Connected, and closed.
-            xs.wait_for(fe_state, "6", timeout=5)
+            xs.wait_for(fe_state, "6", timeout=TIMEOUT)
             with pytest.raises(OSError) as info:
                 fe.socket()
             assert "backend went away" in str(info.value)
