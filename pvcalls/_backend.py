@@ -1025,17 +1025,25 @@ class _Frontend:
                                request.id, host, port)
             raise CommandError(DENIED_ERRNO, f"connect to {host}:{port} denied")
         sock = ActiveSocket(self, request.id)
+        # Recorded before it holds anything, and off the record only as it
+        # goes into the table (see _undo): an interrupt anywhere between,
+        # the table's lock being taken included, leaves it where close()
+        # finds it.
+        self._undone.append(sock)
         try:
             # Homed first, so that its event channel goes to its CPU's poller.
             sock.place()
             sock.attach_ring(int(args.ref), int(args.evtchn))
+            with self._lock:
+                self._sockets[request.id] = sock
+                self._undone.remove(sock)
         except BaseException:
-            # An interrupt too: the socket is in no table yet, and what it
-            # holds (its CPU, its pages) would be held for good.
-            self._undo(sock)
+            # An interrupt too: the socket in no table yet gives back at
+            # once what it holds (its CPU, its pages).  One in the table
+            # (an interrupt as the lock was let go) is RELEASE's to free.
+            if sock in self._undone:
+                self._undo(sock)
             raise
-        with self._lock:
-            self._sockets[request.id] = sock
         try:
             connected = sock.start_connect(request, (host, port))
         except (CommandError, OSError) as exc:
@@ -1049,10 +1057,11 @@ class _Frontend:
         return 0 if connected else None  # None: answered by the socket's Work
 
     def _undo(self, sock: ActiveSocket) -> None:
-        """Tear down ``sock``, which is in no table.  Recorded first where
-        close() tears it down again: a teardown cut short (Ctrl-C) left
-        what it held (its pages, its port, its CPU slot) to nobody."""
-        self._undone.append(sock)
+        """Tear down ``sock``, which is in no table but in ``_undone``,
+        where it was recorded before it held anything: close() tears it
+        down again, as a teardown cut short (Ctrl-C) left what it held (its
+        pages, its port, its CPU slot) to nobody else.  Idempotent, so that
+        close() does it again."""
         sock.teardown()
         self._undone.remove(sock)
 
@@ -1120,32 +1129,42 @@ class _Frontend:
         if passive.waiting is not None:  # checked again by wait(), under its lock
             raise CommandError(_errno.EINTR, f"ACCEPT or POLL already in flight on {request.id:#x}")
         id_new = int(args.id_new)
-        with self._lock, self.backend.limit_lock:
-            if id_new in self._sockets:
-                raise CommandError(_errno.EEXIST, f"id_new {id_new:#x} in use")
-            self._check_limit("ACCEPT", id_new)
-            # Counted from the check on, for the domain's other devices too;
-            # in the table once its ring is attached.
-            self._reserved += 1
-        new = None
+        new = ActiveSocket(self, id_new)
+        # Recorded before it holds anything, off the record as it goes into
+        # the table (as _connect).
+        self._undone.append(new)
+        # Whether the reservation is ours to give back: set and cleared
+        # with the count, with no call between, so that an interrupt as any
+        # lock is let go leaves the two agreeing.
+        reserved = False
         try:
-            new = ActiveSocket(self, id_new)
+            with self._lock, self.backend.limit_lock:
+                if id_new in self._sockets:
+                    raise CommandError(_errno.EEXIST, f"id_new {id_new:#x} in use")
+                self._check_limit("ACCEPT", id_new)
+                # Counted from the check on, for the domain's other devices
+                # too; in the table once its ring is attached.
+                self._reserved += 1
+                reserved = True
             new.state = SockState.ACCEPTING
             new.parent = passive
             new.attach_ring(int(args.ref), int(args.evtchn))
-        except BaseException:
-            with self._lock:
+            # Under limit_lock too: another device of the domain counts our
+            # sockets (nr_sockets, without our _lock) under it only, and
+            # must not see the socket neither reserved nor in the table.
+            with self._lock, self.backend.limit_lock:
                 self._reserved -= 1
-            if new is not None:
+                reserved = False
+                self._sockets[id_new] = new
+                self._undone.remove(new)
+        except BaseException:
+            if reserved:
+                with self._lock:
+                    self._reserved -= 1
+            if new in self._undone:
                 # An interrupt as the pages are mapped too (as _connect).
                 self._undo(new)
             raise
-        # Under limit_lock too: another device of the domain counts our
-        # sockets (nr_sockets, without our _lock) under it only, and must
-        # not see the socket neither reserved nor in the table.
-        with self._lock, self.backend.limit_lock:
-            self._reserved -= 1
-            self._sockets[id_new] = new
         try:
             passive.wait(request, new)
         except CommandError:

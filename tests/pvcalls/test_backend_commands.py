@@ -826,6 +826,56 @@ def test_two_connects_whose_undo_is_cut_short_too_hold_nothing_once_closed(
     _closed_holds_nothing(raw, backend)
 
 
+@pytest.mark.parametrize(("command", "where"), [
+    ("connect", "stored"), ("accept", "reserved"), ("accept", "stored")])
+def test_a_connect_or_accept_cut_short_as_its_socket_is_stored_holds_nothing(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, command: str, where: str) -> None:
+    """An interrupt after a CONNECT's or ACCEPT's data ring is set up, as
+    the frontend's lock is taken to put the socket in the table (or, for
+    an ACCEPT, as that lock is let go once id_new is counted against the
+    socket limit, before anything is set up): the command, cut short, is
+    not answered, what was set up goes back at once, and the id_new is
+    counted no more.  Between the end of the set-up's try and the table,
+    the socket was in no place close() looks: its pages, port and CPU
+    slot held for the life of the backend, and an ACCEPT's reservation
+    kept the domain's socket limit one lower for good."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    handler = _Frontend._connect if command == "connect" else _Frontend._accept
+    attached = threading.Event()
+    attach_ring = ActiveSocket.attach_ring
+
+    def attach(self: ActiveSocket, *args: Any) -> None:
+        attach_ring(self, *args)
+        attached.set()
+
+    monkeypatch.setattr(ActiveSocket, "attach_ring", attach)
+    lock = _CutLock(fe._lock, handler, on="enter" if where == "stored" else "exit",
+                    armed=attached if where == "stored" else None)
+    monkeypatch.setattr(fe, "_lock", lock)
+    ring = raw.new_ring()
+    if command == "connect":
+        sock_id, _ = raw.socket()
+        before = resources(backend, host)
+        req_id = raw.push_connect(sock_id, echo_server.address, ring)
+        left = [(sock_id, "new")]
+    else:
+        listener, _ = raw.listening(backend)
+        before = resources(backend, host)
+        req_id = raw.push_accept(listener, raw.new_id(), ring)
+        left = [(listener, "listening")]
+    assert lock.cut.wait(TIMEOUT)
+    fe._work.flush(timeout=TIMEOUT)  # the command handled, cut short
+    raw.poll_responses()
+    assert req_id not in raw.responses
+    assert [(row.id, row.state) for row in backend.stats().sockets] == left
+    assert fe.nr_sockets == 1
+    assert resources(backend, host) == before
+    assert fe._undone == []
+    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+    _closed_holds_nothing(raw, backend)
+
+
 def test_an_event_channel_the_platform_calls_out_of_range_is_einval(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1782,6 +1832,36 @@ def _called_from(func: Any) -> bool:
     return False
 
 
+class _CutLock:
+    """``real``, a lock, whose taking (``on="enter"``: not taken, as a
+    Ctrl-C ends an acquire) or letting go (``on="exit"``: as it returns)
+    by a with statement of ``func`` itself raises KeyboardInterrupt once,
+    as Ctrl-C would; only once ``armed`` is set, if given.  ``cut`` is set
+    once it did."""
+
+    def __init__(self, real: Any, func: Any, *, on: str = "exit",
+                 armed: threading.Event | None = None) -> None:
+        self.real, self.code, self.on, self.armed = real, func.__code__, on, armed
+        self.cut = threading.Event()
+
+    def _now(self, where: str) -> bool:
+        if (self.cut.is_set() or where != self.on or sys._getframe(2).f_code is not self.code
+                or (self.armed is not None and not self.armed.is_set())):
+            return False
+        self.cut.set()
+        return True
+
+    def __enter__(self) -> Any:
+        if self._now("enter"):
+            raise KeyboardInterrupt
+        return self.real.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.real.__exit__(*exc)
+        if self._now("exit"):
+            raise KeyboardInterrupt
+
+
 def _cut_wait_in(monkeypatch: pytest.MonkeyPatch, func: Any) -> threading.Event:
     """The first wait for a run (a workqueue Completion) inside ``func``
     raises KeyboardInterrupt, as Ctrl-C would; the Event is set once it
@@ -1994,25 +2074,11 @@ def test_a_release_of_an_id_new_cut_short_as_its_listener_is_enabled_answers_the
 
         monkeypatch.setattr(_Frontend, "_cancel_accept", cut_append)
     else:
-        cut = threading.Event()
-
-        class CutLock:
-            """The listener's lock, whose release in _cancel_accept is cut
-            short once, as it returns."""
-
-            def __init__(self, real: Any) -> None:
-                self.real = real
-
-            def __enter__(self) -> Any:
-                return self.real.__enter__()
-
-            def __exit__(self, *exc: Any) -> None:
-                self.real.__exit__(*exc)
-                if not cut.is_set() and _called_from(_Frontend._cancel_accept):
-                    cut.set()
-                    raise KeyboardInterrupt
-
-        monkeypatch.setattr(passive, "_lock", CutLock(passive._lock))
+        # The listener's lock, whose release in _cancel_accept is cut short
+        # once, as it returns.
+        lock = _CutLock(passive._lock, _Frontend._cancel_accept)
+        cut = lock.cut
+        monkeypatch.setattr(passive, "_lock", lock)
     release = raw.push_release(id_new)
     assert raw.response(accept).ret == EINTR
     assert cut.is_set()
