@@ -1025,12 +1025,12 @@ class _Frontend:
                                request.id, host, port)
             raise CommandError(DENIED_ERRNO, f"connect to {host}:{port} denied")
         sock = ActiveSocket(self, request.id)
-        # Recorded before it holds anything, and off the record only as it
-        # goes into the table (see _undo): an interrupt anywhere between,
-        # the table's lock being taken included, leaves it where close()
-        # finds it.
-        self._undone.append(sock)
         try:
+            # Recorded before it holds anything, and off the record only as
+            # it goes into the table (see _undo): an interrupt anywhere
+            # between, the table's lock being taken included, leaves it
+            # where close() finds it.
+            self._undone.append(sock)
             # Homed first, so that its event channel goes to its CPU's poller.
             sock.place()
             sock.attach_ring(int(args.ref), int(args.evtchn))
@@ -1130,14 +1130,14 @@ class _Frontend:
             raise CommandError(_errno.EINTR, f"ACCEPT or POLL already in flight on {request.id:#x}")
         id_new = int(args.id_new)
         new = ActiveSocket(self, id_new)
-        # Recorded before it holds anything, off the record as it goes into
-        # the table (as _connect).
-        self._undone.append(new)
         # Whether the reservation is ours to give back: set and cleared
         # with the count, with no call between, so that an interrupt as any
         # lock is let go leaves the two agreeing.
         reserved = False
         try:
+            # Recorded before it holds anything, off the record as it goes
+            # into the table (as _connect).
+            self._undone.append(new)
             with self._lock, self.backend.limit_lock:
                 if id_new in self._sockets:
                     raise CommandError(_errno.EEXIST, f"id_new {id_new:#x} in use")

@@ -876,6 +876,70 @@ def test_a_connect_or_accept_cut_short_as_its_socket_is_stored_holds_nothing(
     _closed_holds_nothing(raw, backend)
 
 
+@pytest.mark.parametrize("command", ["connect", "accept"])
+def test_a_connect_or_accept_interrupted_as_any_of_its_calls_returns_holds_nothing_for_good(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    """A Ctrl-C landing as any call made by the CONNECT's or ACCEPT's
+    handler returns (the recording of its socket, the set-up of its ring,
+    the taking and letting go of the table's lock, the connect's start):
+    the socket is in the table, for a RELEASE to free, or given back at
+    once, and then nothing is held: no port, page or CPU slot, no socket
+    left on the frontend's record, none counted against the domain's
+    limit.  A socket between its record and the table in neither of them
+    was held for good; an ACCEPT's reservation kept, the limit one lower."""
+    from stolensignal import interrupted_as_call_returns
+
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    listener = raw.listening(backend)[0] if command == "accept" else None
+    # The requests handled here were never on the ring: their answers
+    # (an ACCEPT's -EINTR, as its id_new is released) are kept aside.
+    answered: dict[int, int] = {}
+    respond = fe.respond
+
+    def kept_aside(request: Request, ret: int) -> None:
+        if request.req_id >= 10000:
+            answered[request.req_id] = ret
+        else:
+            respond(request, ret)
+
+    monkeypatch.setattr(fe, "respond", kept_aside)
+    landed = 0
+    for n in itertools.count():
+        before, counted = resources(backend, host), fe.nr_sockets
+        ring = raw.new_ring()
+        req = ffi.new("struct xen_pvcalls_request *")
+        if listener is None:
+            sock_id, _ = raw.socket()
+            req.u.connect.id = sock_id
+            ffi.memmove(req.u.connect.addr, _wire.pack_sockaddr_in(*echo_server.address), 16)
+            req.u.connect.len = 16
+            req.u.connect.ref, req.u.connect.evtchn = ring.ref, ring.port
+            request = Request(10000 + n, _wire.PVCALLS_CONNECT, sock_id)
+            handler: Any = _Frontend._connect
+        else:
+            sock_id = raw.new_id()
+            req.u.accept.id, req.u.accept.id_new = listener, sock_id
+            req.u.accept.ref, req.u.accept.evtchn = ring.ref, ring.port
+            request = Request(10000 + n, _wire.PVCALLS_ACCEPT, listener)
+            handler = _Frontend._accept
+        where = f"interrupted as call {n} returned"
+        interrupted = interrupted_as_call_returns(
+            handler.__code__, n, lambda request=request, req=req, handler=handler: handler(
+                fe, request, req))
+        assert fe._undone == [], where
+        if sock_id in fe._sockets:
+            assert raw.release(sock_id).ret == 0, where
+        ring.close()
+        assert resources(backend, host) == before, where
+        assert fe.nr_sockets == counted, where
+        if not interrupted:
+            break
+        landed += 1
+    assert landed >= 6  # the record, the mapping, the table's lock among them
+    assert raw.unexpected == []
+
+
 def test_an_event_channel_the_platform_calls_out_of_range_is_einval(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
