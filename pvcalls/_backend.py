@@ -1189,17 +1189,20 @@ class _Frontend:
         the ACCEPT or POLL it cancels.  A step of the teardown that fails
         is logged (see the sockets' teardown()), and the RELEASE answered 0
         all the same.  One that raises (an interrupt, or a bug of ours:
-        -EIO) puts the socket back in the table, for a RELEASE again or the
+        -EIO) leaves the socket in the table, for a RELEASE again or the
         frontend's close() to finish what it left held.  The kick of an
         id_new's listener refused afterwards: -EIO, the socket released;
         after a teardown that raised, logged, what the teardown raised
         going on."""
-        with self._lock:
-            entry = self._sockets.pop(request.id, None)
-        if entry is None:
-            raise CommandError(_errno.EBADF, f"no socket {request.id:#x}")
+        # Taken out of the table once torn down, not before (as close()
+        # does): taken out first, a Ctrl-C as pop() returned lost it, and
+        # one in the putting back after a teardown cut short (a second
+        # Ctrl-C) left it in no place anyone looks, all it held held for
+        # good.
+        entry = self._lookup(request.id)
         if isinstance(entry, NewSocket):
             entry.release()
+            self._take_out(request.id)
         elif isinstance(entry, ActiveSocket):
             parent = entry.parent
             # The request the RELEASE ends: the ACCEPT _cancel_accept takes
@@ -1213,9 +1216,9 @@ class _Frontend:
                 if parent is not None:
                     self._cancel_accept(parent, entry, ended)
                 entry.teardown(into=ended)
+                self._take_out(request.id)
             except BaseException:
                 raised = True
-                self._put_back(request.id, entry)
                 raise
             finally:
                 # Answered only now: a cancelled ACCEPT's answer tells the
@@ -1247,9 +1250,7 @@ class _Frontend:
             taken: list[tuple[Request, ActiveSocket | None]] = []
             try:
                 entry.teardown(taken)
-            except BaseException:
-                self._put_back(request.id, entry)
-                raise
+                self._take_out(request.id)
             finally:
                 for waiting_request, new in taken:
                     try:
@@ -1261,11 +1262,13 @@ class _Frontend:
                         self.respond(waiting_request, -_errno.EINTR)
         return 0
 
-    def _put_back(self, sock_id: int, entry: Socket) -> None:
-        # Not if the id was taken since: never today (the command Work,
-        # which is us, alone adds ids), kept for later callers.
+    def _take_out(self, sock_id: int) -> None:
+        # Whatever is there: the socket, or the NEW id that its connect,
+        # failing meanwhile, put in its place (connect_failed), which the
+        # RELEASE releases too.  Nothing else adds ids but the command
+        # Work, which is us.
         with self._lock:
-            self._sockets.setdefault(sock_id, entry)
+            self._sockets.pop(sock_id, None)
 
     def _cancel_accept(self, parent: PassiveSocket, new: ActiveSocket,
                        into: list[Request]) -> None:

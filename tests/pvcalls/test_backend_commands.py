@@ -1753,6 +1753,47 @@ def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
         assert host_socket.fileno() == -1
 
 
+@pytest.mark.parametrize("kind", ["connected", "listener"])
+def test_a_release_interrupted_as_any_of_its_calls_returns_leaves_the_socket_to_a_release_again(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
+        kind: str) -> None:
+    """A Ctrl-C landing as any call made by _Frontend._release returns
+    (the taking of the socket out of the table, its teardown, the putting
+    back): the socket is where a RELEASE again finds it, or its teardown
+    is done, and once released again nothing is held: its port, its
+    pages, its CPU slot, its host socket.  Taken out of the table by the
+    call whose return the Ctrl-C landed as, it was in no place anyone
+    looks, and held all of it for the life of the backend."""
+    from stolensignal import interrupted_as_call_returns
+
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    before = resources(backend, host)
+    landed = 0
+    for n in itertools.count():
+        ring = None
+        if kind == "connected":
+            sock_id, ring = raw.connect_socket(echo_server.address)
+        else:
+            sock_id, _ = raw.listening(backend)
+        host_socket = fe._sockets[sock_id].host
+        request = Request(0, _wire.PVCALLS_RELEASE, sock_id)
+        interrupted = interrupted_as_call_returns(
+            _Frontend._release.__code__, n, lambda request=request: fe._release(request, None))
+        if sock_id in fe._sockets:
+            assert interrupted, f"not released, interrupted as call {n} returned"
+            assert raw.release(sock_id).ret == 0
+        if ring is not None:
+            ring.close()
+        assert resources(backend, host) == before, f"interrupted as call {n} returned"
+        assert host_socket is None or host_socket.fileno() == -1
+        assert fe._undone == [] and not fe._sockets
+        if not interrupted:
+            break
+        landed += 1
+    assert landed >= 3  # the taking out, the teardown, the putting back among them
+    assert raw.unexpected == []
+
+
 @pytest.mark.parametrize("unbind", ["interrupted", "failed"])
 def test_a_release_cut_short_as_its_port_is_unbound_leaves_the_number_to_its_next_owner(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
@@ -2327,8 +2368,10 @@ def test_release_of_id_new_while_its_accept_completes(
     with socket.create_connection(address, timeout=TIMEOUT):
         assert inside.wait(TIMEOUT)
         release = raw.push_release(id_new)
-        # The RELEASE is being processed once the id has left the table.
-        wait_until(lambda: id_new not in {row.id for row in backend.stats().sockets})
+        # The RELEASE is being processed once it waits for the listener's
+        # run (the id leaves the table only once it is torn down).
+        wait_until(lambda: any(stands_at(tid, _Frontend._cancel_accept, "parent.flush()")
+                               for tid in sys._current_frames()))
         go_on.set()
         raw.wait(lambda: accept in raw.responses and release in raw.responses)
     assert raw.responses[accept].ret == 0
