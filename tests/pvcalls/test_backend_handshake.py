@@ -614,6 +614,45 @@ def test_an_event_as_soon_as_the_command_port_is_bound(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+def test_a_request_notified_as_the_frontend_starts_is_answered(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request the guest pushes and notifies while the frontend is being
+    started, before it counts as started (its notification then queues
+    nothing): it is answered all the same, by the command Work that
+    start() queues after that.  Queued first, that Work could run and find
+    the ring empty before the request came, and the request then waited
+    for a notification the guest, past req_event, never sends."""
+    pause = PauseAt.in_method(monkeypatch, _Frontend, "start", "self._started = True")
+    notified = threading.Event()
+    on_event = _Frontend._on_event
+
+    def noting_on_event(self: _Frontend, *args: object) -> None:
+        on_event(self, *args)
+        notified.set()
+
+    # Before the frontend is made: its port is bound to the method then.
+    monkeypatch.setattr(_Frontend, "_on_event", noting_on_event)
+    raw = make_frontend("g", connect=False)
+    raw.connect(wait=False)
+    assert pause.reached.wait(TIMEOUT)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    try:
+        fe._work.flush(timeout=TIMEOUT)  # no run of the Work under way
+        sock_id = raw.new_id()
+
+        def fill(req: Any) -> None:
+            req.u.socket.id = sock_id
+            req.u.socket.domain = _wire.AF_INET
+            req.u.socket.type = _wire.SOCK_STREAM
+
+        notified.clear()
+        req_id = raw.push(_wire.PVCALLS_SOCKET, fill)
+        assert notified.wait(TIMEOUT)  # the notification met a frontend not yet started
+    finally:
+        pause.resume()
+    assert raw.response(req_id).ret == 0
+
+
 def test_a_frontend_s_set_up_interrupted_as_any_of_its_calls_returns_holds_nothing(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     """A Ctrl-C landing as any call made by _Frontend.__init__ returns (a
