@@ -1029,16 +1029,24 @@ class _Frontend:
             raise CommandError(DENIED_ERRNO, f"connect to {host}:{port} denied")
         sock = ActiveSocket(self, request.id)
         try:
+            # Recorded before it holds anything, and off the record only as
+            # it goes into the table (see _undo): an interrupt anywhere
+            # between, the table's lock being taken included, leaves it
+            # where close() finds it.
+            self._undone.append(sock)
             # Homed first, so that its event channel goes to its CPU's poller.
             sock.place()
             sock.attach_ring(int(args.ref), int(args.evtchn))
+            with self._lock:
+                self._sockets[request.id] = sock
+                self._undone.remove(sock)
         except BaseException:
-            # An interrupt too: the socket is in no table yet, and what it
-            # holds (its CPU, its pages) would be held for good.
-            self._undo(sock)
+            # An interrupt too: the socket in no table yet gives back at
+            # once what it holds (its CPU, its pages).  One in the table
+            # (an interrupt as the lock was let go) is RELEASE's to free.
+            if sock in self._undone:
+                self._undo(sock)
             raise
-        with self._lock:
-            self._sockets[request.id] = sock
         try:
             connected = sock.start_connect(request, (host, port))
         except (CommandError, OSError) as exc:
@@ -1052,10 +1060,11 @@ class _Frontend:
         return 0 if connected else None  # None: answered by the socket's Work
 
     def _undo(self, sock: ActiveSocket) -> None:
-        """Tear down ``sock``, which is in no table.  Recorded first where
-        close() tears it down again: a teardown cut short (Ctrl-C) left
-        what it held (its pages, its port, its CPU slot) to nobody."""
-        self._undone.append(sock)
+        """Tear down ``sock``, which is in no table but in ``_undone``,
+        where it was recorded before it held anything: close() tears it
+        down again, as a teardown cut short (Ctrl-C) left what it held (its
+        pages, its port, its CPU slot) to nobody else.  Idempotent, so that
+        close() does it again."""
         sock.teardown()
         self._undone.remove(sock)
 
@@ -1123,32 +1132,42 @@ class _Frontend:
         if passive.waiting is not None:  # checked again by wait(), under its lock
             raise CommandError(_errno.EINTR, f"ACCEPT or POLL already in flight on {request.id:#x}")
         id_new = int(args.id_new)
-        with self._lock, self.backend.limit_lock:
-            if id_new in self._sockets:
-                raise CommandError(_errno.EEXIST, f"id_new {id_new:#x} in use")
-            self._check_limit("ACCEPT", id_new)
-            # Counted from the check on, for the domain's other devices too;
-            # in the table once its ring is attached.
-            self._reserved += 1
-        new = None
+        new = ActiveSocket(self, id_new)
+        # Whether the reservation is ours to give back: set and cleared
+        # with the count, with no call between, so that an interrupt as any
+        # lock is let go leaves the two agreeing.
+        reserved = False
         try:
-            new = ActiveSocket(self, id_new)
+            # Recorded before it holds anything, off the record as it goes
+            # into the table (as _connect).
+            self._undone.append(new)
+            with self._lock, self.backend.limit_lock:
+                if id_new in self._sockets:
+                    raise CommandError(_errno.EEXIST, f"id_new {id_new:#x} in use")
+                self._check_limit("ACCEPT", id_new)
+                # Counted from the check on, for the domain's other devices
+                # too; in the table once its ring is attached.
+                self._reserved += 1
+                reserved = True
             new.state = SockState.ACCEPTING
             new.parent = passive
             new.attach_ring(int(args.ref), int(args.evtchn))
-        except BaseException:
-            with self._lock:
+            # Under limit_lock too: another device of the domain counts our
+            # sockets (nr_sockets, without our _lock) under it only, and
+            # must not see the socket neither reserved nor in the table.
+            with self._lock, self.backend.limit_lock:
                 self._reserved -= 1
-            if new is not None:
+                reserved = False
+                self._sockets[id_new] = new
+                self._undone.remove(new)
+        except BaseException:
+            if reserved:
+                with self._lock:
+                    self._reserved -= 1
+            if new in self._undone:
                 # An interrupt as the pages are mapped too (as _connect).
                 self._undo(new)
             raise
-        # Under limit_lock too: another device of the domain counts our
-        # sockets (nr_sockets, without our _lock) under it only, and must
-        # not see the socket neither reserved nor in the table.
-        with self._lock, self.backend.limit_lock:
-            self._reserved -= 1
-            self._sockets[id_new] = new
         try:
             passive.wait(request, new)
         except CommandError:
@@ -1173,17 +1192,20 @@ class _Frontend:
         the ACCEPT or POLL it cancels.  A step of the teardown that fails
         is logged (see the sockets' teardown()), and the RELEASE answered 0
         all the same.  One that raises (an interrupt, or a bug of ours:
-        -EIO) puts the socket back in the table, for a RELEASE again or the
+        -EIO) leaves the socket in the table, for a RELEASE again or the
         frontend's close() to finish what it left held.  The kick of an
         id_new's listener refused afterwards: -EIO, the socket released;
         after a teardown that raised, logged, what the teardown raised
         going on."""
-        with self._lock:
-            entry = self._sockets.pop(request.id, None)
-        if entry is None:
-            raise CommandError(_errno.EBADF, f"no socket {request.id:#x}")
+        # Taken out of the table once torn down, not before (as close()
+        # does): taken out first, a Ctrl-C as pop() returned lost it, and
+        # one in the putting back after a teardown cut short (a second
+        # Ctrl-C) left it in no place anyone looks, all it held held for
+        # good.
+        entry = self._lookup(request.id)
         if isinstance(entry, NewSocket):
             entry.release()
+            self._take_out(request.id)
         elif isinstance(entry, ActiveSocket):
             parent = entry.parent
             # The request the RELEASE ends: the ACCEPT _cancel_accept takes
@@ -1197,9 +1219,9 @@ class _Frontend:
                 if parent is not None:
                     self._cancel_accept(parent, entry, ended)
                 entry.teardown(into=ended)
+                self._take_out(request.id)
             except BaseException:
                 raised = True
-                self._put_back(request.id, entry)
                 raise
             finally:
                 # Answered only now: a cancelled ACCEPT's answer tells the
@@ -1231,9 +1253,7 @@ class _Frontend:
             taken: list[tuple[Request, ActiveSocket | None]] = []
             try:
                 entry.teardown(taken)
-            except BaseException:
-                self._put_back(request.id, entry)
-                raise
+                self._take_out(request.id)
             finally:
                 for waiting_request, new in taken:
                     try:
@@ -1245,11 +1265,13 @@ class _Frontend:
                         self.respond(waiting_request, -_errno.EINTR)
         return 0
 
-    def _put_back(self, sock_id: int, entry: Socket) -> None:
-        # Not if the id was taken since: never today (the command Work,
-        # which is us, alone adds ids), kept for later callers.
+    def _take_out(self, sock_id: int) -> None:
+        # Whatever is there: the socket, or the NEW id that its connect,
+        # failing meanwhile, put in its place (connect_failed), which the
+        # RELEASE releases too.  Nothing else adds ids but the command
+        # Work, which is us.
         with self._lock:
-            self._sockets.setdefault(sock_id, entry)
+            self._sockets.pop(sock_id, None)
 
     def _cancel_accept(self, parent: PassiveSocket, new: ActiveSocket,
                        into: list[Request]) -> None:

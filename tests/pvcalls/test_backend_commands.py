@@ -826,6 +826,120 @@ def test_two_connects_whose_undo_is_cut_short_too_hold_nothing_once_closed(
     _closed_holds_nothing(raw, backend)
 
 
+@pytest.mark.parametrize(("command", "where"), [
+    ("connect", "stored"), ("accept", "reserved"), ("accept", "stored")])
+def test_a_connect_or_accept_cut_short_as_its_socket_is_stored_holds_nothing(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, command: str, where: str) -> None:
+    """An interrupt after a CONNECT's or ACCEPT's data ring is set up, as
+    the frontend's lock is taken to put the socket in the table (or, for
+    an ACCEPT, as that lock is let go once id_new is counted against the
+    socket limit, before anything is set up): the command, cut short, is
+    not answered, what was set up goes back at once, and the id_new is
+    counted no more.  Between the end of the set-up's try and the table,
+    the socket was in no place close() looks: its pages, port and CPU
+    slot held for the life of the backend, and an ACCEPT's reservation
+    kept the domain's socket limit one lower for good."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    handler = _Frontend._connect if command == "connect" else _Frontend._accept
+    attached = threading.Event()
+    attach_ring = ActiveSocket.attach_ring
+
+    def attach(self: ActiveSocket, *args: Any) -> None:
+        attach_ring(self, *args)
+        attached.set()
+
+    monkeypatch.setattr(ActiveSocket, "attach_ring", attach)
+    lock = _CutLock(fe._lock, handler, on="enter" if where == "stored" else "exit",
+                    armed=attached if where == "stored" else None)
+    monkeypatch.setattr(fe, "_lock", lock)
+    ring = raw.new_ring()
+    if command == "connect":
+        sock_id, _ = raw.socket()
+        before = resources(backend, host)
+        req_id = raw.push_connect(sock_id, echo_server.address, ring)
+        left = [(sock_id, "new")]
+    else:
+        listener, _ = raw.listening(backend)
+        before = resources(backend, host)
+        req_id = raw.push_accept(listener, raw.new_id(), ring)
+        left = [(listener, "listening")]
+    assert lock.cut.wait(TIMEOUT)
+    fe._work.flush(timeout=TIMEOUT)  # the command handled, cut short
+    raw.poll_responses()
+    assert req_id not in raw.responses
+    assert [(row.id, row.state) for row in backend.stats().sockets] == left
+    assert fe.nr_sockets == 1
+    assert resources(backend, host) == before
+    assert fe._undone == []
+    assert all(backend.load_index.load(cpu) == 0 for cpu in backend.topology.possible())
+    _closed_holds_nothing(raw, backend)
+
+
+@pytest.mark.parametrize("command", ["connect", "accept"])
+def test_a_connect_or_accept_interrupted_as_any_of_its_calls_returns_holds_nothing_for_good(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    """A Ctrl-C landing as any call made by the CONNECT's or ACCEPT's
+    handler returns (the recording of its socket, the set-up of its ring,
+    the taking and letting go of the table's lock, the connect's start):
+    the socket is in the table, for a RELEASE to free, or given back at
+    once, and then nothing is held: no port, page or CPU slot, no socket
+    left on the frontend's record, none counted against the domain's
+    limit.  A socket between its record and the table in neither of them
+    was held for good; an ACCEPT's reservation kept, the limit one lower."""
+    from stolensignal import interrupted_as_call_returns
+
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    listener = raw.listening(backend)[0] if command == "accept" else None
+    # The requests handled here were never on the ring: their answers
+    # (an ACCEPT's -EINTR, as its id_new is released) are kept aside.
+    answered: dict[int, int] = {}
+    respond = fe.respond
+
+    def kept_aside(request: Request, ret: int) -> None:
+        if request.req_id >= 10000:
+            answered[request.req_id] = ret
+        else:
+            respond(request, ret)
+
+    monkeypatch.setattr(fe, "respond", kept_aside)
+    landed = 0
+    for n in itertools.count():
+        before, counted = resources(backend, host), fe.nr_sockets
+        ring = raw.new_ring()
+        req = ffi.new("struct xen_pvcalls_request *")
+        if listener is None:
+            sock_id, _ = raw.socket()
+            req.u.connect.id = sock_id
+            ffi.memmove(req.u.connect.addr, _wire.pack_sockaddr_in(*echo_server.address), 16)
+            req.u.connect.len = 16
+            req.u.connect.ref, req.u.connect.evtchn = ring.ref, ring.port
+            request = Request(10000 + n, _wire.PVCALLS_CONNECT, sock_id)
+            handler: Any = _Frontend._connect
+        else:
+            sock_id = raw.new_id()
+            req.u.accept.id, req.u.accept.id_new = listener, sock_id
+            req.u.accept.ref, req.u.accept.evtchn = ring.ref, ring.port
+            request = Request(10000 + n, _wire.PVCALLS_ACCEPT, listener)
+            handler = _Frontend._accept
+        where = f"interrupted as call {n} returned"
+        interrupted = interrupted_as_call_returns(
+            handler.__code__, n, lambda request=request, req=req, handler=handler: handler(
+                fe, request, req))
+        assert fe._undone == [], where
+        if sock_id in fe._sockets:
+            assert raw.release(sock_id).ret == 0, where
+        ring.close()
+        assert resources(backend, host) == before, where
+        assert fe.nr_sockets == counted, where
+        if not interrupted:
+            break
+        landed += 1
+    assert landed >= 6  # the record, the mapping, the table's lock among them
+    assert raw.unexpected == []
+
+
 def test_an_event_channel_the_platform_calls_out_of_range_is_einval(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1639,6 +1753,47 @@ def test_a_release_cut_short_leaves_the_socket_to_the_frontend_s_close(
         assert host_socket.fileno() == -1
 
 
+@pytest.mark.parametrize("kind", ["connected", "listener"])
+def test_a_release_interrupted_as_any_of_its_calls_returns_leaves_the_socket_to_a_release_again(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
+        kind: str) -> None:
+    """A Ctrl-C landing as any call made by _Frontend._release returns
+    (the taking of the socket out of the table, its teardown, the putting
+    back): the socket is where a RELEASE again finds it, or its teardown
+    is done, and once released again nothing is held: its port, its
+    pages, its CPU slot, its host socket.  Taken out of the table by the
+    call whose return the Ctrl-C landed as, it was in no place anyone
+    looks, and held all of it for the life of the backend."""
+    from stolensignal import interrupted_as_call_returns
+
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    before = resources(backend, host)
+    landed = 0
+    for n in itertools.count():
+        ring = None
+        if kind == "connected":
+            sock_id, ring = raw.connect_socket(echo_server.address)
+        else:
+            sock_id, _ = raw.listening(backend)
+        host_socket = fe._sockets[sock_id].host
+        request = Request(0, _wire.PVCALLS_RELEASE, sock_id)
+        interrupted = interrupted_as_call_returns(
+            _Frontend._release.__code__, n, lambda request=request: fe._release(request, None))
+        if sock_id in fe._sockets:
+            assert interrupted, f"not released, interrupted as call {n} returned"
+            assert raw.release(sock_id).ret == 0
+        if ring is not None:
+            ring.close()
+        assert resources(backend, host) == before, f"interrupted as call {n} returned"
+        assert host_socket is None or host_socket.fileno() == -1
+        assert fe._undone == [] and not fe._sockets
+        if not interrupted:
+            break
+        landed += 1
+    assert landed >= 3  # the taking out, the teardown, the putting back among them
+    assert raw.unexpected == []
+
+
 @pytest.mark.parametrize("unbind", ["interrupted", "failed"])
 def test_a_release_cut_short_as_its_port_is_unbound_leaves_the_number_to_its_next_owner(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
@@ -1780,6 +1935,36 @@ def _called_from(func: Any) -> bool:
             return True
         frame = frame.f_back  # type: ignore[assignment]
     return False
+
+
+class _CutLock:
+    """``real``, a lock, whose taking (``on="enter"``: not taken, as a
+    Ctrl-C ends an acquire) or letting go (``on="exit"``: as it returns)
+    by a with statement of ``func`` itself raises KeyboardInterrupt once,
+    as Ctrl-C would; only once ``armed`` is set, if given.  ``cut`` is set
+    once it did."""
+
+    def __init__(self, real: Any, func: Any, *, on: str = "exit",
+                 armed: threading.Event | None = None) -> None:
+        self.real, self.code, self.on, self.armed = real, func.__code__, on, armed
+        self.cut = threading.Event()
+
+    def _now(self, where: str) -> bool:
+        if (self.cut.is_set() or where != self.on or sys._getframe(2).f_code is not self.code
+                or (self.armed is not None and not self.armed.is_set())):
+            return False
+        self.cut.set()
+        return True
+
+    def __enter__(self) -> Any:
+        if self._now("enter"):
+            raise KeyboardInterrupt
+        return self.real.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.real.__exit__(*exc)
+        if self._now("exit"):
+            raise KeyboardInterrupt
 
 
 def _cut_wait_in(monkeypatch: pytest.MonkeyPatch, func: Any) -> threading.Event:
@@ -1994,25 +2179,11 @@ def test_a_release_of_an_id_new_cut_short_as_its_listener_is_enabled_answers_the
 
         monkeypatch.setattr(_Frontend, "_cancel_accept", cut_append)
     else:
-        cut = threading.Event()
-
-        class CutLock:
-            """The listener's lock, whose release in _cancel_accept is cut
-            short once, as it returns."""
-
-            def __init__(self, real: Any) -> None:
-                self.real = real
-
-            def __enter__(self) -> Any:
-                return self.real.__enter__()
-
-            def __exit__(self, *exc: Any) -> None:
-                self.real.__exit__(*exc)
-                if not cut.is_set() and _called_from(_Frontend._cancel_accept):
-                    cut.set()
-                    raise KeyboardInterrupt
-
-        monkeypatch.setattr(passive, "_lock", CutLock(passive._lock))
+        # The listener's lock, whose release in _cancel_accept is cut short
+        # once, as it returns.
+        lock = _CutLock(passive._lock, _Frontend._cancel_accept)
+        cut = lock.cut
+        monkeypatch.setattr(passive, "_lock", lock)
     release = raw.push_release(id_new)
     assert raw.response(accept).ret == EINTR
     assert cut.is_set()
@@ -2197,8 +2368,10 @@ def test_release_of_id_new_while_its_accept_completes(
     with socket.create_connection(address, timeout=TIMEOUT):
         assert inside.wait(TIMEOUT)
         release = raw.push_release(id_new)
-        # The RELEASE is being processed once the id has left the table.
-        wait_until(lambda: id_new not in {row.id for row in backend.stats().sockets})
+        # The RELEASE is being processed once it waits for the listener's
+        # run (the id leaves the table only once it is torn down).
+        wait_until(lambda: any(stands_at(tid, _Frontend._cancel_accept, "parent.flush()")
+                               for tid in sys._current_frames()))
         go_on.set()
         raw.wait(lambda: accept in raw.responses and release in raw.responses)
     assert raw.responses[accept].ret == 0

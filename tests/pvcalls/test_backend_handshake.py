@@ -614,6 +614,45 @@ def test_an_event_as_soon_as_the_command_port_is_bound(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+def test_a_request_notified_as_the_frontend_starts_is_answered(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request the guest pushes and notifies while the frontend is being
+    started, before it counts as started (its notification then queues
+    nothing): it is answered all the same, by the command Work that
+    start() queues after that.  Queued first, that Work could run and find
+    the ring empty before the request came, and the request then waited
+    for a notification the guest, past req_event, never sends."""
+    pause = PauseAt.in_method(monkeypatch, _Frontend, "start", "self._started = True")
+    notified = threading.Event()
+    on_event = _Frontend._on_event
+
+    def noting_on_event(self: _Frontend, *args: object) -> None:
+        on_event(self, *args)
+        notified.set()
+
+    # Before the frontend is made: its port is bound to the method then.
+    monkeypatch.setattr(_Frontend, "_on_event", noting_on_event)
+    raw = make_frontend("g", connect=False)
+    raw.connect(wait=False)
+    assert pause.reached.wait(TIMEOUT)
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    try:
+        fe._work.flush(timeout=TIMEOUT)  # no run of the Work under way
+        sock_id = raw.new_id()
+
+        def fill(req: Any) -> None:
+            req.u.socket.id = sock_id
+            req.u.socket.domain = _wire.AF_INET
+            req.u.socket.type = _wire.SOCK_STREAM
+
+        notified.clear()
+        req_id = raw.push(_wire.PVCALLS_SOCKET, fill)
+        assert notified.wait(TIMEOUT)  # the notification met a frontend not yet started
+    finally:
+        pause.resume()
+    assert raw.response(req_id).ret == 0
+
+
 def test_a_frontend_s_set_up_interrupted_as_any_of_its_calls_returns_holds_nothing(
         raw: RawFrontend, backend: pvcalls.Backend) -> None:
     """A Ctrl-C landing as any call made by _Frontend.__init__ returns (a
@@ -688,6 +727,55 @@ def test_a_device_s_connect_interrupted_as_any_of_its_calls_returns_holds_nothin
             break
         landed += 1
     assert landed >= 5  # the reads, the frontend's making and its start among them
+
+
+def test_a_device_s_connect_interrupted_anywhere_in_our_code_holds_nothing_once_disconnected(
+        raw: RawFrontend, backend: pvcalls.Backend) -> None:
+    """A Ctrl-C landing at any place of a device's connect in pvcalls'
+    code, inside the calls Backend._connect makes too (the frontend's
+    set-up, the policy's lookup, its start() before or after it marks
+    the frontend started): the device is not switched to Connected (the
+    driver raised), and its next disconnect (the frontend closing, or
+    connecting again, or the backend's close) gives back what the
+    frontend held.  A frontend whose start() was cut short is in
+    driver_data and among the backend's, where that disconnect finds it."""
+    from stolensignal import interrupted_at
+
+    dev, holds_no_more = _a_device_disconnected(raw, backend)
+    landed: list[str] = []
+    for n in itertools.count():
+        where = interrupted_at(n, os.path.dirname(pvcalls.__file__),
+                               lambda: backend._connect(dev))
+        backend._disconnect(dev)  # what the device's disconnect does
+        holds_no_more(n)
+        assert dev.driver_data is None, where
+        if not where:
+            break
+        landed.append(where)
+    assert any("_Frontend.start" in where for where in landed), landed
+
+
+def test_a_frontend_whose_start_fails_fails_its_device_and_holds_nothing(
+        dom0_xs: Any, make_frontend: Any, host: Any, backend: pvcalls.Backend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frontend's start() raising (the command workqueue refusing its
+    Work, say) as a device connects: the device fails as a connect that
+    failed does (error node, Closing, never Connected), and the frontend
+    made for it is let go of at once, its command ring unmapped and its
+    port unbound."""
+    def refused(self: _Frontend) -> None:
+        raise RuntimeError("workqueue 'pvcalls_cmd' is destroyed")
+
+    monkeypatch.setattr(_Frontend, "start", refused)
+    fe = make_frontend("g", connect=False)
+    fe.wait_backend_state(2)
+    fe.connect(wait=False)
+    fe.wait_backend_state(5)
+    error = dom0_xs.read(f"/local/domain/0/error/backend/pvcalls/{fe.guest.domid}/0/error")
+    assert error is not None and error.endswith("workqueue 'pvcalls_cmd' is destroyed")
+    assert backend.stats().frontends == 0
+    assert bound_ports(backend) == []
+    assert len(backend.gnttab._live) == 0
 
 
 def test_a_device_s_disconnect_cut_short_in_its_frontend_s_close_is_finished_by_its_next_connect(
