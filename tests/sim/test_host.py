@@ -638,10 +638,17 @@ def test_a_hypervisor_start_interrupted_anywhere_removes_domains_and_stops(
 
 
     def landing(n: int) -> str:
+        before = descriptors()
         threads = set(threading.enumerate())
         hv = Hypervisor(tmp_path / str(n))
+        made = descriptors()  # the selector's
         try:
             where = interrupted_at(n, SIM_CODE, hv.start)
+            if hv._thread is None:
+                # Cut short before its thread: it took back what it made.
+                _descriptors_left_since(made, f"interrupted {where}")
+                if n % 2:
+                    hv.start()
             hv.add_domain(1, "guest")
             removal = threading.Thread(target=hv.remove_domain, args=(1,), daemon=True)
             removal.start()
@@ -650,26 +657,115 @@ def test_a_hypervisor_start_interrupted_anywhere_removes_domains_and_stops(
         finally:
             hv.stop()
         _no_threads_since(threads, where)
+        _descriptors_left_since(before, f"interrupted {where}")
         return where
 
     landed = landings(landing)
     assert any("Hypervisor.start" in where for where in landed), landed
 
 
+def _descriptors_left_since(before: frozenset[tuple[int, str]], where: str) -> None:
+    assert eventually(lambda: descriptors() <= before), (
+        f"{where}: new descriptors {sorted(descriptors() - before)}")
+
+
+def test_a_hypervisor_made_interrupted_anywhere_keeps_no_descriptor(tmp_path: Path) -> None:
+    """A Ctrl-C landing anywhere in making a hypervisor service (or as
+    Hypervisor() returns, before its caller has it): nothing is left open.
+    It made its wake-up pipe and spare descriptor, plain numbers, in
+    __init__: cut short, nobody ever had them to close."""
+    from xenback.sim._hypervisor import Hypervisor
+
+    def landing(n: int) -> str:
+        before = descriptors()
+        made: list[Hypervisor] = []
+        where = interrupted_at(n, SIM_CODE, lambda: made.append(Hypervisor(tmp_path)))
+        made.clear()  # dropped unstopped, as SimHost._start drops one it never got
+        _descriptors_left_since(before, f"interrupted {where}")
+        return where
+
+    landed = landings(landing)
+    assert any("Hypervisor.__init__" in where for where in landed), landed
+
+
+def test_a_hypervisor_whose_start_fails_keeps_nothing_and_starts_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """epoll refusing the wake-up pipe (ENOSPC: max_user_watches) as the
+    service is made or started: it raises, and the pipe is not left open;
+    started again, it serves, and stop() leaves nothing.  Made in
+    __init__, the pipe was lost with the object that never was."""
+    import json
+    import selectors
+    import socket
+
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
+
+    class Refusing(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+        refusals = 1
+
+        def register(self, fileobj: Any, events: int, data: Any = None) -> Any:
+            if Refusing.refusals:
+                Refusing.refusals -= 1
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().register(fileobj, events, data)
+
+    monkeypatch.setattr(selectors, "DefaultSelector", Refusing)
+    before = descriptors()
+    made: list[Hypervisor] = []
+    with pytest.raises(OSError) as info:
+        made.append(Hypervisor(tmp_path))
+        made[0].start()
+    assert info.value.errno == errno.ENOSPC
+    # The selector's epoll alone, which stop() closes.
+    assert {what for _, what in descriptors() - before} <= {"anon_inode:[eventpoll]"}
+    [hv] = made
+    try:
+        hv.start()
+        hv.add_domain(0, "Domain-0")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.connect(os.fspath(domain_socket(tmp_path, 0)))
+            sock.send(b'{"op": "info", "id": 1}')
+            assert json.loads(sock.recv(65536))["domid"] == 0
+    finally:
+        hv.stop()
+    _descriptors_left_since(before, "stopped")
+
+
+class _ThreadingWith:
+    """The threading module as _hypervisor sees it, with another Thread."""
+
+    def __init__(self, thread: type[threading.Thread]) -> None:
+        self.Thread = thread
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(threading, name)
+
+
 def test_a_hypervisor_thread_that_runs_only_after_stop_ends_without_serving(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C inside threading's start() can leave the service thread
     launched but not yet running: stop() does not join it (join() refuses
     a thread not started) and closes the service's descriptors.  When it
     runs, it ends at once; it went on to serve, and died on the closed
     selector (an unhandled thread exception, which fails the test)."""
-    from xenback.sim._hypervisor import Hypervisor
+    from xenback.sim import _hypervisor
 
-    hv = Hypervisor(tmp_path)
-    late = threading.Thread(target=hv._serve, daemon=True)
-    hv._thread = late  # as a start() cut short in Thread.start() leaves it
+    unlaunched: list[threading.Thread] = []
+
+    class CutShort(threading.Thread):
+        def start(self) -> None:
+            unlaunched.append(self)
+            raise Interrupted
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(CutShort))
+    with pytest.raises(Interrupted):
+        hv.start()
+    monkeypatch.undo()
     hv.stop()
-    late.start()
+    [late] = unlaunched
+    threading.Thread.start(late)
     late.join(TIMEOUT)
     assert not late.is_alive()
 
@@ -918,12 +1014,14 @@ def test_a_host_start_interrupted_anywhere_is_closed_whole(tmp_path: Path) -> No
     close() closes it, leaving no thread."""
     # In SimHost's own code.  XenStored.start(), Hypervisor.start() and
     # add_domain() and the toolstack's operations have sweeps of their own
-    # (test_xenstored_ops.py, above, test_toolstack.py); Hypervisor()
-    # cut short still leaves its pipes and epoll open (it makes them in
-    # __init__, and no stop() follows for one never stored).
+    # (test_xenstored_ops.py, above, test_toolstack.py), as has
+    # Hypervisor() (above).  Nothing is left open: one landing as
+    # Hypervisor() returned, before the host stored it, left its wake-up
+    # pipe and spare descriptor (made in __init__) with nobody to close them.
     elsewhere = tuple(os.fspath(p) for p in Path(SIM_CODE).iterdir() if p.name != "_host.py")
 
     def landing(n: int) -> str:
+        before = descriptors()
         threads = set(threading.enumerate())
         host = SimHost(tmp_path / str(n))
         try:
@@ -941,6 +1039,7 @@ def test_a_host_start_interrupted_anywhere_is_closed_whole(tmp_path: Path) -> No
         with pytest.raises(RuntimeError, match="^SimHost is closed$"):
             host.start()
         _no_threads_since(threads, where)
+        _descriptors_left_since(before, f"interrupted {where}")
         return where
 
     landed = landings(landing)
