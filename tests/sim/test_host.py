@@ -742,6 +742,40 @@ class _ThreadingWith:
         return getattr(threading, name)
 
 
+def test_a_removal_asked_for_as_a_hypervisor_start_is_cut_short_is_answered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remove_domain() from another thread, asked for once start() has
+    marked the service serving, then a Ctrl-C in starting its thread
+    (before it runs): the removal is done and its caller answered without
+    waiting for stop(), which nobody may ever call.  It was left queued
+    for a thread that never came, its caller waiting until stop()."""
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    removal: list[threading.Thread] = []
+
+    class CutShort(threading.Thread):
+        def start(self) -> None:
+            hv.add_domain(1, "guest")
+            removal.append(threading.Thread(target=hv.remove_domain, args=(1,), daemon=True))
+            removal[0].start()
+            assert eventually(lambda: bool(hv._removals)), "the removal is not queued"
+            raise Interrupted
+
+    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(CutShort))
+    try:
+        with pytest.raises(Interrupted):
+            hv.start()
+        monkeypatch.undo()
+        removal[0].join(TIMEOUT)
+        assert not removal[0].is_alive(), "remove_domain() waits for a thread that never ran"
+        assert hv.stats()["domains"] == 0
+        assert not _hypervisor.domain_socket(tmp_path, 1).exists()
+    finally:
+        monkeypatch.undo()
+        hv.stop()
+
+
 def test_a_hypervisor_thread_that_runs_only_after_stop_ends_without_serving(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C inside threading's start() can leave the service thread

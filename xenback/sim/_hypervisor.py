@@ -385,6 +385,9 @@ class Hypervisor:
         except BaseException:
             with self._lock:
                 self._serving = False
+                # Asked for while it was marked serving: the thread may
+                # never run, and stop() may never come; their callers wait.
+                self._run_removals()
             raise
 
     def _unmake(self, pipes: list[tuple[int, int]], reserves: list[int]) -> None:
