@@ -581,6 +581,59 @@ def test_a_hypervisor_add_domain_interrupted_anywhere_adds_it_whole_or_not_at_al
     assert any("Hypervisor.add_domain" in where for where in landed), landed
 
 
+@pytest.mark.parametrize("refusal", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                                     Interrupted()], ids=["ENOSPC", "Ctrl-C"])
+def test_a_hypervisor_add_domain_undo_interrupted_anywhere_leaves_nothing(
+        tmp_path: Path, refusal: BaseException) -> None:
+    """epoll refusing a new domain's listener, or a first Ctrl-C there,
+    then a (second) Ctrl-C landing anywhere in add_domain()'s undo: the
+    domain is not there, nor its socket file, nor a descriptor of its, nor
+    its listener in the selector (the loop would find it readable for good
+    once somebody connected), and it can be added again.  stop() stops."""
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
+
+    def landing(n: int) -> str:
+        hv = Hypervisor(tmp_path / str(n))
+        hv.start()
+        try:
+            watched = len(hv._selector.get_map())
+            fds = open_fds()
+            register = hv._selector.register
+            refused: list[BaseException] = []
+
+            def refuses(fileobj: Any, events: int, data: Any = None) -> Any:
+                hv._selector.register = register  # type: ignore[method-assign]
+                refused.append(refusal)
+                raise refusal
+
+            hv._selector.register = refuses  # type: ignore[method-assign]
+
+            def add() -> None:
+                try:
+                    hv.add_domain(3, "guest")
+                except BaseException as e:
+                    if refusal not in (e, e.__cause__):  # a Ctrl-C in the undo
+                        raise
+
+            # Only in the undo: anywhere before is the sweep above's.
+            where = interrupted_at(n, SIM_CODE, add, unless=lambda: not refused)
+            hv._selector.register = register  # type: ignore[method-assign]
+            path = domain_socket(hv.run_dir, 3)
+            assert hv.stats()["domains"] == 0, f"interrupted {where}: the domain is listed"
+            assert len(hv._selector.get_map()) == watched, (
+                f"interrupted {where}: its listener is watched")
+            assert not path.exists(), f"interrupted {where}: its socket is left"
+            assert eventually(lambda: open_fds() == fds), f"interrupted {where}: descriptors left"
+            assert hv.add_domain(3, "guest") == path
+            hv.remove_domain(3)
+        finally:
+            hv.stop()
+        return where
+
+    landed = landings(landing)
+    assert sum("Hypervisor.add_domain" in where for where in landed) >= 2, landed
+
+
 def _is_pipe(fd: int) -> bool:
     try:
         return stat.S_ISFIFO(os.fstat(fd).st_mode)

@@ -442,6 +442,7 @@ class Hypervisor:
             if domid in self._domains:
                 raise ValueError(f"domain {domid} already exists")
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            added = False
             try:
                 # Whoever connects acts as the domain: the user's alone,
                 # whatever the umask (bind gives the socket file this mode).
@@ -460,32 +461,45 @@ class Hypervisor:
                 # the register), stop() and remove_domain() failed on it.
                 self._selector.register(listener, selectors.EVENT_READ, dom)
                 self._domains[domid] = dom
+                added = True
             except OSError as e:
-                self._abandon_listener(listener)
                 # Name the path: "AF_UNIX path too long" alone does not say which.
                 why = f"cannot listen on {path}: {e.strerror or e}"
                 raise (OSError(why) if e.errno is None else OSError(e.errno, why)) from e
-            except BaseException:
-                self._abandon_listener(listener)
-                raise
+            finally:
+                if not added:
+                    # Taken back: unwatched, its socket file gone (nobody
+                    # would ever accept on it), closed.  Here, not in a
+                    # function a (second) Ctrl-C could cut short as it
+                    # starts, and each step in a finally of the one before,
+                    # so that one landing as a step returns still lets the
+                    # others run.  Left watched, the listener stayed open
+                    # until stop(), and the loop found it readable for good
+                    # once somebody connected; its file stayed in the run
+                    # directory, for attach() to take for a domain.
+                    try:
+                        try:
+                            self._selector.unregister(listener)
+                        except KeyError:
+                            pass  # not watched yet
+                    finally:
+                        try:
+                            # One call: a Ctrl-C between reading the socket's
+                            # name and removing its file would keep the file.
+                            # The domid is not listed, so what is at its path
+                            # is this listener's, or a killed host's (removed
+                            # before binding anyway).
+                            os.unlink(path)
+                        except OSError as e:
+                            # Not bound: not yet, or the path is too long,
+                            # its parent no directory...: nothing to remove.
+                            if e.errno != errno.ENOENT and listener.getsockname():
+                                logger.exception(
+                                    "hypervisor: cannot remove the socket of a domain not added"
+                                )
+                        finally:
+                            listener.close()
         return path
-
-    def _abandon_listener(self, listener: socket.socket) -> None:
-        """Take back the listener of an add_domain() that failed (under
-        _lock): unwatched, its socket file gone (if it got as far as
-        binding one: nobody would ever accept on it), closed."""
-        try:
-            self._selector.unregister(listener)
-        except KeyError:
-            pass  # not watched yet
-        try:
-            # A bound socket names its file; an unbound one, "".
-            bound = listener.getsockname()
-            if bound:
-                os.unlink(bound)
-        except OSError:
-            logger.exception("hypervisor: cannot remove the socket of a domain not added")
-        listener.close()
 
     def set_control(self, control: ControlHandler | None) -> None:
         """Let dom0 create and destroy domains through ``control``."""
