@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import math
 import os
 import queue
@@ -785,6 +786,29 @@ def test_a_hypervisor_whose_start_fails_keeps_nothing_and_starts_again(
     _descriptors_left_since(before, "stopped")
 
 
+def test_a_hypervisor_starts_once_and_never_once_stopped(tmp_path: Path) -> None:
+    """A second start() is refused, not a second thread and pipe (the
+    first pipe lost); one after stop() is refused too, not a thread
+    serving a closed selector."""
+    from xenback.sim._hypervisor import Hypervisor
+
+    before = descriptors()
+    hv = Hypervisor(tmp_path)
+    hv.start()
+    try:
+        threads = set(threading.enumerate())
+        made = descriptors()
+        with pytest.raises(RuntimeError, match="^the hypervisor service is started already$"):
+            hv.start()
+        assert set(threading.enumerate()) == threads
+        assert descriptors() == made
+    finally:
+        hv.stop()
+    with pytest.raises(RuntimeError, match="^the host is stopping$"):
+        hv.start()
+    _descriptors_left_since(before, "stopped")
+
+
 class _ThreadingWith:
     """The threading module as _hypervisor sees it, with another Thread."""
 
@@ -795,38 +819,80 @@ class _ThreadingWith:
         return getattr(threading, name)
 
 
+@pytest.mark.parametrize("end", ["Ctrl-C", "stop"])
 def test_a_removal_asked_for_as_a_hypervisor_start_is_cut_short_is_answered(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A remove_domain() from another thread, asked for once start() has
-    marked the service serving, then a Ctrl-C in starting its thread
-    (before it runs): the removal is done and its caller answered without
-    waiting for stop(), which nobody may ever call.  It was left queued
-    for a thread that never came, its caller waiting until stop()."""
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, end: str) -> None:
+    """Two remove_domain() calls of one domain from other threads (as a
+    call cut short and the next), asked for once start() has marked the
+    service serving, then a Ctrl-C in starting its thread (before it
+    runs), or a stop() from elsewhere meanwhile: the domain is removed
+    once and both callers are answered, neither waiting for a stop() that
+    nobody may ever call.  After the Ctrl-C they were left queued for a
+    thread that never came, waiting until stop()."""
     from xenback.sim import _hypervisor
 
     hv = _hypervisor.Hypervisor(tmp_path)
-    removal: list[threading.Thread] = []
+    removals: list[threading.Thread] = []
+    answers: list[BaseException | None] = []
+
+    def remove() -> None:
+        try:
+            hv.remove_domain(1)
+        except BaseException as e:
+            answers.append(e)
+        else:
+            answers.append(None)
 
     class CutShort(threading.Thread):
         def start(self) -> None:
             hv.add_domain(1, "guest")
-            removal.append(threading.Thread(target=hv.remove_domain, args=(1,), daemon=True))
-            removal[0].start()
-            assert eventually(lambda: bool(hv._removals)), "the removal is not queued"
-            raise Interrupted
+            for queued in (1, 2):
+                removals.append(threading.Thread(target=remove, daemon=True))
+                removals[-1].start()
+                assert eventually(lambda q=queued: len(hv._removals) == q), "none queued"
+            if end == "stop":
+                hv.stop()
+                super().start()  # runs only now, to find the service stopped
+            else:
+                raise Interrupted
 
     monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(CutShort))
     try:
-        with pytest.raises(Interrupted):
+        if end == "stop":
             hv.start()
+        else:
+            with pytest.raises(Interrupted):
+                hv.start()
         monkeypatch.undo()
-        removal[0].join(TIMEOUT)
-        assert not removal[0].is_alive(), "remove_domain() waits for a thread that never ran"
+        for removal in removals:
+            removal.join(TIMEOUT)
+            assert not removal.is_alive(), "remove_domain() waits for a thread that never ran"
+        assert answers == [None, None]
         assert hv.stats()["domains"] == 0
         assert not _hypervisor.domain_socket(tmp_path, 1).exists()
     finally:
         monkeypatch.undo()
         hv.stop()
+
+
+def test_a_hypervisor_domain_whose_directory_cannot_be_made_is_refused_quietly(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A domain whose socket's directory cannot be made (``domains`` is a
+    file): add_domain() says so, and takes its listener back without
+    logging a failure to remove a socket file it never made."""
+    from xenback.sim._hypervisor import Hypervisor
+
+    (tmp_path / "domains").write_text("")
+    hv = Hypervisor(tmp_path)
+    hv.start()
+    try:
+        with pytest.raises(OSError) as info:
+            hv.add_domain(3, "guest")
+        assert info.value.errno == errno.ENOTDIR
+        assert hv.stats()["domains"] == 0
+    finally:
+        hv.stop()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_a_hypervisor_thread_that_runs_only_after_stop_ends_without_serving(
