@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import math
 import os
 import queue
@@ -582,6 +583,59 @@ def test_a_hypervisor_add_domain_interrupted_anywhere_adds_it_whole_or_not_at_al
     assert any("Hypervisor.add_domain" in where for where in landed), landed
 
 
+@pytest.mark.parametrize("refusal", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                                     Interrupted()], ids=["ENOSPC", "Ctrl-C"])
+def test_a_hypervisor_add_domain_undo_interrupted_anywhere_leaves_nothing(
+        tmp_path: Path, refusal: BaseException) -> None:
+    """epoll refusing a new domain's listener, or a first Ctrl-C there,
+    then a (second) Ctrl-C landing anywhere in add_domain()'s undo: the
+    domain is not there, nor its socket file, nor a descriptor of its, nor
+    its listener in the selector (the loop would find it readable for good
+    once somebody connected), and it can be added again.  stop() stops."""
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
+
+    def landing(n: int) -> str:
+        hv = Hypervisor(tmp_path / str(n))
+        hv.start()
+        try:
+            watched = len(hv._selector.get_map())
+            fds = open_fds()
+            register = hv._selector.register
+            refused: list[BaseException] = []
+
+            def refuses(fileobj: Any, events: int, data: Any = None) -> Any:
+                hv._selector.register = register  # type: ignore[method-assign]
+                refused.append(refusal)
+                raise refusal
+
+            hv._selector.register = refuses  # type: ignore[method-assign]
+
+            def add() -> None:
+                try:
+                    hv.add_domain(3, "guest")
+                except BaseException as e:
+                    if refusal not in (e, e.__cause__):  # a Ctrl-C in the undo
+                        raise
+
+            # Only in the undo: anywhere before is the sweep above's.
+            where = interrupted_at(n, SIM_CODE, add, unless=lambda: not refused)
+            hv._selector.register = register  # type: ignore[method-assign]
+            path = domain_socket(hv.run_dir, 3)
+            assert hv.stats()["domains"] == 0, f"interrupted {where}: the domain is listed"
+            assert len(hv._selector.get_map()) == watched, (
+                f"interrupted {where}: its listener is watched")
+            assert not path.exists(), f"interrupted {where}: its socket is left"
+            assert eventually(lambda: open_fds() == fds), f"interrupted {where}: descriptors left"
+            assert hv.add_domain(3, "guest") == path
+            hv.remove_domain(3)
+        finally:
+            hv.stop()
+        return where
+
+    landed = landings(landing)
+    assert sum("Hypervisor.add_domain" in where for where in landed) >= 2, landed
+
+
 def _is_pipe(fd: int) -> bool:
     try:
         return stat.S_ISFIFO(os.fstat(fd).st_mode)
@@ -639,10 +693,17 @@ def test_a_hypervisor_start_interrupted_anywhere_removes_domains_and_stops(
 
 
     def landing(n: int) -> str:
+        before = descriptors()
         threads = set(threading.enumerate())
         hv = Hypervisor(tmp_path / str(n))
+        made = descriptors()  # the selector's
         try:
             where = interrupted_at(n, SIM_CODE, hv.start)
+            if hv._thread is None:
+                # Cut short before its thread: it took back what it made.
+                _descriptors_left_since(made, f"interrupted {where}")
+                if n % 2:
+                    hv.start()
             hv.add_domain(1, "guest")
             removal = threading.Thread(target=hv.remove_domain, args=(1,), daemon=True)
             removal.start()
@@ -651,26 +712,214 @@ def test_a_hypervisor_start_interrupted_anywhere_removes_domains_and_stops(
         finally:
             hv.stop()
         _no_threads_since(threads, where)
+        _descriptors_left_since(before, f"interrupted {where}")
         return where
 
     landed = landings(landing)
     assert any("Hypervisor.start" in where for where in landed), landed
 
 
+def _descriptors_left_since(before: frozenset[tuple[int, str]], where: str) -> None:
+    assert eventually(lambda: descriptors() <= before), (
+        f"{where}: new descriptors {sorted(descriptors() - before)}")
+
+
+def test_a_hypervisor_made_interrupted_anywhere_keeps_no_descriptor(tmp_path: Path) -> None:
+    """A Ctrl-C landing anywhere in making a hypervisor service (or as
+    Hypervisor() returns, before its caller has it): nothing is left open.
+    It made its wake-up pipe and spare descriptor, plain numbers, in
+    __init__: cut short, nobody ever had them to close."""
+    from xenback.sim._hypervisor import Hypervisor
+
+    def landing(n: int) -> str:
+        before = descriptors()
+        made: list[Hypervisor] = []
+        where = interrupted_at(n, SIM_CODE, lambda: made.append(Hypervisor(tmp_path)))
+        made.clear()  # dropped unstopped, as SimHost._start drops one it never got
+        _descriptors_left_since(before, f"interrupted {where}")
+        return where
+
+    landed = landings(landing)
+    assert any("Hypervisor.__init__" in where for where in landed), landed
+
+
+def test_a_hypervisor_whose_start_fails_keeps_nothing_and_starts_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """epoll refusing the wake-up pipe (ENOSPC: max_user_watches) as the
+    service is made or started: it raises, and the pipe is not left open;
+    started again, it serves, and stop() leaves nothing.  Made in
+    __init__, the pipe was lost with the object that never was."""
+    import json
+    import selectors
+    import socket
+
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
+
+    class Refusing(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+        refusals = 1
+
+        def register(self, fileobj: Any, events: int, data: Any = None) -> Any:
+            if Refusing.refusals:
+                Refusing.refusals -= 1
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().register(fileobj, events, data)
+
+    monkeypatch.setattr(selectors, "DefaultSelector", Refusing)
+    before = descriptors()
+    made: list[Hypervisor] = []
+    with pytest.raises(OSError) as info:
+        made.append(Hypervisor(tmp_path))
+        made[0].start()
+    assert info.value.errno == errno.ENOSPC
+    # The selector's epoll alone, which stop() closes.
+    assert {what for _, what in descriptors() - before} <= {"anon_inode:[eventpoll]"}
+    [hv] = made
+    try:
+        hv.start()
+        hv.add_domain(0, "Domain-0")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.connect(os.fspath(domain_socket(tmp_path, 0)))
+            sock.send(b'{"op": "info", "id": 1}')
+            assert json.loads(sock.recv(65536))["domid"] == 0
+    finally:
+        hv.stop()
+    _descriptors_left_since(before, "stopped")
+
+
+def test_a_hypervisor_starts_once_and_never_once_stopped(tmp_path: Path) -> None:
+    """A second start() is refused, not a second thread and pipe (the
+    first pipe lost); one after stop() is refused too, not a thread
+    serving a closed selector."""
+    from xenback.sim._hypervisor import Hypervisor
+
+    before = descriptors()
+    hv = Hypervisor(tmp_path)
+    hv.start()
+    try:
+        threads = set(threading.enumerate())
+        made = descriptors()
+        with pytest.raises(RuntimeError, match="^the hypervisor service is started already$"):
+            hv.start()
+        assert set(threading.enumerate()) == threads
+        assert descriptors() == made
+    finally:
+        hv.stop()
+    with pytest.raises(RuntimeError, match="^the host is stopping$"):
+        hv.start()
+    _descriptors_left_since(before, "stopped")
+
+
+class _ThreadingWith:
+    """The threading module as _hypervisor sees it, with another Thread."""
+
+    def __init__(self, thread: type[threading.Thread]) -> None:
+        self.Thread = thread
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(threading, name)
+
+
+@pytest.mark.parametrize("end", ["Ctrl-C", "stop"])
+def test_a_removal_asked_for_as_a_hypervisor_start_is_cut_short_is_answered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, end: str) -> None:
+    """Two remove_domain() calls of one domain from other threads (as a
+    call cut short and the next), asked for once start() has marked the
+    service serving, then a Ctrl-C in starting its thread (before it
+    runs), or a stop() from elsewhere meanwhile: the domain is removed
+    once and both callers are answered, neither waiting for a stop() that
+    nobody may ever call.  After the Ctrl-C they were left queued for a
+    thread that never came, waiting until stop()."""
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    removals: list[threading.Thread] = []
+    answers: list[BaseException | None] = []
+
+    def remove() -> None:
+        try:
+            hv.remove_domain(1)
+        except BaseException as e:
+            answers.append(e)
+        else:
+            answers.append(None)
+
+    class CutShort(threading.Thread):
+        def start(self) -> None:
+            hv.add_domain(1, "guest")
+            for queued in (1, 2):
+                removals.append(threading.Thread(target=remove, daemon=True))
+                removals[-1].start()
+                assert eventually(lambda q=queued: len(hv._removals) == q), "none queued"
+            if end == "stop":
+                hv.stop()
+                super().start()  # runs only now, to find the service stopped
+            else:
+                raise Interrupted
+
+    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(CutShort))
+    try:
+        if end == "stop":
+            hv.start()
+        else:
+            with pytest.raises(Interrupted):
+                hv.start()
+        monkeypatch.undo()
+        for removal in removals:
+            removal.join(TIMEOUT)
+            assert not removal.is_alive(), "remove_domain() waits for a thread that never ran"
+        assert answers == [None, None]
+        assert hv.stats()["domains"] == 0
+        assert not _hypervisor.domain_socket(tmp_path, 1).exists()
+    finally:
+        monkeypatch.undo()
+        hv.stop()
+
+
+def test_a_hypervisor_domain_whose_directory_cannot_be_made_is_refused_quietly(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A domain whose socket's directory cannot be made (``domains`` is a
+    file): add_domain() says so, and takes its listener back without
+    logging a failure to remove a socket file it never made."""
+    from xenback.sim._hypervisor import Hypervisor
+
+    (tmp_path / "domains").write_text("")
+    hv = Hypervisor(tmp_path)
+    hv.start()
+    try:
+        with pytest.raises(OSError) as info:
+            hv.add_domain(3, "guest")
+        assert info.value.errno == errno.ENOTDIR
+        assert hv.stats()["domains"] == 0
+    finally:
+        hv.stop()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 def test_a_hypervisor_thread_that_runs_only_after_stop_ends_without_serving(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C inside threading's start() can leave the service thread
     launched but not yet running: stop() does not join it (join() refuses
     a thread not started) and closes the service's descriptors.  When it
     runs, it ends at once; it went on to serve, and died on the closed
     selector (an unhandled thread exception, which fails the test)."""
-    from xenback.sim._hypervisor import Hypervisor
+    from xenback.sim import _hypervisor
 
-    hv = Hypervisor(tmp_path)
-    late = threading.Thread(target=hv._serve, daemon=True)
-    hv._thread = late  # as a start() cut short in Thread.start() leaves it
+    unlaunched: list[threading.Thread] = []
+
+    class CutShort(threading.Thread):
+        def start(self) -> None:
+            unlaunched.append(self)
+            raise Interrupted
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(CutShort))
+    with pytest.raises(Interrupted):
+        hv.start()
+    monkeypatch.undo()
     hv.stop()
-    late.start()
+    [late] = unlaunched
+    threading.Thread.start(late)
     late.join(TIMEOUT)
     assert not late.is_alive()
 
@@ -932,12 +1181,14 @@ def test_a_host_start_interrupted_anywhere_is_closed_whole(tmp_path: Path) -> No
     close() closes it, leaving no thread."""
     # In SimHost's own code.  XenStored.start(), Hypervisor.start() and
     # add_domain() and the toolstack's operations have sweeps of their own
-    # (test_xenstored_ops.py, above, test_toolstack.py); Hypervisor()
-    # cut short still leaves its pipes and epoll open (it makes them in
-    # __init__, and no stop() follows for one never stored).
+    # (test_xenstored_ops.py, above, test_toolstack.py), as has
+    # Hypervisor() (above).  Nothing is left open: one landing as
+    # Hypervisor() returned, before the host stored it, left its wake-up
+    # pipe and spare descriptor (made in __init__) with nobody to close them.
     elsewhere = tuple(os.fspath(p) for p in Path(SIM_CODE).iterdir() if p.name != "_host.py")
 
     def landing(n: int) -> str:
+        before = descriptors()
         threads = set(threading.enumerate())
         host = SimHost(tmp_path / str(n))
         try:
@@ -955,6 +1206,7 @@ def test_a_host_start_interrupted_anywhere_is_closed_whole(tmp_path: Path) -> No
         with pytest.raises(RuntimeError, match="^SimHost is closed$"):
             host.start()
         _no_threads_since(threads, where)
+        _descriptors_left_since(before, f"interrupted {where}")
         return where
 
     landed = landings(landing)

@@ -303,9 +303,12 @@ class Hypervisor:
         # message is dropped instead of waited for.
         self._lock = threading.Lock()
         self._domains: dict[int, _Domain] = {}
+        # An object that closes its epoll when dropped: a Hypervisor lost
+        # as it is made (a Ctrl-C as it returns) leaves nothing open.  The
+        # plain descriptors, which nobody would close then, start() makes.
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        # The wake-up pipe (start() makes it, -1 until then and once closed).
+        self._wake_r = self._wake_w = -1
         self._handles = itertools.count(1)
         self._doomed: list[_Conn] = []
         # remove_domain()'s requests for the service thread, with the
@@ -323,8 +326,9 @@ class Hypervisor:
         # and the client waits forever for its first reply.  Closing this
         # spare descriptor lets the service accept such a connection, tell
         # it why and close it at once, so that the client fails instead
-        # (EMFILE: the host is there, only short for now).
-        self._reserve = _open_reserve()
+        # (EMFILE: the host is there, only short for now).  start() opens
+        # it; -1 while there is none.
+        self._reserve = -1
         # Listeners unwatched because even the reserve is gone; watched
         # again at _accept_retry_at.
         self._accept_paused: list[_Domain] = []
@@ -336,21 +340,65 @@ class Hypervisor:
     # -- host interface ------------------------------------------------------
 
     def start(self) -> None:
+        """Make the service's descriptors and start its thread.
+
+        Failing (out of descriptors) or cut short (a Ctrl-C) before it
+        launches the thread, it takes back what it made and may be called
+        again; from there on stop() takes everything back, whether that
+        thread ever runs or not (see _serve).  RuntimeError once stopping
+        or started.
+        """
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the host is stopping")
+            if self._thread is not None:
+                raise RuntimeError("the hypervisor service is started already")
         raise_nofile_limit()
-        self._thread = threading.Thread(
-            target=self._serve, name=f"xenback-sim-hypervisor:{self.run_dir}", daemon=True
-        )
+        # Each descriptor is recorded by the call that makes it (list.extend()
+        # stores what map() got before control is back in Python code):
+        # with ``r, w = os.pipe2()``, a Ctrl-C as pipe2 returned would lose it.
+        pipes: list[tuple[int, int]] = []
+        reserves: list[int] = []
+        try:
+            pipes.extend(map(os.pipe2, (os.O_NONBLOCK | os.O_CLOEXEC,)))
+            self._wake_r, self._wake_w = pipes[0]
+            self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+            try:
+                reserves.extend(map(os.open, (os.devnull,), (os.O_RDONLY | os.O_CLOEXEC,)))
+            except OSError:
+                pass  # none to spare: the service does without until one is free
+            self._reserve = reserves[0] if reserves else -1
+            thread = threading.Thread(
+                target=self._serve, name=f"xenback-sim-hypervisor:{self.run_dir}", daemon=True
+            )
+        except BaseException:
+            self._unmake(pipes, reserves)
+            raise
+        self._thread = thread
         # Marked serving inside the try: a Ctrl-C as the lock is let go
         # left it serving with no thread, and remove_domain() waiting for
         # one for ever.
         try:
             with self._lock:
                 self._serving = True
-            self._thread.start()
+            thread.start()
         except BaseException:
             with self._lock:
                 self._serving = False
+                # Asked for while it was marked serving: the thread may
+                # never run, and stop() may never come; their callers wait.
+                self._run_removals()
             raise
+
+    def _unmake(self, pipes: list[tuple[int, int]], reserves: list[int]) -> None:
+        """Take back what a start() cut short before its thread made."""
+        self._wake_r = self._wake_w = self._reserve = -1
+        for r, _ in pipes:
+            try:
+                self._selector.unregister(r)
+            except KeyError:
+                pass  # not watched yet
+        close_fds([fd for pipe in pipes for fd in pipe] + reserves)
 
     def stop(self) -> None:
         """Destroy every domain, join the service thread, free everything."""
@@ -394,6 +442,7 @@ class Hypervisor:
             if domid in self._domains:
                 raise ValueError(f"domain {domid} already exists")
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            added = False
             try:
                 # Whoever connects acts as the domain: the user's alone,
                 # whatever the umask (bind gives the socket file this mode).
@@ -412,32 +461,45 @@ class Hypervisor:
                 # the register), stop() and remove_domain() failed on it.
                 self._selector.register(listener, selectors.EVENT_READ, dom)
                 self._domains[domid] = dom
+                added = True
             except OSError as e:
-                self._abandon_listener(listener)
                 # Name the path: "AF_UNIX path too long" alone does not say which.
                 why = f"cannot listen on {path}: {e.strerror or e}"
                 raise (OSError(why) if e.errno is None else OSError(e.errno, why)) from e
-            except BaseException:
-                self._abandon_listener(listener)
-                raise
+            finally:
+                if not added:
+                    # Taken back: unwatched, its socket file gone (nobody
+                    # would ever accept on it), closed.  Here, not in a
+                    # function a (second) Ctrl-C could cut short as it
+                    # starts, and each step in a finally of the one before,
+                    # so that one landing as a step returns still lets the
+                    # others run.  Left watched, the listener stayed open
+                    # until stop(), and the loop found it readable for good
+                    # once somebody connected; its file stayed in the run
+                    # directory, for attach() to take for a domain.
+                    try:
+                        try:
+                            self._selector.unregister(listener)
+                        except KeyError:
+                            pass  # not watched yet
+                    finally:
+                        try:
+                            # One call: a Ctrl-C between reading the socket's
+                            # name and removing its file would keep the file.
+                            # The domid is not listed, so what is at its path
+                            # is this listener's, or a killed host's (removed
+                            # before binding anyway).
+                            os.unlink(path)
+                        except OSError as e:
+                            # Not bound: not yet, or the path is too long,
+                            # its parent no directory...: nothing to remove.
+                            if e.errno != errno.ENOENT and listener.getsockname():
+                                logger.exception(
+                                    "hypervisor: cannot remove the socket of a domain not added"
+                                )
+                        finally:
+                            listener.close()
         return path
-
-    def _abandon_listener(self, listener: socket.socket) -> None:
-        """Take back the listener of an add_domain() that failed (under
-        _lock): unwatched, its socket file gone (if it got as far as
-        binding one: nobody would ever accept on it), closed."""
-        try:
-            self._selector.unregister(listener)
-        except KeyError:
-            pass  # not watched yet
-        try:
-            # A bound socket names its file; an unbound one, "".
-            bound = listener.getsockname()
-            if bound:
-                os.unlink(bound)
-        except OSError:
-            logger.exception("hypervisor: cannot remove the socket of a domain not added")
-        listener.close()
 
     def set_control(self, control: ControlHandler | None) -> None:
         """Let dom0 create and destroy domains through ``control``."""
