@@ -57,7 +57,9 @@ same).  Every other malformed request gets an error reply.
 Threading rules
 ---------------
 * Only the loop thread touches connections, domains, the store and the
-  watches.  There are no locks around them.
+  watches.  There are no locks around them.  (A stop() that comes before
+  the loop began closes what start() made itself: the loop then never
+  runs, see ``_entered``.)
 * Other threads (the public methods of :class:`XenStored`) hand work to the
   loop thread with :meth:`XenStored._call`: the callable goes on a deque,
   one byte on the wake socket makes the loop run it, and the caller waits
@@ -271,7 +273,7 @@ class XenStored:
         self._expiry: list[tuple[float, int, Connection]] = []
         self._expiry_seq = itertools.count()
         #: entries of _expiry whose connection is closed: purged once they
-        #: are half of it (see _close).  Loop thread only.
+        #: are half of it (see _forget_expiry).  Loop thread only.
         self._expiry_dead = 0
 
     # --- public face ---------------------------------------------------------
@@ -431,8 +433,11 @@ class XenStored:
         removed with their subtrees (watches fire) and permission entries
         naming it are dropped everywhere.
 
-        Raises KeyError if the domain is not introduced, ValueError for dom0;
-        ``domid`` is checked as :meth:`introduce_domain` checks it.
+        Raises KeyError if the domain is not introduced (a reserved domid
+        included: none is), ValueError for dom0; ``domid`` is checked as
+        xenback.XenStore's domain queries check it (TypeError or
+        ValueError naming it).  RuntimeError unless the server is running,
+        TimeoutError if its loop is stuck (see :meth:`_call`).
         """
         domid = check_xenstore_domid(domid)
         if domid == 0:
@@ -441,7 +446,9 @@ class XenStored:
 
     def is_introduced(self, domid: int) -> bool:
         """Whether ``domid`` is introduced (dom0 always is, as IS_DOMAIN_INTRODUCED says);
-        ``domid`` checked as :meth:`introduce_domain` checks it: True was domain 1."""
+        ``domid`` checked as xenback.XenStore's domain queries check it: True
+        was domain 1.  A reserved domid is not introduced (False), not the
+        ValueError :meth:`introduce_domain` raises for it."""
         domid = check_xenstore_domid(domid)
         return self._call(lambda: domid in self._dispatcher.domains)
 
