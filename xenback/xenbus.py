@@ -102,9 +102,11 @@ only to extend it); the base class does the rest of the xenbus protocol
   :meth:`BackendDevice.fatal` or :meth:`BackendDevice.error` included, is
   only logged, as information, naming the node); whose the directory
   is, only the state could tell (see ``BackendDriver._refused``).  A
-  state we may write but not read is one we may not read: every write
-  of ours into our directory reads it first, as Linux's switches do
-  (theirs then give up without a word), and the toolstack's Initialising
+  state we may write but not read is one we may not read: every switch,
+  report and write of ours into our directory reads it first (but the
+  nodes written before our first switch, probe()'s: its switch to
+  InitWait reads it next), as Linux's switches do (theirs then give up
+  without a word), and the toolstack's Initialising
   there is no device for us, as for Linux's probe.  A device whose
   ``online`` we may no longer read is dropped so too, once we read it at
   the frontend's Closed (or at our Closing, with no frontend left to
@@ -724,7 +726,10 @@ class BackendDevice:
                     why = _FRONTEND_APPEARED
                 elif now != failed:
                     why = _FRONTEND_CHANGED
-        # After the reads, for the reason above.
+        # After the reads: a new device that switched in turn, which the
+        # reads cannot tell from ours, was made after our drop set _gone,
+        # so reads that see it are followed by a _gone that is set (see
+        # the end of _ours's docstring).
         if self._gone:
             return why or _REMOVED
         return why
@@ -928,8 +933,8 @@ class BackendDevice:
         as a warning, without a traceback, after the failure; the failure,
         whose directory nobody could tell then, is said as this device's.
         (A Closing refused in a directory that the error node's own
-        transaction then finds no longer ours is said, as that failure
-        is, as information: see _not_reported.)
+        transaction then finds no longer ours is only a debug line, the
+        failure itself information: see _not_reported.)
 
         A state (or directory) we may not even read (the toolstack took
         it, see BackendDriver._refused; one left to us to write only is
@@ -1680,7 +1685,7 @@ class BackendDriver:
 
     def _callback_failed(self, exc: Exception) -> bool:
         """The ``handled`` of our event queues, and what spares a device
-        whose driver's code failed (see BackendDevice.queue): a callback
+        whose driver's code failed (see BackendDevice._claim_failure): a callback
         that failed as our domain went away, or as XenStore ended our
         connection, is no bug of its own, and every callback of every
         device would say the same: _lose_domain or _xenstore_lost says it
