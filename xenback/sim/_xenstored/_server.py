@@ -17,9 +17,9 @@ stall the others:
 * no client is disconnected for what waits for it.  As in cxenstored since
   XSA-326, the server's memory stays bounded by charging the events:
 
-  - an event for a guest is dropped once ``max_queued`` bytes wait for
-    that guest's connections (cxenstored's memory quota, which its
-    send_event() checks);
+  - an event for a guest is dropped when queuing it would put more than
+    ``max_queued`` bytes waiting for that guest's connections
+    (cxenstored's memory quota, which its send_event() checks);
   - a guest is held back while ``Quota.outstanding`` of its requests
     are outstanding: its further requests wait in the kernel, as
     cxenstored stops reading the guest's ring.  As in cxenstored, a
@@ -280,7 +280,8 @@ class XenStored:
 
     @property
     def max_queued(self) -> int:
-        """Bytes that may wait for one guest over all its connections."""
+        """Bytes that may wait for one guest over all its connections
+        before its watch events are dropped (its replies never are)."""
         return self._max_queued
 
     @max_queued.setter
