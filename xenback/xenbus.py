@@ -2388,6 +2388,10 @@ class BackendDriver:
                 self.remove(dev)
         except Exception as exc:
             self._hook_failed(dev, "remove", exc)
+        # Closed before _gone is set: whoever sees the device gone has its
+        # queue() refused, as that docstring says (closed after, a call
+        # taken in between would run on a device nobody serves).
+        dev.events.close(wait=False)
         with dev._lock:
             dev._gone = True
         # A driver's own work item may have mapped or bound since the
@@ -2396,7 +2400,6 @@ class BackendDriver:
         with self._lock:
             if self._devices.get((dev.frontend_id, dev.devid)) is dev:
                 del self._devices[(dev.frontend_id, dev.devid)]
-        dev.events.close(wait=False)
         # The lines suppressed since the last report are counted in the log.
         dev.ratelimit.close(logger)
         logger.info("%s: removed", dev.nodename)
