@@ -993,8 +993,9 @@ class BackendDevice:
         dispatcher runs every callback once more (see
         :mod:`xenback.events`).  Raises
         :class:`~xenback.platform.EventChannelError` (a ``remote_port`` that
-        is no unbound port of the frontend's for us, say), or
-        :class:`OSError` ENODEV once the device was removed.
+        is no unbound port of the frontend's for us, say),
+        :class:`OSError` ENODEV once the device was removed, or
+        :class:`TypeError` for a ``callback`` that cannot be called.
 
         An exception escaping ``callback`` fails the device (see the
         module docstring), on its queue, after the callback returned."""
@@ -1092,7 +1093,8 @@ class BackendDevice:
 
     def queue(self, fn: Callable[..., object], *args: object) -> bool:
         """Run ``fn(*args)`` on this device's event queue, ordered with its
-        xenbus callbacks.  False once the device is gone.
+        xenbus callbacks.  False once the device is gone;
+        :class:`TypeError` for an ``fn`` that cannot be called.
 
         An exception escaping ``fn`` fails the device there and then (see
         the module docstring)."""
