@@ -491,7 +491,9 @@ class BackendDevice:
         :meth:`BackendDriver.connect`, they fail the device with that
         errno, and the error node says
         ``22 connecting: frontend node <path> is not a decimal number:
-        '<value>'`` or ``2 connecting: frontend node is missing: <path>``."""
+        '<value>'`` or ``2 connecting: frontend node is missing: <path>``.
+        A ``default`` that is no such number (the driver's bug) is a
+        :class:`TypeError` or :class:`ValueError`, before anything is read."""
         if default is not None:
             if isinstance(default, bool) or not isinstance(default, int):
                 raise TypeError(f"default must be an int, not {type(default).__name__}")

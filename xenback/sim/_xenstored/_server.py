@@ -602,8 +602,9 @@ class XenStored:
             # and in place.
             _each(steps, "stopping xenstored")
         except Exception:
-            # Logged, not raised (nor above): the thread is ending, and
-            # nobody would read it there.
+            # Logged, not raised (nor above): the loop thread is ending,
+            # and nobody would read it there (stop() too runs this, for a
+            # loop that never began, and treats it alike).
             logger.exception("internal error stopping xenstored")
         finally:
             # Whatever is left behind, no caller may wait for a loop that
