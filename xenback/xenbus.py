@@ -102,9 +102,11 @@ only to extend it); the base class does the rest of the xenbus protocol
   :meth:`BackendDevice.fatal` or :meth:`BackendDevice.error` included, is
   only logged, as information, naming the node); whose the directory
   is, only the state could tell (see ``BackendDriver._refused``).  A
-  state we may write but not read is one we may not read: every write
-  of ours into our directory reads it first, as Linux's switches do
-  (theirs then give up without a word), and the toolstack's Initialising
+  state we may write but not read is one we may not read: every switch,
+  report and write of ours into our directory reads it first (but the
+  nodes written before our first switch, probe()'s: its switch to
+  InitWait reads it next), as Linux's switches do (theirs then give up
+  without a word), and the toolstack's Initialising
   there is no device for us, as for Linux's probe.  A device whose
   ``online`` we may no longer read is dropped so too, once we read it at
   the frontend's Closed (or at our Closing, with no frontend left to
@@ -489,7 +491,9 @@ class BackendDevice:
         :meth:`BackendDriver.connect`, they fail the device with that
         errno, and the error node says
         ``22 connecting: frontend node <path> is not a decimal number:
-        '<value>'`` or ``2 connecting: frontend node is missing: <path>``."""
+        '<value>'`` or ``2 connecting: frontend node is missing: <path>``.
+        A ``default`` that is no such number (the driver's bug) is a
+        :class:`TypeError` or :class:`ValueError`, before anything is read."""
         if default is not None:
             if isinstance(default, bool) or not isinstance(default, int):
                 raise TypeError(f"default must be an int, not {type(default).__name__}")
@@ -724,7 +728,10 @@ class BackendDevice:
                     why = _FRONTEND_APPEARED
                 elif now != failed:
                     why = _FRONTEND_CHANGED
-        # After the reads, for the reason above.
+        # After the reads: a new device that switched in turn, which the
+        # reads cannot tell from ours, was made after our drop set _gone,
+        # so reads that see it are followed by a _gone that is set (see
+        # the end of _ours's docstring).
         if self._gone:
             return why or _REMOVED
         return why
@@ -928,8 +935,8 @@ class BackendDevice:
         as a warning, without a traceback, after the failure; the failure,
         whose directory nobody could tell then, is said as this device's.
         (A Closing refused in a directory that the error node's own
-        transaction then finds no longer ours is said, as that failure
-        is, as information: see _not_reported.)
+        transaction then finds no longer ours is only a debug line, the
+        failure itself information: see _not_reported.)
 
         A state (or directory) we may not even read (the toolstack took
         it, see BackendDriver._refused; one left to us to write only is
@@ -988,8 +995,9 @@ class BackendDevice:
         dispatcher runs every callback once more (see
         :mod:`xenback.events`).  Raises
         :class:`~xenback.platform.EventChannelError` (a ``remote_port`` that
-        is no unbound port of the frontend's for us, say), or
-        :class:`OSError` ENODEV once the device was removed.
+        is no unbound port of the frontend's for us, say),
+        :class:`OSError` ENODEV once the device was removed, or
+        :class:`TypeError` for a ``callback`` that cannot be called.
 
         An exception escaping ``callback`` fails the device (see the
         module docstring), on its queue, after the callback returned."""
@@ -1087,7 +1095,8 @@ class BackendDevice:
 
     def queue(self, fn: Callable[..., object], *args: object) -> bool:
         """Run ``fn(*args)`` on this device's event queue, ordered with its
-        xenbus callbacks.  False once the device is gone.
+        xenbus callbacks.  False once the device is gone;
+        :class:`TypeError` for an ``fn`` that cannot be called.
 
         An exception escaping ``fn`` fails the device there and then (see
         the module docstring)."""
@@ -1680,7 +1689,7 @@ class BackendDriver:
 
     def _callback_failed(self, exc: Exception) -> bool:
         """The ``handled`` of our event queues, and what spares a device
-        whose driver's code failed (see BackendDevice.queue): a callback
+        whose driver's code failed (see BackendDevice._claim_failure): a callback
         that failed as our domain went away, or as XenStore ended our
         connection, is no bug of its own, and every callback of every
         device would say the same: _lose_domain or _xenstore_lost says it
@@ -2383,6 +2392,10 @@ class BackendDriver:
                 self.remove(dev)
         except Exception as exc:
             self._hook_failed(dev, "remove", exc)
+        # Closed before _gone is set: whoever sees the device gone has its
+        # queue() refused, as that docstring says (closed after, a call
+        # taken in between would run on a device nobody serves).
+        dev.events.close(wait=False)
         with dev._lock:
             dev._gone = True
         # A driver's own work item may have mapped or bound since the
@@ -2391,7 +2404,6 @@ class BackendDriver:
         with self._lock:
             if self._devices.get((dev.frontend_id, dev.devid)) is dev:
                 del self._devices[(dev.frontend_id, dev.devid)]
-        dev.events.close(wait=False)
         # The lines suppressed since the last report are counted in the log.
         dev.ratelimit.close(logger)
         logger.info("%s: removed", dev.nodename)

@@ -1971,6 +1971,8 @@ def test_a_reserved_domid_is_no_domain_to_introduce(
                                          r"no domain has it$"):
         xsd.introduce_domain(domid)
     assert not xsd.is_introduced(domid)
+    with pytest.raises(KeyError):  # not introduced, as its docstring says: no ValueError
+        xsd.release_domain(domid)
     assert not (xsd.run_dir / "domains").exists()
     # The largest id a domain has is fine.
     assert dom0.request(Op.INTRODUCE, b"32751\0" b"1234\0" b"7\0") == b"OK\0"

@@ -5939,3 +5939,28 @@ def test_a_failure_whose_fatal_meets_a_node_taken_and_given_back_writes_nothing(
         assert told == [False]
         _dropped_writing_nothing(caplog, dom0_xs, drvdom, fe, bdev, taken, "connecting: boom",
                                  state=S.INIT_WAIT)
+
+
+def test_queue_refuses_a_call_once_the_device_is_gone(host, driver, frontends) -> None:
+    """queue() says False once the device is gone, as its docstring has
+    it: here asked in the drop's last release, after ``gone`` is set
+    (a driver's work item may ask at any moment).  Taken, the call would
+    run later on a device nobody serves any more."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    plain_release = bdev.release_resources
+    asked: list[bool] = []
+    ran: list[object] = []
+
+    def release_then_queue() -> None:
+        plain_release()
+        if bdev.gone:
+            asked.append(bdev.queue(ran.append, "late"))
+
+    bdev.release_resources = release_then_queue  # type: ignore[method-assign]
+    fe.xs.rm(f"{dev.frontend_path}/state")  # Unknown: the device is dropped
+    driver.wait_removed(guest.domid)
+    bdev.events.flush()
+    assert asked == [False]
+    assert ran == []
+    fe.close()

@@ -17,9 +17,9 @@ stall the others:
 * no client is disconnected for what waits for it.  As in cxenstored since
   XSA-326, the server's memory stays bounded by charging the events:
 
-  - an event for a guest is dropped once ``max_queued`` bytes wait for
-    that guest's connections (cxenstored's memory quota, which its
-    send_event() checks);
+  - an event for a guest is dropped when queuing it would put more than
+    ``max_queued`` bytes waiting for that guest's connections
+    (cxenstored's memory quota, which its send_event() checks);
   - a guest is held back while ``Quota.outstanding`` of its requests
     are outstanding: its further requests wait in the kernel, as
     cxenstored stops reading the guest's ring.  As in cxenstored, a
@@ -57,7 +57,9 @@ same).  Every other malformed request gets an error reply.
 Threading rules
 ---------------
 * Only the loop thread touches connections, domains, the store and the
-  watches.  There are no locks around them.
+  watches.  There are no locks around them.  (A stop() that comes before
+  the loop began closes what start() made itself: the loop then never
+  runs, see ``_entered``.)
 * Other threads (the public methods of :class:`XenStored`) hand work to the
   loop thread with :meth:`XenStored._call`: the callable goes on a deque,
   one byte on the wake socket makes the loop run it, and the caller waits
@@ -271,14 +273,15 @@ class XenStored:
         self._expiry: list[tuple[float, int, Connection]] = []
         self._expiry_seq = itertools.count()
         #: entries of _expiry whose connection is closed: purged once they
-        #: are half of it (see _close).  Loop thread only.
+        #: are half of it (see _forget_expiry).  Loop thread only.
         self._expiry_dead = 0
 
     # --- public face ---------------------------------------------------------
 
     @property
     def max_queued(self) -> int:
-        """Bytes that may wait for one guest over all its connections."""
+        """Bytes that may wait for one guest over all its connections
+        before its watch events are dropped (its replies never are)."""
         return self._max_queued
 
     @max_queued.setter
@@ -431,8 +434,11 @@ class XenStored:
         removed with their subtrees (watches fire) and permission entries
         naming it are dropped everywhere.
 
-        Raises KeyError if the domain is not introduced, ValueError for dom0;
-        ``domid`` is checked as :meth:`introduce_domain` checks it.
+        Raises KeyError if the domain is not introduced (a reserved domid
+        included: none is), ValueError for dom0; ``domid`` is checked as
+        xenback.XenStore's domain queries check it (TypeError or
+        ValueError naming it).  RuntimeError unless the server is running,
+        TimeoutError if its loop is stuck (see :meth:`_call`).
         """
         domid = check_xenstore_domid(domid)
         if domid == 0:
@@ -441,7 +447,9 @@ class XenStored:
 
     def is_introduced(self, domid: int) -> bool:
         """Whether ``domid`` is introduced (dom0 always is, as IS_DOMAIN_INTRODUCED says);
-        ``domid`` checked as :meth:`introduce_domain` checks it: True was domain 1."""
+        ``domid`` checked as xenback.XenStore's domain queries check it: True
+        was domain 1.  A reserved domid is not introduced (False), not the
+        ValueError :meth:`introduce_domain` raises for it."""
         domid = check_xenstore_domid(domid)
         return self._call(lambda: domid in self._dispatcher.domains)
 
@@ -594,8 +602,9 @@ class XenStored:
             # and in place.
             _each(steps, "stopping xenstored")
         except Exception:
-            # Logged, not raised (nor above): the thread is ending, and
-            # nobody would read it there.
+            # Logged, not raised (nor above): the loop thread is ending,
+            # and nobody would read it there (stop() too runs this, for a
+            # loop that never began, and treats it alike).
             logger.exception("internal error stopping xenstored")
         finally:
             # Whatever is left behind, no caller may wait for a loop that
