@@ -12,6 +12,7 @@ import re
 import select
 import signal
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -874,6 +875,95 @@ def test_a_removal_asked_for_as_a_hypervisor_start_is_cut_short_is_answered(
     finally:
         monkeypatch.undo()
         hv.stop()
+
+
+def _in_frame_of(name: str) -> bool:
+    """Whether a frame of a function so named is on this thread's stack."""
+    frame: Any = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.mark.parametrize("undone_by", ["start", "stop"])
+def test_removals_queued_as_a_hypervisor_start_is_cut_short_survive_a_second_ctrl_c(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, undone_by: str) -> None:
+    """Two remove_domain() calls queued as start() launches its thread,
+    then a Ctrl-C landing anywhere in what answers them: start()'s undo
+    of a Ctrl-C in starting that thread, or a stop() before it runs (then
+    stop() again).  Both callers are answered, and stop() stops.  The
+    queue was taken whole before it was worked through: the rest was lost,
+    their callers waiting for ever; and stop() answered them in place, so
+    the next stop() answered one again and failed (InvalidStateError).
+    Not within a removal itself (_remove_domain), done the same way
+    whoever does it."""
+    from xenback.sim import _hypervisor
+
+    def landing(n: int) -> str:
+        hv = _hypervisor.Hypervisor(tmp_path / str(n))
+        removals: list[threading.Thread] = []
+        answers: list[BaseException | None] = []
+        launched: list[threading.Thread] = []
+        cut: list[Interrupted] = []
+
+        def remove() -> None:
+            try:
+                hv.remove_domain(1)
+            except BaseException as e:
+                answers.append(e)
+            else:
+                answers.append(None)
+
+        class CutShort(threading.Thread):
+            def start(self) -> None:
+                hv.add_domain(1, "guest")
+                for queued in (1, 2):
+                    removals.append(threading.Thread(target=remove, daemon=True))
+                    removals[-1].start()
+                    assert eventually(lambda q=queued: len(hv._removals) == q), "none queued"
+                launched.append(self)  # as if launched, not yet running
+                if undone_by == "start":
+                    cut.append(Interrupted())
+                    raise cut[0]
+
+        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(CutShort))
+        try:
+            def unless() -> bool:
+                return not cut or _in_frame_of("_remove_domain")
+
+            def start() -> None:
+                try:
+                    hv.start()
+                except Interrupted as e:
+                    if e is not cut[0]:  # the second
+                        raise
+
+            if undone_by == "start":
+                where = interrupted_at(n, SIM_CODE, start, unless)
+            else:
+                hv.start()
+                monkeypatch.undo()
+                cut.append(Interrupted())
+                where = interrupted_at(n, SIM_CODE, hv.stop, unless)
+            monkeypatch.undo()
+            hv.stop()
+            [late] = launched
+            threading.Thread.start(late)  # runs only now, to find the service stopped
+            late.join(TIMEOUT)
+            for removal in removals:
+                removal.join(TIMEOUT)
+                assert not removal.is_alive(), f"interrupted {where}: remove_domain() waits"
+            assert answers == [None, None], f"interrupted {where}"
+            assert not _hypervisor.domain_socket(hv.run_dir, 1).exists(), f"interrupted {where}"
+        finally:
+            monkeypatch.undo()
+            hv.stop()
+        return where
+
+    landed = landings(landing)
+    assert any("Hypervisor." in where for where in landed), landed
 
 
 def test_a_hypervisor_domain_whose_directory_cannot_be_made_is_refused_quietly(

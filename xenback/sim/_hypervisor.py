@@ -416,9 +416,7 @@ class Hypervisor:
             self._thread = None
         with self._lock:
             # Asked for as the thread stopped: done by the loop above.
-            for _, future in self._removals:
-                future.set_result(None)
-            self._removals.clear()
+            self._run_removals()
         # Once: a stop() interrupted is called again, and the numbers of
         # closed descriptors may belong to other files by then.  So each
         # leaves its attribute in a step that calls nothing, then is closed.
@@ -540,12 +538,20 @@ class Hypervisor:
         future.result()
 
     def _run_removals(self) -> None:
-        """remove_domain()'s requests (service thread, under _lock); a
-        domain asked for twice (by a call cut short, then again) is
-        removed once."""
-        removals, self._removals = self._removals, []
-        for domid, future in removals:
-            self._run_removal(domid, future)
+        """remove_domain()'s requests (under _lock); a domain asked for
+        twice (by a call cut short, then again) is removed once.
+
+        Worked through in place, each left queued until it is answered:
+        start()'s undo and stop() run this in the thread a Ctrl-C lands
+        in.  Taken whole first, the rest were lost to one landing here,
+        their callers waiting for ever; answered and left queued, the next
+        call answered one again (InvalidStateError).
+        """
+        while self._removals:
+            domid, future = self._removals[0]
+            if not future.done():
+                self._run_removal(domid, future)
+            del self._removals[0]
 
     def _run_removal(self, domid: int, future: concurrent.futures.Future[None]) -> None:
         try:
