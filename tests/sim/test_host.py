@@ -788,6 +788,54 @@ def test_a_hypervisor_whose_start_fails_keeps_nothing_and_starts_again(
     _descriptors_left_since(before, "stopped")
 
 
+@pytest.mark.parametrize("refusal", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                                     Interrupted()], ids=["ENOSPC", "Ctrl-C"])
+def test_a_hypervisor_start_undo_interrupted_anywhere_leaves_nothing(
+        tmp_path: Path, refusal: BaseException) -> None:
+    """epoll refusing the wake-up pipe as the service starts, or a first
+    Ctrl-C there, then a (second) Ctrl-C landing anywhere in start()'s
+    undo: started again (every other time), it serves, and once stopped
+    nothing is left open.  The undo let go of the descriptors' numbers
+    before it closed them: cut short, nobody had them to close."""
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
+
+    def landing(n: int) -> str:
+        before = descriptors()
+        threads = set(threading.enumerate())
+        hv = Hypervisor(tmp_path / str(n))
+        register = hv._selector.register
+
+        def refuses(fileobj: Any, events: int, data: Any = None) -> Any:
+            hv._selector.register = register  # type: ignore[method-assign]
+            raise refusal
+
+        hv._selector.register = refuses  # type: ignore[method-assign]
+
+        def start() -> None:
+            try:
+                hv.start()
+            except BaseException as e:
+                if refusal is not e:  # a Ctrl-C in the undo
+                    raise
+
+        try:
+            # Only in the undo: anywhere before is the sweep above's.
+            where = interrupted_at(n, SIM_CODE, start,
+                                   unless=lambda: hv._selector.register is refuses)
+            if n % 2:
+                hv.start()
+                assert hv.add_domain(1, "guest") == domain_socket(hv.run_dir, 1)
+                hv.remove_domain(1)
+        finally:
+            hv.stop()
+        _no_threads_since(threads, where)
+        _descriptors_left_since(before, f"interrupted {where}")
+        return where
+
+    landed = landings(landing)
+    assert sum("Hypervisor." in where for where in landed) >= 2, landed
+
+
 def test_a_hypervisor_starts_once_and_never_once_stopped(tmp_path: Path) -> None:
     """A second start() is refused, not a second thread and pipe (the
     first pipe lost); one after stop() is refused too, not a thread
