@@ -1034,6 +1034,71 @@ def test_a_hypervisor_domain_whose_directory_cannot_be_made_is_refused_quietly(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+def test_a_hypervisor_domain_whose_socket_file_went_is_refused_quietly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """epoll refusing a new domain's listener once somebody removed its
+    socket file: add_domain() says so, and its undo, finding no file to
+    remove, logs nothing (there is nothing to report, bound or not)."""
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
+
+    hv = Hypervisor(tmp_path)
+    hv.start()
+    try:
+        selector = hv._selector
+        register = selector.register
+        path = domain_socket(tmp_path, 3)
+
+        def refuses(fileobj: Any, events: int, data: Any = None) -> Any:
+            monkeypatch.setattr(selector, "register", register)  # once
+            path.unlink()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(selector, "register", refuses)
+        with pytest.raises(OSError) as info:
+            hv.add_domain(3, "guest")
+        assert info.value.errno == errno.ENOSPC
+        assert hv.stats()["domains"] == 0
+    finally:
+        hv.stop()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_hypervisor_with_no_descriptor_to_spare_starts_without_its_reserve(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of descriptors for the spare one (EMFILE opening it) as the
+    service starts: it starts all the same, without it, and serves."""
+    import json
+    import socket
+
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
+
+    real_open = os.open
+
+    def short_of_one(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if path == os.devnull:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_open(path, flags, *args, **kwargs)
+
+    before = descriptors()
+    hv = Hypervisor(tmp_path)
+    monkeypatch.setattr(os, "open", short_of_one)
+    try:
+        hv.start()
+    finally:
+        monkeypatch.undo()
+    try:
+        assert hv._reserve == -1
+        hv.add_domain(0, "Domain-0")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.connect(os.fspath(domain_socket(tmp_path, 0)))
+            sock.send(b'{"op": "info", "id": 1}')
+            assert json.loads(sock.recv(65536))["domid"] == 0
+    finally:
+        hv.stop()
+    _descriptors_left_since(before, "stopped")
+
+
 def test_a_hypervisor_thread_that_runs_only_after_stop_ends_without_serving(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C inside threading's start() can leave the service thread
