@@ -12,6 +12,7 @@ import re
 import select
 import signal
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -787,6 +788,54 @@ def test_a_hypervisor_whose_start_fails_keeps_nothing_and_starts_again(
     _descriptors_left_since(before, "stopped")
 
 
+@pytest.mark.parametrize("refusal", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                                     Interrupted()], ids=["ENOSPC", "Ctrl-C"])
+def test_a_hypervisor_start_undo_interrupted_anywhere_leaves_nothing(
+        tmp_path: Path, refusal: BaseException) -> None:
+    """epoll refusing the wake-up pipe as the service starts, or a first
+    Ctrl-C there, then a (second) Ctrl-C landing anywhere in start()'s
+    undo: started again (every other time), it serves, and once stopped
+    nothing is left open.  The undo let go of the descriptors' numbers
+    before it closed them: cut short, nobody had them to close."""
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
+
+    def landing(n: int) -> str:
+        before = descriptors()
+        threads = set(threading.enumerate())
+        hv = Hypervisor(tmp_path / str(n))
+        register = hv._selector.register
+
+        def refuses(fileobj: Any, events: int, data: Any = None) -> Any:
+            hv._selector.register = register  # type: ignore[method-assign]
+            raise refusal
+
+        hv._selector.register = refuses  # type: ignore[method-assign]
+
+        def start() -> None:
+            try:
+                hv.start()
+            except BaseException as e:
+                if refusal is not e:  # a Ctrl-C in the undo
+                    raise
+
+        try:
+            # Only in the undo: anywhere before is the sweep above's.
+            where = interrupted_at(n, SIM_CODE, start,
+                                   unless=lambda: hv._selector.register is refuses)
+            if n % 2:
+                hv.start()
+                assert hv.add_domain(1, "guest") == domain_socket(hv.run_dir, 1)
+                hv.remove_domain(1)
+        finally:
+            hv.stop()
+        _no_threads_since(threads, where)
+        _descriptors_left_since(before, f"interrupted {where}")
+        return where
+
+    landed = landings(landing)
+    assert sum("Hypervisor." in where for where in landed) >= 2, landed
+
+
 def test_a_hypervisor_starts_once_and_never_once_stopped(tmp_path: Path) -> None:
     """A second start() is refused, not a second thread and pipe (the
     first pipe lost); one after stop() is refused too, not a thread
@@ -876,6 +925,95 @@ def test_a_removal_asked_for_as_a_hypervisor_start_is_cut_short_is_answered(
         hv.stop()
 
 
+def _in_frame_of(name: str) -> bool:
+    """Whether a frame of a function so named is on this thread's stack."""
+    frame: Any = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.mark.parametrize("undone_by", ["start", "stop"])
+def test_removals_queued_as_a_hypervisor_start_is_cut_short_survive_a_second_ctrl_c(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, undone_by: str) -> None:
+    """Two remove_domain() calls queued as start() launches its thread,
+    then a Ctrl-C landing anywhere in what answers them: start()'s undo
+    of a Ctrl-C in starting that thread, or a stop() before it runs (then
+    stop() again).  Both callers are answered, and stop() stops.  The
+    queue was taken whole before it was worked through: the rest was lost,
+    their callers waiting for ever; and stop() answered them in place, so
+    the next stop() answered one again and failed (InvalidStateError).
+    Not within a removal itself (_remove_domain), done the same way
+    whoever does it."""
+    from xenback.sim import _hypervisor
+
+    def landing(n: int) -> str:
+        hv = _hypervisor.Hypervisor(tmp_path / str(n))
+        removals: list[threading.Thread] = []
+        answers: list[BaseException | None] = []
+        launched: list[threading.Thread] = []
+        cut: list[Interrupted] = []
+
+        def remove() -> None:
+            try:
+                hv.remove_domain(1)
+            except BaseException as e:
+                answers.append(e)
+            else:
+                answers.append(None)
+
+        class CutShort(threading.Thread):
+            def start(self) -> None:
+                hv.add_domain(1, "guest")
+                for queued in (1, 2):
+                    removals.append(threading.Thread(target=remove, daemon=True))
+                    removals[-1].start()
+                    assert eventually(lambda q=queued: len(hv._removals) == q), "none queued"
+                launched.append(self)  # as if launched, not yet running
+                if undone_by == "start":
+                    cut.append(Interrupted())
+                    raise cut[0]
+
+        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(CutShort))
+        try:
+            def unless() -> bool:
+                return not cut or _in_frame_of("_remove_domain")
+
+            def start() -> None:
+                try:
+                    hv.start()
+                except Interrupted as e:
+                    if e is not cut[0]:  # the second
+                        raise
+
+            if undone_by == "start":
+                where = interrupted_at(n, SIM_CODE, start, unless)
+            else:
+                hv.start()
+                monkeypatch.undo()
+                cut.append(Interrupted())
+                where = interrupted_at(n, SIM_CODE, hv.stop, unless)
+            monkeypatch.undo()
+            hv.stop()
+            [late] = launched
+            threading.Thread.start(late)  # runs only now, to find the service stopped
+            late.join(TIMEOUT)
+            for removal in removals:
+                removal.join(TIMEOUT)
+                assert not removal.is_alive(), f"interrupted {where}: remove_domain() waits"
+            assert answers == [None, None], f"interrupted {where}"
+            assert not _hypervisor.domain_socket(hv.run_dir, 1).exists(), f"interrupted {where}"
+        finally:
+            monkeypatch.undo()
+            hv.stop()
+        return where
+
+    landed = landings(landing)
+    assert any("Hypervisor." in where for where in landed), landed
+
+
 def test_a_hypervisor_domain_whose_directory_cannot_be_made_is_refused_quietly(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A domain whose socket's directory cannot be made (``domains`` is a
@@ -894,6 +1032,71 @@ def test_a_hypervisor_domain_whose_directory_cannot_be_made_is_refused_quietly(
     finally:
         hv.stop()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_hypervisor_domain_whose_socket_file_went_is_refused_quietly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """epoll refusing a new domain's listener once somebody removed its
+    socket file: add_domain() says so, and its undo, finding no file to
+    remove, logs nothing (there is nothing to report, bound or not)."""
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
+
+    hv = Hypervisor(tmp_path)
+    hv.start()
+    try:
+        selector = hv._selector
+        register = selector.register
+        path = domain_socket(tmp_path, 3)
+
+        def refuses(fileobj: Any, events: int, data: Any = None) -> Any:
+            monkeypatch.setattr(selector, "register", register)  # once
+            path.unlink()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(selector, "register", refuses)
+        with pytest.raises(OSError) as info:
+            hv.add_domain(3, "guest")
+        assert info.value.errno == errno.ENOSPC
+        assert hv.stats()["domains"] == 0
+    finally:
+        hv.stop()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_hypervisor_with_no_descriptor_to_spare_starts_without_its_reserve(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of descriptors for the spare one (EMFILE opening it) as the
+    service starts: it starts all the same, without it, and serves."""
+    import json
+    import socket
+
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
+
+    real_open = os.open
+
+    def short_of_one(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if path == os.devnull:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_open(path, flags, *args, **kwargs)
+
+    before = descriptors()
+    hv = Hypervisor(tmp_path)
+    monkeypatch.setattr(os, "open", short_of_one)
+    try:
+        hv.start()
+    finally:
+        monkeypatch.undo()
+    try:
+        assert hv._reserve == -1
+        hv.add_domain(0, "Domain-0")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.connect(os.fspath(domain_socket(tmp_path, 0)))
+            sock.send(b'{"op": "info", "id": 1}')
+            assert json.loads(sock.recv(65536))["domid"] == 0
+    finally:
+        hv.stop()
+    _descriptors_left_since(before, "stopped")
 
 
 def test_a_hypervisor_thread_that_runs_only_after_stop_ends_without_serving(

@@ -353,6 +353,9 @@ class Hypervisor:
                 raise RuntimeError("the host is stopping")
             if self._thread is not None:
                 raise RuntimeError("the hypervisor service is started already")
+        # What an undo cut short by a second Ctrl-C left (stop() takes it
+        # back too): made again below, it was lost.
+        self._unmake()
         raise_nofile_limit()
         # Each descriptor is recorded by the call that makes it (list.extend()
         # stores what map() got before control is back in Python code):
@@ -372,7 +375,14 @@ class Hypervisor:
                 target=self._serve, name=f"xenback-sim-hypervisor:{self.run_dir}", daemon=True
             )
         except BaseException:
-            self._unmake(pipes, reserves)
+            # Held by the attributes first, with no call in between (nothing
+            # can land there), as stop() expects: an undo cut short by a
+            # second Ctrl-C leaves the rest to stop() or the next start().
+            if pipes and self._wake_r < 0:
+                self._wake_r, self._wake_w = pipes[0]
+            if reserves and self._reserve < 0:
+                self._reserve = reserves[0]
+            self._unmake()
             raise
         self._thread = thread
         # Marked serving inside the try: a Ctrl-C as the lock is let go
@@ -390,15 +400,30 @@ class Hypervisor:
                 self._run_removals()
             raise
 
-    def _unmake(self, pipes: list[tuple[int, int]], reserves: list[int]) -> None:
-        """Take back what a start() cut short before its thread made."""
-        self._wake_r = self._wake_w = self._reserve = -1
-        for r, _ in pipes:
+    def _unmake(self) -> None:
+        """Take back what a start() cut short before its thread made; may
+        be cut short and done again."""
+        if self._wake_r >= 0:
             try:
-                self._selector.unregister(r)
+                self._selector.unregister(self._wake_r)
             except KeyError:
-                pass  # not watched yet
-        close_fds([fd for pipe in pipes for fd in pipe] + reserves)
+                pass  # not watched (yet, or any more)
+        self._close_descriptors()
+
+    def _close_descriptors(self) -> None:
+        """Close the wake-up pipe and the reserve, once: a call cut short
+        is made again, and the numbers of closed descriptors may belong to
+        other files by then.  So each leaves its attribute in a step that
+        calls nothing, then is closed."""
+        wake_r, self._wake_r = self._wake_r, -1
+        if wake_r >= 0:
+            os.close(wake_r)
+        wake_w, self._wake_w = self._wake_w, -1
+        if wake_w >= 0:
+            os.close(wake_w)
+        reserve, self._reserve = self._reserve, -1
+        if reserve >= 0:
+            os.close(reserve)
 
     def stop(self) -> None:
         """Destroy every domain, join the service thread, free everything."""
@@ -416,22 +441,9 @@ class Hypervisor:
             self._thread = None
         with self._lock:
             # Asked for as the thread stopped: done by the loop above.
-            for _, future in self._removals:
-                future.set_result(None)
-            self._removals.clear()
-        # Once: a stop() interrupted is called again, and the numbers of
-        # closed descriptors may belong to other files by then.  So each
-        # leaves its attribute in a step that calls nothing, then is closed.
+            self._run_removals()
         self._selector.close()  # may be done again
-        wake_r, self._wake_r = self._wake_r, -1
-        if wake_r >= 0:
-            os.close(wake_r)
-        wake_w, self._wake_w = self._wake_w, -1
-        if wake_w >= 0:
-            os.close(wake_w)
-        reserve, self._reserve = self._reserve, -1
-        if reserve >= 0:
-            os.close(reserve)
+        self._close_descriptors()
 
     def add_domain(self, domid: int, name: str, xenstore_path: str = "") -> Path:
         """Make ``domid`` known and listen for its handles; returns its socket."""
@@ -540,12 +552,20 @@ class Hypervisor:
         future.result()
 
     def _run_removals(self) -> None:
-        """remove_domain()'s requests (service thread, under _lock); a
-        domain asked for twice (by a call cut short, then again) is
-        removed once."""
-        removals, self._removals = self._removals, []
-        for domid, future in removals:
-            self._run_removal(domid, future)
+        """remove_domain()'s requests (under _lock); a domain asked for
+        twice (by a call cut short, then again) is removed once.
+
+        Worked through in place, each left queued until it is answered:
+        start()'s undo and stop() run this in the thread a Ctrl-C lands
+        in.  Taken whole first, the rest were lost to one landing here,
+        their callers waiting for ever; answered and left queued, the next
+        call answered one again (InvalidStateError).
+        """
+        while self._removals:
+            domid, future = self._removals[0]
+            if not future.done():
+                self._run_removal(domid, future)
+            del self._removals[0]
 
     def _run_removal(self, domid: int, future: concurrent.futures.Future[None]) -> None:
         try:
