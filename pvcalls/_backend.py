@@ -1162,8 +1162,12 @@ class _Frontend:
                 self._undone.remove(new)
         except BaseException:
             if reserved:
-                with self._lock:
-                    self._reserved -= 1
+                # Not under _lock: a second interrupt as it was taken kept
+                # the count, the domain's limit one lower for good.  None is
+                # needed: the command Work (us) alone changes the count, and
+                # a device of the domain counting meanwhile misses a socket
+                # that goes into no table.
+                self._reserved -= 1
             if new in self._undone:
                 # An interrupt as the pages are mapped too (as _connect).
                 self._undo(new)

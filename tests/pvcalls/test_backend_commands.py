@@ -792,6 +792,31 @@ def test_a_connect_or_accept_whose_undo_is_cut_short_too_holds_nothing_once_clos
     _closed_holds_nothing(raw, backend)
 
 
+def test_an_accept_cut_short_twice_as_it_gives_back_its_reservation_counts_no_socket(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt as an ACCEPT's data ring is set up, the id_new counted
+    against the socket limit, and a second one as the frontend's lock would
+    be taken to give that count back: the id_new is counted no more, and
+    its socket given back at once.  The count given back under that lock,
+    the second interrupt kept it, the domain's limit one lower for as long
+    as the frontend is connected."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    listener, _ = raw.listening(backend)
+    counted = fe.nr_sockets
+    cut = _cut_short_once(monkeypatch, ActiveSocket, "attach_ring", KeyboardInterrupt(),
+                          after=True)
+    lock = _CutLock(fe._lock, _Frontend._accept, on="enter", armed=cut)
+    monkeypatch.setattr(fe, "_lock", lock)
+    req_id = raw.push_accept(listener, raw.new_id(), raw.new_ring())
+    assert cut.wait(TIMEOUT)
+    fe._work.flush(timeout=TIMEOUT)  # the command handled, cut short
+    raw.poll_responses()
+    assert req_id not in raw.responses
+    assert fe.nr_sockets == counted
+    assert fe._undone == []
+    _closed_holds_nothing(raw, backend)
+
+
 def test_two_connects_whose_undo_is_cut_short_too_hold_nothing_once_closed(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
