@@ -901,19 +901,23 @@ def test_a_connect_or_accept_cut_short_as_its_socket_is_stored_holds_nothing(
     _closed_holds_nothing(raw, backend)
 
 
+@pytest.mark.parametrize("anywhere", [False, True], ids=["handler", "anywhere"])
 @pytest.mark.parametrize("command", ["connect", "accept"])
 def test_a_connect_or_accept_interrupted_as_any_of_its_calls_returns_holds_nothing_for_good(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
-        monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, command: str, anywhere: bool) -> None:
     """A Ctrl-C landing as any call made by the CONNECT's or ACCEPT's
     handler returns (the recording of its socket, the set-up of its ring,
-    the taking and letting go of the table's lock, the connect's start):
-    the socket is in the table, for a RELEASE to free, or given back at
-    once, and then nothing is held: no port, page or CPU slot, no socket
-    left on the frontend's record, none counted against the domain's
-    limit.  A socket between its record and the table in neither of them
-    was held for good; an ACCEPT's reservation kept, the limit one lower."""
-    from stolensignal import interrupted_as_call_returns
+    the taking and letting go of the table's lock, the connect's start),
+    or (``anywhere``) at any place of pvcalls' code the handler runs (the
+    mapping of the ring's pages, the socket's homing): the socket is in
+    the table, for a RELEASE to free, or given back at once, and then
+    nothing is held: no port, page or CPU slot, no socket left on the
+    frontend's record, none counted against the domain's limit.  A socket
+    between its record and the table in neither of them was held for
+    good; an ACCEPT's reservation kept, the limit one lower; a mapping
+    kept from the ring by an interrupt as the map call returned, held."""
+    from stolensignal import interrupted_as_call_returns, interrupted_at
 
     fe = backend._frontends[(raw.guest.domid, 0)]
     listener = raw.listening(backend)[0] if command == "accept" else None
@@ -948,10 +952,15 @@ def test_a_connect_or_accept_interrupted_as_any_of_its_calls_returns_holds_nothi
             req.u.accept.ref, req.u.accept.evtchn = ring.ref, ring.port
             request = Request(10000 + n, _wire.PVCALLS_ACCEPT, listener)
             handler = _Frontend._accept
-        where = f"interrupted as call {n} returned"
-        interrupted = interrupted_as_call_returns(
-            handler.__code__, n, lambda request=request, req=req, handler=handler: handler(
-                fe, request, req))
+        def call(request: Request = request, req: Any = req, handler: Any = handler) -> None:
+            handler(fe, request, req)
+
+        if anywhere:
+            where = interrupted_at(n, os.path.dirname(pvcalls.__file__), call)
+            interrupted = bool(where)
+        else:
+            where = f"interrupted as call {n} returned"
+            interrupted = interrupted_as_call_returns(handler.__code__, n, call)
         assert fe._undone == [], where
         if sock_id in fe._sockets:
             assert raw.release(sock_id).ret == 0, where
