@@ -776,7 +776,9 @@ class _Frontend:
         self._lock = threading.Lock()
         self._sockets: dict[int, Socket] = {}
         self._reserved = 0  # see _accept
-        # Sockets in no table whose teardown is under way (see _undo).
+        # Sockets in no table: a CONNECT's or ACCEPT's, from before it holds
+        # anything until it is stored, or until _undo has given back what it
+        # held; close() tears down what a Ctrl-C left here.
         self._undone: list[ActiveSocket] = []
         # Indexes page grant -> the data refs of the last ring given with
         # it (see pvcalls._socket.DataRing), oldest first (see
@@ -1162,8 +1164,12 @@ class _Frontend:
                 self._undone.remove(new)
         except BaseException:
             if reserved:
-                with self._lock:
-                    self._reserved -= 1
+                # Not under _lock: a second interrupt as it was taken kept
+                # the count, the domain's limit one lower for good.  None is
+                # needed: the command Work (us) alone changes the count, and
+                # a device of the domain counting meanwhile misses a socket
+                # that goes into no table.
+                self._reserved -= 1
             if new in self._undone:
                 # An interrupt as the pages are mapped too (as _connect).
                 self._undo(new)
@@ -1243,7 +1249,8 @@ class _Frontend:
                         if not raised:
                             raise
                         # What the teardown raised goes on: replaced, an
-                        # interrupt's socket, put back, was answered -EIO.
+                        # interrupt's socket, left in the table, was
+                        # answered -EIO.
                         self.ratelimit.log(logger, logging.ERROR,
                                            "dom%d: RELEASE id %#x: the listener's run failed",
                                            self.domid, request.id, exc_info=exc)

@@ -197,31 +197,39 @@ class DataRing:
 
     def __init__(self, gnttab: GrantTable, domid: int, ref: int, max_page_order: int,
                  hint: tuple[int, ...] | None = None) -> None:
-        self._pages: GrantMapping | None = None
+        # Every mapping held, the ring's last, each recorded by the call
+        # that makes it (list.extend() stores it before control is back
+        # here, as ActiveSocket.attach_ring does): one assigned from what
+        # the map call returned was lost to an interrupt as it returned,
+        # held for the life of the backend.  close() unmaps them all.
+        self._maps: list[GrantMapping] = []
         self._page: memoryview | None = None
         self._errors: memoryview | None = None
         self._words: memoryview | None = None
         self._rings: list[FlexRing] = []
-        if hint is not None:
-            try:
-                self._pages = gnttab.map_grant_refs(domid, (ref, *hint))
-            except (OSError, ValueError):
-                pass  # the long way
-        if self._pages is None:
-            self._pages = _map_ring(gnttab, domid, (ref,), f"indexes page grant {ref}")
         try:
-            order, refs = _read_layout(self._pages.buffer, max_page_order)
-            if self._pages.refs[1:] != refs:
+            if hint is not None:
+                try:
+                    self._maps.extend(map(gnttab.map_grant_refs, (domid,), ((ref, *hint),)))
+                except (OSError, ValueError):
+                    pass  # the long way
+            if not self._maps:
+                self._maps.extend(map(_map_ring, (gnttab,), (domid,), ((ref,),),
+                                      (f"indexes page grant {ref}",)))
+            first = self._maps[0]
+            order, refs = _read_layout(first.buffer, max_page_order)
+            if first.refs[1:] != refs:
                 # The whole ring, as the page says it is; then the first
-                # mapping goes (held until then, for close() on failure).
-                first = self._pages
-                self._pages = _map_ring(gnttab, domid, (ref, *refs),
-                                        f"{len(refs)} data ring pages")
+                # mapping goes, its record once it is unmapped (held until
+                # then, for close() on failure).
+                self._maps.extend(map(_map_ring, (gnttab,), (domid,), ((ref, *refs),),
+                                      (f"{len(refs)} data ring pages",)))
                 _unmap(first)
+                self._maps.remove(first)
             self.refs = refs
             self.ring_order = order
             self.size = size = flex_ring_size(order)
-            buffer = self._pages.buffer
+            buffer = self._maps[-1].buffer
             self._page = page = buffer[:PAGE_SIZE]
             self.in_ring = FlexRing(buffer[PAGE_SIZE : PAGE_SIZE + size], page,
                                     prod_offset=IN_PROD_OFFSET, cons_offset=IN_CONS_OFFSET)
@@ -235,6 +243,11 @@ class DataRing:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def _pages(self) -> GrantMapping | None:
+        """The ring's mapping (None once closed)."""
+        return self._maps[-1] if self._maps else None
 
     @property
     def in_error(self) -> int:
@@ -291,9 +304,13 @@ class DataRing:
             if view is not None:
                 view.release()
         self._errors = self._words = self._page = None
-        pages, self._pages = self._pages, None
-        if pages is not None:
-            _unmap(pages)
+        # Each record goes once its pages are unmapped, not before: gone
+        # first, an interrupt as the unmapping started held the pages for
+        # good.  Unmapped twice (one as unmap() returned), no harm: it is
+        # idempotent, and a mapping is no number another may hold by then.
+        while self._maps:
+            _unmap(self._maps[-1])
+            del self._maps[-1]
 
 
 def _map_ring(gnttab: GrantTable, domid: int, refs: tuple[int, ...], what: str) -> GrantMapping:

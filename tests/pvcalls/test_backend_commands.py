@@ -792,6 +792,31 @@ def test_a_connect_or_accept_whose_undo_is_cut_short_too_holds_nothing_once_clos
     _closed_holds_nothing(raw, backend)
 
 
+def test_an_accept_cut_short_twice_as_it_gives_back_its_reservation_counts_no_socket(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt as an ACCEPT's data ring is set up, the id_new counted
+    against the socket limit, and a second one as the frontend's lock would
+    be taken to give that count back: the id_new is counted no more, and
+    its socket given back at once.  The count given back under that lock,
+    the second interrupt kept it, the domain's limit one lower for as long
+    as the frontend is connected."""
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    listener, _ = raw.listening(backend)
+    counted = fe.nr_sockets
+    cut = _cut_short_once(monkeypatch, ActiveSocket, "attach_ring", KeyboardInterrupt(),
+                          after=True)
+    lock = _CutLock(fe._lock, _Frontend._accept, on="enter", armed=cut)
+    monkeypatch.setattr(fe, "_lock", lock)
+    req_id = raw.push_accept(listener, raw.new_id(), raw.new_ring())
+    assert cut.wait(TIMEOUT)
+    fe._work.flush(timeout=TIMEOUT)  # the command handled, cut short
+    raw.poll_responses()
+    assert req_id not in raw.responses
+    assert fe.nr_sockets == counted
+    assert fe._undone == []
+    _closed_holds_nothing(raw, backend)
+
+
 def test_two_connects_whose_undo_is_cut_short_too_hold_nothing_once_closed(
         raw: RawFrontend, backend: pvcalls.Backend, echo_server: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -876,19 +901,23 @@ def test_a_connect_or_accept_cut_short_as_its_socket_is_stored_holds_nothing(
     _closed_holds_nothing(raw, backend)
 
 
+@pytest.mark.parametrize("anywhere", [False, True], ids=["handler", "anywhere"])
 @pytest.mark.parametrize("command", ["connect", "accept"])
 def test_a_connect_or_accept_interrupted_as_any_of_its_calls_returns_holds_nothing_for_good(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
-        monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, command: str, anywhere: bool) -> None:
     """A Ctrl-C landing as any call made by the CONNECT's or ACCEPT's
     handler returns (the recording of its socket, the set-up of its ring,
-    the taking and letting go of the table's lock, the connect's start):
-    the socket is in the table, for a RELEASE to free, or given back at
-    once, and then nothing is held: no port, page or CPU slot, no socket
-    left on the frontend's record, none counted against the domain's
-    limit.  A socket between its record and the table in neither of them
-    was held for good; an ACCEPT's reservation kept, the limit one lower."""
-    from stolensignal import interrupted_as_call_returns
+    the taking and letting go of the table's lock, the connect's start),
+    or (``anywhere``) at any place of pvcalls' code the handler runs (the
+    mapping of the ring's pages, the socket's homing): the socket is in
+    the table, for a RELEASE to free, or given back at once, and then
+    nothing is held: no port, page or CPU slot, no socket left on the
+    frontend's record, none counted against the domain's limit.  A socket
+    between its record and the table in neither of them was held for
+    good; an ACCEPT's reservation kept, the limit one lower; a mapping
+    kept from the ring by an interrupt as the map call returned, held."""
+    from stolensignal import interrupted_as_call_returns, interrupted_at
 
     fe = backend._frontends[(raw.guest.domid, 0)]
     listener = raw.listening(backend)[0] if command == "accept" else None
@@ -923,10 +952,15 @@ def test_a_connect_or_accept_interrupted_as_any_of_its_calls_returns_holds_nothi
             req.u.accept.ref, req.u.accept.evtchn = ring.ref, ring.port
             request = Request(10000 + n, _wire.PVCALLS_ACCEPT, listener)
             handler = _Frontend._accept
-        where = f"interrupted as call {n} returned"
-        interrupted = interrupted_as_call_returns(
-            handler.__code__, n, lambda request=request, req=req, handler=handler: handler(
-                fe, request, req))
+        def call(request: Request = request, req: Any = req, handler: Any = handler) -> None:
+            handler(fe, request, req)
+
+        if anywhere:
+            where = interrupted_at(n, os.path.dirname(pvcalls.__file__), call)
+            interrupted = bool(where)
+        else:
+            where = f"interrupted as call {n} returned"
+            interrupted = interrupted_as_call_returns(handler.__code__, n, call)
         assert fe._undone == [], where
         if sock_id in fe._sockets:
             assert raw.release(sock_id).ret == 0, where

@@ -7,6 +7,8 @@ pages (A and B), so that the indexes page can name either."""
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -242,3 +244,48 @@ def test_the_hints_kept_are_those_of_the_rings_given_last(
     assert give(a) == [1 + 16]
     assert give(c) == [1 + 16]
     assert give(b) == [1, 1 + 16]  # its hint went
+
+
+@pytest.mark.parametrize("hint", ["none", "confirmed", "contradicted"])
+def test_a_ring_s_making_interrupted_anywhere_leaves_nothing_mapped(
+        guest: Guest, hint: str) -> None:
+    """A Ctrl-C landing at any place of pvcalls' code as a data ring is
+    made, whichever way it is mapped: nothing stays mapped.  A mapping
+    assigned from what the map call returned was lost to an interrupt as
+    that call returned, the first mapping of the long way to one as its
+    unmapping started: held for the life of the backend."""
+    from stolensignal import interrupted_at
+
+    guest.lay_out(ORDER, guest.a)
+    given = {"none": None, "confirmed": guest.a, "contradicted": guest.b}[hint]
+    landed = []
+    for n in itertools.count():
+        made: list[DataRing] = []
+        where = interrupted_at(n, os.path.dirname(pvcalls.__file__),
+                               lambda made=made: made.append(guest.ring(given)))
+        for ring in made:
+            ring.close()
+        assert guest.live_mappings() == 0, where
+        if not where:
+            break
+        landed.append(where)
+    assert any("_map_ring" in where for where in landed) or hint == "confirmed", landed
+
+
+def test_a_ring_s_close_interrupted_anywhere_leaves_nothing_mapped_once_done_again(
+        guest: Guest) -> None:
+    """A Ctrl-C landing at any place of pvcalls' code as a data ring is
+    closed: the close done again (the socket's next teardown) unmaps the
+    pages.  The record of the mapping dropped before its unmapping, an
+    interrupt as that started held the pages for the life of the backend
+    (an unmapping done twice is harmless: unmap() is idempotent)."""
+    from stolensignal import interrupted_at
+
+    guest.lay_out(ORDER, guest.a)
+    for n in itertools.count():
+        ring = guest.ring(None)
+        where = interrupted_at(n, os.path.dirname(pvcalls.__file__), ring.close)
+        ring.close()
+        assert guest.live_mappings() == 0, where
+        if not where:
+            break
