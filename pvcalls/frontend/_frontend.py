@@ -344,10 +344,11 @@ class Frontend(Closing):
         # meanwhile), which costs a notify more, never one less.
         self._kicked_to = 0
         self._slots: list[Slot | None] = [None] * RING_SLOTS
-        # Sockets that found no room for a CONNECT, ACCEPT or POLL they
-        # would not wait for (fileno()'s POLL, a non-blocking accept()'s
-        # ACCEPT): the event thread tells them once there is room (see
-        # _want_room).  Under _lock.
+        # Listeners that found no room for a POLL or ACCEPT they would not
+        # wait for (fileno()'s POLL, a non-blocking accept()'s ACCEPT; a
+        # non-blocking connect() that finds none fails with ENOBUFS): the
+        # event thread tells them once there is room (see _want_room).
+        # Under _lock.
         self._room_waiters: list[PVSocket] = []
         # The backend published an impossible rsp_prod: the ring is dead.
         self._ring_broken = False
@@ -1528,7 +1529,7 @@ class Frontend(Closing):
         return self._ring.free_slots > spare and self._slots.count(None) > spare
 
     def _want_room(self, sock: PVSocket) -> bool:
-        """``sock`` found no room for a CONNECT, ACCEPT or POLL and will
+        """Listener ``sock`` found no room for a POLL or ACCEPT and will
         not wait for it: True if there is room now (try again); else the
         event thread calls ``sock._on_room()`` once answers make room.
 
