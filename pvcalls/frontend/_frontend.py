@@ -407,8 +407,8 @@ class Frontend(Closing):
         # another's reason.  _death_lock makes _die()'s test and set one
         # step: the threads that may find the frontend dead (the event
         # thread, XenStore's, the backend state watch's) can do so at once,
-        # and the first reason must stay.  Never held while anything else
-        # is taken.
+        # and the first reason must stay.  Nothing is taken while it is
+        # held (it is taken under _lock and _watch_lock).
         self._dead = False
         self._death: tuple[int, str] = (errno.ENOTCONN, "")  # set with _dead, by _die()
         self._death_lock = threading.Lock()
@@ -1900,8 +1900,10 @@ class Frontend(Closing):
             req.u.release.id = rel.sock_id
             req.u.release.reuse = 0
 
-        # The event thread (releasing an accepted socket, see
-        # _finish_release) must not wait for a slot only it can free.
+        # The event thread (releasing the socket of a SOCKET answered after
+        # its caller gave up, see socket(), or one a released listener's
+        # ACCEPT accepted, see _end_accept) must not wait for a slot only
+        # it can free.
         timeout = 0.0 if threading.current_thread() is self._thread else self.timeout
         slot.on_done = functools.partial(self._released, rel)
         try:
