@@ -343,8 +343,14 @@ class SocketState:
     def __init__(self, sock: PVSocket) -> None:
         self.id = sock.id
         self.owner = weakref.ref(sock)
-        # Set once active, by connect() or accept() under the socket's
-        # receive and send locks; taken by close() under those and _cond.
+        # Set once active: by connect() under the socket's receive and send
+        # locks, or for an ACCEPT's socket before accept() hands it out.
+        # Taken back by steps that call nothing (Frontend._give_back,
+        # Frontend._take), so that one party gets it: by close() under
+        # those locks and _cond, by a connect() refused or cut short under
+        # those locks, and by the event thread under _cond alone for a
+        # non-blocking connect() refused (no call uses the ring while it
+        # is in flight).
         self.ring: DataRing | None = None
         # An ACCEPT in flight and the socket it offers (under _accept_lock,
         # most stores under _cond too): the listener keeps that socket.
@@ -483,11 +489,16 @@ class PVSocket(Closing):
         self._st = SocketState(self)
         self._sockname: tuple[str, int] = ("0.0.0.0", 0)
         self._peername: tuple[str, int] | None = None
-        self._broken = False  # a CONNECT timed out: only close() is left
-        # A non-blocking connect() (under _cond): its CONNECT is in flight;
-        # it failed and connect() has not said so yet; it succeeded and
-        # connect() has not said so yet.  SO_ERROR: the failure's errno,
-        # until getsockopt() or connect() takes it.
+        # A connect() gave up on its CONNECT before the answer came (its
+        # timeout, a Ctrl-C, a close()): only close() is left.  Also set
+        # for a moment while a connect() puts the socket back after
+        # sending nothing or a refusal (see _putting_back).
+        self._broken = False
+        # A non-blocking or timed connect() (under _cond; its CONNECT in
+        # flight is SocketState.connecting): it failed and connect() has
+        # not said so yet; it succeeded and connect() has not said so yet.
+        # SO_ERROR: a non-blocking one's failure errno, until a call takes
+        # it (getsockopt(), connect(), or a recv() or send() that waited).
         self._connect_failed = False
         self._connect_unreported = False
         self._so_error = 0
@@ -551,7 +562,8 @@ class PVSocket(Closing):
         self._armed = False  # fileno() asked for: keep a POLL in flight
         # A POLL or ACCEPT found no room on the command ring and would not
         # wait: not readable until the event thread says there is room.
-        # Set by Frontend._want_room only, with the request to be told.
+        # Set by Frontend._want_room only, with the request to be told;
+        # cleared there or by _on_room.
         self._no_room = False
 
         # Which callers (RECV, SEND) are polling the data ring's own event
