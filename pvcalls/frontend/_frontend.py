@@ -791,10 +791,10 @@ class Frontend(Closing):
         PV Calls: others fail with :class:`OSError` EAFNOSUPPORT.
 
         Also :class:`OSError` ENOTCONN before :meth:`open` or once the
-        backend went away, :class:`TimeoutError` if the backend does not
-        answer within the frontend's ``timeout``, or the backend's refusal
-        as a host socket's error (EMFILE: the domain is at its
-        ``max_sockets``).
+        backend went away (EIO once the frontend itself failed),
+        :class:`TimeoutError` if the backend does not answer within the
+        frontend's ``timeout``, or the backend's refusal as a host
+        socket's error (EMFILE: the domain is at its ``max_sockets``).
         """
         if family != socket.AF_INET or type != socket.SOCK_STREAM or proto not in (0, 6):
             raise OSError(errno.EAFNOSUPPORT, "PV Calls only carries AF_INET SOCK_STREAM sockets")

@@ -453,9 +453,10 @@ class PVSocket(Closing):
     for a CONNECT or BIND the backend's policy refuses),
     :class:`socket.gaierror` for a host name that does not resolve,
     :class:`TimeoutError` once a timeout passes, EBADF once closed,
-    ENOTCONN for every call once the backend went away, and EIO for a
-    call that would wait for a data ring whose event channel handle broke
-    (one of its own that kept overflowing).
+    ENOTCONN for every call once the backend went away (EIO once the
+    frontend itself failed), and EIO for a call that would wait for a
+    data ring whose event channel handle broke (one of its own that kept
+    overflowing).
 
     A socket the program drops without closing it is released once it is
     garbage, as a :class:`socket.socket` closes itself, with a
@@ -1547,9 +1548,11 @@ class PVSocket(Closing):
     def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
         """Copy ``data`` into the out ring and return how many bytes were
         sent.  In blocking mode all of it, waiting for room as often as
-        needed, as a blocking TCP socket's send() does (fewer only if the
-        connection failed meanwhile: the next call says so); with a
-        timeout, or non-blocking, as much as fits once there is room."""
+        needed, as a blocking TCP socket's send() does (fewer only if an
+        error came after some went: the connection failed, the socket was
+        closed or the frontend died meanwhile, which the next call says);
+        with a timeout, or non-blocking, as much as fits once there is
+        room."""
         flags = _check_flags(flags, _SEND_FLAGS, "send")
         view = _send_view(data)
         timeout = self._call_timeout(flags)
