@@ -807,7 +807,11 @@ class PVSocket(Closing):
                     req.u.connect.ref = ring.ref
                     req.u.connect.evtchn = ring.port
 
-                req_id = self._fe._submit(slot, fill, Deadline(timeout), sock=self)
+                # One for the wait for room on the command ring and the wait
+                # for the answer together, as the timeout bounds a TCP
+                # connect().
+                deadline = Deadline(timeout)
+                req_id = self._fe._submit(slot, fill, deadline, sock=self)
             except BaseException as exc:
                 if slot.sent:
                     # Interrupted between the push and the notify, or as
@@ -885,11 +889,6 @@ class PVSocket(Closing):
                     raise
                 raise BlockingIOError(errno.EINPROGRESS, os.strerror(errno.EINPROGRESS))
             try:
-                # In the try: a Ctrl-C as it is made left the CONNECT
-                # with nobody to take its answer (its response table
-                # entry taken for good, the socket neither broken nor
-                # connected).
-                deadline = Deadline(timeout)
                 # Neither readable nor writable until the answer, as a TCP
                 # socket in its handshake (see _handshaking), also for a
                 # selector that registered the socket before.  Only once
