@@ -161,12 +161,15 @@ class ReadyFd:
             if readable:
                 try:
                     self.ours.send(b"\0")
-                except (BrokenPipeError, ConnectionResetError):
-                    # Our end's peer is gone: the program closed it.  Not
-                    # made readable: every set() says so again, before it
-                    # would touch the descriptor's number (see below).
+                except OSError as exc:
+                    # Not made readable: every set() tries again.
                     self.readable = False
-                    raise bad_fd() from None
+                    if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                        # Our end's peer is gone: the program closed it,
+                        # which every set() says again, before it would
+                        # touch the descriptor's number (see below).
+                        raise bad_fd() from None
+                    raise
             else:
                 try:
                     self.user.recv(16)

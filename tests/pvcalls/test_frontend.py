@@ -4126,6 +4126,47 @@ def test_a_readiness_update_a_closed_descriptor_fails_is_tried_again_by_the_next
             fd.close()
 
 
+class _SendFails:
+    """A socket whose send() fails with ``errno`` (ENOBUFS: the kernel
+    short of memory), the rest of it the socket's."""
+
+    def __init__(self, sock: Any, err: int) -> None:
+        self._sock = sock
+        self._err = err
+
+    def send(self, data: bytes) -> int:
+        raise OSError(self._err, os.strerror(self._err))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def test_a_readiness_update_whose_byte_fails_to_go_is_tried_again_by_the_next() -> None:
+    """A set() to readable whose byte cannot be sent for a reason of the
+    kernel's (not the program's closing the descriptor) raises that and
+    keeps the record unreadable, as its docstring says of any call that
+    fails: the next set() sends the byte.  Before, only a broken pipe put
+    the record back: any other error left it readable and the descriptor
+    not, every later set() to readable did nothing, and a selector waited
+    for good."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    fd = ReadyFd()
+    ours = fd.ours
+    try:
+        fd.ours = _SendFails(ours, errno.ENOBUFS)
+        with pytest.raises(OSError) as info:
+            fd.set(True, True)
+        assert info.value.errno == errno.ENOBUFS
+        assert not fd.readable
+        fd.ours = ours
+        fd.set(True, True)
+        assert select.select([fd], [], [], 0)[0]
+    finally:
+        fd.ours = ours
+        fd.close()
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("contended", [False, True], ids=["free", "contended"])
 @pytest.mark.parametrize("call", ["recv", "send", "connect", "accept", "accept-nonblocking"])
