@@ -344,10 +344,11 @@ class Frontend(Closing):
         # meanwhile), which costs a notify more, never one less.
         self._kicked_to = 0
         self._slots: list[Slot | None] = [None] * RING_SLOTS
-        # Sockets that found no room for a CONNECT, ACCEPT or POLL they
-        # would not wait for (fileno()'s POLL, a non-blocking accept()'s
-        # ACCEPT): the event thread tells them once there is room (see
-        # _want_room).  Under _lock.
+        # Listeners that found no room for a POLL or ACCEPT they would not
+        # wait for (fileno()'s POLL, a non-blocking accept()'s ACCEPT; a
+        # non-blocking connect() that finds none fails with ENOBUFS): the
+        # event thread tells them once there is room (see _want_room).
+        # Under _lock.
         self._room_waiters: list[PVSocket] = []
         # The backend published an impossible rsp_prod: the ring is dead.
         self._ring_broken = False
@@ -406,8 +407,8 @@ class Frontend(Closing):
         # another's reason.  _death_lock makes _die()'s test and set one
         # step: the threads that may find the frontend dead (the event
         # thread, XenStore's, the backend state watch's) can do so at once,
-        # and the first reason must stay.  Never held while anything else
-        # is taken.
+        # and the first reason must stay.  Nothing is taken while it is
+        # held (it is taken under _lock and _watch_lock).
         self._dead = False
         self._death: tuple[int, str] = (errno.ENOTCONN, "")  # set with _dead, by _die()
         self._death_lock = threading.Lock()
@@ -790,10 +791,10 @@ class Frontend(Closing):
         PV Calls: others fail with :class:`OSError` EAFNOSUPPORT.
 
         Also :class:`OSError` ENOTCONN before :meth:`open` or once the
-        backend went away, :class:`TimeoutError` if the backend does not
-        answer within the frontend's ``timeout``, or the backend's refusal
-        as a host socket's error (EMFILE: the domain is at its
-        ``max_sockets``).
+        backend went away (EIO once the frontend itself failed),
+        :class:`TimeoutError` if the backend does not answer within the
+        frontend's ``timeout``, or the backend's refusal as a host
+        socket's error (EMFILE: the domain is at its ``max_sockets``).
         """
         if family != socket.AF_INET or type != socket.SOCK_STREAM or proto not in (0, 6):
             raise OSError(errno.EAFNOSUPPORT, "PV Calls only carries AF_INET SOCK_STREAM sockets")
@@ -1528,7 +1529,7 @@ class Frontend(Closing):
         return self._ring.free_slots > spare and self._slots.count(None) > spare
 
     def _want_room(self, sock: PVSocket) -> bool:
-        """``sock`` found no room for a CONNECT, ACCEPT or POLL and will
+        """Listener ``sock`` found no room for a POLL or ACCEPT and will
         not wait for it: True if there is room now (try again); else the
         event thread calls ``sock._on_room()`` once answers make room.
 
@@ -1899,8 +1900,10 @@ class Frontend(Closing):
             req.u.release.id = rel.sock_id
             req.u.release.reuse = 0
 
-        # The event thread (releasing an accepted socket, see
-        # _finish_release) must not wait for a slot only it can free.
+        # The event thread (releasing the socket of a SOCKET answered after
+        # its caller gave up, see socket(), or one a released listener's
+        # ACCEPT accepted, see _end_accept) must not wait for a slot only
+        # it can free.
         timeout = 0.0 if threading.current_thread() is self._thread else self.timeout
         slot.on_done = functools.partial(self._released, rel)
         try:

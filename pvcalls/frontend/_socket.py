@@ -161,12 +161,15 @@ class ReadyFd:
             if readable:
                 try:
                     self.ours.send(b"\0")
-                except (BrokenPipeError, ConnectionResetError):
-                    # Our end's peer is gone: the program closed it.  Not
-                    # made readable: every set() says so again, before it
-                    # would touch the descriptor's number (see below).
+                except OSError as exc:
+                    # Not made readable: every set() tries again.
                     self.readable = False
-                    raise bad_fd() from None
+                    if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                        # Our end's peer is gone: the program closed it,
+                        # which every set() says again, before it would
+                        # touch the descriptor's number (see below).
+                        raise bad_fd() from None
+                    raise
             else:
                 try:
                     self.user.recv(16)
@@ -343,8 +346,14 @@ class SocketState:
     def __init__(self, sock: PVSocket) -> None:
         self.id = sock.id
         self.owner = weakref.ref(sock)
-        # Set once active, by connect() or accept() under the socket's
-        # receive and send locks; taken by close() under those and _cond.
+        # Set once active: by connect() under the socket's receive and send
+        # locks, or for an ACCEPT's socket before accept() hands it out.
+        # Taken back by steps that call nothing (Frontend._give_back,
+        # Frontend._take), so that one party gets it: by close() under
+        # those locks and _cond, by a connect() refused or cut short under
+        # those locks, and by the event thread under _cond alone for a
+        # non-blocking connect() refused (no call uses the ring while it
+        # is in flight).
         self.ring: DataRing | None = None
         # An ACCEPT in flight and the socket it offers (under _accept_lock,
         # most stores under _cond too): the listener keeps that socket.
@@ -447,9 +456,10 @@ class PVSocket(Closing):
     for a CONNECT or BIND the backend's policy refuses),
     :class:`socket.gaierror` for a host name that does not resolve,
     :class:`TimeoutError` once a timeout passes, EBADF once closed,
-    ENOTCONN for every call once the backend went away, and EIO for a
-    call that would wait for a data ring whose event channel handle broke
-    (one of its own that kept overflowing).
+    ENOTCONN for every call once the backend went away (EIO once the
+    frontend itself failed), and EIO for a call that would wait for a
+    data ring whose event channel handle broke (one of its own that kept
+    overflowing).
 
     A socket the program drops without closing it is released once it is
     garbage, as a :class:`socket.socket` closes itself, with a
@@ -483,11 +493,16 @@ class PVSocket(Closing):
         self._st = SocketState(self)
         self._sockname: tuple[str, int] = ("0.0.0.0", 0)
         self._peername: tuple[str, int] | None = None
-        self._broken = False  # a CONNECT timed out: only close() is left
-        # A non-blocking connect() (under _cond): its CONNECT is in flight;
-        # it failed and connect() has not said so yet; it succeeded and
-        # connect() has not said so yet.  SO_ERROR: the failure's errno,
-        # until getsockopt() or connect() takes it.
+        # A connect() gave up on its CONNECT before the answer came (its
+        # timeout, a Ctrl-C, a close()): only close() is left.  Also set
+        # for a moment while a connect() puts the socket back after
+        # sending nothing or a refusal (see _putting_back).
+        self._broken = False
+        # A non-blocking or timed connect() (under _cond; its CONNECT in
+        # flight is SocketState.connecting): it failed and connect() has
+        # not said so yet; it succeeded and connect() has not said so yet.
+        # SO_ERROR: a non-blocking one's failure errno, until a call takes
+        # it (getsockopt(), connect(), or a recv() or send() that waited).
         self._connect_failed = False
         self._connect_unreported = False
         self._so_error = 0
@@ -551,7 +566,8 @@ class PVSocket(Closing):
         self._armed = False  # fileno() asked for: keep a POLL in flight
         # A POLL or ACCEPT found no room on the command ring and would not
         # wait: not readable until the event thread says there is room.
-        # Set by Frontend._want_room only, with the request to be told.
+        # Set by Frontend._want_room only, with the request to be told;
+        # cleared there or by _on_room.
         self._no_room = False
 
         # Which callers (RECV, SEND) are polling the data ring's own event
@@ -794,7 +810,11 @@ class PVSocket(Closing):
                     req.u.connect.ref = ring.ref
                     req.u.connect.evtchn = ring.port
 
-                req_id = self._fe._submit(slot, fill, Deadline(timeout), sock=self)
+                # One for the wait for room on the command ring and the wait
+                # for the answer together, as the timeout bounds a TCP
+                # connect().
+                deadline = Deadline(timeout)
+                req_id = self._fe._submit(slot, fill, deadline, sock=self)
             except BaseException as exc:
                 if slot.sent:
                     # Interrupted between the push and the notify, or as
@@ -872,11 +892,6 @@ class PVSocket(Closing):
                     raise
                 raise BlockingIOError(errno.EINPROGRESS, os.strerror(errno.EINPROGRESS))
             try:
-                # In the try: a Ctrl-C as it is made left the CONNECT
-                # with nobody to take its answer (its response table
-                # entry taken for good, the socket neither broken nor
-                # connected).
-                deadline = Deadline(timeout)
                 # Neither readable nor writable until the answer, as a TCP
                 # socket in its handshake (see _handshaking), also for a
                 # selector that registered the socket before.  Only once
@@ -1535,9 +1550,11 @@ class PVSocket(Closing):
     def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
         """Copy ``data`` into the out ring and return how many bytes were
         sent.  In blocking mode all of it, waiting for room as often as
-        needed, as a blocking TCP socket's send() does (fewer only if the
-        connection failed meanwhile: the next call says so); with a
-        timeout, or non-blocking, as much as fits once there is room."""
+        needed, as a blocking TCP socket's send() does (fewer only if an
+        error came after some went: the connection failed, the socket was
+        closed or the frontend died meanwhile, which the next call says);
+        with a timeout, or non-blocking, as much as fits once there is
+        room."""
         flags = _check_flags(flags, _SEND_FLAGS, "send")
         view = _send_view(data)
         timeout = self._call_timeout(flags)

@@ -1972,6 +1972,48 @@ def test_calls_waiting_for_room_on_the_command_ring(host: SimHost, backend: Any,
                 c.close()
 
 
+class _JumpingClock:
+    """time.monotonic() plus what the test has made pass: a deadline's
+    time goes by at once, with no sleeping and no race with the machine."""
+
+    def __init__(self) -> None:
+        self.passed = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.passed
+
+
+def test_a_timed_connect_s_timeout_bounds_the_wait_for_room_and_answer_together(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """settimeout() bounds every call: a timed connect() that spent part
+    of its timeout waiting for room on the command ring waits for the
+    backend's answer only for what is left (as socket.socket's connect()
+    waits for its handshake), not for a whole timeout more."""
+    clock = _JumpingClock()
+    monkeypatch.setattr(_common, "time", clock)
+    connections: list[socket.socket] = []
+    with pvcalls.Frontend(host.create_domain("room-then-silence")) as fe, \
+            unanswered_listener() as address:
+        free_slots: Callable[[int], None] = lambda n: None  # noqa: E731
+        s = fe.socket()
+        try:
+            free_slots = fill_command_ring(fe, backend, connections)
+            s.settimeout(100.0)
+            connector = Call(lambda: s.connect(address))
+            wait_until(lambda: bool(fe._cmd_cond._waiters))  # for room
+            clock.passed += 60.0
+            free_slots(1)
+            wait_until(lambda: s._last_connect is not None and s._last_connect.sent)
+            clock.passed += 60.0  # 120 s since it set out: past its timeout
+            error = connector.join().error
+            assert isinstance(error, TimeoutError), error
+        finally:
+            s.close()
+            free_slots(_wire.RING_SLOTS)  # or closing the frontend waits for room
+            for c in connections:
+                c.close()
+
+
 def test_a_listener_waits_for_room_without_blocking_or_spinning(
         host: SimHost, backend: Any) -> None:
     """With the command ring full, a listener's fileno() returns at once
@@ -4082,6 +4124,47 @@ def test_a_readiness_update_a_closed_descriptor_fails_is_tried_again_by_the_next
     finally:
         with contextlib.suppress(OSError):
             fd.close()
+
+
+class _SendFails:
+    """A socket whose send() fails with ``errno`` (ENOBUFS: the kernel
+    short of memory), the rest of it the socket's."""
+
+    def __init__(self, sock: Any, err: int) -> None:
+        self._sock = sock
+        self._err = err
+
+    def send(self, data: bytes) -> int:
+        raise OSError(self._err, os.strerror(self._err))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def test_a_readiness_update_whose_byte_fails_to_go_is_tried_again_by_the_next() -> None:
+    """A set() to readable whose byte cannot be sent for a reason of the
+    kernel's (not the program's closing the descriptor) raises that and
+    keeps the record unreadable, as its docstring says of any call that
+    fails: the next set() sends the byte.  Before, only a broken pipe put
+    the record back: any other error left it readable and the descriptor
+    not, every later set() to readable did nothing, and a selector waited
+    for good."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    fd = ReadyFd()
+    ours = fd.ours
+    try:
+        fd.ours = _SendFails(ours, errno.ENOBUFS)
+        with pytest.raises(OSError) as info:
+            fd.set(True, True)
+        assert info.value.errno == errno.ENOBUFS
+        assert not fd.readable
+        fd.ours = ours
+        fd.set(True, True)
+        assert select.select([fd], [], [], 0)[0]
+    finally:
+        fd.ours = ours
+        fd.close()
 
 
 @pytest.mark.timeout(600)
