@@ -201,6 +201,11 @@ class _Place(NamedTuple):
     #: The offset at which CPython looks up the handler of the exception
     #: the signal's handler raises (INSTR_OFFSET()-1 in its eval loop): the
     #: call's own; after a jump back, the code unit before its target.
+    #: Where the table covers one and not the other (a loop going round to
+    #: a try's first instruction, a NOP the table leaves out, or to one
+    #: just after such a NOP), the tracer's exception is not handled as the
+    #: signal's: left out (see _raisable_after).  In the second case a real
+    #: signal skips the try's handlers and its finally: no tracer imitates it.
     looked_up: int
 
 
