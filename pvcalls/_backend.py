@@ -388,8 +388,14 @@ class Backend(Closing):
         short being the one raised, and the first Ctrl-C met is raised at
         the end.  The claim goes last, whatever happened: left, it would
         refuse every later Backend for the domain."""
-        interrupt: BaseException | None = None
         try:
+            # Not before the try: the loop must not be the first thing in it.
+            # CPython 3.11 looks up the handler of a signal's exception raised
+            # as a loop goes round at the code unit before the loop's top,
+            # here the try's own NOP, which the exception table leaves out:
+            # a Ctrl-C as the loop went round skipped the finally, and the
+            # domain stayed claimed.
+            interrupt: BaseException | None = None
             while True:
                 try:
                     self.close()

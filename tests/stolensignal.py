@@ -15,7 +15,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from types import CodeType, FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -165,14 +165,68 @@ def _handlers(code: CodeType) -> Callable[[int], object]:
 def _raisable_after(code: CodeType) -> Callable[[int, int], bool]:
     """Whether an exception raised by a trace function as the instruction
     at one offset of ``code`` starts is handled as one that CPython raises
-    where the call at another offset returns: the signal's handler runs
-    in that CALL instruction, the trace function in the next one, and
-    the two may lie on either side of the end of a try or a with block
-    (``with lock: return f()`` leaves its block after f's CALL).  There
-    an exception the tracer raises would skip the block's exit, which a
-    real signal never does: such places are left out."""
+    from a signal's handler where the exception table looks it up at
+    another offset (see _Place.looked_up): the handler runs in a call's
+    instruction or a loop's jump back, the trace function in the next
+    instruction, and the two may lie on either side of the end of a try
+    or a with block (``with lock: return f()`` leaves its block after f's
+    CALL).  There an exception the tracer raises would skip the block's
+    exit, which a real signal never does: such places are left out."""
     handler = _handlers(code)
-    return lambda call, then: handler(call) == handler(then)
+    return lambda looked_up, then: handler(looked_up) == handler(then)
+
+
+#: The instructions after which CPython 3.11 runs a pending signal's
+#: handler in the middle of a function (its eval loop's CHECK_EVAL_BREAKER),
+#: as a tracer sees them (de-specialised): a call returning (``f(*args)``
+#: and ``f(**kw)`` are CALL_FUNCTION_EX) ...
+_CALLS = frozenset({"CALL", "CALL_FUNCTION_EX"})
+#: ... and a loop going round: a jump back, taken (JUMP_BACKWARD_NO_INTERRUPT,
+#: in ``yield from`` and ``await``, looks for no signal).
+_JUMPS_BACK = frozenset({"JUMP_BACKWARD", "POP_JUMP_BACKWARD_IF_FALSE",
+                         "POP_JUMP_BACKWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_NONE",
+                         "POP_JUMP_BACKWARD_IF_NOT_NONE"})
+
+
+class _Place(NamedTuple):
+    """Where, after an instruction, a signal's handler may run."""
+
+    #: How a failure names it.
+    what: str
+    #: The instruction the frame must go on to for the handler to have
+    #: run: a jump back's target (one not taken falls through, where no
+    #: handler runs); None after a call, which returns (or raises) to
+    #: wherever it does.
+    then: int | None
+    #: The offset at which CPython looks up the handler of the exception
+    #: the signal's handler raises (INSTR_OFFSET()-1 in its eval loop): the
+    #: call's own; after a jump back, the code unit before its target.
+    #: Where the table covers one and not the other (a loop going round to
+    #: a try's first instruction, a NOP the table leaves out, or to one
+    #: just after such a NOP), the tracer's exception is not handled as the
+    #: signal's: left out (see _raisable_after).  In the second case a real
+    #: signal skips the try's handlers and its finally: no tracer imitates it.
+    looked_up: int
+
+
+def _places(code: CodeType) -> dict[int, _Place]:
+    """The instructions of ``code`` (by offset) after which CPython may run
+    a signal's handler, and how."""
+    places = {}
+    for ins in dis.get_instructions(code):
+        if ins.opname in _CALLS:
+            places[ins.offset] = _Place("as a call returns in", None, ins.offset)
+        elif ins.opname in _JUMPS_BACK:
+            places[ins.offset] = _Place("as a loop goes round in", ins.argval, ins.argval - 2)
+    return places
+
+
+def _landed(place: _Place | None, raisable: Callable[[int, int], bool], then: int) -> bool:
+    """Whether a frame whose last instruction was at ``place`` (None if
+    none) and whose next is at ``then`` went by a place where a signal's
+    handler runs, at which a tracer's exception is handled as its would be."""
+    return (place is not None and (place.then is None or place.then == then)
+            and raisable(place.looked_up, then))
 
 
 def _handler_runs_as_it_starts(frame: FrameType, cache: dict[CodeType, frozenset[int]]) -> bool:
@@ -202,42 +256,44 @@ def _handler_runs_as_it_starts(frame: FrameType, cache: dict[CodeType, frozenset
 
 def interrupted_as_call_returns(code: CodeType, n: int, call: Callable[[], object], *,
                                 swallows: bool = False, converts: bool = False) -> bool:
-    """Run ``call()`` with :class:`Interrupted` raised as the ``n``-th call
-    (counting from 0) made by a frame of ``code`` returns: where CPython
-    runs a signal's handler in the middle of a function (besides loops
-    going round and Python functions starting).  True if it was raised;
-    False if the frames made fewer calls, and ``call()`` ran undisturbed.
+    """Run ``call()`` with :class:`Interrupted` raised at the ``n``-th place
+    (counting from 0) in a frame of ``code`` where CPython runs a signal's
+    handler in the middle of a function: as a call the frame made returns
+    (``f(*args)`` too), or as one of its loops goes round (a jump back
+    taken), not as a Python function starts.  True if it was raised; False
+    if the frames went by fewer places, and ``call()`` ran undisturbed.
     A ``call()`` that returns all the same fails (see _traced), unless
     ``swallows``: for a call that keeps the Ctrl-C on purpose.  One that
     raises another exception instead fails too, unless ``converts``."""
-    names = {ins.offset: ins.opname for ins in dis.get_instructions(code)}
+    places = _places(code)
     raisable = _raisable_after(code)
-    returned = 0
-    after_call: int | None = None
-    raised = False
+    passed = 0
+    after: _Place | None = None
+    raised = ""
 
     def in_frame(frame: FrameType, event: str, arg: object) -> Any:
-        nonlocal returned, after_call, raised
+        nonlocal passed, after, raised
         if event != "opcode":
             return in_frame
-        if after_call is not None and raisable(after_call, frame.f_lasti):
-            if returned == n:
-                raised = True
+        if _landed(after, raisable, frame.f_lasti):
+            if passed == n:
+                assert after is not None
+                what = "a call of {} returned" if after.then is None else "a loop of {} went round"
+                raised = f"as {what.format(code.co_qualname)} (place {n})"
                 raise Interrupted
-            returned += 1
-        after_call = frame.f_lasti if names.get(frame.f_lasti) == "CALL" else None
+            passed += 1
+        after = places.get(frame.f_lasti)
         return in_frame
 
     def enter(frame: FrameType, event: str, arg: object) -> Any:
-        nonlocal after_call
+        nonlocal after
         if frame.f_code is not code:
             return None
         frame.f_trace_opcodes = True
-        after_call = None
+        after = None
         return in_frame
 
-    return _traced(enter, call, lambda: raised,
-                   lambda: f"as call {n} of {code.co_qualname} returned", swallows, converts)
+    return _traced(enter, call, lambda: bool(raised), lambda: raised, swallows, converts)
 
 
 def interrupted_as_frame_starts(code: CodeType, call: Callable[[], object], *,
@@ -268,8 +324,10 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
     (counting from 0) where CPython may run a signal's handler in a frame
     of a file under the directory ``within``: as such a frame starts (not
     a generator's that a throw() resumes: see _handler_runs_as_it_starts),
-    or as a call it makes returns.  Where it was raised (function and
-    line); '' if there were fewer places, and ``call()`` ran undisturbed.
+    as a call it makes returns (``f(*args)`` too), or as one of its loops
+    goes round (a jump back taken).  Where it was raised (what, function
+    and line); '' if there were fewer places, and ``call()`` ran
+    undisturbed.
 
     Going through n = 0, 1, 2, ... until it returns '' lands a Ctrl-C
     at every such place of one call, however its code is split into
@@ -288,35 +346,38 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
     within = os.path.join(within, "")
     skipped = tuple(path if path.endswith(".py") else os.path.join(path, "")
                     for path in ((besides,) if isinstance(besides, str) else besides) if path)
-    places = 0
+    count = 0
     raised = ""
-    calls: dict[CodeType, set[int]] = {}
+    places: dict[CodeType, dict[int, _Place]] = {}
     raisable: dict[CodeType, Callable[[int, int], bool]] = {}
-    # The frames whose last instruction was a call, which has returned
-    # by their next one, and where that call is.
-    in_call: dict[FrameType, int] = {}
+    # The frames whose last instruction was a call or a jump back, and
+    # which place that is: the call has returned, the jump was taken or
+    # not, by their next one.
+    in_place: dict[FrameType, _Place] = {}
     resumes: dict[CodeType, frozenset[int]] = {}
 
     def land(frame: FrameType, event: str) -> None:
-        nonlocal places, raised
+        nonlocal count, raised
         if raised or unless():  # one signal
             return
-        if places == n:
+        if count == n:
             code = frame.f_code
             raised = (f"{event} {code.co_qualname}, "
                       f"{os.path.basename(code.co_filename)}:{frame.f_lineno}")
             raise Interrupted
-        places += 1
+        count += 1
 
     def in_frame(frame: FrameType, event: str, arg: object) -> Any:
         if event == "return":
-            in_call.pop(frame, None)
+            in_place.pop(frame, None)
         elif event == "opcode":
-            call = in_call.pop(frame, None)
-            if call is not None and raisable[frame.f_code](call, frame.f_lasti):
-                land(frame, "as a call returns in")
-            if frame.f_lasti in calls[frame.f_code]:
-                in_call[frame] = frame.f_lasti
+            place = in_place.pop(frame, None)
+            if _landed(place, raisable[frame.f_code], frame.f_lasti):
+                assert place is not None
+                land(frame, place.what)
+            place = places[frame.f_code].get(frame.f_lasti)
+            if place is not None:
+                in_place[frame] = place
         return in_frame
 
     def enter(frame: FrameType, event: str, arg: object) -> Any:
@@ -325,9 +386,8 @@ def interrupted_at(n: int, within: str, call: Callable[[], object],
             return None
         if skipped and code.co_filename.startswith(skipped):
             return None
-        if code not in calls:
-            calls[code] = {ins.offset for ins in dis.get_instructions(code)
-                           if ins.opname == "CALL"}
+        if code not in places:
+            places[code] = _places(code)
             raisable[code] = _raisable_after(code)
         frame.f_trace_opcodes = True
         if _handler_runs_as_it_starts(frame, resumes):

@@ -147,6 +147,35 @@ def checking():
         work()
     except BaseException:
         raise AssertionError("the caller's own check")
+
+
+def spreading():
+    done.extend(*[(1, 2)])
+
+
+def going_round():
+    seen = {}
+    for x in (1, 2):
+        seen[x] = x
+
+
+def counting_down():
+    n = 2
+    while n:
+        n -= 1
+
+
+def looping_in_a_try():
+    n = 2
+    try:
+        entered.append(1)
+        while n:
+            try:
+                n -= 1
+            except ValueError:
+                pass
+    finally:
+        left.append(1)
 '''
 
 
@@ -277,7 +306,8 @@ def test_a_call_that_swallows_on_purpose_says_so(module: types.ModuleType) -> No
 def test_the_other_sweeps_fail_a_swallowing_call_too(module: types.ModuleType) -> None:
     with pytest.raises(AssertionError, match=r"as work started was swallowed"):
         interrupted_as_frame_starts(module.work.__code__, module.swallowing)
-    with pytest.raises(AssertionError, match=r"as call 0 of work returned was swallowed"):
+    with pytest.raises(AssertionError,
+                       match=r"as a call of work returned \(place 0\) was swallowed"):
         interrupted_as_call_returns(module.work.__code__, 0, module.swallowing)
     assert interrupted_as_frame_starts(module.work.__code__, module.swallowing, swallows=True)
     assert interrupted_as_frame_starts(module.work.__code__, module.reraising)
@@ -329,6 +359,64 @@ def test_a_call_that_converts_on_purpose_says_so(module: types.ModuleType) -> No
 def test_the_other_sweeps_fail_a_converting_call_too(module: types.ModuleType) -> None:
     with pytest.raises(AssertionError, match=r"as work started was turned into OSError: refused"):
         interrupted_as_frame_starts(module.work.__code__, module.converting)
-    with pytest.raises(AssertionError,
-                       match=r"as call 0 of work returned was turned into OSError: refused"):
+    with pytest.raises(AssertionError, match=r"as a call of work returned \(place 0\) was turned"
+                                             r" into OSError: refused"):
         interrupted_as_call_returns(module.work.__code__, 0, module.converting)
+
+
+def _line_of(mod: types.ModuleType, text: str) -> int:
+    """The line of ``mod``'s source that holds ``text``."""
+    lines = Path(mod.__file__ or "").read_text().splitlines()
+    return next(number for number, line in enumerate(lines, 1) if text in line)
+
+
+def test_a_landing_as_a_call_with_star_args_returns(module: types.ModuleType) -> None:
+    """CPython runs a signal's handler as a ``f(*args)`` call returns
+    (CALL_FUNCTION_EX), as for a plain call: the sweep lands there too."""
+    line = _line_of(module, "done.extend(*[(1, 2)])")
+    assert _every_landing(module, module.spreading) == [
+        f"as it starts: spreading, sweptmod.py:{line - 1}",
+        f"as a call returns in spreading, sweptmod.py:{line}",
+    ]
+    assert interrupted_as_call_returns(module.spreading.__code__, 0, module.spreading)
+    assert not interrupted_as_call_returns(module.spreading.__code__, 1, module.spreading)
+
+
+def test_a_landing_each_time_a_loop_goes_round(module: types.ModuleType) -> None:
+    """And as a loop goes round (JUMP_BACKWARD), each time, whatever its
+    body does: there is no call in this one."""
+    line = _line_of(module, "for x in (1, 2):")
+    assert _every_landing(module, module.going_round) == [
+        f"as it starts: going_round, sweptmod.py:{line - 2}",
+        f"as a loop goes round in going_round, sweptmod.py:{line}",
+        f"as a loop goes round in going_round, sweptmod.py:{line}",
+    ]
+    code = module.going_round.__code__
+    assert interrupted_as_call_returns(code, 1, module.going_round)
+    assert not interrupted_as_call_returns(code, 2, module.going_round)
+
+
+def test_a_landing_as_a_loop_goes_round_only_if_it_does(module: types.ModuleType) -> None:
+    """A ``while`` loop's test at its bottom jumps back (POP_JUMP_BACKWARD_IF_TRUE,
+    where the handler runs) or falls through (where it does not): one
+    landing for two tests."""
+    line = _line_of(module, "n -= 1")
+    assert _every_landing(module, module.counting_down) == [
+        f"as it starts: counting_down, sweptmod.py:{line - 3}",
+        f"as a loop goes round in counting_down, sweptmod.py:{line}",
+    ]
+    code = module.counting_down.__code__
+    assert interrupted_as_call_returns(code, 0, module.counting_down)
+    assert not interrupted_as_call_returns(code, 1, module.counting_down)
+
+
+def test_no_landing_as_a_loop_goes_round_to_a_place_its_try_leaves_out(
+        module: types.ModuleType) -> None:
+    """The inner try's first instruction, where the loop goes round to, is
+    a NOP that the outer try's exception table leaves out: an exception a
+    tracer raised there would skip the finally, but CPython looks up the
+    signal's at the code unit before it, which the table covers.  Not a
+    place the sweep can land as a signal would: left out."""
+    landed = _sweep(module, module.looping_in_a_try)
+    assert not [where for where in landed if "loop goes round" in where], landed
+    assert any("as a call returns in looping_in_a_try" in where for where in landed), landed

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import _thread
+import collections
 import errno
+import functools
 import itertools
 import logging
+import operator
 import os
 import select
+import signal
 import socket
 import sys
 import threading
@@ -1366,6 +1371,62 @@ def test_a_backend_whose_close_after_a_failed_start_is_interrupted_closes_all_th
     wait_until(lambda: not [t for t in threading.enumerate() if t.ident not in threads
                             and not t.name.startswith(("kworker/", "wq-"))])
     HostLock.for_domain(host.dom0, "xenback-pvcalls").close()  # the domain's lock
+    pvcalls.Backend(host.dom0, cpus=1).close()  # the domain is nobody's
+
+
+def test_a_ctrl_c_as_the_undo_goes_round_again_lets_go_of_the_domain(
+        host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backend() failed, a second Ctrl-C cut its undo's close() short
+    before it let go of the domain, and a third one's handler ran as the
+    undo's loop went round to close() again.  CPython 3.11 looks up the
+    handler of an exception raised there at the code unit before the
+    loop's top: the try's own NOP, which its exception table leaves out,
+    when the loop was the first thing in the try.  The finally was
+    skipped, and the domain stayed claimed, refusing every later Backend.
+    (No tracer lands there as a signal does: the signal is made pending by
+    the call that cuts close() short, which raises from C, where no
+    handler runs, so that the loop's jump back is the first place that
+    runs it.)"""
+    from pvcalls import _backend
+
+    class Interrupted(BaseException):
+        pass
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    real_start = _backend._PvcallsDriver.start
+    real_close = _backend.Backend.close
+    cut: list[Any] = []
+
+    def started_then_ctrl_c(self: Any) -> None:
+        real_start(self)
+        raise KeyboardInterrupt
+
+    def cut_short_then_ctrl_c(self: Any) -> None:
+        cut.append(self)
+        # One C call: the signal made pending (interrupt_main() runs no
+        # handler, as os.kill() does), then SystemExit (a BaseException, as
+        # a Ctrl-C is) raised, with no handler run in between.
+        collections.deque(map(operator.call, (
+            functools.partial(_thread.interrupt_main, signal.SIGUSR1),
+            functools.partial(sys.exit, "cut short"))), 0)
+
+    before = _held(host)
+    monkeypatch.setattr(_backend._PvcallsDriver, "start", started_then_ctrl_c)
+    monkeypatch.setattr(_backend.Backend, "close", cut_short_then_ctrl_c)
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with pytest.raises(Interrupted):
+            pvcalls.Backend(host.dom0, topology=Topology(2))
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    monkeypatch.undo()
+    assert len(cut) == 1, "close() was called again: the test no longer tests anything"
+    claimed = cut[0] in _backend._serving
+    real_close(cut[0])  # what the third Ctrl-C left undone
+    _wait_released(host, before)
+    assert not claimed, "the domain stays claimed"
     pvcalls.Backend(host.dom0, cpus=1).close()  # the domain is nobody's
 
 

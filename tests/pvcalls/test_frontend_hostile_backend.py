@@ -3145,8 +3145,17 @@ def test_a_nonblocking_connect_interrupted_anywhere_polls_as_connecting(
     fake.hold = {PVCALLS_CONNECT}
     connects = _connects_submitted(fe)
     socks: list[pvcalls.PVSocket] = []
+    # Every attempt takes a pooled ring: one made by an attempt goes to the
+    # pool, and the later attempts, going by fewer places (no pages laid
+    # out), had the sweep skip a run of them, the submit's among them.
+    primer = fe.socket()
+    primer.setblocking(False)
+    _refused(functools.partial(primer.connect, _ADDRESS), errno.EINPROGRESS)()
+    fake.next_request(PVCALLS_CONNECT)
+    primer.close()
 
     def attempt(n: int) -> str:
+        wait_until(lambda: len(fe._ring_pool) == 1)  # back once the RELEASE is answered
         connects.clear()
         socks[:] = [s := fe.socket()]
         s.setblocking(False)
