@@ -2569,7 +2569,11 @@ def test_a_listen_whose_socket_cannot_be_watched_leaves_it_bound(
     rsp = raw.response(raw.push_poll(sock_id))
     assert (rsp.cmd, rsp.ret) == (_wire.PVCALLS_POLL, EINVAL)
     assert [r.id for r in backend.stats().sockets] == [sock_id]
+    assert passive.host.fileno() not in watched_fds(backend)
     assert raw.listen(sock_id).ret == 0
+    # Watched again: the edge of a connection coming after the ACCEPT
+    # waits must reach it, whichever of the two comes first here.
+    assert passive.host.fileno() in watched_fds(backend)
     _accepts_one(raw, sock_id, address)
     assert raw.unexpected == []
 
