@@ -1088,11 +1088,12 @@ class PassiveSocket(Work):
         self.state = SockState.BOUND
         self._lock = threading.Lock()
         self.waiting: tuple[Request, ActiveSocket | None] | None = None
-        # Whether the host socket is in the dispatcher's epoll set: changed
-        # by LISTEN (and taken back by its failure), read by teardown, both
-        # from the command processing, one at a time (no lock), and
-        # cleared by the Work failing, which runs only once LISTEN has set
-        # it (ACCEPT and POLL wait for LISTENING).
+        # Whether the host socket is (or may be: LISTEN sets it before
+        # add_fd) in the dispatcher's epoll set: changed by LISTEN (and
+        # taken back by its failure), read by teardown, both from the
+        # command processing, one at a time (no lock), and cleared by the
+        # Work failing, which runs only once LISTEN has set it (ACCEPT and
+        # POLL wait for LISTENING).
         self._registered = False
         self._torn_down = False
 
@@ -1121,14 +1122,19 @@ class PassiveSocket(Work):
         if self.state is SockState.CLOSED:
             raise CommandError(_errno.EINVAL, f"socket {self.id:#x} is closed")
         added = False
-        if not self._registered:
-            # Watched before it listens: the edge of a connection arriving
-            # once it does is not missed.  Until then nothing is waiting
-            # (ACCEPT and POLL need LISTENING), and an edge runs the Work
-            # for nothing.
-            self.frontend.dispatcher.add_fd(self.host.fileno(), PASSIVE_EVENTS, self._on_event)
-            self._registered = added = True
         try:
+            if not self._registered:
+                # Watched before it listens: the edge of a connection
+                # arriving once it does is not missed.  Until then nothing
+                # is waiting (ACCEPT and POLL need LISTENING), and an edge
+                # runs the Work for nothing.  Recorded before add_fd(), not
+                # after: an interrupt as it returned left the descriptor
+                # watched with nobody to unwatch it, its number refused to
+                # the next socket that got it, this LISTEN's too.  Whether
+                # it was watched, _unregister() finds out.
+                self._registered = added = True
+                self.frontend.dispatcher.add_fd(self.host.fileno(), PASSIVE_EVENTS,
+                                                self._on_event)
             self.host.listen(max(0, min(backlog, socket.SOMAXCONN)))
         except BaseException:
             if added:
@@ -1149,7 +1155,9 @@ class PassiveSocket(Work):
         fails, ``_registered`` stays set and teardown tries again."""
         try:
             self.frontend.dispatcher.remove_fd(self.host.fileno())
-        except (OSError, KeyError, ValueError):
+        except KeyError:
+            pass  # not watched: the add_fd() that LISTEN recorded failed
+        except (OSError, ValueError):
             logger.exception("%r: cannot stop watching the host socket", self)
             return
         self._registered = False

@@ -2569,8 +2569,59 @@ def test_a_listen_whose_socket_cannot_be_watched_leaves_it_bound(
     rsp = raw.response(raw.push_poll(sock_id))
     assert (rsp.cmd, rsp.ret) == (_wire.PVCALLS_POLL, EINVAL)
     assert [r.id for r in backend.stats().sockets] == [sock_id]
+    assert passive.host.fileno() not in watched_fds(backend)
     assert raw.listen(sock_id).ret == 0
+    # Watched again: the edge of a connection coming after the ACCEPT
+    # waits must reach it, whichever of the two comes first here.
+    assert passive.host.fileno() in watched_fds(backend)
     _accepts_one(raw, sock_id, address)
+    assert raw.unexpected == []
+
+
+@pytest.mark.parametrize("anywhere", [False, True], ids=["listen", "anywhere"])
+def test_a_listen_interrupted_anywhere_leaves_no_descriptor_watched_for_good(
+        raw: RawFrontend, backend: pvcalls.Backend, anywhere: bool) -> None:
+    """A Ctrl-C landing as any call of a LISTEN's set-up returns (or, with
+    ``anywhere``, at any place of pvcalls' code the handler runs): the
+    LISTEN done again works, and once the socket is released no descriptor
+    is left watched.  The watch recorded after add_fd() returned, one as
+    it returned left the host socket watched with nobody to unwatch it:
+    its number refused to the next socket that got it (fd already
+    registered), and the LISTEN done again failed the same way."""
+    from stolensignal import interrupted_as_call_returns, interrupted_at
+
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    watched = watched_fds(backend)
+    landed = 0
+    for n in itertools.count():
+        sock_id, _ = raw.socket()
+        assert raw.bind(sock_id, ("127.0.0.1", 0)).ret == 0
+        address = address_of(backend, sock_id)
+        req = ffi.new("struct xen_pvcalls_request *")
+        req.u.listen.id, req.u.listen.backlog = sock_id, 16
+        request = Request(10000 + n, _wire.PVCALLS_LISTEN, sock_id)
+
+        def call(request: Request = request, req: Any = req) -> None:
+            assert _Frontend._listen(fe, request, req) == 0
+
+        if anywhere:
+            where = interrupted_at(n, os.path.dirname(pvcalls.__file__), call)
+            interrupted = bool(where)
+        else:
+            where = f"interrupted as call {n} of listen() returned"
+            interrupted = interrupted_as_call_returns(PassiveSocket.listen.__code__, n, call)
+        assert raw.listen(sock_id).ret == 0, where
+        new_id = raw.new_id()
+        accept = raw.push_accept(sock_id, new_id, raw.new_ring())
+        with socket.create_connection(address, timeout=TIMEOUT):
+            assert raw.response(accept).ret == 0, where
+        assert raw.release(new_id).ret == 0, where
+        assert raw.release(sock_id).ret == 0, where
+        assert watched_fds(backend) == watched, where
+        if not interrupted:
+            break
+        landed += 1
+    assert landed >= 3  # add_fd's return among them
     assert raw.unexpected == []
 
 
