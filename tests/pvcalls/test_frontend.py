@@ -2014,6 +2014,34 @@ def test_a_timed_connect_s_timeout_bounds_the_wait_for_room_and_answer_together(
                 c.close()
 
 
+def test_a_timed_connect_whose_answer_came_as_its_time_ran_out_connects(
+        fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one deadline for the wait for room and the wait for the answer
+    (see above), the latter may start with the time over.  An answer
+    already in is the outcome: the backend connected, and connect()
+    returns, rather than raising TimeoutError over a connection made."""
+    clock = _JumpingClock()
+    monkeypatch.setattr(_common, "time", clock)
+    srv = server()
+    wait_slot = fe._wait_slot
+
+    def answered_then_late(req_id: int, slot: Any, deadline: Deadline,
+                           sock: pvcalls.PVSocket | None = None) -> int:
+        if slot.cmd == _wire.PVCALLS_CONNECT:
+            wait_until(lambda: slot.done)
+            clock.passed += 2 * TIMEOUT  # past the connect's timeout
+        return wait_slot(req_id, slot, deadline, sock)
+
+    monkeypatch.setattr(fe, "_wait_slot", answered_then_late)
+    s = fe.socket()
+    try:
+        s.settimeout(TIMEOUT)
+        s.connect(srv.address)
+        assert s.getpeername() == srv.address
+    finally:
+        s.close()
+
+
 def test_a_listener_waits_for_room_without_blocking_or_spinning(
         host: SimHost, backend: Any) -> None:
     """With the command ring full, a listener's fileno() returns at once
