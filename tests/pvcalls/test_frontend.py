@@ -1260,6 +1260,26 @@ def test_a_waiter_on_a_rings_own_handle_is_woken_by_the_rings_event(
         assert call.join().result == b"data"
 
 
+def test_a_waiter_on_the_shared_handle_is_woken_by_the_rings_event(
+        host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, for a ring on the frontend's shared handle: the event
+    thread takes its event and wakes the blocked recv() (PVSocket._on_event
+    notifying its condition), which no nap's end would stand in for."""
+    _no_naps(monkeypatch)
+    go = threading.Event()
+    srv = _data_once_told(server, go)
+    # A frontend of its own: the module's has rings of their own handles
+    # in its pool.
+    with pvcalls.Frontend(host.create_domain("woken-on-the-shared-handle")) as other:
+        _on_the_shared_handle(other, monkeypatch)
+        with connected(other, srv.address) as s:
+            ring = s._st.ring
+            assert ring is not None and not ring.direct
+            call = blocked_recv(s)
+            go.set()
+            assert call.join().result == b"data"
+
+
 def test_taking_a_rings_own_event_says_whether_its_port_fired(
         fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """consume_events() is True only for a port that fired: a waiter told
