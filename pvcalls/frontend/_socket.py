@@ -1754,7 +1754,12 @@ class PVSocket(Closing):
                     # the backend no wake-up here.
                     if ring.in_was_full(cons):
                         ring.notify()
-                    self._update_ready()
+                    try:
+                        self._update_ready()
+                    except OSError:
+                        # Off the ring: raised, the error lost the bytes
+                        # taken.  Every later update meets it again.
+                        return got
                     if got >= want:
                         return got
                     continue  # MSG_WAITALL: more may have come meanwhile

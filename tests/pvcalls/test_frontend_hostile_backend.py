@@ -2406,6 +2406,25 @@ def test_a_send_whose_readiness_update_fails_says_how_many_bytes_went(
     assert info.value.errno == errno.EBADF
 
 
+def test_a_recv_whose_readiness_update_fails_loses_no_data(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """As for send(): a recv() takes its bytes off the in ring, then brings
+    the descriptor up to date (readable still, more is there), which fails.
+    It returns the bytes: raising EBADF, it lost them (taken off the ring,
+    given to nobody)."""
+    s, ring = connected(fe, fake)
+    _descriptor_closed(s.fileno())
+    ring.produce(b"xy")
+    st_ring = s._st.ring
+    assert st_ring is not None
+    wait_until(lambda: st_ring.in_available() == 2)
+    assert s.recv(1) == b"x"
+    assert s.recv(1) == b"y"
+    with pytest.raises(OSError) as info:
+        s.close()
+    assert info.value.errno == errno.EBADF
+
+
 def test_a_socket_whose_descriptor_was_closed_does_not_keep_the_others_asleep(
         fe: pvcalls.Frontend, fake: FakeBackend, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
