@@ -157,7 +157,9 @@ class DataRing:
     def consume_events(self) -> bool:
         """Take (and unmask) the ring's fired port from a handle of its own;
         True if it had fired.  Any thread may call it: whoever gets the
-        event wakes the others (PVSocket._on_event).
+        event wakes the others (the event thread through
+        PVSocket._on_event, a blocked recv() or send() by writing the
+        other side's wakefd itself, see PVSocket._wait).
 
         A handle that overflows again at once after every reset is
         broken, and its descriptor stays readable: its waiters would

@@ -1552,7 +1552,9 @@ class PVSocket(Closing):
         sent.  In blocking mode all of it, waiting for room as often as
         needed, as a blocking TCP socket's send() does (fewer only if an
         error came after some went: the connection failed, the socket was
-        closed or the frontend died meanwhile, which the next call says);
+        closed or the frontend died meanwhile, which the next call says,
+        or its fileno() descriptor could not be brought up to date, which
+        every later update says);
         with a timeout, or non-blocking, as much as fits once there is
         room."""
         flags = _check_flags(flags, _SEND_FLAGS, "send")
@@ -1611,10 +1613,16 @@ class PVSocket(Closing):
                             break
                     ring.outq.produce(sent)
                     ring.notify()
-                    if self._st.readyfd is not None:
-                        self._update_ready()  # a full ring is not writable
                     total += sent
                     view = view[sent:]
+                    if self._st.readyfd is not None:
+                        try:
+                            self._update_ready()  # a full ring is not writable
+                        except OSError:
+                            # The bytes went: raised, the error told the
+                            # program they did not, and it sent them twice.
+                            # Every later update meets the error again.
+                            return total
                     if total >= want or not len(view):
                         return total
                     continue  # the backend may have made room meanwhile
@@ -1746,7 +1754,12 @@ class PVSocket(Closing):
                     # the backend no wake-up here.
                     if ring.in_was_full(cons):
                         ring.notify()
-                    self._update_ready()
+                    try:
+                        self._update_ready()
+                    except OSError:
+                        # Off the ring: raised, the error lost the bytes
+                        # taken.  Every later update meets it again.
+                        return got
                     if got >= want:
                         return got
                     continue  # MSG_WAITALL: more may have come meanwhile

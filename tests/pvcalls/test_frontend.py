@@ -1260,6 +1260,26 @@ def test_a_waiter_on_a_rings_own_handle_is_woken_by_the_rings_event(
         assert call.join().result == b"data"
 
 
+def test_a_waiter_on_the_shared_handle_is_woken_by_the_rings_event(
+        host: SimHost, backend: Any, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, for a ring on the frontend's shared handle: the event
+    thread takes its event and wakes the blocked recv() (PVSocket._on_event
+    notifying its condition), which no nap's end would stand in for."""
+    _no_naps(monkeypatch)
+    go = threading.Event()
+    srv = _data_once_told(server, go)
+    # A frontend of its own: the module's has rings of their own handles
+    # in its pool.
+    with pvcalls.Frontend(host.create_domain("woken-on-the-shared-handle")) as other:
+        _on_the_shared_handle(other, monkeypatch)
+        with connected(other, srv.address) as s:
+            ring = s._st.ring
+            assert ring is not None and not ring.direct
+            call = blocked_recv(s)
+            go.set()
+            assert call.join().result == b"data"
+
+
 def test_taking_a_rings_own_event_says_whether_its_port_fired(
         fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """consume_events() is True only for a port that fired: a waiter told
@@ -2012,6 +2032,34 @@ def test_a_timed_connect_s_timeout_bounds_the_wait_for_room_and_answer_together(
             free_slots(_wire.RING_SLOTS)  # or closing the frontend waits for room
             for c in connections:
                 c.close()
+
+
+def test_a_timed_connect_whose_answer_came_as_its_time_ran_out_connects(
+        fe: pvcalls.Frontend, server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one deadline for the wait for room and the wait for the answer
+    (see above), the latter may start with the time over.  An answer
+    already in is the outcome: the backend connected, and connect()
+    returns, rather than raising TimeoutError over a connection made."""
+    clock = _JumpingClock()
+    monkeypatch.setattr(_common, "time", clock)
+    srv = server()
+    wait_slot = fe._wait_slot
+
+    def answered_then_late(req_id: int, slot: Any, deadline: Deadline,
+                           sock: pvcalls.PVSocket | None = None) -> int:
+        if slot.cmd == _wire.PVCALLS_CONNECT:
+            wait_until(lambda: slot.done)
+            clock.passed += 2 * TIMEOUT  # past the connect's timeout
+        return wait_slot(req_id, slot, deadline, sock)
+
+    monkeypatch.setattr(fe, "_wait_slot", answered_then_late)
+    s = fe.socket()
+    try:
+        s.settimeout(TIMEOUT)
+        s.connect(srv.address)
+        assert s.getpeername() == srv.address
+    finally:
+        s.close()
 
 
 def test_a_listener_waits_for_room_without_blocking_or_spinning(
@@ -4118,9 +4166,13 @@ def test_a_readiness_update_a_closed_descriptor_fails_is_tried_again_by_the_next
         finally:
             os.close(readonly)
         for _ in range(2):
-            with pytest.raises(OSError):
+            with pytest.raises(OSError) as info:
                 fd.set(*to)
             assert (fd.readable, fd.writable) == start
+            if to[0] and not start[0]:
+                # The byte's send meets the closed peer (EPIPE), which says
+                # nothing to the program: EBADF, as its docstring says.
+                assert info.value.errno == errno.EBADF, info.value
     finally:
         with contextlib.suppress(OSError):
             fd.close()

@@ -2382,6 +2382,49 @@ def _descriptor_closed(fd: int) -> None:
         os.close(readonly)
 
 
+def test_a_send_whose_readiness_update_fails_says_how_many_bytes_went(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """The program closed the socket's fileno() descriptor, and data came
+    meanwhile (the byte that makes it readable cannot go: EBADF, tried
+    again by every update).  A send() puts its bytes on the out ring, then
+    brings the descriptor up to date, which fails: it returns how many
+    went, as after any error that comes once some did.  It raised EBADF,
+    and told the program that bytes the backend has were never sent: one
+    that sent them again sent them twice."""
+    s, ring = connected(fe, fake)
+    _descriptor_closed(s.fileno())
+    ring.produce(b"x")
+    st_ring = s._st.ring
+    assert st_ring is not None
+    wait_until(st_ring.in_pending)
+    prod = ring.get(OUT_PROD_OFFSET)
+    assert s.send(b"abc") == 3
+    assert ring.get(OUT_PROD_OFFSET) - prod == 3
+    assert s.recv(1) == b"x"
+    with pytest.raises(OSError) as info:
+        s.close()  # the program's closing is said still, as socket.socket's
+    assert info.value.errno == errno.EBADF
+
+
+def test_a_recv_whose_readiness_update_fails_loses_no_data(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """As for send(): a recv() takes its bytes off the in ring, then brings
+    the descriptor up to date (readable still, more is there), which fails.
+    It returns the bytes: raising EBADF, it lost them (taken off the ring,
+    given to nobody)."""
+    s, ring = connected(fe, fake)
+    _descriptor_closed(s.fileno())
+    ring.produce(b"xy")
+    st_ring = s._st.ring
+    assert st_ring is not None
+    wait_until(lambda: st_ring.in_available() == 2)
+    assert s.recv(1) == b"x"
+    assert s.recv(1) == b"y"
+    with pytest.raises(OSError) as info:
+        s.close()
+    assert info.value.errno == errno.EBADF
+
+
 def test_a_socket_whose_descriptor_was_closed_does_not_keep_the_others_asleep(
         fe: pvcalls.Frontend, fake: FakeBackend, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
