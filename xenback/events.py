@@ -305,21 +305,33 @@ class EventDispatcher(Closing):
         Raises :class:`~xenback.platform.EventChannelError` on failure, and
         :class:`RuntimeError` once the dispatcher is closed."""
         _check_callback(callback)
-        with self._lock:
-            self._check_open()
-            port = self._evtchn.bind_interdomain(domid, remote_port)
-            self._ports[port] = callback
-        return port
+        return self._bind(callback, self._evtchn.bind_interdomain, domid, remote_port)
 
     def bind_unbound_port(self, domid: int, callback: PortCallback) -> int:
         """Allocate a port for ``domid`` to bind to (frontend side).
         Raises as :meth:`bind_interdomain` does."""
         _check_callback(callback)
+        return self._bind(callback, self._evtchn.bind_unbound_port, domid)
+
+    def _bind(self, callback: PortCallback, bind: Callable[..., int], *args: object) -> int:
+        """Bind a port by ``bind(*args)`` (a method of the handle) and list
+        it with ``callback``."""
+        bound: list[int] = []
         with self._lock:
             self._check_open()
-            port = self._evtchn.bind_unbound_port(domid)
-            self._ports[port] = callback
-        return port
+            try:
+                # Recorded by the call that makes it (list.extend() stores
+                # what it returned before control is back in Python code):
+                # as ``port = bind(...)``, a Ctrl-C as the call returned
+                # would lose the number before it was listed, and the port
+                # stay bound, unknown, for the life of the handle.
+                bound.extend(itertools.starmap(bind, (args,)))
+            except BaseException:
+                for port in bound:
+                    self._evtchn.unbind(port)
+                raise
+            self._ports[bound[0]] = callback
+        return bound[0]
 
     def notify(self, port: int) -> None:
         """Send an event on ``port``."""
