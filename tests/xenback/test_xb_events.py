@@ -740,11 +740,11 @@ def test_a_close_interrupted_in_an_unbind_still_closes_the_descriptors(
 def test_a_bind_interrupted_anywhere_leaves_no_port_the_dispatcher_does_not_hold(
         host, pair, which: str) -> None:
     """A Ctrl-C landing as any call of a bind returns, or as any of its
-    frames starts: the port is either the dispatcher's (listed, unbound by
-    its close()) or not bound at all.  Landing as the handle's bind
-    returned, the number was lost before it was listed: the port stayed
-    bound, unknown to anybody, until the dispatcher's handle closed (the
-    backend's life)."""
+    frames starts: the bind raises and nothing is bound, or it returns
+    the port, listed.  Landing as the handle's bind returned, the number
+    was lost before it was listed; as the lock's release returned, it was
+    listed but its number known to no caller: either way the port stayed
+    bound until the dispatcher's handle closed (the backend's life)."""
     from tests.stolensignal import interrupted_at
 
     guest, evtchn, dispatcher = pair
@@ -761,7 +761,10 @@ def test_a_bind_interrupted_anywhere_leaves_no_port_the_dispatcher_does_not_hold
                 return dispatcher.bind_unbound_port(guest.domid, lambda _port: None)
         # Not the simulated host's frames: its handle is the platform.
         where = interrupted_at(n, within, bind, besides=os.path.join(within, "sim"))
-        # The guest's port, plus the dispatcher's if it holds one: no other.
+        # The guest's port, plus the dispatcher's if the bind returned it:
+        # no other.  One listed by a bind that raised would be bound for
+        # the dispatcher's life, its number known to no caller.
+        assert len(dispatcher.ports) == (0 if where else 1), where
         assert host.hypervisor.stats()["ports"] == baseline + 1 + len(dispatcher.ports), where
         for port in dispatcher.ports:
             dispatcher.unbind(port)
