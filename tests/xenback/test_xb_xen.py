@@ -1193,6 +1193,39 @@ def test_a_handle_s_calls_reach_the_library_with_their_numbers(
     channel.close()
 
 
+@pytest.mark.parametrize("which", ["bind_interdomain", "bind_unbound_port"])
+def test_a_bind_interrupted_anywhere_unbinds_the_port_it_made(
+        fake_evtchn: FakeEvtchnLib, which: str) -> None:
+    """A Ctrl-C landing as any call of a bind returns, or as any of its
+    frames starts: the bind raises having unbound the port libxenevtchn
+    gave it, or returns that port.  As ``self._port(self._call(...))``,
+    one as the library's call (or _call) returned lost the number, the
+    port bound until the handle closed (the backend's life)."""
+    channel = _platform.XenEventChannel()
+    name = f"xenevtchn_{which}"
+    fake_evtchn.returns = {name: 11}
+    bind: Callable[[], object] = ((lambda: channel.bind_interdomain(1, 5))
+                                  if which == "bind_interdomain"
+                                  else (lambda: channel.bind_unbound_port(1)))
+    within = os.path.dirname(xenback.__file__)
+    landed: list[str] = []
+    try:
+        for n in itertools.count():
+            fake_evtchn.calls.clear()
+            fake_evtchn.args.clear()
+            where = interrupted_at(n, within, bind)
+            calls = list(zip(fake_evtchn.calls, fake_evtchn.args, strict=True))
+            if not where:
+                assert calls == [(name, (1, 5) if which == "bind_interdomain" else (1,))]
+                break
+            landed.append(where)
+            unbound = [args for call, args in calls if call == "xenevtchn_unbind"]
+            assert unbound == [(11,)] * fake_evtchn.calls.count(name), f"{where}: {calls}"
+    finally:
+        channel.close()
+    assert any(f"XenEventChannel.{which}" in where for where in landed), landed
+
+
 def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
         fake_evtchn: FakeEvtchnLib, tmp_path: Path) -> None:
     """A Ctrl-C landing as any call of XenPlatform.evtchn() returns: the

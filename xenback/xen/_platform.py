@@ -661,25 +661,65 @@ class XenEventChannel(Closing):
                 raise EventChannelError(errno.EBADF, "the event channel handle is closed")
             return int(function(self._handle, *args))
 
-    def _port(self, result: int, what: str) -> int:
-        if result < 0:
-            raise _error(EventChannelError, what)
-        return int(result)
-
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         domid = check_domid(EventChannelError, domid)
         remote_port = check_port(remote_port)
-        return self._port(
-            self._call(self._lib.xenevtchn_bind_interdomain, domid, remote_port),
-            f"binding port {remote_port} of domain {domid}",
-        )
+        bound: list[int] = []
+        try:
+            self._bind(
+                bound,
+                f"binding port {remote_port} of domain {domid}",
+                self._lib.xenevtchn_bind_interdomain,
+                domid,
+                remote_port,
+            )
+        except BaseException:
+            self._give_back(bound)
+            raise
+        return bound[0]
 
     def bind_unbound_port(self, domid: int) -> int:
         domid = check_domid(EventChannelError, domid)
-        return self._port(
-            self._call(self._lib.xenevtchn_bind_unbound_port, domid),
-            f"allocating a port for domain {domid}",
-        )
+        bound: list[int] = []
+        try:
+            self._bind(
+                bound,
+                f"allocating a port for domain {domid}",
+                self._lib.xenevtchn_bind_unbound_port,
+                domid,
+            )
+        except BaseException:
+            self._give_back(bound)
+            raise
+        return bound[0]
+
+    def _bind(self, bound: list[int], what: str, function: Any, *args: int) -> None:
+        """``function(handle, *args)``, a bind, its port recorded in
+        ``bound``; :class:`EventChannelError` if it failed.
+
+        Recorded by the call that makes it (list.extend() stores what it
+        returned before control is back in Python code): as ``port =
+        function(...)``, a Ctrl-C as the call returned would lose the
+        number, the port bound until the handle closed.  The caller gives
+        back what ``bound`` holds if a Ctrl-C lands before it returns the
+        port, here or as this returns (in its own frame, so only it can).
+        """
+        with self._lock:
+            if self._handle is None:
+                raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+            bound.extend(itertools.starmap(function, ((self._handle, *args),)))
+        if bound[0] < 0:
+            raise _error(EventChannelError, what)
+
+    def _give_back(self, bound: list[int]) -> None:
+        """Unbind the port an interrupted bind made (in ``bound`` if any)."""
+        for port in bound:
+            with self._lock:
+                # Closed: closing the handle unbound it.
+                if port >= 0 and self._handle is not None:
+                    # Its failure is not raised over the Ctrl-C (a caller's
+                    # except for it would swallow that): nothing else to do.
+                    self._lib.xenevtchn_unbind(self._handle, port)
 
     def notify(self, port: int) -> None:
         # A plain int in range spared the call (notify and unmask are per
