@@ -614,6 +614,38 @@ def test_a_mapping_asks_gntdev_for_each_ref_and_maps_the_slots_it_gave(
         assert fake_grant_libc.requests[1:] == [("unmap", FakeGrantLibc.MAP_INDEX, 2)]
 
 
+def test_an_unmap_interrupted_anywhere_is_finished_by_the_next(
+        fake_grant_libc: FakeGrantLibc) -> None:
+    """A Ctrl-C landing at any place of unmap(): a second unmap() finishes
+    it, gntdev's slots released exactly once (their index may be another
+    mapping's once released).  As ``if self._scrub(): release``, one
+    landing after the pages were scrubbed, before UNMAP_GRANT_REF, left
+    the slots held until the device was closed, and the second unmap()
+    did nothing."""
+    within = os.path.dirname(xenback.__file__)
+    before = _device_mappings()
+    landed: list[str] = []
+    with _platform.XenGrantTable() as table:
+        for n in itertools.count():
+            mapping = table.map_grant_refs(3, [8, 9])
+            fake_grant_libc.requests.clear()
+            # Held across: the range's munmap at collection (a callback of
+            # cffi's, which would swallow a Ctrl-C) runs after, not in unmap().
+            view = mapping.buffer[:1]
+            where = interrupted_at(n, within, mapping.unmap)
+            mapping.unmap()
+            mapping.unmap()  # idempotent
+            assert fake_grant_libc.requests == [("unmap", FakeGrantLibc.MAP_INDEX, 2)], where
+            del mapping, view
+            gc.collect()
+            assert _device_mappings() == before, where
+            assert fake_grant_libc.unmapped_twice == [], where
+            if not where:
+                break
+            landed.append(where)
+    assert any("XenGrantMapping.unmap" in where for where in landed), landed
+
+
 def test_the_argument_of_the_most_refs_has_room_for_them_all(
         fake_grant_libc: FakeGrantLibc) -> None:
     """The struct's one-element array really holds every ref (and every

@@ -396,6 +396,8 @@ class XenGrantMapping(_DevicePages):
     ) -> None:
         self._table = table
         self._index = index  # gntdev's offset of the grants' slots
+        # UNMAP_GRANT_REF's answer, once asked (see _ioctl).
+        self._released: list[int] = []
         super().__init__(mapped, refs, writable)  # last: it takes the range
 
     def unmap(self) -> None:
@@ -404,8 +406,16 @@ class XenGrantMapping(_DevicePages):
         :attr:`buffer` is released; slices of it that a caller still holds
         see zero pages from now on, never the grants.
         """
-        if self._scrub():
-            self._table._release_slots(self._index, self._refs)
+        self._scrub()
+        # By whichever unmap() finds them held once the pages are gone, not
+        # only by the one whose _scrub() ended them: a Ctrl-C in between
+        # left them held until the device was closed, and the next unmap()
+        # did nothing.  Held until the ioctl's answer is recorded (by C
+        # code, see _ioctl), so never released twice: their index may be
+        # another mapping's by then.
+        with self._lock:
+            if not self._released:
+                self._table._release_slots(self._index, self._refs, self._released)
 
     def _end(self) -> None:
         self.unmap()
@@ -513,17 +523,19 @@ class XenGrantTable(_Device):
                       f"releasing gntdev's slots of {_grants(refs)}", what, self._kind)
             raise
 
-    def _release_slots(self, index: int, refs: tuple[int, ...]) -> None:
+    def _release_slots(self, index: int, refs: tuple[int, ...],
+                       answers: list[int] | None = None) -> None:
         with self._lock:
             # Closed: the device frees the slots when the last mapping goes.
             if self._fd is not None:
                 what = f"releasing gntdev's slots of {_grants(refs)}"
-                self._unmap_grant_ref(self._fd, index, len(refs), what)
+                self._unmap_grant_ref(self._fd, index, len(refs), what, answers)
 
     @staticmethod
-    def _unmap_grant_ref(fd: int, index: int, count: int, what: str) -> None:
+    def _unmap_grant_ref(fd: int, index: int, count: int, what: str,
+                         answers: list[int] | None = None) -> None:
         op = ffi.new("struct ioctl_gntdev_unmap_grant_ref *", {"index": index, "count": count})
-        _ioctl(fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, op, what)
+        _ioctl(fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, op, what, answers)
 
 
 class XenSharedPages(_DevicePages):
