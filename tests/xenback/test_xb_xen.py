@@ -1258,6 +1258,33 @@ def test_a_bind_interrupted_anywhere_unbinds_the_port_it_made(
     assert any(f"XenEventChannel.{which}" in where for where in landed), landed
 
 
+def test_a_bind_s_give_back_after_a_racing_close_leaves_the_library_alone(
+        fake_evtchn: FakeEvtchnLib, monkeypatch) -> None:
+    """A bind interrupted after it recorded its port, and the handle closed
+    by another thread before the give-back took the lock: closing the
+    handle unbound the port, so the give-back calls nothing (on the freed
+    handle, and a TypeError of cffi's for None raised over the Ctrl-C)."""
+
+    class Interrupting(int):
+        """A port whose check raises: an exception once it is recorded."""
+
+        def __lt__(self, other: object) -> bool:
+            raise KeyboardInterrupt
+
+    channel = _platform.XenEventChannel()
+    fake_evtchn.returns = {"xenevtchn_bind_unbound_port": Interrupting(11)}
+    pause = PauseAt.in_method(monkeypatch, _platform.XenEventChannel, "_give_back",
+                              "with self._lock")
+    attempt = Attempt(lambda: channel.bind_unbound_port(1))
+    assert pause.reached.wait(TIMEOUT)
+    channel.close()
+    pause.resume()
+    assert isinstance(attempt.result(), KeyboardInterrupt)
+    assert fake_evtchn.after_free == []
+    assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd", "xenevtchn_bind_unbound_port",
+                                 "xenevtchn_close"]
+
+
 def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(
         fake_evtchn: FakeEvtchnLib, tmp_path: Path) -> None:
     """A Ctrl-C landing as any call of XenPlatform.evtchn() returns: the
