@@ -305,21 +305,59 @@ class EventDispatcher(Closing):
         Raises :class:`~xenback.platform.EventChannelError` on failure, and
         :class:`RuntimeError` once the dispatcher is closed."""
         _check_callback(callback)
-        with self._lock:
-            self._check_open()
-            port = self._evtchn.bind_interdomain(domid, remote_port)
-            self._ports[port] = callback
-        return port
+        bound: list[int] = []
+        try:
+            self._bind(bound, callback, self._evtchn.bind_interdomain, domid, remote_port)
+        except BaseException:
+            self._give_back(bound)
+            raise
+        return bound[0]
 
     def bind_unbound_port(self, domid: int, callback: PortCallback) -> int:
         """Allocate a port for ``domid`` to bind to (frontend side).
         Raises as :meth:`bind_interdomain` does."""
         _check_callback(callback)
+        bound: list[int] = []
+        try:
+            self._bind(bound, callback, self._evtchn.bind_unbound_port, domid)
+        except BaseException:
+            self._give_back(bound)
+            raise
+        return bound[0]
+
+    def _bind(self, bound: list[int], callback: PortCallback, bind: Callable[..., int],
+              *args: object) -> None:
+        """Bind a port by ``bind(*args)`` (a method of the handle), record
+        it in ``bound`` and list it with ``callback``.
+
+        Recorded by the call that makes it (list.extend() stores what it
+        returned before control is back in Python code): as ``port =
+        bind(...)``, a Ctrl-C as the call returned would lose the number
+        before it was listed, and the port stay bound, unknown, for the
+        life of the handle.  The caller gives back what ``bound`` holds if
+        a Ctrl-C lands before it returns the port, here or as this returns
+        (in its own frame, so only it can): listed, a port whose number
+        no caller has is bound for the dispatcher's life too."""
         with self._lock:
             self._check_open()
-            port = self._evtchn.bind_unbound_port(domid)
-            self._ports[port] = callback
-        return port
+            bound.extend(itertools.starmap(bind, (args,)))
+            self._ports[bound[0]] = callback
+
+    def _give_back(self, bound: list[int]) -> None:
+        """Unbind the port an interrupted bind took (in ``bound`` if any),
+        listed or not."""
+        for port in bound:
+            with self._lock:
+                self._wait_idle("port", port)
+                if self._closed:
+                    return  # close() unbinds it, or closing the handle does
+                self._ports.pop(port, None)
+                try:
+                    self._evtchn.unbind(port)
+                except OSError:
+                    # Not raised over the Ctrl-C: a caller's except for
+                    # this error would swallow it.
+                    logger.debug("giving back port %d failed", port, exc_info=True)
 
     def notify(self, port: int) -> None:
         """Send an event on ``port``."""

@@ -970,12 +970,27 @@ class BackendDevice:
             # Not even the driver's handle: after stop() it would be a new
             # one that nobody closes.
             raise self._removed()
-        mapping = self.driver.gnttab.map_grant_refs(self.frontend_id, refs, writable=writable)
-        with self._lock:
-            if not self._gone:
-                self._mappings.append(mapping)
-                return mapping
-        mapping.unmap()
+        # Recorded by the call that makes it (list.extend() stores what it
+        # returned before control is back in Python code): as ``mapping =
+        # map_grant_refs(...)``, a Ctrl-C as the call returned would lose
+        # it before the device tracked it, mapped until the handle closed.
+        made: list[GrantMapping] = []
+        try:
+            made.extend(map(functools.partial(self.driver.gnttab.map_grant_refs,
+                                              writable=writable), (self.frontend_id,), (refs,)))
+            with self._lock:
+                if not self._gone:
+                    # One step, as far as a signal goes (no call in
+                    # between): the mapping becomes the device's, no
+                    # longer ours to give back.
+                    self._mappings += made
+                    del made[:]
+                    return self._mappings[-1]
+        except BaseException:
+            for mapping in made:
+                mapping.unmap()
+            raise
+        made[0].unmap()
         raise self._removed()
 
     def unmap(self, mapping: GrantMapping) -> None:
@@ -1011,12 +1026,22 @@ class BackendDevice:
             except Exception as exc:
                 self._hand_over_failure(f"callback of event channel port {port}", exc)
 
-        port = self.driver.events.bind_interdomain(self.frontend_id, remote_port, guarded)
-        with self._lock:
-            if not self._gone:
-                self._ports.append(port)
-                return port
-        self.driver.events.unbind(port)
+        # Recorded by the call that makes it, taken over in one step: see
+        # map_grant_refs.
+        bound: list[int] = []
+        try:
+            bound.extend(map(self.driver.events.bind_interdomain, (self.frontend_id,),
+                             (remote_port,), (guarded,)))
+            with self._lock:
+                if not self._gone:
+                    self._ports += bound
+                    del bound[:]
+                    return self._ports[-1]
+        except BaseException:
+            for port in bound:
+                self.driver.events.unbind(port)
+            raise
+        self.driver.events.unbind(bound[0])
         raise self._removed()
 
     def _removed(self) -> OSError:

@@ -736,6 +736,46 @@ def test_a_close_interrupted_in_an_unbind_still_closes_the_descriptors(
         evtchn.close()
 
 
+@pytest.mark.parametrize("which", ["bind_interdomain", "bind_unbound_port"])
+def test_a_bind_interrupted_anywhere_leaves_no_port_the_dispatcher_does_not_hold(
+        host, pair, which: str) -> None:
+    """A Ctrl-C landing as any call of a bind returns, or as any of its
+    frames starts: the bind raises and nothing is bound, or it returns
+    the port, listed.  Landing as the handle's bind returned, the number
+    was lost before it was listed; as the lock's release returned, it was
+    listed but its number known to no caller: either way the port stayed
+    bound until the dispatcher's handle closed (the backend's life)."""
+    from tests.stolensignal import interrupted_at
+
+    guest, evtchn, dispatcher = pair
+    within = os.path.dirname(events.__file__)
+    baseline = host.hypervisor.stats()["ports"]
+    landed: list[str] = []
+    for n in itertools.count():
+        remote = evtchn.bind_unbound_port(0)
+        if which == "bind_interdomain":
+            def bind(remote: int = remote) -> object:
+                return dispatcher.bind_interdomain(guest.domid, remote, lambda _port: None)
+        else:
+            def bind(remote: int = remote) -> object:
+                return dispatcher.bind_unbound_port(guest.domid, lambda _port: None)
+        # Not the simulated host's frames: its handle is the platform.
+        where = interrupted_at(n, within, bind, besides=os.path.join(within, "sim"))
+        # The guest's port, plus the dispatcher's if the bind returned it:
+        # no other.  One listed by a bind that raised would be bound for
+        # the dispatcher's life, its number known to no caller.
+        assert len(dispatcher.ports) == (0 if where else 1), where
+        assert host.hypervisor.stats()["ports"] == baseline + 1 + len(dispatcher.ports), where
+        for port in dispatcher.ports:
+            dispatcher.unbind(port)
+        evtchn.unbind(remote)
+        assert host.hypervisor.stats()["ports"] == baseline, where
+        if not where:
+            break
+        landed.append(where)
+    assert any(f"EventDispatcher.{which}" in where for where in landed), landed
+
+
 def test_frontend_side_port_from_bind_unbound_port(host, pair) -> None:
     """The dispatcher may offer a port (a frontend's side): the guest binds
     to it, and its notifications reach the callback."""

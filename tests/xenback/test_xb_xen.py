@@ -614,6 +614,38 @@ def test_a_mapping_asks_gntdev_for_each_ref_and_maps_the_slots_it_gave(
         assert fake_grant_libc.requests[1:] == [("unmap", FakeGrantLibc.MAP_INDEX, 2)]
 
 
+def test_an_unmap_interrupted_anywhere_is_finished_by_the_next(
+        fake_grant_libc: FakeGrantLibc) -> None:
+    """A Ctrl-C landing at any place of unmap(): a second unmap() finishes
+    it, gntdev's slots released exactly once (their index may be another
+    mapping's once released).  As ``if self._scrub(): release``, one
+    landing after the pages were scrubbed, before UNMAP_GRANT_REF, left
+    the slots held until the device was closed, and the second unmap()
+    did nothing."""
+    within = os.path.dirname(xenback.__file__)
+    before = _device_mappings()
+    landed: list[str] = []
+    with _platform.XenGrantTable() as table:
+        for n in itertools.count():
+            mapping = table.map_grant_refs(3, [8, 9])
+            fake_grant_libc.requests.clear()
+            # Held across: the range's munmap at collection (a callback of
+            # cffi's, which would swallow a Ctrl-C) runs after, not in unmap().
+            view = mapping.buffer[:1]
+            where = interrupted_at(n, within, mapping.unmap)
+            mapping.unmap()
+            mapping.unmap()  # idempotent
+            assert fake_grant_libc.requests == [("unmap", FakeGrantLibc.MAP_INDEX, 2)], where
+            del mapping, view
+            gc.collect()
+            assert _device_mappings() == before, where
+            assert fake_grant_libc.unmapped_twice == [], where
+            if not where:
+                break
+            landed.append(where)
+    assert any("XenGrantMapping.unmap" in where for where in landed), landed
+
+
 def test_the_argument_of_the_most_refs_has_room_for_them_all(
         fake_grant_libc: FakeGrantLibc) -> None:
     """The struct's one-element array really holds every ref (and every
@@ -1191,6 +1223,66 @@ def test_a_handle_s_calls_reach_the_library_with_their_numbers(
     assert channel.pending() is None
     assert fake_evtchn.args[1:] == [(1, 5), (2,), (), ()]
     channel.close()
+
+
+@pytest.mark.parametrize("which", ["bind_interdomain", "bind_unbound_port"])
+def test_a_bind_interrupted_anywhere_unbinds_the_port_it_made(
+        fake_evtchn: FakeEvtchnLib, which: str) -> None:
+    """A Ctrl-C landing as any call of a bind returns, or as any of its
+    frames starts: the bind raises having unbound the port libxenevtchn
+    gave it, or returns that port.  As ``self._port(self._call(...))``,
+    one as the library's call (or _call) returned lost the number, the
+    port bound until the handle closed (the backend's life)."""
+    channel = _platform.XenEventChannel()
+    name = f"xenevtchn_{which}"
+    fake_evtchn.returns = {name: 11}
+    bind: Callable[[], object] = ((lambda: channel.bind_interdomain(1, 5))
+                                  if which == "bind_interdomain"
+                                  else (lambda: channel.bind_unbound_port(1)))
+    within = os.path.dirname(xenback.__file__)
+    landed: list[str] = []
+    try:
+        for n in itertools.count():
+            fake_evtchn.calls.clear()
+            fake_evtchn.args.clear()
+            where = interrupted_at(n, within, bind)
+            calls = list(zip(fake_evtchn.calls, fake_evtchn.args, strict=True))
+            if not where:
+                assert calls == [(name, (1, 5) if which == "bind_interdomain" else (1,))]
+                break
+            landed.append(where)
+            unbound = [args for call, args in calls if call == "xenevtchn_unbind"]
+            assert unbound == [(11,)] * fake_evtchn.calls.count(name), f"{where}: {calls}"
+    finally:
+        channel.close()
+    assert any(f"XenEventChannel.{which}" in where for where in landed), landed
+
+
+def test_a_bind_s_give_back_after_a_racing_close_leaves_the_library_alone(
+        fake_evtchn: FakeEvtchnLib, monkeypatch) -> None:
+    """A bind interrupted after it recorded its port, and the handle closed
+    by another thread before the give-back took the lock: closing the
+    handle unbound the port, so the give-back calls nothing (on the freed
+    handle, and a TypeError of cffi's for None raised over the Ctrl-C)."""
+
+    class Interrupting(int):
+        """A port whose check raises: an exception once it is recorded."""
+
+        def __lt__(self, other: object) -> bool:
+            raise KeyboardInterrupt
+
+    channel = _platform.XenEventChannel()
+    fake_evtchn.returns = {"xenevtchn_bind_unbound_port": Interrupting(11)}
+    pause = PauseAt.in_method(monkeypatch, _platform.XenEventChannel, "_give_back",
+                              "with self._lock")
+    attempt = Attempt(lambda: channel.bind_unbound_port(1))
+    assert pause.reached.wait(TIMEOUT)
+    channel.close()
+    pause.resume()
+    assert isinstance(attempt.result(), KeyboardInterrupt)
+    assert fake_evtchn.after_free == []
+    assert fake_evtchn.calls == ["xenevtchn_open", "xenevtchn_fd", "xenevtchn_bind_unbound_port",
+                                 "xenevtchn_close"]
 
 
 def test_a_handle_interrupted_anywhere_in_its_making_leaves_nothing(

@@ -592,6 +592,46 @@ def test_a_resource_taken_as_the_device_is_dropped_is_given_back_not_tracked(
     census.check()
 
 
+@pytest.mark.parametrize("what", ["map", "bind"])
+def test_a_resource_taken_as_a_call_returns_into_an_interrupt_is_tracked_or_given_back(
+        host, driver, frontends, what) -> None:
+    """A Ctrl-C landing as any call of map_grant_refs() (bind_evtchn())
+    returns: the mapping (port) is either the device's, released with it,
+    or given back.  Landing as the platform's call returned, it was lost
+    before the device tracked it: held until the driver's handle closed,
+    by nobody."""
+    from tests.stolensignal import interrupted_as_call_returns
+
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    stat = "mappings" if what == "map" else "ports"
+    code = (xenbus.BackendDevice.map_grant_refs if what == "map"
+            else xenbus.BackendDevice.bind_evtchn).__code__
+    for n in itertools.count():
+        # A port of the guest's for each bind: the connection holds fe.port.
+        remote = fe.frontend.bind_port() if what == "bind" else 0
+
+        def take(remote: int = remote) -> object:
+            if what == "map":
+                return bdev.map_grant_refs([fe.pages.refs[0]])
+            return bdev.bind_evtchn(remote, lambda port: None)
+
+        mappings, ports = list(bdev._mappings), list(bdev._ports)
+        before = host.hypervisor.stats()[stat]
+        landed = interrupted_as_call_returns(code, n, take)
+        taken = ([m for m in bdev._mappings if m not in mappings] if what == "map"
+                 else [p for p in bdev._ports if p not in ports])
+        assert host.hypervisor.stats()[stat] == before + len(taken), f"place {n}"
+        for resource in taken:
+            if what == "map":
+                bdev.unmap(resource)  # type: ignore[arg-type]
+            else:
+                bdev.unbind_evtchn(resource)  # type: ignore[arg-type]
+        if not landed:
+            break
+    assert n > 2
+
+
 def test_a_stopped_driver_opens_no_handles_for_a_late_work_item(host, driver, frontends) -> None:
     """A driver's work item on a workqueue of its own may still map or bind
     after stop(): it gets ENODEV, and the driver does not open a new event

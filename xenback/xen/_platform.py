@@ -396,6 +396,8 @@ class XenGrantMapping(_DevicePages):
     ) -> None:
         self._table = table
         self._index = index  # gntdev's offset of the grants' slots
+        # UNMAP_GRANT_REF's answer, once asked (see _ioctl).
+        self._released: list[int] = []
         super().__init__(mapped, refs, writable)  # last: it takes the range
 
     def unmap(self) -> None:
@@ -404,8 +406,16 @@ class XenGrantMapping(_DevicePages):
         :attr:`buffer` is released; slices of it that a caller still holds
         see zero pages from now on, never the grants.
         """
-        if self._scrub():
-            self._table._release_slots(self._index, self._refs)
+        self._scrub()
+        # By whichever unmap() finds them held once the pages are gone, not
+        # only by the one whose _scrub() ended them: a Ctrl-C in between
+        # left them held until the device was closed, and the next unmap()
+        # did nothing.  Held until the ioctl's answer is recorded (by C
+        # code, see _ioctl), so never released twice: their index may be
+        # another mapping's by then.
+        with self._lock:
+            if not self._released:
+                self._table._release_slots(self._index, self._refs, self._released)
 
     def _end(self) -> None:
         self.unmap()
@@ -513,17 +523,19 @@ class XenGrantTable(_Device):
                       f"releasing gntdev's slots of {_grants(refs)}", what, self._kind)
             raise
 
-    def _release_slots(self, index: int, refs: tuple[int, ...]) -> None:
+    def _release_slots(self, index: int, refs: tuple[int, ...],
+                       answers: list[int] | None = None) -> None:
         with self._lock:
             # Closed: the device frees the slots when the last mapping goes.
             if self._fd is not None:
                 what = f"releasing gntdev's slots of {_grants(refs)}"
-                self._unmap_grant_ref(self._fd, index, len(refs), what)
+                self._unmap_grant_ref(self._fd, index, len(refs), what, answers)
 
     @staticmethod
-    def _unmap_grant_ref(fd: int, index: int, count: int, what: str) -> None:
+    def _unmap_grant_ref(fd: int, index: int, count: int, what: str,
+                         answers: list[int] | None = None) -> None:
         op = ffi.new("struct ioctl_gntdev_unmap_grant_ref *", {"index": index, "count": count})
-        _ioctl(fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, op, what)
+        _ioctl(fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, op, what, answers)
 
 
 class XenSharedPages(_DevicePages):
@@ -661,25 +673,65 @@ class XenEventChannel(Closing):
                 raise EventChannelError(errno.EBADF, "the event channel handle is closed")
             return int(function(self._handle, *args))
 
-    def _port(self, result: int, what: str) -> int:
-        if result < 0:
-            raise _error(EventChannelError, what)
-        return int(result)
-
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         domid = check_domid(EventChannelError, domid)
         remote_port = check_port(remote_port)
-        return self._port(
-            self._call(self._lib.xenevtchn_bind_interdomain, domid, remote_port),
-            f"binding port {remote_port} of domain {domid}",
-        )
+        bound: list[int] = []
+        try:
+            self._bind(
+                bound,
+                f"binding port {remote_port} of domain {domid}",
+                self._lib.xenevtchn_bind_interdomain,
+                domid,
+                remote_port,
+            )
+        except BaseException:
+            self._give_back(bound)
+            raise
+        return bound[0]
 
     def bind_unbound_port(self, domid: int) -> int:
         domid = check_domid(EventChannelError, domid)
-        return self._port(
-            self._call(self._lib.xenevtchn_bind_unbound_port, domid),
-            f"allocating a port for domain {domid}",
-        )
+        bound: list[int] = []
+        try:
+            self._bind(
+                bound,
+                f"allocating a port for domain {domid}",
+                self._lib.xenevtchn_bind_unbound_port,
+                domid,
+            )
+        except BaseException:
+            self._give_back(bound)
+            raise
+        return bound[0]
+
+    def _bind(self, bound: list[int], what: str, function: Any, *args: int) -> None:
+        """``function(handle, *args)``, a bind, its port recorded in
+        ``bound``; :class:`EventChannelError` if it failed.
+
+        Recorded by the call that makes it (list.extend() stores what it
+        returned before control is back in Python code): as ``port =
+        function(...)``, a Ctrl-C as the call returned would lose the
+        number, the port bound until the handle closed.  The caller gives
+        back what ``bound`` holds if a Ctrl-C lands before it returns the
+        port, here or as this returns (in its own frame, so only it can).
+        """
+        with self._lock:
+            if self._handle is None:
+                raise EventChannelError(errno.EBADF, "the event channel handle is closed")
+            bound.extend(itertools.starmap(function, ((self._handle, *args),)))
+        if bound[0] < 0:
+            raise _error(EventChannelError, what)
+
+    def _give_back(self, bound: list[int]) -> None:
+        """Unbind the port an interrupted bind made (in ``bound`` if any)."""
+        for port in bound:
+            with self._lock:
+                # Closed: closing the handle unbound it.
+                if port >= 0 and self._handle is not None:
+                    # Its failure is not raised over the Ctrl-C (a caller's
+                    # except for it would swallow that): nothing else to do.
+                    self._lib.xenevtchn_unbind(self._handle, port)
 
     def notify(self, port: int) -> None:
         # A plain int in range spared the call (notify and unmask are per
