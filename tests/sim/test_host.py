@@ -1014,6 +1014,90 @@ def test_removals_queued_as_a_hypervisor_start_is_cut_short_survive_a_second_ctr
     assert any("Hypervisor." in where for where in landed), landed
 
 
+@pytest.mark.parametrize("thread", ["runs as stop() waits", "never runs"])
+def test_removals_left_by_a_cut_short_start_undo_are_answered_by_a_late_service_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread: str) -> None:
+    """Two remove_domain() calls queued as start() launches its thread, a
+    Ctrl-C in starting it, then a second one landing anywhere in the undo
+    that answers them; the thread, launched all the same, runs only as
+    stop() waits for it, and ends at once (stopping): both callers are
+    answered, and stop() stops.  The thread took the queue whole at its
+    end: one the undo answered before the Ctrl-C took it off was answered
+    again (InvalidStateError, in the thread), and the rest were lost,
+    their callers waiting for ever.  Not within a removal itself
+    (_remove_domain), done the same way whoever does it.  A thread that
+    never runs leaves them to stop()."""
+    from xenback.sim import _hypervisor
+
+    def landing(n: int) -> str:
+        hv = _hypervisor.Hypervisor(tmp_path / str(n))
+        removals: list[threading.Thread] = []
+        answers: list[BaseException | None] = []
+        cut: list[Interrupted] = []
+        failed: list[BaseException | None] = []
+
+        def remove() -> None:
+            try:
+                hv.remove_domain(1)
+            except BaseException as e:
+                answers.append(e)
+            else:
+                answers.append(None)
+
+        class CutShort(threading.Thread):
+            def start(self) -> None:
+                hv.add_domain(1, "guest")
+                for queued in (1, 2):
+                    removals.append(threading.Thread(target=remove, daemon=True))
+                    removals[-1].start()
+                    assert eventually(lambda q=queued: len(hv._removals) == q), "none queued"
+                cut.append(Interrupted())
+                raise cut[0]  # launched, not yet running
+
+            def is_alive(self) -> bool:
+                # stop() asks as it is about to wait for it: it runs now.
+                if thread == "runs as stop() waits" and not self._started.is_set():
+                    threading.Thread.start(self)
+                return super().is_alive()
+
+            def run(self) -> None:
+                try:
+                    super().run()
+                except BaseException as e:
+                    failed.append(e)
+                    raise
+
+        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(CutShort))
+        try:
+            def start() -> None:
+                try:
+                    hv.start()
+                except Interrupted as e:
+                    if e is not cut[0]:  # the second
+                        raise
+
+            where = interrupted_at(n, SIM_CODE, start,
+                                   lambda: not cut or _in_frame_of("_remove_domain"))
+            monkeypatch.undo()
+            hv.stop()
+            for removal in removals:
+                removal.join(TIMEOUT)
+                assert not removal.is_alive(), f"interrupted {where}: remove_domain() waits"
+            assert failed == [], f"interrupted {where}"
+            assert answers == [None, None], f"interrupted {where}"
+            assert not _hypervisor.domain_socket(hv.run_dir, 1).exists(), f"interrupted {where}"
+        finally:
+            monkeypatch.undo()
+            hv.stop()
+        return where
+
+    landed = landings(landing)
+    # Where an answered one was left queued: as it was answered, as its
+    # removal returned.
+    for place in ("Hypervisor._run_removal,", "Hypervisor._run_removals,"):
+        assert any(place in where for where in landed), (place, landed)
+
+
 def test_a_hypervisor_domain_whose_directory_cannot_be_made_is_refused_quietly(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A domain whose socket's directory cannot be made (``domains`` is a

@@ -590,10 +590,15 @@ class Hypervisor:
         finally:
             with self._lock:
                 self._serving = False
-                # Asked for before it died: nobody else would do them.
+                # Asked for before it died: nobody else would do them.  Not
+                # one answered already: a start() whose undo a second
+                # Ctrl-C cut short (see _run_removals) may have launched
+                # this thread all the same.  Not by _run_removals, which
+                # may be the bug it died of.
                 removals, self._removals = self._removals, []
                 for domid, future in removals:
-                    self._run_removal(domid, future)
+                    if not future.done():
+                        self._run_removal(domid, future)
 
     def stats(self) -> dict[str, int]:
         """Counts of live objects, for leak tests: ``domains``, handles
