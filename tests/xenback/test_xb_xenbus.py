@@ -632,6 +632,63 @@ def test_a_resource_taken_as_a_call_returns_into_an_interrupt_is_tracked_or_give
     assert n > 2
 
 
+@pytest.mark.parametrize("what", ["map", "bind"])
+def test_a_give_back_that_fails_after_an_interrupt_raises_the_interrupt(
+        host, driver, frontends, monkeypatch, caplog, what) -> None:
+    """A Ctrl-C landing once the platform's call returned, and the give-back
+    of what it took failing: the driver's dispatcher closed meanwhile (its
+    unbind() raising KeyError: its close() unbound the port), or the unmap
+    refused (ENOMEM).  The caller gets the Ctrl-C, not that error, which an
+    except of its own for it would swallow; a failed unmap is logged."""
+    from xenback.platform import GrantError
+
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    before = bdev.resources
+
+    class Interrupting:
+        """The device's lock, whose taking is where the Ctrl-C lands."""
+
+        def __enter__(self) -> None:
+            if what == "bind":
+                driver.events.close()
+            raise KeyboardInterrupt
+
+        def __exit__(self, *exc_info: object) -> None:
+            raise AssertionError("not taken")
+
+    if what == "map":
+        real_map = driver.gnttab.map_grant_refs
+
+        def map_refusing_unmap(*args: Any, **kwargs: Any) -> Any:
+            mapping = real_map(*args, **kwargs)
+            real_unmap = mapping.unmap
+
+            def unmap() -> None:
+                real_unmap()  # the test's host keeps nothing mapped
+                raise GrantError(errno.ENOMEM, "unmapping: out of memory")
+
+            mapping.unmap = unmap
+            return mapping
+
+        monkeypatch.setattr(driver.gnttab, "map_grant_refs", map_refusing_unmap)
+    lock = bdev._lock
+    monkeypatch.setattr(bdev, "_lock", Interrupting())
+    with caplog.at_level(logging.WARNING, logger="xenback"):
+        with pytest.raises(KeyboardInterrupt):
+            if what == "map":
+                bdev.map_grant_refs([fe.pages.refs[0]])
+            else:
+                bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
+    monkeypatch.setattr(bdev, "_lock", lock)
+    assert bdev.resources == before
+    if what == "map":
+        assert host.hypervisor.stats()["mappings"] == before[0]
+        assert "out of memory" in caplog.text
+    else:
+        assert driver.events.ports == []  # closed
+
+
 def test_a_stopped_driver_opens_no_handles_for_a_late_work_item(host, driver, frontends) -> None:
     """A driver's work item on a workqueue of its own may still map or bind
     after stop(): it gets ENODEV, and the driver does not open a new event
