@@ -776,6 +776,40 @@ def test_a_bind_interrupted_anywhere_leaves_no_port_the_dispatcher_does_not_hold
     assert any(f"EventDispatcher.{which}" in where for where in landed), landed
 
 
+def test_an_interrupted_bind_leaves_alone_its_port_number_rebound_meanwhile(
+        host, pair, monkeypatch) -> None:
+    """A bind interrupted once it had listed its port, which another thread
+    unbound (its callback may, knowing the number) and another bind got the
+    number of again before the give-back took the lock: that port is the
+    other bind's, listed with its callback, and stays so."""
+    from tests.racewindow import Attempt, PauseAt
+
+    guest, evtchn, dispatcher = pair
+    real_bind = dispatcher._bind
+
+    def interrupted(*args: object) -> None:
+        real_bind(*args)
+        raise KeyboardInterrupt  # as the lock's release returned, say
+
+    monkeypatch.setattr(dispatcher, "_bind", interrupted)
+    pause = PauseAt.in_method(monkeypatch, EventDispatcher, "_give_back", "with self._lock")
+    attempt = Attempt(lambda: dispatcher.bind_unbound_port(guest.domid, lambda _port: None))
+    assert pause.reached.wait(TIMEOUT)
+    (port,) = dispatcher.ports
+    dispatcher.unbind(port)
+    monkeypatch.setattr(dispatcher, "_bind", real_bind)
+
+    def other(_port: int) -> None:
+        pass
+
+    assert dispatcher.bind_unbound_port(guest.domid, other) == port  # the number again
+    ports = host.hypervisor.stats()["ports"]
+    pause.resume()
+    assert isinstance(attempt.result(), KeyboardInterrupt)
+    assert dispatcher._ports == {port: other}
+    assert host.hypervisor.stats()["ports"] == ports
+
+
 def test_frontend_side_port_from_bind_unbound_port(host, pair) -> None:
     """The dispatcher may offer a port (a frontend's side): the guest binds
     to it, and its notifications reach the callback."""
