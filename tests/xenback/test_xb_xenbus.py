@@ -11,6 +11,7 @@ import gc
 import itertools
 import logging
 import os
+import queue
 import re
 import select
 import sys
@@ -630,6 +631,25 @@ def test_a_resource_taken_as_a_call_returns_into_an_interrupt_is_tracked_or_give
         if not landed:
             break
     assert n > 2
+
+
+def test_each_bind_and_map_returns_what_it_took_not_one_the_device_held(
+        host, driver, frontends) -> None:
+    """A device holding mappings and ports already: bind_evtchn() returns
+    the port it bound (the one whose events its callback gets), and
+    map_grant_refs() the mapping it made (read-only if asked so)."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    fired: queue.Queue[tuple[str, int]] = queue.Queue()
+    remotes = {name: fe.frontend.bind_port() for name in ("first", "second")}
+    local = {name: bdev.bind_evtchn(remote, functools.partial(lambda n, p: fired.put((n, p)),
+                                                               name))
+             for name, remote in remotes.items()}
+    fe.frontend.evtchn.notify(remotes["second"])
+    assert fired.get(timeout=TIMEOUT) == ("second", local["second"])
+    first = bdev.map_grant_refs([fe.pages.refs[0]])
+    second = bdev.map_grant_refs([fe.pages.refs[0]], writable=False)
+    assert (first.buffer.readonly, second.buffer.readonly) == (False, True)
 
 
 @pytest.mark.parametrize("what", ["map", "bind"])
