@@ -309,7 +309,7 @@ class EventDispatcher(Closing):
         try:
             self._bind(bound, callback, self._evtchn.bind_interdomain, domid, remote_port)
         except BaseException:
-            self._give_back(bound)
+            self._give_back(bound, callback)
             raise
         return bound[0]
 
@@ -321,7 +321,7 @@ class EventDispatcher(Closing):
         try:
             self._bind(bound, callback, self._evtchn.bind_unbound_port, domid)
         except BaseException:
-            self._give_back(bound)
+            self._give_back(bound, callback)
             raise
         return bound[0]
 
@@ -343,14 +343,18 @@ class EventDispatcher(Closing):
             bound.extend(itertools.starmap(bind, (args,)))
             self._ports[bound[0]] = callback
 
-    def _give_back(self, bound: list[int]) -> None:
+    def _give_back(self, bound: list[int], callback: PortCallback) -> None:
         """Unbind the port an interrupted bind took (in ``bound`` if any),
-        listed or not."""
+        listed (with ``callback``) or not."""
         for port in bound:
             with self._lock:
                 self._wait_idle("port", port)
                 if self._closed:
                     return  # close() unbinds it, or closing the handle does
+                if self._ports.get(port, callback) is not callback:
+                    # Unbound meanwhile (its callback knows the number), and
+                    # bound again since, by another bind: that one's now.
+                    return
                 self._ports.pop(port, None)
                 try:
                     self._evtchn.unbind(port)

@@ -988,7 +988,7 @@ class BackendDevice:
                     return self._mappings[-1]
         except BaseException:
             for mapping in made:
-                mapping.unmap()
+                self._give_back(mapping.unmap, "%s: unmapping %s failed", mapping)
             raise
         made[0].unmap()
         raise self._removed()
@@ -1039,10 +1039,22 @@ class BackendDevice:
                     return self._ports[-1]
         except BaseException:
             for port in bound:
-                self.driver.events.unbind(port)
+                self._give_back(functools.partial(self.driver.events.unbind, port),
+                                "%s: unbinding port %d failed", port)
             raise
         self.driver.events.unbind(bound[0])
         raise self._removed()
+
+    def _give_back(self, release: Callable[[], object], msg: str, what: object) -> None:
+        """``release()``, giving back what an interrupted map or bind took:
+        its failure is logged, not raised over the interrupt (a caller's
+        except for that error would swallow it)."""
+        try:
+            release()
+        except KeyError:
+            pass  # the dispatcher was closed meanwhile, which unbound the port
+        except OSError as exc:
+            self._release_failed(msg, what, exc)
 
     def _removed(self) -> OSError:
         return OSError(errno.ENODEV, "device was removed", self.nodename)

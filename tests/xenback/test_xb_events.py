@@ -776,6 +776,135 @@ def test_a_bind_interrupted_anywhere_leaves_no_port_the_dispatcher_does_not_hold
     assert any(f"EventDispatcher.{which}" in where for where in landed), landed
 
 
+def test_an_interrupted_bind_leaves_alone_its_port_number_rebound_meanwhile(
+        host, pair, monkeypatch) -> None:
+    """A bind interrupted once it had listed its port, which another thread
+    unbound (its callback may, knowing the number) and another bind got the
+    number of again before the give-back took the lock: that port is the
+    other bind's, listed with its callback, and stays so."""
+    from tests.racewindow import Attempt, PauseAt
+
+    guest, evtchn, dispatcher = pair
+    real_bind = dispatcher._bind
+
+    def interrupted(*args: object) -> None:
+        real_bind(*args)
+        raise KeyboardInterrupt  # as the lock's release returned, say
+
+    monkeypatch.setattr(dispatcher, "_bind", interrupted)
+    pause = PauseAt.in_method(monkeypatch, EventDispatcher, "_give_back", "with self._lock")
+    attempt = Attempt(lambda: dispatcher.bind_unbound_port(guest.domid, lambda _port: None))
+    assert pause.reached.wait(TIMEOUT)
+    (port,) = dispatcher.ports
+    dispatcher.unbind(port)
+    monkeypatch.setattr(dispatcher, "_bind", real_bind)
+
+    def other(_port: int) -> None:
+        pass
+
+    assert dispatcher.bind_unbound_port(guest.domid, other) == port  # the number again
+    ports = host.hypervisor.stats()["ports"]
+    pause.resume()
+    assert isinstance(attempt.result(), KeyboardInterrupt)
+    assert dispatcher._ports == {port: other}
+    assert host.hypervisor.stats()["ports"] == ports
+
+
+def _interrupt_binds(monkeypatch, dispatcher: EventDispatcher,
+                     then: Callable[[], object] = lambda: None) -> None:
+    """Make the dispatcher's binds interrupted once they listed their port
+    (as the lock's release returned, say), after ``then()``."""
+    real_bind = dispatcher._bind
+
+    def interrupted(*args: object) -> None:
+        real_bind(*args)
+        then()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dispatcher, "_bind", interrupted)
+
+
+def test_an_interrupted_bind_s_give_back_after_a_racing_close_calls_nothing_on_the_handle(
+        host, pair, monkeypatch) -> None:
+    """The dispatcher closed by another thread before the give-back took the
+    lock: close() unbound the port (or closing the handle did), and the
+    give-back leaves the closed handle alone."""
+    from tests.racewindow import Attempt, PauseAt
+
+    guest, evtchn, dispatcher = pair
+    _interrupt_binds(monkeypatch, dispatcher)
+    pause = PauseAt.in_method(monkeypatch, EventDispatcher, "_give_back", "with self._lock")
+    attempt = Attempt(lambda: dispatcher.bind_unbound_port(guest.domid, lambda _port: None))
+    assert pause.reached.wait(TIMEOUT)
+    dispatcher.close()
+    unbound: list[int] = []
+    monkeypatch.setattr(dispatcher._evtchn, "unbind", unbound.append)
+    pause.resume()
+    assert isinstance(attempt.result(), KeyboardInterrupt)
+    assert unbound == []
+
+
+def test_an_interrupted_bind_s_give_back_that_fails_raises_the_interrupt(
+        host, pair, monkeypatch, caplog) -> None:
+    """The handle refusing to unbind the port an interrupted bind gives
+    back: the caller gets the Ctrl-C, not that error (an except of its own
+    for it would swallow the Ctrl-C), and the failure is logged."""
+    guest, evtchn, dispatcher = pair
+    _interrupt_binds(monkeypatch, dispatcher)
+
+    def refuse(port: int) -> None:
+        raise EventChannelError(errno.ENOMEM, f"unbinding port {port}: out of memory")
+
+    monkeypatch.setattr(dispatcher._evtchn, "unbind", refuse)
+    with caplog.at_level(logging.DEBUG, logger="xenback.events"):
+        with pytest.raises(KeyboardInterrupt):
+            dispatcher.bind_unbound_port(guest.domid, lambda _port: None)
+    assert dispatcher.ports == []
+    assert "giving back port" in caplog.text and "out of memory" in caplog.text
+
+
+def test_an_interrupted_bind_gives_back_its_port_once_its_running_callback_returned(
+        host, pair, monkeypatch) -> None:
+    """The port an interrupted bind listed fired, its callback running on
+    the dispatcher thread: the give-back waits for the callback to return
+    before it unbinds, as unbind() does, so that the caller, which gets the
+    Ctrl-C, may free what the callback uses."""
+    from tests.racewindow import Attempt, stands_at
+
+    guest, evtchn, dispatcher = pair
+    remote = evtchn.bind_unbound_port(0)
+    inside, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def callback(_port: int) -> None:
+        inside.set()
+        release.wait(TIMEOUT)
+        order.append("callback returned")
+
+    def fire() -> None:
+        evtchn.notify(remote)
+        assert inside.wait(TIMEOUT)
+
+    _interrupt_binds(monkeypatch, dispatcher, fire)
+    real_unbind = dispatcher._evtchn.unbind
+
+    def unbind(port: int) -> None:
+        order.append("unbound")
+        real_unbind(port)
+
+    monkeypatch.setattr(dispatcher._evtchn, "unbind", unbind)
+    attempt = Attempt(lambda: dispatcher.bind_interdomain(guest.domid, remote, callback))
+    assert inside.wait(TIMEOUT)
+    # Until the give-back waits (or, wrongly, has unbound already and ended).
+    assert eventually(lambda: not attempt.thread.is_alive() or stands_at(
+        attempt.thread.ident or 0, EventDispatcher._wait_idle, "self._idle.wait("))
+    release.set()
+    assert isinstance(attempt.result(), KeyboardInterrupt)
+    assert order == ["callback returned", "unbound"]
+    assert dispatcher.ports == []
+    evtchn.unbind(remote)
+
+
 def test_frontend_side_port_from_bind_unbound_port(host, pair) -> None:
     """The dispatcher may offer a port (a frontend's side): the guest binds
     to it, and its notifications reach the callback."""

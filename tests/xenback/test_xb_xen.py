@@ -1000,6 +1000,32 @@ def test_pages_ended_by_two_threads_at_once_are_ended_once(
     assert fake_grant_libc.requests == [("map", [(3, 8)]), ("unmap", FakeGrantLibc.MAP_INDEX, 1)]
 
 
+def test_an_unmap_releasing_the_slots_keeps_a_second_from_releasing_them_again(
+        fake_grant_libc: FakeGrantLibc, monkeypatch) -> None:
+    """A second unmap() while the first one asks gntdev to release the
+    slots (the pages gone already): it waits for the answer, and asks
+    nothing (the slots' index may be another mapping's by then)."""
+    with _platform.XenGrantTable() as table:
+        mapping = table.map_grant_refs(3, [8])
+        release = _platform.XenGrantTable._release_slots
+        pause = PauseAt.in_method(monkeypatch, _platform.XenGrantTable, "_release_slots",
+                                  "self._unmap_grant_ref(")
+        first = Attempt(mapping.unmap)
+        assert pause.reached.wait(TIMEOUT)
+        second = Attempt(mapping.unmap)
+        # Until the second waits: for the mapping, in its scrub or after
+        # it (or, wrongly, for the table).
+        waits = (_platform._DevicePages._scrub, _platform.XenGrantMapping.unmap, release)
+        deadline = time.monotonic() + TIMEOUT
+        while second.thread.is_alive() and not any(
+                stands_at(second.thread.ident or 0, func, "with self._lock") for func in waits):
+            assert time.monotonic() < deadline, "unmap() neither returned nor waited"
+            time.sleep(0.001)
+        pause.resume()
+        assert first.result() is None and second.result() is None
+    assert fake_grant_libc.requests == [("map", [(3, 8)]), ("unmap", FakeGrantLibc.MAP_INDEX, 1)]
+
+
 @pytest.mark.parametrize("kind", ["gnttab", "gntshr"])
 def test_closing_a_grant_handle_waits_for_a_request_in_flight(
         fake_grant_libc: FakeGrantLibc, monkeypatch, kind: str) -> None:
@@ -1204,6 +1230,9 @@ def test_library_failures_carry_the_errno_and_say_what_failed(
             call()
         code = code or errno.EIO
         assert (info.value.errno, info.value.strerror) == (code, f"{what}: {os.strerror(code)}")
+    # Each call alone: a failed bind has no port to give back (its -1, an
+    # evtchn_port_t to libxenevtchn, would be an OverflowError of cffi's).
+    assert fake_evtchn.calls[2:] == [name for name, *_ in calls]
     channel.close()
 
 

@@ -11,6 +11,7 @@ import gc
 import itertools
 import logging
 import os
+import queue
 import re
 import select
 import sys
@@ -630,6 +631,82 @@ def test_a_resource_taken_as_a_call_returns_into_an_interrupt_is_tracked_or_give
         if not landed:
             break
     assert n > 2
+
+
+def test_each_bind_and_map_returns_what_it_took_not_one_the_device_held(
+        host, driver, frontends) -> None:
+    """A device holding mappings and ports already: bind_evtchn() returns
+    the port it bound (the one whose events its callback gets), and
+    map_grant_refs() the mapping it made (read-only if asked so)."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    fired: queue.Queue[tuple[str, int]] = queue.Queue()
+    remotes = {name: fe.frontend.bind_port() for name in ("first", "second")}
+    local = {name: bdev.bind_evtchn(remote, functools.partial(lambda n, p: fired.put((n, p)),
+                                                               name))
+             for name, remote in remotes.items()}
+    fe.frontend.evtchn.notify(remotes["second"])
+    assert fired.get(timeout=TIMEOUT) == ("second", local["second"])
+    first = bdev.map_grant_refs([fe.pages.refs[0]])
+    second = bdev.map_grant_refs([fe.pages.refs[0]], writable=False)
+    assert (first.buffer.readonly, second.buffer.readonly) == (False, True)
+
+
+@pytest.mark.parametrize("what", ["map", "bind"])
+def test_a_give_back_that_fails_after_an_interrupt_raises_the_interrupt(
+        host, driver, frontends, monkeypatch, caplog, what) -> None:
+    """A Ctrl-C landing once the platform's call returned, and the give-back
+    of what it took failing: the driver's dispatcher closed meanwhile (its
+    unbind() raising KeyError: its close() unbound the port), or the unmap
+    refused (ENOMEM).  The caller gets the Ctrl-C, not that error, which an
+    except of its own for it would swallow; a failed unmap is logged."""
+    from xenback.platform import GrantError
+
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    before = bdev.resources
+
+    class Interrupting:
+        """The device's lock, whose taking is where the Ctrl-C lands."""
+
+        def __enter__(self) -> None:
+            if what == "bind":
+                driver.events.close()
+            raise KeyboardInterrupt
+
+        def __exit__(self, *exc_info: object) -> None:
+            raise AssertionError("not taken")
+
+    if what == "map":
+        real_map = driver.gnttab.map_grant_refs
+
+        def map_refusing_unmap(*args: Any, **kwargs: Any) -> Any:
+            mapping = real_map(*args, **kwargs)
+            real_unmap = mapping.unmap
+
+            def unmap() -> None:
+                real_unmap()  # the test's host keeps nothing mapped
+                raise GrantError(errno.ENOMEM, "unmapping: out of memory")
+
+            mapping.unmap = unmap
+            return mapping
+
+        monkeypatch.setattr(driver.gnttab, "map_grant_refs", map_refusing_unmap)
+    lock = bdev._lock
+    monkeypatch.setattr(bdev, "_lock", Interrupting())
+    with caplog.at_level(logging.WARNING, logger="xenback"):
+        with pytest.raises(KeyboardInterrupt):
+            if what == "map":
+                bdev.map_grant_refs([fe.pages.refs[0]])
+            else:
+                bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
+    monkeypatch.setattr(bdev, "_lock", lock)
+    assert bdev.resources == before
+    if what == "map":
+        assert host.hypervisor.stats()["mappings"] == before[0]
+        assert "out of memory" in caplog.text
+    else:
+        assert driver.events.ports == []  # closed
 
 
 def test_a_stopped_driver_opens_no_handles_for_a_late_work_item(host, driver, frontends) -> None:
