@@ -823,7 +823,9 @@ class _Frontend:
             if ring is not None:
                 ring.release()
             for mapping in mappings:
-                mapping.unmap()
+                # Logged, not raised: raised, its error replaced the one
+                # that says what failed (or the Ctrl-C).
+                self._unmap_ring(mapping)
             raise
         # No call from here on, so no interrupt: the records are taken over.
         self._mapping = mappings[0]
@@ -834,6 +836,12 @@ class _Frontend:
 
     def __repr__(self) -> str:
         return f"<pvcalls frontend dom{self.domid} sockets={len(self._sockets)}>"
+
+    def _unmap_ring(self, mapping: GrantMapping) -> None:
+        try:
+            mapping.unmap()
+        except (OSError, BufferError):
+            logger.exception("dom%d: unmapping the command ring failed", self.domid)
 
     @property
     def ring_hint_refs(self) -> int:
@@ -1355,10 +1363,7 @@ class _Frontend:
             undone.teardown()
             self._undone.remove(undone)
         self.ring.release()
-        try:
-            self._mapping.unmap()
-        except (OSError, BufferError):
-            logger.exception("dom%d: unmapping the command ring failed", self.domid)
+        self._unmap_ring(self._mapping)
         with self._rsp_lock:
             self._released = True
         # No count of suppressed lines here: the limit is the device's, and

@@ -690,6 +690,47 @@ def test_a_frontend_s_set_up_interrupted_as_any_of_its_calls_returns_holds_nothi
     assert landed >= 5  # every call of the set-up, the mapping and the binding among them
 
 
+def test_a_frontend_s_set_up_failing_raises_its_own_error_whatever_the_undo_meets(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The command port cannot be bound, and the undo's unmapping of the
+    command ring fails too: the set-up raises the bind's error, the one
+    that says what went wrong, and the unmapping's is logged.  (Raised,
+    the unmapping's replaced it, and a Ctrl-C that cut the set-up short
+    likewise.)"""
+    from xenback.platform import EventChannelError, GrantError
+
+    dev = backend._frontends[(raw.guest.domid, 0)].dev
+    ring = raw.new_ring(order=0)
+    map_grant_refs = backend.gnttab.map_grant_refs
+    mappings: list[Any] = []
+
+    def mapped_unmap_refused(*args: Any, **kwargs: Any) -> Any:
+        mapping = map_grant_refs(*args, **kwargs)
+        mappings.append(mapping)
+        unmap = mapping.unmap
+
+        def refused() -> None:
+            mapping.unmap = unmap  # once: the test gives it back below
+            raise GrantError(errno.ENOMEM, "unmap refused")
+
+        mapping.unmap = refused
+        return mapping
+
+    def bind_refused(*args: Any) -> int:
+        raise EventChannelError(errno.ENOSPC, "no port to spare")
+
+    monkeypatch.setattr(backend.gnttab, "map_grant_refs", mapped_unmap_refused)
+    monkeypatch.setattr(backend.dispatcher, "bind_interdomain", bind_refused)
+    with caplog.at_level(logging.ERROR, logger="pvcalls"), \
+            pytest.raises(EventChannelError, match="no port to spare"):
+        _Frontend(backend, dev, ring.ref, ring.port)
+    assert "unmapping the command ring failed" in caplog.text
+    assert len(mappings) == 1
+    mappings[0].unmap()
+    ring.close()
+
+
 def _a_device_disconnected(
         raw: RawFrontend, backend: pvcalls.Backend) -> tuple[Any, Callable[[int], None]]:
     """The guest's device, disconnected, and a check that the backend then
