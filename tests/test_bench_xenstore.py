@@ -254,25 +254,35 @@ def test_a_stop_as_a_childs_pidfd_fails_to_open_is_a_stop(
             child.wait()
 
 
-def test_the_table_and_the_event_channel_part_heed_no_write(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+def _bench_with_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, rows: list[Any],
+                     status: int) -> tuple[Any, list[list[str]]]:
+    """xenstore_bench, loaded afresh, its XenStore part faked to measure
+    ``rows`` and its results file in ``tmp_path``; the event-channel part
+    it starts only recorded (its command line, in the list returned) and
+    answering ``status``."""
     bench: Any = load_script(BENCH_DIR / "xenstore_bench.py", "xenstore_bench")
-    # Made-up round trips per second: (client, op, clients, xenstored, echo).
-    rows = [(client, op, n, 1.0, 2.0) for client in ("pyxs", "raw")
-            for op in ("READ", "WRITE") for n in (1, 8)]
-    rows += [("pyxs, server embedded", op, 1, 1.0, 2.0) for op in ("READ", "WRITE")]
-    rows[0] = ("pyxs", "READ", 1, 150.0, 250.0)
-    rows[4] = ("raw", "READ", 1, 1.0, 500.0)
     monkeypatch.setattr(bench, "_measure_all", lambda args, interrupts: rows)
     monkeypatch.setattr(bench, "RESULTS", tmp_path / "xenstore.md")
     ran: list[list[str]] = []
 
     def call(interrupts: Any, cmd: list[str]) -> int:
         ran.append(cmd)
-        return 7
+        return status
 
     monkeypatch.setattr(bench.benchlib.Interrupts, "call", call)
+    return bench, ran
+
+
+def test_the_table_and_the_event_channel_part_heed_no_write(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Made-up round trips per second: (client, op, clients, xenstored, echo).
+    rows = [(client, op, n, 1.0, 2.0) for client in ("pyxs", "raw")
+            for op in ("READ", "WRITE") for n in (1, 8)]
+    rows += [("pyxs, server embedded", op, 1, 1.0, 2.0) for op in ("READ", "WRITE")]
+    rows[0] = ("pyxs", "READ", 1, 150.0, 250.0)
+    rows[4] = ("raw", "READ", 1, 1.0, 500.0)
+    bench, ran = _bench_with_rows(monkeypatch, tmp_path, rows, status=7)
     evtchn = str(BENCH_DIR / "evtchn_bench.py")
     assert bench.main(["--no-write"]) == 7  # the event channel part's status is the run's
     assert ran[-1][1:] == [evtchn, "--no-write"]
@@ -291,17 +301,8 @@ def test_evtchn_rounds_shortens_the_event_channel_part(
         capsys: pytest.CaptureFixture[str]) -> None:
     # Its 20000 round trips of each mechanism, twice, could only be run
     # whole or skipped (--no-evtchn).
-    bench: Any = load_script(BENCH_DIR / "xenstore_bench.py", "xenstore_bench")
     rows = [(client, op, 1, 1.0, 1.0) for client in ("pyxs", "raw") for op in ("READ", "WRITE")]
-    monkeypatch.setattr(bench, "_measure_all", lambda args, interrupts: rows)
-    monkeypatch.setattr(bench, "RESULTS", tmp_path / "xenstore.md")
-    ran: list[list[str]] = []
-
-    def call(interrupts: Any, cmd: list[str]) -> int:
-        ran.append(cmd)
-        return 0
-
-    monkeypatch.setattr(bench.benchlib.Interrupts, "call", call)
+    bench, ran = _bench_with_rows(monkeypatch, tmp_path, rows, status=0)
     evtchn = str(BENCH_DIR / "evtchn_bench.py")
     assert bench.main(["--no-write", "--evtchn-rounds", "500"]) == 0
     assert ran[-1][1:] == [evtchn, "--rounds", "500", "--no-write"]

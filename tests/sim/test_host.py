@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 import pyxs
@@ -40,6 +40,9 @@ from xenback.platform import Platform, PlatformError
 from xenback.sim import Domain, SimHost, Toolstack, attach, create_domain
 from xenback.sim._proto import close_fds
 from xenback.sim._xenstored import XenStored
+
+if TYPE_CHECKING:
+    from xenback.sim._hypervisor import Hypervisor
 
 
 def open_fds() -> set[int]:
@@ -869,6 +872,81 @@ class _ThreadingWith:
         return getattr(threading, name)
 
 
+def _in_frame_of(name: str) -> bool:
+    """Whether a frame of a function so named is on this thread's stack."""
+    frame: Any = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _TwoRemovals:
+    """Two remove_domain() calls of one domain of ``hv`` from threads of
+    their own (as a call cut short and the next), for the tests of a
+    start() cut short: what each call answered, checks that both were
+    answered and the domain removed, and the first Ctrl-C (``cut``) for
+    a sweep to land a second one after."""
+
+    def __init__(self, hv: Hypervisor) -> None:
+        self.hv = hv
+        self.threads: list[threading.Thread] = []
+        self.answers: list[BaseException | None] = []
+        self.cut: list[Interrupted] = []
+
+    def cut_short(self) -> NoReturn:
+        """The first Ctrl-C, in starting the service thread."""
+        self.cut.append(Interrupted())
+        raise self.cut[0]
+
+    def start(self) -> None:
+        """hv.start(), its first Ctrl-C (:meth:`cut_short`) taken as
+        expected: a second one goes on to the sweep."""
+        try:
+            self.hv.start()
+        except Interrupted as e:
+            if e is not self.cut[0]:
+                raise
+
+    def unless(self) -> bool:
+        """For interrupted_at: no landing before the first Ctrl-C, nor
+        within a removal itself (_remove_domain), done the same way
+        whoever does it."""
+        return not self.cut or _in_frame_of("_remove_domain")
+
+    def _remove(self) -> None:
+        try:
+            self.hv.remove_domain(1)
+        except BaseException as e:
+            self.answers.append(e)
+        else:
+            self.answers.append(None)
+
+    def queue(self) -> None:
+        """Add domain 1 and ask for its removal twice; return once both
+        wait in the service's queue (it has no thread serving it yet)."""
+        self.hv.add_domain(1, "guest")
+        for queued in (1, 2):
+            self.threads.append(threading.Thread(target=self._remove, daemon=True))
+            self.threads[-1].start()
+            assert eventually(lambda q=queued: len(self.hv._removals) == q), "none queued"
+
+    def joined(self, waits: str) -> None:
+        """Both calls returned; else fail saying ``waits``."""
+        for removal in self.threads:
+            removal.join(TIMEOUT)
+            assert not removal.is_alive(), waits
+
+    def answered(self, where: str) -> None:
+        """Both calls removed the domain, once (its socket is gone); else
+        fail saying ``where``."""
+        from xenback.sim._hypervisor import domain_socket
+
+        assert self.answers == [None, None], where
+        assert not domain_socket(self.hv.run_dir, 1).exists(), where
+
+
 @pytest.mark.parametrize("end", ["Ctrl-C", "stop"])
 def test_a_removal_asked_for_as_a_hypervisor_start_is_cut_short_is_answered(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, end: str) -> None:
@@ -882,24 +960,11 @@ def test_a_removal_asked_for_as_a_hypervisor_start_is_cut_short_is_answered(
     from xenback.sim import _hypervisor
 
     hv = _hypervisor.Hypervisor(tmp_path)
-    removals: list[threading.Thread] = []
-    answers: list[BaseException | None] = []
-
-    def remove() -> None:
-        try:
-            hv.remove_domain(1)
-        except BaseException as e:
-            answers.append(e)
-        else:
-            answers.append(None)
+    removals = _TwoRemovals(hv)
 
     class CutShort(threading.Thread):
         def start(self) -> None:
-            hv.add_domain(1, "guest")
-            for queued in (1, 2):
-                removals.append(threading.Thread(target=remove, daemon=True))
-                removals[-1].start()
-                assert eventually(lambda q=queued: len(hv._removals) == q), "none queued"
+            removals.queue()
             if end == "stop":
                 hv.stop()
                 super().start()  # runs only now, to find the service stopped
@@ -914,25 +979,12 @@ def test_a_removal_asked_for_as_a_hypervisor_start_is_cut_short_is_answered(
             with pytest.raises(Interrupted):
                 hv.start()
         monkeypatch.undo()
-        for removal in removals:
-            removal.join(TIMEOUT)
-            assert not removal.is_alive(), "remove_domain() waits for a thread that never ran"
-        assert answers == [None, None]
+        removals.joined("remove_domain() waits for a thread that never ran")
+        removals.answered(end)
         assert hv.stats()["domains"] == 0
-        assert not _hypervisor.domain_socket(tmp_path, 1).exists()
     finally:
         monkeypatch.undo()
         hv.stop()
-
-
-def _in_frame_of(name: str) -> bool:
-    """Whether a frame of a function so named is on this thread's stack."""
-    frame: Any = sys._getframe()
-    while frame is not None:
-        if frame.f_code.co_name == name:
-            return True
-        frame = frame.f_back
-    return False
 
 
 @pytest.mark.parametrize("undone_by", ["start", "stop"])
@@ -951,60 +1003,32 @@ def test_removals_queued_as_a_hypervisor_start_is_cut_short_survive_a_second_ctr
 
     def landing(n: int) -> str:
         hv = _hypervisor.Hypervisor(tmp_path / str(n))
-        removals: list[threading.Thread] = []
-        answers: list[BaseException | None] = []
+        removals = _TwoRemovals(hv)
         launched: list[threading.Thread] = []
-        cut: list[Interrupted] = []
-
-        def remove() -> None:
-            try:
-                hv.remove_domain(1)
-            except BaseException as e:
-                answers.append(e)
-            else:
-                answers.append(None)
 
         class CutShort(threading.Thread):
             def start(self) -> None:
-                hv.add_domain(1, "guest")
-                for queued in (1, 2):
-                    removals.append(threading.Thread(target=remove, daemon=True))
-                    removals[-1].start()
-                    assert eventually(lambda q=queued: len(hv._removals) == q), "none queued"
+                removals.queue()
                 launched.append(self)  # as if launched, not yet running
                 if undone_by == "start":
-                    cut.append(Interrupted())
-                    raise cut[0]
+                    removals.cut_short()
 
         monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(CutShort))
         try:
-            def unless() -> bool:
-                return not cut or _in_frame_of("_remove_domain")
-
-            def start() -> None:
-                try:
-                    hv.start()
-                except Interrupted as e:
-                    if e is not cut[0]:  # the second
-                        raise
-
             if undone_by == "start":
-                where = interrupted_at(n, SIM_CODE, start, unless)
+                where = interrupted_at(n, SIM_CODE, removals.start, removals.unless)
             else:
                 hv.start()
                 monkeypatch.undo()
-                cut.append(Interrupted())
-                where = interrupted_at(n, SIM_CODE, hv.stop, unless)
+                removals.cut.append(Interrupted())  # lands from here on
+                where = interrupted_at(n, SIM_CODE, hv.stop, removals.unless)
             monkeypatch.undo()
             hv.stop()
             [late] = launched
             threading.Thread.start(late)  # runs only now, to find the service stopped
             late.join(TIMEOUT)
-            for removal in removals:
-                removal.join(TIMEOUT)
-                assert not removal.is_alive(), f"interrupted {where}: remove_domain() waits"
-            assert answers == [None, None], f"interrupted {where}"
-            assert not _hypervisor.domain_socket(hv.run_dir, 1).exists(), f"interrupted {where}"
+            removals.joined(f"interrupted {where}: remove_domain() waits")
+            removals.answered(f"interrupted {where}")
         finally:
             monkeypatch.undo()
             hv.stop()
@@ -1031,28 +1055,13 @@ def test_removals_left_by_a_cut_short_start_undo_are_answered_by_a_late_service_
 
     def landing(n: int) -> str:
         hv = _hypervisor.Hypervisor(tmp_path / str(n))
-        removals: list[threading.Thread] = []
-        answers: list[BaseException | None] = []
-        cut: list[Interrupted] = []
+        removals = _TwoRemovals(hv)
         failed: list[BaseException | None] = []
-
-        def remove() -> None:
-            try:
-                hv.remove_domain(1)
-            except BaseException as e:
-                answers.append(e)
-            else:
-                answers.append(None)
 
         class CutShort(threading.Thread):
             def start(self) -> None:
-                hv.add_domain(1, "guest")
-                for queued in (1, 2):
-                    removals.append(threading.Thread(target=remove, daemon=True))
-                    removals[-1].start()
-                    assert eventually(lambda q=queued: len(hv._removals) == q), "none queued"
-                cut.append(Interrupted())
-                raise cut[0]  # launched, not yet running
+                removals.queue()
+                removals.cut_short()  # launched, not yet running
 
             def is_alive(self) -> bool:
                 # stop() asks as it is about to wait for it: it runs now.
@@ -1069,23 +1078,12 @@ def test_removals_left_by_a_cut_short_start_undo_are_answered_by_a_late_service_
 
         monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(CutShort))
         try:
-            def start() -> None:
-                try:
-                    hv.start()
-                except Interrupted as e:
-                    if e is not cut[0]:  # the second
-                        raise
-
-            where = interrupted_at(n, SIM_CODE, start,
-                                   lambda: not cut or _in_frame_of("_remove_domain"))
+            where = interrupted_at(n, SIM_CODE, removals.start, removals.unless)
             monkeypatch.undo()
             hv.stop()
-            for removal in removals:
-                removal.join(TIMEOUT)
-                assert not removal.is_alive(), f"interrupted {where}: remove_domain() waits"
+            removals.joined(f"interrupted {where}: remove_domain() waits")
             assert failed == [], f"interrupted {where}"
-            assert answers == [None, None], f"interrupted {where}"
-            assert not _hypervisor.domain_socket(hv.run_dir, 1).exists(), f"interrupted {where}"
+            removals.answered(f"interrupted {where}")
         finally:
             monkeypatch.undo()
             hv.stop()

@@ -528,6 +528,19 @@ def test_a_bound_method_is_a_trace_hook_whatever_its_repr(
     assert conn.events == list(TRACE_EVENTS)  # not called since
 
 
+def _queue_hook(order: list[str], name: str) -> Callable[[str, Any, int | None], None]:
+    """A trace hook that appends ``name`` to ``order`` at each item queued."""
+    return lambda event, work, cpu: order.append(name) if event == "queue" else None
+
+
+def _run_one_item(wq: Any) -> None:
+    """Queue an item that does nothing and wait for it to run: every
+    trace hook has had its events."""
+    w = Work(lambda work: None)
+    assert wq.queue_work(w)
+    w.flush()
+
+
 def test_a_hook_added_twice_is_removed_as_list_remove_would(make_wq: Any) -> None:
     """Hooks run in the order added, and removing one added twice takes
     the first of the two, as list.remove() does: the rest keep their
@@ -535,16 +548,11 @@ def test_a_hook_added_twice_is_removed_as_list_remove_would(make_wq: Any) -> Non
     wq = make_wq()
     order: list[str] = []
 
-    def hook(name: str) -> Callable[[str, Any, int | None], None]:
-        return lambda event, work, cpu: order.append(name) if event == "queue" else None
-
-    a, b = hook("a"), hook("b")
+    a, b = _queue_hook(order, "a"), _queue_hook(order, "b")
     for added in (a, b, a):
         wq.add_trace_hook(added)
     wq.remove_trace_hook(a)
-    w = Work(lambda work: None)
-    assert wq.queue_work(w)
-    w.flush()
+    _run_one_item(wq)
     assert order == ["b", "a"]
 
 
@@ -563,9 +571,7 @@ def test_a_trace_hook_is_compared_with_the_engine_lock_free(make_wq: Any) -> Non
     with pytest.raises(ValueError, match=r" is not a trace hook of 'test'$"):
         wq.remove_trace_hook(second)
     assert first.eqs and all(first.eqs), first.eqs
-    w = Work(lambda work: None)
-    assert wq.queue_work(w)
-    w.flush()
+    _run_one_item(wq)
     assert events == []
     wq.remove_trace_hook(first)
 
@@ -579,10 +585,7 @@ def test_trace_hooks_changed_as_one_is_removed_are_kept_as_changed(make_wq: Any)
     order: list[str] = []
     meddled = threading.Event()
 
-    def hook(name: str) -> Callable[[str, Any, int | None], None]:
-        return lambda event, work, cpu: order.append(name) if event == "queue" else None
-
-    early, late, gone = hook("early"), hook("late"), hook("gone")
+    early, late, gone = (_queue_hook(order, name) for name in ("early", "late", "gone"))
 
     class Meddler:
         def __call__(self, event: str, work: Any, cpu: int | None) -> None:
@@ -602,9 +605,7 @@ def test_trace_hooks_changed_as_one_is_removed_are_kept_as_changed(make_wq: Any)
         wq.add_trace_hook(added)
     wq.remove_trace_hook(gone)
     assert meddled.is_set()
-    w = Work(lambda work: None)
-    assert wq.queue_work(w)
-    w.flush()
+    _run_one_item(wq)
     assert order == ["meddler", "late"]
 
 
@@ -618,9 +619,6 @@ def test_trace_hooks_changed_at_every_compare_do_not_make_a_removal_compare_agai
     order: list[str] = []
     adds = 3  # each compare adds one, these many times at most
 
-    def hook(name: str) -> Callable[[str, Any, int | None], None]:
-        return lambda event, work, cpu: order.append(name) if event == "queue" else None
-
     class Meddler:
         def __init__(self) -> None:
             self.eqs = 0
@@ -632,20 +630,18 @@ def test_trace_hooks_changed_at_every_compare_do_not_make_a_removal_compare_agai
         def __eq__(self, other: object) -> bool:
             self.eqs += 1
             if self.eqs <= adds:
-                bounded(lambda: wq.add_trace_hook(hook(f"late{self.eqs}")),
+                bounded(lambda: wq.add_trace_hook(_queue_hook(order, f"late{self.eqs}")),
                         "a hook added from a hook's ==", REPR_CALL_BOUND)
             return self is other
 
         __hash__ = object.__hash__
 
-    meddler, gone = Meddler(), hook("gone")
+    meddler, gone = Meddler(), _queue_hook(order, "gone")
     wq.add_trace_hook(meddler)
     wq.add_trace_hook(gone)
     wq.remove_trace_hook(gone)
     assert meddler.eqs == 1, f"the hooks were compared {meddler.eqs} times"
-    w = Work(lambda work: None)
-    assert wq.queue_work(w)
-    w.flush()
+    _run_one_item(wq)
     assert order == ["meddler", "late1"]
 
 
@@ -682,9 +678,7 @@ def test_a_trace_hook_removed_as_it_is_found_is_looked_for_again(make_wq: Any) -
         wq.add_trace_hook(added)
     wq.remove_trace_hook(key)
     assert meddled.is_set()
-    w = Work(lambda work: None)
-    assert wq.queue_work(w)
-    w.flush()
+    _run_one_item(wq)
     assert order == ["first"]  # the first one gone by the meddling, second by the removal
     wq.remove_trace_hook(key)
     with pytest.raises(ValueError, match=r" is not a trace hook of 'test'$"):
@@ -713,9 +707,7 @@ def test_a_trace_hook_is_found_by_itself_whatever_its_eq(make_wq: Any) -> None:
     hook = Unequal()
     wq.add_trace_hook(hook)
     wq.remove_trace_hook(hook)
-    w = Work(lambda work: None)
-    assert wq.queue_work(w)
-    w.flush()
+    _run_one_item(wq)
     assert calls == []
     with pytest.raises(ValueError, match=r"^<.*Unequal object at 0x[0-9a-f]+> \(its repr\(\) "
                                          r"raised OSError\) is not a trace hook of 'test'$"):

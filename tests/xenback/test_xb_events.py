@@ -22,6 +22,7 @@ from tests.xenback.xbhelpers import TIMEOUT, assert_dispatches, fails_once, leak
 from xenback import EventDispatcher, events
 from xenback.platform import EventChannelError
 from xenback.ratelimit import RateLimit
+from xenback.sim import Domain, EventChannel
 
 
 @pytest.fixture
@@ -1444,37 +1445,59 @@ def test_a_handle_that_stops_overflowing_is_dispatched_again(pair, monkeypatch, 
         "event channel handle overflowed: reset; every port is handed out again"]
 
 
+class _EndingOverflows:
+    """A guest port bound on ``pair``'s dispatcher, whose simulated handle
+    is made to overflow, each overflow ending as a read finds the queue
+    empty (pending() says None).  Failures go through ``breakdowns``;
+    the dispatcher's warnings are captured."""
+
+    def __init__(self, pair: tuple[Domain, EventChannel, EventDispatcher],
+                 monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                 breakdowns: RateLimit) -> None:
+        guest, self._evtchn, self._dispatcher = pair
+        self._remote = self._evtchn.bind_unbound_port(0)
+        self._fired = threading.Semaphore(0)
+        self._dispatcher.bind_interdomain(
+            guest.domid, self._remote, lambda _port: self._fired.release())
+        real = self._dispatcher._evtchn.pending
+        self._empty = threading.Event()
+
+        def pending() -> int | None:
+            port = real()
+            if port is None:
+                self._empty.set()
+            return port
+
+        monkeypatch.setattr(self._dispatcher._evtchn, "pending", pending)
+        monkeypatch.setattr(self._dispatcher, "_breakdowns", breakdowns)
+        caplog.set_level(logging.WARNING, logger="xenback.events")
+
+    def overflow(self) -> None:
+        """Overflow the handle; return once it is reset and the port
+        handed out again."""
+        self._dispatcher._evtchn.overflow()
+        assert self._fired.acquire(timeout=TIMEOUT)
+
+    def fire_until_read_empty(self) -> None:
+        """Fire the port; return once its callback ran and a read found
+        the queue empty after it."""
+        self._empty.clear()
+        self._evtchn.notify(self._remote)
+        assert self._fired.acquire(timeout=TIMEOUT)
+        assert self._empty.wait(TIMEOUT)
+
+
 def test_a_read_that_finds_the_queue_empty_ends_an_overflow(pair, monkeypatch, caplog) -> None:
     """The handle ready at every wait since a reset (its ports firing
     again and again) does not make the next overflow a failure: the
     thread reads the queue until pending() says None, which says, as a
     wait that finds the handle not ready, that the overflow is over."""
-    guest, evtchn, dispatcher = pair
-    remote = evtchn.bind_unbound_port(0)
-    fired = threading.Semaphore(0)
-    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: fired.release())
-    real = dispatcher._evtchn.pending
-    empty = threading.Event()
-
-    def pending() -> int | None:
-        port = real()
-        if port is None:
-            empty.set()
-        return port
-
-    monkeypatch.setattr(dispatcher._evtchn, "pending", pending)
-    monkeypatch.setattr(dispatcher, "_breakdowns", RateLimit("test", burst=1000))
-    caplog.set_level(logging.WARNING, logger="xenback.events")
-    dispatcher._evtchn.overflow()
-    assert fired.acquire(timeout=TIMEOUT)  # reset, and handed out again
+    overflows = _EndingOverflows(pair, monkeypatch, caplog, RateLimit("test", burst=1000))
+    overflows.overflow()
     # Woken by the handle only (no other fd, which a wait not finding the
     # handle would be): the port, then the queue read empty.
-    empty.clear()
-    evtchn.notify(remote)
-    assert fired.acquire(timeout=TIMEOUT)
-    assert empty.wait(TIMEOUT)
-    dispatcher._evtchn.overflow()
-    assert fired.acquire(timeout=TIMEOUT)
+    overflows.fire_until_read_empty()
+    overflows.overflow()
     assert [rec.getMessage() for rec in caplog.records] == [
         "event channel handle overflowed: reset; every port is handed out again"] * 2
 
@@ -1485,29 +1508,10 @@ def test_overflows_are_said_within_the_dispatcher_s_rate_limit(
     again, each overflow over before the next (a read found the queue
     empty): each is a warning of the dispatcher's rate limit, not a
     line each."""
-    guest, evtchn, dispatcher = pair
-    remote = evtchn.bind_unbound_port(0)
-    fired = threading.Semaphore(0)
-    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: fired.release())
-    real = dispatcher._evtchn.pending
-    empty = threading.Event()
-
-    def pending() -> int | None:
-        port = real()
-        if port is None:
-            empty.set()
-        return port
-
-    monkeypatch.setattr(dispatcher._evtchn, "pending", pending)
-    monkeypatch.setattr(dispatcher, "_breakdowns", RateLimit("test", clock=lambda: 0.0))
-    caplog.set_level(logging.WARNING, logger="xenback.events")
+    overflows = _EndingOverflows(pair, monkeypatch, caplog, RateLimit("test", clock=lambda: 0.0))
     for _ in range(12):
-        dispatcher._evtchn.overflow()
-        assert fired.acquire(timeout=TIMEOUT)  # reset, and handed out again
-        empty.clear()
-        evtchn.notify(remote)
-        assert fired.acquire(timeout=TIMEOUT)
-        assert empty.wait(TIMEOUT)  # the overflow is over
+        overflows.overflow()
+        overflows.fire_until_read_empty()  # the overflow is over
     assert [rec.getMessage() for rec in caplog.records] == [
         "event channel handle overflowed: reset; every port is handed out again"] * 10
 
