@@ -604,7 +604,10 @@ class BackendDevice:
                     # and that is no removal yet, as at our own Closing
                     # (see _backend_changed); Linux's switches never look.
                     # The frontend's Closed reads it again, and drops us.
-                    removing = False
+                    # But before our first switch no Closing here is ours:
+                    # only the toolstack's removal writes one (with online=0),
+                    # which the InitWait after probe() must not replace.
+                    removing = not self._switched
                 if removing:
                     return False
             t.write(f"{self.nodename}/state", value)

@@ -6004,3 +6004,53 @@ def test_queue_refuses_a_call_once_the_device_is_gone(host, driver, frontends) -
     assert asked == [False]
     assert ran == []
     fe.close()
+
+
+def test_a_removal_while_probe_runs_with_online_taken_is_not_overwritten(
+        host, dom0_xs, frontends, caplog) -> None:
+    """The toolstack takes a device's ``online`` from the driver domain's
+    backend while probe() runs, then asks for its removal (online=0 and
+    Closing, in one transaction, as libxl does).  Before our first switch
+    no Closing in our directory is ours: only the toolstack's removal
+    writes one, so the switch to InitWait after probe() must not replace
+    it, ``online`` read or not (as for a readable one, see
+    test_removal_while_probe_or_connect_runs_is_not_overwritten).  The
+    device is then dropped for the node taken, writing nothing, said once;
+    InitWait written there told the guest to connect to a device being
+    removed (found by xenbus_fuzz.py, seed 8655)."""
+    drvdom, drv, _ = _driver_domain_backend(host, dom0_xs, frontends, (), ())
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(_dev) -> None:
+        entered.set()
+        assert release.wait(TIMEOUT)
+
+    drv.probe_hook = hold
+    home = f"/local/domain/{drvdom.domid}"
+    try:
+        guest = host.create_domain("guest")
+        dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+        assert entered.wait(TIMEOUT)
+        bdev = backend_device(drv, guest.domid)
+        online, state = f"{dev.backend_path}/online", f"{dev.backend_path}/state"
+        dom0_xs.set_perms(online, ["n0"])
+        caplog.clear()
+
+        def removed(t: Transaction) -> None:
+            t.write(online, "0")
+            t.write(state, str(int(S.CLOSING)))
+
+        dom0_xs.transaction(removed)
+        # The removal's watch event queued behind the probe.
+        handed_over(drv.xenstore, "removed", base=f"{home}/data")
+        release.set()
+        bdev.events.flush()
+        assert dom0_xs.read(state) == str(int(S.CLOSING))
+        assert bdev.gone and drv.devices() == []
+        assert drv.calls_of(guest.domid) == ["probe", "remove"]
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        (said,) = _backend_warnings(caplog)
+        assert said.args[1].filename == online  # type: ignore[index]
+    finally:
+        release.set()
+        drv.stop()
