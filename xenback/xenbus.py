@@ -604,10 +604,10 @@ class BackendDevice:
                     # and that is no removal yet, as at our own Closing
                     # (see _backend_changed); Linux's switches never look.
                     # The frontend's Closed reads it again, and drops us.
-                    # But before our first switch no Closing here is ours:
-                    # only the toolstack's removal writes one (with online=0),
-                    # which the InitWait after probe() must not replace.
-                    removing = not self._switched
+                    # But a Closing we did not write (we were not Closing:
+                    # probe() or connect() ran as it came) is the toolstack's,
+                    # and it writes one only to remove (with online=0).
+                    removing = self.state != XenbusState.CLOSING
                 if removing:
                     return False
             t.write(f"{self.nodename}/state", value)

@@ -6006,18 +6006,21 @@ def test_queue_refuses_a_call_once_the_device_is_gone(host, driver, frontends) -
     fe.close()
 
 
-def test_a_removal_while_probe_runs_with_online_taken_is_not_overwritten(
-        host, dom0_xs, frontends, caplog) -> None:
+@pytest.mark.parametrize("busy_in", ["probe", "connect"])
+def test_a_removal_while_probe_or_connect_runs_with_online_taken_is_not_overwritten(
+        host, dom0_xs, frontends, caplog, busy_in: str) -> None:
     """The toolstack takes a device's ``online`` from the driver domain's
-    backend while probe() runs, then asks for its removal (online=0 and
-    Closing, in one transaction, as libxl does).  Before our first switch
-    no Closing in our directory is ours: only the toolstack's removal
-    writes one, so the switch to InitWait after probe() must not replace
+    backend while probe() or connect() runs, then asks for its removal
+    (online=0 and Closing, in one transaction, as libxl does).  A Closing
+    the backend did not write is the toolstack's, and it writes one only
+    to remove: the InitWait or Connected that follows must not replace
     it, ``online`` read or not (as for a readable one, see
-    test_removal_while_probe_or_connect_runs_is_not_overwritten).  The
-    device is then dropped for the node taken, writing nothing, said once;
-    InitWait written there told the guest to connect to a device being
-    removed (found by xenbus_fuzz.py, seed 8655)."""
+    test_removal_while_probe_or_connect_runs_is_not_overwritten), or the
+    guest is told to go on with a device being removed (found by
+    xenbus_fuzz.py, seed 8655).  Then, as for any Closing with ``online``
+    taken (see _backend_changed): a frontend with nothing to close has its
+    device dropped at once, writing nothing, said once; a connected one
+    closes first."""
     drvdom, drv, _ = _driver_domain_backend(host, dom0_xs, frontends, (), ())
     entered, release = threading.Event(), threading.Event()
 
@@ -6025,11 +6028,15 @@ def test_a_removal_while_probe_runs_with_online_taken_is_not_overwritten(
         entered.set()
         assert release.wait(TIMEOUT)
 
-    drv.probe_hook = hold
+    setattr(drv, f"{busy_in}_hook", hold)
     home = f"/local/domain/{drvdom.domid}"
     try:
         guest = host.create_domain("guest")
         dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+        fe = frontends(guest, dev)
+        if busy_in == "connect":
+            fe.wait_backend(S.INIT_WAIT)
+            fe.publish()
         assert entered.wait(TIMEOUT)
         bdev = backend_device(drv, guest.domid)
         online, state = f"{dev.backend_path}/online", f"{dev.backend_path}/state"
@@ -6041,13 +6048,18 @@ def test_a_removal_while_probe_runs_with_online_taken_is_not_overwritten(
             t.write(state, str(int(S.CLOSING)))
 
         dom0_xs.transaction(removed)
-        # The removal's watch event queued behind the probe.
+        # The removal's watch event queued behind the hook.
         handed_over(drv.xenstore, "removed", base=f"{home}/data")
         release.set()
         bdev.events.flush()
         assert dom0_xs.read(state) == str(int(S.CLOSING))
+        if busy_in == "connect":
+            assert not bdev.gone  # until its frontend closes
+            fe.set_state(S.CLOSED)
+            drv.wait_removed(guest.domid)
+            assert dom0_xs.read(state) == str(int(S.CLOSED))
         assert bdev.gone and drv.devices() == []
-        assert drv.calls_of(guest.domid) == ["probe", "remove"]
+        assert bdev.resources == (0, 0)
         assert not [r for r in caplog.records if r.exc_info is not None]
         (said,) = _backend_warnings(caplog)
         assert said.args[1].filename == online  # type: ignore[index]
