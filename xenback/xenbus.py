@@ -604,7 +604,10 @@ class BackendDevice:
                     # and that is no removal yet, as at our own Closing
                     # (see _backend_changed); Linux's switches never look.
                     # The frontend's Closed reads it again, and drops us.
-                    removing = False
+                    # But a Closing we did not write (we were not Closing:
+                    # probe() or connect() ran as it came) is the toolstack's,
+                    # and it writes one only to remove (with online=0).
+                    removing = self.state != XenbusState.CLOSING
                 if removing:
                     return False
             t.write(f"{self.nodename}/state", value)

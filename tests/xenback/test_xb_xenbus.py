@@ -6081,3 +6081,65 @@ def test_queue_refuses_a_call_once_the_device_is_gone(host, driver, frontends) -
     assert asked == [False]
     assert ran == []
     fe.close()
+
+
+@pytest.mark.parametrize("busy_in", ["probe", "connect"])
+def test_a_removal_while_probe_or_connect_runs_with_online_taken_is_not_overwritten(
+        host, dom0_xs, frontends, caplog, busy_in: str) -> None:
+    """The toolstack takes a device's ``online`` from the driver domain's
+    backend while probe() or connect() runs, then asks for its removal
+    (online=0 and Closing, in one transaction, as libxl does).  A Closing
+    the backend did not write is the toolstack's, and it writes one only
+    to remove: the InitWait or Connected that follows must not replace
+    it, ``online`` read or not (as for a readable one, see
+    test_removal_while_probe_or_connect_runs_is_not_overwritten), or the
+    guest is told to go on with a device being removed (found by
+    xenbus_fuzz.py, seed 8655).  Then, as for any Closing with ``online``
+    taken (see _backend_changed): a frontend with nothing to close has its
+    device dropped at once, writing nothing, said once; a connected one
+    closes first."""
+    drvdom, drv, _ = _driver_domain_backend(host, dom0_xs, frontends, (), ())
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(_dev) -> None:
+        entered.set()
+        assert release.wait(TIMEOUT)
+
+    setattr(drv, f"{busy_in}_hook", hold)
+    home = f"/local/domain/{drvdom.domid}"
+    try:
+        guest = host.create_domain("guest")
+        dev = host.toolstack.add_device("xbtest", guest.domid, backend_id=drvdom.domid)
+        fe = frontends(guest, dev)
+        if busy_in == "connect":
+            fe.wait_backend(S.INIT_WAIT)
+            fe.publish()
+        assert entered.wait(TIMEOUT)
+        bdev = backend_device(drv, guest.domid)
+        online, state = f"{dev.backend_path}/online", f"{dev.backend_path}/state"
+        dom0_xs.set_perms(online, ["n0"])
+        caplog.clear()
+
+        def removed(t: Transaction) -> None:
+            t.write(online, "0")
+            t.write(state, str(int(S.CLOSING)))
+
+        dom0_xs.transaction(removed)
+        # The removal's watch event queued behind the hook.
+        handed_over(drv.xenstore, "removed", base=f"{home}/data")
+        release.set()
+        bdev.events.flush()
+        assert dom0_xs.read(state) == str(int(S.CLOSING))
+        if busy_in == "connect":
+            assert not bdev.gone  # until its frontend closes
+            fe.set_state(S.CLOSED)
+            drv.wait_removed(guest.domid)
+            assert dom0_xs.read(state) == str(int(S.CLOSED))
+        assert bdev.gone and drv.devices() == []
+        assert bdev.resources == (0, 0)
+        assert not [r for r in caplog.records if r.exc_info is not None]
+        (said,) = _backend_warnings(caplog)
+        assert said.args[1].filename == online  # type: ignore[index]
+    finally:
+        release.set()
+        drv.stop()
