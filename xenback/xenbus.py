@@ -392,9 +392,9 @@ class BackendDevice:
         # _failing, also set by other threads (the watch thread, the
         # driver's) under _lock; and what a driver's own thread reaches
         # through write_nodes(), switch_state(), error() and fatal():
-        # _switched, _probe_nodes, _lookup_failure, _fatal_calls and
-        # _refusal, with no lock (see write_nodes() and _stale() for
-        # _probe_nodes).  Invariant: once _gone is set, nothing more can be
+        # _switched, _closing_ours, _closings, _probe_nodes, _lookup_failure,
+        # _fatal_calls and _refusal, with no lock (see write_nodes() and
+        # _stale() for _probe_nodes).  Invariant: once _gone is set, nothing more can be
         # tracked, and what was is released next (see BackendDriver._drop).
         self._otherend_watch: Watch | None = None
         # probe() was called (remove() undoes it), as _connected for connect().
@@ -406,6 +406,17 @@ class BackendDevice:
         # made a new device at the same path (only the toolstack writes
         # Initialising, and only into a new directory): not ours any more.
         self._switched = False
+        # The Closing in our directory, if any, is ours: the last state we
+        # wrote was Closing (or an earlier backend left it, see
+        # _take_over).  Not self.state, which _backend_changed sets to a
+        # Closing it reads back, the toolstack's removal as well (see
+        # _switch).  Set before the commit, so that a switch on another
+        # thread that reads our Closing finds it ours already (fatal() on
+        # a driver's thread); cleared after a later switch's commit, unless
+        # a Closing was tried since (_closings counts them).  No lock: a
+        # Closing lost to the race is taken as ours, the old leniency.
+        self._closing_ours = False
+        self._closings = 0
         # What probe() wrote through write_nodes(), from its start until
         # our first switch (None otherwise): until then the state cannot
         # tell our directory from a new device's, and these nodes can
@@ -578,9 +589,10 @@ class BackendDevice:
         value = str(int(state))
         removing = False
         stale: str | None = None
+        closings = self._closings
 
         def tx(t: Transaction) -> bool | None:
-            nonlocal removing, stale
+            nonlocal removing, stale, closings
             removing, stale = False, None
             reason = self._stale(t)
             if reason is not None:
@@ -604,12 +616,17 @@ class BackendDevice:
                     # and that is no removal yet, as at our own Closing
                     # (see _backend_changed); Linux's switches never look.
                     # The frontend's Closed reads it again, and drops us.
-                    # But a Closing we did not write (we were not Closing:
-                    # probe() or connect() ran as it came) is the toolstack's,
-                    # and it writes one only to remove (with online=0).
-                    removing = self.state != XenbusState.CLOSING
+                    # But a Closing we did not write (probe() or connect()
+                    # ran as it came, or it was read back, see _closing_ours)
+                    # is the toolstack's, and it writes one only to remove
+                    # (with online=0).
+                    removing = not self._closing_ours
                 if removing:
                     return False
+            if state == XenbusState.CLOSING:
+                self._closings += 1
+                self._closing_ours = True
+            closings = self._closings
             t.write(f"{self.nodename}/state", value)
             return True
 
@@ -625,6 +642,8 @@ class BackendDevice:
             self._probe_nodes = None
             self._lookup_failure = None
         if written:
+            if state != XenbusState.CLOSING and self._closings == closings:
+                self._closing_ours = False
             logger.debug("%s: state -> %s", self.nodename, state.name)
         return written
 
@@ -2079,6 +2098,9 @@ class BackendDriver:
         # Initialising there means a new device (see _switched).
         dev._switched = True
         dev.state = XenbusState.parse(dev.read("state"))
+        # An earlier backend's Closing, or a removal asked for before we
+        # looked: nobody can tell, and it is taken as ours (see _switch).
+        dev._closing_ours = dev.state == XenbusState.CLOSING
         connected = (XenbusState.INITIALISED, XenbusState.CONNECTED)
         if dev.state == XenbusState.CLOSED:
             try:

@@ -6143,3 +6143,85 @@ def test_a_removal_while_probe_or_connect_runs_with_online_taken_is_not_overwrit
     finally:
         release.set()
         drv.stop()
+
+
+def test_a_frontend_starting_over_during_a_removal_read_back_with_online_taken_is_not_served(
+        host, dom0_xs, frontends, caplog) -> None:
+    """The toolstack takes a connected device's ``online`` from the driver
+    domain's backend and asks for its removal (online=0 and Closing, in
+    one transaction); its event runs first, reading that Closing back into
+    our state, and the connected frontend is left to close.  It starts
+    over (Initialising) instead: the InitWait that follows must not
+    replace the removal's Closing any more than the one after probe()
+    (see test_a_removal_while_probe_or_connect_runs_with_online_taken_is_not_overwritten)
+    does: we wrote no Closing, so it is the toolstack's, read back or not."""
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
+        online, state = f"{bdev.nodename}/online", f"{bdev.nodename}/state"
+        dom0_xs.set_perms(online, ["n0"])
+
+        def removed(t: Transaction) -> None:
+            t.write(online, "0")
+            t.write(state, str(int(S.CLOSING)))
+
+        dom0_xs.transaction(removed)
+        handed_over(drv.xenstore, "removed", base=f"/local/domain/{drvdom.domid}/data")
+        bdev.events.flush()
+        assert not bdev.gone  # its frontend, connected, is to close it
+        caplog.clear()
+        fe.set_state(S.INITIALISING)
+        handed_over(drv.xenstore, "over", base=f"/local/domain/{drvdom.domid}/data")
+        bdev.events.flush()
+        assert dom0_xs.read(state) != str(int(S.INIT_WAIT))
+        assert bdev.gone and drv.devices() == []
+        assert bdev.resources == (0, 0)
+        assert not [r for r in caplog.records if r.exc_info is not None]
+
+
+def test_a_frontend_starting_over_as_our_fatal_commits_with_online_taken_is_served(
+        host, dom0_xs, frontends, caplog, monkeypatch) -> None:
+    """As test_a_frontend_starting_over_after_our_closing_with_online_taken_is_served,
+    but the driver's own thread calls fatal() as the frontend starts over
+    (Initialising, its event queued first), and the frontend's event is
+    handled between our Closing's commit and the rest of that switch: the
+    Closing is ours all the same, and the frontend gets InitWait.  Taken
+    for the toolstack's (our state not yet Closing), it dropped the
+    device, the frontend left waiting for ever."""
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
+        dom0_xs.set_perms(f"{bdev.nodename}/online", ["n0"])
+        # Its event run first: it would read our Closing back.
+        handed_over(drv.xenstore, "taken", base=f"/local/domain/{drvdom.domid}/data")
+        bdev.events.flush()
+        committed, release = threading.Event(), threading.Event()
+        busy, free = threading.Event(), threading.Event()
+        transaction = drv.xenstore.transaction
+
+        def held(fn: Callable[[Transaction], Any], **kwargs: Any) -> Any:
+            result = transaction(fn, **kwargs)
+            if threading.current_thread() is failing:
+                committed.set()
+                assert release.wait(TIMEOUT)
+            return result
+
+        def hold() -> None:
+            busy.set()
+            assert free.wait(TIMEOUT)
+
+        monkeypatch.setattr(drv.xenstore, "transaction", held)
+        failing = threading.Thread(target=bdev.fatal, args=(errno.EIO, "driver failed"))
+        try:
+            assert bdev.events.call(hold)
+            assert busy.wait(TIMEOUT)
+            fe.set_state(S.INITIALISING)
+            handed_over(drv.xenstore, "over", base=f"/local/domain/{drvdom.domid}/data")
+            failing.start()
+            assert committed.wait(TIMEOUT)
+            free.set()
+            handed_over(drv.xenstore, "closing", base=f"/local/domain/{drvdom.domid}/data")
+            bdev.events.flush()
+            assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
+            assert not bdev.gone
+        finally:
+            free.set()
+            release.set()
+            failing.join(TIMEOUT)
+        assert not [r for r in caplog.records if r.exc_info is not None]
