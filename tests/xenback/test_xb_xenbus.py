@@ -6145,8 +6145,9 @@ def test_a_removal_while_probe_or_connect_runs_with_online_taken_is_not_overwrit
         drv.stop()
 
 
+@pytest.mark.parametrize("closed_before", [False, True])
 def test_a_frontend_starting_over_during_a_removal_read_back_with_online_taken_is_not_served(
-        host, dom0_xs, frontends, caplog) -> None:
+        host, dom0_xs, frontends, caplog, closed_before: bool) -> None:
     """The toolstack takes a connected device's ``online`` from the driver
     domain's backend and asks for its removal (online=0 and Closing, in
     one transaction); its event runs first, reading that Closing back into
@@ -6154,10 +6155,22 @@ def test_a_frontend_starting_over_during_a_removal_read_back_with_online_taken_i
     over (Initialising) instead: the InitWait that follows must not
     replace the removal's Closing any more than the one after probe()
     (see test_a_removal_while_probe_or_connect_runs_with_online_taken_is_not_overwritten)
-    does: we wrote no Closing, so it is the toolstack's, read back or not."""
+    does: we wrote no Closing, so it is the toolstack's, read back or not.
+    ``closed_before``: a Closing of ours came and went first (a failure,
+    the frontend starting over and connecting again): our last state is
+    what counts, not any Closing we ever wrote."""
     with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         online, state = f"{bdev.nodename}/online", f"{bdev.nodename}/state"
         dom0_xs.set_perms(online, ["n0"])
+        if closed_before:
+            fe.set_state(S.INIT_WAIT)  # a backend's state: impossible for a frontend
+            fe.wait_backend(S.CLOSING)
+            handed_over(drv.xenstore, "closing", base=f"/local/domain/{drvdom.domid}/data")
+            bdev.events.flush()
+            fe.set_state(S.INITIALISING)
+            fe.wait_backend(S.INIT_WAIT)
+            fe.publish()
+            fe.wait_backend(S.CONNECTED)
 
         def removed(t: Transaction) -> None:
             t.write(online, "0")
