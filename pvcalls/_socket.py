@@ -245,11 +245,6 @@ class DataRing:
             raise
 
     @property
-    def _pages(self) -> GrantMapping | None:
-        """The ring's mapping (None once closed)."""
-        return self._maps[-1] if self._maps else None
-
-    @property
     def in_error(self) -> int:
         assert self._errors is not None
         return self._errors[IN_ERROR_OFFSET // 4]

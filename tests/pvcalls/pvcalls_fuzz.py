@@ -559,8 +559,7 @@ class Hostile:
             sockets = list(front._sockets.values())
         refs: set[int] = set()
         for sock in sockets:
-            pages = getattr(getattr(sock, "ring", None), "_pages", None)
-            if pages is not None:
+            for pages in getattr(getattr(sock, "ring", None), "_maps", ()):
                 refs.update(pages.refs)
         return refs
 

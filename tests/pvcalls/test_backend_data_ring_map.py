@@ -129,17 +129,17 @@ def test_a_hint_the_page_contradicts_maps_what_the_page_says(guest: Guest) -> No
 
 @pytest.mark.parametrize("hint", ["none", "confirmed", "contradicted"])
 def test_a_ring_s_pages_are_its_one_mapping_until_closed(guest: Guest, hint: str) -> None:
-    """``_pages`` (the fuzzer's look at what a ring holds) names the one
+    """``_maps`` (the fuzzer's look at what a ring holds) holds the one
     mapping the ring keeps, the indexes page and the data pages the page
-    names, whichever way it was mapped; None once closed."""
+    names, whichever way it was mapped; nothing once closed."""
     guest.lay_out(ORDER, guest.a)
     ring = guest.ring({"none": None, "confirmed": guest.a, "contradicted": guest.b}[hint])
     try:
-        assert ring._pages is not None and ring._pages.refs == (guest.indexes, *guest.a)
+        assert [pages.refs for pages in ring._maps] == [(guest.indexes, *guest.a)]
         assert guest.live_mappings() == 1
     finally:
         ring.close()
-    assert ring._pages is None and guest.live_mappings() == 0
+    assert ring._maps == [] and guest.live_mappings() == 0
 
 def test_a_hint_the_hypervisor_refuses_takes_the_long_way(guest: Guest) -> None:
     """The hint's grants ended (or were never ours): the ring is mapped
