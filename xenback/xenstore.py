@@ -300,6 +300,13 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
     def close_under_send_lock(silent: bool = True) -> None:
         with send_lock:
             was_connected = connection.is_connected
+            if was_connected and threading.current_thread() is router.thread:
+                # The router's close: pyxs's recv() finding the connection
+                # reset, or _route() ending.  Whether it was refused is
+                # decided before the close, as a sender's close decides it
+                # (_unsent): a request failing on the closed connection
+                # reads it at once, before the router has unwound.
+                router.refused = not router.terminating and _unanswered(router)
             try:
                 close(silent)
             finally:
@@ -312,9 +319,13 @@ def adopt_router(router: Any, on_lost: Callable[[Exception], None], *, name: str
     router.lost_cause = None
     # Whether XenStore has said anything on the connection, and whether
     # it ended the connection before it answered the first request (see
-    # _REFUSED).
+    # _REFUSED).  ``refused`` is set under send_lock by whoever closes
+    # the connection first, before the close: a sender whose write
+    # failed (_unsent) or the router (above), which is not refused when
+    # it ends because terminate() asked (``terminating``).
     router.replied = False
     router.refused = False
+    router.terminating = False
     router.last_rq_id = -1
 
     def send(packet: Packet, rvar: RVar | None = None) -> RVar:
@@ -651,12 +662,9 @@ def route_until_lost(router: Any, on_lost: Callable[[Exception], None]) -> None:
     try:
         _route(router)
     except Exception as exc:  # pyxs's ConnectionError, or whatever broke it
+        # Whoever closed the connection said already whether it was
+        # refused (see adopt_router()).
         lost = exc
-        # Before the waiting requests are answered: their errors say it.
-        # A sender that closed the connection said already whether it was
-        # refused (_unsent; under send_lock, which _route's close waited for).
-        if router.lost_cause is None:
-            router.refused = _unanswered(router)
     finally:
         # The router closed the connection before we get here, so a request
         # sent after we take send_lock fails in send(); one sent before has
@@ -711,6 +719,7 @@ def _route(router: Any) -> None:
                 if not connection.is_connected:
                     # A sender closed it, and woke us: as above.
                     raise XSConnectionError("not connected")
+                router.terminating = True  # for our close below
                 return  # terminate() wins over packets still unread
             # Readable, hung up or failed: recv() returns the packet or
             # raises pyxs's ConnectionError.

@@ -3748,6 +3748,47 @@ def test_a_connection_xenstore_refuses_says_so(host) -> None:
             assert "too many connections" in str(exc)
 
 
+def test_a_refusal_is_said_to_a_request_before_the_router_unwinds(host, monkeypatch) -> None:
+    """pyxs's recv() closes the connection itself as it finds it reset,
+    before the router can say why.  The router decided whether it was
+    refused only once it had unwound, and a request failing on the closed
+    connection in between read "not connected to XenStore" (CI saw it as
+    "connection lost"): it is decided before the close now."""
+    import xenback.xenstore as xenstore
+
+    with contextlib.ExitStack() as stack:
+        guest = _guest_at_its_connection_limit(host, stack)
+        xs = XenStore(guest.xenstore())
+        stack.callback(xs.close)
+        real_route, real_read_failure = xenstore._route, xenstore._read_failure
+        opened, parked, unparked = threading.Event(), threading.Event(), threading.Event()
+        stack.callback(unparked.set)  # before xs.close(), which joins the router
+
+        def route_once_opened(router: Any) -> None:
+            if router is xs._client.router:  # not the host's own clients
+                assert opened.wait(TIMEOUT)
+            real_route(router)
+
+        def read_failure_parked(exc: Exception) -> str:
+            if threading.current_thread() is xs._client.router.thread:
+                parked.set()
+                assert unparked.wait(TIMEOUT)
+            return real_read_failure(exc)
+
+        monkeypatch.setattr(xenstore, "_route", route_once_opened)
+        monkeypatch.setattr(xenstore, "_read_failure", read_failure_parked)
+        xs.open()
+        opened.set()
+        assert parked.wait(TIMEOUT)
+        assert not xs._client.router.is_connected  # closed by pyxs's recv()
+        with pytest.raises(ConnectionError) as info:
+            xs.read("/local/domain")
+        unparked.set()
+        assert info.value.errno == errno.ENOTCONN
+        assert "before its first reply" in str(info.value)
+        assert xs.connection_lost.wait(TIMEOUT)
+
+
 def test_a_connection_of_a_destroyed_domain_is_not_only_said_refused(host, caplog) -> None:
     """A guest's connection that never had a reply, open as its domain is
     destroyed: XenStore closes it then, as it closes one it refuses, and
