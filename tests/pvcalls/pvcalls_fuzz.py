@@ -61,6 +61,7 @@ from pvcalls_rawfront import (
     RawFrontend,
     bound_ports,
     dispose_all,
+    threads,
     wait_until,
 )
 
@@ -1228,10 +1229,6 @@ def expected_error(record: Any) -> bool:
 
 
 # -- the long campaign, outside the suite ----------------------------------------
-
-def threads() -> list[str]:
-    return sorted(t.name for t in threading.enumerate() if not t.name.startswith("kworker/"))
-
 
 def run_seed(seed: int, args: Any, seen: collections.Counter[str],
              make_echo: Callable[[], Any]) -> None:

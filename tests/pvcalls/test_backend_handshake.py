@@ -24,6 +24,7 @@ import pytest
 from fdcensus import descriptors
 from pvcalls_rawfront import TIMEOUT, Call, RawFrontend, bound_ports, wait_until
 from pvcalls_rawfront import DataRing as RawDataRing
+from pvcalls_rawfront import threads as rawfront_threads
 from racewindow import PauseAt, stands_at
 from stolensignal import interrupt, main_thread_in
 
@@ -280,10 +281,6 @@ def _end_guest_side(fe: RawFrontend) -> None:
     fe.xs.close()
 
 
-def _threads() -> list[str]:
-    return sorted(t.name for t in threading.enumerate() if not t.name.startswith("kworker/"))
-
-
 @pytest.mark.parametrize("end", ["closing", "domain death"])
 def test_teardown_leaves_nothing_behind(host: Any, backend: pvcalls.Backend,
                                         echo_server: Any, end: str) -> None:
@@ -309,7 +306,7 @@ def test_teardown_leaves_nothing_behind(host: Any, backend: pvcalls.Backend,
         assert all(c.sockets == 0 for c in backend.stats().cpus)
         assert bound_ports(backend) == []
         _wait_released(host, before)
-        threads.append(_threads())
+        threads.append(rawfront_threads())
     # No thread per frontend or socket: beyond the workqueues' worker pools
     # (which grow and shrink with the load), the threads are those of the
     # backend, the host and the test, whatever was served.

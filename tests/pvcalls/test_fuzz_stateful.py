@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import pvcalls_rawfront
 import pytest
 from pvcalls_fuzz import Fuzzer, end_guests, expected_error, held, run_seed, wait_released
-from pvcalls_rawfront import RawFrontend
+from pvcalls_rawfront import RawFrontend, threads
 
 import pvcalls
 from pvcalls import _socket
@@ -71,3 +72,13 @@ def test_campaign_seed_lets_go_of_its_frontends(echo_server: Any) -> None:
     run_seed(1000, args, seen, type(echo_server))
     assert seen, "the seed made no requests"
     assert pvcalls_rawfront._live == []
+
+
+def test_the_process_timer_thread_is_no_thread_a_seed_left() -> None:
+    """The first timer armed in a process starts its timer thread, which
+    never ends: a seed that armed it has left nothing behind."""
+    from workqueue._timer import add_timer, del_timer
+
+    del_timer(add_timer(3600.0, lambda arg: None))
+    assert "wq-timer" in {t.name for t in threading.enumerate()}
+    assert "wq-timer" not in threads()
