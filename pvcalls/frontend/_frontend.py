@@ -698,13 +698,16 @@ class Frontend(Closing):
 
     def _xenstore_gone(self) -> bool:
         """Whether XenStore ended our connection.  Not _xs_lost alone:
-        XenStore sets connection_lost, and with it ends the waits of
+        XenStore fails the requests it left waiting, and ends the waits of
         wait_for() (the handshake's, close()'s for Closing), before it
-        calls on_lost (_lost_xenstore).  A close() those waits sent here
-        would find nothing recorded yet, ask the XenStore that is gone,
-        and warn of what failed."""
+        calls on_lost (_lost_xenstore), which records it.  A close() that
+        those failures sent here would find nothing recorded yet, ask the
+        XenStore that is gone, and warn of what failed.  ``connected`` is
+        False from the first of them on (xenbus's _connection_gone reads
+        it too), and for a connection never made, which has nothing to
+        tell us either."""
         xs = self._xs
-        return self._xs_lost is not None or (xs is not None and xs.connection_lost.is_set())
+        return self._xs_lost is not None or (xs is not None and not xs.connected)
 
     def _owns_device(self) -> bool:
         """Whether the device's frontend directory still holds the ring-ref
