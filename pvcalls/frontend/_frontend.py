@@ -661,7 +661,7 @@ class Frontend(Closing):
             logger.info("pvcalls device %d of domain %d is no longer this frontend's "
                         "(added again, or removed): leaving it alone",
                         self.devid, self.domain.domid)
-        elif self._xs is not None and self._connected and self._xs_lost is None:
+        elif self._xs is not None and self._connected and not self._xenstore_gone():
             try:
                 owned = self._write_own_nodes({"state": str(XenbusState.CLOSING.value)})
                 if owned:
@@ -675,7 +675,7 @@ class Frontend(Closing):
         # wait the full timeout for it to close.
         wait = self.timeout if self._connected else min(self.timeout, 2.0)
         was_connected, self._connected = self._connected, False
-        if owned and self._xs_lost is None:
+        if owned and not self._xenstore_gone():
             try:
                 if not was_connected and self._backend_state() in (
                         XenbusState.UNKNOWN, XenbusState.INITIALISING):
@@ -696,6 +696,19 @@ class Frontend(Closing):
             close_toolstack()
         self.device = self._toolstack = None
 
+    def _xenstore_gone(self) -> bool:
+        """Whether XenStore ended our connection.  Not _xs_lost alone:
+        XenStore fails the requests it left waiting, and ends the waits of
+        wait_for() (the handshake's, close()'s for Closing), before it
+        calls on_lost (_lost_xenstore), which records it.  A close() that
+        those failures sent here would find nothing recorded yet, ask the
+        XenStore that is gone, and warn of what failed.  ``connected`` is
+        False from the first of them on (xenbus's _connection_gone reads
+        it too), and for a connection never made, which has nothing to
+        tell us either."""
+        xs = self._xs
+        return self._xs_lost is not None or (xs is not None and not xs.connected)
+
     def _owns_device(self) -> bool:
         """Whether the device's frontend directory still holds the ring-ref
         and port this frontend published: once dead, it may have been added
@@ -703,7 +716,7 @@ class Frontend(Closing):
         removed by the host, as for a dying domain: nothing left to do).
         True when it cannot tell (nothing published yet, or XenStore is
         gone, and with it the host)."""
-        if self._published is None or self._xs is None or self._xs_lost is not None:
+        if self._published is None or self._xs is None or self._xenstore_gone():
             return True
         fe_path = self.device.frontend_path
         try:

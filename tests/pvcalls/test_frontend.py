@@ -2892,6 +2892,86 @@ def test_a_frontend_whose_host_went_away_closes_without_asking_xenstore(
         host.close()
 
 
+def test_a_handshake_failing_as_xenstore_goes_closes_as_xenstore_gone(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """XenStore wakes the handshake's wait (ENOTCONN) before it calls
+    on_lost: open()'s close() ran with the loss not yet recorded, asked
+    the XenStore that was gone for the backend's state, and warned
+    ("removing pvcalls device ...") where it says that XenStore is gone."""
+    host = SimHost().start()
+    try:
+        domain = host.create_domain("stranded")
+        fe = pvcalls.Frontend(domain, timeout=600)
+        real_lost, real_close_device = fe._lost_xenstore, fe._close_device
+        device_closed = threading.Event()
+
+        def lost_late(exc: Exception) -> None:
+            # On the router thread: let go once the device's part of
+            # close() is done, before XenStore's close() joins us.
+            assert device_closed.wait(TIMEOUT)
+            real_lost(exc)
+
+        def close_device() -> None:
+            try:
+                real_close_device()
+            finally:
+                device_closed.set()
+
+        fe._lost_xenstore = lost_late  # type: ignore[method-assign]
+        fe._close_device = close_device  # type: ignore[method-assign]
+        with caplog.at_level(logging.DEBUG, logger="pvcalls.frontend"):
+            opener = Call(fe.open)
+            wait_until(lambda: fe._xs is not None and bool(fe._xs._waiters))  # for InitWait
+            host.close()
+            assert opener.oserror().errno == errno.ENOTCONN
+        assert "not removing pvcalls device" in caplog.text
+        assert [r.getMessage() for r in caplog.records
+                if r.name == "pvcalls.frontend" and r.levelno >= logging.WARNING] == []
+    finally:
+        host.close()
+
+
+def test_a_handshake_whose_read_fails_as_xenstore_goes_closes_as_xenstore_gone(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, for a request of the handshake: XenStore fails it before
+    it sets connection_lost, let alone calls on_lost."""
+    host = SimHost().start()
+    try:
+        domain = host.create_domain("stranded")
+        fe = pvcalls.Frontend(domain, timeout=600)
+        real_lost, real_close_device = XenStore._lost, fe._close_device
+        device_closed = threading.Event()
+
+        def lost_late(xs: XenStore, exc: Exception) -> None:
+            if xs is fe._xs:  # not the toolstack's
+                assert device_closed.wait(TIMEOUT)
+            real_lost(xs, exc)
+
+        def read_as_xenstore_goes(done: Any, what: str) -> Any:
+            wait_until(lambda: not fe._xs.connected)
+            return fe._backend_state()  # ENOTCONN
+
+        def close_device() -> None:
+            try:
+                real_close_device()
+            finally:
+                device_closed.set()
+
+        monkeypatch.setattr(XenStore, "_lost", lost_late)
+        fe._wait_backend = read_as_xenstore_goes  # type: ignore[method-assign]
+        fe._close_device = close_device  # type: ignore[method-assign]
+        with caplog.at_level(logging.DEBUG, logger="pvcalls.frontend"):
+            opener = Call(fe.open)
+            wait_until(lambda: fe._xs is not None and fe._xs.connected)
+            host.close()
+            assert opener.oserror().errno == errno.ENOTCONN
+        assert "not removing pvcalls device" in caplog.text
+        assert [r.getMessage() for r in caplog.records
+                if r.name == "pvcalls.frontend" and r.levelno >= logging.WARNING] == []
+    finally:
+        host.close()
+
+
 def test_released_rings_are_reused(fe: pvcalls.Frontend, server: Any) -> None:
     srv = server()
     ports = set()

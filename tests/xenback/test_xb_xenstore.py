@@ -1583,6 +1583,27 @@ def _try_read(xs: XenStore) -> BaseException | str | None:
         return exc
 
 
+class _Told(list[Exception]):
+    """An on_lost that keeps what it is told.  XenStore sets
+    connection_lost before it calls on_lost (see XenStore()): a test that
+    has waited for the event may look before anything is told, and waits
+    for it with :meth:`one`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen = threading.Event()
+
+    def __call__(self, exc: Exception) -> None:
+        self.append(exc)
+        self._seen.set()
+
+    def one(self) -> Exception:
+        """What on_lost was told, once it has been told: one error only."""
+        assert self._seen.wait(TIMEOUT), "on_lost was not told"
+        (exc,) = self
+        return exc
+
+
 @pytest.mark.parametrize("callback", [None, "not a function"])
 def test_a_callback_that_cannot_be_called_is_refused_at_once(dom0_xs, wq, callback) -> None:
     """watch() and EventQueue.call() take a callback that is run later, on
@@ -2380,8 +2401,8 @@ def test_a_xenbus_connection_that_is_no_socket_closes_quietly() -> None:
         def create_transport(self) -> Transport:
             return Transport()
 
-    told: list[Exception] = []
-    xs = XenStore(pyxs.Client(router=Router(Connection("xenbus"))), on_lost=told.append)
+    told = _Told()
+    xs = XenStore(pyxs.Client(router=Router(Connection("xenbus"))), on_lost=told)
     try:
         xs.open()
         router = xs._client.router
@@ -2443,7 +2464,7 @@ def test_close_ends_a_request_stuck_in_its_write(tmp_path) -> None:
 
 def _opened_on_a_hang_up_router_paused(
         tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
-) -> tuple[threading.Thread, PauseAt, XenStore, list[Exception]]:
+) -> tuple[threading.Thread, PauseAt, XenStore, _Told]:
     """A XenStore opened on a xenstored that hangs up at once, its router
     to pause just before it reads (so that a sender meets the hang-up
     first), and the list of what on_lost is told."""
@@ -2455,8 +2476,8 @@ def _opened_on_a_hang_up_router_paused(
     server = serve_one_client(path, lambda _conn: None)  # hangs up at once
     pause = PauseAt.in_method(monkeypatch, PacketConnection, "recv",
                               "header = self.transport.recv(")
-    told: list[Exception] = []
-    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=told.append)
+    told = _Told()
+    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=told)
     xs.open()
     return server, pause, xs, told
 
@@ -2476,7 +2497,7 @@ def test_a_read_a_sender_closes_under_is_a_lost_connection(tmp_path, monkeypatch
     finally:
         pause.resume()
     assert xs.connection_lost.wait(TIMEOUT)
-    (lost,) = told
+    lost = told.one()
     assert isinstance(lost, pyxs.exceptions.ConnectionError), repr(lost)
     xs.close()
     server.join(TIMEOUT)
@@ -2487,8 +2508,8 @@ def test_an_attribute_error_of_a_read_on_a_connection_still_up_is_told_as_it_is(
     """Only a connection a sender closed makes the router's AttributeError
     a lost connection (above): with the connection still up it is a bug,
     and on_lost is told of it, not of a "not connected" that hides it."""
-    told: list[Exception] = []
-    xs = XenStore(host.dom0.xenstore(), on_lost=told.append)
+    told = _Told()
+    xs = XenStore(host.dom0.xenstore(), on_lost=told)
     xs.open()
     try:
         # Answered once: no refusal, whose message would wrap the error.
@@ -2501,7 +2522,7 @@ def test_an_attribute_error_of_a_read_on_a_connection_still_up_is_told_as_it_is(
         exc = _try_read(xs)  # its reply wakes the router, whose read fails
         assert isinstance(exc, ConnectionError), repr(exc)
         assert xs.connection_lost.wait(TIMEOUT)
-        (lost,) = told
+        lost = told.one()
         assert isinstance(lost, AttributeError), repr(lost)
     finally:
         xs.close()
@@ -2908,8 +2929,8 @@ def test_a_connection_that_ends_before_any_reply_is_said_refused(tmp_path) -> No
 
     path = str(tmp_path / "xenstored")
     server = hang_up_after_one_request(path)
-    lost: list[Exception] = []
-    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=lost.append)
+    lost = _Told()
+    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=lost)
     try:
         xs.open()
         exc = _try_read(xs)
@@ -2918,7 +2939,7 @@ def test_a_connection_that_ends_before_any_reply_is_said_refused(tmp_path) -> No
         with pytest.raises(ConnectionError, match="before its first reply"):
             xs.read("/again")
         assert xs.connection_lost.wait(TIMEOUT)
-        (reported,) = lost
+        reported = lost.one()
         assert "before its first reply" in str(reported)
     finally:
         xs.close()
@@ -3158,8 +3179,8 @@ def test_a_request_interrupted_half_sent_loses_the_connection(host, package: str
     within = os.path.dirname(importlib.import_module(package).__file__ or "")
     landed: list[str] = []
     for n in itertools.count():
-        told: list[Exception] = []
-        xs = XenStore(host.dom0.xenstore(), on_lost=told.append)
+        told = _Told()
+        xs = XenStore(host.dom0.xenstore(), on_lost=told)
         xs.open()
         try:
             where = _interrupted_request(xs, n, within)
@@ -3174,7 +3195,7 @@ def test_a_request_interrupted_half_sent_loses_the_connection(host, package: str
             assert xs.connection_lost.wait(TIMEOUT), where
             exc = _try_read(xs)
             assert isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN, where
-            (reason,) = told
+            reason = told.one()
             assert "interrupted" in str(reason), f"interrupted {where}: {reason!r}"
             # Lost for part of a request only: none, or all, keeps it framed.
             went = re.search(r"after (\d+) of (\d+) bytes", str(reason))
@@ -3200,8 +3221,8 @@ def test_a_first_request_interrupted_half_sent_is_not_said_refused(
         sent.append(os.write(fd, data[:8]))
         raise Interrupted
 
-    told: list[Exception] = []
-    xs = XenStore(host.dom0.xenstore(), on_lost=told.append)
+    told = _Told()
+    xs = XenStore(host.dom0.xenstore(), on_lost=told)
     xs.open()
     try:
         monkeypatch.setattr(xenstore, "_write", half_then_interrupted)
@@ -3209,7 +3230,7 @@ def test_a_first_request_interrupted_half_sent_is_not_said_refused(
             xs.write("/test/ctrl-c", "x")
         monkeypatch.undo()
         assert xs.connection_lost.wait(TIMEOUT)
-        (reason,) = told
+        reason = told.one()
         assert "interrupted after 8 of" in str(reason), repr(reason)
         assert "refused" not in str(reason), repr(reason)
         exc = _try_read(xs)
@@ -3231,8 +3252,8 @@ def test_a_request_interrupted_in_a_partial_write_loses_the_connection(tmp_path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen()
-    told: list[Exception] = []
-    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=told.append)
+    told = _Told()
+    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=told)
     xs.open()
     xenstored, _ = listener.accept()
     listener.close()
@@ -3286,7 +3307,7 @@ def test_a_request_interrupted_in_a_partial_write_loses_the_connection(tmp_path)
         assert xs.connection_lost.wait(TIMEOUT), "the connection is up with half a request on it"
         exc = _try_read(xs)
         assert isinstance(exc, ConnectionError) and exc.errno == errno.ENOTCONN, repr(exc)
-        (reason,) = told
+        reason = told.one()
         assert "interrupted" in str(reason), repr(reason)
     finally:
         xs.close()
@@ -3515,7 +3536,7 @@ def test_on_lost_is_told_the_write_error_that_ended_the_connection(tmp_path, mon
     finally:
         pause.resume()
     assert xs.connection_lost.wait(TIMEOUT)
-    (lost,) = told
+    lost = told.one()
     cause = lost.__cause__
     assert isinstance(cause, OSError) and cause.errno in (errno.EPIPE, errno.ECONNRESET), (
         repr(lost))
@@ -3560,8 +3581,8 @@ def test_on_lost_is_told_why_the_router_ended_not_what_followed(tmp_path) -> Non
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen()
-    told: list[Exception] = []
-    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=told.append)
+    told = _Told()
+    xs = XenStore(pyxs.Client(unix_socket_path=path), on_lost=told)
     xs.open()
     xenstored, _ = listener.accept()
     listener.close()
@@ -3579,7 +3600,7 @@ def test_on_lost_is_told_why_the_router_ended_not_what_followed(tmp_path) -> Non
         xenstored.sendall(_packet(Op.READ, 12345, 0, b"x"))  # nobody asked for it
         assert isinstance(writer.result(), ConnectionError)
         assert xs.connection_lost.wait(TIMEOUT)
-        (lost,) = told
+        lost = told.one()
         assert isinstance(lost, pyxs.exceptions.UnexpectedPacket), repr(lost)
     finally:
         xs.close()
@@ -3663,8 +3684,8 @@ def test_a_request_interrupted_as_its_write_returned_keeps_the_connection(
         real(*args)
         raise Interrupted
 
-    told: list[Exception] = []
-    xs = XenStore(host.dom0.xenstore(), on_lost=told.append)
+    told = _Told()
+    xs = XenStore(host.dom0.xenstore(), on_lost=told)
     xs.open()
     try:
         monkeypatch.setattr(xenstore, "_write", write_then_interrupt)
@@ -3689,8 +3710,8 @@ def test_a_write_failing_before_any_byte_went_keeps_the_connection(host, monkeyp
     def no_buffers(*_args: Any) -> None:
         raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
 
-    told: list[Exception] = []
-    xs = XenStore(host.dom0.xenstore(), on_lost=told.append)
+    told = _Told()
+    xs = XenStore(host.dom0.xenstore(), on_lost=told)
     xs.open()
     try:
         xs.write("/test/framed", "1")
@@ -3730,8 +3751,8 @@ def test_a_connection_xenstore_refuses_says_so(host) -> None:
     crash of xenstored) or pyxs's "router died"."""
     with contextlib.ExitStack() as stack:
         guest = _guest_at_its_connection_limit(host, stack)
-        lost: list[Exception] = []
-        xs = XenStore(guest.xenstore(), on_lost=lost.append)
+        lost = _Told()
+        xs = XenStore(guest.xenstore(), on_lost=lost)
         stack.callback(xs.close)
         requested = False
         with pytest.raises(ConnectionError) as info:
@@ -3741,7 +3762,7 @@ def test_a_connection_xenstore_refuses_says_so(host) -> None:
         assert "before its first reply" in str(info.value)
         assert "too many connections" in str(info.value)
         assert xs.connection_lost.wait(TIMEOUT)
-        (exc,) = lost
+        exc = lost.one()
         if requested:
             assert info.value.errno == errno.ENOTCONN
             assert "before its first reply" in str(exc)
@@ -3823,8 +3844,8 @@ def test_a_connection_refused_before_its_first_request_says_so(host, monkeypatch
 
     with contextlib.ExitStack() as stack:
         guest = _guest_at_its_connection_limit(host, stack)
-        lost: list[Exception] = []
-        xs = XenStore(guest.xenstore(), on_lost=lost.append)
+        lost = _Told()
+        xs = XenStore(guest.xenstore(), on_lost=lost)
         stack.callback(xs.close)
         real_route = xenstore._route
         opened = threading.Event()
@@ -3842,5 +3863,5 @@ def test_a_connection_refused_before_its_first_request_says_so(host, monkeypatch
             xs.read("/local/domain")
         assert info.value.errno == errno.ENOTCONN
         assert "before its first reply" in str(info.value)
-        (exc,) = lost
+        exc = lost.one()
         assert "before its first reply" in str(exc)
