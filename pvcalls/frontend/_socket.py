@@ -2460,6 +2460,12 @@ class PVSocket(Closing):
             err = 0
             try:
                 with self._mutex:
+                    # Before the POLL's answer: a close() meanwhile sent the
+                    # RELEASE that cut the POLL short, and its -EINTR is no
+                    # error of the listener's to report (socket.socket's
+                    # accept() says EBADF when another thread closes it).
+                    if self._closed:
+                        raise bad_fd()
                     err, self._poll_error = self._poll_error, 0
                     if not err:
                         if self._poll_ready:

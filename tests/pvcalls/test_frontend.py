@@ -47,7 +47,7 @@ from stolensignal import (
 )
 
 import pvcalls
-from pvcalls import _wire
+from pvcalls import _errno, _wire
 from pvcalls._socket import PassiveSocket
 from pvcalls.frontend import _common, _frontend
 from pvcalls.frontend._common import RECV, RESETS_IN_A_ROW, SEND, Deadline
@@ -1703,6 +1703,31 @@ def test_close_wakes_accept(fe: pvcalls.Frontend) -> None:
         assert ls._cond.wait_for(lambda: ls._poll_inflight, TIMEOUT)
     ls.close()
     assert acceptor.oserror().errno == errno.EBADF
+
+
+def test_close_wakes_accept_whose_poll_its_release_answered(fe: pvcalls.Frontend) -> None:
+    """close() while accept() is between sending its POLL and looking at
+    the answer: the RELEASE cuts the POLL short, which the backend answers
+    -EINTR (as Linux's does), and the answer is in before accept() looks.
+    accept() says EBADF, as socket.socket's does when another thread closes
+    it, not the EINTR it took for the POLL's own error (EPROTO)."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen()
+    looking = PauseAt(pvcalls.PVSocket._wait_pending_connection, "err = 0")
+    acceptor = Call(lambda: looking.run(ls.accept))
+    try:
+        assert looking.reached.wait(TIMEOUT)
+        assert ls._poll_inflight
+        # On a thread: close() then waits for the accept lock accept() holds.
+        closing = Attempt(ls.close)
+        with ls._cond:
+            assert ls._cond.wait_for(lambda: ls._poll_error, TIMEOUT)
+        assert _errno.name_of(ls._poll_error) == "EINTR"
+    finally:
+        looking.resume()
+    assert acceptor.oserror().errno == errno.EBADF
+    assert closing.result() is None
 
 
 # -- the frontend itself ------------------------------------------------------------
