@@ -1448,6 +1448,10 @@ class PVSocket(Closing):
                         self._st.accept_inflight = refused
                     self._repair_ready()
                     raise
+                if self._closed:
+                    # close() from another thread: its RELEASE may have cut
+                    # the ACCEPT short (-EINTR), but what happened is EBADF.
+                    raise bad_fd()
                 raise host_error(ret, "accept")
             new._peername = ("0.0.0.0", 0)
             new._timeout = socket.getdefaulttimeout()
