@@ -1448,6 +1448,10 @@ class PVSocket(Closing):
                         self._st.accept_inflight = refused
                     self._repair_ready()
                     raise
+                if self._closed:
+                    # close() from another thread: its RELEASE may have cut
+                    # the ACCEPT short (-EINTR), but what happened is EBADF.
+                    raise bad_fd()
                 raise host_error(ret, "accept")
             new._peername = ("0.0.0.0", 0)
             new._timeout = socket.getdefaulttimeout()
@@ -2460,6 +2464,12 @@ class PVSocket(Closing):
             err = 0
             try:
                 with self._mutex:
+                    # Before the POLL's answer: a close() meanwhile sent the
+                    # RELEASE that cut the POLL short, and its -EINTR is no
+                    # error of the listener's to report (socket.socket's
+                    # accept() says EBADF when another thread closes it).
+                    if self._closed:
+                        raise bad_fd()
                     err, self._poll_error = self._poll_error, 0
                     if not err:
                         if self._poll_ready:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import logging
 import select
 import threading
 import time
@@ -40,6 +41,38 @@ def wait_until(cond: Callable[[], bool], timeout: float = TIMEOUT) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
         pause.wait(0.01)
+
+
+class LogWatch(logging.Handler):
+    """A logger's records (those of a thread of the backend's or the
+    frontend's as they come), with a wait for one that matches."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._cond = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._cond:
+            self.records.append(record)
+            self._cond.notify_all()
+
+    def messages(self, level: int = logging.WARNING) -> list[str]:
+        with self._cond:
+            return [r.getMessage() for r in self.records if r.levelno >= level]
+
+    def wait(self, text: str, level: int = logging.WARNING) -> str:
+        """The first message at ``level`` or above containing ``text``."""
+        with self._cond:
+            found: list[str] = []
+
+            def seen() -> bool:
+                found[:] = [m for r in self.records if r.levelno >= level
+                            and text in (m := r.getMessage())]
+                return bool(found)
+
+            assert self._cond.wait_for(seen, TIMEOUT), f"no log line with {text!r}"
+            return found[0]
 
 
 def threads() -> list[str]:

@@ -47,7 +47,7 @@ from stolensignal import (
 )
 
 import pvcalls
-from pvcalls import _wire
+from pvcalls import _errno, _wire
 from pvcalls._socket import PassiveSocket
 from pvcalls.frontend import _common, _frontend
 from pvcalls.frontend._common import RECV, RESETS_IN_A_ROW, SEND, Deadline
@@ -1703,6 +1703,64 @@ def test_close_wakes_accept(fe: pvcalls.Frontend) -> None:
         assert ls._cond.wait_for(lambda: ls._poll_inflight, TIMEOUT)
     ls.close()
     assert acceptor.oserror().errno == errno.EBADF
+
+
+def test_close_wakes_accept_whose_poll_its_release_answered(fe: pvcalls.Frontend) -> None:
+    """close() while accept() is between sending its POLL and looking at
+    the answer: the RELEASE cuts the POLL short, which the backend answers
+    -EINTR (as Linux's does), and the answer is in before accept() looks.
+    accept() says EBADF, as socket.socket's does when another thread closes
+    it, not the EINTR it took for the POLL's own error (EPROTO)."""
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen()
+    looking = PauseAt(pvcalls.PVSocket._wait_pending_connection, "err = 0")
+    acceptor = Call(lambda: looking.run(ls.accept))
+    try:
+        assert looking.reached.wait(TIMEOUT)
+        assert ls._poll_inflight
+        # On a thread: close() then waits for the accept lock accept() holds.
+        closing = Attempt(ls.close)
+        with ls._cond:
+            assert ls._cond.wait_for(lambda: ls._poll_error, TIMEOUT)
+        assert _errno.name_of(ls._poll_error) == "EINTR"
+    finally:
+        looking.resume()
+    assert acceptor.oserror().errno == errno.EBADF
+    assert closing.result() is None
+
+
+def test_close_wakes_accept_whose_accept_its_release_answered(
+        fe: pvcalls.Frontend, backend: Any, guest: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with the ACCEPT: close() while accept() is about to wait
+    for its ACCEPT's answer, which the backend has not given (its host
+    accept() would block), and the RELEASE's -EINTR for it is in before
+    accept() looks: EBADF, not EPROTO."""
+    serve = PassiveSocket._serve
+
+    def no_connection_yet(self: PassiveSocket, request: Any, new: Any) -> int | None:
+        return None if new is not None else serve(self, request, new)
+
+    monkeypatch.setattr(PassiveSocket, "_serve", no_connection_yet)
+    ls = fe.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen()
+    waiting = PauseAt(pvcalls.PVSocket.accept, "ret = self._fe._wait_slot(")
+    with socket.create_connection(listen_address(backend, guest.domid, ls.id), timeout=TIMEOUT):
+        acceptor = Call(lambda: waiting.run(ls.accept))
+        try:
+            assert waiting.reached.wait(TIMEOUT)
+            assert ls._st.accept_inflight is not None
+            _, slot, _ = ls._st.accept_inflight
+            # On a thread: close() then waits for the accept lock accept() holds.
+            closing = Attempt(ls.close)
+            with fe._lock:
+                assert fe._cmd_cond.wait_for(lambda: slot.done, TIMEOUT)
+            assert _errno.name_of(slot.ret) == "EINTR"
+        finally:
+            waiting.resume()
+        assert acceptor.oserror().errno == errno.EBADF
+        assert closing.result() is None
 
 
 # -- the frontend itself ------------------------------------------------------------

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from pvcalls_rawfront import Call, done_or_at, sleeping_in_wait, wait_until
+from pvcalls_rawfront import Call, LogWatch, done_or_at, sleeping_in_wait, wait_until
 from racewindow import PauseAt, stands_at
 from stolensignal import (
     Interrupted,
@@ -302,37 +302,6 @@ class FakeBackend:
         self.xs.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
-
-
-class LogWatch(logging.Handler):
-    """The frontend's log records, with a wait for one that matches."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self._cond = threading.Condition()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self._cond:
-            self.records.append(record)
-            self._cond.notify_all()
-
-    def messages(self, level: int = logging.WARNING) -> list[str]:
-        with self._cond:
-            return [r.getMessage() for r in self.records if r.levelno >= level]
-
-    def wait(self, text: str, level: int = logging.WARNING) -> str:
-        """The first message at ``level`` or above containing ``text``."""
-        with self._cond:
-            found: list[str] = []
-
-            def seen() -> bool:
-                found[:] = [m for r in self.records if r.levelno >= level
-                            and text in (m := r.getMessage())]
-                return bool(found)
-
-            assert self._cond.wait_for(seen, TIMEOUT), f"no log line with {text!r}"
-            return found[0]
 
 
 @pytest.fixture
