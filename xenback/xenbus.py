@@ -417,6 +417,20 @@ class BackendDevice:
         # Closing lost to the race is taken as ours, the old leniency.
         self._closing_ours = False
         self._closings = 0
+        # How many switches decided the state in a transaction (wrote it,
+        # found it written, or kept a removal's Closing), counted as each
+        # decides.  Rule of _state_lock: a switch sets ``state`` only if no
+        # other one decided since its own decision, checked and set under
+        # the lock, so that the state is the last to commit's, not the
+        # last to finish's (fatal() on a driver's thread races the queue's
+        # switches).  XenStore commits two transactions that read the
+        # state in the order they decide: the later one, had it read
+        # before the other committed, would fail with EAGAIN and decide
+        # again.  A decision whose commit then fails otherwise only keeps
+        # the state as it was: the commit it hid is read back, as every
+        # write of ours is (see _backend_changed).
+        self._state_lock = threading.Lock()
+        self._decided = 0
         # What probe() wrote through write_nodes(), from its start until
         # our first switch (None otherwise): until then the state cannot
         # tell our directory from a new device's, and these nodes can
@@ -590,6 +604,14 @@ class BackendDevice:
         removing = False
         stale: str | None = None
         closings = self._closings
+        decided = 0
+
+        def decide(written: bool) -> bool:
+            nonlocal decided
+            with self._state_lock:
+                self._decided += 1
+                decided = self._decided
+            return written
 
         def tx(t: Transaction) -> bool | None:
             nonlocal removing, stale, closings
@@ -604,7 +626,7 @@ class BackendDevice:
                 t.write(self.error_path, error)
             current = t.read(f"{self.nodename}/state")
             if current == value:
-                return False
+                return decide(False)
             if current == _CLOSING and state != XenbusState.CLOSED:
                 try:
                     removing = t.read(f"{self.nodename}/online") == "0"
@@ -622,20 +644,22 @@ class BackendDevice:
                     # (with online=0).
                     removing = not self._closing_ours
                 if removing:
-                    return False
+                    return decide(False)
             if state == XenbusState.CLOSING:
                 self._closings += 1
                 self._closing_ours = True
             closings = self._closings
             t.write(f"{self.nodename}/state", value)
-            return True
+            return decide(True)
 
         written = self.xenstore.transaction(tx)
         if stale is not None:
             if why is not None:
                 why.append(stale)
             return None
-        self.state = XenbusState.CLOSING if removing else state
+        with self._state_lock:
+            if self._decided == decided:
+                self.state = XenbusState.CLOSING if removing else state
         if written is not None:
             # From now on the state tells a new device's directory.
             self._switched = True

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import workqueue._pool as wq_pool
+from tests.racewindow import Attempt, PauseAt
 from tests.sim.hosthelpers import eventually
 from tests.stolensignal import interrupt, main_thread_in
 from tests.xenback.xbhelpers import (
@@ -6238,3 +6239,37 @@ def test_a_frontend_starting_over_as_our_fatal_commits_with_online_taken_is_serv
             release.set()
             failing.join(TIMEOUT)
         assert not [r for r in caplog.records if r.exc_info is not None]
+
+
+def test_a_switch_that_commits_later_keeps_the_state_over_one_that_finishes_later(
+        host, driver, frontends, dom0_xs) -> None:
+    """A driver's thread calls fatal(), and stops between its Closing's
+    commit and its setting of ``state``; meanwhile the frontend starts
+    over (Initialising) and the queue switches to InitWait.  The state is
+    InitWait, in XenStore and for the device: the fatal() that finishes
+    last must not set the Closing that InitWait replaced, or the
+    frontend's Initialised that follows is ignored (only InitWait,
+    Initialised and Closed are connected from), the frontend left waiting
+    until some other event reads the state back."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    # Right after the transaction: its Closing committed, the state not yet set.
+    pause = PauseAt(xenbus.BackendDevice._switch, "if stale is not None")
+    failing = Attempt(lambda: pause.run(lambda: bdev.fatal(errno.EIO, "driver failed")))
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        fe.set_state(S.INITIALISING)
+        fe.wait_backend(S.INIT_WAIT)
+        # Every read-back of our state (its watch events) run before fatal() goes on.
+        handed_over(driver.xenstore, "initwait")
+        bdev.events.flush()
+        assert bdev.state == S.INIT_WAIT
+    finally:
+        pause.resume()
+    assert failing.result() is True
+    assert bdev.state == S.INIT_WAIT
+    assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
+    fe.pages = None
+    fe.publish()  # a fresh ring and port
+    fe.wait_backend(S.CONNECTED)
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "connect"]
