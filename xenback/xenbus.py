@@ -1036,7 +1036,8 @@ class BackendDevice:
             for mapping in made:
                 self._give_back(mapping.unmap, "%s: unmapping %s failed", mapping)
             raise
-        made[0].unmap()
+        # Dropped meanwhile: ENODEV, whatever the unmap meets.
+        self._give_back(made[0].unmap, "%s: unmapping %s failed", made[0])
         raise self._removed()
 
     def unmap(self, mapping: GrantMapping) -> None:
@@ -1072,11 +1073,15 @@ class BackendDevice:
             except Exception as exc:
                 self._hand_over_failure(f"callback of event channel port {port}", exc)
 
+        # Given back to the dispatcher that bound it: stop() may have
+        # closed that one since (which unbound the port), and asking the
+        # driver again would make a new one, whose thread nobody stops.
+        events = self.driver.events
         # Recorded by the call that makes it, taken over in one step: see
         # map_grant_refs.
         bound: list[int] = []
         try:
-            bound.extend(map(self.driver.events.bind_interdomain, (self.frontend_id,),
+            bound.extend(map(events.bind_interdomain, (self.frontend_id,),
                              (remote_port,), (guarded,)))
             with self._lock:
                 if not self._gone:
@@ -1085,16 +1090,18 @@ class BackendDevice:
                     return self._ports[-1]
         except BaseException:
             for port in bound:
-                self._give_back(functools.partial(self.driver.events.unbind, port),
+                self._give_back(functools.partial(events.unbind, port),
                                 "%s: unbinding port %d failed", port)
             raise
-        self.driver.events.unbind(bound[0])
+        self._give_back(functools.partial(events.unbind, bound[0]),
+                        "%s: unbinding port %d failed", bound[0])  # see map_grant_refs
         raise self._removed()
 
     def _give_back(self, release: Callable[[], object], msg: str, what: object) -> None:
-        """``release()``, giving back what an interrupted map or bind took:
-        its failure is logged, not raised over the interrupt (a caller's
-        except for that error would swallow it)."""
+        """``release()``, giving back what a map or bind took but does not
+        hand over (interrupted, or the device dropped meanwhile): its
+        failure is logged, not raised over the interrupt (a caller's
+        except for that error would swallow it) nor in place of ENODEV."""
         try:
             release()
         except KeyError:

@@ -595,6 +595,54 @@ def test_a_resource_taken_as_the_device_is_dropped_is_given_back_not_tracked(
 
 
 @pytest.mark.parametrize("what", ["map", "bind"])
+def test_a_resource_taken_as_the_driver_stops_is_given_back_and_enodev_raised(
+        host, driver, frontends, monkeypatch, caplog, what) -> None:
+    """As test_a_resource_taken_as_the_device_is_dropped_is_given_back_not_tracked,
+    but stop() drops the device as the platform's call returns, and
+    closes the driver's dispatcher and grant handle.  The caller gets
+    ENODEV all the same: not the KeyError of an unbind() asked of a
+    dispatcher made anew for it (the closed one's close() had unbound
+    the port), whose thread nobody would stop, nor the error of an unmap
+    that fails (ENOMEM), which is logged."""
+    from xenback.platform import GrantError
+
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    target = driver.gnttab if what == "map" else driver.events
+    name = "map_grant_refs" if what == "map" else "bind_interdomain"
+    platform_call = getattr(target, name)
+
+    def stopped_meanwhile(*args, **kwargs):
+        taken = platform_call(*args, **kwargs)
+        if what == "map":
+            real_unmap = taken.unmap
+
+            def unmap() -> None:
+                real_unmap()  # the test's host keeps nothing mapped
+                raise GrantError(errno.ENOMEM, "unmapping: out of memory")
+
+            taken.unmap = unmap
+        driver.stop()
+        assert bdev.gone
+        return taken
+
+    spare = fe.frontend.bind_port()  # the connection holds fe.port
+    monkeypatch.setattr(target, name, stopped_meanwhile)
+    threads = set(threading.enumerate())
+    with caplog.at_level(logging.WARNING, logger="xenback"):
+        with pytest.raises(OSError) as info:
+            if what == "map":
+                bdev.map_grant_refs([fe.pages.refs[0]])
+            else:
+                bdev.bind_evtchn(spare, lambda port: None)
+    assert info.value.errno == errno.ENODEV
+    assert [t.name for t in threading.enumerate() if t not in threads] == []
+    assert driver._events is None
+    said = [r for r in caplog.records if r.msg == "%s: unmapping %s failed"]
+    assert len(said) == (what == "map")
+
+
+@pytest.mark.parametrize("what", ["map", "bind"])
 def test_a_resource_taken_as_a_call_returns_into_an_interrupt_is_tracked_or_given_back(
         host, driver, frontends, what) -> None:
     """A Ctrl-C landing as any call of map_grant_refs() (bind_evtchn())
