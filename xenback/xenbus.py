@@ -392,8 +392,9 @@ class BackendDevice:
         # _failing, also set by other threads (the watch thread, the
         # driver's) under _lock; and what a driver's own thread reaches
         # through write_nodes(), switch_state(), error() and fatal():
-        # _switched, _closing_ours, _closings, _probe_nodes, _lookup_failure,
-        # _fatal_calls and _refusal, with no lock (see write_nodes() and
+        # _closing_ours, _closings and _decided under _state_lock (see
+        # there), and _switched, _probe_nodes, _lookup_failure,
+        # _fatal_calls and _refusal with no lock (see write_nodes() and
         # _stale() for _probe_nodes).  Invariant: once _gone is set, nothing more can be
         # tracked, and what was is released next (see BackendDriver._drop).
         self._otherend_watch: Watch | None = None
@@ -413,8 +414,7 @@ class BackendDevice:
         # _switch).  Set before the commit, so that a switch on another
         # thread that reads our Closing finds it ours already (fatal() on
         # a driver's thread); cleared after a later switch's commit, unless
-        # a Closing was tried since (_closings counts them).  No lock: a
-        # Closing lost to the race is taken as ours, the old leniency.
+        # a Closing was tried since (_closings counts them).
         self._closing_ours = False
         self._closings = 0
         # How many switches decided the state in a transaction (wrote it,
@@ -423,7 +423,10 @@ class BackendDevice:
         # other one decided since its own decision, checked and set under
         # the lock, so that the state is the last to commit's, not the
         # last to finish's (fatal() on a driver's thread races the queue's
-        # switches).  XenStore commits two transactions that read the
+        # switches); and a Closing is counted and made ours under it, as a
+        # later switch looks for one tried since and clears
+        # _closing_ours, so that one tried in between stays ours.
+        # XenStore commits two transactions that read the
         # state in the order they decide: the later one, had it read
         # before the other committed, would fail with EAGAIN and decide
         # again.  A decision whose commit then fails otherwise only keeps
@@ -646,8 +649,9 @@ class BackendDevice:
                 if removing:
                     return decide(False)
             if state == XenbusState.CLOSING:
-                self._closings += 1
-                self._closing_ours = True
+                with self._state_lock:
+                    self._closings += 1
+                    self._closing_ours = True
             closings = self._closings
             t.write(f"{self.nodename}/state", value)
             return decide(True)
@@ -660,14 +664,14 @@ class BackendDevice:
         with self._state_lock:
             if self._decided == decided:
                 self.state = XenbusState.CLOSING if removing else state
+            if written and state != XenbusState.CLOSING and self._closings == closings:
+                self._closing_ours = False
         if written is not None:
             # From now on the state tells a new device's directory.
             self._switched = True
             self._probe_nodes = None
             self._lookup_failure = None
         if written:
-            if state != XenbusState.CLOSING and self._closings == closings:
-                self._closing_ours = False
             logger.debug("%s: state -> %s", self.nodename, state.name)
         return written
 

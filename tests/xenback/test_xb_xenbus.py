@@ -17,6 +17,7 @@ import select
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 
 import workqueue._pool as wq_pool
-from tests.racewindow import Attempt, PauseAt
+from tests.racewindow import Attempt, PauseAt, stands_at
 from tests.sim.hosthelpers import eventually
 from tests.stolensignal import interrupt, main_thread_in
 from tests.xenback.xbhelpers import (
@@ -6321,3 +6322,47 @@ def test_a_switch_that_commits_later_keeps_the_state_over_one_that_finishes_late
     fe.publish()  # a fresh ring and port
     fe.wait_backend(S.CONNECTED)
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "connect"]
+
+
+def test_a_closing_of_ours_between_a_switch_and_its_clearing_stays_ours(
+        host, dom0_xs, frontends, monkeypatch, caplog) -> None:
+    """The driver's own thread calls fatal() as the queue's Connected (the
+    frontend connecting again) has committed and is clearing
+    _closing_ours: past its look at whether a Closing was tried since, as
+    the first stop below shows.  The Closing is ours all the same: with
+    ``online`` taken, a frontend starting over then gets InitWait (see
+    test_a_frontend_starting_over_after_our_closing_with_online_taken_is_served).
+    Cleared by the Connected that looked before the Closing, it was taken
+    for the toolstack's removal, and the device dropped."""
+    # The switch's transaction function, for stands_at(): made anew by each call.
+    code = next(c for c in xenbus.BackendDevice._switch.__code__.co_consts
+                if getattr(c, "co_name", "") == "tx")
+    tx = types.FunctionType(code, {}, "tx", None, tuple(types.CellType() for _ in code.co_freevars))
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
+        dom0_xs.set_perms(f"{bdev.nodename}/online", ["n0"])
+        fe.set_state(S.INITIALISING)
+        fe.wait_backend(S.INIT_WAIT)
+        pause = PauseAt.in_method(monkeypatch, xenbus.BackendDevice, "_switch",
+                                  "self._closing_ours = False")
+        fe.pages = None
+        fe.publish()  # a fresh ring and port
+        try:
+            assert pause.reached.wait(TIMEOUT)
+            failing = Attempt(lambda: bdev.fatal(errno.EIO, "driver failed"))
+            # Its Closing made, or waiting to be counted while the clearing ends.
+            assert eventually(lambda: not failing.thread.is_alive() or stands_at(
+                failing.thread.ident, tx, "with self._state_lock"))
+        finally:
+            pause.resume()
+        assert failing.result() is True
+        monkeypatch.undo()
+        fe.wait_backend(S.CLOSING)
+        # Our Closing read back, its frontend connected: not dropped.
+        handed_over(drv.xenstore, "closing", base=f"/local/domain/{drvdom.domid}/data")
+        bdev.events.flush()
+        assert not bdev.gone
+        fe.set_state(S.INITIALISING)
+        fe.wait_backend(S.INIT_WAIT)
+        bdev.events.flush()
+        assert not bdev.gone
+        assert not [r for r in caplog.records if r.exc_info is not None]
