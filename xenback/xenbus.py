@@ -392,11 +392,11 @@ class BackendDevice:
         # _failing, also set by other threads (the watch thread, the
         # driver's) under _lock; and what a driver's own thread reaches
         # through write_nodes(), switch_state(), error() and fatal():
-        # _closing_ours, _closings and _decided under _state_lock (see
-        # there), and _switched, _probe_nodes, _lookup_failure,
-        # _fatal_calls and _refusal with no lock (see write_nodes() and
-        # _stale() for _probe_nodes).  Invariant: once _gone is set, nothing more can be
-        # tracked, and what was is released next (see BackendDriver._drop).
+        # _closing_ours under _switch_lock (see there), and _switched,
+        # _probe_nodes, _lookup_failure, _fatal_calls and _refusal with no
+        # lock (see write_nodes() and _stale() for _probe_nodes).
+        # Invariant: once _gone is set, nothing more can be tracked, and
+        # what was is released next (see BackendDriver._drop).
         self._otherend_watch: Watch | None = None
         # probe() was called (remove() undoes it), as _connected for connect().
         self._probed = False
@@ -411,29 +411,22 @@ class BackendDevice:
         # wrote was Closing (or an earlier backend left it, see
         # _take_over).  Not self.state, which _backend_changed sets to a
         # Closing it reads back, the toolstack's removal as well (see
-        # _switch).  Set before the commit, so that a switch on another
-        # thread that reads our Closing finds it ours already (fatal() on
-        # a driver's thread); cleared after a later switch's commit, unless
-        # a Closing was tried since (_closings counts them).
+        # _switch).  Set before the commit: one that failed may have gone
+        # all the same (a Ctrl-C as it returned), and its Closing is taken
+        # as ours.  Cleared after a later switch's commit.
         self._closing_ours = False
-        self._closings = 0
-        # How many switches decided the state in a transaction (wrote it,
-        # found it written, or kept a removal's Closing), counted as each
-        # decides.  Rule of _state_lock: a switch sets ``state`` only if no
-        # other one decided since its own decision, checked and set under
-        # the lock, so that the state is the last to commit's, not the
-        # last to finish's (fatal() on a driver's thread races the queue's
-        # switches); and a Closing is counted and made ours under it, as a
-        # later switch looks for one tried since and clears
-        # _closing_ours, so that one tried in between stays ours.
-        # XenStore commits two transactions that read the
-        # state in the order they decide: the later one, had it read
-        # before the other committed, would fail with EAGAIN and decide
-        # again.  A decision whose commit then fails otherwise only keeps
-        # the state as it was: the commit it hid is read back, as every
-        # write of ours is (see _backend_changed).
-        self._state_lock = threading.Lock()
-        self._decided = 0
+        # Rule: held by each switch of this device (_switch) from the start
+        # of its transaction to its setting of ``state`` and _closing_ours,
+        # so that they are the last commit's: fatal() on a driver's thread
+        # races the queue's switches, and two transactions commit in either
+        # order when one only reads (a switch to the state XenStore holds),
+        # whatever order they decided in.  Held across XenStore's requests
+        # (the router thread answers them, and takes no device's lock) and
+        # around nothing that waits for a device's queue or another thread:
+        # what a switch meets (see BackendDriver._taken) at most queues a
+        # drop.  Not taken by _backend_changed, whose read-back of a state
+        # is always followed by that of any later commit.
+        self._switch_lock = threading.Lock()
         # What probe() wrote through write_nodes(), from its start until
         # our first switch (None otherwise): until then the state cannot
         # tell our directory from a new device's, and these nodes can
@@ -606,18 +599,9 @@ class BackendDevice:
         value = str(int(state))
         removing = False
         stale: str | None = None
-        closings = self._closings
-        decided = 0
-
-        def decide(written: bool) -> bool:
-            nonlocal decided
-            with self._state_lock:
-                self._decided += 1
-                decided = self._decided
-            return written
 
         def tx(t: Transaction) -> bool | None:
-            nonlocal removing, stale, closings
+            nonlocal removing, stale
             removing, stale = False, None
             reason = self._stale(t)
             if reason is not None:
@@ -629,7 +613,7 @@ class BackendDevice:
                 t.write(self.error_path, error)
             current = t.read(f"{self.nodename}/state")
             if current == value:
-                return decide(False)
+                return False
             if current == _CLOSING and state != XenbusState.CLOSED:
                 try:
                     removing = t.read(f"{self.nodename}/online") == "0"
@@ -647,24 +631,20 @@ class BackendDevice:
                     # (with online=0).
                     removing = not self._closing_ours
                 if removing:
-                    return decide(False)
+                    return False
             if state == XenbusState.CLOSING:
-                with self._state_lock:
-                    self._closings += 1
-                    self._closing_ours = True
-            closings = self._closings
+                self._closing_ours = True
             t.write(f"{self.nodename}/state", value)
-            return decide(True)
+            return True
 
-        written = self.xenstore.transaction(tx)
-        if stale is not None:
-            if why is not None:
-                why.append(stale)
-            return None
-        with self._state_lock:
-            if self._decided == decided:
-                self.state = XenbusState.CLOSING if removing else state
-            if written and state != XenbusState.CLOSING and self._closings == closings:
+        with self._switch_lock:
+            written = self.xenstore.transaction(tx)
+            if stale is not None:
+                if why is not None:
+                    why.append(stale)
+                return None
+            self.state = XenbusState.CLOSING if removing else state
+            if written and state != XenbusState.CLOSING:
                 self._closing_ours = False
         if written is not None:
             # From now on the state tells a new device's directory.

@@ -17,7 +17,6 @@ import select
 import sys
 import threading
 import time
-import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -6240,13 +6239,21 @@ def test_a_frontend_starting_over_during_a_removal_read_back_with_online_taken_i
         assert not [r for r in caplog.records if r.exc_info is not None]
 
 
+def _waits_to_switch(switch: Callable[..., Any] = xenbus.BackendDevice._switch) -> bool:
+    """Whether some thread waits for a device's _switch_lock (held by
+    another switch, paused)."""
+    return any(stands_at(t.ident, switch, "with self._switch_lock")
+               for t in threading.enumerate() if t.ident is not None)
+
+
 def test_a_frontend_starting_over_as_our_fatal_commits_with_online_taken_is_served(
         host, dom0_xs, frontends, caplog, monkeypatch) -> None:
     """As test_a_frontend_starting_over_after_our_closing_with_online_taken_is_served,
     but the driver's own thread calls fatal() as the frontend starts over
     (Initialising, its event queued first), and the frontend's event is
-    handled between our Closing's commit and the rest of that switch: the
-    Closing is ours all the same, and the frontend gets InitWait.  Taken
+    handled between our Closing's commit and the rest of that switch, or
+    waits for it to end: the Closing is ours all the same, and the
+    frontend gets InitWait.  Taken
     for the toolstack's (our state not yet Closing), it dropped the
     device, the frontend left waiting for ever."""
     with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
@@ -6279,6 +6286,10 @@ def test_a_frontend_starting_over_as_our_fatal_commits_with_online_taken_is_serv
             failing.start()
             assert committed.wait(TIMEOUT)
             free.set()
+            # Handled (the frontend got InitWait), or waiting for our switch to end.
+            assert eventually(lambda: _waits_to_switch() or dom0_xs.read(
+                f"{bdev.nodename}/state") == str(int(S.INIT_WAIT)))
+            release.set()
             handed_over(drv.xenstore, "closing", base=f"/local/domain/{drvdom.domid}/data")
             bdev.events.flush()
             assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
@@ -6294,12 +6305,12 @@ def test_a_switch_that_commits_later_keeps_the_state_over_one_that_finishes_late
         host, driver, frontends, dom0_xs) -> None:
     """A driver's thread calls fatal(), and stops between its Closing's
     commit and its setting of ``state``; meanwhile the frontend starts
-    over (Initialising) and the queue switches to InitWait.  The state is
-    InitWait, in XenStore and for the device: the fatal() that finishes
-    last must not set the Closing that InitWait replaced, or the
-    frontend's Initialised that follows is ignored (only InitWait,
-    Initialised and Closed are connected from), the frontend left waiting
-    until some other event reads the state back."""
+    over (Initialising) and the queue switches to InitWait, or waits to.
+    The state is InitWait in the end, in XenStore and for the device:
+    the fatal() that finishes last must not set the Closing that InitWait
+    replaced, or the frontend's Initialised that follows is ignored (only
+    InitWait, Initialised and Closed are connected from), the frontend
+    left waiting until some other event reads the state back."""
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
     # Right after the transaction: its Closing committed, the state not yet set.
@@ -6308,14 +6319,14 @@ def test_a_switch_that_commits_later_keeps_the_state_over_one_that_finishes_late
     try:
         assert pause.reached.wait(TIMEOUT)
         fe.set_state(S.INITIALISING)
-        fe.wait_backend(S.INIT_WAIT)
-        # Every read-back of our state (its watch events) run before fatal() goes on.
+        # Switched (and every read-back of it run), or waiting to.
+        assert eventually(lambda: _waits_to_switch() or bdev.state == S.INIT_WAIT)
         handed_over(driver.xenstore, "initwait")
-        bdev.events.flush()
-        assert bdev.state == S.INIT_WAIT
     finally:
         pause.resume()
     assert failing.result() is True
+    fe.wait_backend(S.INIT_WAIT)
+    bdev.events.flush()
     assert bdev.state == S.INIT_WAIT
     assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
     fe.pages = None
@@ -6327,17 +6338,13 @@ def test_a_switch_that_commits_later_keeps_the_state_over_one_that_finishes_late
 def test_a_closing_of_ours_between_a_switch_and_its_clearing_stays_ours(
         host, dom0_xs, frontends, monkeypatch, caplog) -> None:
     """The driver's own thread calls fatal() as the queue's Connected (the
-    frontend connecting again) has committed and is clearing
-    _closing_ours: past its look at whether a Closing was tried since, as
-    the first stop below shows.  The Closing is ours all the same: with
+    frontend connecting again) has committed and is about to clear
+    _closing_ours.  The Closing is ours all the same: with
     ``online`` taken, a frontend starting over then gets InitWait (see
     test_a_frontend_starting_over_after_our_closing_with_online_taken_is_served).
-    Cleared by the Connected that looked before the Closing, it was taken
-    for the toolstack's removal, and the device dropped."""
-    # The switch's transaction function, for stands_at(): made anew by each call.
-    code = next(c for c in xenbus.BackendDevice._switch.__code__.co_consts
-                if getattr(c, "co_name", "") == "tx")
-    tx = types.FunctionType(code, {}, "tx", None, tuple(types.CellType() for _ in code.co_freevars))
+    Cleared by the Connected that committed before the Closing, it was
+    taken for the toolstack's removal, and the device dropped."""
+    switch = xenbus.BackendDevice._switch  # the one the pause below runs
     with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
         dom0_xs.set_perms(f"{bdev.nodename}/online", ["n0"])
         fe.set_state(S.INITIALISING)
@@ -6349,9 +6356,9 @@ def test_a_closing_of_ours_between_a_switch_and_its_clearing_stays_ours(
         try:
             assert pause.reached.wait(TIMEOUT)
             failing = Attempt(lambda: bdev.fatal(errno.EIO, "driver failed"))
-            # Its Closing made, or waiting to be counted while the clearing ends.
+            # Its Closing made, or waiting for the clearing to end.
             assert eventually(lambda: not failing.thread.is_alive() or stands_at(
-                failing.thread.ident, tx, "with self._state_lock"))
+                failing.thread.ident, switch, "with self._switch_lock"))
         finally:
             pause.resume()
         assert failing.result() is True
@@ -6366,3 +6373,44 @@ def test_a_closing_of_ours_between_a_switch_and_its_clearing_stays_ours(
         bdev.events.flush()
         assert not bdev.gone
         assert not [r for r in caplog.records if r.exc_info is not None]
+
+
+def test_a_switch_that_only_reads_and_commits_first_leaves_the_state_to_the_other(
+        host, driver, frontends, dom0_xs) -> None:
+    """fatal() on a driver's thread has made its Closing, not yet
+    committed, when another driver's thread switches to Connected, which
+    XenStore holds still: nothing to write, its transaction only reads,
+    and its commit, first, cannot fail the other's, which commits Closing
+    second.  The device's state must end as XenStore's: the switch that
+    wrote nothing must not set its Connected after the Closing was read
+    back (nothing would read it back again), nor may fatal() leave its
+    Closing unset for having decided first."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    committing = PauseAt(XenStore.transaction, "committed = client.commit()")
+    failing = Attempt(lambda: committing.run(lambda: bdev.fatal(errno.EIO, "driver failed")))
+    # Right after its transaction, its state not yet set.
+    setting = PauseAt(xenbus.BackendDevice._switch, "if stale is not None")
+    switching = None
+    try:
+        assert committing.reached.wait(TIMEOUT)
+        switching = Attempt(lambda: setting.run(lambda: bdev.switch_state(S.CONNECTED)))
+        # Committed (it read Connected), or waiting its turn.
+        assert eventually(lambda: setting.reached.is_set() or stands_at(
+            switching.thread.ident, xenbus.BackendDevice._switch, "with self._switch_lock"))
+    finally:
+        committing.resume()
+        if switching is None:
+            setting.resume()
+    try:
+        assert failing.result() is True
+        assert setting.reached.wait(TIMEOUT)
+        # Every read-back of our state so far run before the switch goes on.
+        handed_over(driver.xenstore, "readonly")
+        bdev.events.flush()
+    finally:
+        setting.resume()
+    switching.result()
+    handed_over(driver.xenstore, "readonly-after")
+    bdev.events.flush()
+    assert bdev.state == S(int(dom0_xs.read(f"{bdev.nodename}/state")))
