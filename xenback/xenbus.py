@@ -153,7 +153,7 @@ import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from workqueue import (
     WQ_MEM_RECLAIM,
@@ -265,6 +265,8 @@ def _check_error(err: int, message: str) -> None:
 
 _U32_MAX = 0xFFFF_FFFF
 
+_T = TypeVar("_T")
+
 
 class _MissingNode(FileNotFoundError, ValueError):
     """A frontend node that read_otherend_u32() needs is not there: ENOENT
@@ -272,6 +274,12 @@ class _MissingNode(FileNotFoundError, ValueError):
     ValueError still, as it was before it said ENOENT, so that a driver
     that catches ValueError around the read still catches it (as
     io.UnsupportedOperation is both an OSError and a ValueError)."""
+
+
+class _Stopped(RuntimeError):
+    """The driver's dispatcher or grant handle, asked for once stop() took
+    them to close them (see BackendDriver._handles_closed): a device's map
+    or bind then raises ENODEV, as for the drop that stop() made."""
 
 
 def _name(fn: Callable[..., object]) -> str:
@@ -997,17 +1005,16 @@ class BackendDevice:
         check_flag("writable", writable)
         refs = check_grant_refs(refs)
         if self._gone:
-            # Not even the driver's handle: after stop() it would be a new
-            # one that nobody closes.
-            raise self._removed()
+            raise self._removed()  # before the driver's handle: see _handle
         # Recorded by the call that makes it (list.extend() stores what it
         # returned before control is back in Python code): as ``mapping =
         # map_grant_refs(...)``, a Ctrl-C as the call returned would lose
         # it before the device tracked it, mapped until the handle closed.
         made: list[GrantMapping] = []
+        gnttab = self._handle(lambda: self.driver.gnttab)
         try:
-            made.extend(map(functools.partial(self.driver.gnttab.map_grant_refs,
-                                              writable=writable), (self.frontend_id,), (refs,)))
+            made.extend(map(functools.partial(gnttab.map_grant_refs, writable=writable),
+                            (self.frontend_id,), (refs,)))
             with self._lock:
                 if not self._gone:
                     # One step, as far as a signal goes (no call in
@@ -1049,7 +1056,7 @@ class BackendDevice:
         module docstring), on its queue, after the callback returned."""
         check_callback(callback)  # now: the dispatcher is given the wrapper below
         if self._gone:
-            raise self._removed()  # see map_grant_refs
+            raise self._removed()  # before the driver's dispatcher: see _handle
 
         def guarded(port: int) -> None:
             try:
@@ -1057,13 +1064,12 @@ class BackendDevice:
             except Exception as exc:
                 self._hand_over_failure(f"callback of event channel port {port}", exc)
 
-        # Given back to the dispatcher that bound it: stop() may have
-        # closed that one since (which unbound the port), and asking the
-        # driver again would make a new one, whose thread nobody stops.
-        events = self.driver.events
         # Recorded by the call that makes it, taken over in one step: see
         # map_grant_refs.
         bound: list[int] = []
+        # Given back to the dispatcher that bound it: stop() may have
+        # closed that one since (which unbound the port).
+        events = self._handle(lambda: self.driver.events)
         try:
             bound.extend(map(events.bind_interdomain, (self.frontend_id,),
                              (remote_port,), (guarded,)))
@@ -1095,6 +1101,16 @@ class BackendDevice:
 
     def _removed(self) -> OSError:
         return OSError(errno.ENODEV, "device was removed", self.nodename)
+
+    def _handle(self, get: Callable[[], _T]) -> _T:
+        """The driver's dispatcher or grant handle, ``get()``, for a map or
+        bind; ENODEV once stop() took them to close them: it drops the
+        device, and one made for us after would outlive it, a
+        dispatcher's thread running for ever."""
+        try:
+            return get()
+        except _Stopped:
+            raise self._removed() from None
 
     def unbind_evtchn(self, port: int) -> None:
         """Unbind a port bound by :meth:`bind_evtchn` before disconnect;
@@ -1146,6 +1162,8 @@ class BackendDevice:
         for port in ports:
             try:
                 self.driver.events.unbind(port)
+            except _Stopped:
+                break  # stop() closed the dispatcher, which unbound them all
             except (OSError, KeyError) as exc:
                 self._release_failed("%s: unbinding port %d failed", port, exc)
         for mapping in mappings:
@@ -1328,9 +1346,12 @@ class BackendDriver:
         self._host_lock: HostLock | None = None
         self._events: EventDispatcher | None = None
         self._gnttab: GrantTable | None = None
+        # Set as _stop() takes the two above to close them, until start():
+        # none is made meanwhile (_Stopped), for nobody would close it.
+        self._handles_closed = False
         # _lock guards _devices, _stopping, _domain_gone, _xs_lost,
-        # _stop_running and the lazy creation of the event dispatcher and
-        # grant table handle.
+        # _stop_running, _handles_closed and the lazy creation of the
+        # event dispatcher and grant table handle.
         self._lock = threading.Lock()
         self._devices: dict[tuple[int, int], BackendDevice] = {}
         self._stopping = False
@@ -1454,9 +1475,12 @@ class BackendDriver:
 
     @property
     def events(self) -> EventDispatcher:
-        """The driver's event dispatcher (created on first use)."""
+        """The driver's event dispatcher (created on first use).
+        :class:`RuntimeError` once stop() closed it, until start()."""
         with self._lock:
             if self._events is None:
+                if self._handles_closed:
+                    raise _Stopped(f"{type(self).__name__} is stopped")
                 # Handed back through a list, by the dispatcher's last
                 # step: a Ctrl-C as the constructor returns would lose it,
                 # its thread running, to us and to _stop().
@@ -1471,9 +1495,12 @@ class BackendDriver:
 
     @property
     def gnttab(self) -> GrantTable:
-        """The driver's grant table handle (opened on first use)."""
+        """The driver's grant table handle (opened on first use).
+        :class:`RuntimeError` once stop() closed it, until start()."""
         with self._lock:
             if self._gnttab is None:
+                if self._handles_closed:
+                    raise _Stopped(f"{type(self).__name__} is stopped")
                 self._gnttab = self.platform.gnttab()
             return self._gnttab
 
@@ -1513,6 +1540,7 @@ class BackendDriver:
                 self._stopping = False
                 self._domain_gone = False
                 self._xs_lost = False
+                self._handles_closed = False
             self._first_scan = True
             self._junk.clear()  # a new run says what it ignores
             self._unclosed.clear()
@@ -1643,6 +1671,7 @@ class BackendDriver:
             leftovers = list(self._devices.values())
             events, self._events = self._events, None
             gnttab, self._gnttab = self._gnttab, None
+            self._handles_closed = True
         for dev in leftovers:  # their queue was closed before the drop ran
             self._drop(dev)
         if events is not None:

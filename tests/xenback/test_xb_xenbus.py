@@ -643,6 +643,37 @@ def test_a_resource_taken_as_the_driver_stops_is_given_back_and_enodev_raised(
 
 
 @pytest.mark.parametrize("what", ["map", "bind"])
+def test_a_map_or_bind_that_stop_overtakes_makes_no_handle_for_it(
+        host, driver, frontends, what) -> None:
+    """stop() runs whole between a map's (or bind's) look at whether the
+    device is gone and its asking the driver for the grant handle (or
+    the dispatcher): ENODEV, as for a map after the drop, and no handle
+    made anew for it, which nobody would close (a dispatcher's thread
+    running for ever)."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    spare = fe.frontend.bind_port()  # the connection holds fe.port
+    # Right after the look.
+    if what == "map":
+        pause = PauseAt(xenbus.BackendDevice.map_grant_refs, "made: list[GrantMapping] = []")
+        taking = Attempt(lambda: pause.run(lambda: bdev.map_grant_refs([fe.pages.refs[0]])))
+    else:
+        pause = PauseAt(xenbus.BackendDevice.bind_evtchn, "def guarded")
+        taking = Attempt(lambda: pause.run(lambda: bdev.bind_evtchn(spare, lambda port: None)))
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        driver.stop()
+        assert bdev.gone
+        threads = set(threading.enumerate())
+    finally:
+        pause.resume()
+    outcome = taking.result()
+    assert isinstance(outcome, OSError) and outcome.errno == errno.ENODEV, outcome
+    assert (driver._events, driver._gnttab) == (None, None)
+    assert [t.name for t in threading.enumerate() if t not in threads] == []
+
+
+@pytest.mark.parametrize("what", ["map", "bind"])
 def test_a_resource_taken_as_a_call_returns_into_an_interrupt_is_tracked_or_given_back(
         host, driver, frontends, what) -> None:
     """A Ctrl-C landing as any call of map_grant_refs() (bind_evtchn())
@@ -3474,7 +3505,10 @@ def test_a_drop_that_stop_queued_and_that_did_not_finish_is_done_by_stop(
     disconnect() raised SystemExit, which the hooks' handling leaves
     alone, and the worker only logs) is still there once its queue is
     closed: stop() drops it itself, or it would outlive the driver, its
-    Closed never written and remove() never called."""
+    Closed never written and remove() never called.  Its ports went
+    with the dispatcher, which stop() closes: none is made anew to
+    unbind them, whose thread nobody would stop."""
+    before = {t.ident for t in threading.enumerate()}
     drv = RecordingDriver(host.dom0)
     drv.start()
     try:
@@ -3493,6 +3527,7 @@ def test_a_drop_that_stop_queued_and_that_did_not_finish_is_done_by_stop(
     # remove() ran on stop()'s thread: the device's queue was closed.
     assert drv.unordered == [f"remove of {bdev.nodename}"]
     assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
+    assert "xbtest-events" not in leaked_threads(before)  # the frontend's run on
 
 
 @pytest.mark.parametrize("was", [S.CONNECTED, S.CLOSING])
