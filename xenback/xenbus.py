@@ -1023,9 +1023,13 @@ class BackendDevice:
                     self._mappings += made
                     del made[:]
                     return self._mappings[-1]
-        except BaseException:
+        except BaseException as exc:
             for mapping in made:
                 self._give_back(mapping.unmap, "%s: unmapping %s failed", mapping)
+            if self._gone and isinstance(exc, Exception):
+                # Whatever the map met (the handle closed by stop() since
+                # we took it, EBADF), the device is gone.
+                raise self._removed() from exc
             raise
         # Dropped meanwhile: ENODEV, whatever the unmap meets.
         self._give_back(made[0].unmap, "%s: unmapping %s failed", made[0])
@@ -1078,10 +1082,12 @@ class BackendDevice:
                     self._ports += bound
                     del bound[:]
                     return self._ports[-1]
-        except BaseException:
+        except BaseException as exc:
             for port in bound:
                 self._give_back(functools.partial(events.unbind, port),
                                 "%s: unbinding port %d failed", port)
+            if self._gone and isinstance(exc, Exception):
+                raise self._removed() from exc  # the dispatcher closed: see map_grant_refs
             raise
         self._give_back(functools.partial(events.unbind, bound[0]),
                         "%s: unbinding port %d failed", bound[0])  # see map_grant_refs

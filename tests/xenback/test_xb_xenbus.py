@@ -642,23 +642,31 @@ def test_a_resource_taken_as_the_driver_stops_is_given_back_and_enodev_raised(
     assert len(said) == (what == "map")
 
 
-@pytest.mark.parametrize("what", ["map", "bind"])
-def test_a_map_or_bind_that_stop_overtakes_makes_no_handle_for_it(
-        host, driver, frontends, what) -> None:
-    """stop() runs whole between a map's (or bind's) look at whether the
-    device is gone and its asking the driver for the grant handle (or
-    the dispatcher): ENODEV, as for a map after the drop, and no handle
-    made anew for it, which nobody would close (a dispatcher's thread
-    running for ever)."""
+@pytest.mark.parametrize(("what", "text"), [
+    # Right after the look at _gone.
+    ("map", "made: list[GrantMapping] = []"),
+    ("bind", "def guarded"),
+    # Right after the handle is taken, before the platform's call.
+    ("map", "made.extend("),
+    ("bind", "bound.extend("),
+])
+def test_a_map_or_bind_that_stop_overtakes_raises_enodev_and_makes_no_handle(
+        host, driver, frontends, what, text) -> None:
+    """stop() runs whole after a map's (or bind's) look at whether the
+    device is gone: ENODEV, as for a map after the drop, whether it had
+    asked the driver for the grant handle (or the dispatcher) before,
+    which stop() closed (not the EBADF of the closed handle, nor the
+    RuntimeError of the closed dispatcher), or does after: no handle
+    is made anew for it, which nobody would close (a dispatcher's
+    thread running for ever)."""
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
     spare = fe.frontend.bind_port()  # the connection holds fe.port
-    # Right after the look.
     if what == "map":
-        pause = PauseAt(xenbus.BackendDevice.map_grant_refs, "made: list[GrantMapping] = []")
+        pause = PauseAt(xenbus.BackendDevice.map_grant_refs, text)
         taking = Attempt(lambda: pause.run(lambda: bdev.map_grant_refs([fe.pages.refs[0]])))
     else:
-        pause = PauseAt(xenbus.BackendDevice.bind_evtchn, "def guarded")
+        pause = PauseAt(xenbus.BackendDevice.bind_evtchn, text)
         taking = Attempt(lambda: pause.run(lambda: bdev.bind_evtchn(spare, lambda port: None)))
     try:
         assert pause.reached.wait(TIMEOUT)
