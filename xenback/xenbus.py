@@ -425,15 +425,18 @@ class BackendDevice:
         self._closing_ours = False
         # Rule: held by each switch of this device (_switch) from the start
         # of its transaction to its setting of ``state`` and _closing_ours,
-        # so that they are the last commit's: fatal() on a driver's thread
-        # races the queue's switches, and two transactions commit in either
-        # order when one only reads (a switch to the state XenStore holds),
-        # whatever order they decided in.  Held across XenStore's requests
-        # (the router thread answers them, and takes no device's lock) and
+        # and by each read-back of our state (_backend_changed) from its
+        # read to its setting of ``state``, so that the state set last is
+        # the last commit's: fatal() on a driver's thread races the queue's
+        # switches, two transactions commit in either order when one only
+        # reads (a switch to the state XenStore holds), and the toolstack's
+        # Closing may come between a switch's commit and its setting of
+        # the state, read back before it (a read-back after a switch reads
+        # what it wrote or later).  Held across XenStore's requests (the
+        # router thread answers them, and takes no device's lock) and
         # around nothing that waits for a device's queue or another thread:
         # what a switch meets (see BackendDriver._taken) at most queues a
-        # drop.  Not taken by _backend_changed, whose read-back of a state
-        # is always followed by that of any later commit.
+        # drop.
         self._switch_lock = threading.Lock()
         # What probe() wrote through write_nodes(), from its start until
         # our first switch (None otherwise): until then the state cannot
@@ -2229,7 +2232,8 @@ class BackendDriver:
             why = dev._stale(self.xenstore)
             if why is None:
                 try:
-                    dev.state = XenbusState.parse(dev.read("state"))
+                    with dev._switch_lock:  # see there
+                        dev.state = XenbusState.parse(dev.read("state"))
                 except ValueError:
                     pass
                 # Removal by the toolstack: online=0 and state=Closing

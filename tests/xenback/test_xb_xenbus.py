@@ -6282,10 +6282,12 @@ def test_a_frontend_starting_over_during_a_removal_read_back_with_online_taken_i
         assert not [r for r in caplog.records if r.exc_info is not None]
 
 
-def _waits_to_switch(switch: Callable[..., Any] = xenbus.BackendDevice._switch) -> bool:
-    """Whether some thread waits for a device's _switch_lock (held by
-    another switch, paused)."""
-    return any(stands_at(t.ident, switch, "with self._switch_lock")
+def _waits_for_state() -> bool:
+    """Whether some thread waits for a device's _switch_lock (held by a
+    switch, paused): another switch, or a read-back of our state."""
+    return any(stands_at(t.ident, xenbus.BackendDevice._switch, "with self._switch_lock")
+               or stands_at(t.ident, xenbus.BackendDriver._backend_changed,
+                            "with dev._switch_lock")
                for t in threading.enumerate() if t.ident is not None)
 
 
@@ -6330,7 +6332,7 @@ def test_a_frontend_starting_over_as_our_fatal_commits_with_online_taken_is_serv
             assert committed.wait(TIMEOUT)
             free.set()
             # Handled (the frontend got InitWait), or waiting for our switch to end.
-            assert eventually(lambda: _waits_to_switch() or dom0_xs.read(
+            assert eventually(lambda: _waits_for_state() or dom0_xs.read(
                 f"{bdev.nodename}/state") == str(int(S.INIT_WAIT)))
             release.set()
             handed_over(drv.xenstore, "closing", base=f"/local/domain/{drvdom.domid}/data")
@@ -6363,7 +6365,7 @@ def test_a_switch_that_commits_later_keeps_the_state_over_one_that_finishes_late
         assert pause.reached.wait(TIMEOUT)
         fe.set_state(S.INITIALISING)
         # Switched (and every read-back of it run), or waiting to.
-        assert eventually(lambda: _waits_to_switch() or bdev.state == S.INIT_WAIT)
+        assert eventually(lambda: _waits_for_state() or bdev.state == S.INIT_WAIT)
         handed_over(driver.xenstore, "initwait")
     finally:
         pause.resume()
@@ -6448,12 +6450,43 @@ def test_a_switch_that_only_reads_and_commits_first_leaves_the_state_to_the_othe
     try:
         assert failing.result() is True
         assert setting.reached.wait(TIMEOUT)
-        # Every read-back of our state so far run before the switch goes on.
-        handed_over(driver.xenstore, "readonly")
-        bdev.events.flush()
+        # The Closing read back before the switch goes on, or waiting to.
+        assert eventually(lambda: _waits_for_state() or bdev.state == S.CLOSING)
     finally:
         setting.resume()
     switching.result()
     handed_over(driver.xenstore, "readonly-after")
     bdev.events.flush()
     assert bdev.state == S(int(dom0_xs.read(f"{bdev.nodename}/state")))
+
+
+def test_a_switch_overtaken_by_the_toolstacks_removal_keeps_the_state_read_back(
+        host, driver, frontends, dom0_xs) -> None:
+    """A driver's thread switches to Closed, and stops between its commit
+    and its setting of ``state``; meanwhile the toolstack asks for
+    removal (online=0, Closing), and our read-back of it runs, or waits
+    for the switch to end.  The state is Closing in the end, as in
+    XenStore: the switch that finishes last must not set the Closed that
+    the toolstack's Closing replaced, for nothing would read it back."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    pause = PauseAt(xenbus.BackendDevice._switch, "if stale is not None")
+    switching = Attempt(lambda: pause.run(lambda: bdev.switch_state(S.CLOSED)))
+
+    def remove(t: Transaction) -> None:
+        t.write(f"{bdev.nodename}/online", "0")
+        t.write(f"{bdev.nodename}/state", str(int(S.CLOSING)))
+
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        dom0_xs.transaction(remove)
+        # Read back (our Closed, then the toolstack's Closing), or waiting to.
+        assert eventually(lambda: _waits_for_state() or bdev.state == S.CLOSING)
+        handed_over(driver.xenstore, "removal")
+    finally:
+        pause.resume()
+    assert switching.result() is True
+    bdev.events.flush()
+    assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CLOSING))
+    assert bdev.state == S.CLOSING
+    assert not bdev.gone  # its frontend, still connected, closes first
