@@ -153,7 +153,7 @@ import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from workqueue import (
     WQ_MEM_RECLAIM,
@@ -265,6 +265,8 @@ def _check_error(err: int, message: str) -> None:
 
 _U32_MAX = 0xFFFF_FFFF
 
+_T = TypeVar("_T")
+
 
 class _MissingNode(FileNotFoundError, ValueError):
     """A frontend node that read_otherend_u32() needs is not there: ENOENT
@@ -272,6 +274,12 @@ class _MissingNode(FileNotFoundError, ValueError):
     ValueError still, as it was before it said ENOENT, so that a driver
     that catches ValueError around the read still catches it (as
     io.UnsupportedOperation is both an OSError and a ValueError)."""
+
+
+class _Stopped(RuntimeError):
+    """The driver's dispatcher or grant handle, asked for once stop() took
+    them to close them (see BackendDriver._handles_closed): a device's map
+    or bind then raises ENODEV, as for the drop that stop() made."""
 
 
 def _name(fn: Callable[..., object]) -> str:
@@ -392,10 +400,11 @@ class BackendDevice:
         # _failing, also set by other threads (the watch thread, the
         # driver's) under _lock; and what a driver's own thread reaches
         # through write_nodes(), switch_state(), error() and fatal():
-        # _switched, _closing_ours, _closings, _probe_nodes, _lookup_failure,
-        # _fatal_calls and _refusal, with no lock (see write_nodes() and
-        # _stale() for _probe_nodes).  Invariant: once _gone is set, nothing more can be
-        # tracked, and what was is released next (see BackendDriver._drop).
+        # _closing_ours under _switch_lock (see there), and _switched,
+        # _probe_nodes, _lookup_failure, _fatal_calls and _refusal with no
+        # lock (see write_nodes() and _stale() for _probe_nodes).
+        # Invariant: once _gone is set, nothing more can be tracked, and
+        # what was is released next (see BackendDriver._drop).
         self._otherend_watch: Watch | None = None
         # probe() was called (remove() undoes it), as _connected for connect().
         self._probed = False
@@ -410,13 +419,25 @@ class BackendDevice:
         # wrote was Closing (or an earlier backend left it, see
         # _take_over).  Not self.state, which _backend_changed sets to a
         # Closing it reads back, the toolstack's removal as well (see
-        # _switch).  Set before the commit, so that a switch on another
-        # thread that reads our Closing finds it ours already (fatal() on
-        # a driver's thread); cleared after a later switch's commit, unless
-        # a Closing was tried since (_closings counts them).  No lock: a
-        # Closing lost to the race is taken as ours, the old leniency.
+        # _switch).  Set before the commit: one that failed may have gone
+        # all the same (a Ctrl-C as it returned), and its Closing is taken
+        # as ours.  Cleared after a later switch's commit.
         self._closing_ours = False
-        self._closings = 0
+        # Rule: held by each switch of this device (_switch) from the start
+        # of its transaction to its setting of ``state`` and _closing_ours,
+        # and by each read-back of our state (_backend_changed) from its
+        # read to its setting of ``state``, so that the state set last is
+        # the last commit's: fatal() on a driver's thread races the queue's
+        # switches, two transactions commit in either order when one only
+        # reads (a switch to the state XenStore holds), and the toolstack's
+        # Closing may come between a switch's commit and its setting of
+        # the state, read back before it (a read-back after a switch reads
+        # what it wrote or later).  Held across XenStore's requests (the
+        # router thread answers them, and takes no device's lock) and
+        # around nothing that waits for a device's queue or another thread:
+        # what a switch meets (see BackendDriver._taken) at most queues a
+        # drop.
+        self._switch_lock = threading.Lock()
         # What probe() wrote through write_nodes(), from its start until
         # our first switch (None otherwise): until then the state cannot
         # tell our directory from a new device's, and these nodes can
@@ -589,10 +610,9 @@ class BackendDevice:
         value = str(int(state))
         removing = False
         stale: str | None = None
-        closings = self._closings
 
         def tx(t: Transaction) -> bool | None:
-            nonlocal removing, stale, closings
+            nonlocal removing, stale
             removing, stale = False, None
             reason = self._stale(t)
             if reason is not None:
@@ -624,26 +644,25 @@ class BackendDevice:
                 if removing:
                     return False
             if state == XenbusState.CLOSING:
-                self._closings += 1
                 self._closing_ours = True
-            closings = self._closings
             t.write(f"{self.nodename}/state", value)
             return True
 
-        written = self.xenstore.transaction(tx)
-        if stale is not None:
-            if why is not None:
-                why.append(stale)
-            return None
-        self.state = XenbusState.CLOSING if removing else state
+        with self._switch_lock:
+            written = self.xenstore.transaction(tx)
+            if stale is not None:
+                if why is not None:
+                    why.append(stale)
+                return None
+            self.state = XenbusState.CLOSING if removing else state
+            if written and state != XenbusState.CLOSING:
+                self._closing_ours = False
         if written is not None:
             # From now on the state tells a new device's directory.
             self._switched = True
             self._probe_nodes = None
             self._lookup_failure = None
         if written:
-            if state != XenbusState.CLOSING and self._closings == closings:
-                self._closing_ours = False
             logger.debug("%s: state -> %s", self.nodename, state.name)
         return written
 
@@ -989,17 +1008,16 @@ class BackendDevice:
         check_flag("writable", writable)
         refs = check_grant_refs(refs)
         if self._gone:
-            # Not even the driver's handle: after stop() it would be a new
-            # one that nobody closes.
-            raise self._removed()
+            raise self._removed()  # before the driver's handle: see _handle
         # Recorded by the call that makes it (list.extend() stores what it
         # returned before control is back in Python code): as ``mapping =
         # map_grant_refs(...)``, a Ctrl-C as the call returned would lose
         # it before the device tracked it, mapped until the handle closed.
         made: list[GrantMapping] = []
+        gnttab = self._handle(lambda: self.driver.gnttab)
         try:
-            made.extend(map(functools.partial(self.driver.gnttab.map_grant_refs,
-                                              writable=writable), (self.frontend_id,), (refs,)))
+            made.extend(map(functools.partial(gnttab.map_grant_refs, writable=writable),
+                            (self.frontend_id,), (refs,)))
             with self._lock:
                 if not self._gone:
                     # One step, as far as a signal goes (no call in
@@ -1008,11 +1026,16 @@ class BackendDevice:
                     self._mappings += made
                     del made[:]
                     return self._mappings[-1]
-        except BaseException:
+        except BaseException as exc:
             for mapping in made:
                 self._give_back(mapping.unmap, "%s: unmapping %s failed", mapping)
+            if self._gone and isinstance(exc, Exception):
+                # Whatever the map met (the handle closed by stop() since
+                # we took it, EBADF), the device is gone.
+                raise self._removed() from exc
             raise
-        made[0].unmap()
+        # Dropped meanwhile: ENODEV, whatever the unmap meets.
+        self._give_back(made[0].unmap, "%s: unmapping %s failed", made[0])
         raise self._removed()
 
     def unmap(self, mapping: GrantMapping) -> None:
@@ -1040,7 +1063,7 @@ class BackendDevice:
         module docstring), on its queue, after the callback returned."""
         check_callback(callback)  # now: the dispatcher is given the wrapper below
         if self._gone:
-            raise self._removed()  # see map_grant_refs
+            raise self._removed()  # before the driver's dispatcher: see _handle
 
         def guarded(port: int) -> None:
             try:
@@ -1051,26 +1074,33 @@ class BackendDevice:
         # Recorded by the call that makes it, taken over in one step: see
         # map_grant_refs.
         bound: list[int] = []
+        # Given back to the dispatcher that bound it: stop() may have
+        # closed that one since (which unbound the port).
+        events = self._handle(lambda: self.driver.events)
         try:
-            bound.extend(map(self.driver.events.bind_interdomain, (self.frontend_id,),
+            bound.extend(map(events.bind_interdomain, (self.frontend_id,),
                              (remote_port,), (guarded,)))
             with self._lock:
                 if not self._gone:
                     self._ports += bound
                     del bound[:]
                     return self._ports[-1]
-        except BaseException:
+        except BaseException as exc:
             for port in bound:
-                self._give_back(functools.partial(self.driver.events.unbind, port),
+                self._give_back(functools.partial(events.unbind, port),
                                 "%s: unbinding port %d failed", port)
+            if self._gone and isinstance(exc, Exception):
+                raise self._removed() from exc  # the dispatcher closed: see map_grant_refs
             raise
-        self.driver.events.unbind(bound[0])
+        self._give_back(functools.partial(events.unbind, bound[0]),
+                        "%s: unbinding port %d failed", bound[0])  # see map_grant_refs
         raise self._removed()
 
     def _give_back(self, release: Callable[[], object], msg: str, what: object) -> None:
-        """``release()``, giving back what an interrupted map or bind took:
-        its failure is logged, not raised over the interrupt (a caller's
-        except for that error would swallow it)."""
+        """``release()``, giving back what a map or bind took but does not
+        hand over (interrupted, or the device dropped meanwhile): its
+        failure is logged, not raised over the interrupt (a caller's
+        except for that error would swallow it) nor in place of ENODEV."""
         try:
             release()
         except KeyError:
@@ -1080,6 +1110,16 @@ class BackendDevice:
 
     def _removed(self) -> OSError:
         return OSError(errno.ENODEV, "device was removed", self.nodename)
+
+    def _handle(self, get: Callable[[], _T]) -> _T:
+        """The driver's dispatcher or grant handle, ``get()``, for a map or
+        bind; ENODEV once stop() took them to close them: it drops the
+        device, and one made for us after would outlive it, a
+        dispatcher's thread running for ever."""
+        try:
+            return get()
+        except _Stopped:
+            raise self._removed() from None
 
     def unbind_evtchn(self, port: int) -> None:
         """Unbind a port bound by :meth:`bind_evtchn` before disconnect;
@@ -1131,6 +1171,8 @@ class BackendDevice:
         for port in ports:
             try:
                 self.driver.events.unbind(port)
+            except _Stopped:
+                break  # stop() closed the dispatcher, which unbound them all
             except (OSError, KeyError) as exc:
                 self._release_failed("%s: unbinding port %d failed", port, exc)
         for mapping in mappings:
@@ -1313,9 +1355,12 @@ class BackendDriver:
         self._host_lock: HostLock | None = None
         self._events: EventDispatcher | None = None
         self._gnttab: GrantTable | None = None
+        # Set as _stop() takes the two above to close them, until start():
+        # none is made meanwhile (_Stopped), for nobody would close it.
+        self._handles_closed = False
         # _lock guards _devices, _stopping, _domain_gone, _xs_lost,
-        # _stop_running and the lazy creation of the event dispatcher and
-        # grant table handle.
+        # _stop_running, _handles_closed and the lazy creation of the
+        # event dispatcher and grant table handle.
         self._lock = threading.Lock()
         self._devices: dict[tuple[int, int], BackendDevice] = {}
         self._stopping = False
@@ -1439,9 +1484,12 @@ class BackendDriver:
 
     @property
     def events(self) -> EventDispatcher:
-        """The driver's event dispatcher (created on first use)."""
+        """The driver's event dispatcher (created on first use).
+        :class:`RuntimeError` once stop() closed it, until start()."""
         with self._lock:
             if self._events is None:
+                if self._handles_closed:
+                    raise _Stopped(f"{type(self).__name__} is stopped")
                 # Handed back through a list, by the dispatcher's last
                 # step: a Ctrl-C as the constructor returns would lose it,
                 # its thread running, to us and to _stop().
@@ -1456,9 +1504,12 @@ class BackendDriver:
 
     @property
     def gnttab(self) -> GrantTable:
-        """The driver's grant table handle (opened on first use)."""
+        """The driver's grant table handle (opened on first use).
+        :class:`RuntimeError` once stop() closed it, until start()."""
         with self._lock:
             if self._gnttab is None:
+                if self._handles_closed:
+                    raise _Stopped(f"{type(self).__name__} is stopped")
                 self._gnttab = self.platform.gnttab()
             return self._gnttab
 
@@ -1498,6 +1549,7 @@ class BackendDriver:
                 self._stopping = False
                 self._domain_gone = False
                 self._xs_lost = False
+                self._handles_closed = False
             self._first_scan = True
             self._junk.clear()  # a new run says what it ignores
             self._unclosed.clear()
@@ -1628,6 +1680,7 @@ class BackendDriver:
             leftovers = list(self._devices.values())
             events, self._events = self._events, None
             gnttab, self._gnttab = self._gnttab, None
+            self._handles_closed = True
         for dev in leftovers:  # their queue was closed before the drop ran
             self._drop(dev)
         if events is not None:
@@ -2179,7 +2232,8 @@ class BackendDriver:
             why = dev._stale(self.xenstore)
             if why is None:
                 try:
-                    dev.state = XenbusState.parse(dev.read("state"))
+                    with dev._switch_lock:  # see there
+                        dev.state = XenbusState.parse(dev.read("state"))
                 except ValueError:
                     pass
                 # Removal by the toolstack: online=0 and state=Closing

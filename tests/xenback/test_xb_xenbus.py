@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import workqueue._pool as wq_pool
+from tests.racewindow import Attempt, PauseAt, stands_at
 from tests.sim.hosthelpers import eventually
 from tests.stolensignal import interrupt, main_thread_in
 from tests.xenback.xbhelpers import (
@@ -591,6 +592,93 @@ def test_a_resource_taken_as_the_device_is_dropped_is_given_back_not_tracked(
     monkeypatch.undo()
     fe.close()
     census.check()
+
+
+@pytest.mark.parametrize("what", ["map", "bind"])
+def test_a_resource_taken_as_the_driver_stops_is_given_back_and_enodev_raised(
+        host, driver, frontends, monkeypatch, caplog, what) -> None:
+    """As test_a_resource_taken_as_the_device_is_dropped_is_given_back_not_tracked,
+    but stop() drops the device as the platform's call returns, and
+    closes the driver's dispatcher and grant handle.  The caller gets
+    ENODEV all the same: not the KeyError of an unbind() asked of a
+    dispatcher made anew for it (the closed one's close() had unbound
+    the port), whose thread nobody would stop, nor the error of an unmap
+    that fails (ENOMEM), which is logged."""
+    from xenback.platform import GrantError
+
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    target = driver.gnttab if what == "map" else driver.events
+    name = "map_grant_refs" if what == "map" else "bind_interdomain"
+    platform_call = getattr(target, name)
+
+    def stopped_meanwhile(*args, **kwargs):
+        taken = platform_call(*args, **kwargs)
+        if what == "map":
+            real_unmap = taken.unmap
+
+            def unmap() -> None:
+                real_unmap()  # the test's host keeps nothing mapped
+                raise GrantError(errno.ENOMEM, "unmapping: out of memory")
+
+            taken.unmap = unmap
+        driver.stop()
+        assert bdev.gone
+        return taken
+
+    spare = fe.frontend.bind_port()  # the connection holds fe.port
+    monkeypatch.setattr(target, name, stopped_meanwhile)
+    threads = set(threading.enumerate())
+    with caplog.at_level(logging.WARNING, logger="xenback"):
+        with pytest.raises(OSError) as info:
+            if what == "map":
+                bdev.map_grant_refs([fe.pages.refs[0]])
+            else:
+                bdev.bind_evtchn(spare, lambda port: None)
+    assert info.value.errno == errno.ENODEV
+    assert [t.name for t in threading.enumerate() if t not in threads] == []
+    assert driver._events is None
+    said = [r for r in caplog.records if r.msg == "%s: unmapping %s failed"]
+    assert len(said) == (what == "map")
+
+
+@pytest.mark.parametrize(("what", "text"), [
+    # Right after the look at _gone.
+    ("map", "made: list[GrantMapping] = []"),
+    ("bind", "def guarded"),
+    # Right after the handle is taken, before the platform's call.
+    ("map", "made.extend("),
+    ("bind", "bound.extend("),
+])
+def test_a_map_or_bind_that_stop_overtakes_raises_enodev_and_makes_no_handle(
+        host, driver, frontends, what, text) -> None:
+    """stop() runs whole after a map's (or bind's) look at whether the
+    device is gone: ENODEV, as for a map after the drop, whether it had
+    asked the driver for the grant handle (or the dispatcher) before,
+    which stop() closed (not the EBADF of the closed handle, nor the
+    RuntimeError of the closed dispatcher), or does after: no handle
+    is made anew for it, which nobody would close (a dispatcher's
+    thread running for ever)."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    spare = fe.frontend.bind_port()  # the connection holds fe.port
+    if what == "map":
+        pause = PauseAt(xenbus.BackendDevice.map_grant_refs, text)
+        taking = Attempt(lambda: pause.run(lambda: bdev.map_grant_refs([fe.pages.refs[0]])))
+    else:
+        pause = PauseAt(xenbus.BackendDevice.bind_evtchn, text)
+        taking = Attempt(lambda: pause.run(lambda: bdev.bind_evtchn(spare, lambda port: None)))
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        driver.stop()
+        assert bdev.gone
+        threads = set(threading.enumerate())
+    finally:
+        pause.resume()
+    outcome = taking.result()
+    assert isinstance(outcome, OSError) and outcome.errno == errno.ENODEV, outcome
+    assert (driver._events, driver._gnttab) == (None, None)
+    assert [t.name for t in threading.enumerate() if t not in threads] == []
 
 
 @pytest.mark.parametrize("what", ["map", "bind"])
@@ -3428,7 +3516,10 @@ def test_a_drop_that_stop_queued_and_that_did_not_finish_is_done_by_stop(
     disconnect() raised SystemExit, which the hooks' handling leaves
     alone, and the worker only logs) is still there once its queue is
     closed: stop() drops it itself, or it would outlive the driver, its
-    Closed never written and remove() never called."""
+    Closed never written and remove() never called.  Its ports went
+    with the dispatcher, which stop() closes: none is made anew to
+    unbind them, whose thread nobody would stop."""
+    before = {t.ident for t in threading.enumerate()}
     drv = RecordingDriver(host.dom0)
     drv.start()
     try:
@@ -3447,6 +3538,7 @@ def test_a_drop_that_stop_queued_and_that_did_not_finish_is_done_by_stop(
     # remove() ran on stop()'s thread: the device's queue was closed.
     assert drv.unordered == [f"remove of {bdev.nodename}"]
     assert dom0_xs.read(f"{dev.backend_path}/state") == str(int(S.CLOSED))
+    assert "xbtest-events" not in leaked_threads(before)  # the frontend's run on
 
 
 @pytest.mark.parametrize("was", [S.CONNECTED, S.CLOSING])
@@ -6193,13 +6285,23 @@ def test_a_frontend_starting_over_during_a_removal_read_back_with_online_taken_i
         assert not [r for r in caplog.records if r.exc_info is not None]
 
 
+def _waits_for_state() -> bool:
+    """Whether some thread waits for a device's _switch_lock (held by a
+    switch, paused): another switch, or a read-back of our state."""
+    return any(stands_at(t.ident, xenbus.BackendDevice._switch, "with self._switch_lock")
+               or stands_at(t.ident, xenbus.BackendDriver._backend_changed,
+                            "with dev._switch_lock")
+               for t in threading.enumerate() if t.ident is not None)
+
+
 def test_a_frontend_starting_over_as_our_fatal_commits_with_online_taken_is_served(
         host, dom0_xs, frontends, caplog, monkeypatch) -> None:
     """As test_a_frontend_starting_over_after_our_closing_with_online_taken_is_served,
     but the driver's own thread calls fatal() as the frontend starts over
     (Initialising, its event queued first), and the frontend's event is
-    handled between our Closing's commit and the rest of that switch: the
-    Closing is ours all the same, and the frontend gets InitWait.  Taken
+    handled between our Closing's commit and the rest of that switch, or
+    waits for it to end: the Closing is ours all the same, and the
+    frontend gets InitWait.  Taken
     for the toolstack's (our state not yet Closing), it dropped the
     device, the frontend left waiting for ever."""
     with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
@@ -6232,6 +6334,10 @@ def test_a_frontend_starting_over_as_our_fatal_commits_with_online_taken_is_serv
             failing.start()
             assert committed.wait(TIMEOUT)
             free.set()
+            # Handled (the frontend got InitWait), or waiting for our switch to end.
+            assert eventually(lambda: _waits_for_state() or dom0_xs.read(
+                f"{bdev.nodename}/state") == str(int(S.INIT_WAIT)))
+            release.set()
             handed_over(drv.xenstore, "closing", base=f"/local/domain/{drvdom.domid}/data")
             bdev.events.flush()
             assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
@@ -6241,3 +6347,149 @@ def test_a_frontend_starting_over_as_our_fatal_commits_with_online_taken_is_serv
             release.set()
             failing.join(TIMEOUT)
         assert not [r for r in caplog.records if r.exc_info is not None]
+
+
+def test_a_switch_that_commits_later_keeps_the_state_over_one_that_finishes_later(
+        host, driver, frontends, dom0_xs) -> None:
+    """A driver's thread calls fatal(), and stops between its Closing's
+    commit and its setting of ``state``; meanwhile the frontend starts
+    over (Initialising) and the queue switches to InitWait, or waits to.
+    The state is InitWait in the end, in XenStore and for the device:
+    the fatal() that finishes last must not set the Closing that InitWait
+    replaced, or the frontend's Initialised that follows is ignored (only
+    InitWait, Initialised and Closed are connected from), the frontend
+    left waiting until some other event reads the state back."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    # Right after the transaction: its Closing committed, the state not yet set.
+    pause = PauseAt(xenbus.BackendDevice._switch, "if stale is not None")
+    failing = Attempt(lambda: pause.run(lambda: bdev.fatal(errno.EIO, "driver failed")))
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        fe.set_state(S.INITIALISING)
+        # Switched (and every read-back of it run), or waiting to.
+        assert eventually(lambda: _waits_for_state() or bdev.state == S.INIT_WAIT)
+        handed_over(driver.xenstore, "initwait")
+    finally:
+        pause.resume()
+    assert failing.result() is True
+    fe.wait_backend(S.INIT_WAIT)
+    bdev.events.flush()
+    assert bdev.state == S.INIT_WAIT
+    assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
+    fe.pages = None
+    fe.publish()  # a fresh ring and port
+    fe.wait_backend(S.CONNECTED)
+    assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect", "connect"]
+
+
+def test_a_closing_of_ours_between_a_switch_and_its_clearing_stays_ours(
+        host, dom0_xs, frontends, monkeypatch, caplog) -> None:
+    """The driver's own thread calls fatal() as the queue's Connected (the
+    frontend connecting again) has committed and is about to clear
+    _closing_ours.  The Closing is ours all the same: with
+    ``online`` taken, a frontend starting over then gets InitWait (see
+    test_a_frontend_starting_over_after_our_closing_with_online_taken_is_served).
+    Cleared by the Connected that committed before the Closing, it was
+    taken for the toolstack's removal, and the device dropped."""
+    switch = xenbus.BackendDevice._switch  # the one the pause below runs
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
+        dom0_xs.set_perms(f"{bdev.nodename}/online", ["n0"])
+        fe.set_state(S.INITIALISING)
+        fe.wait_backend(S.INIT_WAIT)
+        pause = PauseAt.in_method(monkeypatch, xenbus.BackendDevice, "_switch",
+                                  "self._closing_ours = False")
+        fe.pages = None
+        fe.publish()  # a fresh ring and port
+        try:
+            assert pause.reached.wait(TIMEOUT)
+            failing = Attempt(lambda: bdev.fatal(errno.EIO, "driver failed"))
+            # Its Closing made, or waiting for the clearing to end.
+            assert eventually(lambda: not failing.thread.is_alive() or stands_at(
+                failing.thread.ident, switch, "with self._switch_lock"))
+        finally:
+            pause.resume()
+        assert failing.result() is True
+        monkeypatch.undo()
+        fe.wait_backend(S.CLOSING)
+        # Our Closing read back, its frontend connected: not dropped.
+        handed_over(drv.xenstore, "closing", base=f"/local/domain/{drvdom.domid}/data")
+        bdev.events.flush()
+        assert not bdev.gone
+        fe.set_state(S.INITIALISING)
+        fe.wait_backend(S.INIT_WAIT)
+        bdev.events.flush()
+        assert not bdev.gone
+        assert not [r for r in caplog.records if r.exc_info is not None]
+
+
+def test_a_switch_that_only_reads_and_commits_first_leaves_the_state_to_the_other(
+        host, driver, frontends, dom0_xs) -> None:
+    """fatal() on a driver's thread has made its Closing, not yet
+    committed, when another driver's thread switches to Connected, which
+    XenStore holds still: nothing to write, its transaction only reads,
+    and its commit, first, cannot fail the other's, which commits Closing
+    second.  The device's state must end as XenStore's: the switch that
+    wrote nothing must not set its Connected after the Closing was read
+    back (nothing would read it back again), nor may fatal() leave its
+    Closing unset for having decided first."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    committing = PauseAt(XenStore.transaction, "committed = client.commit()")
+    failing = Attempt(lambda: committing.run(lambda: bdev.fatal(errno.EIO, "driver failed")))
+    # Right after its transaction, its state not yet set.
+    setting = PauseAt(xenbus.BackendDevice._switch, "if stale is not None")
+    switching = None
+    try:
+        assert committing.reached.wait(TIMEOUT)
+        switching = Attempt(lambda: setting.run(lambda: bdev.switch_state(S.CONNECTED)))
+        # Committed (it read Connected), or waiting its turn.
+        assert eventually(lambda: setting.reached.is_set() or stands_at(
+            switching.thread.ident, xenbus.BackendDevice._switch, "with self._switch_lock"))
+    finally:
+        committing.resume()
+        if switching is None:
+            setting.resume()
+    try:
+        assert failing.result() is True
+        assert setting.reached.wait(TIMEOUT)
+        # The Closing read back before the switch goes on, or waiting to.
+        assert eventually(lambda: _waits_for_state() or bdev.state == S.CLOSING)
+    finally:
+        setting.resume()
+    switching.result()
+    handed_over(driver.xenstore, "readonly-after")
+    bdev.events.flush()
+    assert bdev.state == S(int(dom0_xs.read(f"{bdev.nodename}/state")))
+
+
+def test_a_switch_overtaken_by_the_toolstacks_removal_keeps_the_state_read_back(
+        host, driver, frontends, dom0_xs) -> None:
+    """A driver's thread switches to Closed, and stops between its commit
+    and its setting of ``state``; meanwhile the toolstack asks for
+    removal (online=0, Closing), and our read-back of it runs, or waits
+    for the switch to end.  The state is Closing in the end, as in
+    XenStore: the switch that finishes last must not set the Closed that
+    the toolstack's Closing replaced, for nothing would read it back."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    pause = PauseAt(xenbus.BackendDevice._switch, "if stale is not None")
+    switching = Attempt(lambda: pause.run(lambda: bdev.switch_state(S.CLOSED)))
+
+    def remove(t: Transaction) -> None:
+        t.write(f"{bdev.nodename}/online", "0")
+        t.write(f"{bdev.nodename}/state", str(int(S.CLOSING)))
+
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        dom0_xs.transaction(remove)
+        # Read back (our Closed, then the toolstack's Closing), or waiting to.
+        assert eventually(lambda: _waits_for_state() or bdev.state == S.CLOSING)
+        handed_over(driver.xenstore, "removal")
+    finally:
+        pause.resume()
+    assert switching.result() is True
+    bdev.events.flush()
+    assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.CLOSING))
+    assert bdev.state == S.CLOSING
+    assert not bdev.gone  # its frontend, still connected, closes first
