@@ -1083,12 +1083,15 @@ class PassiveSocket(Work):
         self.state = SockState.BOUND
         self._lock = threading.Lock()
         self.waiting: tuple[Request, ActiveSocket | None] | None = None
-        # Whether the host socket is (or may be: LISTEN sets it before
-        # add_fd) in the dispatcher's epoll set: changed by LISTEN (and
-        # taken back by its failure), read by teardown, both from the
-        # command processing, one at a time (no lock), and cleared by the
-        # Work failing, which runs only once LISTEN has set it (ACCEPT and
-        # POLL wait for LISTENING).
+        # Whether the host socket may be in the dispatcher's epoll set:
+        # set by LISTEN before add_fd, cleared once remove_fd says it is
+        # not.  Set on a socket that is still BOUND, it may be stale (an
+        # undo cut short as remove_fd returned, or by a Ctrl-C inside it),
+        # and the next LISTEN asks the dispatcher.  Changed by LISTEN (and
+        # its undo), read by teardown, both from the command processing,
+        # one at a time (no lock), and cleared by the Work failing, which
+        # runs only once LISTEN has set it (ACCEPT and POLL wait for
+        # LISTENING).
         self._registered = False
         self._torn_down = False
 
@@ -1118,6 +1121,14 @@ class PassiveSocket(Work):
             raise CommandError(_errno.EINVAL, f"socket {self.id:#x} is closed")
         added = False
         try:
+            if self._registered and self.state is SockState.BOUND:
+                # A LISTEN that failed set it, and its undo did not clear
+                # it: watched or not, only the dispatcher knows.  A Ctrl-C
+                # on either side of the answer leaves the record true.
+                try:
+                    self.frontend.dispatcher.modify_fd(self.host.fileno(), PASSIVE_EVENTS)
+                except KeyError:
+                    self._registered = False
             if not self._registered:
                 # Watched before it listens: the edge of a connection
                 # arriving once it does is not missed.  Until then nothing

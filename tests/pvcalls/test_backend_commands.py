@@ -38,7 +38,7 @@ from racewindow import PauseAt, stands_at
 import pvcalls
 from pvcalls import _errno, _socket, _wire
 from pvcalls._backend import _Frontend
-from pvcalls._socket import ActiveSocket, PassiveSocket, Request, SockState
+from pvcalls._socket import ActiveSocket, CommandError, PassiveSocket, Request, SockState
 from pvcalls._wire import ffi
 from workqueue import _work
 from xenback.events import EventDispatcher
@@ -2622,6 +2622,93 @@ def test_a_listen_interrupted_anywhere_leaves_no_descriptor_watched_for_good(
             break
         landed += 1
     assert landed >= 3  # add_fd's return among them
+    assert raw.unexpected == []
+
+
+@pytest.mark.parametrize("first", ["ctrl-c", "in use"])
+def test_a_listen_whose_undo_is_cut_short_leaves_a_retry_watched(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        first: str) -> None:
+    """A LISTEN fails after its host socket was watched (a Ctrl-C as
+    add_fd() returns, or listen() finding the port in use), and a Ctrl-C
+    lands at any place of the undo that takes the watch back: the LISTEN
+    done again leaves the socket watched, its connection reported, and
+    once released no descriptor is left watched.  Cut short as remove_fd()
+    returned, the undo left the record of a watch that was gone, and the
+    LISTEN done again, trusting it, listened unwatched: an ACCEPT waited
+    for an edge that nobody would report."""
+    from stolensignal import interrupted_at
+
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    watched = watched_fds(backend)
+    add_fd = backend.dispatcher.add_fd
+    cutting = False
+
+    def cut_add_fd(fd: int, events: int, callback: Any) -> None:
+        add_fd(fd, events, callback)
+        if cutting:
+            raise KeyboardInterrupt
+
+    if first == "ctrl-c":
+        monkeypatch.setattr(backend.dispatcher, "add_fd", cut_add_fd)
+    unregister = PassiveSocket._unregister
+    undoing = False
+
+    def counted_unregister(self: PassiveSocket) -> None:
+        nonlocal undoing
+        undoing = True
+        try:
+            unregister(self)
+        finally:
+            undoing = False
+
+    monkeypatch.setattr(PassiveSocket, "_unregister", counted_unregister)
+    landed = 0
+    for n in itertools.count():
+        sock_id, _ = raw.socket()
+        assert raw.bind(sock_id, ("127.0.0.1", 0)).ret == 0
+        address = address_of(backend, sock_id)
+        passive = fe._sockets[sock_id]
+        assert isinstance(passive, PassiveSocket)
+        taken = socket.socket()
+        if first == "in use":
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            taken.bind(address)
+            taken.listen()
+        req = ffi.new("struct xen_pvcalls_request *")
+        req.u.listen.id, req.u.listen.backlog = sock_id, 16
+        request = Request(10000 + n, _wire.PVCALLS_LISTEN, sock_id)
+
+        failed: list[BaseException] = []
+
+        def call(request: Request = request, req: Any = req,
+                 failed: list[BaseException] = failed) -> None:
+            nonlocal cutting
+            cutting = True
+            try:
+                _Frontend._listen(fe, request, req)
+            except (KeyboardInterrupt, CommandError) as exc:
+                failed.append(exc)  # the first failure, its undo not cut short
+            finally:
+                cutting = False
+
+        where = interrupted_at(n, os.path.dirname(pvcalls.__file__), call, lambda: not undoing)
+        taken.close()
+        assert where or len(failed) == 1
+        assert passive.state is SockState.BOUND, where
+        assert raw.listen(sock_id).ret == 0, where
+        assert passive.host.fileno() in watched_fds(backend), where
+        new_id = raw.new_id()
+        accept = raw.push_accept(sock_id, new_id, raw.new_ring())
+        with socket.create_connection(address, timeout=TIMEOUT):
+            assert raw.response(accept).ret == 0, where
+        assert raw.release(new_id).ret == 0, where
+        assert raw.release(sock_id).ret == 0, where
+        assert watched_fds(backend) == watched, where
+        if not where:
+            break
+        landed += 1
+    assert landed >= 3  # remove_fd()'s return among them
     assert raw.unexpected == []
 
 
