@@ -255,6 +255,22 @@ def _printable(text: str) -> str:
     return "".join(c if c.isascii() and c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+#: The longest error line of a device, ``"<errno> <message>"``: what its
+#: error node holds (XenStore takes 4096 bytes a value at most), and what
+#: its log lines quote of the message.
+_ERROR_LINE_MAX = 1024
+
+
+def _error_message(err: int, message: str) -> str:
+    """``message`` escaped (see _printable) and cut to what the error line
+    of ``err`` (positive) leaves room for: both the error node and the log
+    quote it so, and a driver's message may quote whatever the frontend
+    wrote, megabytes of it.  Cut before escaping too: an escape is never
+    shorter than its character, and the work stays bounded."""
+    room = _ERROR_LINE_MAX - len(f"{err} ")
+    return _printable(message[:room])[:room]
+
+
 def _check_error(err: int, message: str) -> None:
     """Name a wrong argument of error()/fatal(), a driver's error path."""
     if isinstance(err, bool) or not isinstance(err, int):
@@ -775,8 +791,8 @@ class BackendDevice:
         (see :meth:`fatal` for what is written when that transaction fails)."""
         _check_error(err, message)
         err = abs(err)
-        message = _printable(message)
-        line = f"{err} {message}"[:1024]
+        message = _error_message(err, message)
+        line = f"{err} {message}"
         why: list[str] = []
 
         state_path = f"{self.nodename}/state"
@@ -919,8 +935,8 @@ class BackendDevice:
         would count it against the device there now, which did not fail.
         Rate-limited as the error line it stands for (a driver may meet
         the failure again and again until the device is dropped).
-        ``message`` is escaped already (``_printable``): it may quote
-        what the frontend wrote."""
+        ``message`` is escaped and cut already (``_error_message``): it
+        may quote what the frontend wrote."""
         self.ratelimit.log(logger, logging.INFO, "%s: %s (errno %d), and %s: not reported there",
                            self.nodename, message, err, why)
 
@@ -2334,9 +2350,10 @@ class BackendDriver:
         one's sequel (a driver told False gives up and raises, or returns
         and its Connected is refused by the same taking), and one event
         is said once."""
+        quoted = _error_message(abs(err), message)
         if dev._refusal is not None:
             logger.debug("%s: %s (errno %d), after a report met a node taken: not reported",
-                         dev.nodename, _printable(message), abs(err))
+                         dev.nodename, quoted, abs(err))
             self._refused(dev, dev._refusal)
             return False
         try:
@@ -2350,11 +2367,11 @@ class BackendDriver:
             if not self._taken(exc):
                 raise
             # Said before the drop, whose last line is the device's last.
-            dev._not_reported(abs(err), _printable(message), f"{exc.filename} may not be read")
+            dev._not_reported(abs(err), quoted, f"{exc.filename} may not be read")
             self._refused(dev, exc)
             return False
         if why is not None:
-            dev._not_reported(abs(err), _printable(message), why)
+            dev._not_reported(abs(err), quoted, why)
         # "is not False": a driver's fatal() wrapped (or overridden) before
         # it told anything returns None, and that is no drop.
         elif dev.fatal(err, message) is not False:

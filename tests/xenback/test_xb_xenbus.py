@@ -1035,6 +1035,29 @@ def test_a_long_error_message_is_cut_to_what_the_error_node_holds(
     assert not [r for r in caplog.records if "could not write" in r.getMessage()]
 
 
+def test_a_long_error_message_is_logged_cut_as_the_error_node_holds_it(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """The log line quotes the message as the error node holds it: escaped,
+    then cut to the node's 1024 characters.  A driver's message may quote
+    whatever the frontend wrote; logged whole, a guest wrote megabytes of
+    it into the host's log per failure.  So is the line of a failure not
+    reported there, the directory deleted meanwhile."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    assert bdev.error(errno.EINVAL, "\x1b" * 5000) is True
+    line = error_node(dom0_xs, dev)
+    assert line == ("22 " + r"\x1b" * 5000)[:1024]
+    logged = [r.getMessage() for r in caplog.records if "error 22" in r.getMessage()]
+    assert logged == [f"{bdev.nodename}: error 22: {line[3:]}"]
+    dom0_xs.rm(dev.backend_path)
+    driver.wait_call("remove", guest.domid)
+    assert bdev.error(errno.EINVAL, "\x1b" * 5000) is False
+    said = [r.getMessage() for r in caplog.records if "not reported there" in r.getMessage()]
+    assert said == [f"{bdev.nodename}: {line[3:]} (errno 22), and the device directory was "
+                    "deleted: not reported there"]
+
+
 def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom0_xs,
                                                    caplog) -> None:
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
