@@ -376,9 +376,16 @@ class EventDispatcher(Closing):
             raise TypeError(f"port must be an int, not {type(port).__name__}")
         with self._lock:
             self._wait_idle("port", port)
-            if self._ports.pop(port, None) is None:
+            if port not in self._ports:
                 raise KeyError(f"event channel port {port} is not bound here")
-            self._evtchn.unbind(port)
+            # Unlisted once the handle's unbind has returned or raised, by
+            # a step that calls nothing: unlisted by a call before it, a
+            # Ctrl-C as that call returned left the port bound, known to
+            # nobody, until the handle closes.
+            try:
+                self._evtchn.unbind(port)
+            finally:
+                del self._ports[port]
 
     # Host file descriptors.
 
@@ -418,11 +425,17 @@ class EventDispatcher(Closing):
         _check_fd(fd)
         with self._lock:
             self._wait_idle("fd", fd)
-            if self._fds.pop(fd, None) is None:
+            if fd not in self._fds:
                 raise KeyError(f"fd {fd} is not registered")
-            del self._fd_events[fd]
+            # Unlisted as unbind() unlists a port: by a call before epoll's
+            # unregister, a Ctrl-C as it returned left the fd in the epoll
+            # set, its callback gone, and every add_fd of it refused.
+            try:
+                self._epoll.unregister(fd)
+            finally:
+                del self._fds[fd]
+                del self._fd_events[fd]
             self._fds_taken.discard(fd)
-            self._epoll.unregister(fd)
 
     # Poll mode.
 

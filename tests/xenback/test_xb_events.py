@@ -777,6 +777,77 @@ def test_a_bind_interrupted_anywhere_leaves_no_port_the_dispatcher_does_not_hold
     assert any(f"EventDispatcher.{which}" in where for where in landed), landed
 
 
+def test_an_unbind_interrupted_anywhere_leaves_its_port_listed_if_and_only_if_bound(
+        host, pair) -> None:
+    """A Ctrl-C landing as any call of an unbind returns, or as any of its
+    frames starts: the port is still bound and listed (the unbind done
+    again unbinds it), or neither.  Unlisted before the handle's unbind,
+    one landing as the lookup returned left the port bound, known to no
+    caller, until the dispatcher's handle closed.  Not in the handle's
+    own frames: cut short there, its unbind may or may not have been
+    done, and the port is unlisted all the same (listed, an unbind done
+    again could take the number from its next owner)."""
+    from tests.stolensignal import interrupted_at
+
+    guest, evtchn, dispatcher = pair
+    within = os.path.dirname(events.__file__)
+    baseline = host.hypervisor.stats()["ports"]
+    landed = 0
+    for n in itertools.count():
+        remote = evtchn.bind_unbound_port(0)
+        port = dispatcher.bind_interdomain(guest.domid, remote, lambda _port: None)
+        # Not the handle's frames: the simulated host's, and the checks
+        # of the platform module that it calls.
+        where = interrupted_at(n, within, lambda port=port: dispatcher.unbind(port),
+                               besides=(os.path.join(within, "sim"),
+                                        os.path.join(within, "platform.py")))
+        listed = dispatcher.ports
+        assert listed in ([], [port]), where
+        assert host.hypervisor.stats()["ports"] == baseline + 1 + len(listed), where
+        for port in listed:
+            dispatcher.unbind(port)
+        evtchn.unbind(remote)
+        assert host.hypervisor.stats()["ports"] == baseline, where
+        if not where:
+            break
+        landed += 1
+    assert landed >= 3
+
+
+def test_a_remove_fd_interrupted_anywhere_leaves_the_fd_listed_if_and_only_if_watched(
+        pair) -> None:
+    """A Ctrl-C landing as any call of a remove_fd returns, or as any of its
+    frames starts: the fd is still watched and listed (the remove_fd done
+    again removes it), or neither, and may be added again.  Unlisted
+    before epoll's unregister, one landing between left it in the epoll
+    set with no callback: each add_fd of it again refused (EEXIST), a
+    listener's LISTEN done again after its undo was cut short so."""
+    from tests.stolensignal import interrupted_at
+
+    _guest, _evtchn, dispatcher = pair
+    within = os.path.dirname(events.__file__)
+    r, w = os.pipe()
+    landed = 0
+    try:
+        for n in itertools.count():
+            dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _events: None)
+            where = interrupted_at(n, within, lambda: dispatcher.remove_fd(r))
+            with contextlib.suppress(KeyError):
+                dispatcher.remove_fd(r)
+            try:
+                dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _events: None)
+            except FileExistsError:
+                pytest.fail(f"{where}: the fd stayed in the epoll set, unlisted")
+            dispatcher.remove_fd(r)
+            if not where:
+                break
+            landed += 1
+    finally:
+        os.close(r)
+        os.close(w)
+    assert landed >= 3
+
+
 def test_an_interrupted_bind_leaves_alone_its_port_number_rebound_meanwhile(
         host, pair, monkeypatch) -> None:
     """A bind interrupted once it had listed its port, which another thread
