@@ -367,21 +367,31 @@ class EventDispatcher(Closing):
         """Send an event on ``port``."""
         self._evtchn.notify(port)
 
-    def unbind(self, port: int) -> None:
+    def unbind(self, port: int, callback: PortCallback | None = None) -> None:
         """Unbind ``port``; waits for a running callback of it to return.
-        :class:`KeyError` if it is not bound here."""
+        :class:`KeyError` if it is not bound here, or, with ``callback``,
+        if it is bound with another callback (one equal to it is its: a
+        bound method is made anew at each look-up).  For an owner that
+        keeps the number on record until its unbind is over: done again
+        after a Ctrl-C cut it short, it unbinds the port if that was not
+        done, and leaves alone the number bound since by another."""
         if not is_int(port):
             # Before the lookup: 1.0 and True find port 1's callback, which
             # would be dropped before the handle refused them.
             raise TypeError(f"port must be an int, not {type(port).__name__}")
         with self._lock:
             self._wait_idle("port", port)
-            if port not in self._ports:
-                raise KeyError(f"event channel port {port} is not bound here")
+            listed = self._ports.get(port)
+            if listed is None or (callback is not None and listed != callback):
+                raise KeyError(f"event channel port {port} is not bound here"
+                               + (" with that callback" if listed is not None else ""))
             # Unlisted once the handle's unbind has returned or raised, by
             # a step that calls nothing: unlisted by a call before it, a
             # Ctrl-C as that call returned left the port bound, known to
-            # nobody, until the handle closes.
+            # nobody, until the handle closes.  One inside the handle's
+            # unbind (a Python call too) still may, before its act: then
+            # nobody can tell whether it was done, and listed, the port's
+            # number could be unbound again under its next owner.
             try:
                 self._evtchn.unbind(port)
             finally:

@@ -814,6 +814,33 @@ def test_an_unbind_interrupted_anywhere_leaves_its_port_listed_if_and_only_if_bo
     assert landed >= 3
 
 
+def test_an_unbind_naming_a_callback_leaves_alone_a_port_bound_with_another(host, pair) -> None:
+    """unbind(port, callback) unbinds a port bound with that callback (or
+    one equal to it: a bound method is made anew at each look-up), and
+    refuses one bound with another, which stays bound and listed: the
+    number an owner kept on record, bound since by someone else."""
+    guest, evtchn, dispatcher = pair
+
+    class Owner:
+        def on_event(self, port: int) -> None:
+            pass
+
+    owner, other = Owner(), Owner()
+    baseline = host.hypervisor.stats()["ports"]
+    remote = evtchn.bind_unbound_port(0)
+    port = dispatcher.bind_interdomain(guest.domid, remote, other.on_event)
+    with pytest.raises(KeyError, match=f"port {port} is not bound here with that callback"):
+        dispatcher.unbind(port, owner.on_event)
+    assert dispatcher.ports == [port]
+    assert host.hypervisor.stats()["ports"] == baseline + 2
+    dispatcher.unbind(port, other.on_event)
+    assert dispatcher.ports == []
+    with pytest.raises(KeyError, match=f"port {port} is not bound here'$"):
+        dispatcher.unbind(port, other.on_event)
+    evtchn.unbind(remote)
+    assert host.hypervisor.stats()["ports"] == baseline
+
+
 def test_a_remove_fd_interrupted_anywhere_leaves_the_fd_listed_if_and_only_if_watched(
         pair) -> None:
     """A Ctrl-C landing as any call of a remove_fd returns, or as any of its
