@@ -1868,6 +1868,57 @@ def test_a_release_cut_short_as_its_port_is_unbound_leaves_the_number_to_its_nex
     assert raw.unexpected == []
 
 
+@pytest.mark.parametrize("code", [pvcalls, xenback], ids=["pvcalls", "xenback"])
+def test_a_release_cut_short_anywhere_in_its_unbinding_leaves_no_port_bound(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, code: types.ModuleType) -> None:
+    """A Ctrl-C landing anywhere in the unbinding of a connected socket's
+    port, in ``code`` (not in the handle's frames: see EventDispatcher.
+    unbind): the RELEASE done again leaves nothing of the socket held.
+    Off the record before the unbind, the port was left bound by one
+    landing as the unbind started, known to nobody, until the poller's
+    dispatcher closed with the backend."""
+    from stolensignal import interrupted_at
+
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    within = os.path.dirname(code.__file__)
+    besides = (os.path.join(within, "sim"), os.path.join(within, "platform.py"))
+    unbind = ActiveSocket._unbind
+    unbinding = False
+
+    def counted_unbind(self: ActiveSocket) -> None:
+        nonlocal unbinding
+        unbinding = True
+        try:
+            unbind(self)
+        finally:
+            unbinding = False
+
+    monkeypatch.setattr(ActiveSocket, "_unbind", counted_unbind)
+    landed = 0
+    for n in itertools.count():
+        before = resources(backend, host)
+        sock_id, ring = raw.connect_socket(echo_server.address)
+        req = ffi.new("struct xen_pvcalls_request *")
+        req.u.release.id = sock_id
+        request = Request(10000 + n, _wire.PVCALLS_RELEASE, sock_id)
+
+        def call(request: Request = request, req: Any = req) -> None:
+            assert _Frontend._release(fe, request, req) == 0
+
+        where = interrupted_at(n, within, call, lambda: not unbinding, besides=besides)
+        if where:
+            assert sock_id in fe._sockets, where
+            assert raw.release(sock_id).ret == 0, where
+        ring.close()
+        assert resources(backend, host) == before, where
+        if not where:
+            break
+        landed += 1
+    assert landed >= 3  # unbind_quietly's start among them
+    assert raw.unexpected == []
+
+
 def test_a_release_of_a_connecting_socket_cut_short_leaves_its_connect_to_the_next(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """An interrupt in a step of the teardown of a socket whose CONNECT is
@@ -1960,6 +2011,46 @@ def test_a_frontend_s_close_cut_short_as_its_port_is_unbound_leaves_the_number_t
     _, answer = second.socket()
     assert answer.ret == 0
     assert first.unexpected == [] and second.unexpected == []
+
+
+@pytest.mark.parametrize("code", [pvcalls, xenback], ids=["pvcalls", "xenback"])
+def test_a_frontend_s_close_cut_short_anywhere_in_its_unbinding_leaves_no_port_bound(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        code: types.ModuleType) -> None:
+    """A Ctrl-C landing anywhere in the unbinding of a frontend's command
+    port, in ``code`` (not in the handle's frames: see EventDispatcher.
+    unbind): the close() done again leaves the port unbound.  Off the
+    record before the unbind, the port was left bound by one landing as
+    the unbind started, until the backend's dispatcher closed."""
+    from stolensignal import interrupted_at
+
+    within = os.path.dirname(code.__file__)
+    besides = (os.path.join(within, "sim"), os.path.join(within, "platform.py"))
+    unbind = pvcalls._backend.unbind_quietly
+    unbinding = False
+
+    def counted_unbind(*args: Any) -> None:
+        nonlocal unbinding
+        unbinding = True
+        try:
+            unbind(*args)
+        finally:
+            unbinding = False
+
+    monkeypatch.setattr(pvcalls._backend, "unbind_quietly", counted_unbind)
+    landed = 0
+    for n in itertools.count():
+        guest = make_frontend(f"guest{n}")
+        fe = backend._frontends[(guest.guest.domid, 0)]
+        port = fe.port
+        where = interrupted_at(n, within, fe.close, lambda: not unbinding, besides=besides)
+        fe.close()
+        assert port not in backend.dispatcher.ports, where
+        assert guest.unexpected == []
+        if not where:
+            break
+        landed += 1
+    assert landed >= 2  # unbind_quietly's start among them
 
 
 def _called_from(func: Any) -> bool:
