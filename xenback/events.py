@@ -412,9 +412,20 @@ class EventDispatcher(Closing):
             self._check_open()
             if fd in self._fds:
                 raise ValueError(f"fd {fd} is already registered")
-            self._epoll.register(fd, events)
+            # Listed before epoll's register, by steps that call nothing,
+            # and unlisted again only for its own failure: listed after, a
+            # Ctrl-C as it returned left the fd in the epoll set with no
+            # callback, and every add_fd of it refused (EEXIST).
             self._fds[fd] = callback
             self._fd_events[fd] = events
+            try:
+                self._epoll.register(fd, events)
+            except Exception:
+                # Raised by register() itself: nothing was registered.  (An
+                # interrupt comes only once it has returned: it stays listed.)
+                del self._fds[fd]
+                del self._fd_events[fd]
+                raise
 
     def modify_fd(self, fd: int, events: int) -> None:
         """Change the epoll mask of a registered ``fd`` (re-arms ONESHOT)."""

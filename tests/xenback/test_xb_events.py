@@ -841,6 +841,45 @@ def test_an_unbind_naming_a_callback_leaves_alone_a_port_bound_with_another(host
     assert host.hypervisor.stats()["ports"] == baseline
 
 
+def test_an_add_fd_interrupted_anywhere_leaves_the_fd_listed_if_and_only_if_watched(
+        pair) -> None:
+    """A Ctrl-C landing as any call of an add_fd returns, or as any of its
+    frames starts: the fd is watched and listed (remove_fd takes it
+    out), or neither, and may be added again.  Listed after epoll's
+    register, one landing as it returned left the fd in the epoll set
+    with no callback, and every add_fd of it refused (EEXIST)."""
+    from tests.stolensignal import interrupted_at
+
+    _guest, _evtchn, dispatcher = pair
+    within = os.path.dirname(events.__file__)
+    r, w = os.pipe()
+    landed = 0
+    try:
+        for n in itertools.count():
+            where = interrupted_at(
+                n, within, lambda: dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _ev: None))
+            with contextlib.suppress(KeyError):
+                dispatcher.remove_fd(r)
+            try:
+                dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _events: None)
+            except FileExistsError:
+                pytest.fail(f"{where}: the fd stayed in the epoll set, unlisted")
+            dispatcher.remove_fd(r)
+            if not where:
+                break
+            landed += 1
+    finally:
+        os.close(r)
+        os.close(w)
+    assert landed >= 3
+    # Refused by epoll itself (a regular file): not listed either.
+    with open(__file__) as f:
+        with pytest.raises(PermissionError):
+            dispatcher.add_fd(f.fileno(), select.EPOLLIN, lambda _fd, _events: None)
+        with pytest.raises(KeyError):
+            dispatcher.remove_fd(f.fileno())
+
+
 def test_a_remove_fd_interrupted_anywhere_leaves_the_fd_listed_if_and_only_if_watched(
         pair) -> None:
     """A Ctrl-C landing as any call of a remove_fd returns, or as any of its
