@@ -450,13 +450,16 @@ class EventDispatcher(Closing):
                 raise KeyError(f"fd {fd} is not registered")
             # Unlisted as unbind() unlists a port: by a call before epoll's
             # unregister, a Ctrl-C as it returned left the fd in the epoll
-            # set, its callback gone, and every add_fd of it refused.
+            # set, its callback gone, and every add_fd of it refused.  Not
+            # taken either, whatever ends the unregister: kept so, the next
+            # fd of the number, added ONESHOT, would be left to an owner
+            # that never had it by every resync (the discard, a call, last).
             try:
                 self._epoll.unregister(fd)
             finally:
                 del self._fds[fd]
                 del self._fd_events[fd]
-            self._fds_taken.discard(fd)
+                self._fds_taken.discard(fd)
 
     # Poll mode.
 
