@@ -108,6 +108,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
+from types import BuiltinMethodType, MethodType
 from typing import TYPE_CHECKING
 
 from workqueue import blocking, wait_slice
@@ -370,11 +371,12 @@ class EventDispatcher(Closing):
     def unbind(self, port: int, callback: PortCallback | None = None) -> None:
         """Unbind ``port``; waits for a running callback of it to return.
         :class:`KeyError` if it is not bound here, or, with ``callback``,
-        if it is bound with another callback (one equal to it is its: a
-        bound method is made anew at each look-up).  For an owner that
-        keeps the number on record until its unbind is over: done again
-        after a Ctrl-C cut it short, it unbinds the port if that was not
-        done, and leaves alone the number bound since by another."""
+        if it is bound with another callback (a bound method of the same
+        function and the very same object is its: one is made anew at
+        each look-up).  For an owner that keeps the number on record
+        until its unbind is over: done again after a Ctrl-C cut it short,
+        it unbinds the port if that was not done, and leaves alone the
+        number bound since by another."""
         if not is_int(port):
             # Before the lookup: 1.0 and True find port 1's callback, which
             # would be dropped before the handle refused them.
@@ -382,7 +384,7 @@ class EventDispatcher(Closing):
         with self._lock:
             self._wait_idle("port", port)
             listed = self._ports.get(port)
-            if listed is None or (callback is not None and listed != callback):
+            if listed is None or (callback is not None and not _same_callback(listed, callback)):
                 raise KeyError(f"event channel port {port} is not bound here"
                                + (" with that callback" if listed is not None else ""))
             # Unlisted once the handle's unbind has returned or raised, by
@@ -889,6 +891,21 @@ class EventDispatcher(Closing):
                                exc_info=error)
         for fd, revents in ready:
             self._dispatch_fd(fd, revents)
+
+
+#: Callables whose equality is CPython's, by the identity of their object.
+_METHODS = (MethodType, BuiltinMethodType)
+
+
+def _same_callback(listed: object, callback: object) -> bool:
+    """Whether ``callback`` is the callback ``listed``: the very object, or
+    a bound method (Python's or a builtin's) of the same function and the
+    very same object.  Not by equality as such: two owners' callables may
+    be equal (a dataclass's that is called, say), and their __eq__ would
+    run under the dispatcher's lock.  The methods' own, CPython's, compares
+    their objects by identity."""
+    return listed is callback or (type(listed) in _METHODS
+                                  and type(callback) is type(listed) and listed == callback)
 
 
 def _check_fd(fd: int) -> None:

@@ -841,6 +841,45 @@ def test_an_unbind_naming_a_callback_leaves_alone_a_port_bound_with_another(host
     assert host.hypervisor.stats()["ports"] == baseline
 
 
+def test_an_unbind_naming_a_callback_tells_owners_apart_by_identity(host, pair) -> None:
+    """Two owners' callbacks may be equal (a dataclass's that is called,
+    say, of equal fields): the port bound with one is not unbound by an
+    unbind naming the other, and no callback's own __eq__ runs (it would
+    run under the dispatcher's lock).  A bound method names its port
+    still, made anew or not, and a builtin one too."""
+    guest, evtchn, dispatcher = pair
+    compared: list[object] = []
+
+    class Kick:
+        def __init__(self, what: str) -> None:
+            self.what = what
+
+        def __call__(self, port: int) -> None:
+            pass
+
+        def __eq__(self, other: object) -> bool:
+            compared.append(other)
+            return isinstance(other, Kick) and other.what == self.what
+
+        __hash__ = object.__hash__
+
+    baseline = host.hypervisor.stats()["ports"]
+    remote = evtchn.bind_unbound_port(0)
+    mine, theirs = Kick("socket"), Kick("socket")
+    port = dispatcher.bind_interdomain(guest.domid, remote, theirs)
+    with pytest.raises(KeyError, match="with that callback"):
+        dispatcher.unbind(port, mine)
+    assert dispatcher.ports == [port] and not compared
+    assert host.hypervisor.stats()["ports"] == baseline + 2
+    dispatcher.unbind(port, theirs)
+    seen: list[int] = []
+    port = dispatcher.bind_interdomain(guest.domid, remote, seen.append)
+    dispatcher.unbind(port, seen.append)
+    assert dispatcher.ports == []
+    evtchn.unbind(remote)
+    assert host.hypervisor.stats()["ports"] == baseline
+
+
 def test_an_add_fd_interrupted_anywhere_leaves_the_fd_listed_if_and_only_if_watched(
         pair) -> None:
     """A Ctrl-C landing as any call of an add_fd returns, or as any of its
