@@ -243,16 +243,14 @@ def _number(text: str) -> int:
     return -1
 
 
-def _printable(text: str) -> str:
-    """``text`` with everything but printable ASCII backslash-escaped.
+def _printable(c: str) -> str:
+    """The character ``c``, backslash-escaped unless it is printable ASCII.
 
     An error message may quote what a frontend wrote, and that may be
     anything; but the error node can only hold printable ASCII (see
     xenback.xenstore), and a reported error must not itself fail.
     """
-    if text.isascii() and text.isprintable():
-        return text
-    return "".join(c if c.isascii() and c.isprintable() else ascii(c)[1:-1] for c in text)
+    return c if c.isascii() and c.isprintable() else ascii(c)[1:-1]
 
 
 #: The longest error line of a device, ``"<errno> <message>"``: what its
@@ -266,9 +264,21 @@ def _error_message(err: int, message: str) -> str:
     of ``err`` (positive) leaves room for: both the error node and the log
     quote it so, and a driver's message may quote whatever the frontend
     wrote, megabytes of it.  Cut before escaping too: an escape is never
-    shorter than its character, and the work stays bounded."""
+    shorter than its character, and the work stays bounded.  Cut after
+    escaping before the first escape that does not fit whole: half of
+    one (a backslash, ``\\u20``) would read as text the message never
+    held."""
     room = _ERROR_LINE_MAX - len(f"{err} ")
-    return _printable(message[:room])[:room]
+    message = message[:room]
+    if message.isascii() and message.isprintable():
+        return message
+    escaped: list[str] = []
+    for piece in map(_printable, message):
+        room -= len(piece)
+        if room < 0:
+            break
+        escaped.append(piece)
+    return "".join(escaped)
 
 
 def _check_error(err: int, message: str) -> None:

@@ -1047,7 +1047,7 @@ def test_a_long_error_message_is_logged_cut_as_the_error_node_holds_it(
     bdev = backend_device(driver, guest.domid)
     assert bdev.error(errno.EINVAL, "\x1b" * 5000) is True
     line = error_node(dom0_xs, dev)
-    assert line == ("22 " + r"\x1b" * 5000)[:1024]
+    assert line == "22 " + r"\x1b" * 255  # whole escapes: see the next test
     logged = [r.getMessage() for r in caplog.records if "error 22" in r.getMessage()]
     assert logged == [f"{bdev.nodename}: error 22: {line[3:]}"]
     dom0_xs.rm(dev.backend_path)
@@ -1056,6 +1056,27 @@ def test_a_long_error_message_is_logged_cut_as_the_error_node_holds_it(
     said = [r.getMessage() for r in caplog.records if "not reported there" in r.getMessage()]
     assert said == [f"{bdev.nodename}: {line[3:]} (errno 22), and the device directory was "
                     "deleted: not reported there"]
+
+
+@pytest.mark.parametrize("char", ["\n", "\x1b", "\u00e9", "\u2028", "\U0001f600"])
+def test_a_long_error_message_is_cut_before_an_escape_that_does_not_fit_whole(
+        host, driver, frontends, dom0_xs, caplog, char) -> None:
+    """The error line ends on a whole character of the message: an escape
+    that would reach past 1024 characters goes whole.  Cut in half, its
+    start (a backslash, "\\u20") read as text the message never held."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    escaped = ascii(char)[1:-1]
+    for kept in range(len(escaped)):
+        before = "x" * (1021 - kept)
+        assert bdev.error(errno.EINVAL, before + char + "y") is True
+        assert error_node(dom0_xs, dev) == "22 " + before, kept
+        logged = [r.getMessage() for r in caplog.records if "error 22" in r.getMessage()]
+        assert logged[-1] == f"{bdev.nodename}: error 22: {before}", kept
+    before = "x" * (1021 - len(escaped))
+    assert bdev.error(errno.EINVAL, before + char + "y") is True
+    assert error_node(dom0_xs, dev) == "22 " + before + escaped
 
 
 def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom0_xs,
