@@ -1058,6 +1058,34 @@ def test_a_long_error_message_is_logged_cut_as_the_error_node_holds_it(
                     "deleted: not reported there"]
 
 
+def test_a_driver_s_long_failure_not_reported_there_is_logged_cut_as_the_node_would_hold_it(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """A driver's hook failing with a long message (quoting what the
+    frontend wrote, say) once the device directory is gone: the line
+    that says the failure is not reported there quotes it escaped and
+    cut as its error node would have held it, not whole."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = _at_init_wait(host, frontends, "bad")
+
+    def hook(_dev: Any) -> None:
+        dom0_xs.rm(dev.backend_path)
+        raise ValueError("\x1b" * 5000)
+
+    driver.connect_hook = hook
+    fe.publish()
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if "not reported there" in r.getMessage()]
+
+    driver.wait(lambda: bool(said()))
+    bdev = f"{driver.backend_root}/{guest.domid}/0"
+    escape = r"\x1b"
+    quoted = escape * ((1024 - len("22 connecting: ")) // len(escape))
+    assert said() == [f"{bdev}: connecting: {quoted} (errno 22), and the device directory "
+                      "was deleted: not reported there"]
+
+
 @pytest.mark.parametrize("char", ["\n", "\x1b", "\u00e9", "\u2028", "\U0001f600"])
 def test_a_long_error_message_is_cut_before_an_escape_that_does_not_fit_whole(
         host, driver, frontends, dom0_xs, caplog, char) -> None:
