@@ -1228,3 +1228,22 @@ def test_a_taken_oneshot_fd_s_removal_interrupted_anywhere_leaves_it_not_taken(
         os.close(r)
         os.close(w)
     assert landed >= 3
+
+
+def test_an_fd_epoll_refused_leaves_nothing_for_a_resync(polled, caplog) -> None:
+    """An add_fd that epoll's register refused (a regular file: EPERM)
+    leaves nothing of the fd: a resync after it re-arms no such fd (which
+    would fail, be logged, and have every wake-up resync again)."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    _, failed = _failing_first(dispatcher, remote, guest)
+    with open(__file__) as f:
+        with pytest.raises(PermissionError):
+            dispatcher.add_fd(f.fileno(), select.EPOLLIN | select.EPOLLONESHOT,
+                              lambda _fd, _events: None)
+        evtchn.notify(remote)
+        assert dispatcher.poll(TIMEOUT) == 1  # the port's callback raised
+        assert dispatcher.poll(TIMEOUT) == 1  # the resync: the port alone
+        assert dispatcher.poll(0) == 0  # and no resync again
+    assert len(failed) == 2
+    assert not [r for r in caplog.records if "re-arming failed" in r.getMessage()]
