@@ -356,13 +356,18 @@ class EventDispatcher(Closing):
                     # Unbound meanwhile (its callback knows the number), and
                     # bound again since, by another bind: that one's now.
                     return
-                self._ports.pop(port, None)
+                # Unlisted once the handle's unbind is over, by steps that
+                # call nothing, as unbind() unlists: a second Ctrl-C as a
+                # call before it returned left the port bound, unlisted.
                 try:
                     self._evtchn.unbind(port)
                 except OSError:
                     # Not raised over the Ctrl-C: a caller's except for
                     # this error would swallow it.
                     logger.debug("giving back port %d failed", port, exc_info=True)
+                finally:
+                    if port in self._ports:
+                        del self._ports[port]
 
     def notify(self, port: int) -> None:
         """Send an event on ``port``."""

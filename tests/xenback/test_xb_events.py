@@ -1767,3 +1767,40 @@ def test_unbind_of_a_port_that_only_equals_an_int_keeps_the_port(host, pair) -> 
     assert fired.acquire(timeout=TIMEOUT)  # still dispatched
     dispatcher.unbind(local)
     assert dispatcher.ports == []
+
+
+def test_a_bind_s_give_back_interrupted_anywhere_leaves_its_port_listed_if_and_only_if_bound(
+        host, pair) -> None:
+    """The give-back of a bind that a Ctrl-C cut short (a second Ctrl-C
+    landing in it as any of its calls returns, or as a frame starts):
+    the port is still bound and listed (close() or an unbind unbinds
+    it), or neither.  Unlisted by a call before the handle's unbind, one
+    landing as that call returned left the port bound, known to nobody,
+    until the dispatcher's handle closed, as unbind() did."""
+    from tests.stolensignal import interrupted_at
+
+    guest, evtchn, dispatcher = pair
+    within = os.path.dirname(events.__file__)
+    baseline = host.hypervisor.stats()["ports"]
+
+    def callback(_port: int) -> None:
+        pass
+
+    landed = 0
+    for n in itertools.count():
+        remote = evtchn.bind_unbound_port(0)
+        port = dispatcher.bind_interdomain(guest.domid, remote, callback)
+        where = interrupted_at(n, within, lambda port=port: dispatcher._give_back([port], callback),
+                               besides=(os.path.join(within, "sim"),
+                                        os.path.join(within, "platform.py")))
+        listed = dispatcher.ports
+        assert listed in ([], [port]), where
+        assert host.hypervisor.stats()["ports"] == baseline + 1 + len(listed), where
+        for port in listed:
+            dispatcher.unbind(port)
+        evtchn.unbind(remote)
+        assert host.hypervisor.stats()["ports"] == baseline, where
+        if not where:
+            break
+        landed += 1
+    assert landed >= 3
