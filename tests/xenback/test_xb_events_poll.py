@@ -1181,12 +1181,15 @@ def test_a_taken_oneshot_fd_s_removal_interrupted_anywhere_leaves_it_not_taken(
     (by that remove_fd or the one done again), the fd added again
     ONESHOT is armed, and an event of it that a failed dispatch lost is
     handed out again.  One landing as epoll's unregister returned had
-    the fd unlisted but still taken, left alone by every resync."""
+    the fd unlisted but still taken, left alone by every resync.  Nor,
+    listed still, is it re-armed by a resync meanwhile: it is its
+    owner's until it is removed."""
     from tests.stolensignal import interrupted_at
 
     guest, evtchn, dispatcher = polled
     remote = evtchn.bind_unbound_port(0)
     dispatcher.bind_interdomain(guest.domid, remote, lambda _port: None)
+    other = evtchn.bind_unbound_port(0)
     within = os.path.dirname(events.__file__)
     oneshot = select.EPOLLIN | select.EPOLLONESHOT
     calls: list[int] = []
@@ -1194,6 +1197,14 @@ def test_a_taken_oneshot_fd_s_removal_interrupted_anywhere_leaves_it_not_taken(
     def record(_fd: int, revents: int) -> None:
         calls.append(revents)
 
+    failing: list[int] = []
+
+    def fail(port: int) -> None:
+        failing.append(port)
+        if len(failing) % 2:
+            raise RuntimeError("a bug")  # every other call: a resync each
+
+    dispatcher.bind_interdomain(guest.domid, other, fail)
     r, w = os.pipe()
     os.write(w, b"x")  # never read: readable throughout
     landed = 0
@@ -1201,7 +1212,13 @@ def test_a_taken_oneshot_fd_s_removal_interrupted_anywhere_leaves_it_not_taken(
         for n in itertools.count():
             dispatcher.add_fd(r, oneshot, record)
             assert dispatcher.poll(TIMEOUT) == 1  # taken
+            calls.clear()
             where = interrupted_at(n, within, lambda: dispatcher.remove_fd(r))
+            evtchn.notify(other)
+            assert dispatcher.poll(TIMEOUT) == 1  # its callback raised
+            dispatcher.poll(TIMEOUT)  # the resync
+            dispatcher.poll(0)
+            assert not calls, where
             with contextlib.suppress(KeyError):
                 dispatcher.remove_fd(r)
             calls.clear()
