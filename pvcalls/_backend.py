@@ -812,14 +812,17 @@ class _Frontend:
         mappings: list[GrantMapping] = []
         ports: list[int] = []
         ring = None
+        # The callback the port is bound with, which its unbind names
+        # (see unbind_quietly).
+        self._port_callback = self._on_event
         try:
             mappings.extend(map(self.gnttab.map_grant_refs, (self.domid,), ([ring_ref],)))
             ring = BackRing(mappings[0].buffer[:PAGE_SIZE], SLOT_SIZE)
             ports.extend(map(self.dispatcher.bind_interdomain, (self.domid,), (remote_port,),
-                             (self._on_event,)))
+                             (self._port_callback,)))
         except BaseException:
             for port in ports:
-                unbind_quietly(self.dispatcher, port)
+                unbind_quietly(self.dispatcher, port, self._port_callback)
             if ring is not None:
                 ring.release()
             for mapping in mappings:
@@ -1329,15 +1332,12 @@ class _Frontend:
             if self._released:
                 return
             self._closed = True
-        # The record goes first (as ActiveSocket._unbind): kept by an
-        # interrupt as unbind() returns, it would have the close() done
-        # again unbind the number, which may be another frontend's command
-        # port on the shared dispatcher by then.  One landing before the
-        # unbind is done leaves the port bound until the dispatcher
-        # closes: the lesser harm.
+        # The record goes once the unbind is over (see unbind_quietly): the
+        # number may be another frontend's command port on the shared
+        # dispatcher by the time a close() cut short is done again.
         if self._port_bound:
+            unbind_quietly(self.dispatcher, self.port, self._port_callback)
             self._port_bound = False
-            unbind_quietly(self.dispatcher, self.port)
         self._work.disable_sync()
         with self._lock:
             sockets = list(self._sockets.items())

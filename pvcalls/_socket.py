@@ -75,7 +75,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from workqueue import Work
-from xenback.events import EventDispatcher
+from xenback.events import EventDispatcher, PortCallback
 from xenback.platform import GrantMapping, GrantTable
 from xenback.ring import FlexRing, RingError, mb, wmb
 
@@ -322,12 +322,18 @@ def _unmap(pages: GrantMapping) -> None:
         logger.exception("unmapping a data ring failed")
 
 
-def unbind_quietly(events: EventDispatcher, port: int) -> None:
-    """Unbind ``port``; a failure (unbound already, the dispatcher closed)
-    is logged, not raised: the callers, a socket's or a frontend's, are
-    giving it up, with more to release."""
+def unbind_quietly(events: EventDispatcher, port: int, callback: PortCallback) -> None:
+    """Unbind ``port``, if it is still bound with ``callback``; a failure
+    (unbound already, bound since by another, the dispatcher closed) is
+    logged, not raised: the callers, a socket's or a frontend's, are
+    giving it up, with more to release.  They keep the number on record
+    until this is over: taken off first, a Ctrl-C as this started left
+    the port bound, known to nobody, until the dispatcher closed; kept
+    by one as this returned, the unbind done again leaves alone the
+    number bound since by another (see EventDispatcher.unbind, whose
+    handle's own frames keep a window of the first kind)."""
     try:
-        events.unbind(port)
+        events.unbind(port, callback)
     except (OSError, KeyError, ValueError, RuntimeError):
         logger.debug("unbinding port %s failed", port, exc_info=True)
 
@@ -398,6 +404,9 @@ class ActiveSocket(Work):
         self.host: socket.socket | None = None
         self.ring: DataRing | None = None
         self.port: int | None = None        # our local event channel port
+        # The callback our port is bound with, which its unbind names
+        # (see unbind_quietly).
+        self._port_callback = self._on_event
         # The dispatcher of our CPU's poller, with our port and host socket
         # (see pvcalls._poller); chosen when the ring is attached.
         self.events: EventDispatcher | None = None
@@ -485,14 +494,14 @@ class ActiveSocket(Work):
                       else backend._events_for_next_socket())
             try:
                 ports.extend(map(events.bind_interdomain, (fe.domid,), (remote_port,),
-                                 (self._on_event,)))
+                                 (self._port_callback,)))
             except (OSError, ValueError) as exc:
                 raise CommandError(_errno.EINVAL, f"cannot bind event channel {remote_port}: "
                                    f"{exc}") from None
         except BaseException:
             for port in ports:
                 assert events is not None, "bound through it"
-                unbind_quietly(events, port)
+                unbind_quietly(events, port, self._port_callback)
             for ring in rings:
                 ring.close()
             raise
@@ -958,9 +967,8 @@ class ActiveSocket(Work):
         unmapping: every caller still has requests to answer and a table to
         fix.  An interrupt (Ctrl-C in a wait for a callback) is re-raised
         once every step has been tried; what it left held is still recorded
-        here, for the next teardown to release (but a port whose unbinding
-        it cut short: see _unbind), and so is the CONNECT still waiting, for
-        the next teardown to hand on.
+        here, for the next teardown to release, and so is the CONNECT still
+        waiting, for the next teardown to hand on.
         """
         # CLOSED after the wait, unlike a listener's: nothing sent to an active id waits for
         # its Work, and one put back by a wait cut short must stay CONNECTED for the next flush.
@@ -1047,14 +1055,10 @@ class ActiveSocket(Work):
             host.close()
 
     def _unbind(self) -> None:
-        # The record goes first: kept by an interrupt as unbind() returns,
-        # it would have the teardown done again unbind the number, which
-        # may be another socket's by then.  One landing before the unbind
-        # is done leaves the port bound until the dispatcher closes: the
-        # lesser harm.
-        port, self.port = self.port, None
-        if port is not None and self.events is not None:
-            unbind_quietly(self.events, port)
+        # The record goes once the unbind is over (see unbind_quietly).
+        if self.port is not None and self.events is not None:
+            unbind_quietly(self.events, self.port, self._port_callback)
+        self.port = None
 
     def _unplace(self) -> None:
         try:
@@ -1083,12 +1087,15 @@ class PassiveSocket(Work):
         self.state = SockState.BOUND
         self._lock = threading.Lock()
         self.waiting: tuple[Request, ActiveSocket | None] | None = None
-        # Whether the host socket is (or may be: LISTEN sets it before
-        # add_fd) in the dispatcher's epoll set: changed by LISTEN (and
-        # taken back by its failure), read by teardown, both from the
-        # command processing, one at a time (no lock), and cleared by the
-        # Work failing, which runs only once LISTEN has set it (ACCEPT and
-        # POLL wait for LISTENING).
+        # Whether the host socket may be in the dispatcher's epoll set:
+        # set by LISTEN before add_fd, cleared once remove_fd says it is
+        # not.  Set on a socket that is still BOUND, it may be stale (an
+        # undo cut short as remove_fd returned, or by a Ctrl-C inside it),
+        # and the next LISTEN asks the dispatcher.  Changed by LISTEN (and
+        # its undo), read by teardown, both from the command processing,
+        # one at a time (no lock), and cleared by the Work failing, which
+        # runs only once LISTEN has set it (ACCEPT and POLL wait for
+        # LISTENING).
         self._registered = False
         self._torn_down = False
 
@@ -1118,6 +1125,14 @@ class PassiveSocket(Work):
             raise CommandError(_errno.EINVAL, f"socket {self.id:#x} is closed")
         added = False
         try:
+            if self._registered and self.state is SockState.BOUND:
+                # A LISTEN that failed set it, and its undo did not clear
+                # it: watched or not, only the dispatcher knows.  A Ctrl-C
+                # on either side of the answer leaves the record true.
+                try:
+                    self.frontend.dispatcher.modify_fd(self.host.fileno(), PASSIVE_EVENTS)
+                except KeyError:
+                    self._registered = False
             if not self._registered:
                 # Watched before it listens: the edge of a connection
                 # arriving once it does is not missed.  Until then nothing

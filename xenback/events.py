@@ -108,6 +108,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
+from types import BuiltinMethodType, MethodType
 from typing import TYPE_CHECKING
 
 from workqueue import blocking, wait_slice
@@ -355,30 +356,53 @@ class EventDispatcher(Closing):
                     # Unbound meanwhile (its callback knows the number), and
                     # bound again since, by another bind: that one's now.
                     return
-                self._ports.pop(port, None)
+                # Unlisted once the handle's unbind is over, by steps that
+                # call nothing, as unbind() unlists: a second Ctrl-C as a
+                # call before it returned left the port bound, unlisted.
                 try:
                     self._evtchn.unbind(port)
                 except OSError:
                     # Not raised over the Ctrl-C: a caller's except for
                     # this error would swallow it.
                     logger.debug("giving back port %d failed", port, exc_info=True)
+                finally:
+                    if port in self._ports:
+                        del self._ports[port]
 
     def notify(self, port: int) -> None:
         """Send an event on ``port``."""
         self._evtchn.notify(port)
 
-    def unbind(self, port: int) -> None:
+    def unbind(self, port: int, callback: PortCallback | None = None) -> None:
         """Unbind ``port``; waits for a running callback of it to return.
-        :class:`KeyError` if it is not bound here."""
+        :class:`KeyError` if it is not bound here, or, with ``callback``,
+        if it is bound with another callback (a bound method of the same
+        function and the very same object is its: one is made anew at
+        each look-up).  For an owner that keeps the number on record
+        until its unbind is over: done again after a Ctrl-C cut it short,
+        it unbinds the port if that was not done, and leaves alone the
+        number bound since by another."""
         if not is_int(port):
             # Before the lookup: 1.0 and True find port 1's callback, which
             # would be dropped before the handle refused them.
             raise TypeError(f"port must be an int, not {type(port).__name__}")
         with self._lock:
             self._wait_idle("port", port)
-            if self._ports.pop(port, None) is None:
-                raise KeyError(f"event channel port {port} is not bound here")
-            self._evtchn.unbind(port)
+            listed = self._ports.get(port)
+            if listed is None or (callback is not None and not _same_callback(listed, callback)):
+                raise KeyError(f"event channel port {port} is not bound here"
+                               + (" with that callback" if listed is not None else ""))
+            # Unlisted once the handle's unbind has returned or raised, by
+            # a step that calls nothing: unlisted by a call before it, a
+            # Ctrl-C as that call returned left the port bound, known to
+            # nobody, until the handle closes.  One inside the handle's
+            # unbind (a Python call too) still may, before its act: then
+            # nobody can tell whether it was done, and listed, the port's
+            # number could be unbound again under its next owner.
+            try:
+                self._evtchn.unbind(port)
+            finally:
+                del self._ports[port]
 
     # Host file descriptors.
 
@@ -395,9 +419,20 @@ class EventDispatcher(Closing):
             self._check_open()
             if fd in self._fds:
                 raise ValueError(f"fd {fd} is already registered")
-            self._epoll.register(fd, events)
+            # Listed before epoll's register, by steps that call nothing,
+            # and unlisted again only for its own failure: listed after, a
+            # Ctrl-C as it returned left the fd in the epoll set with no
+            # callback, and every add_fd of it refused (EEXIST).
             self._fds[fd] = callback
             self._fd_events[fd] = events
+            try:
+                self._epoll.register(fd, events)
+            except Exception:
+                # Raised by register() itself: nothing was registered.  (An
+                # interrupt comes only once it has returned: it stays listed.)
+                del self._fds[fd]
+                del self._fd_events[fd]
+                raise
 
     def modify_fd(self, fd: int, events: int) -> None:
         """Change the epoll mask of a registered ``fd`` (re-arms ONESHOT)."""
@@ -418,11 +453,20 @@ class EventDispatcher(Closing):
         _check_fd(fd)
         with self._lock:
             self._wait_idle("fd", fd)
-            if self._fds.pop(fd, None) is None:
+            if fd not in self._fds:
                 raise KeyError(f"fd {fd} is not registered")
-            del self._fd_events[fd]
-            self._fds_taken.discard(fd)
-            self._epoll.unregister(fd)
+            # Unlisted as unbind() unlists a port: by a call before epoll's
+            # unregister, a Ctrl-C as it returned left the fd in the epoll
+            # set, its callback gone, and every add_fd of it refused.  Not
+            # taken either, whatever ends the unregister: kept so, the next
+            # fd of the number, added ONESHOT, would be left to an owner
+            # that never had it by every resync (the discard, a call, last).
+            try:
+                self._epoll.unregister(fd)
+            finally:
+                del self._fds[fd]
+                del self._fd_events[fd]
+                self._fds_taken.discard(fd)
 
     # Poll mode.
 
@@ -852,6 +896,21 @@ class EventDispatcher(Closing):
                                exc_info=error)
         for fd, revents in ready:
             self._dispatch_fd(fd, revents)
+
+
+#: Callables whose equality is CPython's, by the identity of their object.
+_METHODS = (MethodType, BuiltinMethodType)
+
+
+def _same_callback(listed: object, callback: object) -> bool:
+    """Whether ``callback`` is the callback ``listed``: the very object, or
+    a bound method (Python's or a builtin's) of the same function and the
+    very same object.  Not by equality as such: two owners' callables may
+    be equal (a dataclass's that is called, say), and their __eq__ would
+    run under the dispatcher's lock.  The methods' own, CPython's, compares
+    their objects by identity."""
+    return listed is callback or (type(listed) in _METHODS
+                                  and type(callback) is type(listed) and listed == callback)
 
 
 def _check_fd(fd: int) -> None:

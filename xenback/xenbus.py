@@ -243,16 +243,42 @@ def _number(text: str) -> int:
     return -1
 
 
-def _printable(text: str) -> str:
-    """``text`` with everything but printable ASCII backslash-escaped.
+def _printable(c: str) -> str:
+    """The character ``c``, backslash-escaped unless it is printable ASCII.
 
     An error message may quote what a frontend wrote, and that may be
     anything; but the error node can only hold printable ASCII (see
     xenback.xenstore), and a reported error must not itself fail.
     """
-    if text.isascii() and text.isprintable():
-        return text
-    return "".join(c if c.isascii() and c.isprintable() else ascii(c)[1:-1] for c in text)
+    return c if c.isascii() and c.isprintable() else ascii(c)[1:-1]
+
+
+#: The longest error line of a device, ``"<errno> <message>"``: what its
+#: error node holds (XenStore takes 4096 bytes a value at most), and what
+#: its log lines quote of the message.
+_ERROR_LINE_MAX = 1024
+
+
+def _error_message(err: int, message: str) -> str:
+    """``message`` escaped (see _printable) and cut to what the error line
+    of ``err`` (positive) leaves room for: both the error node and the log
+    quote it so, and a driver's message may quote whatever the frontend
+    wrote, megabytes of it.  Cut before escaping too: an escape is never
+    shorter than its character, and the work stays bounded.  Cut after
+    escaping before the first escape that does not fit whole: half of
+    one (a backslash, ``\\u20``) would read as text the message never
+    held."""
+    room = _ERROR_LINE_MAX - len(f"{err} ")
+    message = message[:room]
+    if message.isascii() and message.isprintable():
+        return message
+    escaped: list[str] = []
+    for piece in map(_printable, message):
+        room -= len(piece)
+        if room < 0:
+            break
+        escaped.append(piece)
+    return "".join(escaped)
 
 
 def _check_error(err: int, message: str) -> None:
@@ -794,8 +820,8 @@ class BackendDevice:
         (see :meth:`fatal` for what is written when that transaction fails)."""
         _check_error(err, message)
         err = abs(err)
-        message = _printable(message)
-        line = f"{err} {message}"[:1024]
+        message = _error_message(err, message)
+        line = f"{err} {message}"
         why: list[str] = []
 
         state_path = f"{self.nodename}/state"
@@ -938,8 +964,8 @@ class BackendDevice:
         would count it against the device there now, which did not fail.
         Rate-limited as the error line it stands for (a driver may meet
         the failure again and again until the device is dropped).
-        ``message`` is escaped already (``_printable``): it may quote
-        what the frontend wrote."""
+        ``message`` is escaped and cut already (``_error_message``): it
+        may quote what the frontend wrote."""
         self.ratelimit.log(logger, logging.INFO, "%s: %s (errno %d), and %s: not reported there",
                            self.nodename, message, err, why)
 
@@ -2388,9 +2414,10 @@ class BackendDriver:
         one's sequel (a driver told False gives up and raises, or returns
         and its Connected is refused by the same taking), and one event
         is said once."""
+        quoted = _error_message(abs(err), message)
         if dev._refusal is not None:
             logger.debug("%s: %s (errno %d), after a report met a node taken: not reported",
-                         dev.nodename, _printable(message), abs(err))
+                         dev.nodename, quoted, abs(err))
             self._refused(dev, dev._refusal)
             return False
         try:
@@ -2404,11 +2431,11 @@ class BackendDriver:
             if not self._taken(exc):
                 raise
             # Said before the drop, whose last line is the device's last.
-            dev._not_reported(abs(err), _printable(message), f"{exc.filename} may not be read")
+            dev._not_reported(abs(err), quoted, f"{exc.filename} may not be read")
             self._refused(dev, exc)
             return False
         if why is not None:
-            dev._not_reported(abs(err), _printable(message), why)
+            dev._not_reported(abs(err), quoted, why)
         # "is not False": a driver's fatal() wrapped (or overridden) before
         # it told anything returns None, and that is no drop.
         elif dev.fatal(err, message) is not False:

@@ -36,9 +36,10 @@ from pvcalls_rawfront import (
 from racewindow import PauseAt, stands_at
 
 import pvcalls
+import xenback
 from pvcalls import _errno, _socket, _wire
 from pvcalls._backend import _Frontend
-from pvcalls._socket import ActiveSocket, PassiveSocket, Request, SockState
+from pvcalls._socket import ActiveSocket, CommandError, PassiveSocket, Request, SockState
 from pvcalls._wire import ffi
 from workqueue import _work
 from xenback.events import EventDispatcher
@@ -1867,6 +1868,57 @@ def test_a_release_cut_short_as_its_port_is_unbound_leaves_the_number_to_its_nex
     assert raw.unexpected == []
 
 
+@pytest.mark.parametrize("code", [pvcalls, xenback], ids=["pvcalls", "xenback"])
+def test_a_release_cut_short_anywhere_in_its_unbinding_leaves_no_port_bound(
+        raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
+        monkeypatch: pytest.MonkeyPatch, code: types.ModuleType) -> None:
+    """A Ctrl-C landing anywhere in the unbinding of a connected socket's
+    port, in ``code`` (not in the handle's frames: see EventDispatcher.
+    unbind): the RELEASE done again leaves nothing of the socket held.
+    Off the record before the unbind, the port was left bound by one
+    landing as the unbind started, known to nobody, until the poller's
+    dispatcher closed with the backend."""
+    from stolensignal import interrupted_at
+
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    within = os.path.dirname(code.__file__)
+    besides = (os.path.join(within, "sim"), os.path.join(within, "platform.py"))
+    unbind = ActiveSocket._unbind
+    unbinding = False
+
+    def counted_unbind(self: ActiveSocket) -> None:
+        nonlocal unbinding
+        unbinding = True
+        try:
+            unbind(self)
+        finally:
+            unbinding = False
+
+    monkeypatch.setattr(ActiveSocket, "_unbind", counted_unbind)
+    landed = 0
+    for n in itertools.count():
+        before = resources(backend, host)
+        sock_id, ring = raw.connect_socket(echo_server.address)
+        req = ffi.new("struct xen_pvcalls_request *")
+        req.u.release.id = sock_id
+        request = Request(10000 + n, _wire.PVCALLS_RELEASE, sock_id)
+
+        def call(request: Request = request, req: Any = req) -> None:
+            assert _Frontend._release(fe, request, req) == 0
+
+        where = interrupted_at(n, within, call, lambda: not unbinding, besides=besides)
+        if where:
+            assert sock_id in fe._sockets, where
+            assert raw.release(sock_id).ret == 0, where
+        ring.close()
+        assert resources(backend, host) == before, where
+        if not where:
+            break
+        landed += 1
+    assert landed >= 3  # unbind_quietly's start among them
+    assert raw.unexpected == []
+
+
 def test_a_release_of_a_connecting_socket_cut_short_leaves_its_connect_to_the_next(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """An interrupt in a step of the teardown of a socket whose CONNECT is
@@ -1959,6 +2011,46 @@ def test_a_frontend_s_close_cut_short_as_its_port_is_unbound_leaves_the_number_t
     _, answer = second.socket()
     assert answer.ret == 0
     assert first.unexpected == [] and second.unexpected == []
+
+
+@pytest.mark.parametrize("code", [pvcalls, xenback], ids=["pvcalls", "xenback"])
+def test_a_frontend_s_close_cut_short_anywhere_in_its_unbinding_leaves_no_port_bound(
+        make_frontend: Any, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        code: types.ModuleType) -> None:
+    """A Ctrl-C landing anywhere in the unbinding of a frontend's command
+    port, in ``code`` (not in the handle's frames: see EventDispatcher.
+    unbind): the close() done again leaves the port unbound.  Off the
+    record before the unbind, the port was left bound by one landing as
+    the unbind started, until the backend's dispatcher closed."""
+    from stolensignal import interrupted_at
+
+    within = os.path.dirname(code.__file__)
+    besides = (os.path.join(within, "sim"), os.path.join(within, "platform.py"))
+    unbind = pvcalls._backend.unbind_quietly
+    unbinding = False
+
+    def counted_unbind(*args: Any) -> None:
+        nonlocal unbinding
+        unbinding = True
+        try:
+            unbind(*args)
+        finally:
+            unbinding = False
+
+    monkeypatch.setattr(pvcalls._backend, "unbind_quietly", counted_unbind)
+    landed = 0
+    for n in itertools.count():
+        guest = make_frontend(f"guest{n}")
+        fe = backend._frontends[(guest.guest.domid, 0)]
+        port = fe.port
+        where = interrupted_at(n, within, fe.close, lambda: not unbinding, besides=besides)
+        fe.close()
+        assert port not in backend.dispatcher.ports, where
+        assert guest.unexpected == []
+        if not where:
+            break
+        landed += 1
+    assert landed >= 2  # unbind_quietly's start among them
 
 
 def _called_from(func: Any) -> bool:
@@ -2622,6 +2714,96 @@ def test_a_listen_interrupted_anywhere_leaves_no_descriptor_watched_for_good(
             break
         landed += 1
     assert landed >= 3  # add_fd's return among them
+    assert raw.unexpected == []
+
+
+@pytest.mark.parametrize("code", [pvcalls, xenback], ids=["pvcalls", "xenback"])
+@pytest.mark.parametrize("first", ["ctrl-c", "in use"])
+def test_a_listen_whose_undo_is_cut_short_leaves_a_retry_watched(
+        raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
+        first: str, code: types.ModuleType) -> None:
+    """A LISTEN fails after its host socket was watched (a Ctrl-C as
+    add_fd() returns, or listen() finding the port in use), and a Ctrl-C
+    lands at any place of the undo that takes the watch back, in ``code``:
+    the LISTEN done again leaves the socket watched, its connection
+    reported, and once released no descriptor is left watched.  Cut short
+    as remove_fd() returned, the undo left the record of a watch that was
+    gone, and the LISTEN done again, trusting it, listened unwatched: an
+    ACCEPT waited for an edge that nobody would report.  Cut short inside
+    remove_fd(), it left the descriptor in the epoll set, unlisted, and
+    the LISTEN done again was refused (EEXIST) for good."""
+    from stolensignal import interrupted_at
+
+    fe = backend._frontends[(raw.guest.domid, 0)]
+    watched = watched_fds(backend)
+    add_fd = backend.dispatcher.add_fd
+    cutting = False
+
+    def cut_add_fd(fd: int, events: int, callback: Any) -> None:
+        add_fd(fd, events, callback)
+        if cutting:
+            raise KeyboardInterrupt
+
+    if first == "ctrl-c":
+        monkeypatch.setattr(backend.dispatcher, "add_fd", cut_add_fd)
+    unregister = PassiveSocket._unregister
+    undoing = False
+
+    def counted_unregister(self: PassiveSocket) -> None:
+        nonlocal undoing
+        undoing = True
+        try:
+            unregister(self)
+        finally:
+            undoing = False
+
+    monkeypatch.setattr(PassiveSocket, "_unregister", counted_unregister)
+    landed = 0
+    for n in itertools.count():
+        sock_id, _ = raw.socket()
+        assert raw.bind(sock_id, ("127.0.0.1", 0)).ret == 0
+        address = address_of(backend, sock_id)
+        passive = fe._sockets[sock_id]
+        assert isinstance(passive, PassiveSocket)
+        taken = socket.socket()
+        if first == "in use":
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            taken.bind(address)
+            taken.listen()
+        req = ffi.new("struct xen_pvcalls_request *")
+        req.u.listen.id, req.u.listen.backlog = sock_id, 16
+        request = Request(10000 + n, _wire.PVCALLS_LISTEN, sock_id)
+
+        failed: list[BaseException] = []
+
+        def call(request: Request = request, req: Any = req,
+                 failed: list[BaseException] = failed) -> None:
+            nonlocal cutting
+            cutting = True
+            try:
+                _Frontend._listen(fe, request, req)
+            except (KeyboardInterrupt, CommandError) as exc:
+                failed.append(exc)  # the first failure, its undo not cut short
+            finally:
+                cutting = False
+
+        where = interrupted_at(n, os.path.dirname(code.__file__), call, lambda: not undoing)
+        taken.close()
+        assert where or len(failed) == 1
+        assert passive.state is SockState.BOUND, where
+        assert raw.listen(sock_id).ret == 0, where
+        assert passive.host.fileno() in watched_fds(backend), where
+        new_id = raw.new_id()
+        accept = raw.push_accept(sock_id, new_id, raw.new_ring())
+        with socket.create_connection(address, timeout=TIMEOUT):
+            assert raw.response(accept).ret == 0, where
+        assert raw.release(new_id).ret == 0, where
+        assert raw.release(sock_id).ret == 0, where
+        assert watched_fds(backend) == watched, where
+        if not where:
+            break
+        landed += 1
+    assert landed >= 3  # remove_fd()'s return, or epoll's unregister's, among them
     assert raw.unexpected == []
 
 

@@ -777,6 +777,182 @@ def test_a_bind_interrupted_anywhere_leaves_no_port_the_dispatcher_does_not_hold
     assert any(f"EventDispatcher.{which}" in where for where in landed), landed
 
 
+def test_an_unbind_interrupted_anywhere_leaves_its_port_listed_if_and_only_if_bound(
+        host, pair) -> None:
+    """A Ctrl-C landing as any call of an unbind returns, or as any of its
+    frames starts: the port is still bound and listed (the unbind done
+    again unbinds it), or neither.  Unlisted before the handle's unbind,
+    one landing as the lookup returned left the port bound, known to no
+    caller, until the dispatcher's handle closed.  Not in the handle's
+    own frames: cut short there, its unbind may or may not have been
+    done, and the port is unlisted all the same (listed, an unbind done
+    again could take the number from its next owner)."""
+    from tests.stolensignal import interrupted_at
+
+    guest, evtchn, dispatcher = pair
+    within = os.path.dirname(events.__file__)
+    baseline = host.hypervisor.stats()["ports"]
+    landed = 0
+    for n in itertools.count():
+        remote = evtchn.bind_unbound_port(0)
+        port = dispatcher.bind_interdomain(guest.domid, remote, lambda _port: None)
+        # Not the handle's frames: the simulated host's, and the checks
+        # of the platform module that it calls.
+        where = interrupted_at(n, within, lambda port=port: dispatcher.unbind(port),
+                               besides=(os.path.join(within, "sim"),
+                                        os.path.join(within, "platform.py")))
+        listed = dispatcher.ports
+        assert listed in ([], [port]), where
+        assert host.hypervisor.stats()["ports"] == baseline + 1 + len(listed), where
+        for port in listed:
+            dispatcher.unbind(port)
+        evtchn.unbind(remote)
+        assert host.hypervisor.stats()["ports"] == baseline, where
+        if not where:
+            break
+        landed += 1
+    assert landed >= 3
+
+
+def test_an_unbind_naming_a_callback_leaves_alone_a_port_bound_with_another(host, pair) -> None:
+    """unbind(port, callback) unbinds a port bound with that callback (or
+    one equal to it: a bound method is made anew at each look-up), and
+    refuses one bound with another, which stays bound and listed: the
+    number an owner kept on record, bound since by someone else."""
+    guest, evtchn, dispatcher = pair
+
+    class Owner:
+        def on_event(self, port: int) -> None:
+            pass
+
+    owner, other = Owner(), Owner()
+    baseline = host.hypervisor.stats()["ports"]
+    remote = evtchn.bind_unbound_port(0)
+    port = dispatcher.bind_interdomain(guest.domid, remote, other.on_event)
+    with pytest.raises(KeyError, match=f"port {port} is not bound here with that callback"):
+        dispatcher.unbind(port, owner.on_event)
+    assert dispatcher.ports == [port]
+    assert host.hypervisor.stats()["ports"] == baseline + 2
+    dispatcher.unbind(port, other.on_event)
+    assert dispatcher.ports == []
+    with pytest.raises(KeyError, match=f"port {port} is not bound here'$"):
+        dispatcher.unbind(port, other.on_event)
+    evtchn.unbind(remote)
+    assert host.hypervisor.stats()["ports"] == baseline
+
+
+def test_an_unbind_naming_a_callback_tells_owners_apart_by_identity(host, pair) -> None:
+    """Two owners' callbacks may be equal (a dataclass's that is called,
+    say, of equal fields): the port bound with one is not unbound by an
+    unbind naming the other, and no callback's own __eq__ runs (it would
+    run under the dispatcher's lock).  A bound method names its port
+    still, made anew or not, and a builtin one too."""
+    guest, evtchn, dispatcher = pair
+    compared: list[object] = []
+
+    class Kick:
+        def __init__(self, what: str) -> None:
+            self.what = what
+
+        def __call__(self, port: int) -> None:
+            pass
+
+        def __eq__(self, other: object) -> bool:
+            compared.append(other)
+            return isinstance(other, Kick) and other.what == self.what
+
+        __hash__ = object.__hash__
+
+    baseline = host.hypervisor.stats()["ports"]
+    remote = evtchn.bind_unbound_port(0)
+    mine, theirs = Kick("socket"), Kick("socket")
+    port = dispatcher.bind_interdomain(guest.domid, remote, theirs)
+    with pytest.raises(KeyError, match="with that callback"):
+        dispatcher.unbind(port, mine)
+    assert dispatcher.ports == [port] and not compared
+    assert host.hypervisor.stats()["ports"] == baseline + 2
+    dispatcher.unbind(port, theirs)
+    seen: list[int] = []
+    port = dispatcher.bind_interdomain(guest.domid, remote, seen.append)
+    dispatcher.unbind(port, seen.append)
+    assert dispatcher.ports == []
+    evtchn.unbind(remote)
+    assert host.hypervisor.stats()["ports"] == baseline
+
+
+def test_an_add_fd_interrupted_anywhere_leaves_the_fd_listed_if_and_only_if_watched(
+        pair) -> None:
+    """A Ctrl-C landing as any call of an add_fd returns, or as any of its
+    frames starts: the fd is watched and listed (remove_fd takes it
+    out), or neither, and may be added again.  Listed after epoll's
+    register, one landing as it returned left the fd in the epoll set
+    with no callback, and every add_fd of it refused (EEXIST)."""
+    from tests.stolensignal import interrupted_at
+
+    _guest, _evtchn, dispatcher = pair
+    within = os.path.dirname(events.__file__)
+    r, w = os.pipe()
+    landed = 0
+    try:
+        for n in itertools.count():
+            where = interrupted_at(
+                n, within, lambda: dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _ev: None))
+            with contextlib.suppress(KeyError):
+                dispatcher.remove_fd(r)
+            try:
+                dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _events: None)
+            except FileExistsError:
+                pytest.fail(f"{where}: the fd stayed in the epoll set, unlisted")
+            dispatcher.remove_fd(r)
+            if not where:
+                break
+            landed += 1
+    finally:
+        os.close(r)
+        os.close(w)
+    assert landed >= 3
+    # Refused by epoll itself (a regular file): not listed either.
+    with open(__file__) as f:
+        with pytest.raises(PermissionError):
+            dispatcher.add_fd(f.fileno(), select.EPOLLIN, lambda _fd, _events: None)
+        with pytest.raises(KeyError):
+            dispatcher.remove_fd(f.fileno())
+
+
+def test_a_remove_fd_interrupted_anywhere_leaves_the_fd_listed_if_and_only_if_watched(
+        pair) -> None:
+    """A Ctrl-C landing as any call of a remove_fd returns, or as any of its
+    frames starts: the fd is still watched and listed (the remove_fd done
+    again removes it), or neither, and may be added again.  Unlisted
+    before epoll's unregister, one landing between left it in the epoll
+    set with no callback: each add_fd of it again refused (EEXIST), a
+    listener's LISTEN done again after its undo was cut short so."""
+    from tests.stolensignal import interrupted_at
+
+    _guest, _evtchn, dispatcher = pair
+    within = os.path.dirname(events.__file__)
+    r, w = os.pipe()
+    landed = 0
+    try:
+        for n in itertools.count():
+            dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _events: None)
+            where = interrupted_at(n, within, lambda: dispatcher.remove_fd(r))
+            with contextlib.suppress(KeyError):
+                dispatcher.remove_fd(r)
+            try:
+                dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _events: None)
+            except FileExistsError:
+                pytest.fail(f"{where}: the fd stayed in the epoll set, unlisted")
+            dispatcher.remove_fd(r)
+            if not where:
+                break
+            landed += 1
+    finally:
+        os.close(r)
+        os.close(w)
+    assert landed >= 3
+
+
 def test_an_interrupted_bind_leaves_alone_its_port_number_rebound_meanwhile(
         host, pair, monkeypatch) -> None:
     """A bind interrupted once it had listed its port, which another thread
@@ -1591,3 +1767,40 @@ def test_unbind_of_a_port_that_only_equals_an_int_keeps_the_port(host, pair) -> 
     assert fired.acquire(timeout=TIMEOUT)  # still dispatched
     dispatcher.unbind(local)
     assert dispatcher.ports == []
+
+
+def test_a_bind_s_give_back_interrupted_anywhere_leaves_its_port_listed_if_and_only_if_bound(
+        host, pair) -> None:
+    """The give-back of a bind that a Ctrl-C cut short (a second Ctrl-C
+    landing in it as any of its calls returns, or as a frame starts):
+    the port is still bound and listed (close() or an unbind unbinds
+    it), or neither.  Unlisted by a call before the handle's unbind, one
+    landing as that call returned left the port bound, known to nobody,
+    until the dispatcher's handle closed, as unbind() did."""
+    from tests.stolensignal import interrupted_at
+
+    guest, evtchn, dispatcher = pair
+    within = os.path.dirname(events.__file__)
+    baseline = host.hypervisor.stats()["ports"]
+
+    def callback(_port: int) -> None:
+        pass
+
+    landed = 0
+    for n in itertools.count():
+        remote = evtchn.bind_unbound_port(0)
+        port = dispatcher.bind_interdomain(guest.domid, remote, callback)
+        where = interrupted_at(n, within, lambda port=port: dispatcher._give_back([port], callback),
+                               besides=(os.path.join(within, "sim"),
+                                        os.path.join(within, "platform.py")))
+        listed = dispatcher.ports
+        assert listed in ([], [port]), where
+        assert host.hypervisor.stats()["ports"] == baseline + 1 + len(listed), where
+        for port in listed:
+            dispatcher.unbind(port)
+        evtchn.unbind(remote)
+        assert host.hypervisor.stats()["ports"] == baseline, where
+        if not where:
+            break
+        landed += 1
+    assert landed >= 3

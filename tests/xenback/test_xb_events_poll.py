@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import select
@@ -1123,3 +1125,142 @@ def test_an_overflow_after_a_back_off_is_still_a_failure(polled) -> None:
     while dispatcher._handle_back == out_until:
         poll()  # waits out the back-off, the handle not watched; then watched
     assert outcomes[-1] == "failed" and set(outcomes[:-1]) <= {"ok"}
+
+
+def test_a_oneshot_fd_whose_removal_failed_leaves_its_number_to_the_next(
+        polled, monkeypatch) -> None:
+    """A ONESHOT fd its callback took, whose remove_fd failed (epoll's
+    unregister saying EBADF: its owner closed it first), is forgotten
+    whole: the next fd of its number, added ONESHOT, is armed, and an
+    event of it that a failed dispatch lost is handed out again.  Kept
+    as taken, the new fd was left to an owner that never had it, and
+    never watched again."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: None)
+    oneshot = select.EPOLLIN | select.EPOLLONESHOT
+    calls: list[int] = []
+
+    def record(_fd: int, revents: int) -> None:
+        calls.append(revents)
+
+    r, w = os.pipe()
+    os.write(w, b"x")  # never read: readable throughout
+    dispatcher.add_fd(r, oneshot, record)
+    assert dispatcher.poll(TIMEOUT) == 1  # taken
+    os.close(r)
+    with pytest.raises(OSError) as failed_removal:
+        dispatcher.remove_fd(r)
+    assert failed_removal.value.errno == errno.EBADF
+    os.close(w)
+    r2, w2 = os.pipe()
+    try:
+        assert r2 == r, "the lowest free number"
+        os.write(w2, b"x")
+        failed = _unmask_failing_once(dispatcher, monkeypatch)
+        evtchn.notify(remote)
+        assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
+        dispatcher.add_fd(r2, oneshot, record)  # ready behind the port
+        with pytest.raises(OSError):
+            dispatcher.poll(TIMEOUT)  # the port's unmask: the fd is not reached
+        assert failed and calls == [select.EPOLLIN]
+        dispatcher.poll(TIMEOUT)  # the resync
+        dispatcher.poll(0)
+        assert calls == [select.EPOLLIN, select.EPOLLIN]
+    finally:
+        monkeypatch.undo()
+        dispatcher.remove_fd(r2)
+        os.close(r2)
+        os.close(w2)
+
+
+def test_a_taken_oneshot_fd_s_removal_interrupted_anywhere_leaves_it_not_taken(
+        polled, monkeypatch) -> None:
+    """A Ctrl-C landing as any call of a remove_fd of a ONESHOT fd its
+    callback took returns, or as any of its frames starts: once removed
+    (by that remove_fd or the one done again), the fd added again
+    ONESHOT is armed, and an event of it that a failed dispatch lost is
+    handed out again.  One landing as epoll's unregister returned had
+    the fd unlisted but still taken, left alone by every resync.  Nor,
+    listed still, is it re-armed by a resync meanwhile: it is its
+    owner's until it is removed."""
+    from tests.stolensignal import interrupted_at
+
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    dispatcher.bind_interdomain(guest.domid, remote, lambda _port: None)
+    other = evtchn.bind_unbound_port(0)
+    within = os.path.dirname(events.__file__)
+    oneshot = select.EPOLLIN | select.EPOLLONESHOT
+    calls: list[int] = []
+
+    def record(_fd: int, revents: int) -> None:
+        calls.append(revents)
+
+    failing: list[int] = []
+
+    def fail(port: int) -> None:
+        failing.append(port)
+        if len(failing) % 2:
+            raise RuntimeError("a bug")  # every other call: a resync each
+
+    dispatcher.bind_interdomain(guest.domid, other, fail)
+    r, w = os.pipe()
+    os.write(w, b"x")  # never read: readable throughout
+    landed = 0
+    try:
+        for n in itertools.count():
+            dispatcher.add_fd(r, oneshot, record)
+            assert dispatcher.poll(TIMEOUT) == 1  # taken
+            calls.clear()
+            where = interrupted_at(n, within, lambda: dispatcher.remove_fd(r))
+            evtchn.notify(other)
+            assert dispatcher.poll(TIMEOUT) == 1  # its callback raised
+            dispatcher.poll(TIMEOUT)  # the resync
+            dispatcher.poll(0)
+            assert not calls, where
+            with contextlib.suppress(KeyError):
+                dispatcher.remove_fd(r)
+            calls.clear()
+            failed = _unmask_failing_once(dispatcher, monkeypatch)
+            evtchn.notify(remote)
+            assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
+            dispatcher.add_fd(r, oneshot, record)  # ready behind the port
+            with pytest.raises(OSError):
+                dispatcher.poll(TIMEOUT)  # the port's unmask: the fd is not reached
+            assert failed and not calls, where
+            dispatcher.poll(TIMEOUT)  # the resync
+            dispatcher.poll(0)
+            assert calls == [select.EPOLLIN], where
+            monkeypatch.undo()
+            dispatcher.remove_fd(r)
+            calls.clear()
+            if not where:
+                break
+            landed += 1
+    finally:
+        monkeypatch.undo()
+        with contextlib.suppress(KeyError):
+            dispatcher.remove_fd(r)
+        os.close(r)
+        os.close(w)
+    assert landed >= 3
+
+
+def test_an_fd_epoll_refused_leaves_nothing_for_a_resync(polled, caplog) -> None:
+    """An add_fd that epoll's register refused (a regular file: EPERM)
+    leaves nothing of the fd: a resync after it re-arms no such fd (which
+    would fail, be logged, and have every wake-up resync again)."""
+    guest, evtchn, dispatcher = polled
+    remote = evtchn.bind_unbound_port(0)
+    _, failed = _failing_first(dispatcher, remote, guest)
+    with open(__file__) as f:
+        with pytest.raises(PermissionError):
+            dispatcher.add_fd(f.fileno(), select.EPOLLIN | select.EPOLLONESHOT,
+                              lambda _fd, _events: None)
+        evtchn.notify(remote)
+        assert dispatcher.poll(TIMEOUT) == 1  # the port's callback raised
+        assert dispatcher.poll(TIMEOUT) == 1  # the resync: the port alone
+        assert dispatcher.poll(0) == 0  # and no resync again
+    assert len(failed) == 2
+    assert not [r for r in caplog.records if "re-arming failed" in r.getMessage()]

@@ -1123,6 +1123,78 @@ def test_a_long_error_message_is_cut_to_what_the_error_node_holds(
     assert not [r for r in caplog.records if "could not write" in r.getMessage()]
 
 
+def test_a_long_error_message_is_logged_cut_as_the_error_node_holds_it(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """The log line quotes the message as the error node holds it: escaped,
+    then cut to the node's 1024 characters.  A driver's message may quote
+    whatever the frontend wrote; logged whole, a guest wrote megabytes of
+    it into the host's log per failure.  So is the line of a failure not
+    reported there, the directory deleted meanwhile."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    assert bdev.error(errno.EINVAL, "\x1b" * 5000) is True
+    line = error_node(dom0_xs, dev)
+    assert line == "22 " + r"\x1b" * 255  # whole escapes: see the next test
+    logged = [r.getMessage() for r in caplog.records if "error 22" in r.getMessage()]
+    assert logged == [f"{bdev.nodename}: error 22: {line[3:]}"]
+    dom0_xs.rm(dev.backend_path)
+    driver.wait_call("remove", guest.domid)
+    assert bdev.error(errno.EINVAL, "\x1b" * 5000) is False
+    said = [r.getMessage() for r in caplog.records if "not reported there" in r.getMessage()]
+    assert said == [f"{bdev.nodename}: {line[3:]} (errno 22), and the device directory was "
+                    "deleted: not reported there"]
+
+
+def test_a_driver_s_long_failure_not_reported_there_is_logged_cut_as_the_node_would_hold_it(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """A driver's hook failing with a long message (quoting what the
+    frontend wrote, say) once the device directory is gone: the line
+    that says the failure is not reported there quotes it escaped and
+    cut as its error node would have held it, not whole."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = _at_init_wait(host, frontends, "bad")
+
+    def hook(_dev: Any) -> None:
+        dom0_xs.rm(dev.backend_path)
+        raise ValueError("\x1b" * 5000)
+
+    driver.connect_hook = hook
+    fe.publish()
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if "not reported there" in r.getMessage()]
+
+    driver.wait(lambda: bool(said()))
+    bdev = f"{driver.backend_root}/{guest.domid}/0"
+    escape = r"\x1b"
+    quoted = escape * ((1024 - len("22 connecting: ")) // len(escape))
+    assert said() == [f"{bdev}: connecting: {quoted} (errno 22), and the device directory "
+                      "was deleted: not reported there"]
+
+
+@pytest.mark.parametrize("char", ["\n", "\x1b", "\u00e9", "\u2028", "\U0001f600"])
+def test_a_long_error_message_is_cut_before_an_escape_that_does_not_fit_whole(
+        host, driver, frontends, dom0_xs, caplog, char) -> None:
+    """The error line ends on a whole character of the message: an escape
+    that would reach past 1024 characters goes whole.  Cut in half, its
+    start (a backslash, "\\u20") read as text the message never held."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    escaped = ascii(char)[1:-1]
+    for kept in range(len(escaped)):
+        before = "x" * (1021 - kept)
+        assert bdev.error(errno.EINVAL, before + char + "y") is True
+        assert error_node(dom0_xs, dev) == "22 " + before, kept
+        logged = [r.getMessage() for r in caplog.records if "error 22" in r.getMessage()]
+        assert logged[-1] == f"{bdev.nodename}: error 22: {before}", kept
+    before = "x" * (1021 - len(escaped))
+    assert bdev.error(errno.EINVAL, before + char + "y") is True
+    assert error_node(dom0_xs, dev) == "22 " + before + escaped
+
+
 def test_device_directory_deleted_under_the_backend(host, driver, frontends, dom0_xs,
                                                    caplog) -> None:
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
