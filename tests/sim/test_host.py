@@ -1209,6 +1209,38 @@ def test_a_hypervisor_thread_that_runs_only_after_stop_ends_without_serving(
     assert not late.is_alive()
 
 
+def test_a_hypervisor_stops_with_its_wake_up_pipe_full(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wake-ups the service thread has yet to read can fill its pipe (here
+    a thread launched by a start() cut short, which never ran): stop()'s
+    own wake-up finds no room and stop() still stops, closing the
+    service's descriptors.  It raised BlockingIOError, and left them open."""
+    from xenback.sim import _hypervisor
+
+    unlaunched: list[threading.Thread] = []
+
+    class CutShort(threading.Thread):
+        def start(self) -> None:
+            unlaunched.append(self)
+            raise Interrupted
+
+    before = descriptors()
+    hv = _hypervisor.Hypervisor(tmp_path)
+    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(CutShort))
+    with pytest.raises(Interrupted):
+        hv.start()
+    monkeypatch.undo()
+    with pytest.raises(BlockingIOError):
+        while True:
+            os.write(hv._wake_w, b"x" * 4096)
+    hv.stop()
+    assert descriptors() <= before
+    [late] = unlaunched
+    threading.Thread.start(late)
+    late.join(TIMEOUT)
+    assert not late.is_alive()
+
+
 def test_no_domain_is_added_to_a_stopping_hypervisor() -> None:
     """stop() destroyed every domain: one added after it would keep a
     listening socket no service thread ever serves."""

@@ -432,7 +432,10 @@ class Hypervisor:
             for domid in list(self._domains):
                 self._remove_domain(domid)
         if self._thread is not None:
-            os.write(self._wake_w, b"x")
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups the thread has yet to read
             # Not if a start() cut short never started it (join() refuses
             # one not started), or its start() has not got it going yet:
             # it sees _stopping then, and ends without serving (_serve).
