@@ -1432,7 +1432,8 @@ def test_a_destroy_waiting_for_one_that_gives_its_backends_less_time_waits_it_ou
 def test_create_domain_whose_socket_path_is_too_long() -> None:
     """A run_dir where dom0's hypervisor socket path just fits (107 bytes):
     domains 1..9 fit too, domain 10's path is one byte too long.  Creating
-    it fails with an error naming the path, and leaves nothing behind: no
+    it fails with ENAMETOOLONG (an errno, as XenStored's socket gets),
+    naming the path and the limit, and leaves nothing behind: no
     domain, no XenStore home, no directory; the host goes on working."""
     with tempfile.TemporaryDirectory(prefix="xs") as base:
         run_dir = Path(base) / ("d" * (107 - len("/domains/0/hypervisor") - len(base) - 1))
@@ -1444,7 +1445,11 @@ def test_create_domain_whose_socket_path_is_too_long() -> None:
             too_long = run_dir / "domains" / "10" / "hypervisor"
             with pytest.raises(OSError) as info:
                 host.create_domain("g10")
-            assert str(info.value) == f"cannot listen on {too_long}: AF_UNIX path too long"
+            assert info.value.errno == errno.ENAMETOOLONG
+            assert info.value.filename is None  # named in the message, once
+            assert str(info.value) == (f"[Errno {errno.ENAMETOOLONG}] cannot listen on "
+                                       f"{too_long}: AF_UNIX path too long (108 bytes,"
+                                       " at most 107)")
             assert sorted(os.listdir(run_dir / "domains")) == before
             assert host.domains() == [host.dom0, *guests]
             with pytest.raises(LookupError):

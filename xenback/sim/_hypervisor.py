@@ -102,6 +102,9 @@ MAPTRACK_ENTRIES_PER_FRAME = 256
 MAX_MAPPED_PAGES_PER_DOMAIN = MAX_MAPTRACK_FRAMES * MAPTRACK_ENTRIES_PER_FRAME
 
 _FIRE = b"\x00"
+#: The longest path a Unix socket is bound to: sockaddr_un's sun_path
+#: holds 108 bytes, its terminating NUL included.
+_SUN_PATH_MAX = 107
 #: What running out of descriptors makes accept, pipe2, memfd_create... fail with.
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 #: How long a listener stays unwatched when not even the reserve descriptor
@@ -478,9 +481,14 @@ class Hypervisor:
                 self._domains[domid] = dom
                 added = True
             except OSError as e:
-                # Name the path: "AF_UNIX path too long" alone does not say which.
+                # Name the path: "AF_UNIX path too long" alone does not say
+                # which, nor by how much.  Python says that one itself,
+                # with no errno: ENAMETOOLONG, as the kernel would.
                 why = f"cannot listen on {path}: {e.strerror or e}"
-                raise (OSError(why) if e.errno is None else OSError(e.errno, why)) from e
+                if e.errno is None:
+                    size = len(os.fsencode(path))
+                    why += f" ({size} bytes, at most {_SUN_PATH_MAX})"
+                raise OSError(e.errno or errno.ENAMETOOLONG, why) from e
             finally:
                 if not added:
                     # Taken back: unwatched, its socket file gone (nobody
