@@ -561,16 +561,24 @@ def test_a_hypervisor_add_domain_interrupted_anywhere_adds_it_whole_or_not_at_al
     listened for and removable, or not there at all, with no socket file
     nor descriptor of its left, and it can be added again (its listener
     is not left watched: the next one, given the same descriptor number,
-    could not be).  stop() stops either way."""
-    from xenback.sim._hypervisor import Hypervisor, domain_socket
+    could not be), nor to the collector to close (a ResourceWarning: one
+    landing as socket() returned).  stop() stops either way."""
+    import gc
+    import warnings
 
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
 
     def landing(n: int) -> str:
         hv = Hypervisor(tmp_path / str(n))
         hv.start()
         try:
             fds = open_fds()
-            where = interrupted_at(n, SIM_CODE, lambda: hv.add_domain(3, "guest"))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                where = interrupted_at(n, SIM_CODE, lambda: hv.add_domain(3, "guest"))
+                gc.collect()
+            left = [str(w.message) for w in caught if w.category is ResourceWarning]
+            assert not left, f"interrupted {where}: {left}"
             path = domain_socket(hv.run_dir, 3)
             if hv.stats()["domains"]:
                 assert path.exists(), f"interrupted {where}: added with no socket"

@@ -459,9 +459,16 @@ class Hypervisor:
                 raise RuntimeError("the host is stopping")
             if domid in self._domains:
                 raise ValueError(f"domain {domid} already exists")
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            # Held by the list as socket() returns it (list.extend() stores
+            # what map() got before control is back in Python code): with
+            # ``listener = socket.socket()``, a Ctrl-C as it returned left
+            # the socket to the collector (a ResourceWarning).
+            made: list[socket.socket] = []
             added = False
             try:
+                made.extend(map(socket.socket, (socket.AF_UNIX,),
+                                (socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC,)))
+                listener = made[0]
                 # Whoever connects acts as the domain: the user's alone,
                 # whatever the umask (bind gives the socket file this mode).
                 os.fchmod(listener.fileno(), 0o600)
@@ -490,7 +497,8 @@ class Hypervisor:
                     why += f" ({size} bytes, at most {_SUN_PATH_MAX})"
                 raise OSError(e.errno or errno.ENAMETOOLONG, why) from e
             finally:
-                if not added:
+                if not added and made:
+                    listener = made[0]
                     # Taken back: unwatched, its socket file gone (nobody
                     # would ever accept on it), closed.  Here, not in a
                     # function a (second) Ctrl-C could cut short as it
