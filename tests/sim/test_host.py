@@ -686,6 +686,51 @@ def test_a_hypervisor_stop_interrupted_anywhere_closes_nothing_twice(tmp_path: P
     assert any("Hypervisor.stop" in where for where in landed), landed
 
 
+def test_a_hypervisor_removal_its_caller_does_interrupted_anywhere_is_whole(
+        tmp_path: Path) -> None:
+    """With no service thread serving (none started here), remove_domain()
+    does the removal in its caller's stead.  A Ctrl-C landing anywhere in
+    it leaves the domain removed whole, or there and removable again: the
+    next remove_domain() removes it or finds it gone (ValueError), and
+    either way its socket file, its listener and its handles (hung up)
+    are gone, with no descriptor of its left.  One landing as the domain
+    was taken off the list left the rest for good: its listener open and
+    watched, its handles connected, its socket file there, and the domain
+    not removable again."""
+    import contextlib
+    import socket
+
+    from xenback.sim._hypervisor import Hypervisor
+
+    def landing(n: int) -> str:
+        fds = open_fds()
+        hv = Hypervisor(tmp_path / str(n))
+        clients: list[socket.socket] = []
+        try:
+            path = hv.add_domain(3, "guest")
+            for _ in range(2):
+                clients.append(socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+                clients[-1].connect(os.fspath(path))
+            assert hv.stats()["connections"] == 2  # accepted
+            where = interrupted_at(n, SIM_CODE, lambda: hv.remove_domain(3))
+            with contextlib.suppress(ValueError):  # removed already
+                hv.remove_domain(3)
+            assert hv.stats()["domains"] == 0
+            assert not path.exists(), f"interrupted {where}: its socket file is left"
+            assert not hv._selector.get_map(), f"interrupted {where}: still watched"
+            for client in clients:
+                assert client.recv(1, socket.MSG_DONTWAIT) == b"", (
+                    f"interrupted {where}: a handle is left open")
+        finally:
+            close_fds([client.detach() for client in clients])
+            hv.stop()
+        assert eventually(lambda: open_fds() == fds), f"interrupted {where}: descriptors left"
+        return where
+
+    landed = landings(landing)
+    assert any("Hypervisor.remove_domain" in where for where in landed), landed
+
+
 def _no_threads_since(threads: set[threading.Thread], where: str) -> None:
     """Wait until no thread is left but ``threads``; else fail saying
     which are, after the Ctrl-C ``where``."""

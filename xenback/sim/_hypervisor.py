@@ -548,27 +548,62 @@ class Hypervisor:
 
         Done by the service thread, as any change of its state, while the
         caller waits: a hypercall, which no signal cuts in half (by the
-        caller itself if that thread does not serve, or is the caller).
-        :class:`ValueError` if there is no such domain.  A
-        KeyboardInterrupt in the wait leaves the removal to finish without
-        the caller, whose next remove_domain() finds the domain gone
-        (ValueError) or waits for the removal again.
+        caller itself if that thread does not serve, or is the caller; in
+        a thread of its own if the caller is the main thread, see
+        _remove_elsewhere).  :class:`ValueError` if there is no such
+        domain.  A KeyboardInterrupt in the wait leaves the removal to
+        finish without the caller, whose next remove_domain() finds the
+        domain gone (ValueError) or waits for the removal again.
         """
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
-            if domid not in self._domains:
+            dom = self._domains.get(domid)
+            if dom is None:
                 raise ValueError(f"no domain {domid}")
             # Not by thread ident: a dead thread's is given to the next one.
-            if not self._serving or threading.current_thread() is self._thread:
-                self._remove_domain(domid)
-                return
-            self._removals.append((domid, future))
-            # Under _lock: stop() closes the pipe under it, after the thread ended.
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass  # a wake-up is pending already
+            caller = threading.current_thread()
+            if not self._serving or caller is self._thread:
+                if caller is not threading.main_thread():
+                    # Where no signal's handler runs: nothing cuts it short.
+                    self._remove_domain(domid)
+                    return
+            else:
+                self._removals.append((domid, future))
+                # Under _lock: stop() closes the pipe under it, after the thread ended.
+                try:
+                    os.write(self._wake_w, b"x")
+                except BlockingIOError:
+                    pass  # a wake-up is pending already
+                dom = None
+        if dom is not None:
+            self._remove_elsewhere(dom, future)
         future.result()
+
+    def _remove_elsewhere(self, dom: _Domain, future: concurrent.futures.Future[None]) -> None:
+        """Remove ``dom`` in a thread of its own, answering ``future``.
+
+        For a caller in the main thread, the one where a signal's handler
+        runs: a Ctrl-C landing inside _remove_domain left the domain half
+        removed, off the list with its listener, socket file and handles
+        still there, for good.  It lands in the caller's wait instead, and
+        the removal goes on without it, as the service thread's would.
+        With no thread to be had, done here all the same."""
+
+        def remove() -> None:
+            with self._lock:
+                # Not if removed meanwhile, and not a domain added since
+                # under the same domid.
+                if self._domains.get(dom.domid) is dom:
+                    self._run_removal(dom.domid, future)
+                else:
+                    future.set_result(None)
+
+        worker = threading.Thread(target=remove, name=f"xenback-sim-removal:{self.run_dir}",
+                                  daemon=True)
+        try:
+            worker.start()
+        except RuntimeError:  # can't start new thread
+            remove()
 
     def _run_removals(self) -> None:
         """remove_domain()'s requests (under _lock); a domain asked for
