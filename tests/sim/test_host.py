@@ -731,6 +731,54 @@ def test_a_hypervisor_removal_its_caller_does_interrupted_anywhere_is_whole(
     assert any("Hypervisor.remove_domain" in where for where in landed), landed
 
 
+def test_a_hypervisor_stop_interrupted_anywhere_removes_every_domain_whole(
+        tmp_path: Path) -> None:
+    """A Ctrl-C landing anywhere in the hypervisor service's stop(), then
+    stop() again: every domain is removed whole, its socket file and its
+    handles (hung up) gone, none left to the collector to close (a
+    ResourceWarning).  One landing as stop() took a domain off the list
+    left the rest of its removal undone: the next stop() never saw it."""
+    import gc
+    import socket
+    import warnings
+
+    from xenback.sim._hypervisor import Hypervisor
+
+    def landing(n: int) -> str:
+        fds = open_fds()
+        hv = Hypervisor(tmp_path / str(n))
+        hv.start()
+        clients: list[socket.socket] = []
+        try:
+            paths = [hv.add_domain(domid, f"d{domid}") for domid in (0, 1)]
+            for path in paths:
+                clients.append(socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+                clients[-1].connect(os.fspath(path))
+            assert hv.stats()["connections"] == 2  # accepted
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                try:
+                    where = interrupted_at(n, SIM_CODE, hv.stop)
+                finally:
+                    hv.stop()
+                gc.collect()
+            left = [str(w.message) for w in caught if w.category is ResourceWarning]
+            assert not left, f"interrupted {where}: {left}"
+            assert not any(path.exists() for path in paths), (
+                f"interrupted {where}: a socket file is left")
+            for client in clients:
+                assert client.recv(1, socket.MSG_DONTWAIT) == b"", (
+                    f"interrupted {where}: a handle is left open")
+        finally:
+            close_fds([client.detach() for client in clients])
+            hv.stop()
+        assert eventually(lambda: open_fds() == fds), f"interrupted {where}: descriptors left"
+        return where
+
+    landed = landings(landing)
+    assert any("Hypervisor.stop" in where for where in landed), landed
+
+
 def _no_threads_since(threads: set[threading.Thread], where: str) -> None:
     """Wait until no thread is left but ``threads``; else fail saying
     which are, after the Ctrl-C ``where``."""

@@ -429,11 +429,9 @@ class Hypervisor:
             os.close(reserve)
 
     def stop(self) -> None:
-        """Destroy every domain, join the service thread, free everything."""
+        """Join the service thread, destroy every domain, free everything."""
         with self._lock:
-            self._stopping = True
-            for domid in list(self._domains):
-                self._remove_domain(domid)
+            self._stopping = True  # the thread serves nothing more from here
         if self._thread is not None:
             try:
                 os.write(self._wake_w, b"x")
@@ -445,11 +443,16 @@ class Hypervisor:
             if self._thread.is_alive():
                 self._thread.join()
             self._thread = None
-        with self._lock:
-            # Asked for as the thread stopped: done by the loop above.
-            self._run_removals()
+        self._uninterrupted(self._remove_all)
         self._selector.close()  # may be done again
         self._close_descriptors()
+
+    def _remove_all(self) -> None:
+        with self._lock:
+            for domid in list(self._domains):
+                self._remove_domain(domid)
+            # Asked for as the thread stopped: answered, their domains gone.
+            self._run_removals()
 
     def add_domain(self, domid: int, name: str, xenstore_path: str = "") -> Path:
         """Make ``domid`` known and listen for its handles; returns its socket."""
@@ -550,7 +553,7 @@ class Hypervisor:
         caller waits: a hypercall, which no signal cuts in half (by the
         caller itself if that thread does not serve, or is the caller; in
         a thread of its own if the caller is the main thread, see
-        _remove_elsewhere).  :class:`ValueError` if there is no such
+        _uninterrupted).  :class:`ValueError` if there is no such
         domain.  A KeyboardInterrupt in the wait leaves the removal to
         finish without the caller, whose next remove_domain() finds the
         domain gone (ValueError) or waits for the removal again.
@@ -561,13 +564,7 @@ class Hypervisor:
             if dom is None:
                 raise ValueError(f"no domain {domid}")
             # Not by thread ident: a dead thread's is given to the next one.
-            caller = threading.current_thread()
-            if not self._serving or caller is self._thread:
-                if caller is not threading.main_thread():
-                    # Where no signal's handler runs: nothing cuts it short.
-                    self._remove_domain(domid)
-                    return
-            else:
+            if self._serving and threading.current_thread() is not self._thread:
                 self._removals.append((domid, future))
                 # Under _lock: stop() closes the pipe under it, after the thread ended.
                 try:
@@ -576,34 +573,51 @@ class Hypervisor:
                     pass  # a wake-up is pending already
                 dom = None
         if dom is not None:
-            self._remove_elsewhere(dom, future)
+            self._uninterrupted(functools.partial(self._remove_listed, dom, future))
         future.result()
 
-    def _remove_elsewhere(self, dom: _Domain, future: concurrent.futures.Future[None]) -> None:
-        """Remove ``dom`` in a thread of its own, answering ``future``.
+    def _remove_listed(self, dom: _Domain, future: concurrent.futures.Future[None]) -> None:
+        """Remove ``dom`` unless it was meanwhile (a domain added since under
+        its domid is not it); answer ``future``."""
+        with self._lock:
+            if self._domains.get(dom.domid) is dom:
+                self._run_removal(dom.domid, future)
+            else:
+                future.set_result(None)
 
-        For a caller in the main thread, the one where a signal's handler
-        runs: a Ctrl-C landing inside _remove_domain left the domain half
-        removed, off the list with its listener, socket file and handles
-        still there, for good.  It lands in the caller's wait instead, and
-        the removal goes on without it, as the service thread's would.
-        With no thread to be had, done here all the same."""
+    def _uninterrupted(self, work: Callable[[], None]) -> None:
+        """``work()``, which takes _lock, where no Ctrl-C cuts it short.
 
-        def remove() -> None:
-            with self._lock:
-                # Not if removed meanwhile, and not a domain added since
-                # under the same domid.
-                if self._domains.get(dom.domid) is dom:
-                    self._run_removal(dom.domid, future)
-                else:
-                    future.set_result(None)
+        A signal's handler runs in the main thread only: there a Ctrl-C
+        landing inside _remove_domain left the domain half removed, off
+        the list with its listener, socket file and handles still there,
+        for good.  So the main thread runs it in a thread of its own, and
+        waits: a Ctrl-C lands in the wait, and the work goes on without
+        it, as the service thread's would.  With no thread to be had, it
+        is done here all the same."""
+        if threading.current_thread() is not threading.main_thread():
+            work()
+            return
+        failed: list[BaseException] = []
 
-        worker = threading.Thread(target=remove, name=f"xenback-sim-removal:{self.run_dir}",
+        def run() -> None:
+            try:
+                work()
+            except BaseException as e:
+                failed.append(e)  # raised in the caller, as if done there
+
+        worker = threading.Thread(target=run, name=f"xenback-sim-removal:{self.run_dir}",
                                   daemon=True)
         try:
             worker.start()
         except RuntimeError:  # can't start new thread
-            remove()
+            work()
+            return
+        # Joined, not just waited for: once stop() returns, no thread of
+        # the service's is left.
+        worker.join()
+        if failed:
+            raise failed[0]
 
     def _run_removals(self) -> None:
         """remove_domain()'s requests (under _lock); a domain asked for
