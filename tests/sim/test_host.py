@@ -963,11 +963,27 @@ def test_a_hypervisor_starts_once_and_never_once_stopped(tmp_path: Path) -> None
     _descriptors_left_since(before, "stopped")
 
 
-class _ThreadingWith:
-    """The threading module as _hypervisor sees it, with another Thread."""
+class _NoThread(threading.Thread):
+    """A thread the system has no room for."""
 
-    def __init__(self, thread: type[threading.Thread]) -> None:
-        self.Thread = thread
+    def start(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+
+class _ThreadingWith:
+    """The threading module as _hypervisor sees it, with another Thread
+    for its service thread; the others it makes (a removal's, see
+    Hypervisor._uninterrupted) are threading's, or refused as when no
+    thread is to be had (``workers=False``)."""
+
+    def __init__(self, thread: type[threading.Thread], workers: bool = True) -> None:
+        self._thread = thread
+        self._workers = workers
+
+    def Thread(self, *args: Any, **kwargs: Any) -> threading.Thread:  # noqa: N802
+        if kwargs.get("name", "").startswith("xenback-sim-hypervisor:"):
+            return self._thread(*args, **kwargs)
+        return (threading.Thread if self._workers else _NoThread)(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(threading, name)
@@ -988,10 +1004,13 @@ class _TwoRemovals:
     their own (as a call cut short and the next), for the tests of a
     start() cut short: what each call answered, checks that both were
     answered and the domain removed, and the first Ctrl-C (``cut``) for
-    a sweep to land a second one after."""
+    a sweep to land a second one after.  ``inline``: the removals are
+    done in the thread a Ctrl-C lands in (no thread to be had for them,
+    see _ThreadingWith)."""
 
-    def __init__(self, hv: Hypervisor) -> None:
+    def __init__(self, hv: Hypervisor, inline: bool = False) -> None:
         self.hv = hv
+        self.inline = inline
         self.threads: list[threading.Thread] = []
         self.answers: list[BaseException | None] = []
         self.cut: list[Interrupted] = []
@@ -1011,10 +1030,10 @@ class _TwoRemovals:
                 raise
 
     def unless(self) -> bool:
-        """For interrupted_at: no landing before the first Ctrl-C, nor
-        within a removal itself (_remove_domain), done the same way
-        whoever does it."""
-        return not self.cut or _in_frame_of("_remove_domain")
+        """For interrupted_at: no landing before the first Ctrl-C, nor,
+        with the removals ``inline``, within a removal itself
+        (_remove_domain): no thread to be had, one can be cut short."""
+        return not self.cut or (self.inline and _in_frame_of("_remove_domain"))
 
     def _remove(self) -> None:
         try:
@@ -1088,9 +1107,14 @@ def test_a_removal_asked_for_as_a_hypervisor_start_is_cut_short_is_answered(
         hv.stop()
 
 
+_WORKERS = pytest.mark.parametrize("workers", [True, False],
+                                   ids=["removals in a thread", "no thread to be had"])
+
+
+@_WORKERS
 @pytest.mark.parametrize("undone_by", ["start", "stop"])
 def test_removals_queued_as_a_hypervisor_start_is_cut_short_survive_a_second_ctrl_c(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, undone_by: str) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, undone_by: str, workers: bool) -> None:
     """Two remove_domain() calls queued as start() launches its thread,
     then a Ctrl-C landing anywhere in what answers them: start()'s undo
     of a Ctrl-C in starting that thread, or a stop() before it runs (then
@@ -1098,13 +1122,15 @@ def test_removals_queued_as_a_hypervisor_start_is_cut_short_survive_a_second_ctr
     queue was taken whole before it was worked through: the rest was lost,
     their callers waiting for ever; and stop() answered them in place, so
     the next stop() answered one again and failed (InvalidStateError).
-    Not within a removal itself (_remove_domain), done the same way
-    whoever does it."""
+    The removals run in a thread of their own, where no Ctrl-C lands: one
+    landing in a removal itself (_remove_domain) left the domain half
+    removed, for good.  With no thread to be had, done in place, not
+    within a removal itself."""
     from xenback.sim import _hypervisor
 
     def landing(n: int) -> str:
         hv = _hypervisor.Hypervisor(tmp_path / str(n))
-        removals = _TwoRemovals(hv)
+        removals = _TwoRemovals(hv, inline=not workers)
         launched: list[threading.Thread] = []
 
         class CutShort(threading.Thread):
@@ -1114,13 +1140,14 @@ def test_removals_queued_as_a_hypervisor_start_is_cut_short_survive_a_second_ctr
                 if undone_by == "start":
                     removals.cut_short()
 
-        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(CutShort))
+        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(CutShort, workers))
         try:
             if undone_by == "start":
                 where = interrupted_at(n, SIM_CODE, removals.start, removals.unless)
             else:
                 hv.start()
-                monkeypatch.undo()
+                monkeypatch.setattr(_hypervisor, "threading",
+                                    _ThreadingWith(threading.Thread, workers))
                 removals.cut.append(Interrupted())  # lands from here on
                 where = interrupted_at(n, SIM_CODE, hv.stop, removals.unless)
             monkeypatch.undo()
@@ -1139,9 +1166,10 @@ def test_removals_queued_as_a_hypervisor_start_is_cut_short_survive_a_second_ctr
     assert any("Hypervisor." in where for where in landed), landed
 
 
+@_WORKERS
 @pytest.mark.parametrize("thread", ["runs as stop() waits", "never runs"])
 def test_removals_left_by_a_cut_short_start_undo_are_answered_by_a_late_service_thread(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread: str) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread: str, workers: bool) -> None:
     """Two remove_domain() calls queued as start() launches its thread, a
     Ctrl-C in starting it, then a second one landing anywhere in the undo
     that answers them; the thread, launched all the same, runs only as
@@ -1149,14 +1177,15 @@ def test_removals_left_by_a_cut_short_start_undo_are_answered_by_a_late_service_
     answered, and stop() stops.  The thread took the queue whole at its
     end: one the undo answered before the Ctrl-C took it off was answered
     again (InvalidStateError, in the thread), and the rest were lost,
-    their callers waiting for ever.  Not within a removal itself
-    (_remove_domain), done the same way whoever does it.  A thread that
-    never runs leaves them to stop()."""
+    their callers waiting for ever.  The undo runs them in a thread of
+    its own, as the test above's; with no thread to be had, in place,
+    where the Ctrl-C lands as one was answered (not within a removal
+    itself).  A thread that never runs leaves them to stop()."""
     from xenback.sim import _hypervisor
 
     def landing(n: int) -> str:
         hv = _hypervisor.Hypervisor(tmp_path / str(n))
-        removals = _TwoRemovals(hv)
+        removals = _TwoRemovals(hv, inline=not workers)
         failed: list[BaseException | None] = []
 
         class CutShort(threading.Thread):
@@ -1177,7 +1206,7 @@ def test_removals_left_by_a_cut_short_start_undo_are_answered_by_a_late_service_
                     failed.append(e)
                     raise
 
-        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(CutShort))
+        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(CutShort, workers))
         try:
             where = interrupted_at(n, SIM_CODE, removals.start, removals.unless)
             monkeypatch.undo()
@@ -1191,9 +1220,11 @@ def test_removals_left_by_a_cut_short_start_undo_are_answered_by_a_late_service_
         return where
 
     landed = landings(landing)
-    # Where an answered one was left queued: as it was answered, as its
-    # removal returned.
-    for place in ("Hypervisor._run_removal,", "Hypervisor._run_removals,"):
+    # Where an answered one was left queued, done in place: as it was
+    # answered, as its removal returned.  Else where the undo waits.
+    places = (("Hypervisor._run_removal,", "Hypervisor._run_removals,") if not workers
+              else ("Hypervisor._uninterrupted,",))
+    for place in places:
         assert any(place in where for where in landed), (place, landed)
 
 

@@ -398,10 +398,15 @@ class Hypervisor:
         except BaseException:
             with self._lock:
                 self._serving = False
-                # Asked for while it was marked serving: the thread may
-                # never run, and stop() may never come; their callers wait.
-                self._run_removals()
+            # Asked for while it was marked serving: the thread may never
+            # run, and stop() may never come; their callers wait.  Cut
+            # short before, they wait for stop() or that thread after all.
+            self._uninterrupted(self._run_queued_removals)
             raise
+
+    def _run_queued_removals(self) -> None:
+        with self._lock:
+            self._run_removals()
 
     def _unmake(self) -> None:
         """Take back what a start() cut short before its thread made; may
