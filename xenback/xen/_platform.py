@@ -288,7 +288,9 @@ class _DevicePages:
     pointer alive.  :meth:`_scrub` ends the device's mapping by mapping
     private zero pages over it in place, so that views a caller still holds
     read zeros and write to memory nobody else sees, instead of faulting;
-    the range itself goes when the last of them does.
+    the range itself goes when the last of them does.  With none held,
+    :meth:`_scrub` unmaps it itself: the pointer's destructor, a callback
+    of cffi's that drops what it raises (a Ctrl-C too), is the last resort.
 
     Python's :class:`mmap.mmap` would do the same for us but for two
     things: before Python 3.13 it keeps a duplicate of the device's
@@ -362,17 +364,29 @@ class _DevicePages:
             )
             self._base = self._buffer = None
         assert buffer is not None
+        # What every view of the range holds, and holds the pointer by.
+        views = weakref.ref(buffer.obj)
         try:
             buffer.release()
         except BufferError:
             pass  # re-exported (memoryview(view), numpy...): it sees zeros now
-        alive = weakref.ref(base)
-        del base, buffer
-        if alive() is not None:
+        del buffer
+        if views() is not None:
             logger.warning(
                 "%s ended while views of their pages are held: those read zeros from now on",
                 _grants(self._refs),
             )
+            return True  # the range goes with the last of them
+        # Unmapped here, not by the pointer's destructor as we drop it: a
+        # callback of cffi's, which prints and drops what it raises, so a
+        # Ctrl-C landing as it started was lost, and the range with it.
+        # The size first: the finally calls nothing a Ctrl-C can land after
+        # before munmap.
+        size = PAGE_SIZE * len(self._refs)
+        try:
+            ffi.gc(base, None)  # no destructor left to run
+        finally:
+            _libc.munmap(base, size)
         return True
 
     def __repr__(self) -> str:
