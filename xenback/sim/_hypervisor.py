@@ -301,9 +301,10 @@ class Hypervisor:
         # them.  Rule: the service thread holds it while it handles one event;
         # host calls hold it while they touch the state, and let go of it
         # before they wait for the service thread (stop()'s join,
-        # remove_domain()'s future), which needs it.  Nothing blocks under
-        # it: sockets are non-blocking, and a peer that cannot take a
-        # message is dropped instead of waited for.
+        # remove_domain()'s future) or a removal's (_uninterrupted), which
+        # need it.  Nothing blocks under it: sockets are non-blocking, and
+        # a peer that cannot take a message is dropped instead of waited
+        # for.
         self._lock = threading.Lock()
         self._domains: dict[int, _Domain] = {}
         # An object that closes its epoll when dropped: a Hypervisor lost
@@ -630,9 +631,10 @@ class Hypervisor:
 
         Worked through in place, each left queued until it is answered:
         start()'s undo and stop() run this in the thread a Ctrl-C lands
-        in.  Taken whole first, the rest were lost to one landing here,
-        their callers waiting for ever; answered and left queued, the next
-        call answered one again (InvalidStateError).
+        in when no thread is to be had for it (see _uninterrupted).  Taken
+        whole first, the rest were lost to one landing here, their callers
+        waiting for ever; answered and left queued, the next call answered
+        one again (InvalidStateError).
         """
         while self._removals:
             domid, future = self._removals[0]
