@@ -427,6 +427,33 @@ def test_ending_without_views_unmaps_at_once_and_quietly(granted: int, kind: str
 
 
 @pytest.mark.usefixtures("fake_devices")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("slice_held", [False, True], ids=["nothing held", "a slice held"])
+def test_pages_whose_buffer_its_user_released_end_all_the_same(
+        granted: int, kind: str, slice_held: bool, caplog) -> None:
+    """:attr:`buffer` released by its user, as ``with pages.buffer as
+    view:`` does: ending the pages ends them all the same, the range
+    unmapped at once with no view held, else zero pages standing in until
+    the slice taken before goes.  _scrub() asked the released buffer what
+    it viewed: unmap() and unshare() raised ValueError, gntdev's slots
+    left held until the next unmap()."""
+    pages = pages_of(kind, granted)
+    stale = pages.buffer[0:6] if slice_held else None
+    with pages.buffer as view:
+        addr = address_of(view)
+    with caplog.at_level(logging.WARNING, logger=_platform.__name__):
+        end(pages)
+        end(pages)  # idempotent
+    assert len(caplog.records) == slice_held  # "ended while views of their pages are held"
+    if stale is not None:
+        assert private_anonymous(maps_line(addr))
+        assert bytes(stale) == bytes(6)
+        del stale
+    assert maps_line(addr) is None
+    assert maps_line(addr + PAGE_SIZE) is None
+
+
+@pytest.mark.usefixtures("fake_devices")
 def test_a_read_only_mapping_stays_read_only_after_unmap(granted: int) -> None:
     mapping = pages_of("mapping", granted, writable=False)
     stale = mapping.buffer[0:6]

@@ -315,7 +315,12 @@ class _DevicePages:
         self._base: Any = ffi.gc(ffi.cast("char *", addr),
                                  lambda base: mapped or _libc.munmap(base, size))
         self._refs = refs
-        view = memoryview(ffi.buffer(self._base, size))
+        whole = ffi.buffer(self._base, size)
+        # What every view of the range holds, and holds the pointer by.
+        # Taken here: :attr:`buffer` released by its caller (``with
+        # mapping.buffer as b:``) no longer says what it viewed.
+        self._views = weakref.ref(whole)
+        view = memoryview(whole)
         self._buffer: memoryview | None = view if writable else view.toreadonly()
         self._lock = threading.Lock()  # one scrub, even if ended twice at once
         mapped.clear()
@@ -364,14 +369,12 @@ class _DevicePages:
             )
             self._base = self._buffer = None
         assert buffer is not None
-        # What every view of the range holds, and holds the pointer by.
-        views = weakref.ref(buffer.obj)
         try:
             buffer.release()
         except BufferError:
             pass  # re-exported (memoryview(view), numpy...): it sees zeros now
         del buffer
-        if views() is not None:
+        if self._views() is not None:
             logger.warning(
                 "%s ended while views of their pages are held: those read zeros from now on",
                 _grants(self._refs),
