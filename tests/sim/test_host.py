@@ -974,16 +974,18 @@ class _ThreadingWith:
     """The threading module as _hypervisor sees it, with another Thread
     for its service thread; the others it makes (a removal's, see
     Hypervisor._uninterrupted) are threading's, or refused as when no
-    thread is to be had (``workers=False``)."""
+    thread is to be had (``workers=False``), or of class ``workers``."""
 
-    def __init__(self, thread: type[threading.Thread], workers: bool = True) -> None:
+    def __init__(self, thread: type[threading.Thread],
+                 workers: bool | type[threading.Thread] = True) -> None:
         self._thread = thread
-        self._workers = workers
+        self._worker = (workers if isinstance(workers, type)
+                        else threading.Thread if workers else _NoThread)
 
     def Thread(self, *args: Any, **kwargs: Any) -> threading.Thread:  # noqa: N802
         if kwargs.get("name", "").startswith("xenback-sim-hypervisor:"):
             return self._thread(*args, **kwargs)
-        return (threading.Thread if self._workers else _NoThread)(*args, **kwargs)
+        return self._worker(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(threading, name)
@@ -1371,6 +1373,91 @@ def test_a_hypervisor_stops_with_its_wake_up_pipe_full(
     threading.Thread.start(late)
     late.join(TIMEOUT)
     assert not late.is_alive()
+
+
+def _left_waiting(workers: list[threading.Thread], cut: int = 1,
+                  as_it_ends: bool = False) -> type[threading.Thread]:
+    """A removal's thread (see Hypervisor._uninterrupted) whose first
+    join() a Ctrl-C cuts short, as it lands in the wait of the main thread,
+    the thread going on without it (``as_it_ends``: as the wait returns,
+    the thread ended); the first ``cut`` made so, each put in ``workers``.
+    Joined again, it is joined."""
+
+    class LeftWaiting(threading.Thread):
+        def join(self, timeout: float | None = None) -> None:
+            if self not in workers and len(workers) < cut:
+                workers.append(self)
+                if as_it_ends:
+                    super().join(timeout)
+                raise Interrupted
+            super().join(timeout)
+
+    return LeftWaiting
+
+
+@pytest.mark.parametrize("as_it_ends", [False, True], ids=["fails after", "failed before"])
+def test_a_removal_failing_once_its_caller_was_interrupted_is_logged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        as_it_ends: bool) -> None:
+    """A Ctrl-C in stop()'s wait for the thread that removes the domains,
+    which fails (a bug), after the Ctrl-C or just before: the failure is
+    logged, nobody else being left to hear of it.  It was kept for the
+    caller that had gone: lost without a trace."""
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+    left = threading.Event()
+
+    def failing(self: Hypervisor, domid: int) -> NoReturn:
+        left.wait(TIMEOUT)
+        raise RuntimeError(f"a bug removing domain {domid}")
+
+    workers: list[threading.Thread] = []
+    monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_domain", failing)
+    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(
+        threading.Thread, _left_waiting(workers, as_it_ends=as_it_ends)))
+    if as_it_ends:
+        left.set()
+    try:
+        with caplog.at_level(logging.ERROR, logger=_hypervisor.__name__):
+            with pytest.raises(Interrupted):
+                hv.stop()
+            left.set()
+            [worker] = workers
+            worker.join(TIMEOUT)
+            assert not worker.is_alive()
+        [record] = caplog.records
+        assert record.exc_info is not None
+        assert str(record.exc_info[1]) == "a bug removing domain 3"
+    finally:
+        monkeypatch.undo()
+        hv.stop()
+
+
+def test_a_removal_failing_in_its_thread_fails_its_caller_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """stop()'s removals failing (a bug) in the thread that does them for
+    the main thread, which waits: stop() raises that failure, as if it had
+    done them itself, and it is told once (not logged besides)."""
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+
+    def failing(self: Hypervisor, domid: int) -> NoReturn:
+        assert threading.current_thread() is not threading.main_thread()
+        raise RuntimeError(f"a bug removing domain {domid}")
+
+    monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_domain", failing)
+    try:
+        with caplog.at_level(logging.ERROR, logger=_hypervisor.__name__):
+            with pytest.raises(RuntimeError, match="^a bug removing domain 3$"):
+                hv.stop()
+        assert caplog.records == []
+    finally:
+        monkeypatch.undo()
+        hv.stop()
 
 
 def test_no_domain_is_added_to_a_stopping_hypervisor() -> None:

@@ -600,30 +600,47 @@ class Hypervisor:
         for good.  So the main thread runs it in a thread of its own, and
         waits: a Ctrl-C lands in the wait, and the work goes on without
         it, as the service thread's would.  With no thread to be had, it
-        is done here all the same."""
+        is done here all the same.  Its failure is raised in the caller,
+        as if done there; logged once the caller has gone."""
         if threading.current_thread() is not threading.main_thread():
             work()
             return
-        failed: list[BaseException] = []
+        # The first of the work's failure and its caller's leaving (None):
+        # whichever comes second tells, so that a failure is raised or
+        # logged, once, never lost for a caller gone (list.append() and
+        # += are atomic).
+        outcome: list[BaseException | None] = []
 
         def run() -> None:
             try:
                 work()
             except BaseException as e:
-                failed.append(e)  # raised in the caller, as if done there
+                outcome.append(e)
+                if outcome[0] is None:
+                    logger.error("hypervisor: failure removing domains", exc_info=e)
 
         worker = threading.Thread(target=run, name=f"xenback-sim-removal:{self.run_dir}",
                                   daemon=True)
         try:
-            worker.start()
-        except RuntimeError:  # can't start new thread
-            work()
-            return
-        # Joined, not just waited for: once stop() returns, no thread of
-        # the service's is left.
-        worker.join()
-        if failed:
-            raise failed[0]
+            try:
+                worker.start()
+            except RuntimeError:  # can't start new thread
+                work()
+                return
+            # Joined, not just waited for: once stop() returns, no thread of
+            # the service's is left.
+            worker.join()
+        except BaseException:
+            # No call before the check (none can land in between).
+            outcome += [None]
+            failure = outcome[0]
+            if failure is not None:
+                logger.error("hypervisor: failure removing domains", exc_info=failure)
+            raise
+        if outcome:
+            failure = outcome[0]
+            assert failure is not None  # the caller is here
+            raise failure
 
     def _run_removals(self) -> None:
         """remove_domain()'s requests (under _lock); a domain asked for
