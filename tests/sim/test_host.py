@@ -1460,6 +1460,46 @@ def test_a_removal_failing_in_its_thread_fails_its_caller_once(
         hv.stop()
 
 
+def test_no_removal_thread_outlives_stop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C in remove_domain()'s wait for the thread that removes the
+    domain for it (no service thread serves: none started here), then
+    stop(): once stop() returns, that thread has ended too, none is left.
+    stop() joined only its own: the other one was still there after it
+    (here, about to take the lock, then to find its domain gone)."""
+    from racewindow import Attempt, PauseAt
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+    threads = set(threading.enumerate())
+    workers: list[threading.Thread] = []
+    pause = PauseAt.in_method(monkeypatch, _hypervisor.Hypervisor, "_remove_listed",
+                              "with self._lock")
+    monkeypatch.setattr(_hypervisor, "threading",
+                        _ThreadingWith(threading.Thread, _left_waiting(workers)))
+    try:
+        with pytest.raises(Interrupted):
+            hv.remove_domain(3)
+        [worker] = workers
+        assert pause.reached.wait(TIMEOUT)
+        main = threading.get_ident()
+        # Let go once stop() waits for it: else it would wait for ever.
+        resumer = Attempt(lambda: (
+            eventually(lambda: stands_at(main, _hypervisor.Hypervisor.stop, "worker.join()")),
+            pause.resume()))
+        hv.stop()
+        assert not worker.is_alive(), "a removal's thread outlived stop()"
+        assert resumer.result() == (True, None)
+        _no_threads_since(threads, "in remove_domain()'s wait")
+        assert hv.stats()["domains"] == 0
+    finally:
+        pause.resume()
+        monkeypatch.undo()
+        hv.stop()
+
+
 def test_no_domain_is_added_to_a_stopping_hypervisor() -> None:
     """stop() destroyed every domain: one added after it would keep a
     listening socket no service thread ever serves."""

@@ -340,6 +340,11 @@ class Hypervisor:
         # A hostile domain can run the service out of descriptors at will:
         # say so, but not once per request.
         self._fd_warnings = RateLimit("hypervisor")
+        # Removals' threads whose caller a Ctrl-C took out of its wait (see
+        # _uninterrupted), for stop() to join.  Not under _lock, which they
+        # may hold: added to by +=, taken off by stop(), steps no call
+        # splits.
+        self._removers_left: list[threading.Thread] = []
 
     # -- host interface ------------------------------------------------------
 
@@ -450,6 +455,13 @@ class Hypervisor:
                 self._thread.join()
             self._thread = None
         self._uninterrupted(self._remove_all)
+        # None outlives stop(); each has found its domains gone, or
+        # removed them, by the time _remove_all had the lock.
+        while self._removers_left:
+            worker = self._removers_left[0]
+            if worker.is_alive():  # not if a Ctrl-C cut short its start()
+                worker.join()
+            del self._removers_left[0]
         self._selector.close()  # may be done again
         self._close_descriptors()
 
@@ -633,6 +645,7 @@ class Hypervisor:
         except BaseException:
             # No call before the check (none can land in between).
             outcome += [None]
+            self._removers_left += [worker]
             failure = outcome[0]
             if failure is not None:
                 logger.error("hypervisor: failure removing domains", exc_info=failure)
