@@ -1235,7 +1235,7 @@ def test_a_hypervisor_domain_whose_directory_cannot_be_made_is_refused_quietly(
     """A domain whose socket's directory cannot be made (``domains`` is a
     file): add_domain() says so, and takes its listener back without
     logging a failure to remove a socket file it never made."""
-    from xenback.sim._hypervisor import Hypervisor
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
 
     (tmp_path / "domains").write_text("")
     hv = Hypervisor(tmp_path)
@@ -1244,6 +1244,9 @@ def test_a_hypervisor_domain_whose_directory_cannot_be_made_is_refused_quietly(
         with pytest.raises(OSError) as info:
             hv.add_domain(3, "guest")
         assert info.value.errno == errno.ENOTDIR
+        # Named, and nothing said of the path's length, which is not why.
+        assert str(info.value) == (f"[Errno {errno.ENOTDIR}] cannot listen on "
+                                   f"{domain_socket(tmp_path, 3)}: {os.strerror(errno.ENOTDIR)}")
         assert hv.stats()["domains"] == 0
     finally:
         hv.stop()
@@ -1494,6 +1497,99 @@ def test_no_removal_thread_outlives_stop(
         assert resumer.result() == (True, None)
         _no_threads_since(threads, "in remove_domain()'s wait")
         assert hv.stats()["domains"] == 0
+    finally:
+        pause.resume()
+        monkeypatch.undo()
+        hv.stop()
+
+
+def test_a_hypervisor_domain_socket_path_is_measured_in_bytes() -> None:
+    """sun_path holds bytes: a path of fewer characters than its 107, but
+    more bytes (an é is two), is refused with ENAMETOOLONG, its size said
+    in bytes, as the kernel counts."""
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
+
+    with tempfile.TemporaryDirectory(prefix="xs") as base:
+        tail = len(os.fsencode(domain_socket(Path("/"), 3)))  # "/domains/3/hypervisor"
+        run_dir = Path(base) / ("é" * -(-(108 - len(os.fsencode(base)) - tail) // 2))
+        path = domain_socket(run_dir, 3)
+        size = len(os.fsencode(path))
+        assert len(str(path)) <= 107 < size
+        hv = Hypervisor(run_dir)
+        try:
+            with pytest.raises(OSError) as info:
+                hv.add_domain(3, "guest")
+            assert info.value.errno == errno.ENAMETOOLONG
+            assert str(info.value).endswith(f"({size} bytes, at most 107)")
+        finally:
+            hv.stop()
+
+
+def test_a_removal_asked_for_outside_the_main_thread_is_done_in_the_caller(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no service thread serving, remove_domain() from a thread other
+    than the main one removes the domain in that thread: a signal's
+    handler runs in the main thread only, so no thread is spent on it."""
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+    removers: list[threading.Thread] = []
+    remove = _hypervisor.Hypervisor._remove_domain
+
+    def recorded(self: Hypervisor, domid: int) -> None:
+        removers.append(threading.current_thread())
+        remove(self, domid)
+
+    monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_domain", recorded)
+    try:
+        caller = Attempt(lambda: hv.remove_domain(3))
+        assert caller.result() is None
+        assert removers == [caller.thread]
+        assert hv.stats()["domains"] == 0
+    finally:
+        hv.stop()
+
+
+def test_a_removal_left_by_a_ctrl_c_spares_the_domain_added_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C in remove_domain()'s wait for the thread that removes the
+    domain for it (no service thread serves: none started here); before
+    that thread gets to it, the domain is removed (the next
+    remove_domain()) and added again under the same domid.  That thread
+    then finds its domain gone, and leaves the new one alone: listed,
+    listening, its socket file there."""
+    import socket
+
+    from racewindow import PauseAt
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+    workers: list[threading.Thread] = []
+    pause = PauseAt.in_method(monkeypatch, _hypervisor.Hypervisor, "_remove_listed",
+                              "with self._lock")
+    monkeypatch.setattr(_hypervisor, "threading",
+                        _ThreadingWith(threading.Thread, _left_waiting(workers)))
+    try:
+        with pytest.raises(Interrupted):
+            hv.remove_domain(3)
+        [worker] = workers
+        assert pause.reached.wait(TIMEOUT)
+        hv.remove_domain(3)  # the first to get there: not paused
+        path = hv.add_domain(3, "again")
+        pause.resume()
+        worker.join(TIMEOUT)
+        assert not worker.is_alive()
+        assert hv.stats()["domains"] == 1
+        assert path.exists()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with client:
+            client.connect(os.fspath(path))
+            assert hv.stats()["connections"] == 1
     finally:
         pause.resume()
         monkeypatch.undo()
