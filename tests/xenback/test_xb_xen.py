@@ -427,6 +427,33 @@ def test_ending_without_views_unmaps_at_once_and_quietly(granted: int, kind: str
 
 
 @pytest.mark.usefixtures("fake_devices")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("slice_held", [False, True], ids=["nothing held", "a slice held"])
+def test_pages_whose_buffer_its_user_released_end_all_the_same(
+        granted: int, kind: str, slice_held: bool, caplog) -> None:
+    """:attr:`buffer` released by its user, as ``with pages.buffer as
+    view:`` does: ending the pages ends them all the same, the range
+    unmapped at once with no view held, else zero pages standing in until
+    the slice taken before goes.  _scrub() asked the released buffer what
+    it viewed: unmap() and unshare() raised ValueError, gntdev's slots
+    left held until the next unmap()."""
+    pages = pages_of(kind, granted)
+    stale = pages.buffer[0:6] if slice_held else None
+    with pages.buffer as view:
+        addr = address_of(view)
+    with caplog.at_level(logging.WARNING, logger=_platform.__name__):
+        end(pages)
+        end(pages)  # idempotent
+    assert len(caplog.records) == slice_held  # "ended while views of their pages are held"
+    if stale is not None:
+        assert private_anonymous(maps_line(addr))
+        assert bytes(stale) == bytes(6)
+        del stale
+    assert maps_line(addr) is None
+    assert maps_line(addr + PAGE_SIZE) is None
+
+
+@pytest.mark.usefixtures("fake_devices")
 def test_a_read_only_mapping_stays_read_only_after_unmap(granted: int) -> None:
     mapping = pages_of("mapping", granted, writable=False)
     stale = mapping.buffer[0:6]
@@ -614,14 +641,20 @@ def test_a_mapping_asks_gntdev_for_each_ref_and_maps_the_slots_it_gave(
         assert fake_grant_libc.requests[1:] == [("unmap", FakeGrantLibc.MAP_INDEX, 2)]
 
 
+@pytest.mark.parametrize("view_held", [True, False], ids=["a view held", "no view held"])
 def test_an_unmap_interrupted_anywhere_is_finished_by_the_next(
-        fake_grant_libc: FakeGrantLibc) -> None:
+        fake_grant_libc: FakeGrantLibc, view_held: bool) -> None:
     """A Ctrl-C landing at any place of unmap(): a second unmap() finishes
     it, gntdev's slots released exactly once (their index may be another
-    mapping's once released).  As ``if self._scrub(): release``, one
-    landing after the pages were scrubbed, before UNMAP_GRANT_REF, left
-    the slots held until the device was closed, and the second unmap()
-    did nothing."""
+    mapping's once released), the range unmapped once.  As ``if
+    self._scrub(): release``, one landing after the pages were scrubbed,
+    before UNMAP_GRANT_REF, left the slots held until the device was
+    closed, and the second unmap() did nothing.  With no view of the
+    pages held, unmap() unmaps the range itself: it was left to the
+    pointer's destructor, a callback of cffi's run as unmap() dropped the
+    pointer, which printed and dropped a Ctrl-C landing as it started,
+    and left the range mapped.  With a view held the destructor runs as
+    the view goes, after unmap()."""
     within = os.path.dirname(xenback.__file__)
     before = _device_mappings()
     landed: list[str] = []
@@ -629,9 +662,8 @@ def test_an_unmap_interrupted_anywhere_is_finished_by_the_next(
         for n in itertools.count():
             mapping = table.map_grant_refs(3, [8, 9])
             fake_grant_libc.requests.clear()
-            # Held across: the range's munmap at collection (a callback of
-            # cffi's, which would swallow a Ctrl-C) runs after, not in unmap().
-            view = mapping.buffer[:1]
+            view = mapping.buffer[:1] if view_held else None
+            address = address_of(mapping.buffer)
             where = interrupted_at(n, within, mapping.unmap)
             mapping.unmap()
             mapping.unmap()  # idempotent
@@ -639,6 +671,7 @@ def test_an_unmap_interrupted_anywhere_is_finished_by_the_next(
             del mapping, view
             gc.collect()
             assert _device_mappings() == before, where
+            assert address not in fake_grant_libc.mapped, f"{where}: the range is left mapped"
             assert fake_grant_libc.unmapped_twice == [], where
             if not where:
                 break

@@ -102,6 +102,9 @@ MAPTRACK_ENTRIES_PER_FRAME = 256
 MAX_MAPPED_PAGES_PER_DOMAIN = MAX_MAPTRACK_FRAMES * MAPTRACK_ENTRIES_PER_FRAME
 
 _FIRE = b"\x00"
+#: The longest path a Unix socket is bound to: sockaddr_un's sun_path
+#: holds 108 bytes, its terminating NUL included.
+_SUN_PATH_MAX = 107
 #: What running out of descriptors makes accept, pipe2, memfd_create... fail with.
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 #: How long a listener stays unwatched when not even the reserve descriptor
@@ -298,9 +301,10 @@ class Hypervisor:
         # them.  Rule: the service thread holds it while it handles one event;
         # host calls hold it while they touch the state, and let go of it
         # before they wait for the service thread (stop()'s join,
-        # remove_domain()'s future), which needs it.  Nothing blocks under
-        # it: sockets are non-blocking, and a peer that cannot take a
-        # message is dropped instead of waited for.
+        # remove_domain()'s future) or a removal's (_uninterrupted), which
+        # need it.  Nothing blocks under it: sockets are non-blocking, and
+        # a peer that cannot take a message is dropped instead of waited
+        # for.
         self._lock = threading.Lock()
         self._domains: dict[int, _Domain] = {}
         # An object that closes its epoll when dropped: a Hypervisor lost
@@ -336,6 +340,11 @@ class Hypervisor:
         # A hostile domain can run the service out of descriptors at will:
         # say so, but not once per request.
         self._fd_warnings = RateLimit("hypervisor")
+        # Removals' threads whose caller a Ctrl-C took out of its wait (see
+        # _uninterrupted), for stop() to join.  Not under _lock, which they
+        # may hold: added to by +=, taken off by stop(), steps no call
+        # splits.
+        self._removers_left: list[threading.Thread] = []
 
     # -- host interface ------------------------------------------------------
 
@@ -395,10 +404,15 @@ class Hypervisor:
         except BaseException:
             with self._lock:
                 self._serving = False
-                # Asked for while it was marked serving: the thread may
-                # never run, and stop() may never come; their callers wait.
-                self._run_removals()
+            # Asked for while it was marked serving: the thread may never
+            # run, and stop() may never come; their callers wait.  Cut
+            # short before, they wait for stop() or that thread after all.
+            self._uninterrupted(self._run_queued_removals)
             raise
+
+    def _run_queued_removals(self) -> None:
+        with self._lock:
+            self._run_removals()
 
     def _unmake(self) -> None:
         """Take back what a start() cut short before its thread made; may
@@ -426,24 +440,37 @@ class Hypervisor:
             os.close(reserve)
 
     def stop(self) -> None:
-        """Destroy every domain, join the service thread, free everything."""
+        """Join the service thread, destroy every domain, free everything."""
         with self._lock:
-            self._stopping = True
-            for domid in list(self._domains):
-                self._remove_domain(domid)
+            self._stopping = True  # the thread serves nothing more from here
         if self._thread is not None:
-            os.write(self._wake_w, b"x")
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups the thread has yet to read
             # Not if a start() cut short never started it (join() refuses
             # one not started), or its start() has not got it going yet:
             # it sees _stopping then, and ends without serving (_serve).
             if self._thread.is_alive():
                 self._thread.join()
             self._thread = None
-        with self._lock:
-            # Asked for as the thread stopped: done by the loop above.
-            self._run_removals()
+        self._uninterrupted(self._remove_all)
+        # None outlives stop(); each has found its domains gone, or
+        # removed them, by the time _remove_all had the lock.
+        while self._removers_left:
+            worker = self._removers_left[0]
+            if worker.is_alive():  # not if a Ctrl-C cut short its start()
+                worker.join()
+            del self._removers_left[0]
         self._selector.close()  # may be done again
         self._close_descriptors()
+
+    def _remove_all(self) -> None:
+        with self._lock:
+            for domid in list(self._domains):
+                self._remove_domain(domid)
+            # Asked for as the thread stopped: answered, their domains gone.
+            self._run_removals()
 
     def add_domain(self, domid: int, name: str, xenstore_path: str = "") -> Path:
         """Make ``domid`` known and listen for its handles; returns its socket."""
@@ -453,9 +480,16 @@ class Hypervisor:
                 raise RuntimeError("the host is stopping")
             if domid in self._domains:
                 raise ValueError(f"domain {domid} already exists")
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            # Held by the list as socket() returns it (list.extend() stores
+            # what map() got before control is back in Python code): with
+            # ``listener = socket.socket()``, a Ctrl-C as it returned left
+            # the socket to the collector (a ResourceWarning).
+            made: list[socket.socket] = []
             added = False
             try:
+                made.extend(map(socket.socket, (socket.AF_UNIX,),
+                                (socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC,)))
+                listener = made[0]
                 # Whoever connects acts as the domain: the user's alone,
                 # whatever the umask (bind gives the socket file this mode).
                 os.fchmod(listener.fileno(), 0o600)
@@ -475,11 +509,17 @@ class Hypervisor:
                 self._domains[domid] = dom
                 added = True
             except OSError as e:
-                # Name the path: "AF_UNIX path too long" alone does not say which.
+                # Name the path: "AF_UNIX path too long" alone does not say
+                # which, nor by how much.  Python says that one itself,
+                # with no errno: ENAMETOOLONG, as the kernel would.
                 why = f"cannot listen on {path}: {e.strerror or e}"
-                raise (OSError(why) if e.errno is None else OSError(e.errno, why)) from e
+                if e.errno is None:
+                    size = len(os.fsencode(path))
+                    why += f" ({size} bytes, at most {_SUN_PATH_MAX})"
+                raise OSError(e.errno or errno.ENAMETOOLONG, why) from e
             finally:
-                if not added:
+                if not added and made:
+                    listener = made[0]
                     # Taken back: unwatched, its socket file gone (nobody
                     # would ever accept on it), closed.  Here, not in a
                     # function a (second) Ctrl-C could cut short as it
@@ -529,27 +569,91 @@ class Hypervisor:
 
         Done by the service thread, as any change of its state, while the
         caller waits: a hypercall, which no signal cuts in half (by the
-        caller itself if that thread does not serve, or is the caller).
-        :class:`ValueError` if there is no such domain.  A
-        KeyboardInterrupt in the wait leaves the removal to finish without
-        the caller, whose next remove_domain() finds the domain gone
-        (ValueError) or waits for the removal again.
+        caller itself if that thread does not serve, or is the caller; in
+        a thread of its own if the caller is the main thread, see
+        _uninterrupted).  :class:`ValueError` if there is no such
+        domain.  A KeyboardInterrupt in the wait leaves the removal to
+        finish without the caller, whose next remove_domain() finds the
+        domain gone (ValueError) or waits for the removal again.
         """
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
-            if domid not in self._domains:
+            dom = self._domains.get(domid)
+            if dom is None:
                 raise ValueError(f"no domain {domid}")
             # Not by thread ident: a dead thread's is given to the next one.
-            if not self._serving or threading.current_thread() is self._thread:
-                self._remove_domain(domid)
-                return
-            self._removals.append((domid, future))
-            # Under _lock: stop() closes the pipe under it, after the thread ended.
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass  # a wake-up is pending already
+            if self._serving and threading.current_thread() is not self._thread:
+                self._removals.append((domid, future))
+                # Under _lock: stop() closes the pipe under it, after the thread ended.
+                try:
+                    os.write(self._wake_w, b"x")
+                except BlockingIOError:
+                    pass  # a wake-up is pending already
+                dom = None
+        if dom is not None:
+            self._uninterrupted(functools.partial(self._remove_listed, dom, future))
         future.result()
+
+    def _remove_listed(self, dom: _Domain, future: concurrent.futures.Future[None]) -> None:
+        """Remove ``dom`` unless it was meanwhile (a domain added since under
+        its domid is not it); answer ``future``."""
+        with self._lock:
+            if self._domains.get(dom.domid) is dom:
+                self._run_removal(dom.domid, future)
+            else:
+                future.set_result(None)
+
+    def _uninterrupted(self, work: Callable[[], None]) -> None:
+        """``work()``, which takes _lock, where no Ctrl-C cuts it short.
+
+        A signal's handler runs in the main thread only: there a Ctrl-C
+        landing inside _remove_domain left the domain half removed, off
+        the list with its listener, socket file and handles still there,
+        for good.  So the main thread runs it in a thread of its own, and
+        waits: a Ctrl-C lands in the wait, and the work goes on without
+        it, as the service thread's would.  With no thread to be had, it
+        is done here all the same.  Its failure is raised in the caller,
+        as if done there; logged once the caller has gone."""
+        if threading.current_thread() is not threading.main_thread():
+            work()
+            return
+        # The first of the work's failure and its caller's leaving (None):
+        # whichever comes second tells, so that a failure is raised or
+        # logged, once, never lost for a caller gone (list.append() and
+        # += are atomic).
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                work()
+            except BaseException as e:
+                outcome.append(e)
+                if outcome[0] is None:
+                    logger.error("hypervisor: failure removing domains", exc_info=e)
+
+        worker = threading.Thread(target=run, name=f"xenback-sim-removal:{self.run_dir}",
+                                  daemon=True)
+        try:
+            try:
+                worker.start()
+            except RuntimeError:  # can't start new thread
+                work()
+                return
+            # Joined, not just waited for: once stop() returns, no thread of
+            # the service's is left.
+            worker.join()
+        except BaseException:
+            # No call before the check (none can land in between).
+            outcome += [None]
+            self._removers_left += [worker]
+            failure = outcome[0]
+            if failure is not None:
+                logger.error("hypervisor: failure removing domains", exc_info=failure)
+            raise
+        if outcome:
+            failure = outcome[0]
+            assert failure is not None  # the caller is here
+            raise failure
 
     def _run_removals(self) -> None:
         """remove_domain()'s requests (under _lock); a domain asked for
@@ -557,9 +661,10 @@ class Hypervisor:
 
         Worked through in place, each left queued until it is answered:
         start()'s undo and stop() run this in the thread a Ctrl-C lands
-        in.  Taken whole first, the rest were lost to one landing here,
-        their callers waiting for ever; answered and left queued, the next
-        call answered one again (InvalidStateError).
+        in when no thread is to be had for it (see _uninterrupted).  Taken
+        whole first, the rest were lost to one landing here, their callers
+        waiting for ever; answered and left queued, the next call answered
+        one again (InvalidStateError).
         """
         while self._removals:
             domid, future = self._removals[0]

@@ -288,7 +288,9 @@ class _DevicePages:
     pointer alive.  :meth:`_scrub` ends the device's mapping by mapping
     private zero pages over it in place, so that views a caller still holds
     read zeros and write to memory nobody else sees, instead of faulting;
-    the range itself goes when the last of them does.
+    the range itself goes when the last of them does.  With none held,
+    :meth:`_scrub` unmaps it itself: the pointer's destructor, a callback
+    of cffi's that drops what it raises (a Ctrl-C too), is the last resort.
 
     Python's :class:`mmap.mmap` would do the same for us but for two
     things: before Python 3.13 it keeps a duplicate of the device's
@@ -313,7 +315,12 @@ class _DevicePages:
         self._base: Any = ffi.gc(ffi.cast("char *", addr),
                                  lambda base: mapped or _libc.munmap(base, size))
         self._refs = refs
-        view = memoryview(ffi.buffer(self._base, size))
+        whole = ffi.buffer(self._base, size)
+        # What every view of the range holds, and holds the pointer by.
+        # Taken here: :attr:`buffer` released by its caller (``with
+        # mapping.buffer as b:``) no longer says what it viewed.
+        self._views = weakref.ref(whole)
+        view = memoryview(whole)
         self._buffer: memoryview | None = view if writable else view.toreadonly()
         self._lock = threading.Lock()  # one scrub, even if ended twice at once
         mapped.clear()
@@ -366,13 +373,23 @@ class _DevicePages:
             buffer.release()
         except BufferError:
             pass  # re-exported (memoryview(view), numpy...): it sees zeros now
-        alive = weakref.ref(base)
-        del base, buffer
-        if alive() is not None:
+        del buffer
+        if self._views() is not None:
             logger.warning(
                 "%s ended while views of their pages are held: those read zeros from now on",
                 _grants(self._refs),
             )
+            return True  # the range goes with the last of them
+        # Unmapped here, not by the pointer's destructor as we drop it: a
+        # callback of cffi's, which prints and drops what it raises, so a
+        # Ctrl-C landing as it started was lost, and the range with it.
+        # The size first: the finally calls nothing a Ctrl-C can land after
+        # before munmap.
+        size = PAGE_SIZE * len(self._refs)
+        try:
+            ffi.gc(base, None)  # no destructor left to run
+        finally:
+            _libc.munmap(base, size)
         return True
 
     def __repr__(self) -> str:
