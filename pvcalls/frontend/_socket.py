@@ -96,7 +96,7 @@ class ReadyFd:
     for each socket whose fileno() was asked for.
     """
 
-    __slots__ = ("user", "ours", "readable", "writable", "_sndbuf")
+    __slots__ = ("user", "ours", "readable", "writable", "_sndbuf", "_inode")
 
     # Charged with its overhead (skb truesize), more than a quarter of the
     # minimum send buffer (SOCK_MIN_SNDBUF, about 4.5 KiB), far less than a
@@ -130,6 +130,8 @@ class ReadyFd:
             self._sndbuf = max(user.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2,
                                self._MIN_WRITABLE_SNDBUF)
             user.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+            made = os.fstat(user.fileno())
+            self._inode = (made.st_dev, made.st_ino)
         except BaseException:
             if pair:
                 pair[0][0].close()
@@ -144,9 +146,20 @@ class ReadyFd:
     def fileno(self) -> int:
         return self.user.fileno()
 
+    def _check_user(self) -> None:
+        """OSError EBADF unless the user's end still has its number.  The
+        program may have closed it and another file taken the number: a
+        regular file's said ENOTSOCK, and another socket's would have
+        lost up to 16 bytes to the recv() that clears readability (or
+        blocked it, that socket blocking), and had its send buffer set."""
+        now = os.fstat(self.user.fileno())  # EBADF if nothing has it
+        if (now.st_dev, now.st_ino) != self._inode:
+            raise bad_fd()
+
     def set(self, readable: bool, writable: bool) -> None:
         """Make the descriptor poll as said (under the socket's _cond).
-        OSError EBADF if the program closed it.
+        OSError EBADF if the program closed it, whether or not another
+        file took its number since.
 
         Each record is stored before the call that makes it true: CPython
         runs a signal's handler as a call returns, not before it starts,
@@ -156,6 +169,10 @@ class ReadyFd:
         waited for good for the connection accept() would return.  A call
         that fails puts its record back, as before: the descriptor is as
         it was."""
+        if (readable != self.readable and not readable) or writable != self.writable:
+            # Before any record is stored: a Ctrl-C as it returns finds
+            # both as they were.
+            self._check_user()
         if readable != self.readable:
             self.readable = readable
             if readable:

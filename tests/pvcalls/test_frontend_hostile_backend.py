@@ -3216,7 +3216,12 @@ def test_a_nonblocking_connect_interrupted_anywhere_polls_as_connecting(
         if sent:
             with pytest.raises(BlockingIOError):
                 s.recv(1)
-            fake.next_request(PVCALLS_CONNECT)  # taken: not left to the next attempt
+            # Taken, not left to the next attempt, and answered: unanswered,
+            # each kept its response table entry, and once the sweep had
+            # more places after the push than the table has entries, the
+            # next attempt found none (ENOBUFS).
+            fake.respond(fake.next_request(PVCALLS_CONNECT),
+                         -pvcalls_errno.from_host_errno(errno.ECONNREFUSED))
         s.close()
 
     _sweep(attempt, check, through=("Frontend._notify",))
