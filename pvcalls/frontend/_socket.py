@@ -7,6 +7,7 @@ import contextlib
 import errno
 import functools
 import io
+import logging
 import operator
 import os
 import socket
@@ -48,6 +49,9 @@ from ._ring import DataRing
 
 if TYPE_CHECKING:
     from ._frontend import Frontend, _Release
+
+# One logger for the whole frontend library, as concurrent.futures has.
+logger = logging.getLogger("pvcalls.frontend")
 
 #: The range of a C int: what socket.socket.listen() takes as a backlog.
 _INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
@@ -581,6 +585,10 @@ class PVSocket(Closing):
         # get the ACCEPT -EINTR from Linux's backend and ours).
         self._accepting = False
         self._armed = False  # fileno() asked for: keep a POLL in flight
+        # The errnos of failed updates of the descriptor logged so far
+        # (under _cond; see _update_ready_or_log): the empty frozenset is
+        # one object, a set is made only for a socket whose update failed.
+        self._ready_errors: frozenset[int | None] = frozenset()
         # A POLL or ACCEPT found no room on the command ring and would not
         # wait: not readable until the event thread says there is room.
         # Set by Frontend._want_room only, with the request to be told;
@@ -2148,7 +2156,8 @@ class PVSocket(Closing):
         with self._fe._lock:
             self._fe._cmd_cond.notify_all()
         try:
-            self._on_event()
+            self._wake()
+            self._update_ready()
         except OSError:
             # EBADF: the program closed the descriptor fileno() gave it.
             # close() says so, as socket.socket's does, but releases the
@@ -2275,8 +2284,14 @@ class PVSocket(Closing):
             return False  # closing, or the ring failed: the caller sees why
 
     def _on_event(self) -> None:
-        """The backend signalled this socket's channel (the event thread
-        took the event), or the socket closes: wake the waiters."""
+        """Event thread: the backend signalled this socket's channel:
+        wake the waiters, and bring the descriptor up to date."""
+        self._wake()
+        if self._st.readyfd is not None:
+            self._update_ready_or_log()
+
+    def _wake(self) -> None:
+        """Wake the waiters of this socket's data ring and calls."""
         with self._mutex:
             self._cond.notify_all()
             # Under _cond: a poller clears its flag under it before it
@@ -2286,8 +2301,6 @@ class PVSocket(Closing):
                 for side in (RECV, SEND):
                     if self._polling[side]:
                         os.eventfd_write(ring.wakefds[side], 1)
-        if self._st.readyfd is not None:
-            self._update_ready()
 
     def _readable(self) -> bool:
         ring = self._st.ring
@@ -2349,6 +2362,27 @@ class PVSocket(Closing):
             if fd is None:
                 return
             fd.set(self._readable(), self._writable())
+
+    def _update_ready_or_log(self) -> None:
+        """:meth:`_update_ready` where its error is nobody's to raise (the
+        event thread): logged, once for each socket and errno.  One that
+        fails for good (ENOBUFS: the kernel short of memory; EBADF: the
+        program closed the descriptor) fails again at every event, and
+        logged each time it filled the log.  Nothing is hidden: every
+        later update tries again, and a call that makes one raises what
+        it meets (fileno() does)."""
+        try:
+            self._update_ready()
+        except OSError as exc:
+            with self._mutex:
+                told = self._ready_errors
+                self._ready_errors = told | {exc.errno}
+            if exc.errno not in told:
+                # EBADF is the program's doing, which its calls report.
+                level = logging.DEBUG if exc.errno == errno.EBADF else logging.WARNING
+                logger.log(level, "pvcalls frontend: %r: its fileno() descriptor cannot be "
+                           "brought up to date (said once for each socket and error): %s",
+                           self, exc)
 
     def _repair_ready(self) -> None:
         """:meth:`_update_ready` in a handler that puts things back before
@@ -2452,7 +2486,7 @@ class PVSocket(Closing):
             arm = self._armed and self._st.listening
         if arm:
             self._arm_poll()
-        self._update_ready()
+        self._update_ready_or_log()
 
     def _on_poll(self, ret: int) -> None:
         """Event thread: the backend answered this socket's POLL."""
@@ -2463,7 +2497,7 @@ class PVSocket(Closing):
             else:
                 self._poll_error = ret
             self._cond.notify_all()
-        self._update_ready()
+        self._update_ready_or_log()
 
     def _wait_pending_connection(self, deadline: Deadline) -> None:
         """POLL (unless in flight) and wait until it says a connection is

@@ -5188,3 +5188,67 @@ def test_a_second_answer_to_an_accept_not_yet_taken_is_dropped(
     accepted.close()
     ls.close()
     other.close()
+
+
+class _UpdateFails:
+    """One end of a readiness descriptor's pair whose ``call`` (``recv``
+    of the user's end, ``send`` of ours) fails with ``err`` while it is
+    set (ENOBUFS: the kernel short of memory); counted, and the rest of
+    it the socket's."""
+
+    def __init__(self, sock: Any, call: str, err: int) -> None:
+        self._sock = sock
+        self._call = call
+        self.err = err
+        self.tries = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name != self._call or not self.err:
+            return getattr(self._sock, name)
+
+        def fail(*args: Any) -> Any:
+            self.tries += 1
+            raise OSError(self.err, os.strerror(self.err))
+
+        return fail
+
+
+def _ready_warnings(log: LogWatch) -> list[str]:
+    return [m for m in log.messages(logging.DEBUG) if "descriptor cannot be brought up" in m]
+
+
+def _logged_failures(log: LogWatch, *errs: int) -> list[logging.LogRecord]:
+    """The records at WARNING or above of an error in ``errs``: said in
+    the message, or as its traceback."""
+    said = [os.strerror(err) for err in errs]
+    return [r for r in log.records if r.levelno >= logging.WARNING
+            and (any(text in r.getMessage() for text in said)
+                 or (r.exc_info is not None and isinstance(r.exc_info[1], OSError)
+                     and r.exc_info[1].errno in errs))]
+
+
+def test_a_readiness_update_failing_for_good_is_logged_once_for_each_error(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """Every event of a socket's data ring brings its descriptor up to
+    date, in the event thread, where an error is logged: an update that
+    fails for good (ENOBUFS) is logged once, not at every event, and
+    once more for another error.  Before, every event logged it."""
+    s, ring = connected(fe, fake)
+    s.fileno()  # relayed: the event thread keeps the descriptor up to date
+    readyfd = s._st.readyfd
+    ours = readyfd.ours
+    failing = readyfd.ours = _UpdateFails(ours, "send", errno.ENOBUFS)
+    try:
+        ring.produce(b"x")  # readable, which the byte's send makes it
+        for err in (errno.ENOBUFS, errno.ENOMEM):
+            failing.err = err
+            for _ in range(3):
+                tries = failing.tries
+                ring.notify()
+                wait_until(lambda tries=tries: failing.tries > tries)  # type: ignore[misc]
+        logged = _logged_failures(log, errno.ENOBUFS, errno.ENOMEM)
+        assert [r.getMessage() for r in logged] == _ready_warnings(log)
+        assert len(logged) == 2, [r.getMessage() for r in logged]
+    finally:
+        readyfd.ours = ours
+        s.close()
