@@ -758,7 +758,14 @@ class PVSocket(Closing):
         it: connected, or unconnected after a refusal.  (socket.socket's
         state is the kernel's then, which CPython does not specify; this
         library keeps its own, and the backend's answer is the truth.)
-        Before the answer came, nobody knows: only close() is left."""
+        Before the answer came, nobody knows: only close() is left.
+
+        Nor does a blocking or timed connect() whose CONNECT went out
+        fail because :meth:`fileno`'s descriptor could not be brought up
+        to date (the program closed it: EBADF; ENOBUFS): it says what the
+        backend answered, and the update's error is logged, once, and
+        left to the next update, which tries again (fileno() raises
+        it)."""
         host, port = resolve(address)
         self._check_open()
         # The mode the call was made in, as socket.socket's: a settimeout()
@@ -924,7 +931,9 @@ class PVSocket(Closing):
                 # made so before, the descriptor would be for a handler to
                 # put back when nothing went out (no room on the command
                 # ring in time), which a Ctrl-C could cut short in turn.
-                self._update_ready()
+                # Raised, the update's error gave up on a CONNECT that
+                # went out, whose answer connects the socket.
+                self._update_ready_or_log()
                 # With the socket: close() must not wait (holding on to
                 # this call's locks) for an answer the backend may never send.
                 ret = self._fe._wait_slot(req_id, slot, deadline, self)
@@ -940,7 +949,8 @@ class PVSocket(Closing):
                     self._fe._put_data_ring(self._st, reusable=True)
                     # Unconnected: readable and writable again, whatever
                     # a fileno() made of the socket with its ring meanwhile.
-                    self._update_ready()
+                    # Raised, the update's error replaced the refusal.
+                    self._update_ready_or_log()
             except BaseException:
                 # Given up on first, by a store (no signal's handler runs
                 # in it), unless _connect_cut_short finds the answer in;
@@ -974,7 +984,11 @@ class PVSocket(Closing):
                         self._connect_unreported = True
                 # Readable no longer, as it was unconnected: it polls as the
                 # ring says from now on (and as the ring's events come).
-                self._update_ready()
+                # Raised, the update's error told the program the socket
+                # was not connected, which then closed or connected again
+                # a connected socket (as send()'s and recv()'s bytes: see
+                # there).
+                self._update_ready_or_log()
             except BaseException:
                 # A Ctrl-C before the update left the descriptor readable,
                 # while recv() would block, until data came.
@@ -2365,12 +2379,13 @@ class PVSocket(Closing):
 
     def _update_ready_or_log(self) -> None:
         """:meth:`_update_ready` where its error is nobody's to raise (the
-        event thread): logged, once for each socket and errno.  One that
-        fails for good (ENOBUFS: the kernel short of memory; EBADF: the
-        program closed the descriptor) fails again at every event, and
-        logged each time it filled the log.  Nothing is hidden: every
-        later update tries again, and a call that makes one raises what
-        it meets (fileno() does)."""
+        event thread), or would say that a call failed which did what
+        it was to (connect()): logged, once for each socket and errno.
+        One that fails for good (ENOBUFS: the kernel short of memory;
+        EBADF: the program closed the descriptor) fails again at every
+        event, and logged each time it filled the log.  Nothing is
+        hidden: every later update tries again, and a call that makes
+        one raises what it meets (fileno() does)."""
         try:
             self._update_ready()
         except OSError as exc:

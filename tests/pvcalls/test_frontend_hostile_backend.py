@@ -10,6 +10,7 @@ timeout), never another exception, a hang, or a copy from outside its ring.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import gc
@@ -4078,7 +4079,7 @@ def test_a_nonblocking_connect_while_another_threads_settles_its_refusal_says_ea
     s.settimeout(None)
     fake.hold = {PVCALLS_CONNECT}
     connects = _connects_submitted(fe)
-    pause = PauseAt(pvcalls.PVSocket.connect, "self._update_ready()",
+    pause = PauseAt(pvcalls.PVSocket.connect, "self._update_ready_or_log()",
                     after="self._fe._put_data_ring(self._st, reusable=True)")
     first = Call(lambda: pause.run(lambda: s.connect(_ADDRESS)))
     fake.respond(fake.next_request(PVCALLS_CONNECT), -ECONNREFUSED)
@@ -5225,6 +5226,76 @@ def _logged_failures(log: LogWatch, *errs: int) -> list[logging.LogRecord]:
             and (any(text in r.getMessage() for text in said)
                  or (r.exc_info is not None and isinstance(r.exc_info[1], OSError)
                      and r.exc_info[1].errno in errs))]
+
+
+def test_a_connect_whose_readiness_update_fails_says_it_connected(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """connect() connected, then bringing the descriptor up to date
+    (readable no longer) failed: connect() returns, as the socket is
+    connected, and the error is logged, once, and left to the next update,
+    which meets it again or not.  Before, connect() raised it, and the
+    program closed, or connected again, a connected socket."""
+    s = fe.socket()
+    s.fileno()
+    readyfd = s._st.readyfd
+    user = readyfd.user
+    failing = readyfd.user = _UpdateFails(user, "recv", errno.ENOBUFS)
+    try:
+        s.connect(("127.0.0.1", 7))
+        assert s.getpeername() == ("127.0.0.1", 7)
+        assert failing.tries >= 1
+        (said,) = _ready_warnings(log)
+        assert said.endswith(os.strerror(errno.ENOBUFS)), said
+        assert s.send(b"x") == 1  # connected: not ENOTCONN
+        failing.err = 0  # the kernel has memory again
+        fd = s.fileno()  # the next update, which makes it right
+        assert select.select([fd], [fd], [], 0)[:2] == ([], [fd])
+    finally:
+        readyfd.user = user
+        s.close()
+
+
+def test_a_connect_whose_descriptor_was_closed_says_it_connected(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """As above, the program having closed the descriptor fileno() gave
+    it: connect() returns, and the next call that brings the descriptor
+    up to date says EBADF."""
+    s = fe.socket()
+    _descriptor_closed(s.fileno())
+    try:
+        s.connect(("127.0.0.1", 7))
+        assert s.getpeername() == ("127.0.0.1", 7)
+        with pytest.raises(OSError) as info:
+            s.fileno()
+        assert info.value.errno == errno.EBADF
+    finally:
+        with contextlib.suppress(OSError):
+            s.close()
+
+
+def test_a_refused_connect_whose_readiness_update_fails_says_refused(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """The backend refused the CONNECT, and bringing the descriptor up to
+    date failed: connect() raises the refusal, not the update's error,
+    and the socket may connect again.  Before, the update's error replaced
+    the refusal."""
+    fake.rets[PVCALLS_CONNECT] = -pvcalls_errno.from_host_errno(errno.ECONNREFUSED)
+    s = fe.socket()
+    s.fileno()
+    readyfd = s._st.readyfd
+    ours = readyfd.ours
+    # Unconnected again: readable, which the byte's send makes it.
+    failing = readyfd.ours = _UpdateFails(ours, "send", errno.ENOBUFS)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", 7))
+        assert failing.tries >= 1
+        failing.err = 0
+        del fake.rets[PVCALLS_CONNECT]
+        s.connect(("127.0.0.1", 7))
+    finally:
+        readyfd.ours = ours
+        s.close()
 
 
 def test_a_readiness_update_failing_for_good_is_logged_once_for_each_error(
