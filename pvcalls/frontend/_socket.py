@@ -613,7 +613,19 @@ class PVSocket(Closing):
 
     def settimeout(self, value: float | None) -> None:
         """Like :meth:`socket.socket.settimeout`: ``None`` blocks, ``0``
-        never blocks, a positive number of seconds bounds every call.
+        never blocks, a positive number of seconds bounds every call
+        that waits for the peer or the network (connect(), accept(),
+        recv(), send() and their kin).
+
+        Not bind() and listen(), which socket.socket's never make wait
+        (nor time out): here they wait for the backend's answer, which
+        it gives at once, for up to the frontend's ``timeout`` (see
+        :class:`Frontend`) whatever the socket's, non-blocking too, as
+        a non-blocking accept() waits for its ACCEPT's answer.  Bounded
+        by the socket's, a timed socket's bind() failed with
+        :class:`TimeoutError` on a busy machine where socket.socket's
+        binds, with its BIND still in flight.
+
         On a closed socket it fails with EBADF but sets the timeout all
         the same, as socket.socket's, which sets it before it fails to
         set its descriptor's mode."""
@@ -1309,7 +1321,9 @@ class PVSocket(Closing):
     def bind(self, address: tuple[str, int]) -> None:
         """Bind to ``address`` in the backend domain (port 0 lets the
         backend's host pick one; PV Calls cannot tell the guest which).
-        Another thread's close() ends its wait for the answer (EBADF)."""
+        Waits for the answer up to the frontend's ``timeout``, whatever
+        the socket's (see :meth:`settimeout`); another thread's close()
+        ends the wait (EBADF)."""
         host, port = resolve(address, "bind")
         self._check_open()
         if self._st.ring is not None or self._st.bound or self._broken:

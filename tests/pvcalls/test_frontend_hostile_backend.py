@@ -5323,3 +5323,35 @@ def test_a_readiness_update_failing_for_good_is_logged_once_for_each_error(
     finally:
         readyfd.ours = ours
         s.close()
+
+
+@pytest.mark.parametrize("timeout", [0.0, 0.01], ids=["nonblocking", "timed"])
+@pytest.mark.parametrize("cmd", ["bind", "listen"])
+def test_bind_and_listen_wait_for_the_answer_whatever_the_sockets_timeout(
+        fe: pvcalls.Frontend, fake: FakeBackend, cmd: str, timeout: float) -> None:
+    """bind() and listen(), which socket.socket's never make wait, wait
+    for the backend's answer up to the frontend's timeout, not the
+    socket's (see PVSocket.settimeout): an answer that comes after the
+    socket's timeout passed is what they say."""
+    s = fe.socket()
+    if cmd == "listen":
+        s.bind(("127.0.0.1", 4000))
+    s.settimeout(timeout)
+    held_cmd = PVCALLS_BIND if cmd == "bind" else PVCALLS_LISTEN
+    fake.hold = {held_cmd}
+    call = Call(lambda: s.bind(("127.0.0.1", 4000)) if cmd == "bind" else s.listen())
+    req = fake.next_request(held_cmd)
+    try:
+        # Ten times the socket's timeout since the request went out.
+        passed = time.monotonic() + 10 * max(timeout, 0.01)
+        wait_until(lambda: time.monotonic() > passed)
+        assert call.alive(), call.join().error
+    finally:
+        fake.respond(req, 0)
+    assert call.join().error is None, call.error
+    if cmd == "listen":
+        fake.hold = set()
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+    else:
+        assert s.getsockname() == ("127.0.0.1", 4000)
+    s.close()
