@@ -1233,7 +1233,9 @@ class PVSocket(Closing):
                     self._connect_unreported = True
             self._cond.notify_all()
         self._fe._return_rings()
-        self._update_ready()
+        # Logged as the event thread's other updates: raised, it went to
+        # Frontend._complete, which took it for a bug of the frontend's.
+        self._update_ready_or_log()
 
     def _finish_connect(self, deadline: Deadline | None, *, joined: bool = False) -> bool:
         """connect() after a non-blocking one: what Linux's connect()

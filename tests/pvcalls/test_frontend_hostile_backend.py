@@ -5355,3 +5355,36 @@ def test_bind_and_listen_wait_for_the_answer_whatever_the_sockets_timeout(
     else:
         assert s.getsockname() == ("127.0.0.1", 4000)
     s.close()
+
+
+@pytest.mark.parametrize("err", [errno.ENOBUFS, errno.EBADF])
+def test_a_nonblocking_connects_answer_whose_readiness_update_fails_is_logged_once(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, err: int) -> None:
+    """The event thread completes a non-blocking connect() with the
+    backend's answer and brings the descriptor up to date (writable),
+    which fails: logged as every update of the event thread's (see
+    _update_ready_or_log), once, EBADF (the program closed the
+    descriptor) at debug level.  Before, the completion's handler logged
+    it as a failure of the frontend, with its traceback, EBADF too."""
+    s, req = _connecting(fe, fake)
+    readyfd = s._st.readyfd
+    assert readyfd is not None
+    user = readyfd.user
+    if err == errno.EBADF:
+        _descriptor_closed(s.fileno())
+    else:
+        readyfd.user = _UpdateFails(user, "setsockopt", err)
+    try:
+        fake.respond(req, 0)
+        wait_until(lambda: bool(_ready_warnings(log) or _logged_failures(log, err)))
+        assert _logged_failures(log, err) == [] if err == errno.EBADF else (
+            [r.getMessage() for r in _logged_failures(log, err)] == _ready_warnings(log))
+        (said,) = _ready_warnings(log)
+        assert said.endswith(os.strerror(err)), said
+        assert s.getpeername() == _ADDRESS
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    finally:
+        readyfd.user = user
+        with contextlib.suppress(OSError):
+            s.close()
+
