@@ -772,12 +772,12 @@ class PVSocket(Closing):
         library keeps its own, and the backend's answer is the truth.)
         Before the answer came, nobody knows: only close() is left.
 
-        Nor does a blocking or timed connect() whose CONNECT went out
-        fail because :meth:`fileno`'s descriptor could not be brought up
-        to date (the program closed it: EBADF; ENOBUFS): it says what the
-        backend answered, and the update's error is logged, once, and
-        left to the next update, which tries again (fileno() raises
-        it)."""
+        Nor does a connect() whose CONNECT went out fail because
+        :meth:`fileno`'s descriptor could not be brought up to date (the
+        program closed it: EBADF; ENOBUFS): it says what the backend
+        answered (a non-blocking one EINPROGRESS), and the update's error
+        is logged, once, and left to the next update, which tries again
+        (fileno() raises it)."""
         host, port = resolve(address)
         self._check_open()
         # The mode the call was made in, as socket.socket's: a settimeout()
@@ -927,7 +927,11 @@ class PVSocket(Closing):
                 raise
             if background:
                 try:
-                    self._update_ready()  # neither readable nor writable until the answer
+                    # Neither readable nor writable until the answer.  The
+                    # update's error raised said the connect() failed
+                    # (ENOBUFS: that nothing was sent) with its CONNECT in
+                    # flight, whose answer connects the socket.
+                    self._update_ready_or_log()
                 except BaseException:
                     # Left as it was, the unconnected socket's readable and
                     # writable, a loop called recv() over and over for as

@@ -5388,3 +5388,37 @@ def test_a_nonblocking_connects_answer_whose_readiness_update_fails_is_logged_on
         with contextlib.suppress(OSError):
             s.close()
 
+
+def test_a_nonblocking_connect_whose_readiness_update_fails_says_einprogress(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """A non-blocking connect() sent its CONNECT, then bringing the
+    descriptor up to date (neither readable nor writable) failed: it says
+    EINPROGRESS all the same, as the CONNECT is in flight and its answer
+    completes the connect, and the error is logged once, as after a
+    blocking one (see connect()).  Before, it raised the update's error:
+    ENOBUFS, which connect() says when nothing was sent, and a program
+    that took it so gave up on a socket that then connected."""
+    s = fe.socket()
+    s.setblocking(False)
+    s.fileno()
+    readyfd = s._st.readyfd
+    assert readyfd is not None
+    user = readyfd.user
+    # Readable no longer: the recv() that clears it fails.
+    failing = readyfd.user = _UpdateFails(user, "recv", errno.ENOBUFS)
+    fake.hold = {PVCALLS_CONNECT}
+    try:
+        with pytest.raises(BlockingIOError) as info:
+            s.connect(_ADDRESS)
+        assert info.value.errno == errno.EINPROGRESS
+        assert failing.tries >= 1
+        (said,) = _ready_warnings(log)
+        assert said.endswith(os.strerror(errno.ENOBUFS)), said
+        failing.err = 0
+        fake.respond(fake.next_request(PVCALLS_CONNECT), 0)
+        wait_until(lambda: _readiness(s) == (False, True))
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        assert s.getpeername() == _ADDRESS
+    finally:
+        readyfd.user = user
+        s.close()
