@@ -585,9 +585,10 @@ class PVSocket(Closing):
         # get the ACCEPT -EINTR from Linux's backend and ours).
         self._accepting = False
         self._armed = False  # fileno() asked for: keep a POLL in flight
-        # The errnos of failed updates of the descriptor logged so far
-        # (under _cond; see _update_ready_or_log): the empty frozenset is
-        # one object, a set is made only for a socket whose update failed.
+        # The errnos of failed updates of the descriptor logged so far, or
+        # being logged (under _cond; see _update_ready_or_log): the empty
+        # frozenset is one object, a set is made only for a socket whose
+        # update failed.
         self._ready_errors: frozenset[int | None] = frozenset()
         # A POLL or ACCEPT found no room on the command ring and would not
         # wait: not readable until the event thread says there is room.
@@ -2400,24 +2401,36 @@ class PVSocket(Closing):
     def _update_ready_or_log(self) -> None:
         """:meth:`_update_ready` where its error is nobody's to raise (the
         event thread), or would say that a call failed which did what
-        it was to (connect()): logged, once for each socket and errno.
-        One that fails for good (ENOBUFS: the kernel short of memory;
-        EBADF: the program closed the descriptor) fails again at every
-        event, and logged each time it filled the log.  Nothing is
-        hidden: every later update tries again, and a call that makes
-        one raises what it meets (fileno() does)."""
+        it was to (connect()): logged, once for each socket and errno
+        (twice at worst, a Ctrl-C cutting the first short).  One that
+        fails for good (ENOBUFS: the kernel short of memory; EBADF: the
+        program closed the descriptor) fails again at every event, and
+        logged each time it filled the log.  Nothing is hidden: every
+        later update tries again, and a call that makes one raises what
+        it meets (fileno() does)."""
         try:
             self._update_ready()
         except OSError as exc:
+            err = exc.errno
             with self._mutex:
-                told = self._ready_errors
-                self._ready_errors = told | {exc.errno}
-            if exc.errno not in told:
+                told = err in self._ready_errors
+                self._ready_errors |= {err}
+            if told:
+                return
+            try:
                 # EBADF is the program's doing, which its calls report.
-                level = logging.DEBUG if exc.errno == errno.EBADF else logging.WARNING
+                level = logging.DEBUG if err == errno.EBADF else logging.WARNING
                 logger.log(level, "pvcalls frontend: %r: its fileno() descriptor cannot be "
                            "brought up to date (said once for each socket and error): %s",
                            self, exc)
+            except BaseException:
+                # Cut short (a Ctrl-C in connect(), in the main thread):
+                # not told, for the next update to tell, by a store (no
+                # signal's handler runs in it).  Left told, the error was
+                # never said; put back, one said already is said twice.
+                with self._mutex:
+                    self._ready_errors -= {err}
+                raise
 
     def _repair_ready(self) -> None:
         """:meth:`_update_ready` in a handler that puts things back before

@@ -5422,3 +5422,43 @@ def test_a_nonblocking_connect_whose_readiness_update_fails_says_einprogress(
     finally:
         readyfd.user = user
         s.close()
+
+
+@pytest.mark.parametrize("within", [os.path.dirname(_frontend.__file__),
+                                    os.path.dirname(logging.__file__)],
+                         ids=["frontend", "logging"])
+def test_a_readiness_update_failure_interrupted_anywhere_is_logged_still(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, within: str) -> None:
+    """connect() brings the descriptor up to date in the main thread,
+    where a Ctrl-C may land anywhere in _update_ready_or_log, the logging
+    module's code included: the error of an update that fails for good is
+    logged, at the latest by the next update, however the one before was
+    cut short (twice at worst).  Before, one landing in the logging call,
+    the error recorded as told and not yet told, lost it for good: no
+    later update said it."""
+    socks: list[tuple[pvcalls.PVSocket, Any, Any]] = []
+
+    def attempt(n: int) -> str:
+        s, ring = connected(fe, fake)
+        s.fileno()
+        readyfd = s._st.readyfd
+        assert readyfd is not None
+        ours = readyfd.ours
+        socks[:] = [(s, readyfd, ours)]
+        # Readable, which the byte's send makes it, and which fails.
+        readyfd.ours = _UpdateFails(ours, "send", errno.ENOBUFS)
+        ring.produce(b"x")
+        return interrupted_at(n, within, s._update_ready_or_log)
+
+    def check(where: str) -> None:
+        s, readyfd, ours = socks[0]
+        try:
+            s._update_ready_or_log()
+            said = [m for m in _ready_warnings(log) if f"id={s.id:#x}" in m]
+            assert 1 <= len(said) <= 2, said
+        finally:
+            readyfd.ours = ours
+            s.close()
+
+    _sweep(attempt, check, through=("_update_ready_or_log" if "frontend" in within
+                                    else "Logger.log",))
