@@ -2412,24 +2412,26 @@ class PVSocket(Closing):
             self._update_ready()
         except OSError as exc:
             err = exc.errno
-            with self._mutex:
-                told = err in self._ready_errors
-                self._ready_errors |= {err}
-            if told:
-                return
+            told = True
             try:
-                # EBADF is the program's doing, which its calls report.
-                level = logging.DEBUG if err == errno.EBADF else logging.WARNING
-                logger.log(level, "pvcalls frontend: %r: its fileno() descriptor cannot be "
-                           "brought up to date (said once for each socket and error): %s",
-                           self, exc)
-            except BaseException:
-                # Cut short (a Ctrl-C in connect(), in the main thread):
-                # not told, for the next update to tell, by a store (no
-                # signal's handler runs in it).  Left told, the error was
-                # never said; put back, one said already is said twice.
                 with self._mutex:
-                    self._ready_errors -= {err}
+                    told = err in self._ready_errors
+                    self._ready_errors |= {err}
+                if not told:
+                    # EBADF is the program's doing, which its calls report.
+                    level = logging.DEBUG if err == errno.EBADF else logging.WARNING
+                    logger.log(level, "pvcalls frontend: %r: its fileno() descriptor cannot "
+                               "be brought up to date (said once for each socket and "
+                               "error): %s", self, exc)
+            except BaseException:
+                # Cut short (a Ctrl-C in connect(), in the main thread, as
+                # the lock is let go of or in the logging): not told, for
+                # the next update to tell, by a store (no signal's handler
+                # runs in it).  Left told, the error was never said; put
+                # back, one said already is said twice.
+                if not told:
+                    with self._mutex:
+                        self._ready_errors -= {err}
                 raise
 
     def _repair_ready(self) -> None:
