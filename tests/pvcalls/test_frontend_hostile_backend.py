@@ -5471,3 +5471,29 @@ def test_a_readiness_update_failure_interrupted_anywhere_is_logged_still(
             s.close()
 
     _sweep(attempt, check, through=() if logging_too else ("_update_ready_or_log",))
+
+
+def test_a_polls_answer_whose_readiness_update_fails_is_logged_once(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """The event thread takes the answer to a listener's POLL (kept in
+    flight for fileno()) and makes the descriptor readable, which fails
+    (ENOBUFS): logged once, as every update of the event thread's, not by
+    the completion's handler as a failure of the frontend's."""
+    ls = _listener(fe)
+    fake.hold = {PVCALLS_POLL}
+    ls.fileno()
+    req = fake.next_request(PVCALLS_POLL)
+    readyfd = ls._st.readyfd
+    assert readyfd is not None
+    ours = readyfd.ours
+    failing = readyfd.ours = _UpdateFails(ours, "send", errno.ENOBUFS)
+    try:
+        fake.respond(req, 0)
+        wait_until(lambda: bool(_ready_warnings(log) or _logged_failures(log, errno.ENOBUFS)))
+        assert failing.tries >= 1
+        logged = _logged_failures(log, errno.ENOBUFS)
+        assert [r.getMessage() for r in logged] == _ready_warnings(log)
+        assert len(logged) == 1, [r.getMessage() for r in logged]
+    finally:
+        readyfd.ours = ours
+        ls.close()
