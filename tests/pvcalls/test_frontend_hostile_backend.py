@@ -5497,3 +5497,36 @@ def test_a_polls_answer_whose_readiness_update_fails_is_logged_once(
     finally:
         readyfd.ours = ours
         ls.close()
+
+
+def test_a_readiness_update_failure_told_and_interrupted_anywhere_is_told_once(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """As above, the error told already: a Ctrl-C landing anywhere in
+    the next failing update takes nothing back, and no later update says
+    it again."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    within = os.path.dirname(_frontend.__file__)
+    socks: list[tuple[pvcalls.PVSocket, Any, Any]] = []
+
+    def attempt(n: int) -> str:
+        s, ring = connected(fe, fake)
+        readyfd = ReadyFd(into=s._st)  # not fileno(): see above
+        ours = readyfd.ours
+        socks[:] = [(s, readyfd, ours)]
+        readyfd.ours = _UpdateFails(ours, "send", errno.ENOBUFS)
+        ring.produce(b"x")
+        s._update_ready_or_log()  # told
+        return interrupted_at(n, within, s._update_ready_or_log)
+
+    def check(where: str) -> None:
+        s, readyfd, ours = socks[0]
+        try:
+            s._update_ready_or_log()
+            said = [m for m in _ready_warnings(log) if f"id={s.id:#x}" in m]
+            assert len(said) == 1, said
+        finally:
+            readyfd.ours = ours
+            s.close()
+
+    _sweep(attempt, check, through=("_update_ready_or_log",))
