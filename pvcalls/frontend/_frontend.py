@@ -1146,13 +1146,11 @@ class Frontend(Closing):
             if sock is None:
                 continue
             # The sockets after one that fails here are woken all the
-            # same: nothing else would wake them.
+            # same: nothing else would wake them.  (Its fileno() descriptor
+            # that cannot be brought up to date is no failure: logged by
+            # _on_event, once.)
             try:
                 sock._on_event()
-            except OSError as exc:
-                # Woken, but its fileno() descriptor could not be made
-                # ready: the program closed it, and its calls say so.
-                logger.debug("pvcalls frontend: waking %r: %s", sock, exc)
             except Exception:
                 logger.exception("pvcalls frontend: waking %r failed", sock)
 
@@ -1714,7 +1712,7 @@ class Frontend(Closing):
         for sock, ret in polls:
             self._complete(sock._on_poll, ret)
         for sock in accepts:
-            self._complete(sock._update_ready)  # see _readable()
+            self._complete(sock._update_ready_or_log)  # see _readable()
         for callback, ret in done:
             self._complete(callback, ret)
         self._tell_room_waiters()

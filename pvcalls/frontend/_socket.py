@@ -7,6 +7,7 @@ import contextlib
 import errno
 import functools
 import io
+import logging
 import operator
 import os
 import socket
@@ -48,6 +49,9 @@ from ._ring import DataRing
 
 if TYPE_CHECKING:
     from ._frontend import Frontend, _Release
+
+# One logger for the whole frontend library, as concurrent.futures has.
+logger = logging.getLogger("pvcalls.frontend")
 
 #: The range of a C int: what socket.socket.listen() takes as a backlog.
 _INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
@@ -96,7 +100,7 @@ class ReadyFd:
     for each socket whose fileno() was asked for.
     """
 
-    __slots__ = ("user", "ours", "readable", "writable", "_sndbuf")
+    __slots__ = ("user", "ours", "readable", "writable", "_sndbuf", "_inode")
 
     # Charged with its overhead (skb truesize), more than a quarter of the
     # minimum send buffer (SOCK_MIN_SNDBUF, about 4.5 KiB), far less than a
@@ -130,6 +134,8 @@ class ReadyFd:
             self._sndbuf = max(user.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2,
                                self._MIN_WRITABLE_SNDBUF)
             user.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+            made = os.fstat(user.fileno())
+            self._inode = (made.st_dev, made.st_ino)
         except BaseException:
             if pair:
                 pair[0][0].close()
@@ -144,9 +150,20 @@ class ReadyFd:
     def fileno(self) -> int:
         return self.user.fileno()
 
+    def _check_user(self) -> None:
+        """OSError EBADF unless the user's end still has its number.  The
+        program may have closed it and another file taken the number: a
+        regular file's said ENOTSOCK, and another socket's would have
+        lost up to 16 bytes to the recv() that clears readability (or
+        blocked it, that socket blocking), and had its send buffer set."""
+        now = os.fstat(self.user.fileno())  # EBADF if nothing has it
+        if (now.st_dev, now.st_ino) != self._inode:
+            raise bad_fd()
+
     def set(self, readable: bool, writable: bool) -> None:
         """Make the descriptor poll as said (under the socket's _cond).
-        OSError EBADF if the program closed it.
+        OSError EBADF if the program closed it, whether or not another
+        file took its number since.
 
         Each record is stored before the call that makes it true: CPython
         runs a signal's handler as a call returns, not before it starts,
@@ -156,6 +173,10 @@ class ReadyFd:
         waited for good for the connection accept() would return.  A call
         that fails puts its record back, as before: the descriptor is as
         it was."""
+        if (readable != self.readable and not readable) or writable != self.writable:
+            # Before any record is stored: a Ctrl-C as it returns finds
+            # both as they were.
+            self._check_user()
         if readable != self.readable:
             self.readable = readable
             if readable:
@@ -564,6 +585,11 @@ class PVSocket(Closing):
         # get the ACCEPT -EINTR from Linux's backend and ours).
         self._accepting = False
         self._armed = False  # fileno() asked for: keep a POLL in flight
+        # The errnos of failed updates of the descriptor logged so far, or
+        # being logged (under _cond; see _update_ready_or_log): the empty
+        # frozenset is one object, a set is made only for a socket whose
+        # update failed.
+        self._ready_errors: frozenset[int | None] = frozenset()
         # A POLL or ACCEPT found no room on the command ring and would not
         # wait: not readable until the event thread says there is room.
         # Set by Frontend._want_room only, with the request to be told;
@@ -588,7 +614,19 @@ class PVSocket(Closing):
 
     def settimeout(self, value: float | None) -> None:
         """Like :meth:`socket.socket.settimeout`: ``None`` blocks, ``0``
-        never blocks, a positive number of seconds bounds every call.
+        never blocks, a positive number of seconds bounds every call
+        that waits for the peer or the network (connect(), accept(),
+        recv(), send() and their kin).
+
+        Not bind() and listen(), which socket.socket's never make wait
+        (nor time out): here they wait for the backend's answer, which
+        it gives at once, for up to the frontend's ``timeout`` (see
+        :class:`Frontend`) whatever the socket's, non-blocking too, as
+        a non-blocking accept() waits for its ACCEPT's answer.  Bounded
+        by the socket's, a timed socket's bind() failed with
+        :class:`TimeoutError` on a busy machine where socket.socket's
+        binds, with its BIND still in flight.
+
         On a closed socket it fails with EBADF but sets the timeout all
         the same, as socket.socket's, which sets it before it fails to
         set its descriptor's mode."""
@@ -733,7 +771,14 @@ class PVSocket(Closing):
         it: connected, or unconnected after a refusal.  (socket.socket's
         state is the kernel's then, which CPython does not specify; this
         library keeps its own, and the backend's answer is the truth.)
-        Before the answer came, nobody knows: only close() is left."""
+        Before the answer came, nobody knows: only close() is left.
+
+        Nor does a connect() whose CONNECT went out fail because
+        :meth:`fileno`'s descriptor could not be brought up to date (the
+        program closed it: EBADF; ENOBUFS): it says what the backend
+        answered (a non-blocking one EINPROGRESS), and the update's error
+        is logged, once, and left to the next update, which tries again
+        (fileno() raises it)."""
         host, port = resolve(address)
         self._check_open()
         # The mode the call was made in, as socket.socket's: a settimeout()
@@ -883,7 +928,11 @@ class PVSocket(Closing):
                 raise
             if background:
                 try:
-                    self._update_ready()  # neither readable nor writable until the answer
+                    # Neither readable nor writable until the answer.  The
+                    # update's error raised said the connect() failed
+                    # (ENOBUFS: that nothing was sent) with its CONNECT in
+                    # flight, whose answer connects the socket.
+                    self._update_ready_or_log()
                 except BaseException:
                     # Left as it was, the unconnected socket's readable and
                     # writable, a loop called recv() over and over for as
@@ -899,7 +948,9 @@ class PVSocket(Closing):
                 # made so before, the descriptor would be for a handler to
                 # put back when nothing went out (no room on the command
                 # ring in time), which a Ctrl-C could cut short in turn.
-                self._update_ready()
+                # Raised, the update's error gave up on a CONNECT that
+                # went out, whose answer connects the socket.
+                self._update_ready_or_log()
                 # With the socket: close() must not wait (holding on to
                 # this call's locks) for an answer the backend may never send.
                 ret = self._fe._wait_slot(req_id, slot, deadline, self)
@@ -915,7 +966,8 @@ class PVSocket(Closing):
                     self._fe._put_data_ring(self._st, reusable=True)
                     # Unconnected: readable and writable again, whatever
                     # a fileno() made of the socket with its ring meanwhile.
-                    self._update_ready()
+                    # Raised, the update's error replaced the refusal.
+                    self._update_ready_or_log()
             except BaseException:
                 # Given up on first, by a store (no signal's handler runs
                 # in it), unless _connect_cut_short finds the answer in;
@@ -949,7 +1001,11 @@ class PVSocket(Closing):
                         self._connect_unreported = True
                 # Readable no longer, as it was unconnected: it polls as the
                 # ring says from now on (and as the ring's events come).
-                self._update_ready()
+                # Raised, the update's error told the program the socket
+                # was not connected, which then closed or connected again
+                # a connected socket (as send()'s and recv()'s bytes: see
+                # there).
+                self._update_ready_or_log()
             except BaseException:
                 # A Ctrl-C before the update left the descriptor readable,
                 # while recv() would block, until data came.
@@ -1182,7 +1238,9 @@ class PVSocket(Closing):
                     self._connect_unreported = True
             self._cond.notify_all()
         self._fe._return_rings()
-        self._update_ready()
+        # Logged as the event thread's other updates: raised, it went to
+        # Frontend._complete, which took it for a bug of the frontend's.
+        self._update_ready_or_log()
 
     def _finish_connect(self, deadline: Deadline | None, *, joined: bool = False) -> bool:
         """connect() after a non-blocking one: what Linux's connect()
@@ -1270,7 +1328,9 @@ class PVSocket(Closing):
     def bind(self, address: tuple[str, int]) -> None:
         """Bind to ``address`` in the backend domain (port 0 lets the
         backend's host pick one; PV Calls cannot tell the guest which).
-        Another thread's close() ends its wait for the answer (EBADF)."""
+        Waits for the answer up to the frontend's ``timeout``, whatever
+        the socket's (see :meth:`settimeout`); another thread's close()
+        ends the wait (EBADF)."""
         host, port = resolve(address, "bind")
         self._check_open()
         if self._st.ring is not None or self._st.bound or self._broken:
@@ -2135,7 +2195,8 @@ class PVSocket(Closing):
         with self._fe._lock:
             self._fe._cmd_cond.notify_all()
         try:
-            self._on_event()
+            self._wake()
+            self._update_ready()
         except OSError:
             # EBADF: the program closed the descriptor fileno() gave it.
             # close() says so, as socket.socket's does, but releases the
@@ -2262,8 +2323,14 @@ class PVSocket(Closing):
             return False  # closing, or the ring failed: the caller sees why
 
     def _on_event(self) -> None:
-        """The backend signalled this socket's channel (the event thread
-        took the event), or the socket closes: wake the waiters."""
+        """Event thread: the backend signalled this socket's channel:
+        wake the waiters, and bring the descriptor up to date."""
+        self._wake()
+        if self._st.readyfd is not None:
+            self._update_ready_or_log()
+
+    def _wake(self) -> None:
+        """Wake the waiters of this socket's data ring and calls."""
         with self._mutex:
             self._cond.notify_all()
             # Under _cond: a poller clears its flag under it before it
@@ -2273,8 +2340,6 @@ class PVSocket(Closing):
                 for side in (RECV, SEND):
                     if self._polling[side]:
                         os.eventfd_write(ring.wakefds[side], 1)
-        if self._st.readyfd is not None:
-            self._update_ready()
 
     def _readable(self) -> bool:
         ring = self._st.ring
@@ -2336,6 +2401,42 @@ class PVSocket(Closing):
             if fd is None:
                 return
             fd.set(self._readable(), self._writable())
+
+    def _update_ready_or_log(self) -> None:
+        """:meth:`_update_ready` where its error is nobody's to raise (the
+        event thread), or would say that a call failed which did what
+        it was to (connect()): logged, once for each socket and errno
+        (twice at worst, a Ctrl-C cutting the first short).  One that
+        fails for good (ENOBUFS: the kernel short of memory; EBADF: the
+        program closed the descriptor) fails again at every event, and
+        logged each time it filled the log.  Nothing is hidden: every
+        later update tries again, and a call that makes one raises what
+        it meets (fileno() does)."""
+        try:
+            self._update_ready()
+        except OSError as exc:
+            err = exc.errno
+            told = True
+            try:
+                with self._mutex:
+                    told = err in self._ready_errors
+                    self._ready_errors |= {err}
+                if not told:
+                    # EBADF is the program's doing, which its calls report.
+                    level = logging.DEBUG if err == errno.EBADF else logging.WARNING
+                    logger.log(level, "pvcalls frontend: %r: its fileno() descriptor cannot "
+                               "be brought up to date (said once for each socket and "
+                               "error): %s", self, exc)
+            except BaseException:
+                # Cut short (a Ctrl-C in connect(), in the main thread, as
+                # the lock is let go of or in the logging): not told, for
+                # the next update to tell, by a store (no signal's handler
+                # runs in it).  Left told, the error was never said; put
+                # back, one said already is said twice.
+                if not told:
+                    with self._mutex:
+                        self._ready_errors -= {err}
+                raise
 
     def _repair_ready(self) -> None:
         """:meth:`_update_ready` in a handler that puts things back before
@@ -2439,7 +2540,7 @@ class PVSocket(Closing):
             arm = self._armed and self._st.listening
         if arm:
             self._arm_poll()
-        self._update_ready()
+        self._update_ready_or_log()
 
     def _on_poll(self, ret: int) -> None:
         """Event thread: the backend answered this socket's POLL."""
@@ -2450,7 +2551,7 @@ class PVSocket(Closing):
             else:
                 self._poll_error = ret
             self._cond.notify_all()
-        self._update_ready()
+        self._update_ready_or_log()
 
     def _wait_pending_connection(self, deadline: Deadline) -> None:
         """POLL (unless in flight) and wait until it says a connection is

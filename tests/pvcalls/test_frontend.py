@@ -4290,9 +4290,10 @@ def test_a_readiness_update_a_closed_descriptor_fails_is_tried_again_by_the_next
         start: tuple[bool, bool], to: tuple[bool, bool]) -> None:
     """The program closed the descriptor fileno() gave it (another file
     took its number): a set() that cannot make it poll as asked raises
-    and keeps the record as it was, so that the next set() tries again
-    and raises too, and every later call says so (see
-    PVSocket._repair_ready), rather than one only."""
+    EBADF and keeps the record as it was, so that the next set() tries
+    again and raises too, and every later call says so (see
+    PVSocket._repair_ready), rather than one only.  Before, a set() that
+    read or set the descriptor said ENOTSOCK, the other file's error."""
     from pvcalls.frontend._socket import ReadyFd
 
     fd = ReadyFd()
@@ -4307,13 +4308,46 @@ def test_a_readiness_update_a_closed_descriptor_fails_is_tried_again_by_the_next
             with pytest.raises(OSError) as info:
                 fd.set(*to)
             assert (fd.readable, fd.writable) == start
-            if to[0] and not start[0]:
-                # The byte's send meets the closed peer (EPIPE), which says
-                # nothing to the program: EBADF, as its docstring says.
-                assert info.value.errno == errno.EBADF, info.value
+            # Not the byte's EPIPE (its send meets the closed peer), nor
+            # the other file's ENOTSOCK: EBADF, as its docstring says.
+            assert info.value.errno == errno.EBADF, info.value
     finally:
         with contextlib.suppress(OSError):
             fd.close()
+
+
+@pytest.mark.parametrize("to", [(False, True), (True, False)],
+                         ids=["to-unreadable", "to-unwritable"])
+def test_a_readiness_update_leaves_alone_a_socket_that_took_the_descriptors_number(
+        to: tuple[bool, bool]) -> None:
+    """The program closed the descriptor fileno() gave it, and a socket
+    of its own took the number: set() fails with EBADF and leaves that
+    socket alone.  Before, the recv() that clears readability took what
+    the socket had received, and the update of writability set its send
+    buffer."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    fd = ReadyFd()
+    other, peer = socket.socketpair()
+    try:
+        fd.set(True, True)
+        sndbuf = other.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        peer.sendall(b"the program's")
+        os.dup2(other.fileno(), fd.fileno())
+        other.close()
+        other = socket.socket(fileno=fd.user.fileno())  # the program's socket
+        with pytest.raises(OSError) as info:
+            fd.set(*to)
+        assert info.value.errno == errno.EBADF, info.value
+        assert (fd.readable, fd.writable) == (True, True)
+        assert other.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == sndbuf
+        other.setblocking(False)
+        assert other.recv(64) == b"the program's"
+    finally:
+        fd.user.detach()  # the number is the program's socket's now
+        fd.close()
+        other.close()
+        peer.close()
 
 
 class _SendFails:

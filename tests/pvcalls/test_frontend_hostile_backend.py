@@ -10,6 +10,7 @@ timeout), never another exception, a hang, or a copy from outside its ring.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import gc
@@ -3185,7 +3186,12 @@ def test_a_nonblocking_connect_interrupted_anywhere_polls_as_connecting(
         if sent:
             with pytest.raises(BlockingIOError):
                 s.recv(1)
-            fake.next_request(PVCALLS_CONNECT)  # taken: not left to the next attempt
+            # Taken, not left to the next attempt, and answered: unanswered,
+            # each kept its response table entry, and once the sweep had
+            # more places after the push than the table has entries, the
+            # next attempt found none (ENOBUFS).
+            fake.respond(fake.next_request(PVCALLS_CONNECT),
+                         -pvcalls_errno.from_host_errno(errno.ECONNREFUSED))
         s.close()
 
     _sweep(attempt, check, through=("Frontend._notify",))
@@ -4042,7 +4048,7 @@ def test_a_nonblocking_connect_while_another_threads_settles_its_refusal_says_ea
     s.settimeout(None)
     fake.hold = {PVCALLS_CONNECT}
     connects = _connects_submitted(fe)
-    pause = PauseAt(pvcalls.PVSocket.connect, "self._update_ready()",
+    pause = PauseAt(pvcalls.PVSocket.connect, "self._update_ready_or_log()",
                     after="self._fe._put_data_ring(self._st, reusable=True)")
     first = Call(lambda: pause.run(lambda: s.connect(_ADDRESS)))
     fake.respond(fake.next_request(PVCALLS_CONNECT), -ECONNREFUSED)
@@ -5152,3 +5158,344 @@ def test_a_second_answer_to_an_accept_not_yet_taken_is_dropped(
     accepted.close()
     ls.close()
     other.close()
+
+
+class _UpdateFails:
+    """One end of a readiness descriptor's pair whose ``call`` (``recv``
+    of the user's end, ``send`` of ours) fails with ``err`` while it is
+    set (ENOBUFS: the kernel short of memory); counted, and the rest of
+    it the socket's."""
+
+    def __init__(self, sock: Any, call: str, err: int) -> None:
+        self._sock = sock
+        self._call = call
+        self.err = err
+        self.tries = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name != self._call or not self.err:
+            return getattr(self._sock, name)
+
+        def fail(*args: Any) -> Any:
+            self.tries += 1
+            raise OSError(self.err, os.strerror(self.err))
+
+        return fail
+
+
+def _ready_warnings(log: LogWatch) -> list[str]:
+    return [m for m in log.messages(logging.DEBUG) if "descriptor cannot be brought up" in m]
+
+
+def _logged_failures(log: LogWatch, *errs: int) -> list[logging.LogRecord]:
+    """The records at WARNING or above of an error in ``errs``: said in
+    the message, or as its traceback."""
+    said = [os.strerror(err) for err in errs]
+    return [r for r in log.records if r.levelno >= logging.WARNING
+            and (any(text in r.getMessage() for text in said)
+                 or (r.exc_info is not None and isinstance(r.exc_info[1], OSError)
+                     and r.exc_info[1].errno in errs))]
+
+
+def test_a_connect_whose_readiness_update_fails_says_it_connected(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """connect() connected, then bringing the descriptor up to date
+    (readable no longer) failed: connect() returns, as the socket is
+    connected, and the error is logged, once, and left to the next update,
+    which meets it again or not.  Before, connect() raised it, and the
+    program closed, or connected again, a connected socket."""
+    s = fe.socket()
+    s.fileno()
+    readyfd = s._st.readyfd
+    user = readyfd.user
+    failing = readyfd.user = _UpdateFails(user, "recv", errno.ENOBUFS)
+    try:
+        s.connect(("127.0.0.1", 7))
+        assert s.getpeername() == ("127.0.0.1", 7)
+        assert failing.tries >= 1
+        (said,) = _ready_warnings(log)
+        assert said.endswith(os.strerror(errno.ENOBUFS)), said
+        assert s.send(b"x") == 1  # connected: not ENOTCONN
+        failing.err = 0  # the kernel has memory again
+        fd = s.fileno()  # the next update, which makes it right
+        assert select.select([fd], [fd], [], 0)[:2] == ([], [fd])
+    finally:
+        readyfd.user = user
+        s.close()
+
+
+def test_a_connect_whose_descriptor_was_closed_says_it_connected(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """As above, the program having closed the descriptor fileno() gave
+    it: connect() returns, and the next call that brings the descriptor
+    up to date says EBADF."""
+    s = fe.socket()
+    _descriptor_closed(s.fileno())
+    try:
+        s.connect(("127.0.0.1", 7))
+        assert s.getpeername() == ("127.0.0.1", 7)
+        with pytest.raises(OSError) as info:
+            s.fileno()
+        assert info.value.errno == errno.EBADF
+    finally:
+        with contextlib.suppress(OSError):
+            s.close()
+
+
+def test_a_refused_connect_whose_readiness_update_fails_says_refused(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """The backend refused the CONNECT, and bringing the descriptor up to
+    date failed: connect() raises the refusal, not the update's error,
+    and the socket may connect again.  Before, the update's error replaced
+    the refusal."""
+    fake.rets[PVCALLS_CONNECT] = -pvcalls_errno.from_host_errno(errno.ECONNREFUSED)
+    s = fe.socket()
+    s.fileno()
+    readyfd = s._st.readyfd
+    ours = readyfd.ours
+    # Unconnected again: readable, which the byte's send makes it.
+    failing = readyfd.ours = _UpdateFails(ours, "send", errno.ENOBUFS)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", 7))
+        assert failing.tries >= 1
+        failing.err = 0
+        del fake.rets[PVCALLS_CONNECT]
+        s.connect(("127.0.0.1", 7))
+    finally:
+        readyfd.ours = ours
+        s.close()
+
+
+def test_a_readiness_update_failing_for_good_is_logged_once_for_each_error(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """Every event of a socket's data ring brings its descriptor up to
+    date, in the event thread, where an error is logged: an update that
+    fails for good (ENOBUFS) is logged once, not at every event, and
+    once more for another error.  Before, every event logged it."""
+    s, ring = connected(fe, fake)
+    s.fileno()  # relayed: the event thread keeps the descriptor up to date
+    readyfd = s._st.readyfd
+    ours = readyfd.ours
+    failing = readyfd.ours = _UpdateFails(ours, "send", errno.ENOBUFS)
+    try:
+        ring.produce(b"x")  # readable, which the byte's send makes it
+        for err in (errno.ENOBUFS, errno.ENOMEM):
+            failing.err = err
+            for _ in range(3):
+                tries = failing.tries
+                ring.notify()
+                wait_until(lambda tries=tries: failing.tries > tries)  # type: ignore[misc]
+        logged = _logged_failures(log, errno.ENOBUFS, errno.ENOMEM)
+        assert [r.getMessage() for r in logged] == _ready_warnings(log)
+        assert len(logged) == 2, [r.getMessage() for r in logged]
+    finally:
+        readyfd.ours = ours
+        s.close()
+
+
+@pytest.mark.parametrize("timeout", [0.0, 0.01], ids=["nonblocking", "timed"])
+@pytest.mark.parametrize("cmd", ["bind", "listen"])
+def test_bind_and_listen_wait_for_the_answer_whatever_the_sockets_timeout(
+        fe: pvcalls.Frontend, fake: FakeBackend, cmd: str, timeout: float) -> None:
+    """bind() and listen(), which socket.socket's never make wait, wait
+    for the backend's answer up to the frontend's timeout, not the
+    socket's (see PVSocket.settimeout): an answer that comes after the
+    socket's timeout passed is what they say."""
+    s = fe.socket()
+    if cmd == "listen":
+        s.bind(("127.0.0.1", 4000))
+    s.settimeout(timeout)
+    held_cmd = PVCALLS_BIND if cmd == "bind" else PVCALLS_LISTEN
+    fake.hold = {held_cmd}
+    call = Call(lambda: s.bind(("127.0.0.1", 4000)) if cmd == "bind" else s.listen())
+    req = fake.next_request(held_cmd)
+    try:
+        # Ten times the socket's timeout since the request went out.
+        passed = time.monotonic() + 10 * max(timeout, 0.01)
+        wait_until(lambda: time.monotonic() > passed)
+        assert call.alive(), call.join().error
+    finally:
+        fake.respond(req, 0)
+    assert call.join().error is None, call.error
+    if cmd == "listen":
+        fake.hold = set()
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+    else:
+        assert s.getsockname() == ("127.0.0.1", 4000)
+    s.close()
+
+
+@pytest.mark.parametrize("err", [errno.ENOBUFS, errno.EBADF])
+def test_a_nonblocking_connects_answer_whose_readiness_update_fails_is_logged_once(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, err: int) -> None:
+    """The event thread completes a non-blocking connect() with the
+    backend's answer and brings the descriptor up to date (writable),
+    which fails: logged as every update of the event thread's (see
+    _update_ready_or_log), once, EBADF (the program closed the
+    descriptor) at debug level.  Before, the completion's handler logged
+    it as a failure of the frontend, with its traceback, EBADF too."""
+    s, req = _connecting(fe, fake)
+    readyfd = s._st.readyfd
+    assert readyfd is not None
+    user = readyfd.user
+    if err == errno.EBADF:
+        _descriptor_closed(s.fileno())
+    else:
+        readyfd.user = _UpdateFails(user, "setsockopt", err)
+    try:
+        fake.respond(req, 0)
+        wait_until(lambda: bool(_ready_warnings(log) or _logged_failures(log, err)))
+        assert _logged_failures(log, err) == [] if err == errno.EBADF else (
+            [r.getMessage() for r in _logged_failures(log, err)] == _ready_warnings(log))
+        (said,) = _ready_warnings(log)
+        assert said.endswith(os.strerror(err)), said
+        assert s.getpeername() == _ADDRESS
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    finally:
+        readyfd.user = user
+        with contextlib.suppress(OSError):
+            s.close()
+
+
+def test_a_nonblocking_connect_whose_readiness_update_fails_says_einprogress(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """A non-blocking connect() sent its CONNECT, then bringing the
+    descriptor up to date (neither readable nor writable) failed: it says
+    EINPROGRESS all the same, as the CONNECT is in flight and its answer
+    completes the connect, and the error is logged once, as after a
+    blocking one (see connect()).  Before, it raised the update's error:
+    ENOBUFS, which connect() says when nothing was sent, and a program
+    that took it so gave up on a socket that then connected."""
+    s = fe.socket()
+    s.setblocking(False)
+    s.fileno()
+    readyfd = s._st.readyfd
+    assert readyfd is not None
+    user = readyfd.user
+    # Readable no longer: the recv() that clears it fails.
+    failing = readyfd.user = _UpdateFails(user, "recv", errno.ENOBUFS)
+    fake.hold = {PVCALLS_CONNECT}
+    try:
+        with pytest.raises(BlockingIOError) as info:
+            s.connect(_ADDRESS)
+        assert info.value.errno == errno.EINPROGRESS
+        assert failing.tries >= 1
+        (said,) = _ready_warnings(log)
+        assert said.endswith(os.strerror(errno.ENOBUFS)), said
+        failing.err = 0
+        fake.respond(fake.next_request(PVCALLS_CONNECT), 0)
+        wait_until(lambda: _readiness(s) == (False, True))
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        assert s.getpeername() == _ADDRESS
+    finally:
+        readyfd.user = user
+        s.close()
+
+
+@pytest.mark.parametrize("logging_too", [False, True], ids=["frontend", "Logger.log"])
+def test_a_readiness_update_failure_interrupted_anywhere_is_logged_still(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, logging_too: bool) -> None:
+    """connect() brings the descriptor up to date in the main thread,
+    where a Ctrl-C may land anywhere in _update_ready_or_log, or as the
+    logging call starts: the error of an update that fails for good is
+    logged, at the latest by the next update, however the one before was
+    cut short (twice at worst).  Before, one landing as the record's lock
+    was let go of, or as Logger.log started, left the error recorded as
+    told and not told: no later update said it.  (Not swept through the
+    logging module, whose handlers' locks a Ctrl-C can leave held.)"""
+    from pvcalls.frontend._socket import ReadyFd
+
+    within = os.path.dirname(_frontend.__file__)
+    socks: list[tuple[pvcalls.PVSocket, Any, Any]] = []
+
+    def attempt(n: int) -> str:
+        s, ring = connected(fe, fake)
+        # Not fileno(), whose relay of the ring's events has the event
+        # thread bring the descriptor up to date too: its update could
+        # fail and log first, leaving this one nothing to tell.
+        readyfd = ReadyFd(into=s._st)
+        ours = readyfd.ours
+        socks[:] = [(s, readyfd, ours)]
+        # Readable, which the byte's send makes it, and which fails.
+        readyfd.ours = _UpdateFails(ours, "send", errno.ENOBUFS)
+        ring.produce(b"x")
+        if not logging_too:
+            return interrupted_at(n, within, s._update_ready_or_log)
+        if n == 0:
+            assert interrupted_as_frame_starts(logging.Logger.log.__code__,
+                                               s._update_ready_or_log)
+            return "as Logger.log started"
+        s._update_ready_or_log()
+        return ""
+
+    def check(where: str) -> None:
+        s, readyfd, ours = socks[0]
+        try:
+            s._update_ready_or_log()
+            said = [m for m in _ready_warnings(log) if f"id={s.id:#x}" in m]
+            assert 1 <= len(said) <= 2, said
+        finally:
+            readyfd.ours = ours
+            s.close()
+
+    _sweep(attempt, check, through=() if logging_too else ("_update_ready_or_log",))
+
+
+def test_a_polls_answer_whose_readiness_update_fails_is_logged_once(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """The event thread takes the answer to a listener's POLL (kept in
+    flight for fileno()) and makes the descriptor readable, which fails
+    (ENOBUFS): logged once, as every update of the event thread's, not by
+    the completion's handler as a failure of the frontend's."""
+    ls = _listener(fe)
+    fake.hold = {PVCALLS_POLL}
+    ls.fileno()
+    req = fake.next_request(PVCALLS_POLL)
+    readyfd = ls._st.readyfd
+    assert readyfd is not None
+    ours = readyfd.ours
+    failing = readyfd.ours = _UpdateFails(ours, "send", errno.ENOBUFS)
+    try:
+        fake.respond(req, 0)
+        wait_until(lambda: bool(_ready_warnings(log) or _logged_failures(log, errno.ENOBUFS)))
+        assert failing.tries >= 1
+        logged = _logged_failures(log, errno.ENOBUFS)
+        assert [r.getMessage() for r in logged] == _ready_warnings(log)
+        assert len(logged) == 1, [r.getMessage() for r in logged]
+    finally:
+        readyfd.ours = ours
+        ls.close()
+
+
+def test_a_readiness_update_failure_told_and_interrupted_anywhere_is_told_once(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """As above, the error told already: a Ctrl-C landing anywhere in
+    the next failing update takes nothing back, and no later update says
+    it again."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    within = os.path.dirname(_frontend.__file__)
+    socks: list[tuple[pvcalls.PVSocket, Any, Any]] = []
+
+    def attempt(n: int) -> str:
+        s, ring = connected(fe, fake)
+        readyfd = ReadyFd(into=s._st)  # not fileno(): see above
+        ours = readyfd.ours
+        socks[:] = [(s, readyfd, ours)]
+        readyfd.ours = _UpdateFails(ours, "send", errno.ENOBUFS)
+        ring.produce(b"x")
+        s._update_ready_or_log()  # told
+        return interrupted_at(n, within, s._update_ready_or_log)
+
+    def check(where: str) -> None:
+        s, readyfd, ours = socks[0]
+        try:
+            s._update_ready_or_log()
+            said = [m for m in _ready_warnings(log) if f"id={s.id:#x}" in m]
+            assert len(said) == 1, said
+        finally:
+            readyfd.ours = ours
+            s.close()
+
+    _sweep(attempt, check, through=("_update_ready_or_log",))
