@@ -880,27 +880,37 @@ def test_an_unbind_naming_a_callback_tells_owners_apart_by_identity(host, pair) 
     assert host.hypervisor.stats()["ports"] == baseline
 
 
-def test_an_add_fd_interrupted_anywhere_leaves_the_fd_listed_if_and_only_if_watched(
-        pair) -> None:
-    """A Ctrl-C landing as any call of an add_fd returns, or as any of its
-    frames starts: the fd is watched and listed (remove_fd takes it
-    out), or neither, and may be added again.  Listed after epoll's
-    register, one landing as it returned left the fd in the epoll set
-    with no callback, and every add_fd of it refused (EEXIST)."""
+@pytest.mark.parametrize("call", ["add_fd", "remove_fd"])
+def test_an_fd_call_interrupted_anywhere_leaves_the_fd_listed_if_and_only_if_watched(
+        pair, call: str) -> None:
+    """A Ctrl-C landing as any call of an add_fd or a remove_fd returns, or
+    as any of its frames starts: the fd is watched and listed (remove_fd
+    takes it out), or neither, and may be added again.  Listed after
+    epoll's register, or unlisted before its unregister, one landing
+    between left the fd in the epoll set with no callback, and every
+    add_fd of it refused (EEXIST): a listener's LISTEN done again after
+    its undo was cut short so."""
     from tests.stolensignal import interrupted_at
 
     _guest, _evtchn, dispatcher = pair
     within = os.path.dirname(events.__file__)
     r, w = os.pipe()
+
+    def add() -> None:
+        dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _events: None)
+
     landed = 0
     try:
         for n in itertools.count():
-            where = interrupted_at(
-                n, within, lambda: dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _ev: None))
+            if call == "add_fd":
+                where = interrupted_at(n, within, add)
+            else:
+                add()
+                where = interrupted_at(n, within, lambda: dispatcher.remove_fd(r))
             with contextlib.suppress(KeyError):
                 dispatcher.remove_fd(r)
             try:
-                dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _events: None)
+                add()
             except FileExistsError:
                 pytest.fail(f"{where}: the fd stayed in the epoll set, unlisted")
             dispatcher.remove_fd(r)
@@ -911,46 +921,17 @@ def test_an_add_fd_interrupted_anywhere_leaves_the_fd_listed_if_and_only_if_watc
         os.close(r)
         os.close(w)
     assert landed >= 3
-    # Refused by epoll itself (a regular file): not listed either.
+
+
+def test_an_fd_that_epoll_refuses_is_not_listed(pair) -> None:
+    """Refused by epoll itself (a regular file): add_fd lists the fd
+    before the register, and takes it back."""
+    _guest, _evtchn, dispatcher = pair
     with open(__file__) as f:
         with pytest.raises(PermissionError):
             dispatcher.add_fd(f.fileno(), select.EPOLLIN, lambda _fd, _events: None)
         with pytest.raises(KeyError):
             dispatcher.remove_fd(f.fileno())
-
-
-def test_a_remove_fd_interrupted_anywhere_leaves_the_fd_listed_if_and_only_if_watched(
-        pair) -> None:
-    """A Ctrl-C landing as any call of a remove_fd returns, or as any of its
-    frames starts: the fd is still watched and listed (the remove_fd done
-    again removes it), or neither, and may be added again.  Unlisted
-    before epoll's unregister, one landing between left it in the epoll
-    set with no callback: each add_fd of it again refused (EEXIST), a
-    listener's LISTEN done again after its undo was cut short so."""
-    from tests.stolensignal import interrupted_at
-
-    _guest, _evtchn, dispatcher = pair
-    within = os.path.dirname(events.__file__)
-    r, w = os.pipe()
-    landed = 0
-    try:
-        for n in itertools.count():
-            dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _events: None)
-            where = interrupted_at(n, within, lambda: dispatcher.remove_fd(r))
-            with contextlib.suppress(KeyError):
-                dispatcher.remove_fd(r)
-            try:
-                dispatcher.add_fd(r, select.EPOLLIN, lambda _fd, _events: None)
-            except FileExistsError:
-                pytest.fail(f"{where}: the fd stayed in the epoll set, unlisted")
-            dispatcher.remove_fd(r)
-            if not where:
-                break
-            landed += 1
-    finally:
-        os.close(r)
-        os.close(w)
-    assert landed >= 3
 
 
 def test_an_interrupted_bind_leaves_alone_its_port_number_rebound_meanwhile(
