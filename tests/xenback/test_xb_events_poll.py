@@ -617,6 +617,22 @@ def _unmask_failing_once(dispatcher: EventDispatcher,
     return failed
 
 
+def _ready_behind_a_failing_unmask(dispatcher: EventDispatcher, evtchn: Any, remote: int,
+                                   monkeypatch: pytest.MonkeyPatch,
+                                   arm: Callable[[], object]) -> None:
+    """Signal ``remote``'s port of ``dispatcher`` with the handle's next
+    unmask failing, and ``arm()`` an fd, ready, behind it: the poll that
+    takes the port fails on its unmask before the fd is reached (the next
+    poll's resync hands it out)."""
+    failed = _unmask_failing_once(dispatcher, monkeypatch)
+    evtchn.notify(remote)
+    assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
+    arm()  # ready behind the port
+    with pytest.raises(OSError):
+        dispatcher.poll(TIMEOUT)  # the port's unmask: the fd is not reached
+    assert failed
+
+
 def test_a_oneshot_fd_re_armed_and_lost_is_handed_out_again(polled, monkeypatch) -> None:
     """Re-armed, a ONESHOT fd is no longer its owner's: an event of it
     that a failed dispatch lost (reported, so disarmed, but its callback
@@ -633,13 +649,9 @@ def test_a_oneshot_fd_re_armed_and_lost_is_handed_out_again(polled, monkeypatch)
         os.write(w, b"x")  # never read: readable throughout
         assert dispatcher.poll(TIMEOUT) == 1
         dispatcher.modify_fd(r, 0)  # re-armed, but for nothing yet
-        failed = _unmask_failing_once(dispatcher, monkeypatch)
-        evtchn.notify(remote)
-        assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
-        dispatcher.modify_fd(r, oneshot)  # ready behind the port
-        with pytest.raises(OSError):
-            dispatcher.poll(TIMEOUT)  # the port's unmask: the fd is not reached
-        assert failed and calls == [select.EPOLLIN]
+        _ready_behind_a_failing_unmask(dispatcher, evtchn, remote, monkeypatch,
+                                       lambda: dispatcher.modify_fd(r, oneshot))
+        assert calls == [select.EPOLLIN]
         dispatcher.poll(TIMEOUT)  # the resync
         dispatcher.poll(0)
         assert calls == [select.EPOLLIN, select.EPOLLIN]
@@ -704,13 +716,9 @@ def test_a_oneshot_fd_removed_and_added_again_is_not_its_owners(polled, monkeypa
         os.write(w, b"x")  # never read: readable throughout
         assert dispatcher.poll(TIMEOUT) == 1  # taken
         dispatcher.remove_fd(r)
-        failed = _unmask_failing_once(dispatcher, monkeypatch)
-        evtchn.notify(remote)
-        assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
-        dispatcher.add_fd(r, oneshot, record)  # ready behind the port
-        with pytest.raises(OSError):
-            dispatcher.poll(TIMEOUT)  # the port's unmask: the fd is not reached
-        assert failed and calls == [select.EPOLLIN]
+        _ready_behind_a_failing_unmask(dispatcher, evtchn, remote, monkeypatch,
+                                       lambda: dispatcher.add_fd(r, oneshot, record))
+        assert calls == [select.EPOLLIN]
         dispatcher.poll(TIMEOUT)  # the resync
         dispatcher.poll(0)
         assert calls == [select.EPOLLIN, select.EPOLLIN]
@@ -1157,13 +1165,9 @@ def test_a_oneshot_fd_whose_removal_failed_leaves_its_number_to_the_next(
     try:
         assert r2 == r, "the lowest free number"
         os.write(w2, b"x")
-        failed = _unmask_failing_once(dispatcher, monkeypatch)
-        evtchn.notify(remote)
-        assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
-        dispatcher.add_fd(r2, oneshot, record)  # ready behind the port
-        with pytest.raises(OSError):
-            dispatcher.poll(TIMEOUT)  # the port's unmask: the fd is not reached
-        assert failed and calls == [select.EPOLLIN]
+        _ready_behind_a_failing_unmask(dispatcher, evtchn, remote, monkeypatch,
+                                       lambda: dispatcher.add_fd(r2, oneshot, record))
+        assert calls == [select.EPOLLIN]
         dispatcher.poll(TIMEOUT)  # the resync
         dispatcher.poll(0)
         assert calls == [select.EPOLLIN, select.EPOLLIN]
@@ -1222,13 +1226,9 @@ def test_a_taken_oneshot_fd_s_removal_interrupted_anywhere_leaves_it_not_taken(
             with contextlib.suppress(KeyError):
                 dispatcher.remove_fd(r)
             calls.clear()
-            failed = _unmask_failing_once(dispatcher, monkeypatch)
-            evtchn.notify(remote)
-            assert select.select([dispatcher._evtchn_fd], [], [], TIMEOUT)[0]
-            dispatcher.add_fd(r, oneshot, record)  # ready behind the port
-            with pytest.raises(OSError):
-                dispatcher.poll(TIMEOUT)  # the port's unmask: the fd is not reached
-            assert failed and not calls, where
+            _ready_behind_a_failing_unmask(dispatcher, evtchn, remote, monkeypatch,
+                                           lambda: dispatcher.add_fd(r, oneshot, record))
+            assert not calls, where
             dispatcher.poll(TIMEOUT)  # the resync
             dispatcher.poll(0)
             assert calls == [select.EPOLLIN], where
