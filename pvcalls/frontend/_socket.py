@@ -209,10 +209,25 @@ class ReadyFd:
                 raise
 
     def close(self) -> None:
-        """Close both ends; OSError EBADF, once both are closed, if the
-        program closed the one fileno() gave it."""
+        """Close both ends; OSError EBADF, once ours is closed, if the
+        program closed the one fileno() gave it.  That one is then left
+        alone: the file that took its number since is the program's."""
+        mine = True
         try:
-            self.user.close()
+            try:
+                self._check_user()
+            except OSError:
+                # Closed, the program's other file would go with it (or,
+                # none there, one opened meanwhile).  Flagged by a store
+                # (no signal's handler runs in it): a Ctrl-C cutting the
+                # check short closes the end, as close() did before it
+                # looked, rather than leave it open for good.
+                mine = False
+                self.user.detach()
+                raise
+            finally:
+                if mine:
+                    self.user.close()
         finally:
             self.ours.close()
 
@@ -2103,10 +2118,11 @@ class PVSocket(Closing):
         :class:`ResourceWarning` (see the class).  If the program closed
         the descriptor :meth:`fileno` gave it, close() raises
         :class:`OSError` EBADF, as socket.socket's does, once the socket
-        is released.  A close() that a Ctrl-C interrupts leaves the socket
-        closed to its calls, and the next close() (or the frontend's)
-        finishes releasing it (or, the socket dropped, the frontend does,
-        with no ResourceWarning)."""
+        is released (a file that took the number since is left open).  A
+        close() that a Ctrl-C interrupts leaves the socket closed to its
+        calls, and the next close() (or the frontend's) finishes releasing
+        it (or, the socket dropped, the frontend does, with no
+        ResourceWarning)."""
         self._close_requested = True
         # Before anything that calls: a close() cut short anywhere after
         # this counts as one for the finaliser's warning.
