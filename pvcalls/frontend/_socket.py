@@ -2210,15 +2210,13 @@ class PVSocket(Closing):
         # ACCEPT): they see _closed and leave with EBADF.
         with self._fe._lock:
             self._fe._cmd_cond.notify_all()
-        try:
-            self._wake()
-            self._update_ready()
-        except OSError:
-            # EBADF: the program closed the descriptor fileno() gave it.
-            # close() says so, as socket.socket's does, but releases the
-            # socket first: its connection must not stay open.
-            self._fe._release(self._st, self)
-            raise
+        self._wake()
+        # Readable and writable, closed, for a selector waiting on the
+        # descriptor.  Its error is not close()'s, which released the
+        # socket: ENOBUFS raised said it failed; EBADF (the program
+        # closed the descriptor) the release's closing of it says, as
+        # socket.socket's close() does (see ReadyFd.close).
+        self._update_ready_or_log()
         self._fe._release(self._st, self)
 
     def _check_open(self) -> None:

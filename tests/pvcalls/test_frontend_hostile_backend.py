@@ -5499,3 +5499,24 @@ def test_a_readiness_update_failure_told_and_interrupted_anywhere_is_told_once(
             s.close()
 
     _sweep(attempt, check, through=("_update_ready_or_log",))
+
+
+def test_a_close_whose_readiness_update_fails_releases_and_says_nothing(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """close() makes the descriptor poll readable and writable, for a
+    selector waiting on it, which fails (ENOBUFS): the socket is released
+    and its descriptor closed all the same, and close() returns, the
+    error logged once, as every update's that is nobody's to raise.
+    Before, close() raised ENOBUFS once everything was released, and a
+    program took the socket for one still open."""
+    s, _ = connected(fe, fake)
+    s.fileno()
+    readyfd = s._st.readyfd
+    assert readyfd is not None
+    failing = readyfd.ours = _UpdateFails(readyfd.ours, "send", errno.ENOBUFS)
+    s.close()
+    assert failing.tries >= 1
+    assert s.closed and s not in fe.sockets()
+    assert readyfd.user.fileno() == -1 and failing.fileno() == -1
+    (said,) = _ready_warnings(log)
+    assert said.endswith(os.strerror(errno.ENOBUFS)), said
