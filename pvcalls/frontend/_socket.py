@@ -2307,7 +2307,10 @@ class PVSocket(Closing):
                     if self._st.readyfd is not None:
                         try:
                             self._cond.release()
-                            self._update_ready()
+                            # The event thread's update, taken over: its
+                            # error is not this call's, which may have its
+                            # data now (see _update_ready_or_log).
+                            self._update_ready_or_log()
                         finally:
                             self._cond.acquire()
         if self._fe._dead and not ready():
@@ -2438,9 +2441,13 @@ class PVSocket(Closing):
                 if not told:
                     # EBADF is the program's doing, which its calls report.
                     level = logging.DEBUG if err == errno.EBADF else logging.WARNING
+                    # Its text, not the exception: a record a handler
+                    # keeps would keep, by its traceback, the frames of
+                    # the call this runs in, and a recv()'s buffer with
+                    # them (exported, it could not be resized).
                     logger.log(level, "pvcalls frontend: %r: its fileno() descriptor cannot "
                                "be brought up to date (said once for each socket and "
-                               "error): %s", self, exc)
+                               "error): %s", self, str(exc))
             except BaseException:
                 # Cut short (a Ctrl-C in connect(), in the main thread, as
                 # the lock is let go of or in the logging): not told, for

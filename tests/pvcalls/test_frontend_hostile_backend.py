@@ -5520,3 +5520,53 @@ def test_a_close_whose_readiness_update_fails_releases_and_says_nothing(
     assert readyfd.user.fileno() == -1 and failing.fileno() == -1
     (said,) = _ready_warnings(log)
     assert said.endswith(os.strerror(errno.ENOBUFS)), said
+
+
+@pytest.mark.parametrize("err", [errno.ENOBUFS, errno.EBADF])
+@pytest.mark.parametrize("call", ["recv", "send"])
+def test_a_blocked_call_whose_readiness_update_fails_as_it_wakes_does_its_job(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, call: str, err: int) -> None:
+    """A recv() or send() blocked on the ring's own handle takes the
+    backend's event itself (data came, or room) and brings the descriptor
+    up to date, which fails: ENOBUFS, or EBADF (the program closed the
+    descriptor).  The call returns its data, or sends, the error logged
+    once, as recv() and send() do when the update fails after their
+    bytes.  Before, it raised the error with the data in the ring."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    s, ring = connected(fe, fake)
+    # Not fileno(), whose relay has the event thread take the events.
+    readyfd = ReadyFd(into=s._st)
+    user, ours = readyfd.user, readyfd.ours
+    assert s._st.ring is not None and s._st.ring.direct
+    if call == "send":
+        assert s.send(bytes(ring.size)) == ring.size  # the fake reads none
+        blocked = Call(lambda: s.send(b"more"))
+    else:
+        blocked = Call(lambda: s.recv(10))
+    wait_until(lambda: sleeping_in_wait(s))
+    number = readyfd.fileno()
+    if err == errno.EBADF:
+        _descriptor_closed(number)  # and left to this test to close
+    elif call == "send":
+        readyfd.user = _UpdateFails(user, "setsockopt", err)  # writable again
+    else:
+        readyfd.ours = _UpdateFails(ours, "send", err)  # readable
+    try:
+        if call == "send":
+            ring.put(OUT_CONS_OFFSET, ring.get(OUT_PROD_OFFSET))
+            ring.notify()
+            assert blocked.join().error is None, blocked.error
+            assert blocked.result == 4
+        else:
+            ring.produce(b"data")
+            assert blocked.join().error is None, blocked.error
+            assert blocked.result == b"data"
+        (said,) = _ready_warnings(log)
+        assert said.endswith(os.strerror(err)), said
+    finally:
+        readyfd.user, readyfd.ours = user, ours
+        with contextlib.suppress(OSError):
+            s.close()
+        if err == errno.EBADF:
+            os.close(number)
