@@ -1446,7 +1446,9 @@ class PVSocket(Closing):
         self._st.listening = True
         if self._armed:
             self._arm_poll()
-            self._update_ready()  # a listener is not writable
+            # A listener is not writable.  Its error is neither the event
+            # thread's nor that of listen(), which did what it was to.
+            self._update_ready_or_log()
 
     def accept(self) -> tuple[PVSocket, tuple[str, int]]:
         """Wait for a connection: POLL until one is pending, then ACCEPT.

@@ -5570,3 +5570,30 @@ def test_a_blocked_call_whose_readiness_update_fails_as_it_wakes_does_its_job(
             s.close()
         if err == errno.EBADF:
             os.close(number)
+
+
+def test_a_listen_whose_readiness_update_fails_says_it_listens(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """listen() on a socket whose fileno() was asked for makes the
+    descriptor poll as a listener's (not writable), which fails
+    (ENOBUFS): listen() returns, as the backend has the socket listening,
+    and the error is logged once.  Before, listen() raised it (or the
+    event thread's handler of the answer logged it as the frontend's
+    failure), and a program gave up on a listening socket."""
+    s = fe.socket()
+    s.bind(_ADDRESS)
+    s.fileno()
+    readyfd = s._st.readyfd
+    assert readyfd is not None
+    user = readyfd.user
+    failing = readyfd.user = _UpdateFails(user, "setsockopt", errno.ENOBUFS)
+    try:
+        s.listen()
+        assert failing.tries >= 1
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        (said,) = _ready_warnings(log)
+        assert said.endswith(os.strerror(errno.ENOBUFS)), said
+        assert [r.getMessage() for r in _logged_failures(log, errno.ENOBUFS)] == [said]
+    finally:
+        readyfd.user = user
+        s.close()
