@@ -5597,3 +5597,39 @@ def test_a_listen_whose_readiness_update_fails_says_it_listens(
     finally:
         readyfd.user = user
         s.close()
+
+
+def test_a_timed_connect_that_connected_interrupted_anywhere_succeeds_once_more(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A connect() with a timeout that the backend accepts, a Ctrl-C
+    landing anywhere in it: once the socket is connected (the answer
+    came), it is as after that connect() returned, the next connect()
+    succeeding once more (see connect()), then EISCONN.  Landing in the
+    last update of the descriptor, made before the socket was marked so,
+    left it connected with connect() saying EISCONN at once."""
+    within = os.path.dirname(_frontend.__file__)
+    socks: list[pvcalls.PVSocket] = []
+
+    def attempt(n: int) -> str:
+        socks[:] = [s := fe.socket()]
+        s.settimeout(TIMEOUT)
+        s.fileno()
+        return interrupted_at(n, within, functools.partial(s.connect, _ADDRESS))
+
+    def check(where: str) -> None:
+        (s,) = socks
+        try:
+            if s._peername is None or s._broken:
+                return  # the answer not in: good only for close()
+            assert s.getpeername() == _ADDRESS
+            try:
+                s.connect(_ADDRESS)
+            except OSError as exc:
+                raise AssertionError(f"connected, the next connect() said {exc!r}") from None
+            with pytest.raises(OSError) as info:
+                s.connect(_ADDRESS)
+            assert info.value.errno == errno.EISCONN
+        finally:
+            s.close()
+
+    _sweep(attempt, check, through=("_update_ready_or_log",))
