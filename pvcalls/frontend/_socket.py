@@ -209,10 +209,25 @@ class ReadyFd:
                 raise
 
     def close(self) -> None:
-        """Close both ends; OSError EBADF, once both are closed, if the
-        program closed the one fileno() gave it."""
+        """Close both ends; OSError EBADF, once ours is closed, if the
+        program closed the one fileno() gave it.  That one is then left
+        alone: the file that took its number since is the program's."""
+        mine = True
         try:
-            self.user.close()
+            try:
+                self._check_user()
+            except OSError:
+                # Closed, the program's other file would go with it (or,
+                # none there, one opened meanwhile).  Flagged by a store
+                # (no signal's handler runs in it): a Ctrl-C cutting the
+                # check short closes the end, as close() did before it
+                # looked, rather than leave it open for good.
+                mine = False
+                self.user.detach()
+                raise
+            finally:
+                if mine:
+                    self.user.close()
         finally:
             self.ours.close()
 
@@ -1431,7 +1446,9 @@ class PVSocket(Closing):
         self._st.listening = True
         if self._armed:
             self._arm_poll()
-            self._update_ready()  # a listener is not writable
+            # A listener is not writable.  Its error is neither the event
+            # thread's nor that of listen(), which did what it was to.
+            self._update_ready_or_log()
 
     def accept(self) -> tuple[PVSocket, tuple[str, int]]:
         """Wait for a connection: POLL until one is pending, then ACCEPT.
@@ -2103,10 +2120,11 @@ class PVSocket(Closing):
         :class:`ResourceWarning` (see the class).  If the program closed
         the descriptor :meth:`fileno` gave it, close() raises
         :class:`OSError` EBADF, as socket.socket's does, once the socket
-        is released.  A close() that a Ctrl-C interrupts leaves the socket
-        closed to its calls, and the next close() (or the frontend's)
-        finishes releasing it (or, the socket dropped, the frontend does,
-        with no ResourceWarning)."""
+        is released (a file that took the number since is left open).  A
+        close() that a Ctrl-C interrupts leaves the socket closed to its
+        calls, and the next close() (or the frontend's) finishes releasing
+        it (or, the socket dropped, the frontend does, with no
+        ResourceWarning)."""
         self._close_requested = True
         # Before anything that calls: a close() cut short anywhere after
         # this counts as one for the finaliser's warning.
@@ -2194,15 +2212,13 @@ class PVSocket(Closing):
         # ACCEPT): they see _closed and leave with EBADF.
         with self._fe._lock:
             self._fe._cmd_cond.notify_all()
-        try:
-            self._wake()
-            self._update_ready()
-        except OSError:
-            # EBADF: the program closed the descriptor fileno() gave it.
-            # close() says so, as socket.socket's does, but releases the
-            # socket first: its connection must not stay open.
-            self._fe._release(self._st, self)
-            raise
+        self._wake()
+        # Readable and writable, closed, for a selector waiting on the
+        # descriptor.  Its error is not close()'s, which released the
+        # socket: ENOBUFS raised said it failed; EBADF (the program
+        # closed the descriptor) the release's closing of it says, as
+        # socket.socket's close() does (see ReadyFd.close).
+        self._update_ready_or_log()
         self._fe._release(self._st, self)
 
     def _check_open(self) -> None:
@@ -2293,7 +2309,10 @@ class PVSocket(Closing):
                     if self._st.readyfd is not None:
                         try:
                             self._cond.release()
-                            self._update_ready()
+                            # The event thread's update, taken over: its
+                            # error is not this call's, which may have its
+                            # data now (see _update_ready_or_log).
+                            self._update_ready_or_log()
                         finally:
                             self._cond.acquire()
         if self._fe._dead and not ready():
@@ -2424,9 +2443,13 @@ class PVSocket(Closing):
                 if not told:
                     # EBADF is the program's doing, which its calls report.
                     level = logging.DEBUG if err == errno.EBADF else logging.WARNING
+                    # Its text, not the exception: a record a handler
+                    # keeps would keep, by its traceback, the frames of
+                    # the call this runs in, and a recv()'s buffer with
+                    # them (exported, it could not be resized).
                     logger.log(level, "pvcalls frontend: %r: its fileno() descriptor cannot "
                                "be brought up to date (said once for each socket and "
-                               "error): %s", self, exc)
+                               "error): %s", self, str(exc))
             except BaseException:
                 # Cut short (a Ctrl-C in connect(), in the main thread, as
                 # the lock is let go of or in the logging): not told, for

@@ -483,7 +483,8 @@ def test_close_after_the_fileno_was_closed_still_releases(
     The descriptor is replaced by a read-only one rather than closed:
     writing to it fails with EBADF as to a closed one, and no file another
     thread opens meanwhile can take its number (close() would then act on
-    that file, as socket.socket's would)."""
+    that file, as socket.socket's would).  close() leaves that file
+    alone, the program's: before, it closed it."""
     ended = threading.Event()
 
     def until_eof(conn: socket.socket) -> None:
@@ -494,13 +495,16 @@ def test_close_after_the_fileno_was_closed_still_releases(
     srv = server(until_eof)
     s = connected(fe, srv.address)
     assert srv.accepted.acquire(timeout=TIMEOUT)
+    fd = s.fileno()
     readonly = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.dup2(readonly, s.fileno())
+        os.dup2(readonly, fd)
+        with pytest.raises(OSError) as info:
+            s.close()
+        assert os.path.samestat(os.fstat(fd), os.fstat(readonly)), "closed the program's file"
     finally:
         os.close(readonly)
-    with pytest.raises(OSError) as info:
-        s.close()
+    os.close(fd)
     assert info.value.errno == errno.EBADF
     assert s.closed and s not in fe.sockets()
     assert ended.wait(TIMEOUT), "the peer never saw the end of the stream"
@@ -4321,10 +4325,10 @@ def test_a_readiness_update_a_closed_descriptor_fails_is_tried_again_by_the_next
 def test_a_readiness_update_leaves_alone_a_socket_that_took_the_descriptors_number(
         to: tuple[bool, bool]) -> None:
     """The program closed the descriptor fileno() gave it, and a socket
-    of its own took the number: set() fails with EBADF and leaves that
-    socket alone.  Before, the recv() that clears readability took what
-    the socket had received, and the update of writability set its send
-    buffer."""
+    of its own took the number: set() and close() fail with EBADF and
+    leave that socket alone.  Before, the recv() that clears readability
+    took what the socket had received, the update of writability set its
+    send buffer, and close() closed it."""
     from pvcalls.frontend._socket import ReadyFd
 
     fd = ReadyFd()
@@ -4343,9 +4347,18 @@ def test_a_readiness_update_leaves_alone_a_socket_that_took_the_descriptors_numb
         assert other.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == sndbuf
         other.setblocking(False)
         assert other.recv(64) == b"the program's"
+        ours = fd.ours
+        with pytest.raises(OSError) as info:
+            fd.close()
+        assert info.value.errno == errno.EBADF, info.value
+        # Let go of, not left for the collector to close.
+        assert ours.fileno() == -1 and fd.user.fileno() == -1
+        other.setblocking(True)
+        peer.sendall(b"still")
+        assert other.recv(64) == b"still"
     finally:
-        fd.user.detach()  # the number is the program's socket's now
-        fd.close()
+        with contextlib.suppress(OSError):
+            fd.close()
         other.close()
         peer.close()
 

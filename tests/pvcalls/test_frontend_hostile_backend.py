@@ -5499,3 +5499,137 @@ def test_a_readiness_update_failure_told_and_interrupted_anywhere_is_told_once(
             s.close()
 
     _sweep(attempt, check, through=("_update_ready_or_log",))
+
+
+def test_a_close_whose_readiness_update_fails_releases_and_says_nothing(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """close() makes the descriptor poll readable and writable, for a
+    selector waiting on it, which fails (ENOBUFS): the socket is released
+    and its descriptor closed all the same, and close() returns, the
+    error logged once, as every update's that is nobody's to raise.
+    Before, close() raised ENOBUFS once everything was released, and a
+    program took the socket for one still open."""
+    s, _ = connected(fe, fake)
+    s.fileno()
+    readyfd = s._st.readyfd
+    assert readyfd is not None
+    failing = readyfd.ours = _UpdateFails(readyfd.ours, "send", errno.ENOBUFS)
+    s.close()
+    assert failing.tries >= 1
+    assert s.closed and s not in fe.sockets()
+    assert readyfd.user.fileno() == -1 and failing.fileno() == -1
+    (said,) = _ready_warnings(log)
+    assert said.endswith(os.strerror(errno.ENOBUFS)), said
+
+
+@pytest.mark.parametrize("err", [errno.ENOBUFS, errno.EBADF])
+@pytest.mark.parametrize("call", ["recv", "send"])
+def test_a_blocked_call_whose_readiness_update_fails_as_it_wakes_does_its_job(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, call: str, err: int) -> None:
+    """A recv() or send() blocked on the ring's own handle takes the
+    backend's event itself (data came, or room) and brings the descriptor
+    up to date, which fails: ENOBUFS, or EBADF (the program closed the
+    descriptor).  The call returns its data, or sends, the error logged
+    once, as recv() and send() do when the update fails after their
+    bytes.  Before, it raised the error with the data in the ring."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    s, ring = connected(fe, fake)
+    # Not fileno(), whose relay has the event thread take the events.
+    readyfd = ReadyFd(into=s._st)
+    user, ours = readyfd.user, readyfd.ours
+    assert s._st.ring is not None and s._st.ring.direct
+    if call == "send":
+        assert s.send(bytes(ring.size)) == ring.size  # the fake reads none
+        blocked = Call(lambda: s.send(b"more"))
+    else:
+        blocked = Call(lambda: s.recv(10))
+    wait_until(lambda: sleeping_in_wait(s))
+    number = readyfd.fileno()
+    if err == errno.EBADF:
+        _descriptor_closed(number)  # and left to this test to close
+    elif call == "send":
+        readyfd.user = _UpdateFails(user, "setsockopt", err)  # writable again
+    else:
+        readyfd.ours = _UpdateFails(ours, "send", err)  # readable
+    try:
+        if call == "send":
+            ring.put(OUT_CONS_OFFSET, ring.get(OUT_PROD_OFFSET))
+            ring.notify()
+            assert blocked.join().error is None, blocked.error
+            assert blocked.result == 4
+        else:
+            ring.produce(b"data")
+            assert blocked.join().error is None, blocked.error
+            assert blocked.result == b"data"
+        (said,) = _ready_warnings(log)
+        assert said.endswith(os.strerror(err)), said
+    finally:
+        readyfd.user, readyfd.ours = user, ours
+        with contextlib.suppress(OSError):
+            s.close()
+        if err == errno.EBADF:
+            os.close(number)
+
+
+def test_a_listen_whose_readiness_update_fails_says_it_listens(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """listen() on a socket whose fileno() was asked for makes the
+    descriptor poll as a listener's (not writable), which fails
+    (ENOBUFS): listen() returns, as the backend has the socket listening,
+    and the error is logged once.  Before, listen() raised it (or the
+    event thread's handler of the answer logged it as the frontend's
+    failure), and a program gave up on a listening socket."""
+    s = fe.socket()
+    s.bind(_ADDRESS)
+    s.fileno()
+    readyfd = s._st.readyfd
+    assert readyfd is not None
+    user = readyfd.user
+    failing = readyfd.user = _UpdateFails(user, "setsockopt", errno.ENOBUFS)
+    try:
+        s.listen()
+        assert failing.tries >= 1
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        (said,) = _ready_warnings(log)
+        assert said.endswith(os.strerror(errno.ENOBUFS)), said
+        assert [r.getMessage() for r in _logged_failures(log, errno.ENOBUFS)] == [said]
+    finally:
+        readyfd.user = user
+        s.close()
+
+
+def test_a_timed_connect_that_connected_interrupted_anywhere_succeeds_once_more(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """A connect() with a timeout that the backend accepts, a Ctrl-C
+    landing anywhere in it: once the socket is connected (the answer
+    came), it is as after that connect() returned, the next connect()
+    succeeding once more (see connect()), then EISCONN.  Landing in the
+    last update of the descriptor, made before the socket was marked so,
+    left it connected with connect() saying EISCONN at once."""
+    within = os.path.dirname(_frontend.__file__)
+    socks: list[pvcalls.PVSocket] = []
+
+    def attempt(n: int) -> str:
+        socks[:] = [s := fe.socket()]
+        s.settimeout(TIMEOUT)
+        s.fileno()
+        return interrupted_at(n, within, functools.partial(s.connect, _ADDRESS))
+
+    def check(where: str) -> None:
+        (s,) = socks
+        try:
+            if s._peername is None or s._broken:
+                return  # the answer not in: good only for close()
+            assert s.getpeername() == _ADDRESS
+            try:
+                s.connect(_ADDRESS)
+            except OSError as exc:
+                raise AssertionError(f"connected, the next connect() said {exc!r}") from None
+            with pytest.raises(OSError) as info:
+                s.connect(_ADDRESS)
+            assert info.value.errno == errno.EISCONN
+        finally:
+            s.close()
+
+    _sweep(attempt, check, through=("_update_ready_or_log",))
