@@ -2342,12 +2342,31 @@ def test_a_failing_data_ring_handler_fails_nothing_else(
     s.close()
 
 
+#: The numbers _descriptor_closed() gave to /dev/null in a test: closed
+#: after it, unless it did (the socket's close() leaves alone a file that
+#: took its fileno()'s number).
+_NULLED: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_nulled() -> Iterator[None]:
+    yield
+    null = os.stat(os.devnull)
+    while _NULLED:
+        fd = _NULLED.pop()
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(fd), null):
+                os.close(fd)
+
+
 def _descriptor_closed(fd: int) -> None:
     """Close ``fd`` as a program that closed a socket's fileno() would,
-    with no file taking its number."""
+    with no file taking its number (/dev/null holds it, until the test
+    ends)."""
     readonly = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.dup2(readonly, fd)
+        _NULLED.append(fd)
     finally:
         os.close(readonly)
 
