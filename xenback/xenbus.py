@@ -1665,26 +1665,33 @@ class BackendDriver:
                 f"stop() from a callback of {type(self).__name__} would wait for "
                 f"itself: call it from another thread"
             )
-        with self._lock:
-            # Another thread's stop() under way: when this one returns, the
-            # driver must be stopped, so wait for it (in slices, for a
-            # signal's handler: see wait_slice), then finish what it left.
-            while self._stop_running:
-                self._stop_done.wait(wait_slice(None))
-            if self._xs is None:
-                return
-            self._stopping = True
-            self._stop_running = True
+        # Ours to clear: set with _stop_running, in one statement (no call
+        # between them), and inside the try, whose finally clears it.  Set
+        # before it, a Ctrl-C as the lock was let go of left the driver
+        # saying a stop() was under way, and every later one waited for it.
+        running = False
         try:
+            with self._lock:
+                # Another thread's stop() under way: when this one returns,
+                # the driver must be stopped, so wait for it (in slices,
+                # for a signal's handler: see wait_slice), then finish what
+                # it left.
+                while self._stop_running:
+                    self._stop_done.wait(wait_slice(None))
+                if self._xs is None:
+                    return
+                self._stopping = True
+                self._stop_running = running = True
             # Interrupted in a wait for a device's queue or the workqueue
             # (Ctrl-C in the main thread), it leaves the driver started: a
             # later stop() must still be able to release the devices,
             # threads and XenStore connection.  Every step can be done again.
             self._stop()
         finally:
-            with self._lock:
-                self._stop_running = False
-                self._stop_done.notify_all()
+            if running:
+                with self._lock:
+                    self._stop_running = False
+                    self._stop_done.notify_all()
 
     def _stop(self, *, started: bool = True) -> None:
         """Undo what start() did, or (not ``started``) what it got to do

@@ -4508,6 +4508,37 @@ def test_a_driver_dispatcher_interrupted_in_its_making_is_kept_for_stop(host) ->
     assert any("BackendDriver.events" in where for where in landed), landed
 
 
+@pytest.mark.timeout(300)
+def test_a_stop_interrupted_anywhere_is_finished_by_the_next(host) -> None:
+    """A Ctrl-C landing as any call of stop() returns: one as stop()
+    let go of the driver's lock, having said that a stop() was under way,
+    left it saying so, and every later stop() waited for it for ever.
+    The next stop() finishes the job, and the domain's lock is free."""
+    import os
+
+    from tests.stolensignal import interrupted_at
+    from xenback.hostlock import HostLock
+
+    within = os.path.dirname(xenbus.__file__)
+    landed: list[str] = []
+    for n in itertools.count():
+        drv = RecordingDriver(host.dom0)
+        drv.start()
+        try:
+            where = interrupted_at(n, within, drv.stop)
+        finally:
+            _stop_returns(drv)
+        assert drv._xs is None, f"interrupted {where}: still started"
+        try:
+            HostLock.for_domain(host.dom0, "xenback-xbtest").close()
+        except RuntimeError as exc:
+            raise AssertionError(f"interrupted {where}: {exc}") from exc
+        if not where:
+            break
+        landed.append(where)
+    assert any("BackendDriver._stop" in where for where in landed), landed
+
+
 def test_a_driver_domain_s_transaction_quota_full_for_a_moment_stalls_nothing(
         host, dom0_xs, frontends, monkeypatch) -> None:
     """cxenstored lets a driver domain hold 10 transactions open at once,
