@@ -303,9 +303,10 @@ class _MissingNode(FileNotFoundError, ValueError):
 
 
 class _Stopped(RuntimeError):
-    """The driver's dispatcher or grant handle, asked for once stop() took
-    them to close them (see BackendDriver._handles_closed): a device's map
-    or bind then raises ENODEV, as for the drop that stop() made."""
+    """The driver's dispatcher or grant handle, asked for once stop()
+    closed them, or when there was none to close (see
+    BackendDriver._handles_closed): a device's map or bind then raises
+    ENODEV, as for the drop that stop() made."""
 
 
 def _name(fn: Callable[..., object]) -> str:
@@ -1139,7 +1140,7 @@ class BackendDevice:
 
     def _handle(self, get: Callable[[], _T]) -> _T:
         """The driver's dispatcher or grant handle, ``get()``, for a map or
-        bind; ENODEV once stop() took them to close them: it drops the
+        bind; ENODEV once stop() closed them (see _Stopped): it drops the
         device, and one made for us after would outlive it, a
         dispatcher's thread running for ever."""
         try:
@@ -1381,8 +1382,9 @@ class BackendDriver:
         self._host_lock: HostLock | None = None
         self._events: EventDispatcher | None = None
         self._gnttab: GrantTable | None = None
-        # Set as _stop() takes the two above to close them, until start():
-        # none is made meanwhile (_Stopped), for nobody would close it.
+        # Set as _stop() goes to close the two above, until start(): none
+        # is made meanwhile (_Stopped), for nobody would close it.  (Those
+        # there stay until closed: see _stop.)
         self._handles_closed = False
         # _lock guards _devices, _stopping, _domain_gone, _xs_lost,
         # _stop_running, _handles_closed and the lazy creation of the
@@ -1711,15 +1713,19 @@ class BackendDriver:
             dev.events.close(wait=True)
         with self._lock:
             leftovers = list(self._devices.values())
-            events, self._events = self._events, None
-            gnttab, self._gnttab = self._gnttab, None
             self._handles_closed = True
         for dev in leftovers:  # their queue was closed before the drop ran
             self._drop(dev)
-        if events is not None:
-            events.close()
-        if gnttab is not None:
-            gnttab.close()
+        # Forgotten only once closed (close() may be done again): taken
+        # off first, a Ctrl-C before their close() lost them to the next
+        # stop(), the dispatcher's thread running for ever.  Nobody else
+        # sets them now (see _handles_closed), nor runs this meanwhile.
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        if self._gnttab is not None:
+            self._gnttab.close()
+            self._gnttab = None
         if self._own_workqueue and self._workqueue is not None:
             # Not destroy(): the stop() after an interrupted one may find
             # it destroyed already, and a second destroy() raises then;

@@ -4513,7 +4513,12 @@ def test_a_stop_interrupted_anywhere_is_finished_by_the_next(host) -> None:
     """A Ctrl-C landing as any call of stop() returns: one as stop()
     let go of the driver's lock, having said that a stop() was under way,
     left it saying so, and every later stop() waited for it for ever.
-    The next stop() finishes the job, and the domain's lock is free."""
+    One that landed once stop() had taken the driver's dispatcher and
+    grant handle off it to close them, and before it had (as the lock
+    was let go of, or between the two closes), lost them to the next
+    stop(): the dispatcher's thread ran for ever, the handle stayed open.
+    The next stop() finishes the job: no thread left, the handle closed,
+    and the domain's lock free."""
     import os
 
     from tests.stolensignal import interrupted_at
@@ -4522,13 +4527,18 @@ def test_a_stop_interrupted_anywhere_is_finished_by_the_next(host) -> None:
     within = os.path.dirname(xenbus.__file__)
     landed: list[str] = []
     for n in itertools.count():
+        before = {t.ident for t in threading.enumerate()}
         drv = RecordingDriver(host.dom0)
         drv.start()
         try:
+            gnttab = drv.gnttab
+            assert_dispatches(drv.events, "before stop()")
             where = interrupted_at(n, within, drv.stop)
         finally:
             _stop_returns(drv)
         assert drv._xs is None, f"interrupted {where}: still started"
+        assert not leaked_threads(before), f"interrupted {where}: {leaked_threads(before)}"
+        assert gnttab._closed, f"interrupted {where}: the grant handle is open"
         try:
             HostLock.for_domain(host.dom0, "xenback-xbtest").close()
         except RuntimeError as exc:
