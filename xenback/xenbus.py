@@ -448,7 +448,8 @@ class BackendDevice:
         # Closing it reads back, the toolstack's removal as well (see
         # _switch).  Set before the commit: one that failed may have gone
         # all the same (a Ctrl-C as it returned), and its Closing is taken
-        # as ours.  Cleared after a later switch's commit.
+        # as ours.  Cleared by a later switch to another state, after its
+        # transaction wrote it or found it there.
         self._closing_ours = False
         # Rule: held by each switch of this device (_switch) from the start
         # of its transaction to its setting of ``state`` and _closing_ours,
@@ -682,7 +683,10 @@ class BackendDevice:
                     why.append(stale)
                 return None
             self.state = XenbusState.CLOSING if removing else state
-            if written and state != XenbusState.CLOSING:
+            # Not only once written: one that finds its state there (done
+            # again after a Ctrl-C as its commit returned, say) found our
+            # Closing gone as well.
+            if written is not None and state != XenbusState.CLOSING and not removing:
                 self._closing_ours = False
         if written is not None:
             # From now on the state tells a new device's directory.

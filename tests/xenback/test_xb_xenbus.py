@@ -6536,6 +6536,54 @@ def test_a_closing_of_ours_between_a_switch_and_its_clearing_stays_ours(
         assert not [r for r in caplog.records if r.exc_info is not None]
 
 
+def test_a_switch_retried_after_a_ctrl_c_as_it_committed_forgets_our_closing(
+        host, dom0_xs, frontends, monkeypatch, caplog) -> None:
+    """After our own Closing, a switch to InitWait commits, and a Ctrl-C
+    lands as its transaction returns; done again, it finds InitWait
+    there and writes nothing.  Our Closing is gone from XenStore all the
+    same: the retry must forget it, or, with ``online`` taken, the
+    toolstack's removal that follows is taken for ours, and a frontend
+    starting over is served over it (see
+    test_a_frontend_starting_over_during_a_removal_read_back_with_online_taken_is_not_served)."""
+    from tests.stolensignal import Interrupted
+
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
+        online, state = f"{bdev.nodename}/online", f"{bdev.nodename}/state"
+        dom0_xs.set_perms(online, ["n0"])
+        base = f"/local/domain/{drvdom.domid}/data"
+        assert bdev.fatal(errno.EIO, "driver failed") is True
+        fe.wait_backend(S.CLOSING)
+        handed_over(drv.xenstore, "closing", base=base)
+        bdev.events.flush()
+        transaction = drv.xenstore.transaction
+
+        def interrupted(fn: Callable[[Transaction], Any], **kwargs: Any) -> Any:
+            monkeypatch.undo()  # once
+            transaction(fn, **kwargs)
+            raise Interrupted  # as the call returns
+
+        monkeypatch.setattr(drv.xenstore, "transaction", interrupted)
+        with pytest.raises(Interrupted):
+            bdev.switch_state(S.INIT_WAIT)
+        assert dom0_xs.read(state) == str(int(S.INIT_WAIT))
+        assert bdev.switch_state(S.INIT_WAIT) is False  # there already
+        handed_over(drv.xenstore, "initwait", base=base)
+        bdev.events.flush()
+
+        def removed(t: Transaction) -> None:
+            t.write(online, "0")
+            t.write(state, str(int(S.CLOSING)))
+
+        dom0_xs.transaction(removed)
+        handed_over(drv.xenstore, "removed", base=base)
+        bdev.events.flush()
+        fe.set_state(S.INITIALISING)
+        handed_over(drv.xenstore, "over", base=base)
+        bdev.events.flush()
+        assert dom0_xs.read(state) in (str(int(S.CLOSING)), str(int(S.CLOSED)))
+        assert not [r for r in caplog.records if r.exc_info is not None]
+
+
 def test_a_switch_that_only_reads_and_commits_first_leaves_the_state_to_the_other(
         host, driver, frontends, dom0_xs) -> None:
     """fatal() on a driver's thread has made its Closing, not yet
