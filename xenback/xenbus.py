@@ -303,9 +303,10 @@ class _MissingNode(FileNotFoundError, ValueError):
 
 
 class _Stopped(RuntimeError):
-    """The driver's dispatcher or grant handle, asked for once stop() took
-    them to close them (see BackendDriver._handles_closed): a device's map
-    or bind then raises ENODEV, as for the drop that stop() made."""
+    """The driver's dispatcher or grant handle, asked for once stop()
+    closed them, or when there was none to close (see
+    BackendDriver._handles_closed): a device's map or bind then raises
+    ENODEV, as for the drop that stop() made."""
 
 
 def _name(fn: Callable[..., object]) -> str:
@@ -447,7 +448,8 @@ class BackendDevice:
         # Closing it reads back, the toolstack's removal as well (see
         # _switch).  Set before the commit: one that failed may have gone
         # all the same (a Ctrl-C as it returned), and its Closing is taken
-        # as ours.  Cleared after a later switch's commit.
+        # as ours.  Cleared by a later switch to another state, after its
+        # transaction wrote it or found it there.
         self._closing_ours = False
         # Rule: held by each switch of this device (_switch) from the start
         # of its transaction to its setting of ``state`` and _closing_ours,
@@ -681,7 +683,10 @@ class BackendDevice:
                     why.append(stale)
                 return None
             self.state = XenbusState.CLOSING if removing else state
-            if written and state != XenbusState.CLOSING:
+            # Not only once written: one that finds its state there (done
+            # again after a Ctrl-C as its commit returned, say) found our
+            # Closing gone as well.
+            if written is not None and state != XenbusState.CLOSING and not removing:
                 self._closing_ours = False
         if written is not None:
             # From now on the state tells a new device's directory.
@@ -1139,7 +1144,7 @@ class BackendDevice:
 
     def _handle(self, get: Callable[[], _T]) -> _T:
         """The driver's dispatcher or grant handle, ``get()``, for a map or
-        bind; ENODEV once stop() took them to close them: it drops the
+        bind; ENODEV once stop() closed them (see _Stopped): it drops the
         device, and one made for us after would outlive it, a
         dispatcher's thread running for ever."""
         try:
@@ -1381,8 +1386,9 @@ class BackendDriver:
         self._host_lock: HostLock | None = None
         self._events: EventDispatcher | None = None
         self._gnttab: GrantTable | None = None
-        # Set as _stop() takes the two above to close them, until start():
-        # none is made meanwhile (_Stopped), for nobody would close it.
+        # Set as _stop() goes to close the two above, until start(): none
+        # is made meanwhile (_Stopped), for nobody would close it.  (Those
+        # there stay until closed: see _stop.)
         self._handles_closed = False
         # _lock guards _devices, _stopping, _domain_gone, _xs_lost,
         # _stop_running, _handles_closed and the lazy creation of the
@@ -1665,26 +1671,33 @@ class BackendDriver:
                 f"stop() from a callback of {type(self).__name__} would wait for "
                 f"itself: call it from another thread"
             )
-        with self._lock:
-            # Another thread's stop() under way: when this one returns, the
-            # driver must be stopped, so wait for it (in slices, for a
-            # signal's handler: see wait_slice), then finish what it left.
-            while self._stop_running:
-                self._stop_done.wait(wait_slice(None))
-            if self._xs is None:
-                return
-            self._stopping = True
-            self._stop_running = True
+        # Ours to clear: set with _stop_running, in one statement (no call
+        # between them), and inside the try, whose finally clears it.  Set
+        # before it, a Ctrl-C as the lock was let go of left the driver
+        # saying a stop() was under way, and every later one waited for it.
+        running = False
         try:
+            with self._lock:
+                # Another thread's stop() under way: when this one returns,
+                # the driver must be stopped, so wait for it (in slices,
+                # for a signal's handler: see wait_slice), then finish what
+                # it left.
+                while self._stop_running:
+                    self._stop_done.wait(wait_slice(None))
+                if self._xs is None:
+                    return
+                self._stopping = True
+                self._stop_running = running = True
             # Interrupted in a wait for a device's queue or the workqueue
             # (Ctrl-C in the main thread), it leaves the driver started: a
             # later stop() must still be able to release the devices,
             # threads and XenStore connection.  Every step can be done again.
             self._stop()
         finally:
-            with self._lock:
-                self._stop_running = False
-                self._stop_done.notify_all()
+            if running:
+                with self._lock:
+                    self._stop_running = False
+                    self._stop_done.notify_all()
 
     def _stop(self, *, started: bool = True) -> None:
         """Undo what start() did, or (not ``started``) what it got to do
@@ -1704,15 +1717,19 @@ class BackendDriver:
             dev.events.close(wait=True)
         with self._lock:
             leftovers = list(self._devices.values())
-            events, self._events = self._events, None
-            gnttab, self._gnttab = self._gnttab, None
             self._handles_closed = True
         for dev in leftovers:  # their queue was closed before the drop ran
             self._drop(dev)
-        if events is not None:
-            events.close()
-        if gnttab is not None:
-            gnttab.close()
+        # Forgotten only once closed (close() may be done again): taken
+        # off first, a Ctrl-C before their close() lost them to the next
+        # stop(), the dispatcher's thread running for ever.  Nobody else
+        # sets them now (see _handles_closed), nor runs this meanwhile.
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        if self._gnttab is not None:
+            self._gnttab.close()
+            self._gnttab = None
         if self._own_workqueue and self._workqueue is not None:
             # Not destroy(): the stop() after an interrupted one may find
             # it destroyed already, and a second destroy() raises then;

@@ -4508,6 +4508,47 @@ def test_a_driver_dispatcher_interrupted_in_its_making_is_kept_for_stop(host) ->
     assert any("BackendDriver.events" in where for where in landed), landed
 
 
+@pytest.mark.timeout(300)
+def test_a_stop_interrupted_anywhere_is_finished_by_the_next(host) -> None:
+    """A Ctrl-C landing as any call of stop() returns: one as stop()
+    let go of the driver's lock, having said that a stop() was under way,
+    left it saying so, and every later stop() waited for it for ever.
+    One that landed once stop() had taken the driver's dispatcher and
+    grant handle off it to close them, and before it had (as the lock
+    was let go of, or between the two closes), lost them to the next
+    stop(): the dispatcher's thread ran for ever, the handle stayed open.
+    The next stop() finishes the job: no thread left, the handle closed,
+    and the domain's lock free."""
+    import os
+
+    from tests.stolensignal import interrupted_at
+    from xenback.hostlock import HostLock
+
+    within = os.path.dirname(xenbus.__file__)
+    landed: list[str] = []
+    for n in itertools.count():
+        before = {t.ident for t in threading.enumerate()}
+        drv = RecordingDriver(host.dom0)
+        drv.start()
+        try:
+            gnttab = drv.gnttab
+            assert_dispatches(drv.events, "before stop()")
+            where = interrupted_at(n, within, drv.stop)
+        finally:
+            _stop_returns(drv)
+        assert drv._xs is None, f"interrupted {where}: still started"
+        assert not leaked_threads(before), f"interrupted {where}: {leaked_threads(before)}"
+        assert gnttab._closed, f"interrupted {where}: the grant handle is open"
+        try:
+            HostLock.for_domain(host.dom0, "xenback-xbtest").close()
+        except RuntimeError as exc:
+            raise AssertionError(f"interrupted {where}: {exc}") from exc
+        if not where:
+            break
+        landed.append(where)
+    assert any("BackendDriver._stop" in where for where in landed), landed
+
+
 def test_a_driver_domain_s_transaction_quota_full_for_a_moment_stalls_nothing(
         host, dom0_xs, frontends, monkeypatch) -> None:
     """cxenstored lets a driver domain hold 10 transactions open at once,
@@ -6492,6 +6533,54 @@ def test_a_closing_of_ours_between_a_switch_and_its_clearing_stays_ours(
         fe.wait_backend(S.INIT_WAIT)
         bdev.events.flush()
         assert not bdev.gone
+        assert not [r for r in caplog.records if r.exc_info is not None]
+
+
+def test_a_switch_retried_after_a_ctrl_c_as_it_committed_forgets_our_closing(
+        host, dom0_xs, frontends, monkeypatch, caplog) -> None:
+    """After our own Closing, a switch to InitWait commits, and a Ctrl-C
+    lands as its transaction returns; done again, it finds InitWait
+    there and writes nothing.  Our Closing is gone from XenStore all the
+    same: the retry must forget it, or, with ``online`` taken, the
+    toolstack's removal that follows is taken for ours, and a frontend
+    starting over is served over it (see
+    test_a_frontend_starting_over_during_a_removal_read_back_with_online_taken_is_not_served)."""
+    from tests.stolensignal import Interrupted
+
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
+        online, state = f"{bdev.nodename}/online", f"{bdev.nodename}/state"
+        dom0_xs.set_perms(online, ["n0"])
+        base = f"/local/domain/{drvdom.domid}/data"
+        assert bdev.fatal(errno.EIO, "driver failed") is True
+        fe.wait_backend(S.CLOSING)
+        handed_over(drv.xenstore, "closing", base=base)
+        bdev.events.flush()
+        transaction = drv.xenstore.transaction
+
+        def interrupted(fn: Callable[[Transaction], Any], **kwargs: Any) -> Any:
+            monkeypatch.undo()  # once
+            transaction(fn, **kwargs)
+            raise Interrupted  # as the call returns
+
+        monkeypatch.setattr(drv.xenstore, "transaction", interrupted)
+        with pytest.raises(Interrupted):
+            bdev.switch_state(S.INIT_WAIT)
+        assert dom0_xs.read(state) == str(int(S.INIT_WAIT))
+        assert bdev.switch_state(S.INIT_WAIT) is False  # there already
+        handed_over(drv.xenstore, "initwait", base=base)
+        bdev.events.flush()
+
+        def removed(t: Transaction) -> None:
+            t.write(online, "0")
+            t.write(state, str(int(S.CLOSING)))
+
+        dom0_xs.transaction(removed)
+        handed_over(drv.xenstore, "removed", base=base)
+        bdev.events.flush()
+        fe.set_state(S.INITIALISING)
+        handed_over(drv.xenstore, "over", base=base)
+        bdev.events.flush()
+        assert dom0_xs.read(state) in (str(int(S.CLOSING)), str(int(S.CLOSED)))
         assert not [r for r in caplog.records if r.exc_info is not None]
 
 
