@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
+import logging.handlers
 import math
 import os
 import queue
@@ -1458,6 +1460,123 @@ def test_a_removal_failing_in_its_thread_fails_its_caller_once(
             with pytest.raises(RuntimeError, match="^a bug removing domain 3$"):
                 hv.stop()
         assert caplog.records == []
+    finally:
+        monkeypatch.undo()
+        hv.stop()
+
+
+class _EveryCallerMain(_ThreadingWith):
+    """The threading module as _hypervisor sees it, where whichever thread
+    calls is the main one: a test's thread stands for it, so that a wait
+    that never ends fails the test instead of hanging it."""
+
+    def __init__(self) -> None:
+        super().__init__(threading.Thread)
+
+    def main_thread(self) -> threading.Thread:
+        return threading.current_thread()
+
+
+def _with_refusals_unreported(hv: Hypervisor, domid: int) -> None:
+    """Make ``domid`` have a refusal its log was spared, reported as it goes."""
+    limit = hv._domains[domid].warnings
+    for _ in range(limit.burst + 1):
+        limit()
+
+
+@pytest.mark.parametrize("removal", ["stop", "failing remove_domain"])
+def test_a_removal_for_a_signal_handler_come_in_as_a_record_was_emitted_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        removal: str) -> None:
+    """A removal the main thread asks for, from a signal's handler (a host
+    closed on SIGTERM) come in while that thread emitted a record, a
+    handler's lock held, and what the removal logs: it ends, and its
+    records are emitted once, as if it had logged them there.  Its thread
+    logged them itself, waiting for ever for the lock its caller held, who
+    waited for ever for it."""
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+    if removal == "stop":
+        _with_refusals_unreported(hv, 3)
+        call, said, raised = hv.stop, "hypervisor: domain 3: 1 message suppressed", None
+    else:
+        def failing(self: Hypervisor, domid: int) -> NoReturn:
+            raise RuntimeError(f"a bug removing domain {domid}")
+
+        monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_domain", failing)
+        call, said = functools.partial(hv.remove_domain, 3), "hypervisor: failure removing domain 3"
+        raised = "a bug removing domain 3"
+    monkeypatch.setattr(_hypervisor, "threading", _EveryCallerMain())
+    # The test's own: a removal stuck in it (the bug) leaves the others be.
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+
+    def in_a_record() -> object:
+        with kept.lock:
+            return call()
+
+    ended = False
+    hv_logger.addHandler(kept)
+    try:
+        with caplog.at_level(logging.WARNING, logger=_hypervisor.__name__):
+            outcome = Attempt(in_a_record).result(
+                msg="the removal waits for the lock its caller holds, who waits for it")
+            ended = True
+        if raised is None:
+            assert outcome is None
+        else:
+            assert isinstance(outcome, RuntimeError) and str(outcome) == raised
+        assert [r.getMessage() for r in kept.buffer] == [said]
+    finally:
+        hv_logger.removeHandler(kept)
+        monkeypatch.undo()
+        if ended:
+            hv.stop()
+        else:
+            # Its lock is held for good by the caller stuck with hv's: at
+            # exit, logging would wait for it to flush the handler.
+            kept.lock = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("as_it_ends", [False, True], ids=["ends after", "ended before"])
+def test_a_removals_records_once_its_caller_was_interrupted_are_emitted_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        as_it_ends: bool) -> None:
+    """A Ctrl-C in stop()'s wait for the thread that removes the domains,
+    which logs, after the Ctrl-C or just before: its records are emitted,
+    once, nobody else being left to emit them."""
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+    _with_refusals_unreported(hv, 3)
+    left = threading.Event()
+    remove = _hypervisor.Hypervisor._remove_domain
+
+    def late(self: Hypervisor, domid: int) -> None:
+        left.wait(TIMEOUT)
+        remove(self, domid)
+
+    workers: list[threading.Thread] = []
+    monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_domain", late)
+    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(
+        threading.Thread, _left_waiting(workers, as_it_ends=as_it_ends)))
+    if as_it_ends:
+        left.set()
+    try:
+        with caplog.at_level(logging.WARNING, logger=_hypervisor.__name__):
+            with pytest.raises(Interrupted):
+                hv.stop()
+            left.set()
+            [worker] = workers
+            worker.join(TIMEOUT)
+            assert not worker.is_alive()
+        assert [r.getMessage() for r in caplog.records] == [
+            "hypervisor: domain 3: 1 message suppressed"]
     finally:
         monkeypatch.undo()
         hv.stop()

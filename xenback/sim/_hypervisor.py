@@ -73,6 +73,46 @@ from ._proto import (
 
 logger = logging.getLogger(__name__)
 
+
+class _HeldLogger(logging.Logger):
+    """The module's logger as a removal's thread sees it while the main
+    thread waits for it (see Hypervisor._uninterrupted): its records are
+    kept, for whichever of the two tells to emit.
+
+    Emitting takes the handlers' locks, and logging's own for a level not
+    asked about since the last change: a signal's handler that removes (a
+    host closed on SIGTERM) may have come in where the main thread held
+    one, waiting then for a thread that waits for it.  So nothing here
+    calls into logging past making a record, which takes no lock; levels
+    and filters are applied as the records are emitted."""
+
+    def __init__(self) -> None:
+        super().__init__(logger.name)
+        self.records: list[logging.LogRecord] = []
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802
+        return True
+
+    def handle(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def emit_held(self) -> None:
+        """Emit the records kept, as the module's logger would have."""
+        for record in self.records:
+            if logger.isEnabledFor(record.levelno):
+                logger.handle(record)
+
+
+# The logger of the calls a removal's thread makes: what it may reach
+# logs through _log(), which is that thread's _HeldLogger while it runs.
+_held = threading.local()
+
+
+def _log() -> logging.Logger:
+    held: logging.Logger = getattr(_held, "logger", logger)
+    return held
+
+
 #: Xen reserves the first grant refs for the toolstack (console, xenstore).
 GNTTAB_NR_RESERVED_ENTRIES = 8
 #: Grant entries a domain may have at once (Xen's default max_grant_frames
@@ -612,24 +652,33 @@ class Hypervisor:
         for good.  So the main thread runs it in a thread of its own, and
         waits: a Ctrl-C lands in the wait, and the work goes on without
         it, as the service thread's would.  With no thread to be had, it
-        is done here all the same.  Its failure is raised in the caller,
-        as if done there; logged once the caller has gone."""
+        is done here all the same.  What it logs is emitted, and its
+        failure raised, in the caller, as if done there; by its thread
+        once the caller has gone (see _HeldLogger)."""
         if threading.current_thread() is not threading.main_thread():
             work()
             return
-        # The first of the work's failure and its caller's leaving (None):
-        # whichever comes second tells, so that a failure is raised or
-        # logged, once, never lost for a caller gone (list.append() and
-        # += are atomic).
-        outcome: list[BaseException | None] = []
+        held = _HeldLogger()
+        failure: list[BaseException] = []
+        # In which order the work ended (True) and its caller left its wait
+        # (False): whichever comes second tells what the work said, once,
+        # never lost for a caller gone (list.append() and += are atomic).
+        ended: list[bool] = []
+
+        def told_late() -> None:
+            held.emit_held()
+            if failure:
+                logger.error("hypervisor: failure removing domains", exc_info=failure[0])
 
         def run() -> None:
+            _held.logger = held
             try:
                 work()
             except BaseException as e:
-                outcome.append(e)
-                if outcome[0] is None:
-                    logger.error("hypervisor: failure removing domains", exc_info=e)
+                failure.append(e)
+            ended.append(True)
+            if not ended[0]:
+                told_late()
 
         worker = threading.Thread(target=run, name=f"xenback-sim-removal:{self.run_dir}",
                                   daemon=True)
@@ -644,16 +693,14 @@ class Hypervisor:
             worker.join()
         except BaseException:
             # No call before the check (none can land in between).
-            outcome += [None]
+            ended += [False]
             self._removers_left += [worker]
-            failure = outcome[0]
-            if failure is not None:
-                logger.error("hypervisor: failure removing domains", exc_info=failure)
+            if ended[0]:
+                told_late()
             raise
-        if outcome:
-            failure = outcome[0]
-            assert failure is not None  # the caller is here
-            raise failure
+        held.emit_held()
+        if failure:
+            raise failure[0]
 
     def _run_removals(self) -> None:
         """remove_domain()'s requests (under _lock); a domain asked for
@@ -678,7 +725,7 @@ class Hypervisor:
                 self._remove_domain(domid)
         except Exception as e:
             # A bug: its caller hears of it, the others still go.
-            logger.exception("hypervisor: failure removing domain %d", domid)
+            _log().exception("hypervisor: failure removing domain %d", domid)
             future.set_exception(e)
         else:
             future.set_result(None)
@@ -835,7 +882,7 @@ class Hypervisor:
             self._selector.register(dom.listener, selectors.EVENT_READ, dom)
 
     def _warn_fds(self, what: str, *args: object) -> None:
-        self._fd_warnings.log(logger, logging.WARNING,
+        self._fd_warnings.log(_log(), logging.WARNING,
                               "hypervisor: out of descriptors: " + what, *args)
 
     def _receive(self, conn: _Conn) -> None:
@@ -917,8 +964,9 @@ class Hypervisor:
         except OSError as e:
             # A handle that does not take its messages is dropped; one that
             # is already gone (EPIPE) just has not been reaped yet.
-            log = logger.warning if isinstance(e, BlockingIOError) else logger.debug
-            log("hypervisor: dropping a handle of domain %d: %s", conn.domain.domid, e)
+            level = logging.WARNING if isinstance(e, BlockingIOError) else logging.DEBUG
+            _log().log(level, "hypervisor: dropping a handle of domain %d: %s",
+                       conn.domain.domid, e)
             conn.closed = True
             self._doomed.append(conn)
 
@@ -1042,7 +1090,7 @@ class Hypervisor:
         for conn in list(dom.conns):
             self._close_conn(conn)
         self._reap()
-        dom.warnings.close(logger)  # the count of refusals it was not warned of
+        dom.warnings.close(_log())  # the count of refusals it was not warned of
         # Unbound ports the domain allocated stay with their handles; those
         # handles were closed above, so nothing is left.
         assert not dom.ports, dom.ports
