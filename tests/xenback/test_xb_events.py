@@ -777,28 +777,40 @@ def test_a_bind_interrupted_anywhere_leaves_no_port_the_dispatcher_does_not_hold
     assert any(f"EventDispatcher.{which}" in where for where in landed), landed
 
 
+@pytest.mark.parametrize("call", ["unbind", "give-back"])
 def test_an_unbind_interrupted_anywhere_leaves_its_port_listed_if_and_only_if_bound(
-        host, pair) -> None:
-    """A Ctrl-C landing as any call of an unbind returns, or as any of its
-    frames starts: the port is still bound and listed (the unbind done
-    again unbinds it), or neither.  Unlisted before the handle's unbind,
-    one landing as the lookup returned left the port bound, known to no
-    caller, until the dispatcher's handle closed.  Not in the handle's
-    own frames: cut short there, its unbind may or may not have been
-    done, and the port is unlisted all the same (listed, an unbind done
-    again could take the number from its next owner)."""
+        host, pair, call: str) -> None:
+    """A Ctrl-C landing as any call of an unbind, or of the give-back of a
+    bind that a first Ctrl-C cut short, returns, or as any of its frames
+    starts: the port is still bound and listed (the unbind done again
+    unbinds it), or neither.  Unlisted by a call before the handle's
+    unbind, one landing as that call returned left the port bound, known
+    to no caller, until the dispatcher's handle closed.  Not in the
+    handle's own frames: cut short there, its unbind may or may not have
+    been done, and the port is unlisted all the same (listed, an unbind
+    done again could take the number from its next owner)."""
     from tests.stolensignal import interrupted_at
 
     guest, evtchn, dispatcher = pair
     within = os.path.dirname(events.__file__)
     baseline = host.hypervisor.stats()["ports"]
+
+    def callback(_port: int) -> None:
+        pass
+
+    def unbind(port: int) -> None:
+        if call == "unbind":
+            dispatcher.unbind(port)
+        else:
+            dispatcher._give_back([port], callback)
+
     landed = 0
     for n in itertools.count():
         remote = evtchn.bind_unbound_port(0)
-        port = dispatcher.bind_interdomain(guest.domid, remote, lambda _port: None)
+        port = dispatcher.bind_interdomain(guest.domid, remote, callback)
         # Not the handle's frames: the simulated host's, and the checks
         # of the platform module that it calls.
-        where = interrupted_at(n, within, lambda port=port: dispatcher.unbind(port),
+        where = interrupted_at(n, within, lambda port=port: unbind(port),
                                besides=(os.path.join(within, "sim"),
                                         os.path.join(within, "platform.py")))
         listed = dispatcher.ports
@@ -1748,40 +1760,3 @@ def test_unbind_of_a_port_that_only_equals_an_int_keeps_the_port(host, pair) -> 
     assert fired.acquire(timeout=TIMEOUT)  # still dispatched
     dispatcher.unbind(local)
     assert dispatcher.ports == []
-
-
-def test_a_bind_s_give_back_interrupted_anywhere_leaves_its_port_listed_if_and_only_if_bound(
-        host, pair) -> None:
-    """The give-back of a bind that a Ctrl-C cut short (a second Ctrl-C
-    landing in it as any of its calls returns, or as a frame starts):
-    the port is still bound and listed (close() or an unbind unbinds
-    it), or neither.  Unlisted by a call before the handle's unbind, one
-    landing as that call returned left the port bound, known to nobody,
-    until the dispatcher's handle closed, as unbind() did."""
-    from tests.stolensignal import interrupted_at
-
-    guest, evtchn, dispatcher = pair
-    within = os.path.dirname(events.__file__)
-    baseline = host.hypervisor.stats()["ports"]
-
-    def callback(_port: int) -> None:
-        pass
-
-    landed = 0
-    for n in itertools.count():
-        remote = evtchn.bind_unbound_port(0)
-        port = dispatcher.bind_interdomain(guest.domid, remote, callback)
-        where = interrupted_at(n, within, lambda port=port: dispatcher._give_back([port], callback),
-                               besides=(os.path.join(within, "sim"),
-                                        os.path.join(within, "platform.py")))
-        listed = dispatcher.ports
-        assert listed in ([], [port]), where
-        assert host.hypervisor.stats()["ports"] == baseline + 1 + len(listed), where
-        for port in listed:
-            dispatcher.unbind(port)
-        evtchn.unbind(remote)
-        assert host.hypervisor.stats()["ports"] == baseline, where
-        if not where:
-            break
-        landed += 1
-    assert landed >= 3
