@@ -812,17 +812,14 @@ class _Frontend:
         mappings: list[GrantMapping] = []
         ports: list[int] = []
         ring = None
-        # The callback the port is bound with, which its unbind names
-        # (see unbind_quietly).
-        self._port_callback = self._on_event
         try:
             mappings.extend(map(self.gnttab.map_grant_refs, (self.domid,), ([ring_ref],)))
             ring = BackRing(mappings[0].buffer[:PAGE_SIZE], SLOT_SIZE)
             ports.extend(map(self.dispatcher.bind_interdomain, (self.domid,), (remote_port,),
-                             (self._port_callback,)))
+                             (self._on_event,)))
         except BaseException:
             for port in ports:
-                unbind_quietly(self.dispatcher, port, self._port_callback)
+                unbind_quietly(self.dispatcher, port, self._on_event)
             if ring is not None:
                 ring.release()
             for mapping in mappings:
@@ -1336,7 +1333,7 @@ class _Frontend:
         # number may be another frontend's command port on the shared
         # dispatcher by the time a close() cut short is done again.
         if self._port_bound:
-            unbind_quietly(self.dispatcher, self.port, self._port_callback)
+            unbind_quietly(self.dispatcher, self.port, self._on_event)
             self._port_bound = False
         self._work.disable_sync()
         with self._lock:

@@ -326,12 +326,14 @@ def unbind_quietly(events: EventDispatcher, port: int, callback: PortCallback) -
     """Unbind ``port``, if it is still bound with ``callback``; a failure
     (unbound already, bound since by another, the dispatcher closed) is
     logged, not raised: the callers, a socket's or a frontend's, are
-    giving it up, with more to release.  They keep the number on record
-    until this is over: taken off first, a Ctrl-C as this started left
-    the port bound, known to nobody, until the dispatcher closed; kept
-    by one as this returned, the unbind done again leaves alone the
-    number bound since by another (see EventDispatcher.unbind, whose
-    handle's own frames keep a window of the first kind)."""
+    giving it up, with more to release.  ``callback``: the one bound, or
+    the same method of the same object made anew (EventDispatcher.unbind
+    knows it as such).  They keep the number on record until this is
+    over: taken off first, a Ctrl-C as this started left the port bound,
+    known to nobody, until the dispatcher closed; kept by one as this
+    returned, the unbind done again leaves alone the number bound since
+    by another (see EventDispatcher.unbind, whose handle's own frames
+    keep a window of the first kind)."""
     try:
         events.unbind(port, callback)
     except (OSError, KeyError, ValueError, RuntimeError):
@@ -404,9 +406,6 @@ class ActiveSocket(Work):
         self.host: socket.socket | None = None
         self.ring: DataRing | None = None
         self.port: int | None = None        # our local event channel port
-        # The callback our port is bound with, which its unbind names
-        # (see unbind_quietly).
-        self._port_callback = self._on_event
         # The dispatcher of our CPU's poller, with our port and host socket
         # (see pvcalls._poller); chosen when the ring is attached.
         self.events: EventDispatcher | None = None
@@ -494,14 +493,14 @@ class ActiveSocket(Work):
                       else backend._events_for_next_socket())
             try:
                 ports.extend(map(events.bind_interdomain, (fe.domid,), (remote_port,),
-                                 (self._port_callback,)))
+                                 (self._on_event,)))
             except (OSError, ValueError) as exc:
                 raise CommandError(_errno.EINVAL, f"cannot bind event channel {remote_port}: "
                                    f"{exc}") from None
         except BaseException:
             for port in ports:
                 assert events is not None, "bound through it"
-                unbind_quietly(events, port, self._port_callback)
+                unbind_quietly(events, port, self._on_event)
             for ring in rings:
                 ring.close()
             raise
@@ -1057,7 +1056,7 @@ class ActiveSocket(Work):
     def _unbind(self) -> None:
         # The record goes once the unbind is over (see unbind_quietly).
         if self.port is not None and self.events is not None:
-            unbind_quietly(self.events, self.port, self._port_callback)
+            unbind_quietly(self.events, self.port, self._on_event)
         self.port = None
 
     def _unplace(self) -> None:
