@@ -15,7 +15,7 @@ import struct
 import sys
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1868,6 +1868,25 @@ def test_a_release_cut_short_as_its_port_is_unbound_leaves_the_number_to_its_nex
     assert raw.unexpected == []
 
 
+def _running(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> Callable[[], bool]:
+    """Wrap ``owner``'s function ``name`` (a class's method, or a module's
+    function) and return whether a call of it is under way: a sweep's
+    ``unless``, so that it lands inside that call only."""
+    real = getattr(owner, name)
+    depth = 0
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal depth
+        depth += 1
+        try:
+            return real(*args, **kwargs)
+        finally:
+            depth -= 1
+
+    monkeypatch.setattr(owner, name, counted)
+    return lambda: depth > 0
+
+
 @pytest.mark.parametrize("code", [pvcalls, xenback], ids=["pvcalls", "xenback"])
 def test_a_release_cut_short_anywhere_in_its_unbinding_leaves_no_port_bound(
         raw: RawFrontend, backend: pvcalls.Backend, host: Any, echo_server: Any,
@@ -1883,18 +1902,7 @@ def test_a_release_cut_short_anywhere_in_its_unbinding_leaves_no_port_bound(
     fe = backend._frontends[(raw.guest.domid, 0)]
     within = os.path.dirname(code.__file__)
     besides = (os.path.join(within, "sim"), os.path.join(within, "platform.py"))
-    unbind = ActiveSocket._unbind
-    unbinding = False
-
-    def counted_unbind(self: ActiveSocket) -> None:
-        nonlocal unbinding
-        unbinding = True
-        try:
-            unbind(self)
-        finally:
-            unbinding = False
-
-    monkeypatch.setattr(ActiveSocket, "_unbind", counted_unbind)
+    unbinding = _running(monkeypatch, ActiveSocket, "_unbind")
     landed = 0
     for n in itertools.count():
         before = resources(backend, host)
@@ -1906,7 +1914,7 @@ def test_a_release_cut_short_anywhere_in_its_unbinding_leaves_no_port_bound(
         def call(request: Request = request, req: Any = req) -> None:
             assert _Frontend._release(fe, request, req) == 0
 
-        where = interrupted_at(n, within, call, lambda: not unbinding, besides=besides)
+        where = interrupted_at(n, within, call, lambda: not unbinding(), besides=besides)
         if where:
             assert sock_id in fe._sockets, where
             assert raw.release(sock_id).ret == 0, where
@@ -2026,24 +2034,13 @@ def test_a_frontend_s_close_cut_short_anywhere_in_its_unbinding_leaves_no_port_b
 
     within = os.path.dirname(code.__file__)
     besides = (os.path.join(within, "sim"), os.path.join(within, "platform.py"))
-    unbind = pvcalls._backend.unbind_quietly
-    unbinding = False
-
-    def counted_unbind(*args: Any) -> None:
-        nonlocal unbinding
-        unbinding = True
-        try:
-            unbind(*args)
-        finally:
-            unbinding = False
-
-    monkeypatch.setattr(pvcalls._backend, "unbind_quietly", counted_unbind)
+    unbinding = _running(monkeypatch, pvcalls._backend, "unbind_quietly")
     landed = 0
     for n in itertools.count():
         guest = make_frontend(f"guest{n}")
         fe = backend._frontends[(guest.guest.domid, 0)]
         port = fe.port
-        where = interrupted_at(n, within, fe.close, lambda: not unbinding, besides=besides)
+        where = interrupted_at(n, within, fe.close, lambda: not unbinding(), besides=besides)
         fe.close()
         assert port not in backend.dispatcher.ports, where
         assert guest.unexpected == []
@@ -2746,18 +2743,7 @@ def test_a_listen_whose_undo_is_cut_short_leaves_a_retry_watched(
 
     if first == "ctrl-c":
         monkeypatch.setattr(backend.dispatcher, "add_fd", cut_add_fd)
-    unregister = PassiveSocket._unregister
-    undoing = False
-
-    def counted_unregister(self: PassiveSocket) -> None:
-        nonlocal undoing
-        undoing = True
-        try:
-            unregister(self)
-        finally:
-            undoing = False
-
-    monkeypatch.setattr(PassiveSocket, "_unregister", counted_unregister)
+    undoing = _running(monkeypatch, PassiveSocket, "_unregister")
     landed = 0
     for n in itertools.count():
         sock_id, _ = raw.socket()
@@ -2787,7 +2773,7 @@ def test_a_listen_whose_undo_is_cut_short_leaves_a_retry_watched(
             finally:
                 cutting = False
 
-        where = interrupted_at(n, os.path.dirname(code.__file__), call, lambda: not undoing)
+        where = interrupted_at(n, os.path.dirname(code.__file__), call, lambda: not undoing())
         taken.close()
         assert where or len(failed) == 1
         assert passive.state is SockState.BOUND, where
