@@ -1696,14 +1696,12 @@ class PVSocket(Closing):
                     ring.notify()
                     total += sent
                     view = view[sent:]
-                    if self._st.readyfd is not None:
-                        try:
-                            self._update_ready()  # a full ring is not writable
-                        except OSError:
-                            # The bytes went: raised, the error told the
-                            # program they did not, and it sent them twice.
-                            # Every later update meets the error again.
-                            return total
+                    # A full ring is not writable.  The bytes went: raised,
+                    # the update's error told the program they did not,
+                    # and it sent them twice.  Every later update meets
+                    # the error again.
+                    if self._st.readyfd is not None and not self._update_ready_or_log():
+                        return total
                     if total >= want or not len(view):
                         return total
                     continue  # the backend may have made room meanwhile
@@ -1835,11 +1833,9 @@ class PVSocket(Closing):
                     # the backend no wake-up here.
                     if ring.in_was_full(cons):
                         ring.notify()
-                    try:
-                        self._update_ready()
-                    except OSError:
-                        # Off the ring: raised, the error lost the bytes
-                        # taken.  Every later update meets it again.
+                    # Off the ring: raised, the update's error lost the
+                    # bytes taken.  Every later update meets it again.
+                    if not self._update_ready_or_log():
                         return got
                     if got >= want:
                         return got
@@ -2421,18 +2417,20 @@ class PVSocket(Closing):
                 return
             fd.set(self._readable(), self._writable())
 
-    def _update_ready_or_log(self) -> None:
+    def _update_ready_or_log(self) -> bool:
         """:meth:`_update_ready` where its error is nobody's to raise (the
         event thread), or would say that a call failed which did what
-        it was to (connect()): logged, once for each socket and errno
-        (twice at worst, a Ctrl-C cutting the first short).  One that
-        fails for good (ENOBUFS: the kernel short of memory; EBADF: the
-        program closed the descriptor) fails again at every event, and
-        logged each time it filled the log.  Nothing is hidden: every
-        later update tries again, and a call that makes one raises what
-        it meets (fileno() does)."""
+        it was to (connect(), a recv() or send() that moved bytes):
+        logged, once for each socket and errno (twice at worst, a Ctrl-C
+        cutting the first short).  One that fails for good (ENOBUFS: the
+        kernel short of memory; EBADF: the program closed the descriptor)
+        fails again at every event, and logged each time it filled the
+        log.  Nothing is hidden: every later update tries again, and a
+        call that makes one raises what it meets (fileno() does).
+        Returns whether the update went through."""
         try:
             self._update_ready()
+            return True
         except OSError as exc:
             err = exc.errno
             told = True
@@ -2460,6 +2458,7 @@ class PVSocket(Closing):
                     with self._mutex:
                         self._ready_errors -= {err}
                 raise
+            return False
 
     def _repair_ready(self) -> None:
         """:meth:`_update_ready` in a handler that puts things back before

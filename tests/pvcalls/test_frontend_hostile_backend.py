@@ -5596,6 +5596,45 @@ def test_a_blocked_call_whose_readiness_update_fails_as_it_wakes_does_its_job(
             os.close(number)
 
 
+@pytest.mark.parametrize("call", ["recv", "send"])
+def test_a_call_whose_readiness_update_fails_after_its_bytes_logs_it_once(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, call: str) -> None:
+    """A recv() that takes bytes and leaves more (readable now: the
+    event that brought them went to nobody), or a send() that fills the
+    ring (writable no longer), brings the descriptor up to date, which
+    fails (ENOBUFS).  The call returns its bytes, as raising would lose
+    them, and the error is logged once, as every update's that is
+    nobody's to raise.  Before, it was dropped without a word: the
+    descriptor lied to a selector and nothing said why."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    s, ring = connected(fe, fake)
+    # Not fileno(), whose relay has the event thread take the events
+    # (and make the update that would fail in the call's stead).
+    readyfd = ReadyFd(into=s._st)
+    user, ours = readyfd.user, readyfd.ours
+    try:
+        if call == "send":
+            readyfd.user = failing = _UpdateFails(user, "setsockopt", errno.ENOBUFS)
+            assert s.send(bytes(ring.size)) == ring.size  # the fake reads none
+        else:
+            ring.produce(b"datamore")
+            st_ring = s._st.ring
+            assert st_ring is not None
+            wait_until(lambda: st_ring.in_available() == 8)
+            readyfd.ours = failing = _UpdateFails(ours, "send", errno.ENOBUFS)
+            assert s.recv(4) == b"data"
+        assert failing.tries == 1
+        (said,) = _ready_warnings(log)
+        assert said.endswith(os.strerror(errno.ENOBUFS)), said
+        assert [r.levelno for r in log.records if r.getMessage() == said] == [logging.WARNING]
+        if call == "recv":
+            assert s.recv(4) == b"more"  # nothing lost
+    finally:
+        readyfd.user, readyfd.ours = user, ours
+        s.close()
+
+
 def test_a_listen_whose_readiness_update_fails_says_it_listens(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
     """listen() on a socket whose fileno() was asked for makes the
