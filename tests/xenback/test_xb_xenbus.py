@@ -325,6 +325,35 @@ def test_a_removal_of_a_probed_device_is_answered_by_its_own_drop(
     assert not [r for r in caplog.records if "before it was probed" in r.getMessage()]
 
 
+def test_a_device_gone_from_the_list_was_said_removed(
+        host, driver, frontends, monkeypatch, caplog) -> None:
+    """The drop says a device removed (with the count of its lines
+    suppressed) while devices() still lists it: whoever sees it gone there
+    finds the line.  (Said after, a test that waited for the list read
+    the log before it.)"""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    pause = PauseAt.in_method(monkeypatch, type(driver), "_drop", 'logger.info("%s: removed"')
+
+    def follow() -> None:
+        fe.wait_backend(S.CLOSING)
+        fe.set_state(S.CLOSING)
+        fe.set_state(S.CLOSED)
+
+    follower = Attempt(follow)
+    removal = Attempt(lambda: host.toolstack.remove_device(dev, timeout=TIMEOUT))
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        listed = driver.devices()
+    finally:
+        pause.resume()
+    assert follower.result() is None and removal.result() is True
+    assert listed == [bdev]
+    driver.wait(lambda: driver.devices() == [])
+    assert f"{bdev.nodename}: removed" in [r.getMessage() for r in caplog.records]
+
+
 def test_connect_is_not_repeated_while_connected(host, driver, frontends) -> None:
     guest, dev, fe = connected(host, frontends)
     fe.set_state(S.CONNECTED)  # Initialised -> Connected on the frontend
