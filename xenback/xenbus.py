@@ -2561,12 +2561,14 @@ class BackendDriver:
         # A driver's own work item may have mapped or bound since the
         # disconnect above; from now on nothing can be added.
         dev.release_resources()
+        # The lines suppressed since the last report are counted in the log.
+        # Both lines before the device leaves devices(): whoever sees it
+        # gone there finds its removal said.
+        dev.ratelimit.close(logger)
+        logger.info("%s: removed", dev.nodename)
         with self._lock:
             if self._devices.get((dev.frontend_id, dev.devid)) is dev:
                 del self._devices[(dev.frontend_id, dev.devid)]
-        # The lines suppressed since the last report are counted in the log.
-        dev.ratelimit.close(logger)
-        logger.info("%s: removed", dev.nodename)
         # The toolstack may have made a new device at the same path while
         # this one was still known, and the new one's events went to this
         # one's queue: look again.  (The bus queue refuses once stopping;

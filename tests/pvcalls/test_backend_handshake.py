@@ -523,6 +523,7 @@ def test_a_bug_in_the_command_rings_work_fails_that_device_only(
     assert error == "5 work _Frontend._process_commands: RuntimeError: a bug"
     assert backend.stats().frontends == 1
     assert (sorted(bound_ports(backend)), len(backend.gnttab._live)) == held
+    front.dev.events.flush()  # fatal() logs its error line after writing Closing
     bugs = [r for r in caplog.records if not r.name.startswith("workqueue") and r.exc_info]
     assert len(bugs) == 1, [r.getMessage() for r in bugs]
     bystander.echo(by_ring, b"undisturbed")

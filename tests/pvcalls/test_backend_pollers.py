@@ -16,6 +16,7 @@ import pvcalls
 from pvcalls._poller import CpuPoller
 from pvcalls._socket import ActiveSocket
 from workqueue import Topology
+from workqueue._timer import add_timer
 from xenback.ratelimit import RateLimit
 
 WATCHDOG = 0.2
@@ -98,6 +99,13 @@ def test_an_idle_poller_is_no_lockup(
             assert runs.acquire(timeout=TIMEOUT)
     finally:
         backend.io_wq.remove_trace_hook(hook)
+    # A check that saw a run go on too long fired before that run ended, and
+    # logs on the timer thread once it has dropped the engine lock: maybe
+    # after the next run started.  Timers fire in deadline order on that one
+    # thread, so once one due now has fired, every such line is written.
+    checked = threading.Event()
+    add_timer(0, lambda arg: checked.set())
+    assert checked.wait(TIMEOUT), "the timer thread is stuck"
     assert not [r for r in caplog.records if "lockup" in r.getMessage()]
 
 

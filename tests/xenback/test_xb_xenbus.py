@@ -47,7 +47,7 @@ from workqueue import (
     alloc_ordered_workqueue,
     alloc_workqueue,
 )
-from xenback import RateLimit, XenbusState, XenStore, xenbus
+from xenback import BackendDriver, RateLimit, XenbusState, XenStore, xenbus
 from xenback import xenstore as xenstore_module
 from xenback.sim import SimHost
 from xenback.sim._xenstored import RawClient
@@ -323,6 +323,35 @@ def test_a_removal_of_a_probed_device_is_answered_by_its_own_drop(
     driver._bus.flush()  # the drop's look at the path, last
     assert at_remove == [S.CLOSED]
     assert not [r for r in caplog.records if "before it was probed" in r.getMessage()]
+
+
+def test_a_device_gone_from_the_list_was_said_removed(
+        host, driver, frontends, monkeypatch, caplog) -> None:
+    """The drop says a device removed (with the count of its lines
+    suppressed) while devices() still lists it: whoever sees it gone there
+    finds the line.  (Said after, a test that waited for the list read
+    the log before it.)"""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    pause = PauseAt.in_method(monkeypatch, type(driver), "_drop", 'logger.info("%s: removed"')
+
+    def follow() -> None:
+        fe.wait_backend(S.CLOSING)
+        fe.set_state(S.CLOSING)
+        fe.set_state(S.CLOSED)
+
+    follower = Attempt(follow)
+    removal = Attempt(lambda: host.toolstack.remove_device(dev, timeout=TIMEOUT))
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        listed = driver.devices()
+    finally:
+        pause.resume()
+    assert follower.result() is None and removal.result() is True
+    assert listed == [bdev]
+    driver.wait(lambda: driver.devices() == [])
+    assert f"{bdev.nodename}: removed" in [r.getMessage() for r in caplog.records]
 
 
 def test_connect_is_not_repeated_while_connected(host, driver, frontends) -> None:
@@ -1054,6 +1083,15 @@ def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING]
 
 
+def _failed_without_tracebacks(caplog: pytest.LogCaptureFixture, driver: BackendDriver,
+                               fe_id: int) -> list[str]:
+    """_no_tracebacks() once the device's queue is through with its failure:
+    fatal() logs the error line after writing Closing, which the frontend
+    may have seen first."""
+    backend_device(driver, fe_id).events.flush()
+    return _no_tracebacks(caplog)
+
+
 @pytest.mark.parametrize(
     "nodes, text",
     [
@@ -1079,7 +1117,7 @@ def test_non_ascii_from_the_frontend_is_reported_and_fatal(
             raw.write(f"{dev.frontend_path}/{key}", value)
     fe.wait_backend(S.CLOSING)
     assert error_node(dom0_xs, dev) == text.format(fe=guest.domid)
-    assert _no_tracebacks(caplog) == []
+    assert _failed_without_tracebacks(caplog, driver, guest.domid) == []
 
 
 def test_error_message_is_escaped_for_the_error_node(
@@ -1092,7 +1130,7 @@ def test_error_message_is_escaped_for_the_error_node(
     fe.publish()
     fe.wait_backend(S.CLOSING)
     assert error_node(dom0_xs, dev) == r"22 connecting: caf\xe9\nor\ttea"
-    assert _no_tracebacks(caplog) == []
+    assert _failed_without_tracebacks(caplog, driver, guest.domid) == []
 
 
 def test_an_errno_given_negative_as_in_the_kernel_is_written_positive(
@@ -2629,7 +2667,7 @@ def test_any_other_driver_exception_is_reported_as_eio(
     fe.wait_backend(S.CLOSING)
     assert error_node(dom0_xs, dev) == f"{errno.EIO} connecting: LookupError: no such queue"
     assert driver.calls_of(guest.domid) == ["probe", "connect", "disconnect"]
-    assert _no_tracebacks(caplog) == []
+    assert _failed_without_tracebacks(caplog, driver, guest.domid) == []
     fe.close()
     census.check()
 
@@ -3691,7 +3729,7 @@ def test_a_frontend_changed_that_raises_fails_the_device(
     fe.wait_backend(S.CLOSING)
     assert error_node(dom0_xs, dev) == (
         f"{errno.EIO} frontend state 3: LookupError: no queue for this frontend")
-    assert _no_tracebacks(caplog) == []
+    assert _failed_without_tracebacks(caplog, driver, guest.domid) == []
     fe.set_state(S.CLOSED)  # and the device still closes
     fe.wait_backend(S.CLOSED)
     assert driver.calls_of(guest.domid) == ["probe"]
