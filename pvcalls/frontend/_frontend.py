@@ -1718,7 +1718,7 @@ class Frontend(Closing):
         self._tell_room_waiters()
 
     @staticmethod
-    def _complete(fn: Callable[..., object], *args: Any) -> None:
+    def _complete(fn: Callable[..., None], *args: Any) -> None:
         """Event thread: ``fn(*args)``, one socket's part of an answer.  What
         it raises is that socket's (its fileno() descriptor closed by the
         program, say), not the command ring's: logged, and the answers

@@ -1633,11 +1633,11 @@ class PVSocket(Closing):
         sent.  In blocking mode all of it, waiting for room as often as
         needed, as a blocking TCP socket's send() does (fewer only if an
         error came after some went: the connection failed, the socket was
-        closed or the frontend died meanwhile, which the next call says,
-        or its fileno() descriptor could not be brought up to date, which
-        every later update says);
+        closed or the frontend died meanwhile, which the next call says);
         with a timeout, or non-blocking, as much as fits once there is
-        room."""
+        room.  A :meth:`fileno` descriptor that cannot be brought up to
+        date (the program closed it; ENOBUFS) is logged, as in
+        :meth:`connect`, and cuts no call short."""
         flags = _check_flags(flags, _SEND_FLAGS, "send")
         view = _send_view(data)
         timeout = self._call_timeout(flags)
@@ -1698,10 +1698,10 @@ class PVSocket(Closing):
                     view = view[sent:]
                     # A full ring is not writable.  The bytes went: raised,
                     # the update's error told the program they did not,
-                    # and it sent them twice.  Every later update meets
-                    # the error again.
-                    if self._st.readyfd is not None and not self._update_ready_or_log():
-                        return total
+                    # and it sent them twice.  Nor does it cut the call
+                    # short: it is the descriptor's, not the connection's.
+                    if self._st.readyfd is not None:
+                        self._update_ready_or_log()
                     if total >= want or not len(view):
                         return total
                     continue  # the backend may have made room meanwhile
@@ -1834,9 +1834,10 @@ class PVSocket(Closing):
                     if ring.in_was_full(cons):
                         ring.notify()
                     # Off the ring: raised, the update's error lost the
-                    # bytes taken.  Every later update meets it again.
-                    if not self._update_ready_or_log():
-                        return got
+                    # bytes taken.  Nor does it cut MSG_WAITALL short (see
+                    # _send).
+                    if self._st.readyfd is not None:
+                        self._update_ready_or_log()
                     if got >= want:
                         return got
                     continue  # MSG_WAITALL: more may have come meanwhile
@@ -2417,7 +2418,7 @@ class PVSocket(Closing):
                 return
             fd.set(self._readable(), self._writable())
 
-    def _update_ready_or_log(self) -> bool:
+    def _update_ready_or_log(self) -> None:
         """:meth:`_update_ready` where its error is nobody's to raise (the
         event thread), or would say that a call failed which did what
         it was to (connect(), a recv() or send() that moved bytes):
@@ -2426,11 +2427,9 @@ class PVSocket(Closing):
         kernel short of memory; EBADF: the program closed the descriptor)
         fails again at every event, and logged each time it filled the
         log.  Nothing is hidden: every later update tries again, and a
-        call that makes one raises what it meets (fileno() does).
-        Returns whether the update went through."""
+        call that makes one raises what it meets (fileno() does)."""
         try:
             self._update_ready()
-            return True
         except OSError as exc:
             err = exc.errno
             told = True
@@ -2458,7 +2457,6 @@ class PVSocket(Closing):
                     with self._mutex:
                         self._ready_errors -= {err}
                 raise
-            return False
 
     def _repair_ready(self) -> None:
         """:meth:`_update_ready` in a handler that puts things back before

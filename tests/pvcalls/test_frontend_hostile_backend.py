@@ -5635,6 +5635,54 @@ def test_a_call_whose_readiness_update_fails_after_its_bytes_logs_it_once(
         s.close()
 
 
+@pytest.mark.parametrize("call", ["recv", "send"])
+def test_a_call_whose_readiness_update_fails_after_its_bytes_goes_on(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, call: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recv() with MSG_WAITALL that takes part of what it waits for, or
+    a blocking send() that fills the ring with part of its bytes, brings
+    the descriptor up to date, which fails (ENOBUFS): the error is the
+    descriptor's, logged once, and the call goes on for the rest, as it
+    would have.  Before, it returned short, as if the connection had
+    failed: MSG_WAITALL gave half, and a send() whose every update
+    failed returned a ring-full at a time."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)  # the event wakes it: see above
+    s, ring = connected(fe, fake)
+    readyfd = ReadyFd(into=s._st)  # not fileno(): see above
+    user = readyfd.user
+    try:
+        if call == "send":
+            # Writable no longer, once the ring is full.
+            readyfd.user = failing = _UpdateFails(user, "setsockopt", errno.ENOBUFS)
+            going = Call(lambda: s.send(bytes(ring.size + 4)))
+        else:
+            ring.produce(b"data")
+            st_ring = s._st.ring
+            assert st_ring is not None
+            wait_until(lambda: st_ring.in_available() == 4)
+            s._update_ready()
+            assert readyfd.readable
+            # Readable no longer, once "data" is taken.
+            readyfd.user = failing = _UpdateFails(user, "recv", errno.ENOBUFS)
+            going = Call(lambda: s.recv(8, socket.MSG_WAITALL))
+        wait_until(lambda: sleeping_in_wait(s) or not going.alive())
+        if call == "send":
+            ring.put(OUT_CONS_OFFSET, ring.get(OUT_PROD_OFFSET))
+            ring.notify()
+        else:
+            ring.produce(b"more")
+        assert going.join().error is None, going.error
+        assert going.result == (ring.size + 4 if call == "send" else b"datamore")
+        assert failing.tries >= 1
+        (said,) = _ready_warnings(log)
+        assert said.endswith(os.strerror(errno.ENOBUFS)), said
+    finally:
+        readyfd.user = user
+        s.close()
+
+
 def test_a_listen_whose_readiness_update_fails_says_it_listens(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
     """listen() on a socket whose fileno() was asked for makes the
