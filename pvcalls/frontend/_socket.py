@@ -2209,7 +2209,15 @@ class PVSocket(Closing):
         # ACCEPT): they see _closed and leave with EBADF.
         with self._fe._lock:
             self._fe._cmd_cond.notify_all()
-        self._wake()
+        try:
+            self._wake()
+        except Exception as exc:
+            # Known to fail nowhere (an eventfd's write).  Raised, it kept
+            # the socket from its release, at this close() and every later
+            # one; a waiter it did not wake finds the socket closed at its
+            # re-check (see Deadline.recheck), and the release waits for it.
+            logger.warning("pvcalls frontend: %r: waking its waiters as it closes: %s",
+                           self, exc)
         # Readable and writable, closed, for a selector waiting on the
         # descriptor.  Its error is not close()'s, which released the
         # socket: ENOBUFS raised said it failed; EBADF (the program

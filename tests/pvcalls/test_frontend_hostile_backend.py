@@ -5541,6 +5541,39 @@ def test_a_close_whose_readiness_update_fails_releases_and_says_nothing(
     assert said.endswith(os.strerror(errno.ENOBUFS)), said
 
 
+def test_a_close_whose_wake_up_fails_releases_all_the_same(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() wakes the socket's waiters, which fails (an injected
+    OSError: writing a waiter's eventfd is known to fail nowhere): the
+    socket is released all the same, its descriptor closed, and close()
+    returns, the error logged; the waiter finds the socket closed at its
+    re-check (shortened here), and says EBADF.  Before, close() raised
+    the error with nothing released, and so did every close() after it:
+    the socket stayed in the backend until the frontend closed."""
+    monkeypatch.setattr(_common, "RECHECK", 0.05)
+    s, _ = connected(fe, fake)
+    s.fileno()
+    readyfd = s._st.readyfd
+    assert readyfd is not None
+    receiving = Call(lambda: s.recv(1))
+    wait_until(lambda: sleeping_in_wait(s))
+
+    def wake() -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(s, "_wake", wake)
+    fake.hold = {PVCALLS_RELEASE}
+    s.close()
+    assert s.closed and s not in fe.sockets()
+    assert readyfd.user.fileno() == -1 and readyfd.ours.fileno() == -1
+    fake.respond(fake.next_request(PVCALLS_RELEASE), 0)
+    assert receiving.oserror().errno == errno.EBADF
+    (said,) = [r for r in log.records if "injected" in r.getMessage()
+               or (r.exc_info is not None and "injected" in str(r.exc_info[1]))]
+    assert said.levelno == logging.WARNING
+
+
 @pytest.mark.parametrize("err", [errno.ENOBUFS, errno.EBADF])
 @pytest.mark.parametrize("call", ["recv", "send"])
 def test_a_blocked_call_whose_readiness_update_fails_as_it_wakes_does_its_job(
