@@ -1468,6 +1468,10 @@ class PVSocket(Closing):
         the requests on the wire are the same.  An ACCEPT still unanswered
         after that time (or left by a call that timed out) stays in flight
         for the next call, as on a timeout.
+
+        A :meth:`fileno` descriptor that cannot be brought up to date (the
+        program closed it; ENOBUFS) is logged, as in :meth:`connect`, and
+        keeps no connection from the caller.
         """
         deadline = Deadline(self._timeout)
         # Within the timeout, as socket.socket's: another thread may be
@@ -1514,10 +1518,11 @@ class PVSocket(Closing):
                     # fileno() needs a POLL in flight again, as after an
                     # ACCEPT that succeeded: without one, a selector's
                     # descriptor, once brought up to date, polled neither
-                    # way for good.
+                    # way for good.  The update's error is not the
+                    # refusal's (see below).
                     if self._armed:
                         self._arm_poll()
-                    self._update_ready()
+                    self._update_ready_or_log()
                 except BaseException:
                     # The refusal back, for the next accept() to report
                     # (its drop done): the POLL cut short goes out then.
@@ -1545,7 +1550,11 @@ class PVSocket(Closing):
             try:
                 if self._armed:
                     self._arm_poll()
-                self._update_ready()
+                # Logged, not raised: the connection is the caller's.
+                # Raised, it went back for the next accept(), whose update
+                # failed again (EBADF once the program closed the
+                # descriptor): every accept() failed, none handed it over.
+                self._update_ready_or_log()
             except BaseException:
                 new._offered = True
                 with self._mutex:
@@ -1578,7 +1587,9 @@ class PVSocket(Closing):
             with self._mutex:
                 self._poll_ready = False
                 self._accepting = took = True
-            self._update_ready()
+            # Its error, logged, does not keep the ACCEPT from going out
+            # (as the hand-over's: see accept()).
+            self._update_ready_or_log()
             new = self._fe._new_socket(offered=True, into=made)
             ring = self._fe._new_data_ring(new)
 
@@ -2616,9 +2627,11 @@ class PVSocket(Closing):
                             raise self._fe._gone()
                         continue
                 # Reported once; fileno() needs a POLL in flight again.
+                # The update's error, logged, is not the POLL's, which
+                # it replaced and put back for every accept() to meet.
                 if self._armed:
                     self._arm_poll()
-                self._update_ready()
+                self._update_ready_or_log()
             except BaseException:
                 if err:
                     with self._mutex:

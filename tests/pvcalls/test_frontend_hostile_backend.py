@@ -5743,6 +5743,49 @@ def test_a_listen_whose_readiness_update_fails_says_it_listens(
         s.close()
 
 
+@pytest.mark.parametrize("connection", ["pending", "answered"])
+def test_an_accept_whose_descriptor_was_closed_hands_the_connection_over(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, connection: str) -> None:
+    """A listener's fileno() polls readable, a POLL having said a
+    connection is pending (or its ACCEPT, left in flight by an accept()
+    that timed out, having been answered), and the program closes the
+    descriptor.  accept() takes the readiness (or the answer), which
+    would make the descriptor unreadable, and that update fails (EBADF):
+    accept() hands the connection over all the same, as connect(),
+    listen(), recv() and send() do what they are for, and the error is
+    logged, at debug level.  (socket.socket's accept() fails with EBADF
+    for good: its descriptor is the socket; this one only says readiness.)
+    Before, accept() raised EBADF at every call: after an ACCEPT answered,
+    it put the connection back each time for the next one to take."""
+    fake.hold = {PVCALLS_ACCEPT, PVCALLS_POLL}
+    if connection == "answered":
+        ls, req, _, offered = _accept_in_flight(fe, fake)
+        fd = ls.fileno()
+        fake.respond(req, 0)
+    else:
+        ls = _listener(fe)
+        fd = ls.fileno()
+        fake.respond(fake.next_request(PVCALLS_POLL), 0)
+        fake.hold = {PVCALLS_POLL}
+    assert select.select([fd], [], [], TIMEOUT)[0], "never readable"
+    _descriptor_closed(fd)
+    try:
+        accepted, _ = ls.accept()
+        if connection == "answered":
+            assert accepted is offered
+        assert accepted.getpeername() == ("0.0.0.0", 0)
+        accepted.close()
+        said = [m for m in _ready_warnings(log) if f"id={ls.id:#x}" in m]
+        assert said and said[0].endswith(os.strerror(errno.EBADF)), said
+        ls.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ls.accept()  # handed over once: its POLL is held
+    finally:
+        with pytest.raises(OSError) as info:
+            ls.close()  # the program's closing is said still, as socket.socket's
+        assert info.value.errno == errno.EBADF
+
+
 def test_a_timed_connect_that_connected_interrupted_anywhere_succeeds_once_more(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """A connect() with a timeout that the backend accepts, a Ctrl-C
