@@ -211,7 +211,12 @@ class ReadyFd:
     def close(self) -> None:
         """Close both ends; OSError EBADF, once ours is closed, if the
         program closed the one fileno() gave it.  That one is then left
-        alone: the file that took its number since is the program's."""
+        alone: the file that took its number since is the program's.
+        Closed already (a release cut short by a Ctrl-C, taken up again:
+        see Frontend._close_readyfd), it does nothing: ours is closed last,
+        whatever cut the close short once it started."""
+        if self.ours.fileno() == -1:
+            return
         mine = True
         try:
             try:

@@ -5520,6 +5520,7 @@ def test_a_readiness_update_failure_told_and_interrupted_anywhere_is_told_once(
     _sweep(attempt, check, through=("_update_ready_or_log",))
 
 
+
 def test_a_close_whose_readiness_update_fails_releases_and_says_nothing(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
     """close() makes the descriptor poll readable and writable, for a
@@ -5572,6 +5573,48 @@ def test_a_close_whose_wake_up_fails_releases_all_the_same(
     (said,) = [r for r in log.records if "injected" in r.getMessage()
                or (r.exc_info is not None and "injected" in str(r.exc_info[1]))]
     assert said.levelno == logging.WARNING
+
+
+@pytest.mark.parametrize("owner", ["close", "dropped"])
+def test_a_release_interrupted_anywhere_closes_the_readiness_pair(
+        fe: pvcalls.Frontend, fake: FakeBackend, owner: str) -> None:
+    """A Ctrl-C landing anywhere in the release of a socket whose
+    fileno() was asked for (its close(), or the release of one dropped
+    unclosed, which Frontend.close() makes in the main thread), then the
+    release taken up again: both ends of the readiness pair are closed,
+    and the second release says nothing (the program left the descriptor
+    alone).  Before, one landing between taking the pair out of the
+    socket's state and closing it (as the lock it was taken under was let
+    go of, or as ReadyFd.close started) left the pair to the collector, an
+    "unclosed socket" for each end, and open until then."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    within = os.path.dirname(_frontend.__file__)
+    made: list[tuple[pvcalls.PVSocket, ReadyFd]] = []
+
+    def release(s: pvcalls.PVSocket) -> None:
+        if owner == "close":
+            s.close()
+        else:
+            fe._release(s._st)
+
+    def attempt(n: int) -> str:
+        s, _ = connected(fe, fake)
+        s.fileno()
+        readyfd = s._st.readyfd
+        assert readyfd is not None
+        made[:] = [(s, readyfd)]
+        return interrupted_at(n, within, functools.partial(release, s))
+
+    def check(where: str) -> None:
+        s, readyfd = made[0]
+        release(s)
+        assert s._st.readyfd is None
+        assert readyfd.user.fileno() == -1 and readyfd.ours.fileno() == -1, "left open"
+        s.close()
+
+    landed = _sweep(attempt, check, through=("Frontend._release", "ReadyFd.close"))
+    assert landed
 
 
 @pytest.mark.parametrize("err", [errno.ENOBUFS, errno.EBADF])
