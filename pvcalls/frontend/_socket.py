@@ -15,6 +15,7 @@ import stat
 import struct
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -72,6 +73,15 @@ _INT = struct.Struct("=i")
 #: handshake's.  ENETUNREACH is the other way round (no route: at once,
 #: the common case; a router's ICMP net unreachable, rare): not counted.
 _HANDSHAKE_ERRORS = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH})
+
+#: How long a readiness update's error, once logged, stays unsaid when it
+#: comes back after an update that went through (see
+#: PVSocket._update_ready_or_log): an error that comes and goes at every
+#: event would log a line at each.
+_RETELL_AFTER = 60.0
+
+#: No error of a readiness update failing now: one object for every socket.
+_NO_ERRORS: frozenset[int | None] = frozenset()
 
 #: SOL_SOCKET options whose value every PV Calls socket has: plain ints,
 #: as the kernel's getsockopt() gives them, not the socket module's enums.
@@ -605,11 +615,12 @@ class PVSocket(Closing):
         # get the ACCEPT -EINTR from Linux's backend and ours).
         self._accepting = False
         self._armed = False  # fileno() asked for: keep a POLL in flight
-        # The errnos of failed updates of the descriptor logged so far, or
-        # being logged (under _cond; see _update_ready_or_log): the empty
-        # frozenset is one object, a set is made only for a socket whose
-        # update failed.
-        self._ready_errors: frozenset[int | None] = frozenset()
+        # The errnos of failed updates of the descriptor since the last
+        # that went through, and when each was last logged (under _cond;
+        # see _update_ready_or_log): _NO_ERRORS and None for a socket
+        # whose update never failed.
+        self._ready_errors = _NO_ERRORS
+        self._ready_told: dict[int | None, float] | None = None
         # A POLL or ACCEPT found no room on the command ring and would not
         # wait: not readable until the event thread says there is room.
         # Set by Frontend._want_room only, with the request to be told;
@@ -2446,41 +2457,73 @@ class PVSocket(Closing):
         """:meth:`_update_ready` where its error is nobody's to raise (the
         event thread), or would say that a call failed which did what
         it was to (connect(), a recv() or send() that moved bytes):
-        logged, once for each socket and errno (twice at worst, a Ctrl-C
-        cutting the first short).  One that fails for good (ENOBUFS: the
-        kernel short of memory; EBADF: the program closed the descriptor)
-        fails again at every event, and logged each time it filled the
-        log.  Nothing is hidden: every later update tries again, and a
-        call that makes one raises what it meets (fileno() does)."""
+        logged, once for each socket and errno for as long as it lasts
+        (twice at worst, a Ctrl-C cutting the first short).  One that
+        fails for good (ENOBUFS: the kernel short of memory; EBADF: the
+        program closed the descriptor) fails again at every event, and
+        logged each time it filled the log.  Once an update went through,
+        the error is gone, and said again if it comes back, but not within
+        :data:`_RETELL_AFTER` of the last time: an update that changes
+        nothing goes through, so an error of every other event would have
+        logged a line at each.  Nothing is hidden: every later update
+        tries again, and a call that makes one raises what it meets
+        (fileno() does)."""
         try:
             self._update_ready()
         except OSError as exc:
-            err = exc.errno
-            told = True
-            try:
-                with self._mutex:
-                    told = err in self._ready_errors
+            self._log_ready_error(exc)
+            return
+        if self._ready_errors:
+            # Read without the lock: a store racing it is a failure whose
+            # going away this misses, or one it takes for gone, which
+            # _RETELL_AFTER bounds.
+            with self._mutex:
+                self._ready_errors = _NO_ERRORS
+
+    def _log_ready_error(self, exc: OSError) -> None:
+        """:meth:`_update_ready_or_log`'s error ``exc``: logged unless it
+        fails still, or came back too soon."""
+        err = exc.errno
+        now = time.monotonic()
+        tell = False
+        last: float | None = None
+        try:
+            # Nothing is called under the lock: no signal's handler runs
+            # between what is read and what is stored.
+            with self._mutex:
+                if self._ready_told is None:
+                    self._ready_told = {}
+                told = self._ready_told
+                if err not in self._ready_errors:
                     self._ready_errors |= {err}
-                if not told:
-                    # EBADF is the program's doing, which its calls report.
-                    level = logging.DEBUG if err == errno.EBADF else logging.WARNING
-                    # Its text, not the exception: a record a handler
-                    # keeps would keep, by its traceback, the frames of
-                    # the call this runs in, and a recv()'s buffer with
-                    # them (exported, it could not be resized).
-                    logger.log(level, "pvcalls frontend: %r: its fileno() descriptor cannot "
-                               "be brought up to date (said once for each socket and "
-                               "error): %s", self, str(exc))
-            except BaseException:
-                # Cut short (a Ctrl-C in connect(), in the main thread, as
-                # the lock is let go of or in the logging): not told, for
-                # the next update to tell, by a store (no signal's handler
-                # runs in it).  Left told, the error was never said; put
-                # back, one said already is said twice.
-                if not told:
-                    with self._mutex:
-                        self._ready_errors -= {err}
-                raise
+                    last = told[err] if err in told else None
+                    tell = last is None or now - last >= _RETELL_AFTER
+                    if tell:
+                        told[err] = now
+            if tell:
+                # EBADF is the program's doing, which its calls report.
+                level = logging.DEBUG if err == errno.EBADF else logging.WARNING
+                # Its text, not the exception: a record a handler keeps
+                # would keep, by its traceback, the frames of the call
+                # this runs in, and a recv()'s buffer with them (exported,
+                # it could not be resized).
+                logger.log(level, "pvcalls frontend: %r: its fileno() descriptor cannot "
+                           "be brought up to date (said once for each socket and error "
+                           "while it lasts): %s", self, str(exc))
+        except BaseException:
+            # Cut short (a Ctrl-C in connect(), in the main thread, as the
+            # lock is let go of or in the logging): not told, for the next
+            # update to tell, by stores (no signal's handler runs in
+            # them).  Left told, the error was never said; put back, one
+            # said already is said twice.
+            if tell:
+                with self._mutex:
+                    self._ready_errors -= {err}
+                    if last is None:
+                        del told[err]
+                    else:
+                        told[err] = last
+            raise
 
     def _repair_ready(self) -> None:
         """:meth:`_update_ready` in a handler that puts things back before

@@ -5520,6 +5520,51 @@ def test_a_readiness_update_failure_told_and_interrupted_anywhere_is_told_once(
     _sweep(attempt, check, through=("_update_ready_or_log",))
 
 
+@pytest.mark.parametrize("later", ["an hour later", "flapping"])
+def test_a_readiness_update_error_that_comes_back_is_logged_again_at_most_so_often(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, later: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An update fails (ENOBUFS), fails again, goes through, then fails
+    again.  Failing still, it is said once; gone and come back, it is
+    said again, as an operator reading the log is to know it came back,
+    but no more often than _RETELL_AFTER (a minute: made 0 here, the
+    recurrence coming "an hour later"), as an error that comes and goes
+    at every event would fill the log.  Before, it was said once for the
+    life of the socket: ENOBUFS then, fine for an hour, ENOBUFS again,
+    and the log said nothing."""
+    from pvcalls.frontend import _socket as socket_module
+    from pvcalls.frontend._socket import ReadyFd
+
+    if later == "an hour later":
+        monkeypatch.setattr(socket_module, "_RETELL_AFTER", 0.0)
+    s, ring = connected(fe, fake)
+    readyfd = ReadyFd(into=s._st)  # not fileno(): see above
+    ours = readyfd.ours
+    st_ring = s._st.ring
+    assert st_ring is not None
+    # Readable, which the byte's send makes it, and which fails.
+    failing = readyfd.ours = _UpdateFails(ours, "send", errno.ENOBUFS)
+    try:
+        ring.produce(b"x")
+        wait_until(st_ring.in_pending)
+        s._update_ready_or_log()
+        s._update_ready_or_log()  # failing still
+        failing.err = 0
+        s._update_ready_or_log()  # gone: readable
+        assert readyfd.readable
+        assert s.recv(1) == b"x"  # unreadable again, which goes through
+        failing.err = errno.ENOBUFS
+        ring.produce(b"y")
+        wait_until(st_ring.in_pending)
+        s._update_ready_or_log()  # back
+        assert failing.tries == 3
+        said = _ready_warnings(log)
+        assert len(said) == (2 if later == "an hour later" else 1), said
+        assert all(m.endswith(os.strerror(errno.ENOBUFS)) for m in said), said
+    finally:
+        readyfd.ours = ours
+        s.close()
+
 
 def test_a_close_whose_readiness_update_fails_releases_and_says_nothing(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
