@@ -5487,6 +5487,51 @@ def test_a_polls_answer_whose_readiness_update_fails_is_logged_once(
         ls.close()
 
 
+def test_room_whose_readiness_update_fails_is_logged_once_and_tells_the_others(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """A listener whose accept() found no room on the command ring polls
+    unreadable with its connection pending (as _want_room leaves it); room
+    comes, and the event thread's _on_room makes the descriptor readable,
+    which fails (ENOBUFS): logged once, as every update of the event
+    thread's, and the other listener waiting for room is told all the
+    same.  (Raised, _tell_room_waiters logged it as a failure of the
+    frontend's, with its traceback, at every room.)"""
+    listeners = [_listener(fe), fe.socket()]
+    listeners[1].bind(("127.0.0.1", 4001))
+    listeners[1].listen()
+    fake.hold = {PVCALLS_POLL}
+    fds = [ls.fileno() for ls in listeners]
+    for _ in listeners:
+        fake.respond(fake.next_request(PVCALLS_POLL), 0)
+    for fd in fds:
+        assert select.select([fd], [], [], TIMEOUT)[0], "never readable"
+    first = listeners[0]._st.readyfd
+    assert first is not None
+    ours = first.ours
+    for ls in listeners:
+        with ls._mutex:
+            ls._no_room = True  # as _want_room leaves it, with no room
+        ls._update_ready()
+    assert not any(select.select(fds, [], [], 0)[0])
+    failing = first.ours = _UpdateFails(ours, "send", errno.ENOBUFS)
+    try:
+        for ls in listeners:
+            fe._poll_later(ls)  # the event thread tells them, as once there is room
+        assert select.select([fds[1]], [], [], TIMEOUT)[0], "the other never told"
+        wait_until(lambda: failing.tries >= 1 and not listeners[0]._no_room)
+        wait_until(lambda: bool(_ready_warnings(log) or log.messages(logging.ERROR)))
+        assert log.messages(logging.ERROR) == []
+        (said,) = _ready_warnings(log)
+        assert said.endswith(os.strerror(errno.ENOBUFS)), said
+        failing.err = 0
+        assert listeners[0].fileno() == fds[0]  # the next update makes it right
+        assert select.select([fds[0]], [], [], TIMEOUT)[0]
+    finally:
+        first.ours = ours
+        for ls in listeners:
+            ls.close()
+
+
 def test_a_readiness_update_failure_told_and_interrupted_anywhere_is_told_once(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
     """As above, the error told already: a Ctrl-C landing anywhere in
