@@ -182,6 +182,12 @@ as a TCP socket in its handshake), so that
 selectors loops and asyncio sleep while the peer is slow to read.  It is
 *not* the connection (one end of a Unix socket pair the socket keeps, shut
 down for writing); pass it only to ``select``/``poll``/``selectors``.
+A descriptor that cannot be brought up to date (the program closed it:
+EBADF; the kernel short of memory: ENOBUFS) fails none of the socket's
+calls that did their job: it is logged on the ``pvcalls.frontend``
+logger, once while it lasts (again if it comes back, at most once a
+minute), and :meth:`PVSocket.fileno` raises it, as ``close()`` does a
+descriptor the program closed.
 
 asyncio: on the default (selector) event loop a non-blocking socket works
 with ``loop.sock_connect`` (connect() fails with EINPROGRESS, the answer

@@ -52,7 +52,7 @@ from ._common import (
     timeout_value,
 )
 from ._ring import DataRing
-from ._socket import PVSocket, ReadyFd, SocketState
+from ._socket import PVSocket, SocketState
 
 if TYPE_CHECKING:
     from xenback.platform import EventChannel, GrantShare, SharedPages
@@ -1718,7 +1718,7 @@ class Frontend(Closing):
         self._tell_room_waiters()
 
     @staticmethod
-    def _complete(fn: Callable[..., object], *args: Any) -> None:
+    def _complete(fn: Callable[..., None], *args: Any) -> None:
         """Event thread: ``fn(*args)``, one socket's part of an answer.  What
         it raises is that socket's (its fileno() descriptor closed by the
         program, say), not the command ring's: logged, and the answers
@@ -1843,13 +1843,13 @@ class Frontend(Closing):
             # sent, and finished here.
             rel.settled = True
             interrupted = exc
-        fd: ReadyFd | None = None
         if sock is None:
             # Dropped: no call of the socket is left to wait out, and
             # nobody else can reach its state but another release.
             self._take(st, rel)
             self._drop_unsent(st)
-            fd, st.readyfd = st.readyfd, None
+            with self._lock:  # which another release may be at too
+                fd_error = self._close_readyfd(st)
         else:
             # The socket's own calls have seen _closed and left (or, a
             # CONNECT cut short by this RELEASE, gave its ring back): take
@@ -1873,16 +1873,8 @@ class Frontend(Closing):
             except (TimeoutError, BlockingIOError):
                 logger.warning("socket %#x: a call's lock is still held; its ring is not freed",
                                st.id)
-            with sock._mutex:
-                fd, st.readyfd = st.readyfd, None
-        fd_error: OSError | None = None
-        if fd is not None:
-            try:
-                fd.close()
-            except OSError as exc:
-                # The program closed the descriptor fileno() gave it: said
-                # once the rest is freed, as socket.socket's close() says it.
-                fd_error = exc
+            with sock._mutex:  # under which the event thread's updates use it
+                fd_error = self._close_readyfd(st)
         with self._lock:
             # Answered, or no answer is waited for (never sent, or given
             # up on by Frontend.close()): what rel holds is ours to free.
@@ -1902,6 +1894,29 @@ class Frontend(Closing):
             raise interrupted
         if fd_error is not None:
             raise fd_error
+
+    @staticmethod
+    def _close_readyfd(st: SocketState) -> OSError | None:
+        """Close the readiness pair of ``st``, if it has one (under a lock
+        that keeps whoever else may use it out).  Returns the EBADF of a
+        descriptor the program closed, for the release to raise once the
+        rest is freed, as socket.socket's close() says it.
+
+        Taken out of the state once closed, by a store: a Ctrl-C landing
+        anywhere before leaves it there for the next release to close
+        (ReadyFd.close may be taken again).  Taken out first, one landing
+        before the close (as the lock it was taken under was let go of,
+        or as ReadyFd.close started) left both ends to the collector."""
+        fd = st.readyfd
+        if fd is None:
+            return None
+        try:
+            fd.close()
+        except OSError as exc:
+            st.readyfd = None
+            return exc
+        st.readyfd = None
+        return None
 
     def _send_release(self, rel: _Release, slot: Slot) -> None:
         """Send ``rel``'s RELEASE (not waiting for the answer), claimed by

@@ -15,6 +15,7 @@ import stat
 import struct
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -72,6 +73,15 @@ _INT = struct.Struct("=i")
 #: handshake's.  ENETUNREACH is the other way round (no route: at once,
 #: the common case; a router's ICMP net unreachable, rare): not counted.
 _HANDSHAKE_ERRORS = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH})
+
+#: How long a readiness update's error, once logged, stays unsaid when it
+#: comes back after an update that went through (see
+#: PVSocket._update_ready_or_log): an error that comes and goes at every
+#: event would log a line at each.
+_RETELL_AFTER = 60.0
+
+#: No error of a readiness update failing now: one object for every socket.
+_NO_ERRORS: frozenset[int | None] = frozenset()
 
 #: SOL_SOCKET options whose value every PV Calls socket has: plain ints,
 #: as the kernel's getsockopt() gives them, not the socket module's enums.
@@ -211,7 +221,12 @@ class ReadyFd:
     def close(self) -> None:
         """Close both ends; OSError EBADF, once ours is closed, if the
         program closed the one fileno() gave it.  That one is then left
-        alone: the file that took its number since is the program's."""
+        alone: the file that took its number since is the program's.
+        Closed already (a release cut short by a Ctrl-C, taken up again:
+        see Frontend._close_readyfd), it does nothing: ours is closed last,
+        whatever cut the close short once it started."""
+        if self.ours.fileno() == -1:
+            return
         mine = True
         try:
             try:
@@ -600,11 +615,12 @@ class PVSocket(Closing):
         # get the ACCEPT -EINTR from Linux's backend and ours).
         self._accepting = False
         self._armed = False  # fileno() asked for: keep a POLL in flight
-        # The errnos of failed updates of the descriptor logged so far, or
-        # being logged (under _cond; see _update_ready_or_log): the empty
-        # frozenset is one object, a set is made only for a socket whose
-        # update failed.
-        self._ready_errors: frozenset[int | None] = frozenset()
+        # The errnos of failed updates of the descriptor since the last
+        # that went through, and when each was last logged (under _cond;
+        # see _update_ready_or_log): _NO_ERRORS and None for a socket
+        # whose update never failed.
+        self._ready_errors = _NO_ERRORS
+        self._ready_told: dict[int | None, float] | None = None
         # A POLL or ACCEPT found no room on the command ring and would not
         # wait: not readable until the event thread says there is room.
         # Set by Frontend._want_room only, with the request to be told;
@@ -1468,6 +1484,10 @@ class PVSocket(Closing):
         the requests on the wire are the same.  An ACCEPT still unanswered
         after that time (or left by a call that timed out) stays in flight
         for the next call, as on a timeout.
+
+        A :meth:`fileno` descriptor that cannot be brought up to date (the
+        program closed it; ENOBUFS) is logged, as in :meth:`connect`, and
+        keeps no connection from the caller.
         """
         deadline = Deadline(self._timeout)
         # Within the timeout, as socket.socket's: another thread may be
@@ -1514,10 +1534,11 @@ class PVSocket(Closing):
                     # fileno() needs a POLL in flight again, as after an
                     # ACCEPT that succeeded: without one, a selector's
                     # descriptor, once brought up to date, polled neither
-                    # way for good.
+                    # way for good.  The update's error is not the
+                    # refusal's (see below).
                     if self._armed:
                         self._arm_poll()
-                    self._update_ready()
+                    self._update_ready_or_log()
                 except BaseException:
                     # The refusal back, for the next accept() to report
                     # (its drop done): the POLL cut short goes out then.
@@ -1545,7 +1566,11 @@ class PVSocket(Closing):
             try:
                 if self._armed:
                     self._arm_poll()
-                self._update_ready()
+                # Logged, not raised: the connection is the caller's.
+                # Raised, it went back for the next accept(), whose update
+                # failed again (EBADF once the program closed the
+                # descriptor): every accept() failed, none handed it over.
+                self._update_ready_or_log()
             except BaseException:
                 new._offered = True
                 with self._mutex:
@@ -1578,7 +1603,9 @@ class PVSocket(Closing):
             with self._mutex:
                 self._poll_ready = False
                 self._accepting = took = True
-            self._update_ready()
+            # Its error, logged, does not keep the ACCEPT from going out
+            # (as the hand-over's: see accept()).
+            self._update_ready_or_log()
             new = self._fe._new_socket(offered=True, into=made)
             ring = self._fe._new_data_ring(new)
 
@@ -1633,11 +1660,11 @@ class PVSocket(Closing):
         sent.  In blocking mode all of it, waiting for room as often as
         needed, as a blocking TCP socket's send() does (fewer only if an
         error came after some went: the connection failed, the socket was
-        closed or the frontend died meanwhile, which the next call says,
-        or its fileno() descriptor could not be brought up to date, which
-        every later update says);
+        closed or the frontend died meanwhile, which the next call says);
         with a timeout, or non-blocking, as much as fits once there is
-        room."""
+        room.  A :meth:`fileno` descriptor that cannot be brought up to
+        date (the program closed it; ENOBUFS) is logged, as in
+        :meth:`connect`, and cuts no call short."""
         flags = _check_flags(flags, _SEND_FLAGS, "send")
         view = _send_view(data)
         timeout = self._call_timeout(flags)
@@ -1698,10 +1725,10 @@ class PVSocket(Closing):
                     view = view[sent:]
                     # A full ring is not writable.  The bytes went: raised,
                     # the update's error told the program they did not,
-                    # and it sent them twice.  Every later update meets
-                    # the error again.
-                    if self._st.readyfd is not None and not self._update_ready_or_log():
-                        return total
+                    # and it sent them twice.  Nor does it cut the call
+                    # short: it is the descriptor's, not the connection's.
+                    if self._st.readyfd is not None:
+                        self._update_ready_or_log()
                     if total >= want or not len(view):
                         return total
                     continue  # the backend may have made room meanwhile
@@ -1834,9 +1861,10 @@ class PVSocket(Closing):
                     if ring.in_was_full(cons):
                         ring.notify()
                     # Off the ring: raised, the update's error lost the
-                    # bytes taken.  Every later update meets it again.
-                    if not self._update_ready_or_log():
-                        return got
+                    # bytes taken.  Nor does it cut MSG_WAITALL short (see
+                    # _send).
+                    if self._st.readyfd is not None:
+                        self._update_ready_or_log()
                     if got >= want:
                         return got
                     continue  # MSG_WAITALL: more may have come meanwhile
@@ -2208,7 +2236,15 @@ class PVSocket(Closing):
         # ACCEPT): they see _closed and leave with EBADF.
         with self._fe._lock:
             self._fe._cmd_cond.notify_all()
-        self._wake()
+        try:
+            self._wake()
+        except Exception as exc:
+            # Known to fail nowhere (an eventfd's write).  Raised, it kept
+            # the socket from its release, at this close() and every later
+            # one; a waiter it did not wake finds the socket closed at its
+            # re-check (see Deadline.recheck), and the release waits for it.
+            logger.warning("pvcalls frontend: %r: waking its waiters as it closes: %s",
+                           self, exc)
         # Readable and writable, closed, for a selector waiting on the
         # descriptor.  Its error is not close()'s, which released the
         # socket: ENOBUFS raised said it failed; EBADF (the program
@@ -2417,48 +2453,77 @@ class PVSocket(Closing):
                 return
             fd.set(self._readable(), self._writable())
 
-    def _update_ready_or_log(self) -> bool:
+    def _update_ready_or_log(self) -> None:
         """:meth:`_update_ready` where its error is nobody's to raise (the
         event thread), or would say that a call failed which did what
         it was to (connect(), a recv() or send() that moved bytes):
-        logged, once for each socket and errno (twice at worst, a Ctrl-C
-        cutting the first short).  One that fails for good (ENOBUFS: the
-        kernel short of memory; EBADF: the program closed the descriptor)
-        fails again at every event, and logged each time it filled the
-        log.  Nothing is hidden: every later update tries again, and a
-        call that makes one raises what it meets (fileno() does).
-        Returns whether the update went through."""
+        logged, once for each socket and errno for as long as it lasts
+        (twice at worst, a Ctrl-C cutting the first short).  One that
+        fails for good (ENOBUFS: the kernel short of memory; EBADF: the
+        program closed the descriptor) fails again at every event, and
+        logged each time it filled the log.  Once an update went through,
+        the error is gone, and said again if it comes back, but not within
+        :data:`_RETELL_AFTER` of the last time: an update that changes
+        nothing goes through, so an error of every other event would have
+        logged a line at each.  Nothing is hidden: every later update
+        tries again, and a call that makes one raises what it meets
+        (fileno() does)."""
         try:
             self._update_ready()
-            return True
         except OSError as exc:
-            err = exc.errno
-            told = True
-            try:
-                with self._mutex:
-                    told = err in self._ready_errors
+            self._log_ready_error(exc)
+            return
+        if self._ready_errors:
+            # Read without the lock: a store racing it is a failure whose
+            # going away this misses, or one it takes for gone, which
+            # _RETELL_AFTER bounds.
+            with self._mutex:
+                self._ready_errors = _NO_ERRORS
+
+    def _log_ready_error(self, exc: OSError) -> None:
+        """:meth:`_update_ready_or_log`'s error ``exc``: logged unless it
+        fails still, or came back too soon."""
+        err = exc.errno
+        now = time.monotonic()
+        tell = False
+        last: float | None = None
+        try:
+            # Nothing is called under the lock: no signal's handler runs
+            # between what is read and what is stored.
+            with self._mutex:
+                if self._ready_told is None:
+                    self._ready_told = {}
+                told = self._ready_told
+                if err not in self._ready_errors:
                     self._ready_errors |= {err}
-                if not told:
-                    # EBADF is the program's doing, which its calls report.
-                    level = logging.DEBUG if err == errno.EBADF else logging.WARNING
-                    # Its text, not the exception: a record a handler
-                    # keeps would keep, by its traceback, the frames of
-                    # the call this runs in, and a recv()'s buffer with
-                    # them (exported, it could not be resized).
-                    logger.log(level, "pvcalls frontend: %r: its fileno() descriptor cannot "
-                               "be brought up to date (said once for each socket and "
-                               "error): %s", self, str(exc))
-            except BaseException:
-                # Cut short (a Ctrl-C in connect(), in the main thread, as
-                # the lock is let go of or in the logging): not told, for
-                # the next update to tell, by a store (no signal's handler
-                # runs in it).  Left told, the error was never said; put
-                # back, one said already is said twice.
-                if not told:
-                    with self._mutex:
-                        self._ready_errors -= {err}
-                raise
-            return False
+                    last = told[err] if err in told else None
+                    tell = last is None or now - last >= _RETELL_AFTER
+                    if tell:
+                        told[err] = now
+            if tell:
+                # EBADF is the program's doing, which its calls report.
+                level = logging.DEBUG if err == errno.EBADF else logging.WARNING
+                # Its text, not the exception: a record a handler keeps
+                # would keep, by its traceback, the frames of the call
+                # this runs in, and a recv()'s buffer with them (exported,
+                # it could not be resized).
+                logger.log(level, "pvcalls frontend: %r: its fileno() descriptor cannot "
+                           "be brought up to date (said once for each socket and error "
+                           "while it lasts): %s", self, str(exc))
+        except BaseException:
+            # Cut short (a Ctrl-C in connect(), in the main thread, as the
+            # lock is let go of or in the logging): not told, for the next
+            # update to tell, by stores (no signal's handler runs in
+            # them).  Left told, the error was never said; put back, one
+            # said already is said twice.
+            if tell:
+                with self._mutex:
+                    self._ready_errors -= {err}
+                    if last is None:
+                        del told[err]
+                    else:
+                        told[err] = last
+            raise
 
     def _repair_ready(self) -> None:
         """:meth:`_update_ready` in a handler that puts things back before
@@ -2610,9 +2675,11 @@ class PVSocket(Closing):
                             raise self._fe._gone()
                         continue
                 # Reported once; fileno() needs a POLL in flight again.
+                # The update's error, logged, is not the POLL's, which
+                # it replaced and put back for every accept() to meet.
                 if self._armed:
                     self._arm_poll()
-                self._update_ready()
+                self._update_ready_or_log()
             except BaseException:
                 if err:
                     with self._mutex:

@@ -5487,6 +5487,51 @@ def test_a_polls_answer_whose_readiness_update_fails_is_logged_once(
         ls.close()
 
 
+def test_room_whose_readiness_update_fails_is_logged_once_and_tells_the_others(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
+    """A listener whose accept() found no room on the command ring polls
+    unreadable with its connection pending (as _want_room leaves it); room
+    comes, and the event thread's _on_room makes the descriptor readable,
+    which fails (ENOBUFS): logged once, as every update of the event
+    thread's, and the other listener waiting for room is told all the
+    same.  (Raised, _tell_room_waiters logged it as a failure of the
+    frontend's, with its traceback, at every room.)"""
+    listeners = [_listener(fe), fe.socket()]
+    listeners[1].bind(("127.0.0.1", 4001))
+    listeners[1].listen()
+    fake.hold = {PVCALLS_POLL}
+    fds = [ls.fileno() for ls in listeners]
+    for _ in listeners:
+        fake.respond(fake.next_request(PVCALLS_POLL), 0)
+    for fd in fds:
+        assert select.select([fd], [], [], TIMEOUT)[0], "never readable"
+    first = listeners[0]._st.readyfd
+    assert first is not None
+    ours = first.ours
+    for ls in listeners:
+        with ls._mutex:
+            ls._no_room = True  # as _want_room leaves it, with no room
+        ls._update_ready()
+    assert not any(select.select(fds, [], [], 0)[0])
+    failing = first.ours = _UpdateFails(ours, "send", errno.ENOBUFS)
+    try:
+        for ls in listeners:
+            fe._poll_later(ls)  # the event thread tells them, as once there is room
+        assert select.select([fds[1]], [], [], TIMEOUT)[0], "the other never told"
+        wait_until(lambda: failing.tries >= 1 and not listeners[0]._no_room)
+        wait_until(lambda: bool(_ready_warnings(log) or log.messages(logging.ERROR)))
+        assert log.messages(logging.ERROR) == []
+        (said,) = _ready_warnings(log)
+        assert said.endswith(os.strerror(errno.ENOBUFS)), said
+        failing.err = 0
+        assert listeners[0].fileno() == fds[0]  # the next update makes it right
+        assert select.select([fds[0]], [], [], TIMEOUT)[0]
+    finally:
+        first.ours = ours
+        for ls in listeners:
+            ls.close()
+
+
 def test_a_readiness_update_failure_told_and_interrupted_anywhere_is_told_once(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
     """As above, the error told already: a Ctrl-C landing anywhere in
@@ -5520,6 +5565,52 @@ def test_a_readiness_update_failure_told_and_interrupted_anywhere_is_told_once(
     _sweep(attempt, check, through=("_update_ready_or_log",))
 
 
+@pytest.mark.parametrize("later", ["an hour later", "flapping"])
+def test_a_readiness_update_error_that_comes_back_is_logged_again_at_most_so_often(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, later: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An update fails (ENOBUFS), fails again, goes through, then fails
+    again.  Failing still, it is said once; gone and come back, it is
+    said again, as an operator reading the log is to know it came back,
+    but no more often than _RETELL_AFTER (a minute: made 0 here, the
+    recurrence coming "an hour later"), as an error that comes and goes
+    at every event would fill the log.  Before, it was said once for the
+    life of the socket: ENOBUFS then, fine for an hour, ENOBUFS again,
+    and the log said nothing."""
+    from pvcalls.frontend import _socket as socket_module
+    from pvcalls.frontend._socket import ReadyFd
+
+    if later == "an hour later":
+        monkeypatch.setattr(socket_module, "_RETELL_AFTER", 0.0)
+    s, ring = connected(fe, fake)
+    readyfd = ReadyFd(into=s._st)  # not fileno(): see above
+    ours = readyfd.ours
+    st_ring = s._st.ring
+    assert st_ring is not None
+    # Readable, which the byte's send makes it, and which fails.
+    failing = readyfd.ours = _UpdateFails(ours, "send", errno.ENOBUFS)
+    try:
+        ring.produce(b"x")
+        wait_until(st_ring.in_pending)
+        s._update_ready_or_log()
+        s._update_ready_or_log()  # failing still
+        failing.err = 0
+        s._update_ready_or_log()  # gone: readable
+        assert readyfd.readable
+        assert s.recv(1) == b"x"  # unreadable again, which goes through
+        failing.err = errno.ENOBUFS
+        ring.produce(b"y")
+        wait_until(st_ring.in_pending)
+        s._update_ready_or_log()  # back
+        assert failing.tries == 3
+        said = _ready_warnings(log)
+        assert len(said) == (2 if later == "an hour later" else 1), said
+        assert all(m.endswith(os.strerror(errno.ENOBUFS)) for m in said), said
+    finally:
+        readyfd.ours = ours
+        s.close()
+
+
 def test_a_close_whose_readiness_update_fails_releases_and_says_nothing(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
     """close() makes the descriptor poll readable and writable, for a
@@ -5539,6 +5630,81 @@ def test_a_close_whose_readiness_update_fails_releases_and_says_nothing(
     assert readyfd.user.fileno() == -1 and failing.fileno() == -1
     (said,) = _ready_warnings(log)
     assert said.endswith(os.strerror(errno.ENOBUFS)), said
+
+
+def test_a_close_whose_wake_up_fails_releases_all_the_same(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() wakes the socket's waiters, which fails (an injected
+    OSError: writing a waiter's eventfd is known to fail nowhere): the
+    socket is released all the same, its descriptor closed, and close()
+    returns, the error logged; the waiter finds the socket closed at its
+    re-check (shortened here), and says EBADF.  Before, close() raised
+    the error with nothing released, and so did every close() after it:
+    the socket stayed in the backend until the frontend closed."""
+    monkeypatch.setattr(_common, "RECHECK", 0.05)
+    s, _ = connected(fe, fake)
+    s.fileno()
+    readyfd = s._st.readyfd
+    assert readyfd is not None
+    receiving = Call(lambda: s.recv(1))
+    wait_until(lambda: sleeping_in_wait(s))
+
+    def wake() -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(s, "_wake", wake)
+    fake.hold = {PVCALLS_RELEASE}
+    s.close()
+    assert s.closed and s not in fe.sockets()
+    assert readyfd.user.fileno() == -1 and readyfd.ours.fileno() == -1
+    fake.respond(fake.next_request(PVCALLS_RELEASE), 0)
+    assert receiving.oserror().errno == errno.EBADF
+    (said,) = [r for r in log.records if "injected" in r.getMessage()
+               or (r.exc_info is not None and "injected" in str(r.exc_info[1]))]
+    assert said.levelno == logging.WARNING
+
+
+@pytest.mark.parametrize("owner", ["close", "dropped"])
+def test_a_release_interrupted_anywhere_closes_the_readiness_pair(
+        fe: pvcalls.Frontend, fake: FakeBackend, owner: str) -> None:
+    """A Ctrl-C landing anywhere in the release of a socket whose
+    fileno() was asked for (its close(), or the release of one dropped
+    unclosed, which Frontend.close() makes in the main thread), then the
+    release taken up again: both ends of the readiness pair are closed,
+    and the second release says nothing (the program left the descriptor
+    alone).  Before, one landing between taking the pair out of the
+    socket's state and closing it (as the lock it was taken under was let
+    go of, or as ReadyFd.close started) left the pair to the collector, an
+    "unclosed socket" for each end, and open until then."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    within = os.path.dirname(_frontend.__file__)
+    made: list[tuple[pvcalls.PVSocket, ReadyFd]] = []
+
+    def release(s: pvcalls.PVSocket) -> None:
+        if owner == "close":
+            s.close()
+        else:
+            fe._release(s._st)
+
+    def attempt(n: int) -> str:
+        s, _ = connected(fe, fake)
+        s.fileno()
+        readyfd = s._st.readyfd
+        assert readyfd is not None
+        made[:] = [(s, readyfd)]
+        return interrupted_at(n, within, functools.partial(release, s))
+
+    def check(where: str) -> None:
+        s, readyfd = made[0]
+        release(s)
+        assert s._st.readyfd is None
+        assert readyfd.user.fileno() == -1 and readyfd.ours.fileno() == -1, "left open"
+        s.close()
+
+    landed = _sweep(attempt, check, through=("Frontend._release", "ReadyFd.close"))
+    assert landed
 
 
 @pytest.mark.parametrize("err", [errno.ENOBUFS, errno.EBADF])
@@ -5635,6 +5801,54 @@ def test_a_call_whose_readiness_update_fails_after_its_bytes_logs_it_once(
         s.close()
 
 
+@pytest.mark.parametrize("call", ["recv", "send"])
+def test_a_call_whose_readiness_update_fails_after_its_bytes_goes_on(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, call: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recv() with MSG_WAITALL that takes part of what it waits for, or
+    a blocking send() that fills the ring with part of its bytes, brings
+    the descriptor up to date, which fails (ENOBUFS): the error is the
+    descriptor's, logged once, and the call goes on for the rest, as it
+    would have.  Before, it returned short, as if the connection had
+    failed: MSG_WAITALL gave half, and a send() whose every update
+    failed returned a ring-full at a time."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)  # the event wakes it: see above
+    s, ring = connected(fe, fake)
+    readyfd = ReadyFd(into=s._st)  # not fileno(): see above
+    user = readyfd.user
+    try:
+        if call == "send":
+            # Writable no longer, once the ring is full.
+            readyfd.user = failing = _UpdateFails(user, "setsockopt", errno.ENOBUFS)
+            going = Call(lambda: s.send(bytes(ring.size + 4)))
+        else:
+            ring.produce(b"data")
+            st_ring = s._st.ring
+            assert st_ring is not None
+            wait_until(lambda: st_ring.in_available() == 4)
+            s._update_ready()
+            assert readyfd.readable
+            # Readable no longer, once "data" is taken.
+            readyfd.user = failing = _UpdateFails(user, "recv", errno.ENOBUFS)
+            going = Call(lambda: s.recv(8, socket.MSG_WAITALL))
+        wait_until(lambda: sleeping_in_wait(s) or not going.alive())
+        if call == "send":
+            ring.put(OUT_CONS_OFFSET, ring.get(OUT_PROD_OFFSET))
+            ring.notify()
+        else:
+            ring.produce(b"more")
+        assert going.join().error is None, going.error
+        assert going.result == (ring.size + 4 if call == "send" else b"datamore")
+        assert failing.tries >= 1
+        (said,) = _ready_warnings(log)
+        assert said.endswith(os.strerror(errno.ENOBUFS)), said
+    finally:
+        readyfd.user = user
+        s.close()
+
+
 def test_a_listen_whose_readiness_update_fails_says_it_listens(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
     """listen() on a socket whose fileno() was asked for makes the
@@ -5660,6 +5874,49 @@ def test_a_listen_whose_readiness_update_fails_says_it_listens(
     finally:
         readyfd.user = user
         s.close()
+
+
+@pytest.mark.parametrize("connection", ["pending", "answered"])
+def test_an_accept_whose_descriptor_was_closed_hands_the_connection_over(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, connection: str) -> None:
+    """A listener's fileno() polls readable, a POLL having said a
+    connection is pending (or its ACCEPT, left in flight by an accept()
+    that timed out, having been answered), and the program closes the
+    descriptor.  accept() takes the readiness (or the answer), which
+    would make the descriptor unreadable, and that update fails (EBADF):
+    accept() hands the connection over all the same, as connect(),
+    listen(), recv() and send() do what they are for, and the error is
+    logged, at debug level.  (socket.socket's accept() fails with EBADF
+    for good: its descriptor is the socket; this one only says readiness.)
+    Before, accept() raised EBADF at every call: after an ACCEPT answered,
+    it put the connection back each time for the next one to take."""
+    fake.hold = {PVCALLS_ACCEPT, PVCALLS_POLL}
+    if connection == "answered":
+        ls, req, _, offered = _accept_in_flight(fe, fake)
+        fd = ls.fileno()
+        fake.respond(req, 0)
+    else:
+        ls = _listener(fe)
+        fd = ls.fileno()
+        fake.respond(fake.next_request(PVCALLS_POLL), 0)
+        fake.hold = {PVCALLS_POLL}
+    assert select.select([fd], [], [], TIMEOUT)[0], "never readable"
+    _descriptor_closed(fd)
+    try:
+        accepted, _ = ls.accept()
+        if connection == "answered":
+            assert accepted is offered
+        assert accepted.getpeername() == ("0.0.0.0", 0)
+        accepted.close()
+        said = [m for m in _ready_warnings(log) if f"id={ls.id:#x}" in m]
+        assert said and said[0].endswith(os.strerror(errno.EBADF)), said
+        ls.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ls.accept()  # handed over once: its POLL is held
+    finally:
+        with pytest.raises(OSError) as info:
+            ls.close()  # the program's closing is said still, as socket.socket's
+        assert info.value.errno == errno.EBADF
 
 
 def test_a_timed_connect_that_connected_interrupted_anywhere_succeeds_once_more(
