@@ -446,10 +446,11 @@ class BackendDevice:
         # wrote was Closing (or an earlier backend left it, see
         # _take_over).  Not self.state, which _backend_changed sets to a
         # Closing it reads back, the toolstack's removal as well (see
-        # _switch).  Set before the commit: one that failed may have gone
-        # all the same (a Ctrl-C as it returned), and its Closing is taken
-        # as ours.  Cleared by a later switch to another state, after its
-        # transaction wrote it or found it there.
+        # _switch).  Set before the commit: one cut short by a Ctrl-C may
+        # have gone all the same (as it returned), and its Closing is
+        # taken as ours; one that raised an error did not go, and leaves
+        # it as it was.  Cleared by a later switch to another state, after
+        # its transaction wrote it or found it there.
         self._closing_ours = False
         # Rule: held by each switch of this device (_switch) from the start
         # of its transaction to its setting of ``state`` and _closing_ours,
@@ -677,7 +678,17 @@ class BackendDevice:
             return True
 
         with self._switch_lock:
-            written = self.xenstore.transaction(tx)
+            ours = self._closing_ours
+            try:
+                written = self.xenstore.transaction(tx)
+            except Exception:
+                # Nothing committed: the transaction was aborted (EAGAIN to
+                # the last attempt, a write or commit refused, ENOSPC).  The
+                # Closing tx set ours is not there, and a Closing read back
+                # later, the toolstack's, must not be taken for it.  (A
+                # connection lost as the commit went leaves nothing to tell.)
+                self._closing_ours = ours
+                raise
             if stale is not None:
                 if why is not None:
                     why.append(stale)

@@ -6584,6 +6584,55 @@ def test_a_switch_retried_after_a_ctrl_c_as_it_committed_forgets_our_closing(
         assert not [r for r in caplog.records if r.exc_info is not None]
 
 
+@pytest.mark.parametrize("err", [errno.EAGAIN, errno.ENOSPC], ids=["conflicts", "quota"])
+def test_a_closing_whose_commit_failed_is_not_taken_for_ours(
+        host, dom0_xs, frontends, monkeypatch, caplog, err: int) -> None:
+    """A driver's thread switches to Closing and its transaction fails
+    (EAGAIN to the last attempt, a write refused for a quota): nothing
+    committed, the frontend still Connected.  Then the toolstack, which
+    took ``online``, asks for removal, and the frontend starts over
+    (Initialising) instead of closing: the Closing there is the
+    toolstack's, and the InitWait must not replace it (see
+    test_a_frontend_starting_over_during_a_removal_read_back_with_online_taken_is_not_served).
+    The failed switch had marked a Closing of ours as it made it, and
+    left the mark: the removal was taken for our Closing, the InitWait
+    written over it, and the toolstack left waiting for Closed."""
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
+        online, state = f"{bdev.nodename}/online", f"{bdev.nodename}/state"
+        base = f"/local/domain/{drvdom.domid}/data"
+        dom0_xs.set_perms(online, ["n0"])
+        transaction = drv.xenstore.transaction
+
+        def failing(fn: Callable[[Transaction], Any], **kwargs: Any) -> Any:
+            def then_refused(t: Transaction) -> Any:
+                fn(t)
+                raise OSError(err, os.strerror(err))
+
+            return transaction(then_refused, attempts=1)
+
+        monkeypatch.setattr(drv.xenstore, "transaction", failing)
+        with pytest.raises(OSError) as raised:
+            bdev.switch_state(S.CLOSING)
+        assert raised.value.errno == err
+        monkeypatch.undo()
+        assert dom0_xs.read(state) == str(int(S.CONNECTED))
+
+        def removed(t: Transaction) -> None:
+            t.write(online, "0")
+            t.write(state, str(int(S.CLOSING)))
+
+        dom0_xs.transaction(removed)
+        handed_over(drv.xenstore, "removed", base=base)
+        bdev.events.flush()
+        assert not bdev.gone  # its frontend, connected, is to close it
+        fe.set_state(S.INITIALISING)
+        handed_over(drv.xenstore, "over", base=base)
+        bdev.events.flush()
+        assert dom0_xs.read(state) != str(int(S.INIT_WAIT))
+        assert bdev.gone and drv.devices() == []
+        assert not [r for r in caplog.records if r.exc_info is not None]
+
+
 def test_a_switch_that_only_reads_and_commits_first_leaves_the_state_to_the_other(
         host, driver, frontends, dom0_xs) -> None:
     """fatal() on a driver's thread has made its Closing, not yet
