@@ -450,7 +450,8 @@ class BackendDevice:
         # have gone all the same (as it returned), and its Closing is
         # taken as ours; one that raised an error did not go, and leaves
         # it as it was.  Cleared by a later switch to another state, after
-        # its transaction wrote it or found it there.
+        # its transaction wrote it or found it there, and by a read-back
+        # of another state (after one cut short as it committed that).
         self._closing_ours = False
         # Rule: held by each switch of this device (_switch) from the start
         # of its transaction to its setting of ``state`` and _closing_ours,
@@ -2288,6 +2289,11 @@ class BackendDriver:
                 try:
                     with dev._switch_lock:  # see there
                         dev.state = XenbusState.parse(dev.read("state"))
+                        if dev.state != XenbusState.CLOSING:
+                            # Our Closing, if any, is gone: a switch that
+                            # replaced it and was cut short (a Ctrl-C as
+                            # it committed) did not say so.
+                            dev._closing_ours = False
                 except ValueError:
                     pass
                 # Removal by the toolstack: online=0 and state=Closing

@@ -6633,6 +6633,56 @@ def test_a_closing_whose_commit_failed_is_not_taken_for_ours(
         assert not [r for r in caplog.records if r.exc_info is not None]
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("start, target", [(S.CONNECTED, S.CLOSING), (S.CLOSING, S.CONNECTED)],
+                         ids=["to-closing", "from-closing"])
+def test_a_switch_interrupted_anywhere(host, driver, frontends, dom0_xs, start: S,
+                                       target: S) -> None:
+    """A Ctrl-C landing at any place of a driver's switch_state() in the
+    main thread.  Its lock is free afterwards, and once our directory's
+    events are read back the device's state is XenStore's, and a
+    Closing there is ours; one gone from there is no longer ours: cut
+    short as it committed our Closing's replacement, the switch left
+    the mark, and the toolstack's removal that came next, with ``online``
+    taken, would be taken for our Closing (see
+    test_a_switch_retried_after_a_ctrl_c_as_it_committed_forgets_our_closing).
+    One cut short before it committed Closing may leave it marked ours,
+    as one that may have gone.  The switch done again works."""
+    import os
+
+    from tests.stolensignal import interrupted_at
+
+    within = os.path.dirname(xenbus.__file__)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    state = f"{bdev.nodename}/state"
+    landed: list[str] = []
+    for n in itertools.count():
+        bdev.switch_state(start)
+        handed_over(driver.xenstore, f"start-{n}")
+        bdev.events.flush()
+        where = interrupted_at(n, within, lambda: bdev.switch_state(target),
+                               besides=os.path.join(within, "sim"))
+        assert not bdev._switch_lock.locked(), f"interrupted {where}: the lock is held"
+        handed_over(driver.xenstore, f"interrupted-{n}")
+        bdev.events.flush()
+        now = S(int(dom0_xs.read(state)))
+        assert now in (start, target), f"interrupted {where}: {now!r}"
+        assert bdev.state == now, f"interrupted {where}: {bdev.state!r} for {now!r}"
+        if now == S.CLOSING:
+            assert bdev._closing_ours, f"interrupted {where}: our Closing is not ours"
+        elif now == target:
+            assert not bdev._closing_ours, f"interrupted {where}: {now!r} is ours"
+        assert bdev.switch_state(target) is (now != target), f"interrupted {where}"
+        assert bdev.state == target and dom0_xs.read(state) == str(int(target))
+        assert bdev._closing_ours is (target == S.CLOSING), f"interrupted {where}"
+        if not where:
+            break
+        landed.append(where)
+    assert any("BackendDevice._switch" in where for where in landed), landed
+    assert not bdev.gone
+
+
 def test_a_switch_that_only_reads_and_commits_first_leaves_the_state_to_the_other(
         host, driver, frontends, dom0_xs) -> None:
     """fatal() on a driver's thread has made its Closing, not yet
