@@ -403,6 +403,43 @@ def test_releasing_what_the_framework_released_already(host, driver, frontends) 
     census.check()
 
 
+@pytest.mark.parametrize("forgotten", [True, False], ids=["forgotten", "closed"])
+def test_a_port_unbound_as_stop_closes_the_dispatcher_is_unbound_quietly(
+        host, driver, frontends, forgotten: bool) -> None:
+    """A driver's own thread unbinds its port, and stop() drops the
+    device and closes the dispatcher (which unbinds every port) between
+    the port's leaving the device and its unbind: once the dispatcher
+    is forgotten, or only closed.  The port is unbound, as asked: the
+    unbind raised the RuntimeError of a driver stopped, or the KeyError
+    of a port the closed dispatcher no longer held, as if the driver
+    had unbound a port it did not hold."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    (port,) = bdev._ports
+    unbinding = PauseAt(xenbus.BackendDevice.unbind_evtchn, "self.driver.events")
+    closing = PauseAt(xenbus.BackendDriver._stop, "self._events = None")
+    stopping = None
+    unbind = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(port)))
+    try:
+        assert unbinding.reached.wait(TIMEOUT)
+        if forgotten:
+            driver.stop()
+        else:
+            stopping = Attempt(lambda: closing.run(driver.stop))
+            assert closing.reached.wait(TIMEOUT)
+    finally:
+        unbinding.resume()
+    try:
+        assert unbind.result() is None
+    finally:
+        closing.resume()
+    if stopping is not None:
+        assert stopping.result() is None
+    assert bdev.gone and bdev.resources == (0, 0)
+    assert _ports(host) == 1  # the frontend's own
+    fe.close()
+
+
 def _closes_without_error(dom0_xs, driver, guest, dev, fe) -> None:
     """The frontend closes ``dev``: the backend follows to Closed, and
     writes no error node (a failed release is the driver's, not the
