@@ -466,7 +466,15 @@ class BackendDevice:
         # router thread answers them, and takes no device's lock) and
         # around nothing that waits for a device's queue or another thread:
         # what a switch meets (see BackendDriver._taken) at most queues a
-        # drop.
+        # drop.  Held across the transaction's start too, which waits up
+        # to TRANSACTION_QUOTA_WAIT while a driver domain's quota of them
+        # is full: a read-back waits as long then, on the device's queue,
+        # whose next work (a removal's Closed, a switch, connect()'s
+        # writes) needs a transaction too, and would wait as long for it.
+        # Taken after the start, the lock would serialise less than the
+        # commits: on a XenStore whose transactions read the store as it
+        # was when they began, a switch begun before another's commit
+        # could read the state that commit replaced.
         self._switch_lock = threading.Lock()
         # What probe() wrote through write_nodes(), from its start until
         # our first switch (None otherwise): until then the state cannot
