@@ -6671,12 +6671,15 @@ def test_a_closing_whose_commit_failed_is_not_taken_for_ours(
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("start, target", [(S.CONNECTED, S.CLOSING), (S.CLOSING, S.CONNECTED)],
-                         ids=["to-closing", "from-closing"])
+@pytest.mark.parametrize("start, target, fatal", [(S.CONNECTED, S.CLOSING, False),
+                                                   (S.CLOSING, S.CONNECTED, False),
+                                                   (S.CONNECTED, S.CLOSING, True)],
+                         ids=["to-closing", "from-closing", "fatal"])
 def test_a_switch_interrupted_anywhere(host, driver, frontends, dom0_xs, start: S,
-                                       target: S) -> None:
+                                       target: S, fatal: bool) -> None:
     """A Ctrl-C landing at any place of a driver's switch_state() in the
-    main thread.  Its lock is free afterwards, and once our directory's
+    main thread, or of its fatal() (the switch with the error node).
+    Its lock is free afterwards, and once our directory's
     events are read back the device's state is XenStore's, and a
     Closing there is ours; one gone from there is no longer ours: cut
     short as it committed our Closing's replacement, the switch left
@@ -6698,8 +6701,9 @@ def test_a_switch_interrupted_anywhere(host, driver, frontends, dom0_xs, start: 
         bdev.switch_state(start)
         handed_over(driver.xenstore, f"start-{n}")
         bdev.events.flush()
-        where = interrupted_at(n, within, lambda: bdev.switch_state(target),
-                               besides=os.path.join(within, "sim"))
+        switch = (functools.partial(bdev.fatal, errno.EIO, "driver failed") if fatal
+                  else functools.partial(bdev.switch_state, target))
+        where = interrupted_at(n, within, switch, besides=os.path.join(within, "sim"))
         assert not bdev._switch_lock.locked(), f"interrupted {where}: the lock is held"
         handed_over(driver.xenstore, f"interrupted-{n}")
         bdev.events.flush()
@@ -6710,7 +6714,7 @@ def test_a_switch_interrupted_anywhere(host, driver, frontends, dom0_xs, start: 
             assert bdev._closing_ours, f"interrupted {where}: our Closing is not ours"
         elif now == target:
             assert not bdev._closing_ours, f"interrupted {where}: {now!r} is ours"
-        assert bdev.switch_state(target) is (now != target), f"interrupted {where}"
+        assert switch() is (fatal or now != target), f"interrupted {where}"
         assert bdev.state == target and dom0_xs.read(state) == str(int(target))
         assert bdev._closing_ours is (target == S.CLOSING), f"interrupted {where}"
         if not where:
