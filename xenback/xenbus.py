@@ -1750,7 +1750,11 @@ class BackendDriver:
         with self._lock:
             leftovers = list(self._devices.values())
             self._handles_closed = True
-        for dev in leftovers:  # their queue was closed before the drop ran
+        # Their queue was closed before the drop ran, or ran one that ended
+        # past Exception; or an earlier stop()'s drop here was cut short.
+        # Every device is released here, before the dispatcher is closed:
+        # notify() finds no port of theirs to send on then.
+        for dev in leftovers:
             self._drop(dev)
         # Forgotten only once closed (close() may be done again): taken
         # off first, a Ctrl-C before their close() lost them to the next
@@ -2556,10 +2560,26 @@ class BackendDriver:
         else:
             logger.error("%s: " + hook + " failed", dev.nodename, exc_info=exc)
 
+    def _forget(self, dev: BackendDevice) -> None:
+        """What _drop() does once the device is gone: each step may be
+        done again."""
+        # A driver's own work item may have mapped or bound since the
+        # disconnect; from now on nothing can be added.
+        dev.release_resources()
+        with self._lock:
+            if self._devices.get((dev.frontend_id, dev.devid)) is dev:
+                del self._devices[(dev.frontend_id, dev.devid)]
+
     def _drop(self, dev: BackendDevice, *, closed: bool = True) -> None:
         """Disconnect, write Closed (if the directory is still there, and
         ``closed``), call remove() (if probe() was) and forget the device."""
         if dev.gone:
+            # Dropped already, or cut short once it had marked the device
+            # gone (a Ctrl-C in stop()'s own drop of a leftover, see
+            # _stop): the rest is done again, or the device stayed listed
+            # after stop(), and after a restart every event of a new
+            # device at its path went to its closed queue.
+            self._forget(dev)
             return
         self._disconnect(dev)
         try:
@@ -2595,12 +2615,7 @@ class BackendDriver:
         dev.events.close(wait=False)
         with dev._lock:
             dev._gone = True
-        # A driver's own work item may have mapped or bound since the
-        # disconnect above; from now on nothing can be added.
-        dev.release_resources()
-        with self._lock:
-            if self._devices.get((dev.frontend_id, dev.devid)) is dev:
-                del self._devices[(dev.frontend_id, dev.devid)]
+        self._forget(dev)
         # The lines suppressed since the last report are counted in the log.
         dev.ratelimit.close(logger)
         logger.info("%s: removed", dev.nodename)

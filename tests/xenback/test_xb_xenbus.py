@@ -4586,6 +4586,59 @@ def test_a_stop_interrupted_anywhere_is_finished_by_the_next(host) -> None:
     assert any("BackendDriver._stop" in where for where in landed), landed
 
 
+@pytest.mark.timeout(300)
+def test_a_leftover_drop_interrupted_once_gone_is_finished_by_the_next_stop(
+        host, frontends) -> None:
+    """A drop on the device's queue ended by something past Exception (a
+    SystemExit from remove()) leaves the device to stop()'s own drop, in
+    the caller's thread, once its queue is closed.  A Ctrl-C landing
+    there once the device is marked gone: the next stop() found it gone
+    and did nothing, and the device stayed listed after the driver
+    stopped; started again, the driver passed every event of a new
+    device at that path to the old one's closed queue, and never served
+    it.  The next stop() forgets it, and a restart serves the path."""
+    import os
+
+    from tests.stolensignal import interrupted_at
+
+    within = os.path.dirname(xenbus.__file__)
+    guest = host.create_domain("guest")
+    landed: list[str] = []
+    for n in itertools.count():
+        drv = RecordingDriver(host.dom0)
+        drv.start()
+        try:
+            dev = host.toolstack.add_device("xbtest", guest.domid)
+            fe = _connect(frontends, guest, dev)
+            bdev = backend_device(drv, guest.domid)
+            remove = drv.remove
+            exits = [SystemExit("remove() failed past Exception")]
+
+            def failing(dev: xenbus.BackendDevice, exits: list[SystemExit] = exits,
+                        remove: Callable[[xenbus.BackendDevice], None] = remove) -> None:
+                if exits:
+                    raise exits.pop()
+                remove(dev)
+
+            drv.remove = failing  # type: ignore[method-assign]
+            where = interrupted_at(n, within, drv.stop,
+                                   unless=lambda bdev=bdev: not bdev.gone)
+        finally:
+            drv.stop()
+        assert drv.devices() == [], f"interrupted {where}: {drv.devices()}"
+        assert bdev.resources == (0, 0), f"interrupted {where}"
+        fe.close()
+        host.toolstack.destroy_device(dev)
+        with drv:  # started again, it serves a new device at the path
+            dev = host.toolstack.add_device("xbtest", guest.domid)
+            _connect(frontends, guest, dev).close()
+        host.toolstack.destroy_device(dev)
+        if not where:
+            break
+        landed.append(where)
+    assert any("BackendDriver._forget" in where for where in landed), landed
+
+
 def test_a_driver_domain_s_transaction_quota_full_for_a_moment_stalls_nothing(
         host, dom0_xs, frontends, monkeypatch) -> None:
     """cxenstored lets a driver domain hold 10 transactions open at once,
