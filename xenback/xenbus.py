@@ -389,8 +389,9 @@ class BackendDevice:
     :meth:`fatal`) raises :class:`RuntimeError` saying the driver is not
     started, rather than the ENODEV or False a removed device gives while
     the driver runs; :meth:`map_grant_refs` and :meth:`bind_evtchn` still
-    raise ENODEV, :meth:`notify` sends nothing and :meth:`queue` returns
-    False.
+    raise ENODEV, :meth:`unbind_evtchn` raises KeyError (the device holds
+    no port any more), :meth:`notify` sends nothing and :meth:`queue`
+    returns False.
     """
 
     def __init__(self, driver: BackendDriver, frontend_id: int, devid: int) -> None:
