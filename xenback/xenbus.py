@@ -389,8 +389,9 @@ class BackendDevice:
     :meth:`fatal`) raises :class:`RuntimeError` saying the driver is not
     started, rather than the ENODEV or False a removed device gives while
     the driver runs; :meth:`map_grant_refs` and :meth:`bind_evtchn` still
-    raise ENODEV, :meth:`notify` sends nothing and :meth:`queue` returns
-    False.
+    raise ENODEV, :meth:`unbind_evtchn` raises KeyError (the device holds
+    no port any more), :meth:`notify` sends nothing and :meth:`queue`
+    returns False.
     """
 
     def __init__(self, driver: BackendDriver, frontend_id: int, devid: int) -> None:
@@ -446,10 +447,12 @@ class BackendDevice:
         # wrote was Closing (or an earlier backend left it, see
         # _take_over).  Not self.state, which _backend_changed sets to a
         # Closing it reads back, the toolstack's removal as well (see
-        # _switch).  Set before the commit: one that failed may have gone
-        # all the same (a Ctrl-C as it returned), and its Closing is taken
-        # as ours.  Cleared by a later switch to another state, after its
-        # transaction wrote it or found it there.
+        # _switch).  Set before the commit: one cut short by a Ctrl-C may
+        # have gone all the same (as it returned), and its Closing is
+        # taken as ours; one that raised an error did not go, and leaves
+        # it as it was.  Cleared by a later switch to another state, after
+        # its transaction wrote it or found it there, and by a read-back
+        # of another state (after one cut short as it committed that).
         self._closing_ours = False
         # Rule: held by each switch of this device (_switch) from the start
         # of its transaction to its setting of ``state`` and _closing_ours,
@@ -464,7 +467,15 @@ class BackendDevice:
         # router thread answers them, and takes no device's lock) and
         # around nothing that waits for a device's queue or another thread:
         # what a switch meets (see BackendDriver._taken) at most queues a
-        # drop.
+        # drop.  Held across the transaction's start too, which waits up
+        # to TRANSACTION_QUOTA_WAIT while a driver domain's quota of them
+        # is full: a read-back waits as long then, on the device's queue,
+        # whose next work (a removal's Closed, a switch, connect()'s
+        # writes) needs a transaction too, and would wait as long for it.
+        # Taken after the start, the lock would serialise less than the
+        # commits: on a XenStore whose transactions read the store as it
+        # was when they began, a switch begun before another's commit
+        # could read the state that commit replaced.
         self._switch_lock = threading.Lock()
         # What probe() wrote through write_nodes(), from its start until
         # our first switch (None otherwise): until then the state cannot
@@ -677,7 +688,17 @@ class BackendDevice:
             return True
 
         with self._switch_lock:
-            written = self.xenstore.transaction(tx)
+            ours = self._closing_ours
+            try:
+                written = self.xenstore.transaction(tx)
+            except Exception:
+                # Nothing committed: the transaction was aborted (EAGAIN to
+                # the last attempt, a write or commit refused, ENOSPC).  The
+                # Closing tx set ours is not there, and a Closing read back
+                # later, the toolstack's, must not be taken for it.  (A
+                # connection lost as the commit went leaves nothing to tell.)
+                self._closing_ours = ours
+                raise
             if stale is not None:
                 if why is not None:
                     why.append(stale)
@@ -1156,7 +1177,9 @@ class BackendDevice:
         """Unbind a port bound by :meth:`bind_evtchn` before disconnect;
         waits for a running callback of it to return.  :class:`KeyError`
         if this device does not hold ``port`` (any more): the number may
-        be another device's port by now, so it is left alone."""
+        be another device's port by now, so it is left alone.  A port
+        taken as stop() closes the dispatcher, which unbinds every port,
+        is unbound so: nothing is raised."""
         if not is_int(port):
             # Before the list: 1.0 would find and drop port 1 there, and
             # the dispatcher then refuse it (see EventDispatcher.unbind).
@@ -1165,7 +1188,17 @@ class BackendDevice:
             if port not in self._ports:
                 raise KeyError(f"event channel port {port} is not bound by {self.nodename}")
             self._ports.remove(port)
-        self.driver.events.unbind(port)
+        # Not under _lock, as release_resources(): the unbind waits for a
+        # running callback of the port.  So stop() may drop the device and
+        # close the dispatcher meanwhile (a driver's own thread does not
+        # hold it up), as release_resources() and _give_back() know.
+        try:
+            self.driver.events.unbind(port)
+        except _Stopped:
+            pass  # closed and forgotten
+        except KeyError:
+            if not self.driver._handles_closed:
+                raise  # unbound behind our back: the driver's bug
 
     def notify(self, port: int) -> None:
         """Send an event to the frontend on our local ``port``.
@@ -1718,7 +1751,11 @@ class BackendDriver:
         with self._lock:
             leftovers = list(self._devices.values())
             self._handles_closed = True
-        for dev in leftovers:  # their queue was closed before the drop ran
+        # Their queue was closed before the drop ran, or ran one that ended
+        # past Exception; or an earlier stop()'s drop here was cut short.
+        # Every device is released here, before the dispatcher is closed:
+        # notify() finds no port of theirs to send on then.
+        for dev in leftovers:
             self._drop(dev)
         # Forgotten only once closed (close() may be done again): taken
         # off first, a Ctrl-C before their close() lost them to the next
@@ -2277,6 +2314,11 @@ class BackendDriver:
                 try:
                     with dev._switch_lock:  # see there
                         dev.state = XenbusState.parse(dev.read("state"))
+                        if dev.state != XenbusState.CLOSING:
+                            # Our Closing, if any, is gone: a switch that
+                            # replaced it and was cut short (a Ctrl-C as
+                            # it committed) did not say so.
+                            dev._closing_ours = False
                 except ValueError:
                     pass
                 # Removal by the toolstack: online=0 and state=Closing
@@ -2519,10 +2561,26 @@ class BackendDriver:
         else:
             logger.error("%s: " + hook + " failed", dev.nodename, exc_info=exc)
 
+    def _forget(self, dev: BackendDevice) -> None:
+        """What _drop() does once the device is gone: each step may be
+        done again."""
+        # A driver's own work item may have mapped or bound since the
+        # disconnect; from now on nothing can be added.
+        dev.release_resources()
+        with self._lock:
+            if self._devices.get((dev.frontend_id, dev.devid)) is dev:
+                del self._devices[(dev.frontend_id, dev.devid)]
+
     def _drop(self, dev: BackendDevice, *, closed: bool = True) -> None:
         """Disconnect, write Closed (if the directory is still there, and
         ``closed``), call remove() (if probe() was) and forget the device."""
         if dev.gone:
+            # Dropped already, or cut short once it had marked the device
+            # gone (a Ctrl-C in stop()'s own drop of a leftover, see
+            # _stop): the rest is done again, or the device stayed listed
+            # after stop(), and after a restart every event of a new
+            # device at its path went to its closed queue.
+            self._forget(dev)
             return
         self._disconnect(dev)
         try:
@@ -2559,16 +2617,15 @@ class BackendDriver:
         with dev._lock:
             dev._gone = True
         # A driver's own work item may have mapped or bound since the
-        # disconnect above; from now on nothing can be added.
+        # disconnect above; from now on nothing can be added.  (Done
+        # again in _forget, which a drop cut short repeats.)
         dev.release_resources()
         # The lines suppressed since the last report are counted in the log.
         # Both lines before the device leaves devices(): whoever sees it
         # gone there finds its removal said.
         dev.ratelimit.close(logger)
         logger.info("%s: removed", dev.nodename)
-        with self._lock:
-            if self._devices.get((dev.frontend_id, dev.devid)) is dev:
-                del self._devices[(dev.frontend_id, dev.devid)]
+        self._forget(dev)
         # The toolstack may have made a new device at the same path while
         # this one was still known, and the new one's events went to this
         # one's queue: look again.  (The bus queue refuses once stopping;

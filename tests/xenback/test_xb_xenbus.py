@@ -432,6 +432,43 @@ def test_releasing_what_the_framework_released_already(host, driver, frontends) 
     census.check()
 
 
+@pytest.mark.parametrize("forgotten", [True, False], ids=["forgotten", "closed"])
+def test_a_port_unbound_as_stop_closes_the_dispatcher_is_unbound_quietly(
+        host, driver, frontends, forgotten: bool) -> None:
+    """A driver's own thread unbinds its port, and stop() drops the
+    device and closes the dispatcher (which unbinds every port) between
+    the port's leaving the device and its unbind: once the dispatcher
+    is forgotten, or only closed.  The port is unbound, as asked: the
+    unbind raised the RuntimeError of a driver stopped, or the KeyError
+    of a port the closed dispatcher no longer held, as if the driver
+    had unbound a port it did not hold."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    (port,) = bdev._ports
+    unbinding = PauseAt(xenbus.BackendDevice.unbind_evtchn, "self.driver.events")
+    closing = PauseAt(xenbus.BackendDriver._stop, "self._events = None")
+    stopping = None
+    unbind = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(port)))
+    try:
+        assert unbinding.reached.wait(TIMEOUT)
+        if forgotten:
+            driver.stop()
+        else:
+            stopping = Attempt(lambda: closing.run(driver.stop))
+            assert closing.reached.wait(TIMEOUT)
+    finally:
+        unbinding.resume()
+    try:
+        assert unbind.result() is None
+    finally:
+        closing.resume()
+    if stopping is not None:
+        assert stopping.result() is None
+    assert bdev.gone and bdev.resources == (0, 0)
+    assert _ports(host) == 1  # the frontend's own
+    fe.close()
+
+
 def _closes_without_error(dom0_xs, driver, guest, dev, fe) -> None:
     """The frontend closes ``dev``: the backend follows to Closed, and
     writes no error node (a failed release is the driver's, not the
@@ -4587,6 +4624,59 @@ def test_a_stop_interrupted_anywhere_is_finished_by_the_next(host) -> None:
     assert any("BackendDriver._stop" in where for where in landed), landed
 
 
+@pytest.mark.timeout(300)
+def test_a_leftover_drop_interrupted_once_gone_is_finished_by_the_next_stop(
+        host, frontends) -> None:
+    """A drop on the device's queue ended by something past Exception (a
+    SystemExit from remove()) leaves the device to stop()'s own drop, in
+    the caller's thread, once its queue is closed.  A Ctrl-C landing
+    there once the device is marked gone: the next stop() found it gone
+    and did nothing, and the device stayed listed after the driver
+    stopped; started again, the driver passed every event of a new
+    device at that path to the old one's closed queue, and never served
+    it.  The next stop() forgets it, and a restart serves the path."""
+    import os
+
+    from tests.stolensignal import interrupted_at
+
+    within = os.path.dirname(xenbus.__file__)
+    guest = host.create_domain("guest")
+    landed: list[str] = []
+    for n in itertools.count():
+        drv = RecordingDriver(host.dom0)
+        drv.start()
+        try:
+            dev = host.toolstack.add_device("xbtest", guest.domid)
+            fe = _connect(frontends, guest, dev)
+            bdev = backend_device(drv, guest.domid)
+            remove = drv.remove
+            exits = [SystemExit("remove() failed past Exception")]
+
+            def failing(dev: xenbus.BackendDevice, exits: list[SystemExit] = exits,
+                        remove: Callable[[xenbus.BackendDevice], None] = remove) -> None:
+                if exits:
+                    raise exits.pop()
+                remove(dev)
+
+            drv.remove = failing  # type: ignore[method-assign]
+            where = interrupted_at(n, within, drv.stop,
+                                   unless=lambda bdev=bdev: not bdev.gone)
+        finally:
+            drv.stop()
+        assert drv.devices() == [], f"interrupted {where}: {drv.devices()}"
+        assert bdev.resources == (0, 0), f"interrupted {where}"
+        fe.close()
+        host.toolstack.destroy_device(dev)
+        with drv:  # started again, it serves a new device at the path
+            dev = host.toolstack.add_device("xbtest", guest.domid)
+            _connect(frontends, guest, dev).close()
+        host.toolstack.destroy_device(dev)
+        if not where:
+            break
+        landed.append(where)
+    assert any("BackendDriver._forget" in where for where in landed), landed
+
+
 def test_a_driver_domain_s_transaction_quota_full_for_a_moment_stalls_nothing(
         host, dom0_xs, frontends, monkeypatch) -> None:
     """cxenstored lets a driver domain hold 10 transactions open at once,
@@ -6620,6 +6710,109 @@ def test_a_switch_retried_after_a_ctrl_c_as_it_committed_forgets_our_closing(
         bdev.events.flush()
         assert dom0_xs.read(state) in (str(int(S.CLOSING)), str(int(S.CLOSED)))
         assert not [r for r in caplog.records if r.exc_info is not None]
+
+
+@pytest.mark.parametrize("err", [errno.EAGAIN, errno.ENOSPC], ids=["conflicts", "quota"])
+def test_a_closing_whose_commit_failed_is_not_taken_for_ours(
+        host, dom0_xs, frontends, monkeypatch, caplog, err: int) -> None:
+    """A driver's thread switches to Closing and its transaction fails
+    (EAGAIN to the last attempt, a write refused for a quota): nothing
+    committed, the frontend still Connected.  Then the toolstack, which
+    took ``online``, asks for removal, and the frontend starts over
+    (Initialising) instead of closing: the Closing there is the
+    toolstack's, and the InitWait must not replace it (see
+    test_a_frontend_starting_over_during_a_removal_read_back_with_online_taken_is_not_served).
+    The failed switch had marked a Closing of ours as it made it, and
+    left the mark: the removal was taken for our Closing, the InitWait
+    written over it, and the toolstack left waiting for Closed."""
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
+        online, state = f"{bdev.nodename}/online", f"{bdev.nodename}/state"
+        base = f"/local/domain/{drvdom.domid}/data"
+        dom0_xs.set_perms(online, ["n0"])
+        transaction = drv.xenstore.transaction
+
+        def failing(fn: Callable[[Transaction], Any], **kwargs: Any) -> Any:
+            def then_refused(t: Transaction) -> Any:
+                fn(t)
+                raise OSError(err, os.strerror(err))
+
+            return transaction(then_refused, attempts=1)
+
+        monkeypatch.setattr(drv.xenstore, "transaction", failing)
+        with pytest.raises(OSError) as raised:
+            bdev.switch_state(S.CLOSING)
+        assert raised.value.errno == err
+        monkeypatch.undo()
+        assert dom0_xs.read(state) == str(int(S.CONNECTED))
+
+        def removed(t: Transaction) -> None:
+            t.write(online, "0")
+            t.write(state, str(int(S.CLOSING)))
+
+        dom0_xs.transaction(removed)
+        handed_over(drv.xenstore, "removed", base=base)
+        bdev.events.flush()
+        assert not bdev.gone  # its frontend, connected, is to close it
+        fe.set_state(S.INITIALISING)
+        handed_over(drv.xenstore, "over", base=base)
+        bdev.events.flush()
+        assert dom0_xs.read(state) != str(int(S.INIT_WAIT))
+        assert bdev.gone and drv.devices() == []
+        assert not [r for r in caplog.records if r.exc_info is not None]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("start, target, fatal", [(S.CONNECTED, S.CLOSING, False),
+                                                   (S.CLOSING, S.CONNECTED, False),
+                                                   (S.CONNECTED, S.CLOSING, True)],
+                         ids=["to-closing", "from-closing", "fatal"])
+def test_a_switch_interrupted_anywhere(host, driver, frontends, dom0_xs, start: S,
+                                       target: S, fatal: bool) -> None:
+    """A Ctrl-C landing at any place of a driver's switch_state() in the
+    main thread, or of its fatal() (the switch with the error node).
+    Its lock is free afterwards, and once our directory's
+    events are read back the device's state is XenStore's, and a
+    Closing there is ours; one gone from there is no longer ours: cut
+    short as it committed our Closing's replacement, the switch left
+    the mark, and the toolstack's removal that came next, with ``online``
+    taken, would be taken for our Closing (see
+    test_a_switch_retried_after_a_ctrl_c_as_it_committed_forgets_our_closing).
+    One cut short before it committed Closing may leave it marked ours,
+    as one that may have gone.  The switch done again works."""
+    import os
+
+    from tests.stolensignal import interrupted_at
+
+    within = os.path.dirname(xenbus.__file__)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    state = f"{bdev.nodename}/state"
+    landed: list[str] = []
+    for n in itertools.count():
+        bdev.switch_state(start)
+        handed_over(driver.xenstore, f"start-{n}")
+        bdev.events.flush()
+        switch = (functools.partial(bdev.fatal, errno.EIO, "driver failed") if fatal
+                  else functools.partial(bdev.switch_state, target))
+        where = interrupted_at(n, within, switch, besides=os.path.join(within, "sim"))
+        assert not bdev._switch_lock.locked(), f"interrupted {where}: the lock is held"
+        handed_over(driver.xenstore, f"interrupted-{n}")
+        bdev.events.flush()
+        now = S(int(dom0_xs.read(state)))
+        assert now in (start, target), f"interrupted {where}: {now!r}"
+        assert bdev.state == now, f"interrupted {where}: {bdev.state!r} for {now!r}"
+        if now == S.CLOSING:
+            assert bdev._closing_ours, f"interrupted {where}: our Closing is not ours"
+        elif now == target:
+            assert not bdev._closing_ours, f"interrupted {where}: {now!r} is ours"
+        assert switch() is (fatal or now != target), f"interrupted {where}"
+        assert bdev.state == target and dom0_xs.read(state) == str(int(target))
+        assert bdev._closing_ours is (target == S.CLOSING), f"interrupted {where}"
+        if not where:
+            break
+        landed.append(where)
+    assert any("BackendDevice._switch" in where for where in landed), landed
+    assert not bdev.gone
 
 
 def test_a_switch_that_only_reads_and_commits_first_leaves_the_state_to_the_other(
