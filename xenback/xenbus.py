@@ -2616,13 +2616,10 @@ class BackendDriver:
         dev.events.close(wait=False)
         with dev._lock:
             dev._gone = True
-        # A driver's own work item may have mapped or bound since the
-        # disconnect above; from now on nothing can be added.  (Done
-        # again in _forget, which a drop cut short repeats.)
-        dev.release_resources()
         # The lines suppressed since the last report are counted in the log.
-        # Both lines before the device leaves devices(): whoever sees it
-        # gone there finds its removal said.
+        # Both lines before the device leaves devices() (in _forget, which
+        # a drop cut short from here on repeats): whoever sees it gone
+        # there finds its removal said.
         dev.ratelimit.close(logger)
         logger.info("%s: removed", dev.nodename)
         self._forget(dev)
