@@ -3450,7 +3450,14 @@ def _at_first_look_again(drv: Any, bdev: Any, monkeypatch: Any,
     """Have ``action`` happen as ``bdev``'s directory is first read
     again (a refused report's look at whether a node of ours was taken:
     see BackendDevice._taken_from_us); the list of those looks, to be
-    checked after the report."""
+    checked after the report.
+
+    Only once the watch events of our own switches have run: one still
+    queued reads our directory too (_backend_changed), and took the
+    action away from the report when the frontend saw Connected first."""
+    handed_over(drv.xenstore, "look-again", base=f"/local/domain/{drv.platform.domid}/data/sync")
+    drv._bus.flush()  # which may queue more for the device
+    bdev.events.flush()
     plain_read = drv.xenstore.read
     looks: list[str] = []
 
