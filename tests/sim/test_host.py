@@ -1582,6 +1582,91 @@ def test_a_removals_records_once_its_caller_was_interrupted_are_emitted_once(
         hv.stop()
 
 
+def _emitting(thread: threading.Thread) -> bool:
+    """Whether ``thread`` stands at a handler's lock, emitting a record."""
+    assert thread.ident is not None
+    return stands_at(thread.ident, logging.Handler.handle, "self.acquire()")
+
+
+@pytest.mark.parametrize("call, logs", [
+    ("remove_domain", "the removal"),
+    ("remove_domain", "the service"),
+    ("stop", "the service"),
+])
+def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str, logs: str) -> None:
+    """A signal's handler removing a domain or stopping (a host closed on
+    SIGTERM) while the service thread serves, come in as the main thread
+    emitted a record, a handler's lock held; the removal logs (refusals
+    the domain's log was spared), or the service thread is logging (a
+    request failed: a bug) through that handler.  The call ends, and the
+    records are emitted once each: the removal's at once (as if logged
+    by the caller), the service thread's once the main thread lets go of
+    the lock.  The removal was the service thread's, which logged, its
+    caller waiting for it; the service thread logged under the lock the
+    call takes, or the call waited for it: each for ever."""
+    import json
+    import socket
+
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    def failing(self: Hypervisor, conn: object, msg: object, fds: object) -> NoReturn:
+        raise RuntimeError("a bug serving 'info'")
+
+    monkeypatch.setitem(_hypervisor.Hypervisor._ops, "info", failing)
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.start()
+    path = hv.add_domain(3, "guest")
+    service = hv._thread
+    assert service is not None
+    said = []
+    if logs == "the removal":
+        _with_refusals_unreported(hv, 3)
+        said.append("hypervisor: domain 3: 1 message suppressed")
+    else:
+        said.append("hypervisor: request 'info' from domain 3 failed")
+    monkeypatch.setattr(_hypervisor, "threading", _EveryCallerMain())
+    # The test's own: a call stuck in it (the bug) leaves the others be.
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    def in_a_record() -> object:
+        with kept.lock:
+            if logs == "the service":
+                client.connect(os.fspath(path))
+                client.send(json.dumps({"op": "info"}).encode())
+                assert eventually(lambda: _emitting(service)), "the service logs nothing"
+            return hv.remove_domain(3) if call == "remove_domain" else hv.stop()
+
+    ended = False
+    hv_logger.addHandler(kept)
+    try:
+        outcome = Attempt(in_a_record).result(
+            msg="the call waits for the service thread, which waits for its caller's lock")
+        ended = True
+        assert outcome is None
+        if call == "stop":
+            service.join(TIMEOUT)
+            assert not service.is_alive(), "the service thread outlived the lock"
+        else:
+            assert eventually(lambda: not _emitting(service))
+            assert hv.stats()["domains"] == 0
+        assert [r.getMessage() for r in kept.buffer] == said
+    finally:
+        hv_logger.removeHandler(kept)
+        monkeypatch.undo()
+        client.close()
+        if ended:
+            hv.stop()
+        else:
+            # Its lock is held for good by the caller stuck with hv's: at
+            # exit, logging would wait for it to flush the handler.
+            kept.lock = None  # type: ignore[assignment]
+
+
 def test_no_removal_thread_outlives_stop(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C in remove_domain()'s wait for the thread that removes the
