@@ -643,7 +643,9 @@ class Hypervisor:
         _uninterrupted), which waits for _lock then, never for the service
         thread: a signal's handler calling, that thread may be emitting
         records to a handler whose lock the main thread holds.
-        :class:`ValueError` if there is no such domain.  A
+        :class:`ValueError` if there is no such domain; RuntimeError if
+        the main thread has no thread to be had for it, the domain left
+        whole.  A
         KeyboardInterrupt in the wait leaves the removal to finish without
         the caller, whose next remove_domain() finds the domain gone
         (ValueError) or waits for the removal again.
@@ -664,7 +666,8 @@ class Hypervisor:
                     pass  # a wake-up is pending already
                 dom = None
         if dom is not None:
-            self._uninterrupted(functools.partial(self._remove_listed, dom, future))
+            self._uninterrupted(functools.partial(self._remove_listed, dom, future),
+                                refused=f"remove domain {domid}")
         future.result()
 
     def _remove_listed(self, dom: _Domain, future: concurrent.futures.Future[None]) -> None:
@@ -676,7 +679,7 @@ class Hypervisor:
             else:
                 future.set_result(None)
 
-    def _uninterrupted(self, work: Callable[[], None]) -> None:
+    def _uninterrupted(self, work: Callable[[], None], refused: str = "") -> None:
         """``work()``, which takes _lock, where no Ctrl-C cuts it short.
 
         A signal's handler runs in the main thread only: there a Ctrl-C
@@ -684,10 +687,13 @@ class Hypervisor:
         the list with its listener, socket file and handles still there,
         for good.  So the main thread runs it in a thread of its own, and
         waits: a Ctrl-C lands in the wait, and the work goes on without
-        it, as the service thread's would.  With no thread to be had, it
-        is done here all the same.  What it logs is emitted, and its
-        failure raised, in the caller, as if done there; by its thread
-        once the caller has gone (see _HeldLogger)."""
+        it, as the service thread's would.  With no thread to be had, a
+        RuntimeError saying it could not ``refused`` (work a caller may
+        ask for again); without ``refused`` (stop() and start()'s undo,
+        which must free what they can), it is done here all the same, a
+        Ctrl-C in it leaving a domain half removed.  What it logs is
+        emitted, and its failure raised, in the caller, as if done there;
+        by its thread once the caller has gone (see _HeldLogger)."""
         if threading.current_thread() is not threading.main_thread():
             work()
             return
@@ -715,15 +721,19 @@ class Hypervisor:
 
         worker = threading.Thread(target=run, name=f"xenback-sim-removal:{self.run_dir}",
                                   daemon=True)
+        no_thread: list[RuntimeError] = []
         try:
             try:
                 worker.start()
-            except RuntimeError:  # can't start new thread
-                work()
-                return
-            # Joined, not just waited for: once stop() returns, no thread of
-            # the service's is left.
-            worker.join()
+            except RuntimeError as e:  # can't start new thread
+                if not refused:
+                    work()
+                    return
+                no_thread.append(e)
+            else:
+                # Joined, not just waited for: once stop() returns, no
+                # thread of the service's is left.
+                worker.join()
         except BaseException:
             # No call before the check (none can land in between).
             ended += [False]
@@ -731,6 +741,9 @@ class Hypervisor:
             if ended[0]:
                 told_late()
             raise
+        if no_thread:
+            raise RuntimeError(f"no thread to {refused} in, where no Ctrl-C cuts it short"
+                               f" ({no_thread[0]})") from no_thread[0]
         held.emit_held()
         if failure:
             raise failure[0]
