@@ -1669,6 +1669,72 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
             kept.lock = None  # type: ignore[assignment]
 
 
+def test_a_signal_handlers_stop_as_a_control_reply_logs_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A domain control request answered from a thread of the toolstack's
+    whose reply cannot be sent (dom0's handle takes no more: dropped, and
+    logged), while the main thread emits a record through that handler
+    and a signal's handler then stops the service (a host closed on
+    SIGTERM): stop() ends, and the record is emitted once the main thread
+    lets go of the handler's lock.  The reply was logged under the lock
+    stop() takes: each waited for the other for ever."""
+    import json
+    import socket
+
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    replies: queue.Queue[Callable[[dict[str, Any]], None]] = queue.Queue()
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.set_control(lambda op, args, reply: replies.put(reply))
+    hv.start()
+    path = hv.add_domain(0, "Domain-0")
+    send = _hypervisor.send_message
+
+    def full(sock: socket.socket, msg: Any, *args: Any) -> None:
+        if "domid" in msg:  # the reply, not the request's
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        send(sock, msg, *args)
+
+    # stop() in a test's thread, standing for the main one: it waits for
+    # _lock as the main one would, and the reply's thread is no main one.
+    monkeypatch.setattr(_hypervisor, "send_message", full)
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ended = False
+    hv_logger.addHandler(kept)
+    try:
+        client.connect(os.fspath(path))
+        client.send(json.dumps({"op": "domain_create", "name": "guest"}).encode())
+        reply = replies.get(timeout=TIMEOUT)
+
+        def in_a_record() -> object:
+            with kept.lock:
+                replier = Attempt(lambda: reply({"domid": 1}))
+                assert eventually(lambda: _emitting(replier.thread)), "the reply logs nothing"
+                return hv.stop(), replier
+
+        outcome = Attempt(in_a_record).result(
+            msg="stop() waits for the lock the reply holds, which waits for its caller's lock")
+        ended = True
+        result, replier = outcome
+        assert result is None
+        assert replier.result() is None
+        assert [r.getMessage() for r in kept.buffer] == [
+            "hypervisor: dropping a handle of domain 0: "
+            f"[Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}"]
+    finally:
+        hv_logger.removeHandler(kept)
+        monkeypatch.undo()
+        client.close()
+        if ended:
+            hv.stop()
+        else:
+            kept.lock = None  # type: ignore[assignment]
+
+
 def test_no_removal_thread_outlives_stop(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C in remove_domain()'s wait for the thread that removes the

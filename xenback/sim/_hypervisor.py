@@ -33,6 +33,7 @@ nothing any more.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import fcntl
 import functools
@@ -45,7 +46,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,29 @@ _held = threading.local()
 def _log() -> logging.Logger:
     held: logging.Logger = getattr(_held, "logger", logger)
     return held
+
+
+@contextlib.contextmanager
+def _records_held() -> Iterator[None]:
+    """What this thread logs through _log() within, emitted at the end:
+    past _lock, taken within, which the main thread may wait for holding
+    a handler's lock (see Hypervisor._serve).
+
+    Not in the main thread, which emits under _lock as it always did (a
+    handler's lock it holds, it takes again): there a Ctrl-C as this
+    began could leave its records held for good.  Nor where they are
+    held already, by a thread that emits them itself."""
+    if (threading.current_thread() is threading.main_thread()
+            or getattr(_held, "logger", None) is not None):
+        yield
+        return
+    held = _HeldLogger()
+    _held.logger = held
+    try:
+        yield
+    finally:
+        del _held.logger
+        held.emit_held()
 
 
 #: Xen reserves the first grant refs for the toolstack (console, xenstore).
@@ -1459,7 +1483,7 @@ class Hypervisor:
         return None
 
     def _reply_later(self, conn: _Conn, request_id: int | None, msg: Message) -> None:
-        with self._lock:
+        with _records_held(), self._lock:
             self._send(conn, _reply_to(request_id, msg))
             self._reap()
 
