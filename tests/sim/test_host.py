@@ -1735,6 +1735,54 @@ def test_a_signal_handlers_stop_as_a_control_reply_logs_ends(
             kept.lock = None  # type: ignore[assignment]
 
 
+def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """remove_domain() from a thread other than the main one, with no
+    service thread serving (done in place), logging (refusals the
+    domain's log was spared) through a handler the main thread holds, as
+    it emits a record; a signal's handler then removes another domain.
+    Both end, and the record is emitted once the main thread lets go of
+    the handler's lock.  The first logged under the lock the second
+    takes: each waited for the other for ever."""
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+    hv.add_domain(4, "other")
+    _with_refusals_unreported(hv, 3)
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+
+    # In a test's thread standing for the main one, which waits for _lock
+    # as the main one would.
+    def in_a_record() -> object:
+        with kept.lock:
+            remover = Attempt(lambda: hv.remove_domain(3))
+            assert eventually(lambda: _emitting(remover.thread)), "the removal logs nothing"
+            return hv.remove_domain(4), remover
+
+    ended = False
+    hv_logger.addHandler(kept)
+    try:
+        outcome = Attempt(in_a_record).result(
+            msg="the call waits for the lock the removal holds, which waits for its caller's lock")
+        ended = True
+        result, remover = outcome
+        assert result is None
+        assert remover.result() is None
+        assert hv.stats()["domains"] == 0
+        assert [r.getMessage() for r in kept.buffer] == [
+            "hypervisor: domain 3: 1 message suppressed"]
+    finally:
+        hv_logger.removeHandler(kept)
+        if ended:
+            hv.stop()
+        else:
+            kept.lock = None  # type: ignore[assignment]
+
+
 def test_no_removal_thread_outlives_stop(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C in remove_domain()'s wait for the thread that removes the

@@ -717,9 +717,12 @@ class Hypervisor:
         which must free what they can), it is done here all the same, a
         Ctrl-C in it leaving a domain half removed.  What it logs is
         emitted, and its failure raised, in the caller, as if done there;
-        by its thread once the caller has gone (see _HeldLogger)."""
+        by its thread once the caller has gone (see _HeldLogger).  In
+        another thread, where no signal's handler runs, it is done in
+        place, what it logs emitted once _lock is let go."""
         if threading.current_thread() is not threading.main_thread():
-            work()
+            with _records_held():
+                work()
             return
         held = _HeldLogger()
         failure: list[BaseException] = []
