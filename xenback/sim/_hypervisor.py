@@ -115,8 +115,9 @@ def _emit(records: list[logging.LogRecord]) -> None:
             logger.handle(record)
 
 
-# The logger of the calls a removal's thread makes: what it may reach
-# logs through _log(), which is that thread's _HeldLogger while it runs.
+# The logger of the calls a removal's thread, the service thread and a
+# thread in _records_held() make: what they may reach logs through
+# _log(), which is that thread's _HeldLogger while it holds records.
 _held = threading.local()
 
 
@@ -528,7 +529,7 @@ class Hypervisor:
         Not joined if it is emitting records: the caller may be a signal's
         handler come in where the main thread held the lock of a handler
         those go to.  It touches nothing but _lock from there on, and ends
-        once they are emitted."""
+        once they are emitted, which may be after stop() returns."""
         with self._lock:
             self._stopping = True  # the thread serves nothing more from here
             joined = not self._emitting
@@ -669,10 +670,9 @@ class Hypervisor:
         records to a handler whose lock the main thread holds.
         :class:`ValueError` if there is no such domain; RuntimeError if
         the main thread has no thread to be had for it, the domain left
-        whole.  A
-        KeyboardInterrupt in the wait leaves the removal to finish without
-        the caller, whose next remove_domain() finds the domain gone
-        (ValueError) or waits for the removal again.
+        whole.  A KeyboardInterrupt in the wait leaves the removal to
+        finish without the caller, whose next remove_domain() finds the
+        domain gone (ValueError) or waits for the removal again.
         """
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
