@@ -1877,35 +1877,50 @@ def test_a_removal_the_main_thread_has_no_thread_for_is_refused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """remove_domain() from the main thread with no thread to be had for
     the removal (see Hypervisor._uninterrupted): a RuntimeError saying so,
-    and the domain left whole (listed, listening, its handle open, its
-    socket file there), for the next call, a thread to be had, to remove.
-    It was removed in place, where a Ctrl-C landing left it half removed
-    (off the list, its listener and handles open) for good."""
+    or the Ctrl-C landing anywhere in it, and the domain left whole
+    (listed, listening, its handle open, its socket file there), for the
+    next call, a thread to be had, to remove.  It was removed in place,
+    where a Ctrl-C landing left it half removed (off the list, its
+    listener and handles open) for good."""
     import socket
 
     from xenback.sim import _hypervisor
 
-    hv = _hypervisor.Hypervisor(tmp_path)
-    path = hv.add_domain(3, "guest")
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        client.connect(os.fspath(path))
-        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(threading.Thread, False))
-        with pytest.raises(RuntimeError, match=(
-                r"^no thread to remove domain 3 in, where no Ctrl-C cuts it short"
-                r" \(can't start new thread\)$")):
-            hv.remove_domain(3)
-        assert (hv.stats()["domains"], hv.stats()["connections"]) == (1, 1)
-        assert path.exists()
-        monkeypatch.undo()
-        hv.remove_domain(3)
-        assert hv.stats()["domains"] == 0
-        assert client.recv(1, socket.MSG_DONTWAIT) == b""  # hung up
-    finally:
-        client.close()
-        monkeypatch.undo()
-        hv.stop()
+    def landing(n: int) -> str:
+        hv = _hypervisor.Hypervisor(tmp_path / str(n))
+        path = hv.add_domain(3, "guest")
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        refused: list[RuntimeError] = []
 
+        def remove() -> None:
+            try:
+                hv.remove_domain(3)
+            except RuntimeError as e:
+                refused.append(e)
+
+        try:
+            client.connect(os.fspath(path))
+            monkeypatch.setattr(_hypervisor, "threading",
+                                _ThreadingWith(threading.Thread, False))
+            where = interrupted_at(n, SIM_CODE, remove)
+            monkeypatch.undo()
+            if not where:
+                [e] = refused
+                assert str(e) == ("no thread to remove domain 3 in, where no Ctrl-C cuts it"
+                                  " short (can't start new thread)")
+            assert (hv.stats()["domains"], hv.stats()["connections"]) == (1, 1), where
+            assert path.exists(), where
+            hv.remove_domain(3)
+            assert hv.stats()["domains"] == 0
+            assert client.recv(1, socket.MSG_DONTWAIT) == b"", where  # hung up
+        finally:
+            client.close()
+            monkeypatch.undo()
+            hv.stop()
+        return where
+
+    landed = landings(landing)
+    assert any("Hypervisor._uninterrupted" in where for where in landed), landed
 
 def test_a_removal_left_by_a_ctrl_c_spares_the_domain_added_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
