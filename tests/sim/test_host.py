@@ -1783,6 +1783,84 @@ def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
             kept.lock = None  # type: ignore[assignment]
 
 
+@pytest.mark.parametrize("first", ["the removal", "stop()"])
+def test_a_signal_handlers_stop_as_a_removal_left_by_a_ctrl_c_logs_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str) -> None:
+    """A Ctrl-C in remove_domain()'s wait for the thread that removes the
+    domain for it, that thread then logging (refusals the domain's log was
+    spared), its caller gone, while the main thread emits a record
+    through that handler, the lock held; a signal's handler then stops
+    the service (a host closed on SIGTERM), as that thread emits, or
+    before it has got there.  stop() ends, and the record is emitted once:
+    by that thread once the main thread lets go of the lock, or by stop()
+    itself.  stop() joined that thread, which waited for the lock stop()'s
+    caller held: for ever."""
+    import types
+
+    from racewindow import Attempt, PauseAt
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+    _with_refusals_unreported(hv, 3)
+    workers: list[threading.Thread] = []
+    [run] = [c for c in _hypervisor.Hypervisor._uninterrupted.__code__.co_consts
+             if isinstance(c, types.CodeType) and c.co_name == "run"]
+    # Its work done, about to say so: its caller is gone by then.
+    pause = PauseAt(types.FunctionType(run, {}, closure=tuple(
+        types.CellType() for _ in run.co_freevars)), "ended.append(True)")
+
+    class Paused(_left_waiting(workers)):
+        def run(self) -> None:
+            pause.run(super().run)
+
+    class EveryCallerMainLeftWaiting(_EveryCallerMain):
+        def __init__(self) -> None:
+            _ThreadingWith.__init__(self, threading.Thread, Paused)
+
+    monkeypatch.setattr(_hypervisor, "threading", EveryCallerMainLeftWaiting())
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+
+    # In a test's thread standing for the main one.
+    def in_a_record() -> object:
+        with kept.lock:
+            with pytest.raises(Interrupted):
+                hv.remove_domain(3)
+            [worker] = workers
+            assert pause.reached.wait(TIMEOUT)
+            if first == "the removal":
+                pause.resume()
+                assert eventually(lambda: _emitting(worker)), "the removal logs nothing"
+            else:
+                me = threading.get_ident()
+                Attempt(lambda: (eventually(lambda: stands_at(
+                    me, _hypervisor.Hypervisor.stop, "worker.join()")), pause.resume()))
+            return hv.stop(), worker
+
+    ended = False
+    hv_logger.addHandler(kept)
+    try:
+        outcome = Attempt(in_a_record).result(
+            msg="stop() waits for the removal's thread, which waits for its caller's lock")
+        ended = True
+        result, worker = outcome
+        assert result is None
+        worker.join(TIMEOUT)
+        assert not worker.is_alive(), "the removal's thread outlived the lock"
+        assert [r.getMessage() for r in kept.buffer] == [
+            "hypervisor: domain 3: 1 message suppressed"]
+        assert hv.stats()["domains"] == 0
+    finally:
+        hv_logger.removeHandler(kept)
+        pause.resume()
+        monkeypatch.undo()
+        if ended:
+            hv.stop()
+        else:
+            kept.lock = None  # type: ignore[assignment]
+
 def test_no_removal_thread_outlives_stop(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C in remove_domain()'s wait for the thread that removes the

@@ -429,6 +429,10 @@ class Hypervisor:
         # may hold: added to by +=, taken off by stop(), steps no call
         # splits.
         self._removers_left: list[threading.Thread] = []
+        # Whether such a thread emits what it logged itself (True), or
+        # hands it to stop(), which joins it (False): decided under _lock
+        # by whichever of the two comes first (see stop).
+        self._removers_emit: dict[threading.Thread, bool] = {}
 
     # -- host interface ------------------------------------------------------
 
@@ -546,10 +550,15 @@ class Hypervisor:
             self._thread = None
         self._uninterrupted(self._remove_all)
         # None outlives stop(); each has found its domains gone, or
-        # removed them, by the time _remove_all had the lock.
+        # removed them, by the time _remove_all had the lock.  But one
+        # emitting what it logged, its caller gone, may wait for a lock
+        # of logging's this thread holds, as the service thread may: not
+        # waited for then.
         while self._removers_left:
             worker = self._removers_left[0]
-            if worker.is_alive():  # not if a Ctrl-C cut short its start()
+            with self._lock:
+                joined = not self._removers_emit.setdefault(worker, False)
+            if joined and worker.is_alive():  # not if a Ctrl-C cut short its start()
                 worker.join()
             del self._removers_left[0]
         self._selector.close()  # may be done again
@@ -731,10 +740,10 @@ class Hypervisor:
         # never lost for a caller gone (list.append() and += are atomic).
         ended: list[bool] = []
 
-        def told_late() -> None:
-            held.emit_held()
+        def told_late() -> list[logging.LogRecord]:
             if failure:
-                logger.error("hypervisor: failure removing domains", exc_info=failure[0])
+                held.error("hypervisor: failure removing domains", exc_info=failure[0])
+            return held.records
 
         def run() -> None:
             _held.logger = held
@@ -744,7 +753,13 @@ class Hypervisor:
                 failure.append(e)
             ended.append(True)
             if not ended[0]:
-                told_late()
+                said = told_late()
+                with self._lock:
+                    emits = self._removers_emit.setdefault(worker, True)
+                    if not emits:
+                        self._unsaid += said  # for stop(), which joins it
+                if emits:
+                    _emit(said)
 
         worker = threading.Thread(target=run, name=f"xenback-sim-removal:{self.run_dir}",
                                   daemon=True)
@@ -766,7 +781,7 @@ class Hypervisor:
             ended += [False]
             self._removers_left += [worker]
             if ended[0]:
-                told_late()
+                _emit(told_late())
             raise
         if no_thread:
             raise RuntimeError(f"no thread to {refused} in, where no Ctrl-C cuts it short"
