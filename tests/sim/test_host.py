@@ -1861,6 +1861,62 @@ def test_a_signal_handlers_stop_as_a_removal_left_by_a_ctrl_c_logs_ends(
         else:
             kept.lock = None  # type: ignore[assignment]
 
+def test_stats_in_another_thread_log_past_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stats() from a thread other than the main one, accepting the
+    handles in the backlog (no service thread serves), logs the refusal
+    of one past its domain's most through a handler the main thread holds
+    as it emits a record; a signal's handler then removes the domain.
+    Both end, and the record is emitted once the main thread lets go of
+    the handler's lock.  stats() logged under the lock the removal takes:
+    each waited for the other for ever."""
+    import socket
+
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    path = hv.add_domain(3, "guest")
+    clients: list[socket.socket] = []
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+
+    # In a test's thread standing for the main one, which waits for _lock
+    # as the main one would.
+    def in_a_record() -> object:
+        with kept.lock:
+            counter = Attempt(hv.stats)
+            assert eventually(lambda: _emitting(counter.thread)), "stats() logs nothing"
+            return hv.remove_domain(3), counter
+
+    ended = False
+    hv_logger.addHandler(kept)
+    try:
+        for i in range(_hypervisor.MAX_HANDLES_PER_DOMAIN + 1):
+            if i % 32 == 0:
+                hv.stats()  # accepted, before the backlog (64) is full
+            clients.append(socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+            clients[-1].connect(os.fspath(path))
+        assert not kept.buffer, "refused before the test"
+        outcome = Attempt(in_a_record).result(
+            msg="the removal waits for the lock stats() holds, which waits for its caller's lock")
+        ended = True
+        result, counter = outcome
+        assert result is None
+        assert counter.result()["connections"] == _hypervisor.MAX_HANDLES_PER_DOMAIN
+        assert [r.getMessage() for r in kept.buffer] == [
+            "hypervisor: domain 3 has 256 handles open; refusing another"]
+    finally:
+        hv_logger.removeHandler(kept)
+        for client in clients:
+            client.close()
+        if ended:
+            hv.stop()
+        else:
+            kept.lock = None  # type: ignore[assignment]
+
+
 def test_no_removal_thread_outlives_stop(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C in remove_domain()'s wait for the thread that removes the

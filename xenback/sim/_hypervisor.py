@@ -863,7 +863,7 @@ class Hypervisor:
         :meth:`~xenback.platform.GrantTable.map_grant_refs`, whatever
         its number of pages): what a backend that leaks none leaves at 0
         once its devices are gone, while its frontends' grants stay."""
-        with self._lock:
+        with _records_held(), self._lock:
             # Opening a handle returns once its connection is in the
             # backlog, before the service accepts it: a count (and the
             # service's descriptors) taken right after handles were opened
