@@ -366,14 +366,16 @@ def test_caller_run_dir_is_left_clean(tmp_path: Path) -> None:
 
 
 def test_a_host_that_fails_to_start_leaves_no_directory(tmp_path: Path) -> None:
-    # A Unix socket path has at most 107 bytes.
-    run_dir = tmp_path / ("d" * 120) / "run"
+    # A Unix socket path has at most 107 bytes; one of more than 203
+    # characters is named by its ends (see test_xenstored_ops.py).
+    run_dir = tmp_path / ("d" * 60) / "run"
     host = SimHost(run_dir)
     with pytest.raises(OSError) as info:
         host.start()
     assert info.value.errno == errno.ENAMETOOLONG
-    assert str(info.value) == (f"[Errno {errno.ENAMETOOLONG}] cannot listen on "
-                               f"{run_dir / 'xenstored' / 'socket'}: AF_UNIX path too long")
+    path = run_dir / "xenstored" / "socket"
+    assert str(info.value) == (f"[Errno {errno.ENAMETOOLONG}] cannot listen on {path}: AF_UNIX"
+                               f" path too long ({len(os.fsencode(path))} bytes, at most 107)")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1582,6 +1584,339 @@ def test_a_removals_records_once_its_caller_was_interrupted_are_emitted_once(
         hv.stop()
 
 
+def _emitting(thread: threading.Thread) -> bool:
+    """Whether ``thread`` stands at a handler's lock, emitting a record."""
+    assert thread.ident is not None
+    return stands_at(thread.ident, logging.Handler.handle, "self.acquire()")
+
+
+@pytest.mark.parametrize("call, logs", [
+    ("remove_domain", "the removal"),
+    ("remove_domain", "the service"),
+    ("stop", "the service"),
+])
+def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str, logs: str) -> None:
+    """A signal's handler removing a domain or stopping (a host closed on
+    SIGTERM) while the service thread serves, come in as the main thread
+    emitted a record, a handler's lock held; the removal logs (refusals
+    the domain's log was spared), or the service thread is logging (a
+    request failed: a bug) through that handler.  The call ends, and the
+    records are emitted once each: the removal's at once (as if logged
+    by the caller), the service thread's once the main thread lets go of
+    the lock.  The removal was the service thread's, which logged, its
+    caller waiting for it; the service thread logged under the lock the
+    call takes, or the call waited for it: each for ever."""
+    import json
+    import socket
+
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    def failing(self: Hypervisor, conn: object, msg: object, fds: object) -> NoReturn:
+        raise RuntimeError("a bug serving 'info'")
+
+    monkeypatch.setitem(_hypervisor.Hypervisor._ops, "info", failing)
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.start()
+    path = hv.add_domain(3, "guest")
+    service = hv._thread
+    assert service is not None
+    said = []
+    if logs == "the removal":
+        _with_refusals_unreported(hv, 3)
+        said.append("hypervisor: domain 3: 1 message suppressed")
+    else:
+        said.append("hypervisor: request 'info' from domain 3 failed")
+    monkeypatch.setattr(_hypervisor, "threading", _EveryCallerMain())
+    # The test's own: a call stuck in it (the bug) leaves the others be.
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    def in_a_record() -> object:
+        with kept.lock:
+            if logs == "the service":
+                client.connect(os.fspath(path))
+                client.send(json.dumps({"op": "info"}).encode())
+                assert eventually(lambda: _emitting(service)), "the service logs nothing"
+            return hv.remove_domain(3) if call == "remove_domain" else hv.stop()
+
+    ended = False
+    hv_logger.addHandler(kept)
+    try:
+        outcome = Attempt(in_a_record).result(
+            msg="the call waits for the service thread, which waits for its caller's lock")
+        ended = True
+        assert outcome is None
+        if call == "stop":
+            service.join(TIMEOUT)
+            assert not service.is_alive(), "the service thread outlived the lock"
+        else:
+            assert eventually(lambda: not _emitting(service))
+            assert hv.stats()["domains"] == 0
+        assert [r.getMessage() for r in kept.buffer] == said
+    finally:
+        hv_logger.removeHandler(kept)
+        monkeypatch.undo()
+        client.close()
+        if ended:
+            hv.stop()
+        else:
+            # Its lock is held for good by the caller stuck with hv's: at
+            # exit, logging would wait for it to flush the handler.
+            kept.lock = None  # type: ignore[assignment]
+
+
+def test_a_signal_handlers_stop_as_a_control_reply_logs_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A domain control request answered from a thread of the toolstack's
+    whose reply cannot be sent (dom0's handle takes no more: dropped, and
+    logged), while the main thread emits a record through that handler
+    and a signal's handler then stops the service (a host closed on
+    SIGTERM): stop() ends, and the record is emitted once the main thread
+    lets go of the handler's lock.  The reply was logged under the lock
+    stop() takes: each waited for the other for ever."""
+    import json
+    import socket
+
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    replies: queue.Queue[Callable[[dict[str, Any]], None]] = queue.Queue()
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.set_control(lambda op, args, reply: replies.put(reply))
+    hv.start()
+    path = hv.add_domain(0, "Domain-0")
+    send = _hypervisor.send_message
+
+    def full(sock: socket.socket, msg: Any, *args: Any) -> None:
+        if "domid" in msg:  # the reply, not the request's
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        send(sock, msg, *args)
+
+    # stop() in a test's thread, standing for the main one: it waits for
+    # _lock as the main one would, and the reply's thread is no main one.
+    monkeypatch.setattr(_hypervisor, "send_message", full)
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ended = False
+    hv_logger.addHandler(kept)
+    try:
+        client.connect(os.fspath(path))
+        client.send(json.dumps({"op": "domain_create", "name": "guest"}).encode())
+        reply = replies.get(timeout=TIMEOUT)
+
+        def in_a_record() -> object:
+            with kept.lock:
+                replier = Attempt(lambda: reply({"domid": 1}))
+                assert eventually(lambda: _emitting(replier.thread)), "the reply logs nothing"
+                return hv.stop(), replier
+
+        outcome = Attempt(in_a_record).result(
+            msg="stop() waits for the lock the reply holds, which waits for its caller's lock")
+        ended = True
+        result, replier = outcome
+        assert result is None
+        assert replier.result() is None
+        assert [r.getMessage() for r in kept.buffer] == [
+            "hypervisor: dropping a handle of domain 0: "
+            f"[Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}"]
+    finally:
+        hv_logger.removeHandler(kept)
+        monkeypatch.undo()
+        client.close()
+        if ended:
+            hv.stop()
+        else:
+            kept.lock = None  # type: ignore[assignment]
+
+
+def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """remove_domain() from a thread other than the main one, with no
+    service thread serving (done in place), logging (refusals the
+    domain's log was spared) through a handler the main thread holds, as
+    it emits a record; a signal's handler then removes another domain.
+    Both end, and the record is emitted once the main thread lets go of
+    the handler's lock.  The first logged under the lock the second
+    takes: each waited for the other for ever."""
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+    hv.add_domain(4, "other")
+    _with_refusals_unreported(hv, 3)
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+
+    # In a test's thread standing for the main one, which waits for _lock
+    # as the main one would.
+    def in_a_record() -> object:
+        with kept.lock:
+            remover = Attempt(lambda: hv.remove_domain(3))
+            assert eventually(lambda: _emitting(remover.thread)), "the removal logs nothing"
+            return hv.remove_domain(4), remover
+
+    ended = False
+    hv_logger.addHandler(kept)
+    try:
+        outcome = Attempt(in_a_record).result(
+            msg="the call waits for the lock the removal holds, which waits for its caller's lock")
+        ended = True
+        result, remover = outcome
+        assert result is None
+        assert remover.result() is None
+        assert hv.stats()["domains"] == 0
+        assert [r.getMessage() for r in kept.buffer] == [
+            "hypervisor: domain 3: 1 message suppressed"]
+    finally:
+        hv_logger.removeHandler(kept)
+        if ended:
+            hv.stop()
+        else:
+            kept.lock = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("first", ["the removal", "stop()"])
+def test_a_signal_handlers_stop_as_a_removal_left_by_a_ctrl_c_logs_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str) -> None:
+    """A Ctrl-C in remove_domain()'s wait for the thread that removes the
+    domain for it, that thread then logging (refusals the domain's log was
+    spared), its caller gone, while the main thread emits a record
+    through that handler, the lock held; a signal's handler then stops
+    the service (a host closed on SIGTERM), as that thread emits, or
+    before it has got there.  stop() ends, and the record is emitted once:
+    by that thread once the main thread lets go of the lock, or by stop()
+    itself.  stop() joined that thread, which waited for the lock stop()'s
+    caller held: for ever."""
+    import types
+
+    from racewindow import Attempt, PauseAt
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+    _with_refusals_unreported(hv, 3)
+    workers: list[threading.Thread] = []
+    [run] = [c for c in _hypervisor.Hypervisor._uninterrupted.__code__.co_consts
+             if isinstance(c, types.CodeType) and c.co_name == "run"]
+    # Its work done, about to say so: its caller is gone by then.
+    pause = PauseAt(types.FunctionType(run, {}, closure=tuple(
+        types.CellType() for _ in run.co_freevars)), "ended.append(True)")
+
+    class Paused(_left_waiting(workers)):
+        def run(self) -> None:
+            pause.run(super().run)
+
+    class EveryCallerMainLeftWaiting(_EveryCallerMain):
+        def __init__(self) -> None:
+            _ThreadingWith.__init__(self, threading.Thread, Paused)
+
+    monkeypatch.setattr(_hypervisor, "threading", EveryCallerMainLeftWaiting())
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+
+    # In a test's thread standing for the main one.
+    def in_a_record() -> object:
+        with kept.lock:
+            with pytest.raises(Interrupted):
+                hv.remove_domain(3)
+            [worker] = workers
+            assert pause.reached.wait(TIMEOUT)
+            if first == "the removal":
+                pause.resume()
+                assert eventually(lambda: _emitting(worker)), "the removal logs nothing"
+            else:
+                me = threading.get_ident()
+                Attempt(lambda: (eventually(lambda: stands_at(
+                    me, _hypervisor.Hypervisor.stop, "worker.join()")), pause.resume()))
+            return hv.stop(), worker
+
+    ended = False
+    hv_logger.addHandler(kept)
+    try:
+        outcome = Attempt(in_a_record).result(
+            msg="stop() waits for the removal's thread, which waits for its caller's lock")
+        ended = True
+        result, worker = outcome
+        assert result is None
+        worker.join(TIMEOUT)
+        assert not worker.is_alive(), "the removal's thread outlived the lock"
+        assert [r.getMessage() for r in kept.buffer] == [
+            "hypervisor: domain 3: 1 message suppressed"]
+        assert hv.stats()["domains"] == 0
+    finally:
+        hv_logger.removeHandler(kept)
+        pause.resume()
+        monkeypatch.undo()
+        if ended:
+            hv.stop()
+        else:
+            kept.lock = None  # type: ignore[assignment]
+
+def test_stats_in_another_thread_log_past_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stats() from a thread other than the main one, accepting the
+    handles in the backlog (no service thread serves), logs the refusal
+    of one past its domain's most through a handler the main thread holds
+    as it emits a record; a signal's handler then removes the domain.
+    Both end, and the record is emitted once the main thread lets go of
+    the handler's lock.  stats() logged under the lock the removal takes:
+    each waited for the other for ever."""
+    import socket
+
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    path = hv.add_domain(3, "guest")
+    clients: list[socket.socket] = []
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+
+    # In a test's thread standing for the main one, which waits for _lock
+    # as the main one would.
+    def in_a_record() -> object:
+        with kept.lock:
+            counter = Attempt(hv.stats)
+            assert eventually(lambda: _emitting(counter.thread)), "stats() logs nothing"
+            return hv.remove_domain(3), counter
+
+    ended = False
+    hv_logger.addHandler(kept)
+    try:
+        for i in range(_hypervisor.MAX_HANDLES_PER_DOMAIN + 1):
+            if i % 32 == 0:
+                hv.stats()  # accepted, before the backlog (64) is full
+            clients.append(socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+            clients[-1].connect(os.fspath(path))
+        assert not kept.buffer, "refused before the test"
+        outcome = Attempt(in_a_record).result(
+            msg="the removal waits for the lock stats() holds, which waits for its caller's lock")
+        ended = True
+        result, counter = outcome
+        assert result is None
+        assert counter.result()["connections"] == _hypervisor.MAX_HANDLES_PER_DOMAIN
+        assert [r.getMessage() for r in kept.buffer] == [
+            "hypervisor: domain 3 has 256 handles open; refusing another"]
+    finally:
+        hv_logger.removeHandler(kept)
+        for client in clients:
+            client.close()
+        if ended:
+            hv.stop()
+        else:
+            kept.lock = None  # type: ignore[assignment]
+
+
 def test_no_removal_thread_outlives_stop(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C in remove_domain()'s wait for the thread that removes the
@@ -1671,6 +2006,55 @@ def test_a_removal_asked_for_outside_the_main_thread_is_done_in_the_caller(
     finally:
         hv.stop()
 
+
+def test_a_removal_the_main_thread_has_no_thread_for_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """remove_domain() from the main thread with no thread to be had for
+    the removal (see Hypervisor._uninterrupted): a RuntimeError saying so,
+    or the Ctrl-C landing anywhere in it, and the domain left whole
+    (listed, listening, its handle open, its socket file there), for the
+    next call, a thread to be had, to remove.  It was removed in place,
+    where a Ctrl-C landing left it half removed (off the list, its
+    listener and handles open) for good."""
+    import socket
+
+    from xenback.sim import _hypervisor
+
+    def landing(n: int) -> str:
+        hv = _hypervisor.Hypervisor(tmp_path / str(n))
+        path = hv.add_domain(3, "guest")
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        refused: list[RuntimeError] = []
+
+        def remove() -> None:
+            try:
+                hv.remove_domain(3)
+            except RuntimeError as e:
+                refused.append(e)
+
+        try:
+            client.connect(os.fspath(path))
+            monkeypatch.setattr(_hypervisor, "threading",
+                                _ThreadingWith(threading.Thread, False))
+            where = interrupted_at(n, SIM_CODE, remove)
+            monkeypatch.undo()
+            if not where:
+                [e] = refused
+                assert str(e) == ("no thread to remove domain 3 in, where no Ctrl-C cuts it"
+                                  " short (can't start new thread)")
+            assert (hv.stats()["domains"], hv.stats()["connections"]) == (1, 1), where
+            assert path.exists(), where
+            hv.remove_domain(3)
+            assert hv.stats()["domains"] == 0
+            assert client.recv(1, socket.MSG_DONTWAIT) == b"", where  # hung up
+        finally:
+            client.close()
+            monkeypatch.undo()
+            hv.stop()
+        return where
+
+    landed = landings(landing)
+    assert any("Hypervisor._uninterrupted" in where for where in landed), landed
 
 def test_a_removal_left_by_a_ctrl_c_spares_the_domain_added_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -568,7 +568,7 @@ def test_a_domain_socket_that_cannot_be_made_keeps_its_errno(tmp_path: Path) -> 
         assert info.value.errno == errno.ENAMETOOLONG
         assert str(info.value) == (f"[Errno {errno.ENAMETOOLONG}] cannot create socket for "
                                    f"domain 12345: cannot listen on {too_long}: "
-                                   "AF_UNIX path too long")
+                                   "AF_UNIX path too long (110 bytes, at most 107)")
         assert not xsd.is_introduced(12345)
         domains = too_long.parent.parent
         assert not domains.exists()
@@ -1898,6 +1898,24 @@ def test_a_run_dir_too_long_for_a_socket_is_named(tmp_path: Path) -> None:
     run_dir = tmp_path / ("d" * 100)
     with pytest.raises(OSError, match="cannot listen on .*ddd"):
         XenStored(run_dir).start()
+
+
+@pytest.mark.parametrize("depth", [1, 10])
+def test_a_socket_path_too_long_says_its_size_and_the_limit(tmp_path: Path, depth: int) -> None:
+    """A socket path too long is ENAMETOOLONG, its message saying by how
+    much (its size in bytes, as the kernel counts: an é is two) and which
+    path: whole, or its first and last 100 characters when it is longer
+    than 203 (it may be thousands).  It said neither size nor limit, and
+    gave a path of any length whole."""
+    run_dir = tmp_path.joinpath(*["é" * 100] * depth)
+    path = os.fspath(run_dir / "xenstored" / "socket")
+    shown = path if len(path) <= 203 else f"{path[:100]}...{path[-100:]}"
+    with pytest.raises(OSError) as info:
+        XenStored(run_dir).start()
+    assert info.value.errno == errno.ENAMETOOLONG
+    assert str(info.value) == (f"[Errno {errno.ENAMETOOLONG}] cannot listen on {shown}: "
+                               f"AF_UNIX path too long ({len(os.fsencode(path))} bytes,"
+                               " at most 107)")
 
 
 def test_a_second_server_on_the_same_run_dir_is_refused(xsd: XenStored) -> None:

@@ -33,6 +33,7 @@ nothing any more.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import fcntl
 import functools
@@ -45,7 +46,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,16 +76,22 @@ logger = logging.getLogger(__name__)
 
 
 class _HeldLogger(logging.Logger):
-    """The module's logger as a removal's thread sees it while the main
-    thread waits for it (see Hypervisor._uninterrupted): its records are
-    kept, for whichever of the two tells to emit.
+    """The module's logger as a thread the main thread may wait for sees
+    it: a removal's thread (see Hypervisor._uninterrupted), and the
+    service thread while it holds _lock.  Its records are kept, to be
+    emitted where nobody waits on the emitter (see _emit).
 
     Emitting takes the handlers' locks, and logging's own for a level not
     asked about since the last change: a signal's handler that removes (a
     host closed on SIGTERM) may have come in where the main thread held
     one, waiting then for a thread that waits for it.  So nothing here
     calls into logging past making a record, which takes no lock; levels
-    and filters are applied as the records are emitted."""
+    and filters are applied as the records are emitted.
+
+    This leans on isEnabledFor() and handle() being a Logger's only ways
+    to its handlers, true of logging as of Python 3.11: debug() to
+    exception() and log() ask isEnabledFor(), then _log() makes the record
+    and passes it to handle()."""
 
     def __init__(self) -> None:
         super().__init__(logger.name)
@@ -98,19 +105,48 @@ class _HeldLogger(logging.Logger):
 
     def emit_held(self) -> None:
         """Emit the records kept, as the module's logger would have."""
-        for record in self.records:
-            if logger.isEnabledFor(record.levelno):
-                logger.handle(record)
+        _emit(self.records)
 
 
-# The logger of the calls a removal's thread makes: what it may reach
-# logs through _log(), which is that thread's _HeldLogger while it runs.
+def _emit(records: list[logging.LogRecord]) -> None:
+    """Emit what a _HeldLogger kept, as the module's logger would have."""
+    for record in records:
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
+
+
+# The logger of the calls a removal's thread, the service thread and a
+# thread in _records_held() make: what they may reach logs through
+# _log(), which is that thread's _HeldLogger while it holds records.
 _held = threading.local()
 
 
 def _log() -> logging.Logger:
     held: logging.Logger = getattr(_held, "logger", logger)
     return held
+
+
+@contextlib.contextmanager
+def _records_held() -> Iterator[None]:
+    """What this thread logs through _log() within, emitted at the end:
+    past _lock, taken within, which the main thread may wait for holding
+    a handler's lock (see Hypervisor._serve).
+
+    Not in the main thread, which emits under _lock as it always did (a
+    handler's lock it holds, it takes again): there a Ctrl-C as this
+    began could leave its records held for good.  Nor where they are
+    held already, by a thread that emits them itself."""
+    if (threading.current_thread() is threading.main_thread()
+            or getattr(_held, "logger", None) is not None):
+        yield
+        return
+    held = _HeldLogger()
+    _held.logger = held
+    try:
+        yield
+    finally:
+        del _held.logger
+        held.emit_held()
 
 
 #: Xen reserves the first grant refs for the toolstack (console, xenstore).
@@ -344,7 +380,7 @@ class Hypervisor:
         # remove_domain()'s future) or a removal's (_uninterrupted), which
         # need it.  Nothing blocks under it: sockets are non-blocking, and
         # a peer that cannot take a message is dropped instead of waited
-        # for.
+        # for; the service thread emits no record under it (see _serve).
         self._lock = threading.Lock()
         self._domains: dict[int, _Domain] = {}
         # An object that closes its epoll when dropped: a Hypervisor lost
@@ -365,6 +401,14 @@ class Hypervisor:
         # starts, cleared as it ends, of a bug too.  remove_domain() asks it
         # only then; a dead one would leave its caller waiting for ever.
         self._serving = False
+        # Whether the service thread emits records (under _lock): it is
+        # past _lock then, and may wait for a lock of logging's that the
+        # main thread holds (see stop).  Set for good once it is ending so.
+        self._emitting = False
+        # The service thread's last records, for stop() that joined it to
+        # emit (see _serve): emitted by that thread, its join would wait
+        # for them.
+        self._unsaid: list[logging.LogRecord] = []
         # Out of descriptors, accept() fails and leaves the connection in
         # the backlog: the listener stays readable (the loop would spin)
         # and the client waits forever for its first reply.  Closing this
@@ -385,6 +429,10 @@ class Hypervisor:
         # may hold: added to by +=, taken off by stop(), steps no call
         # splits.
         self._removers_left: list[threading.Thread] = []
+        # Whether such a thread emits what it logged itself (True), or
+        # hands it to stop(), which joins it (False): decided under _lock
+        # by whichever of the two comes first (see stop).
+        self._removers_emit: dict[threading.Thread, bool] = {}
 
     # -- host interface ------------------------------------------------------
 
@@ -480,9 +528,15 @@ class Hypervisor:
             os.close(reserve)
 
     def stop(self) -> None:
-        """Join the service thread, destroy every domain, free everything."""
+        """Join the service thread, destroy every domain, free everything.
+
+        Not joined if it is emitting records: the caller may be a signal's
+        handler come in where the main thread held the lock of a handler
+        those go to.  It touches nothing but _lock from there on, and ends
+        once they are emitted, which may be after stop() returns."""
         with self._lock:
             self._stopping = True  # the thread serves nothing more from here
+            joined = not self._emitting
         if self._thread is not None:
             try:
                 os.write(self._wake_w, b"x")
@@ -491,19 +545,28 @@ class Hypervisor:
             # Not if a start() cut short never started it (join() refuses
             # one not started), or its start() has not got it going yet:
             # it sees _stopping then, and ends without serving (_serve).
-            if self._thread.is_alive():
+            if joined and self._thread.is_alive():
                 self._thread.join()
             self._thread = None
         self._uninterrupted(self._remove_all)
         # None outlives stop(); each has found its domains gone, or
-        # removed them, by the time _remove_all had the lock.
+        # removed them, by the time _remove_all had the lock.  But one
+        # emitting what it logged, its caller gone, may wait for a lock
+        # of logging's this thread holds, as the service thread may: not
+        # waited for then.
         while self._removers_left:
             worker = self._removers_left[0]
-            if worker.is_alive():  # not if a Ctrl-C cut short its start()
+            with self._lock:
+                joined = not self._removers_emit.setdefault(worker, False)
+            if joined and worker.is_alive():  # not if a Ctrl-C cut short its start()
                 worker.join()
             del self._removers_left[0]
         self._selector.close()  # may be done again
         self._close_descriptors()
+        # In place: one a Ctrl-C cuts short, the next stop() emits again.
+        while self._unsaid:
+            _emit(self._unsaid[:1])
+            del self._unsaid[0]
 
     def _remove_all(self) -> None:
         with self._lock:
@@ -608,11 +671,15 @@ class Hypervisor:
         it), end its grants (freed once nobody maps them).
 
         Done by the service thread, as any change of its state, while the
-        caller waits: a hypercall, which no signal cuts in half (by the
+        caller waits: a hypercall, which no signal cuts in half.  By the
         caller itself if that thread does not serve, or is the caller; in
-        a thread of its own if the caller is the main thread, see
-        _uninterrupted).  :class:`ValueError` if there is no such
-        domain.  A KeyboardInterrupt in the wait leaves the removal to
+        a thread of its own if the caller is the main thread (see
+        _uninterrupted), which waits for _lock then, never for the service
+        thread: a signal's handler calling, that thread may be emitting
+        records to a handler whose lock the main thread holds.
+        :class:`ValueError` if there is no such domain; RuntimeError if
+        the main thread has no thread to be had for it, the domain left
+        whole.  A KeyboardInterrupt in the wait leaves the removal to
         finish without the caller, whose next remove_domain() finds the
         domain gone (ValueError) or waits for the removal again.
         """
@@ -622,7 +689,8 @@ class Hypervisor:
             if dom is None:
                 raise ValueError(f"no domain {domid}")
             # Not by thread ident: a dead thread's is given to the next one.
-            if self._serving and threading.current_thread() is not self._thread:
+            me = threading.current_thread()
+            if self._serving and me is not self._thread and me is not threading.main_thread():
                 self._removals.append((domid, future))
                 # Under _lock: stop() closes the pipe under it, after the thread ended.
                 try:
@@ -631,7 +699,8 @@ class Hypervisor:
                     pass  # a wake-up is pending already
                 dom = None
         if dom is not None:
-            self._uninterrupted(functools.partial(self._remove_listed, dom, future))
+            self._uninterrupted(functools.partial(self._remove_listed, dom, future),
+                                refused=f"remove domain {domid}")
         future.result()
 
     def _remove_listed(self, dom: _Domain, future: concurrent.futures.Future[None]) -> None:
@@ -643,7 +712,7 @@ class Hypervisor:
             else:
                 future.set_result(None)
 
-    def _uninterrupted(self, work: Callable[[], None]) -> None:
+    def _uninterrupted(self, work: Callable[[], None], refused: str = "") -> None:
         """``work()``, which takes _lock, where no Ctrl-C cuts it short.
 
         A signal's handler runs in the main thread only: there a Ctrl-C
@@ -651,12 +720,18 @@ class Hypervisor:
         the list with its listener, socket file and handles still there,
         for good.  So the main thread runs it in a thread of its own, and
         waits: a Ctrl-C lands in the wait, and the work goes on without
-        it, as the service thread's would.  With no thread to be had, it
-        is done here all the same.  What it logs is emitted, and its
-        failure raised, in the caller, as if done there; by its thread
-        once the caller has gone (see _HeldLogger)."""
+        it, as the service thread's would.  With no thread to be had, a
+        RuntimeError saying it could not ``refused`` (work a caller may
+        ask for again); without ``refused`` (stop() and start()'s undo,
+        which must free what they can), it is done here all the same, a
+        Ctrl-C in it leaving a domain half removed.  What it logs is
+        emitted, and its failure raised, in the caller, as if done there;
+        by its thread once the caller has gone (see _HeldLogger).  In
+        another thread, where no signal's handler runs, it is done in
+        place, what it logs emitted once _lock is let go."""
         if threading.current_thread() is not threading.main_thread():
-            work()
+            with _records_held():
+                work()
             return
         held = _HeldLogger()
         failure: list[BaseException] = []
@@ -665,10 +740,10 @@ class Hypervisor:
         # never lost for a caller gone (list.append() and += are atomic).
         ended: list[bool] = []
 
-        def told_late() -> None:
-            held.emit_held()
+        def told_late() -> list[logging.LogRecord]:
             if failure:
-                logger.error("hypervisor: failure removing domains", exc_info=failure[0])
+                held.error("hypervisor: failure removing domains", exc_info=failure[0])
+            return held.records
 
         def run() -> None:
             _held.logger = held
@@ -678,26 +753,39 @@ class Hypervisor:
                 failure.append(e)
             ended.append(True)
             if not ended[0]:
-                told_late()
+                said = told_late()
+                with self._lock:
+                    emits = self._removers_emit.setdefault(worker, True)
+                    if not emits:
+                        self._unsaid += said  # for stop(), which joins it
+                if emits:
+                    _emit(said)
 
         worker = threading.Thread(target=run, name=f"xenback-sim-removal:{self.run_dir}",
                                   daemon=True)
+        no_thread: list[RuntimeError] = []
         try:
             try:
                 worker.start()
-            except RuntimeError:  # can't start new thread
-                work()
-                return
-            # Joined, not just waited for: once stop() returns, no thread of
-            # the service's is left.
-            worker.join()
+            except RuntimeError as e:  # can't start new thread
+                if not refused:
+                    work()
+                    return
+                no_thread.append(e)
+            else:
+                # Joined, not just waited for: once stop() returns, no
+                # thread of the service's is left.
+                worker.join()
         except BaseException:
             # No call before the check (none can land in between).
             ended += [False]
             self._removers_left += [worker]
             if ended[0]:
-                told_late()
+                _emit(told_late())
             raise
+        if no_thread:
+            raise RuntimeError(f"no thread to {refused} in, where no Ctrl-C cuts it short"
+                               f" ({no_thread[0]})") from no_thread[0]
         held.emit_held()
         if failure:
             raise failure[0]
@@ -731,13 +819,19 @@ class Hypervisor:
             future.set_result(None)
 
     def _serve(self) -> None:
+        # What it logs under _lock is emitted past it: a signal's handler
+        # that came in as the main thread emitted a record, the lock of a
+        # handler held, may wait for _lock (or for this thread to end),
+        # and this thread for that handler's lock.
+        held = _HeldLogger()
+        _held.logger = held
         try:
             with self._lock:
                 if self._stopping:
                     return  # stopped before it ran (a start() cut short): see stop()
-            self._serve_loop()
+            self._serve_loop(held)
         except BaseException:
-            logger.exception("hypervisor: the service thread died")
+            _log().exception("hypervisor: the service thread died")
             raise
         finally:
             with self._lock:
@@ -751,6 +845,15 @@ class Hypervisor:
                 for domid, future in removals:
                     if not future.done():
                         self._run_removal(domid, future)
+                said, held.records = held.records, []
+                if self._stopping and not self._emitting:
+                    # stop() joins it: emitted here, they could keep the
+                    # join waiting for a lock its caller holds.
+                    self._unsaid += said
+                    said = []
+                else:
+                    self._emitting = True  # none joins it from here
+            _emit(said)
 
     def stats(self) -> dict[str, int]:
         """Counts of live objects, for leak tests: ``domains``, handles
@@ -760,7 +863,7 @@ class Hypervisor:
         :meth:`~xenback.platform.GrantTable.map_grant_refs`, whatever
         its number of pages): what a backend that leaks none leaves at 0
         once its devices are gone, while its frontends' grants stay."""
-        with self._lock:
+        with _records_held(), self._lock:
             # Opening a handle returns once its connection is in the
             # backlog, before the service accepts it: a count (and the
             # service's descriptors) taken right after handles were opened
@@ -782,7 +885,7 @@ class Hypervisor:
 
     # -- service thread ------------------------------------------------------
 
-    def _serve_loop(self) -> None:
+    def _serve_loop(self, held: _HeldLogger) -> None:
         while True:
             timeout = None
             if self._accept_paused:
@@ -801,14 +904,22 @@ class Hypervisor:
                     except Exception:
                         # A bug, not bad input (that gets an errno).  Drop
                         # what caused it and keep serving everybody else.
-                        logger.exception("hypervisor: failure serving %r", key.data)
+                        _log().exception("hypervisor: failure serving %r", key.data)
                         if isinstance(key.data, _Conn):
                             self._doomed.append(key.data)
                 try:
                     self._reap()
                 except Exception:
-                    logger.exception("hypervisor: failure closing a handle")
+                    _log().exception("hypervisor: failure closing a handle")
                     self._doomed.clear()
+                said, held.records = held.records, []
+                self._emitting = bool(said)
+            if said:
+                _emit(said)
+                with self._lock:
+                    if self._stopping:
+                        return  # emitting, it was not joined: see stop()
+                    self._emitting = False
 
     def _dispatch(self, data: _Domain | _Conn | None, mask: int) -> None:
         if data is None:
@@ -837,7 +948,7 @@ class Hypervisor:
             # The domain decides how often: its own rate limit, so that it
             # neither floods the log nor silences what others cause.
             dom.warnings.log(
-                logger,
+                _log(),
                 logging.WARNING,
                 "hypervisor: domain %d has %d handles open; refusing another",
                 dom.domid,
@@ -930,7 +1041,7 @@ class Hypervisor:
         except OSError as e:
             close_fds(fds)
             if e.errno not in _OUT_OF_FDS:
-                logger.exception("hypervisor: request %r from domain %d failed",
+                _log().exception("hypervisor: request %r from domain %d failed",
                                  op, conn.domain.domid)
                 self._send(conn, _reply_to(request_id,
                                            {"errno": errno.EIO, "error": "internal error"}))
@@ -943,7 +1054,8 @@ class Hypervisor:
             return
         except Exception:
             close_fds(fds)
-            logger.exception("hypervisor: request %r from domain %d failed", op, conn.domain.domid)
+            _log().exception("hypervisor: request %r from domain %d failed",
+                             op, conn.domain.domid)
             self._send(conn, _reply_to(request_id, {"errno": errno.EIO, "error": "internal error"}))
             return
         if result is None:
@@ -1389,7 +1501,7 @@ class Hypervisor:
         return None
 
     def _reply_later(self, conn: _Conn, request_id: int | None, msg: Message) -> None:
-        with self._lock:
+        with _records_held(), self._lock:
             self._send(conn, _reply_to(request_id, msg))
             self._reap()
 
