@@ -1669,6 +1669,65 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
             kept.lock = None  # type: ignore[assignment]
 
 
+def test_stop_waits_a_while_for_a_service_thread_emitting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service thread emits a record to a handler whose lock another
+    thread holds, not stop()'s caller (so no deadlock, only a slow
+    handler): stop() waits for it, and no thread of the service outlives
+    stop().  Not waited for at all, it still ran once stop() returned,
+    and a test counting threads after a host's stop() saw it."""
+    import json
+    import socket
+
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    def failing(self: Hypervisor, conn: object, msg: object, fds: object) -> NoReturn:
+        raise RuntimeError("a bug serving 'info'")
+
+    monkeypatch.setitem(_hypervisor.Hypervisor._ops, "info", failing)
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.start()
+    path = hv.add_domain(3, "guest")
+    service = hv._thread
+    assert service is not None
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with kept.lock:
+            held.set()
+            release.wait(TIMEOUT)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    hv_logger.addHandler(kept)
+    try:
+        holder.start()
+        assert held.wait(TIMEOUT)
+        client.connect(os.fspath(path))
+        client.send(json.dumps({"op": "info"}).encode())
+        assert eventually(lambda: _emitting(service)), "the service logs nothing"
+        stopper = Attempt(hv.stop)
+        assert stopper.thread.ident is not None
+        assert eventually(lambda: stands_at(stopper.thread.ident, _hypervisor.Hypervisor.stop,
+                                            "self._thread.join(")), "stop() does not wait"
+        release.set()
+        stopper.result()
+        assert not service.is_alive(), "the service thread outlived stop()"
+        assert [r.getMessage() for r in kept.buffer] == [
+            "hypervisor: request 'info' from domain 3 failed"]
+    finally:
+        release.set()
+        holder.join(TIMEOUT)
+        hv_logger.removeHandler(kept)
+        monkeypatch.undo()
+        client.close()
+        hv.stop()
+
+
 def test_a_signal_handlers_stop_as_a_control_reply_logs_ends(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A domain control request answered from a thread of the toolstack's
@@ -1836,7 +1895,7 @@ def test_a_signal_handlers_stop_as_a_removal_left_by_a_ctrl_c_logs_ends(
             else:
                 me = threading.get_ident()
                 Attempt(lambda: (eventually(lambda: stands_at(
-                    me, _hypervisor.Hypervisor.stop, "worker.join()")), pause.resume()))
+                    me, _hypervisor.Hypervisor.stop, "worker.join(")), pause.resume()))
             return hv.stop(), worker
 
     ended = False
@@ -1944,7 +2003,7 @@ def test_no_removal_thread_outlives_stop(
         main = threading.get_ident()
         # Let go once stop() waits for it: else it would wait for ever.
         resumer = Attempt(lambda: (
-            eventually(lambda: stands_at(main, _hypervisor.Hypervisor.stop, "worker.join()")),
+            eventually(lambda: stands_at(main, _hypervisor.Hypervisor.stop, "worker.join(")),
             pause.resume()))
         hv.stop()
         assert not worker.is_alive(), "a removal's thread outlived stop()"

@@ -149,6 +149,12 @@ def _records_held() -> Iterator[None]:
         held.emit_held()
 
 
+#: How long stop() waits for a thread of the service that is emitting
+#: records: for ever, it would deadlock with a signal's handler that came
+#: in where the main thread held a lock of logging's the thread waits for
+#: (see Hypervisor.stop); otherwise the thread ends within microseconds.
+_EMITTER_WAIT = 1.0
+
 #: Xen reserves the first grant refs for the toolstack (console, xenstore).
 GNTTAB_NR_RESERVED_ENTRIES = 8
 #: Grant entries a domain may have at once (Xen's default max_grant_frames
@@ -530,10 +536,13 @@ class Hypervisor:
     def stop(self) -> None:
         """Join the service thread, destroy every domain, free everything.
 
-        Not joined if it is emitting records: the caller may be a signal's
-        handler come in where the main thread held the lock of a handler
-        those go to.  It touches nothing but _lock from there on, and ends
-        once they are emitted, which may be after stop() returns."""
+        One emitting records is waited for :data:`_EMITTER_WAIT` at most:
+        the caller may be a signal's handler come in where the main thread
+        held the lock of a handler those go to, which the thread then
+        waits for as long as stop() would wait for it.  It touches nothing
+        but _lock from there on, and ends once they are emitted, after
+        stop() returns then; otherwise (all but that deadlock) within the
+        wait, so that no thread of the service outlives stop()."""
         with self._lock:
             self._stopping = True  # the thread serves nothing more from here
             joined = not self._emitting
@@ -545,21 +554,21 @@ class Hypervisor:
             # Not if a start() cut short never started it (join() refuses
             # one not started), or its start() has not got it going yet:
             # it sees _stopping then, and ends without serving (_serve).
-            if joined and self._thread.is_alive():
-                self._thread.join()
+            if self._thread.is_alive():
+                self._thread.join(None if joined else _EMITTER_WAIT)
             self._thread = None
         self._uninterrupted(self._remove_all)
         # None outlives stop(); each has found its domains gone, or
         # removed them, by the time _remove_all had the lock.  But one
         # emitting what it logged, its caller gone, may wait for a lock
         # of logging's this thread holds, as the service thread may: not
-        # waited for then.
+        # waited for past _EMITTER_WAIT then.
         while self._removers_left:
             worker = self._removers_left[0]
             with self._lock:
                 joined = not self._removers_emit.setdefault(worker, False)
-            if joined and worker.is_alive():  # not if a Ctrl-C cut short its start()
-                worker.join()
+            if worker.is_alive():  # not if a Ctrl-C cut short its start()
+                worker.join(None if joined else _EMITTER_WAIT)
             del self._removers_left[0]
         self._selector.close()  # may be done again
         self._close_descriptors()
