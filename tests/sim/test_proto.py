@@ -954,10 +954,28 @@ def test_a_ctrl_c_in_the_wake_up_request_leaves_no_request_waiting(guest: Domain
 
 
 @contextlib.contextmanager
+def _no_descriptor_at_all() -> Iterator[None]:
+    """In the block, this process can open no descriptor (EMFILE): its
+    soft RLIMIT_NOFILE is 0.  Not a limit just past the highest number
+    in use, with every free one below taken: another thread of the
+    process (the simulated host's service thread, the garbage collector
+    closing a socket) may close a descriptor meanwhile, and the next open
+    would take its number.  At 0, no number is free to any open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (0, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@contextlib.contextmanager
 def _no_descriptor_left() -> Iterator[None]:
     """In the block, this process can open no descriptor (EMFILE): every
     number below the soft limit, lowered to just past the highest one in
-    use, is taken."""
+    use, is taken.  For a test that frees one number for one open: a
+    descriptor another thread closes meanwhile gives a second (see
+    :func:`_no_descriptor_at_all`)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
     fillers: list[int] = []
@@ -1032,7 +1050,7 @@ def test_a_reply_whose_descriptors_find_no_room_fails_its_call_and_is_given_back
     conn = ServiceConnection(path, EventChannelError, lambda msg, fds: None)
     try:
         conn.call("info")  # the service is serving (it accepted already)
-        with caplog.at_level("ERROR", logger="xenback.sim._proto"), _no_descriptor_left(), \
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"), _no_descriptor_at_all(), \
                 pytest.raises(EventChannelError) as info:
             conn.call("evtchn_alloc_unbound", domid=0)
         assert info.value.errno == errno.EMFILE, info.value
@@ -1063,7 +1081,7 @@ def test_a_request_whose_descriptors_find_no_room_at_the_service_is_answered_as_
         r, w = os.pipe()
         try:
             conn.call("info")  # the service is serving (it accepted already)
-            with _no_descriptor_left():
+            with _no_descriptor_at_all():
                 with pytest.raises(EventChannelError) as info:
                     conn.call("info", [w])
                 assert info.value.errno == errno.EMFILE, info.value
