@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import threading
+from collections.abc import Iterator
 
 
 def descriptors() -> frozenset[tuple[int, str]]:
@@ -32,3 +34,75 @@ def open_sockets() -> set[int]:
             if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
                 sockets.add(int(fd))
     return sockets
+
+
+
+class HeldNumbers:
+    """Descriptor numbers the test's thread closed within :meth:`closing`,
+    each held since by a file of the test's own: a second close of one (a
+    bug that left the number stored after closing it) closes that file,
+    and :meth:`check` says so.  Other threads of the process (a simulated
+    host's service thread, routers, the garbage collector closing a
+    socket) open and close descriptors at any time: a test that closes a
+    number and then opens a file expecting to get it back may find
+    another thread's file there instead, and prove nothing."""
+
+    def __init__(self) -> None:
+        self.numbers: list[int] = []
+        # One memfd, whose duplicates hold the numbers: no other file of
+        # the process has its inode.
+        self._file = os.memfd_create("held-number", os.MFD_CLOEXEC)
+        self._identity = os.fstat(self._file)
+
+    @contextlib.contextmanager
+    def closing(self) -> Iterator[None]:
+        """Within: os.close() of this thread puts the test's file at the
+        number instead, in one step (dup2), so that no other thread can
+        take the number; other threads' calls close as ever."""
+        close, tid = os.close, threading.get_ident()
+
+        def held(fd: int) -> None:
+            if threading.get_ident() != tid or fd in self.numbers:
+                close(fd)  # for a held number: closed again, as check() says
+                return
+            os.fstat(fd)  # EBADF for a number not open, as close() would say
+            os.dup2(self._file, fd)
+            self.numbers.append(fd)
+
+        os.close = held
+        try:
+            yield
+        finally:
+            os.close = close
+
+    def _kept(self, fd: int) -> bool:
+        try:
+            return os.path.samestat(os.fstat(fd), self._identity)
+        except OSError:
+            return False
+
+    def check(self, where: str) -> None:
+        """Assert that nothing closed a held number again."""
+        again = [fd for fd in self.numbers if not self._kept(fd)]
+        assert not again, (where, f"descriptors {again} closed twice")
+
+    def release(self) -> None:
+        """Close the numbers still held (one closed again may be another
+        thread's file by now), and the test's file."""
+        numbers, self.numbers = self.numbers, []
+        for fd in numbers:
+            if self._kept(fd):
+                os.close(fd)
+        if self._file >= 0:
+            file, self._file = self._file, -1
+            os.close(file)
+
+
+@contextlib.contextmanager
+def numbers_held() -> Iterator[HeldNumbers]:
+    """A :class:`HeldNumbers`, released on the way out."""
+    held = HeldNumbers()
+    try:
+        yield held
+    finally:
+        held.release()

@@ -2835,21 +2835,18 @@ def test_listen_with_a_huge_backlog_is_clamped(raw: RawFrontend, backend: pvcall
 
 
 @contextlib.contextmanager
-def _no_more_descriptors(raw: RawFrontend) -> Iterator[None]:
+def _no_more_descriptors() -> Iterator[None]:
     """The process may open no more descriptors (EMFILE) until the block
-    ends: RLIMIT_NOFILE at the lowest free descriptor number.  Only for
-    steps that open none but the one expected to fail (the simulated
-    hypervisor passes descriptors for grant mappings and event channels).
+    ends: RLIMIT_NOFILE at 0.  Only for steps that open none but the one
+    expected to fail (the simulated hypervisor passes descriptors for
+    grant mappings and event channels).
 
-    Nothing may close one meanwhile either, or the step takes its number.
-    The hypervisor service (a thread of this process) closes its copies of
-    the descriptors it passed just after its reply: one more request, on
-    the raw frontend's connection, waits until it has."""
-    raw.evtchn._conn.call("info")
-    lowest = os.open(os.devnull, os.O_RDONLY)
-    os.close(lowest)
+    Not at the lowest free number: other threads of the process (the
+    simulated host's service thread, the garbage collector closing a
+    socket) may close a descriptor meanwhile, and the step would take its
+    number.  At 0 no number is free to it, whatever closes."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (0, hard))
     try:
         yield
     finally:
@@ -2862,7 +2859,7 @@ def test_bind_without_a_descriptor_left_is_emfile(
     and ACCEPT are), not -EIO with an internal error logged, and the id
     stays NEW for a later BIND."""
     sock_id, _ = raw.socket()
-    with _no_more_descriptors(raw):
+    with _no_more_descriptors():
         rsp = raw.bind(sock_id, ("127.0.0.1", 0))
     assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_BIND, EMFILE, sock_id)
     row, = backend.stats().sockets
@@ -2918,7 +2915,7 @@ def test_accept_without_a_descriptor_left_is_emfile(
     accept = raw.push_accept(listener, id_new, raw.new_ring())
     wait_until(lambda: any(r.id == id_new for r in backend.stats().sockets))
     client = socket.socket()  # its descriptor before the limit
-    with _no_more_descriptors(raw):
+    with _no_more_descriptors():
         client.connect(address)
         rsp = raw.response(accept)
     assert (rsp.cmd, rsp.ret, rsp.id) == (_wire.PVCALLS_ACCEPT, EMFILE, listener)

@@ -258,22 +258,57 @@ def _read_to_eof(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+class _NumberKept(socket.socket):
+    """A socket whose close() leaves /dev/null at its descriptor number:
+    its file is closed (its peer reads the end), but no thread of the
+    process can take the number until the test moves a file of its own
+    there (see :func:`_moved_to`)."""
+
+    def close(self) -> None:
+        if self.fileno() == -1:
+            return
+        placeholder = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.dup2(placeholder, self.fileno())
+        finally:
+            os.close(placeholder)
+        self.detach()
+
+
+def _moved_to(sock: socket.socket, fd: int) -> socket.socket:
+    """``sock``, moved to the number ``fd`` the test holds (dup2 replaces
+    what is there in one step: no other thread can take the number)."""
+    os.dup2(sock.fileno(), fd)
+    sock.close()
+    moved = socket.socket(fileno=fd)
+    moved.setblocking(False)
+    return moved
+
+
 def test_a_late_timer_ends_only_its_own_socket(backend: pvcalls.Backend) -> None:
     """A socket's timer that was already running when the socket finished
     (cancel() does not wait for it) must not end the socket that has its
     descriptor number by then."""
     lingerer = backend.lingerer
-    first, first_peer = _stuck_pair()
+    a, first_peer = _stuck_pair()
+    first = _NumberKept(fileno=a.detach())
+    first.setblocking(False)
     fd = first.fileno()
     assert lingerer.adopt(first, 4242, b"first", RateLimit("dom4242")) is True
     timer = lingerer._orphans[fd].timer
     assert timer is not None
-    with first_peer:
-        assert _read_to_eof(first_peer).endswith(b"first")  # finished, closed
-    wait_until(lambda: len(lingerer) == 0)
-    second, second_peer = _stuck_pair()  # the lowest free number: fd again
+    moved = False
+    try:
+        with first_peer:
+            assert _read_to_eof(first_peer).endswith(b"first")  # finished, closed
+        wait_until(lambda: len(lingerer) == 0)
+        b, second_peer = _stuck_pair()
+        second = _moved_to(b, fd)
+        moved = True
+    finally:
+        if not moved and first.fileno() == -1:
+            os.close(fd)  # the placeholder: the number is still the test's
     with second_peer:
-        assert second.fileno() == fd, "another thread took the descriptor number"
         assert lingerer.adopt(second, 4242, b"second", RateLimit("dom4242")) is True
         timer.func(timer)  # the first socket's timer, late
         assert len(lingerer) == 1 and second.fileno() == fd

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fdcensus import numbers_held
 from hosthelpers import (
     SIM_CODE,
     SIM_ROUND_TRIP,
@@ -1895,8 +1896,8 @@ def test_a_notify_finding_its_peer_gone_interrupted_anywhere_closes_nothing_twic
     peer's pipe closed (the peer unbound, its news not here yet): the
     port's write end is closed once and forgotten.  One landing as its
     close returned left the closed number on the port, for close() to
-    close again: by then the number of a file of someone else's (a pipe
-    made in between here)."""
+    close again: by then the number of a file of someone else's (the
+    test's, which holds every number notify() closed: see HeldNumbers)."""
     def landing(n: int) -> str:
         before = descriptors()
         path = str(tmp_path / f"hypervisor-{n}")
@@ -1905,26 +1906,25 @@ def test_a_notify_finding_its_peer_gone_interrupted_anywhere_closes_nothing_twic
         server, sent = _bind_answered_then(path, port_r, [
             ({"event": "bound", "port": 7, "domid": 1, "remote_port": 5}, peer_w)])
         ch = EventChannel(path)
-        mine: tuple[int, int] | None = None
-        try:
-            assert ch.bind_unbound_port(1) == 7
-            assert sent.wait(TIMEOUT)
-            assert ch.remote(7) == (1, 5)  # the news taken: the port has the write end
-            os.close(peer_r)  # the peer went: its read end with it
-            where = interrupted_at(n, SIM_CODE, lambda: ch.notify(7), besides=SIM_ROUND_TRIP)
-            held = ch._ports[7].peer_fd
-            # Still the port's, it was never closed.
-            held_open = held is None or _is_pipe(held)
-            # Takes the lowest free numbers: one the handle closed above among them.
-            mine = os.pipe()
-            ch.notify(7)
-        finally:
-            ch.close()
-            server.join(TIMEOUT)
-        assert held_open, f"interrupted {where}: the port holds {held}, closed"
-        assert mine is not None and all(map(_is_pipe, mine)), (
-            f"interrupted {where}: the handle closed a pipe not its own")
-        close_fds([port_w, *mine])
+        with numbers_held() as kept:
+            try:
+                assert ch.bind_unbound_port(1) == 7
+                assert sent.wait(TIMEOUT)
+                assert ch.remote(7) == (1, 5)  # the news taken: the port has the write end
+                os.close(peer_r)  # the peer went: its read end with it
+                with kept.closing():
+                    where = interrupted_at(n, SIM_CODE, lambda: ch.notify(7),
+                                           besides=SIM_ROUND_TRIP)
+                held = ch._ports[7].peer_fd
+                # Still the port's, it was never closed.
+                held_open = held is None or _is_pipe(held)
+                ch.notify(7)
+            finally:
+                ch.close()
+                server.join(TIMEOUT)
+            assert held_open, f"interrupted {where}: the port holds {held}, closed"
+            kept.check(f"interrupted {where}: the handle closed a file not its own")
+        close_fds([port_w])
         _no_descriptors_since(before, where)
         return where
 

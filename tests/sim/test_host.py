@@ -13,7 +13,6 @@ import queue
 import re
 import select
 import signal
-import stat
 import sys
 import tempfile
 import threading
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 import pyxs
+from fdcensus import numbers_held
 from hosthelpers import (
     SIM_CODE,
     SIM_ROUND_TRIP,
@@ -331,22 +331,16 @@ def test_a_close_interrupted_in_a_join_is_finished_by_the_next() -> None:
         raise Interrupted
 
     thread.join = interrupted_join  # type: ignore[method-assign]
-    with pytest.raises(Interrupted):
+    with numbers_held() as kept:
+        # A file of the test's takes each number the first close() closes.
+        with kept.closing(), pytest.raises(Interrupted):
+            host.close()
+        assert hypervisor_fds <= set(kept.numbers)
+        with pytest.raises(RuntimeError, match="closing"):
+            host.create_domain("late")
+        assert run_dir.exists()
         host.close()
-    with pytest.raises(RuntimeError, match="closing"):
-        host.create_domain("late")
-    assert run_dir.exists()
-    # Other files take the hypervisor's old descriptor numbers.
-    others = []
-    while not hypervisor_fds <= {f.fileno() for f in others} and len(others) < 100:
-        others.append(open(os.devnull))
-    try:
-        host.close()
-        for f in others:
-            os.fstat(f.fileno())  # still open
-    finally:
-        for f in others:
-            f.close()
+        kept.check("the second close()")
     assert not run_dir.exists()
     assert set(threading.enumerate()) - threads == set()
     assert open_fds() - fds == set()
@@ -652,19 +646,12 @@ def test_a_hypervisor_add_domain_undo_interrupted_anywhere_leaves_nothing(
     assert sum("Hypervisor.add_domain" in where for where in landed) >= 2, landed
 
 
-def _is_pipe(fd: int) -> bool:
-    try:
-        return stat.S_ISFIFO(os.fstat(fd).st_mode)
-    except OSError:
-        return False
-
-
 def test_a_hypervisor_stop_interrupted_anywhere_closes_nothing_twice(tmp_path: Path) -> None:
     """A Ctrl-C landing anywhere in the hypervisor service's stop(), then
     stop() again: each of its descriptors is closed once.  One landing as
     a close returned left the closed number stored, and the next stop()
-    closed it again: by then the number of a file of someone else's (a
-    pipe made in between here)."""
+    closed it again: by then the number of a file of someone else's (the
+    test's, which holds every number stop() closed: see HeldNumbers)."""
     from xenback.sim._hypervisor import Hypervisor
 
 
@@ -673,15 +660,13 @@ def test_a_hypervisor_stop_interrupted_anywhere_closes_nothing_twice(tmp_path: P
         hv = Hypervisor(tmp_path / str(n))
         hv.start()
         hv.add_domain(0, "Domain-0")
-        try:
-            where = interrupted_at(n, SIM_CODE, hv.stop)
-            # Takes the lowest free numbers: one stop() closed among them.
-            mine = os.pipe()
-        finally:
-            hv.stop()
-        closed = [fd for fd in mine if not _is_pipe(fd)]
-        assert not closed, f"interrupted {where}: stop() closed {closed}, not its own"
-        close_fds(mine)
+        with numbers_held() as held:
+            try:
+                with held.closing():
+                    where = interrupted_at(n, SIM_CODE, hv.stop)
+            finally:
+                hv.stop()
+            held.check(f"interrupted {where}")
         assert eventually(lambda: descriptors() <= before), (
             f"interrupted {where}: new descriptors {sorted(descriptors() - before)}")
         return where

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fdcensus import numbers_held
 from hosthelpers import SIM_CODE, descriptors, eventually, every_landing, serve_one_client
 from racewindow import TIMEOUT
 from stolensignal import OUTLASTS_THE_TEST, Interrupted, interrupted_as_call_returns, interrupted_at
@@ -365,33 +366,6 @@ def _outside_the_round_trip() -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _numbers_kept() -> Iterator[Callable[[str], None]]:
-    """Files opened on the lowest free descriptor numbers, those a Ctrl-C
-    may have left closed and still listed to close: ``check(where)`` asserts
-    that nothing closed them meanwhile (a descriptor closed twice closes
-    whatever file has its number by then)."""
-    guards = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(4)]
-    inodes = [os.fstat(fd).st_ino for fd in guards]
-
-    def check(where: str) -> None:
-        for fd, inode in zip(guards, inodes, strict=True):
-            try:
-                kept = os.fstat(fd).st_ino == inode
-            except OSError:
-                kept = False
-            assert kept, (where, f"descriptor {fd} closed twice")
-
-    try:
-        yield check
-    finally:
-        for fd in guards:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
 class _Handles:
     """A guest's share handle and event channel handle, and dom0's grant
     table and event channel handle, each one connection kept open across a
@@ -489,11 +463,12 @@ def test_a_call_interrupted_anywhere_in_its_round_trip_leaves_nothing(
     def landing(n: int) -> str:
         call, after = handles.round(op)
         made: list[object] = []
-        where = interrupted_at(n, SIM_CODE, lambda: made.append(call()),
-                               unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
-        with _numbers_kept() as check:
+        with numbers_held() as kept:
+            with kept.closing():
+                where = interrupted_at(n, SIM_CODE, lambda: made.append(call()),
+                                       unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
             after([m for m in made if m is not None])
-            check(where)
+            kept.check(where)
         return where
 
     try:
@@ -666,16 +641,17 @@ def test_a_reply_left_on_its_way_out_is_released_whatever_cuts_its_release_short
                     handle.unmap()
                 tab.map_grant_refs(guest.domid, pages.refs).unmap()  # flush
             made: list[object] = []
-            where = interrupted_at(
-                n, SIM_CODE,
-                lambda made=made: made.append(tab.map_grant_refs(guest.domid, pages.refs)),
-                unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
-            with _numbers_kept() as check:
+            with numbers_held() as kept:
+                with kept.closing():
+                    where = interrupted_at(
+                        n, SIM_CODE,
+                        lambda made=made: made.append(tab.map_grant_refs(guest.domid, pages.refs)),
+                        unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
                 for mapping in [*made, *tab._live.values()]:
                     mapping.unmap()  # type: ignore[attr-defined]
                 with tab.map_grant_refs(guest.domid, pages.refs) as again:
                     assert len(again.buffer) == PAGE_SIZE
-                check(where)
+                kept.check(where)
             assert not tab._conn._delivering, where
             # A release cut short as its request was about to go left it
             # to the next call, and no request listed that never went.
@@ -978,10 +954,28 @@ def test_a_ctrl_c_in_the_wake_up_request_leaves_no_request_waiting(guest: Domain
 
 
 @contextlib.contextmanager
+def _no_descriptor_at_all() -> Iterator[None]:
+    """In the block, this process can open no descriptor (EMFILE): its
+    soft RLIMIT_NOFILE is 0.  Not a limit just past the highest number
+    in use, with every free one below taken: another thread of the
+    process (the simulated host's service thread, the garbage collector
+    closing a socket) may close a descriptor meanwhile, and the next open
+    would take its number.  At 0, no number is free to any open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (0, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@contextlib.contextmanager
 def _no_descriptor_left() -> Iterator[None]:
     """In the block, this process can open no descriptor (EMFILE): every
     number below the soft limit, lowered to just past the highest one in
-    use, is taken."""
+    use, is taken.  For a test that frees one number for one open: a
+    descriptor another thread closes meanwhile gives a second (see
+    :func:`_no_descriptor_at_all`)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
     fillers: list[int] = []
@@ -1056,7 +1050,7 @@ def test_a_reply_whose_descriptors_find_no_room_fails_its_call_and_is_given_back
     conn = ServiceConnection(path, EventChannelError, lambda msg, fds: None)
     try:
         conn.call("info")  # the service is serving (it accepted already)
-        with caplog.at_level("ERROR", logger="xenback.sim._proto"), _no_descriptor_left(), \
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"), _no_descriptor_at_all(), \
                 pytest.raises(EventChannelError) as info:
             conn.call("evtchn_alloc_unbound", domid=0)
         assert info.value.errno == errno.EMFILE, info.value
@@ -1087,7 +1081,7 @@ def test_a_request_whose_descriptors_find_no_room_at_the_service_is_answered_as_
         r, w = os.pipe()
         try:
             conn.call("info")  # the service is serving (it accepted already)
-            with _no_descriptor_left():
+            with _no_descriptor_at_all():
                 with pytest.raises(EventChannelError) as info:
                     conn.call("info", [w])
                 assert info.value.errno == errno.EMFILE, info.value
@@ -1438,12 +1432,14 @@ def test_a_reply_left_on_its_way_out_is_released_by_the_next_call_cut_short_anyw
                     break
                 # Released already (by drain: the handle lists no port of a raw call).
                 assert eventually(lambda: conn.drain() and not conn._unanswered)
-            where = interrupted_at(n, SIM_CODE, lambda: conn.call("info"),
-                                   unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
-            with _numbers_kept() as check:
+            with numbers_held() as kept:
+                with kept.closing():
+                    where = interrupted_at(n, SIM_CODE, lambda: conn.call("info"),
+                                           unless=_outside_the_round_trip,
+                                           besides=_BESIDES_PROTO)
                 assert conn.call("info")[0]["domid"] == 0, where
                 assert not conn._delivering, where
-                check(where)
+                kept.check(where)
             return where
 
         every_landing(host, landing, more_than=5)
@@ -1674,12 +1670,14 @@ def test_the_release_of_an_abandoned_reply_cut_short_anywhere_is_finished_once(
                 assert interrupted_as_call_returns(
                     ServiceConnection._call.__code__, 0,
                     lambda: conn.call("evtchn_alloc_unbound", done=done, domid=guest.domid))
-            where = interrupted_at(n, SIM_CODE, lambda: conn.call("info"),
-                                   unless=_outside_the_round_trip, besides=_BESIDES_PROTO)
-            with _numbers_kept() as check:
+            with numbers_held() as kept:
+                with kept.closing():
+                    where = interrupted_at(n, SIM_CODE, lambda: conn.call("info"),
+                                           unless=_outside_the_round_trip,
+                                           besides=_BESIDES_PROTO)
                 assert conn.call("info")[0]["domid"] == 0, where
                 assert eventually(lambda: conn.drain() and not conn._unanswered), where
-                check(where)
+                kept.check(where)
             assert ran == [1], where
             return where
 

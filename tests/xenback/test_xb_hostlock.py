@@ -186,32 +186,51 @@ def test_a_lock_whose_retry_fails_closes_no_descriptor_twice(
     now fails: the descriptor already closed is not closed again, which
     would close whatever the process opened since under its number."""
     path = tmp_path / "job.lock"
-    flock, open_ = fcntl.flock, os.open
+    flock, open_, close = fcntl.flock, os.open, os.close
     locked: list[int] = []
     spare: list[int] = []
+    # The patches are the process's: other threads' calls go through.
+    test_thread = threading.get_ident()
 
     def removed_first(fd: int, operation: int) -> None:
         flock(fd, operation)
+        if threading.get_ident() != test_thread:
+            return
         locked.append(fd)
         path.unlink()  # as the holder before us did
 
+    def taken_at_once(fd: int) -> None:
+        if locked == [fd] and not spare and threading.get_ident() == test_thread:
+            # Closed, and the number another file's at once: dup2 does
+            # both in one step, so that no other thread's file gets it.
+            readonly = open_(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.dup2(readonly, fd)
+            finally:
+                close(readonly)
+            spare.append(fd)
+        else:
+            close(fd)
+
     def open_once(*args: Any) -> int:
-        if locked:  # the retry: the number just freed goes to another file
-            spare.append(open_(os.devnull, os.O_RDONLY))
+        if locked and threading.get_ident() == test_thread:  # the retry
             raise PermissionError(errno.EACCES, "Permission denied")
         return open_(*args)
 
     monkeypatch.setattr(fcntl, "flock", removed_first)
     monkeypatch.setattr(os, "open", open_once)
+    monkeypatch.setattr(os, "close", taken_at_once)
     with pytest.raises(PermissionError, match=f"cannot open the lock file {path}"):
         HostLock(path)
     monkeypatch.undo()
+    assert spare == locked  # closed once, by the retry
     try:
-        assert spare == locked  # the same number, or this proves nothing
-        os.fstat(spare[0])  # still open
-    finally:
-        for fd in spare:
-            os.close(fd)
+        kept = os.path.samestat(os.fstat(spare[0]), os.stat(os.devnull))
+    except OSError:
+        kept = False  # closed again: the number may be any thread's file by now
+    if kept:
+        os.close(spare[0])
+    assert kept, "the descriptor closed before was closed again"
 
 
 def test_letting_go_lets_one_other_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

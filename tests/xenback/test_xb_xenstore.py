@@ -2050,15 +2050,23 @@ def test_a_connection_a_sender_closes_ends_the_router(tmp_path, monkeypatch) -> 
     xs.open()
     assert pause.reached.wait(TIMEOUT)
     server.join(TIMEOUT)
-    number = xs._client.router.connection.fileno()
-    other, peer = socket.socketpair()  # before the number is free
+    transport = xs._client.router.connection.transport
+    number = transport.fileno()
+    other, peer = socket.socketpair()
+
+    def closed_and_taken() -> None:
+        # Another file takes the number as the connection closes, in one
+        # step (dup2): no other thread's file can get it in between.
+        with contextlib.suppress(OSError):
+            transport.sock.shutdown(socket.SHUT_RDWR)
+        os.dup2(other.fileno(), number)
+        transport.sock.detach()
+
+    transport.close = closed_and_taken
     exc = _try_read(xs)  # EPIPE: pyxs closes the connection
     assert isinstance(exc, ConnectionError), repr(exc)
     try:
-        with contextlib.suppress(OSError):
-            os.fstat(number)
-            pytest.skip("another thread took the connection's descriptor number first")
-        os.dup2(other.fileno(), number)  # the next file opened takes the number
+        assert transport.sock.fileno() == -1, "pyxs did not close the connection"
         pause.resume()
         lost = xs.connection_lost.wait(TIMEOUT)
         if not lost:
@@ -2066,8 +2074,8 @@ def test_a_connection_a_sender_closes_ends_the_router(tmp_path, monkeypatch) -> 
         assert lost, "the router waits on a file that is not its connection"
         xs.close()
     finally:
-        with contextlib.suppress(OSError):
-            os.close(number)
+        if transport.sock.fileno() == -1:
+            os.close(number)  # the test's duplicate of other
         other.close()
         peer.close()
 
