@@ -1179,7 +1179,8 @@ class BackendDevice:
         if this device does not hold ``port`` (any more): the number may
         be another device's port by now, so it is left alone.  A port
         taken as stop() closes the dispatcher, which unbinds every port,
-        is unbound so: nothing is raised."""
+        is unbound so: nothing is raised, nor unbound on the dispatcher
+        of a start() since."""
         if not is_int(port):
             # Before the list: 1.0 would find and drop port 1 there, and
             # the dispatcher then refuse it (see EventDispatcher.unbind).
@@ -1188,16 +1189,22 @@ class BackendDevice:
             if port not in self._ports:
                 raise KeyError(f"event channel port {port} is not bound by {self.nodename}")
             self._ports.remove(port)
+            # The dispatcher that bound it, there while we held the port
+            # (stop() releases every device before closing it).  Not the
+            # driver's at the unbind: a stop() and a start() before it
+            # make a new one, where the number may be a new device's.
+            # Without the driver's _lock: one attribute, read once.
+            events = self.driver._events
+        if events is None:
+            return  # closed and forgotten, which unbound the port
         # Not under _lock, as release_resources(): the unbind waits for a
         # running callback of the port.  So stop() may drop the device and
         # close the dispatcher meanwhile (a driver's own thread does not
         # hold it up), as release_resources() and _give_back() know.
         try:
-            self.driver.events.unbind(port)
-        except _Stopped:
-            pass  # closed and forgotten
+            events.unbind(port)
         except KeyError:
-            if not self.driver._handles_closed:
+            if events is self.driver._events and not self.driver._handles_closed:
                 raise  # unbound behind our back: the driver's bug
 
     def notify(self, port: int) -> None:

@@ -445,7 +445,7 @@ def test_a_port_unbound_as_stop_closes_the_dispatcher_is_unbound_quietly(
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
     (port,) = bdev._ports
-    unbinding = PauseAt(xenbus.BackendDevice.unbind_evtchn, "self.driver.events")
+    unbinding = PauseAt(xenbus.BackendDevice.unbind_evtchn, "events.unbind(port)")
     closing = PauseAt(xenbus.BackendDriver._stop, "self._events = None")
     stopping = None
     unbind = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(port)))
@@ -467,6 +467,37 @@ def test_a_port_unbound_as_stop_closes_the_dispatcher_is_unbound_quietly(
     assert bdev.gone and bdev.resources == (0, 0)
     assert _ports(host) == 1  # the frontend's own
     fe.close()
+
+
+def test_a_port_unbound_across_a_restart_leaves_the_new_dispatcher_alone(
+        host, driver, frontends) -> None:
+    """A driver's own thread unbinds its port, and stop() and start()
+    come between the port's leaving the device and its unbind: stop()'s
+    dispatcher unbound the port as it closed.  The unbind went to the
+    restarted driver's new dispatcher, where the number may be a new
+    device's port by now: that port was unbound under the new device
+    (its events lost), or, another number, the KeyError of a port the
+    driver never held raised, as if its own bug."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    (port,) = bdev._ports
+    unbinding = PauseAt(xenbus.BackendDevice.unbind_evtchn, "events.unbind(port)")
+    unbind = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(port)))
+    try:
+        assert unbinding.reached.wait(TIMEOUT)
+        driver.stop()
+        fe.close()
+        driver.start()
+        other, _, _ = connected(host, frontends, name="other")
+        again = backend_device(driver, other.domid)
+        (new_port,) = again._ports
+        bound = _ports(host)
+    finally:
+        unbinding.resume()
+    assert unbind.result() is None
+    assert bdev.gone and bdev.resources == (0, 0)
+    assert new_port in driver.events._ports, "the new device's port was unbound"
+    assert _ports(host) == bound
 
 
 def _closes_without_error(dom0_xs, driver, guest, dev, fe) -> None:
