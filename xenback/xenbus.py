@@ -653,6 +653,10 @@ class BackendDevice:
         def tx(t: Transaction) -> bool | None:
             nonlocal removing, stale
             removing, stale = False, None
+            # As before the first attempt (``ours``, read under the lock
+            # below): one that conflicted did not commit its Closing, and
+            # a Closing found there now is another's.
+            self._closing_ours = ours
             reason = self._stale(t)
             if reason is not None:
                 # A directory deleted for good keeps no state to set.
@@ -688,6 +692,7 @@ class BackendDevice:
             return True
 
         with self._switch_lock:
+            # The mark as it was before the first attempt (see tx).
             ours = self._closing_ours
             try:
                 written = self.xenstore.transaction(tx)

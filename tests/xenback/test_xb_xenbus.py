@@ -6792,6 +6792,56 @@ def test_a_closing_whose_commit_failed_is_not_taken_for_ours(
         assert not [r for r in caplog.records if r.exc_info is not None]
 
 
+def test_a_closing_found_on_a_retry_after_a_conflict_is_not_taken_for_ours(
+        host, dom0_xs, frontends, caplog) -> None:
+    """A driver's thread switches to Closing, and the toolstack's removal
+    (``online`` = 0 and Closing, ``online`` then taken) commits between
+    the switch's first attempt and its commit: that one conflicts, and
+    the attempt again finds Closing there and writes nothing.  The
+    Closing is the toolstack's, as if the switch had found it at once.
+    The first attempt had marked a Closing of ours as it made it, and
+    the attempt that wrote nothing left the mark: a frontend starting
+    over (Initialising) got InitWait written over the removal, and the
+    toolstack was left waiting for Closed (see
+    test_a_closing_whose_commit_failed_is_not_taken_for_ours)."""
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
+        online, state = f"{bdev.nodename}/online", f"{bdev.nodename}/state"
+        base = f"/local/domain/{drvdom.domid}/data"
+        transaction = drv.xenstore.transaction
+        attempts: list[Transaction] = []
+
+        def removed(t: Transaction) -> None:
+            t.write(online, "0")
+            t.write(state, str(int(S.CLOSING)))
+
+        def racing(fn: Callable[[Transaction], Any], **kwargs: Any) -> Any:
+            def then_removed(t: Transaction) -> Any:
+                result = fn(t)
+                attempts.append(t)
+                if len(attempts) == 1:
+                    dom0_xs.transaction(removed)
+                    dom0_xs.set_perms(online, ["n0"])
+                return result
+
+            return transaction(then_removed, **kwargs)
+
+        drv.xenstore.transaction = racing  # type: ignore[method-assign]
+        try:
+            assert bdev.switch_state(S.CLOSING) is False
+        finally:
+            del drv.xenstore.transaction
+        assert len(attempts) == 2  # the first conflicted
+        handed_over(drv.xenstore, "removed", base=base)
+        bdev.events.flush()
+        assert not bdev.gone  # its frontend, connected, is to close it
+        fe.set_state(S.INITIALISING)
+        handed_over(drv.xenstore, "over", base=base)
+        bdev.events.flush()
+        assert dom0_xs.read(state) != str(int(S.INIT_WAIT))
+        assert bdev.gone and drv.devices() == []
+        assert not [r for r in caplog.records if r.exc_info is not None]
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("start, target, fatal", [(S.CONNECTED, S.CLOSING, False),
                                                    (S.CLOSING, S.CONNECTED, False),
