@@ -472,10 +472,14 @@ class BackendDevice:
         # is full: a read-back waits as long then, on the device's queue,
         # whose next work (a removal's Closed, a switch, connect()'s
         # writes) needs a transaction too, and would wait as long for it.
-        # Taken after the start, the lock would serialise less than the
-        # commits: on a XenStore whose transactions read the store as it
-        # was when they began, a switch begun before another's commit
-        # could read the state that commit replaced.
+        # Taken after the start, it would keep its rule all the same, at
+        # the price of conflicts: a switch begun before another's commit
+        # may read the state that commit replaced (oxenstored's reads are
+        # of the store as the transaction began; cxenstored's, as first
+        # read), but cannot commit on it: oxenstored fails a transaction,
+        # one that only read too, whose lowest path read changed since
+        # its start, cxenstored one with a node read changed since, and
+        # the attempt again, under the lock, reads the new state.
         self._switch_lock = threading.Lock()
         # What probe() wrote through write_nodes(), from its start until
         # our first switch (None otherwise): until then the state cannot
