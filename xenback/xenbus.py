@@ -2580,12 +2580,22 @@ class BackendDriver:
     def _forget(self, dev: BackendDevice) -> None:
         """What _drop() does once the device is gone: each step may be
         done again."""
+        key = (dev.frontend_id, dev.devid)
         # A driver's own work item may have mapped or bound since the
         # disconnect; from now on nothing can be added.
         dev.release_resources()
         with self._lock:
-            if self._devices.get((dev.frontend_id, dev.devid)) is dev:
-                del self._devices[(dev.frontend_id, dev.devid)]
+            if self._devices.get(key) is not dev:
+                return  # forgotten, and said so
+        # Both lines before the device leaves devices(): whoever sees it
+        # gone there finds its removal said, a drop cut short before them
+        # included.  (Cut short after them, the next says them again.)
+        # The lines suppressed since the last report are counted first.
+        dev.ratelimit.close(logger)
+        logger.info("%s: removed", dev.nodename)
+        with self._lock:
+            if self._devices.get(key) is dev:
+                del self._devices[key]
 
     def _drop(self, dev: BackendDevice, *, closed: bool = True) -> None:
         """Disconnect, write Closed (if the directory is still there, and
@@ -2632,15 +2642,6 @@ class BackendDriver:
         dev.events.close(wait=False)
         with dev._lock:
             dev._gone = True
-        # A driver's own work item may have mapped or bound since the
-        # disconnect above; from now on nothing can be added.  (Done
-        # again in _forget, which a drop cut short repeats.)
-        dev.release_resources()
-        # The lines suppressed since the last report are counted in the log.
-        # Both lines before the device leaves devices(): whoever sees it
-        # gone there finds its removal said.
-        dev.ratelimit.close(logger)
-        logger.info("%s: removed", dev.nodename)
         self._forget(dev)
         # The toolstack may have made a new device at the same path while
         # this one was still known, and the new one's events went to this

@@ -334,7 +334,7 @@ def test_a_device_gone_from_the_list_was_said_removed(
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
-    pause = PauseAt.in_method(monkeypatch, type(driver), "_drop", 'logger.info("%s: removed"')
+    pause = PauseAt.in_method(monkeypatch, type(driver), "_forget", 'logger.info("%s: removed"')
 
     def follow() -> None:
         fe.wait_backend(S.CLOSING)
@@ -4657,7 +4657,7 @@ def test_a_stop_interrupted_anywhere_is_finished_by_the_next(host) -> None:
 
 @pytest.mark.timeout(300)
 def test_a_leftover_drop_interrupted_once_gone_is_finished_by_the_next_stop(
-        host, frontends) -> None:
+        host, frontends, caplog) -> None:
     """A drop on the device's queue ended by something past Exception (a
     SystemExit from remove()) leaves the device to stop()'s own drop, in
     the caller's thread, once its queue is closed.  A Ctrl-C landing
@@ -4665,15 +4665,19 @@ def test_a_leftover_drop_interrupted_once_gone_is_finished_by_the_next_stop(
     and did nothing, and the device stayed listed after the driver
     stopped; started again, the driver passed every event of a new
     device at that path to the old one's closed queue, and never served
-    it.  The next stop() forgets it, and a restart serves the path."""
+    it.  The next stop() forgets it, and a restart serves the path.  It
+    says the device removed before it forgets it, as the drop does (cut
+    short before the line, the device was forgotten unsaid)."""
     import os
 
     from tests.stolensignal import interrupted_at
 
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
     within = os.path.dirname(xenbus.__file__)
     guest = host.create_domain("guest")
     landed: list[str] = []
     for n in itertools.count():
+        caplog.clear()
         drv = RecordingDriver(host.dom0)
         drv.start()
         try:
@@ -4696,6 +4700,8 @@ def test_a_leftover_drop_interrupted_once_gone_is_finished_by_the_next_stop(
             drv.stop()
         assert drv.devices() == [], f"interrupted {where}: {drv.devices()}"
         assert bdev.resources == (0, 0), f"interrupted {where}"
+        said = [r.getMessage() for r in caplog.records]
+        assert f"{bdev.nodename}: removed" in said, f"interrupted {where}"
         fe.close()
         host.toolstack.destroy_device(dev)
         with drv:  # started again, it serves a new device at the path
