@@ -6766,6 +6766,10 @@ def test_a_closing_whose_commit_failed_is_not_taken_for_ours(
         online, state = f"{bdev.nodename}/online", f"{bdev.nodename}/state"
         base = f"/local/domain/{drvdom.domid}/data"
         dom0_xs.set_perms(online, ["n0"])
+        # Its event read back before the switch: after, the read-back of
+        # Connected would clear a mark the failed switch left.
+        handed_over(drv.xenstore, "taken", base=base)
+        bdev.events.flush()
         transaction = drv.xenstore.transaction
 
         def failing(fn: Callable[[Transaction], Any], **kwargs: Any) -> Any:
