@@ -527,6 +527,22 @@ def test_a_port_unbound_behind_the_device_s_back_does_not_stop_its_release(
     fe.close()
 
 
+def test_a_port_unbound_behind_the_device_s_back_is_a_key_error_to_unbind_evtchn(
+        host, driver, frontends) -> None:
+    """A driver that unbinds a port through the dispatcher, then through
+    unbind_evtchn(), while the driver runs: the KeyError of the second
+    says the bug (only a dispatcher that stop() closed, which unbound
+    the port, spares it: see
+    test_a_port_unbound_as_stop_closes_the_dispatcher_is_unbound_quietly)."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    (port,) = driver.events.ports
+    driver.events.unbind(port)
+    with pytest.raises(KeyError, match=f"port {port} is not bound here"):
+        bdev.unbind_evtchn(port)
+    assert bdev.resources == (1, 0)
+    fe.close()
+
 def test_a_mapping_that_fails_to_unmap_does_not_stop_the_release(
         host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
     """The grant handle refuses an unmap (EIO): said, with its traceback,
