@@ -354,6 +354,25 @@ def test_a_device_gone_from_the_list_was_said_removed(
     assert f"{bdev.nodename}: removed" in [r.getMessage() for r in caplog.records]
 
 
+def test_a_device_dropped_twice_is_said_removed_once(host, driver, frontends, caplog) -> None:
+    """Two drops queued behind each other (its frontend's domain dead,
+    and stop()'s, say): the second finds the device gone and forgotten,
+    and says nothing more (it finishes a drop cut short, which had not
+    said the removal yet, see _forget)."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    held, go = threading.Event(), threading.Event()
+    bdev.queue(lambda: (held.set(), go.wait(TIMEOUT)))
+    assert held.wait(TIMEOUT)
+    bdev.events.call(driver._domain_dead, bdev)
+    bdev.events.call(driver._drop, bdev)
+    go.set()
+    bdev.events.flush()
+    assert bdev.gone and driver.devices() == []
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count(f"{bdev.nodename}: removed") == 1, said
+
 def test_connect_is_not_repeated_while_connected(host, driver, frontends) -> None:
     guest, dev, fe = connected(host, frontends)
     fe.set_state(S.CONNECTED)  # Initialised -> Connected on the frontend
