@@ -1248,11 +1248,12 @@ class BackendDevice:
         with self._lock:
             ports, self._ports = self._ports, []
             mappings, self._mappings = self._mappings, []
+            events = self.driver._events  # the one that bound them: see unbind_evtchn
         for port in ports:
+            if events is None or events is not self.driver._events:
+                break  # stop() closed it, which unbound them all
             try:
-                self.driver.events.unbind(port)
-            except _Stopped:
-                break  # stop() closed the dispatcher, which unbound them all
+                events.unbind(port)
             except (OSError, KeyError) as exc:
                 self._release_failed("%s: unbinding port %d failed", port, exc)
         for mapping in mappings:

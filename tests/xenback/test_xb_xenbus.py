@@ -519,6 +519,33 @@ def test_a_port_unbound_across_a_restart_leaves_the_new_dispatcher_alone(
     assert _ports(host) == bound
 
 
+def test_a_release_across_a_restart_leaves_the_new_dispatcher_alone(
+        host, driver, frontends) -> None:
+    """release_resources() on a driver's own thread, as
+    test_a_port_unbound_across_a_restart_leaves_the_new_dispatcher_alone
+    unbinds: a stop() and a start() between the ports' leaving the
+    device and their unbind.  The old port's number, a new device's
+    port by then, was unbound on the new dispatcher."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    releasing = PauseAt(xenbus.BackendDevice.release_resources, "events.unbind(port)")
+    release = Attempt(lambda: releasing.run(bdev.release_resources))
+    try:
+        assert releasing.reached.wait(TIMEOUT)
+        driver.stop()
+        fe.close()
+        driver.start()
+        other, _, _ = connected(host, frontends, name="other")
+        (new_port,) = backend_device(driver, other.domid)._ports
+        bound = _ports(host)
+    finally:
+        releasing.resume()
+    assert release.result() is None
+    assert bdev.gone and bdev.resources == (0, 0)
+    assert new_port in driver.events._ports, "the new device's port was unbound"
+    assert _ports(host) == bound
+
+
 def _closes_without_error(dom0_xs, driver, guest, dev, fe) -> None:
     """The frontend closes ``dev``: the backend follows to Closed, and
     writes no error node (a failed release is the driver's, not the
