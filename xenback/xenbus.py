@@ -472,10 +472,14 @@ class BackendDevice:
         # is full: a read-back waits as long then, on the device's queue,
         # whose next work (a removal's Closed, a switch, connect()'s
         # writes) needs a transaction too, and would wait as long for it.
-        # Taken after the start, the lock would serialise less than the
-        # commits: on a XenStore whose transactions read the store as it
-        # was when they began, a switch begun before another's commit
-        # could read the state that commit replaced.
+        # Taken after the start, it would keep its rule all the same, at
+        # the price of conflicts: a switch begun before another's commit
+        # may read the state that commit replaced (oxenstored's reads are
+        # of the store as the transaction began; cxenstored's, as first
+        # read), but cannot commit on it: oxenstored fails a transaction,
+        # one that only read too, whose lowest path read changed since
+        # its start, cxenstored one with a node read changed since, and
+        # the attempt again, under the lock, reads the new state.
         self._switch_lock = threading.Lock()
         # What probe() wrote through write_nodes(), from its start until
         # our first switch (None otherwise): until then the state cannot
@@ -653,6 +657,10 @@ class BackendDevice:
         def tx(t: Transaction) -> bool | None:
             nonlocal removing, stale
             removing, stale = False, None
+            # As before the first attempt (``ours``, read under the lock
+            # below): one that conflicted did not commit its Closing, and
+            # a Closing found there now is another's.
+            self._closing_ours = ours
             reason = self._stale(t)
             if reason is not None:
                 # A directory deleted for good keeps no state to set.
@@ -688,6 +696,7 @@ class BackendDevice:
             return True
 
         with self._switch_lock:
+            # The mark as it was before the first attempt (see tx).
             ours = self._closing_ours
             try:
                 written = self.xenstore.transaction(tx)
@@ -1179,7 +1188,8 @@ class BackendDevice:
         if this device does not hold ``port`` (any more): the number may
         be another device's port by now, so it is left alone.  A port
         taken as stop() closes the dispatcher, which unbinds every port,
-        is unbound so: nothing is raised."""
+        is unbound so: nothing is raised, nor unbound on the dispatcher
+        of a start() since."""
         if not is_int(port):
             # Before the list: 1.0 would find and drop port 1 there, and
             # the dispatcher then refuse it (see EventDispatcher.unbind).
@@ -1188,16 +1198,22 @@ class BackendDevice:
             if port not in self._ports:
                 raise KeyError(f"event channel port {port} is not bound by {self.nodename}")
             self._ports.remove(port)
+            # The dispatcher that bound it, there while we held the port
+            # (stop() releases every device before closing it).  Not the
+            # driver's at the unbind: a stop() and a start() before it
+            # make a new one, where the number may be a new device's.
+            # Without the driver's _lock: one attribute, read once.
+            events = self.driver._events
+        if events is None:
+            return  # closed and forgotten, which unbound the port
         # Not under _lock, as release_resources(): the unbind waits for a
         # running callback of the port.  So stop() may drop the device and
         # close the dispatcher meanwhile (a driver's own thread does not
         # hold it up), as release_resources() and _give_back() know.
         try:
-            self.driver.events.unbind(port)
-        except _Stopped:
-            pass  # closed and forgotten
+            events.unbind(port)
         except KeyError:
-            if not self.driver._handles_closed:
+            if events is self.driver._events and not self.driver._handles_closed:
                 raise  # unbound behind our back: the driver's bug
 
     def notify(self, port: int) -> None:
@@ -1232,11 +1248,12 @@ class BackendDevice:
         with self._lock:
             ports, self._ports = self._ports, []
             mappings, self._mappings = self._mappings, []
+            events = self.driver._events  # the one that bound them: see unbind_evtchn
         for port in ports:
+            if events is None or events is not self.driver._events:
+                break  # stop() closed it, which unbound them all
             try:
-                self.driver.events.unbind(port)
-            except _Stopped:
-                break  # stop() closed the dispatcher, which unbound them all
+                events.unbind(port)
             except (OSError, KeyError) as exc:
                 self._release_failed("%s: unbinding port %d failed", port, exc)
         for mapping in mappings:
@@ -2564,12 +2581,22 @@ class BackendDriver:
     def _forget(self, dev: BackendDevice) -> None:
         """What _drop() does once the device is gone: each step may be
         done again."""
+        key = (dev.frontend_id, dev.devid)
         # A driver's own work item may have mapped or bound since the
         # disconnect; from now on nothing can be added.
         dev.release_resources()
         with self._lock:
-            if self._devices.get((dev.frontend_id, dev.devid)) is dev:
-                del self._devices[(dev.frontend_id, dev.devid)]
+            if self._devices.get(key) is not dev:
+                return  # forgotten, and said so
+        # Both lines before the device leaves devices(): whoever sees it
+        # gone there finds its removal said, a drop cut short before them
+        # included.  (Cut short after them, the next says them again.)
+        # The lines suppressed since the last report are counted first.
+        dev.ratelimit.close(logger)
+        logger.info("%s: removed", dev.nodename)
+        with self._lock:
+            if self._devices.get(key) is dev:
+                del self._devices[key]
 
     def _drop(self, dev: BackendDevice, *, closed: bool = True) -> None:
         """Disconnect, write Closed (if the directory is still there, and
@@ -2616,12 +2643,6 @@ class BackendDriver:
         dev.events.close(wait=False)
         with dev._lock:
             dev._gone = True
-        # The lines suppressed since the last report are counted in the log.
-        # Both lines before the device leaves devices() (in _forget, which
-        # a drop cut short from here on repeats): whoever sees it gone
-        # there finds its removal said.
-        dev.ratelimit.close(logger)
-        logger.info("%s: removed", dev.nodename)
         self._forget(dev)
         # The toolstack may have made a new device at the same path while
         # this one was still known, and the new one's events went to this

@@ -334,7 +334,7 @@ def test_a_device_gone_from_the_list_was_said_removed(
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
-    pause = PauseAt.in_method(monkeypatch, type(driver), "_drop", 'logger.info("%s: removed"')
+    pause = PauseAt.in_method(monkeypatch, type(driver), "_forget", 'logger.info("%s: removed"')
 
     def follow() -> None:
         fe.wait_backend(S.CLOSING)
@@ -353,6 +353,25 @@ def test_a_device_gone_from_the_list_was_said_removed(
     driver.wait(lambda: driver.devices() == [])
     assert f"{bdev.nodename}: removed" in [r.getMessage() for r in caplog.records]
 
+
+def test_a_device_dropped_twice_is_said_removed_once(host, driver, frontends, caplog) -> None:
+    """Two drops queued behind each other (its frontend's domain dead,
+    and stop()'s, say): the second finds the device gone and forgotten,
+    and says nothing more (it finishes a drop cut short, which had not
+    said the removal yet, see _forget)."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    held, go = threading.Event(), threading.Event()
+    bdev.queue(lambda: (held.set(), go.wait(TIMEOUT)))
+    assert held.wait(TIMEOUT)
+    bdev.events.call(driver._domain_dead, bdev)
+    bdev.events.call(driver._drop, bdev)
+    go.set()
+    bdev.events.flush()
+    assert bdev.gone and driver.devices() == []
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count(f"{bdev.nodename}: removed") == 1, said
 
 def test_connect_is_not_repeated_while_connected(host, driver, frontends) -> None:
     guest, dev, fe = connected(host, frontends)
@@ -445,7 +464,7 @@ def test_a_port_unbound_as_stop_closes_the_dispatcher_is_unbound_quietly(
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
     (port,) = bdev._ports
-    unbinding = PauseAt(xenbus.BackendDevice.unbind_evtchn, "self.driver.events")
+    unbinding = PauseAt(xenbus.BackendDevice.unbind_evtchn, "events.unbind(port)")
     closing = PauseAt(xenbus.BackendDriver._stop, "self._events = None")
     stopping = None
     unbind = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(port)))
@@ -467,6 +486,64 @@ def test_a_port_unbound_as_stop_closes_the_dispatcher_is_unbound_quietly(
     assert bdev.gone and bdev.resources == (0, 0)
     assert _ports(host) == 1  # the frontend's own
     fe.close()
+
+
+def test_a_port_unbound_across_a_restart_leaves_the_new_dispatcher_alone(
+        host, driver, frontends) -> None:
+    """A driver's own thread unbinds its port, and stop() and start()
+    come between the port's leaving the device and its unbind: stop()'s
+    dispatcher unbound the port as it closed.  The unbind went to the
+    restarted driver's new dispatcher, where the number may be a new
+    device's port by now: that port was unbound under the new device
+    (its events lost), or, another number, the KeyError of a port the
+    driver never held raised, as if its own bug."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    (port,) = bdev._ports
+    unbinding = PauseAt(xenbus.BackendDevice.unbind_evtchn, "events.unbind(port)")
+    unbind = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(port)))
+    try:
+        assert unbinding.reached.wait(TIMEOUT)
+        driver.stop()
+        fe.close()
+        driver.start()
+        other, _, _ = connected(host, frontends, name="other")
+        again = backend_device(driver, other.domid)
+        (new_port,) = again._ports
+        bound = _ports(host)
+    finally:
+        unbinding.resume()
+    assert unbind.result() is None
+    assert bdev.gone and bdev.resources == (0, 0)
+    assert new_port in driver.events._ports, "the new device's port was unbound"
+    assert _ports(host) == bound
+
+
+def test_a_release_across_a_restart_leaves_the_new_dispatcher_alone(
+        host, driver, frontends) -> None:
+    """release_resources() on a driver's own thread, as
+    test_a_port_unbound_across_a_restart_leaves_the_new_dispatcher_alone
+    unbinds: a stop() and a start() between the ports' leaving the
+    device and their unbind.  The old port's number, a new device's
+    port by then, was unbound on the new dispatcher."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    releasing = PauseAt(xenbus.BackendDevice.release_resources, "events.unbind(port)")
+    release = Attempt(lambda: releasing.run(bdev.release_resources))
+    try:
+        assert releasing.reached.wait(TIMEOUT)
+        driver.stop()
+        fe.close()
+        driver.start()
+        other, _, _ = connected(host, frontends, name="other")
+        (new_port,) = backend_device(driver, other.domid)._ports
+        bound = _ports(host)
+    finally:
+        releasing.resume()
+    assert release.result() is None
+    assert bdev.gone and bdev.resources == (0, 0)
+    assert new_port in driver.events._ports, "the new device's port was unbound"
+    assert _ports(host) == bound
 
 
 def _closes_without_error(dom0_xs, driver, guest, dev, fe) -> None:
@@ -495,6 +572,22 @@ def test_a_port_unbound_behind_the_device_s_back_does_not_stop_its_release(
     assert unbind.args == (bdev.nodename, port)
     fe.close()
 
+
+def test_a_port_unbound_behind_the_device_s_back_is_a_key_error_to_unbind_evtchn(
+        host, driver, frontends) -> None:
+    """A driver that unbinds a port through the dispatcher, then through
+    unbind_evtchn(), while the driver runs: the KeyError of the second
+    says the bug (only a dispatcher that stop() closed, which unbound
+    the port, spares it: see
+    test_a_port_unbound_as_stop_closes_the_dispatcher_is_unbound_quietly)."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    (port,) = driver.events.ports
+    driver.events.unbind(port)
+    with pytest.raises(KeyError, match=f"port {port} is not bound here"):
+        bdev.unbind_evtchn(port)
+    assert bdev.resources == (1, 0)
+    fe.close()
 
 def test_a_mapping_that_fails_to_unmap_does_not_stop_the_release(
         host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
@@ -4633,7 +4726,7 @@ def test_a_stop_interrupted_anywhere_is_finished_by_the_next(host) -> None:
 
 @pytest.mark.timeout(300)
 def test_a_leftover_drop_interrupted_once_gone_is_finished_by_the_next_stop(
-        host, frontends) -> None:
+        host, frontends, caplog) -> None:
     """A drop on the device's queue ended by something past Exception (a
     SystemExit from remove()) leaves the device to stop()'s own drop, in
     the caller's thread, once its queue is closed.  A Ctrl-C landing
@@ -4641,15 +4734,19 @@ def test_a_leftover_drop_interrupted_once_gone_is_finished_by_the_next_stop(
     and did nothing, and the device stayed listed after the driver
     stopped; started again, the driver passed every event of a new
     device at that path to the old one's closed queue, and never served
-    it.  The next stop() forgets it, and a restart serves the path."""
+    it.  The next stop() forgets it, and a restart serves the path.  It
+    says the device removed before it forgets it, as the drop does (cut
+    short before the line, the device was forgotten unsaid)."""
     import os
 
     from tests.stolensignal import interrupted_at
 
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
     within = os.path.dirname(xenbus.__file__)
     guest = host.create_domain("guest")
     landed: list[str] = []
     for n in itertools.count():
+        caplog.clear()
         drv = RecordingDriver(host.dom0)
         drv.start()
         try:
@@ -4672,6 +4769,8 @@ def test_a_leftover_drop_interrupted_once_gone_is_finished_by_the_next_stop(
             drv.stop()
         assert drv.devices() == [], f"interrupted {where}: {drv.devices()}"
         assert bdev.resources == (0, 0), f"interrupted {where}"
+        said = [r.getMessage() for r in caplog.records]
+        assert f"{bdev.nodename}: removed" in said, f"interrupted {where}"
         fe.close()
         host.toolstack.destroy_device(dev)
         with drv:  # started again, it serves a new device at the path
@@ -6736,6 +6835,10 @@ def test_a_closing_whose_commit_failed_is_not_taken_for_ours(
         online, state = f"{bdev.nodename}/online", f"{bdev.nodename}/state"
         base = f"/local/domain/{drvdom.domid}/data"
         dom0_xs.set_perms(online, ["n0"])
+        # Its event read back before the switch: after, the read-back of
+        # Connected would clear a mark the failed switch left.
+        handed_over(drv.xenstore, "taken", base=base)
+        bdev.events.flush()
         transaction = drv.xenstore.transaction
 
         def failing(fn: Callable[[Transaction], Any], **kwargs: Any) -> Any:
@@ -6757,6 +6860,56 @@ def test_a_closing_whose_commit_failed_is_not_taken_for_ours(
             t.write(state, str(int(S.CLOSING)))
 
         dom0_xs.transaction(removed)
+        handed_over(drv.xenstore, "removed", base=base)
+        bdev.events.flush()
+        assert not bdev.gone  # its frontend, connected, is to close it
+        fe.set_state(S.INITIALISING)
+        handed_over(drv.xenstore, "over", base=base)
+        bdev.events.flush()
+        assert dom0_xs.read(state) != str(int(S.INIT_WAIT))
+        assert bdev.gone and drv.devices() == []
+        assert not [r for r in caplog.records if r.exc_info is not None]
+
+
+def test_a_closing_found_on_a_retry_after_a_conflict_is_not_taken_for_ours(
+        host, dom0_xs, frontends, caplog) -> None:
+    """A driver's thread switches to Closing, and the toolstack's removal
+    (``online`` = 0 and Closing, ``online`` then taken) commits between
+    the switch's first attempt and its commit: that one conflicts, and
+    the attempt again finds Closing there and writes nothing.  The
+    Closing is the toolstack's, as if the switch had found it at once.
+    The first attempt had marked a Closing of ours as it made it, and
+    the attempt that wrote nothing left the mark: a frontend starting
+    over (Initialising) got InitWait written over the removal, and the
+    toolstack was left waiting for Closed (see
+    test_a_closing_whose_commit_failed_is_not_taken_for_ours)."""
+    with _driver_domain_device(host, dom0_xs, frontends) as (drvdom, drv, fe, bdev):
+        online, state = f"{bdev.nodename}/online", f"{bdev.nodename}/state"
+        base = f"/local/domain/{drvdom.domid}/data"
+        transaction = drv.xenstore.transaction
+        attempts: list[Transaction] = []
+
+        def removed(t: Transaction) -> None:
+            t.write(online, "0")
+            t.write(state, str(int(S.CLOSING)))
+
+        def racing(fn: Callable[[Transaction], Any], **kwargs: Any) -> Any:
+            def then_removed(t: Transaction) -> Any:
+                result = fn(t)
+                attempts.append(t)
+                if len(attempts) == 1:
+                    dom0_xs.transaction(removed)
+                    dom0_xs.set_perms(online, ["n0"])
+                return result
+
+            return transaction(then_removed, **kwargs)
+
+        drv.xenstore.transaction = racing  # type: ignore[method-assign]
+        try:
+            assert bdev.switch_state(S.CLOSING) is False
+        finally:
+            del drv.xenstore.transaction
+        assert len(attempts) == 2  # the first conflicted
         handed_over(drv.xenstore, "removed", base=base)
         bdev.events.flush()
         assert not bdev.gone  # its frontend, connected, is to close it
