@@ -222,29 +222,24 @@ class ReadyFd:
         """Close both ends; OSError EBADF, once ours is closed, if the
         program closed the one fileno() gave it.  That one is then left
         alone: the file that took its number since is the program's.
-        Closed already (a release cut short by a Ctrl-C, taken up again:
-        see Frontend._close_readyfd), it does nothing: ours is closed last,
-        whatever cut the close short once it started."""
-        if self.ours.fileno() == -1:
-            return
-        mine = True
-        try:
+
+        It may be taken again (a release cut short by a Ctrl-C, taken up
+        again: see Frontend._close_readyfd), and goes on where it was cut
+        short: an end closed (or, the program's, let go of) is not looked
+        at again.  Cut short as it checks the number, it leaves both ends
+        open for the next release to check again: closed then, a file of
+        the program's that took the number went with it."""
+        if self.user.fileno() != -1:
             try:
                 self._check_user()
             except OSError:
                 # Closed, the program's other file would go with it (or,
-                # none there, one opened meanwhile).  Flagged by a store
-                # (no signal's handler runs in it): a Ctrl-C cutting the
-                # check short closes the end, as close() did before it
-                # looked, rather than leave it open for good.
-                mine = False
+                # none there, one opened meanwhile).
                 self.user.detach()
+                self.ours.close()
                 raise
-            finally:
-                if mine:
-                    self.user.close()
-        finally:
-            self.ours.close()
+            self.user.close()
+        self.ours.close()
 
 
 def _checked(peek: Callable[[], tuple[memoryview, ...]]) -> tuple[memoryview, ...]:

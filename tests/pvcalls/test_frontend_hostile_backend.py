@@ -5707,6 +5707,52 @@ def test_a_release_interrupted_anywhere_closes_the_readiness_pair(
     assert landed
 
 
+def test_a_release_interrupted_anywhere_leaves_the_file_that_took_the_number(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """The program closed the descriptor fileno() gave it, and another
+    file took its number; a Ctrl-C lands anywhere in close(), then
+    close() is called again: that file stays open (the closes say EBADF,
+    once), both ends of the pair ours are closed.  Before, one landing as
+    ReadyFd.close checked the number (as _check_user started, or as its
+    fstat returned) closed the end by its number all the same, and with
+    it the program's file: a trade made while a release cut short left
+    the pair to the collector, which it no longer does."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    within = os.path.dirname(_frontend.__file__)
+    null = os.stat(os.devnull)
+    made: list[tuple[pvcalls.PVSocket, ReadyFd, int]] = []
+    said: list[OSError] = []
+
+    def close(s: pvcalls.PVSocket) -> None:
+        try:
+            s.close()
+        except OSError as exc:
+            said.append(exc)
+
+    def attempt(n: int) -> str:
+        said.clear()
+        gc.collect()  # not a socket of an earlier test's, in the sweep
+        s, _ = connected(fe, fake)
+        fd = s.fileno()
+        readyfd = s._st.readyfd
+        assert readyfd is not None
+        _descriptor_closed(fd)  # /dev/null takes the number
+        made[:] = [(s, readyfd, fd)]
+        return interrupted_at(n, within, functools.partial(close, s))
+
+    def check(where: str) -> None:
+        s, readyfd, fd = made[0]
+        close(s)
+        assert os.path.samestat(os.fstat(fd), null), "the program's file closed"
+        assert s._st.readyfd is None
+        assert readyfd.user.fileno() == -1 and readyfd.ours.fileno() == -1, "left open"
+        assert [exc.errno for exc in said] in ([], [errno.EBADF]), said
+
+    landed = _sweep(attempt, check, through=("ReadyFd._check_user",))
+    assert landed
+
+
 @pytest.mark.parametrize("err", [errno.ENOBUFS, errno.EBADF])
 @pytest.mark.parametrize("call", ["recv", "send"])
 def test_a_blocked_call_whose_readiness_update_fails_as_it_wakes_does_its_job(
