@@ -5972,6 +5972,38 @@ def test_an_accept_whose_descriptor_was_closed_hands_the_connection_over(
         assert info.value.errno == errno.EBADF
 
 
+@pytest.mark.parametrize("refused", [PVCALLS_ACCEPT, PVCALLS_POLL], ids=["ACCEPT", "POLL"])
+def test_a_refusal_whose_descriptor_was_closed_is_what_accept_says(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, refused: int) -> None:
+    """As above, a listener's fileno() polls readable, and the program
+    closes the descriptor; the backend refuses the ACCEPT (or had refused
+    the POLL, which made it readable).  accept() says the refusal
+    (EINVAL); the update that follows it, which fails (EBADF), is logged.
+    Raised instead, it hid the refusal, which went back for the next
+    accept() to meet, and the next, each failing with EBADF."""
+    if refused == PVCALLS_POLL:
+        ls, fd = _refused_poll_listener(fe, fake)
+        fake.hold = {PVCALLS_POLL}  # the one sent again stays unanswered
+    else:
+        ls = _listener(fe)
+        fake.rets[PVCALLS_ACCEPT] = -EINVAL
+        fd = ls.fileno()  # its POLL goes out, answered at once
+        wait_until(lambda: select.select([fd], [], [], 0)[0] != [])
+        fake.hold = {PVCALLS_POLL}
+    _descriptor_closed(fd)
+    try:
+        _refused(ls.accept, errno.EINVAL)()
+        said = [m for m in _ready_warnings(log) if f"id={ls.id:#x}" in m]
+        assert said and said[0].endswith(os.strerror(errno.EBADF)), said
+        ls.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ls.accept()  # said once: nothing is pending
+    finally:
+        with pytest.raises(OSError) as info:
+            ls.close()
+        assert info.value.errno == errno.EBADF
+
+
 def test_a_timed_connect_that_connected_interrupted_anywhere_succeeds_once_more(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """A connect() with a timeout that the backend accepts, a Ctrl-C
