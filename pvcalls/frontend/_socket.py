@@ -2441,12 +2441,16 @@ class PVSocket(Closing):
 
     def _update_ready(self) -> None:
         """Make fileno()'s descriptor poll as :meth:`_readable` and
-        :meth:`_writable` say."""
+        :meth:`_writable` say.  Gone through, it ends the errors failing
+        (see :meth:`_update_ready_or_log`), whoever made it: fileno()'s
+        too, which raises what it meets rather than logging it."""
         with self._mutex:
             fd = self._st.readyfd
             if fd is None:
                 return
             fd.set(self._readable(), self._writable())
+            if self._ready_errors:
+                self._ready_errors = _NO_ERRORS
 
     def _update_ready_or_log(self) -> None:
         """:meth:`_update_ready` where its error is nobody's to raise (the
@@ -2464,16 +2468,9 @@ class PVSocket(Closing):
         tries again, and a call that makes one raises what it meets
         (fileno() does)."""
         try:
-            self._update_ready()
+            self._update_ready()  # which ends the errors failing
         except OSError as exc:
             self._log_ready_error(exc)
-            return
-        if self._ready_errors:
-            # Read without the lock: a store racing it is a failure whose
-            # going away this misses, or one it takes for gone, which
-            # _RETELL_AFTER bounds.
-            with self._mutex:
-                self._ready_errors = _NO_ERRORS
 
     def _log_ready_error(self, exc: OSError) -> None:
         """:meth:`_update_ready_or_log`'s error ``exc``: logged unless it

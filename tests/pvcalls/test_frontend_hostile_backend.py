@@ -5611,6 +5611,50 @@ def test_a_readiness_update_error_that_comes_back_is_logged_again_at_most_so_oft
         s.close()
 
 
+def test_a_readiness_update_error_gone_at_fileno_is_logged_when_it_comes_back(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above (_RETELL_AFTER made 0: the recurrence comes an hour
+    later), the update that goes through being fileno()'s, which raises
+    its errors rather than logging them: the error is gone all the same,
+    and said again when it comes back.  Before, only an update that logs
+    its errors took them for gone: after fileno()'s, one that came back
+    at the next event stayed unsaid."""
+    from pvcalls.frontend import _socket as socket_module
+    from pvcalls.frontend._socket import ReadyFd
+
+    monkeypatch.setattr(socket_module, "_RETELL_AFTER", 0.0)
+    s, ring = connected(fe, fake)
+    readyfd = ReadyFd(into=s._st)  # not fileno(): see above
+    user = readyfd.user
+    st_ring = s._st.ring
+    assert st_ring is not None
+    try:
+        ring.produce(b"x")
+        wait_until(st_ring.in_pending)
+        s._update_ready()
+        assert readyfd.readable
+        # Unreadable, once "x" is taken, which fails.
+        failing = readyfd.user = _UpdateFails(user, "recv", errno.ENOBUFS)
+        assert s.recv(1) == b"x"
+        assert len(_ready_warnings(log)) == 1
+        failing.err = 0
+        s._update_ready()  # fileno()'s update, which goes through
+        assert not readyfd.readable
+        failing.err = errno.ENOBUFS
+        ring.produce(b"y")
+        wait_until(st_ring.in_pending)
+        s._update_ready()  # readable, which goes through too (fileno()'s)
+        assert s.recv(1) == b"y"  # unreadable again: fails, back
+        assert failing.tries == 2
+        said = _ready_warnings(log)
+        assert len(said) == 2, said
+        assert all(m.endswith(os.strerror(errno.ENOBUFS)) for m in said), said
+    finally:
+        readyfd.user = user
+        s.close()
+
+
 def test_a_close_whose_readiness_update_fails_releases_and_says_nothing(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
     """close() makes the descriptor poll readable and writable, for a
