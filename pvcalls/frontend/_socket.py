@@ -222,29 +222,24 @@ class ReadyFd:
         """Close both ends; OSError EBADF, once ours is closed, if the
         program closed the one fileno() gave it.  That one is then left
         alone: the file that took its number since is the program's.
-        Closed already (a release cut short by a Ctrl-C, taken up again:
-        see Frontend._close_readyfd), it does nothing: ours is closed last,
-        whatever cut the close short once it started."""
-        if self.ours.fileno() == -1:
-            return
-        mine = True
-        try:
+
+        It may be taken again (a release cut short by a Ctrl-C, taken up
+        again: see Frontend._close_readyfd), and goes on where it was cut
+        short: an end closed (or, the program's, let go of) is not looked
+        at again.  Cut short as it checks the number, it leaves both ends
+        open for the next release to check again: closed then, a file of
+        the program's that took the number went with it."""
+        if self.user.fileno() != -1:
             try:
                 self._check_user()
             except OSError:
                 # Closed, the program's other file would go with it (or,
-                # none there, one opened meanwhile).  Flagged by a store
-                # (no signal's handler runs in it): a Ctrl-C cutting the
-                # check short closes the end, as close() did before it
-                # looked, rather than leave it open for good.
-                mine = False
+                # none there, one opened meanwhile).
                 self.user.detach()
+                self.ours.close()
                 raise
-            finally:
-                if mine:
-                    self.user.close()
-        finally:
-            self.ours.close()
+            self.user.close()
+        self.ours.close()
 
 
 def _checked(peek: Callable[[], tuple[memoryview, ...]]) -> tuple[memoryview, ...]:
@@ -2446,12 +2441,16 @@ class PVSocket(Closing):
 
     def _update_ready(self) -> None:
         """Make fileno()'s descriptor poll as :meth:`_readable` and
-        :meth:`_writable` say."""
+        :meth:`_writable` say.  Gone through, it ends the errors failing
+        (see :meth:`_update_ready_or_log`), whoever made it: fileno()'s
+        too, which raises what it meets rather than logging it."""
         with self._mutex:
             fd = self._st.readyfd
             if fd is None:
                 return
             fd.set(self._readable(), self._writable())
+            if self._ready_errors:
+                self._ready_errors = _NO_ERRORS
 
     def _update_ready_or_log(self) -> None:
         """:meth:`_update_ready` where its error is nobody's to raise (the
@@ -2469,16 +2468,9 @@ class PVSocket(Closing):
         tries again, and a call that makes one raises what it meets
         (fileno() does)."""
         try:
-            self._update_ready()
+            self._update_ready()  # which ends the errors failing
         except OSError as exc:
             self._log_ready_error(exc)
-            return
-        if self._ready_errors:
-            # Read without the lock: a store racing it is a failure whose
-            # going away this misses, or one it takes for gone, which
-            # _RETELL_AFTER bounds.
-            with self._mutex:
-                self._ready_errors = _NO_ERRORS
 
     def _log_ready_error(self, exc: OSError) -> None:
         """:meth:`_update_ready_or_log`'s error ``exc``: logged unless it

@@ -5611,6 +5611,50 @@ def test_a_readiness_update_error_that_comes_back_is_logged_again_at_most_so_oft
         s.close()
 
 
+def test_a_readiness_update_error_gone_at_fileno_is_logged_when_it_comes_back(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above (_RETELL_AFTER made 0: the recurrence comes an hour
+    later), the update that goes through being fileno()'s, which raises
+    its errors rather than logging them: the error is gone all the same,
+    and said again when it comes back.  Before, only an update that logs
+    its errors took them for gone: after fileno()'s, one that came back
+    at the next event stayed unsaid."""
+    from pvcalls.frontend import _socket as socket_module
+    from pvcalls.frontend._socket import ReadyFd
+
+    monkeypatch.setattr(socket_module, "_RETELL_AFTER", 0.0)
+    s, ring = connected(fe, fake)
+    readyfd = ReadyFd(into=s._st)  # not fileno(): see above
+    user = readyfd.user
+    st_ring = s._st.ring
+    assert st_ring is not None
+    try:
+        ring.produce(b"x")
+        wait_until(st_ring.in_pending)
+        s._update_ready()
+        assert readyfd.readable
+        # Unreadable, once "x" is taken, which fails.
+        failing = readyfd.user = _UpdateFails(user, "recv", errno.ENOBUFS)
+        assert s.recv(1) == b"x"
+        assert len(_ready_warnings(log)) == 1
+        failing.err = 0
+        s._update_ready()  # fileno()'s update, which goes through
+        assert not readyfd.readable
+        failing.err = errno.ENOBUFS
+        ring.produce(b"y")
+        wait_until(st_ring.in_pending)
+        s._update_ready()  # readable, which goes through too (fileno()'s)
+        assert s.recv(1) == b"y"  # unreadable again: fails, back
+        assert failing.tries == 2
+        said = _ready_warnings(log)
+        assert len(said) == 2, said
+        assert all(m.endswith(os.strerror(errno.ENOBUFS)) for m in said), said
+    finally:
+        readyfd.user = user
+        s.close()
+
+
 def test_a_close_whose_readiness_update_fails_releases_and_says_nothing(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch) -> None:
     """close() makes the descriptor poll readable and writable, for a
@@ -5690,6 +5734,13 @@ def test_a_release_interrupted_anywhere_closes_the_readiness_pair(
 
     def attempt(n: int) -> str:
         s, _ = connected(fe, fake)
+        if owner == "dropped":
+            # As a dropped socket's, which has run.  Left alive, the
+            # socket's collection (where the garbage collector comes to it:
+            # in a later attempt's sweep, or a later test's) ran _collect,
+            # a place where that sweep landed, in a finaliser, which drops
+            # what it raises: a Ctrl-C "swallowed", by nothing under test.
+            s._finalizer.detach()
         s.fileno()
         readyfd = s._st.readyfd
         assert readyfd is not None
@@ -5704,6 +5755,52 @@ def test_a_release_interrupted_anywhere_closes_the_readiness_pair(
         s.close()
 
     landed = _sweep(attempt, check, through=("Frontend._release", "ReadyFd.close"))
+    assert landed
+
+
+def test_a_release_interrupted_anywhere_leaves_the_file_that_took_the_number(
+        fe: pvcalls.Frontend, fake: FakeBackend) -> None:
+    """The program closed the descriptor fileno() gave it, and another
+    file took its number; a Ctrl-C lands anywhere in close(), then
+    close() is called again: that file stays open (the closes say EBADF,
+    once), both ends of the pair ours are closed.  Before, one landing as
+    ReadyFd.close checked the number (as _check_user started, or as its
+    fstat returned) closed the end by its number all the same, and with
+    it the program's file: a trade made while a release cut short left
+    the pair to the collector, which it no longer does."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    within = os.path.dirname(_frontend.__file__)
+    null = os.stat(os.devnull)
+    made: list[tuple[pvcalls.PVSocket, ReadyFd, int]] = []
+    said: list[OSError] = []
+
+    def close(s: pvcalls.PVSocket) -> None:
+        try:
+            s.close()
+        except OSError as exc:
+            said.append(exc)
+
+    def attempt(n: int) -> str:
+        said.clear()
+        gc.collect()  # not a socket of an earlier test's, in the sweep
+        s, _ = connected(fe, fake)
+        fd = s.fileno()
+        readyfd = s._st.readyfd
+        assert readyfd is not None
+        _descriptor_closed(fd)  # /dev/null takes the number
+        made[:] = [(s, readyfd, fd)]
+        return interrupted_at(n, within, functools.partial(close, s))
+
+    def check(where: str) -> None:
+        s, readyfd, fd = made[0]
+        close(s)
+        assert os.path.samestat(os.fstat(fd), null), "the program's file closed"
+        assert s._st.readyfd is None
+        assert readyfd.user.fileno() == -1 and readyfd.ours.fileno() == -1, "left open"
+        assert [exc.errno for exc in said] in ([], [errno.EBADF]), said
+
+    landed = _sweep(attempt, check, through=("ReadyFd._check_user",))
     assert landed
 
 
@@ -5916,6 +6013,38 @@ def test_an_accept_whose_descriptor_was_closed_hands_the_connection_over(
     finally:
         with pytest.raises(OSError) as info:
             ls.close()  # the program's closing is said still, as socket.socket's
+        assert info.value.errno == errno.EBADF
+
+
+@pytest.mark.parametrize("refused", [PVCALLS_ACCEPT, PVCALLS_POLL], ids=["ACCEPT", "POLL"])
+def test_a_refusal_whose_descriptor_was_closed_is_what_accept_says(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch, refused: int) -> None:
+    """As above, a listener's fileno() polls readable, and the program
+    closes the descriptor; the backend refuses the ACCEPT (or had refused
+    the POLL, which made it readable).  accept() says the refusal
+    (EINVAL); the update that follows it, which fails (EBADF), is logged.
+    Raised instead, it hid the refusal, which went back for the next
+    accept() to meet, and the next, each failing with EBADF."""
+    if refused == PVCALLS_POLL:
+        ls, fd = _refused_poll_listener(fe, fake)
+        fake.hold = {PVCALLS_POLL}  # the one sent again stays unanswered
+    else:
+        ls = _listener(fe)
+        fake.rets[PVCALLS_ACCEPT] = -EINVAL
+        fd = ls.fileno()  # its POLL goes out, answered at once
+        wait_until(lambda: select.select([fd], [], [], 0)[0] != [])
+        fake.hold = {PVCALLS_POLL}
+    _descriptor_closed(fd)
+    try:
+        _refused(ls.accept, errno.EINVAL)()
+        said = [m for m in _ready_warnings(log) if f"id={ls.id:#x}" in m]
+        assert said and said[0].endswith(os.strerror(errno.EBADF)), said
+        ls.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ls.accept()  # said once: nothing is pending
+    finally:
+        with pytest.raises(OSError) as info:
+            ls.close()
         assert info.value.errno == errno.EBADF
 
 
