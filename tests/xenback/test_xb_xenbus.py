@@ -546,6 +546,44 @@ def test_a_release_across_a_restart_leaves_the_new_dispatcher_alone(
     assert _ports(host) == bound
 
 
+@pytest.mark.parametrize("forgotten", [True, False], ids=["forgotten", "closed"])
+def test_a_release_as_stop_closes_the_dispatcher_says_no_failure(
+        host, driver, frontends, caplog, forgotten: bool) -> None:
+    """release_resources() on a driver's own thread, as
+    test_a_port_unbound_as_stop_closes_the_dispatcher_is_unbound_quietly
+    unbinds: stop() drops the device and closes the dispatcher (which
+    unbinds every port) between the ports' leaving the device and their
+    unbind, once the dispatcher is forgotten or only closed.  The ports
+    are unbound, as asked: the KeyError of a closed dispatcher was said
+    as a failed unbind, with its traceback, as if the driver had
+    unbound a port behind the device's back."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    releasing = PauseAt(xenbus.BackendDevice.release_resources, "events.unbind(port)")
+    closing = PauseAt(xenbus.BackendDriver._stop, "self._events = None")
+    stopping = None
+    release = Attempt(lambda: releasing.run(bdev.release_resources))
+    try:
+        assert releasing.reached.wait(TIMEOUT)
+        if forgotten:
+            driver.stop()
+        else:
+            stopping = Attempt(lambda: closing.run(driver.stop))
+            assert closing.reached.wait(TIMEOUT)
+    finally:
+        releasing.resume()
+    try:
+        assert release.result() is None
+    finally:
+        closing.resume()
+    if stopping is not None:
+        assert stopping.result() is None
+    assert bdev.gone and bdev.resources == (0, 0)
+    assert _ports(host) == 1  # the frontend's own
+    assert not [r for r in caplog.records if r.msg == "%s: unbinding port %d failed"]
+    fe.close()
+
+
 def _closes_without_error(dom0_xs, driver, guest, dev, fe) -> None:
     """The frontend closes ``dev``: the backend follows to Closed, and
     writes no error node (a failed release is the driver's, not the
