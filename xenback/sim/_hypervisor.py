@@ -831,7 +831,9 @@ class Hypervisor:
         # What it logs under _lock is emitted past it: a signal's handler
         # that came in as the main thread emitted a record, the lock of a
         # handler held, may wait for _lock (or for this thread to end),
-        # and this thread for that handler's lock.
+        # and this thread for that handler's lock.  So a round's records
+        # come out after its replies: a handle refused may hear so before
+        # the line saying it is in the log.
         held = _HeldLogger()
         _held.logger = held
         try:
