@@ -1961,6 +1961,71 @@ def test_stats_in_another_thread_log_past_the_lock(
             kept.lock = None  # type: ignore[assignment]
 
 
+def test_an_add_domain_undone_in_another_thread_logs_past_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """add_domain() from a thread other than the main one (a toolstack's
+    thread serving dom0's domain_create), failing once its socket is
+    bound and unable to remove the socket's file, logs so through a
+    handler the main thread holds as it emits a record; a signal's
+    handler then removes another domain.  Both end, and the record is
+    emitted once the main thread lets go of the handler's lock.
+    add_domain() logged under the lock the removal takes: each waited for
+    the other for ever."""
+    import types
+
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(4, "other")
+
+    def full(*args: object) -> NoReturn:
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+    def unlink(path: object) -> NoReturn:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    monkeypatch.setattr(hv._selector, "register", full)
+    # The module's os, but for unlink: the file of a socket bound stays.
+    refusing = types.SimpleNamespace(**vars(os))
+    refusing.unlink = unlink
+    monkeypatch.setattr(_hypervisor, "os", refusing)
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+
+    # In a test's thread standing for the main one, which waits for _lock
+    # as the main one would.
+    def in_a_record() -> object:
+        with kept.lock:
+            adder = Attempt(lambda: hv.add_domain(3, "guest"))
+            assert eventually(lambda: _emitting(adder.thread)), "add_domain() logs nothing"
+            return hv.remove_domain(4), adder
+
+    ended = False
+    hv_logger.addHandler(kept)
+    try:
+        outcome = Attempt(in_a_record).result(
+            msg="the removal waits for the lock add_domain() holds, which waits for its"
+                " caller's lock")
+        ended = True
+        result, adder = outcome
+        assert result is None
+        failure = adder.result()
+        assert isinstance(failure, OSError) and failure.errno == errno.ENOMEM, failure
+        monkeypatch.undo()
+        assert hv.stats()["domains"] == 0
+        assert [r.getMessage() for r in kept.buffer] == [
+            "hypervisor: cannot remove the socket of a domain not added"]
+    finally:
+        hv_logger.removeHandler(kept)
+        monkeypatch.undo()
+        if ended:
+            hv.stop()
+        else:
+            kept.lock = None  # type: ignore[assignment]
+
+
 def test_no_removal_thread_outlives_stop(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C in remove_domain()'s wait for the thread that removes the

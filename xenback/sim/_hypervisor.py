@@ -587,7 +587,9 @@ class Hypervisor:
     def add_domain(self, domid: int, name: str, xenstore_path: str = "") -> Path:
         """Make ``domid`` known and listen for its handles; returns its socket."""
         path = domain_socket(self.run_dir, domid)
-        with self._lock:
+        # What its undo logs, past _lock: a toolstack's thread serving
+        # dom0's domain_create calls it (see _records_held).
+        with _records_held(), self._lock:
             if self._stopping:
                 raise RuntimeError("the host is stopping")
             if domid in self._domains:
@@ -658,7 +660,7 @@ class Hypervisor:
                             # Not bound: not yet, or the path is too long,
                             # its parent no directory...: nothing to remove.
                             if e.errno != errno.ENOENT and listener.getsockname():
-                                logger.exception(
+                                _log().exception(
                                     "hypervisor: cannot remove the socket of a domain not added"
                                 )
                         finally:
