@@ -2066,6 +2066,37 @@ def test_no_removal_thread_outlives_stop(
         hv.stop()
 
 
+def test_stop_keeps_no_removal_thread_left_by_a_ctrl_c(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C in remove_domain()'s wait for the thread that removes the
+    domain for it, then stop(): once stop() has joined that thread, the
+    hypervisor holds on to it no more, however many it was left."""
+    import gc
+    import weakref
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+    workers: list[threading.Thread] = []
+    monkeypatch.setattr(_hypervisor, "threading",
+                        _ThreadingWith(threading.Thread, _left_waiting(workers)))
+    try:
+        with pytest.raises(Interrupted):
+            hv.remove_domain(3)
+        [worker] = workers
+        hv.stop()
+        assert not worker.is_alive()
+        left = weakref.ref(worker)
+        del worker
+        workers.clear()
+        gc.collect()
+        assert left() is None, "stop() keeps the removal's thread it joined"
+    finally:
+        monkeypatch.undo()
+        hv.stop()
+
+
 def test_a_hypervisor_domain_socket_path_is_measured_in_bytes() -> None:
     """sun_path holds bytes: a path of fewer characters than its 107, but
     more bytes (an é is two), is refused with ENAMETOOLONG, its size said

@@ -437,7 +437,8 @@ class Hypervisor:
         self._removers_left: list[threading.Thread] = []
         # Whether such a thread emits what it logged itself (True), or
         # hands it to stop(), which joins it (False): decided under _lock
-        # by whichever of the two comes first (see stop).
+        # by whichever of the two comes first (see stop), and dropped by
+        # stop() once it is done with the thread.
         self._removers_emit: dict[threading.Thread, bool] = {}
 
     # -- host interface ------------------------------------------------------
@@ -570,6 +571,9 @@ class Hypervisor:
             if worker.is_alive():  # not if a Ctrl-C cut short its start()
                 worker.join(None if joined else _EMITTER_WAIT)
             del self._removers_left[0]
+            # Decided: neither reads it again (a Ctrl-C before this
+            # leaves one entry, not a thread to wait for).
+            self._removers_emit.pop(worker, None)
         self._selector.close()  # may be done again
         self._close_descriptors()
         # In place: one a Ctrl-C cuts short, the next stop() emits again.
