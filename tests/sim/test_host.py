@@ -2097,6 +2097,63 @@ def test_stop_keeps_no_removal_thread_left_by_a_ctrl_c(
         hv.stop()
 
 
+def test_the_service_threads_last_records_are_emitted_once_by_stop_cut_short(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A removal another thread asked for as stop() came, answered by the
+    service thread as it ends, logs (refusals the domain's log was
+    spared): stop(), which joined that thread, emits the record.  A
+    Ctrl-C landing anywhere in stop(), then stop() again: it is emitted
+    once.  One landing as it was emitted left it to the next stop(),
+    which emitted it again."""
+    from racewindow import Attempt, line_of
+
+    from xenback.sim import _hypervisor
+
+    def landing(n: int) -> str:
+        go = threading.Event()
+
+        class Late(threading.Thread):
+            def run(self) -> None:
+                go.wait(OUTLASTS_THE_TEST)
+                super().run()
+
+        hv = _hypervisor.Hypervisor(tmp_path / str(n))
+        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(Late))
+        kept = logging.handlers.BufferingHandler(capacity=100)
+        hv_logger = logging.getLogger(_hypervisor.__name__)
+        hv_logger.addHandler(kept)
+        where = ""
+        try:
+            hv.add_domain(3, "guest")
+            _with_refusals_unreported(hv, 3)
+            hv.start()
+            remover = Attempt(lambda: hv.remove_domain(3))
+            assert eventually(lambda: hv._removals != []), "the removal is not queued"
+            main = threading.get_ident()
+            # The service thread runs once stop() waits for it to end.
+            resumer = Attempt(lambda: (
+                eventually(lambda: go.is_set() or stands_at(
+                    main, _hypervisor.Hypervisor.stop, "self._thread.join(")),
+                go.set()))
+            try:
+                where = interrupted_at(n, SIM_CODE, hv.stop)
+            finally:
+                go.set()
+                hv.stop()
+            assert remover.result() is None, where
+            assert resumer.result() == (True, None), where
+            assert [r.getMessage() for r in kept.buffer] == [
+                "hypervisor: domain 3: 1 message suppressed"], f"interrupted {where}"
+        finally:
+            hv_logger.removeHandler(kept)
+            monkeypatch.undo()
+        return where
+
+    landed = landings(landing)
+    emitting = line_of(_hypervisor.Hypervisor.stop, "logger.handle(record)")
+    assert f"as a call returns in Hypervisor.stop, _hypervisor.py:{emitting}" in landed, landed
+
+
 def test_a_hypervisor_domain_socket_path_is_measured_in_bytes() -> None:
     """sun_path holds bytes: a path of fewer characters than its 107, but
     more bytes (an é is two), is refused with ENAMETOOLONG, its size said

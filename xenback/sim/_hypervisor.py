@@ -576,10 +576,18 @@ class Hypervisor:
             self._removers_emit.pop(worker, None)
         self._selector.close()  # may be done again
         self._close_descriptors()
-        # In place: one a Ctrl-C cuts short, the next stop() emits again.
+        # In place, one at a time: a stop() a Ctrl-C cuts short leaves the
+        # rest to the next.  Each is taken off with no call between that
+        # and logging's: taken off after, one a Ctrl-C landed on as it
+        # came back from logging was emitted again.  (One landing inside
+        # logging cuts that record short, as it would any record made in
+        # the main thread.)
         while self._unsaid:
-            _emit(self._unsaid[:1])
+            record = self._unsaid[0]
+            enabled = logger.isEnabledFor(record.levelno)
             del self._unsaid[0]
+            if enabled:
+                logger.handle(record)
 
     def _remove_all(self) -> None:
         with self._lock:
