@@ -2097,6 +2097,70 @@ def test_stop_keeps_no_removal_thread_left_by_a_ctrl_c(
         hv.stop()
 
 
+def test_a_signal_handlers_stop_as_the_service_thread_ends_logging_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A removal another thread asked for as stop() came, answered by the
+    service thread as it ends, logs (refusals the domain's log was
+    spared), while the main thread emits a record through that handler,
+    the lock held, and a signal's handler stopped the service (a host
+    closed on SIGTERM).  stop() ends, and emits the record once.  Emitted
+    by the service thread, it kept stop()'s join waiting for the lock
+    stop()'s caller held: for ever."""
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    go = threading.Event()
+
+    class Late(threading.Thread):
+        def run(self) -> None:
+            go.wait(OUTLASTS_THE_TEST)
+            super().run()
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(Late))
+    hv.add_domain(3, "guest")
+    _with_refusals_unreported(hv, 3)
+    hv.start()
+    service = hv._thread
+    assert service is not None
+    remover = Attempt(lambda: hv.remove_domain(3))
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+
+    # In a test's thread standing for the main one: its stop() joins the
+    # service thread as the main one's would (the removal, asked for in
+    # another thread, is the service thread's).
+    def in_a_record() -> object:
+        with kept.lock:
+            assert eventually(lambda: hv._removals != []), "the removal is not queued"
+            me = threading.get_ident()
+            # The service thread runs once stop() waits for it to end.
+            Attempt(lambda: (eventually(lambda: go.is_set() or stands_at(
+                me, _hypervisor.Hypervisor.stop, "self._thread.join(")), go.set()))
+            return hv.stop()
+
+    ended = False
+    hv_logger.addHandler(kept)
+    try:
+        outcome = Attempt(in_a_record).result(
+            msg="stop() waits for the service thread, which waits for its caller's lock")
+        ended = True
+        assert outcome is None
+        assert not service.is_alive()
+        assert remover.result() is None
+        assert [r.getMessage() for r in kept.buffer] == [
+            "hypervisor: domain 3: 1 message suppressed"]
+    finally:
+        go.set()
+        hv_logger.removeHandler(kept)
+        monkeypatch.undo()
+        if ended:
+            hv.stop()
+        else:
+            kept.lock = None  # type: ignore[assignment]
+
+
 def test_the_service_threads_last_records_are_emitted_once_by_stop_cut_short(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A removal another thread asked for as stop() came, answered by the
