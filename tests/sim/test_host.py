@@ -1639,7 +1639,11 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
             service.join(TIMEOUT)
             assert not service.is_alive(), "the service thread outlived the lock"
         else:
-            assert eventually(lambda: not _emitting(service))
+            # Back in its wait for events: done emitting (past the
+            # handler's lock, it may not have emitted yet).
+            assert service.ident is not None
+            assert eventually(lambda: stands_at(service.ident, _hypervisor.Hypervisor._serve_loop,
+                                                "self._selector.select("))
             assert hv.stats()["domains"] == 0
         assert [r.getMessage() for r in kept.buffer] == said
     finally:
