@@ -1639,7 +1639,11 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
             service.join(TIMEOUT)
             assert not service.is_alive(), "the service thread outlived the lock"
         else:
-            assert eventually(lambda: not _emitting(service))
+            # Back in its wait for events: done emitting (past the
+            # handler's lock, it may not have emitted yet).
+            assert service.ident is not None
+            assert eventually(lambda: stands_at(service.ident, _hypervisor.Hypervisor._serve_loop,
+                                                "self._selector.select("))
             assert hv.stats()["domains"] == 0
         assert [r.getMessage() for r in kept.buffer] == said
     finally:
@@ -1688,6 +1692,9 @@ def test_stop_waits_a_while_for_a_service_thread_emitting(
 
     holder = threading.Thread(target=hold, daemon=True)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # Past the test's own waits: a loaded machine's test thread may look
+    # later than 1 s after stop() began to wait.
+    monkeypatch.setattr(_hypervisor, "_EMITTER_WAIT", 2 * TIMEOUT)
     hv_logger.addHandler(kept)
     try:
         holder.start()
@@ -1961,6 +1968,71 @@ def test_stats_in_another_thread_log_past_the_lock(
             kept.lock = None  # type: ignore[assignment]
 
 
+def test_an_add_domain_undone_in_another_thread_logs_past_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """add_domain() from a thread other than the main one (a toolstack's
+    thread serving dom0's domain_create), failing once its socket is
+    bound and unable to remove the socket's file, logs so through a
+    handler the main thread holds as it emits a record; a signal's
+    handler then removes another domain.  Both end, and the record is
+    emitted once the main thread lets go of the handler's lock.
+    add_domain() logged under the lock the removal takes: each waited for
+    the other for ever."""
+    import types
+
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(4, "other")
+
+    def full(*args: object) -> NoReturn:
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+    def unlink(path: object) -> NoReturn:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    monkeypatch.setattr(hv._selector, "register", full)
+    # The module's os, but for unlink: the file of a socket bound stays.
+    refusing = types.SimpleNamespace(**vars(os))
+    refusing.unlink = unlink
+    monkeypatch.setattr(_hypervisor, "os", refusing)
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+
+    # In a test's thread standing for the main one, which waits for _lock
+    # as the main one would.
+    def in_a_record() -> object:
+        with kept.lock:
+            adder = Attempt(lambda: hv.add_domain(3, "guest"))
+            assert eventually(lambda: _emitting(adder.thread)), "add_domain() logs nothing"
+            return hv.remove_domain(4), adder
+
+    ended = False
+    hv_logger.addHandler(kept)
+    try:
+        outcome = Attempt(in_a_record).result(
+            msg="the removal waits for the lock add_domain() holds, which waits for its"
+                " caller's lock")
+        ended = True
+        result, adder = outcome
+        assert result is None
+        failure = adder.result()
+        assert isinstance(failure, OSError) and failure.errno == errno.ENOMEM, failure
+        monkeypatch.undo()
+        assert hv.stats()["domains"] == 0
+        assert [r.getMessage() for r in kept.buffer] == [
+            "hypervisor: cannot remove the socket of a domain not added"]
+    finally:
+        hv_logger.removeHandler(kept)
+        monkeypatch.undo()
+        if ended:
+            hv.stop()
+        else:
+            kept.lock = None  # type: ignore[assignment]
+
+
 def test_no_removal_thread_outlives_stop(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C in remove_domain()'s wait for the thread that removes the
@@ -1980,6 +2052,8 @@ def test_no_removal_thread_outlives_stop(
                               "with self._lock")
     monkeypatch.setattr(_hypervisor, "threading",
                         _ThreadingWith(threading.Thread, _left_waiting(workers)))
+    # Not emitting: waited for as long as it takes, not _EMITTER_WAIT.
+    monkeypatch.setattr(_hypervisor, "_EMITTER_WAIT", 0.0)
     try:
         with pytest.raises(Interrupted):
             hv.remove_domain(3)
@@ -1999,6 +2073,158 @@ def test_no_removal_thread_outlives_stop(
         pause.resume()
         monkeypatch.undo()
         hv.stop()
+
+
+def test_stop_keeps_no_removal_thread_left_by_a_ctrl_c(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C in remove_domain()'s wait for the thread that removes the
+    domain for it, then stop(): once stop() has joined that thread, the
+    hypervisor holds on to it no more, however many it was left."""
+    import gc
+    import weakref
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+    workers: list[threading.Thread] = []
+    monkeypatch.setattr(_hypervisor, "threading",
+                        _ThreadingWith(threading.Thread, _left_waiting(workers)))
+    try:
+        with pytest.raises(Interrupted):
+            hv.remove_domain(3)
+        [worker] = workers
+        hv.stop()
+        assert not worker.is_alive()
+        left = weakref.ref(worker)
+        del worker
+        workers.clear()
+        gc.collect()
+        assert left() is None, "stop() keeps the removal's thread it joined"
+    finally:
+        monkeypatch.undo()
+        hv.stop()
+
+
+def test_a_signal_handlers_stop_as_the_service_thread_ends_logging_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A removal another thread asked for as stop() came, answered by the
+    service thread as it ends, logs (refusals the domain's log was
+    spared), while the main thread emits a record through that handler,
+    the lock held, and a signal's handler stopped the service (a host
+    closed on SIGTERM).  stop() ends, and emits the record once.  Emitted
+    by the service thread, it kept stop()'s join waiting for the lock
+    stop()'s caller held: for ever."""
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    go = threading.Event()
+
+    class Late(threading.Thread):
+        def run(self) -> None:
+            go.wait(OUTLASTS_THE_TEST)
+            super().run()
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(Late))
+    hv.add_domain(3, "guest")
+    _with_refusals_unreported(hv, 3)
+    hv.start()
+    service = hv._thread
+    assert service is not None
+    remover = Attempt(lambda: hv.remove_domain(3))
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+
+    # In a test's thread standing for the main one: its stop() joins the
+    # service thread as the main one's would (the removal, asked for in
+    # another thread, is the service thread's).
+    def in_a_record() -> object:
+        with kept.lock:
+            assert eventually(lambda: hv._removals != []), "the removal is not queued"
+            me = threading.get_ident()
+            # The service thread runs once stop() waits for it to end.
+            Attempt(lambda: (eventually(lambda: go.is_set() or stands_at(
+                me, _hypervisor.Hypervisor.stop, "self._thread.join(")), go.set()))
+            return hv.stop()
+
+    ended = False
+    hv_logger.addHandler(kept)
+    try:
+        outcome = Attempt(in_a_record).result(
+            msg="stop() waits for the service thread, which waits for its caller's lock")
+        ended = True
+        assert outcome is None
+        assert not service.is_alive()
+        assert remover.result() is None
+        assert [r.getMessage() for r in kept.buffer] == [
+            "hypervisor: domain 3: 1 message suppressed"]
+    finally:
+        go.set()
+        hv_logger.removeHandler(kept)
+        monkeypatch.undo()
+        if ended:
+            hv.stop()
+        else:
+            kept.lock = None  # type: ignore[assignment]
+
+
+def test_the_service_threads_last_records_are_emitted_once_by_stop_cut_short(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A removal another thread asked for as stop() came, answered by the
+    service thread as it ends, logs (refusals the domain's log was
+    spared): stop(), which joined that thread, emits the record.  A
+    Ctrl-C landing anywhere in stop(), then stop() again: it is emitted
+    once.  One landing as it was emitted left it to the next stop(),
+    which emitted it again."""
+    from racewindow import Attempt, line_of
+
+    from xenback.sim import _hypervisor
+
+    def landing(n: int) -> str:
+        go = threading.Event()
+
+        class Late(threading.Thread):
+            def run(self) -> None:
+                go.wait(OUTLASTS_THE_TEST)
+                super().run()
+
+        hv = _hypervisor.Hypervisor(tmp_path / str(n))
+        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(Late))
+        kept = logging.handlers.BufferingHandler(capacity=100)
+        hv_logger = logging.getLogger(_hypervisor.__name__)
+        hv_logger.addHandler(kept)
+        where = ""
+        try:
+            hv.add_domain(3, "guest")
+            _with_refusals_unreported(hv, 3)
+            hv.start()
+            remover = Attempt(lambda: hv.remove_domain(3))
+            assert eventually(lambda: hv._removals != []), "the removal is not queued"
+            main = threading.get_ident()
+            # The service thread runs once stop() waits for it to end.
+            resumer = Attempt(lambda: (
+                eventually(lambda: go.is_set() or stands_at(
+                    main, _hypervisor.Hypervisor.stop, "self._thread.join(")),
+                go.set()))
+            try:
+                where = interrupted_at(n, SIM_CODE, hv.stop)
+            finally:
+                go.set()
+                hv.stop()
+            assert remover.result() is None, where
+            assert resumer.result() == (True, None), where
+            assert [r.getMessage() for r in kept.buffer] == [
+                "hypervisor: domain 3: 1 message suppressed"], f"interrupted {where}"
+        finally:
+            hv_logger.removeHandler(kept)
+            monkeypatch.undo()
+        return where
+
+    landed = landings(landing)
+    emitting = line_of(_hypervisor.Hypervisor.stop, "logger.handle(record)")
+    assert f"as a call returns in Hypervisor.stop, _hypervisor.py:{emitting}" in landed, landed
 
 
 def test_a_hypervisor_domain_socket_path_is_measured_in_bytes() -> None:

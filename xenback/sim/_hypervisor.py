@@ -437,7 +437,8 @@ class Hypervisor:
         self._removers_left: list[threading.Thread] = []
         # Whether such a thread emits what it logged itself (True), or
         # hands it to stop(), which joins it (False): decided under _lock
-        # by whichever of the two comes first (see stop).
+        # by whichever of the two comes first (see stop), and dropped by
+        # stop() once it is done with the thread.
         self._removers_emit: dict[threading.Thread, bool] = {}
 
     # -- host interface ------------------------------------------------------
@@ -570,12 +571,23 @@ class Hypervisor:
             if worker.is_alive():  # not if a Ctrl-C cut short its start()
                 worker.join(None if joined else _EMITTER_WAIT)
             del self._removers_left[0]
+            # Decided: neither reads it again (a Ctrl-C before this
+            # leaves one entry, not a thread to wait for).
+            self._removers_emit.pop(worker, None)
         self._selector.close()  # may be done again
         self._close_descriptors()
-        # In place: one a Ctrl-C cuts short, the next stop() emits again.
+        # In place, one at a time: a stop() a Ctrl-C cuts short leaves the
+        # rest to the next.  Each is taken off with no call between that
+        # and logging's: taken off after, one a Ctrl-C landed on as it
+        # came back from logging was emitted again.  (One landing inside
+        # logging cuts that record short, as it would any record made in
+        # the main thread.)
         while self._unsaid:
-            _emit(self._unsaid[:1])
+            record = self._unsaid[0]
+            enabled = logger.isEnabledFor(record.levelno)
             del self._unsaid[0]
+            if enabled:
+                logger.handle(record)
 
     def _remove_all(self) -> None:
         with self._lock:
@@ -587,7 +599,9 @@ class Hypervisor:
     def add_domain(self, domid: int, name: str, xenstore_path: str = "") -> Path:
         """Make ``domid`` known and listen for its handles; returns its socket."""
         path = domain_socket(self.run_dir, domid)
-        with self._lock:
+        # What its undo logs, past _lock: a toolstack's thread serving
+        # dom0's domain_create calls it (see _records_held).
+        with _records_held(), self._lock:
             if self._stopping:
                 raise RuntimeError("the host is stopping")
             if domid in self._domains:
@@ -658,7 +672,7 @@ class Hypervisor:
                             # Not bound: not yet, or the path is too long,
                             # its parent no directory...: nothing to remove.
                             if e.errno != errno.ENOENT and listener.getsockname():
-                                logger.exception(
+                                _log().exception(
                                     "hypervisor: cannot remove the socket of a domain not added"
                                 )
                         finally:
@@ -831,7 +845,9 @@ class Hypervisor:
         # What it logs under _lock is emitted past it: a signal's handler
         # that came in as the main thread emitted a record, the lock of a
         # handler held, may wait for _lock (or for this thread to end),
-        # and this thread for that handler's lock.
+        # and this thread for that handler's lock.  So a round's records
+        # come out after its replies: a handle refused may hear so before
+        # the line saying it is in the log.
         held = _HeldLogger()
         _held.logger = held
         try:
