@@ -649,6 +649,7 @@ def watched_fds(backend: Any) -> list[int]:
             fds += events._fds
     return sorted(fds)
 
+
 def resources(backend: Any, host: Any) -> tuple[object, ...]:
     """What active sockets hold: the backend's event channel ports (and the
     hypervisor's count of ports), its grant mappings, and the CPUs' loads."""

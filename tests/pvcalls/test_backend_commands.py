@@ -319,6 +319,7 @@ def test_a_run_answers_at_most_command_budget_requests_and_goes_on(
     assert [req_id for run in handled for req_id in run] == req_ids
     assert [len(run) for run in handled] == [2, 2, 1]
 
+
 def test_an_interrupt_escaping_a_command_leaves_the_rest_of_the_ring_served(
         raw: RawFrontend, backend: pvcalls.Backend, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -1253,6 +1254,7 @@ def _connecting(raw: RawFrontend, ring: DataRing | None = None,
     _, rsp = raw.socket()  # the CONNECT was processed, and is in progress
     assert rsp.ret == 0 and connect_req not in raw.responses
     return listener, filler, sock_id, connect_req
+
 
 def test_slow_connect_does_not_stall_the_ring(raw: RawFrontend,
                                               backend: pvcalls.Backend) -> None:

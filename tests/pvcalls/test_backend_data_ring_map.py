@@ -141,6 +141,7 @@ def test_a_ring_s_pages_are_its_one_mapping_until_closed(guest: Guest, hint: str
         ring.close()
     assert ring._maps == [] and guest.live_mappings() == 0
 
+
 def test_a_hint_the_hypervisor_refuses_takes_the_long_way(guest: Guest) -> None:
     """The hint's grants ended (or were never ours): the ring is mapped
     from the indexes page alone, as without a hint."""

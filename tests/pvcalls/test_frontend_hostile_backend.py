@@ -2474,6 +2474,7 @@ def test_a_socket_failing_to_be_woken_keeps_no_other_asleep(
     a.close()
     r.close()
 
+
 def test_a_dropped_socket_not_yet_released_holds_up_no_wake_up(
         fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:

@@ -1496,6 +1496,7 @@ def test_closing_a_handle_with_a_port_whose_unbind_was_refused_unbinds_it(
         e1.close()
     assert eventually(lambda: host.hypervisor.stats()["ports"] == 0)
 
+
 def test_an_unbind_of_a_port_the_service_does_not_hold_drops_it(
         host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
     """EINVAL from the service on a first unbind(): it holds no such port

@@ -1912,6 +1912,7 @@ def test_a_signal_handlers_stop_as_a_removal_left_by_a_ctrl_c_logs_ends(
         else:
             kept.lock = None  # type: ignore[assignment]
 
+
 def test_stats_in_another_thread_log_past_the_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """stats() from a thread other than the main one, accepting the
@@ -2325,6 +2326,7 @@ def test_a_removal_the_main_thread_has_no_thread_for_is_refused(
 
     landed = landings(landing)
     assert any("Hypervisor._uninterrupted" in where for where in landed), landed
+
 
 def test_a_removal_left_by_a_ctrl_c_spares_the_domain_added_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -2838,6 +2840,7 @@ def test_create_from_another_process_refuses_a_name_that_is_no_str(
     with pytest.raises(TypeError, match=f"^a domain name must be a str, not {re.escape(said)}$"):
         create_domain(host.run_dir, name)  # type: ignore[arg-type]
     assert host.domains() == [host.dom0]
+
 
 @pytest.mark.parametrize(("domid", "error", "said"), [
     (-1, ValueError, "domid must be a domain id (0 to 32751), not -1"),

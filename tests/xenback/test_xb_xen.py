@@ -792,6 +792,7 @@ def test_a_ctrl_c_after_dealloc_answered_logs_only_a_refusal_with_its_errno(
         f"they stay until the grant share handle is closed "
         f"(sharing 1 pages with domain 4 did not complete)"] if refused else [])
 
+
 @pytest.mark.parametrize("kind", ["mapping", "shared"])
 def test_a_failed_mmap_s_error_is_the_answer_when_undoing_it_fails_too(
         fake_grant_libc: FakeGrantLibc, kind: str, caplog) -> None:
@@ -952,6 +953,7 @@ def test_a_ctrl_c_as_a_context_manager_is_entered_leaves_the_handle_unlocked(
     assert free == landed, "the lock stays held while the Ctrl-C propagates"
     table.close()
     share.close()
+
 
 @pytest.mark.parametrize("kind", ["mapping", "shared"])
 def test_an_undoing_that_fails_after_a_ctrl_c_says_so_without_blaming_an_mmap(

@@ -373,6 +373,7 @@ def test_a_device_dropped_twice_is_said_removed_once(host, driver, frontends, ca
     said = [r.getMessage() for r in caplog.records]
     assert said.count(f"{bdev.nodename}: removed") == 1, said
 
+
 def test_connect_is_not_repeated_while_connected(host, driver, frontends) -> None:
     guest, dev, fe = connected(host, frontends)
     fe.set_state(S.CONNECTED)  # Initialised -> Connected on the frontend
@@ -626,6 +627,7 @@ def test_a_port_unbound_behind_the_device_s_back_is_a_key_error_to_unbind_evtchn
         bdev.unbind_evtchn(port)
     assert bdev.resources == (1, 0)
     fe.close()
+
 
 def test_a_mapping_that_fails_to_unmap_does_not_stop_the_release(
         host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
@@ -2428,6 +2430,7 @@ def _publish_by_hand(xs: XenStore, frontend: str, ref: int, port: int) -> None:
     xs.transaction(lambda t: (t.write(f"{frontend}/ring-ref", ref),
                               t.write(f"{frontend}/port", port),
                               t.write(f"{frontend}/state", 3)))
+
 
 def _destroyed_outliving_its_frontend(host, driver, dom0_xs) -> tuple[Any, Any, str, str]:
     """A guest connected to a device whose frontend directory is outside
