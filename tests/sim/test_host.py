@@ -943,7 +943,7 @@ def test_a_hypervisor_starts_once_and_never_once_stopped(tmp_path: Path) -> None
         with pytest.raises(RuntimeError, match="^the hypervisor service is started already$"):
             hv.start()
         assert set(threading.enumerate()) == threads
-        assert descriptors() == made
+        assert descriptors() <= made  # no second pipe (another thread may close one)
     finally:
         hv.stop()
     with pytest.raises(RuntimeError, match="^the host is stopping$"):
