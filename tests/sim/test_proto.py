@@ -1113,7 +1113,7 @@ def test_a_push_short_of_its_descriptors_is_dropped_and_logged(
     conn = ServiceConnection(path, EventChannelError, lambda msg, fds: pushed.append(msg))
     try:
         conn.call("info")
-        with caplog.at_level("ERROR", logger="xenback.sim._proto"), _no_descriptor_left():
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"), _no_descriptor_at_all():
             conn._sock.send(encode({"op": "info"}))  # the service pushes as it reads it
             assert eventually(lambda: conn.drain() and bool(pushed))
         assert pushed == [{"event": "unbound", "port": 3}]
