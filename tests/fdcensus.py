@@ -36,6 +36,37 @@ def open_sockets() -> set[int]:
     return sockets
 
 
+def sockets_named_under(directory: str | os.PathLike[str]) -> frozenset[tuple[int, str]]:
+    """This process's descriptors that are Unix sockets bound to a path
+    under ``directory``, or accepted on a listener bound there (an accepted
+    socket carries its listener's name), each with what it refers to;
+    collected first, as :func:`descriptors`.
+
+    A service's listeners and connections, told apart by their names from
+    what other threads of the process (routers, event threads, one left
+    by an earlier test, the collector) open and close meanwhile: a census
+    of the whole process fails when any of them does."""
+    gc.collect()
+    under = os.path.join(os.fspath(directory), "")
+    named = set()
+    # The kernel's own list: inode and name of every Unix socket (of this
+    # network namespace), named or not, the name kept once its file is gone.
+    with open("/proc/net/unix") as table:
+        next(table)  # the heading
+        for line in table:
+            fields = line.split(maxsplit=7)
+            if len(fields) == 8 and fields[7].rstrip("\n").startswith(under):
+                named.add(f"socket:[{fields[6]}]")
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:
+            continue  # listdir()'s own, or closed meanwhile
+        if target in named:
+            fds.add((int(name), target))
+    return frozenset(fds)
+
 
 class HeldNumbers:
     """Descriptor numbers the test's thread closed within :meth:`closing`,

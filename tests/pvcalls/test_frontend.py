@@ -2514,7 +2514,8 @@ def test_a_fileno_interrupted_anywhere_leaves_no_descriptor_to_the_collector(
             said = f"interrupted {where or 'nowhere'}"
             assert _unclosed(caught) == [], said
             sock.close()
-            assert descriptors() == before, said
+            # None new; the backend's threads may close one of theirs meanwhile.
+            assert descriptors() <= before, (said, sorted(descriptors() - before))
             assert _unclosed(caught) == [], said
             if not where:
                 break
@@ -2558,7 +2559,8 @@ def test_a_fileno_interrupted_anywhere_in_making_the_pair_leaks_no_descriptor(
             sock.close()
             gc.collect()
             assert _unclosed(caught) == [], said
-            assert descriptors() == before, said
+            # None new; the backend's threads may close one of theirs meanwhile.
+            assert descriptors() <= before, (said, sorted(descriptors() - before))
             if not where:
                 break
 

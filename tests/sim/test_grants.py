@@ -890,11 +890,8 @@ def test_descriptors_sent_with_any_request_never_leak(host: SimHost, guest: Doma
     """Whatever a request carries, the service closes what it does not keep,
     and everything it kept is closed with the handle."""
 
-    def open_fds() -> set[int]:
-        return set(map(int, os.listdir("/proc/self/fd")))
-
     assert eventually(lambda: host.hypervisor.stats()["connections"] == 0)
-    before = open_fds()
+    before = descriptors()
     requests = [
         {"op": "info"},
         {"op": "gnt_share", "domid": 0, "count": 2, "writable": True},
@@ -920,7 +917,9 @@ def test_descriptors_sent_with_any_request_never_leak(host: SimHost, guest: Doma
         "domains": 2, "connections": 0, "ports": 0, "grants": 0, "mappings": 0,
     })
     # The service closes a handle's socket just after it leaves the counts.
-    assert eventually(lambda: open_fds() == before)
+    # None new, not the same set: the service's and XenStore's threads, or
+    # the collector, may close one of the others' meanwhile.
+    assert eventually(lambda: descriptors() <= before), sorted(descriptors() - before)
 
 
 def test_concurrent_shares_and_maps(host: SimHost, guest: Domain) -> None:
@@ -1491,7 +1490,8 @@ def test_a_live_mapping_holds_no_descriptor(host: SimHost, guest: Domain) -> Non
         with tab.map_grant_refs(guest.domid, a.refs + b.refs) as mapping:
             assert len(mapping.buffer) == 3 * PAGE_SIZE
             tab._conn.call("info")
-            assert descriptors() == held, sorted(descriptors() ^ held)
+            # None new: other threads may close one of theirs meanwhile.
+            assert descriptors() <= held, sorted(descriptors() - held)
 
 
 def test_a_map_whose_pages_close_ended_before_it_returned_fails(

@@ -969,33 +969,19 @@ def _no_descriptor_at_all() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-@contextlib.contextmanager
-def _no_descriptor_left() -> Iterator[None]:
-    """In the block, this process can open no descriptor (EMFILE): every
-    number below the soft limit, lowered to just past the highest one in
-    use, is taken.  For a test that frees one number for one open: a
-    descriptor another thread closes meanwhile gives a second (see
-    :func:`_no_descriptor_at_all`)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    limit = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
-    fillers: list[int] = []
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-    try:
-        with contextlib.suppress(OSError):
-            while True:
-                fillers.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
-        yield
-    finally:
-        close_fds(fillers)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
 def test_the_descriptors_of_a_request_the_service_got_in_part_are_closed(
-        host: SimHost, guest: Domain) -> None:
-    """With numbers for only some of a request's descriptors, the kernel
-    gives the service those (MSG_CTRUNC): the request is refused as the
-    service out of descriptors is, and the ones it got are closed, not
-    kept for good."""
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given only some of a request's descriptors, the kernel says so
+    (MSG_CTRUNC): the request is refused as the service out of descriptors
+    is, and the ones it got are closed, not kept for good.
+
+    The kernel installs what fits, then flags the rest as dropped, alike
+    whether the process ran out of numbers or the receive buffer out of
+    room: here, room for one in the service's buffer.  Not one number left
+    free below a lowered limit: another thread of this process (the
+    host's, the collector closing a socket) closing a descriptor meanwhile
+    gave the service both."""
+    from xenback.sim import _proto
     from xenback.sim._hypervisor import domain_socket
 
     pipes = [os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for _ in range(2)]
@@ -1005,11 +991,12 @@ def test_the_descriptors_of_a_request_the_service_got_in_part_are_closed(
             sock.connect(os.fspath(domain_socket(host.run_dir, guest.domid)))
             sock.send(b'{"op": "info", "id": 1}')
             assert json.loads(sock.recv(70000))["domid"] == guest.domid  # accepted
-            room = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            with _no_descriptor_left():
-                os.close(room)  # one number left, for the first descriptor
-                socket.send_fds(sock, [b'{"op": "info", "id": 2}'], [w for _, w in pipes])
-                data, fds, _, _ = socket.recv_fds(sock, 70000, 4)
+            # Room for one descriptor; read by recv_message() at each call, in
+            # the service's thread.
+            monkeypatch.setattr(_proto, "_ANCILLARY_SPACE", socket.CMSG_LEN(4))
+            socket.send_fds(sock, [b'{"op": "info", "id": 2}'], [w for _, w in pipes])
+            data, fds, _, _ = socket.recv_fds(sock, 70000, 4)
+            monkeypatch.undo()
             assert (json.loads(data)["errno"], fds) == (errno.EMFILE, [])
         for r, w in pipes:
             os.close(w)
@@ -1113,7 +1100,7 @@ def test_a_push_short_of_its_descriptors_is_dropped_and_logged(
     conn = ServiceConnection(path, EventChannelError, lambda msg, fds: pushed.append(msg))
     try:
         conn.call("info")
-        with caplog.at_level("ERROR", logger="xenback.sim._proto"), _no_descriptor_left():
+        with caplog.at_level("ERROR", logger="xenback.sim._proto"), _no_descriptor_at_all():
             conn._sock.send(encode({"op": "info"}))  # the service pushes as it reads it
             assert eventually(lambda: conn.drain() and bool(pushed))
         assert pushed == [{"event": "unbound", "port": 3}]
