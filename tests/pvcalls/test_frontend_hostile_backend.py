@@ -5112,6 +5112,45 @@ def test_waiters_wake_at_once_not_at_their_recheck(
     monkeypatch.undo()
 
 
+def test_calls_on_sockets_the_frontend_closes_say_ebadf_however_late_they_look(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frontend.close() closes the sockets (waking their calls), waits for
+    their RELEASEs, then marks the frontend closed.  A bind() waiting for
+    its answer and a recv() waiting for data that look only after that
+    (their threads slow to run again, on a loaded machine) fail with
+    EBADF, as those that look at once do: their socket was closed under
+    them.  Not ENOTCONN, the frontend closed: which error a call saw
+    depended on when its thread ran."""
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)
+    r, _ = connected(fe, fake)
+    r.settimeout(None)
+    s = fe.socket()
+    fake.hold = {PVCALLS_BIND}
+    fe.timeout = 3600.0
+    # recv() stops once its wait ended, before it looks at the frontend;
+    # bind() as its wait returns, before it takes the lock back to look.
+    late_recv = PauseAt(pvcalls.PVSocket._wait, "if self._fe._dead", after="while not ready()")
+    late_bind = PauseAt(threading.Condition.wait, "self._acquire_restore(")
+    receiving = Call(lambda: late_recv.run(lambda: r.recv(10)))
+    binding = Call(lambda: late_bind.run(lambda: s.bind(("127.0.0.1", 4000))))
+    fake.next_request(PVCALLS_BIND)
+    wait_until(lambda: sleeping_in_wait(r))
+    wait_until(lambda: done_or_at(binding, pvcalls.Frontend._wait_slot, "self._cmd_cond.wait("))
+    # close() waits this long for the paused recv() to leave the socket
+    # (then leaves its ring alone), and for the RELEASEs.
+    fe.timeout = 0.3
+    closing = Call(fe.close)
+    for pause in (late_recv, late_bind):
+        assert pause.reached.wait(TIMEOUT)
+    wait_until(lambda: fe._dead)
+    late_recv.resume()
+    late_bind.resume()
+    for call in (binding, receiving):
+        err = call.oserror()
+        assert (err.errno, err.strerror) == (errno.EBADF, os.strerror(errno.EBADF))
+    closing.join()
+
+
 def test_an_answered_entry_given_up_wakes_a_command_waiting_for_it(
         fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every response entry taken (31 by answered ACCEPTs, one by a BIND
