@@ -1633,10 +1633,14 @@ class Frontend(Closing):
         self._kick_owed()
         with self._lock:
             while not slot.done:
-                if self._dead:
-                    raise self._gone()
+                # The socket first: Frontend.close() closes its sockets
+                # before it marks itself dead, and a call that looks only
+                # after that says what happened to it, as one looking at
+                # once does, not what came after.
                 if sock is not None and sock._closed:
                     raise bad_fd()
+                if self._dead:
+                    raise self._gone()
                 if deadline.timeout == 0.0:
                     raise BlockingIOError(errno.EAGAIN, "operation would block")
                 # Bounded (see Deadline.recheck): sock's close(), or the

@@ -2342,7 +2342,10 @@ class PVSocket(Closing):
                             self._update_ready_or_log()
                         finally:
                             self._cond.acquire()
-        if self._fe._dead and not ready():
+        # A closed socket is the caller's EBADF whenever this thread got
+        # to look: Frontend.close() closes its sockets before it marks
+        # itself dead (see Frontend._wait_slot).
+        if self._fe._dead and not self._closed and not ready():
             raise self._fe._gone()
         if ring is not None and ring.failure is not None and not self._closed and not ready():
             raise OSError(errno.EIO, ring.failure)

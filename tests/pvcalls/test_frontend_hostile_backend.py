@@ -5047,14 +5047,15 @@ def _watch_failed(fe: pvcalls.Frontend, fake: FakeBackend, bind: Request,
 
 
 def _frontend_closed(fe: pvcalls.Frontend, fake: FakeBackend, bind: Request,
-                     monkeypatch: pytest.MonkeyPatch) -> None:
+                     monkeypatch: pytest.MonkeyPatch) -> Call:
     fe.timeout = 0.3  # close() waits this long for the BIND's socket's RELEASE
-    Call(fe.close)
+    return Call(fe.close)
 
 
-# What wakes every call waiting for the backend, and the error it then
-# raises (None: the answer itself).
-_WAKE_UPS: dict[str, tuple[Callable[..., None], tuple[int, str] | None]] = {
+# What wakes every call waiting for the backend (and the call it left
+# running, for the test to see end), and the error it then raises (None:
+# the answer itself).
+_WAKE_UPS: dict[str, tuple[Callable[..., Call | None], tuple[int, str] | None]] = {
     "the answer": (lambda fe, fake, bind, mp: fake.respond(bind, 0), None),
     "the backend gone": (_backend_gone, (errno.ENOTCONN, "the PV Calls backend went away")),
     "the ring broken": (_ring_broken,
@@ -5096,7 +5097,7 @@ def test_waiters_wake_at_once_not_at_their_recheck(
     wait_until(lambda: all(done_or_at(call, pvcalls.Frontend._wait_slot, "self._cmd_cond.wait(")
                            for call in (binding, creating)))
     trigger, expected = _WAKE_UPS[wake_up]
-    trigger(fe, fake, bind, monkeypatch)
+    left_running = trigger(fe, fake, bind, monkeypatch)
     if expected is None:
         assert binding.join().error is None
         assert receiving.alive() and creating.alive()
@@ -5110,7 +5111,51 @@ def test_waiters_wake_at_once_not_at_their_recheck(
                         else (errno.EBADF, os.strerror(errno.EBADF)))
         assert expected is not None
         assert (err.errno, str(err.strerror)[:len(expected[1])]) == expected
+    if left_running is not None:
+        # Over before the fixture's close() starts: two close() calls at
+        # once are not what this tests (the second may find a handle
+        # checked, then taken by the first: AttributeError).
+        assert left_running.join().error is None
     monkeypatch.undo()
+
+
+def test_calls_on_sockets_the_frontend_closes_say_ebadf_however_late_they_look(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frontend.close() closes the sockets (waking their calls), waits for
+    their RELEASEs, then marks the frontend closed.  A bind() waiting for
+    its answer and a recv() waiting for data that look only after that
+    (their threads slow to run again, on a loaded machine) fail with
+    EBADF, as those that look at once do: their socket was closed under
+    them.  Not ENOTCONN, the frontend closed: which error a call saw
+    depended on when its thread ran."""
+    monkeypatch.setattr(_common, "RECHECK", 3600.0)
+    r, _ = connected(fe, fake)
+    r.settimeout(None)
+    s = fe.socket()
+    fake.hold = {PVCALLS_BIND}
+    fe.timeout = 3600.0
+    # recv() stops once its wait ended, before it looks at the frontend;
+    # bind() as its wait returns, before it takes the lock back to look.
+    late_recv = PauseAt(pvcalls.PVSocket._wait, "if self._fe._dead", after="while not ready()")
+    late_bind = PauseAt(threading.Condition.wait, "self._acquire_restore(")
+    receiving = Call(lambda: late_recv.run(lambda: r.recv(10)))
+    binding = Call(lambda: late_bind.run(lambda: s.bind(("127.0.0.1", 4000))))
+    fake.next_request(PVCALLS_BIND)
+    wait_until(lambda: sleeping_in_wait(r))
+    wait_until(lambda: done_or_at(binding, pvcalls.Frontend._wait_slot, "self._cmd_cond.wait("))
+    # close() waits this long for the paused recv() to leave the socket
+    # (then leaves its ring alone), and for the RELEASEs.
+    fe.timeout = 0.3
+    closing = Call(fe.close)
+    for pause in (late_recv, late_bind):
+        assert pause.reached.wait(TIMEOUT)
+    wait_until(lambda: fe._dead)
+    late_recv.resume()
+    late_bind.resume()
+    for call in (binding, receiving):
+        err = call.oserror()
+        assert (err.errno, err.strerror) == (errno.EBADF, os.strerror(errno.EBADF))
+    closing.join()
 
 
 def test_an_answered_entry_given_up_wakes_a_command_waiting_for_it(
