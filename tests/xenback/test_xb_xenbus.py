@@ -452,6 +452,35 @@ def test_releasing_what_the_framework_released_already(host, driver, frontends) 
     census.check()
 
 
+def _unbind_as_stop_closes_the_dispatcher(
+        driver: BackendDriver, method: Callable[..., object], unbind: Callable[[], object],
+        forgotten: bool) -> None:
+    """``unbind()`` on a driver's own thread, paused in ``method`` at its
+    unbind, once the ports have left the device; stop() meanwhile drops
+    the device and closes the dispatcher (which unbinds every port), and
+    forgets it, or is held just after closing it.  Both end, unbind()
+    returning None."""
+    unbinding = PauseAt(method, "events.unbind(port)")
+    closing = PauseAt(xenbus.BackendDriver._stop, "self._events = None")
+    stopping = None
+    unbinder = Attempt(lambda: unbinding.run(unbind))
+    try:
+        assert unbinding.reached.wait(TIMEOUT)
+        if forgotten:
+            driver.stop()
+        else:
+            stopping = Attempt(lambda: closing.run(driver.stop))
+            assert closing.reached.wait(TIMEOUT)
+    finally:
+        unbinding.resume()
+    try:
+        assert unbinder.result() is None
+    finally:
+        closing.resume()
+    if stopping is not None:
+        assert stopping.result() is None
+
+
 @pytest.mark.parametrize("forgotten", [True, False], ids=["forgotten", "closed"])
 def test_a_port_unbound_as_stop_closes_the_dispatcher_is_unbound_quietly(
         host, driver, frontends, forgotten: bool) -> None:
@@ -465,28 +494,34 @@ def test_a_port_unbound_as_stop_closes_the_dispatcher_is_unbound_quietly(
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
     (port,) = bdev._ports
-    unbinding = PauseAt(xenbus.BackendDevice.unbind_evtchn, "events.unbind(port)")
-    closing = PauseAt(xenbus.BackendDriver._stop, "self._events = None")
-    stopping = None
-    unbind = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(port)))
-    try:
-        assert unbinding.reached.wait(TIMEOUT)
-        if forgotten:
-            driver.stop()
-        else:
-            stopping = Attempt(lambda: closing.run(driver.stop))
-            assert closing.reached.wait(TIMEOUT)
-    finally:
-        unbinding.resume()
-    try:
-        assert unbind.result() is None
-    finally:
-        closing.resume()
-    if stopping is not None:
-        assert stopping.result() is None
+    _unbind_as_stop_closes_the_dispatcher(
+        driver, xenbus.BackendDevice.unbind_evtchn, lambda: bdev.unbind_evtchn(port), forgotten)
     assert bdev.gone and bdev.resources == (0, 0)
     assert _ports(host) == 1  # the frontend's own
     fe.close()
+
+
+def _unbind_across_a_restart(host, driver, frontends, fe, method: Callable[..., object],
+                             unbind: Callable[[], object]) -> None:
+    """``unbind()`` on a driver's own thread, paused in ``method`` at its
+    unbind, once the ports have left the device; meanwhile stop(), the
+    frontend ``fe`` closed, start(), and another guest's device connected.
+    unbind() returns None, and the new device's port stays bound."""
+    unbinding = PauseAt(method, "events.unbind(port)")
+    unbinder = Attempt(lambda: unbinding.run(unbind))
+    try:
+        assert unbinding.reached.wait(TIMEOUT)
+        driver.stop()
+        fe.close()
+        driver.start()
+        other, _, _ = connected(host, frontends, name="other")
+        (new_port,) = backend_device(driver, other.domid)._ports
+        bound = _ports(host)
+    finally:
+        unbinding.resume()
+    assert unbinder.result() is None
+    assert new_port in driver.events._ports, "the new device's port was unbound"
+    assert _ports(host) == bound
 
 
 def test_a_port_unbound_across_a_restart_leaves_the_new_dispatcher_alone(
@@ -501,23 +536,9 @@ def test_a_port_unbound_across_a_restart_leaves_the_new_dispatcher_alone(
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
     (port,) = bdev._ports
-    unbinding = PauseAt(xenbus.BackendDevice.unbind_evtchn, "events.unbind(port)")
-    unbind = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(port)))
-    try:
-        assert unbinding.reached.wait(TIMEOUT)
-        driver.stop()
-        fe.close()
-        driver.start()
-        other, _, _ = connected(host, frontends, name="other")
-        again = backend_device(driver, other.domid)
-        (new_port,) = again._ports
-        bound = _ports(host)
-    finally:
-        unbinding.resume()
-    assert unbind.result() is None
+    _unbind_across_a_restart(host, driver, frontends, fe, xenbus.BackendDevice.unbind_evtchn,
+                             lambda: bdev.unbind_evtchn(port))
     assert bdev.gone and bdev.resources == (0, 0)
-    assert new_port in driver.events._ports, "the new device's port was unbound"
-    assert _ports(host) == bound
 
 
 def test_a_release_across_a_restart_leaves_the_new_dispatcher_alone(
@@ -529,22 +550,9 @@ def test_a_release_across_a_restart_leaves_the_new_dispatcher_alone(
     port by then, was unbound on the new dispatcher."""
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
-    releasing = PauseAt(xenbus.BackendDevice.release_resources, "events.unbind(port)")
-    release = Attempt(lambda: releasing.run(bdev.release_resources))
-    try:
-        assert releasing.reached.wait(TIMEOUT)
-        driver.stop()
-        fe.close()
-        driver.start()
-        other, _, _ = connected(host, frontends, name="other")
-        (new_port,) = backend_device(driver, other.domid)._ports
-        bound = _ports(host)
-    finally:
-        releasing.resume()
-    assert release.result() is None
+    _unbind_across_a_restart(host, driver, frontends, fe,
+                             xenbus.BackendDevice.release_resources, bdev.release_resources)
     assert bdev.gone and bdev.resources == (0, 0)
-    assert new_port in driver.events._ports, "the new device's port was unbound"
-    assert _ports(host) == bound
 
 
 @pytest.mark.parametrize("forgotten", [True, False], ids=["forgotten", "closed"])
@@ -560,25 +568,8 @@ def test_a_release_as_stop_closes_the_dispatcher_says_no_failure(
     unbound a port behind the device's back."""
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
-    releasing = PauseAt(xenbus.BackendDevice.release_resources, "events.unbind(port)")
-    closing = PauseAt(xenbus.BackendDriver._stop, "self._events = None")
-    stopping = None
-    release = Attempt(lambda: releasing.run(bdev.release_resources))
-    try:
-        assert releasing.reached.wait(TIMEOUT)
-        if forgotten:
-            driver.stop()
-        else:
-            stopping = Attempt(lambda: closing.run(driver.stop))
-            assert closing.reached.wait(TIMEOUT)
-    finally:
-        releasing.resume()
-    try:
-        assert release.result() is None
-    finally:
-        closing.resume()
-    if stopping is not None:
-        assert stopping.result() is None
+    _unbind_as_stop_closes_the_dispatcher(
+        driver, xenbus.BackendDevice.release_resources, bdev.release_resources, forgotten)
     assert bdev.gone and bdev.resources == (0, 0)
     assert _ports(host) == 1  # the frontend's own
     assert not [r for r in caplog.records if r.msg == "%s: unbinding port %d failed"]
