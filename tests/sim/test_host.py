@@ -45,6 +45,8 @@ from xenback.sim._proto import close_fds
 from xenback.sim._xenstored import XenStored
 
 if TYPE_CHECKING:
+    import socket
+
     from xenback.sim._hypervisor import Hypervisor
 
 
@@ -1610,6 +1612,35 @@ def _emitting(thread: threading.Thread) -> bool:
     return stands_at(thread.ident, logging.Handler.handle, "self.acquire()")
 
 
+def _serving_info_failing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          ) -> tuple[Hypervisor, Path, threading.Thread]:
+    """A hypervisor started, with domain 3's socket, and its service
+    thread, which fails serving 'info' (a bug) and logs so."""
+    from xenback.sim import _hypervisor
+
+    def failing(self: Hypervisor, conn: object, msg: object, fds: object) -> NoReturn:
+        raise RuntimeError("a bug serving 'info'")
+
+    monkeypatch.setitem(_hypervisor.Hypervisor._ops, "info", failing)
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.start()
+    path = hv.add_domain(3, "guest")
+    service = hv._thread
+    assert service is not None
+    return hv, path, service
+
+
+def _service_logging(client: socket.socket, path: Path, service: threading.Thread) -> None:
+    """Have ``service`` (a _serving_info_failing() one) log, ``client``
+    asking domain 3's socket at ``path`` for 'info'; back once it stands
+    at a handler's lock, emitting."""
+    import json
+
+    client.connect(os.fspath(path))
+    client.send(json.dumps({"op": "info"}).encode())
+    assert eventually(lambda: _emitting(service)), "the service logs nothing"
+
+
 @pytest.mark.parametrize("call, logs", [
     ("remove_domain", "the removal"),
     ("remove_domain", "the service"),
@@ -1627,20 +1658,11 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
     the lock.  The removal was the service thread's, which logged, its
     caller waiting for it; the service thread logged under the lock the
     call takes, or the call waited for it: each for ever."""
-    import json
     import socket
 
     from xenback.sim import _hypervisor
 
-    def failing(self: Hypervisor, conn: object, msg: object, fds: object) -> NoReturn:
-        raise RuntimeError("a bug serving 'info'")
-
-    monkeypatch.setitem(_hypervisor.Hypervisor._ops, "info", failing)
-    hv = _hypervisor.Hypervisor(tmp_path)
-    hv.start()
-    path = hv.add_domain(3, "guest")
-    service = hv._thread
-    assert service is not None
+    hv, path, service = _serving_info_failing(tmp_path, monkeypatch)
     said = []
     if logs == "the removal":
         _with_refusals_unreported(hv, 3)
@@ -1652,9 +1674,7 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
 
     def in_a_record() -> object:
         if logs == "the service":
-            client.connect(os.fspath(path))
-            client.send(json.dumps({"op": "info"}).encode())
-            assert eventually(lambda: _emitting(service)), "the service logs nothing"
+            _service_logging(client, path, service)
         return hv.remove_domain(3) if call == "remove_domain" else hv.stop()
 
     with _main_in_a_record(hv, monkeypatch, client.close) as record:
@@ -1682,22 +1702,13 @@ def test_stop_waits_a_while_for_a_service_thread_emitting(
     handler): stop() waits for it, and no thread of the service outlives
     stop().  Not waited for at all, it still ran once stop() returned,
     and a test counting threads after a host's stop() saw it."""
-    import json
     import socket
 
     from racewindow import Attempt
 
     from xenback.sim import _hypervisor
 
-    def failing(self: Hypervisor, conn: object, msg: object, fds: object) -> NoReturn:
-        raise RuntimeError("a bug serving 'info'")
-
-    monkeypatch.setitem(_hypervisor.Hypervisor._ops, "info", failing)
-    hv = _hypervisor.Hypervisor(tmp_path)
-    hv.start()
-    path = hv.add_domain(3, "guest")
-    service = hv._thread
-    assert service is not None
+    hv, path, service = _serving_info_failing(tmp_path, monkeypatch)
     kept = logging.handlers.BufferingHandler(capacity=100)
     hv_logger = logging.getLogger(_hypervisor.__name__)
     held, release = threading.Event(), threading.Event()
@@ -1716,9 +1727,7 @@ def test_stop_waits_a_while_for_a_service_thread_emitting(
     try:
         holder.start()
         assert held.wait(TIMEOUT)
-        client.connect(os.fspath(path))
-        client.send(json.dumps({"op": "info"}).encode())
-        assert eventually(lambda: _emitting(service)), "the service logs nothing"
+        _service_logging(client, path, service)
         stopper = Attempt(hv.stop)
         assert stopper.thread.ident is not None
         assert eventually(lambda: stands_at(stopper.thread.ident, _hypervisor.Hypervisor.stop,
