@@ -6850,6 +6850,24 @@ def test_a_switch_retried_after_a_ctrl_c_as_it_committed_forgets_our_closing(
         assert not [r for r in caplog.records if r.exc_info is not None]
 
 
+def _starting_over_after_the_removal(dom0_xs, drv, fe, bdev, base: str, caplog) -> None:
+    """The toolstack's removal of ``bdev`` (online=0 and Closing, online
+    taken) committed: once its event is handled, the frontend, connected,
+    starts over (Initialising) instead of closing.  No InitWait is
+    written over the removal's Closing, the device goes, and nothing
+    failed with a traceback.  ``base``: a directory of the driver
+    domain's, for handed_over()."""
+    handed_over(drv.xenstore, "removed", base=base)
+    bdev.events.flush()
+    assert not bdev.gone  # its frontend, connected, is to close it
+    fe.set_state(S.INITIALISING)
+    handed_over(drv.xenstore, "over", base=base)
+    bdev.events.flush()
+    assert dom0_xs.read(f"{bdev.nodename}/state") != str(int(S.INIT_WAIT))
+    assert bdev.gone and drv.devices() == []
+    assert not [r for r in caplog.records if r.exc_info is not None]
+
+
 @pytest.mark.parametrize("err", [errno.EAGAIN, errno.ENOSPC], ids=["conflicts", "quota"])
 def test_a_closing_whose_commit_failed_is_not_taken_for_ours(
         host, dom0_xs, frontends, monkeypatch, caplog, err: int) -> None:
@@ -6892,15 +6910,7 @@ def test_a_closing_whose_commit_failed_is_not_taken_for_ours(
             t.write(state, str(int(S.CLOSING)))
 
         dom0_xs.transaction(removed)
-        handed_over(drv.xenstore, "removed", base=base)
-        bdev.events.flush()
-        assert not bdev.gone  # its frontend, connected, is to close it
-        fe.set_state(S.INITIALISING)
-        handed_over(drv.xenstore, "over", base=base)
-        bdev.events.flush()
-        assert dom0_xs.read(state) != str(int(S.INIT_WAIT))
-        assert bdev.gone and drv.devices() == []
-        assert not [r for r in caplog.records if r.exc_info is not None]
+        _starting_over_after_the_removal(dom0_xs, drv, fe, bdev, base, caplog)
 
 
 def test_a_closing_found_on_a_retry_after_a_conflict_is_not_taken_for_ours(
@@ -6942,15 +6952,7 @@ def test_a_closing_found_on_a_retry_after_a_conflict_is_not_taken_for_ours(
         finally:
             del drv.xenstore.transaction
         assert len(attempts) == 2  # the first conflicted
-        handed_over(drv.xenstore, "removed", base=base)
-        bdev.events.flush()
-        assert not bdev.gone  # its frontend, connected, is to close it
-        fe.set_state(S.INITIALISING)
-        handed_over(drv.xenstore, "over", base=base)
-        bdev.events.flush()
-        assert dom0_xs.read(state) != str(int(S.INIT_WAIT))
-        assert bdev.gone and drv.devices() == []
-        assert not [r for r in caplog.records if r.exc_info is not None]
+        _starting_over_after_the_removal(dom0_xs, drv, fe, bdev, base, caplog)
 
 
 @pytest.mark.timeout(300)
