@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -44,6 +45,8 @@ from xenback.sim._proto import close_fds
 from xenback.sim._xenstored import XenStored
 
 if TYPE_CHECKING:
+    import socket
+
     from xenback.sim._hypervisor import Hypervisor
 
 
@@ -1470,6 +1473,63 @@ def _with_refusals_unreported(hv: Hypervisor, domid: int) -> None:
         limit()
 
 
+
+class _MainInARecord:
+    """A handler of the hypervisor's logger, the test's own (a call stuck
+    in it, the bug, leaves the others be), and a test's thread standing
+    for the main one as it emits a record through it, the handler's lock
+    held: where a signal's handler comes in to make the call under test."""
+
+    def __init__(self) -> None:
+        self.kept = logging.handlers.BufferingHandler(capacity=100)
+        self.ended = False
+
+    def call(self, fn: Callable[[], Any], msg: str) -> Any:
+        """What ``fn()`` returned or raised, called in a test's thread
+        holding the handler's lock; fails with ``msg`` if it has not ended
+        within TIMEOUT (the deadlock)."""
+        from racewindow import Attempt
+
+        def in_a_record() -> Any:
+            with self.kept.lock:
+                return fn()
+
+        outcome = Attempt(in_a_record).result(msg=msg)
+        self.ended = True
+        return outcome
+
+    def said(self) -> list[str]:
+        """The messages of the records the handler got, in order."""
+        return [r.getMessage() for r in self.kept.buffer]
+
+
+@contextlib.contextmanager
+def _main_in_a_record(hv: Hypervisor, monkeypatch: pytest.MonkeyPatch,
+                      *letting_go: Callable[[], object]) -> Iterator[_MainInARecord]:
+    """A _MainInARecord, its handler added to the hypervisor's logger for
+    the block.  At its end, ``letting_go`` called in order (what else the
+    test holds that hv's threads may wait for), monkeypatch undone, and
+    hv stopped, unless a call stuck in the record."""
+    from xenback.sim import _hypervisor
+
+    record = _MainInARecord()
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+    hv_logger.addHandler(record.kept)
+    try:
+        yield record
+    finally:
+        hv_logger.removeHandler(record.kept)
+        for let_go in letting_go:
+            let_go()
+        monkeypatch.undo()
+        if record.ended:
+            hv.stop()
+        else:
+            # Its lock is held for good by the caller stuck with hv's: at
+            # exit, logging would wait for it to flush the handler.
+            record.kept.lock = None  # type: ignore[assignment]
+
+
 @pytest.mark.parametrize("removal", ["stop", "failing remove_domain"])
 def test_a_removal_for_a_signal_handler_come_in_as_a_record_was_emitted_ends(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
@@ -1480,8 +1540,6 @@ def test_a_removal_for_a_signal_handler_come_in_as_a_record_was_emitted_ends(
     records are emitted once, as if it had logged them there.  Its thread
     logged them itself, waiting for ever for the lock its caller held, who
     waited for ever for it."""
-    from racewindow import Attempt
-
     from xenback.sim import _hypervisor
 
     hv = _hypervisor.Hypervisor(tmp_path)
@@ -1497,35 +1555,15 @@ def test_a_removal_for_a_signal_handler_come_in_as_a_record_was_emitted_ends(
         call, said = functools.partial(hv.remove_domain, 3), "hypervisor: failure removing domain 3"
         raised = "a bug removing domain 3"
     monkeypatch.setattr(_hypervisor, "threading", _EveryCallerMain())
-    # The test's own: a removal stuck in it (the bug) leaves the others be.
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    hv_logger = logging.getLogger(_hypervisor.__name__)
-
-    def in_a_record() -> object:
-        with kept.lock:
-            return call()
-
-    ended = False
-    hv_logger.addHandler(kept)
-    try:
+    with _main_in_a_record(hv, monkeypatch) as record:
         with caplog.at_level(logging.WARNING, logger=_hypervisor.__name__):
-            outcome = Attempt(in_a_record).result(
-                msg="the removal waits for the lock its caller holds, who waits for it")
-            ended = True
+            outcome = record.call(
+                call, msg="the removal waits for the lock its caller holds, who waits for it")
         if raised is None:
             assert outcome is None
         else:
             assert isinstance(outcome, RuntimeError) and str(outcome) == raised
-        assert [r.getMessage() for r in kept.buffer] == [said]
-    finally:
-        hv_logger.removeHandler(kept)
-        monkeypatch.undo()
-        if ended:
-            hv.stop()
-        else:
-            # Its lock is held for good by the caller stuck with hv's: at
-            # exit, logging would wait for it to flush the handler.
-            kept.lock = None  # type: ignore[assignment]
+        assert record.said() == [said]
 
 
 @pytest.mark.parametrize("as_it_ends", [False, True], ids=["ends after", "ended before"])
@@ -1574,6 +1612,35 @@ def _emitting(thread: threading.Thread) -> bool:
     return stands_at(thread.ident, logging.Handler.handle, "self.acquire()")
 
 
+def _serving_info_failing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          ) -> tuple[Hypervisor, Path, threading.Thread]:
+    """A hypervisor started, with domain 3's socket, and its service
+    thread, which fails serving 'info' (a bug) and logs so."""
+    from xenback.sim import _hypervisor
+
+    def failing(self: Hypervisor, conn: object, msg: object, fds: object) -> NoReturn:
+        raise RuntimeError("a bug serving 'info'")
+
+    monkeypatch.setitem(_hypervisor.Hypervisor._ops, "info", failing)
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.start()
+    path = hv.add_domain(3, "guest")
+    service = hv._thread
+    assert service is not None
+    return hv, path, service
+
+
+def _service_logging(client: socket.socket, path: Path, service: threading.Thread) -> None:
+    """Have ``service`` (a _serving_info_failing() one) log, ``client``
+    asking domain 3's socket at ``path`` for 'info'; back once it stands
+    at a handler's lock, emitting."""
+    import json
+
+    client.connect(os.fspath(path))
+    client.send(json.dumps({"op": "info"}).encode())
+    assert eventually(lambda: _emitting(service)), "the service logs nothing"
+
+
 @pytest.mark.parametrize("call, logs", [
     ("remove_domain", "the removal"),
     ("remove_domain", "the service"),
@@ -1591,22 +1658,11 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
     the lock.  The removal was the service thread's, which logged, its
     caller waiting for it; the service thread logged under the lock the
     call takes, or the call waited for it: each for ever."""
-    import json
     import socket
-
-    from racewindow import Attempt
 
     from xenback.sim import _hypervisor
 
-    def failing(self: Hypervisor, conn: object, msg: object, fds: object) -> NoReturn:
-        raise RuntimeError("a bug serving 'info'")
-
-    monkeypatch.setitem(_hypervisor.Hypervisor._ops, "info", failing)
-    hv = _hypervisor.Hypervisor(tmp_path)
-    hv.start()
-    path = hv.add_domain(3, "guest")
-    service = hv._thread
-    assert service is not None
+    hv, path, service = _serving_info_failing(tmp_path, monkeypatch)
     said = []
     if logs == "the removal":
         _with_refusals_unreported(hv, 3)
@@ -1614,25 +1670,17 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
     else:
         said.append("hypervisor: request 'info' from domain 3 failed")
     monkeypatch.setattr(_hypervisor, "threading", _EveryCallerMain())
-    # The test's own: a call stuck in it (the bug) leaves the others be.
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    hv_logger = logging.getLogger(_hypervisor.__name__)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
     def in_a_record() -> object:
-        with kept.lock:
-            if logs == "the service":
-                client.connect(os.fspath(path))
-                client.send(json.dumps({"op": "info"}).encode())
-                assert eventually(lambda: _emitting(service)), "the service logs nothing"
-            return hv.remove_domain(3) if call == "remove_domain" else hv.stop()
+        if logs == "the service":
+            _service_logging(client, path, service)
+        return hv.remove_domain(3) if call == "remove_domain" else hv.stop()
 
-    ended = False
-    hv_logger.addHandler(kept)
-    try:
-        outcome = Attempt(in_a_record).result(
+    with _main_in_a_record(hv, monkeypatch, client.close) as record:
+        outcome = record.call(
+            in_a_record,
             msg="the call waits for the service thread, which waits for its caller's lock")
-        ended = True
         assert outcome is None
         if call == "stop":
             service.join(TIMEOUT)
@@ -1644,17 +1692,7 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
             assert eventually(lambda: stands_at(service.ident, _hypervisor.Hypervisor._serve_loop,
                                                 "self._selector.select("))
             assert hv.stats()["domains"] == 0
-        assert [r.getMessage() for r in kept.buffer] == said
-    finally:
-        hv_logger.removeHandler(kept)
-        monkeypatch.undo()
-        client.close()
-        if ended:
-            hv.stop()
-        else:
-            # Its lock is held for good by the caller stuck with hv's: at
-            # exit, logging would wait for it to flush the handler.
-            kept.lock = None  # type: ignore[assignment]
+        assert record.said() == said
 
 
 def test_stop_waits_a_while_for_a_service_thread_emitting(
@@ -1664,22 +1702,13 @@ def test_stop_waits_a_while_for_a_service_thread_emitting(
     handler): stop() waits for it, and no thread of the service outlives
     stop().  Not waited for at all, it still ran once stop() returned,
     and a test counting threads after a host's stop() saw it."""
-    import json
     import socket
 
     from racewindow import Attempt
 
     from xenback.sim import _hypervisor
 
-    def failing(self: Hypervisor, conn: object, msg: object, fds: object) -> NoReturn:
-        raise RuntimeError("a bug serving 'info'")
-
-    monkeypatch.setitem(_hypervisor.Hypervisor._ops, "info", failing)
-    hv = _hypervisor.Hypervisor(tmp_path)
-    hv.start()
-    path = hv.add_domain(3, "guest")
-    service = hv._thread
-    assert service is not None
+    hv, path, service = _serving_info_failing(tmp_path, monkeypatch)
     kept = logging.handlers.BufferingHandler(capacity=100)
     hv_logger = logging.getLogger(_hypervisor.__name__)
     held, release = threading.Event(), threading.Event()
@@ -1698,9 +1727,7 @@ def test_stop_waits_a_while_for_a_service_thread_emitting(
     try:
         holder.start()
         assert held.wait(TIMEOUT)
-        client.connect(os.fspath(path))
-        client.send(json.dumps({"op": "info"}).encode())
-        assert eventually(lambda: _emitting(service)), "the service logs nothing"
+        _service_logging(client, path, service)
         stopper = Attempt(hv.stop)
         assert stopper.thread.ident is not None
         assert eventually(lambda: stands_at(stopper.thread.ident, _hypervisor.Hypervisor.stop,
@@ -1750,39 +1777,26 @@ def test_a_signal_handlers_stop_as_a_control_reply_logs_ends(
     # stop() in a test's thread, standing for the main one: it waits for
     # _lock as the main one would, and the reply's thread is no main one.
     monkeypatch.setattr(_hypervisor, "send_message", full)
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    hv_logger = logging.getLogger(_hypervisor.__name__)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ended = False
-    hv_logger.addHandler(kept)
-    try:
+    with _main_in_a_record(hv, monkeypatch, client.close) as record:
         client.connect(os.fspath(path))
         client.send(json.dumps({"op": "domain_create", "name": "guest"}).encode())
         reply = replies.get(timeout=TIMEOUT)
 
         def in_a_record() -> object:
-            with kept.lock:
-                replier = Attempt(lambda: reply({"domid": 1}))
-                assert eventually(lambda: _emitting(replier.thread)), "the reply logs nothing"
-                return hv.stop(), replier
+            replier = Attempt(lambda: reply({"domid": 1}))
+            assert eventually(lambda: _emitting(replier.thread)), "the reply logs nothing"
+            return hv.stop(), replier
 
-        outcome = Attempt(in_a_record).result(
+        outcome = record.call(
+            in_a_record,
             msg="stop() waits for the lock the reply holds, which waits for its caller's lock")
-        ended = True
         result, replier = outcome
         assert result is None
         assert replier.result() is None
-        assert [r.getMessage() for r in kept.buffer] == [
+        assert record.said() == [
             "hypervisor: dropping a handle of domain 0: "
             f"[Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}"]
-    finally:
-        hv_logger.removeHandler(kept)
-        monkeypatch.undo()
-        client.close()
-        if ended:
-            hv.stop()
-        else:
-            kept.lock = None  # type: ignore[assignment]
 
 
 def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
@@ -1802,35 +1816,23 @@ def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
     hv.add_domain(3, "guest")
     hv.add_domain(4, "other")
     _with_refusals_unreported(hv, 3)
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    hv_logger = logging.getLogger(_hypervisor.__name__)
 
     # In a test's thread standing for the main one, which waits for _lock
     # as the main one would.
     def in_a_record() -> object:
-        with kept.lock:
-            remover = Attempt(lambda: hv.remove_domain(3))
-            assert eventually(lambda: _emitting(remover.thread)), "the removal logs nothing"
-            return hv.remove_domain(4), remover
+        remover = Attempt(lambda: hv.remove_domain(3))
+        assert eventually(lambda: _emitting(remover.thread)), "the removal logs nothing"
+        return hv.remove_domain(4), remover
 
-    ended = False
-    hv_logger.addHandler(kept)
-    try:
-        outcome = Attempt(in_a_record).result(
+    with _main_in_a_record(hv, monkeypatch) as record:
+        outcome = record.call(
+            in_a_record,
             msg="the call waits for the lock the removal holds, which waits for its caller's lock")
-        ended = True
         result, remover = outcome
         assert result is None
         assert remover.result() is None
         assert hv.stats()["domains"] == 0
-        assert [r.getMessage() for r in kept.buffer] == [
-            "hypervisor: domain 3: 1 message suppressed"]
-    finally:
-        hv_logger.removeHandler(kept)
-        if ended:
-            hv.stop()
-        else:
-            kept.lock = None  # type: ignore[assignment]
+        assert record.said() == ["hypervisor: domain 3: 1 message suppressed"]
 
 
 @pytest.mark.parametrize("first", ["the removal", "stop()"])
@@ -1870,46 +1872,32 @@ def test_a_signal_handlers_stop_as_a_removal_left_by_a_ctrl_c_logs_ends(
             _ThreadingWith.__init__(self, threading.Thread, Paused)
 
     monkeypatch.setattr(_hypervisor, "threading", EveryCallerMainLeftWaiting())
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    hv_logger = logging.getLogger(_hypervisor.__name__)
 
     # In a test's thread standing for the main one.
     def in_a_record() -> object:
-        with kept.lock:
-            with pytest.raises(Interrupted):
-                hv.remove_domain(3)
-            [worker] = workers
-            assert pause.reached.wait(TIMEOUT)
-            if first == "the removal":
-                pause.resume()
-                assert eventually(lambda: _emitting(worker)), "the removal logs nothing"
-            else:
-                me = threading.get_ident()
-                Attempt(lambda: (eventually(lambda: stands_at(
-                    me, _hypervisor.Hypervisor.stop, "worker.join(")), pause.resume()))
-            return hv.stop(), worker
+        with pytest.raises(Interrupted):
+            hv.remove_domain(3)
+        [worker] = workers
+        assert pause.reached.wait(TIMEOUT)
+        if first == "the removal":
+            pause.resume()
+            assert eventually(lambda: _emitting(worker)), "the removal logs nothing"
+        else:
+            me = threading.get_ident()
+            Attempt(lambda: (eventually(lambda: stands_at(
+                me, _hypervisor.Hypervisor.stop, "worker.join(")), pause.resume()))
+        return hv.stop(), worker
 
-    ended = False
-    hv_logger.addHandler(kept)
-    try:
-        outcome = Attempt(in_a_record).result(
+    with _main_in_a_record(hv, monkeypatch, pause.resume) as record:
+        outcome = record.call(
+            in_a_record,
             msg="stop() waits for the removal's thread, which waits for its caller's lock")
-        ended = True
         result, worker = outcome
         assert result is None
         worker.join(TIMEOUT)
         assert not worker.is_alive(), "the removal's thread outlived the lock"
-        assert [r.getMessage() for r in kept.buffer] == [
-            "hypervisor: domain 3: 1 message suppressed"]
+        assert record.said() == ["hypervisor: domain 3: 1 message suppressed"]
         assert hv.stats()["domains"] == 0
-    finally:
-        hv_logger.removeHandler(kept)
-        pause.resume()
-        monkeypatch.undo()
-        if ended:
-            hv.stop()
-        else:
-            kept.lock = None  # type: ignore[assignment]
 
 
 def test_stats_in_another_thread_log_past_the_lock(
@@ -1930,42 +1918,32 @@ def test_stats_in_another_thread_log_past_the_lock(
     hv = _hypervisor.Hypervisor(tmp_path)
     path = hv.add_domain(3, "guest")
     clients: list[socket.socket] = []
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    hv_logger = logging.getLogger(_hypervisor.__name__)
+
+    def close_clients() -> None:
+        for client in clients:
+            client.close()
 
     # In a test's thread standing for the main one, which waits for _lock
     # as the main one would.
     def in_a_record() -> object:
-        with kept.lock:
-            counter = Attempt(hv.stats)
-            assert eventually(lambda: _emitting(counter.thread)), "stats() logs nothing"
-            return hv.remove_domain(3), counter
+        counter = Attempt(hv.stats)
+        assert eventually(lambda: _emitting(counter.thread)), "stats() logs nothing"
+        return hv.remove_domain(3), counter
 
-    ended = False
-    hv_logger.addHandler(kept)
-    try:
+    with _main_in_a_record(hv, monkeypatch, close_clients) as record:
         for i in range(_hypervisor.MAX_HANDLES_PER_DOMAIN + 1):
             if i % 32 == 0:
                 hv.stats()  # accepted, before the backlog (64) is full
             clients.append(socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET))
             clients[-1].connect(os.fspath(path))
-        assert not kept.buffer, "refused before the test"
-        outcome = Attempt(in_a_record).result(
+        assert not record.said(), "refused before the test"
+        outcome = record.call(
+            in_a_record,
             msg="the removal waits for the lock stats() holds, which waits for its caller's lock")
-        ended = True
         result, counter = outcome
         assert result is None
         assert counter.result()["connections"] == _hypervisor.MAX_HANDLES_PER_DOMAIN
-        assert [r.getMessage() for r in kept.buffer] == [
-            "hypervisor: domain 3 has 256 handles open; refusing another"]
-    finally:
-        hv_logger.removeHandler(kept)
-        for client in clients:
-            client.close()
-        if ended:
-            hv.stop()
-        else:
-            kept.lock = None  # type: ignore[assignment]
+        assert record.said() == ["hypervisor: domain 3 has 256 handles open; refusing another"]
 
 
 def test_an_add_domain_undone_in_another_thread_logs_past_the_lock(
@@ -1998,39 +1976,26 @@ def test_an_add_domain_undone_in_another_thread_logs_past_the_lock(
     refusing = types.SimpleNamespace(**vars(os))
     refusing.unlink = unlink
     monkeypatch.setattr(_hypervisor, "os", refusing)
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    hv_logger = logging.getLogger(_hypervisor.__name__)
 
     # In a test's thread standing for the main one, which waits for _lock
     # as the main one would.
     def in_a_record() -> object:
-        with kept.lock:
-            adder = Attempt(lambda: hv.add_domain(3, "guest"))
-            assert eventually(lambda: _emitting(adder.thread)), "add_domain() logs nothing"
-            return hv.remove_domain(4), adder
+        adder = Attempt(lambda: hv.add_domain(3, "guest"))
+        assert eventually(lambda: _emitting(adder.thread)), "add_domain() logs nothing"
+        return hv.remove_domain(4), adder
 
-    ended = False
-    hv_logger.addHandler(kept)
-    try:
-        outcome = Attempt(in_a_record).result(
+    with _main_in_a_record(hv, monkeypatch) as record:
+        outcome = record.call(
+            in_a_record,
             msg="the removal waits for the lock add_domain() holds, which waits for its"
                 " caller's lock")
-        ended = True
         result, adder = outcome
         assert result is None
         failure = adder.result()
         assert isinstance(failure, OSError) and failure.errno == errno.ENOMEM, failure
         monkeypatch.undo()
         assert hv.stats()["domains"] == 0
-        assert [r.getMessage() for r in kept.buffer] == [
-            "hypervisor: cannot remove the socket of a domain not added"]
-    finally:
-        hv_logger.removeHandler(kept)
-        monkeypatch.undo()
-        if ended:
-            hv.stop()
-        else:
-            kept.lock = None  # type: ignore[assignment]
+        assert record.said() == ["hypervisor: cannot remove the socket of a domain not added"]
 
 
 def test_no_removal_thread_outlives_stop(
@@ -2134,40 +2099,26 @@ def test_a_signal_handlers_stop_as_the_service_thread_ends_logging_ends(
     service = hv._thread
     assert service is not None
     remover = Attempt(lambda: hv.remove_domain(3))
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    hv_logger = logging.getLogger(_hypervisor.__name__)
 
     # In a test's thread standing for the main one: its stop() joins the
     # service thread as the main one's would (the removal, asked for in
     # another thread, is the service thread's).
     def in_a_record() -> object:
-        with kept.lock:
-            assert eventually(lambda: hv._removals != []), "the removal is not queued"
-            me = threading.get_ident()
-            # The service thread runs once stop() waits for it to end.
-            Attempt(lambda: (eventually(lambda: go.is_set() or stands_at(
-                me, _hypervisor.Hypervisor.stop, "self._thread.join(")), go.set()))
-            return hv.stop()
+        assert eventually(lambda: hv._removals != []), "the removal is not queued"
+        me = threading.get_ident()
+        # The service thread runs once stop() waits for it to end.
+        Attempt(lambda: (eventually(lambda: go.is_set() or stands_at(
+            me, _hypervisor.Hypervisor.stop, "self._thread.join(")), go.set()))
+        return hv.stop()
 
-    ended = False
-    hv_logger.addHandler(kept)
-    try:
-        outcome = Attempt(in_a_record).result(
+    with _main_in_a_record(hv, monkeypatch, go.set) as record:
+        outcome = record.call(
+            in_a_record,
             msg="stop() waits for the service thread, which waits for its caller's lock")
-        ended = True
         assert outcome is None
         assert not service.is_alive()
         assert remover.result() is None
-        assert [r.getMessage() for r in kept.buffer] == [
-            "hypervisor: domain 3: 1 message suppressed"]
-    finally:
-        go.set()
-        hv_logger.removeHandler(kept)
-        monkeypatch.undo()
-        if ended:
-            hv.stop()
-        else:
-            kept.lock = None  # type: ignore[assignment]
+        assert record.said() == ["hypervisor: domain 3: 1 message suppressed"]
 
 
 def test_the_service_threads_last_records_are_emitted_once_by_stop_cut_short(

@@ -452,6 +452,35 @@ def test_releasing_what_the_framework_released_already(host, driver, frontends) 
     census.check()
 
 
+def _unbind_as_stop_closes_the_dispatcher(
+        driver: BackendDriver, method: Callable[..., object], unbind: Callable[[], object],
+        forgotten: bool) -> None:
+    """``unbind()`` on a driver's own thread, paused in ``method`` at its
+    unbind, once the ports have left the device; stop() meanwhile drops
+    the device and closes the dispatcher (which unbinds every port), and
+    forgets it, or is held just after closing it.  Both end, unbind()
+    returning None."""
+    unbinding = PauseAt(method, "events.unbind(port)")
+    closing = PauseAt(xenbus.BackendDriver._stop, "self._events = None")
+    stopping = None
+    unbinder = Attempt(lambda: unbinding.run(unbind))
+    try:
+        assert unbinding.reached.wait(TIMEOUT)
+        if forgotten:
+            driver.stop()
+        else:
+            stopping = Attempt(lambda: closing.run(driver.stop))
+            assert closing.reached.wait(TIMEOUT)
+    finally:
+        unbinding.resume()
+    try:
+        assert unbinder.result() is None
+    finally:
+        closing.resume()
+    if stopping is not None:
+        assert stopping.result() is None
+
+
 @pytest.mark.parametrize("forgotten", [True, False], ids=["forgotten", "closed"])
 def test_a_port_unbound_as_stop_closes_the_dispatcher_is_unbound_quietly(
         host, driver, frontends, forgotten: bool) -> None:
@@ -465,28 +494,34 @@ def test_a_port_unbound_as_stop_closes_the_dispatcher_is_unbound_quietly(
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
     (port,) = bdev._ports
-    unbinding = PauseAt(xenbus.BackendDevice.unbind_evtchn, "events.unbind(port)")
-    closing = PauseAt(xenbus.BackendDriver._stop, "self._events = None")
-    stopping = None
-    unbind = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(port)))
-    try:
-        assert unbinding.reached.wait(TIMEOUT)
-        if forgotten:
-            driver.stop()
-        else:
-            stopping = Attempt(lambda: closing.run(driver.stop))
-            assert closing.reached.wait(TIMEOUT)
-    finally:
-        unbinding.resume()
-    try:
-        assert unbind.result() is None
-    finally:
-        closing.resume()
-    if stopping is not None:
-        assert stopping.result() is None
+    _unbind_as_stop_closes_the_dispatcher(
+        driver, xenbus.BackendDevice.unbind_evtchn, lambda: bdev.unbind_evtchn(port), forgotten)
     assert bdev.gone and bdev.resources == (0, 0)
     assert _ports(host) == 1  # the frontend's own
     fe.close()
+
+
+def _unbind_across_a_restart(host, driver, frontends, fe, method: Callable[..., object],
+                             unbind: Callable[[], object]) -> None:
+    """``unbind()`` on a driver's own thread, paused in ``method`` at its
+    unbind, once the ports have left the device; meanwhile stop(), the
+    frontend ``fe`` closed, start(), and another guest's device connected.
+    unbind() returns None, and the new device's port stays bound."""
+    unbinding = PauseAt(method, "events.unbind(port)")
+    unbinder = Attempt(lambda: unbinding.run(unbind))
+    try:
+        assert unbinding.reached.wait(TIMEOUT)
+        driver.stop()
+        fe.close()
+        driver.start()
+        other, _, _ = connected(host, frontends, name="other")
+        (new_port,) = backend_device(driver, other.domid)._ports
+        bound = _ports(host)
+    finally:
+        unbinding.resume()
+    assert unbinder.result() is None
+    assert new_port in driver.events._ports, "the new device's port was unbound"
+    assert _ports(host) == bound
 
 
 def test_a_port_unbound_across_a_restart_leaves_the_new_dispatcher_alone(
@@ -501,23 +536,9 @@ def test_a_port_unbound_across_a_restart_leaves_the_new_dispatcher_alone(
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
     (port,) = bdev._ports
-    unbinding = PauseAt(xenbus.BackendDevice.unbind_evtchn, "events.unbind(port)")
-    unbind = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(port)))
-    try:
-        assert unbinding.reached.wait(TIMEOUT)
-        driver.stop()
-        fe.close()
-        driver.start()
-        other, _, _ = connected(host, frontends, name="other")
-        again = backend_device(driver, other.domid)
-        (new_port,) = again._ports
-        bound = _ports(host)
-    finally:
-        unbinding.resume()
-    assert unbind.result() is None
+    _unbind_across_a_restart(host, driver, frontends, fe, xenbus.BackendDevice.unbind_evtchn,
+                             lambda: bdev.unbind_evtchn(port))
     assert bdev.gone and bdev.resources == (0, 0)
-    assert new_port in driver.events._ports, "the new device's port was unbound"
-    assert _ports(host) == bound
 
 
 def test_a_release_across_a_restart_leaves_the_new_dispatcher_alone(
@@ -529,22 +550,9 @@ def test_a_release_across_a_restart_leaves_the_new_dispatcher_alone(
     port by then, was unbound on the new dispatcher."""
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
-    releasing = PauseAt(xenbus.BackendDevice.release_resources, "events.unbind(port)")
-    release = Attempt(lambda: releasing.run(bdev.release_resources))
-    try:
-        assert releasing.reached.wait(TIMEOUT)
-        driver.stop()
-        fe.close()
-        driver.start()
-        other, _, _ = connected(host, frontends, name="other")
-        (new_port,) = backend_device(driver, other.domid)._ports
-        bound = _ports(host)
-    finally:
-        releasing.resume()
-    assert release.result() is None
+    _unbind_across_a_restart(host, driver, frontends, fe,
+                             xenbus.BackendDevice.release_resources, bdev.release_resources)
     assert bdev.gone and bdev.resources == (0, 0)
-    assert new_port in driver.events._ports, "the new device's port was unbound"
-    assert _ports(host) == bound
 
 
 @pytest.mark.parametrize("forgotten", [True, False], ids=["forgotten", "closed"])
@@ -560,25 +568,8 @@ def test_a_release_as_stop_closes_the_dispatcher_says_no_failure(
     unbound a port behind the device's back."""
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
-    releasing = PauseAt(xenbus.BackendDevice.release_resources, "events.unbind(port)")
-    closing = PauseAt(xenbus.BackendDriver._stop, "self._events = None")
-    stopping = None
-    release = Attempt(lambda: releasing.run(bdev.release_resources))
-    try:
-        assert releasing.reached.wait(TIMEOUT)
-        if forgotten:
-            driver.stop()
-        else:
-            stopping = Attempt(lambda: closing.run(driver.stop))
-            assert closing.reached.wait(TIMEOUT)
-    finally:
-        releasing.resume()
-    try:
-        assert release.result() is None
-    finally:
-        closing.resume()
-    if stopping is not None:
-        assert stopping.result() is None
+    _unbind_as_stop_closes_the_dispatcher(
+        driver, xenbus.BackendDevice.release_resources, bdev.release_resources, forgotten)
     assert bdev.gone and bdev.resources == (0, 0)
     assert _ports(host) == 1  # the frontend's own
     assert not [r for r in caplog.records if r.msg == "%s: unbinding port %d failed"]
@@ -6859,6 +6850,24 @@ def test_a_switch_retried_after_a_ctrl_c_as_it_committed_forgets_our_closing(
         assert not [r for r in caplog.records if r.exc_info is not None]
 
 
+def _starting_over_after_the_removal(dom0_xs, drv, fe, bdev, base: str, caplog) -> None:
+    """The toolstack's removal of ``bdev`` (online=0 and Closing, online
+    taken) committed: once its event is handled, the frontend, connected,
+    starts over (Initialising) instead of closing.  No InitWait is
+    written over the removal's Closing, the device goes, and nothing
+    failed with a traceback.  ``base``: a directory of the driver
+    domain's, for handed_over()."""
+    handed_over(drv.xenstore, "removed", base=base)
+    bdev.events.flush()
+    assert not bdev.gone  # its frontend, connected, is to close it
+    fe.set_state(S.INITIALISING)
+    handed_over(drv.xenstore, "over", base=base)
+    bdev.events.flush()
+    assert dom0_xs.read(f"{bdev.nodename}/state") != str(int(S.INIT_WAIT))
+    assert bdev.gone and drv.devices() == []
+    assert not [r for r in caplog.records if r.exc_info is not None]
+
+
 @pytest.mark.parametrize("err", [errno.EAGAIN, errno.ENOSPC], ids=["conflicts", "quota"])
 def test_a_closing_whose_commit_failed_is_not_taken_for_ours(
         host, dom0_xs, frontends, monkeypatch, caplog, err: int) -> None:
@@ -6901,15 +6910,7 @@ def test_a_closing_whose_commit_failed_is_not_taken_for_ours(
             t.write(state, str(int(S.CLOSING)))
 
         dom0_xs.transaction(removed)
-        handed_over(drv.xenstore, "removed", base=base)
-        bdev.events.flush()
-        assert not bdev.gone  # its frontend, connected, is to close it
-        fe.set_state(S.INITIALISING)
-        handed_over(drv.xenstore, "over", base=base)
-        bdev.events.flush()
-        assert dom0_xs.read(state) != str(int(S.INIT_WAIT))
-        assert bdev.gone and drv.devices() == []
-        assert not [r for r in caplog.records if r.exc_info is not None]
+        _starting_over_after_the_removal(dom0_xs, drv, fe, bdev, base, caplog)
 
 
 def test_a_closing_found_on_a_retry_after_a_conflict_is_not_taken_for_ours(
@@ -6951,15 +6952,7 @@ def test_a_closing_found_on_a_retry_after_a_conflict_is_not_taken_for_ours(
         finally:
             del drv.xenstore.transaction
         assert len(attempts) == 2  # the first conflicted
-        handed_over(drv.xenstore, "removed", base=base)
-        bdev.events.flush()
-        assert not bdev.gone  # its frontend, connected, is to close it
-        fe.set_state(S.INITIALISING)
-        handed_over(drv.xenstore, "over", base=base)
-        bdev.events.flush()
-        assert dom0_xs.read(state) != str(int(S.INIT_WAIT))
-        assert bdev.gone and drv.devices() == []
-        assert not [r for r in caplog.records if r.exc_info is not None]
+        _starting_over_after_the_removal(dom0_xs, drv, fe, bdev, base, caplog)
 
 
 @pytest.mark.timeout(300)
