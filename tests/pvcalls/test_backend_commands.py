@@ -2669,6 +2669,19 @@ def test_a_listen_whose_socket_cannot_be_watched_leaves_it_bound(
     assert raw.unexpected == []
 
 
+def _accepts_and_lets_go(raw: RawFrontend, backend: pvcalls.Backend, sock_id: int,
+                         address: tuple[str, int], watched: list[int], where: str) -> None:
+    """The listening ``sock_id`` accepts a connection, then both are
+    released: the backend watches what it did before (``watched``)."""
+    new_id = raw.new_id()
+    accept = raw.push_accept(sock_id, new_id, raw.new_ring())
+    with socket.create_connection(address, timeout=TIMEOUT):
+        assert raw.response(accept).ret == 0, where
+    assert raw.release(new_id).ret == 0, where
+    assert raw.release(sock_id).ret == 0, where
+    assert watched_fds(backend) == watched, where
+
+
 @pytest.mark.parametrize("anywhere", [False, True], ids=["listen", "anywhere"])
 def test_a_listen_interrupted_anywhere_leaves_no_descriptor_watched_for_good(
         raw: RawFrontend, backend: pvcalls.Backend, anywhere: bool) -> None:
@@ -2702,13 +2715,7 @@ def test_a_listen_interrupted_anywhere_leaves_no_descriptor_watched_for_good(
             where = f"interrupted as call {n} of listen() returned"
             interrupted = interrupted_as_call_returns(PassiveSocket.listen.__code__, n, call)
         assert raw.listen(sock_id).ret == 0, where
-        new_id = raw.new_id()
-        accept = raw.push_accept(sock_id, new_id, raw.new_ring())
-        with socket.create_connection(address, timeout=TIMEOUT):
-            assert raw.response(accept).ret == 0, where
-        assert raw.release(new_id).ret == 0, where
-        assert raw.release(sock_id).ret == 0, where
-        assert watched_fds(backend) == watched, where
+        _accepts_and_lets_go(raw, backend, sock_id, address, watched, where)
         if not interrupted:
             break
         landed += 1
@@ -2781,13 +2788,7 @@ def test_a_listen_whose_undo_is_cut_short_leaves_a_retry_watched(
         assert passive.state is SockState.BOUND, where
         assert raw.listen(sock_id).ret == 0, where
         assert passive.host.fileno() in watched_fds(backend), where
-        new_id = raw.new_id()
-        accept = raw.push_accept(sock_id, new_id, raw.new_ring())
-        with socket.create_connection(address, timeout=TIMEOUT):
-            assert raw.response(accept).ret == 0, where
-        assert raw.release(new_id).ret == 0, where
-        assert raw.release(sock_id).ret == 0, where
-        assert watched_fds(backend) == watched, where
+        _accepts_and_lets_go(raw, backend, sock_id, address, watched, where)
         if not where:
             break
         landed += 1

@@ -1389,6 +1389,43 @@ def _left_waiting(workers: list[threading.Thread], cut: int = 1,
     return LeftWaiting
 
 
+def _records_of_a_stop_its_removal_outlived(
+        hv: Hypervisor, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        removal: Callable[[Hypervisor, int], None], level: int,
+        as_it_ends: bool) -> list[logging.LogRecord]:
+    """A Ctrl-C in stop()'s wait for the thread that removes the domains
+    by ``removal`` (in _remove_domain's stead), which goes on after the
+    Ctrl-C, or ends just before it (``as_it_ends``): what the hypervisor
+    logged at ``level`` or above, once that thread ended.  hv is stopped
+    again at the end."""
+    from xenback.sim import _hypervisor
+
+    left = threading.Event()
+
+    def late(self: Hypervisor, domid: int) -> None:
+        left.wait(TIMEOUT)
+        removal(self, domid)
+
+    workers: list[threading.Thread] = []
+    monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_domain", late)
+    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(
+        threading.Thread, _left_waiting(workers, as_it_ends=as_it_ends)))
+    if as_it_ends:
+        left.set()
+    try:
+        with caplog.at_level(level, logger=_hypervisor.__name__):
+            with pytest.raises(Interrupted):
+                hv.stop()
+            left.set()
+            [worker] = workers
+            worker.join(TIMEOUT)
+            assert not worker.is_alive()
+        return list(caplog.records)
+    finally:
+        monkeypatch.undo()
+        hv.stop()
+
+
 @pytest.mark.parametrize("as_it_ends", [False, True], ids=["fails after", "failed before"])
 def test_a_removal_failing_once_its_caller_was_interrupted_is_logged(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
@@ -1401,32 +1438,14 @@ def test_a_removal_failing_once_its_caller_was_interrupted_is_logged(
 
     hv = _hypervisor.Hypervisor(tmp_path)
     hv.add_domain(3, "guest")
-    left = threading.Event()
 
     def failing(self: Hypervisor, domid: int) -> NoReturn:
-        left.wait(TIMEOUT)
         raise RuntimeError(f"a bug removing domain {domid}")
 
-    workers: list[threading.Thread] = []
-    monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_domain", failing)
-    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(
-        threading.Thread, _left_waiting(workers, as_it_ends=as_it_ends)))
-    if as_it_ends:
-        left.set()
-    try:
-        with caplog.at_level(logging.ERROR, logger=_hypervisor.__name__):
-            with pytest.raises(Interrupted):
-                hv.stop()
-            left.set()
-            [worker] = workers
-            worker.join(TIMEOUT)
-            assert not worker.is_alive()
-        [record] = caplog.records
-        assert record.exc_info is not None
-        assert str(record.exc_info[1]) == "a bug removing domain 3"
-    finally:
-        monkeypatch.undo()
-        hv.stop()
+    [record] = _records_of_a_stop_its_removal_outlived(
+        hv, monkeypatch, caplog, failing, logging.ERROR, as_it_ends)
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == "a bug removing domain 3"
 
 
 def test_a_removal_failing_in_its_thread_fails_its_caller_once(
@@ -1578,32 +1597,10 @@ def test_a_removals_records_once_its_caller_was_interrupted_are_emitted_once(
     hv = _hypervisor.Hypervisor(tmp_path)
     hv.add_domain(3, "guest")
     _with_refusals_unreported(hv, 3)
-    left = threading.Event()
-    remove = _hypervisor.Hypervisor._remove_domain
-
-    def late(self: Hypervisor, domid: int) -> None:
-        left.wait(TIMEOUT)
-        remove(self, domid)
-
-    workers: list[threading.Thread] = []
-    monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_domain", late)
-    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(
-        threading.Thread, _left_waiting(workers, as_it_ends=as_it_ends)))
-    if as_it_ends:
-        left.set()
-    try:
-        with caplog.at_level(logging.WARNING, logger=_hypervisor.__name__):
-            with pytest.raises(Interrupted):
-                hv.stop()
-            left.set()
-            [worker] = workers
-            worker.join(TIMEOUT)
-            assert not worker.is_alive()
-        assert [r.getMessage() for r in caplog.records] == [
-            "hypervisor: domain 3: 1 message suppressed"]
-    finally:
-        monkeypatch.undo()
-        hv.stop()
+    records = _records_of_a_stop_its_removal_outlived(
+        hv, monkeypatch, caplog, _hypervisor.Hypervisor._remove_domain, logging.WARNING,
+        as_it_ends)
+    assert [r.getMessage() for r in records] == ["hypervisor: domain 3: 1 message suppressed"]
 
 
 def _emitting(thread: threading.Thread) -> bool:
