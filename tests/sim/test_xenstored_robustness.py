@@ -57,9 +57,15 @@ def logged_errors(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
 
 
 @pytest.fixture
-def no_internal_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+def no_internal_errors(
+        request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     caplog.set_level(logging.WARNING, logger="xenback.sim._xenstored")
     yield
+    # Torn down before the test's server (asked for after it): stopped here
+    # first (stop() is idempotent), what it logs in stopping counts too.
+    server = request.node.funcargs.get("xsd")
+    if server is not None:
+        server.stop()
     # caplog.records holds the running phase's alone: here, the teardown's.
     bad = [r for when in ("setup", "call", "teardown") for r in caplog.get_records(when)
            if r.levelno >= logging.ERROR]
