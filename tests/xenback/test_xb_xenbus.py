@@ -5294,7 +5294,14 @@ def test_fatal_whose_state_is_refused_writes_no_error_node_into_a_new_device(
         assert bdev.events.call(lambda: told.append(bdev.fatal(errno.EIO, "old")))
         bdev.events.flush()
         assert told == [False] and refused
+        # The old device's drop, and the new one's probe after it, may
+        # still write there and say so: looked at once the new device is
+        # probed, and its queue done with that.
+        drv.wait_removed(fe.guest.domid)
+        drv.wait_call("probe", fe.guest.domid, count=2)
+        backend_device(drv, fe.guest.domid).events.flush()
         assert _driver_domain_error(dom0_xs, drvdom, fe) is None
+        assert dom0_xs.read(f"{bdev.nodename}/state") == str(int(S.INIT_WAIT))
         assert _backend_warnings(caplog) == []
         (said,) = [r.getMessage() for r in caplog.records if "not reported there" in r.getMessage()]
         assert said.endswith(f"old (errno {errno.EIO}), and the device directory was made again "
