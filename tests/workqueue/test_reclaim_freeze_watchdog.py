@@ -896,8 +896,13 @@ def test_the_watchdog_keeps_no_destroyed_workqueue_alive() -> None:
 
 def _checks_of(wq: Any) -> Callable[[float], float | None]:
     """The pool check of *wq*'s one pool, with a threshold of 1 s, called
-    with the clock in the test's hand at the times it is given (the
-    topology's own watchdog_thresh keeps its real checks an hour away)."""
+    with the clock in the test's hand at the times it is given.  The real
+    checks run on the timer thread every quarter of the topology's
+    watchdog_thresh (workqueue._watchdog): the callers' hour keeps them
+    15 minutes apart, the first 15 minutes after a worker is busy or an
+    item waits, past the suite's timeout; one in a test would stamp the
+    pool by the real clock, under the test's."""
+    assert wq.topology.watchdog_thresh >= 3600.0
     (pwq,) = wq._all_pwqs()
 
     def stalled(now: float) -> float | None:
