@@ -51,7 +51,10 @@ def descriptors_past_fd_setsize() -> Iterator[Filled]:
     on; raise the soft RLIMIT_NOFILE for that, and undo both on the way
     out.  Skips the test when the hard limit leaves no room.  Another
     thread may still close a low descriptor meanwhile: the body can take
-    it again with :meth:`Filled.refill`."""
+    it again with :meth:`Filled.refill`.  Nor can a number be taken that
+    a thread waiting in accept() holds already: Linux reserves the one of
+    the socket it returns as the call starts, the lowest free then (a
+    test's server started before gets a connection below FD_SETSIZE)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = FD_SETSIZE + _HEADROOM
     if hard != resource.RLIM_INFINITY and hard < needed:

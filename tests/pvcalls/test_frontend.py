@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 from fdcensus import descriptors
-from highfds import descriptors_past_fd_setsize
+from highfds import FD_SETSIZE, descriptors_past_fd_setsize
 from pvcalls_rawfront import Call, echo_through, hold_accepts, sleeping_in_wait, wait_until
 from pyxs._internal import Op, Packet
 from racewindow import Attempt, PauseAt
@@ -3451,12 +3451,20 @@ def test_a_backend_and_frontend_holding_1024_descriptors_still_work(server: Any)
     """A backend serving hundreds of sockets holds more than 1024
     descriptors: everything opened from there on (the host, XenStore
     connections, event channels, sockets) is out of select()'s range."""
-    srv = server()
-    with descriptors_past_fd_setsize(), SimHost() as host:
-        with pvcalls.Backend(host.dom0, max_ioworkers=2):
+    with descriptors_past_fd_setsize():
+        filled = descriptors()
+        # Made here: the server thread's accept() takes the number of the
+        # socket it returns as it starts waiting, the lowest free then.
+        srv = server()
+        with SimHost() as host, pvcalls.Backend(host.dom0, max_ioworkers=2):
             guest = host.create_domain("fd-guest")
             with pvcalls.Frontend(guest) as fe, connected(fe, srv.address) as s:
                 echo_through(s, os.urandom(100_000))
+                # All it opened is past FD_SETSIZE: no number freed below it
+                # meanwhile (by another thread) was taken again.
+                low = sorted((fd, what) for fd, what in descriptors() - filled
+                             if fd < FD_SETSIZE)
+                assert not low, low
 
 
 def test_connect_ex_returns_the_errno(fe: pvcalls.Frontend, server: Any) -> None:

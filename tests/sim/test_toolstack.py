@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import inspect
 import itertools
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 import pyxs
 from fdcensus import open_sockets
-from highfds import descriptors_past_fd_setsize
+from highfds import descriptors_past_fd_setsize, past_fd_setsize
 from hosthelpers import SIM_CODE, eventually, hang_up_after_one_request, serve_one_client
 from pyxs._internal import Op
 from racewindow import TIMEOUT, Attempt, PauseAt, stands_at
@@ -140,10 +141,22 @@ def test_remove_the_libxl_way(host: SimHost, guest: Domain) -> None:
 
 
 def test_a_toolstack_holding_1024_descriptors_adds_and_removes(
-        host: SimHost, guest: Domain) -> None:
+        host: SimHost, guest: Domain, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each operation opens its own XenStore connection: one numbered past
     FD_SETSIZE, which select() refuses, must work all the same."""
-    with descriptors_past_fd_setsize():
+    plain = Toolstack._client
+    numbers: list[int] = []  # of every connection's socket and wake-up pipe
+
+    @contextlib.contextmanager
+    def recorded(toolstack: Toolstack, *args: Any, **kwargs: Any) -> Iterator[pyxs.Client]:
+        filled.refill()  # what a thread of the host closed since
+        with plain(toolstack, *args, **kwargs) as client:
+            router = client.router
+            numbers.extend((router.connection.fileno(), router.r_terminator.fileno()))
+            yield client
+
+    monkeypatch.setattr(Toolstack, "_client", recorded)
+    with descriptors_past_fd_setsize() as filled:
         dev = host.toolstack.add_device("vif", guest.domid)
         assert host.toolstack.devices() == [dev]
         with XenStore(host.dom0.xenstore()) as backend:
@@ -160,6 +173,7 @@ def test_a_toolstack_holding_1024_descriptors_adds_and_removes(
             finally:
                 closer.join(TIMEOUT)
         assert host.toolstack.devices() == []
+    assert numbers and past_fd_setsize(*numbers), numbers
 
 
 def test_a_signal_another_thread_took_interrupts_the_wait_for_closed(
