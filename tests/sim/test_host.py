@@ -595,15 +595,21 @@ def test_a_hypervisor_add_domain_interrupted_anywhere_adds_it_whole_or_not_at_al
     assert any("Hypervisor.add_domain" in where for where in landed), landed
 
 
-@pytest.mark.parametrize("refusal", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
-                                     Interrupted()], ids=["ENOSPC", "Ctrl-C"])
+@pytest.mark.parametrize(("refusal", "registered"), [
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), False),
+    (Interrupted(), False),
+    (Interrupted(), True),
+], ids=["ENOSPC", "Ctrl-C", "Ctrl-C once watched"])
 def test_a_hypervisor_add_domain_undo_interrupted_anywhere_leaves_nothing(
-        tmp_path: Path, refusal: BaseException) -> None:
-    """epoll refusing a new domain's listener, or a first Ctrl-C there,
-    then a (second) Ctrl-C landing anywhere in add_domain()'s undo: the
-    domain is not there, nor its socket file, nor a descriptor of its, nor
-    its listener in the selector (the loop would find it readable for good
-    once somebody connected), and it can be added again.  stop() stops."""
+        tmp_path: Path, refusal: BaseException, registered: bool) -> None:
+    """epoll refusing a new domain's listener, or a first Ctrl-C there (in
+    the register, or as it returns, the listener watched), then a (second)
+    Ctrl-C landing anywhere in add_domain()'s undo: the domain is not
+    there, nor its socket file, nor a descriptor of its, nor its listener
+    in the selector (the loop would find it readable for good once
+    somebody connected), and it can be added again.  stop() stops.  Only
+    a listener watched has an unregister() that returns, for a Ctrl-C to
+    land as it does, before the rest of the undo."""
     from xenback.sim._hypervisor import Hypervisor, domain_socket
 
     def landing(n: int) -> str:
@@ -616,6 +622,8 @@ def test_a_hypervisor_add_domain_undo_interrupted_anywhere_leaves_nothing(
 
             def refuses(fileobj: Any, events: int, data: Any = None) -> Any:
                 hv._selector.register = register  # type: ignore[method-assign]
+                if registered:  # as a Ctrl-C landing as it returns
+                    register(fileobj, events, data)
                 refused.append(refusal)
                 raise refusal
 
