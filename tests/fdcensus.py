@@ -78,11 +78,16 @@ class HeldNumbers:
     number and then opens a file expecting to get it back may find
     another thread's file there instead, and prove nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, content: bytes = b"") -> None:
+        """``content``: what a read of a held number finds (once: the
+        duplicates share one offset), for a test of code that would still
+        read a number it closed (a byte in a pipe is an event pending)."""
         self.numbers: list[int] = []
         # One memfd, whose duplicates hold the numbers: no other file of
         # the process has its inode.
         self._file = os.memfd_create("held-number", os.MFD_CLOEXEC)
+        if content:
+            os.pwrite(self._file, content, 0)
         self._identity = os.fstat(self._file)
 
     @contextlib.contextmanager
@@ -130,9 +135,9 @@ class HeldNumbers:
 
 
 @contextlib.contextmanager
-def numbers_held() -> Iterator[HeldNumbers]:
+def numbers_held(content: bytes = b"") -> Iterator[HeldNumbers]:
     """A :class:`HeldNumbers`, released on the way out."""
-    held = HeldNumbers()
+    held = HeldNumbers(content)
     try:
         yield held
     finally:
