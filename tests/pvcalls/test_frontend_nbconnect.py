@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from fdcensus import descriptors
 from pvcalls_rawfront import Call, wait_until
 from racewindow import PauseAt
 
@@ -53,10 +54,6 @@ def backend(host: SimHost) -> Iterator[pvcalls.Backend]:
 _names = itertools.count()
 
 
-def _descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 class Baseline:
     """What the process and the host hold before a frontend opens, and the
     check that its close() gave all of it back (the backend's sockets,
@@ -67,7 +64,7 @@ class Baseline:
         self.host = host
         self.hypervisor = host.hypervisor.stats()
         self.threads = set(threading.enumerate())
-        self.fds = _descriptors()
+        self.fds = descriptors()
 
     def check(self, backend: pvcalls.Backend, fe: pvcalls.Frontend,
               caplog: pytest.LogCaptureFixture) -> None:
@@ -81,7 +78,9 @@ class Baseline:
         # Not the backend's workqueue threads: its pools grow and shrink.
         wait_until(lambda: not [t for t in set(threading.enumerate()) - self.threads
                                 if not t.name.startswith("kworker/")])
-        wait_until(lambda: _descriptors() <= self.fds)
+        # Each by number and what it is: a count would let another thread's
+        # close hide one left open.
+        wait_until(lambda: descriptors() <= self.fds)
         # Not "completing a command" (an exception in the event thread),
         # nor a RELEASE that failed or went unanswered.
         logged = [r for r in caplog.records if r.name.startswith("pvcalls.frontend")
