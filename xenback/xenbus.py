@@ -1980,8 +1980,8 @@ class BackendDriver:
             self._check_device(fe, devid, adopt=adopt, listed=True)
         known = {(str(dev.frontend_id), str(dev.devid)): dev for dev in self.devices()}
         for key, dev in known.items():
-            if key not in listed:
-                dev.events.call(self._backend_changed, dev)
+            if key not in listed and not dev.events.call(self._backend_changed, dev) and dev.gone:
+                self._forget(dev)  # its drop was cut short: see _check_device
         # The error nodes of devices deleted in one go with their parent
         # directory (whose own events name only that directory).
         errors = self.error_root
@@ -2002,8 +2002,13 @@ class BackendDriver:
         with self._lock:
             dev = self._devices.get(key)
         if dev is not None:
-            dev.events.call(self._backend_changed, dev)
-            return
+            if dev.events.call(self._backend_changed, dev) or not dev.gone:
+                return  # (closed, not yet gone: its drop looks again when done)
+            # Its drop ended past Exception once the device was gone
+            # (SystemExit from a driver's logging handler, say), and left it
+            # listed, its queue closed: finished here, or a new device at
+            # the path went unserved, its events refused by that queue.
+            self._forget(dev)
         path = f"{self.backend_root}/{key[0]}/{key[1]}"
         try:
             state = self.xenstore.read(f"{path}/state")
@@ -2613,14 +2618,28 @@ class BackendDriver:
     def _drop(self, dev: BackendDevice, *, closed: bool = True) -> None:
         """Disconnect, write Closed (if the directory is still there, and
         ``closed``), call remove() (if probe() was) and forget the device."""
-        if dev.gone:
-            # Dropped already, or cut short once it had marked the device
-            # gone (a Ctrl-C in stop()'s own drop of a leftover, see
-            # _stop): the rest is done again, or the device stayed listed
-            # after stop(), and after a restart every event of a new
-            # device at its path went to its closed queue.
+        try:
+            # Once gone: dropped already, or cut short once it had marked
+            # the device gone (a Ctrl-C in stop()'s own drop of a
+            # leftover, see _stop): the rest is done again, or the device
+            # stayed listed after stop(), and after a restart every event
+            # of a new device at its path went to its closed queue.
+            if not dev.gone:
+                self._take_down(dev, closed)
             self._forget(dev)
-            return
+        finally:
+            # The toolstack may have made a new device at the same path
+            # while this one was still known, and the new one's events
+            # went to this one's queue: look again.  Also when the drop
+            # ended past Exception once the device was gone (SystemExit
+            # from a driver's logging handler): the look finishes it (see
+            # _check_device).  (The bus queue refuses once stopping; once
+            # our domain is going, nothing is served any more.)
+            if dev.gone and self._bus is not None and not self._domain_gone:
+                self._bus.call(self._check_device, str(dev.frontend_id), str(dev.devid))
+
+    def _take_down(self, dev: BackendDevice, closed: bool) -> None:
+        """What _drop() does until the device is gone."""
         self._disconnect(dev)
         try:
             # Not once our domain is going: our directory went with our home.
@@ -2655,10 +2674,3 @@ class BackendDriver:
         dev.events.close(wait=False)
         with dev._lock:
             dev._gone = True
-        self._forget(dev)
-        # The toolstack may have made a new device at the same path while
-        # this one was still known, and the new one's events went to this
-        # one's queue: look again.  (The bus queue refuses once stopping;
-        # once our domain is going, nothing is served any more.)
-        if self._bus is not None and not self._domain_gone:
-            self._bus.call(self._check_device, str(dev.frontend_id), str(dev.devid))

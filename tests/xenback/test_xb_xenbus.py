@@ -4815,6 +4815,50 @@ def test_a_leftover_drop_interrupted_once_gone_is_finished_by_the_next_stop(
     assert any("BackendDriver._forget" in where for where in landed), landed
 
 
+class _ExitsOnce(logging.Handler):
+    """A logging handler that raises SystemExit at the first record of
+    ``msg``: something past Exception, from a driver's own code, in the
+    middle of what logs it."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__()
+        self.msg = msg
+        self.exited = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == self.msg and not self.exited.is_set():
+            self.exited.set()
+            raise SystemExit(f"a logging handler exits at {self.msg!r}")
+
+
+def test_a_drop_ended_past_exception_once_gone_still_looks_at_the_path(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """A drop on the device's queue ended by something past Exception
+    once the device was gone: SystemExit from a logging handler at its
+    "removed" line.  The device stayed listed until stop(), its queue
+    closed, and the drop's look at the path was never queued: a new
+    device the toolstack made there as the old one went, whose events
+    went to the old one's queue, was never served, nor would one made
+    later be (its events refused by that queue).  The look is queued all
+    the same, and finishes the drop: the old device leaves, said
+    removed, and the new one connects."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    exiting = _ExitsOnce("%s: removed")
+    xblog = logging.getLogger("xenback.xenbus")
+    xblog.addHandler(exiting)
+    try:
+        guest, dev, fe = connected(host, frontends)
+        old = backend_device(driver, guest.domid)
+        _re_created_behind(driver, host, frontends, dom0_xs, guest, dev, fe)
+        assert exiting.exited.is_set()
+    finally:
+        xblog.removeHandler(exiting)
+    assert old not in driver.devices()
+    said = [r.getMessage() for r in caplog.records]
+    # The look's: the drop's own line got no further than the handler.
+    assert said.count(f"{old.nodename}: removed") == 1
+
+
 def test_a_driver_domain_s_transaction_quota_full_for_a_moment_stalls_nothing(
         host, dom0_xs, frontends, monkeypatch) -> None:
     """cxenstored lets a driver domain hold 10 transactions open at once,
