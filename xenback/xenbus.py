@@ -367,6 +367,24 @@ def _errno_of(exc: BaseException) -> tuple[int, str]:
     return errno.EIO, f"{type(exc).__name__}: {exc}"
 
 
+class _Port:
+    """A port a device bound: the dispatcher that bound it, and the
+    callback it was bound with, which tells it from the number bound
+    since by another (see EventDispatcher.unbind)."""
+
+    __slots__ = ("events", "callback", "busy")
+
+    def __init__(self, events: EventDispatcher, callback: PortCallback) -> None:
+        self.events = events
+        self.callback = callback
+        # An unbind of it is under way (see BackendDevice._unbind): set
+        # under the device's _lock, and cleared without it by the call
+        # that set it, cut short (a plain attribute: a caller that reads
+        # it set a moment late takes the port for another's, and leaves it
+        # to the next release).
+        self.busy = False
+
+
 class BackendDevice:
     """One backend device (``struct xenbus_device``).
 
@@ -514,7 +532,12 @@ class BackendDevice:
         self._refusal: PermissionError | None = None
         self._lock = threading.Lock()
         self._mappings: list[GrantMapping] = []
-        self._ports: list[int] = []
+        self._ports: dict[int, _Port] = {}
+        # Ports taken off _ports to be unbound, until the dispatcher's
+        # unbind has returned or raised: one that a Ctrl-C cut short,
+        # before or inside it, is finished by the next unbind_evtchn() of
+        # the port or release_resources() (see _unbind).
+        self._unbinding: dict[int, _Port] = {}
 
     def __repr__(self) -> str:
         return f"<BackendDevice {self.nodename} {self.state.name}>"
@@ -1138,14 +1161,16 @@ class BackendDevice:
         # Given back to the dispatcher that bound it: stop() may have
         # closed that one since (which unbound the port).
         events = self._handle(lambda: self.driver.events)
+        record = _Port(events, guarded)
         try:
             bound.extend(map(events.bind_interdomain, (self.frontend_id,),
                              (remote_port,), (guarded,)))
             with self._lock:
                 if not self._gone:
-                    self._ports += bound
+                    port = bound[0]
+                    self._ports[port] = record
                     del bound[:]
-                    return self._ports[-1]
+                    return port
         except BaseException as exc:
             for port in bound:
                 self._give_back(functools.partial(events.unbind, port),
@@ -1186,35 +1211,68 @@ class BackendDevice:
         """Unbind a port bound by :meth:`bind_evtchn` before disconnect;
         waits for a running callback of it to return.  :class:`KeyError`
         if this device does not hold ``port`` (any more): the number may
-        be another device's port by now, so it is left alone.  A port
-        taken as stop() closes the dispatcher, which unbinds every port,
-        is unbound so: nothing is raised, nor unbound on the dispatcher
-        of a start() since."""
+        be another device's port by now, so it is left alone; so it is
+        if the dispatcher no longer has it (the driver unbound it there
+        itself).  A port taken as stop() closes the dispatcher, which
+        unbinds every port, is unbound so: nothing is raised, nor unbound
+        on the dispatcher of a start() since.  Called again for a port
+        whose unbind a Ctrl-C cut short, it finishes it."""
         if not is_int(port):
-            # Before the list: 1.0 would find and drop port 1 there, and
+            # Before the lookup: 1.0 would find and drop port 1 there, and
             # the dispatcher then refuse it (see EventDispatcher.unbind).
             raise TypeError(f"port must be an int, not {type(port).__name__}")
-        with self._lock:
-            if port not in self._ports:
-                raise KeyError(f"event channel port {port} is not bound by {self.nodename}")
-            self._ports.remove(port)
-            # The dispatcher that bound it, there while we held the port
-            # (stop() releases every device before closing it).  Not the
-            # driver's at the unbind: a stop() and a start() before it
-            # make a new one, where the number may be a new device's.
-            # Without the driver's _lock: one attribute, read once.
-            events = self.driver._events
-        if events is None:
-            return  # closed and forgotten, which unbound the port
-        # Not under _lock, as release_resources(): the unbind waits for a
-        # running callback of the port.  So stop() may drop the device and
-        # close the dispatcher meanwhile (a driver's own thread does not
-        # hold it up), as release_resources() and _give_back() know.
+        self._unbind(int(port))  # on record as a plain int, whatever the subclass
+
+    def _unbind(self, port: int, *, held: bool = True) -> None:
+        """Unbind ``port`` on the dispatcher that bound it, with the
+        callback it was bound with: should the number be bound again
+        since (the unbind finished as a Ctrl-C cut it short, a stop()
+        closed the dispatcher), it is left alone.  On record in
+        _unbinding from its leaving _ports until the dispatcher's unbind
+        has returned or raised, in one step as far as a signal goes (no
+        call in between): taken off before, a Ctrl-C as it started, or
+        inside it, left the port bound for good.  Busy while a call is
+        at it, so that a second call for the port does not take it for
+        its own: it raises KeyError, as for a port the device does not
+        hold (``held``: it returns); one cut short is not busy, and the
+        next call finishes it.
+
+        Raises the dispatcher's OSError, and its KeyError for a port it
+        does not have, but not for one whose unbind was cut short (done
+        as it returned), nor once it is closed (which unbinds every
+        port: see EventDispatcher.closed)."""
+        record: _Port | None = None
         try:
-            events.unbind(port)
-        except KeyError:
-            if not self.driver._closed_since(events):
-                raise  # unbound behind our back: the driver's bug
+            with self._lock:
+                again = port not in self._ports
+                if not again:
+                    self._unbinding[port] = self._ports[port]
+                    del self._ports[port]
+                elif port not in self._unbinding or self._unbinding[port].busy:
+                    if not held:
+                        return
+                    raise KeyError(f"event channel port {port} is not bound by {self.nodename}")
+                self._unbinding[port].busy = True
+                record = self._unbinding[port]
+            # Not under _lock: the unbind waits for a running callback of
+            # the port.  So stop() may drop the device and close the
+            # dispatcher meanwhile (a driver's own thread does not hold it
+            # up), as _give_back() knows.
+            failure: Exception | None = None
+            try:
+                record.events.unbind(port, record.callback)
+            except Exception as exc:
+                failure = exc
+            with self._lock:
+                if port in self._unbinding and self._unbinding[port] is record:
+                    del self._unbinding[port]
+        except BaseException:
+            if record is not None:
+                record.busy = False  # cut short: left to the next call
+            raise
+        if failure is None or isinstance(failure, KeyError) and (again or record.events.closed):
+            return
+        raise failure
 
     def notify(self, port: int) -> None:
         """Send an event to the frontend on our local ``port``.
@@ -1241,25 +1299,25 @@ class BackendDevice:
     def resources(self) -> tuple[int, int]:
         """(grant mappings, event channel ports) currently held."""
         with self._lock:
-            return len(self._mappings), len(self._ports)
+            # A port being unbound is still held, until that is over.
+            return len(self._mappings), len(self._ports) + len(self._unbinding)
 
     def release_resources(self) -> None:
-        """Unbind every tracked port and unmap every tracked mapping."""
+        """Unbind every tracked port and unmap every tracked mapping.  A
+        port's unbind that a Ctrl-C cut short, here or in
+        :meth:`unbind_evtchn`, is finished; one under way on another
+        thread is left to it."""
         with self._lock:
-            ports, self._ports = self._ports, []
-            mappings, self._mappings = self._mappings, []
-            events = self.driver._events  # the one that bound them: see unbind_evtchn
+            ports = [*self._ports, *self._unbinding]
+        # Each port leaves as it goes: a Ctrl-C leaves the rest held, for
+        # the next release.
         for port in ports:
-            if events is None or events is not self.driver._events:
-                break  # stop() closed it, which unbound them all
             try:
-                events.unbind(port)
-            except KeyError as exc:
-                if self.driver._closed_since(events):
-                    break  # after the check above: the close unbound them all
+                self._unbind(port, held=False)
+            except (KeyError, OSError) as exc:
                 self._release_failed("%s: unbinding port %d failed", port, exc)
-            except OSError as exc:
-                self._release_failed("%s: unbinding port %d failed", port, exc)
+        with self._lock:
+            mappings, self._mappings = self._mappings, []
         for mapping in mappings:
             try:
                 mapping.unmap()
@@ -1598,14 +1656,6 @@ class BackendDriver:
                     raise _Stopped(f"{type(self).__name__} is stopped")
                 self._gnttab = self.platform.gnttab()
             return self._gnttab
-
-    def _closed_since(self, events: EventDispatcher) -> bool:
-        """Whether stop() has gone to close ``events`` (which unbinds
-        every port) since a device read it, holding a port: the KeyError
-        of that port's unbind is then no bug of the driver's.  Without
-        _lock: from then on it stays true, _handles_closed until the
-        dispatcher is forgotten, and a start() makes another."""
-        return events is not self._events or self._handles_closed
 
     def devices(self) -> list[BackendDevice]:
         """The devices served now (a snapshot)."""
