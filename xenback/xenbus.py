@@ -1306,23 +1306,28 @@ class BackendDevice:
         """Unbind every tracked port and unmap every tracked mapping.  A
         port's unbind that a Ctrl-C cut short, here or in
         :meth:`unbind_evtchn`, is finished; one under way on another
-        thread is left to it."""
+        thread is left to it.  Cut short itself, it leaves what it did
+        not release to the next release."""
         with self._lock:
             ports = [*self._ports, *self._unbinding]
-        # Each port leaves as it goes: a Ctrl-C leaves the rest held, for
-        # the next release.
+            mappings = list(self._mappings)
+        # Each port and mapping leaves as it goes: all taken off at once, a
+        # Ctrl-C lost the rest, held until the handles closed.
         for port in ports:
             try:
                 self._unbind(port, held=False)
             except (KeyError, OSError) as exc:
                 self._release_failed("%s: unbinding port %d failed", port, exc)
-        with self._lock:
-            mappings, self._mappings = self._mappings, []
         for mapping in mappings:
+            # Listed until the unmap has returned or raised: unmap() may be
+            # done again, by the next release or a driver's unmap meanwhile.
             try:
                 mapping.unmap()
             except OSError as exc:
                 self._release_failed("%s: unmapping %s failed", mapping, exc)
+            with self._lock:
+                if mapping in self._mappings:
+                    self._mappings.remove(mapping)
 
     def _release_failed(self, msg: str, what: object, exc: BaseException) -> None:
         """Log a failed release (``msg`` % (nodename, ``what``))."""

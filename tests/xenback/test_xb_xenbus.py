@@ -580,8 +580,9 @@ def test_an_unbind_interrupted_anywhere_is_finished_by_the_next(
     port had left the device's list, before or inside the dispatcher's
     unbind, left the port bound for good, unknown to the device; and a
     release took every port off at once, so one there lost each port it
-    had not unbound yet.  The next call for the port, or the next
-    release, finishes the job: every port unbound, and only once."""
+    had not unbound yet, and every mapping (taken off at once too).  The
+    next call for the port, or the next release, finishes the job: every
+    port unbound, and only once, and every mapping unmapped."""
     within = os.path.dirname(xenbus.__file__)
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
@@ -597,9 +598,12 @@ def test_an_unbind_interrupted_anywhere_is_finished_by_the_next(
     landed: list[str] = []
     for n in itertools.count():
         mine = [bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None) for _ in range(2)]
+        if how == "release_resources":
+            bdev.map_grant_refs([fe.pages.refs[0]])
         held = sorted(bdev._ports)
         expected = held if how == "release_resources" else mine
         bound = _ports(host)
+        mapped, maps = host.hypervisor.stats()["mappings"], bdev.resources[0]
         unbound.clear()
 
         def unbind(mine: list[int] = mine) -> None:
@@ -619,6 +623,9 @@ def test_an_unbind_interrupted_anywhere_is_finished_by_the_next(
         assert _ports(host) == bound - len(expected), f"interrupted {where}"
         assert sorted(bdev._ports) == [p for p in held if p not in expected], f"interrupted {where}"
         assert bdev.resources[1] == len(held) - len(expected), f"interrupted {where}"
+        if how == "release_resources":
+            assert bdev.resources[0] == 0, f"interrupted {where}"
+            assert host.hypervisor.stats()["mappings"] == mapped - maps, f"interrupted {where}"
         if not where:
             break
         landed.append(where)
