@@ -1129,8 +1129,20 @@ class BackendDevice:
         with self._lock:
             if mapping not in self._mappings:
                 return
-            self._mappings.remove(mapping)
-        mapping.unmap()
+        # Listed until the unmap has returned or raised, as a release
+        # leaves it: taken off first, a Ctrl-C as that was done lost it to
+        # the release, mapped until the handle closed.  A second unmap of it
+        # meanwhile, or a release, unmaps it again, which does nothing.
+        failure: Exception | None = None
+        try:
+            mapping.unmap()
+        except Exception as exc:
+            failure = exc
+        with self._lock:
+            if mapping in self._mappings:
+                self._mappings.remove(mapping)
+        if failure is not None:
+            raise failure
 
     def bind_evtchn(self, remote_port: int, callback: PortCallback) -> int:
         """Bind the frontend's ``remote_port`` (tracked); ``callback(port)``

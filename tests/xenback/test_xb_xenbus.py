@@ -633,6 +633,33 @@ def test_an_unbind_interrupted_anywhere_is_finished_by_the_next(
     assert any("EventDispatcher.unbind" in where for where in landed), landed
 
 
+@pytest.mark.timeout(300)
+def test_an_unmap_interrupted_anywhere_is_finished_by_the_next(host, driver, frontends) -> None:
+    """A Ctrl-C landing anywhere in unmap() (but inside the simulated
+    host's own code): one once the mapping had left the device's list,
+    before or inside its unmap, left it mapped, unknown to the device
+    and so to the release, until the grant handle closed.  The next
+    unmap() finishes the job."""
+    within = os.path.dirname(xenbus.__file__)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    landed: list[str] = []
+    for n in itertools.count():
+        mapping = bdev.map_grant_refs([fe.pages.refs[0]])
+        mapped, maps = host.hypervisor.stats()["mappings"], bdev.resources[0]
+        where = interrupted_at(n, within, lambda mapping=mapping: bdev.unmap(mapping),
+                               besides=(os.path.join(within, "sim"),
+                                        os.path.join(within, "platform.py")))
+        if where:
+            bdev.unmap(mapping)  # again
+        assert bdev.resources[0] == maps - 1, f"interrupted {where}"
+        assert host.hypervisor.stats()["mappings"] == mapped - 1, f"interrupted {where}"
+        if not where:
+            break
+        landed.append(where)
+    assert any("BackendDevice.unmap" in where for where in landed), landed
+
+
 def _closes_without_error(dom0_xs, driver, guest, dev, fe) -> None:
     """The frontend closes ``dev``: the backend follows to Closed, and
     writes no error node (a failed release is the driver's, not the
