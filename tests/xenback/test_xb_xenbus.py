@@ -4953,17 +4953,21 @@ def test_a_leftover_drop_interrupted_once_gone_is_finished_by_the_next_stop(
 
 class _ExitsOnce(logging.Handler):
     """A logging handler that raises SystemExit at the first record of
-    ``msg``: something past Exception, from a driver's own code, in the
-    middle of what logs it."""
+    ``msg`` (the first ``times``): something past Exception, from a
+    driver's own code, in the middle of what logs it."""
 
-    def __init__(self, msg: str) -> None:
+    def __init__(self, msg: str, times: int = 1) -> None:
         super().__init__()
         self.msg = msg
-        self.exited = threading.Event()
+        self.times = times
+        self.exits = 0
+        self.exited = threading.Event()  # the last time
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg == self.msg and not self.exited.is_set():
-            self.exited.set()
+        if record.msg == self.msg and self.exits < self.times:
+            self.exits += 1
+            if self.exits == self.times:
+                self.exited.set()
             raise SystemExit(f"a logging handler exits at {self.msg!r}")
 
 
@@ -4992,6 +4996,33 @@ def test_a_drop_ended_past_exception_once_gone_still_looks_at_the_path(
     assert old not in driver.devices()
     said = [r.getMessage() for r in caplog.records]
     # The look's: the drop's own line got no further than the handler.
+    assert said.count(f"{old.nodename}: removed") == 1
+
+
+def test_a_drop_whose_look_ended_past_exception_too_is_finished_by_a_full_scan(
+        host, driver, frontends, dom0_xs, caplog) -> None:
+    """As test_a_drop_ended_past_exception_once_gone_still_looks_at_the_path,
+    the look that finishes the drop ended so too: the device stayed
+    listed, its queue closed.  The toolstack then deletes the frontend
+    domain's whole directory, whose event names only that directory: the
+    scan of the whole tree finds the device listed and no longer there,
+    and finishes the drop, said removed once."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    exiting = _ExitsOnce("%s: removed", times=2)  # the drop's, then the look's
+    xblog = logging.getLogger("xenback.xenbus")
+    xblog.addHandler(exiting)
+    try:
+        guest, dev, fe = connected(host, frontends)
+        old = backend_device(driver, guest.domid)
+        dom0_xs.rm(dev.frontend_path)  # Unknown: Closed, and dropped
+        assert exiting.exited.wait(TIMEOUT)
+        driver._bus.flush()
+        assert old.gone and old in driver.devices()
+        dom0_xs.rm(f"{driver.backend_root}/{guest.domid}")
+        assert eventually(lambda: old not in driver.devices())
+    finally:
+        xblog.removeHandler(exiting)
+    said = [r.getMessage() for r in caplog.records]
     assert said.count(f"{old.nodename}: removed") == 1
 
 
