@@ -538,6 +538,10 @@ class BackendDevice:
         # before or inside it, is finished by the next unbind_evtchn() of
         # the port or release_resources() (see _unbind).
         self._unbinding: dict[int, _Port] = {}
+        # BackendDriver._forget is saying the device removed, from its
+        # look at devices() until it has taken it off: set under the
+        # driver's _lock, and cleared without it by the call that set it.
+        self._forgetting = False
 
     def __repr__(self) -> str:
         return f"<BackendDevice {self.nodename} {self.state.name}>"
@@ -1519,9 +1523,9 @@ class BackendDriver:
         # is made meanwhile (_Stopped), for nobody would close it.  (Those
         # there stay until closed: see _stop.)
         self._handles_closed = False
-        # _lock guards _devices, _stopping, _domain_gone, _xs_lost,
-        # _stop_running, _handles_closed and the lazy creation of the
-        # event dispatcher and grant table handle.
+        # _lock guards _devices (and each device's _forgetting), _stopping,
+        # _domain_gone, _xs_lost, _stop_running, _handles_closed and the
+        # lazy creation of the event dispatcher and grant table handle.
         self._lock = threading.Lock()
         self._devices: dict[tuple[int, int], BackendDevice] = {}
         self._stopping = False
@@ -2669,18 +2673,31 @@ class BackendDriver:
         # A driver's own work item may have mapped or bound since the
         # disconnect; from now on nothing can be added.
         dev.release_resources()
-        with self._lock:
-            if self._devices.get(key) is not dev:
-                return  # forgotten, and said so
-        # Both lines before the device leaves devices(): whoever sees it
-        # gone there finds its removal said, a drop cut short before them
-        # included.  (Cut short after them, the next says them again.)
-        # The lines suppressed since the last report are counted first.
-        dev.ratelimit.close(logger)
-        logger.info("%s: removed", dev.nodename)
-        with self._lock:
-            if self._devices.get(key) is dev:
-                del self._devices[key]
+        saying = False
+        try:
+            with self._lock:
+                # Forgotten, and said so; or being forgotten on another
+                # thread: the drop, and the look at the path that finishes
+                # one cut short (see _check_device), may both get here.
+                # Whichever is first says it, once; the drop looks at the
+                # path again when done, which finishes one that was cut
+                # short after all.
+                if self._devices.get(key) is not dev or dev._forgetting:
+                    return
+                dev._forgetting = saying = True
+            # Both lines before the device leaves devices(): whoever sees
+            # it gone there finds its removal said, a drop cut short
+            # before them included.  (Cut short after them, the next says
+            # them again.)  The lines suppressed since the last report are
+            # counted first.
+            dev.ratelimit.close(logger)
+            logger.info("%s: removed", dev.nodename)
+            with self._lock:
+                if self._devices.get(key) is dev:
+                    del self._devices[key]
+        finally:
+            if saying:
+                dev._forgetting = False  # cut short: the next says it
 
     def _drop(self, dev: BackendDevice, *, closed: bool = True) -> None:
         """Disconnect, write Closed (if the directory is still there, and

@@ -5026,6 +5026,34 @@ def test_a_drop_whose_look_ended_past_exception_too_is_finished_by_a_full_scan(
     assert said.count(f"{old.nodename}: removed") == 1
 
 
+def test_a_look_at_the_path_during_the_drop_s_own_forget_says_removed_once(
+        host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
+    """The look at the path that finishes a drop cut short once gone
+    (see test_a_drop_ended_past_exception_once_gone_still_looks_at_the_path)
+    comes while the drop itself, not cut short, is forgetting the device
+    on its queue, both past the look at devices(): the device was said
+    removed twice, once by each.  One says it, and the device leaves."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
+    saying = PauseAt.in_method(monkeypatch, xenbus.BackendDriver, "_forget",
+                               "dev.ratelimit.close(logger)")
+    try:
+        dom0_xs.rm(dev.frontend_path)  # Unknown: Closed, and dropped
+        assert saying.reached.wait(TIMEOUT)
+        assert old.gone
+        dom0_xs.write(f"{dev.backend_path}/poke", "1")  # an event at its path
+        handed_over(driver.xenstore, "poke")
+        driver._bus.flush()
+    finally:
+        saying.resume()
+    old.events.flush()  # the drop
+    driver._bus.flush()  # and its look at the path
+    assert old not in driver.devices()
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count(f"{old.nodename}: removed") == 1
+
+
 def test_a_driver_domain_s_transaction_quota_full_for_a_moment_stalls_nothing(
         host, dom0_xs, frontends, monkeypatch) -> None:
     """cxenstored lets a driver domain hold 10 transactions open at once,
