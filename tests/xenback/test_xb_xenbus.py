@@ -633,6 +633,66 @@ def test_an_unbind_interrupted_anywhere_is_finished_by_the_next(
     assert any("EventDispatcher.unbind" in where for where in landed), landed
 
 
+def test_a_second_unbind_of_a_port_whose_unbind_is_under_way_is_a_key_error(
+        host, driver, frontends) -> None:
+    """A driver's thread unbinds its port; meanwhile, before the
+    dispatcher's unbind, the driver unbinds it again on another thread.
+    The port is the first call's: the second raises KeyError, as for a
+    port the device does not hold, and the first unbinds it.  Taken by
+    both, the dispatcher unbound it for the second, and the first, its
+    owner, met a KeyError that says a bug that is none."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    port = bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
+    held = bdev.resources[1]
+    unbinding = PauseAt(xenbus.BackendDevice._unbind, "record.events.unbind(port")
+    unbinder = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(port)))
+    try:
+        assert unbinding.reached.wait(TIMEOUT)
+        with pytest.raises(KeyError, match=f"port {port} is not bound by"):
+            bdev.unbind_evtchn(port)
+        assert port in driver.events.ports
+    finally:
+        unbinding.resume()
+    assert unbinder.result() is None
+    assert port not in driver.events.ports
+    assert bdev.resources[1] == held - 1
+
+
+@pytest.mark.parametrize("how", ["unbind_evtchn", "release_resources"])
+def test_an_unbind_cut_short_once_done_is_finished_quietly(
+        host, driver, frontends, monkeypatch, caplog, how: str) -> None:
+    """unbind_evtchn() cut short by a Ctrl-C as the handle's unbind
+    returned: the port is unbound, but the device cannot tell, and keeps
+    it on record.  The next unbind_evtchn() of it, or the next release,
+    finishes the job without a word: the dispatcher's KeyError then says
+    the job was done, not that the driver unbound the port behind the
+    device's back."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    held = bdev.resources[1]
+    port = bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
+    handle = driver.events._evtchn
+    real_unbind = handle.unbind
+
+    def unbind(number: int) -> None:
+        real_unbind(number)
+        raise KeyboardInterrupt  # a Ctrl-C as the handle's unbind returns
+
+    monkeypatch.setattr(handle, "unbind", unbind)
+    with pytest.raises(KeyboardInterrupt):
+        bdev.unbind_evtchn(port)
+    monkeypatch.setattr(handle, "unbind", real_unbind)
+    assert port not in driver.events.ports
+    if how == "unbind_evtchn":
+        assert bdev.unbind_evtchn(port) is None
+        assert bdev.resources[1] == held
+    else:
+        bdev.release_resources()
+        assert bdev.resources == (0, 0)
+        assert not [r for r in caplog.records if r.msg == "%s: unbinding port %d failed"]
+
+
 @pytest.mark.timeout(300)
 def test_an_unmap_interrupted_anywhere_is_finished_by_the_next(host, driver, frontends) -> None:
     """A Ctrl-C landing anywhere in unmap() (but inside the simulated
