@@ -1184,6 +1184,12 @@ class BackendDevice:
             with self._lock:
                 if not self._gone:
                     port = bound[0]
+                    # A record of the number (an unbind cut short once
+                    # done, see _unbind) is over: the dispatcher gives out
+                    # no number it still has bound.  Kept, the port would
+                    # count twice in resources until its next unbind.
+                    if port in self._unbinding:
+                        del self._unbinding[port]
                     self._ports[port] = record
                     del bound[:]
                     return port

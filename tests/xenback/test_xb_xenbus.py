@@ -693,6 +693,39 @@ def test_an_unbind_cut_short_once_done_is_finished_quietly(
         assert not [r for r in caplog.records if r.msg == "%s: unbinding port %d failed"]
 
 
+def test_a_port_number_bound_again_after_an_unbind_cut_short_counts_once(
+        host, driver, frontends, monkeypatch) -> None:
+    """unbind_evtchn() cut short by a Ctrl-C as the handle's unbind
+    returned: the port is unbound, and kept on record for the next call
+    to finish.  The device binds again and the dispatcher gives it the
+    same number: resources counted that port twice, on record and
+    bound, until its next unbind.  Given out again, the number's record
+    is over: the port counts once."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    held = bdev.resources[1]
+    port = bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
+    handle = driver.events._evtchn
+    real_unbind = handle.unbind
+
+    def unbind(number: int) -> None:
+        real_unbind(number)
+        raise KeyboardInterrupt  # a Ctrl-C as the handle's unbind returns
+
+    monkeypatch.setattr(handle, "unbind", unbind)
+    with pytest.raises(KeyboardInterrupt):
+        bdev.unbind_evtchn(port)
+    monkeypatch.setattr(handle, "unbind", real_unbind)
+    assert port not in driver.events.ports
+    assert bdev.resources[1] == held + 1  # on record, as far as the device can tell
+    again = bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
+    assert again == port  # the number freed, taken again
+    assert bdev.resources[1] == held + 1
+    bdev.unbind_evtchn(again)
+    assert again not in driver.events.ports
+    assert bdev.resources[1] == held
+
+
 @pytest.mark.timeout(300)
 def test_an_unmap_interrupted_anywhere_is_finished_by_the_next(host, driver, frontends) -> None:
     """A Ctrl-C landing anywhere in unmap() (but inside the simulated
