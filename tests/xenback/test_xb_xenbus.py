@@ -5046,10 +5046,10 @@ def test_a_leftover_drop_interrupted_once_gone_is_finished_by_the_next_stop(
 
 class _ExitsOnce(logging.Handler):
     """A logging handler that raises SystemExit at the first record of
-    ``msg`` (the first ``times``): something past Exception, from a
-    driver's own code, in the middle of what logs it."""
+    ``msg`` (the first ``times``; None: at every one): something past
+    Exception, from a driver's own code, in the middle of what logs it."""
 
-    def __init__(self, msg: str, times: int = 1) -> None:
+    def __init__(self, msg: str, times: int | None = 1) -> None:
         super().__init__()
         self.msg = msg
         self.times = times
@@ -5057,7 +5057,7 @@ class _ExitsOnce(logging.Handler):
         self.exited = threading.Event()  # the last time
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg == self.msg and self.exits < self.times:
+        if record.msg == self.msg and (self.times is None or self.exits < self.times):
             self.exits += 1
             if self.exits == self.times:
                 self.exited.set()
@@ -5095,26 +5095,28 @@ def test_a_drop_ended_past_exception_once_gone_still_looks_at_the_path(
 def test_a_drop_whose_look_ended_past_exception_too_is_finished_by_a_full_scan(
         host, driver, frontends, dom0_xs, caplog) -> None:
     """As test_a_drop_ended_past_exception_once_gone_still_looks_at_the_path,
-    the look that finishes the drop ended so too: the device stayed
-    listed, its queue closed.  The toolstack then deletes the frontend
-    domain's whole directory, whose event names only that directory: the
-    scan of the whole tree finds the device listed and no longer there,
-    and finishes the drop, said removed once."""
+    every look that would finish it ended so too (the drop's, and that of
+    the event of its own Closed): the device stayed listed, its queue
+    closed.  The toolstack then deletes the frontend domain's whole
+    directory, whose event names only that directory: the scan of the
+    whole tree finds the device listed and no longer there, and finishes
+    the drop, said removed once."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
-    exiting = _ExitsOnce("%s: removed", times=2)  # the drop's, then the look's
+    exiting = _ExitsOnce("%s: removed", times=None)
     xblog = logging.getLogger("xenback.xenbus")
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
     xblog.addHandler(exiting)
     try:
-        guest, dev, fe = connected(host, frontends)
-        old = backend_device(driver, guest.domid)
         dom0_xs.rm(dev.frontend_path)  # Unknown: Closed, and dropped
-        assert exiting.exited.wait(TIMEOUT)
-        driver._bus.flush()
-        assert old.gone and old in driver.devices()
-        dom0_xs.rm(f"{driver.backend_root}/{guest.domid}")
-        assert eventually(lambda: old not in driver.devices())
+        assert eventually(lambda: old.gone)
+        old.events.flush()  # the drop, which queued its look before it ended
+        driver._bus.flush()  # every look
     finally:
         xblog.removeHandler(exiting)
+    assert exiting.exits >= 2 and old in driver.devices()
+    dom0_xs.rm(f"{driver.backend_root}/{guest.domid}")
+    assert eventually(lambda: old not in driver.devices())
     said = [r.getMessage() for r in caplog.records]
     assert said.count(f"{old.nodename}: removed") == 1
 
@@ -5129,16 +5131,31 @@ def test_a_look_at_the_path_during_the_drop_s_own_forget_says_removed_once(
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
     guest, dev, fe = connected(host, frontends)
     old = backend_device(driver, guest.domid)
-    saying = PauseAt.in_method(monkeypatch, xenbus.BackendDriver, "_forget",
-                               "dev.ratelimit.close(logger)")
+    real = xenbus.BackendDriver._forget
+    saying = PauseAt(real, "dev.ratelimit.close(logger)")
+
+    def forget(self: BackendDriver, dev: xenbus.BackendDevice) -> None:
+        if dev.events.in_queue():  # the drop's, not a look's
+            saying.run(lambda: real(self, dev))
+        else:
+            real(self, dev)
+
+    monkeypatch.setattr(xenbus.BackendDriver, "_forget", forget)
+    # Held until the drop stands in its forget: a look at the path (the
+    # event of its own Closed) would finish the drop first.
+    in_bus, release = threading.Event(), threading.Event()
+    driver._bus.call(lambda: (in_bus.set(), release.wait(TIMEOUT)))
     try:
+        assert in_bus.wait(TIMEOUT)
         dom0_xs.rm(dev.frontend_path)  # Unknown: Closed, and dropped
         assert saying.reached.wait(TIMEOUT)
         assert old.gone
         dom0_xs.write(f"{dev.backend_path}/poke", "1")  # an event at its path
         handed_over(driver.xenstore, "poke")
+        release.set()
         driver._bus.flush()
     finally:
+        release.set()
         saying.resume()
     old.events.flush()  # the drop
     driver._bus.flush()  # and its look at the path
