@@ -726,6 +726,42 @@ def test_a_port_number_bound_again_after_an_unbind_cut_short_counts_once(
     assert bdev.resources[1] == held
 
 
+def test_an_unbind_ending_after_its_number_was_bound_again_leaves_the_new_record(
+        host, driver, frontends) -> None:
+    """unbind_evtchn() of a port, held once the dispatcher has unbound it
+    and before it takes the port off its record; meanwhile the device
+    binds again, gets the same number, and unbinds that port too, on
+    another thread, held before the dispatcher.  The first, ending,
+    takes off its own record, not the second's: the port being unbound
+    is still held, until that second unbind is over."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    held = bdev.resources[1]
+    port = bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
+    ending = PauseAt(xenbus.BackendDevice._unbind, "with self._lock:",
+                     after="record.events.unbind(port")
+    first = Attempt(lambda: ending.run(lambda: bdev.unbind_evtchn(port)))
+    unbinding = PauseAt(xenbus.BackendDevice._unbind, "record.events.unbind(port")
+    second = None
+    try:
+        assert ending.reached.wait(TIMEOUT)
+        assert port not in driver.events.ports
+        again = bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
+        assert again == port  # the number freed, taken again
+        second = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(again)))
+        assert unbinding.reached.wait(TIMEOUT)
+    finally:
+        ending.resume()
+    try:
+        assert first.result() is None
+        assert bdev.resources[1] == held + 1
+    finally:
+        unbinding.resume()
+    assert second is not None and second.result() is None
+    assert again not in driver.events.ports
+    assert bdev.resources[1] == held
+
+
 @pytest.mark.timeout(300)
 def test_an_unmap_interrupted_anywhere_is_finished_by_the_next(host, driver, frontends) -> None:
     """A Ctrl-C landing anywhere in unmap() (but inside the simulated
