@@ -145,6 +145,7 @@ them, so a backend cannot leak them on a path it did not think of.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import functools
@@ -1291,10 +1292,25 @@ class BackendDevice:
         except BaseException:
             if record is not None:
                 record.busy = False  # cut short: left to the next call
+                if self._gone:
+                    # The device's last release (after _gone was set) may
+                    # have found the port busy and left it to us: nothing
+                    # else would finish it.  Cleared first, a release that
+                    # looks after finds it not busy, and finishes it.
+                    self._release_later()
             raise
         if failure is None or isinstance(failure, KeyError) and (again or record.events.closed):
             return
         raise failure
+
+    def _release_later(self) -> None:
+        """Queue a release on the bus, for what a call cut short left once
+        the device was gone (refused once stopping: the dispatcher's and
+        the grant handle's close release it all then)."""
+        bus = self.driver._bus
+        if bus is not None:
+            with contextlib.suppress(RuntimeError):  # its workqueue going too
+                bus.call(self.release_resources)
 
     def notify(self, port: int) -> None:
         """Send an event to the frontend on our local ``port``.
@@ -1328,8 +1344,9 @@ class BackendDevice:
         """Unbind every tracked port and unmap every tracked mapping.  A
         port's unbind that a Ctrl-C cut short, here or in
         :meth:`unbind_evtchn`, is finished; one under way on another
-        thread is left to it.  Cut short itself, it leaves what it did
-        not release to the next release."""
+        thread is left to it (cut short there once the device is gone,
+        that one queues a release on the bus).  Cut short itself, it
+        leaves what it did not release to the next release."""
         with self._lock:
             ports = [*self._ports, *self._unbinding]
             mappings = list(self._mappings)

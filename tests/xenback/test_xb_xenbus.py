@@ -570,6 +570,52 @@ def test_a_release_as_stop_closes_the_dispatcher_says_no_failure(
     fe.close()
 
 
+def test_a_port_s_unbind_cut_short_as_the_device_is_dropped_leaves_it_unbound(
+        host, driver, frontends, dom0_xs, monkeypatch) -> None:
+    """A driver's thread unbinds its port as the device is dropped, the
+    release coming while that unbind is under way, before the
+    dispatcher's; then a Ctrl-C lands as the dispatcher's unbind
+    starts.  The release left the port to that unbind, and the device
+    went: the port stayed bound, known to nobody, until stop().  It is
+    unbound, once."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    (port,) = bdev._ports
+    events = driver.events
+    handle = events._evtchn
+    real_unbind, real_events_unbind = handle.unbind, events.unbind
+    unbound: list[int] = []
+    unbinders: list[threading.Thread] = []
+
+    def unbind(number: int) -> None:
+        real_unbind(number)
+        unbound.append(number)
+
+    def events_unbind(number: int, callback: object = None) -> None:
+        if threading.current_thread() in unbinders:
+            raise KeyboardInterrupt  # a Ctrl-C as the dispatcher's unbind starts
+        real_events_unbind(number, callback)
+
+    monkeypatch.setattr(handle, "unbind", unbind)
+    monkeypatch.setattr(events, "unbind", events_unbind)
+    unbinding = PauseAt(xenbus.BackendDevice._unbind, "record.events.unbind(port")
+    unbinder = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(port)))
+    unbinders.append(unbinder.thread)
+    try:
+        assert unbinding.reached.wait(TIMEOUT)
+        dom0_xs.rm(dev.frontend_path)  # Unknown: Closed, and dropped
+        driver.wait_removed(guest.domid)
+        assert bdev.gone
+    finally:
+        unbinding.resume()
+    outcome = unbinder.result()
+    assert outcome is None or isinstance(outcome, KeyboardInterrupt), outcome
+    driver._bus.flush()
+    assert unbound == [port]
+    assert port not in driver.events.ports
+    assert bdev.resources == (0, 0)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("how", ["unbind_evtchn", "release_resources"])
 def test_an_unbind_interrupted_anywhere_is_finished_by_the_next(
