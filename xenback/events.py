@@ -598,6 +598,12 @@ class EventDispatcher(Closing):
         self._breakdowns.close(logger, logging.ERROR)
 
     @property
+    def closed(self) -> bool:
+        """Whether close() was called: its ports are unbound, or being
+        unbound, by it."""
+        return self._closed
+
+    @property
     def ports(self) -> list[int]:
         """The bound ports (for tests and introspection)."""
         with self._lock:

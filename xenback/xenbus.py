@@ -145,6 +145,7 @@ them, so a backend cannot leak them on a path it did not think of.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import functools
@@ -367,6 +368,24 @@ def _errno_of(exc: BaseException) -> tuple[int, str]:
     return errno.EIO, f"{type(exc).__name__}: {exc}"
 
 
+class _Port:
+    """A port a device bound: the dispatcher that bound it, and the
+    callback it was bound with, which tells it from the number bound
+    since by another (see EventDispatcher.unbind)."""
+
+    __slots__ = ("events", "callback", "busy")
+
+    def __init__(self, events: EventDispatcher, callback: PortCallback) -> None:
+        self.events = events
+        self.callback = callback
+        # An unbind of it is under way (see BackendDevice._unbind): set
+        # under the device's _lock, and cleared without it by the call
+        # that set it, cut short (a plain attribute: a caller that reads
+        # it set a moment late takes the port for another's, and leaves it
+        # to the next release).
+        self.busy = False
+
+
 class BackendDevice:
     """One backend device (``struct xenbus_device``).
 
@@ -514,7 +533,16 @@ class BackendDevice:
         self._refusal: PermissionError | None = None
         self._lock = threading.Lock()
         self._mappings: list[GrantMapping] = []
-        self._ports: list[int] = []
+        self._ports: dict[int, _Port] = {}
+        # Ports taken off _ports to be unbound, until the dispatcher's
+        # unbind has returned or raised: one that a Ctrl-C cut short,
+        # before or inside it, is finished by the next unbind_evtchn() of
+        # the port or release_resources() (see _unbind).
+        self._unbinding: dict[int, _Port] = {}
+        # BackendDriver._forget is saying the device removed, from its
+        # look at devices() until it has taken it off: set under the
+        # driver's _lock, and cleared without it by the call that set it.
+        self._forgetting = False
 
     def __repr__(self) -> str:
         return f"<BackendDevice {self.nodename} {self.state.name}>"
@@ -1106,8 +1134,20 @@ class BackendDevice:
         with self._lock:
             if mapping not in self._mappings:
                 return
-            self._mappings.remove(mapping)
-        mapping.unmap()
+        # Listed until the unmap has returned or raised, as a release
+        # leaves it: taken off first, a Ctrl-C as that was done lost it to
+        # the release, mapped until the handle closed.  A second unmap of it
+        # meanwhile, or a release, unmaps it again, which does nothing.
+        failure: Exception | None = None
+        try:
+            mapping.unmap()
+        except Exception as exc:
+            failure = exc
+        with self._lock:
+            if mapping in self._mappings:
+                self._mappings.remove(mapping)
+        if failure is not None:
+            raise failure
 
     def bind_evtchn(self, remote_port: int, callback: PortCallback) -> int:
         """Bind the frontend's ``remote_port`` (tracked); ``callback(port)``
@@ -1138,14 +1178,22 @@ class BackendDevice:
         # Given back to the dispatcher that bound it: stop() may have
         # closed that one since (which unbound the port).
         events = self._handle(lambda: self.driver.events)
+        record = _Port(events, guarded)
         try:
             bound.extend(map(events.bind_interdomain, (self.frontend_id,),
                              (remote_port,), (guarded,)))
             with self._lock:
                 if not self._gone:
-                    self._ports += bound
+                    port = bound[0]
+                    # A record of the number (an unbind cut short once
+                    # done, see _unbind) is over: the dispatcher gives out
+                    # no number it still has bound.  Kept, the port would
+                    # count twice in resources until its next unbind.
+                    if port in self._unbinding:
+                        del self._unbinding[port]
+                    self._ports[port] = record
                     del bound[:]
-                    return self._ports[-1]
+                    return port
         except BaseException as exc:
             for port in bound:
                 self._give_back(functools.partial(events.unbind, port),
@@ -1186,35 +1234,83 @@ class BackendDevice:
         """Unbind a port bound by :meth:`bind_evtchn` before disconnect;
         waits for a running callback of it to return.  :class:`KeyError`
         if this device does not hold ``port`` (any more): the number may
-        be another device's port by now, so it is left alone.  A port
-        taken as stop() closes the dispatcher, which unbinds every port,
-        is unbound so: nothing is raised, nor unbound on the dispatcher
-        of a start() since."""
+        be another device's port by now, so it is left alone; so it is
+        if the dispatcher no longer has it (the driver unbound it there
+        itself).  A port taken as stop() closes the dispatcher, which
+        unbinds every port, is unbound so: nothing is raised, nor unbound
+        on the dispatcher of a start() since.  Called again for a port
+        whose unbind a Ctrl-C cut short, it finishes it."""
         if not is_int(port):
-            # Before the list: 1.0 would find and drop port 1 there, and
+            # Before the lookup: 1.0 would find and drop port 1 there, and
             # the dispatcher then refuse it (see EventDispatcher.unbind).
             raise TypeError(f"port must be an int, not {type(port).__name__}")
-        with self._lock:
-            if port not in self._ports:
-                raise KeyError(f"event channel port {port} is not bound by {self.nodename}")
-            self._ports.remove(port)
-            # The dispatcher that bound it, there while we held the port
-            # (stop() releases every device before closing it).  Not the
-            # driver's at the unbind: a stop() and a start() before it
-            # make a new one, where the number may be a new device's.
-            # Without the driver's _lock: one attribute, read once.
-            events = self.driver._events
-        if events is None:
-            return  # closed and forgotten, which unbound the port
-        # Not under _lock, as release_resources(): the unbind waits for a
-        # running callback of the port.  So stop() may drop the device and
-        # close the dispatcher meanwhile (a driver's own thread does not
-        # hold it up), as release_resources() and _give_back() know.
+        self._unbind(int(port))  # on record as a plain int, whatever the subclass
+
+    def _unbind(self, port: int, *, held: bool = True) -> None:
+        """Unbind ``port`` on the dispatcher that bound it, with the
+        callback it was bound with: should the number be bound again
+        since (the unbind finished as a Ctrl-C cut it short, a stop()
+        closed the dispatcher), it is left alone.  On record in
+        _unbinding from its leaving _ports until the dispatcher's unbind
+        has returned or raised, in one step as far as a signal goes (no
+        call in between): taken off before, a Ctrl-C as it started, or
+        inside it, left the port bound for good.  Busy while a call is
+        at it, so that a second call for the port does not take it for
+        its own: it raises KeyError, as for a port the device does not
+        hold (``held``: it returns); one cut short is not busy, and the
+        next call finishes it.
+
+        Raises the dispatcher's OSError, and its KeyError for a port it
+        does not have, but not for one whose unbind was cut short (done
+        as it returned), nor once it is closed (which unbinds every
+        port: see EventDispatcher.closed)."""
+        record: _Port | None = None
         try:
-            events.unbind(port)
-        except KeyError:
-            if not self.driver._closed_since(events):
-                raise  # unbound behind our back: the driver's bug
+            with self._lock:
+                again = port not in self._ports
+                if not again:
+                    self._unbinding[port] = self._ports[port]
+                    del self._ports[port]
+                elif port not in self._unbinding or self._unbinding[port].busy:
+                    if not held:
+                        return
+                    raise KeyError(f"event channel port {port} is not bound by {self.nodename}")
+                self._unbinding[port].busy = True
+                record = self._unbinding[port]
+            # Not under _lock: the unbind waits for a running callback of
+            # the port.  So stop() may drop the device and close the
+            # dispatcher meanwhile (a driver's own thread does not hold it
+            # up), as _give_back() knows.
+            failure: Exception | None = None
+            try:
+                record.events.unbind(port, record.callback)
+            except Exception as exc:
+                failure = exc
+            with self._lock:
+                if port in self._unbinding and self._unbinding[port] is record:
+                    del self._unbinding[port]
+        except BaseException:
+            if record is not None:
+                record.busy = False  # cut short: left to the next call
+                if self._gone:
+                    # The device's last release (after _gone was set) may
+                    # have found the port busy and left it to us: nothing
+                    # else would finish it.  Cleared first, a release that
+                    # looks after finds it not busy, and finishes it.
+                    self._release_later()
+            raise
+        if failure is None or isinstance(failure, KeyError) and (again or record.events.closed):
+            return
+        raise failure
+
+    def _release_later(self) -> None:
+        """Queue a release on the bus, for what a call cut short left once
+        the device was gone (refused once stopping: the dispatcher's and
+        the grant handle's close release it all then)."""
+        bus = self.driver._bus
+        if bus is not None:
+            with contextlib.suppress(RuntimeError):  # its workqueue going too
+                bus.call(self.release_resources)
 
     def notify(self, port: int) -> None:
         """Send an event to the frontend on our local ``port``.
@@ -1241,30 +1337,36 @@ class BackendDevice:
     def resources(self) -> tuple[int, int]:
         """(grant mappings, event channel ports) currently held."""
         with self._lock:
-            return len(self._mappings), len(self._ports)
+            # A port being unbound is still held, until that is over.
+            return len(self._mappings), len(self._ports) + len(self._unbinding)
 
     def release_resources(self) -> None:
-        """Unbind every tracked port and unmap every tracked mapping."""
+        """Unbind every tracked port and unmap every tracked mapping.  A
+        port's unbind that a Ctrl-C cut short, here or in
+        :meth:`unbind_evtchn`, is finished; one under way on another
+        thread is left to it (cut short there once the device is gone,
+        that one queues a release on the bus).  Cut short itself, it
+        leaves what it did not release to the next release."""
         with self._lock:
-            ports, self._ports = self._ports, []
-            mappings, self._mappings = self._mappings, []
-            events = self.driver._events  # the one that bound them: see unbind_evtchn
+            ports = [*self._ports, *self._unbinding]
+            mappings = list(self._mappings)
+        # Each port and mapping leaves as it goes: all taken off at once, a
+        # Ctrl-C lost the rest, held until the handles closed.
         for port in ports:
-            if events is None or events is not self.driver._events:
-                break  # stop() closed it, which unbound them all
             try:
-                events.unbind(port)
-            except KeyError as exc:
-                if self.driver._closed_since(events):
-                    break  # after the check above: the close unbound them all
-                self._release_failed("%s: unbinding port %d failed", port, exc)
-            except OSError as exc:
+                self._unbind(port, held=False)
+            except (KeyError, OSError) as exc:
                 self._release_failed("%s: unbinding port %d failed", port, exc)
         for mapping in mappings:
+            # Listed until the unmap has returned or raised: unmap() may be
+            # done again, by the next release or a driver's unmap meanwhile.
             try:
                 mapping.unmap()
             except OSError as exc:
                 self._release_failed("%s: unmapping %s failed", mapping, exc)
+            with self._lock:
+                if mapping in self._mappings:
+                    self._mappings.remove(mapping)
 
     def _release_failed(self, msg: str, what: object, exc: BaseException) -> None:
         """Log a failed release (``msg`` % (nodename, ``what``))."""
@@ -1444,9 +1546,9 @@ class BackendDriver:
         # is made meanwhile (_Stopped), for nobody would close it.  (Those
         # there stay until closed: see _stop.)
         self._handles_closed = False
-        # _lock guards _devices, _stopping, _domain_gone, _xs_lost,
-        # _stop_running, _handles_closed and the lazy creation of the
-        # event dispatcher and grant table handle.
+        # _lock guards _devices (and each device's _forgetting), _stopping,
+        # _domain_gone, _xs_lost, _stop_running, _handles_closed and the
+        # lazy creation of the event dispatcher and grant table handle.
         self._lock = threading.Lock()
         self._devices: dict[tuple[int, int], BackendDevice] = {}
         self._stopping = False
@@ -1598,14 +1700,6 @@ class BackendDriver:
                     raise _Stopped(f"{type(self).__name__} is stopped")
                 self._gnttab = self.platform.gnttab()
             return self._gnttab
-
-    def _closed_since(self, events: EventDispatcher) -> bool:
-        """Whether stop() has gone to close ``events`` (which unbinds
-        every port) since a device read it, holding a port: the KeyError
-        of that port's unbind is then no bug of the driver's.  Without
-        _lock: from then on it stays true, _handles_closed until the
-        dispatcher is forgotten, and a start() makes another."""
-        return events is not self._events or self._handles_closed
 
     def devices(self) -> list[BackendDevice]:
         """The devices served now (a snapshot)."""
@@ -1980,8 +2074,8 @@ class BackendDriver:
             self._check_device(fe, devid, adopt=adopt, listed=True)
         known = {(str(dev.frontend_id), str(dev.devid)): dev for dev in self.devices()}
         for key, dev in known.items():
-            if key not in listed:
-                dev.events.call(self._backend_changed, dev)
+            if key not in listed and not dev.events.call(self._backend_changed, dev) and dev.gone:
+                self._forget(dev)  # its drop was cut short: see _check_device
         # The error nodes of devices deleted in one go with their parent
         # directory (whose own events name only that directory).
         errors = self.error_root
@@ -2002,8 +2096,13 @@ class BackendDriver:
         with self._lock:
             dev = self._devices.get(key)
         if dev is not None:
-            dev.events.call(self._backend_changed, dev)
-            return
+            if dev.events.call(self._backend_changed, dev) or not dev.gone:
+                return  # (closed, not yet gone: its drop looks again when done)
+            # Its drop ended past Exception once the device was gone
+            # (SystemExit from a driver's logging handler, say), and left it
+            # listed, its queue closed: finished here, or a new device at
+            # the path went unserved, its events refused by that queue.
+            self._forget(dev)
         path = f"{self.backend_root}/{key[0]}/{key[1]}"
         try:
             state = self.xenstore.read(f"{path}/state")
@@ -2597,30 +2696,57 @@ class BackendDriver:
         # A driver's own work item may have mapped or bound since the
         # disconnect; from now on nothing can be added.
         dev.release_resources()
-        with self._lock:
-            if self._devices.get(key) is not dev:
-                return  # forgotten, and said so
-        # Both lines before the device leaves devices(): whoever sees it
-        # gone there finds its removal said, a drop cut short before them
-        # included.  (Cut short after them, the next says them again.)
-        # The lines suppressed since the last report are counted first.
-        dev.ratelimit.close(logger)
-        logger.info("%s: removed", dev.nodename)
-        with self._lock:
-            if self._devices.get(key) is dev:
-                del self._devices[key]
+        saying = False
+        try:
+            with self._lock:
+                # Forgotten, and said so; or being forgotten on another
+                # thread: the drop, and the look at the path that finishes
+                # one cut short (see _check_device), may both get here.
+                # Whichever is first says it, once; the drop looks at the
+                # path again when done, which finishes one that was cut
+                # short after all.
+                if self._devices.get(key) is not dev or dev._forgetting:
+                    return
+                dev._forgetting = saying = True
+            # Both lines before the device leaves devices(): whoever sees
+            # it gone there finds its removal said, a drop cut short
+            # before them included.  (Cut short after them, the next says
+            # them again.)  The lines suppressed since the last report are
+            # counted first.
+            dev.ratelimit.close(logger)
+            logger.info("%s: removed", dev.nodename)
+            with self._lock:
+                if self._devices.get(key) is dev:
+                    del self._devices[key]
+        finally:
+            if saying:
+                dev._forgetting = False  # cut short: the next says it
 
     def _drop(self, dev: BackendDevice, *, closed: bool = True) -> None:
         """Disconnect, write Closed (if the directory is still there, and
         ``closed``), call remove() (if probe() was) and forget the device."""
-        if dev.gone:
-            # Dropped already, or cut short once it had marked the device
-            # gone (a Ctrl-C in stop()'s own drop of a leftover, see
-            # _stop): the rest is done again, or the device stayed listed
-            # after stop(), and after a restart every event of a new
-            # device at its path went to its closed queue.
+        try:
+            # Once gone: dropped already, or cut short once it had marked
+            # the device gone (a Ctrl-C in stop()'s own drop of a
+            # leftover, see _stop): the rest is done again, or the device
+            # stayed listed after stop(), and after a restart every event
+            # of a new device at its path went to its closed queue.
+            if not dev.gone:
+                self._take_down(dev, closed)
             self._forget(dev)
-            return
+        finally:
+            # The toolstack may have made a new device at the same path
+            # while this one was still known, and the new one's events
+            # went to this one's queue: look again.  Also when the drop
+            # ended past Exception once the device was gone (SystemExit
+            # from a driver's logging handler): the look finishes it (see
+            # _check_device).  (The bus queue refuses once stopping; once
+            # our domain is going, nothing is served any more.)
+            if dev.gone and self._bus is not None and not self._domain_gone:
+                self._bus.call(self._check_device, str(dev.frontend_id), str(dev.devid))
+
+    def _take_down(self, dev: BackendDevice, closed: bool) -> None:
+        """What _drop() does until the device is gone."""
         self._disconnect(dev)
         try:
             # Not once our domain is going: our directory went with our home.
@@ -2655,10 +2781,3 @@ class BackendDriver:
         dev.events.close(wait=False)
         with dev._lock:
             dev._gone = True
-        self._forget(dev)
-        # The toolstack may have made a new device at the same path while
-        # this one was still known, and the new one's events went to this
-        # one's queue: look again.  (The bus queue refuses once stopping;
-        # once our domain is going, nothing is served any more.)
-        if self._bus is not None and not self._domain_gone:
-            self._bus.call(self._check_device, str(dev.frontend_id), str(dev.devid))
