@@ -5246,6 +5246,40 @@ def test_a_look_at_the_path_during_the_drop_s_own_forget_says_removed_once(
     assert said.count(f"{old.nodename}: removed") == 1
 
 
+@pytest.mark.parametrize("how", ["path", "scan"])
+def test_a_look_as_the_drop_closes_the_device_s_queue_leaves_it_to_the_drop(
+        host, driver, frontends, dom0_xs, caplog, monkeypatch, how: str) -> None:
+    """The drop has closed the device's queue, and not yet marked it gone,
+    as a look at its path comes (an event there, refused by that queue),
+    or the scan of the whole tree (the frontend domain's directory
+    deleted).  The drop is not cut short: it is still the device's, which
+    stays listed, not said removed (a look that finished it there would
+    say it before the device was gone).  Said removed once, by the drop."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
+    closing = PauseAt.in_method(monkeypatch, xenbus.BackendDriver, "_take_down",
+                                "with dev._lock:", after="dev.events.close(")
+    try:
+        dom0_xs.rm(dev.frontend_path)  # Unknown: Closed, and dropped
+        assert closing.reached.wait(TIMEOUT)
+        if how == "path":
+            dom0_xs.write(f"{dev.backend_path}/poke", "1")
+        else:
+            dom0_xs.rm(f"{driver.backend_root}/{guest.domid}")
+        handed_over(driver.xenstore, "poke")
+        driver._bus.flush()
+        assert old in driver.devices() and not old.gone
+        assert f"{old.nodename}: removed" not in [r.getMessage() for r in caplog.records]
+    finally:
+        closing.resume()
+    old.events.flush()  # the drop
+    driver._bus.flush()  # and its look at the path
+    assert old not in driver.devices()
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count(f"{old.nodename}: removed") == 1
+
+
 def test_a_driver_domain_s_transaction_quota_full_for_a_moment_stalls_nothing(
         host, dom0_xs, frontends, monkeypatch) -> None:
     """cxenstored lets a driver domain hold 10 transactions open at once,
