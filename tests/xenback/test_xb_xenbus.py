@@ -808,6 +808,26 @@ def test_an_unbind_ending_after_its_number_was_bound_again_leaves_the_new_record
     assert bdev.resources[1] == held
 
 
+def test_an_unmap_the_grant_handle_refuses_is_raised_and_not_held(
+        host, driver, frontends, monkeypatch) -> None:
+    """The grant handle refuses a driver's unmap() (EIO) once it has done
+    its work: the driver sees the OSError, as the unmap's own, and the
+    mapping is the device's no longer (its release would only meet the
+    error again)."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    mapping = bdev.map_grant_refs([fe.pages.refs[0]])
+    maps = bdev.resources[0]
+    mapped = host.hypervisor.stats()["mappings"]
+    real = type(mapping).unmap
+    monkeypatch.setattr(type(mapping), "unmap", fails_once(
+        real, OSError(errno.EIO, "unmap refused"), after=True))
+    with pytest.raises(OSError, match="unmap refused"):
+        bdev.unmap(mapping)
+    assert bdev.resources[0] == maps - 1
+    assert host.hypervisor.stats()["mappings"] == mapped - 1
+
+
 @pytest.mark.timeout(300)
 def test_an_unmap_interrupted_anywhere_is_finished_by_the_next(host, driver, frontends) -> None:
     """A Ctrl-C landing anywhere in unmap() (but inside the simulated
