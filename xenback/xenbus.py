@@ -2075,7 +2075,7 @@ class BackendDriver:
         known = {(str(dev.frontend_id), str(dev.devid)): dev for dev in self.devices()}
         for key, dev in known.items():
             if key not in listed and not dev.events.call(self._backend_changed, dev) and dev.gone:
-                self._forget(dev)  # its drop was cut short: see _check_device
+                self._forget(dev)  # its drop was cut short (or is ending): see _check_device
         # The error nodes of devices deleted in one go with their parent
         # directory (whose own events name only that directory).
         errors = self.error_root
@@ -2102,6 +2102,8 @@ class BackendDriver:
             # (SystemExit from a driver's logging handler, say), and left it
             # listed, its queue closed: finished here, or a new device at
             # the path went unserved, its events refused by that queue.
+            # (A drop not cut short, forgetting it on its queue meanwhile,
+            # keeps it, and looks at the path again when done: see _forget.)
             self._forget(dev)
         path = f"{self.backend_root}/{key[0]}/{key[1]}"
         try:
@@ -2724,7 +2726,9 @@ class BackendDriver:
 
     def _drop(self, dev: BackendDevice, *, closed: bool = True) -> None:
         """Disconnect, write Closed (if the directory is still there, and
-        ``closed``), call remove() (if probe() was) and forget the device."""
+        ``closed``), call remove() (if probe() was) and forget the device;
+        then, once it is gone, look at its path again (also when cut short
+        past Exception: the look finishes the drop)."""
         try:
             # Once gone: dropped already, or cut short once it had marked
             # the device gone (a Ctrl-C in stop()'s own drop of a
