@@ -5266,6 +5266,60 @@ def test_a_look_at_the_path_during_the_drop_s_own_forget_says_removed_once(
     assert said.count(f"{old.nodename}: removed") == 1
 
 
+def test_a_look_as_the_drop_releases_what_remove_took_leaves_the_device_to_it(
+        host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
+    """remove() binds a port (a driver's own work item may, until the
+    device is gone), and the drop's forget, once the device is gone, is
+    unbinding it as a look at the path comes.  The look's forget found
+    the port busy, left it, and said the device removed, taking it off
+    devices() with the port still bound.  The device is the drop's until
+    its release is done: said removed once, holding nothing."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    guest, dev, fe = connected(host, frontends)
+    old = backend_device(driver, guest.domid)
+    plain_remove = driver.remove
+
+    def remove_racing_a_work_item(d) -> None:
+        d.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
+        plain_remove(d)
+
+    driver.remove = remove_racing_a_work_item
+    real = xenbus.BackendDriver._forget
+    unbinding = PauseAt(xenbus.BackendDevice._unbind, "record.events.unbind(port")
+
+    def forget(self: BackendDriver, dev: xenbus.BackendDevice) -> None:
+        if dev.events.in_queue():  # the drop's, not a look's
+            unbinding.run(lambda: real(self, dev))
+        else:
+            real(self, dev)
+
+    monkeypatch.setattr(xenbus.BackendDriver, "_forget", forget)
+    # Held until the drop stands in its unbind: a look at the path (the
+    # event of its own Closed) coming before the drop's forget would take
+    # the device first.
+    in_bus, release = threading.Event(), threading.Event()
+    driver._bus.call(lambda: (in_bus.set(), release.wait(TIMEOUT)))
+    try:
+        assert in_bus.wait(TIMEOUT)
+        dom0_xs.rm(dev.frontend_path)  # Unknown: Closed, and dropped
+        assert unbinding.reached.wait(TIMEOUT)
+        assert old.gone and old.resources == (0, 1)
+        dom0_xs.write(f"{dev.backend_path}/poke", "1")  # an event at its path
+        handed_over(driver.xenstore, "poke")
+        release.set()
+        driver._bus.flush()
+        assert old in driver.devices()
+        assert f"{old.nodename}: removed" not in [r.getMessage() for r in caplog.records]
+    finally:
+        release.set()
+        unbinding.resume()
+    old.events.flush()  # the drop
+    driver._bus.flush()  # and its look at the path
+    assert old not in driver.devices() and old.resources == (0, 0)
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count(f"{old.nodename}: removed") == 1
+
+
 @pytest.mark.parametrize("how", ["path", "scan"])
 def test_a_look_as_the_drop_closes_the_device_s_queue_leaves_it_to_the_drop(
         host, driver, frontends, dom0_xs, caplog, monkeypatch, how: str) -> None:
