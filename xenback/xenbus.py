@@ -539,9 +539,10 @@ class BackendDevice:
         # before or inside it, is finished by the next unbind_evtchn() of
         # the port or release_resources() (see _unbind).
         self._unbinding: dict[int, _Port] = {}
-        # BackendDriver._forget is saying the device removed, from its
-        # look at devices() until it has taken it off: set under the
-        # driver's _lock, and cleared without it by the call that set it.
+        # BackendDriver._forget is releasing what the device holds and
+        # saying it removed, from its look at devices() until it has taken
+        # it off: set under the driver's _lock, and cleared without it by
+        # the call that set it.
         self._forgetting = False
 
     def __repr__(self) -> str:
@@ -2695,21 +2696,24 @@ class BackendDriver:
         """What _drop() does once the device is gone: each step may be
         done again."""
         key = (dev.frontend_id, dev.devid)
-        # A driver's own work item may have mapped or bound since the
-        # disconnect; from now on nothing can be added.
-        dev.release_resources()
-        saying = False
+        claimed = False
         try:
             with self._lock:
                 # Forgotten, and said so; or being forgotten on another
                 # thread: the drop, and the look at the path that finishes
                 # one cut short (see _check_device), may both get here.
-                # Whichever is first says it, once; the drop looks at the
-                # path again when done, which finishes one that was cut
-                # short after all.
+                # Whichever is first releases and says it, once; the drop
+                # looks at the path again when done, which finishes one
+                # that was cut short after all.
                 if self._devices.get(key) is not dev or dev._forgetting:
                     return
-                dev._forgetting = saying = True
+                dev._forgetting = claimed = True
+            # A driver's own work item may have mapped or bound since the
+            # disconnect; from now on nothing can be added.  Under the
+            # claim: a forget on another thread found a port this release
+            # was unbinding busy, left it, and said the device removed, the
+            # port still bound.
+            dev.release_resources()
             # Both lines before the device leaves devices(): whoever sees
             # it gone there finds its removal said, a drop cut short
             # before them included.  (Cut short after them, the next says
@@ -2721,8 +2725,8 @@ class BackendDriver:
                 if self._devices.get(key) is dev:
                     del self._devices[key]
         finally:
-            if saying:
-                dev._forgetting = False  # cut short: the next says it
+            if claimed:
+                dev._forgetting = False  # cut short: the next does it
 
     def _drop(self, dev: BackendDevice, *, closed: bool = True) -> None:
         """Disconnect, write Closed (if the directory is still there, and
