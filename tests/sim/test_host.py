@@ -2197,6 +2197,26 @@ def test_a_hypervisor_domain_socket_path_is_measured_in_bytes() -> None:
             hv.stop()
 
 
+def test_a_hypervisor_domain_socket_path_too_long_is_named_by_its_ends(tmp_path: Path) -> None:
+    """A domain socket's path of thousands of characters is named as
+    XenStored names its own (see test_xenstored_ops.py): by its first and
+    last 100, with its size and the limit.  It was given whole."""
+    from xenback.sim._hypervisor import Hypervisor, domain_socket
+
+    run_dir = tmp_path.joinpath(*["é" * 100] * 10)
+    path = os.fspath(domain_socket(run_dir, 3))
+    hv = Hypervisor(run_dir)
+    try:
+        with pytest.raises(OSError) as info:
+            hv.add_domain(3, "guest")
+    finally:
+        hv.stop()
+    assert info.value.errno == errno.ENAMETOOLONG
+    assert str(info.value) == (
+        f"[Errno {errno.ENAMETOOLONG}] cannot listen on {path[:100]}...{path[-100:]}: AF_UNIX"
+        f" path too long ({len(os.fsencode(path))} bytes, at most 107)")
+
+
 def test_a_removal_asked_for_outside_the_main_thread_is_done_in_the_caller(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With no service thread serving, remove_domain() from a thread other

@@ -71,6 +71,7 @@ from ._proto import (
     recv_message,
     send_message,
 )
+from ._unix import listen_error
 
 logger = logging.getLogger(__name__)
 
@@ -184,9 +185,6 @@ MAPTRACK_ENTRIES_PER_FRAME = 256
 MAX_MAPPED_PAGES_PER_DOMAIN = MAX_MAPTRACK_FRAMES * MAPTRACK_ENTRIES_PER_FRAME
 
 _FIRE = b"\x00"
-#: The longest path a Unix socket is bound to: sockaddr_un's sun_path
-#: holds 108 bytes, its terminating NUL included.
-_SUN_PATH_MAX = 107
 #: What running out of descriptors makes accept, pipe2, memfd_create... fail with.
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 #: How long a listener stays unwatched when not even the reserve descriptor
@@ -635,14 +633,7 @@ class Hypervisor:
                 self._domains[domid] = dom
                 added = True
             except OSError as e:
-                # Name the path: "AF_UNIX path too long" alone does not say
-                # which, nor by how much.  Python says that one itself,
-                # with no errno: ENAMETOOLONG, as the kernel would.
-                why = f"cannot listen on {path}: {e.strerror or e}"
-                if e.errno is None:
-                    size = len(os.fsencode(path))
-                    why += f" ({size} bytes, at most {_SUN_PATH_MAX})"
-                raise OSError(e.errno or errno.ENAMETOOLONG, why) from e
+                raise listen_error(e, path) from e
             finally:
                 if not added and made:
                     listener = made[0]

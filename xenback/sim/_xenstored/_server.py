@@ -94,6 +94,7 @@ from typing import Any, TypeVar
 
 from xenback._flags import DOMID_FIRST_RESERVED, check_xenstore_domid
 
+from .._unix import listen_error
 from ._connection import Connection, Domain, Outstanding, WaitingEvent
 from ._ops import Dispatcher, Quota
 from ._wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, XsError
@@ -114,13 +115,6 @@ _ACCEPT_RETRY = 0.1
 # INT_MAX milliseconds (about 24.8 days), and watch_event_timeout may be
 # longer.  Waking early costs nothing: an expiry entry may be early.
 _MAX_WAIT = 86400.0
-# The longest path a Unix socket is bound to: sockaddr_un's sun_path
-# holds 108 bytes, its terminating NUL included.
-_SUN_PATH_MAX = 107
-# How much of each end of a path an error shows, when it cuts out the
-# middle: enough to tell the directory and the socket's name by, where
-# the whole may be thousands of characters long.
-_PATH_END_SHOWN = 100
 _unpack_header = HEADER.unpack_from
 
 #: Stop reading a client's requests while this many reply bytes wait for it.
@@ -700,16 +694,7 @@ class XenStored:
             sock.listen(64)
             sock.setblocking(False)
         except OSError as e:
-            # Name the path: "AF_UNIX path too long" alone does not say
-            # which, nor by how much.  Python says that one itself, with
-            # no errno (nor strerror): ENAMETOOLONG, as the kernel would.
-            name = os.fspath(path)
-            if len(name) > 2 * _PATH_END_SHOWN + 3:
-                name = f"{name[:_PATH_END_SHOWN]}...{name[-_PATH_END_SHOWN:]}"
-            why = f"cannot listen on {name}: {e.strerror or e}"
-            if e.errno is None:
-                why += f" ({len(os.fsencode(path))} bytes, at most {_SUN_PATH_MAX})"
-            raise OSError(e.errno or errno.ENAMETOOLONG, why) from e
+            raise listen_error(e, path) from e
 
     @staticmethod
     def _served(path: Path) -> bool:
