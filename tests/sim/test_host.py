@@ -2662,6 +2662,35 @@ def test_a_domain_xenstore_refuses_is_not_left_in_the_hypervisor(
         attach(host.run_dir, 1)
 
 
+def test_a_create_whose_undo_is_refused_raises_its_own_error(
+    host: SimHost, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A create that fails (XenStore refuses the domain) from the main
+    thread, with no thread to be had to remove the domain in: its own
+    error comes out, the undo's refusal logged, and the next create
+    (threads to be had) finishes the undo.  The refusal (a RuntimeError,
+    "no thread to be had") took the create's error's place."""
+    from xenback.sim import _hypervisor
+
+    def refuse(domid: int) -> Path:
+        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(threading.Thread, False))
+        raise OSError(errno.EMFILE, "no more connections")
+
+    monkeypatch.setattr(host.xenstored, "introduce_domain", refuse)
+    with caplog.at_level(logging.WARNING, logger="xenback.sim._host"):
+        with pytest.raises(OSError, match="no more connections"):
+            host.create_domain("guest")
+    monkeypatch.undo()
+    assert [r.getMessage() for r in caplog.records if r.name == "xenback.sim._host"] == [
+        "domain 1: undoing its create after OSError failed: no thread to remove domain 1 in,"
+        " where no Ctrl-C cuts it short (can't start new thread)"]
+    assert host.hypervisor.stats()["domains"] == 2  # left whole
+    guest = host.create_domain("guest")
+    assert guest.domid == 2
+    assert host.hypervisor.stats()["domains"] == 2
+    assert sorted(os.listdir(host.run_dir / "domains")) == ["0", "2"]
+
+
 @pytest.mark.parametrize(("timeout", "error", "said"), [
     (-1, ValueError, "timeout must be a non-negative number of seconds, not -1"),
     (float("nan"), ValueError, "timeout must be a non-negative number of seconds, not nan"),

@@ -462,14 +462,13 @@ class SimHost(Closing):
             domain = Domain(self.run_dir, domid, name, xs_path)
             self._domains[domid] = domain
             self._undoing.discard(domid)
-        except Exception:
-            self._undo_create(domid)
-            raise
         except BaseException as exc:
-            # A Ctrl-C comes out as itself, also if XenStore's loop, stuck,
-            # fails the undo (its TimeoutError would take the Ctrl-C's
-            # place, for a caller's except OSError to hide): the rest of
-            # the undo is the next create's then (_undoing).
+            # The create's own error comes out, a Ctrl-C as itself, also if
+            # the undo fails (XenStore's loop stuck: TimeoutError; no thread
+            # to be had to remove the domain in: RuntimeError), whose error
+            # would take its place: a caller's except OSError would hide a
+            # Ctrl-C, and "no thread" would hide why the create failed.
+            # The rest of the undo is the next create's then (_undoing).
             try:
                 self._undo_create(domid)
             except Exception as e:
