@@ -1796,6 +1796,101 @@ def test_a_signal_handlers_stop_as_a_control_reply_logs_ends(
             f"[Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}"]
 
 
+def _someone_emitting() -> bool:
+    """Whether a thread other than this one stands at a handler's lock."""
+    me = threading.current_thread()
+    return any(_emitting(t) for t in threading.enumerate() if t is not me and t.ident)
+
+
+@pytest.mark.parametrize("op", ["create", "create, its reply dropped", "destroy a driver domain"])
+def test_a_signal_handlers_close_as_dom0_controls_a_domain_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str) -> None:
+    """Another process creates a domain through dom0 (its handle perhaps
+    taking no reply: dropped, and the hypervisor says so), or destroys a
+    driver domain (its devices go at once, and the toolstack says so),
+    while the main thread emits a record, a handler's lock held, and a
+    signal's handler then closes the host (a host closed on SIGTERM):
+    close() ends, and what was logged meanwhile is emitted, once each:
+    what close() logged before it returns, the request's once the main
+    thread lets go of the lock.  XenStore's loop logged as it introduced
+    the domain for the toolstack's thread serving dom0, which held the
+    host's lock: close() waited for that lock for ever, the thread for
+    the loop, the loop for close()'s caller.  The toolstack's thread
+    logged removing the device, or the hypervisor in it dropping the
+    handle, and close() joined it for ever."""
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor, destroy_domain
+
+    host = SimHost(tmp_path / "run")
+    host.start()
+    xs_path = host.run_dir / "domains" / "1" / "xenstore"
+    if op.startswith("create"):
+        request: Callable[[], object] = functools.partial(create_domain, host.run_dir, "guest")
+        answer: object = Domain(host.run_dir, 1, "guest", xs_path)
+        expected = ["created domain 1 (guest)", f"introduced domain 1 at {xs_path}"]
+        if op == "create, its reply dropped":
+            send = _hypervisor.send_message
+
+            def full(sock: socket.socket, msg: Any, *args: Any) -> None:
+                if "domid" in msg:  # the reply, not the request's
+                    raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+                send(sock, msg, *args)
+
+            monkeypatch.setattr(_hypervisor, "send_message", full)
+            answer = PlatformError
+            expected.append("hypervisor: dropping a handle of domain 0: "
+                            f"[Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}")
+    else:
+        driver = host.create_domain("driver")
+        device = host.toolstack.add_device("vif", 0, backend_id=driver.domid)
+        request = functools.partial(destroy_domain, host.run_dir, driver.domid)
+        answer = None
+        expected = ["destroyed domain 1", f"toolstack: removed {device.backend_path}"]
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    sim_logger = logging.getLogger("xenback.sim")
+    level = sim_logger.level
+    sim_logger.addHandler(kept)
+    sim_logger.setLevel(logging.INFO)
+    ended = False
+    try:
+        def in_a_record() -> tuple[object, list[str]]:
+            with kept.lock:
+                requester = Attempt(request)
+                assert eventually(_someone_emitting), "nobody logs"
+                closed = host.close()
+                said = [r.getMessage() for r in kept.buffer]
+            if answer is PlatformError:
+                assert isinstance(requester.result(), PlatformError)
+            else:
+                assert requester.result() == answer
+            return closed, said
+
+        outcome = Attempt(in_a_record).result(
+            msg="close() waits for the toolstack's thread, which waits for close()'s caller")
+        assert not isinstance(outcome, BaseException), outcome
+        closed, said_in_close = outcome
+        ended = True
+        assert closed is None
+        assert "xenstored stopped" in said_in_close
+        assert not set(expected) & set(said_in_close)
+        for thread in threading.enumerate():
+            if thread.name.startswith("xenback-sim-control:"):  # emitting, once let go
+                thread.join(TIMEOUT)
+                assert not thread.is_alive(), "the toolstack's thread outlived the lock"
+        said = [r.getMessage() for r in kept.buffer]
+        for message in [*expected, "xenstored stopped"]:
+            assert said.count(message) == 1, (message, said)
+    finally:
+        sim_logger.removeHandler(kept)
+        sim_logger.setLevel(level)
+        if ended:
+            host.close()
+        else:
+            # Its lock is held for good by the threads stuck with it.
+            kept.lock = None  # type: ignore[assignment]
+
+
 def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """remove_domain() from a thread other than the main one, with no

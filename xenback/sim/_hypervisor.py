@@ -60,6 +60,7 @@ from xenback.platform import (
 )
 from xenback.ratelimit import RateLimit
 
+from ._heldlog import emit
 from ._proto import (
     MAX_FDS,
     MAX_MESSAGE,
@@ -110,10 +111,10 @@ class _HeldLogger(logging.Logger):
 
 
 def _emit(records: list[logging.LogRecord]) -> None:
-    """Emit what a _HeldLogger kept, as the module's logger would have."""
-    for record in records:
-        if logger.isEnabledFor(record.levelno):
-            logger.handle(record)
+    """Emit what a _HeldLogger kept, as the module's logger would have;
+    kept instead if this thread keeps records (see _heldlog): a host's
+    thread holding the host's lock, say."""
+    emit(records)
 
 
 # The logger of the calls a removal's thread, the service thread and a
