@@ -2270,6 +2270,71 @@ def test_the_service_threads_last_records_are_emitted_once_by_stop_cut_short(
     assert f"as a call returns in Hypervisor.stop, _hypervisor.py:{emitting}" in landed, landed
 
 
+def test_the_service_threads_last_records_are_emitted_by_a_stop_cut_short(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, but nobody calls stop() again after the Ctrl-C (a host
+    whose close() it cut short, as the program ends): the record is
+    emitted all the same, once, by stop() on its way out or by the thread
+    that made it; and once still after stop() again.  Handed to the
+    stop() cut short, it waited for the next, and was lost without one.
+    (Not one landing in stop()'s emitting them, which leaves the rest to
+    the next stop(), so as to emit none twice.)"""
+    from racewindow import Attempt, line_of
+
+    from xenback.sim import _hypervisor
+
+    said = ["hypervisor: domain 3: 1 message suppressed"]
+    emitting = range(line_of(_hypervisor.Hypervisor.stop, "while self._unsaid:"),
+                     line_of(_hypervisor.Hypervisor.stop, "logger.handle(record)") + 1)
+
+    def landing(n: int) -> str:
+        go = threading.Event()
+
+        class Late(threading.Thread):
+            def run(self) -> None:
+                go.wait(OUTLASTS_THE_TEST)
+                super().run()
+
+        hv = _hypervisor.Hypervisor(tmp_path / str(n))
+        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(Late))
+        kept = logging.handlers.BufferingHandler(capacity=100)
+        hv_logger = logging.getLogger(_hypervisor.__name__)
+        hv_logger.addHandler(kept)
+        where = ""
+        try:
+            hv.add_domain(3, "guest")
+            _with_refusals_unreported(hv, 3)
+            hv.start()
+            remover = Attempt(lambda: hv.remove_domain(3))
+            assert eventually(lambda: hv._removals != []), "the removal is not queued"
+            main = threading.get_ident()
+            # The service thread runs once stop() waits for it to end.
+            resumer = Attempt(lambda: (
+                eventually(lambda: go.is_set() or stands_at(
+                    main, _hypervisor.Hypervisor.stop, "self._thread.join(")),
+                go.set()))
+            try:
+                where = interrupted_at(n, SIM_CODE, hv.stop)
+            finally:
+                go.set()
+            assert remover.result() is None, where
+            assert resumer.result() == (True, None), where
+            line = re.search(r"Hypervisor\.stop, _hypervisor\.py:(\d+)$", where)
+            if line is None or int(line[1]) not in emitting:
+                assert eventually(lambda: len(kept.buffer) >= 1), f"lost, interrupted {where}"
+            hv.stop()
+            assert [r.getMessage() for r in kept.buffer] == said, f"interrupted {where}"
+        finally:
+            hv_logger.removeHandler(kept)
+            monkeypatch.undo()
+            hv.stop()
+        return where
+
+    landed = landings(landing)
+    assert any("self._thread.join(" in where or "Hypervisor.stop" in where
+               for where in landed), landed
+
+
 def test_a_hypervisor_domain_socket_path_is_measured_in_bytes() -> None:
     """sun_path holds bytes: a path of fewer characters than its 107, but
     more bytes (an é is two), is refused with ENAMETOOLONG, its size said

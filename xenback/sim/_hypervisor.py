@@ -414,6 +414,10 @@ class Hypervisor:
         # emit (see _serve): emitted by that thread, its join would wait
         # for them.
         self._unsaid: list[logging.LogRecord] = []
+        # Whether a stop() was cut short joining the service thread (under
+        # _lock): that thread emits its last records itself then, as
+        # nobody may join it again.  Cleared by the next stop().
+        self._join_cut_short = False
         # Out of descriptors, accept() fails and leaves the connection in
         # the backlog: the listener stays readable (the loop would spin)
         # and the client waits forever for its first reply.  Closing this
@@ -542,51 +546,65 @@ class Hypervisor:
         waits for as long as stop() would wait for it.  It touches nothing
         but _lock from there on, and ends once they are emitted, after
         stop() returns then; otherwise (all but that deadlock) within the
-        wait, so that no thread of the service outlives stop()."""
-        with self._lock:
-            self._stopping = True  # the thread serves nothing more from here
-            joined = not self._emitting
-        if self._thread is not None:
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass  # the pipe is full of wake-ups the thread has yet to read
-            # Not if a start() cut short never started it (join() refuses
-            # one not started), or its start() has not got it going yet:
-            # it sees _stopping then, and ends without serving (_serve).
-            if self._thread.is_alive():
-                self._thread.join(None if joined else _EMITTER_WAIT)
-            self._thread = None
-        self._uninterrupted(self._remove_all)
-        # None outlives stop(); each has found its domains gone, or
-        # removed them, by the time _remove_all had the lock.  But one
-        # emitting what it logged, its caller gone, may wait for a lock
-        # of logging's this thread holds, as the service thread may: not
-        # waited for past _EMITTER_WAIT then.
-        while self._removers_left:
-            worker = self._removers_left[0]
+        wait, so that no thread of the service outlives stop().
+
+        Cut short (a Ctrl-C), it emits on its way out what those threads
+        handed it, and the service thread what it has left itself: nothing
+        says stop() will be called again.  Left to the next, they were
+        lost without one.  The next goes on with what is left."""
+        try:
             with self._lock:
-                joined = not self._removers_emit.setdefault(worker, False)
-            if worker.is_alive():  # not if a Ctrl-C cut short its start()
-                worker.join(None if joined else _EMITTER_WAIT)
-            del self._removers_left[0]
-            # Decided: neither reads it again (a Ctrl-C before this
-            # leaves one entry, not a thread to wait for).
-            self._removers_emit.pop(worker, None)
-        self._selector.close()  # may be done again
-        self._close_descriptors()
-        # In place, one at a time: a stop() a Ctrl-C cuts short leaves the
-        # rest to the next.  Each is taken off with no call between that
-        # and logging's: taken off after, one a Ctrl-C landed on as it
-        # came back from logging was emitted again.  (One landing inside
-        # logging cuts that record short, as it would any record made in
-        # the main thread.)
-        while self._unsaid:
-            record = self._unsaid[0]
-            enabled = logger.isEnabledFor(record.levelno)
-            del self._unsaid[0]
-            if enabled:
-                logger.handle(record)
+                self._stopping = True  # the thread serves nothing more from here
+                self._join_cut_short = False
+                joined = not self._emitting
+            if self._thread is not None:
+                try:
+                    os.write(self._wake_w, b"x")
+                except BlockingIOError:
+                    pass  # the pipe is full of wake-ups the thread has yet to read
+                # Not if a start() cut short never started it (join() refuses
+                # one not started), or its start() has not got it going yet:
+                # it sees _stopping then, and ends without serving (_serve).
+                if self._thread.is_alive():
+                    self._thread.join(None if joined else _EMITTER_WAIT)
+                self._thread = None
+            self._uninterrupted(self._remove_all)
+            # None outlives stop(); each has found its domains gone, or
+            # removed them, by the time _remove_all had the lock.  But one
+            # emitting what it logged, its caller gone, may wait for a lock
+            # of logging's this thread holds, as the service thread may: not
+            # waited for past _EMITTER_WAIT then.
+            while self._removers_left:
+                worker = self._removers_left[0]
+                with self._lock:
+                    joined = not self._removers_emit.setdefault(worker, False)
+                if worker.is_alive():  # not if a Ctrl-C cut short its start()
+                    worker.join(None if joined else _EMITTER_WAIT)
+                del self._removers_left[0]
+                # Decided: neither reads it again (a Ctrl-C before this
+                # leaves one entry, not a thread to wait for).
+                self._removers_emit.pop(worker, None)
+            self._selector.close()  # may be done again
+            self._close_descriptors()
+        except BaseException:
+            # The service thread, if not decided yet, emits them itself,
+            # unless a stop() comes again first.
+            with self._lock:
+                self._join_cut_short = True
+            raise
+        finally:
+            # In place, one at a time: a Ctrl-C landing here leaves the
+            # rest to the next stop().  Each is taken off with no call
+            # between that and logging's: taken off after, one a Ctrl-C
+            # landed on as it came back from logging was emitted again.
+            # (One landing inside logging cuts that record short, as it
+            # would any record made in the main thread.)
+            while self._unsaid:
+                record = self._unsaid[0]
+                enabled = logger.isEnabledFor(record.levelno)
+                del self._unsaid[0]
+                if enabled:
+                    logger.handle(record)
 
     def _remove_all(self) -> None:
         with self._lock:
@@ -863,7 +881,7 @@ class Hypervisor:
                     if not future.done():
                         self._run_removal(domid, future)
                 said, held.records = held.records, []
-                if self._stopping and not self._emitting:
+                if self._stopping and not self._emitting and not self._join_cut_short:
                     # stop() joins it: emitted here, they could keep the
                     # join waiting for a lock its caller holds.
                     self._unsaid += said
