@@ -1906,6 +1906,42 @@ def test_pytest_timeout_fails_a_test_whose_loop_is_stuck(tmp_path: Path) -> None
     assert "TimeoutError: the XenStore loop thread 'xenstored' did not stop" in run.stdout
 
 
+def test_the_loops_last_records_are_emitted_after_a_stop_cut_short(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Ctrl-C in stop()'s join of the loop thread, which goes on
+    stopping and logs so, and no stop() after it (a host whose close()
+    it cut short, as the program ends): what the loop logged is emitted
+    all the same, once; once still after stop() again.  Handed to the
+    stop() that gave up on it, it waited for the next stop()."""
+    from racewindow import TIMEOUT
+    from stolensignal import Interrupted
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == _server.__name__]
+
+    xsd = XenStored(tmp_path / "run")
+    xsd.start()
+    thread = xsd._thread
+    assert thread is not None
+    join = thread.join
+
+    def cut_short(timeout: float | None = None) -> None:
+        raise Interrupted
+
+    with caplog.at_level(logging.INFO, logger=_server.__name__):
+        thread.join = cut_short  # type: ignore[method-assign]
+        try:
+            with pytest.raises(Interrupted):
+                xsd.stop()
+        finally:
+            del thread.join
+        join(TIMEOUT)
+        assert not thread.is_alive()
+        assert said().count("xenstored stopped") == 1, said()
+        xsd.stop()
+        assert said().count("xenstored stopped") == 1, said()
+
+
 def test_a_run_dir_too_long_for_a_socket_is_named(tmp_path: Path) -> None:
     run_dir = tmp_path / ("d" * 100)
     with pytest.raises(OSError, match="cannot listen on .*ddd"):

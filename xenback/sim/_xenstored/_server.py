@@ -265,8 +265,11 @@ class XenStored:
         #: What the loop logged stopping, for stop() to emit once it joined
         #: it: emitted by the loop, the join could wait for a handler's
         #: lock stop()'s caller holds (see _heldlog).  Handed over under
-        #: _calls_lock, if stop() began by then; emitted one at a time.
+        #: _calls_lock while a stop() joins it (_joining), else emitted
+        #: by the loop: a stop() that gave up on it (a Ctrl-C, or the loop
+        #: stuck) may be the last.  stop() emits them one at a time.
         self._unsaid: list[logging.LogRecord] = []
+        self._joining = False
         #: connections with freshly queued output (loop thread only)
         self._dirty: set[Connection] = set()
         self._conns: set[Connection] = set()
@@ -402,10 +405,13 @@ class XenStored:
         with self._calls_lock:
             if not self._calls_closed:
                 self._wake()
-        thread.join(timeout)
-        # Also a stop() that found the loop stuck: the next emits what it
-        # said coming back.
-        emit(self._unsaid)
+            self._joining = True
+        try:
+            thread.join(timeout)
+        finally:
+            with self._calls_lock:
+                self._joining = False
+            emit(self._unsaid)
         if thread.is_alive():
             raise TimeoutError(
                 f"the XenStore loop thread {thread.name!r} did not stop within {timeout:g} s;"
@@ -633,7 +639,7 @@ class XenStored:
             with records_kept(said):
                 self._shutdown()
             with self._calls_lock:
-                if self._stopping:  # stop() joins it
+                if self._joining:
                     self._unsaid += said
                     said.clear()
             emit(said)
