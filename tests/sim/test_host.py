@@ -2952,6 +2952,58 @@ def test_close_waits_for_a_control_request_in_flight(host: SimHost) -> None:
     assert [t for t in threading.enumerate() if t.name.startswith("xenback-sim-control")] == []
 
 
+def test_a_control_requests_records_outlive_a_close_cut_short(
+        host: SimHost, caplog: pytest.LogCaptureFixture) -> None:
+    """A Ctrl-C in close()'s join of a toolstack's thread serving dom0,
+    which goes on and logs, and no close() after it (as the program
+    ends): what the thread logged is emitted all the same, once; once
+    still after close() again.  Handed to the close() that gave up on
+    it, it waited for the next close()."""
+    from racewindow import Attempt
+
+    from xenback.sim import destroy_domain
+
+    guest = host.create_domain("guest")
+    entered, release = threading.Event(), threading.Event()
+
+    def held_destroy(domain: Domain | int, timeout: float = 10.0) -> None:
+        entered.set()
+        assert release.wait(TIMEOUT)
+        raise OSError(errno.EIO, "a destroy failing (injected)")
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "xenback.sim._host"]
+
+    host.destroy_domain = held_destroy  # type: ignore[method-assign]
+    caller = Attempt(functools.partial(destroy_domain, host.run_dir, guest.domid))
+    try:
+        assert entered.wait(TIMEOUT)
+        [server] = [t for t in threading.enumerate() if t.name.startswith("xenback-sim-control")]
+        join = server.join
+
+        def cut_short(timeout: float | None = None) -> None:
+            release.set()
+            raise Interrupted
+
+        with caplog.at_level(logging.WARNING, logger="xenback.sim._host"):
+            server.join = cut_short  # type: ignore[method-assign]
+            try:
+                with pytest.raises(Interrupted):
+                    host.close()
+            finally:
+                del server.join
+            join(TIMEOUT)
+            assert not server.is_alive()
+            message = (f"domain control request domain_destroy {{'domid': {guest.domid}}}"
+                       f" failed: [Errno {errno.EIO}] a destroy failing (injected)")
+            assert said() == [message]
+            host.close()
+            assert said() == [message]
+    finally:
+        release.set()
+        caller.result()
+
+
 def test_domains_of_two_hosts_are_not_equal() -> None:
     with SimHost() as one, SimHost() as two:
         a, b = one.create_domain("guest"), two.create_domain("guest")

@@ -230,14 +230,15 @@ class SimHost(Closing):
         self._control_threads: set[threading.Thread] = set()
         # Those threads keep what they log (they hold _lock, and the main
         # thread may hold a handler's lock meanwhile, see _heldlog).  As
-        # one ends, it hands it to close() if that joins them by then
-        # (_control_joined, set for good), which emits it past the joins
-        # from _control_unsaid; else it emits it itself, moved from
+        # one ends, it hands it to close() if that is joining them
+        # (_control_joining), which emits it past the joins from
+        # _control_unsaid; else it emits it itself, moved from
         # _control_threads to _control_emitting, which close() waits for
         # _EMITTER_WAIT at most: it may be a signal's handler come in as
-        # the main thread held the lock of a handler they emit to.  All
-        # three under _control_lock.
-        self._control_joined = False
+        # the main thread held the lock of a handler they emit to.  Not
+        # handed to a close() cut short, which may be the last.  All
+        # under _control_lock.
+        self._control_joining = False
         self._control_unsaid: list[logging.LogRecord] = []
         self._control_emitting: set[threading.Thread] = set()
 
@@ -302,22 +303,26 @@ class SimHost(Closing):
         self._locked("close", self._close)
         # The service has stopped: no control request can start a thread
         # any more, and those still running fail fast on the closed host.
-        while True:
+        try:
+            while True:
+                with self._control_lock:
+                    self._control_joining = True
+                    threads = list(self._control_threads)
+                if not threads:
+                    break
+                for thread in threads:
+                    thread.join()
             with self._control_lock:
-                self._control_joined = True
-                threads = list(self._control_threads)
-            if not threads:
-                break
-            for thread in threads:
-                thread.join()
-        with self._control_lock:
-            emitting = list(self._control_emitting)
-        for thread in emitting:
-            thread.join(_EMITTER_WAIT)
-        # Past their joins: emitted by the threads, they could keep a join
-        # waiting for a handler's lock this thread holds.  One at a time:
-        # a close() cut short leaves the rest to the next.
-        emit(self._control_unsaid)
+                emitting = list(self._control_emitting)
+            for thread in emitting:
+                thread.join(_EMITTER_WAIT)
+        finally:
+            with self._control_lock:
+                self._control_joining = False
+            # Past their joins: emitted by the threads, they could keep a
+            # join waiting for a handler's lock this thread holds.  Also
+            # on the way out of a close() cut short.
+            emit(self._control_unsaid)
 
     def _close(self) -> None:
         if self._state in ("closed", "new"):
@@ -753,7 +758,7 @@ class SimHost(Closing):
                 me = threading.current_thread()
                 with self._control_lock:
                     self._control_threads.discard(me)
-                    if self._control_joined:
+                    if self._control_joining:
                         self._control_unsaid += said
                         said.clear()
                     elif said:
