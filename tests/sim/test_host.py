@@ -14,7 +14,6 @@ import queue
 import re
 import select
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -982,28 +981,15 @@ class _ThreadingWith:
         return getattr(threading, name)
 
 
-def _in_frame_of(name: str) -> bool:
-    """Whether a frame of a function so named is on this thread's stack."""
-    frame: Any = sys._getframe()
-    while frame is not None:
-        if frame.f_code.co_name == name:
-            return True
-        frame = frame.f_back
-    return False
-
-
 class _TwoRemovals:
     """Two remove_domain() calls of one domain of ``hv`` from threads of
     their own (as a call cut short and the next), for the tests of a
     start() cut short: what each call answered, checks that both were
     answered and the domain removed, and the first Ctrl-C (``cut``) for
-    a sweep to land a second one after.  ``inline``: the removals are
-    done in the thread a Ctrl-C lands in (no thread to be had for them,
-    see _ThreadingWith)."""
+    a sweep to land a second one after."""
 
-    def __init__(self, hv: Hypervisor, inline: bool = False) -> None:
+    def __init__(self, hv: Hypervisor) -> None:
         self.hv = hv
-        self.inline = inline
         self.threads: list[threading.Thread] = []
         self.answers: list[BaseException | None] = []
         self.cut: list[Interrupted] = []
@@ -1023,10 +1009,8 @@ class _TwoRemovals:
                 raise
 
     def unless(self) -> bool:
-        """For interrupted_at: no landing before the first Ctrl-C, nor,
-        with the removals ``inline``, within a removal itself
-        (_remove_domain): no thread to be had, one can be cut short."""
-        return not self.cut or (self.inline and _in_frame_of("_remove_domain"))
+        """For interrupted_at: no landing before the first Ctrl-C."""
+        return not self.cut
 
     def _remove(self) -> None:
         try:
@@ -1117,13 +1101,20 @@ def test_removals_queued_as_a_hypervisor_start_is_cut_short_survive_a_second_ctr
     the next stop() answered one again and failed (InvalidStateError).
     The removals run in a thread of their own, where no Ctrl-C lands: one
     landing in a removal itself (_remove_domain) left the domain half
-    removed, for good.  With no thread to be had, done in place, not
-    within a removal itself."""
+    removed, for good.  With no thread to be had, none is done (stop()
+    says so, a RuntimeError) but by a stop() that has one, the domain
+    whole meanwhile: done in place, a Ctrl-C landing within a removal
+    left it half removed, for good."""
     from xenback.sim import _hypervisor
+    from xenback.sim._hypervisor import domain_socket
+
+    def stop_refused(hv: Hypervisor) -> None:
+        with pytest.raises(RuntimeError, match="no thread to remove the domains in"):
+            hv.stop()
 
     def landing(n: int) -> str:
         hv = _hypervisor.Hypervisor(tmp_path / str(n))
-        removals = _TwoRemovals(hv, inline=not workers)
+        removals = _TwoRemovals(hv)
         launched: list[threading.Thread] = []
 
         class CutShort(threading.Thread):
@@ -1142,8 +1133,13 @@ def test_removals_queued_as_a_hypervisor_start_is_cut_short_survive_a_second_ctr
                 monkeypatch.setattr(_hypervisor, "threading",
                                     _ThreadingWith(threading.Thread, workers))
                 removals.cut.append(Interrupted())  # lands from here on
-                where = interrupted_at(n, SIM_CODE, hv.stop, removals.unless)
+                stop = hv.stop if workers else functools.partial(stop_refused, hv)
+                where = interrupted_at(n, SIM_CODE, stop, removals.unless)
             monkeypatch.undo()
+            if not workers:
+                assert 1 in hv._domains, f"interrupted {where}: the domain half removed"
+                assert domain_socket(hv.run_dir, 1).exists(), f"interrupted {where}"
+                assert removals.answers == [], f"interrupted {where}"
             hv.stop()
             [late] = launched
             threading.Thread.start(late)  # runs only now, to find the service stopped
@@ -1171,14 +1167,13 @@ def test_removals_left_by_a_cut_short_start_undo_are_answered_by_a_late_service_
     end: one the undo answered before the Ctrl-C took it off was answered
     again (InvalidStateError, in the thread), and the rest were lost,
     their callers waiting for ever.  The undo runs them in a thread of
-    its own, as the test above's; with no thread to be had, in place,
-    where the Ctrl-C lands as one was answered (not within a removal
-    itself).  A thread that never runs leaves them to stop()."""
+    its own, as the test above's; with no thread to be had, it runs
+    none, and leaves them to stop(), as a thread that never runs does."""
     from xenback.sim import _hypervisor
 
     def landing(n: int) -> str:
         hv = _hypervisor.Hypervisor(tmp_path / str(n))
-        removals = _TwoRemovals(hv, inline=not workers)
+        removals = _TwoRemovals(hv)
         failed: list[BaseException | None] = []
 
         class CutShort(threading.Thread):
@@ -1213,12 +1208,8 @@ def test_removals_left_by_a_cut_short_start_undo_are_answered_by_a_late_service_
         return where
 
     landed = landings(landing)
-    # Where an answered one was left queued, done in place: as it was
-    # answered, as its removal returned.  Else where the undo waits.
-    places = (("Hypervisor._run_removal,", "Hypervisor._run_removals,") if not workers
-              else ("Hypervisor._uninterrupted,",))
-    for place in places:
-        assert any(place in where for where in landed), (place, landed)
+    # Where the undo waits, or finds no thread to be had.
+    assert any("Hypervisor._uninterrupted," in where for where in landed), landed
 
 
 def test_a_hypervisor_domain_whose_directory_cannot_be_made_is_refused_quietly(

@@ -299,6 +299,8 @@ class SimHost(Closing):
         loop thread is stuck (a bug) makes it a :class:`TimeoutError`
         naming that thread (see :meth:`XenStored.stop`), after 10 s, not a
         hang; the host stays closing, and the next close() tries again.
+        So it does after a :class:`RuntimeError` saying no thread was to
+        be had to remove the domains in (see :meth:`Hypervisor.stop`).
         """
         self._locked("close", self._close)
         # The service has stopped: no control request can start a thread

@@ -504,8 +504,14 @@ class Hypervisor:
                 self._serving = False
             # Asked for while it was marked serving: the thread may never
             # run, and stop() may never come; their callers wait.  Cut
-            # short before, they wait for stop() or that thread after all.
-            self._uninterrupted(self._run_queued_removals)
+            # short before, they wait for stop() or that thread after all;
+            # and with no thread to be had for them (as for the service's
+            # perhaps), for stop().
+            try:
+                self._uninterrupted(self._run_queued_removals,
+                                    refused="answer the removals asked for")
+            except RuntimeError:
+                pass  # nothing done: stop() answers them
             raise
 
     def _run_queued_removals(self) -> None:
@@ -548,6 +554,10 @@ class Hypervisor:
         stop() returns then; otherwise (all but that deadlock) within the
         wait, so that no thread of the service outlives stop().
 
+        RuntimeError if the main thread has no thread to be had to remove
+        the domains in (see _uninterrupted): they are left whole, and the
+        next stop() goes on.
+
         Cut short (a Ctrl-C), it emits on its way out what those threads
         handed it, and the service thread what it has left itself: nothing
         says stop() will be called again.  Left to the next, they were
@@ -568,7 +578,7 @@ class Hypervisor:
                 if self._thread.is_alive():
                     self._thread.join(None if joined else _EMITTER_WAIT)
                 self._thread = None
-            self._uninterrupted(self._remove_all)
+            self._uninterrupted(self._remove_all, refused="remove the domains")
             # None outlives stop(); each has found its domains gone, or
             # removed them, by the time _remove_all had the lock.  But one
             # emitting what it logged, its caller gone, may wait for a lock
@@ -745,7 +755,7 @@ class Hypervisor:
             else:
                 future.set_result(None)
 
-    def _uninterrupted(self, work: Callable[[], None], refused: str = "") -> None:
+    def _uninterrupted(self, work: Callable[[], None], refused: str) -> None:
         """``work()``, which takes _lock, where no Ctrl-C cuts it short.
 
         A signal's handler runs in the main thread only: there a Ctrl-C
@@ -754,10 +764,10 @@ class Hypervisor:
         for good.  So the main thread runs it in a thread of its own, and
         waits: a Ctrl-C lands in the wait, and the work goes on without
         it, as the service thread's would.  With no thread to be had, a
-        RuntimeError saying it could not ``refused`` (work a caller may
-        ask for again); without ``refused`` (stop() and start()'s undo,
-        which must free what they can), it is done here all the same, a
-        Ctrl-C in it leaving a domain half removed.  What it logs is
+        RuntimeError saying it could not ``refused``, nothing done: the
+        caller asks again later (stop() and start()'s undo too, which did
+        it here all the same, where a Ctrl-C left a domain half removed
+        for good).  What it logs is
         emitted, and its failure raised, in the caller, as if done there;
         by its thread once the caller has gone (see _HeldLogger).  In
         another thread, where no signal's handler runs, it is done in
@@ -801,9 +811,6 @@ class Hypervisor:
             try:
                 worker.start()
             except RuntimeError as e:  # can't start new thread
-                if not refused:
-                    work()
-                    return
                 no_thread.append(e)
             else:
                 # Joined, not just waited for: once stop() returns, no
