@@ -1882,6 +1882,63 @@ def test_a_signal_handlers_close_as_dom0_controls_a_domain_ends(
             kept.lock = None  # type: ignore[assignment]
 
 
+def test_a_signal_handlers_close_as_a_control_request_refused_logs_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A domain control request the host has no thread for, refused and
+    logged by the service thread, as the main thread emits a record
+    through that handler, and a signal's handler then closes the host: the
+    close() ends, and the record is emitted once the main thread lets go
+    of the handler's lock.  The host's control handler logged under the
+    hypervisor's lock, which close() takes: each waited for the other."""
+    from racewindow import Attempt
+
+    from xenback.platform import PlatformError
+
+    start = threading.Thread.start
+
+    def no_control_thread_left(thread: threading.Thread) -> None:
+        if thread.name.startswith("xenback-sim-control"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    host = SimHost(tmp_path / "run")
+    host.start()
+    service = host.hypervisor._thread
+    assert service is not None
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    host_logger = logging.getLogger("xenback.sim._host")
+    host_logger.addHandler(kept)
+    monkeypatch.setattr(threading.Thread, "start", no_control_thread_left)
+    ended = False
+    try:
+        def in_a_record() -> tuple[object, object]:
+            with kept.lock:
+                requester = Attempt(functools.partial(create_domain, host.run_dir, "guest"))
+                assert eventually(lambda: _emitting(service)), "the refusal logs nothing"
+                return host.close(), requester
+
+        outcome = Attempt(in_a_record).result(
+            msg="close() waits for the hypervisor's lock, held by the service thread"
+                " logging, which waits for close()'s caller")
+        assert not isinstance(outcome, BaseException), outcome
+        closed, requester = outcome
+        ended = True
+        assert closed is None
+        assert isinstance(requester.result(), PlatformError)
+        service.join(TIMEOUT)
+        assert not service.is_alive(), "the service thread outlived the lock"
+        assert [r.getMessage() for r in kept.buffer] == [
+            "domain control request domain_create {'name': 'guest'} refused:"
+            " can't start new thread"]
+    finally:
+        host_logger.removeHandler(kept)
+        monkeypatch.undo()
+        if ended:
+            host.close()
+        else:
+            kept.lock = None  # type: ignore[assignment]
+
+
 def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """remove_domain() from a thread other than the main one, with no

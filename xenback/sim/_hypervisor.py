@@ -60,7 +60,7 @@ from xenback.platform import (
 )
 from xenback.ratelimit import RateLimit
 
-from ._heldlog import emit
+from ._heldlog import emit, records_kept
 from ._proto import (
     MAX_FDS,
     MAX_MESSAGE,
@@ -933,7 +933,9 @@ class Hypervisor:
             if self._accept_paused:
                 timeout = max(0.0, self._accept_retry_at - time.monotonic())
             events = self._selector.select(timeout)
-            with self._lock:
+            # The host's control handler logs under _lock too (see
+            # _heldlog): kept with the round's records.
+            with records_kept(held.records), self._lock:
                 if self._stopping:
                     return
                 if self._accept_paused and time.monotonic() >= self._accept_retry_at:
