@@ -1573,12 +1573,14 @@ def test_a_ctrl_c_as_create_domain_ends_leaves_an_undo_the_loop_failed_to_the_ne
     assert not (tmp_path / "run").exists()
 
 
-def test_a_create_domain_failure_gives_way_to_its_undo_s(
+def test_a_create_domain_failure_comes_out_over_its_undo_s(
     caplog: pytest.LogCaptureFixture, tmp_path: Path,
 ) -> None:
-    # Unlike a Ctrl-C (above), a failure that is an Exception gives way to
-    # the undo's failure, raised with it as its context, not logged: both
-    # are errors the caller handles, and the undo's says what is left.
+    # As a Ctrl-C (above), a failure that is an Exception comes out as
+    # itself, the undo's failure logged: it says why the create failed,
+    # where the undo's would hide it (a RuntimeError "no thread to be
+    # had" in place of the create's OSError, say).  It gave way to the
+    # undo's, raised with it as its context.
     host = SimHost(tmp_path / "run").start()
     def broken(domid: int, path: str) -> None:
         raise RuntimeError("set_xenstore_path broke")
@@ -1588,10 +1590,11 @@ def test_a_create_domain_failure_gives_way_to_its_undo_s(
         _release_stuck_once(host)
         host.hypervisor.set_xenstore_path = broken  # type: ignore[method-assign]
         with caplog.at_level("WARNING", logger="xenback.sim"), \
-                pytest.raises(TimeoutError, match="stuck") as info:
+                pytest.raises(RuntimeError, match="set_xenstore_path broke"):
             host.create_domain("g")
-        assert isinstance(info.value.__context__, RuntimeError)
-        assert "undoing its create" not in caplog.text
+        assert [r.getMessage() for r in caplog.records] == [
+            "domain 1: undoing its create after RuntimeError failed: [Errno 110] stuck,"
+            " as the loop's would"]
         assert host._undoing == {1}
         del host.hypervisor.set_xenstore_path
         guest = host.create_domain("g")
@@ -1901,6 +1904,42 @@ def test_pytest_timeout_fails_a_test_whose_loop_is_stuck(tmp_path: Path) -> None
     assert "1 failed, 1 error" in run.stdout, run.stdout
     assert "Timeout (>2.0s)" in run.stdout, run.stdout
     assert "TimeoutError: the XenStore loop thread 'xenstored' did not stop" in run.stdout
+
+
+def test_the_loops_last_records_are_emitted_after_a_stop_cut_short(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Ctrl-C in stop()'s join of the loop thread, which goes on
+    stopping and logs so, and no stop() after it (a host whose close()
+    it cut short, as the program ends): what the loop logged is emitted
+    all the same, once; once still after stop() again.  Handed to the
+    stop() that gave up on it, it waited for the next stop()."""
+    from racewindow import TIMEOUT
+    from stolensignal import Interrupted
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == _server.__name__]
+
+    xsd = XenStored(tmp_path / "run")
+    xsd.start()
+    thread = xsd._thread
+    assert thread is not None
+    join = thread.join
+
+    def cut_short(timeout: float | None = None) -> None:
+        raise Interrupted
+
+    with caplog.at_level(logging.INFO, logger=_server.__name__):
+        thread.join = cut_short  # type: ignore[method-assign]
+        try:
+            with pytest.raises(Interrupted):
+                xsd.stop()
+        finally:
+            del thread.join
+        join(TIMEOUT)
+        assert not thread.is_alive()
+        assert said().count("xenstored stopped") == 1, said()
+        xsd.stop()
+        assert said().count("xenstored stopped") == 1, said()
 
 
 def test_a_run_dir_too_long_for_a_socket_is_named(tmp_path: Path) -> None:

@@ -60,6 +60,7 @@ from xenback.platform import (
 )
 from xenback.ratelimit import RateLimit
 
+from ._heldlog import emit, records_kept
 from ._proto import (
     MAX_FDS,
     MAX_MESSAGE,
@@ -71,6 +72,7 @@ from ._proto import (
     recv_message,
     send_message,
 )
+from ._unix import listen_error
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +111,10 @@ class _HeldLogger(logging.Logger):
 
 
 def _emit(records: list[logging.LogRecord]) -> None:
-    """Emit what a _HeldLogger kept, as the module's logger would have."""
-    for record in records:
-        if logger.isEnabledFor(record.levelno):
-            logger.handle(record)
+    """Emit what a _HeldLogger kept, as the module's logger would have;
+    kept instead if this thread keeps records (see _heldlog): a host's
+    thread holding the host's lock, say."""
+    emit(records)
 
 
 # The logger of the calls a removal's thread, the service thread and a
@@ -184,9 +186,6 @@ MAPTRACK_ENTRIES_PER_FRAME = 256
 MAX_MAPPED_PAGES_PER_DOMAIN = MAX_MAPTRACK_FRAMES * MAPTRACK_ENTRIES_PER_FRAME
 
 _FIRE = b"\x00"
-#: The longest path a Unix socket is bound to: sockaddr_un's sun_path
-#: holds 108 bytes, its terminating NUL included.
-_SUN_PATH_MAX = 107
 #: What running out of descriptors makes accept, pipe2, memfd_create... fail with.
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 #: How long a listener stays unwatched when not even the reserve descriptor
@@ -415,6 +414,10 @@ class Hypervisor:
         # emit (see _serve): emitted by that thread, its join would wait
         # for them.
         self._unsaid: list[logging.LogRecord] = []
+        # Whether a stop() was cut short joining the service thread (under
+        # _lock): that thread emits its last records itself then, as
+        # nobody may join it again.  Cleared by the next stop().
+        self._join_cut_short = False
         # Out of descriptors, accept() fails and leaves the connection in
         # the backlog: the listener stays readable (the loop would spin)
         # and the client waits forever for its first reply.  Closing this
@@ -501,8 +504,14 @@ class Hypervisor:
                 self._serving = False
             # Asked for while it was marked serving: the thread may never
             # run, and stop() may never come; their callers wait.  Cut
-            # short before, they wait for stop() or that thread after all.
-            self._uninterrupted(self._run_queued_removals)
+            # short before, they wait for stop() or that thread after all;
+            # and with no thread to be had for them (as for the service's
+            # perhaps), for stop().
+            try:
+                self._uninterrupted(self._run_queued_removals,
+                                    refused="answer the removals asked for")
+            except RuntimeError:
+                pass  # nothing done: stop() answers them
             raise
 
     def _run_queued_removals(self) -> None:
@@ -543,51 +552,69 @@ class Hypervisor:
         waits for as long as stop() would wait for it.  It touches nothing
         but _lock from there on, and ends once they are emitted, after
         stop() returns then; otherwise (all but that deadlock) within the
-        wait, so that no thread of the service outlives stop()."""
-        with self._lock:
-            self._stopping = True  # the thread serves nothing more from here
-            joined = not self._emitting
-        if self._thread is not None:
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass  # the pipe is full of wake-ups the thread has yet to read
-            # Not if a start() cut short never started it (join() refuses
-            # one not started), or its start() has not got it going yet:
-            # it sees _stopping then, and ends without serving (_serve).
-            if self._thread.is_alive():
-                self._thread.join(None if joined else _EMITTER_WAIT)
-            self._thread = None
-        self._uninterrupted(self._remove_all)
-        # None outlives stop(); each has found its domains gone, or
-        # removed them, by the time _remove_all had the lock.  But one
-        # emitting what it logged, its caller gone, may wait for a lock
-        # of logging's this thread holds, as the service thread may: not
-        # waited for past _EMITTER_WAIT then.
-        while self._removers_left:
-            worker = self._removers_left[0]
+        wait, so that no thread of the service outlives stop().
+
+        RuntimeError if the main thread has no thread to be had to remove
+        the domains in (see _uninterrupted): they are left whole, and the
+        next stop() goes on.
+
+        Cut short (a Ctrl-C), it emits on its way out what those threads
+        handed it, and the service thread what it has left itself: nothing
+        says stop() will be called again.  Left to the next, they were
+        lost without one.  The next goes on with what is left."""
+        try:
             with self._lock:
-                joined = not self._removers_emit.setdefault(worker, False)
-            if worker.is_alive():  # not if a Ctrl-C cut short its start()
-                worker.join(None if joined else _EMITTER_WAIT)
-            del self._removers_left[0]
-            # Decided: neither reads it again (a Ctrl-C before this
-            # leaves one entry, not a thread to wait for).
-            self._removers_emit.pop(worker, None)
-        self._selector.close()  # may be done again
-        self._close_descriptors()
-        # In place, one at a time: a stop() a Ctrl-C cuts short leaves the
-        # rest to the next.  Each is taken off with no call between that
-        # and logging's: taken off after, one a Ctrl-C landed on as it
-        # came back from logging was emitted again.  (One landing inside
-        # logging cuts that record short, as it would any record made in
-        # the main thread.)
-        while self._unsaid:
-            record = self._unsaid[0]
-            enabled = logger.isEnabledFor(record.levelno)
-            del self._unsaid[0]
-            if enabled:
-                logger.handle(record)
+                self._stopping = True  # the thread serves nothing more from here
+                self._join_cut_short = False
+                joined = not self._emitting
+            if self._thread is not None:
+                try:
+                    os.write(self._wake_w, b"x")
+                except BlockingIOError:
+                    pass  # the pipe is full of wake-ups the thread has yet to read
+                # Not if a start() cut short never started it (join() refuses
+                # one not started), or its start() has not got it going yet:
+                # it sees _stopping then, and ends without serving (_serve).
+                if self._thread.is_alive():
+                    self._thread.join(None if joined else _EMITTER_WAIT)
+                self._thread = None
+            self._uninterrupted(self._remove_all, refused="remove the domains")
+            # None outlives stop(); each has found its domains gone, or
+            # removed them, by the time _remove_all had the lock.  But one
+            # emitting what it logged, its caller gone, may wait for a lock
+            # of logging's this thread holds, as the service thread may: not
+            # waited for past _EMITTER_WAIT then.
+            while self._removers_left:
+                worker = self._removers_left[0]
+                with self._lock:
+                    joined = not self._removers_emit.setdefault(worker, False)
+                if worker.is_alive():  # not if a Ctrl-C cut short its start()
+                    worker.join(None if joined else _EMITTER_WAIT)
+                del self._removers_left[0]
+                # Decided: neither reads it again (a Ctrl-C before this
+                # leaves one entry, not a thread to wait for).
+                self._removers_emit.pop(worker, None)
+            self._selector.close()  # may be done again
+            self._close_descriptors()
+        except BaseException:
+            # The service thread, if not decided yet, emits them itself,
+            # unless a stop() comes again first.
+            with self._lock:
+                self._join_cut_short = True
+            raise
+        finally:
+            # In place, one at a time: a Ctrl-C landing here leaves the
+            # rest to the next stop().  Each is taken off with no call
+            # between that and logging's: taken off after, one a Ctrl-C
+            # landed on as it came back from logging was emitted again.
+            # (One landing inside logging cuts that record short, as it
+            # would any record made in the main thread.)
+            while self._unsaid:
+                record = self._unsaid[0]
+                enabled = logger.isEnabledFor(record.levelno)
+                del self._unsaid[0]
+                if enabled:
+                    logger.handle(record)
 
     def _remove_all(self) -> None:
         with self._lock:
@@ -635,14 +662,7 @@ class Hypervisor:
                 self._domains[domid] = dom
                 added = True
             except OSError as e:
-                # Name the path: "AF_UNIX path too long" alone does not say
-                # which, nor by how much.  Python says that one itself,
-                # with no errno: ENAMETOOLONG, as the kernel would.
-                why = f"cannot listen on {path}: {e.strerror or e}"
-                if e.errno is None:
-                    size = len(os.fsencode(path))
-                    why += f" ({size} bytes, at most {_SUN_PATH_MAX})"
-                raise OSError(e.errno or errno.ENAMETOOLONG, why) from e
+                raise listen_error(e, path) from e
             finally:
                 if not added and made:
                     listener = made[0]
@@ -735,7 +755,7 @@ class Hypervisor:
             else:
                 future.set_result(None)
 
-    def _uninterrupted(self, work: Callable[[], None], refused: str = "") -> None:
+    def _uninterrupted(self, work: Callable[[], None], refused: str) -> None:
         """``work()``, which takes _lock, where no Ctrl-C cuts it short.
 
         A signal's handler runs in the main thread only: there a Ctrl-C
@@ -744,10 +764,10 @@ class Hypervisor:
         for good.  So the main thread runs it in a thread of its own, and
         waits: a Ctrl-C lands in the wait, and the work goes on without
         it, as the service thread's would.  With no thread to be had, a
-        RuntimeError saying it could not ``refused`` (work a caller may
-        ask for again); without ``refused`` (stop() and start()'s undo,
-        which must free what they can), it is done here all the same, a
-        Ctrl-C in it leaving a domain half removed.  What it logs is
+        RuntimeError saying it could not ``refused``, nothing done: the
+        caller asks again later (stop() and start()'s undo too, which did
+        it here all the same, where a Ctrl-C left a domain half removed
+        for good).  What it logs is
         emitted, and its failure raised, in the caller, as if done there;
         by its thread once the caller has gone (see _HeldLogger).  In
         another thread, where no signal's handler runs, it is done in
@@ -791,9 +811,6 @@ class Hypervisor:
             try:
                 worker.start()
             except RuntimeError as e:  # can't start new thread
-                if not refused:
-                    work()
-                    return
                 no_thread.append(e)
             else:
                 # Joined, not just waited for: once stop() returns, no
@@ -871,7 +888,7 @@ class Hypervisor:
                     if not future.done():
                         self._run_removal(domid, future)
                 said, held.records = held.records, []
-                if self._stopping and not self._emitting:
+                if self._stopping and not self._emitting and not self._join_cut_short:
                     # stop() joins it: emitted here, they could keep the
                     # join waiting for a lock its caller holds.
                     self._unsaid += said
@@ -916,7 +933,9 @@ class Hypervisor:
             if self._accept_paused:
                 timeout = max(0.0, self._accept_retry_at - time.monotonic())
             events = self._selector.select(timeout)
-            with self._lock:
+            # The host's control handler logs under _lock too (see
+            # _heldlog): kept with the round's records.
+            with records_kept(held.records), self._lock:
                 if self._stopping:
                     return
                 if self._accept_paused and time.monotonic() >= self._accept_retry_at:
