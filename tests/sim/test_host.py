@@ -1947,6 +1947,75 @@ def test_a_signal_handlers_close_as_a_control_request_refused_logs_ends(
             kept.lock = None  # type: ignore[assignment]
 
 
+def test_a_signal_handlers_close_as_another_thread_destroys_while_the_service_logs_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread of the program's destroys a domain while the service
+    thread emits a record (a request failed: a bug) to a handler whose
+    lock the main thread holds, emitting, and a signal's handler then
+    closes the host: close() ends, and the records are emitted once
+    each.  The destroy held the host's lock while it waited for the
+    service thread to remove the domain, the service thread for the
+    handler's lock, and close() for the host's lock: each for ever."""
+    import json
+    import socket
+
+    from racewindow import Attempt
+
+    from xenback.sim import _hypervisor
+
+    def failing(self: Hypervisor, conn: object, msg: object, fds: object) -> NoReturn:
+        raise RuntimeError("a bug serving 'info'")
+
+    monkeypatch.setitem(_hypervisor.Hypervisor._ops, "info", failing)
+    host = SimHost(tmp_path / "run")
+    host.start()
+    guest = host.create_domain("guest")
+    service = host.hypervisor._thread
+    assert service is not None
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    sim_logger = logging.getLogger("xenback.sim")
+    level = sim_logger.level
+    sim_logger.addHandler(kept)
+    sim_logger.setLevel(logging.INFO)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ended = False
+    try:
+        def in_a_record() -> tuple[object, Attempt]:
+            with kept.lock:
+                client.connect(os.fspath(_hypervisor.domain_socket(host.run_dir, guest.domid)))
+                client.send(json.dumps({"op": "info"}).encode())
+                assert eventually(lambda: _emitting(service)), "the service logs nothing"
+                destroyer = Attempt(functools.partial(host.destroy_domain, guest.domid))
+                assert destroyer.thread.ident is not None
+                # Past the host's lock: it emits once done, or it waits
+                # there for the service thread.
+                assert eventually(lambda: _emitting(destroyer.thread) or stands_at(
+                    destroyer.thread.ident, _hypervisor.Hypervisor.remove_domain,
+                    "future.result()"))
+                return host.close(), destroyer
+
+        outcome = Attempt(in_a_record).result(
+            msg="close() waits for the destroy, which waits for the service thread")
+        assert not isinstance(outcome, BaseException), outcome
+        closed, destroyer = outcome
+        ended = True
+        assert closed is None
+        assert destroyer.result() is None
+        said = [r.getMessage() for r in kept.buffer]
+        for message in ["hypervisor: request 'info' from domain 1 failed",
+                        "destroyed domain 1", "xenstored stopped"]:
+            assert said.count(message) == 1, (message, said)
+    finally:
+        sim_logger.removeHandler(kept)
+        sim_logger.setLevel(level)
+        client.close()
+        if ended:
+            host.close()
+        else:
+            # Its lock is held for good by the threads stuck with it.
+            kept.lock = None  # type: ignore[assignment]
+
+
 def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """remove_domain() from a thread other than the main one, with no

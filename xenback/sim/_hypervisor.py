@@ -715,11 +715,11 @@ class Hypervisor:
 
         Done by the service thread, as any change of its state, while the
         caller waits: a hypercall, which no signal cuts in half.  By the
-        caller itself if that thread does not serve, or is the caller; in
-        a thread of its own if the caller is the main thread (see
-        _uninterrupted), which waits for _lock then, never for the service
-        thread: a signal's handler calling, that thread may be emitting
-        records to a handler whose lock the main thread holds.
+        caller itself if that thread does not serve, is emitting records,
+        or is the caller; in a thread of its own if the caller is the main
+        thread (see _uninterrupted), which waits for _lock then, never for
+        the service thread: a signal's handler calling, that thread may be
+        emitting records to a handler whose lock the main thread holds.
         :class:`ValueError` if there is no such domain; RuntimeError if
         the main thread has no thread to be had for it, the domain left
         whole.  A KeyboardInterrupt in the wait leaves the removal to
@@ -733,7 +733,12 @@ class Hypervisor:
                 raise ValueError(f"no domain {domid}")
             # Not by thread ident: a dead thread's is given to the next one.
             me = threading.current_thread()
-            if self._serving and me is not self._thread and me is not threading.main_thread():
+            # Not while it emits a round's records either: it may wait
+            # for a handler's lock the main thread holds, which then waits
+            # for a lock our caller holds (the host's, destroying).  Not
+            # emitting now, it runs the removal first thing next round.
+            if (self._serving and not self._emitting and me is not self._thread
+                    and me is not threading.main_thread()):
                 self._removals.append((domid, future))
                 # Under _lock: stop() closes the pipe under it, after the thread ended.
                 try:
