@@ -604,17 +604,10 @@ class Hypervisor:
             raise
         finally:
             # In place, one at a time: a Ctrl-C landing here leaves the
-            # rest to the next stop().  Each is taken off with no call
-            # between that and logging's: taken off after, one a Ctrl-C
-            # landed on as it came back from logging was emitted again.
-            # (One landing inside logging cuts that record short, as it
-            # would any record made in the main thread.)
-            while self._unsaid:
-                record = self._unsaid[0]
-                enabled = logger.isEnabledFor(record.levelno)
-                del self._unsaid[0]
-                if enabled:
-                    logger.handle(record)
+            # rest to the next stop(), none emitted twice (see emit).
+            # Kept instead by a caller that keeps its own (the host's
+            # close() in another thread, under the host's lock).
+            emit(self._unsaid)
 
     def _remove_all(self) -> None:
         with self._lock:
