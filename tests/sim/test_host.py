@@ -1718,7 +1718,7 @@ def test_stop_waits_a_while_for_a_service_thread_emitting(
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     # Past the test's own waits: a loaded machine's test thread may look
     # later than 1 s after stop() began to wait.
-    monkeypatch.setattr(_hypervisor, "_EMITTER_WAIT", 2 * TIMEOUT)
+    monkeypatch.setattr(_hypervisor, "EMITTER_WAIT", 2 * TIMEOUT)
     hv_logger.addHandler(kept)
     try:
         holder.start()
@@ -2234,8 +2234,8 @@ def test_no_removal_thread_outlives_stop(
                               "with self._lock")
     monkeypatch.setattr(_hypervisor, "threading",
                         _ThreadingWith(threading.Thread, _left_waiting(workers)))
-    # Not emitting: waited for as long as it takes, not _EMITTER_WAIT.
-    monkeypatch.setattr(_hypervisor, "_EMITTER_WAIT", 0.0)
+    # Not emitting: waited for as long as it takes, not EMITTER_WAIT.
+    monkeypatch.setattr(_hypervisor, "EMITTER_WAIT", 0.0)
     try:
         with pytest.raises(Interrupted):
             hv.remove_domain(3)

@@ -23,6 +23,13 @@ import logging
 import threading
 from collections.abc import Iterator
 
+#: How long a closer waits for a thread it would join that is emitting
+#: records itself (see Hypervisor.stop, SimHost.close): for ever, it would
+#: deadlock with a signal's handler that came in where the main thread
+#: held a lock of logging's the thread waits for; otherwise the thread
+#: ends within microseconds.
+EMITTER_WAIT = 1.0
+
 # .records: the list this thread keeps its records in, while it keeps.
 _held = threading.local()
 

@@ -21,8 +21,8 @@ from xenback._closing import Closing
 from xenback._flags import DOMID_FIRST_RESERVED, check_domain_id, is_int
 
 from ._domain import Domain, run_dir_path
-from ._heldlog import emit, keeping, log, records_held, records_kept
-from ._hypervisor import _EMITTER_WAIT, Hypervisor, RequestError
+from ._heldlog import EMITTER_WAIT, emit, keeping, log, records_held, records_kept
+from ._hypervisor import Hypervisor, RequestError
 from ._toolstack import REMOVE_TIMEOUT, Toolstack, check_timeout
 from ._xenstored import XenStored
 from ._xenstored._server import MAX_QUEUED, WATCH_EVENT_TIMEOUT, check_limits
@@ -234,7 +234,7 @@ class SimHost(Closing):
         # (_control_joining), which emits it past the joins from
         # _control_unsaid; else it emits it itself, moved from
         # _control_threads to _control_emitting, which close() waits for
-        # _EMITTER_WAIT at most: it may be a signal's handler come in as
+        # EMITTER_WAIT at most: it may be a signal's handler come in as
         # the main thread held the lock of a handler they emit to.  Not
         # handed to a close() cut short, which may be the last.  All
         # under _control_lock.
@@ -317,7 +317,7 @@ class SimHost(Closing):
             with self._control_lock:
                 emitting = list(self._control_emitting)
             for thread in emitting:
-                thread.join(_EMITTER_WAIT)
+                thread.join(EMITTER_WAIT)
         finally:
             with self._control_lock:
                 self._control_joining = False

@@ -60,7 +60,7 @@ from xenback.platform import (
 )
 from xenback.ratelimit import RateLimit
 
-from ._heldlog import emit, records_kept
+from ._heldlog import EMITTER_WAIT, emit, records_kept
 from ._proto import (
     MAX_FDS,
     MAX_MESSAGE,
@@ -150,12 +150,6 @@ def _records_held() -> Iterator[None]:
         del _held.logger
         held.emit_held()
 
-
-#: How long stop() waits for a thread of the service that is emitting
-#: records: for ever, it would deadlock with a signal's handler that came
-#: in where the main thread held a lock of logging's the thread waits for
-#: (see Hypervisor.stop); otherwise the thread ends within microseconds.
-_EMITTER_WAIT = 1.0
 
 #: Xen reserves the first grant refs for the toolstack (console, xenstore).
 GNTTAB_NR_RESERVED_ENTRIES = 8
@@ -546,7 +540,7 @@ class Hypervisor:
     def stop(self) -> None:
         """Join the service thread, destroy every domain, free everything.
 
-        One emitting records is waited for :data:`_EMITTER_WAIT` at most:
+        One emitting records is waited for :data:`EMITTER_WAIT` at most:
         the caller may be a signal's handler come in where the main thread
         held the lock of a handler those go to, which the thread then
         waits for as long as stop() would wait for it.  It touches nothing
@@ -576,20 +570,20 @@ class Hypervisor:
                 # one not started), or its start() has not got it going yet:
                 # it sees _stopping then, and ends without serving (_serve).
                 if self._thread.is_alive():
-                    self._thread.join(None if joined else _EMITTER_WAIT)
+                    self._thread.join(None if joined else EMITTER_WAIT)
                 self._thread = None
             self._uninterrupted(self._remove_all, refused="remove the domains")
             # None outlives stop(); each has found its domains gone, or
             # removed them, by the time _remove_all had the lock.  But one
             # emitting what it logged, its caller gone, may wait for a lock
             # of logging's this thread holds, as the service thread may: not
-            # waited for past _EMITTER_WAIT then.
+            # waited for past EMITTER_WAIT then.
             while self._removers_left:
                 worker = self._removers_left[0]
                 with self._lock:
                     joined = not self._removers_emit.setdefault(worker, False)
                 if worker.is_alive():  # not if a Ctrl-C cut short its start()
-                    worker.join(None if joined else _EMITTER_WAIT)
+                    worker.join(None if joined else EMITTER_WAIT)
                 del self._removers_left[0]
                 # Decided: neither reads it again (a Ctrl-C before this
                 # leaves one entry, not a thread to wait for).
