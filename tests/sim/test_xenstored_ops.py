@@ -1942,6 +1942,52 @@ def test_the_loops_last_records_are_emitted_after_a_stop_cut_short(
         assert said().count("xenstored stopped") == 1, said()
 
 
+def test_the_loops_last_records_are_emitted_after_a_stop_cut_short_anywhere(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As above, with the Ctrl-C landing anywhere in stop(), and the loop
+    ending after it (woken here, as by anything it serves): what it logged
+    stopping is emitted once, with no stop() after; once still after
+    stop() again.  (Not one landing in stop()'s emitting them, which
+    leaves the rest to the next stop(), so as to emit none twice.)  One
+    landing as stop() let go of _calls_lock, marked joining but before
+    its try, left the loop handing its records to a stop() gone."""
+    from racewindow import TIMEOUT, line_of
+
+    emitting = line_of(XenStored.stop, "emit(self._unsaid)")
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == _server.__name__]
+
+    landed = []
+    with caplog.at_level(logging.INFO, logger=_server.__name__):
+        for n in itertools.count():
+            caplog.clear()
+            xsd = XenStored(tmp_path / str(n))
+            xsd.start()
+            thread = xsd._thread
+            assert thread is not None
+            try:
+                where = interrupted_at(n, SIM_CODE, xsd.stop)
+                if not xsd._stopping:
+                    continue  # cut short before it told the loop: nothing said yet
+                with xsd._calls_lock:
+                    if not xsd._calls_closed:
+                        xsd._wake()
+                thread.join(TIMEOUT)
+                assert not thread.is_alive(), where
+                if (not re.search(r" emit, _heldlog\.py:\d+$", where)
+                        and not where.endswith(f"XenStored.stop, _server.py:{emitting}")):
+                    assert said().count("xenstored stopped") == 1, (where, said())
+            finally:
+                xsd.stop()
+                assert said().count("xenstored stopped") == 1, (where, said())
+                if where:
+                    landed.append(where)
+            if not where:
+                break
+    assert any("XenStored.stop" in where for where in landed), landed
+
+
 def test_a_run_dir_too_long_for_a_socket_is_named(tmp_path: Path) -> None:
     run_dir = tmp_path / ("d" * 100)
     with pytest.raises(OSError, match="cannot listen on .*ddd"):

@@ -402,16 +402,21 @@ class XenStored:
             if thread.is_alive():
                 thread.join(timeout)
             return
-        with self._calls_lock:
-            if not self._calls_closed:
-                self._wake()
-            self._joining = True
+        # Marked joining inside the try, and emitted past a Ctrl-C as the
+        # lock is let go: either way, one landing there left the loop
+        # handing its records to a stop() gone.
         try:
+            with self._calls_lock:
+                if not self._calls_closed:
+                    self._wake()
+                self._joining = True
             thread.join(timeout)
         finally:
-            with self._calls_lock:
-                self._joining = False
-            emit(self._unsaid)
+            try:
+                with self._calls_lock:
+                    self._joining = False
+            finally:
+                emit(self._unsaid)
         if thread.is_alive():
             raise TimeoutError(
                 f"the XenStore loop thread {thread.name!r} did not stop within {timeout:g} s;"
