@@ -2016,6 +2016,76 @@ def test_a_signal_handlers_close_as_another_thread_destroys_while_the_service_lo
             kept.lock = None  # type: ignore[assignment]
 
 
+def test_a_control_requests_records_outlive_a_close_cut_short_anywhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Ctrl-C landing anywhere of the host's own in close() (not in the
+    hypervisor's or XenStore's), joining a toolstack's thread serving dom0
+    that logs and ends meanwhile, and no close() after: what the thread
+    logged is emitted once; once still after close() again.  (Not one
+    landing in close()'s emitting them, which leaves the rest to the
+    next.)  One landing as close() let go of _control_lock, done joining,
+    left them with a close() that was gone."""
+    from racewindow import Attempt, line_of
+
+    from xenback.sim import _heldlog, _host
+
+    served = "served a create at the gate"
+    mine = ("_host.py", "_heldlog.py")
+    others = tuple(os.path.join(SIM_CODE, name) for name in os.listdir(SIM_CODE)
+                   if name not in mine)
+    emitting = line_of(SimHost.close, "emit(self._control_unsaid)")
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage() == served]
+
+    def landing(n: int) -> str:
+        caplog.clear()
+        gate = threading.Event()
+        host = SimHost(tmp_path / str(n))
+        host.start()
+
+        def gated(name: str) -> Domain:
+            gate.wait(TIMEOUT)
+            _heldlog.log(_host.logger).info(served)
+            raise RuntimeError("the host is stopping")
+
+        monkeypatch.setattr(host, "create_domain", gated)
+        requester = Attempt(functools.partial(create_domain, host.run_dir, "guest"))
+        where = ""
+        try:
+            assert eventually(lambda: any(t.name == "xenback-sim-control:domain_create"
+                                          for t in threading.enumerate())), "no request served"
+            main = threading.get_ident()
+            opener = Attempt(lambda: (
+                eventually(lambda: gate.is_set() or stands_at(main, SimHost.close,
+                                                              "thread.join()")),
+                gate.set()))
+            try:
+                where = interrupted_at(n, SIM_CODE, host.close, besides=others)
+            finally:
+                gate.set()
+            opener.result()
+            assert isinstance(requester.result(), PlatformError), where
+            for thread in threading.enumerate():
+                if thread.name.startswith("xenback-sim-control:"):
+                    thread.join(TIMEOUT)
+                    assert not thread.is_alive(), where
+            if (not re.search(r" emit, _heldlog\.py:\d+$", where)
+                    and not where.endswith(f"SimHost.close, _host.py:{emitting}")):
+                assert said() == [served], f"interrupted {where}"
+        finally:
+            gate.set()
+            monkeypatch.undo()
+            host.close()
+        assert said() == [served], f"interrupted {where}"
+        return where
+
+    with caplog.at_level(logging.INFO, logger=_host.__name__):
+        landed = landings(landing)
+    assert any("thread.join()" in where or "SimHost.close" in where for where in landed), landed
+
+
 def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """remove_domain() from a thread other than the main one, with no

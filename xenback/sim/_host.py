@@ -319,12 +319,15 @@ class SimHost(Closing):
             for thread in emitting:
                 thread.join(EMITTER_WAIT)
         finally:
-            with self._control_lock:
-                self._control_joining = False
             # Past their joins: emitted by the threads, they could keep a
             # join waiting for a handler's lock this thread holds.  Also
-            # on the way out of a close() cut short.
-            emit(self._control_unsaid)
+            # on the way out of a close() cut short, there too as the lock
+            # is let go.
+            try:
+                with self._control_lock:
+                    self._control_joining = False
+            finally:
+                emit(self._control_unsaid)
 
     def _close(self) -> None:
         if self._state in ("closed", "new"):
