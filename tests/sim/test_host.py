@@ -1425,6 +1425,39 @@ def _records_of_a_stop_its_removal_outlived(
         hv.stop()
 
 
+def test_a_ctrl_c_in_stops_wait_for_its_removal_comes_out_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C in stop()'s wait for the thread that removes the domains
+    comes out at once, the removal going on without it.  stop() waited
+    on its way out for _lock, which the removal holds: the Ctrl-C came
+    out once the removal was over (here, 10 s later)."""
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+    left, went_on = threading.Event(), threading.Event()
+    remove = _hypervisor.Hypervisor._remove_domain
+
+    def late(self: Hypervisor, domid: int) -> None:
+        left.wait(TIMEOUT)
+        went_on.set()
+        remove(self, domid)
+
+    workers: list[threading.Thread] = []
+    monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_domain", late)
+    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(
+        threading.Thread, _left_waiting(workers)))
+    try:
+        with pytest.raises(Interrupted):
+            hv.stop()
+        assert not went_on.is_set(), "stop() waited for the removal it was cut short in"
+    finally:
+        left.set()
+        monkeypatch.undo()
+        hv.stop()
+    assert hv.stats()["domains"] == 0
+
+
 @pytest.mark.parametrize("as_it_ends", [False, True], ids=["fails after", "failed before"])
 def test_a_removal_failing_once_its_caller_was_interrupted_is_logged(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,

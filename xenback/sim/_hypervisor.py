@@ -592,9 +592,13 @@ class Hypervisor:
             self._close_descriptors()
         except BaseException:
             # The service thread, if not decided yet, emits them itself,
-            # unless a stop() comes again first.
-            with self._lock:
-                self._join_cut_short = True
+            # unless a stop() comes again first.  Only if cut short before
+            # it was joined: past that, _lock may be held by a removal's
+            # thread (_uninterrupted) this Ctrl-C left, which it would
+            # wait for.
+            if self._thread is not None:
+                with self._lock:
+                    self._join_cut_short = True
             raise
         finally:
             # In place, one at a time: a Ctrl-C landing here leaves the
