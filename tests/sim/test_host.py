@@ -2119,6 +2119,62 @@ def test_a_control_requests_records_outlive_a_close_cut_short_anywhere(
     assert any("thread.join()" in where or "SimHost.close" in where for where in landed), landed
 
 
+def test_close_waits_a_while_for_a_toolstack_thread_emitting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A toolstack's thread that served dom0 emits what it logged itself
+    (it ended before close() began to join it), to a handler whose lock
+    another thread holds, not close()'s caller (so no deadlock, only a
+    slow handler): close() waits for it, and it does not outlive close()."""
+    from racewindow import Attempt
+
+    from xenback.sim import _host
+
+    host = SimHost(tmp_path / "run")
+    host.start()
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    host_logger = logging.getLogger(_host.__name__)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with kept.lock:
+            held.set()
+            release.wait(TIMEOUT)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    # Past the test's own waits: a loaded machine's test thread may look
+    # later than 1 s after close() began to wait.
+    monkeypatch.setattr(_host, "EMITTER_WAIT", 2 * TIMEOUT)
+    level = host_logger.level
+    host_logger.addHandler(kept)
+    host_logger.setLevel(logging.INFO)
+    try:
+        holder.start()
+        assert held.wait(TIMEOUT)
+        requester = Attempt(functools.partial(create_domain, host.run_dir, "guest"))
+        assert eventually(lambda: any(
+            t.name == "xenback-sim-control:domain_create" and _emitting(t)
+            for t in threading.enumerate())), "the toolstack's thread does not emit"
+        [control] = [t for t in threading.enumerate()
+                     if t.name == "xenback-sim-control:domain_create"]
+        assert requester.result() == Domain(host.run_dir, 1, "guest",
+                                            host.run_dir / "domains" / "1" / "xenstore")
+        closer = Attempt(host.close)
+        assert closer.thread.ident is not None
+        assert eventually(lambda: stands_at(closer.thread.ident, SimHost.close,
+                                            "thread.join(EMITTER_WAIT)")), "close() does not wait"
+        release.set()
+        assert closer.result() is None
+        assert not control.is_alive(), "the toolstack's thread outlived close()"
+        assert [r.getMessage() for r in kept.buffer] == ["created domain 1 (guest)"]
+    finally:
+        release.set()
+        holder.join(TIMEOUT)
+        host_logger.removeHandler(kept)
+        host_logger.setLevel(level)
+        monkeypatch.undo()
+        host.close()
+
+
 def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """remove_domain() from a thread other than the main one, with no
@@ -2543,6 +2599,9 @@ def test_the_service_threads_last_records_are_kept_by_a_stop_in_a_keeping_thread
         assert stopper.result() is None
         assert remover.result() is None
         assert [r.getMessage() for r in into] == ["hypervisor: domain 3: 1 message suppressed"]
+        assert kept.buffer == []
+        hv.stop()  # kept once: nothing left for the next
+        assert len(into) == 1
         assert kept.buffer == []
     finally:
         go.set()
