@@ -2175,6 +2175,66 @@ def test_close_waits_a_while_for_a_toolstack_thread_emitting(
         host.close()
 
 
+def test_a_toolstack_thread_ending_as_close_joins_it_hands_its_records_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A toolstack's thread serving dom0 that logs and ends while close()
+    joins it, close()'s caller holding the lock of the handler it logs to
+    (a signal's handler come in as the main thread emitted): close() ends
+    and emits the record, once, past the join.  Emitted by the thread,
+    it kept the join waiting for that lock for ever."""
+    from racewindow import Attempt
+
+    from xenback.sim import _heldlog, _host
+
+    served = "served a create at the gate"
+    gate = threading.Event()
+    host = SimHost(tmp_path / "run")
+    host.start()
+
+    def gated(name: str) -> Domain:
+        gate.wait(TIMEOUT)
+        _heldlog.log(_host.logger).info(served)
+        raise RuntimeError("the host is stopping")
+
+    monkeypatch.setattr(host, "create_domain", gated)
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    host_logger = logging.getLogger(_host.__name__)
+    level = host_logger.level
+    host_logger.addHandler(kept)
+    host_logger.setLevel(logging.INFO)
+    ended = False
+    try:
+        requester = Attempt(functools.partial(create_domain, host.run_dir, "guest"))
+        assert eventually(lambda: any(t.name == "xenback-sim-control:domain_create"
+                                      for t in threading.enumerate())), "no request served"
+
+        def in_a_record() -> object:
+            me = threading.get_ident()
+            with kept.lock:
+                opener = Attempt(lambda: (
+                    eventually(lambda: stands_at(me, SimHost.close, "thread.join()")),
+                    gate.set()))
+                closed = host.close()
+                assert opener.result() == (True, None)
+                return closed, [r.getMessage() for r in kept.buffer]
+
+        outcome = Attempt(in_a_record).result(
+            msg="close() joins the toolstack's thread, which waits for close()'s caller")
+        ended = True
+        assert outcome == (None, [served])
+        assert isinstance(requester.result(), PlatformError)
+    finally:
+        gate.set()
+        host_logger.removeHandler(kept)
+        host_logger.setLevel(level)
+        monkeypatch.undo()
+        if ended:
+            host.close()
+        else:
+            # Its lock is held for good by the threads stuck with it.
+            kept.lock = None  # type: ignore[assignment]
+
+
 def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """remove_domain() from a thread other than the main one, with no
