@@ -2235,6 +2235,34 @@ def test_a_toolstack_thread_ending_as_close_joins_it_hands_its_records_over(
             kept.lock = None  # type: ignore[assignment]
 
 
+def test_records_a_thread_held_are_emitted_as_their_logger_would() -> None:
+    """What a thread held (see _heldlog) comes out as its logger would
+    have let it at the time it is emitted: a DEBUG record of a logger at
+    INFO does not, an INFO one does, once each."""
+    from racewindow import Attempt
+
+    from xenback.sim import _heldlog, _host
+
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    host_logger = logging.getLogger(_host.__name__)
+    level = host_logger.level
+    host_logger.addHandler(kept)
+    host_logger.setLevel(logging.INFO)
+
+    def held() -> None:
+        with _heldlog.records_held():
+            _heldlog.log(host_logger).debug("not asked for")
+            _heldlog.log(host_logger).info("asked for")
+            assert kept.buffer == []  # held, not emitted yet
+
+    try:
+        assert Attempt(held).result() is None
+        assert [r.getMessage() for r in kept.buffer] == ["asked for"]
+    finally:
+        host_logger.removeHandler(kept)
+        host_logger.setLevel(level)
+
+
 def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """remove_domain() from a thread other than the main one, with no

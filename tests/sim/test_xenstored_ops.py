@@ -1988,6 +1988,70 @@ def test_the_loops_last_records_are_emitted_after_a_stop_cut_short_anywhere(
     assert any("XenStored.stop" in where for where in landed), landed
 
 
+def test_a_calls_records_are_emitted_once_whatever_cuts_its_caller_short(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Ctrl-C landing anywhere in _call() of a call that logs: what the
+    call logged is emitted once if it ran, by the caller or, gone first,
+    by the loop; never if it was withdrawn.  (Not one landing in the
+    caller's emitting them, which cuts that short as it would records
+    of its own.)"""
+    import inspect
+
+    lines, first = inspect.getsourcelines(XenStored._call)
+    emitting = {first + i for i, text in enumerate(lines) if "emit(said)" in text}
+    ran: list[int] = []
+
+    def logs() -> None:
+        ran.append(1)
+        _server._log().info("ran for a caller")
+
+    def said() -> int:
+        return sum(r.getMessage() == "ran for a caller" for r in caplog.records)
+
+    landed = []
+    with XenStored(tmp_path / "run") as xsd, \
+            caplog.at_level(logging.INFO, logger=_server.__name__):
+        for n in itertools.count():
+            ran.clear()
+            caplog.clear()
+            where = interrupted_at(n, SIM_CODE, lambda: xsd._call(logs))
+            xsd._call(lambda: None)  # the loop is done with the one before
+            line = re.search(r"XenStored\._call, _server\.py:(\d+)$", where)
+            if not re.search(r" emit, _heldlog\.py:\d+$", where) and not (
+                    line and int(line[1]) in emitting):
+                assert said() == len(ran), f"interrupted {where}"
+            if not where:
+                break
+            landed.append(where)
+    assert any("XenStored._call" in where for where in landed), landed
+
+
+def test_a_calls_records_are_emitted_by_the_loop_once_its_caller_has_gone(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Ctrl-C in _call()'s wait while the loop runs the call, which then
+    logs: the loop emits it, once, its caller gone.  Left to the caller,
+    it was lost."""
+    began, go = threading.Event(), threading.Event()
+
+    def logs() -> None:
+        began.set()
+        go.wait(10)
+        _server._log().info("ran for a caller gone")
+
+    with XenStored(tmp_path / "run") as xsd, \
+            caplog.at_level(logging.INFO, logger=_server.__name__):
+        try:
+            with _ctrl_c_once_a_call_waits(lambda: began.wait(10)) as waited, \
+                    pytest.raises(Interrupted):
+                xsd._call(logs)
+        finally:
+            go.set()
+        assert waited, "the call never waited for the loop"
+        xsd._call(lambda: None)  # the loop is done with the one before
+        assert [r.getMessage() for r in caplog.records
+                if r.name == _server.__name__] == ["ran for a caller gone"]
+
+
 def test_a_run_dir_too_long_for_a_socket_is_named(tmp_path: Path) -> None:
     run_dir = tmp_path / ("d" * 100)
     with pytest.raises(OSError, match="cannot listen on .*ddd"):
