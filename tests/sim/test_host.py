@@ -1425,6 +1425,62 @@ def _records_of_a_stop_its_removal_outlived(
         hv.stop()
 
 
+def test_a_removals_records_outlive_a_stop_cut_short_joining_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A remove_domain() cut short in its wait (a Ctrl-C), then a stop()
+    cut short in its join of that removal's thread, still running, and
+    no stop() after (a host whose close() the second cut short, as the
+    program ends): what the removal logged is emitted, once, by its
+    thread; once still after stop() again.  Claimed by the stop() cut
+    short, it was handed to the next stop(), and lost without one."""
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+    _with_refusals_unreported(hv, 3)
+    left = threading.Event()
+    remove_listed = _hypervisor.Hypervisor._remove_listed
+
+    def late(self: Hypervisor, dom: Any, future: Any) -> None:
+        remove_listed(self, dom, future)
+        left.wait(TIMEOUT)  # past _lock: stop() has none to wait for
+
+    joins: dict[threading.Thread, int] = {}
+
+    class CutTwice(threading.Thread):
+        def join(self, timeout: float | None = None) -> None:
+            if not joins or self in joins:
+                joins[self] = joins.get(self, 0) + 1
+                if joins[self] <= 2:
+                    raise Interrupted
+            super().join(timeout)
+
+    monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_listed", late)
+    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(threading.Thread, CutTwice))
+    said = ["hypervisor: domain 3: 1 message suppressed"]
+    try:
+        with caplog.at_level(logging.WARNING, logger=_hypervisor.__name__):
+            with pytest.raises(Interrupted):
+                hv.remove_domain(3)
+            with pytest.raises(Interrupted):
+                hv.stop()
+            [(worker, cut)] = joins.items()
+            assert cut == 2, "stop() did not join the removal"
+            left.set()
+            worker.join(TIMEOUT)
+            assert not worker.is_alive()
+            assert eventually(lambda: len(caplog.records) >= 1), "lost"
+            assert [r.getMessage() for r in caplog.records] == said
+            monkeypatch.undo()
+            hv.stop()
+            assert [r.getMessage() for r in caplog.records] == said
+    finally:
+        left.set()
+        monkeypatch.undo()
+        hv.stop()
+
+
 def test_a_ctrl_c_in_stops_wait_for_its_removal_comes_out_at_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C in stop()'s wait for the thread that removes the domains

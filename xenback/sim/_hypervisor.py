@@ -433,10 +433,15 @@ class Hypervisor:
         # splits.
         self._removers_left: list[threading.Thread] = []
         # Whether such a thread emits what it logged itself (True), or
-        # hands it to stop(), which joins it (False): decided under _lock
-        # by whichever of the two comes first (see stop), and dropped by
-        # stop() once it is done with the thread.
+        # hands it to stop(), which joins it (False): decided under
+        # _removers_lock by whichever of the two comes first (see stop),
+        # given back (True) by a stop() cut short in the join, and dropped
+        # by stop() once it is done with the thread.  Not under _lock,
+        # which a removal holds as long as it runs: a stop() cut short
+        # would wait for it on its way out.  Rule: nothing is waited for
+        # under _removers_lock, and it is taken last.
         self._removers_emit: dict[threading.Thread, bool] = {}
+        self._removers_lock = threading.Lock()
 
     # -- host interface ------------------------------------------------------
 
@@ -580,7 +585,7 @@ class Hypervisor:
             # waited for past EMITTER_WAIT then.
             while self._removers_left:
                 worker = self._removers_left[0]
-                with self._lock:
+                with self._removers_lock:
                     joined = not self._removers_emit.setdefault(worker, False)
                 if worker.is_alive():  # not if a Ctrl-C cut short its start()
                     worker.join(None if joined else EMITTER_WAIT)
@@ -599,6 +604,12 @@ class Hypervisor:
             if self._thread is not None:
                 with self._lock:
                     self._join_cut_short = True
+            # So do the removals' threads it claimed: nothing says stop()
+            # is called again.  One that handed them over already left
+            # them to the finally below.
+            with self._removers_lock:
+                for worker in self._removers_left:
+                    self._removers_emit[worker] = True
             raise
         finally:
             # In place, one at a time: a Ctrl-C landing here leaves the
@@ -793,7 +804,7 @@ class Hypervisor:
             ended.append(True)
             if not ended[0]:
                 said = told_late()
-                with self._lock:
+                with self._removers_lock:
                     emits = self._removers_emit.setdefault(worker, True)
                     if not emits:
                         self._unsaid += said  # for stop(), which joins it
