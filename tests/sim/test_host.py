@@ -2208,7 +2208,7 @@ def test_close_waits_a_while_for_a_toolstack_thread_emitting(
         assert held.wait(TIMEOUT)
         requester = Attempt(functools.partial(create_domain, host.run_dir, "guest"))
         assert eventually(lambda: any(
-            t.name == "xenback-sim-control:domain_create" and _emitting(t)
+            t.name == "xenback-sim-control:domain_create" and t.ident and _emitting(t)
             for t in threading.enumerate())), "the toolstack's thread does not emit"
         [control] = [t for t in threading.enumerate()
                      if t.name == "xenback-sim-control:domain_create"]
