@@ -1513,6 +1513,68 @@ def test_a_ctrl_c_in_stops_wait_for_its_removal_comes_out_at_once(
         hv.stop()
     assert hv.stats()["domains"] == 0
 
+def test_a_ctrl_c_in_stops_wait_for_the_lock_comes_out_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C in stop()'s first wait for _lock, held by the thread of a
+    remove_domain() that a Ctrl-C took out of its wait, comes out at once,
+    the removal going on without it.  stop() took _lock again on its way
+    out, to have a service thread it had not joined emit its own records
+    (which it already does, this stop() having told it nothing): the
+    Ctrl-C came out once the removal was over (here, TIMEOUT later)."""
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.add_domain(3, "guest")
+    hv.start()
+    began, left, went_on = threading.Event(), threading.Event(), threading.Event()
+    remove = _hypervisor.Hypervisor._remove_domain
+
+    def late(self: Hypervisor, domid: int) -> None:
+        began.set()
+        left.wait(TIMEOUT)  # under _lock
+        went_on.set()
+        remove(self, domid)
+
+    class CutWait:
+        """_lock, whose wait by the main thread a Ctrl-C cuts short, once armed."""
+
+        def __init__(self, lock: threading.Lock) -> None:
+            self.lock = lock
+            self.armed = False
+
+        def __enter__(self) -> None:
+            if self.lock.acquire(blocking=False):
+                return
+            if self.armed and threading.current_thread() is threading.main_thread():
+                self.armed = False
+                raise Interrupted
+            self.lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.release()
+
+    workers: list[threading.Thread] = []
+    monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_domain", late)
+    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(
+        threading.Thread, _left_waiting(workers)))
+    lock = CutWait(hv._lock)
+    hv._lock = lock  # type: ignore[assignment]
+    try:
+        with pytest.raises(Interrupted):
+            hv.remove_domain(3)
+        assert began.wait(TIMEOUT), "the removal never began"
+        lock.armed = True
+        with pytest.raises(Interrupted):
+            hv.stop()
+        assert not lock.armed, "stop() never waited for _lock"
+        assert not went_on.is_set(), "stop() waited for the removal on its way out"
+    finally:
+        left.set()
+        monkeypatch.undo()
+        hv.stop()
+    assert hv.stats()["domains"] == 0
+
+
 
 @pytest.mark.parametrize("as_it_ends", [False, True], ids=["fails after", "failed before"])
 def test_a_removal_failing_once_its_caller_was_interrupted_is_logged(

@@ -561,10 +561,14 @@ class Hypervisor:
         handed it, and the service thread what it has left itself: nothing
         says stop() will be called again.  Left to the next, they were
         lost without one.  The next goes on with what is left."""
+        # Whether this stop() told the service thread it joins it: only
+        # then need a stop() cut short tell it otherwise (see below).
+        told = False
         try:
             with self._lock:
                 self._stopping = True  # the thread serves nothing more from here
                 self._join_cut_short = False
+                told = True
                 joined = not self._emitting
             if self._thread is not None:
                 try:
@@ -597,11 +601,15 @@ class Hypervisor:
             self._close_descriptors()
         except BaseException:
             # The service thread, if not decided yet, emits them itself,
-            # unless a stop() comes again first.  Only if cut short before
-            # it was joined: past that, _lock may be held by a removal's
-            # thread (_uninterrupted) this Ctrl-C left, which it would
-            # wait for.
-            if self._thread is not None:
+            # unless a stop() comes again first.  Only if this stop() told
+            # it otherwise, and was cut short before it joined it: _lock
+            # may be held by a removal's thread (_uninterrupted) a Ctrl-C
+            # left, which it would wait for.  Past the join, that thread
+            # may be this Ctrl-C's; before the telling, an earlier one's in
+            # remove_domain(), the wait for it what this one cut short.
+            # Not told, it emits its own already: a stop() cut short
+            # leaves _join_cut_short set, or the thread joined.
+            if told and self._thread is not None:
                 with self._lock:
                     self._join_cut_short = True
             # So do the removals' threads it claimed: nothing says stop()
