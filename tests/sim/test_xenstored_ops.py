@@ -1573,12 +1573,14 @@ def test_a_ctrl_c_as_create_domain_ends_leaves_an_undo_the_loop_failed_to_the_ne
     assert not (tmp_path / "run").exists()
 
 
-def test_a_create_domain_failure_gives_way_to_its_undo_s(
+def test_a_create_domain_failure_comes_out_over_its_undo_s(
     caplog: pytest.LogCaptureFixture, tmp_path: Path,
 ) -> None:
-    # Unlike a Ctrl-C (above), a failure that is an Exception gives way to
-    # the undo's failure, raised with it as its context, not logged: both
-    # are errors the caller handles, and the undo's says what is left.
+    # As a Ctrl-C (above), a failure that is an Exception comes out as
+    # itself, the undo's failure logged: it says why the create failed,
+    # where the undo's would hide it (a RuntimeError "no thread to be
+    # had" in place of the create's OSError, say).  It gave way to the
+    # undo's, raised with it as its context.
     host = SimHost(tmp_path / "run").start()
     def broken(domid: int, path: str) -> None:
         raise RuntimeError("set_xenstore_path broke")
@@ -1588,10 +1590,11 @@ def test_a_create_domain_failure_gives_way_to_its_undo_s(
         _release_stuck_once(host)
         host.hypervisor.set_xenstore_path = broken  # type: ignore[method-assign]
         with caplog.at_level("WARNING", logger="xenback.sim"), \
-                pytest.raises(TimeoutError, match="stuck") as info:
+                pytest.raises(RuntimeError, match="set_xenstore_path broke"):
             host.create_domain("g")
-        assert isinstance(info.value.__context__, RuntimeError)
-        assert "undoing its create" not in caplog.text
+        assert [r.getMessage() for r in caplog.records] == [
+            "domain 1: undoing its create after RuntimeError failed: [Errno 110] stuck,"
+            " as the loop's would"]
         assert host._undoing == {1}
         del host.hypervisor.set_xenstore_path
         guest = host.create_domain("g")
@@ -1901,6 +1904,152 @@ def test_pytest_timeout_fails_a_test_whose_loop_is_stuck(tmp_path: Path) -> None
     assert "1 failed, 1 error" in run.stdout, run.stdout
     assert "Timeout (>2.0s)" in run.stdout, run.stdout
     assert "TimeoutError: the XenStore loop thread 'xenstored' did not stop" in run.stdout
+
+
+def test_the_loops_last_records_are_emitted_after_a_stop_cut_short(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Ctrl-C in stop()'s join of the loop thread, which goes on
+    stopping and logs so, and no stop() after it (a host whose close()
+    it cut short, as the program ends): what the loop logged is emitted
+    all the same, once; once still after stop() again.  Handed to the
+    stop() that gave up on it, it waited for the next stop()."""
+    from racewindow import TIMEOUT
+    from stolensignal import Interrupted
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == _server.__name__]
+
+    xsd = XenStored(tmp_path / "run")
+    xsd.start()
+    thread = xsd._thread
+    assert thread is not None
+    join = thread.join
+
+    def cut_short(timeout: float | None = None) -> None:
+        raise Interrupted
+
+    with caplog.at_level(logging.INFO, logger=_server.__name__):
+        thread.join = cut_short  # type: ignore[method-assign]
+        try:
+            with pytest.raises(Interrupted):
+                xsd.stop()
+        finally:
+            del thread.join
+        join(TIMEOUT)
+        assert not thread.is_alive()
+        assert said().count("xenstored stopped") == 1, said()
+        xsd.stop()
+        assert said().count("xenstored stopped") == 1, said()
+
+
+def test_the_loops_last_records_are_emitted_after_a_stop_cut_short_anywhere(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As above, with the Ctrl-C landing anywhere in stop(), and the loop
+    ending after it (woken here, as by anything it serves): what it logged
+    stopping is emitted once, with no stop() after; once still after
+    stop() again.  (Not one landing in stop()'s emitting them, which
+    leaves the rest to the next stop(), so as to emit none twice.)  One
+    landing as stop() let go of _calls_lock, marked joining but before
+    its try, left the loop handing its records to a stop() gone."""
+    from racewindow import TIMEOUT, line_of
+
+    emitting = line_of(XenStored.stop, "emit(self._unsaid)")
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == _server.__name__]
+
+    landed = []
+    with caplog.at_level(logging.INFO, logger=_server.__name__):
+        for n in itertools.count():
+            caplog.clear()
+            xsd = XenStored(tmp_path / str(n))
+            xsd.start()
+            thread = xsd._thread
+            assert thread is not None
+            try:
+                where = interrupted_at(n, SIM_CODE, xsd.stop)
+                if not xsd._stopping:
+                    continue  # cut short before it told the loop: nothing said yet
+                with xsd._calls_lock:
+                    if not xsd._calls_closed:
+                        xsd._wake()
+                thread.join(TIMEOUT)
+                assert not thread.is_alive(), where
+                if (not re.search(r" emit, _heldlog\.py:\d+$", where)
+                        and not where.endswith(f"XenStored.stop, _server.py:{emitting}")):
+                    assert said().count("xenstored stopped") == 1, (where, said())
+            finally:
+                xsd.stop()
+                assert said().count("xenstored stopped") == 1, (where, said())
+                if where:
+                    landed.append(where)
+            if not where:
+                break
+    assert any("XenStored.stop" in where for where in landed), landed
+
+
+def test_a_calls_records_are_emitted_once_whatever_cuts_its_caller_short(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Ctrl-C landing anywhere in _call() of a call that logs: what the
+    call logged is emitted once if it ran, by the caller or, gone first,
+    by the loop; never if it was withdrawn.  (Not one landing in the
+    caller's emitting them, which cuts that short as it would records
+    of its own.)"""
+    import inspect
+
+    lines, first = inspect.getsourcelines(XenStored._call)
+    emitting = {first + i for i, text in enumerate(lines) if "emit(said)" in text}
+    ran: list[int] = []
+
+    def logs() -> None:
+        ran.append(1)
+        _server._log().info("ran for a caller")
+
+    def said() -> int:
+        return sum(r.getMessage() == "ran for a caller" for r in caplog.records)
+
+    landed = []
+    with XenStored(tmp_path / "run") as xsd, \
+            caplog.at_level(logging.INFO, logger=_server.__name__):
+        for n in itertools.count():
+            ran.clear()
+            caplog.clear()
+            where = interrupted_at(n, SIM_CODE, lambda: xsd._call(logs))
+            xsd._call(lambda: None)  # the loop is done with the one before
+            line = re.search(r"XenStored\._call, _server\.py:(\d+)$", where)
+            if not re.search(r" emit, _heldlog\.py:\d+$", where) and not (
+                    line and int(line[1]) in emitting):
+                assert said() == len(ran), f"interrupted {where}"
+            if not where:
+                break
+            landed.append(where)
+    assert any("XenStored._call" in where for where in landed), landed
+
+
+def test_a_calls_records_are_emitted_by_the_loop_once_its_caller_has_gone(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Ctrl-C in _call()'s wait while the loop runs the call, which then
+    logs: the loop emits it, once, its caller gone.  Left to the caller,
+    it was lost."""
+    began, go = threading.Event(), threading.Event()
+
+    def logs() -> None:
+        began.set()
+        go.wait(10)
+        _server._log().info("ran for a caller gone")
+
+    with XenStored(tmp_path / "run") as xsd, \
+            caplog.at_level(logging.INFO, logger=_server.__name__):
+        try:
+            with _ctrl_c_once_a_call_waits(lambda: began.wait(10)) as waited, \
+                    pytest.raises(Interrupted):
+                xsd._call(logs)
+        finally:
+            go.set()
+        assert waited, "the call never waited for the loop"
+        xsd._call(lambda: None)  # the loop is done with the one before
+        assert [r.getMessage() for r in caplog.records
+                if r.name == _server.__name__] == ["ran for a caller gone"]
 
 
 def test_a_run_dir_too_long_for_a_socket_is_named(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from xenback._closing import Closing
 from xenback._flags import DOMID_FIRST_RESERVED, check_domain_id, is_int
 
 from ._domain import Domain, run_dir_path
+from ._heldlog import EMITTER_WAIT, emit, keeping, log, records_held, records_kept
 from ._hypervisor import Hypervisor, RequestError
 from ._toolstack import REMOVE_TIMEOUT, Toolstack, check_timeout
 from ._xenstored import XenStored
@@ -111,7 +112,7 @@ def _remove_stale_sockets(run_dir: Path) -> None:
         for name in ("hypervisor", "xenstore"):
             path = directory / name
             if path.is_socket():
-                logger.info("removing %s, left by a host that is gone", path)
+                log(logger).info("removing %s, left by a host that is gone", path)
                 path.unlink(missing_ok=True)
         try:
             directory.rmdir()
@@ -199,7 +200,8 @@ class SimHost(Closing):
         # once both forgot it.  Rule: held for the whole of create/close and
         # for the hypervisor and XenStore part of destroy (they talk to our own
         # servers, which never call back into the host); never while
-        # waiting for a backend to close a device.  Taken only by
+        # waiting for a backend to close a device; no record emitted under
+        # it but by the main thread (see _locked).  Taken only by
         # _locked(), which refuses the calls that would wait for it for ever.
         self._lock = threading.Lock()
         # (thread id, method) of the call holding _lock, for _locked().
@@ -226,6 +228,19 @@ class SimHost(Closing):
         # and what it guards is only copied, added to and discarded from.
         self._control_lock = threading.RLock()
         self._control_threads: set[threading.Thread] = set()
+        # Those threads keep what they log (they hold _lock, and the main
+        # thread may hold a handler's lock meanwhile, see _heldlog).  As
+        # one ends, it hands it to close() if that is joining them
+        # (_control_joining), which emits it past the joins from
+        # _control_unsaid; else it emits it itself, moved from
+        # _control_threads to _control_emitting, which close() waits for
+        # EMITTER_WAIT at most: it may be a signal's handler come in as
+        # the main thread held the lock of a handler they emit to.  Not
+        # handed to a close() cut short, which may be the last.  All
+        # under _control_lock.
+        self._control_joining = False
+        self._control_unsaid: list[logging.LogRecord] = []
+        self._control_emitting: set[threading.Thread] = set()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -233,7 +248,7 @@ class SimHost(Closing):
         """Start XenStore and the hypervisor and create dom0; returns the
         host.  ``with`` calls it; a host starts once (RuntimeError after)."""
         self._locked("start", self._start)
-        logger.info("simulated host running in %s", self._run_dir)
+        log(logger).info("simulated host running in %s", self._run_dir)
         return self
 
     def _start(self) -> None:
@@ -284,17 +299,35 @@ class SimHost(Closing):
         loop thread is stuck (a bug) makes it a :class:`TimeoutError`
         naming that thread (see :meth:`XenStored.stop`), after 10 s, not a
         hang; the host stays closing, and the next close() tries again.
+        So it does after a :class:`RuntimeError` saying no thread was to
+        be had to remove the domains in (see :meth:`Hypervisor.stop`).
         """
         self._locked("close", self._close)
         # The service has stopped: no control request can start a thread
         # any more, and those still running fail fast on the closed host.
-        while True:
+        try:
+            while True:
+                with self._control_lock:
+                    self._control_joining = True
+                    threads = list(self._control_threads)
+                if not threads:
+                    break
+                for thread in threads:
+                    thread.join()
             with self._control_lock:
-                threads = list(self._control_threads)
-            if not threads:
-                break
-            for thread in threads:
-                thread.join()
+                emitting = list(self._control_emitting)
+            for thread in emitting:
+                thread.join(EMITTER_WAIT)
+        finally:
+            # Past their joins: emitted by the threads, they could keep a
+            # join waiting for a handler's lock this thread holds.  Also
+            # on the way out of a close() cut short, there too as the lock
+            # is let go.
+            try:
+                with self._control_lock:
+                    self._control_joining = False
+            finally:
+                emit(self._control_unsaid)
 
     def _close(self) -> None:
         if self._state in ("closed", "new"):
@@ -434,7 +467,7 @@ class SimHost(Closing):
         """
         check_domain_name(name)
         domain = self._locked("create_domain", lambda: self._create_domain(name))
-        logger.info("created domain %d (%s)", domain.domid, name)
+        log(logger).info("created domain %d (%s)", domain.domid, name)
         return domain
 
     def _create_domain(self, name: str) -> Domain:
@@ -462,19 +495,18 @@ class SimHost(Closing):
             domain = Domain(self.run_dir, domid, name, xs_path)
             self._domains[domid] = domain
             self._undoing.discard(domid)
-        except Exception:
-            self._undo_create(domid)
-            raise
         except BaseException as exc:
-            # A Ctrl-C comes out as itself, also if XenStore's loop, stuck,
-            # fails the undo (its TimeoutError would take the Ctrl-C's
-            # place, for a caller's except OSError to hide): the rest of
-            # the undo is the next create's then (_undoing).
+            # The create's own error comes out, a Ctrl-C as itself, also if
+            # the undo fails (XenStore's loop stuck: TimeoutError; no thread
+            # to be had to remove the domain in: RuntimeError), whose error
+            # would take its place: a caller's except OSError would hide a
+            # Ctrl-C, and "no thread" would hide why the create failed.
+            # The rest of the undo is the next create's then (_undoing).
             try:
                 self._undo_create(domid)
             except Exception as e:
-                logger.warning("domain %d: undoing its create after %s failed: %s",
-                               domid, type(exc).__name__, e)
+                log(logger).warning("domain %d: undoing its create after %s failed: %s",
+                                    domid, type(exc).__name__, e)
             raise
         return domain
 
@@ -657,12 +689,12 @@ class SimHost(Closing):
                     raise
                 # XenStore went away under the toolstack: the host closed
                 # meanwhile, and took the domain down with it.
-                logger.debug("domain %d went down with the host: %s", domid, e)
+                log(logger).debug("domain %d went down with the host: %s", domid, e)
             self._locked("destroy_domain", finish)
         finally:
             mine.over = True
             mine.running.release()
-        logger.info("destroyed domain %d", domid)
+        log(logger).info("destroyed domain %d", domid)
 
     # -- internals -----------------------------------------------------------
 
@@ -686,7 +718,16 @@ class SimHost(Closing):
         one run there would find the lock held but not marked as ours.  And
         what ``body()`` returns is stored inside the ``try``, so that an
         exception coming just after it, too, clears the mark.
+
+        In another thread, what ``body()`` logs (the hypervisor's records
+        and those of XenStore's loop running its calls too, see _heldlog)
+        is emitted once the lock is let go: the handler that closes the
+        host may have come in as the main thread emitted a record, the
+        handler's lock held, and would wait for the lock for ever.
         """
+        if threading.current_thread() is not threading.main_thread() and not keeping():
+            with records_held():  # (see above)
+                return self._locked(method, body)
         me = threading.get_ident()
         holder = self._holder
         if holder is not None and holder[0] == me:
@@ -711,6 +752,30 @@ class SimHost(Closing):
         """Serve dom0's create/destroy request from another process."""
 
         def run() -> None:
+            # What it logs, kept for its whole life: close() may join it
+            # (see _control_unsaid).
+            said: list[logging.LogRecord] = []
+            try:
+                with records_kept(said):
+                    msg = serve()
+                    reply(msg)
+            finally:
+                me = threading.current_thread()
+                with self._control_lock:
+                    self._control_threads.discard(me)
+                    if self._control_joining:
+                        self._control_unsaid += said
+                        said.clear()
+                    elif said:
+                        self._control_emitting.add(me)
+                if said:
+                    try:
+                        emit(said)
+                    finally:
+                        with self._control_lock:
+                            self._control_emitting.discard(me)
+
+        def serve() -> dict[str, Any]:
             try:
                 if op == "domain_create":
                     domain = self.create_domain(args["name"])
@@ -729,15 +794,12 @@ class SimHost(Closing):
             except RuntimeError as e:  # the host is stopping
                 msg = {"errno": errno.ESHUTDOWN, "error": str(e)}
             except OSError as e:  # its errno says it (ENOMEM: no domid left)
-                logger.warning("domain control request %s %r failed: %s", op, args, e)
+                log(logger).warning("domain control request %s %r failed: %s", op, args, e)
                 msg = {"errno": e.errno or errno.EIO, "error": e.strerror or str(e)}
             except Exception as e:
-                logger.exception("domain control request %s %r failed", op, args)
+                log(logger).exception("domain control request %s %r failed", op, args)
                 msg = {"errno": errno.EIO, "error": f"{type(e).__name__}: {e}"}
-            finally:
-                with self._control_lock:
-                    self._control_threads.discard(threading.current_thread())
-            reply(msg)
+            return msg
 
         thread = threading.Thread(target=run, name=f"xenback-sim-control:{op}")
         # Known before it runs, which forgets it as it ends.
@@ -748,7 +810,7 @@ class SimHost(Closing):
         except RuntimeError as e:  # "can't start new thread": try again later
             with self._control_lock:
                 self._control_threads.discard(thread)  # close() cannot join it
-            logger.warning("domain control request %s %r refused: %s", op, args, e)
+            log(logger).warning("domain control request %s %r refused: %s", op, args, e)
             raise RequestError(errno.EAGAIN, f"no thread to serve it: {e}") from None
 
     def _check_running(self) -> None:

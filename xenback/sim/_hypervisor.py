@@ -60,6 +60,7 @@ from xenback.platform import (
 )
 from xenback.ratelimit import RateLimit
 
+from ._heldlog import EMITTER_WAIT, emit, records_kept
 from ._proto import (
     MAX_FDS,
     MAX_MESSAGE,
@@ -71,6 +72,7 @@ from ._proto import (
     recv_message,
     send_message,
 )
+from ._unix import listen_error
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +111,10 @@ class _HeldLogger(logging.Logger):
 
 
 def _emit(records: list[logging.LogRecord]) -> None:
-    """Emit what a _HeldLogger kept, as the module's logger would have."""
-    for record in records:
-        if logger.isEnabledFor(record.levelno):
-            logger.handle(record)
+    """Emit what a _HeldLogger kept, as the module's logger would have;
+    kept instead if this thread keeps records (see _heldlog): a host's
+    thread holding the host's lock, say."""
+    emit(records)
 
 
 # The logger of the calls a removal's thread, the service thread and a
@@ -149,12 +151,6 @@ def _records_held() -> Iterator[None]:
         held.emit_held()
 
 
-#: How long stop() waits for a thread of the service that is emitting
-#: records: for ever, it would deadlock with a signal's handler that came
-#: in where the main thread held a lock of logging's the thread waits for
-#: (see Hypervisor.stop); otherwise the thread ends within microseconds.
-_EMITTER_WAIT = 1.0
-
 #: Xen reserves the first grant refs for the toolstack (console, xenstore).
 GNTTAB_NR_RESERVED_ENTRIES = 8
 #: Grant entries a domain may have at once (Xen's default max_grant_frames
@@ -184,9 +180,6 @@ MAPTRACK_ENTRIES_PER_FRAME = 256
 MAX_MAPPED_PAGES_PER_DOMAIN = MAX_MAPTRACK_FRAMES * MAPTRACK_ENTRIES_PER_FRAME
 
 _FIRE = b"\x00"
-#: The longest path a Unix socket is bound to: sockaddr_un's sun_path
-#: holds 108 bytes, its terminating NUL included.
-_SUN_PATH_MAX = 107
 #: What running out of descriptors makes accept, pipe2, memfd_create... fail with.
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 #: How long a listener stays unwatched when not even the reserve descriptor
@@ -415,6 +408,10 @@ class Hypervisor:
         # emit (see _serve): emitted by that thread, its join would wait
         # for them.
         self._unsaid: list[logging.LogRecord] = []
+        # Whether a stop() was cut short joining the service thread (under
+        # _lock): that thread emits its last records itself then, as
+        # nobody may join it again.  Cleared by the next stop().
+        self._join_cut_short = False
         # Out of descriptors, accept() fails and leaves the connection in
         # the backlog: the listener stays readable (the loop would spin)
         # and the client waits forever for its first reply.  Closing this
@@ -436,10 +433,15 @@ class Hypervisor:
         # splits.
         self._removers_left: list[threading.Thread] = []
         # Whether such a thread emits what it logged itself (True), or
-        # hands it to stop(), which joins it (False): decided under _lock
-        # by whichever of the two comes first (see stop), and dropped by
-        # stop() once it is done with the thread.
+        # hands it to stop(), which joins it (False): decided under
+        # _removers_lock by whichever of the two comes first (see stop),
+        # given back (True) by a stop() cut short in the join, and dropped
+        # by stop() once it is done with the thread.  Not under _lock,
+        # which a removal holds as long as it runs: a stop() cut short
+        # would wait for it on its way out.  Rule: nothing is waited for
+        # under _removers_lock, and it is taken last.
         self._removers_emit: dict[threading.Thread, bool] = {}
+        self._removers_lock = threading.Lock()
 
     # -- host interface ------------------------------------------------------
 
@@ -501,8 +503,14 @@ class Hypervisor:
                 self._serving = False
             # Asked for while it was marked serving: the thread may never
             # run, and stop() may never come; their callers wait.  Cut
-            # short before, they wait for stop() or that thread after all.
-            self._uninterrupted(self._run_queued_removals)
+            # short before, they wait for stop() or that thread after all;
+            # and with no thread to be had for them (as for the service's
+            # perhaps), for stop().
+            try:
+                self._uninterrupted(self._run_queued_removals,
+                                    refused="answer the removals asked for")
+            except RuntimeError:
+                pass  # nothing done: stop() answers them
             raise
 
     def _run_queued_removals(self) -> None:
@@ -537,57 +545,86 @@ class Hypervisor:
     def stop(self) -> None:
         """Join the service thread, destroy every domain, free everything.
 
-        One emitting records is waited for :data:`_EMITTER_WAIT` at most:
+        One emitting records is waited for :data:`EMITTER_WAIT` at most:
         the caller may be a signal's handler come in where the main thread
         held the lock of a handler those go to, which the thread then
         waits for as long as stop() would wait for it.  It touches nothing
         but _lock from there on, and ends once they are emitted, after
         stop() returns then; otherwise (all but that deadlock) within the
-        wait, so that no thread of the service outlives stop()."""
-        with self._lock:
-            self._stopping = True  # the thread serves nothing more from here
-            joined = not self._emitting
-        if self._thread is not None:
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass  # the pipe is full of wake-ups the thread has yet to read
-            # Not if a start() cut short never started it (join() refuses
-            # one not started), or its start() has not got it going yet:
-            # it sees _stopping then, and ends without serving (_serve).
-            if self._thread.is_alive():
-                self._thread.join(None if joined else _EMITTER_WAIT)
-            self._thread = None
-        self._uninterrupted(self._remove_all)
-        # None outlives stop(); each has found its domains gone, or
-        # removed them, by the time _remove_all had the lock.  But one
-        # emitting what it logged, its caller gone, may wait for a lock
-        # of logging's this thread holds, as the service thread may: not
-        # waited for past _EMITTER_WAIT then.
-        while self._removers_left:
-            worker = self._removers_left[0]
+        wait, so that no thread of the service outlives stop().
+
+        RuntimeError if the main thread has no thread to be had to remove
+        the domains in (see _uninterrupted): they are left whole, and the
+        next stop() goes on.
+
+        Cut short (a Ctrl-C), it emits on its way out what those threads
+        handed it, and the service thread what it has left itself: nothing
+        says stop() will be called again.  Left to the next, they were
+        lost without one.  The next goes on with what is left."""
+        # Whether this stop() told the service thread it joins it: only
+        # then need a stop() cut short tell it otherwise (see below).
+        told = False
+        try:
             with self._lock:
-                joined = not self._removers_emit.setdefault(worker, False)
-            if worker.is_alive():  # not if a Ctrl-C cut short its start()
-                worker.join(None if joined else _EMITTER_WAIT)
-            del self._removers_left[0]
-            # Decided: neither reads it again (a Ctrl-C before this
-            # leaves one entry, not a thread to wait for).
-            self._removers_emit.pop(worker, None)
-        self._selector.close()  # may be done again
-        self._close_descriptors()
-        # In place, one at a time: a stop() a Ctrl-C cuts short leaves the
-        # rest to the next.  Each is taken off with no call between that
-        # and logging's: taken off after, one a Ctrl-C landed on as it
-        # came back from logging was emitted again.  (One landing inside
-        # logging cuts that record short, as it would any record made in
-        # the main thread.)
-        while self._unsaid:
-            record = self._unsaid[0]
-            enabled = logger.isEnabledFor(record.levelno)
-            del self._unsaid[0]
-            if enabled:
-                logger.handle(record)
+                self._stopping = True  # the thread serves nothing more from here
+                self._join_cut_short = False
+                told = True
+                joined = not self._emitting
+            if self._thread is not None:
+                try:
+                    os.write(self._wake_w, b"x")
+                except BlockingIOError:
+                    pass  # the pipe is full of wake-ups the thread has yet to read
+                # Not if a start() cut short never started it (join() refuses
+                # one not started), or its start() has not got it going yet:
+                # it sees _stopping then, and ends without serving (_serve).
+                if self._thread.is_alive():
+                    self._thread.join(None if joined else EMITTER_WAIT)
+                self._thread = None
+            self._uninterrupted(self._remove_all, refused="remove the domains")
+            # None outlives stop(); each has found its domains gone, or
+            # removed them, by the time _remove_all had the lock.  But one
+            # emitting what it logged, its caller gone, may wait for a lock
+            # of logging's this thread holds, as the service thread may: not
+            # waited for past EMITTER_WAIT then.
+            while self._removers_left:
+                worker = self._removers_left[0]
+                with self._removers_lock:
+                    joined = not self._removers_emit.setdefault(worker, False)
+                if worker.is_alive():  # not if a Ctrl-C cut short its start()
+                    worker.join(None if joined else EMITTER_WAIT)
+                del self._removers_left[0]
+                # Decided: neither reads it again (a Ctrl-C before this
+                # leaves one entry, not a thread to wait for).
+                self._removers_emit.pop(worker, None)
+            self._selector.close()  # may be done again
+            self._close_descriptors()
+        except BaseException:
+            # The service thread, if not decided yet, emits them itself,
+            # unless a stop() comes again first.  Only if this stop() told
+            # it otherwise, and was cut short before it joined it: _lock
+            # may be held by a removal's thread (_uninterrupted) a Ctrl-C
+            # left, which it would wait for.  Past the join, that thread
+            # may be this Ctrl-C's; before the telling, an earlier one's in
+            # remove_domain(), the wait for it what this one cut short.
+            # Not told, it emits its own already: a stop() cut short
+            # leaves _join_cut_short set, or the thread joined.
+            if told and self._thread is not None:
+                with self._lock:
+                    self._join_cut_short = True
+            # So do the removals' threads it claimed: nothing says stop()
+            # is called again.  One that handed them over already left
+            # them to the finally below.
+            with self._removers_lock:
+                for worker in self._removers_left:
+                    self._removers_emit[worker] = True
+            raise
+        finally:
+            # In place, one at a time: a Ctrl-C landing here leaves the
+            # rest to the next stop(), none emitted twice (see emit).
+            # Kept instead by a caller that keeps its own (the host's
+            # close() in another thread, under the host's lock).
+            emit(self._unsaid)
 
     def _remove_all(self) -> None:
         with self._lock:
@@ -635,14 +672,7 @@ class Hypervisor:
                 self._domains[domid] = dom
                 added = True
             except OSError as e:
-                # Name the path: "AF_UNIX path too long" alone does not say
-                # which, nor by how much.  Python says that one itself,
-                # with no errno: ENAMETOOLONG, as the kernel would.
-                why = f"cannot listen on {path}: {e.strerror or e}"
-                if e.errno is None:
-                    size = len(os.fsencode(path))
-                    why += f" ({size} bytes, at most {_SUN_PATH_MAX})"
-                raise OSError(e.errno or errno.ENAMETOOLONG, why) from e
+                raise listen_error(e, path) from e
             finally:
                 if not added and made:
                     listener = made[0]
@@ -695,11 +725,11 @@ class Hypervisor:
 
         Done by the service thread, as any change of its state, while the
         caller waits: a hypercall, which no signal cuts in half.  By the
-        caller itself if that thread does not serve, or is the caller; in
-        a thread of its own if the caller is the main thread (see
-        _uninterrupted), which waits for _lock then, never for the service
-        thread: a signal's handler calling, that thread may be emitting
-        records to a handler whose lock the main thread holds.
+        caller itself if that thread does not serve, is emitting records,
+        or is the caller; in a thread of its own if the caller is the main
+        thread (see _uninterrupted), which waits for _lock then, never for
+        the service thread: a signal's handler calling, that thread may be
+        emitting records to a handler whose lock the main thread holds.
         :class:`ValueError` if there is no such domain; RuntimeError if
         the main thread has no thread to be had for it, the domain left
         whole.  A KeyboardInterrupt in the wait leaves the removal to
@@ -713,7 +743,12 @@ class Hypervisor:
                 raise ValueError(f"no domain {domid}")
             # Not by thread ident: a dead thread's is given to the next one.
             me = threading.current_thread()
-            if self._serving and me is not self._thread and me is not threading.main_thread():
+            # Not while it emits a round's records either: it may wait
+            # for a handler's lock the main thread holds, which then waits
+            # for a lock our caller holds (the host's, destroying).  Not
+            # emitting now, it runs the removal first thing next round.
+            if (self._serving and not self._emitting and me is not self._thread
+                    and me is not threading.main_thread()):
                 self._removals.append((domid, future))
                 # Under _lock: stop() closes the pipe under it, after the thread ended.
                 try:
@@ -735,7 +770,7 @@ class Hypervisor:
             else:
                 future.set_result(None)
 
-    def _uninterrupted(self, work: Callable[[], None], refused: str = "") -> None:
+    def _uninterrupted(self, work: Callable[[], None], refused: str) -> None:
         """``work()``, which takes _lock, where no Ctrl-C cuts it short.
 
         A signal's handler runs in the main thread only: there a Ctrl-C
@@ -744,10 +779,10 @@ class Hypervisor:
         for good.  So the main thread runs it in a thread of its own, and
         waits: a Ctrl-C lands in the wait, and the work goes on without
         it, as the service thread's would.  With no thread to be had, a
-        RuntimeError saying it could not ``refused`` (work a caller may
-        ask for again); without ``refused`` (stop() and start()'s undo,
-        which must free what they can), it is done here all the same, a
-        Ctrl-C in it leaving a domain half removed.  What it logs is
+        RuntimeError saying it could not ``refused``, nothing done: the
+        caller asks again later (stop() and start()'s undo too, which did
+        it here all the same, where a Ctrl-C left a domain half removed
+        for good).  What it logs is
         emitted, and its failure raised, in the caller, as if done there;
         by its thread once the caller has gone (see _HeldLogger).  In
         another thread, where no signal's handler runs, it is done in
@@ -777,7 +812,7 @@ class Hypervisor:
             ended.append(True)
             if not ended[0]:
                 said = told_late()
-                with self._lock:
+                with self._removers_lock:
                     emits = self._removers_emit.setdefault(worker, True)
                     if not emits:
                         self._unsaid += said  # for stop(), which joins it
@@ -791,9 +826,6 @@ class Hypervisor:
             try:
                 worker.start()
             except RuntimeError as e:  # can't start new thread
-                if not refused:
-                    work()
-                    return
                 no_thread.append(e)
             else:
                 # Joined, not just waited for: once stop() returns, no
@@ -871,7 +903,7 @@ class Hypervisor:
                     if not future.done():
                         self._run_removal(domid, future)
                 said, held.records = held.records, []
-                if self._stopping and not self._emitting:
+                if self._stopping and not self._emitting and not self._join_cut_short:
                     # stop() joins it: emitted here, they could keep the
                     # join waiting for a lock its caller holds.
                     self._unsaid += said
@@ -916,7 +948,9 @@ class Hypervisor:
             if self._accept_paused:
                 timeout = max(0.0, self._accept_retry_at - time.monotonic())
             events = self._selector.select(timeout)
-            with self._lock:
+            # The host's control handler logs under _lock too (see
+            # _heldlog): kept with the round's records.
+            with records_kept(held.records), self._lock:
                 if self._stopping:
                     return
                 if self._accept_paused and time.monotonic() >= self._accept_retry_at:

@@ -58,6 +58,8 @@ from xenback._closing import Closing
 from xenback._flags import check_domain_id, check_flag, is_int
 from xenback.xenstore import _commit, adopt_router, close_client
 
+from ._heldlog import log
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -217,7 +219,7 @@ class Toolstack(Closing):
                     try:
                         client.rollback()
                     except pyxs.PyXSError as e:
-                        logger.debug("toolstack: rollback after a failed transaction "
+                        log(logger).debug("toolstack: rollback after a failed transaction "
                                      "failed too: %s", e)
                     raise
                 if _commit(client, committed):
@@ -310,7 +312,7 @@ class Toolstack(Closing):
         # Listed on the router thread as the commit's reply comes (see
         # _commit): no Ctrl-C lands between the two.
         self._transaction(body, _nothing if into is None else functools.partial(into.append, dev))
-        logger.info("toolstack: added %s device %d: %s <- %s", device_type, devid, be, fe)
+        log(logger).info("toolstack: added %s device %d: %s <- %s", device_type, devid, be, fe)
         return dev
 
     def remove_device(self, device: Device, timeout: float = REMOVE_TIMEOUT) -> bool:
@@ -343,7 +345,7 @@ class Toolstack(Closing):
                 _prune(c, path)
 
         self.transaction(body)
-        logger.info("toolstack: removed %s", device.backend_path)
+        log(logger).info("toolstack: removed %s", device.backend_path)
 
     def _remove(self, devices: list[Device], timeout: float) -> list[Device]:
         """Ask each backend to close, wait for all of them until a shared
@@ -363,7 +365,7 @@ class Toolstack(Closing):
             ]
             for dev, state in waiting:
                 if not self._wait_closed(state, events, deadline):
-                    logger.warning(
+                    log(logger).warning(
                         "toolstack: backend %s did not close within %.1f s; forcing removal",
                         dev.backend_path,
                         timeout,
@@ -453,7 +455,7 @@ def _went_away(path: bytes) -> pyxs.ConnectionError:
 
 
 def _lost(exc: Exception) -> None:
-    logger.debug("toolstack: XenStore connection lost: %s", exc)
+    log(logger).debug("toolstack: XenStore connection lost: %s", exc)
 
 
 def _initiate(c: pyxs.Client, state_path: bytes) -> bool:

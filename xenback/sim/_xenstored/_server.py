@@ -94,6 +94,8 @@ from typing import Any, TypeVar
 
 from xenback._flags import DOMID_FIRST_RESERVED, check_xenstore_domid
 
+from .._heldlog import emit, log, records_kept
+from .._unix import listen_error
 from ._connection import Connection, Domain, Outstanding, WaitingEvent
 from ._ops import Dispatcher, Quota
 from ._wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, XsError
@@ -101,6 +103,12 @@ from ._wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, XsError
 __all__ = ["XenStored"]
 
 logger = logging.getLogger(__name__)
+
+
+def _log() -> logging.Logger:
+    """The logger, or the loop's records kept for a caller (see _call)."""
+    return log(logger)
+
 
 T = TypeVar("T")
 
@@ -114,13 +122,6 @@ _ACCEPT_RETRY = 0.1
 # INT_MAX milliseconds (about 24.8 days), and watch_event_timeout may be
 # longer.  Waking early costs nothing: an expiry entry may be early.
 _MAX_WAIT = 86400.0
-# The longest path a Unix socket is bound to: sockaddr_un's sun_path
-# holds 108 bytes, its terminating NUL included.
-_SUN_PATH_MAX = 107
-# How much of each end of a path an error shows, when it cuts out the
-# middle: enough to tell the directory and the socket's name by, where
-# the whole may be thousands of characters long.
-_PATH_END_SHOWN = 100
 _unpack_header = HEADER.unpack_from
 
 #: Stop reading a client's requests while this many reply bytes wait for it.
@@ -148,7 +149,7 @@ def _each(steps: Iterable[Callable[[], object]], doing: str) -> None:
         try:
             step()
         except Exception:
-            logger.exception("internal error %s", doing)
+            _log().exception("internal error %s", doing)
 
 
 def _stuck_at(thread: threading.Thread) -> str:
@@ -261,6 +262,14 @@ class XenStored:
         self._wake_r: socket.socket
         self._wake_w: socket.socket
         self._stopping = False
+        #: What the loop logged stopping, for stop() to emit once it joined
+        #: it: emitted by the loop, the join could wait for a handler's
+        #: lock stop()'s caller holds (see _heldlog).  Handed over under
+        #: _calls_lock while a stop() joins it (_joining), else emitted
+        #: by the loop: a stop() that gave up on it (a Ctrl-C, or the loop
+        #: stuck) may be the last.  stop() emits them one at a time.
+        self._unsaid: list[logging.LogRecord] = []
+        self._joining = False
         #: connections with freshly queued output (loop thread only)
         self._dirty: set[Connection] = set()
         self._conns: set[Connection] = set()
@@ -342,7 +351,7 @@ class XenStored:
             raise
         self._thread = thread
         thread.start()
-        logger.info("xenstored listening on %s", self.path)
+        _log().info("xenstored listening on %s", self.path)
 
     def _watch_main(self, sock: socket.socket) -> None:
         assert self._selector is not None
@@ -393,10 +402,21 @@ class XenStored:
             if thread.is_alive():
                 thread.join(timeout)
             return
-        with self._calls_lock:
-            if not self._calls_closed:
-                self._wake()
-        thread.join(timeout)
+        # Marked joining inside the try, and emitted past a Ctrl-C as the
+        # lock is let go: either way, one landing there left the loop
+        # handing its records to a stop() gone.
+        try:
+            with self._calls_lock:
+                if not self._calls_closed:
+                    self._wake()
+                self._joining = True
+            thread.join(timeout)
+        finally:
+            try:
+                with self._calls_lock:
+                    self._joining = False
+            finally:
+                emit(self._unsaid)
         if thread.is_alive():
             raise TimeoutError(
                 f"the XenStore loop thread {thread.name!r} did not stop within {timeout:g} s;"
@@ -489,6 +509,13 @@ class XenStored:
         itself, and the call does not run later for a caller that gave up
         on it (one the loop has begun runs to its end, as the loop runs
         it whole).
+
+        What the loop logs running the call is emitted by the caller, as
+        if it had logged it (see _heldlog): the caller may hold a lock the
+        main thread waits for (a toolstack's thread creating a domain for
+        dom0 holds the host's), and the main thread may hold a handler's
+        lock the loop would wait for.  By the loop once the caller has
+        gone, which of the two ends second emitting them.
         """
         thread = self._thread
         if thread is threading.current_thread():
@@ -497,6 +524,21 @@ class XenStored:
             raise RuntimeError("XenStored is not running")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         timeout = STOP_TIMEOUT
+        said: list[logging.LogRecord] = []
+        # In which order the call ended (True) and its caller gave up on
+        # it (False): whichever comes second emits what it logged, once
+        # (list.append() and += are atomic).
+        ended: list[bool] = []
+
+        def run() -> T:
+            try:
+                with records_kept(said):
+                    return fn(*args)
+            finally:
+                ended.append(True)
+                if not ended[0]:
+                    emit(said)
+
         # From before the append: an interrupt as it returns must withdraw
         # the call too (cancel() of one never queued changes nothing).  And
         # around the handling of the timeout: an interrupt as its cancel()
@@ -508,7 +550,7 @@ class XenStored:
                 # never come back to run the call, nor to cancel it.
                 if self._calls_closed or self._stopping:
                     raise RuntimeError("XenStored is not running")
-                self._calls.append((lambda: fn(*args), future))
+                self._calls.append((run, future))
             self._wake()
             try:
                 # exception(), not result(timeout): a TimeoutError fn
@@ -525,13 +567,19 @@ class XenStored:
                 elif not future.done():
                     what = "has not finished the call (it may yet)"
                 else:
-                    return future.result()
-                raise TimeoutError(
-                    f"the XenStore loop thread {thread.name!r} {what} within {timeout:g} s;"
-                    f" it is stuck at:\n{_stuck_at(thread)}") from None
+                    what = ""  # finished just now: answered below
+                if what:
+                    raise TimeoutError(
+                        f"the XenStore loop thread {thread.name!r} {what} within"
+                        f" {timeout:g} s; it is stuck at:\n{_stuck_at(thread)}") from None
         except BaseException:
             future.cancel()  # withdrawn unless the loop has begun it
+            # No call before the check (none can land in between).
+            ended += [False]
+            if ended[0]:
+                emit(said)
             raise
+        emit(said)
         return future.result()
 
     def _wake(self) -> None:
@@ -589,10 +637,17 @@ class XenStored:
                     # connection only.  (Not being writable is fine.)
                     self._on_event(_WRITE, dirty.pop())
         except BaseException:
-            logger.exception("xenstored loop died")
+            _log().exception("xenstored loop died")
             raise
         finally:
-            self._shutdown()
+            said: list[logging.LogRecord] = []
+            with records_kept(said):
+                self._shutdown()
+            with self._calls_lock:
+                if self._joining:
+                    self._unsaid += said
+                    said.clear()
+            emit(said)
 
     def _shutdown(self) -> None:
         try:
@@ -612,7 +667,7 @@ class XenStored:
             # Logged, not raised (nor above): the loop thread is ending,
             # and nobody would read it there (stop() too runs this, for a
             # loop that never began, and treats it alike).
-            logger.exception("internal error stopping xenstored")
+            _log().exception("internal error stopping xenstored")
         finally:
             # Whatever is left behind, no caller may wait for a loop that
             # is gone (see _call).
@@ -623,7 +678,7 @@ class XenStored:
                 while self._calls:
                     _fn, future = self._calls.popleft()
                     future.cancel()
-        logger.info("xenstored stopped")
+        _log().info("xenstored stopped")
 
     # --- sockets -----------------------------------------------------------------
 
@@ -667,19 +722,19 @@ class XenStored:
                 try:
                     bound = sock.getsockname()  # "" for a socket not bound
                 except OSError:
-                    logger.exception("cannot tell whether %s was bound", path)
+                    _log().exception("cannot tell whether %s was bound", path)
                 finally:
                     # First: a Ctrl-C in what follows leaves a stale file at
                     # most (the next _bind() removes it), no socket on it.
                     try:
                         sock.close()
                     except OSError:
-                        logger.exception("cannot close the socket for %s", path)
+                        _log().exception("cannot close the socket for %s", path)
                 if bound:
                     try:
                         self._unlink(path)
                     except Exception:
-                        logger.exception("cannot take back %s, a socket not handed out", path)
+                        _log().exception("cannot take back %s, a socket not handed out", path)
             for directory in made:
                 try:
                     directory.rmdir()
@@ -700,16 +755,7 @@ class XenStored:
             sock.listen(64)
             sock.setblocking(False)
         except OSError as e:
-            # Name the path: "AF_UNIX path too long" alone does not say
-            # which, nor by how much.  Python says that one itself, with
-            # no errno (nor strerror): ENAMETOOLONG, as the kernel would.
-            name = os.fspath(path)
-            if len(name) > 2 * _PATH_END_SHOWN + 3:
-                name = f"{name[:_PATH_END_SHOWN]}...{name[-_PATH_END_SHOWN:]}"
-            why = f"cannot listen on {name}: {e.strerror or e}"
-            if e.errno is None:
-                why += f" ({len(os.fsencode(path))} bytes, at most {_SUN_PATH_MAX})"
-            raise OSError(e.errno or errno.ENAMETOOLONG, why) from e
+            raise listen_error(e, path) from e
 
     @staticmethod
     def _served(path: Path) -> bool:
@@ -743,13 +789,13 @@ class XenStored:
             except OSError as e:
                 # EMFILE and friends: the backlog waits in the kernel.
                 if not self._accept_paused:
-                    logger.warning("accept on %s: %s; retrying when a descriptor frees", domain, e)
+                    _log().warning("accept on %s: %s; retrying when a descriptor frees", domain, e)
                     self._accept_retry_at = time.monotonic() + _ACCEPT_RETRY
                 self._selector.unregister(listener)
                 self._accept_paused.append(domain)
                 return
             if not domain.privileged and len(domain.conns) >= self._dispatcher.quota.connections:
-                logger.log(domain.fault_level(), "%r: too many connections, refusing one",
+                _log().log(domain.fault_level(), "%r: too many connections, refusing one",
                            domain)
                 sock.close()
                 continue
@@ -758,7 +804,7 @@ class XenStored:
             except Exception:
                 # As a bug met serving a connection: it costs that one
                 # only, and the rest of the backlog is still accepted.
-                logger.exception("internal error accepting a connection of %r", domain)
+                _log().exception("internal error accepting a connection of %r", domain)
                 sock.close()
 
     def _add_connection(self, sock: socket.socket, domain: Domain) -> None:
@@ -798,7 +844,7 @@ class XenStored:
                 self._on_readable(conn)
         except Exception:
             # A bug must cost one connection, never the server.
-            logger.exception("internal error serving %r", conn)
+            _log().exception("internal error serving %r", conn)
             self._close(conn, "internal error")
 
     def _on_readable(self, conn: Connection) -> None:
@@ -909,7 +955,7 @@ class XenStored:
         limit = self._max_queued  # once: another thread may set it meanwhile
         if not domain.privileged and domain.queued + len(event) > limit:
             # Warn once per guest: it chooses how many events it gets.
-            logger.log(domain.fault_level(),
+            _log().log(domain.fault_level(),
                        "%r: dropped a watch event: %d bytes wait for %r already (max %d)",
                        conn, domain.queued, domain, limit)
             return
@@ -1011,7 +1057,7 @@ class XenStored:
             except Exception:
                 # As in _on_event: a bug must cost one connection, never
                 # the server (nor the other guests their stale events).
-                logger.exception("internal error expiring the events of %r", conn)
+                _log().exception("internal error expiring the events of %r", conn)
                 self._close(conn, "internal error")
                 continue
             # The oldest is inf only if sending it has begun (see _expire);
@@ -1085,7 +1131,7 @@ class XenStored:
         for chunk, end in queued.items():
             if end > last:
                 queued[chunk] = end - dropped
-        logger.debug("%r: dropped %d stale watch events (%d bytes)", conn, len(stale), dropped)
+        _log().debug("%r: dropped %d stale watch events (%d bytes)", conn, len(stale), dropped)
         self._dirty.add(conn)  # less to send: a pause may end, or all is sent
 
     def _flush(self, conn: Connection) -> None:
@@ -1164,7 +1210,7 @@ class XenStored:
         """
         if conn.closed:
             return
-        logger.log(level, "closing %r: %s", conn, why)
+        _log().log(level, "closing %r: %s", conn, why)
         conn.closed = True
         _each((functools.partial(step, conn) for step in
                (self._unwatch, self._dispatcher.drop_connection_state, self._forget)),
@@ -1240,7 +1286,7 @@ class XenStored:
         domains[domid] = domain
         self._dispatcher.store.note_introduce(domid)
         self._dispatcher.fire_special("@introduceDomain")
-        logger.info("introduced domain %d at %s", domid, domain.socket_path)
+        _log().info("introduced domain %d at %s", domid, domain.socket_path)
         return domain
 
     def _introduce_and_flush(self, domid: int) -> Domain:
@@ -1264,7 +1310,7 @@ class XenStored:
         self._teardown_domain(domid)
         self._dispatcher.remove_domain_nodes(domid)
         self._dispatcher.fire_special("@releaseDomain")
-        logger.info("released domain %d", domid)
+        _log().info("released domain %d", domid)
 
     def _release_and_flush(self, domid: int) -> None:
         try:
