@@ -2296,6 +2296,11 @@ class PVSocket(Closing):
         """
         ring = self._st.ring
         if deadline.timeout == 0.0:
+            if self._closed:
+                # Closed since the caller looked: its EBADF, as after a
+                # wait below, not what the close brought (the frontend's
+                # death, an empty ring's EAGAIN).
+                return
             if self._fe._dead and not ready():
                 raise self._fe._gone()
             if ring is not None and ring.failure is not None and not ready():

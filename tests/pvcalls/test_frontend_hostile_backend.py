@@ -5158,6 +5158,41 @@ def test_calls_on_sockets_the_frontend_closes_say_ebadf_however_late_they_look(
     closing.join()
 
 
+@pytest.mark.parametrize("closer", ["socket", "frontend"])
+@pytest.mark.parametrize("side", ["recv", "send"])
+def test_a_non_blocking_call_on_a_socket_closed_after_its_check_says_ebadf(
+        fe: pvcalls.Frontend, fake: FakeBackend, side: str, closer: str) -> None:
+    """A non-blocking recv() or send() that finds its socket open, then
+    another thread closes it (the socket alone, or the frontend, which
+    also dies), before it finds nothing to do: EBADF, as a blocking one
+    woken by the close says.  Before, it said EAGAIN, or the frontend's
+    ENOTCONN, for a socket closed under it."""
+    r, _ = connected(fe, fake)
+    r.setblocking(False)
+    if side == "recv":
+        late = PauseAt(pvcalls.PVSocket._receive, "err = ring.in_error()")
+        calling = Call(lambda: late.run(lambda: r.recv(10)))
+    else:
+        while r.send(bytes(1 << 16)) == 1 << 16:  # the fake reads nothing: fill the ring
+            pass
+        with pytest.raises(BlockingIOError):
+            r.send(b"x")
+        late = PauseAt(pvcalls.PVSocket._send, "err = _connection_error(ring)")
+        calling = Call(lambda: late.run(lambda: r.send(b"x")))
+    assert late.reached.wait(TIMEOUT)
+    if closer == "frontend":
+        # Frontend.close() dies only once its release of the socket is
+        # over: it waits this long for the paused call to leave the
+        # socket (then leaves its ring alone), and for the RELEASE.
+        fe.timeout = 0.3
+    closing = Call(r.close if closer == "socket" else fe.close)
+    wait_until(lambda: r._closed if closer == "socket" else fe._dead)
+    late.resume()
+    err = calling.oserror()
+    assert (err.errno, err.strerror) == (errno.EBADF, os.strerror(errno.EBADF))
+    assert closing.join().error is None
+
+
 def test_an_answered_entry_given_up_wakes_a_command_waiting_for_it(
         fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every response entry taken (31 by answered ACCEPTs, one by a BIND
