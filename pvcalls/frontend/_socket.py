@@ -226,9 +226,23 @@ class ReadyFd:
         It may be taken again (a release cut short by a Ctrl-C, taken up
         again: see Frontend._close_readyfd), and goes on where it was cut
         short: an end closed (or, the program's, let go of) is not looked
-        at again.  Cut short as it checks the number, it leaves both ends
-        open for the next release to check again: closed then, a file of
-        the program's that took the number went with it."""
+        at again.  Cut short anywhere past its start, it closes ours, and
+        the user's end if a check made after the interrupt passes: the
+        one cut short may not have looked, or its answer was lost, and
+        closed unchecked, a file of the program's that took the number
+        went with it.  An end that fails that check is left for the next
+        release to let go of, and to say EBADF of."""
+        try:
+            self._close_user()
+        except OSError:
+            raise  # the check's answer: the end is let go of
+        except BaseException:
+            self._close_user_if_checked()
+            raise
+        finally:
+            self.ours.close()
+
+    def _close_user(self) -> None:
         if self.user.fileno() != -1:
             try:
                 self._check_user()
@@ -236,10 +250,18 @@ class ReadyFd:
                 # Closed, the program's other file would go with it (or,
                 # none there, one opened meanwhile).
                 self.user.detach()
-                self.ours.close()
                 raise
             self.user.close()
-        self.ours.close()
+
+    def _close_user_if_checked(self) -> None:
+        """:meth:`close`'s, cut short: the user's end closed only if its
+        number passes the check now; as it was if not."""
+        try:
+            if self.user.fileno() != -1:
+                self._check_user()
+                self.user.close()
+        except OSError:
+            pass
 
 
 def _checked(peek: Callable[[], tuple[memoryview, ...]]) -> tuple[memoryview, ...]:

@@ -5839,6 +5839,55 @@ def test_a_release_interrupted_anywhere_closes_the_readiness_pair(
     assert landed
 
 
+@pytest.mark.parametrize("program", ["left it", "closed it"])
+def test_a_readiness_pair_close_cut_short_closes_what_it_may_at_once(program: str) -> None:
+    """A Ctrl-C landing anywhere in ReadyFd.close but as it starts: our
+    end is closed at once, and the user's end too if the program left it
+    alone (its number is checked again after the interrupt).  If the
+    program closed it and another file took the number, that file stays,
+    and the next close says EBADF, unless the first had let go of the
+    number already.  Before, one landing in the number's check left both
+    ends open until the next release (Frontend.close(), maybe)."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    within = os.path.dirname(_frontend.__file__)
+    null = os.stat(os.devnull)
+    landed = []
+    for n in itertools.count():
+        rfd = ReadyFd()
+        fd = rfd.fileno()
+        if program == "closed it":
+            _descriptor_closed(fd)  # /dev/null takes the number
+        try:
+            where = interrupted_at(n, within, rfd.close)
+        except OSError as exc:
+            assert program == "closed it" and exc.errno == errno.EBADF
+            where = ""
+        if not where:
+            break
+        landed.append(where)
+        if where.startswith("as it starts: ReadyFd.close,"):
+            assert rfd.ours.fileno() != -1
+        else:
+            assert rfd.ours.fileno() == -1, f"ours left open, landing {where}"
+            if program == "left it":
+                assert rfd.user.fileno() == -1, f"the user's end left open, landing {where}"
+        let_go = rfd.user.fileno() == -1
+        try:
+            rfd.close()  # the next release
+        except OSError as exc:
+            assert program == "closed it" and not let_go and exc.errno == errno.EBADF
+        else:
+            assert program == "left it" or let_go, f"no EBADF said, landing {where}"
+        assert rfd.user.fileno() == -1 and rfd.ours.fileno() == -1
+        if program == "closed it":
+            now = os.fstat(fd)
+            assert (now.st_dev, now.st_ino) == (null.st_dev, null.st_ino), where
+            _NULLED.remove(fd)
+            os.close(fd)
+    assert any("_check_user" in where for where in landed), landed
+
+
 def test_a_release_interrupted_anywhere_leaves_the_file_that_took_the_number(
         fe: pvcalls.Frontend, fake: FakeBackend) -> None:
     """The program closed the descriptor fileno() gave it, and another
