@@ -2494,8 +2494,10 @@ class PVSocket(Closing):
         the error is gone, and said again if it comes back, but not within
         :data:`_RETELL_AFTER` of the last time: an update that changes
         nothing goes through, so an error of every other event would have
-        logged a line at each.  Nothing is hidden: every later update
-        tries again, and a call that makes one raises what it meets
+        logged a line at each.  EBADF alone is said once for the life of
+        the socket: a descriptor the program closed stays so, and one of
+        those updates said nothing of it.  Nothing is hidden: every later
+        update tries again, and a call that makes one raises what it meets
         (fileno() does)."""
         try:
             self._update_ready()  # which ends the errors failing
@@ -2519,7 +2521,11 @@ class PVSocket(Closing):
                 if err not in self._ready_errors:
                     self._ready_errors |= {err}
                     last = told[err] if err in told else None
-                    tell = last is None or now - last >= _RETELL_AFTER
+                    # EBADF never comes back: the program closed the
+                    # descriptor for good, and the updates that go
+                    # through meanwhile change nothing, which looks at it.
+                    tell = last is None or (err != errno.EBADF
+                                            and now - last >= _RETELL_AFTER)
                     if tell:
                         told[err] = now
             if tell:

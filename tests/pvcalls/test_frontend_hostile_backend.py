@@ -5692,6 +5692,39 @@ def test_a_readiness_update_error_that_comes_back_is_logged_again_at_most_so_oft
         s.close()
 
 
+def test_a_descriptor_the_program_closed_is_logged_once_for_good(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The program closed the socket's fileno() descriptor: data comes
+    (its update fails, EBADF, said at DEBUG), recv() takes it (an update
+    that changes nothing goes through), and more data comes an hour later
+    (_RETELL_AFTER made 0).  Said once: the descriptor is as closed as it
+    was.  Before, each such round said it again, a line a minute for a
+    socket whose data comes and goes."""
+    from pvcalls.frontend import _socket as socket_module
+
+    monkeypatch.setattr(socket_module, "_RETELL_AFTER", 0.0)
+    s, ring = connected(fe, fake)
+    st_ring = s._st.ring
+    assert st_ring is not None
+    _descriptor_closed(s.fileno())
+    try:
+        for data in (b"x", b"y"):
+            ring.produce(data)
+            wait_until(st_ring.in_pending)
+            s._update_ready_or_log()  # readable: fails (if the event thread's has not)
+            assert s._ready_errors == {errno.EBADF}
+            assert s.recv(1) == data  # unreadable, as the record was: goes through
+            assert not s._ready_errors
+        said = _ready_warnings(log)
+        assert len(said) == 1, said
+        assert said[0].endswith(os.strerror(errno.EBADF))
+    finally:
+        with pytest.raises(OSError) as closing:
+            s.close()
+        assert closing.value.errno == errno.EBADF
+
+
 def test_a_readiness_update_error_gone_at_fileno_is_logged_when_it_comes_back(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
         monkeypatch: pytest.MonkeyPatch) -> None:
