@@ -317,11 +317,13 @@ class Frontend(Closing):
         self._backend_watch: Watch | None = None
         self._watch_lock = threading.Lock()
         # close() runs in one thread at a time: held for the whole of it,
-        # and _closer is the thread that holds it (set and cleared under
+        # and _closer is the thread that runs it (set and cleared under
         # it).  Not taken by a thread close() joins (the event thread, the
-        # reaper), which would keep the holder in its join for good, nor
-        # again by the thread in close() (a signal's handler): see close().
-        self._close_lock = threading.Lock()
+        # reaper), which would keep the holder in its join for good.  An
+        # RLock: a close() of the holder's own (a signal's handler) takes
+        # it again, as the holder may not have said yet that it closes
+        # (before _closer is set); see close().
+        self._close_lock = threading.RLock()
         self._closer: threading.Thread | None = None
         self._gntshr: GrantShare | None = None
         self._evtchn: EventChannel | None = None
@@ -651,11 +653,14 @@ class Frontend(Closing):
         or the reaper runs), when another thread's close() runs.
         """
         me = threading.current_thread()
-        if self._closer is me:
-            return
         joined = me is self._thread or me is self._reaper
         try:
             with held(self._close_lock, Deadline(0.0 if joined else None), _ClosingElsewhere):
+                if self._closer is me:
+                    return  # inside this thread's close(), which goes on
+                # One of this thread's that ran before this line (a
+                # handler, as the lock's taking returned) ran whole: this
+                # one finds the frontend closed.
                 self._closer = me
                 try:
                     if self.device is not None:

@@ -35,7 +35,7 @@ from fdcensus import descriptors
 from highfds import descriptors_past_fd_setsize
 from pvcalls_rawfront import Call, echo_through, hold_accepts, sleeping_in_wait, wait_until
 from pyxs._internal import Op, Packet
-from racewindow import Attempt, PauseAt, stands_at
+from racewindow import Attempt, PauseAt, line_of, stands_at
 from stolensignal import (
     OUTLASTS_THE_TEST,
     Interrupted,
@@ -3800,6 +3800,39 @@ def test_a_close_from_a_signal_handler_inside_close_leaves_it_to_that_one(
     finally:
         signal.signal(signal.SIGUSR1, old)
     assert handled == [None]
+    assert _closed_for_good(fe)
+    assert not caplog.records, caplog.text
+
+
+def test_a_close_inside_close_as_it_takes_its_lock_does_not_wait_for_itself(
+        host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A close() runs in a close() of the same thread that has taken its
+    lock but not yet said that it closes (where a signal's handler may
+    run, as the lock's taking returns): the inner one closes the
+    frontend, and the outer finds it closed.  With a plain lock the
+    inner one waited for good for the lock its own thread held."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("close-as-it-locks"), timeout=TIMEOUT)
+    fe.open()
+    code = pvcalls.Frontend.close.__code__
+    line = line_of(pvcalls.Frontend.close, "self._closer = me")
+    inner: list[None] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == line and not inner:
+            inner.append(fe.close())  # as a handler run there would (untraced)
+        return local
+
+    def traced() -> None:
+        sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+        try:
+            fe.close()
+        finally:
+            sys.settrace(None)
+
+    closing = Attempt(traced)
+    assert closing.result(msg="the close() inside close() waits for itself") is None
+    assert inner == [None]
     assert _closed_for_good(fe)
     assert not caplog.records, caplog.text
 
