@@ -2521,9 +2521,9 @@ class PVSocket(Closing):
                 if err not in self._ready_errors:
                     self._ready_errors |= {err}
                     last = told[err] if err in told else None
-                    # EBADF never comes back: the program closed the
-                    # descriptor for good, and the updates that go
-                    # through meanwhile change nothing, which looks at it.
+                    # EBADF is for good (the program closed the
+                    # descriptor): an update that went through since
+                    # changed nothing, and so never looked at it.
                     tell = last is None or (err != errno.EBADF
                                             and now - last >= _RETELL_AFTER)
                     if tell:
