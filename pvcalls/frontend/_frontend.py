@@ -79,6 +79,11 @@ class _Fatal(Exception):
         self.error = error
 
 
+class _ClosingElsewhere(Exception):
+    """A close() of a thread that close() joins found another one under
+    way (see Frontend.close)."""
+
+
 class _AnswersLost(_Fatal):
     """The command ring's handler failed with ``error``: the answers it
     took off the ring are lost to their callers."""
@@ -311,6 +316,15 @@ class Frontend(Closing):
         # callback is acting any more, or will).
         self._backend_watch: Watch | None = None
         self._watch_lock = threading.Lock()
+        # close() runs in one thread at a time: held for the whole of it,
+        # and _closer is the thread that runs it (set and cleared under
+        # it).  Not taken by a thread close() joins (the event thread, the
+        # reaper), which would keep the holder in its join for good.  An
+        # RLock: a close() of the holder's own (a signal's handler) takes
+        # it again, as the holder may not have said yet that it closes
+        # (before _closer is set); see close().
+        self._close_lock = threading.RLock()
+        self._closer: threading.Thread | None = None
         self._gntshr: GrantShare | None = None
         self._evtchn: EventChannel | None = None
         self._cmd_pages: SharedPages | None = None
@@ -629,10 +643,33 @@ class Frontend(Closing):
         the main thread) is finished by the next one: that one closes and
         removes the device again unless it is gone already, then stops the
         frontend's own thread and closes the handles that are left.
+
+        Calls at once take turns: one made while another thread's runs
+        waits for it to end (and finishes it, if it was cut short).  Not
+        so one that cannot wait for it, which returns at once and leaves
+        the closing to the close() under way: one inside that very close()
+        (a signal's handler that closes the frontend), or one of a thread
+        that close() waits for to end (a finaliser that the event thread
+        or the reaper runs), when another thread's close() runs.
         """
-        if self.device is not None:
-            self._close_device()
-        self._release_handles()
+        me = threading.current_thread()
+        joined = me is self._thread or me is self._reaper
+        try:
+            with held(self._close_lock, Deadline(0.0 if joined else None), _ClosingElsewhere):
+                if self._closer is me:
+                    return  # inside this thread's close(), which goes on
+                # One of this thread's that ran before this line (a
+                # handler, as the lock's taking returned) ran whole: this
+                # one finds the frontend closed.
+                self._closer = me
+                try:
+                    if self.device is not None:
+                        self._close_device()
+                    self._release_handles()
+                finally:
+                    self._closer = None
+        except _ClosingElsewhere:
+            pass
 
     def _close_device(self) -> None:
         if self._backend_watch is not None:

@@ -20,6 +20,7 @@ import math
 import os
 import select
 import selectors
+import signal
 import socket
 import struct
 import sys
@@ -34,7 +35,7 @@ from fdcensus import descriptors
 from highfds import FD_SETSIZE, descriptors_past_fd_setsize
 from pvcalls_rawfront import Call, echo_through, hold_accepts, sleeping_in_wait, wait_until
 from pyxs._internal import Op, Packet
-from racewindow import Attempt, PauseAt
+from racewindow import Attempt, PauseAt, line_of, stands_at
 from stolensignal import (
     OUTLASTS_THE_TEST,
     Interrupted,
@@ -3739,6 +3740,147 @@ def test_a_close_interrupted_while_its_thread_stops_is_finished_by_the_next(
         wait_until(lambda: all(n <= before[k] for k, n in host.hypervisor.stats().items()))
     finally:
         release.set()
+        fe.close()
+        os.close(r)
+        os.close(w)
+
+
+def _closed_for_good(fe: pvcalls.Frontend) -> bool:
+    return (fe.device is None and fe._thread is None and fe._evtchn is None
+            and fe._xs is None and fe._gntshr is None and fe._ring is None)
+
+
+@pytest.mark.parametrize("where", [("_close_device", "self._release_sockets()"),
+                                   ("_release_handles", "self._evtchn.close()")])
+def test_a_close_while_another_thread_closes_waits_for_it(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, where: tuple[str, str]) -> None:
+    """Two threads close a frontend at once, the first stopped in the
+    device part or as it closes its handles: the second waits for the
+    first to end and returns once the frontend is closed.  Before, both
+    ran: the second closed it all, then the first took what it had
+    checked for a handle for one (AttributeError on None), or went on to
+    remove the device through the XenStore connection closed meanwhile
+    (a warning)."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain(f"close-twice-{where[0]}"), timeout=TIMEOUT)
+    fe.open()
+    pause = PauseAt.in_method(monkeypatch, _frontend.Frontend, *where)
+    first = Attempt(fe.close)
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        second = Attempt(fe.close)
+        wait_until(lambda: not second.thread.is_alive() or stands_at(
+            second.thread.ident or -1, pvcalls.Frontend.close, "self._close_lock"))
+        assert second.thread.is_alive(), "the second close() did not wait for the first"
+    finally:
+        pause.resume()
+    assert first.result() is None
+    assert second.result() is None
+    assert _closed_for_good(fe)
+    assert not caplog.records, caplog.text
+
+
+def test_a_close_from_a_signal_handler_inside_close_leaves_it_to_that_one(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A signal's handler that closes the frontend runs while the main
+    thread is in close(): the handler's close() returns at once and the
+    one it interrupted finishes.  Before, the handler's closed it all, and
+    the one it interrupted went on to remove the device through the
+    XenStore connection closed under it (a warning)."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    assert threading.current_thread() is threading.main_thread()
+    fe = pvcalls.Frontend(host.create_domain("close-in-handler"), timeout=TIMEOUT)
+    fe.open()
+    handled: list[None] = []
+    wait_releases = fe._wait_releases
+
+    def signalled() -> None:
+        monkeypatch.setattr(fe, "_wait_releases", wait_releases)  # one signal
+        wait_releases()
+        signal.raise_signal(signal.SIGUSR1)  # its handler runs as this call returns
+
+    old = signal.signal(signal.SIGUSR1, lambda *_: handled.append(fe.close()))
+    try:
+        monkeypatch.setattr(fe, "_wait_releases", signalled)
+        fe.close()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert handled == [None]
+    assert _closed_for_good(fe)
+    assert not caplog.records, caplog.text
+
+
+def test_a_close_inside_close_as_it_takes_its_lock_does_not_wait_for_itself(
+        host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A close() runs in a close() of the same thread that has taken its
+    lock but not yet said that it closes (where a signal's handler may
+    run, as the lock's taking returns): the inner one closes the
+    frontend, and the outer finds it closed.  With a plain lock the
+    inner one waited for good for the lock its own thread held."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("close-as-it-locks"), timeout=TIMEOUT)
+    fe.open()
+    code = pvcalls.Frontend.close.__code__
+    line = line_of(pvcalls.Frontend.close, "self._closer = me")
+    inner: list[None] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == line and not inner:
+            inner.append(fe.close())  # as a handler run there would (untraced)
+        return local
+
+    def traced() -> None:
+        sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+        try:
+            fe.close()
+        finally:
+            sys.settrace(None)
+
+    closing = Attempt(traced)
+    assert closing.result(msg="the close() inside close() waits for itself") is None
+    assert inner == [None]
+    assert _closed_for_good(fe)
+    assert not caplog.records, caplog.text
+
+
+def test_a_close_of_the_event_thread_while_another_thread_closes_returns_at_once(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The event thread closes the frontend (a finaliser it runs, say)
+    while another thread's close() is in the device part: it returns at
+    once, for that close() waits for it to end.  Before, it closed the
+    frontend under the other, which then went on to remove the device
+    through the XenStore connection closed meanwhile (a warning)."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("close-in-event-thread"), timeout=TIMEOUT)
+    fe.open()
+    r, w = os.pipe()
+    returned = threading.Event()
+    try:
+        def closing() -> None:  # a relay the event thread runs
+            os.read(r, 1)
+            fe.close()
+            returned.set()
+
+        with fe._lock:
+            assert fe._event_epoll is not None
+            fe._relays[r] = closing
+            fe._event_epoll.register(r, select.EPOLLIN)
+        pause = PauseAt.in_method(monkeypatch, _frontend.Frontend, "_close_device",
+                                  "self._release_sockets()")
+        first = Attempt(fe.close)
+        try:
+            assert pause.reached.wait(TIMEOUT)
+            os.write(w, b"x")
+            assert returned.wait(TIMEOUT)
+        finally:
+            pause.resume()
+        assert first.result() is None
+        assert _closed_for_good(fe)
+        assert not caplog.records, caplog.text
+    finally:
         fe.close()
         os.close(r)
         os.close(w)
