@@ -319,10 +319,10 @@ class Frontend(Closing):
         # close() runs in one thread at a time: held for the whole of it,
         # and _closer is the thread that runs it (set and cleared under
         # it).  Not taken by a thread close() joins (the event thread, the
-        # reaper), which would keep the holder in its join for good.  An
-        # RLock: a close() of the holder's own (a signal's handler) takes
-        # it again, as the holder may not have said yet that it closes
-        # (before _closer is set); see close().
+        # reaper, XenStore's), which would keep the holder in its join for
+        # good.  An RLock: a close() of the holder's own (a signal's
+        # handler) takes it again, as the holder may not have said yet
+        # that it closes (before _closer is set); see close().
         self._close_lock = threading.RLock()
         self._closer: threading.Thread | None = None
         self._gntshr: GrantShare | None = None
@@ -649,11 +649,14 @@ class Frontend(Closing):
         so one that cannot wait for it, which returns at once and leaves
         the closing to the close() under way: one inside that very close()
         (a signal's handler that closes the frontend), or one of a thread
-        that close() waits for to end (a finaliser that the event thread
-        or the reaper runs), when another thread's close() runs.
+        that close() waits for to end (a finaliser that the event thread,
+        the reaper or XenStore's threads run), when another thread's
+        close() runs.
         """
         me = threading.current_thread()
-        joined = me is self._thread or me is self._reaper
+        xs = self._xs  # once: the close() under way drops it once closed
+        joined = (me is self._thread or me is self._reaper
+                  or (xs is not None and xs.on_own_thread()))
         try:
             with held(self._close_lock, Deadline(0.0 if joined else None), _ClosingElsewhere):
                 if self._closer is me:

@@ -3886,6 +3886,43 @@ def test_a_close_of_the_event_thread_while_another_thread_closes_returns_at_once
         os.close(w)
 
 
+def test_a_close_of_xenstores_thread_while_another_thread_closes_returns_at_once(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """XenStore's watch thread closes the frontend (a finaliser it runs,
+    say) while another thread's close() is in the device part: it returns
+    at once, for that close() waits for it to end (closing the XenStore
+    connection).  Before, it waited for that close() for good, and that
+    close() for it."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("close-in-xenstore-thread"), timeout=TIMEOUT)
+    fe.open()
+    assert fe._xs is not None
+    node = f"{fe.device.frontend_path}/closes-here"
+    armed = threading.Event()
+    returned = threading.Event()
+
+    def closing(_path: str) -> None:  # on the watch thread
+        if armed.is_set() and not returned.is_set():
+            fe.close()
+            returned.set()
+
+    fe._xs.watch(node, closing)
+    pause = PauseAt.in_method(monkeypatch, _frontend.Frontend, "_close_device",
+                              "self._release_sockets()")
+    first = Attempt(fe.close)
+    assert pause.reached.wait(TIMEOUT)
+    armed.set()
+    fe._xs.write(node, "1")
+    # Not resumed unless it returned: that close() would then wait in its
+    # join of the watch thread for good (a daemon thread, left behind).
+    assert returned.wait(TIMEOUT), "the watch thread's close() waits for the other"
+    pause.resume()
+    assert first.result() is None
+    assert _closed_for_good(fe)
+    assert not caplog.records, caplog.text
+
+
 def _held(host: SimHost) -> tuple[dict[str, int], frozenset[tuple[int, str]]]:
     """The host's counts and this process's descriptors, each with what it
     refers to; collected first, so that what only waits for the garbage
