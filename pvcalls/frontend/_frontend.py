@@ -113,6 +113,11 @@ _ID_STRIDE = 0x100  # kmalloc-256, roughly sizeof(struct sock_mapping)
 #: next wait returns at once while ports are pending.
 _PORT_BATCH = 64
 
+#: How often a close() on the event thread (a finaliser of its closing the
+#: frontend) looks at the command ring for the answers to its RELEASEs:
+#: nobody else takes them off, and no wake-up would come.
+_OWN_ANSWERS_POLL = 0.005
+
 #: Released data rings a frontend keeps for reuse (``2**ring_order`` data
 #: pages, an indexes page and a port each).
 _RING_POOL_MAX = 32
@@ -2140,6 +2145,8 @@ class Frontend(Closing):
         the unanswered ones hold without reusing it.  Each is given up on
         once freed: a Ctrl-C meanwhile leaves the rest to the next close()."""
         deadline = Deadline(self.timeout)
+        if threading.current_thread() is self._thread:
+            self._take_own_answers(deadline)
         with self._lock:
             while self._releases and not self._dead:
                 try:
@@ -2147,6 +2154,22 @@ class Frontend(Closing):
                 except TimeoutError:
                     break
         self._give_up_releases()
+
+    def _take_own_answers(self, deadline: Deadline) -> None:
+        """The event thread in close(): take the RELEASEs' answers off the
+        command ring itself, within ``deadline``, for waiting for them
+        would wait for itself (the whole timeout, then give them up)."""
+        while True:
+            self._on_command_event()
+            with self._lock:
+                if not self._releases or self._dead:
+                    return
+                try:
+                    nap = deadline.nap()
+                except TimeoutError:
+                    return
+                self._cmd_cond.wait(_OWN_ANSWERS_POLL if nap is None
+                                    else min(nap, _OWN_ANSWERS_POLL))
 
     def _give_up_releases(self) -> None:
         """Free what the RELEASEs in flight hold, without reusing it: for

@@ -3923,6 +3923,40 @@ def test_a_close_of_xenstores_thread_while_another_thread_closes_returns_at_once
     assert not caplog.records, caplog.text
 
 
+def test_a_close_of_the_event_thread_takes_the_answers_to_its_releases(
+        host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The event thread closes the frontend (a finaliser it runs, say),
+    no other close() running, with a socket open: it takes the answer
+    to the socket's RELEASE itself, as nobody else would.  Before, it
+    waited the whole timeout for it, then gave it up (a warning)."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("event-thread-releases"), timeout=TIMEOUT)
+    fe.open()
+    sock = fe.socket()
+    r, w = os.pipe()
+    returned = threading.Event()
+    try:
+        def closing() -> None:  # a relay the event thread runs
+            os.read(r, 1)
+            fe.close()
+            returned.set()
+
+        with fe._lock:
+            assert fe._event_epoll is not None
+            fe._relays[r] = closing
+            fe._event_epoll.register(r, select.EPOLLIN)
+        os.write(w, b"x")
+        assert returned.wait(TIMEOUT / 2), "the event thread's close() waited for itself"
+        assert fe.device is None
+        assert not caplog.records, caplog.text
+    finally:
+        returned.wait(TIMEOUT)
+        fe.close()
+        sock.close()
+        os.close(r)
+        os.close(w)
+
+
 def _held(host: SimHost) -> tuple[dict[str, int], frozenset[tuple[int, str]]]:
     """The host's counts and this process's descriptors, each with what it
     refers to; collected first, so that what only waits for the garbage
