@@ -323,11 +323,12 @@ class Frontend(Closing):
         self._watch_lock = threading.Lock()
         # close() runs in one thread at a time: held for the whole of it,
         # and _closer is the thread that runs it (set and cleared under
-        # it).  Not taken by a thread close() joins (the event thread, the
-        # reaper, XenStore's), which would keep the holder in its join for
-        # good.  An RLock: a close() of the holder's own (a signal's
-        # handler) takes it again, as the holder may not have said yet
-        # that it closes (before _closer is set); see close().
+        # it); open() holds it too, up to its device (see there).  Not
+        # taken by a thread close() joins (the event thread, the reaper,
+        # XenStore's), which would keep the holder in its join for good.
+        # An RLock: a close() of the holder's own (a signal's handler)
+        # takes it again, as the holder may not have said yet that it
+        # closes (before _closer is set); see close().
         self._close_lock = threading.RLock()
         self._closer: threading.Thread | None = None
         self._gntshr: GrantShare | None = None
@@ -447,21 +448,26 @@ class Frontend(Closing):
         return self
 
     def open(self) -> None:
-        """Add the device and do the frontend handshake (up to Connected)."""
-        if self.device is not None:
-            raise RuntimeError("frontend already open")
-        # What an interrupted close() left (its thread, its handles) goes
-        # first: the new connection's would take their places.
-        self._release_handles()
-        self._reset_connection()
-        domain = self.domain
-        self._toolstack = domain.toolstack
-        # replace: a stale frontend of the same devid, its backend gone,
-        # may not have closed yet; the new one's device takes its place.
-        self.device = self._toolstack.add_device(
-            "pvcalls", frontend_id=domain.domid, backend_id=self.backend_id, devid=self.devid,
-            replace=True,
-        )
+        """Add the device and do the frontend handshake (up to Connected).
+        One made while another thread's close() runs waits for it to end."""
+        # Under close()'s lock up to the device: else a close() under way
+        # would close the handles made next, and this one those it closes.
+        with held(self._close_lock, Deadline(None)):
+            if self.device is not None:
+                raise RuntimeError("frontend already open")
+            # What an interrupted close() left (its thread, its handles)
+            # goes first: the new connection's would take their places.
+            self._release_handles()
+            self._reset_connection()
+            domain = self.domain
+            self._toolstack = domain.toolstack
+            # replace: a stale frontend of the same devid, its backend
+            # gone, may not have closed yet; the new one's device takes
+            # its place.
+            self.device = self._toolstack.add_device(
+                "pvcalls", frontend_id=domain.domid, backend_id=self.backend_id,
+                devid=self.devid, replace=True,
+            )
         try:
             self._connect()
         except BaseException:

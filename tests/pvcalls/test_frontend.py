@@ -3957,6 +3957,39 @@ def test_a_close_of_the_event_thread_takes_the_answers_to_its_releases(
         os.close(w)
 
 
+def test_an_open_while_another_thread_closes_waits_for_it(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A thread opens the frontend again while another's close() is
+    closing its handles: the open() waits for the close() to end, then
+    opens it afresh.  Before, it closed what that close() had not yet
+    (open() finishes an interrupted close), made its own handles, and
+    the close() then went on to close those: the frontend open() left
+    open had no event channel, no XenStore connection."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("open-while-closing"), timeout=TIMEOUT)
+    fe.open()
+    pause = PauseAt.in_method(monkeypatch, _frontend.Frontend, "_release_handles",
+                              "self._evtchn.close()")
+    first = Attempt(fe.close)
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        opening = Attempt(fe.open)
+        wait_until(lambda: not opening.thread.is_alive() or stands_at(
+            opening.thread.ident or -1, pvcalls.Frontend.open, "self._close_lock"))
+        assert opening.thread.is_alive(), "the open() did not wait for the close()"
+    finally:
+        pause.resume()
+    try:
+        assert first.result() is None
+        assert opening.result() is None
+        assert fe.device is not None and fe._evtchn is not None and fe._xs is not None
+        fe.socket().close()
+        assert not caplog.records, caplog.text
+    finally:
+        fe.close()
+
+
 def _held(host: SimHost) -> tuple[dict[str, int], frozenset[tuple[int, str]]]:
     """The host's counts and this process's descriptors, each with what it
     refers to; collected first, so that what only waits for the garbage
