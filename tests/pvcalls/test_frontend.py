@@ -3990,6 +3990,46 @@ def test_an_open_while_another_thread_closes_waits_for_it(
         fe.close()
 
 
+def test_a_close_of_the_reaper_while_another_thread_closes_returns_at_once(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The reaper closes the frontend (a finaliser it runs, say) while
+    another thread's close() is in the device part: it returns at once,
+    for that close() waits for it to end.  Were it to wait for the other,
+    that close() would give up on the reaper (a warning) and go on with
+    it still running."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("close-in-reaper"), timeout=TIMEOUT)
+    fe.open()
+    returned = threading.Event()
+    release = fe._release
+
+    def closing(st: Any, sock: Any = None) -> None:  # on the reaper
+        if threading.current_thread() is fe._reaper and not returned.is_set():
+            fe.close()
+            returned.set()
+        release(st, sock)
+
+    pause = PauseAt.in_method(monkeypatch, _frontend.Frontend, "_close_device",
+                              "self._release_sockets()")
+    first = Attempt(fe.close)
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        monkeypatch.setattr(fe, "_release", closing)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sock = fe.socket()
+            del sock
+            gc.collect()
+        assert _unclosed(caught)
+        assert returned.wait(TIMEOUT), "the reaper's close() waits for the other"
+    finally:
+        pause.resume()
+    assert first.result() is None
+    assert _closed_for_good(fe)
+    assert not caplog.records, caplog.text
+
+
 def _held(host: SimHost) -> tuple[dict[str, int], frozenset[tuple[int, str]]]:
     """The host's counts and this process's descriptors, each with what it
     refers to; collected first, so that what only waits for the garbage
