@@ -4030,6 +4030,51 @@ def test_a_close_of_the_reaper_while_another_thread_closes_returns_at_once(
     assert not caplog.records, caplog.text
 
 
+def _close_lock_free_elsewhere(fe: pvcalls.Frontend) -> bool:
+    """Whether another thread finds close()'s lock free (an RLock: the
+    thread that left it held would take it again)."""
+    def take() -> bool:
+        got = fe._close_lock.acquire(False)
+        if got:
+            fe._close_lock.release()
+        return got
+    return bool(Attempt(take).result())
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("call", ["close", "open"])
+def test_an_open_or_close_interrupted_anywhere_leaves_close_to_any_thread(
+        host: SimHost, backend: Any, call: str) -> None:
+    """A Ctrl-C landing anywhere in the frontend's code during close()
+    (or open(), which holds close()'s lock up to its device) leaves that
+    lock free for every thread, and no thread marked as closing, so a
+    close() of another thread finishes it.  Held by the main thread, its
+    later close() would take it again, and only other threads' would
+    wait for good; marked as closing, its later close() would return at
+    once."""
+    within = os.path.dirname(_frontend.__file__)
+    guest = host.create_domain(f"interrupted-{call}-lock")
+    landed = []
+    for n in itertools.count():
+        fe = pvcalls.Frontend(guest, timeout=TIMEOUT)
+        try:
+            if call == "close":
+                fe.open()
+                where = interrupted_at(n, within, fe.close)
+            else:
+                where = interrupted_at(n, within, fe.open)
+            assert _close_lock_free_elsewhere(fe), f"close()'s lock left held, landing {where}"
+            assert fe._closer is None, f"a closer left, landing {where}"
+            assert Attempt(fe.close).result() is None
+            assert _closed_for_good(fe), where
+        finally:
+            fe.close()
+        if not where:
+            break
+        landed.append(where)
+    assert any("held" in where for where in landed), landed
+
+
 def _held(host: SimHost) -> tuple[dict[str, int], frozenset[tuple[int, str]]]:
     """The host's counts and this process's descriptors, each with what it
     refers to; collected first, so that what only waits for the garbage
