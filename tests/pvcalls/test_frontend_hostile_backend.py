@@ -5180,14 +5180,27 @@ def test_a_non_blocking_call_on_a_socket_closed_after_its_check_says_ebadf(
         late = PauseAt(pvcalls.PVSocket._send, "err = _connection_error(ring)")
         calling = Call(lambda: late.run(lambda: r.send(b"x")))
     assert late.reached.wait(TIMEOUT)
-    if closer == "frontend":
+    if closer == "socket":
+        closing = Call(r.close)
+        wait_until(lambda: r._closed)
+    else:
         # Frontend.close() dies only once its release of the socket is
         # over: it waits this long for the paused call to leave the
         # socket (then leaves its ring alone), and for the RELEASE.
         fe.timeout = 0.3
-    closing = Call(r.close if closer == "socket" else fe.close)
-    wait_until(lambda: r._closed if closer == "socket" else fe._dead)
+        # Dead, it stops before it closes its handles: closing the grant
+        # share handle ends the shares still live, the ring left alone
+        # among them, and the simulated host puts zero pages in their
+        # place.  The call, looking then, found an empty ring with room,
+        # and sent into it.
+        handles = PauseAt(pvcalls.Frontend.close, "self._release_handles()")
+        closing = Call(lambda: handles.run(fe.close))
+        assert handles.reached.wait(TIMEOUT)
+        assert fe._dead
     late.resume()
+    calling.join()
+    if closer == "frontend":
+        handles.resume()
     err = calling.oserror()
     assert (err.errno, err.strerror) == (errno.EBADF, os.strerror(errno.EBADF))
     assert closing.join().error is None
