@@ -715,10 +715,15 @@ class Frontend(Closing):
         elif self._xs is not None and self._connected and not self._xenstore_gone():
             try:
                 owned = self._write_own_nodes({"state": str(XenbusState.CLOSING.value)})
-                if owned:
+                # Not on XenStore's watch thread (a finaliser run there):
+                # the watch that would tell it the backend's state runs on
+                # that very thread.  The toolstack's removal still waits
+                # for the backend to close.
+                if owned and not self._xs.on_own_thread():
                     self._wait_backend(
                         lambda s: s >= XenbusState.CLOSING or s == XenbusState.UNKNOWN, "Closing"
                     )
+                if owned:
                     owned = self._write_own_nodes({"state": str(XenbusState.CLOSED.value)})
             except (OSError, TimeoutError) as exc:
                 logger.warning("closing frontend of domain %d: %s", self.domain.domid, exc)

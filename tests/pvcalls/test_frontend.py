@@ -3923,6 +3923,46 @@ def test_a_close_of_xenstores_thread_while_another_thread_closes_returns_at_once
     assert not caplog.records, caplog.text
 
 
+def test_a_close_of_xenstores_watch_thread_alone_closes_the_device(
+        host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """XenStore's watch thread closes the frontend (a finaliser it runs,
+    say), no other close() running: it closes it all, the device
+    removed.  Before, its wait for the backend's Closing, on the very
+    thread that would tell it, raised RuntimeError, and left the device
+    added and the handles open."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("close-alone-in-xenstore-thread"),
+                          timeout=TIMEOUT)
+    fe.open()
+    assert fe._xs is not None
+    device = fe.device
+    node = f"{device.frontend_path}/closes-here"
+    returned: list[BaseException | None] = []
+    ran = threading.Event()
+
+    def closing(_path: str) -> None:  # on the watch thread
+        if ran.is_set():
+            return
+        try:
+            fe.close()
+            returned.append(None)
+        except BaseException as exc:
+            returned.append(exc)
+        ran.set()
+
+    try:
+        fe._xs.watch(node, closing)
+        fe._xs.write(node, "1")
+        assert ran.wait(TIMEOUT)
+        assert returned == [None]
+        assert _closed_for_good(fe)
+        with XenStore.connect_to(host.dom0) as xs:
+            assert xs.read(f"{device.backend_path}/state") is None
+        assert not caplog.records, caplog.text
+    finally:
+        fe.close()
+
+
 def test_a_close_of_the_event_thread_takes_the_answers_to_its_releases(
         host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
     """The event thread closes the frontend (a finaliser it runs, say),
