@@ -364,6 +364,15 @@ class Frontend(Closing):
         # meanwhile), which costs a notify more, never one less.
         self._kicked_to = 0
         self._slots: list[Slot | None] = [None] * RING_SLOTS
+        # The answers taken off the command ring, each to be handed to its
+        # caller (a callback and its arguments), in ring order.  Appended
+        # under _lock; each taken off by the one popleft() that gets it,
+        # so that a close() run on the event thread as it hands them over
+        # (a finaliser) hands over the rest itself, and its waits for
+        # RELEASE answers find those already taken (see
+        # _take_own_answers).  Only the event thread takes from it.
+        self._handover: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = (
+            collections.deque())
         # Listeners that found no room for a POLL or ACCEPT they would not
         # wait for (fileno()'s POLL, a non-blocking accept()'s ACCEPT; a
         # non-blocking connect() that finds none fails with ENOBUFS): the
@@ -1764,17 +1773,22 @@ class Frontend(Closing):
                 broken = exc
                 self._ring_broken = True
                 self._die("the PV Calls backend broke the command ring")
+            handover = self._handover
+            handover.extend((sock._on_poll, (ret,)) for sock, ret in polls)
+            # See _readable().
+            handover.extend((sock._update_ready_or_log, ()) for sock in accepts)
+            handover.extend((callback, (ret,)) for callback, ret in done)
             self._cmd_cond.notify_all()
         if broken is not None:
             logger.error("pvcalls backend of domain %d broke the command ring: %s",
                          self.domain.domid, broken)
             self._wake_everyone()
-        for sock, ret in polls:
-            self._complete(sock._on_poll, ret)
-        for sock in accepts:
-            self._complete(sock._update_ready_or_log)  # see _readable()
-        for callback, ret in done:
-            self._complete(callback, ret)
+        while handover:
+            try:
+                fn, args = handover.popleft()
+            except IndexError:
+                break  # a close() run by the last one handed over the rest
+            self._complete(fn, *args)
         self._tell_room_waiters()
 
     @staticmethod
@@ -2169,7 +2183,9 @@ class Frontend(Closing):
     def _take_own_answers(self, deadline: Deadline) -> None:
         """The event thread in close(): take the RELEASEs' answers off the
         command ring itself, within ``deadline``, for waiting for them
-        would wait for itself (the whole timeout, then give them up)."""
+        would wait for itself (the whole timeout, then give them up).
+        Those it took already, as it handed over an answer before them
+        that led here, it hands over too (see ``_handover``)."""
         while True:
             self._on_command_event()
             with self._lock:

@@ -6258,3 +6258,36 @@ def test_a_timed_connect_that_connected_interrupted_anywhere_succeeds_once_more(
             s.close()
 
     _sweep(attempt, check, through=("_update_ready_or_log",))
+
+
+def test_a_close_of_the_event_thread_amid_answers_takes_those_already_taken(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The answers to two sockets' RELEASEs, taken off the command ring
+    together; handing over the first, the event thread closes the
+    frontend (a finaliser it runs there, say).  That close() counts the
+    second as answered: it is off the ring, its hand-over to come.
+    Before, it waited for an answer that nobody would take off the ring
+    any more, the whole timeout, then gave that RELEASE up (a warning)."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fake.hold = {PVCALLS_RELEASE}
+    first, _ = connected(fe, fake)
+    second, _ = connected(fe, fake)
+    returned = threading.Event()
+    real = _frontend.Frontend._released
+
+    def released(self: pvcalls.Frontend, rel: Any, ret: int) -> None:
+        real(self, rel, ret)
+        if rel.sock_id == first.id:
+            self.close()
+            returned.set()
+
+    monkeypatch.setattr(_frontend.Frontend, "_released", released)
+    first.close()
+    second.close()
+    answers = [(fake.next_request(PVCALLS_RELEASE), 0, {}) for _ in range(2)]
+    assert [req.id for req, _, _ in answers] == [first.id, second.id]
+    fake.respond_many(answers)
+    assert returned.wait(TIMEOUT / 2), "the event thread's close() waited for an answer taken"
+    assert fe.device is None
+    assert not [r for r in caplog.records if "not answered" in r.getMessage()], caplog.text
