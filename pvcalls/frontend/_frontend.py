@@ -1107,6 +1107,10 @@ class Frontend(Closing):
         if not any(fd == shared_fd for fd, _ in events):
             return False
         for _ in range(_PORT_BATCH):
+            if self._stopping:
+                # Stopped by a close() that a relay or handler ran here (a
+                # finaliser), which closed the handle: nothing to serve.
+                return False
             try:
                 port = evtchn.pending()
             except OSError as exc:
@@ -1170,9 +1174,10 @@ class Frontend(Closing):
             evtchn.unmask(port)
         except OSError:
             with self._lock:
-                if port in self._handlers and lost is None:
+                if port in self._handlers and lost is None and not self._stopping:
                     raise  # still bound, and left masked
-            # Unbound meanwhile (or the frontend fails anyway).
+            # Unbound meanwhile, or the handle closed by a close() that the
+            # handler ran (a finaliser), or the frontend fails anyway.
         if lost is not None:
             raise _AnswersLost(lost) from lost
 

@@ -6291,3 +6291,31 @@ def test_a_close_of_the_event_thread_amid_answers_takes_those_already_taken(
     assert returned.wait(TIMEOUT / 2), "the event thread's close() waited for an answer taken"
     assert fe.device is None
     assert not [r for r in caplog.records if "not answered" in r.getMessage()], caplog.text
+
+
+def test_a_close_of_the_event_thread_in_a_ports_handler_ends_the_thread_quietly(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The event thread closes the frontend as it runs the command
+    port's handler (a finaliser it runs there, say): once the handler
+    returns, the thread ends, no failure logged.  Before, it went on to
+    unmask the port on the handle the close() had closed, and logged
+    that it failed, with the handle's EBADF."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fake.hold = {PVCALLS_RELEASE}
+    s, _ = connected(fe, fake)
+    thread = fe._thread
+    assert thread is not None
+    real = _frontend.Frontend._released
+
+    def released(self: pvcalls.Frontend, rel: Any, ret: int) -> None:
+        real(self, rel, ret)
+        self.close()
+
+    monkeypatch.setattr(_frontend.Frontend, "_released", released)
+    s.close()
+    fake.respond(fake.next_request(PVCALLS_RELEASE), 0)
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    assert fe.device is None
+    assert not caplog.records, caplog.text
