@@ -1105,6 +1105,15 @@ class XenStore(_Ops, Closing):
         with self._closing:
             self._open()
 
+    def on_own_thread(self) -> bool:
+        """Whether the calling thread is one of the connection's own: the
+        watch thread (a callback) or pyxs's router thread (``on_lost``),
+        which :meth:`close` waits for to end.  Code run on them (a
+        finaliser too) must not wait for a thread that may be closing
+        the connection."""
+        me = threading.current_thread()
+        return me is self._thread or me is self._client.router.thread
+
     def _refuse_reopening(self, *, closing: bool = False) -> None:
         """:class:`RuntimeError` if the connection was closed (or, with
         ``closing``, is being closed) or lost: pyxs's client cannot

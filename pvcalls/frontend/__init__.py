@@ -185,9 +185,9 @@ down for writing); pass it only to ``select``/``poll``/``selectors``.
 A descriptor that cannot be brought up to date (the program closed it:
 EBADF; the kernel short of memory: ENOBUFS) fails none of the socket's
 calls that did their job: it is logged on the ``pvcalls.frontend``
-logger, once while it lasts (again if it comes back, at most once a
-minute), and :meth:`PVSocket.fileno` raises it, as ``close()`` does a
-descriptor the program closed.
+logger, once while it lasts (a closed one, for good; ENOBUFS again if it
+comes back, at most once a minute), and :meth:`PVSocket.fileno` raises
+it, as ``close()`` does a descriptor the program closed.
 
 asyncio: on the default (selector) event loop a non-blocking socket works
 with ``loop.sock_connect`` (connect() fails with EINPROGRESS, the answer

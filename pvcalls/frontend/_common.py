@@ -189,13 +189,13 @@ class Deadline:
         nap = self.nap()
         return RECHECK if nap is None else min(nap, RECHECK)
 
-    def take(self, lock: threading.Lock, taken: list[bool]) -> None:
-        """Take ``lock`` (a socket lock another thread may hold while it
-        waits) within the deadline, appending each try's outcome to
-        ``taken``: once it returns, the last is True.  Raises
-        :class:`BlockingIOError` at once in non-blocking mode,
-        :class:`TimeoutError` when the time is over.  A free lock is taken
-        also once the time is over.
+    def take(self, lock: threading.Lock | threading.RLock, taken: list[bool]) -> None:
+        """Take ``lock`` (a socket's lock, or Frontend.close()'s, which
+        another thread may hold while it waits) within the deadline,
+        appending each try's outcome to ``taken``: once it returns, the
+        last is True.  Raises :class:`BlockingIOError` at once in
+        non-blocking mode, :class:`TimeoutError` when the time is over.
+        A free lock is taken also once the time is over.
 
         Whatever interrupts it, the last outcome in ``taken`` says whether
         the caller holds the lock: each is recorded by the call that makes
@@ -216,7 +216,7 @@ class Deadline:
 
 
 @contextlib.contextmanager
-def held(lock: threading.Lock, deadline: Deadline,
+def held(lock: threading.Lock | threading.RLock, deadline: Deadline,
          busy: Callable[[], BaseException] | None = None) -> Iterator[None]:
     """``with lock:``, taken within ``deadline`` as :meth:`Deadline.take`
     takes it, and let go whatever interrupts the block or the taking.

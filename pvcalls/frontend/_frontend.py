@@ -79,6 +79,11 @@ class _Fatal(Exception):
         self.error = error
 
 
+class _ClosingElsewhere(Exception):
+    """A close() of a thread that close() joins found another one under
+    way (see Frontend.close)."""
+
+
 class _AnswersLost(_Fatal):
     """The command ring's handler failed with ``error``: the answers it
     took off the ring are lost to their callers."""
@@ -107,6 +112,11 @@ _ID_STRIDE = 0x100  # kmalloc-256, roughly sizeof(struct sock_mapping)
 #: waiting for the thread.  The handle's descriptor is level-triggered: the
 #: next wait returns at once while ports are pending.
 _PORT_BATCH = 64
+
+#: How often a close() on the event thread (a finaliser of its closing the
+#: frontend) looks at the command ring for the answers to its RELEASEs:
+#: nobody else takes them off, and no wake-up would come.
+_OWN_ANSWERS_POLL = 0.005
 
 #: Released data rings a frontend keeps for reuse (``2**ring_order`` data
 #: pages, an indexes page and a port each).
@@ -311,6 +321,16 @@ class Frontend(Closing):
         # callback is acting any more, or will).
         self._backend_watch: Watch | None = None
         self._watch_lock = threading.Lock()
+        # close() runs in one thread at a time: held for the whole of it,
+        # and _closer is the thread that runs it (set and cleared under
+        # it); open() holds it too, up to its device (see there).  Not
+        # taken by a thread close() joins (the event thread, the reaper,
+        # XenStore's), which would keep the holder in its join for good.
+        # An RLock: a close() of the holder's own (a signal's handler)
+        # takes it again, as the holder may not have said yet that it
+        # closes (before _closer is set); see close().
+        self._close_lock = threading.RLock()
+        self._closer: threading.Thread | None = None
         self._gntshr: GrantShare | None = None
         self._evtchn: EventChannel | None = None
         self._cmd_pages: SharedPages | None = None
@@ -344,6 +364,15 @@ class Frontend(Closing):
         # meanwhile), which costs a notify more, never one less.
         self._kicked_to = 0
         self._slots: list[Slot | None] = [None] * RING_SLOTS
+        # The answers taken off the command ring, each to be handed to its
+        # caller (a callback and its arguments), in ring order.  Appended
+        # under _lock; each taken off by the one popleft() that gets it,
+        # so that a close() run on the event thread as it hands them over
+        # (a finaliser) hands over the rest itself, and its waits for
+        # RELEASE answers find those already taken (see
+        # _take_own_answers).  Only the event thread takes from it.
+        self._handover: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = (
+            collections.deque())
         # Listeners that found no room for a POLL or ACCEPT they would not
         # wait for (fileno()'s POLL, a non-blocking accept()'s ACCEPT; a
         # non-blocking connect() that finds none fails with ENOBUFS): the
@@ -428,21 +457,26 @@ class Frontend(Closing):
         return self
 
     def open(self) -> None:
-        """Add the device and do the frontend handshake (up to Connected)."""
-        if self.device is not None:
-            raise RuntimeError("frontend already open")
-        # What an interrupted close() left (its thread, its handles) goes
-        # first: the new connection's would take their places.
-        self._release_handles()
-        self._reset_connection()
-        domain = self.domain
-        self._toolstack = domain.toolstack
-        # replace: a stale frontend of the same devid, its backend gone,
-        # may not have closed yet; the new one's device takes its place.
-        self.device = self._toolstack.add_device(
-            "pvcalls", frontend_id=domain.domid, backend_id=self.backend_id, devid=self.devid,
-            replace=True,
-        )
+        """Add the device and do the frontend handshake (up to Connected).
+        One made while another thread's close() runs waits for it to end."""
+        # Under close()'s lock up to the device: else a close() under way
+        # would close the handles made next, and this one those it closes.
+        with held(self._close_lock, Deadline(None)):
+            if self.device is not None:
+                raise RuntimeError("frontend already open")
+            # What an interrupted close() left (its thread, its handles)
+            # goes first: the new connection's would take their places.
+            self._release_handles()
+            self._reset_connection()
+            domain = self.domain
+            self._toolstack = domain.toolstack
+            # replace: a stale frontend of the same devid, its backend
+            # gone, may not have closed yet; the new one's device takes
+            # its place.
+            self.device = self._toolstack.add_device(
+                "pvcalls", frontend_id=domain.domid, backend_id=self.backend_id,
+                devid=self.devid, replace=True,
+            )
         try:
             self._connect()
         except BaseException:
@@ -629,10 +663,36 @@ class Frontend(Closing):
         the main thread) is finished by the next one: that one closes and
         removes the device again unless it is gone already, then stops the
         frontend's own thread and closes the handles that are left.
+
+        Calls at once take turns: one made while another thread's runs
+        waits for it to end (and finishes it, if it was cut short).  Not
+        so one that cannot wait for it, which returns at once and leaves
+        the closing to the close() under way: one inside that very close()
+        (a signal's handler that closes the frontend), or one of a thread
+        that close() waits for to end (a finaliser that the event thread,
+        the reaper or XenStore's threads run), when another thread's
+        close() runs.
         """
-        if self.device is not None:
-            self._close_device()
-        self._release_handles()
+        me = threading.current_thread()
+        xs = self._xs  # once: the close() under way drops it once closed
+        joined = (me is self._thread or me is self._reaper
+                  or (xs is not None and xs.on_own_thread()))
+        try:
+            with held(self._close_lock, Deadline(0.0 if joined else None), _ClosingElsewhere):
+                if self._closer is me:
+                    return  # inside this thread's close(), which goes on
+                # One of this thread's that ran before this line (a
+                # handler, as the lock's taking returned) ran whole: this
+                # one finds the frontend closed.
+                self._closer = me
+                try:
+                    if self.device is not None:
+                        self._close_device()
+                    self._release_handles()
+                finally:
+                    self._closer = None
+        except _ClosingElsewhere:
+            pass
 
     def _close_device(self) -> None:
         if self._backend_watch is not None:
@@ -664,10 +724,15 @@ class Frontend(Closing):
         elif self._xs is not None and self._connected and not self._xenstore_gone():
             try:
                 owned = self._write_own_nodes({"state": str(XenbusState.CLOSING.value)})
-                if owned:
+                # Not on XenStore's watch thread (a finaliser run there):
+                # the watch that would tell it the backend's state runs on
+                # that very thread.  The toolstack's removal still waits
+                # for the backend to close.
+                if owned and not self._xs.on_own_thread():
                     self._wait_backend(
                         lambda s: s >= XenbusState.CLOSING or s == XenbusState.UNKNOWN, "Closing"
                     )
+                if owned:
                     owned = self._write_own_nodes({"state": str(XenbusState.CLOSED.value)})
             except (OSError, TimeoutError) as exc:
                 logger.warning("closing frontend of domain %d: %s", self.domain.domid, exc)
@@ -1042,6 +1107,10 @@ class Frontend(Closing):
         if not any(fd == shared_fd for fd, _ in events):
             return False
         for _ in range(_PORT_BATCH):
+            if self._stopping:
+                # Stopped by a close() that a relay or handler ran here (a
+                # finaliser), which closed the handle: nothing to serve.
+                return False
             try:
                 port = evtchn.pending()
             except OSError as exc:
@@ -1105,9 +1174,10 @@ class Frontend(Closing):
             evtchn.unmask(port)
         except OSError:
             with self._lock:
-                if port in self._handlers and lost is None:
+                if port in self._handlers and lost is None and not self._stopping:
                     raise  # still bound, and left masked
-            # Unbound meanwhile (or the frontend fails anyway).
+            # Unbound meanwhile, or the handle closed by a close() that the
+            # handler ran (a finaliser), or the frontend fails anyway.
         if lost is not None:
             raise _AnswersLost(lost) from lost
 
@@ -1708,17 +1778,22 @@ class Frontend(Closing):
                 broken = exc
                 self._ring_broken = True
                 self._die("the PV Calls backend broke the command ring")
+            handover = self._handover
+            handover.extend((sock._on_poll, (ret,)) for sock, ret in polls)
+            # See _readable().
+            handover.extend((sock._update_ready_or_log, ()) for sock in accepts)
+            handover.extend((callback, (ret,)) for callback, ret in done)
             self._cmd_cond.notify_all()
         if broken is not None:
             logger.error("pvcalls backend of domain %d broke the command ring: %s",
                          self.domain.domid, broken)
             self._wake_everyone()
-        for sock, ret in polls:
-            self._complete(sock._on_poll, ret)
-        for sock in accepts:
-            self._complete(sock._update_ready_or_log)  # see _readable()
-        for callback, ret in done:
-            self._complete(callback, ret)
+        while handover:
+            try:
+                fn, args = handover.popleft()
+            except IndexError:
+                break  # a close() run by the last one handed over the rest
+            self._complete(fn, *args)
         self._tell_room_waiters()
 
     @staticmethod
@@ -2100,6 +2175,8 @@ class Frontend(Closing):
         the unanswered ones hold without reusing it.  Each is given up on
         once freed: a Ctrl-C meanwhile leaves the rest to the next close()."""
         deadline = Deadline(self.timeout)
+        if threading.current_thread() is self._thread:
+            self._take_own_answers(deadline)
         with self._lock:
             while self._releases and not self._dead:
                 try:
@@ -2107,6 +2184,24 @@ class Frontend(Closing):
                 except TimeoutError:
                     break
         self._give_up_releases()
+
+    def _take_own_answers(self, deadline: Deadline) -> None:
+        """The event thread in close(): take the RELEASEs' answers off the
+        command ring itself, within ``deadline``, for waiting for them
+        would wait for itself (the whole timeout, then give them up).
+        Those it took already, as it handed over an answer before them
+        that led here, it hands over too (see ``_handover``)."""
+        while True:
+            self._on_command_event()
+            with self._lock:
+                if not self._releases or self._dead:
+                    return
+                try:
+                    nap = deadline.nap()
+                except TimeoutError:
+                    return
+                self._cmd_cond.wait(_OWN_ANSWERS_POLL if nap is None
+                                    else min(nap, _OWN_ANSWERS_POLL))
 
     def _give_up_releases(self) -> None:
         """Free what the RELEASEs in flight hold, without reusing it: for

@@ -226,9 +226,23 @@ class ReadyFd:
         It may be taken again (a release cut short by a Ctrl-C, taken up
         again: see Frontend._close_readyfd), and goes on where it was cut
         short: an end closed (or, the program's, let go of) is not looked
-        at again.  Cut short as it checks the number, it leaves both ends
-        open for the next release to check again: closed then, a file of
-        the program's that took the number went with it."""
+        at again.  Cut short anywhere past its start, it closes ours, and
+        the user's end if a check made after the interrupt passes: the
+        one cut short may not have looked, or its answer was lost, and
+        closed unchecked, a file of the program's that took the number
+        went with it.  An end that fails that check is left for the next
+        release to let go of, and to say EBADF of."""
+        try:
+            self._close_user()
+        except OSError:
+            raise  # the check's answer: the end is let go of
+        except BaseException:
+            self._close_user_if_checked()
+            raise
+        finally:
+            self.ours.close()
+
+    def _close_user(self) -> None:
         if self.user.fileno() != -1:
             try:
                 self._check_user()
@@ -236,10 +250,18 @@ class ReadyFd:
                 # Closed, the program's other file would go with it (or,
                 # none there, one opened meanwhile).
                 self.user.detach()
-                self.ours.close()
                 raise
             self.user.close()
-        self.ours.close()
+
+    def _close_user_if_checked(self) -> None:
+        """:meth:`close`'s, cut short: the user's end closed only if its
+        number passes the check now; as it was if not."""
+        try:
+            if self.user.fileno() != -1:
+                self._check_user()
+                self.user.close()
+        except OSError:
+            pass
 
 
 def _checked(peek: Callable[[], tuple[memoryview, ...]]) -> tuple[memoryview, ...]:
@@ -2296,6 +2318,11 @@ class PVSocket(Closing):
         """
         ring = self._st.ring
         if deadline.timeout == 0.0:
+            if self._closed:
+                # Closed since the caller looked: its EBADF, as after a
+                # wait below, not what the close brought (the frontend's
+                # death, an empty ring's EAGAIN).
+                return
             if self._fe._dead and not ready():
                 raise self._fe._gone()
             if ring is not None and ring.failure is not None and not ready():
@@ -2467,8 +2494,10 @@ class PVSocket(Closing):
         the error is gone, and said again if it comes back, but not within
         :data:`_RETELL_AFTER` of the last time: an update that changes
         nothing goes through, so an error of every other event would have
-        logged a line at each.  Nothing is hidden: every later update
-        tries again, and a call that makes one raises what it meets
+        logged a line at each.  EBADF alone is said once for the life of
+        the socket: a descriptor the program closed stays so, and one of
+        those updates said nothing of it.  Nothing is hidden: every later
+        update tries again, and a call that makes one raises what it meets
         (fileno() does)."""
         try:
             self._update_ready()  # which ends the errors failing
@@ -2492,7 +2521,11 @@ class PVSocket(Closing):
                 if err not in self._ready_errors:
                     self._ready_errors |= {err}
                     last = told[err] if err in told else None
-                    tell = last is None or now - last >= _RETELL_AFTER
+                    # EBADF is for good (the program closed the
+                    # descriptor): an update that went through since
+                    # changed nothing, and so never looked at it.
+                    tell = last is None or (err != errno.EBADF
+                                            and now - last >= _RETELL_AFTER)
                     if tell:
                         told[err] = now
             if tell:

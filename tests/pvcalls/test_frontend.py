@@ -20,6 +20,7 @@ import math
 import os
 import select
 import selectors
+import signal
 import socket
 import struct
 import sys
@@ -34,7 +35,7 @@ from fdcensus import descriptors
 from highfds import FD_SETSIZE, descriptors_past_fd_setsize
 from pvcalls_rawfront import Call, echo_through, hold_accepts, sleeping_in_wait, wait_until
 from pyxs._internal import Op, Packet
-from racewindow import Attempt, PauseAt
+from racewindow import Attempt, PauseAt, line_of, stands_at
 from stolensignal import (
     OUTLASTS_THE_TEST,
     Interrupted,
@@ -3742,6 +3743,376 @@ def test_a_close_interrupted_while_its_thread_stops_is_finished_by_the_next(
         fe.close()
         os.close(r)
         os.close(w)
+
+
+def _closed_for_good(fe: pvcalls.Frontend) -> bool:
+    return (fe.device is None and fe._thread is None and fe._evtchn is None
+            and fe._xs is None and fe._gntshr is None and fe._ring is None)
+
+
+@pytest.mark.parametrize("where", [("_close_device", "self._release_sockets()"),
+                                   ("_release_handles", "self._evtchn.close()")])
+def test_a_close_while_another_thread_closes_waits_for_it(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, where: tuple[str, str]) -> None:
+    """Two threads close a frontend at once, the first stopped in the
+    device part or as it closes its handles: the second waits for the
+    first to end and returns once the frontend is closed.  Before, both
+    ran: the second closed it all, then the first took what it had
+    checked for a handle for one (AttributeError on None), or went on to
+    remove the device through the XenStore connection closed meanwhile
+    (a warning)."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain(f"close-twice-{where[0]}"), timeout=TIMEOUT)
+    fe.open()
+    pause = PauseAt.in_method(monkeypatch, _frontend.Frontend, *where)
+    first = Attempt(fe.close)
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        second = Attempt(fe.close)
+        wait_until(lambda: not second.thread.is_alive() or stands_at(
+            second.thread.ident or -1, pvcalls.Frontend.close, "self._close_lock"))
+        assert second.thread.is_alive(), "the second close() did not wait for the first"
+    finally:
+        pause.resume()
+    assert first.result() is None
+    assert second.result() is None
+    assert _closed_for_good(fe)
+    assert not caplog.records, caplog.text
+
+
+def test_a_close_from_a_signal_handler_inside_close_leaves_it_to_that_one(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A signal's handler that closes the frontend runs while the main
+    thread is in close(): the handler's close() returns at once and the
+    one it interrupted finishes.  Before, the handler's closed it all, and
+    the one it interrupted went on to remove the device through the
+    XenStore connection closed under it (a warning)."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    assert threading.current_thread() is threading.main_thread()
+    fe = pvcalls.Frontend(host.create_domain("close-in-handler"), timeout=TIMEOUT)
+    fe.open()
+    handled: list[None] = []
+    wait_releases = fe._wait_releases
+
+    def signalled() -> None:
+        monkeypatch.setattr(fe, "_wait_releases", wait_releases)  # one signal
+        wait_releases()
+        signal.raise_signal(signal.SIGUSR1)  # its handler runs as this call returns
+
+    old = signal.signal(signal.SIGUSR1, lambda *_: handled.append(fe.close()))
+    try:
+        monkeypatch.setattr(fe, "_wait_releases", signalled)
+        fe.close()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert handled == [None]
+    assert _closed_for_good(fe)
+    assert not caplog.records, caplog.text
+
+
+def test_a_close_inside_close_as_it_takes_its_lock_does_not_wait_for_itself(
+        host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A close() runs in a close() of the same thread that has taken its
+    lock but not yet said that it closes (where a signal's handler may
+    run, as the lock's taking returns): the inner one closes the
+    frontend, and the outer finds it closed.  With a plain lock the
+    inner one waited for good for the lock its own thread held."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("close-as-it-locks"), timeout=TIMEOUT)
+    fe.open()
+    code = pvcalls.Frontend.close.__code__
+    line = line_of(pvcalls.Frontend.close, "self._closer = me")
+    inner: list[None] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == line and not inner:
+            inner.append(fe.close())  # as a handler run there would (untraced)
+        return local
+
+    def traced() -> None:
+        sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+        try:
+            fe.close()
+        finally:
+            sys.settrace(None)
+
+    closing = Attempt(traced)
+    assert closing.result(msg="the close() inside close() waits for itself") is None
+    assert inner == [None]
+    assert _closed_for_good(fe)
+    assert not caplog.records, caplog.text
+
+
+def test_a_close_of_the_event_thread_while_another_thread_closes_returns_at_once(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The event thread closes the frontend (a finaliser it runs, say)
+    while another thread's close() is in the device part: it returns at
+    once, for that close() waits for it to end.  Before, it closed the
+    frontend under the other, which then went on to remove the device
+    through the XenStore connection closed meanwhile (a warning)."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("close-in-event-thread"), timeout=TIMEOUT)
+    fe.open()
+    r, w = os.pipe()
+    returned = threading.Event()
+    try:
+        def closing() -> None:  # a relay the event thread runs
+            os.read(r, 1)
+            fe.close()
+            returned.set()
+
+        with fe._lock:
+            assert fe._event_epoll is not None
+            fe._relays[r] = closing
+            fe._event_epoll.register(r, select.EPOLLIN)
+        pause = PauseAt.in_method(monkeypatch, _frontend.Frontend, "_close_device",
+                                  "self._release_sockets()")
+        first = Attempt(fe.close)
+        try:
+            assert pause.reached.wait(TIMEOUT)
+            os.write(w, b"x")
+            assert returned.wait(TIMEOUT)
+        finally:
+            pause.resume()
+        assert first.result() is None
+        assert _closed_for_good(fe)
+        assert not caplog.records, caplog.text
+    finally:
+        fe.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_a_close_of_xenstores_thread_while_another_thread_closes_returns_at_once(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """XenStore's watch thread closes the frontend (a finaliser it runs,
+    say) while another thread's close() is in the device part: it returns
+    at once, for that close() waits for it to end (closing the XenStore
+    connection).  Before, it waited for that close() for good, and that
+    close() for it."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("close-in-xenstore-thread"), timeout=TIMEOUT)
+    fe.open()
+    assert fe._xs is not None
+    node = f"{fe.device.frontend_path}/closes-here"
+    armed = threading.Event()
+    returned = threading.Event()
+
+    def closing(_path: str) -> None:  # on the watch thread
+        if armed.is_set() and not returned.is_set():
+            fe.close()
+            returned.set()
+
+    fe._xs.watch(node, closing)
+    pause = PauseAt.in_method(monkeypatch, _frontend.Frontend, "_close_device",
+                              "self._release_sockets()")
+    first = Attempt(fe.close)
+    assert pause.reached.wait(TIMEOUT)
+    armed.set()
+    fe._xs.write(node, "1")
+    # Not resumed unless it returned: that close() would then wait in its
+    # join of the watch thread for good (a daemon thread, left behind).
+    assert returned.wait(TIMEOUT), "the watch thread's close() waits for the other"
+    pause.resume()
+    assert first.result() is None
+    assert _closed_for_good(fe)
+    assert not caplog.records, caplog.text
+
+
+def test_a_close_of_xenstores_watch_thread_alone_closes_the_device(
+        host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """XenStore's watch thread closes the frontend (a finaliser it runs,
+    say), no other close() running: it closes it all, the device
+    removed.  Before, its wait for the backend's Closing, on the very
+    thread that would tell it, raised RuntimeError, and left the device
+    added and the handles open."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("close-alone-in-xenstore-thread"),
+                          timeout=TIMEOUT)
+    fe.open()
+    assert fe._xs is not None
+    device = fe.device
+    node = f"{device.frontend_path}/closes-here"
+    returned: list[BaseException | None] = []
+    ran = threading.Event()
+
+    def closing(_path: str) -> None:  # on the watch thread
+        if ran.is_set():
+            return
+        try:
+            fe.close()
+            returned.append(None)
+        except BaseException as exc:
+            returned.append(exc)
+        ran.set()
+
+    try:
+        fe._xs.watch(node, closing)
+        fe._xs.write(node, "1")
+        assert ran.wait(TIMEOUT)
+        assert returned == [None]
+        assert _closed_for_good(fe)
+        with XenStore.connect_to(host.dom0) as xs:
+            assert xs.read(f"{device.backend_path}/state") is None
+        assert not caplog.records, caplog.text
+    finally:
+        fe.close()
+
+
+def test_a_close_of_the_event_thread_takes_the_answers_to_its_releases(
+        host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The event thread closes the frontend (a finaliser it runs, say),
+    no other close() running, with a socket open: it takes the answer
+    to the socket's RELEASE itself, as nobody else would.  Before, it
+    waited the whole timeout for it, then gave it up (a warning)."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("event-thread-releases"), timeout=TIMEOUT)
+    fe.open()
+    sock = fe.socket()
+    r, w = os.pipe()
+    returned = threading.Event()
+    try:
+        def closing() -> None:  # a relay the event thread runs
+            os.read(r, 1)
+            fe.close()
+            returned.set()
+
+        with fe._lock:
+            assert fe._event_epoll is not None
+            fe._relays[r] = closing
+            fe._event_epoll.register(r, select.EPOLLIN)
+        os.write(w, b"x")
+        assert returned.wait(TIMEOUT / 2), "the event thread's close() waited for itself"
+        assert fe.device is None
+        assert not caplog.records, caplog.text
+    finally:
+        returned.wait(TIMEOUT)
+        fe.close()
+        sock.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_an_open_while_another_thread_closes_waits_for_it(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A thread opens the frontend again while another's close() is
+    closing its handles: the open() waits for the close() to end, then
+    opens it afresh.  Before, it closed what that close() had not yet
+    (open() finishes an interrupted close), made its own handles, and
+    the close() then went on to close those: the frontend open() left
+    open had no event channel, no XenStore connection."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("open-while-closing"), timeout=TIMEOUT)
+    fe.open()
+    pause = PauseAt.in_method(monkeypatch, _frontend.Frontend, "_release_handles",
+                              "self._evtchn.close()")
+    first = Attempt(fe.close)
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        opening = Attempt(fe.open)
+        wait_until(lambda: not opening.thread.is_alive() or stands_at(
+            opening.thread.ident or -1, pvcalls.Frontend.open, "self._close_lock"))
+        assert opening.thread.is_alive(), "the open() did not wait for the close()"
+    finally:
+        pause.resume()
+    try:
+        assert first.result() is None
+        assert opening.result() is None
+        assert fe.device is not None and fe._evtchn is not None and fe._xs is not None
+        fe.socket().close()
+        assert not caplog.records, caplog.text
+    finally:
+        fe.close()
+
+
+def test_a_close_of_the_reaper_while_another_thread_closes_returns_at_once(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The reaper closes the frontend (a finaliser it runs, say) while
+    another thread's close() is in the device part: it returns at once,
+    for that close() waits for it to end.  Were it to wait for the other,
+    that close() would give up on the reaper (a warning) and go on with
+    it still running."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("close-in-reaper"), timeout=TIMEOUT)
+    fe.open()
+    returned = threading.Event()
+    release = fe._release
+
+    def closing(st: Any, sock: Any = None) -> None:  # on the reaper
+        if threading.current_thread() is fe._reaper and not returned.is_set():
+            fe.close()
+            returned.set()
+        release(st, sock)
+
+    pause = PauseAt.in_method(monkeypatch, _frontend.Frontend, "_close_device",
+                              "self._release_sockets()")
+    first = Attempt(fe.close)
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        monkeypatch.setattr(fe, "_release", closing)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sock = fe.socket()
+            del sock
+            gc.collect()
+        assert _unclosed(caught)
+        assert returned.wait(TIMEOUT), "the reaper's close() waits for the other"
+    finally:
+        pause.resume()
+    assert first.result() is None
+    assert _closed_for_good(fe)
+    assert not caplog.records, caplog.text
+
+
+def _close_lock_free_elsewhere(fe: pvcalls.Frontend) -> bool:
+    """Whether another thread finds close()'s lock free (an RLock: the
+    thread that left it held would take it again)."""
+    def take() -> bool:
+        got = fe._close_lock.acquire(False)
+        if got:
+            fe._close_lock.release()
+        return got
+    return bool(Attempt(take).result())
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("call", ["close", "open"])
+def test_an_open_or_close_interrupted_anywhere_leaves_close_to_any_thread(
+        host: SimHost, backend: Any, call: str) -> None:
+    """A Ctrl-C landing anywhere in the frontend's code during close()
+    (or open(), which holds close()'s lock up to its device) leaves that
+    lock free for every thread, and no thread marked as closing, so a
+    close() of another thread finishes it.  Held by the main thread, its
+    later close() would take it again, and only other threads' would
+    wait for good; marked as closing, its later close() would return at
+    once."""
+    within = os.path.dirname(_frontend.__file__)
+    guest = host.create_domain(f"interrupted-{call}-lock")
+    landed = []
+    for n in itertools.count():
+        fe = pvcalls.Frontend(guest, timeout=TIMEOUT)
+        try:
+            if call == "close":
+                fe.open()
+                where = interrupted_at(n, within, fe.close)
+            else:
+                where = interrupted_at(n, within, fe.open)
+            assert _close_lock_free_elsewhere(fe), f"close()'s lock left held, landing {where}"
+            assert fe._closer is None, f"a closer left, landing {where}"
+            assert Attempt(fe.close).result() is None
+            assert _closed_for_good(fe), where
+        finally:
+            fe.close()
+        if not where:
+            break
+        landed.append(where)
+    assert any("held" in where for where in landed), landed
 
 
 def _held(host: SimHost) -> tuple[dict[str, int], frozenset[tuple[int, str]]]:

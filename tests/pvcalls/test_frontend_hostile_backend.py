@@ -5158,6 +5158,54 @@ def test_calls_on_sockets_the_frontend_closes_say_ebadf_however_late_they_look(
     closing.join()
 
 
+@pytest.mark.parametrize("closer", ["socket", "frontend"])
+@pytest.mark.parametrize("side", ["recv", "send"])
+def test_a_non_blocking_call_on_a_socket_closed_after_its_check_says_ebadf(
+        fe: pvcalls.Frontend, fake: FakeBackend, side: str, closer: str) -> None:
+    """A non-blocking recv() or send() that finds its socket open, then
+    another thread closes it (the socket alone, or the frontend, which
+    also dies), before it finds nothing to do: EBADF, as a blocking one
+    woken by the close says.  Before, it said EAGAIN, or the frontend's
+    ENOTCONN, for a socket closed under it."""
+    r, _ = connected(fe, fake)
+    r.setblocking(False)
+    if side == "recv":
+        late = PauseAt(pvcalls.PVSocket._receive, "err = ring.in_error()")
+        calling = Call(lambda: late.run(lambda: r.recv(10)))
+    else:
+        while r.send(bytes(1 << 16)) == 1 << 16:  # the fake reads nothing: fill the ring
+            pass
+        with pytest.raises(BlockingIOError):
+            r.send(b"x")
+        late = PauseAt(pvcalls.PVSocket._send, "err = _connection_error(ring)")
+        calling = Call(lambda: late.run(lambda: r.send(b"x")))
+    assert late.reached.wait(TIMEOUT)
+    if closer == "socket":
+        closing = Call(r.close)
+        wait_until(lambda: r._closed)
+    else:
+        # Frontend.close() dies only once its release of the socket is
+        # over: it waits this long for the paused call to leave the
+        # socket (then leaves its ring alone), and for the RELEASE.
+        fe.timeout = 0.3
+        # Dead, it stops before it closes its handles: closing the grant
+        # share handle ends the shares still live, the ring left alone
+        # among them, and the simulated host puts zero pages in their
+        # place.  The call, looking then, found an empty ring with room,
+        # and sent into it.
+        handles = PauseAt(pvcalls.Frontend.close, "self._release_handles()")
+        closing = Call(lambda: handles.run(fe.close))
+        assert handles.reached.wait(TIMEOUT)
+        assert fe._dead
+    late.resume()
+    calling.join()
+    if closer == "frontend":
+        handles.resume()
+    err = calling.oserror()
+    assert (err.errno, err.strerror) == (errno.EBADF, os.strerror(errno.EBADF))
+    assert closing.join().error is None
+
+
 def test_an_answered_entry_given_up_wakes_a_command_waiting_for_it(
         fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every response entry taken (31 by answered ACCEPTs, one by a BIND
@@ -5657,6 +5705,39 @@ def test_a_readiness_update_error_that_comes_back_is_logged_again_at_most_so_oft
         s.close()
 
 
+def test_a_descriptor_the_program_closed_is_logged_once_for_good(
+        fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The program closed the socket's fileno() descriptor: data comes
+    (its update fails, EBADF, said at DEBUG), recv() takes it (an update
+    that changes nothing goes through), and more data comes an hour later
+    (_RETELL_AFTER made 0).  Said once: the descriptor is as closed as it
+    was.  Before, each such round said it again, a line a minute for a
+    socket whose data comes and goes."""
+    from pvcalls.frontend import _socket as socket_module
+
+    monkeypatch.setattr(socket_module, "_RETELL_AFTER", 0.0)
+    s, ring = connected(fe, fake)
+    st_ring = s._st.ring
+    assert st_ring is not None
+    _descriptor_closed(s.fileno())
+    try:
+        for data in (b"x", b"y"):
+            ring.produce(data)
+            wait_until(st_ring.in_pending)
+            s._update_ready_or_log()  # readable: fails (if the event thread's has not)
+            assert s._ready_errors == {errno.EBADF}
+            assert s.recv(1) == data  # unreadable, as the record was: goes through
+            assert not s._ready_errors
+        said = _ready_warnings(log)
+        assert len(said) == 1, said
+        assert said[0].endswith(os.strerror(errno.EBADF))
+    finally:
+        with pytest.raises(OSError) as closing:
+            s.close()
+        assert closing.value.errno == errno.EBADF
+
+
 def test_a_readiness_update_error_gone_at_fileno_is_logged_when_it_comes_back(
         fe: pvcalls.Frontend, fake: FakeBackend, log: LogWatch,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -5802,6 +5883,55 @@ def test_a_release_interrupted_anywhere_closes_the_readiness_pair(
 
     landed = _sweep(attempt, check, through=("Frontend._release", "ReadyFd.close"))
     assert landed
+
+
+@pytest.mark.parametrize("program", ["left it", "closed it"])
+def test_a_readiness_pair_close_cut_short_closes_what_it_may_at_once(program: str) -> None:
+    """A Ctrl-C landing anywhere in ReadyFd.close but as it starts: our
+    end is closed at once, and the user's end too if the program left it
+    alone (its number is checked again after the interrupt).  If the
+    program closed it and another file took the number, that file stays,
+    and the next close says EBADF, unless the first had let go of the
+    number already.  Before, one landing in the number's check left both
+    ends open until the next release (Frontend.close(), maybe)."""
+    from pvcalls.frontend._socket import ReadyFd
+
+    within = os.path.dirname(_frontend.__file__)
+    null = os.stat(os.devnull)
+    landed = []
+    for n in itertools.count():
+        rfd = ReadyFd()
+        fd = rfd.fileno()
+        if program == "closed it":
+            _descriptor_closed(fd)  # /dev/null takes the number
+        try:
+            where = interrupted_at(n, within, rfd.close)
+        except OSError as exc:
+            assert program == "closed it" and exc.errno == errno.EBADF
+            where = ""
+        if not where:
+            break
+        landed.append(where)
+        if where.startswith("as it starts: ReadyFd.close,"):
+            assert rfd.ours.fileno() != -1
+        else:
+            assert rfd.ours.fileno() == -1, f"ours left open, landing {where}"
+            if program == "left it":
+                assert rfd.user.fileno() == -1, f"the user's end left open, landing {where}"
+        let_go = rfd.user.fileno() == -1
+        try:
+            rfd.close()  # the next release
+        except OSError as exc:
+            assert program == "closed it" and not let_go and exc.errno == errno.EBADF
+        else:
+            assert program == "left it" or let_go, f"no EBADF said, landing {where}"
+        assert rfd.user.fileno() == -1 and rfd.ours.fileno() == -1
+        if program == "closed it":
+            now = os.fstat(fd)
+            assert (now.st_dev, now.st_ino) == (null.st_dev, null.st_ino), where
+            _NULLED.remove(fd)
+            os.close(fd)
+    assert any("_check_user" in where for where in landed), landed
 
 
 def test_a_release_interrupted_anywhere_leaves_the_file_that_took_the_number(
@@ -6128,3 +6258,64 @@ def test_a_timed_connect_that_connected_interrupted_anywhere_succeeds_once_more(
             s.close()
 
     _sweep(attempt, check, through=("_update_ready_or_log",))
+
+
+def test_a_close_of_the_event_thread_amid_answers_takes_those_already_taken(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The answers to two sockets' RELEASEs, taken off the command ring
+    together; handing over the first, the event thread closes the
+    frontend (a finaliser it runs there, say).  That close() counts the
+    second as answered: it is off the ring, its hand-over to come.
+    Before, it waited for an answer that nobody would take off the ring
+    any more, the whole timeout, then gave that RELEASE up (a warning)."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fake.hold = {PVCALLS_RELEASE}
+    first, _ = connected(fe, fake)
+    second, _ = connected(fe, fake)
+    returned = threading.Event()
+    real = _frontend.Frontend._released
+
+    def released(self: pvcalls.Frontend, rel: Any, ret: int) -> None:
+        real(self, rel, ret)
+        if rel.sock_id == first.id:
+            self.close()
+            returned.set()
+
+    monkeypatch.setattr(_frontend.Frontend, "_released", released)
+    first.close()
+    second.close()
+    answers = [(fake.next_request(PVCALLS_RELEASE), 0, {}) for _ in range(2)]
+    assert [req.id for req, _, _ in answers] == [first.id, second.id]
+    fake.respond_many(answers)
+    assert returned.wait(TIMEOUT / 2), "the event thread's close() waited for an answer taken"
+    assert fe.device is None
+    assert not [r for r in caplog.records if "not answered" in r.getMessage()], caplog.text
+
+
+def test_a_close_of_the_event_thread_in_a_ports_handler_ends_the_thread_quietly(
+        fe: pvcalls.Frontend, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The event thread closes the frontend as it runs the command
+    port's handler (a finaliser it runs there, say): once the handler
+    returns, the thread ends, no failure logged.  Before, it went on to
+    unmask the port on the handle the close() had closed, and logged
+    that it failed, with the handle's EBADF."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fake.hold = {PVCALLS_RELEASE}
+    s, _ = connected(fe, fake)
+    thread = fe._thread
+    assert thread is not None
+    real = _frontend.Frontend._released
+
+    def released(self: pvcalls.Frontend, rel: Any, ret: int) -> None:
+        real(self, rel, ret)
+        self.close()
+
+    monkeypatch.setattr(_frontend.Frontend, "_released", released)
+    s.close()
+    fake.respond(fake.next_request(PVCALLS_RELEASE), 0)
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    assert fe.device is None
+    assert not caplog.records, caplog.text
