@@ -6022,7 +6022,10 @@ def test_a_blocked_call_whose_readiness_update_fails_as_it_wakes_does_its_job(
         readyfd.ours = _UpdateFails(ours, "send", err)  # readable
     try:
         if call == "send":
-            ring.put(OUT_CONS_OFFSET, ring.get(OUT_PROD_OFFSET))
+            # Room for its bytes alone: the send() fills the ring again,
+            # and its own update after them changes nothing, so makes no
+            # call that fails in the wake-up's stead.
+            ring.put(OUT_CONS_OFFSET, ring.get(OUT_CONS_OFFSET) + 4)
             ring.notify()
             assert blocked.join().error is None, blocked.error
             assert blocked.result == 4
