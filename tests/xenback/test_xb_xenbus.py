@@ -705,16 +705,13 @@ def test_a_second_unbind_of_a_port_whose_unbind_is_under_way_is_a_key_error(
     assert bdev.resources[1] == held - 1
 
 
-@pytest.mark.parametrize("how", ["unbind_evtchn", "release_resources"])
-def test_an_unbind_cut_short_once_done_is_finished_quietly(
-        host, driver, frontends, monkeypatch, caplog, how: str) -> None:
-    """unbind_evtchn() cut short by a Ctrl-C as the handle's unbind
-    returned: the port is unbound, but the device cannot tell, and keeps
-    it on record.  The next unbind_evtchn() of it, or the next release,
-    finishes the job without a word: the dispatcher's KeyError then says
-    the job was done, not that the driver unbound the port behind the
-    device's back."""
-    guest, dev, fe = connected(host, frontends)
+def _an_unbind_cut_short_once_done(host, driver, frontends, monkeypatch):
+    """A guest's device with a port bound, whose unbind_evtchn() a Ctrl-C
+    cut short as the handle's unbind returned: the port is unbound, but
+    the device cannot tell, and keeps it on record.  The device, the
+    guest's frontend, the port, and the number of ports the device held
+    before it bound it."""
+    guest, _, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
     held = bdev.resources[1]
     port = bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
@@ -730,6 +727,20 @@ def test_an_unbind_cut_short_once_done_is_finished_quietly(
         bdev.unbind_evtchn(port)
     monkeypatch.setattr(handle, "unbind", real_unbind)
     assert port not in driver.events.ports
+    return bdev, fe, port, held
+
+
+@pytest.mark.parametrize("how", ["unbind_evtchn", "release_resources"])
+def test_an_unbind_cut_short_once_done_is_finished_quietly(
+        host, driver, frontends, monkeypatch, caplog, how: str) -> None:
+    """unbind_evtchn() cut short by a Ctrl-C as the handle's unbind
+    returned: the port is unbound, but the device cannot tell, and keeps
+    it on record.  The next unbind_evtchn() of it, or the next release,
+    finishes the job without a word: the dispatcher's KeyError then says
+    the job was done, not that the driver unbound the port behind the
+    device's back."""
+    bdev, _, port, held = _an_unbind_cut_short_once_done(
+        host, driver, frontends, monkeypatch)
     if how == "unbind_evtchn":
         assert bdev.unbind_evtchn(port) is None
         assert bdev.resources[1] == held
@@ -747,22 +758,8 @@ def test_a_port_number_bound_again_after_an_unbind_cut_short_counts_once(
     same number: resources counted that port twice, on record and
     bound, until its next unbind.  Given out again, the number's record
     is over: the port counts once."""
-    guest, dev, fe = connected(host, frontends)
-    bdev = backend_device(driver, guest.domid)
-    held = bdev.resources[1]
-    port = bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
-    handle = driver.events._evtchn
-    real_unbind = handle.unbind
-
-    def unbind(number: int) -> None:
-        real_unbind(number)
-        raise KeyboardInterrupt  # a Ctrl-C as the handle's unbind returns
-
-    monkeypatch.setattr(handle, "unbind", unbind)
-    with pytest.raises(KeyboardInterrupt):
-        bdev.unbind_evtchn(port)
-    monkeypatch.setattr(handle, "unbind", real_unbind)
-    assert port not in driver.events.ports
+    bdev, fe, port, held = _an_unbind_cut_short_once_done(
+        host, driver, frontends, monkeypatch)
     assert bdev.resources[1] == held + 1  # on record, as far as the device can tell
     again = bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
     assert again == port  # the number freed, taken again
