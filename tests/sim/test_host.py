@@ -28,6 +28,7 @@ from hosthelpers import (
     SIM_CODE,
     SIM_ROUND_TRIP,
     answering_once,
+    cut_short_in_its_join,
     descriptors,
     eventually,
     every_landing,
@@ -3501,21 +3502,8 @@ def test_a_control_requests_records_outlive_a_close_cut_short(
     try:
         assert entered.wait(TIMEOUT)
         [server] = [t for t in threading.enumerate() if t.name.startswith("xenback-sim-control")]
-        join = server.join
-
-        def cut_short(timeout: float | None = None) -> None:
-            release.set()
-            raise Interrupted
-
         with caplog.at_level(logging.WARNING, logger="xenback.sim._host"):
-            server.join = cut_short  # type: ignore[method-assign]
-            try:
-                with pytest.raises(Interrupted):
-                    host.close()
-            finally:
-                del server.join
-            join(TIMEOUT)
-            assert not server.is_alive()
+            cut_short_in_its_join(server, host.close, release.set)
             message = (f"domain control request domain_destroy {{'domid': {guest.domid}}}"
                        f" failed: [Errno {errno.EIO}] a destroy failing (injected)")
             assert said() == [message]
