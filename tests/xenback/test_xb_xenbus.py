@@ -5220,6 +5220,43 @@ def test_a_drop_whose_look_ended_past_exception_too_is_finished_by_a_full_scan(
     assert said.count(f"{old.nodename}: removed") == 1
 
 
+@contextlib.contextmanager
+def _a_look_as_the_drop_forgets(driver, dom0_xs, dev, old, monkeypatch,
+                                pause: PauseAt) -> Iterator[None]:
+    """The drop of ``old`` (``dev``'s frontend directory removed: Closed),
+    held by ``pause`` in its forget, the device gone; meanwhile a look at
+    its path (an event there), done.  For the block, the drop still held;
+    at its end, let go and done, with its own look at the path."""
+    real = xenbus.BackendDriver._forget
+
+    def forget(self: BackendDriver, dev: xenbus.BackendDevice) -> None:
+        if dev.events.in_queue():  # the drop's, not a look's
+            pause.run(lambda: real(self, dev))
+        else:
+            real(self, dev)
+
+    monkeypatch.setattr(xenbus.BackendDriver, "_forget", forget)
+    # Held until the drop stands at the pause: a look at the path (the
+    # event of its own Closed) coming first would take the device first.
+    in_bus, release = threading.Event(), threading.Event()
+    driver._bus.call(lambda: (in_bus.set(), release.wait(TIMEOUT)))
+    try:
+        assert in_bus.wait(TIMEOUT)
+        dom0_xs.rm(dev.frontend_path)  # Unknown: Closed, and dropped
+        assert pause.reached.wait(TIMEOUT)
+        assert old.gone
+        dom0_xs.write(f"{dev.backend_path}/poke", "1")  # an event at its path
+        handed_over(driver.xenstore, "poke")
+        release.set()
+        driver._bus.flush()
+        yield
+    finally:
+        release.set()
+        pause.resume()
+    old.events.flush()  # the drop
+    driver._bus.flush()  # and its look at the path
+
+
 def test_a_look_at_the_path_during_the_drop_s_own_forget_says_removed_once(
         host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
     """The look at the path that finishes a drop cut short once gone
@@ -5230,34 +5267,9 @@ def test_a_look_at_the_path_during_the_drop_s_own_forget_says_removed_once(
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
     guest, dev, fe = connected(host, frontends)
     old = backend_device(driver, guest.domid)
-    real = xenbus.BackendDriver._forget
-    saying = PauseAt(real, "dev.ratelimit.close(logger)")
-
-    def forget(self: BackendDriver, dev: xenbus.BackendDevice) -> None:
-        if dev.events.in_queue():  # the drop's, not a look's
-            saying.run(lambda: real(self, dev))
-        else:
-            real(self, dev)
-
-    monkeypatch.setattr(xenbus.BackendDriver, "_forget", forget)
-    # Held until the drop stands in its forget: a look at the path (the
-    # event of its own Closed) would finish the drop first.
-    in_bus, release = threading.Event(), threading.Event()
-    driver._bus.call(lambda: (in_bus.set(), release.wait(TIMEOUT)))
-    try:
-        assert in_bus.wait(TIMEOUT)
-        dom0_xs.rm(dev.frontend_path)  # Unknown: Closed, and dropped
-        assert saying.reached.wait(TIMEOUT)
-        assert old.gone
-        dom0_xs.write(f"{dev.backend_path}/poke", "1")  # an event at its path
-        handed_over(driver.xenstore, "poke")
-        release.set()
-        driver._bus.flush()
-    finally:
-        release.set()
-        saying.resume()
-    old.events.flush()  # the drop
-    driver._bus.flush()  # and its look at the path
+    saying = PauseAt(xenbus.BackendDriver._forget, "dev.ratelimit.close(logger)")
+    with _a_look_as_the_drop_forgets(driver, dom0_xs, dev, old, monkeypatch, saying):
+        pass
     assert old not in driver.devices()
     said = [r.getMessage() for r in caplog.records]
     assert said.count(f"{old.nodename}: removed") == 1
@@ -5281,37 +5293,11 @@ def test_a_look_as_the_drop_releases_what_remove_took_leaves_the_device_to_it(
         plain_remove(d)
 
     driver.remove = remove_racing_a_work_item
-    real = xenbus.BackendDriver._forget
     unbinding = PauseAt(xenbus.BackendDevice._unbind, "record.events.unbind(port")
-
-    def forget(self: BackendDriver, dev: xenbus.BackendDevice) -> None:
-        if dev.events.in_queue():  # the drop's, not a look's
-            unbinding.run(lambda: real(self, dev))
-        else:
-            real(self, dev)
-
-    monkeypatch.setattr(xenbus.BackendDriver, "_forget", forget)
-    # Held until the drop stands in its unbind: a look at the path (the
-    # event of its own Closed) coming before the drop's forget would take
-    # the device first.
-    in_bus, release = threading.Event(), threading.Event()
-    driver._bus.call(lambda: (in_bus.set(), release.wait(TIMEOUT)))
-    try:
-        assert in_bus.wait(TIMEOUT)
-        dom0_xs.rm(dev.frontend_path)  # Unknown: Closed, and dropped
-        assert unbinding.reached.wait(TIMEOUT)
-        assert old.gone and old.resources == (0, 1)
-        dom0_xs.write(f"{dev.backend_path}/poke", "1")  # an event at its path
-        handed_over(driver.xenstore, "poke")
-        release.set()
-        driver._bus.flush()
+    with _a_look_as_the_drop_forgets(driver, dom0_xs, dev, old, monkeypatch, unbinding):
+        assert old.resources == (0, 1)  # the port the drop is unbinding
         assert old in driver.devices()
         assert f"{old.nodename}: removed" not in [r.getMessage() for r in caplog.records]
-    finally:
-        release.set()
-        unbinding.resume()
-    old.events.flush()  # the drop
-    driver._bus.flush()  # and its look at the path
     assert old not in driver.devices() and old.resources == (0, 0)
     said = [r.getMessage() for r in caplog.records]
     assert said.count(f"{old.nodename}: removed") == 1
