@@ -46,6 +46,7 @@ from xenback.sim._xenstored import XenStored
 
 if TYPE_CHECKING:
     import socket
+    from types import ModuleType
 
     from xenback.sim._hypervisor import Hypervisor
 
@@ -1843,6 +1844,45 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
         assert record.said() == said
 
 
+@contextlib.contextmanager
+def _a_slow_handler(
+        module: ModuleType, monkeypatch: pytest.MonkeyPatch, level: int | None = None,
+) -> Iterator[tuple[logging.handlers.BufferingHandler, threading.Event]]:
+    """A handler of ``module``'s logger (at ``level``, if given) whose lock
+    another thread holds until the event yielded with it is set: not the
+    caller of the stop() under test, so no deadlock, only a slow handler.
+    ``module``'s EMITTER_WAIT, how long that stop() waits for a thread
+    emitting, is past the test's own waits: a loaded machine's test
+    thread may look later than 1 s after the stop() began to wait.  At
+    the end, the lock let go, the handler removed, the logger's level as
+    it was, and monkeypatch undone."""
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    logger = logging.getLogger(module.__name__)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with kept.lock:
+            held.set()
+            release.wait(TIMEOUT)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    monkeypatch.setattr(module, "EMITTER_WAIT", 2 * TIMEOUT)
+    was = logger.level
+    logger.addHandler(kept)
+    if level is not None:
+        logger.setLevel(level)
+    try:
+        holder.start()
+        assert held.wait(TIMEOUT)
+        yield kept, release
+    finally:
+        release.set()
+        holder.join(TIMEOUT)
+        logger.removeHandler(kept)
+        logger.setLevel(was)
+        monkeypatch.undo()
+
+
 def test_stop_waits_a_while_for_a_service_thread_emitting(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The service thread emits a record to a handler whose lock another
@@ -1857,39 +1897,21 @@ def test_stop_waits_a_while_for_a_service_thread_emitting(
     from xenback.sim import _hypervisor
 
     hv, path, service = _serving_info_failing(tmp_path, monkeypatch)
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    hv_logger = logging.getLogger(_hypervisor.__name__)
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with kept.lock:
-            held.set()
-            release.wait(TIMEOUT)
-
-    holder = threading.Thread(target=hold, daemon=True)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    # Past the test's own waits: a loaded machine's test thread may look
-    # later than 1 s after stop() began to wait.
-    monkeypatch.setattr(_hypervisor, "EMITTER_WAIT", 2 * TIMEOUT)
-    hv_logger.addHandler(kept)
     try:
-        holder.start()
-        assert held.wait(TIMEOUT)
-        _service_logging(client, path, service)
-        stopper = Attempt(hv.stop)
-        assert stopper.thread.ident is not None
-        assert eventually(lambda: stands_at(stopper.thread.ident, _hypervisor.Hypervisor.stop,
-                                            "self._thread.join(")), "stop() does not wait"
-        release.set()
-        stopper.result()
-        assert not service.is_alive(), "the service thread outlived stop()"
-        assert [r.getMessage() for r in kept.buffer] == [
-            "hypervisor: request 'info' from domain 3 failed"]
+        with _a_slow_handler(_hypervisor, monkeypatch) as (kept, release):
+            _service_logging(client, path, service)
+            stopper = Attempt(hv.stop)
+            assert stopper.thread.ident is not None
+            assert eventually(lambda: stands_at(
+                stopper.thread.ident, _hypervisor.Hypervisor.stop,
+                "self._thread.join(")), "stop() does not wait"
+            release.set()
+            stopper.result()
+            assert not service.is_alive(), "the service thread outlived stop()"
+            assert [r.getMessage() for r in kept.buffer] == [
+                "hypervisor: request 'info' from domain 3 failed"]
     finally:
-        release.set()
-        holder.join(TIMEOUT)
-        hv_logger.removeHandler(kept)
-        monkeypatch.undo()
         client.close()
         hv.stop()
 
@@ -2250,47 +2272,26 @@ def test_close_waits_a_while_for_a_toolstack_thread_emitting(
 
     host = SimHost(tmp_path / "run")
     host.start()
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    host_logger = logging.getLogger(_host.__name__)
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with kept.lock:
-            held.set()
-            release.wait(TIMEOUT)
-
-    holder = threading.Thread(target=hold, daemon=True)
-    # Past the test's own waits: a loaded machine's test thread may look
-    # later than 1 s after close() began to wait.
-    monkeypatch.setattr(_host, "EMITTER_WAIT", 2 * TIMEOUT)
-    level = host_logger.level
-    host_logger.addHandler(kept)
-    host_logger.setLevel(logging.INFO)
     try:
-        holder.start()
-        assert held.wait(TIMEOUT)
-        requester = Attempt(functools.partial(create_domain, host.run_dir, "guest"))
-        assert eventually(lambda: any(
-            t.name == "xenback-sim-control:domain_create" and t.ident and _emitting(t)
-            for t in threading.enumerate())), "the toolstack's thread does not emit"
-        [control] = [t for t in threading.enumerate()
-                     if t.name == "xenback-sim-control:domain_create"]
-        assert requester.result() == Domain(host.run_dir, 1, "guest",
-                                            host.run_dir / "domains" / "1" / "xenstore")
-        closer = Attempt(host.close)
-        assert closer.thread.ident is not None
-        assert eventually(lambda: stands_at(closer.thread.ident, SimHost.close,
-                                            "thread.join(EMITTER_WAIT)")), "close() does not wait"
-        release.set()
-        assert closer.result() is None
-        assert not control.is_alive(), "the toolstack's thread outlived close()"
-        assert [r.getMessage() for r in kept.buffer] == ["created domain 1 (guest)"]
+        with _a_slow_handler(_host, monkeypatch, logging.INFO) as (kept, release):
+            requester = Attempt(functools.partial(create_domain, host.run_dir, "guest"))
+            assert eventually(lambda: any(
+                t.name == "xenback-sim-control:domain_create" and t.ident and _emitting(t)
+                for t in threading.enumerate())), "the toolstack's thread does not emit"
+            [control] = [t for t in threading.enumerate()
+                         if t.name == "xenback-sim-control:domain_create"]
+            assert requester.result() == Domain(host.run_dir, 1, "guest",
+                                                host.run_dir / "domains" / "1" / "xenstore")
+            closer = Attempt(host.close)
+            assert closer.thread.ident is not None
+            assert eventually(lambda: stands_at(
+                closer.thread.ident, SimHost.close,
+                "thread.join(EMITTER_WAIT)")), "close() does not wait"
+            release.set()
+            assert closer.result() is None
+            assert not control.is_alive(), "the toolstack's thread outlived close()"
+            assert [r.getMessage() for r in kept.buffer] == ["created domain 1 (guest)"]
     finally:
-        release.set()
-        holder.join(TIMEOUT)
-        host_logger.removeHandler(kept)
-        host_logger.setLevel(level)
-        monkeypatch.undo()
         host.close()
 
 
