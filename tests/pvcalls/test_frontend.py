@@ -3851,6 +3851,39 @@ def test_a_close_inside_close_as_it_takes_its_lock_does_not_wait_for_itself(
     assert not caplog.records, caplog.text
 
 
+@contextlib.contextmanager
+def _closing_on_the_event_thread(
+        fe: pvcalls.Frontend) -> Iterator[tuple[Callable[[], object], threading.Event]]:
+    """For the block, a relay of ``fe``'s event thread (as a finaliser it
+    runs would) that closes ``fe`` once the callable yielded is called;
+    the event yielded is set once that close() has returned.  At the end,
+    once it has (if it ran), ``fe`` is closed, and the relay's pipe."""
+    r, w = os.pipe()
+    asked, returned = threading.Event(), threading.Event()
+
+    def closing() -> None:
+        os.read(r, 1)
+        fe.close()
+        returned.set()
+
+    def close_there() -> None:
+        asked.set()
+        os.write(w, b"x")
+
+    try:
+        with fe._lock:
+            assert fe._event_epoll is not None
+            fe._relays[r] = closing
+            fe._event_epoll.register(r, select.EPOLLIN)
+        yield close_there, returned
+    finally:
+        if asked.is_set():
+            returned.wait(TIMEOUT)  # not beside that close(), should it run late
+        fe.close()
+        os.close(r)
+        os.close(w)
+
+
 def test_a_close_of_the_event_thread_while_another_thread_closes_returns_at_once(
         host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -3862,34 +3895,19 @@ def test_a_close_of_the_event_thread_while_another_thread_closes_returns_at_once
     caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
     fe = pvcalls.Frontend(host.create_domain("close-in-event-thread"), timeout=TIMEOUT)
     fe.open()
-    r, w = os.pipe()
-    returned = threading.Event()
-    try:
-        def closing() -> None:  # a relay the event thread runs
-            os.read(r, 1)
-            fe.close()
-            returned.set()
-
-        with fe._lock:
-            assert fe._event_epoll is not None
-            fe._relays[r] = closing
-            fe._event_epoll.register(r, select.EPOLLIN)
+    with _closing_on_the_event_thread(fe) as (close_there, returned):
         pause = PauseAt.in_method(monkeypatch, _frontend.Frontend, "_close_device",
                                   "self._release_sockets()")
         first = Attempt(fe.close)
         try:
             assert pause.reached.wait(TIMEOUT)
-            os.write(w, b"x")
+            close_there()
             assert returned.wait(TIMEOUT)
         finally:
             pause.resume()
         assert first.result() is None
         assert _closed_for_good(fe)
         assert not caplog.records, caplog.text
-    finally:
-        fe.close()
-        os.close(r)
-        os.close(w)
 
 
 def test_a_close_of_xenstores_thread_while_another_thread_closes_returns_at_once(
@@ -3978,29 +3996,12 @@ def test_a_close_of_the_event_thread_takes_the_answers_to_its_releases(
     caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
     fe = pvcalls.Frontend(host.create_domain("event-thread-releases"), timeout=TIMEOUT)
     fe.open()
-    sock = fe.socket()
-    r, w = os.pipe()
-    returned = threading.Event()
-    try:
-        def closing() -> None:  # a relay the event thread runs
-            os.read(r, 1)
-            fe.close()
-            returned.set()
-
-        with fe._lock:
-            assert fe._event_epoll is not None
-            fe._relays[r] = closing
-            fe._event_epoll.register(r, select.EPOLLIN)
-        os.write(w, b"x")
+    with (contextlib.closing(fe.socket()),
+          _closing_on_the_event_thread(fe) as (close_there, returned)):
+        close_there()
         assert returned.wait(TIMEOUT / 2), "the event thread's close() waited for itself"
         assert fe.device is None
         assert not caplog.records, caplog.text
-    finally:
-        returned.wait(TIMEOUT)
-        fe.close()
-        sock.close()
-        os.close(r)
-        os.close(w)
 
 
 def test_an_open_while_another_thread_closes_waits_for_it(

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from fdcensus import descriptors  # noqa: F401  (re-exported for the sim tests)
 from racewindow import TIMEOUT, Attempt, PauseAt
+from stolensignal import Interrupted
 
 import xenback.sim
 from xenback.sim import Domain, EventChannel, GrantShare, GrantTable, SimHost
@@ -71,6 +72,27 @@ def eventually(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+def cut_short_in_its_join(thread: threading.Thread, stop: Callable[[], object],
+                          first: Callable[[], object] = lambda: None) -> None:
+    """``stop()`` cut short by a Ctrl-C in its join of ``thread`` (which
+    calls ``first()``, then raises without waiting); ``thread``, which
+    goes on, joined then: it has ended."""
+    join = thread.join
+
+    def cut_short(timeout: float | None = None) -> None:
+        first()
+        raise Interrupted
+
+    thread.join = cut_short  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Interrupted):
+            stop()
+    finally:
+        del thread.join
+    join(TIMEOUT)
+    assert not thread.is_alive()
 
 
 def refused_as_not_running(xsd: XenStored) -> None:

@@ -28,13 +28,14 @@ from hosthelpers import (
     SIM_CODE,
     SIM_ROUND_TRIP,
     answering_once,
+    cut_short_in_its_join,
     descriptors,
     eventually,
     every_landing,
     landings,
     wait_pending,
 )
-from racewindow import TIMEOUT, stands_at
+from racewindow import TIMEOUT, Attempt, stands_at
 from stolensignal import OUTLASTS_THE_TEST, Interrupted, interrupted_as_call_returns, interrupted_at
 
 from workqueue import shown
@@ -45,6 +46,7 @@ from xenback.sim._xenstored import XenStored
 
 if TYPE_CHECKING:
     import socket
+    from types import ModuleType
 
     from xenback.sim._hypervisor import Hypervisor
 
@@ -1842,6 +1844,45 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
         assert record.said() == said
 
 
+@contextlib.contextmanager
+def _a_slow_handler(
+        module: ModuleType, monkeypatch: pytest.MonkeyPatch, level: int | None = None,
+) -> Iterator[tuple[logging.handlers.BufferingHandler, threading.Event]]:
+    """A handler of ``module``'s logger (at ``level``, if given) whose lock
+    another thread holds until the event yielded with it is set: not the
+    caller of the stop() under test, so no deadlock, only a slow handler.
+    ``module``'s EMITTER_WAIT, how long that stop() waits for a thread
+    emitting, is past the test's own waits: a loaded machine's test
+    thread may look later than 1 s after the stop() began to wait.  At
+    the end, the lock let go, the handler removed, the logger's level as
+    it was, and monkeypatch undone."""
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    logger = logging.getLogger(module.__name__)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with kept.lock:
+            held.set()
+            release.wait(TIMEOUT)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    monkeypatch.setattr(module, "EMITTER_WAIT", 2 * TIMEOUT)
+    was = logger.level
+    logger.addHandler(kept)
+    if level is not None:
+        logger.setLevel(level)
+    try:
+        holder.start()
+        assert held.wait(TIMEOUT)
+        yield kept, release
+    finally:
+        release.set()
+        holder.join(TIMEOUT)
+        logger.removeHandler(kept)
+        logger.setLevel(was)
+        monkeypatch.undo()
+
+
 def test_stop_waits_a_while_for_a_service_thread_emitting(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The service thread emits a record to a handler whose lock another
@@ -1856,39 +1897,21 @@ def test_stop_waits_a_while_for_a_service_thread_emitting(
     from xenback.sim import _hypervisor
 
     hv, path, service = _serving_info_failing(tmp_path, monkeypatch)
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    hv_logger = logging.getLogger(_hypervisor.__name__)
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with kept.lock:
-            held.set()
-            release.wait(TIMEOUT)
-
-    holder = threading.Thread(target=hold, daemon=True)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    # Past the test's own waits: a loaded machine's test thread may look
-    # later than 1 s after stop() began to wait.
-    monkeypatch.setattr(_hypervisor, "EMITTER_WAIT", 2 * TIMEOUT)
-    hv_logger.addHandler(kept)
     try:
-        holder.start()
-        assert held.wait(TIMEOUT)
-        _service_logging(client, path, service)
-        stopper = Attempt(hv.stop)
-        assert stopper.thread.ident is not None
-        assert eventually(lambda: stands_at(stopper.thread.ident, _hypervisor.Hypervisor.stop,
-                                            "self._thread.join(")), "stop() does not wait"
-        release.set()
-        stopper.result()
-        assert not service.is_alive(), "the service thread outlived stop()"
-        assert [r.getMessage() for r in kept.buffer] == [
-            "hypervisor: request 'info' from domain 3 failed"]
+        with _a_slow_handler(_hypervisor, monkeypatch) as (kept, release):
+            _service_logging(client, path, service)
+            stopper = Attempt(hv.stop)
+            assert stopper.thread.ident is not None
+            assert eventually(lambda: stands_at(
+                stopper.thread.ident, _hypervisor.Hypervisor.stop,
+                "self._thread.join(")), "stop() does not wait"
+            release.set()
+            stopper.result()
+            assert not service.is_alive(), "the service thread outlived stop()"
+            assert [r.getMessage() for r in kept.buffer] == [
+                "hypervisor: request 'info' from domain 3 failed"]
     finally:
-        release.set()
-        holder.join(TIMEOUT)
-        hv_logger.removeHandler(kept)
-        monkeypatch.undo()
         client.close()
         hv.stop()
 
@@ -2249,47 +2272,26 @@ def test_close_waits_a_while_for_a_toolstack_thread_emitting(
 
     host = SimHost(tmp_path / "run")
     host.start()
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    host_logger = logging.getLogger(_host.__name__)
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with kept.lock:
-            held.set()
-            release.wait(TIMEOUT)
-
-    holder = threading.Thread(target=hold, daemon=True)
-    # Past the test's own waits: a loaded machine's test thread may look
-    # later than 1 s after close() began to wait.
-    monkeypatch.setattr(_host, "EMITTER_WAIT", 2 * TIMEOUT)
-    level = host_logger.level
-    host_logger.addHandler(kept)
-    host_logger.setLevel(logging.INFO)
     try:
-        holder.start()
-        assert held.wait(TIMEOUT)
-        requester = Attempt(functools.partial(create_domain, host.run_dir, "guest"))
-        assert eventually(lambda: any(
-            t.name == "xenback-sim-control:domain_create" and t.ident and _emitting(t)
-            for t in threading.enumerate())), "the toolstack's thread does not emit"
-        [control] = [t for t in threading.enumerate()
-                     if t.name == "xenback-sim-control:domain_create"]
-        assert requester.result() == Domain(host.run_dir, 1, "guest",
-                                            host.run_dir / "domains" / "1" / "xenstore")
-        closer = Attempt(host.close)
-        assert closer.thread.ident is not None
-        assert eventually(lambda: stands_at(closer.thread.ident, SimHost.close,
-                                            "thread.join(EMITTER_WAIT)")), "close() does not wait"
-        release.set()
-        assert closer.result() is None
-        assert not control.is_alive(), "the toolstack's thread outlived close()"
-        assert [r.getMessage() for r in kept.buffer] == ["created domain 1 (guest)"]
+        with _a_slow_handler(_host, monkeypatch, logging.INFO) as (kept, release):
+            requester = Attempt(functools.partial(create_domain, host.run_dir, "guest"))
+            assert eventually(lambda: any(
+                t.name == "xenback-sim-control:domain_create" and t.ident and _emitting(t)
+                for t in threading.enumerate())), "the toolstack's thread does not emit"
+            [control] = [t for t in threading.enumerate()
+                         if t.name == "xenback-sim-control:domain_create"]
+            assert requester.result() == Domain(host.run_dir, 1, "guest",
+                                                host.run_dir / "domains" / "1" / "xenstore")
+            closer = Attempt(host.close)
+            assert closer.thread.ident is not None
+            assert eventually(lambda: stands_at(
+                closer.thread.ident, SimHost.close,
+                "thread.join(EMITTER_WAIT)")), "close() does not wait"
+            release.set()
+            assert closer.result() is None
+            assert not control.is_alive(), "the toolstack's thread outlived close()"
+            assert [r.getMessage() for r in kept.buffer] == ["created domain 1 (guest)"]
     finally:
-        release.set()
-        holder.join(TIMEOUT)
-        host_logger.removeHandler(kept)
-        host_logger.setLevel(level)
-        monkeypatch.undo()
         host.close()
 
 
@@ -2653,17 +2655,51 @@ def test_stop_keeps_no_removal_thread_left_by_a_ctrl_c(
         hv.stop()
 
 
-def test_a_signal_handlers_stop_as_the_service_thread_ends_logging_ends(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A removal another thread asked for as stop() came, answered by the
-    service thread as it ends, logs (refusals the domain's log was
-    spared), while the main thread emits a record through that handler,
-    the lock held, and a signal's handler stopped the service (a host
-    closed on SIGTERM).  stop() ends, and emits the record once.  Emitted
-    by the service thread, it kept stop()'s join waiting for the lock
-    stop()'s caller held: for ever."""
-    from racewindow import Attempt
+class _LastRecord:
+    """A started hypervisor (``hv``) whose service thread (``service``)
+    runs only once let go (``go``), and a removal of a domain whose log
+    was spared a refusal, asked for in another thread (``remover``) and
+    queued for the service thread: answered as that thread ends, it logs
+    :attr:`SAID`, the thread's last record, which ``kept``, a handler of
+    the hypervisor's logger, gets once emitted."""
 
+    SAID = ["hypervisor: domain 3: 1 message suppressed"]
+
+    def __init__(self, hv: Hypervisor, go: threading.Event, service: threading.Thread,
+                 remover: Attempt, kept: logging.handlers.BufferingHandler) -> None:
+        self.hv = hv
+        self.go = go
+        self.service = service
+        self.remover = remover
+        self.kept = kept
+
+    def go_once_joined(self, ident: int) -> Attempt:
+        """Let the service thread run once thread ``ident`` waits in stop()
+        to join it (or once let go already), from a thread of its own; its
+        result: whether it came to that."""
+        from xenback.sim import _hypervisor
+
+        def let_go() -> bool:
+            came = eventually(lambda: self.go.is_set() or stands_at(
+                ident, _hypervisor.Hypervisor.stop, "self._thread.join("))
+            self.go.set()
+            return came
+
+        return Attempt(let_go)
+
+    def said(self) -> list[str]:
+        """The messages of the records ``kept`` got, in order."""
+        return [r.getMessage() for r in self.kept.buffer]
+
+
+@contextlib.contextmanager
+def _the_service_ending_with_a_record(
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_LastRecord]:
+    """A _LastRecord for the block, its hypervisor at ``path``.  At its
+    end, the service thread let go, ``kept`` removed, monkeypatch undone,
+    and the hypervisor stopped, unless the service thread is stuck (in a
+    record whose handler's lock a test's thread stuck in stop() holds:
+    this stop() would wait for it too)."""
     from xenback.sim import _hypervisor
 
     go = threading.Event()
@@ -2673,34 +2709,56 @@ def test_a_signal_handlers_stop_as_the_service_thread_ends_logging_ends(
             go.wait(OUTLASTS_THE_TEST)
             super().run()
 
-    hv = _hypervisor.Hypervisor(tmp_path)
+    hv = _hypervisor.Hypervisor(path)
     monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(Late))
-    hv.add_domain(3, "guest")
-    _with_refusals_unreported(hv, 3)
-    hv.start()
-    service = hv._thread
-    assert service is not None
-    remover = Attempt(lambda: hv.remove_domain(3))
-
-    # In a test's thread standing for the main one: its stop() joins the
-    # service thread as the main one's would (the removal, asked for in
-    # another thread, is the service thread's).
-    def in_a_record() -> object:
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    hv_logger = logging.getLogger(_hypervisor.__name__)
+    hv_logger.addHandler(kept)
+    service = None
+    try:
+        hv.add_domain(3, "guest")
+        _with_refusals_unreported(hv, 3)
+        hv.start()
+        service = hv._thread
+        assert service is not None
+        remover = Attempt(lambda: hv.remove_domain(3))
         assert eventually(lambda: hv._removals != []), "the removal is not queued"
-        me = threading.get_ident()
-        # The service thread runs once stop() waits for it to end.
-        Attempt(lambda: (eventually(lambda: go.is_set() or stands_at(
-            me, _hypervisor.Hypervisor.stop, "self._thread.join(")), go.set()))
-        return hv.stop()
+        yield _LastRecord(hv, go, service, remover, kept)
+    finally:
+        go.set()
+        hv_logger.removeHandler(kept)
+        monkeypatch.undo()
+        if service is not None:
+            service.join(TIMEOUT)
+        if service is None or not service.is_alive():
+            hv.stop()
 
-    with _main_in_a_record(hv, monkeypatch, go.set) as record:
-        outcome = record.call(
-            in_a_record,
-            msg="stop() waits for the service thread, which waits for its caller's lock")
-        assert outcome is None
-        assert not service.is_alive()
-        assert remover.result() is None
-        assert record.said() == ["hypervisor: domain 3: 1 message suppressed"]
+
+def test_a_signal_handlers_stop_as_the_service_thread_ends_logging_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A removal another thread asked for as stop() came, answered by the
+    service thread as it ends, logs (refusals the domain's log was
+    spared), while the main thread emits a record through that handler,
+    the lock held, and a signal's handler stopped the service (a host
+    closed on SIGTERM).  stop() ends, and emits the record once.  Emitted
+    by the service thread, it kept stop()'s join waiting for the lock
+    stop()'s caller held: for ever."""
+    with _the_service_ending_with_a_record(tmp_path, monkeypatch) as last:
+        # In a test's thread standing for the main one: its stop() joins
+        # the service thread as the main one's would (the removal, asked
+        # for in another thread, is the service thread's).
+        def in_a_record() -> object:
+            last.go_once_joined(threading.get_ident())
+            return last.hv.stop()
+
+        with _main_in_a_record(last.hv, monkeypatch, last.go.set) as record:
+            outcome = record.call(
+                in_a_record,
+                msg="stop() waits for the service thread, which waits for its caller's lock")
+            assert outcome is None
+            assert not last.service.is_alive()
+            assert last.remover.result() is None
+            assert record.said() == last.SAID
 
 
 def test_the_service_threads_last_records_are_emitted_once_by_stop_cut_short(
@@ -2711,49 +2769,22 @@ def test_the_service_threads_last_records_are_emitted_once_by_stop_cut_short(
     Ctrl-C landing anywhere in stop(), then stop() again: it is emitted
     once.  One landing as it was emitted left it to the next stop(),
     which emitted it again."""
-    from racewindow import Attempt, line_of
+    from racewindow import line_of
 
-    from xenback.sim import _heldlog, _hypervisor
+    from xenback.sim import _heldlog
 
     def landing(n: int) -> str:
-        go = threading.Event()
-
-        class Late(threading.Thread):
-            def run(self) -> None:
-                go.wait(OUTLASTS_THE_TEST)
-                super().run()
-
-        hv = _hypervisor.Hypervisor(tmp_path / str(n))
-        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(Late))
-        kept = logging.handlers.BufferingHandler(capacity=100)
-        hv_logger = logging.getLogger(_hypervisor.__name__)
-        hv_logger.addHandler(kept)
-        where = ""
-        try:
-            hv.add_domain(3, "guest")
-            _with_refusals_unreported(hv, 3)
-            hv.start()
-            remover = Attempt(lambda: hv.remove_domain(3))
-            assert eventually(lambda: hv._removals != []), "the removal is not queued"
-            main = threading.get_ident()
-            # The service thread runs once stop() waits for it to end.
-            resumer = Attempt(lambda: (
-                eventually(lambda: go.is_set() or stands_at(
-                    main, _hypervisor.Hypervisor.stop, "self._thread.join(")),
-                go.set()))
+        with _the_service_ending_with_a_record(tmp_path / str(n), monkeypatch) as last:
+            resumer = last.go_once_joined(threading.get_ident())
             try:
-                where = interrupted_at(n, SIM_CODE, hv.stop)
+                where = interrupted_at(n, SIM_CODE, last.hv.stop)
             finally:
-                go.set()
-                hv.stop()
-            assert remover.result() is None, where
-            assert resumer.result() == (True, None), where
-            assert [r.getMessage() for r in kept.buffer] == [
-                "hypervisor: domain 3: 1 message suppressed"], f"interrupted {where}"
-        finally:
-            hv_logger.removeHandler(kept)
-            monkeypatch.undo()
-        return where
+                last.go.set()
+                last.hv.stop()
+            assert last.remover.result() is None, where
+            assert resumer.result() is True, where
+            assert last.said() == last.SAID, f"interrupted {where}"
+            return where
 
     landed = landings(landing)
     emitting = line_of(_heldlog.emit, "logger.handle(record)")
@@ -2767,53 +2798,27 @@ def test_the_service_threads_last_records_are_kept_by_a_stop_in_a_keeping_thread
     kept with that thread's own, not emitted there.  It was emitted under
     the host's lock, where a signal's handler's close(), come in as the
     main thread held the handler's lock, waited for that lock for ever."""
-    from racewindow import Attempt
+    from xenback.sim import _heldlog
 
-    from xenback.sim import _heldlog, _hypervisor
+    with _the_service_ending_with_a_record(tmp_path, monkeypatch) as last:
+        into: list[logging.LogRecord] = []
 
-    go = threading.Event()
+        def stop() -> None:
+            with _heldlog.records_kept(into):
+                last.hv.stop()
 
-    class Late(threading.Thread):
-        def run(self) -> None:
-            go.wait(OUTLASTS_THE_TEST)
-            super().run()
-
-    hv = _hypervisor.Hypervisor(tmp_path)
-    monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(Late))
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    hv_logger = logging.getLogger(_hypervisor.__name__)
-    hv_logger.addHandler(kept)
-    into: list[logging.LogRecord] = []
-
-    def stop() -> None:
-        with _heldlog.records_kept(into):
-            hv.stop()
-
-    try:
-        hv.add_domain(3, "guest")
-        _with_refusals_unreported(hv, 3)
-        hv.start()
-        remover = Attempt(lambda: hv.remove_domain(3))
-        assert eventually(lambda: hv._removals != []), "the removal is not queued"
         stopper = Attempt(stop)
         assert stopper.thread.ident is not None
         # The service thread runs once stop() waits for it to end, and
         # hands it the removal's record.
-        assert eventually(lambda: stands_at(stopper.thread.ident, _hypervisor.Hypervisor.stop,
-                                            "self._thread.join(")), "stop() does not join"
-        go.set()
+        assert last.go_once_joined(stopper.thread.ident).result(), "stop() does not join"
         assert stopper.result() is None
-        assert remover.result() is None
-        assert [r.getMessage() for r in into] == ["hypervisor: domain 3: 1 message suppressed"]
-        assert kept.buffer == []
-        hv.stop()  # kept once: nothing left for the next
+        assert last.remover.result() is None
+        assert [r.getMessage() for r in into] == last.SAID
+        assert last.kept.buffer == []
+        last.hv.stop()  # kept once: nothing left for the next
         assert len(into) == 1
-        assert kept.buffer == []
-    finally:
-        go.set()
-        hv_logger.removeHandler(kept)
-        monkeypatch.undo()
-        hv.stop()
+        assert last.kept.buffer == []
 
 
 def test_the_service_threads_last_records_are_emitted_by_a_stop_cut_short(
@@ -2825,56 +2830,29 @@ def test_the_service_threads_last_records_are_emitted_by_a_stop_cut_short(
     stop() cut short, it waited for the next, and was lost without one.
     (Not one landing in stop()'s emitting them, which leaves the rest to
     the next stop(), so as to emit none twice.)"""
-    from racewindow import Attempt, line_of
+    from racewindow import line_of
 
     from xenback.sim import _hypervisor
 
-    said = ["hypervisor: domain 3: 1 message suppressed"]
     # A landing in stop()'s emitting them leaves the rest to the next.
     emitting = line_of(_hypervisor.Hypervisor.stop, "emit(self._unsaid)")
 
     def landing(n: int) -> str:
-        go = threading.Event()
-
-        class Late(threading.Thread):
-            def run(self) -> None:
-                go.wait(OUTLASTS_THE_TEST)
-                super().run()
-
-        hv = _hypervisor.Hypervisor(tmp_path / str(n))
-        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(Late))
-        kept = logging.handlers.BufferingHandler(capacity=100)
-        hv_logger = logging.getLogger(_hypervisor.__name__)
-        hv_logger.addHandler(kept)
-        where = ""
-        try:
-            hv.add_domain(3, "guest")
-            _with_refusals_unreported(hv, 3)
-            hv.start()
-            remover = Attempt(lambda: hv.remove_domain(3))
-            assert eventually(lambda: hv._removals != []), "the removal is not queued"
-            main = threading.get_ident()
-            # The service thread runs once stop() waits for it to end.
-            resumer = Attempt(lambda: (
-                eventually(lambda: go.is_set() or stands_at(
-                    main, _hypervisor.Hypervisor.stop, "self._thread.join(")),
-                go.set()))
+        with _the_service_ending_with_a_record(tmp_path / str(n), monkeypatch) as last:
+            resumer = last.go_once_joined(threading.get_ident())
             try:
-                where = interrupted_at(n, SIM_CODE, hv.stop)
+                where = interrupted_at(n, SIM_CODE, last.hv.stop)
             finally:
-                go.set()
-            assert remover.result() is None, where
-            assert resumer.result() == (True, None), where
+                last.go.set()
+            assert last.remover.result() is None, where
+            assert resumer.result() is True, where
             if (not re.search(r" emit, _heldlog\.py:\d+$", where)
                     and not where.endswith(f"Hypervisor.stop, _hypervisor.py:{emitting}")):
-                assert eventually(lambda: len(kept.buffer) >= 1), f"lost, interrupted {where}"
-            hv.stop()
-            assert [r.getMessage() for r in kept.buffer] == said, f"interrupted {where}"
-        finally:
-            hv_logger.removeHandler(kept)
-            monkeypatch.undo()
-            hv.stop()
-        return where
+                assert eventually(lambda: len(last.kept.buffer) >= 1), \
+                    f"lost, interrupted {where}"
+            last.hv.stop()
+            assert last.said() == last.SAID, f"interrupted {where}"
+            return where
 
     landed = landings(landing)
     assert any("self._thread.join(" in where or "Hypervisor.stop" in where
@@ -3525,21 +3503,8 @@ def test_a_control_requests_records_outlive_a_close_cut_short(
     try:
         assert entered.wait(TIMEOUT)
         [server] = [t for t in threading.enumerate() if t.name.startswith("xenback-sim-control")]
-        join = server.join
-
-        def cut_short(timeout: float | None = None) -> None:
-            release.set()
-            raise Interrupted
-
         with caplog.at_level(logging.WARNING, logger="xenback.sim._host"):
-            server.join = cut_short  # type: ignore[method-assign]
-            try:
-                with pytest.raises(Interrupted):
-                    host.close()
-            finally:
-                del server.join
-            join(TIMEOUT)
-            assert not server.is_alive()
+            cut_short_in_its_join(server, host.close, release.set)
             message = (f"domain control request domain_destroy {{'domid': {guest.domid}}}"
                        f" failed: [Errno {errno.EIO}] a destroy failing (injected)")
             assert said() == [message]

@@ -23,7 +23,14 @@ from typing import Any
 
 import pytest
 from fdcensus import open_sockets
-from hosthelpers import SIM_CODE, error_of, eventually, make_guest, refused_as_not_running
+from hosthelpers import (
+    SIM_CODE,
+    cut_short_in_its_join,
+    error_of,
+    eventually,
+    make_guest,
+    refused_as_not_running,
+)
 from stolensignal import (
     OUTLASTS_THE_TEST,
     Interrupted,
@@ -1913,9 +1920,6 @@ def test_the_loops_last_records_are_emitted_after_a_stop_cut_short(
     it cut short, as the program ends): what the loop logged is emitted
     all the same, once; once still after stop() again.  Handed to the
     stop() that gave up on it, it waited for the next stop()."""
-    from racewindow import TIMEOUT
-    from stolensignal import Interrupted
-
     def said() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.name == _server.__name__]
 
@@ -1923,20 +1927,8 @@ def test_the_loops_last_records_are_emitted_after_a_stop_cut_short(
     xsd.start()
     thread = xsd._thread
     assert thread is not None
-    join = thread.join
-
-    def cut_short(timeout: float | None = None) -> None:
-        raise Interrupted
-
     with caplog.at_level(logging.INFO, logger=_server.__name__):
-        thread.join = cut_short  # type: ignore[method-assign]
-        try:
-            with pytest.raises(Interrupted):
-                xsd.stop()
-        finally:
-            del thread.join
-        join(TIMEOUT)
-        assert not thread.is_alive()
+        cut_short_in_its_join(thread, xsd.stop)
         assert said().count("xenstored stopped") == 1, said()
         xsd.stop()
         assert said().count("xenstored stopped") == 1, said()

@@ -705,16 +705,13 @@ def test_a_second_unbind_of_a_port_whose_unbind_is_under_way_is_a_key_error(
     assert bdev.resources[1] == held - 1
 
 
-@pytest.mark.parametrize("how", ["unbind_evtchn", "release_resources"])
-def test_an_unbind_cut_short_once_done_is_finished_quietly(
-        host, driver, frontends, monkeypatch, caplog, how: str) -> None:
-    """unbind_evtchn() cut short by a Ctrl-C as the handle's unbind
-    returned: the port is unbound, but the device cannot tell, and keeps
-    it on record.  The next unbind_evtchn() of it, or the next release,
-    finishes the job without a word: the dispatcher's KeyError then says
-    the job was done, not that the driver unbound the port behind the
-    device's back."""
-    guest, dev, fe = connected(host, frontends)
+def _an_unbind_cut_short_once_done(host, driver, frontends, monkeypatch):
+    """A guest's device with a port bound, whose unbind_evtchn() a Ctrl-C
+    cut short as the handle's unbind returned: the port is unbound, but
+    the device cannot tell, and keeps it on record.  The device, the
+    guest's frontend, the port, and the number of ports the device held
+    before it bound it."""
+    guest, _, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
     held = bdev.resources[1]
     port = bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
@@ -730,6 +727,20 @@ def test_an_unbind_cut_short_once_done_is_finished_quietly(
         bdev.unbind_evtchn(port)
     monkeypatch.setattr(handle, "unbind", real_unbind)
     assert port not in driver.events.ports
+    return bdev, fe, port, held
+
+
+@pytest.mark.parametrize("how", ["unbind_evtchn", "release_resources"])
+def test_an_unbind_cut_short_once_done_is_finished_quietly(
+        host, driver, frontends, monkeypatch, caplog, how: str) -> None:
+    """unbind_evtchn() cut short by a Ctrl-C as the handle's unbind
+    returned: the port is unbound, but the device cannot tell, and keeps
+    it on record.  The next unbind_evtchn() of it, or the next release,
+    finishes the job without a word: the dispatcher's KeyError then says
+    the job was done, not that the driver unbound the port behind the
+    device's back."""
+    bdev, _, port, held = _an_unbind_cut_short_once_done(
+        host, driver, frontends, monkeypatch)
     if how == "unbind_evtchn":
         assert bdev.unbind_evtchn(port) is None
         assert bdev.resources[1] == held
@@ -747,22 +758,8 @@ def test_a_port_number_bound_again_after_an_unbind_cut_short_counts_once(
     same number: resources counted that port twice, on record and
     bound, until its next unbind.  Given out again, the number's record
     is over: the port counts once."""
-    guest, dev, fe = connected(host, frontends)
-    bdev = backend_device(driver, guest.domid)
-    held = bdev.resources[1]
-    port = bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
-    handle = driver.events._evtchn
-    real_unbind = handle.unbind
-
-    def unbind(number: int) -> None:
-        real_unbind(number)
-        raise KeyboardInterrupt  # a Ctrl-C as the handle's unbind returns
-
-    monkeypatch.setattr(handle, "unbind", unbind)
-    with pytest.raises(KeyboardInterrupt):
-        bdev.unbind_evtchn(port)
-    monkeypatch.setattr(handle, "unbind", real_unbind)
-    assert port not in driver.events.ports
+    bdev, fe, port, held = _an_unbind_cut_short_once_done(
+        host, driver, frontends, monkeypatch)
     assert bdev.resources[1] == held + 1  # on record, as far as the device can tell
     again = bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
     assert again == port  # the number freed, taken again
@@ -5223,6 +5220,43 @@ def test_a_drop_whose_look_ended_past_exception_too_is_finished_by_a_full_scan(
     assert said.count(f"{old.nodename}: removed") == 1
 
 
+@contextlib.contextmanager
+def _a_look_as_the_drop_forgets(driver, dom0_xs, dev, old, monkeypatch,
+                                pause: PauseAt) -> Iterator[None]:
+    """The drop of ``old`` (``dev``'s frontend directory removed: Closed),
+    held by ``pause`` in its forget, the device gone; meanwhile a look at
+    its path (an event there), done.  For the block, the drop still held;
+    at its end, let go and done, with its own look at the path."""
+    real = xenbus.BackendDriver._forget
+
+    def forget(self: BackendDriver, dev: xenbus.BackendDevice) -> None:
+        if dev.events.in_queue():  # the drop's, not a look's
+            pause.run(lambda: real(self, dev))
+        else:
+            real(self, dev)
+
+    monkeypatch.setattr(xenbus.BackendDriver, "_forget", forget)
+    # Held until the drop stands at the pause: a look at the path (the
+    # event of its own Closed) coming first would take the device first.
+    in_bus, release = threading.Event(), threading.Event()
+    driver._bus.call(lambda: (in_bus.set(), release.wait(TIMEOUT)))
+    try:
+        assert in_bus.wait(TIMEOUT)
+        dom0_xs.rm(dev.frontend_path)  # Unknown: Closed, and dropped
+        assert pause.reached.wait(TIMEOUT)
+        assert old.gone
+        dom0_xs.write(f"{dev.backend_path}/poke", "1")  # an event at its path
+        handed_over(driver.xenstore, "poke")
+        release.set()
+        driver._bus.flush()
+        yield
+    finally:
+        release.set()
+        pause.resume()
+    old.events.flush()  # the drop
+    driver._bus.flush()  # and its look at the path
+
+
 def test_a_look_at_the_path_during_the_drop_s_own_forget_says_removed_once(
         host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
     """The look at the path that finishes a drop cut short once gone
@@ -5233,34 +5267,9 @@ def test_a_look_at_the_path_during_the_drop_s_own_forget_says_removed_once(
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
     guest, dev, fe = connected(host, frontends)
     old = backend_device(driver, guest.domid)
-    real = xenbus.BackendDriver._forget
-    saying = PauseAt(real, "dev.ratelimit.close(logger)")
-
-    def forget(self: BackendDriver, dev: xenbus.BackendDevice) -> None:
-        if dev.events.in_queue():  # the drop's, not a look's
-            saying.run(lambda: real(self, dev))
-        else:
-            real(self, dev)
-
-    monkeypatch.setattr(xenbus.BackendDriver, "_forget", forget)
-    # Held until the drop stands in its forget: a look at the path (the
-    # event of its own Closed) would finish the drop first.
-    in_bus, release = threading.Event(), threading.Event()
-    driver._bus.call(lambda: (in_bus.set(), release.wait(TIMEOUT)))
-    try:
-        assert in_bus.wait(TIMEOUT)
-        dom0_xs.rm(dev.frontend_path)  # Unknown: Closed, and dropped
-        assert saying.reached.wait(TIMEOUT)
-        assert old.gone
-        dom0_xs.write(f"{dev.backend_path}/poke", "1")  # an event at its path
-        handed_over(driver.xenstore, "poke")
-        release.set()
-        driver._bus.flush()
-    finally:
-        release.set()
-        saying.resume()
-    old.events.flush()  # the drop
-    driver._bus.flush()  # and its look at the path
+    saying = PauseAt(xenbus.BackendDriver._forget, "dev.ratelimit.close(logger)")
+    with _a_look_as_the_drop_forgets(driver, dom0_xs, dev, old, monkeypatch, saying):
+        pass
     assert old not in driver.devices()
     said = [r.getMessage() for r in caplog.records]
     assert said.count(f"{old.nodename}: removed") == 1
@@ -5284,37 +5293,11 @@ def test_a_look_as_the_drop_releases_what_remove_took_leaves_the_device_to_it(
         plain_remove(d)
 
     driver.remove = remove_racing_a_work_item
-    real = xenbus.BackendDriver._forget
     unbinding = PauseAt(xenbus.BackendDevice._unbind, "record.events.unbind(port")
-
-    def forget(self: BackendDriver, dev: xenbus.BackendDevice) -> None:
-        if dev.events.in_queue():  # the drop's, not a look's
-            unbinding.run(lambda: real(self, dev))
-        else:
-            real(self, dev)
-
-    monkeypatch.setattr(xenbus.BackendDriver, "_forget", forget)
-    # Held until the drop stands in its unbind: a look at the path (the
-    # event of its own Closed) coming before the drop's forget would take
-    # the device first.
-    in_bus, release = threading.Event(), threading.Event()
-    driver._bus.call(lambda: (in_bus.set(), release.wait(TIMEOUT)))
-    try:
-        assert in_bus.wait(TIMEOUT)
-        dom0_xs.rm(dev.frontend_path)  # Unknown: Closed, and dropped
-        assert unbinding.reached.wait(TIMEOUT)
-        assert old.gone and old.resources == (0, 1)
-        dom0_xs.write(f"{dev.backend_path}/poke", "1")  # an event at its path
-        handed_over(driver.xenstore, "poke")
-        release.set()
-        driver._bus.flush()
+    with _a_look_as_the_drop_forgets(driver, dom0_xs, dev, old, monkeypatch, unbinding):
+        assert old.resources == (0, 1)  # the port the drop is unbinding
         assert old in driver.devices()
         assert f"{old.nodename}: removed" not in [r.getMessage() for r in caplog.records]
-    finally:
-        release.set()
-        unbinding.resume()
-    old.events.flush()  # the drop
-    driver._bus.flush()  # and its look at the path
     assert old not in driver.devices() and old.resources == (0, 0)
     said = [r.getMessage() for r in caplog.records]
     assert said.count(f"{old.nodename}: removed") == 1
