@@ -1646,10 +1646,11 @@ def _with_refusals_unreported(hv: Hypervisor, domid: int) -> None:
 
 
 class _MainInARecord:
-    """A handler of the hypervisor's logger, the test's own (a call stuck
-    in it, the bug, leaves the others be), and a test's thread standing
-    for the main one as it emits a record through it, the handler's lock
-    held: where a signal's handler comes in to make the call under test."""
+    """A handler of a logger of the simulation's, the test's own (a call
+    stuck in it, the bug, leaves the others be), and a test's thread
+    standing for the main one as it emits a record through it, the
+    handler's lock held: where a signal's handler comes in to make the
+    call under test."""
 
     def __init__(self) -> None:
         self.kept = logging.handlers.BufferingHandler(capacity=100)
@@ -1675,29 +1676,36 @@ class _MainInARecord:
 
 
 @contextlib.contextmanager
-def _main_in_a_record(hv: Hypervisor, monkeypatch: pytest.MonkeyPatch,
-                      *letting_go: Callable[[], object]) -> Iterator[_MainInARecord]:
-    """A _MainInARecord, its handler added to the hypervisor's logger for
-    the block.  At its end, ``letting_go`` called in order (what else the
-    test holds that hv's threads may wait for), monkeypatch undone, and
-    hv stopped, unless a call stuck in the record."""
-    from xenback.sim import _hypervisor
-
+def _main_in_a_record(
+        stop: Callable[[], object], monkeypatch: pytest.MonkeyPatch,
+        *letting_go: Callable[[], object], logger: str = "xenback.sim._hypervisor",
+        level: int | None = None) -> Iterator[_MainInARecord]:
+    """A _MainInARecord, its handler added to ``logger`` (at ``level``, if
+    given) for the block.  At its end, the handler removed, the logger's
+    level as it was, ``letting_go`` called in order (what else the test
+    holds that the simulation's threads may wait for), monkeypatch undone,
+    and ``stop()`` called (a hypervisor stopped, a host closed), unless a
+    call stuck in the record."""
     record = _MainInARecord()
-    hv_logger = logging.getLogger(_hypervisor.__name__)
-    hv_logger.addHandler(record.kept)
+    sim_logger = logging.getLogger(logger)
+    was = sim_logger.level
+    sim_logger.addHandler(record.kept)
+    if level is not None:
+        sim_logger.setLevel(level)
     try:
         yield record
     finally:
-        hv_logger.removeHandler(record.kept)
+        sim_logger.removeHandler(record.kept)
+        sim_logger.setLevel(was)
         for let_go in letting_go:
             let_go()
         monkeypatch.undo()
         if record.ended:
-            hv.stop()
+            stop()
         else:
-            # Its lock is held for good by the caller stuck with hv's: at
-            # exit, logging would wait for it to flush the handler.
+            # Its lock is held for good by the caller stuck with the
+            # simulation's threads: at exit, logging would wait for it to
+            # flush the handler.
             record.kept.lock = None  # type: ignore[assignment]
 
 
@@ -1726,7 +1734,7 @@ def test_a_removal_for_a_signal_handler_come_in_as_a_record_was_emitted_ends(
         call, said = functools.partial(hv.remove_domain, 3), "hypervisor: failure removing domain 3"
         raised = "a bug removing domain 3"
     monkeypatch.setattr(_hypervisor, "threading", _EveryCallerMain())
-    with _main_in_a_record(hv, monkeypatch) as record:
+    with _main_in_a_record(hv.stop, monkeypatch) as record:
         with caplog.at_level(logging.WARNING, logger=_hypervisor.__name__):
             outcome = record.call(
                 call, msg="the removal waits for the lock its caller holds, who waits for it")
@@ -1826,7 +1834,7 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
             _service_logging(client, path, service)
         return hv.remove_domain(3) if call == "remove_domain" else hv.stop()
 
-    with _main_in_a_record(hv, monkeypatch, client.close) as record:
+    with _main_in_a_record(hv.stop, monkeypatch, client.close) as record:
         outcome = record.call(
             in_a_record,
             msg="the call waits for the service thread, which waits for its caller's lock")
@@ -1948,7 +1956,7 @@ def test_a_signal_handlers_stop_as_a_control_reply_logs_ends(
     # _lock as the main one would, and the reply's thread is no main one.
     monkeypatch.setattr(_hypervisor, "send_message", full)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with _main_in_a_record(hv, monkeypatch, client.close) as record:
+    with _main_in_a_record(hv.stop, monkeypatch, client.close) as record:
         client.connect(os.fspath(path))
         client.send(json.dumps({"op": "domain_create", "name": "guest"}).encode())
         reply = replies.get(timeout=TIMEOUT)
@@ -2020,48 +2028,32 @@ def test_a_signal_handlers_close_as_dom0_controls_a_domain_ends(
         request = functools.partial(destroy_domain, host.run_dir, driver.domid)
         answer = None
         expected = ["destroyed domain 1", f"toolstack: removed {device.backend_path}"]
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    sim_logger = logging.getLogger("xenback.sim")
-    level = sim_logger.level
-    sim_logger.addHandler(kept)
-    sim_logger.setLevel(logging.INFO)
-    ended = False
-    try:
-        def in_a_record() -> tuple[object, list[str]]:
-            with kept.lock:
-                requester = Attempt(request)
-                assert eventually(_someone_emitting), "nobody logs"
-                closed = host.close()
-                said = [r.getMessage() for r in kept.buffer]
-            if answer is PlatformError:
-                assert isinstance(requester.result(), PlatformError)
-            else:
-                assert requester.result() == answer
-            return closed, said
+    with _main_in_a_record(host.close, monkeypatch, logger="xenback.sim",
+                           level=logging.INFO) as record:
+        def in_a_record() -> tuple[object, list[str], Attempt]:
+            requester = Attempt(request)
+            assert eventually(_someone_emitting), "nobody logs"
+            return host.close(), record.said(), requester
 
-        outcome = Attempt(in_a_record).result(
+        outcome = record.call(
+            in_a_record,
             msg="close() waits for the toolstack's thread, which waits for close()'s caller")
         assert not isinstance(outcome, BaseException), outcome
-        closed, said_in_close = outcome
-        ended = True
+        closed, said_in_close, requester = outcome
         assert closed is None
+        if answer is PlatformError:
+            assert isinstance(requester.result(), PlatformError)
+        else:
+            assert requester.result() == answer
         assert "xenstored stopped" in said_in_close
         assert not set(expected) & set(said_in_close)
         for thread in threading.enumerate():
             if thread.name.startswith("xenback-sim-control:"):  # emitting, once let go
                 thread.join(TIMEOUT)
                 assert not thread.is_alive(), "the toolstack's thread outlived the lock"
-        said = [r.getMessage() for r in kept.buffer]
+        said = record.said()
         for message in [*expected, "xenstored stopped"]:
             assert said.count(message) == 1, (message, said)
-    finally:
-        sim_logger.removeHandler(kept)
-        sim_logger.setLevel(level)
-        if ended:
-            host.close()
-        else:
-            # Its lock is held for good by the threads stuck with it.
-            kept.lock = None  # type: ignore[assignment]
 
 
 def test_a_signal_handlers_close_as_a_control_request_refused_logs_ends(
@@ -2087,38 +2079,26 @@ def test_a_signal_handlers_close_as_a_control_request_refused_logs_ends(
     host.start()
     service = host.hypervisor._thread
     assert service is not None
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    host_logger = logging.getLogger("xenback.sim._host")
-    host_logger.addHandler(kept)
     monkeypatch.setattr(threading.Thread, "start", no_control_thread_left)
-    ended = False
-    try:
+    with _main_in_a_record(host.close, monkeypatch, logger="xenback.sim._host") as record:
         def in_a_record() -> tuple[object, object]:
-            with kept.lock:
-                requester = Attempt(functools.partial(create_domain, host.run_dir, "guest"))
-                assert eventually(lambda: _emitting(service)), "the refusal logs nothing"
-                return host.close(), requester
+            requester = Attempt(functools.partial(create_domain, host.run_dir, "guest"))
+            assert eventually(lambda: _emitting(service)), "the refusal logs nothing"
+            return host.close(), requester
 
-        outcome = Attempt(in_a_record).result(
+        outcome = record.call(
+            in_a_record,
             msg="close() waits for the hypervisor's lock, held by the service thread"
                 " logging, which waits for close()'s caller")
         assert not isinstance(outcome, BaseException), outcome
         closed, requester = outcome
-        ended = True
         assert closed is None
         assert isinstance(requester.result(), PlatformError)
         service.join(TIMEOUT)
         assert not service.is_alive(), "the service thread outlived the lock"
-        assert [r.getMessage() for r in kept.buffer] == [
+        assert record.said() == [
             "domain control request domain_create {'name': 'guest'} refused:"
             " can't start new thread"]
-    finally:
-        host_logger.removeHandler(kept)
-        monkeypatch.undo()
-        if ended:
-            host.close()
-        else:
-            kept.lock = None  # type: ignore[assignment]
 
 
 def test_a_signal_handlers_close_as_another_thread_destroys_while_the_service_logs_ends(
@@ -2146,48 +2126,32 @@ def test_a_signal_handlers_close_as_another_thread_destroys_while_the_service_lo
     guest = host.create_domain("guest")
     service = host.hypervisor._thread
     assert service is not None
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    sim_logger = logging.getLogger("xenback.sim")
-    level = sim_logger.level
-    sim_logger.addHandler(kept)
-    sim_logger.setLevel(logging.INFO)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ended = False
-    try:
+    with _main_in_a_record(host.close, monkeypatch, client.close, logger="xenback.sim",
+                           level=logging.INFO) as record:
         def in_a_record() -> tuple[object, Attempt]:
-            with kept.lock:
-                client.connect(os.fspath(_hypervisor.domain_socket(host.run_dir, guest.domid)))
-                client.send(json.dumps({"op": "info"}).encode())
-                assert eventually(lambda: _emitting(service)), "the service logs nothing"
-                destroyer = Attempt(functools.partial(host.destroy_domain, guest.domid))
-                assert destroyer.thread.ident is not None
-                # Past the host's lock: it emits once done, or it waits
-                # there for the service thread.
-                assert eventually(lambda: _emitting(destroyer.thread) or stands_at(
-                    destroyer.thread.ident, _hypervisor.Hypervisor.remove_domain,
-                    "future.result()"))
-                return host.close(), destroyer
+            client.connect(os.fspath(_hypervisor.domain_socket(host.run_dir, guest.domid)))
+            client.send(json.dumps({"op": "info"}).encode())
+            assert eventually(lambda: _emitting(service)), "the service logs nothing"
+            destroyer = Attempt(functools.partial(host.destroy_domain, guest.domid))
+            assert destroyer.thread.ident is not None
+            # Past the host's lock: it emits once done, or it waits there
+            # for the service thread.
+            assert eventually(lambda: _emitting(destroyer.thread) or stands_at(
+                destroyer.thread.ident, _hypervisor.Hypervisor.remove_domain,
+                "future.result()"))
+            return host.close(), destroyer
 
-        outcome = Attempt(in_a_record).result(
-            msg="close() waits for the destroy, which waits for the service thread")
+        outcome = record.call(
+            in_a_record, msg="close() waits for the destroy, which waits for the service thread")
         assert not isinstance(outcome, BaseException), outcome
         closed, destroyer = outcome
-        ended = True
         assert closed is None
         assert destroyer.result() is None
-        said = [r.getMessage() for r in kept.buffer]
+        said = record.said()
         for message in ["hypervisor: request 'info' from domain 1 failed",
                         "destroyed domain 1", "xenstored stopped"]:
             assert said.count(message) == 1, (message, said)
-    finally:
-        sim_logger.removeHandler(kept)
-        sim_logger.setLevel(level)
-        client.close()
-        if ended:
-            host.close()
-        else:
-            # Its lock is held for good by the threads stuck with it.
-            kept.lock = None  # type: ignore[assignment]
 
 
 def test_a_control_requests_records_outlive_a_close_cut_short_anywhere(
@@ -2317,42 +2281,26 @@ def test_a_toolstack_thread_ending_as_close_joins_it_hands_its_records_over(
         raise RuntimeError("the host is stopping")
 
     monkeypatch.setattr(host, "create_domain", gated)
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    host_logger = logging.getLogger(_host.__name__)
-    level = host_logger.level
-    host_logger.addHandler(kept)
-    host_logger.setLevel(logging.INFO)
-    ended = False
-    try:
+    with _main_in_a_record(host.close, monkeypatch, gate.set, logger=_host.__name__,
+                           level=logging.INFO) as record:
         requester = Attempt(functools.partial(create_domain, host.run_dir, "guest"))
         assert eventually(lambda: any(t.name == "xenback-sim-control:domain_create"
                                       for t in threading.enumerate())), "no request served"
 
         def in_a_record() -> object:
             me = threading.get_ident()
-            with kept.lock:
-                opener = Attempt(lambda: (
-                    eventually(lambda: stands_at(me, SimHost.close, "thread.join()")),
-                    gate.set()))
-                closed = host.close()
-                assert opener.result() == (True, None)
-                return closed, [r.getMessage() for r in kept.buffer]
+            opener = Attempt(lambda: (
+                eventually(lambda: stands_at(me, SimHost.close, "thread.join()")),
+                gate.set()))
+            closed = host.close()
+            assert opener.result() == (True, None)
+            return closed, record.said()
 
-        outcome = Attempt(in_a_record).result(
+        outcome = record.call(
+            in_a_record,
             msg="close() joins the toolstack's thread, which waits for close()'s caller")
-        ended = True
         assert outcome == (None, [served])
         assert isinstance(requester.result(), PlatformError)
-    finally:
-        gate.set()
-        host_logger.removeHandler(kept)
-        host_logger.setLevel(level)
-        monkeypatch.undo()
-        if ended:
-            host.close()
-        else:
-            # Its lock is held for good by the threads stuck with it.
-            kept.lock = None  # type: ignore[assignment]
 
 
 def test_records_a_thread_held_are_emitted_as_their_logger_would() -> None:
@@ -2408,7 +2356,7 @@ def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
         assert eventually(lambda: _emitting(remover.thread)), "the removal logs nothing"
         return hv.remove_domain(4), remover
 
-    with _main_in_a_record(hv, monkeypatch) as record:
+    with _main_in_a_record(hv.stop, monkeypatch) as record:
         outcome = record.call(
             in_a_record,
             msg="the call waits for the lock the removal holds, which waits for its caller's lock")
@@ -2472,7 +2420,7 @@ def test_a_signal_handlers_stop_as_a_removal_left_by_a_ctrl_c_logs_ends(
                 me, _hypervisor.Hypervisor.stop, "worker.join(")), pause.resume()))
         return hv.stop(), worker
 
-    with _main_in_a_record(hv, monkeypatch, pause.resume) as record:
+    with _main_in_a_record(hv.stop, monkeypatch, pause.resume) as record:
         outcome = record.call(
             in_a_record,
             msg="stop() waits for the removal's thread, which waits for its caller's lock")
@@ -2514,7 +2462,7 @@ def test_stats_in_another_thread_log_past_the_lock(
         assert eventually(lambda: _emitting(counter.thread)), "stats() logs nothing"
         return hv.remove_domain(3), counter
 
-    with _main_in_a_record(hv, monkeypatch, close_clients) as record:
+    with _main_in_a_record(hv.stop, monkeypatch, close_clients) as record:
         for i in range(_hypervisor.MAX_HANDLES_PER_DOMAIN + 1):
             if i % 32 == 0:
                 hv.stats()  # accepted, before the backlog (64) is full
@@ -2568,7 +2516,7 @@ def test_an_add_domain_undone_in_another_thread_logs_past_the_lock(
         assert eventually(lambda: _emitting(adder.thread)), "add_domain() logs nothing"
         return hv.remove_domain(4), adder
 
-    with _main_in_a_record(hv, monkeypatch) as record:
+    with _main_in_a_record(hv.stop, monkeypatch) as record:
         outcome = record.call(
             in_a_record,
             msg="the removal waits for the lock add_domain() holds, which waits for its"
@@ -2751,7 +2699,7 @@ def test_a_signal_handlers_stop_as_the_service_thread_ends_logging_ends(
             last.go_once_joined(threading.get_ident())
             return last.hv.stop()
 
-        with _main_in_a_record(last.hv, monkeypatch, last.go.set) as record:
+        with _main_in_a_record(last.hv.stop, monkeypatch, last.go.set) as record:
             outcome = record.call(
                 in_a_record,
                 msg="stop() waits for the service thread, which waits for its caller's lock")
