@@ -1645,6 +1645,22 @@ def _with_refusals_unreported(hv: Hypervisor, domid: int) -> None:
 
 
 
+def _replies_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hypervisor's replies to its clients fail as on a full socket
+    (EAGAIN), their requests sent as ever: the handle is dropped, and
+    says so."""
+    from xenback.sim import _hypervisor
+
+    send = _hypervisor.send_message
+
+    def full(sock: socket.socket, msg: Any, *args: Any) -> None:
+        if "domid" in msg:  # the reply, not the request's
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        send(sock, msg, *args)
+
+    monkeypatch.setattr(_hypervisor, "send_message", full)
+
+
 class _MainInARecord:
     """A handler of a logger of the simulation's, the test's own (a call
     stuck in it, the bug, leaves the others be), and a test's thread
@@ -1945,16 +1961,10 @@ def test_a_signal_handlers_stop_as_a_control_reply_logs_ends(
     hv.set_control(lambda op, args, reply: replies.put(reply))
     hv.start()
     path = hv.add_domain(0, "Domain-0")
-    send = _hypervisor.send_message
-
-    def full(sock: socket.socket, msg: Any, *args: Any) -> None:
-        if "domid" in msg:  # the reply, not the request's
-            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
-        send(sock, msg, *args)
 
     # stop() in a test's thread, standing for the main one: it waits for
     # _lock as the main one would, and the reply's thread is no main one.
-    monkeypatch.setattr(_hypervisor, "send_message", full)
+    _replies_dropped(monkeypatch)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with _main_in_a_record(hv.stop, monkeypatch, client.close) as record:
         client.connect(os.fspath(path))
@@ -2001,7 +2011,7 @@ def test_a_signal_handlers_close_as_dom0_controls_a_domain_ends(
     handle, and close() joined it for ever."""
     from racewindow import Attempt
 
-    from xenback.sim import _hypervisor, destroy_domain
+    from xenback.sim import destroy_domain
 
     host = SimHost(tmp_path / "run")
     host.start()
@@ -2011,14 +2021,7 @@ def test_a_signal_handlers_close_as_dom0_controls_a_domain_ends(
         answer: object = Domain(host.run_dir, 1, "guest", xs_path)
         expected = ["created domain 1 (guest)", f"introduced domain 1 at {xs_path}"]
         if op == "create, its reply dropped":
-            send = _hypervisor.send_message
-
-            def full(sock: socket.socket, msg: Any, *args: Any) -> None:
-                if "domid" in msg:  # the reply, not the request's
-                    raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
-                send(sock, msg, *args)
-
-            monkeypatch.setattr(_hypervisor, "send_message", full)
+            _replies_dropped(monkeypatch)
             answer = PlatformError
             expected.append("hypervisor: dropping a handle of domain 0: "
                             f"[Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}")
