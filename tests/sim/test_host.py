@@ -1645,6 +1645,23 @@ def _with_refusals_unreported(hv: Hypervisor, domid: int) -> None:
 
 
 
+def _creates_gated(host: SimHost, monkeypatch: pytest.MonkeyPatch, served: str) -> threading.Event:
+    """The host's domain creates, as a control thread serves them, wait
+    for the returned gate, then log ``served`` (through _heldlog, as the
+    host's code does) and fail as on a host stopping."""
+    from xenback.sim import _heldlog, _host
+
+    gate = threading.Event()
+
+    def gated(name: str) -> Domain:
+        gate.wait(TIMEOUT)
+        _heldlog.log(_host.logger).info(served)
+        raise RuntimeError("the host is stopping")
+
+    monkeypatch.setattr(host, "create_domain", gated)
+    return gate
+
+
 def _replies_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     """The hypervisor's replies to its clients fail as on a full socket
     (EAGAIN), their requests sent as ever: the handle is dropped, and
@@ -2169,7 +2186,7 @@ def test_a_control_requests_records_outlive_a_close_cut_short_anywhere(
     left them with a close() that was gone."""
     from racewindow import Attempt, line_of
 
-    from xenback.sim import _heldlog, _host
+    from xenback.sim import _host
 
     served = "served a create at the gate"
     mine = ("_host.py", "_heldlog.py")
@@ -2182,16 +2199,9 @@ def test_a_control_requests_records_outlive_a_close_cut_short_anywhere(
 
     def landing(n: int) -> str:
         caplog.clear()
-        gate = threading.Event()
         host = SimHost(tmp_path / str(n))
         host.start()
-
-        def gated(name: str) -> Domain:
-            gate.wait(TIMEOUT)
-            _heldlog.log(_host.logger).info(served)
-            raise RuntimeError("the host is stopping")
-
-        monkeypatch.setattr(host, "create_domain", gated)
+        gate = _creates_gated(host, monkeypatch, served)
         requester = Attempt(functools.partial(create_domain, host.run_dir, "guest"))
         where = ""
         try:
@@ -2271,19 +2281,12 @@ def test_a_toolstack_thread_ending_as_close_joins_it_hands_its_records_over(
     it kept the join waiting for that lock for ever."""
     from racewindow import Attempt
 
-    from xenback.sim import _heldlog, _host
+    from xenback.sim import _host
 
     served = "served a create at the gate"
-    gate = threading.Event()
     host = SimHost(tmp_path / "run")
     host.start()
-
-    def gated(name: str) -> Domain:
-        gate.wait(TIMEOUT)
-        _heldlog.log(_host.logger).info(served)
-        raise RuntimeError("the host is stopping")
-
-    monkeypatch.setattr(host, "create_domain", gated)
+    gate = _creates_gated(host, monkeypatch, served)
     with _main_in_a_record(host.close, monkeypatch, gate.set, logger=_host.__name__,
                            level=logging.INFO) as record:
         requester = Attempt(functools.partial(create_domain, host.run_dir, "guest"))
