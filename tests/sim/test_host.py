@@ -1515,6 +1515,7 @@ def test_a_ctrl_c_in_stops_wait_for_its_removal_comes_out_at_once(
         hv.stop()
     assert hv.stats()["domains"] == 0
 
+
 def test_a_ctrl_c_in_stops_wait_for_the_lock_comes_out_at_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C in stop()'s first wait for _lock, held by the thread of a
