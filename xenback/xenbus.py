@@ -532,7 +532,13 @@ class BackendDevice:
         # a taking either way.
         self._refusal: PermissionError | None = None
         self._lock = threading.Lock()
+        # Listed until their unmap has succeeded: one cut short, or
+        # refused (ENOMEM, which Linux says may be tried again), is tried
+        # again by the next unmap() or release.
         self._mappings: list[GrantMapping] = []
+        # Those of _mappings whose refused unmap a release has said: said
+        # once, however many releases it fails (under _lock).
+        self._unmap_said: list[GrantMapping] = []
         self._ports: dict[int, _Port] = {}
         # Ports taken off _ports to be unbound, until the dispatcher's
         # unbind has returned or raised: one that a Ctrl-C cut short,
@@ -1131,24 +1137,26 @@ class BackendDevice:
     def unmap(self, mapping: GrantMapping) -> None:
         """Unmap a mapping made by :meth:`map_grant_refs` before disconnect.
         A mapping the device no longer holds is left alone: a driver's work
-        item may get here after disconnect released it (or while it does)."""
+        item may get here after disconnect released it (or while it does).
+        An unmap the platform refuses raises its error, and the device
+        still holds the mapping: the next unmap() or release tries again."""
         with self._lock:
             if mapping not in self._mappings:
                 return
-        # Listed until the unmap has returned or raised, as a release
-        # leaves it: taken off first, a Ctrl-C as that was done lost it to
-        # the release, mapped until the handle closed.  A second unmap of it
-        # meanwhile, or a release, unmaps it again, which does nothing.
-        failure: Exception | None = None
-        try:
-            mapping.unmap()
-        except Exception as exc:
-            failure = exc
+        # Listed until the unmap has succeeded, as a release leaves it:
+        # taken off first, a Ctrl-C as that was done, or a refusal, lost it
+        # to the release, mapped until the handle closed.  A second unmap of
+        # it meanwhile, or a release, unmaps it again, which does nothing.
+        mapping.unmap()
+        self._unmapped(mapping)
+
+    def _unmapped(self, mapping: GrantMapping) -> None:
+        """Forget ``mapping``, whose unmap has succeeded."""
         with self._lock:
             if mapping in self._mappings:
                 self._mappings.remove(mapping)
-        if failure is not None:
-            raise failure
+            if mapping in self._unmap_said:
+                self._unmap_said.remove(mapping)
 
     def bind_evtchn(self, remote_port: int, callback: PortCallback) -> int:
         """Bind the frontend's ``remote_port`` (tracked); ``callback(port)``
@@ -1346,8 +1354,11 @@ class BackendDevice:
         port's unbind that a Ctrl-C cut short, here or in
         :meth:`unbind_evtchn`, is finished; one under way on another
         thread is left to it (cut short there once the device is gone,
-        that one queues a release on the bus).  Cut short itself, it
-        leaves what it did not release to the next release."""
+        that one queues a release on the bus).  A mapping whose unmap the
+        platform refuses (but ENODEV: its service went, and the mapping
+        with it) stays held, said once, and is tried again by the next
+        release.  Cut short itself, it leaves what it did not release to
+        the next release."""
         with self._lock:
             ports = [*self._ports, *self._unbinding]
             mappings = list(self._mappings)
@@ -1359,15 +1370,30 @@ class BackendDevice:
             except (KeyError, OSError) as exc:
                 self._release_failed("%s: unbinding port %d failed", port, exc)
         for mapping in mappings:
-            # Listed until the unmap has returned or raised: unmap() may be
-            # done again, by the next release or a driver's unmap meanwhile.
+            # Listed until the unmap has succeeded: unmap() may be done
+            # again, by the next release or a driver's unmap meanwhile.
             try:
                 mapping.unmap()
             except OSError as exc:
+                if exc.errno != errno.ENODEV:
+                    self._unmap_refused(mapping, exc)
+                    continue
+                # The service is gone, and the mapping with it.
                 self._release_failed("%s: unmapping %s failed", mapping, exc)
-            with self._lock:
-                if mapping in self._mappings:
-                    self._mappings.remove(mapping)
+            self._unmapped(mapping)
+
+    def _unmap_refused(self, mapping: GrantMapping, exc: OSError) -> None:
+        """Say that a release's unmap of ``mapping`` failed, which stays
+        held for the next: once, not at each release it fails again."""
+        with self._lock:
+            said = mapping in self._unmap_said
+        if said:
+            logger.debug("%s: unmapping %s failed again: %s", self.nodename, mapping, exc)
+            return
+        self._release_failed("%s: unmapping %s failed", mapping, exc)
+        with self._lock:
+            if mapping in self._mappings and mapping not in self._unmap_said:
+                self._unmap_said.append(mapping)
 
     def _release_failed(self, msg: str, what: object, exc: BaseException) -> None:
         """Log a failed release (``msg`` % (nodename, ``what``))."""

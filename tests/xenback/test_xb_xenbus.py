@@ -805,24 +805,69 @@ def test_an_unbind_ending_after_its_number_was_bound_again_leaves_the_new_record
     assert bdev.resources[1] == held
 
 
-def test_an_unmap_the_grant_handle_refuses_is_raised_and_not_held(
+def _refused(real: Callable[..., Any], refused: object, times: int,
+             calls: list[object]) -> Callable[..., Any]:
+    """A GrantMapping's ``real`` unmap, refused with ENOMEM (which Linux
+    says may be tried again) before doing anything, the first ``times``
+    calls for mapping ``refused``; ``calls`` gets each call's mapping."""
+    def unmap(mapping: Any) -> None:
+        calls.append(mapping)
+        if mapping is refused and calls.count(mapping) <= times:
+            raise OSError(errno.ENOMEM, "unmap refused")
+        real(mapping)
+
+    return unmap
+
+
+def test_an_unmap_the_grant_handle_refuses_is_raised_and_held_for_the_next(
         host, driver, frontends, monkeypatch) -> None:
-    """The grant handle refuses a driver's unmap() (EIO) once it has done
-    its work: the driver sees the OSError, as the unmap's own, and the
-    mapping is the device's no longer (its release would only meet the
-    error again)."""
+    """The grant handle refuses a driver's unmap() (ENOMEM): the driver
+    sees the OSError, as the unmap's own, and the mapping, still
+    mapped, stays the device's.  Forgotten, it was mapped until the
+    handle closed, and no release tried again; the next unmap() does."""
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
     mapping = bdev.map_grant_refs([fe.pages.refs[0]])
     maps = bdev.resources[0]
     mapped = host.hypervisor.stats()["mappings"]
-    real = type(mapping).unmap
-    monkeypatch.setattr(type(mapping), "unmap", fails_once(
-        real, OSError(errno.EIO, "unmap refused"), after=True))
+    calls: list[object] = []
+    monkeypatch.setattr(type(mapping), "unmap", _refused(type(mapping).unmap, mapping, 1, calls))
     with pytest.raises(OSError, match="unmap refused"):
         bdev.unmap(mapping)
+    assert bdev.resources[0] == maps
+    assert host.hypervisor.stats()["mappings"] == mapped
+    bdev.unmap(mapping)
     assert bdev.resources[0] == maps - 1
     assert host.hypervisor.stats()["mappings"] == mapped - 1
+    assert calls == [mapping, mapping]
+
+
+def test_a_mapping_whose_unmap_a_release_refuses_is_tried_again_and_said_once(
+        host, driver, frontends, monkeypatch, caplog) -> None:
+    """A release whose unmap the grant handle refuses (ENOMEM), twice:
+    the mapping, still mapped, stays the device's, said once (not at
+    each release), and the next release unmaps it.  Forgotten, it was
+    mapped until the handle closed; once unmapped, no release unmaps it
+    again."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    mapping = bdev.map_grant_refs([fe.pages.refs[0]])
+    mapped = host.hypervisor.stats()["mappings"]
+    calls: list[object] = []
+    monkeypatch.setattr(type(mapping), "unmap", _refused(type(mapping).unmap, mapping, 2, calls))
+    with caplog.at_level(logging.DEBUG, logger="xenback"):
+        for _ in range(2):
+            bdev.release_resources()
+            assert bdev.resources[0] == 1
+            assert host.hypervisor.stats()["mappings"] == mapped - 1  # the connection's went
+        said = [r for r in caplog.records if r.msg == "%s: unmapping %s failed"]
+        assert [(r.levelno, r.args) for r in said] == [
+            (logging.WARNING, (bdev.nodename, mapping))]
+        bdev.release_resources()
+        bdev.release_resources()
+    assert bdev.resources[0] == 0
+    assert host.hypervisor.stats()["mappings"] == mapped - 2
+    assert [m for m in calls if m is mapping] == [mapping] * 3
 
 
 @pytest.mark.timeout(300)
