@@ -21,6 +21,7 @@ errors through it and, when the device goes, reports what it suppressed
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -81,19 +82,25 @@ class RateLimit:
         """Take one message: (whether it may go out, how many were
         suppressed before it and are reported now).  The kernel's
         ``__ratelimit()``, which also reports the count as a new interval
-        begins."""
-        with self._lock:
-            now = self._clock()
-            reported = 0
-            if self._begin is None or now - self._begin >= self.interval:
-                reported, self._missed = self._missed, 0
-                self._begin = now
-                self._printed = 0
-            if self._printed < self.burst:
-                self._printed += 1
-                return True, reported
-            self._missed += 1
-            return False, reported
+        begins.  Cut short by a Ctrl-C, it keeps the count for the next."""
+        reported = 0
+        try:
+            with self._lock:
+                now = self._clock()
+                if self._begin is None or now - self._begin >= self.interval:
+                    reported, self._missed = self._missed, 0
+                    self._begin = now
+                    self._printed = 0
+                if self._printed < self.burst:
+                    self._printed += 1
+                    return True, reported
+                self._missed += 1
+                return False, reported
+        except BaseException:
+            # Cut short once the count was taken (a Ctrl-C as the lock is
+            # let go of): nobody has it to report, so it goes back.
+            self._put_back(reported)
+            raise
 
     def log(self, logger: logging.Logger, level: int, msg: str, *args: object,
             exc_info: BaseException | None = None) -> bool:
@@ -101,9 +108,21 @@ class RateLimit:
         preceded by the count of messages suppressed since the last report.
         Whether it went out.  With ``exc_info``, an exception, its
         traceback goes with the line (and not without it)."""
-        allowed, reported = self()
-        if reported:
-            self._report(logger, level, reported)
+        # Each stored by the call that makes it (list.extend() stores what
+        # map() got before control is back in Python code): a Ctrl-C as
+        # the call returned finds it there, and a count taken and not said
+        # goes back, for the next report; one said is not said again.
+        taken: list[tuple[bool, int]] = []
+        said: list[object] = []
+        try:
+            taken.extend(map(type(self).__call__, (self,)))
+            allowed, reported = taken[0]
+            if reported:
+                self._report(logger, level, reported, said)
+        except BaseException:
+            if taken and not said:
+                self._put_back(taken[0][1])
+            raise
         if allowed:
             # stacklevel: the line is the caller's, not ours.
             logger.log(level, msg, *args, exc_info=exc_info, stacklevel=2)
@@ -111,13 +130,32 @@ class RateLimit:
 
     def close(self, logger: logging.Logger, level: int = logging.WARNING) -> None:
         """Report messages suppressed since the last report, if any: the
-        last word of a guest that is going away.  The limit stays usable."""
-        with self._lock:
-            reported, self._missed = self._missed, 0
-        if reported:
-            self._report(logger, level, reported)
+        last word of a guest that is going away.  The limit stays usable.
+        Cut short by a Ctrl-C before the count is said, it leaves it to
+        the next report."""
+        reported = 0
+        said: list[object] = []  # see log()
+        try:
+            with self._lock:
+                reported, self._missed = self._missed, 0
+            if reported:
+                self._report(logger, level, reported, said)
+        except BaseException:
+            if not said:
+                self._put_back(reported)
+            raise
 
-    def _report(self, logger: logging.Logger, level: int, count: int) -> None:
+    def _put_back(self, count: int) -> None:
+        """Count again ``count`` suppressed messages that a report cut
+        short took and did not say."""
+        if count:
+            with self._lock:
+                self._missed += count
+
+    def _report(self, logger: logging.Logger, level: int, count: int,
+                said: list[object]) -> None:
+        """Say ``count``; ``said`` gets an item by the call that says it."""
         # Reached from log() or close(): the line is their caller's.
-        logger.log(level, "%s: %d message%s suppressed", self.name, count,
-                   "" if count == 1 else "s", stacklevel=3)
+        say = functools.partial(logger.log, level, "%s: %d message%s suppressed", self.name,
+                                count, stacklevel=3)
+        said.extend(map(say, ("" if count == 1 else "s",)))

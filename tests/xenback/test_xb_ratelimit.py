@@ -3,7 +3,9 @@ make a backend log."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 
 from tests.racewindow import TIMEOUT, PauseAt, stands_at
 from tests.sim.hosthelpers import eventually
+from tests.stolensignal import interrupted_at
 from xenback import RateLimit
 
 logger = logging.getLogger("xenback.test.ratelimit")
@@ -185,3 +188,48 @@ def test_a_line_names_its_caller_not_the_rate_limit(caplog: pytest.LogCaptureFix
     here = (Path(__file__).name, "test_a_line_names_its_caller_not_the_rate_limit")
     assert (said.filename, said.funcName) == here
     assert (suppressed.filename, suppressed.funcName) == here
+
+
+def _suppressed(caplog: pytest.LogCaptureFixture) -> int:
+    """How many suppressed messages the lines said so far counted."""
+    said = 0
+    for line in messages(caplog):
+        if line.startswith("dom5: ") and "suppressed" in line:
+            said += int(line.split()[1])
+    return said
+
+
+@pytest.mark.parametrize("how", ["close", "log"])
+def test_a_count_reported_as_a_ctrl_c_lands_anywhere_is_said_once(
+        caplog: pytest.LogCaptureFixture, how: str) -> None:
+    """A Ctrl-C landing anywhere in close(), or in a log() that reports
+    the count as a new interval begins: the count taken off the limit
+    and not said yet was lost.  Said by the call, or by the next report,
+    once."""
+    import xenback.ratelimit
+
+    within = os.path.dirname(xenback.ratelimit.__file__)
+    caplog.set_level(logging.INFO, logger=logger.name)
+    landed: list[str] = []
+    for n in itertools.count():
+        caplog.clear()
+        clock = Clock()
+        limit = RateLimit("dom5", burst=1, clock=clock)
+        for _ in range(4):
+            limit.log(logger, logging.WARNING, "refused")  # 3 suppressed
+        clock.now += limit.interval
+
+        def report(limit: RateLimit = limit) -> None:
+            if how == "close":
+                limit.close(logger)
+            else:
+                limit.log(logger, logging.WARNING, "refused")
+
+        where = interrupted_at(n, within, report)
+        if where:
+            limit.close(logger)  # the next report
+        assert _suppressed(caplog) == 3, f"interrupted {where}: {messages(caplog)}"
+        if not where:
+            break
+        landed.append(where)
+    assert any("RateLimit" in where for where in landed), landed
