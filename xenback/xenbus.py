@@ -145,7 +145,6 @@ them, so a backend cannot leak them on a path it did not think of.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import functools
@@ -379,10 +378,11 @@ class _Port:
         self.events = events
         self.callback = callback
         # An unbind of it is under way (see BackendDevice._unbind): set
-        # under the device's _lock, and cleared without it by the call
-        # that set it, cut short (a plain attribute: a caller that reads
-        # it set a moment late takes the port for another's, and leaves it
-        # to the next release).
+        # under the device's _lock, and cleared without it by a call at
+        # it, cut short (a plain attribute: a caller that reads it set a
+        # moment late takes the port for another's, and leaves it to the
+        # next release; once the device is gone, a release takes it all
+        # the same).
         self.busy = False
 
 
@@ -1248,7 +1248,10 @@ class BackendDevice:
         itself).  A port taken as stop() closes the dispatcher, which
         unbinds every port, is unbound so: nothing is raised, nor unbound
         on the dispatcher of a start() since.  Called again for a port
-        whose unbind a Ctrl-C cut short, it finishes it."""
+        whose unbind a Ctrl-C cut short, it finishes it.  A port it is
+        unbinding as the device is dropped, the drop's release unbinds
+        too: then the one that gets to the dispatcher second raises its
+        KeyError, as for a port released already."""
         if not is_int(port):
             # Before the lookup: 1.0 would find and drop port 1 there, and
             # the dispatcher then refuse it (see EventDispatcher.unbind).
@@ -1267,7 +1270,12 @@ class BackendDevice:
         at it, so that a second call for the port does not take it for
         its own: it raises KeyError, as for a port the device does not
         hold (``held``: it returns); one cut short is not busy, and the
-        next call finishes it.
+        next call finishes it.  But once the device is gone, a release
+        (not ``held``) takes a busy port too: it may be the device's
+        last, and the call at it, cut short after, would leave the port
+        bound, known to nobody (handing it on to a release then is a
+        step that a second Ctrl-C can cut short too).  The dispatcher
+        unbinds it for one of the two; the other meets its KeyError.
 
         Raises the dispatcher's OSError, and its KeyError for a port it
         does not have, but not for one whose unbind was cut short (done
@@ -1280,7 +1288,8 @@ class BackendDevice:
                 if not again:
                     self._unbinding[port] = self._ports[port]
                     del self._ports[port]
-                elif port not in self._unbinding or self._unbinding[port].busy:
+                elif port not in self._unbinding or (self._unbinding[port].busy
+                                                     and (held or not self._gone)):
                     if not held:
                         return
                     raise KeyError(f"event channel port {port} is not bound by {self.nodename}")
@@ -1301,25 +1310,10 @@ class BackendDevice:
         except BaseException:
             if record is not None:
                 record.busy = False  # cut short: left to the next call
-                if self._gone:
-                    # The device's last release (after _gone was set) may
-                    # have found the port busy and left it to us: nothing
-                    # else would finish it.  Cleared first, a release that
-                    # looks after finds it not busy, and finishes it.
-                    self._release_later()
             raise
         if failure is None or isinstance(failure, KeyError) and (again or record.events.closed):
             return
         raise failure
-
-    def _release_later(self) -> None:
-        """Queue a release on the bus, for what a call cut short left once
-        the device was gone (refused once stopping: the dispatcher's and
-        the grant handle's close release it all then)."""
-        bus = self.driver._bus
-        if bus is not None:
-            with contextlib.suppress(RuntimeError):  # its workqueue going too
-                bus.call(self.release_resources)
 
     def notify(self, port: int) -> None:
         """Send an event to the frontend on our local ``port``.
@@ -1353,8 +1347,8 @@ class BackendDevice:
         """Unbind every tracked port and unmap every tracked mapping.  A
         port's unbind that a Ctrl-C cut short, here or in
         :meth:`unbind_evtchn`, is finished; one under way on another
-        thread is left to it (cut short there once the device is gone,
-        that one queues a release on the bus).  A mapping whose unmap the
+        thread is left to it while the device is there, and taken over
+        once it is gone (see _unbind).  A mapping whose unmap the
         platform refuses (but ENODEV: its service went, and the mapping
         with it) stays held, said once, and is tried again by the next
         release.  Cut short itself, it leaves what it did not release to
@@ -2736,9 +2730,8 @@ class BackendDriver:
                 dev._forgetting = claimed = True
             # A driver's own work item may have mapped or bound since the
             # disconnect; from now on nothing can be added.  Under the
-            # claim: a forget on another thread found a port this release
-            # was unbinding busy, left it, and said the device removed, the
-            # port still bound.
+            # claim: the forget that says the device removed is the one
+            # that released it, not one that came upon another's release.
             dev.release_resources()
             # Both lines before the device leaves devices(): whoever sees
             # it gone there finds its removal said, a drop cut short

@@ -616,6 +616,84 @@ def test_a_port_s_unbind_cut_short_as_the_device_is_dropped_leaves_it_unbound(
     assert bdev.resources == (0, 0)
 
 
+def test_a_port_s_unbind_overtaken_by_the_drop_s_release_is_a_key_error(
+        host, driver, frontends, dom0_xs, monkeypatch) -> None:
+    """A driver's thread unbinds its port as the device is dropped, the
+    drop's release coming while that unbind is under way, before the
+    dispatcher's: the release, the device's last, unbinds the port, once,
+    and the driver's call then meets the dispatcher's KeyError, as for a
+    port released already."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    (port,) = bdev._ports
+    handle = driver.events._evtchn
+    real_unbind = handle.unbind
+    unbound: list[int] = []
+
+    def unbind(number: int) -> None:
+        real_unbind(number)
+        unbound.append(number)
+
+    monkeypatch.setattr(handle, "unbind", unbind)
+    unbinding = PauseAt(xenbus.BackendDevice._unbind, "record.events.unbind(port")
+    unbinder = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(port)))
+    try:
+        assert unbinding.reached.wait(TIMEOUT)
+        dom0_xs.rm(dev.frontend_path)  # Unknown: Closed, and dropped
+        driver.wait_removed(guest.domid)
+        assert unbound == [port]
+        assert bdev.resources == (0, 0)
+    finally:
+        unbinding.resume()
+    outcome = unbinder.result()
+    assert isinstance(outcome, KeyError) and f"port {port} is not bound here" in str(outcome)
+    assert unbound == [port]
+
+
+@pytest.mark.timeout(300)
+def test_a_port_s_unbind_cut_short_twice_as_the_device_is_dropped_leaves_it_unbound(
+        host, driver, frontends, dom0_xs, monkeypatch) -> None:
+    """As test_a_port_s_unbind_cut_short_as_the_device_is_dropped_leaves_it_unbound,
+    on the main thread, a second Ctrl-C landing anywhere after the first:
+    one in the call's hand-off of the port to a release on the bus, before
+    it was queued, left the port bound, known to nobody, until stop().
+    The drop's release takes the port over instead (there is no hand-off
+    left, nor a place for the second to land)."""
+    within = os.path.dirname(xenbus.__file__)
+    events = driver.events
+    real_events_unbind = events.unbind
+    cut: list[int] = []
+
+    def events_unbind(number: int, callback: object = None) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            real_events_unbind(number, callback)
+            return
+        dom0_xs.rm(dropping.frontend_path)  # Unknown: Closed, and dropped
+        driver.wait_removed(guest.domid)
+        cut.append(number)
+        raise KeyboardInterrupt  # a Ctrl-C as the dispatcher's unbind starts
+
+    monkeypatch.setattr(events, "unbind", events_unbind)
+    for n in itertools.count():
+        cut.clear()
+        guest, dropping, fe = connected(host, frontends, name=f"guest{n}")
+        bdev = backend_device(driver, guest.domid)
+        (port,) = bdev._ports
+
+        def unbind(bdev: xenbus.BackendDevice = bdev, port: int = port) -> None:
+            with contextlib.suppress(KeyboardInterrupt):  # the first: a second may land
+                bdev.unbind_evtchn(port)
+
+        where = interrupted_at(n, within, unbind, unless=lambda: not cut)
+        assert cut == [port], f"interrupted {where}"
+        driver._bus.flush()
+        assert port not in events.ports, f"interrupted {where}"
+        assert bdev.resources == (0, 0), f"interrupted {where}"
+        fe.close()
+        if not where:
+            break
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("how", ["unbind_evtchn", "release_resources"])
 def test_an_unbind_interrupted_anywhere_is_finished_by_the_next(
