@@ -847,6 +847,26 @@ def test_a_port_number_bound_again_after_an_unbind_cut_short_counts_once(
     assert bdev.resources[1] == held
 
 
+def test_a_release_leaves_a_number_another_bound_after_an_unbind_cut_short_alone(
+        host, driver, frontends, monkeypatch, caplog) -> None:
+    """unbind_evtchn() cut short by a Ctrl-C as the handle's unbind
+    returned: the port is unbound, and kept on record for the next call
+    to finish.  Another owner binds the number on the same dispatcher.
+    The release, finishing the record, must not unbind that owner's
+    port: the dispatcher's unbind is given the record's callback, which
+    is not that owner's, and says so with a KeyError the release takes
+    for the job done."""
+    bdev, fe, port, held = _an_unbind_cut_short_once_done(
+        host, driver, frontends, monkeypatch)
+    other = driver.events.bind_unbound_port(bdev.frontend_id, lambda port: None)
+    assert other == port  # the number freed, taken again
+    bdev.release_resources()
+    assert other in driver.events.ports
+    assert bdev.resources == (0, 0)
+    assert not [r for r in caplog.records if r.msg == "%s: unbinding port %d failed"]
+    driver.events.unbind(other)
+
+
 def test_an_unbind_ending_after_its_number_was_bound_again_leaves_the_new_record(
         host, driver, frontends) -> None:
     """unbind_evtchn() of a port, held once the dispatcher has unbound it
@@ -5311,6 +5331,40 @@ def test_a_drop_ended_past_exception_once_gone_still_looks_at_the_path(
     assert old not in driver.devices()
     said = [r.getMessage() for r in caplog.records]
     # The look's: the drop's own line got no further than the handler.
+    assert said.count(f"{old.nodename}: removed") == 1
+
+
+def test_a_drop_ended_past_exception_before_gone_is_done_again_by_the_next_event(
+        host, driver, frontends, dom0_xs, caplog, monkeypatch) -> None:
+    """A drop on the device's queue ended by something past Exception
+    before the device was gone: SystemExit from a logging handler at the
+    line of a remove() that failed.  No look at the path is queued (the
+    device is not gone), but its queue is still open: the events of a
+    new device the toolstack makes at the path go to it, and drop the
+    old device again, which this time ends, and looks; the new one is
+    served."""
+    caplog.set_level(logging.INFO, logger="xenback.xenbus")
+    exiting = _ExitsOnce("%s: remove failed")
+    fails = [RuntimeError("remove() fails once")]
+    remove = driver.remove
+
+    def failing(dev: xenbus.BackendDevice) -> None:
+        if fails:
+            raise fails.pop()
+        remove(dev)
+
+    monkeypatch.setattr(driver, "remove", failing)
+    xblog = logging.getLogger("xenback.xenbus")
+    xblog.addHandler(exiting)
+    try:
+        guest, dev, fe = connected(host, frontends)
+        old = backend_device(driver, guest.domid)
+        _re_created_behind(driver, host, frontends, dom0_xs, guest, dev, fe)
+        assert exiting.exited.is_set()
+    finally:
+        xblog.removeHandler(exiting)
+    assert old not in driver.devices()
+    said = [r.getMessage() for r in caplog.records]
     assert said.count(f"{old.nodename}: removed") == 1
 
 
