@@ -783,6 +783,31 @@ def test_a_second_unbind_of_a_port_whose_unbind_is_under_way_is_a_key_error(
     assert bdev.resources[1] == held - 1
 
 
+def test_no_event_is_sent_on_a_port_whose_unbind_is_under_way(
+        host, driver, frontends, monkeypatch) -> None:
+    """notify() as unbind_evtchn() of the port, on another thread, has
+    taken it and not yet unbound it: nothing is sent (the port is going,
+    and its number may be another's by the time a send gets there), as
+    once it is unbound."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    port = bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
+    sent: list[int] = []
+    monkeypatch.setattr(driver.events, "notify", sent.append)
+    bdev.notify(port)
+    assert sent == [port]
+    unbinding = PauseAt(xenbus.BackendDevice._unbind, "record.events.unbind(port")
+    unbinder = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(port)))
+    try:
+        assert unbinding.reached.wait(TIMEOUT)
+        bdev.notify(port)
+    finally:
+        unbinding.resume()
+    assert unbinder.result() is None
+    bdev.notify(port)
+    assert sent == [port]
+
+
 def _an_unbind_cut_short_once_done(host, driver, frontends, monkeypatch):
     """A guest's device with a port bound, whose unbind_evtchn() a Ctrl-C
     cut short as the handle's unbind returned: the port is unbound, but
