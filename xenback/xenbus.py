@@ -367,23 +367,30 @@ def _errno_of(exc: BaseException) -> tuple[int, str]:
     return errno.EIO, f"{type(exc).__name__}: {exc}"
 
 
-class _Port:
-    """A port a device bound: the dispatcher that bound it, and the
-    callback it was bound with, which tells it from the number bound
-    since by another (see EventDispatcher.unbind)."""
+class _PortState(enum.Enum):
+    """Where a device's port stands (see BackendDevice._unbind)."""
 
-    __slots__ = ("events", "callback", "busy")
+    BOUND = enum.auto()  # the device's: notify() sends on it
+    UNBINDING = enum.auto()  # a call is unbinding it
+    LEFT = enum.auto()  # that call was cut short: the next finishes it
+
+
+class _Port:
+    """A port a device bound: the dispatcher that bound it, the callback
+    it was bound with, which tells it from the number bound since by
+    another (see EventDispatcher.unbind), and where its unbind stands."""
+
+    __slots__ = ("events", "callback", "state")
 
     def __init__(self, events: EventDispatcher, callback: PortCallback) -> None:
         self.events = events
         self.callback = callback
-        # An unbind of it is under way (see BackendDevice._unbind): set
-        # under the device's _lock, and cleared without it by a call at
-        # it, cut short (a plain attribute: a caller that reads it set a
-        # moment late takes the port for another's, and leaves it to the
-        # next release; once the device is gone, a release takes it all
-        # the same).
-        self.busy = False
+        # Set under the device's _lock, but to LEFT without it, by the
+        # call cut short (a plain attribute: a caller that reads it
+        # UNBINDING a moment late takes the port for another's, and leaves
+        # it to the next release; once the device is gone, a release
+        # takes it all the same).
+        self.state = _PortState.BOUND
 
 
 class BackendDevice:
@@ -539,12 +546,11 @@ class BackendDevice:
         # Those of _mappings whose refused unmap a release has said: said
         # once, however many releases it fails (under _lock).
         self._unmap_said: list[GrantMapping] = []
-        self._ports: dict[int, _Port] = {}
-        # Ports taken off _ports to be unbound, until the dispatcher's
-        # unbind has returned or raised: one that a Ctrl-C cut short,
+        # The ports bound, by number, until the dispatcher's unbind of one
+        # has returned or raised: one whose unbind a Ctrl-C cut short,
         # before or inside it, is finished by the next unbind_evtchn() of
         # the port or release_resources() (see _unbind).
-        self._unbinding: dict[int, _Port] = {}
+        self._ports: dict[int, _Port] = {}
         # BackendDriver._forget is releasing what the device holds and
         # saying it removed, from its look at devices() until it has taken
         # it off: set under the driver's _lock, and cleared without it by
@@ -1194,12 +1200,10 @@ class BackendDevice:
             with self._lock:
                 if not self._gone:
                     port = bound[0]
-                    # A record of the number (an unbind cut short once
-                    # done, see _unbind) is over: the dispatcher gives out
-                    # no number it still has bound.  Kept, the port would
-                    # count twice in resources until its next unbind.
-                    if port in self._unbinding:
-                        del self._unbinding[port]
+                    # In place of any record of the number that an
+                    # unbind cut short once done left (see _unbind): that
+                    # one is over, as the dispatcher gives out no number
+                    # it still has bound.
                     self._ports[port] = record
                     del bound[:]
                     return port
@@ -1262,20 +1266,19 @@ class BackendDevice:
         """Unbind ``port`` on the dispatcher that bound it, with the
         callback it was bound with: should the number be bound again
         since (the unbind finished as a Ctrl-C cut it short, a stop()
-        closed the dispatcher), it is left alone.  On record in
-        _unbinding from its leaving _ports until the dispatcher's unbind
-        has returned or raised, in one step as far as a signal goes (no
-        call in between): taken off before, a Ctrl-C as it started, or
-        inside it, left the port bound for good.  Busy while a call is
-        at it, so that a second call for the port does not take it for
-        its own: it raises KeyError, as for a port the device does not
-        hold (``held``: it returns); one cut short is not busy, and the
-        next call finishes it.  But once the device is gone, a release
-        (not ``held``) takes a busy port too: it may be the device's
-        last, and the call at it, cut short after, would leave the port
-        bound, known to nobody (handing it on to a release then is a
-        step that a second Ctrl-C can cut short too).  The dispatcher
-        unbinds it for one of the two; the other meets its KeyError.
+        closed the dispatcher), it is left alone.  On record in _ports
+        until the dispatcher's unbind has returned or raised: taken off
+        before, a Ctrl-C as it started, or inside it, left the port bound
+        for good.  UNBINDING while a call is at it, so that a second call
+        for the port does not take it for its own: it raises KeyError, as
+        for a port the device does not hold (``held``: it returns); one
+        cut short leaves it LEFT, and the next call finishes it.  But once
+        the device is gone, a release (not ``held``) takes an UNBINDING
+        port too: it may be the device's last, and the call at it, cut
+        short after, would leave the port bound, known to nobody (handing
+        it on to a release then is a step that a second Ctrl-C can cut
+        short too).  The dispatcher unbinds it for one of the two; the
+        other meets its KeyError.
 
         Raises the dispatcher's OSError, and its KeyError for a port it
         does not have, but not for one whose unbind was cut short (done
@@ -1284,17 +1287,18 @@ class BackendDevice:
         record: _Port | None = None
         try:
             with self._lock:
-                again = port not in self._ports
-                if not again:
-                    self._unbinding[port] = self._ports[port]
-                    del self._ports[port]
-                elif port not in self._unbinding or (self._unbinding[port].busy
-                                                     and (held or not self._gone)):
+                # No call from taking the record to marking it UNBINDING:
+                # a Ctrl-C there would have the except below mark a port
+                # still BOUND as LEFT, which notify() no longer sends on.
+                if port not in self._ports or (
+                        self._ports[port].state is _PortState.UNBINDING
+                        and (held or not self._gone)):
                     if not held:
                         return
                     raise KeyError(f"event channel port {port} is not bound by {self.nodename}")
-                self._unbinding[port].busy = True
-                record = self._unbinding[port]
+                record = self._ports[port]
+                again = record.state is not _PortState.BOUND
+                record.state = _PortState.UNBINDING
             # Not under _lock: the unbind waits for a running callback of
             # the port.  So stop() may drop the device and close the
             # dispatcher meanwhile (a driver's own thread does not hold it
@@ -1305,11 +1309,11 @@ class BackendDevice:
             except Exception as exc:
                 failure = exc
             with self._lock:
-                if port in self._unbinding and self._unbinding[port] is record:
-                    del self._unbinding[port]
+                if port in self._ports and self._ports[port] is record:
+                    del self._ports[port]
         except BaseException:
             if record is not None:
-                record.busy = False  # cut short: left to the next call
+                record.state = _PortState.LEFT  # cut short: left to the next call
             raise
         if failure is None or isinstance(failure, KeyError) and (again or record.events.closed):
             return
@@ -1328,10 +1332,11 @@ class BackendDevice:
             # handle then refuses; "1" was quietly not sent.
             raise TypeError(f"port must be an int, not {type(port).__name__}")
         # Under _lock: release_resources() and unbind_evtchn() take the
-        # port out under it before unbinding, so it cannot go mid-notify.
-        # (A notify does not block: an ioctl, or a write to a pipe.)
+        # port (UNBINDING) under it before unbinding, so it cannot go
+        # mid-notify.  (A notify does not block: an ioctl, or a write to a
+        # pipe.)
         with self._lock:
-            if port in self._ports:
+            if port in self._ports and self._ports[port].state is _PortState.BOUND:
                 self.driver.events.notify(port)
                 return
         logger.debug("%s: not notifying port %d, which it does not hold", self.nodename, port)
@@ -1341,7 +1346,7 @@ class BackendDevice:
         """(grant mappings, event channel ports) currently held."""
         with self._lock:
             # A port being unbound is still held, until that is over.
-            return len(self._mappings), len(self._ports) + len(self._unbinding)
+            return len(self._mappings), len(self._ports)
 
     def release_resources(self) -> None:
         """Unbind every tracked port and unmap every tracked mapping.  A
@@ -1354,7 +1359,7 @@ class BackendDevice:
         release.  Cut short itself, it leaves what it did not release to
         the next release."""
         with self._lock:
-            ports = [*self._ports, *self._unbinding]
+            ports = list(self._ports)
             mappings = list(self._mappings)
         # Each port and mapping leaves as it goes: all taken off at once, a
         # Ctrl-C lost the rest, held until the handles closed.
