@@ -783,6 +783,32 @@ def test_a_second_unbind_of_a_port_whose_unbind_is_under_way_is_a_key_error(
     assert bdev.resources[1] == held - 1
 
 
+def test_a_release_while_the_device_is_there_leaves_a_port_under_way_to_its_unbind(
+        host, driver, frontends) -> None:
+    """A driver's thread unbinds its port; meanwhile, before the
+    dispatcher's unbind, a release comes (a disconnect's: the device is
+    still there).  The port is the driver's call's: the release leaves
+    it, and that call unbinds it and returns.  Taken by both, the
+    dispatcher unbound it for one, and the driver's call could meet a
+    KeyError for a port it held; only the device's last release (once it
+    is gone) takes it over, as nothing may come after it."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    port = bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
+    unbinding = PauseAt(xenbus.BackendDevice._unbind, "record.events.unbind(port")
+    unbinder = Attempt(lambda: unbinding.run(lambda: bdev.unbind_evtchn(port)))
+    try:
+        assert unbinding.reached.wait(TIMEOUT)
+        bdev.release_resources()
+        assert port in driver.events.ports
+        assert bdev.resources == (0, 1)
+    finally:
+        unbinding.resume()
+    assert unbinder.result() is None
+    assert port not in driver.events.ports
+    assert bdev.resources == (0, 0)
+
+
 def test_no_event_is_sent_on_a_port_whose_unbind_is_under_way(
         host, driver, frontends, monkeypatch) -> None:
     """notify() as unbind_evtchn() of the port, on another thread, has
@@ -889,6 +915,24 @@ def test_a_release_leaves_a_number_another_bound_after_an_unbind_cut_short_alone
     assert other in driver.events.ports
     assert bdev.resources == (0, 0)
     assert not [r for r in caplog.records if r.msg == "%s: unbinding port %d failed"]
+    driver.events.unbind(other)
+
+
+def test_no_event_is_sent_on_a_number_another_bound_after_an_unbind_cut_short(
+        host, driver, frontends, monkeypatch) -> None:
+    """unbind_evtchn() cut short by a Ctrl-C as the handle's unbind
+    returned: the port is unbound, and kept on record for the next call
+    to finish.  Another owner binds the number on the same dispatcher.
+    The device's notify() of its old number sends nothing: the event
+    would reach the other owner's frontend."""
+    bdev, fe, port, held = _an_unbind_cut_short_once_done(
+        host, driver, frontends, monkeypatch)
+    other = driver.events.bind_unbound_port(bdev.frontend_id, lambda port: None)
+    assert other == port  # the number freed, taken again
+    sent: list[int] = []
+    monkeypatch.setattr(driver.events, "notify", sent.append)
+    bdev.notify(port)
+    assert sent == []
     driver.events.unbind(other)
 
 
