@@ -1037,6 +1037,30 @@ def test_a_mapping_whose_unmap_a_release_refuses_is_tried_again_and_said_once(
     assert [m for m in calls if m is mapping] == [mapping] * 3
 
 
+def test_a_mapping_whose_unmap_says_its_service_went_is_forgotten_by_the_release(
+        host, driver, frontends, monkeypatch, caplog) -> None:
+    """A release whose unmap the grant handle answers ENODEV: its service
+    went, and the mapping with it.  Said, and the mapping is the device's
+    no longer: held, it was counted in resources, and tried again by
+    every release, for ever."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    mapping = bdev.map_grant_refs([fe.pages.refs[0]])
+    real = type(mapping).unmap
+
+    def unmap(unmapping: Any) -> None:
+        if unmapping is mapping:
+            raise OSError(errno.ENODEV, "the service went")
+        real(unmapping)
+
+    monkeypatch.setattr(type(mapping), "unmap", unmap)
+    with caplog.at_level(logging.WARNING, logger="xenback"):
+        bdev.release_resources()
+    assert bdev.resources == (0, 0)
+    said = [r for r in caplog.records if r.msg == "%s: unmapping %s failed: %s"]
+    assert [r.args[1] for r in said] == [mapping]  # type: ignore[index]
+
+
 @pytest.mark.timeout(300)
 def test_an_unmap_interrupted_anywhere_is_finished_by_the_next(host, driver, frontends) -> None:
     """A Ctrl-C landing anywhere in unmap() (but inside the simulated
