@@ -1130,15 +1130,30 @@ class BackendDevice:
                     return self._mappings[-1]
         except BaseException as exc:
             for mapping in made:
-                self._give_back(mapping.unmap, "%s: unmapping %s failed", mapping)
+                self._give_back_mapping(mapping)
             if self._gone and isinstance(exc, Exception):
                 # Whatever the map met (the handle closed by stop() since
                 # we took it, EBADF), the device is gone.
                 raise self._removed() from exc
             raise
         # Dropped meanwhile: ENODEV, whatever the unmap meets.
-        self._give_back(made[0].unmap, "%s: unmapping %s failed", made[0])
+        self._give_back_mapping(made[0])
         raise self._removed()
+
+    def _give_back_mapping(self, mapping: GrantMapping) -> None:
+        """Unmap ``mapping``, which a map made but does not hand over, as
+        _give_back() does; but one whose unmap the platform refuses (but
+        ENODEV) becomes the device's while it is there, as a release
+        leaves one: its next release tries again.  Forgotten, it stayed
+        mapped until the handle closed."""
+        try:
+            mapping.unmap()
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:
+                with self._lock:
+                    if not self._gone:  # see map_grant_refs
+                        self._mappings.append(mapping)
+            self._unmap_refused(mapping, exc)
 
     def unmap(self, mapping: GrantMapping) -> None:
         """Unmap a mapping made by :meth:`map_grant_refs` before disconnect.
@@ -1219,10 +1234,11 @@ class BackendDevice:
         raise self._removed()
 
     def _give_back(self, release: Callable[[], object], msg: str, what: object) -> None:
-        """``release()``, giving back what a map or bind took but does not
-        hand over (interrupted, or the device dropped meanwhile): its
-        failure is logged, not raised over the interrupt (a caller's
-        except for that error would swallow it) nor in place of ENODEV."""
+        """``release()``, giving back what a bind (a map: see
+        _give_back_mapping) took but does not hand over (interrupted, or
+        the device dropped meanwhile): its failure is logged, not raised
+        over the interrupt (a caller's except for that error would
+        swallow it) nor in place of ENODEV."""
         try:
             release()
         except KeyError:
@@ -1382,8 +1398,9 @@ class BackendDevice:
             self._unmapped(mapping)
 
     def _unmap_refused(self, mapping: GrantMapping, exc: OSError) -> None:
-        """Say that a release's unmap of ``mapping`` failed, which stays
-        held for the next: once, not at each release it fails again."""
+        """Say that an unmap of ``mapping`` by a release (or a give-back)
+        failed, which stays held for the next: once, not at each release
+        it fails again."""
         with self._lock:
             said = mapping in self._unmap_said
         if said:

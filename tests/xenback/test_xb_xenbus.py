@@ -1501,7 +1501,9 @@ def test_a_give_back_that_fails_after_an_interrupt_raises_the_interrupt(
     of what it took failing: the driver's dispatcher closed meanwhile (its
     unbind() raising KeyError: its close() unbound the port), or the unmap
     refused (ENOMEM).  The caller gets the Ctrl-C, not that error, which an
-    except of its own for it would swallow; a failed unmap is logged."""
+    except of its own for it would swallow; a refused unmap is logged, and
+    the mapping held for the next release (see
+    test_a_mapping_given_back_whose_unmap_is_refused_is_held_for_the_release)."""
     from xenback.platform import GrantError
 
     guest, dev, fe = connected(host, frontends)
@@ -1509,15 +1511,23 @@ def test_a_give_back_that_fails_after_an_interrupt_raises_the_interrupt(
     before = bdev.resources
 
     class Interrupting:
-        """The device's lock, whose taking is where the Ctrl-C lands."""
+        """The device's lock, whose first taking (the hand-over) is where
+        the Ctrl-C lands."""
+
+        def __init__(self, lock: Any) -> None:
+            self.lock, self.armed = lock, True
 
         def __enter__(self) -> None:
+            if not self.armed:
+                self.lock.__enter__()
+                return
+            self.armed = False
             if what == "bind":
                 driver.events.close()
             raise KeyboardInterrupt
 
         def __exit__(self, *exc_info: object) -> None:
-            raise AssertionError("not taken")
+            self.lock.__exit__(*exc_info)
 
     if what == "map":
         real_map = driver.gnttab.map_grant_refs
@@ -1535,7 +1545,7 @@ def test_a_give_back_that_fails_after_an_interrupt_raises_the_interrupt(
 
         monkeypatch.setattr(driver.gnttab, "map_grant_refs", map_refusing_unmap)
     lock = bdev._lock
-    monkeypatch.setattr(bdev, "_lock", Interrupting())
+    monkeypatch.setattr(bdev, "_lock", Interrupting(lock))
     with caplog.at_level(logging.WARNING, logger="xenback"):
         with pytest.raises(KeyboardInterrupt):
             if what == "map":
@@ -1543,12 +1553,79 @@ def test_a_give_back_that_fails_after_an_interrupt_raises_the_interrupt(
             else:
                 bdev.bind_evtchn(fe.frontend.bind_port(), lambda port: None)
     monkeypatch.setattr(bdev, "_lock", lock)
-    assert bdev.resources == before
     if what == "map":
+        assert bdev.resources == (before[0] + 1, before[1])  # refused: held
         assert host.hypervisor.stats()["mappings"] == before[0]
         assert "out of memory" in caplog.text
     else:
+        assert bdev.resources == before
         assert driver.events.ports == []  # closed
+
+
+@pytest.mark.parametrize("code", [errno.ENOMEM, errno.ENODEV], ids=["ENOMEM", "ENODEV"])
+def test_a_mapping_given_back_whose_unmap_is_refused_is_held_for_the_release(
+        host, driver, frontends, monkeypatch, caplog, code: int) -> None:
+    """A Ctrl-C landing once the platform's map returned, before the
+    device took the mapping, and the give-back's unmap refused (ENOMEM,
+    which Linux says may be tried again): the mapping, still mapped,
+    becomes the device's, said once, and its next release unmaps it, as
+    a release leaves one whose unmap it is refused.  Forgotten, it was
+    mapped until the handle closed.  But not for ENODEV, as a release:
+    the handle's service went, and the mapping with it."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    maps = bdev.resources[0]
+    mapped = host.hypervisor.stats()["mappings"]
+    made: list[object] = []
+    real_map = driver.gnttab.map_grant_refs
+
+    def map_grant_refs(*args: Any, **kwargs: Any) -> Any:
+        made.append(real_map(*args, **kwargs))
+        return made[-1]
+
+    calls: list[object] = []
+    real_unmap = type(bdev.driver_data).unmap
+
+    def unmap(mapping: Any) -> None:
+        calls.append(mapping)
+        if mapping in made and calls.count(mapping) == 1:
+            raise OSError(code, "unmap refused")
+        real_unmap(mapping)
+
+    class Interrupting:
+        """The device's lock, whose first taking (the hand-over) is where
+        the Ctrl-C lands."""
+
+        def __init__(self, lock: Any) -> None:
+            self.lock, self.armed = lock, True
+
+        def __enter__(self) -> None:
+            if not self.armed:
+                self.lock.__enter__()
+                return
+            self.armed = False
+            raise KeyboardInterrupt
+
+        def __exit__(self, *exc_info: object) -> None:
+            self.lock.__exit__(*exc_info)
+
+    monkeypatch.setattr(driver.gnttab, "map_grant_refs", map_grant_refs)
+    monkeypatch.setattr(type(bdev.driver_data), "unmap", unmap)
+    monkeypatch.setattr(bdev, "_lock", Interrupting(bdev._lock))
+    with caplog.at_level(logging.DEBUG, logger="xenback"):
+        with pytest.raises(KeyboardInterrupt):
+            bdev.map_grant_refs([fe.pages.refs[0]])
+        (mapping,) = made
+        held = code != errno.ENODEV
+        assert bdev.resources[0] == maps + held
+        assert host.hypervisor.stats()["mappings"] == mapped + 1  # refused before it unmapped
+        bdev.release_resources()
+    assert bdev.resources[0] == 0
+    # The connection's went too; a forgotten one stays, in the test's host.
+    assert host.hypervisor.stats()["mappings"] == mapped - maps + (not held)
+    assert calls.count(mapping) == 1 + held
+    said = [r for r in caplog.records if r.msg.startswith("%s: unmapping %s failed")]
+    assert [r.args[1] for r in said] == [mapping]  # type: ignore[index]
 
 
 def test_a_stopped_driver_opens_no_handles_for_a_late_work_item(host, driver, frontends) -> None:
