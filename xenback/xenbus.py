@@ -1401,28 +1401,50 @@ class BackendDevice:
         """Say that an unmap of ``mapping`` by a release (or a give-back)
         failed, which stays held for the next: once, not at each release
         it fails again."""
-        with self._lock:
-            said = mapping in self._unmap_said
-        if said:
-            logger.debug("%s: unmapping %s failed again: %s", self.nodename, mapping, exc)
-            return
-        self._release_failed("%s: unmapping %s failed", mapping, exc)
-        with self._lock:
-            if mapping in self._mappings and mapping not in self._unmap_said:
-                self._unmap_said.append(mapping)
+        # Marked said as it is found unsaid, in one step: marked after
+        # saying, two releases at it both said it, and so did the next
+        # release after a Ctrl-C in between.  Marked and cut short before
+        # the line went out, it is unmarked, for the next to say.
+        again = True  # nothing of ours to unmark until the look
+        said: list[object] = []
+        try:
+            with self._lock:
+                again = mapping in self._unmap_said
+                if not again and mapping in self._mappings:
+                    self._unmap_said.append(mapping)
+            if again:
+                logger.debug("%s: unmapping %s failed again: %s", self.nodename, mapping, exc)
+                return
+            self._release_failed("%s: unmapping %s failed", mapping, exc, said)
+        except BaseException:
+            if not again and not said:
+                with self._lock:
+                    if mapping in self._unmap_said:
+                        self._unmap_said.remove(mapping)
+            raise
 
-    def _release_failed(self, msg: str, what: object, exc: BaseException) -> None:
-        """Log a failed release (``msg`` % (nodename, ``what``))."""
+    def _release_failed(self, msg: str, what: object, exc: BaseException,
+                        said: list[object] | None = None) -> None:
+        """Log a failed release (``msg`` % (nodename, ``what``)); ``said``,
+        if given, gets an item by the call that logs it (list.extend() over
+        map()), for a caller cut short by a Ctrl-C to know whether it was."""
+        level, exc_info = logging.WARNING, None
+        args: tuple[object, ...] = (what, exc)
         if self.driver._lost_domain(exc):
             # Our domain took it with it: said once already.
-            logger.debug(msg + ": %s", self.nodename, what, exc)
+            level, msg = logging.DEBUG, msg + ": %s"
         elif isinstance(exc, OSError) and exc.errno == errno.ENODEV:
             # The handle's hypervisor service is gone (the host stopped, or
             # our domain was destroyed), and with it what we held: the
             # error says it all, a traceback would add nothing.
-            logger.warning(msg + ": %s", self.nodename, what, exc)
+            msg += ": %s"
         else:
-            logger.warning(msg, self.nodename, what, exc_info=exc)
+            exc_info, args = exc, (what,)
+        # The last argument through map(), so that extend() stores the call's
+        # return as it is made.
+        say = functools.partial(logger.log, level, msg, self.nodename, *args[:-1],
+                                exc_info=exc_info)
+        (said if said is not None else []).extend(map(say, args[-1:]))
 
     def queue(self, fn: Callable[..., object], *args: object) -> bool:
         """Run ``fn(*args)`` on this device's event queue, ordered with its

@@ -1037,6 +1037,80 @@ def test_a_mapping_whose_unmap_a_release_refuses_is_tried_again_and_said_once(
     assert [m for m in calls if m is mapping] == [mapping] * 3
 
 
+def test_a_refusal_two_releases_meet_at_once_is_said_once(
+        host, driver, frontends, monkeypatch, caplog) -> None:
+    """Two releases at once, whose unmap of one mapping the grant handle
+    refuses (ENOMEM): each looked whether the refusal was said, and
+    marked it said in a second step, after saying it; the second release
+    looking in between said it too."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    mapping = bdev.map_grant_refs([fe.pages.refs[0]])
+    calls: list[object] = []
+    monkeypatch.setattr(type(mapping), "unmap", _refused(type(mapping).unmap, mapping, 2, calls))
+    saying = PauseAt.in_method(monkeypatch, xenbus.BackendDevice, "_unmap_refused",
+                               "self._release_failed(")
+    with caplog.at_level(logging.DEBUG, logger="xenback"):
+        first = Attempt(bdev.release_resources)
+        try:
+            assert saying.reached.wait(TIMEOUT)
+            bdev.release_resources()
+        finally:
+            saying.resume()
+        assert first.result() is None
+    said = [r for r in caplog.records if r.msg == "%s: unmapping %s failed"]
+    assert [(r.levelno, r.args) for r in said] == [(logging.WARNING, (bdev.nodename, mapping))]
+    assert bdev.resources[0] == 1
+    bdev.release_resources()
+    assert bdev.resources[0] == 0
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("said_before", [False, True])
+def test_a_refusal_said_as_a_ctrl_c_lands_anywhere_is_said_once(
+        host, driver, frontends, monkeypatch, caplog, said_before: bool) -> None:
+    """A Ctrl-C landing anywhere in a release whose unmap the grant
+    handle refuses (ENOMEM), after one that said so or not, and a
+    release refused again after it: the refusal is said once by them
+    all.  One landing once it was said, before it was marked so, had
+    the next release say it again."""
+    within = os.path.dirname(xenbus.__file__)
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    bdev.release_resources()  # the connection's: the sweep is of one mapping's
+    refused: list[object] = []
+    mapping = bdev.map_grant_refs([fe.pages.refs[0]])
+    real = type(mapping).unmap
+
+    def unmap(unmapping: Any) -> None:
+        if unmapping in refused:
+            raise OSError(errno.ENOMEM, "unmap refused")
+        real(unmapping)
+
+    monkeypatch.setattr(type(mapping), "unmap", unmap)
+    caplog.set_level(logging.DEBUG, logger="xenback")
+    landed: list[str] = []
+    for n in itertools.count():
+        refused[:] = [mapping]
+        caplog.clear()
+        if said_before:
+            bdev.release_resources()
+        where = interrupted_at(n, within, bdev.release_resources,
+                               besides=os.path.join(within, "sim"))
+        bdev.release_resources()
+        said = [r for r in caplog.records
+                if r.msg == "%s: unmapping %s failed" and r.levelno == logging.WARNING]
+        assert [r.args for r in said] == [(bdev.nodename, mapping)], f"interrupted {where}"
+        refused.clear()
+        bdev.release_resources()
+        assert bdev.resources[0] == 0, f"interrupted {where}"
+        if not where:
+            break
+        landed.append(where)
+        mapping = bdev.map_grant_refs([fe.pages.refs[0]])
+    assert any("_unmap_refused" in where for where in landed), landed
+
+
 def test_a_mapping_whose_unmap_says_its_service_went_is_forgotten_by_the_release(
         host, driver, frontends, monkeypatch, caplog) -> None:
     """A release whose unmap the grant handle answers ENODEV: its service
