@@ -119,7 +119,12 @@ class GrantMapping(Protocol):
         ...
 
     def unmap(self) -> None:
-        """Unmap the pages (``xengnttab_unmap``); idempotent."""
+        """Unmap the pages (``xengnttab_unmap``); idempotent.  Raises
+        :class:`GrantError` if the platform refuses: called again, it
+        tries again what may still succeed (the pages left mapped, as
+        for ENOMEM), and does nothing once what failed cannot (a real
+        host's gntdev refusing to release slots: see
+        ``xenback.xen._platform.XenGrantMapping.unmap``)."""
         ...
 
     def __enter__(self) -> GrantMapping: ...

@@ -422,6 +422,13 @@ class XenGrantMapping(_DevicePages):
 
         :attr:`buffer` is released; slices of it that a caller still holds
         see zero pages from now on, never the grants.
+
+        Refused the zero pages (ENOMEM), it raises with the grants still
+        mapped, and the next unmap() tries again.  Refused the slots'
+        release, it raises once, and the next unmap() does nothing:
+        gntdev refuses only slots it does not hold at that index (ENOENT)
+        or an argument it cannot read, and asked again, it could release
+        the slots of a mapping given that index since.
         """
         self._scrub()
         # By whichever unmap() finds them held once the pages are gone, not
