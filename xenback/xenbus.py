@@ -1144,15 +1144,19 @@ class BackendDevice:
         """Unmap ``mapping``, which a map made but does not hand over, as
         _give_back() does; but one whose unmap the platform refuses (but
         ENODEV) becomes the device's while it is there, as a release
-        leaves one: its next release tries again.  Forgotten, it stayed
-        mapped until the handle closed."""
+        leaves one: its next release tries again (forgotten, it stayed
+        mapped until the handle closed).  Once the device is gone, it is
+        said left to the handle (see _unmap_refused)."""
         try:
             mapping.unmap()
         except OSError as exc:
-            if exc.errno != errno.ENODEV:
-                with self._lock:
-                    if not self._gone:  # see map_grant_refs
-                        self._mappings.append(mapping)
+            if exc.errno == errno.ENODEV:
+                # The service is gone, and the mapping with it.
+                self._release_failed("%s: unmapping %s failed", mapping, exc)
+                return
+            with self._lock:
+                if not self._gone:  # see map_grant_refs
+                    self._mappings.append(mapping)
             self._unmap_refused(mapping, exc)
 
     def unmap(self, mapping: GrantMapping) -> None:
@@ -1399,25 +1403,32 @@ class BackendDevice:
 
     def _unmap_refused(self, mapping: GrantMapping, exc: OSError) -> None:
         """Say that an unmap of ``mapping`` by a release (or a give-back)
-        failed, which stays held for the next: once, not at each release
-        it fails again."""
+        was refused (not ENODEV), which stays held for the next: once, not
+        at each release it fails again.  Once the device is gone, nothing
+        releases it again: said then to be left to the grant handle's
+        close, which ends what it still has mapped."""
         # Marked said as it is found unsaid, in one step: marked after
         # saying, two releases at it both said it, and so did the next
         # release after a Ctrl-C in between.  Marked and cut short before
         # the line went out, it is unmarked, for the next to say.
-        again = True  # nothing of ours to unmark until the look
+        mark = False  # set before the mark is made: nothing of ours to unmark till then
         said: list[object] = []
         try:
             with self._lock:
-                again = mapping in self._unmap_said
-                if not again and mapping in self._mappings:
+                gone = self._gone
+                again = not gone and mapping in self._unmap_said
+                mark = not gone and not again and mapping in self._mappings
+                if mark:
                     self._unmap_said.append(mapping)
             if again:
                 logger.debug("%s: unmapping %s failed again: %s", self.nodename, mapping, exc)
                 return
-            self._release_failed("%s: unmapping %s failed", mapping, exc, said)
+            msg = "%s: unmapping %s failed"
+            if gone:
+                msg += "; it is left to the grant handle's close"
+            self._release_failed(msg, mapping, exc, said)
         except BaseException:
-            if not again and not said:
+            if mark and not said:
                 with self._lock:
                     if mapping in self._unmap_said:
                         self._unmap_said.remove(mapping)

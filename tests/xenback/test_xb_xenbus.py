@@ -1111,6 +1111,32 @@ def test_a_refusal_said_as_a_ctrl_c_lands_anywhere_is_said_once(
     assert any("_unmap_refused" in where for where in landed), landed
 
 
+def test_a_refused_mapping_a_drop_leaves_is_said_left_to_the_grant_handle(
+        host, driver, dom0_xs, frontends, monkeypatch, caplog) -> None:
+    """A device dropped with a mapping whose unmap the grant handle
+    refuses (ENOMEM) at every release: the disconnect's release says it
+    held for the next, and the drop's, the last (nothing releases a
+    forgotten device), said only that it failed again, at DEBUG, as if
+    a release were to come.  It says, as a warning, that the mapping is
+    left to the grant handle's close."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    mapping = bdev.map_grant_refs([fe.pages.refs[0]])
+    calls: list[object] = []
+    monkeypatch.setattr(type(mapping), "unmap",
+                        _refused(type(mapping).unmap, mapping, 1000, calls))
+    with caplog.at_level(logging.DEBUG, logger="xenback"):
+        dom0_xs.rm(dev.frontend_path)  # Unknown: Closed, and dropped
+        driver.wait_removed(guest.domid)
+        assert bdev.gone
+    said = [(r.msg, r.args) for r in caplog.records
+            if r.levelno == logging.WARNING and "unmapping %s failed" in str(r.msg)]
+    assert said == [("%s: unmapping %s failed", (bdev.nodename, mapping)),
+                    ("%s: unmapping %s failed; it is left to the grant handle's close",
+                     (bdev.nodename, mapping))]
+    assert calls.count(mapping) == 2
+
+
 def test_a_mapping_whose_unmap_says_its_service_went_is_forgotten_by_the_release(
         host, driver, frontends, monkeypatch, caplog) -> None:
     """A release whose unmap the grant handle answers ENODEV: its service
@@ -1466,7 +1492,8 @@ def test_a_resource_taken_as_the_driver_stops_is_given_back_and_enodev_raised(
     assert info.value.errno == errno.ENODEV
     assert [t.name for t in threading.enumerate() if t not in threads] == []
     assert driver._events is None
-    said = [r for r in caplog.records if r.msg == "%s: unmapping %s failed"]
+    said = [r for r in caplog.records if r.msg == "%s: unmapping %s failed; it is left to "
+            "the grant handle's close"]
     assert len(said) == (what == "map")
 
 
