@@ -1137,6 +1137,24 @@ def test_a_refused_mapping_a_drop_leaves_is_said_left_to_the_grant_handle(
     assert calls.count(mapping) == 2
 
 
+def test_a_refused_mapping_once_unmapped_is_held_by_nothing_of_the_device(
+        host, driver, frontends, monkeypatch) -> None:
+    """A mapping whose unmap a release refused, and said, then unmapped
+    by the next: the device keeps nothing of it.  Its record of the
+    refusal said, kept, held the mapping for the device's life."""
+    guest, dev, fe = connected(host, frontends)
+    bdev = backend_device(driver, guest.domid)
+    mapping = bdev.map_grant_refs([fe.pages.refs[0]])
+    calls: list[object] = []
+    monkeypatch.setattr(type(mapping), "unmap", _refused(type(mapping).unmap, mapping, 1, calls))
+    bdev.release_resources()
+    assert mapping in bdev._unmap_said
+    bdev.release_resources()
+    assert bdev.resources[0] == 0
+    held = [r for r in gc.get_referrers(mapping) if r is bdev._mappings or r is bdev._unmap_said]
+    assert held == []
+
+
 def test_a_mapping_whose_unmap_says_its_service_went_is_forgotten_by_the_release(
         host, driver, frontends, monkeypatch, caplog) -> None:
     """A release whose unmap the grant handle answers ENODEV: its service
