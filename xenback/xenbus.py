@@ -1274,8 +1274,8 @@ class BackendDevice:
         on the dispatcher of a start() since.  Called again for a port
         whose unbind a Ctrl-C cut short, it finishes it.  A port it is
         unbinding as the device is dropped, the drop's release unbinds
-        too: then the one that gets to the dispatcher second raises its
-        KeyError, as for a port released already."""
+        too: should the release get to the dispatcher first, this raises
+        its KeyError, as for a port released already."""
         if not is_int(port):
             # Before the lookup: 1.0 would find and drop port 1 there, and
             # the dispatcher then refuse it (see EventDispatcher.unbind).
@@ -1376,7 +1376,8 @@ class BackendDevice:
         once it is gone (see _unbind).  A mapping whose unmap the
         platform refuses (but ENODEV: its service went, and the mapping
         with it) stays held, said once, and is tried again by the next
-        release.  Cut short itself, it leaves what it did not release to
+        release; once the device is gone, said left to the grant handle's
+        close.  Cut short itself, it leaves what it did not release to
         the next release."""
         with self._lock:
             ports = list(self._ports)

@@ -5746,7 +5746,7 @@ def test_a_look_as_the_drop_releases_what_remove_took_leaves_the_device_to_it(
     """remove() binds a port (a driver's own work item may, until the
     device is gone), and the drop's forget, once the device is gone, is
     unbinding it as a look at the path comes.  The look's forget found
-    the port busy, left it, and said the device removed, taking it off
+    the port being unbound, left it, and said the device removed, taking it off
     devices() with the port still bound.  The device is the drop's until
     its release is done: said removed once, holding nothing."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
