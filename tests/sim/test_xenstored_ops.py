@@ -8,6 +8,7 @@ import errno
 import gc
 import itertools
 import logging
+import logging.handlers
 import os
 import re
 import signal
@@ -1825,6 +1826,26 @@ def test_a_start_cut_short_in_starting_its_thread_is_undone_by_stop(
             finally:
                 theirs.close()
 
+def test_a_server_stop_closed_itself_is_said_stopped_once(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """stop() after a start() cut short in starting its thread closes the
+    server itself; a stop() again closes nothing again, nor says so again.
+    Each said "xenstored stopped"."""
+    def cut_short(thread: threading.Thread) -> None:
+        raise Interrupted
+
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        xsd = XenStored(Path(d))
+        with monkeypatch.context() as patched:
+            patched.setattr(threading.Thread, "start", cut_short)
+            with pytest.raises(Interrupted):
+                xsd.start()
+        with caplog.at_level(logging.INFO, logger=_server.__name__):
+            xsd.stop()
+            xsd.stop()
+        assert [r.getMessage() for r in caplog.records] == ["xenstored stopped"]
+
+
 
 def test_a_stop_before_the_loop_began_waits_for_its_thread(
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1977,6 +1998,72 @@ def test_the_loops_last_records_are_emitted_after_a_stop_cut_short_anywhere(
                     landed.append(where)
             if not where:
                 break
+    assert any("XenStored.stop" in where for where in landed), landed
+
+
+def test_a_stop_taking_over_an_emitting_loop_cut_short_anywhere_loses_no_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing anywhere in a stop() that finds the loop emitting a
+    record (held up in a handler's filter here, as by a lock the main
+    thread holds) and takes the server over, then stop() again: the
+    server is stopped, and each record is emitted once, the loop's and
+    stop()'s, whoever emits them."""
+    from racewindow import TIMEOUT
+
+    # Taken over at once: the loop emits until the test lets it go.
+    monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(record: logging.LogRecord) -> bool:
+        # Not formatted here, where a Ctrl-C would land in the repr.
+        if record.msg == "closing %r: %s" and record.args == (record.args[0], "closed by peer"):
+            entered.set()
+            go.wait(TIMEOUT)
+        return True
+
+    kept = logging.handlers.BufferingHandler(capacity=1000)
+    kept.addFilter(held_up)
+    xs_logger = logging.getLogger("xenback.sim._xenstored")
+    was = xs_logger.level
+    xs_logger.addHandler(kept)
+    xs_logger.setLevel(logging.DEBUG)
+    landed = []
+    try:
+        for n in itertools.count():
+            entered.clear()
+            go.clear()
+            xsd = XenStored(tmp_path / str(n))
+            xsd.start()
+            kept.buffer.clear()
+            loop = xsd._thread
+            assert loop is not None
+            where = "?"
+            try:
+                with RawClient(xsd.path) as dom0, RawClient(xsd.path) as other:
+                    dom0.read("/")
+                    other.read("/")
+                    other.close()
+                    assert entered.wait(TIMEOUT), "the loop logs nothing"
+                    where = interrupted_at(n, SIM_CODE, xsd.stop)
+                    go.set()
+                    xsd.stop()
+            finally:
+                go.set()
+                xsd.stop()
+            loop.join(TIMEOUT)
+            assert not loop.is_alive(), where
+            assert not xsd.path.exists(), where
+            said = [r.getMessage() for r in kept.buffer]
+            assert len(set(said)) == len(said), (where, said)
+            assert {message.rsplit(": ", 1)[-1] for message in said} == {
+                "closed by peer", "server stopping", "xenstored stopped"}, (where, said)
+            if not where:
+                break
+            landed.append(where)
+    finally:
+        go.set()
+        xs_logger.removeHandler(kept)
+        xs_logger.setLevel(was)
     assert any("XenStored.stop" in where for where in landed), landed
 
 

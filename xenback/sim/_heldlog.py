@@ -117,3 +117,18 @@ def records_held() -> Iterator[None]:
             yield
     finally:
         emit(records)
+
+
+@contextlib.contextmanager
+def records_emitted() -> Iterator[None]:
+    """Within, this thread emits what it logs and what :func:`emit` is
+    given, though it keeps its records around: for a thread that keeps
+    them and emits them itself where it can tell nobody waits on it (see
+    XenStored._say)."""
+    outer = getattr(_held, "records", None)
+    _held.records = None
+    try:
+        yield
+    finally:
+        _held.records = outer
+
