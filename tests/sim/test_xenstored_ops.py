@@ -2287,3 +2287,26 @@ def test_a_special_node_owned_by_a_released_domain_goes_back_to_dom0(
     assert dom0.get_perms("@introduceDomain") == ["r0", "w5"]
     with make_guest(xsd, dom0, 4) as again:
         assert error_of(again.set_perms, "@introduceDomain", ["b4"]) == "EACCES"
+
+
+def test_the_loop_makes_no_record_nobody_listens_to(
+        xsd: XenStored, dom0: RawClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop keeps what it logs (see _server._say), but makes no record
+    of a level its logger would not emit: a failed request (a missing
+    node read) is logged at DEBUG, and a loop that kept a record of each
+    served them at half the rate."""
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        made.append(record)
+        return record
+
+    monkeypatch.setattr(logging.getLogger("xenback.sim._xenstored"), "level", logging.INFO)
+    logging.setLogRecordFactory(counted)
+    try:
+        assert error_of(dom0.read, "/missing") == "ENOENT"
+    finally:
+        logging.setLogRecordFactory(factory)
+    assert [r.getMessage() for r in made if r.name.startswith("xenback.sim._xenstored")] == []

@@ -132,3 +132,27 @@ def records_emitted() -> Iterator[None]:
     finally:
         _held.records = outer
 
+
+class _Sifter(_Keeper):
+    """A _Keeper that makes no record of a level its logger would not emit.
+
+    Asked of the logger's levels, which takes no lock (isEnabledFor() may
+    take logging's own): a keeping thread that logs per request, at a
+    level nobody listens to, must not pay a record for each."""
+
+    def __init__(self, logger: logging.Logger, records: list[logging.LogRecord]) -> None:
+        super().__init__(logger.name, records)
+        self.of = logger
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802
+        of = self.of
+        return (not of.disabled and of.manager.disable < level
+                and level >= of.getEffectiveLevel())
+
+
+def sifted(logger: logging.Logger) -> logging.Logger:
+    """As :func:`log`, but a thread keeping its records keeps none of a
+    level ``logger`` would not emit as the record is made (as ``logger``
+    itself does)."""
+    records: list[logging.LogRecord] | None = getattr(_held, "records", None)
+    return logger if records is None else _Sifter(logger, records)

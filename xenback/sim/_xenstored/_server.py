@@ -99,7 +99,7 @@ from typing import Any, TypeVar
 
 from xenback._flags import DOMID_FIRST_RESERVED, check_xenstore_domid
 
-from .._heldlog import EMITTER_WAIT, emit, log, records_emitted, records_kept
+from .._heldlog import EMITTER_WAIT, emit, records_emitted, records_kept, sifted
 from .._unix import listen_error
 from ._connection import Connection, Domain, Outstanding, WaitingEvent
 from ._ops import Dispatcher, Quota
@@ -113,7 +113,7 @@ logger = logging.getLogger(__name__)
 def _log() -> logging.Logger:
     """The logger, or one keeping its records: the loop's (see _say), or
     a caller's (see _call)."""
-    return log(logger)
+    return sifted(logger)
 
 
 T = TypeVar("T")
