@@ -2310,3 +2310,40 @@ def test_the_loop_makes_no_record_nobody_listens_to(
     finally:
         logging.setLogRecordFactory(factory)
     assert [r.getMessage() for r in made if r.name.startswith("xenback.sim._xenstored")] == []
+
+
+def test_a_stop_waits_for_the_loop_emitting_no_longer_than_it_was_given(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stop(timeout) finding the loop emitting a record (held up in a
+    handler) waits for it ``timeout`` at most, when that is less than
+    EMITTER_WAIT, then stops the server without it.  It waited
+    EMITTER_WAIT all the same."""
+    from racewindow import TIMEOUT, Attempt
+
+    monkeypatch.setattr(_server, "EMITTER_WAIT", OUTLASTS_THE_TEST)
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(record: logging.LogRecord) -> bool:
+        if record.msg == "closing %r: %s":
+            entered.set()
+            go.wait(TIMEOUT)
+        return True
+
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    kept.addFilter(held_up)
+    xs_logger = logging.getLogger(_server.__name__)
+    monkeypatch.setattr(xs_logger, "level", logging.DEBUG)
+    xs_logger.addHandler(kept)
+    xsd = XenStored(tmp_path / "run")
+    xsd.start()
+    try:
+        with RawClient(xsd.path) as client:
+            client.read("/")
+        assert entered.wait(TIMEOUT), "the loop logs nothing"
+        stopper = Attempt(lambda: xsd.stop(0.1))
+        assert stopper.result(TIMEOUT / 2, msg="stop() waits past its timeout") is None
+        assert not xsd.path.exists()
+    finally:
+        go.set()
+        xs_logger.removeHandler(kept)
+        xsd.stop()

@@ -399,7 +399,7 @@ class XenStored:
         again.
 
         A loop emitting a record is waited for :data:`EMITTER_WAIT` at
-        most: the caller may be a signal's handler come in where the main
+        most (``timeout`` if less): the caller may be a signal's handler come in where the main
         thread held the lock of a handler the record goes to.  The server
         is then stopped in a thread of its own, and stop() emits what the
         loop had not; the loop ends once its record is out, after stop()
@@ -443,8 +443,8 @@ class XenStored:
             # One not emitting now begins no record (see _say).  One
             # emitting may wait for a handler's lock our caller holds (a
             # signal's handler come in as the main thread emitted): waited
-            # for EMITTER_WAIT at most.
-            thread.join(EMITTER_WAIT if emitting else timeout)
+            # for EMITTER_WAIT at most, nor past what the caller allows.
+            thread.join(min(EMITTER_WAIT, timeout) if emitting else timeout)
             if emitting:
                 thread = self._take_over(thread, timeout)
         finally:
