@@ -2347,3 +2347,76 @@ def test_a_stop_waits_for_the_loop_emitting_no_longer_than_it_was_given(
         go.set()
         xs_logger.removeHandler(kept)
         xsd.stop()
+
+
+def test_a_stop_after_one_cut_short_starting_its_closer_closes_all_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop() taking the server from an emitting loop, cut short (a
+    Ctrl-C) starting its closer, leaves the closing to the next stop():
+    a Ctrl-C landing anywhere in that one, then stop() again, leaves no
+    socket of the server's (a guest's too) and closes each connection
+    once.  The next stop() closed it in the main thread: one cut short
+    there left the rest open for good (the stop() after it found the
+    server closed), a guest's socket file with it."""
+    from racewindow import TIMEOUT
+
+    monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(record: logging.LogRecord) -> bool:
+        if record.msg == "closing %r: %s" and record.args == (record.args[0], "closed by peer"):
+            entered.set()
+            go.wait(TIMEOUT)
+        return True
+
+    def cut_short(thread: threading.Thread) -> None:
+        raise Interrupted
+
+    kept = logging.handlers.BufferingHandler(capacity=1000)
+    kept.addFilter(held_up)
+    xs_logger = logging.getLogger("xenback.sim._xenstored")
+    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
+    xs_logger.addHandler(kept)
+    landed = []
+    try:
+        for n in itertools.count():
+            entered.clear()
+            go.clear()
+            xsd = XenStored(tmp_path / str(n))
+            xsd.start()
+            guest = xsd.introduce_domain(5)
+            kept.buffer.clear()
+            loop = xsd._thread
+            assert loop is not None
+            where = "?"
+            try:
+                with RawClient(xsd.path) as dom0, RawClient(xsd.path) as other:
+                    dom0.read("/")
+                    other.read("/")
+                    other.close()
+                    assert entered.wait(TIMEOUT), "the loop logs nothing"
+                    with monkeypatch.context() as patched:
+                        patched.setattr(threading.Thread, "start", cut_short)
+                        with pytest.raises(Interrupted):
+                            xsd.stop()
+                    where = interrupted_at(n, SIM_CODE, xsd.stop)
+                    xsd.stop()
+            finally:
+                go.set()
+                xsd.stop()
+            loop.join(TIMEOUT)
+            assert not loop.is_alive(), where
+            assert not xsd.path.exists(), where
+            assert not guest.exists(), where
+            said = [r.getMessage() for r in kept.buffer]
+            assert len(set(said)) == len(said), (where, said)
+            assert sum(m.endswith(": server stopping") for m in said) == 1, (where, said)
+            assert said.count("xenstored stopped") == 1, (where, said)
+            if not where:
+                break
+            landed.append(where)
+    finally:
+        go.set()
+        xs_logger.removeHandler(kept)
+    assert any("XenStored.stop" in where for where in landed), landed

@@ -255,8 +255,8 @@ class XenStored:
         self._thread: threading.Thread | None = None
         #: Whether _thread began (the loop its loop, a closer its closing:
         #: it closes the server itself then), or stop() came first (and
-        #: closes it all): under _entry_lock.  None once a stop() closed
-        #: it itself: a closer (see _take_over) then ends as it begins.
+        #: makes a closer, see _closer): under _entry_lock.  None once a
+        #: stop() closed it itself, with no thread to be had.
         self._entered: bool | None = False
         self._entry_lock = threading.Lock()
         # Cross-thread call queue; see "Threading rules" above.
@@ -399,8 +399,9 @@ class XenStored:
         again.
 
         A loop emitting a record is waited for :data:`EMITTER_WAIT` at
-        most (``timeout`` if less): the caller may be a signal's handler come in where the main
-        thread held the lock of a handler the record goes to.  The server
+        most (``timeout`` if less): the caller may be a signal's handler
+        come in where the main thread held the lock of a handler the
+        record goes to.  The server
         is then stopped in a thread of its own, and stop() emits what the
         loop had not; the loop ends once its record is out, after stop()
         returns (that one record then comes after stop()'s own).
@@ -415,22 +416,26 @@ class XenStored:
             timeout = STOP_TIMEOUT
         with self._entry_lock:
             entered = self._entered
-            if not entered:
-                self._entered = None
+        starting: threading.Thread | None = None
         if not entered:
             # Its start() cut short in starting the thread, or it has not
             # got going yet: it never runs, or ends as it begins (_loop).
-            # So what start() made is closed here, and no thread joined
-            # that was never started (join() refuses it).  The same for a
-            # closer whose start a Ctrl-C cut short (see _take_over), what
-            # the loop had not emitted first.  Once: a stop() again would
-            # say "xenstored stopped" again.
-            emit(self._unsaid)
-            if not self._calls_closed:
-                self._shutdown()
+            # Or a stop() taking the server from an emitting loop was cut
+            # short starting its closer, which then ends as it begins too
+            # (_finish).  No thread joined that was never started (join()
+            # refuses it).  What start() made, and what the loop served,
+            # is closed by a closer of our own (see _take_over), none
+            # once closed: a stop() again would say "xenstored stopped"
+            # again.
             if thread.is_alive():
                 thread.join(timeout)
-            return
+            with self._calls_lock, self._entry_lock:
+                if self._entered is False:
+                    thread = starting = self._closer(thread.name)
+                closed = self._entered is None
+            if closed:
+                emit(self._unsaid)  # what a stop() cut short left
+                return
         # Marked joining inside the try, and emitted past a Ctrl-C as the
         # lock is let go: either way, one landing there left the loop
         # handing its records to a stop() gone.
@@ -440,11 +445,15 @@ class XenStored:
                     self._wake()
                 self._joining = True
                 emitting = self._emitting
+            if starting is not None:
+                # Once joined: it hands what it logs over (see _say).
+                self._start_closer(starting)
             # One not emitting now begins no record (see _say).  One
             # emitting may wait for a handler's lock our caller holds (a
             # signal's handler come in as the main thread emitted): waited
             # for EMITTER_WAIT at most, nor past what the caller allows.
-            thread.join(min(EMITTER_WAIT, timeout) if emitting else timeout)
+            if thread.is_alive():  # not a closer no thread was to be had for
+                thread.join(min(EMITTER_WAIT, timeout) if emitting else timeout)
             if emitting:
                 thread = self._take_over(thread, timeout)
         finally:
@@ -467,40 +476,55 @@ class XenStored:
         joined as the loop is: stop()'s caller could wait for ``thread``
         for good, which waits for it.  A thread of its own, not stop()'s:
         a Ctrl-C landing in stop() then lands in the wait, and the server
-        is closed all the same (in stop(), one landing in the closing
-        left it half closed for good).  ``thread`` ends once its record
-        is out, touching nothing (see _say)."""
-        closer = threading.Thread(target=self._finish, name=thread.name, daemon=True)
+        is closed all the same (one landing in stop()'s own closing left
+        it half closed for good, the next stop() finding it closed).
+        ``thread`` ends once its record is out, touching nothing (see
+        _say)."""
         with self._calls_lock, self._entry_lock:
-            if not self._emitting:
-                closer = thread
-            else:
+            closer = thread
+            if self._emitting:
                 # Before ours: what the loop logged before it stopped.
                 self._unsaid += self._said
                 # No call in between: taken whole or not at all.
                 self._emitting = False
-                self._entered = False
-                self._thread = closer
                 self._said.clear()
+                closer = self._closer(thread.name)
         if closer is not thread:
-            try:
-                closer.start()
-            except RuntimeError:
-                # No thread to be had: closed here (see stop(), which a
-                # Ctrl-C as the lock was let go leaves to do the same).
-                with self._entry_lock:
-                    self._entered = None
-                with records_kept(self._unsaid):
-                    self._shutdown()
-                return closer
-        closer.join(timeout)
+            self._start_closer(closer)
+        if closer.is_alive():
+            closer.join(timeout)
         return closer
+
+    def _closer(self, name: str) -> threading.Thread:
+        """A closer for stop() to start, made the server's thread: the one
+        _finish lets close it.  Under _calls_lock (see _say) and
+        _entry_lock (see _finish)."""
+        closer = threading.Thread(target=self._finish, name=name, daemon=True)
+        self._entered = False
+        self._thread = closer
+        return closer
+
+    def _start_closer(self, closer: threading.Thread) -> None:
+        """Start ``closer``, or close the server here if no thread is to be
+        had.  A Ctrl-C as it starts leaves it the server's thread: it
+        runs, or the next stop() makes another, which it lets close (see
+        _finish)."""
+        try:
+            closer.start()
+        except RuntimeError:
+            with self._entry_lock:
+                self._entered = None
+            with records_kept(self._unsaid):
+                self._shutdown()
 
     def _finish(self) -> None:
         """Stop the server for a stop() that took it from an emitting loop
-        (see _take_over), unless a stop() did it first or it was done."""
+        (see _take_over), or came before its loop began, unless it was
+        done (see _start_closer)."""
         with self._entry_lock:
-            if self._entered is None:
+            # Not if it is no longer the server's thread: one whose start
+            # a Ctrl-C cut short, replaced by the next stop()'s.
+            if self._entered is not False or self._thread is not threading.current_thread():
                 return
             self._entered = True
         if not self._calls_closed:
