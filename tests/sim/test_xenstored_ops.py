@@ -2290,7 +2290,7 @@ def test_a_special_node_owned_by_a_released_domain_goes_back_to_dom0(
 
 
 def test_the_loop_makes_no_record_nobody_listens_to(
-        xsd: XenStored, dom0: RawClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        xsd: XenStored, dom0: RawClient, caplog: pytest.LogCaptureFixture) -> None:
     """The loop keeps what it logs (see _server._say), but makes no record
     of a level its logger would not emit: a failed request (a missing
     node read) is logged at DEBUG, and a loop that kept a record of each
@@ -2303,7 +2303,7 @@ def test_the_loop_makes_no_record_nobody_listens_to(
         made.append(record)
         return record
 
-    monkeypatch.setattr(logging.getLogger("xenback.sim._xenstored"), "level", logging.INFO)
+    caplog.set_level(logging.INFO, logger="xenback.sim._xenstored")
     logging.setLogRecordFactory(counted)
     try:
         assert error_of(dom0.read, "/missing") == "ENOENT"
@@ -2313,7 +2313,8 @@ def test_the_loop_makes_no_record_nobody_listens_to(
 
 
 def test_a_stop_waits_for_the_loop_emitting_no_longer_than_it_was_given(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
     """stop(timeout) finding the loop emitting a record (held up in a
     handler) waits for it ``timeout`` at most, when that is less than
     EMITTER_WAIT, then stops the server without it.  It waited
@@ -2332,7 +2333,7 @@ def test_a_stop_waits_for_the_loop_emitting_no_longer_than_it_was_given(
     kept = logging.handlers.BufferingHandler(capacity=100)
     kept.addFilter(held_up)
     xs_logger = logging.getLogger(_server.__name__)
-    monkeypatch.setattr(xs_logger, "level", logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
     xs_logger.addHandler(kept)
     xsd = XenStored(tmp_path / "run")
     xsd.start()
