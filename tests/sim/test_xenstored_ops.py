@@ -2421,3 +2421,52 @@ def test_a_stop_after_one_cut_short_starting_its_closer_closes_all_once(
         go.set()
         xs_logger.removeHandler(kept)
     assert any("XenStored.stop" in where for where in landed), landed
+
+
+def test_a_stop_taking_over_an_emitting_loop_emits_what_it_had_yet_to(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop() that takes the server from a loop emitting the first of
+    two records it logged in one callback (two failed requests in one
+    packet, the first held up in a handler): the second is emitted by the
+    time stop() returns, the first once the handler lets go."""
+    from racewindow import TIMEOUT
+
+    from xenback.sim._xenstored._wire import HEADER
+
+    monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(record: logging.LogRecord) -> bool:
+        if record.msg == "%r op %s: %s" and not entered.is_set():
+            entered.set()
+            go.wait(TIMEOUT)
+        return True
+
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    kept.addFilter(held_up)
+    xs_logger = logging.getLogger("xenback.sim._xenstored")
+    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
+    xs_logger.addHandler(kept)
+    xsd = XenStored(tmp_path / "run")
+    xsd.start()
+    loop = xsd._thread
+    assert loop is not None
+    try:
+        with RawClient(xsd.path) as dom0:
+            dom0.send_raw(b"".join(HEADER.pack(Op.READ, i, 0, len(path)) + path
+                                   for i, path in enumerate((b"/first\0", b"/second\0"))))
+            assert entered.wait(TIMEOUT), "the loop logs nothing"
+            xsd.stop()
+            said = [r.getMessage() for r in kept.buffer]
+            assert [m.rsplit(" ", 1)[-1] for m in said if "ENOENT" in m] == ["/second"], said
+            go.set()
+            loop.join(TIMEOUT)
+            assert not loop.is_alive()
+            said = [r.getMessage() for r in kept.buffer]
+            assert [m.rsplit(" ", 1)[-1] for m in said if "ENOENT" in m] == [
+                "/second", "/first"], said
+    finally:
+        go.set()
+        xs_logger.removeHandler(kept)
+        xsd.stop()
