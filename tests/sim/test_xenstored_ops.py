@@ -2470,3 +2470,52 @@ def test_a_stop_taking_over_an_emitting_loop_emits_what_it_had_yet_to(
         go.set()
         xs_logger.removeHandler(kept)
         xsd.stop()
+
+
+def test_a_loop_whose_record_raises_after_a_stop_took_over_is_not_said_dead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop() takes the server from a loop emitting a record (held up
+    in a handler's filter), then the filter raises: the loop ends with
+    that error, having lost only the server, which is stopped.  It is not
+    said to have died: "xenstored loop died" went to the records of the
+    server's new thread, the closer."""
+    from racewindow import TIMEOUT
+
+    monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(record: logging.LogRecord) -> bool:
+        if record.msg == "closing %r: %s" and not entered.is_set():
+            entered.set()
+            go.wait(TIMEOUT)
+            raise ValueError("a filter's bug")
+        return True
+
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    kept.addFilter(held_up)
+    xs_logger = logging.getLogger("xenback.sim._xenstored")
+    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
+    xs_logger.addHandler(kept)
+    xsd = XenStored(tmp_path / "run")
+    xsd.start()
+    loop = xsd._thread
+    assert loop is not None
+    try:
+        with RawClient(xsd.path) as client:
+            client.read("/")
+        assert entered.wait(TIMEOUT), "the loop logs nothing"
+        xsd.stop()
+        go.set()
+        loop.join(TIMEOUT)
+        assert not loop.is_alive()
+        assert [type(e) for e in died] == [ValueError]
+        said = [r.getMessage() for r in kept.buffer] + [r.getMessage() for r in xsd._said]
+        assert "xenstored loop died" not in said, said
+        assert "xenstored stopped" in said, said
+    finally:
+        go.set()
+        xs_logger.removeHandler(kept)
+        xsd.stop()

@@ -734,7 +734,11 @@ class XenStored:
                 try:
                     self._serve()
                 except BaseException:
-                    _log().exception("xenstored loop died")
+                    # Not if a stop() took the server from it (see
+                    # _take_over): the record it was emitting raised, and
+                    # the server lives on in the closer, whose _said it is.
+                    if self._thread is threading.current_thread():
+                        _log().exception("xenstored loop died")
                     raise
         finally:
             # What it logged serving (its death too) before what follows
