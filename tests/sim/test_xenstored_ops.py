@@ -2519,3 +2519,60 @@ def test_a_loop_whose_record_raises_after_a_stop_took_over_is_not_said_dead(
         go.set()
         xs_logger.removeHandler(kept)
         xsd.stop()
+
+
+def test_a_call_given_up_on_is_said_before_the_next_call_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What a call whose caller gave up on it logged is the loop's to emit
+    (see _call): it goes out before the call queued behind it runs, so
+    that call's caller, once returned, finds it emitted, as when the loop
+    emitted as it logged."""
+    from racewindow import TIMEOUT, Attempt
+
+    running, go, woken = threading.Event(), threading.Event(), threading.Event()
+    next_ran: list[bool] = []   # whether the next call had run, each time it was emitted
+    ran = threading.Event()
+
+    def given_up_on() -> None:
+        running.set()
+        go.wait(TIMEOUT)
+        _server._log().warning("the call given up on")
+
+    def heard(record: logging.LogRecord) -> bool:
+        if record.msg == "the call given up on":
+            next_ran.append(ran.is_set())
+        return True
+
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    kept.addFilter(heard)
+    caplog.set_level(logging.INFO, logger=_server.__name__)
+    logging.getLogger(_server.__name__).addHandler(kept)
+    xsd = XenStored(tmp_path / "run")
+    xsd.start()
+    try:
+        def gives_up(future: concurrent.futures.Future[Any], timeout: float) -> None:
+            # Once the loop runs it: as a caller whose wait timed out.
+            assert running.wait(TIMEOUT), "the loop does not run the call"
+            raise TimeoutError
+
+        with monkeypatch.context() as patched:
+            patched.setattr(concurrent.futures.Future, "exception", gives_up)
+            first = Attempt(lambda: xsd._call(given_up_on))
+            assert isinstance(first.result(), TimeoutError)
+        wake = xsd._wake
+
+        def queued() -> None:
+            wake()
+            woken.set()
+
+        monkeypatch.setattr(xsd, "_wake", queued)
+        second = Attempt(lambda: xsd._call(ran.set))
+        assert woken.wait(TIMEOUT), "the second call is not queued"
+        go.set()
+        assert second.result() is None
+        assert next_ran == [False], next_ran
+    finally:
+        go.set()
+        logging.getLogger(_server.__name__).removeHandler(kept)
+        xsd.stop()

@@ -709,8 +709,9 @@ class XenStored:
             pass
         while self._calls:
             if self._said:
-                # Emitted before the next call's caller hears back (see
-                # _serve), with the rest for the next round.
+                # What a call given up on logged (see _call): emitted
+                # before the next call's caller hears back (see _serve),
+                # the rest of the calls run next round.
                 self._wake()
                 return
             fn, future = self._calls.popleft()
