@@ -43,7 +43,7 @@ from stolensignal import (
 )
 
 from xenback.sim import SimHost
-from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError, _server
+from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError, _ops, _server
 from xenback.sim._xenstored._wire import ABS_PATH_MAX, ERRORS, PAYLOAD_MAX, REL_PATH_MAX
 
 
@@ -2309,6 +2309,35 @@ def test_the_loop_makes_no_record_nobody_listens_to(
         assert error_of(dom0.read, "/missing") == "ENOENT"
     finally:
         logging.setLogRecordFactory(factory)
+    assert [r.getMessage() for r in made if r.name.startswith("xenback.sim._xenstored")] == []
+
+
+@pytest.mark.parametrize("silenced", ["logging.disable", "logger.disabled"])
+def test_the_loop_makes_no_record_of_a_silenced_logger(
+        xsd: XenStored, dom0: RawClient, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch, silenced: str) -> None:
+    """Nor of a level its logger would emit but for logging.disable(), or
+    a logger disabled (as logging.config does to the loggers it does not
+    name): the failed request's DEBUG record would not be emitted."""
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        made.append(record)
+        return record
+
+    caplog.set_level(logging.DEBUG, logger="xenback.sim._xenstored")
+    if silenced == "logging.disable":
+        logging.disable(logging.DEBUG)
+    else:
+        monkeypatch.setattr(logging.getLogger(_ops.__name__), "disabled", True)
+    logging.setLogRecordFactory(counted)
+    try:
+        assert error_of(dom0.read, "/missing") == "ENOENT"
+    finally:
+        logging.setLogRecordFactory(factory)
+        logging.disable(logging.NOTSET)
     assert [r.getMessage() for r in made if r.name.startswith("xenback.sim._xenstored")] == []
 
 
