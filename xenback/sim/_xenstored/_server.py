@@ -764,11 +764,6 @@ class XenStored:
                 wait = min(_MAX_WAIT, max(0.0, expiry[0][0] - time.monotonic()))
                 timeout = wait if timeout is None else min(timeout, wait)
             for key, mask in selector.select(timeout):
-                # What was logged goes out before anything sent after it
-                # (a reply to the request that logged it, say), as it did
-                # when the loop emitted as it logged.
-                if said and not self._say():
-                    return
                 callback, data = key.data
                 callback(mask, data)
             if self._accept_paused and time.monotonic() >= self._accept_retry_at:
@@ -776,6 +771,12 @@ class XenStored:
             if expiry and expiry[0][0] <= time.monotonic():
                 self._expire_due()
             while dirty:
+                # What was logged goes out before the replies to the
+                # requests that logged it, as when the loop emitted as it
+                # logged (and before a call's caller hears back, see
+                # _run_calls).  Not before each callback: one flushing a
+                # client's backlog may send a watch event queued after a
+                # record by an earlier one, but no reply to what logged it.
                 if said and not self._say():
                     return
                 # Through _on_event(): a flush may serve requests held
