@@ -2505,10 +2505,11 @@ def test_a_loop_whose_record_raises_after_a_stop_took_over_is_not_said_dead(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A stop() takes the server from a loop emitting a record (held up
-    in a handler's filter), then the filter raises: the loop ends with
-    that error, having lost only the server, which is stopped.  It is not
-    said to have died: "xenstored loop died" went to the records of the
-    server's new thread, the closer."""
+    in a handler's filter), then the filter raises what the loop lets
+    through (SystemExit, a filter calling sys.exit()): the loop ends with
+    it, having lost only the server, which is stopped.  It is not said to
+    have died: "xenstored loop died" went to the records of the server's
+    new thread, the closer."""
     from racewindow import TIMEOUT
 
     monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
@@ -2518,7 +2519,7 @@ def test_a_loop_whose_record_raises_after_a_stop_took_over_is_not_said_dead(
         if record.msg == "closing %r: %s" and not entered.is_set():
             entered.set()
             go.wait(TIMEOUT)
-            raise ValueError("a filter's bug")
+            sys.exit("a filter's bug")
         return True
 
     died: list[BaseException | None] = []
@@ -2540,7 +2541,7 @@ def test_a_loop_whose_record_raises_after_a_stop_took_over_is_not_said_dead(
         go.set()
         loop.join(TIMEOUT)
         assert not loop.is_alive()
-        assert [type(e) for e in died] == [ValueError]
+        assert [type(e) for e in died] == [SystemExit]
         said = [r.getMessage() for r in kept.buffer] + [r.getMessage() for r in xsd._said]
         assert "xenstored loop died" not in said, said
         assert "xenstored stopped" in said, said
@@ -2605,3 +2606,33 @@ def test_a_call_given_up_on_is_said_before_the_next_call_runs(
         go.set()
         logging.getLogger(_server.__name__).removeHandler(kept)
         xsd.stop()
+
+
+def test_a_handler_raising_on_a_loop_record_costs_that_record_only(
+        xsd: XenStored, dom0: RawClient, caplog: pytest.LogCaptureFixture) -> None:
+    """A handler's filter raising on a record the loop logged (a failed
+    request's) costs that record, not the server: the request is
+    answered, and the loop serves on.  Emitted as it was logged, it cost
+    the connection (see _on_event); emitted by the loop in _say, it
+    killed the loop, and the server with it."""
+    raised: list[str] = []
+
+    def buggy(record: logging.LogRecord) -> bool:
+        if record.msg == "%r op %s: %s" and not raised:
+            raised.append(record.getMessage())
+            raise ValueError("a filter's bug")
+        return True
+
+    handler = logging.handlers.BufferingHandler(capacity=100)
+    handler.addFilter(buggy)
+    xs_logger = logging.getLogger("xenback.sim._xenstored")
+    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
+    xs_logger.addHandler(handler)
+    try:
+        assert error_of(dom0.read, "/missing") == "ENOENT"
+        assert raised, "no record to raise on"
+        dom0.write("/still", b"served")
+        assert dom0.read("/still") == b"served"
+    finally:
+        xs_logger.removeHandler(handler)
+    assert xsd._thread is not None and xsd._thread.is_alive()

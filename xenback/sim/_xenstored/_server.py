@@ -812,8 +812,16 @@ class XenStored:
                     return True
                 self._emitting = True
                 record = said.pop(0)
-            with records_emitted():
-                emit([record])
+            try:
+                with records_emitted():
+                    emit([record])
+            except Exception:
+                # A handler's bug costs its record, never the server (nor
+                # a connection now: the record is no longer its request's).
+                # Told as logging tells of a handler failing, not logged
+                # through the handlers again: they may fail every record.
+                if logging.raiseExceptions and sys.stderr:
+                    traceback.print_exc()
 
     def _shutdown(self) -> None:
         try:
