@@ -68,8 +68,9 @@ Threading rules
   wait for a loop that is gone.  Nor for one that is stuck: a caller
   waits ``STOP_TIMEOUT`` at most, as stop() does.
 * The loop thread emits no record where a stop() may wait for it: it
-  keeps what it logs and emits it between its callbacks, one record at a
-  time, none while a stop() joins it (see ``_say``).  Emitting takes the
+  keeps what it logs and emits it once its callbacks ran, before the
+  replies go out, one record at a time, none while a stop() joins it
+  (see ``_say``).  Emitting takes the
   handlers' locks, and a stop() from a signal's handler come in where the
   main thread held one would wait for the loop, the loop for it.
 """
