@@ -2636,3 +2636,51 @@ def test_a_handler_raising_on_a_loop_record_costs_that_record_only(
     finally:
         xs_logger.removeHandler(handler)
     assert xsd._thread is not None and xsd._thread.is_alive()
+
+
+def test_a_stop_taking_over_a_loop_emitting_after_it_closed_closes_nothing_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A loop that saw stop() begin (its first step, before it joins) and
+    closed the server, then emits what it logged closing, held up in a
+    handler: the stop() that takes it over closes nothing again, nor says
+    "xenstored stopped" again."""
+    from racewindow import TIMEOUT, Attempt, PauseAt
+
+    monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(record: logging.LogRecord) -> bool:
+        if record.msg == "closing %r: %s" and record.args == (record.args[0], "server stopping"):
+            entered.set()
+            go.wait(TIMEOUT)
+        return True
+
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    kept.addFilter(held_up)
+    xs_logger = logging.getLogger("xenback.sim._xenstored")
+    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
+    xs_logger.addHandler(kept)
+    xsd = XenStored(tmp_path / "run")
+    xsd.start()
+    loop = xsd._thread
+    assert loop is not None
+    try:
+        with RawClient(xsd.path) as dom0:
+            dom0.read("/")  # served, not taken to the loop's end unread
+            pause = PauseAt(XenStored.stop, "with self._entry_lock:")
+            stopper = Attempt(lambda: pause.run(xsd.stop))
+            assert pause.reached.wait(TIMEOUT), "stop() does not begin"
+            dom0.read("/")  # wakes the loop, which finds it stopping
+            assert entered.wait(TIMEOUT), "the loop emits nothing closing"
+            pause.resume()
+            assert stopper.result() is None
+            go.set()
+            loop.join(TIMEOUT)
+            assert not loop.is_alive()
+        said = [r.getMessage() for r in kept.buffer]
+        assert said.count("xenstored stopped") == 1, said
+    finally:
+        go.set()
+        xs_logger.removeHandler(kept)
+        xsd.stop()
