@@ -2175,6 +2175,72 @@ def test_a_signal_handlers_close_as_another_thread_destroys_while_the_service_lo
             assert said.count(message) == 1, (message, said)
 
 
+def _in_order_of_what(said: list[str]) -> list[str]:
+    """XenStore's messages, each cut to what it says happened: a
+    connection's closing to why, a watch event dropped to that."""
+    return ["dropped a watch event" if "dropped an event of the watch" in message
+            else message.rsplit(": ", 1)[-1] if message.startswith("closing ")
+            else message for message in said]
+
+
+@pytest.mark.parametrize("logs", ["a client closing", "a watch event dropped"])
+@pytest.mark.parametrize("stopping", ["XenStored.stop", "SimHost.close"])
+def test_a_signal_handlers_stop_as_the_xenstore_loop_logs_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: str, stopping: str) -> None:
+    """XenStore's loop thread emits a record as it serves (a client gone,
+    a watch event too long for the wire dropped) to a handler whose lock
+    the main thread holds, emitting, and a signal's handler then stops
+    XenStore, or closes the host: it ends, XenStore stopped.  What stop()
+    logged is emitted at once, the record the loop was emitting once the
+    main thread lets go: each once.  stop() waited for the loop, which
+    waited for the lock: STOP_TIMEOUT, then TimeoutError, XenStore (and
+    the host) left half stopped."""
+    from xenback.sim._xenstored import Op, RawClient, _server
+
+    # Fails in seconds where stop() waits for the loop, not in ten.
+    monkeypatch.setattr(_server, "STOP_TIMEOUT", 3.0)
+    host = SimHost(tmp_path / "run") if stopping == "SimHost.close" else None
+    if host is not None:
+        host.start()
+        xsd, stop = host.xenstored, host.close
+    else:
+        xsd = XenStored(tmp_path / "xs")
+        xsd.start()
+        stop = xsd.stop
+    loop = xsd._thread
+    assert loop is not None
+    token = "t" * 4000
+    dom0, other = RawClient(xsd.path), RawClient(xsd.path)
+    dom0.watch("/w", token)
+    assert dom0.wait_event() == ("/w", token)
+    other.read("/")
+    serving = len(xsd._conns)
+    with _main_in_a_record(stop, monkeypatch, dom0.close, other.close,
+                           logger="xenback.sim._xenstored", level=logging.DEBUG) as record:
+        def in_a_record() -> object:
+            if logs == "a client closing":
+                other.close()
+            else:  # its event, with the token, is over XENSTORE_PAYLOAD_MAX
+                dom0.send(Op.WRITE, b"/w/" + b"x" * 200 + b"\0")
+            assert eventually(lambda: _emitting(loop)), "the loop logs nothing"
+            return stop()
+
+        outcome = record.call(
+            in_a_record, msg="stop() waits for the loop, which waits for its caller's lock")
+        assert outcome is None, outcome
+        assert not xsd.path.exists()
+        if host is not None:
+            assert host._state == "closed"
+        loop.join(TIMEOUT)
+        assert not loop.is_alive(), "the loop outlived the lock"
+        *said, emitting = _in_order_of_what(record.said())
+        if logs == "a client closing":
+            assert emitting == "closed by peer"
+            serving -= 1
+        else:
+            assert emitting == "dropped a watch event"
+        assert said == serving * ["server stopping"] + ["xenstored stopped"]
+
 def test_a_control_requests_records_outlive_a_close_cut_short_anywhere(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -8,6 +8,7 @@ import errno
 import gc
 import itertools
 import logging
+import logging.handlers
 import os
 import re
 import signal
@@ -42,7 +43,7 @@ from stolensignal import (
 )
 
 from xenback.sim import SimHost
-from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError, _server
+from xenback.sim._xenstored import Op, Quota, RawClient, XenStored, XsError, _ops, _server
 from xenback.sim._xenstored._wire import ABS_PATH_MAX, ERRORS, PAYLOAD_MAX, REL_PATH_MAX
 
 
@@ -1825,6 +1826,26 @@ def test_a_start_cut_short_in_starting_its_thread_is_undone_by_stop(
             finally:
                 theirs.close()
 
+def test_a_server_stop_closed_itself_is_said_stopped_once(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """stop() after a start() cut short in starting its thread closes the
+    server itself; a stop() again closes nothing again, nor says so again.
+    Each said "xenstored stopped"."""
+    def cut_short(thread: threading.Thread) -> None:
+        raise Interrupted
+
+    with tempfile.TemporaryDirectory(prefix="xs") as d:
+        xsd = XenStored(Path(d))
+        with monkeypatch.context() as patched:
+            patched.setattr(threading.Thread, "start", cut_short)
+            with pytest.raises(Interrupted):
+                xsd.start()
+        with caplog.at_level(logging.INFO, logger=_server.__name__):
+            xsd.stop()
+            xsd.stop()
+        assert [r.getMessage() for r in caplog.records] == ["xenstored stopped"]
+
+
 
 def test_a_stop_before_the_loop_began_waits_for_its_thread(
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1977,6 +1998,72 @@ def test_the_loops_last_records_are_emitted_after_a_stop_cut_short_anywhere(
                     landed.append(where)
             if not where:
                 break
+    assert any("XenStored.stop" in where for where in landed), landed
+
+
+def test_a_stop_taking_over_an_emitting_loop_cut_short_anywhere_loses_no_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing anywhere in a stop() that finds the loop emitting a
+    record (held up in a handler's filter here, as by a lock the main
+    thread holds) and takes the server over, then stop() again: the
+    server is stopped, and each record is emitted once, the loop's and
+    stop()'s, whoever emits them."""
+    from racewindow import TIMEOUT
+
+    # Taken over at once: the loop emits until the test lets it go.
+    monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(record: logging.LogRecord) -> bool:
+        # Not formatted here, where a Ctrl-C would land in the repr.
+        if record.msg == "closing %r: %s" and record.args == (record.args[0], "closed by peer"):
+            entered.set()
+            go.wait(TIMEOUT)
+        return True
+
+    kept = logging.handlers.BufferingHandler(capacity=1000)
+    kept.addFilter(held_up)
+    xs_logger = logging.getLogger("xenback.sim._xenstored")
+    was = xs_logger.level
+    xs_logger.addHandler(kept)
+    xs_logger.setLevel(logging.DEBUG)
+    landed = []
+    try:
+        for n in itertools.count():
+            entered.clear()
+            go.clear()
+            xsd = XenStored(tmp_path / str(n))
+            xsd.start()
+            kept.buffer.clear()
+            loop = xsd._thread
+            assert loop is not None
+            where = "?"
+            try:
+                with RawClient(xsd.path) as dom0, RawClient(xsd.path) as other:
+                    dom0.read("/")
+                    other.read("/")
+                    other.close()
+                    assert entered.wait(TIMEOUT), "the loop logs nothing"
+                    where = interrupted_at(n, SIM_CODE, xsd.stop)
+                    go.set()
+                    xsd.stop()
+            finally:
+                go.set()
+                xsd.stop()
+            loop.join(TIMEOUT)
+            assert not loop.is_alive(), where
+            assert not xsd.path.exists(), where
+            said = [r.getMessage() for r in kept.buffer]
+            assert len(set(said)) == len(said), (where, said)
+            assert {message.rsplit(": ", 1)[-1] for message in said} == {
+                "closed by peer", "server stopping", "xenstored stopped"}, (where, said)
+            if not where:
+                break
+            landed.append(where)
+    finally:
+        go.set()
+        xs_logger.removeHandler(kept)
+        xs_logger.setLevel(was)
     assert any("XenStored.stop" in where for where in landed), landed
 
 
@@ -2200,3 +2287,400 @@ def test_a_special_node_owned_by_a_released_domain_goes_back_to_dom0(
     assert dom0.get_perms("@introduceDomain") == ["r0", "w5"]
     with make_guest(xsd, dom0, 4) as again:
         assert error_of(again.set_perms, "@introduceDomain", ["b4"]) == "EACCES"
+
+
+def test_the_loop_makes_no_record_nobody_listens_to(
+        xsd: XenStored, dom0: RawClient, caplog: pytest.LogCaptureFixture) -> None:
+    """The loop keeps what it logs (see _server._say), but makes no record
+    of a level its logger would not emit: a failed request (a missing
+    node read) is logged at DEBUG, and a loop that kept a record of each
+    served them at half the rate."""
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        made.append(record)
+        return record
+
+    caplog.set_level(logging.INFO, logger="xenback.sim._xenstored")
+    logging.setLogRecordFactory(counted)
+    try:
+        assert error_of(dom0.read, "/missing") == "ENOENT"
+    finally:
+        logging.setLogRecordFactory(factory)
+    assert [r.getMessage() for r in made if r.name.startswith("xenback.sim._xenstored")] == []
+
+
+@pytest.mark.parametrize("silenced", ["logging.disable", "logger.disabled"])
+def test_the_loop_makes_no_record_of_a_silenced_logger(
+        xsd: XenStored, dom0: RawClient, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch, silenced: str) -> None:
+    """Nor of a level its logger would emit but for logging.disable(), or
+    a logger disabled (as logging.config does to the loggers it does not
+    name): the failed request's DEBUG record would not be emitted."""
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        made.append(record)
+        return record
+
+    caplog.set_level(logging.DEBUG, logger="xenback.sim._xenstored")
+    if silenced == "logging.disable":
+        logging.disable(logging.DEBUG)
+    else:
+        monkeypatch.setattr(logging.getLogger(_ops.__name__), "disabled", True)
+    logging.setLogRecordFactory(counted)
+    try:
+        assert error_of(dom0.read, "/missing") == "ENOENT"
+    finally:
+        logging.setLogRecordFactory(factory)
+        logging.disable(logging.NOTSET)
+    assert [r.getMessage() for r in made if r.name.startswith("xenback.sim._xenstored")] == []
+
+
+def test_a_stop_waits_for_the_loop_emitting_no_longer_than_it_was_given(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """stop(timeout) finding the loop emitting a record (held up in a
+    handler) waits for it ``timeout`` at most, when that is less than
+    EMITTER_WAIT, then stops the server without it.  It waited
+    EMITTER_WAIT all the same."""
+    from racewindow import TIMEOUT, Attempt
+
+    monkeypatch.setattr(_server, "EMITTER_WAIT", OUTLASTS_THE_TEST)
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(record: logging.LogRecord) -> bool:
+        if record.msg == "closing %r: %s":
+            entered.set()
+            go.wait(TIMEOUT)
+        return True
+
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    kept.addFilter(held_up)
+    xs_logger = logging.getLogger(_server.__name__)
+    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
+    xs_logger.addHandler(kept)
+    xsd = XenStored(tmp_path / "run")
+    xsd.start()
+    try:
+        with RawClient(xsd.path) as client:
+            client.read("/")
+        assert entered.wait(TIMEOUT), "the loop logs nothing"
+        stopper = Attempt(lambda: xsd.stop(0.1))
+        assert stopper.result(TIMEOUT / 2, msg="stop() waits past its timeout") is None
+        assert not xsd.path.exists()
+    finally:
+        go.set()
+        xs_logger.removeHandler(kept)
+        xsd.stop()
+
+
+def test_a_stop_after_one_cut_short_starting_its_closer_closes_all_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop() taking the server from an emitting loop, cut short (a
+    Ctrl-C) starting its closer, leaves the closing to the next stop():
+    a Ctrl-C landing anywhere in that one, then stop() again, leaves no
+    socket of the server's (a guest's too) and closes each connection
+    once.  The next stop() closed it in the main thread: one cut short
+    there left the rest open for good (the stop() after it found the
+    server closed), a guest's socket file with it."""
+    from racewindow import TIMEOUT
+
+    monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(record: logging.LogRecord) -> bool:
+        if record.msg == "closing %r: %s" and record.args == (record.args[0], "closed by peer"):
+            entered.set()
+            go.wait(TIMEOUT)
+        return True
+
+    def cut_short(thread: threading.Thread) -> None:
+        raise Interrupted
+
+    kept = logging.handlers.BufferingHandler(capacity=1000)
+    kept.addFilter(held_up)
+    xs_logger = logging.getLogger("xenback.sim._xenstored")
+    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
+    xs_logger.addHandler(kept)
+    landed = []
+    try:
+        for n in itertools.count():
+            entered.clear()
+            go.clear()
+            xsd = XenStored(tmp_path / str(n))
+            xsd.start()
+            guest = xsd.introduce_domain(5)
+            kept.buffer.clear()
+            loop = xsd._thread
+            assert loop is not None
+            where = "?"
+            try:
+                with RawClient(xsd.path) as dom0, RawClient(xsd.path) as other:
+                    dom0.read("/")
+                    other.read("/")
+                    other.close()
+                    assert entered.wait(TIMEOUT), "the loop logs nothing"
+                    with monkeypatch.context() as patched:
+                        patched.setattr(threading.Thread, "start", cut_short)
+                        with pytest.raises(Interrupted):
+                            xsd.stop()
+                    where = interrupted_at(n, SIM_CODE, xsd.stop)
+                    xsd.stop()
+            finally:
+                go.set()
+                xsd.stop()
+            loop.join(TIMEOUT)
+            assert not loop.is_alive(), where
+            assert not xsd.path.exists(), where
+            assert not guest.exists(), where
+            said = [r.getMessage() for r in kept.buffer]
+            assert len(set(said)) == len(said), (where, said)
+            assert sum(m.endswith(": server stopping") for m in said) == 1, (where, said)
+            assert said.count("xenstored stopped") == 1, (where, said)
+            if not where:
+                break
+            landed.append(where)
+    finally:
+        go.set()
+        xs_logger.removeHandler(kept)
+    assert any("XenStored.stop" in where for where in landed), landed
+
+
+def test_a_stop_taking_over_an_emitting_loop_emits_what_it_had_yet_to(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop() that takes the server from a loop emitting the first of
+    two records it logged in one callback (two failed requests in one
+    packet, the first held up in a handler): the second is emitted by the
+    time stop() returns, the first once the handler lets go."""
+    from racewindow import TIMEOUT
+
+    from xenback.sim._xenstored._wire import HEADER
+
+    monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(record: logging.LogRecord) -> bool:
+        if record.msg == "%r op %s: %s" and not entered.is_set():
+            entered.set()
+            go.wait(TIMEOUT)
+        return True
+
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    kept.addFilter(held_up)
+    xs_logger = logging.getLogger("xenback.sim._xenstored")
+    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
+    xs_logger.addHandler(kept)
+    xsd = XenStored(tmp_path / "run")
+    xsd.start()
+    loop = xsd._thread
+    assert loop is not None
+    try:
+        with RawClient(xsd.path) as dom0:
+            dom0.send_raw(b"".join(HEADER.pack(Op.READ, i, 0, len(path)) + path
+                                   for i, path in enumerate((b"/first\0", b"/second\0"))))
+            assert entered.wait(TIMEOUT), "the loop logs nothing"
+            xsd.stop()
+            said = [r.getMessage() for r in kept.buffer]
+            assert [m.rsplit(" ", 1)[-1] for m in said if "ENOENT" in m] == ["/second"], said
+            go.set()
+            loop.join(TIMEOUT)
+            assert not loop.is_alive()
+            said = [r.getMessage() for r in kept.buffer]
+            assert [m.rsplit(" ", 1)[-1] for m in said if "ENOENT" in m] == [
+                "/second", "/first"], said
+    finally:
+        go.set()
+        xs_logger.removeHandler(kept)
+        xsd.stop()
+
+
+def test_a_loop_whose_record_raises_after_a_stop_took_over_is_not_said_dead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop() takes the server from a loop emitting a record (held up
+    in a handler's filter), then the filter raises what the loop lets
+    through (SystemExit, a filter calling sys.exit()): the loop ends with
+    it, having lost only the server, which is stopped.  It is not said to
+    have died: "xenstored loop died" went to the records of the server's
+    new thread, the closer."""
+    from racewindow import TIMEOUT
+
+    monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(record: logging.LogRecord) -> bool:
+        if record.msg == "closing %r: %s" and not entered.is_set():
+            entered.set()
+            go.wait(TIMEOUT)
+            sys.exit("a filter's bug")
+        return True
+
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    kept.addFilter(held_up)
+    xs_logger = logging.getLogger("xenback.sim._xenstored")
+    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
+    xs_logger.addHandler(kept)
+    xsd = XenStored(tmp_path / "run")
+    xsd.start()
+    loop = xsd._thread
+    assert loop is not None
+    try:
+        with RawClient(xsd.path) as client:
+            client.read("/")
+        assert entered.wait(TIMEOUT), "the loop logs nothing"
+        xsd.stop()
+        go.set()
+        loop.join(TIMEOUT)
+        assert not loop.is_alive()
+        assert [type(e) for e in died] == [SystemExit]
+        said = [r.getMessage() for r in kept.buffer] + [r.getMessage() for r in xsd._said]
+        assert "xenstored loop died" not in said, said
+        assert "xenstored stopped" in said, said
+    finally:
+        go.set()
+        xs_logger.removeHandler(kept)
+        xsd.stop()
+
+
+def test_a_call_given_up_on_is_said_before_the_next_call_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What a call whose caller gave up on it logged is the loop's to emit
+    (see _call): it goes out before the call queued behind it runs, so
+    that call's caller, once returned, finds it emitted, as when the loop
+    emitted as it logged."""
+    from racewindow import TIMEOUT, Attempt
+
+    running, go, woken = threading.Event(), threading.Event(), threading.Event()
+    next_ran: list[bool] = []   # whether the next call had run, each time it was emitted
+    ran = threading.Event()
+
+    def given_up_on() -> None:
+        running.set()
+        go.wait(TIMEOUT)
+        _server._log().warning("the call given up on")
+
+    def heard(record: logging.LogRecord) -> bool:
+        if record.msg == "the call given up on":
+            next_ran.append(ran.is_set())
+        return True
+
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    kept.addFilter(heard)
+    caplog.set_level(logging.INFO, logger=_server.__name__)
+    logging.getLogger(_server.__name__).addHandler(kept)
+    xsd = XenStored(tmp_path / "run")
+    xsd.start()
+    try:
+        def gives_up(future: concurrent.futures.Future[Any], timeout: float) -> None:
+            # Once the loop runs it: as a caller whose wait timed out.
+            assert running.wait(TIMEOUT), "the loop does not run the call"
+            raise TimeoutError
+
+        with monkeypatch.context() as patched:
+            patched.setattr(concurrent.futures.Future, "exception", gives_up)
+            first = Attempt(lambda: xsd._call(given_up_on))
+            assert isinstance(first.result(), TimeoutError)
+        wake = xsd._wake
+
+        def queued() -> None:
+            wake()
+            woken.set()
+
+        monkeypatch.setattr(xsd, "_wake", queued)
+        second = Attempt(lambda: xsd._call(ran.set))
+        assert woken.wait(TIMEOUT), "the second call is not queued"
+        go.set()
+        assert second.result() is None
+        assert next_ran == [False], next_ran
+    finally:
+        go.set()
+        logging.getLogger(_server.__name__).removeHandler(kept)
+        xsd.stop()
+
+
+def test_a_handler_raising_on_a_loop_record_costs_that_record_only(
+        xsd: XenStored, dom0: RawClient, caplog: pytest.LogCaptureFixture) -> None:
+    """A handler's filter raising on a record the loop logged (a failed
+    request's) costs that record, not the server: the request is
+    answered, and the loop serves on.  Emitted as it was logged, it cost
+    the connection (see _on_event); emitted by the loop in _say, it
+    killed the loop, and the server with it."""
+    raised: list[str] = []
+
+    def buggy(record: logging.LogRecord) -> bool:
+        if record.msg == "%r op %s: %s" and not raised:
+            raised.append(record.getMessage())
+            raise ValueError("a filter's bug")
+        return True
+
+    handler = logging.handlers.BufferingHandler(capacity=100)
+    handler.addFilter(buggy)
+    xs_logger = logging.getLogger("xenback.sim._xenstored")
+    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
+    xs_logger.addHandler(handler)
+    try:
+        assert error_of(dom0.read, "/missing") == "ENOENT"
+        assert raised, "no record to raise on"
+        dom0.write("/still", b"served")
+        assert dom0.read("/still") == b"served"
+    finally:
+        xs_logger.removeHandler(handler)
+    assert xsd._thread is not None and xsd._thread.is_alive()
+
+
+def test_a_stop_taking_over_a_loop_emitting_after_it_closed_closes_nothing_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A loop that saw stop() begin (its first step, before it joins) and
+    closed the server, then emits what it logged closing, held up in a
+    handler: the stop() that takes it over closes nothing again, nor says
+    "xenstored stopped" again."""
+    from racewindow import TIMEOUT, Attempt, PauseAt
+
+    monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(record: logging.LogRecord) -> bool:
+        if record.msg == "closing %r: %s" and record.args == (record.args[0], "server stopping"):
+            entered.set()
+            go.wait(TIMEOUT)
+        return True
+
+    kept = logging.handlers.BufferingHandler(capacity=100)
+    kept.addFilter(held_up)
+    xs_logger = logging.getLogger("xenback.sim._xenstored")
+    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
+    xs_logger.addHandler(kept)
+    xsd = XenStored(tmp_path / "run")
+    xsd.start()
+    loop = xsd._thread
+    assert loop is not None
+    try:
+        with RawClient(xsd.path) as dom0:
+            dom0.read("/")  # served, not taken to the loop's end unread
+            pause = PauseAt(XenStored.stop, "with self._entry_lock:")
+            stopper = Attempt(lambda: pause.run(xsd.stop))
+            assert pause.reached.wait(TIMEOUT), "stop() does not begin"
+            dom0.read("/")  # wakes the loop, which finds it stopping
+            assert entered.wait(TIMEOUT), "the loop emits nothing closing"
+            pause.resume()
+            assert stopper.result() is None
+            go.set()
+            loop.join(TIMEOUT)
+            assert not loop.is_alive()
+        said = [r.getMessage() for r in kept.buffer]
+        assert said.count("xenstored stopped") == 1, said
+    finally:
+        go.set()
+        xs_logger.removeHandler(kept)
+        xsd.stop()

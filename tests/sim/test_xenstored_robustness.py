@@ -1134,10 +1134,20 @@ def test_a_bug_met_expiring_events_leaves_no_request_outstanding(
         assert eventually(lambda: xsd._call(
             lambda: all(e.start < conn.out_base for e in conn.waiting)), 10.0)
 
-        def buggy(*_args: object, **_kwargs: object) -> None:
-            raise RuntimeError("a bug dropping stale events")
+        logs = _server._log
 
-        monkeypatch.setattr(_server.logger, "debug", buggy)
+        class Buggy:
+            """The loop's logger, but for debug(), where it drops them."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(logs(), name)
+
+            def debug(self, *_args: object, **_kwargs: object) -> None:
+                raise RuntimeError("a bug dropping stale events")
+
+        # The loop's logger keeps its records (see _server._say): made anew
+        # for each record, so patched where it is made.
+        monkeypatch.setattr(_server, "_log", Buggy)
         # The first write's event waits, for the deaf guest only: one
         # request outstanding, the quota, so the second write waits.
         writer.send_raw(b"".join(_write_at("/shared", i) for i in range(2)))

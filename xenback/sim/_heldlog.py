@@ -117,3 +117,57 @@ def records_held() -> Iterator[None]:
             yield
     finally:
         emit(records)
+
+
+@contextlib.contextmanager
+def records_emitted() -> Iterator[None]:
+    """Within, this thread emits what it logs and what :func:`emit` is
+    given, though it keeps its records around: for a thread that keeps
+    them and emits them itself where it can tell nobody waits on it (see
+    XenStored._say)."""
+    outer = getattr(_held, "records", None)
+    _held.records = None
+    try:
+        yield
+    finally:
+        _held.records = outer
+
+
+class _Sifter(logging.Logger):
+    """A logger as a thread that keeps records sees it (as _Keeper), but
+    one that makes no record of a level its logger would not emit.
+
+    Asked of the logger's levels, which takes no lock (isEnabledFor() may
+    take logging's own): a keeping thread that logs per request, at a
+    level nobody listens to, must not pay a record for each.  Nor a
+    logger: one per logger, shared by the threads, each record kept in
+    the list of the thread making it."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger.name)
+        self.of = logger
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802
+        of = self.of
+        return (not of.disabled and of.manager.disable < level
+                and level >= of.getEffectiveLevel())
+
+    def handle(self, record: logging.LogRecord) -> None:
+        # Used as sifted() returns it, only by a thread keeping records.
+        _held.records.append(record)
+
+
+# Each logger's _Sifter, made once: a dict's get() and setdefault() are atomic.
+_sifters: dict[logging.Logger, _Sifter] = {}
+
+
+def sifted(logger: logging.Logger) -> logging.Logger:
+    """As :func:`log`, but a thread keeping its records keeps none of a
+    level ``logger`` would not emit as the record is made (as ``logger``
+    itself does)."""
+    if getattr(_held, "records", None) is None:
+        return logger
+    sifter = _sifters.get(logger)
+    if sifter is None:
+        sifter = _sifters.setdefault(logger, _Sifter(logger))
+    return sifter

@@ -67,6 +67,12 @@ Threading rules
   and "end the loop, cancel what is queued" exclusive, so no caller can
   wait for a loop that is gone.  Nor for one that is stuck: a caller
   waits ``STOP_TIMEOUT`` at most, as stop() does.
+* The loop thread emits no record where a stop() may wait for it: it
+  keeps what it logs and emits it once its callbacks ran, before the
+  replies go out, one record at a time, none while a stop() joins it
+  (see ``_say``).  Emitting takes the
+  handlers' locks, and a stop() from a signal's handler come in where the
+  main thread held one would wait for the loop, the loop for it.
 """
 
 from __future__ import annotations
@@ -94,7 +100,7 @@ from typing import Any, TypeVar
 
 from xenback._flags import DOMID_FIRST_RESERVED, check_xenstore_domid
 
-from .._heldlog import emit, log, records_kept
+from .._heldlog import EMITTER_WAIT, emit, records_emitted, records_kept, sifted
 from .._unix import listen_error
 from ._connection import Connection, Domain, Outstanding, WaitingEvent
 from ._ops import Dispatcher, Quota
@@ -106,8 +112,9 @@ logger = logging.getLogger(__name__)
 
 
 def _log() -> logging.Logger:
-    """The logger, or the loop's records kept for a caller (see _call)."""
-    return log(logger)
+    """The logger, or one keeping its records: the loop's (see _say), or
+    a caller's (see _call)."""
+    return sifted(logger)
 
 
 T = TypeVar("T")
@@ -247,9 +254,11 @@ class XenStored:
         self._held: dict[int, Connection] = {}
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        #: Whether the loop thread began its loop (it stops itself then),
-        #: or stop() came first (and closes it all): under _entry_lock.
-        self._entered = False
+        #: Whether _thread began (the loop its loop, a closer its closing:
+        #: it closes the server itself then), or stop() came first (and
+        #: makes a closer, see _closer): under _entry_lock.  None once a
+        #: stop() closed it itself, with no thread to be had.
+        self._entered: bool | None = False
         self._entry_lock = threading.Lock()
         # Cross-thread call queue; see "Threading rules" above.
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
@@ -262,14 +271,21 @@ class XenStored:
         self._wake_r: socket.socket
         self._wake_w: socket.socket
         self._stopping = False
-        #: What the loop logged stopping, for stop() to emit once it joined
-        #: it: emitted by the loop, the join could wait for a handler's
-        #: lock stop()'s caller holds (see _heldlog).  Handed over under
-        #: _calls_lock while a stop() joins it (_joining), else emitted
-        #: by the loop: a stop() that gave up on it (a Ctrl-C, or the loop
-        #: stuck) may be the last.  stop() emits them one at a time.
+        #: What the loop logged and has not emitted: it keeps its records
+        #: (see _say).  Loop thread only, but for a stop() taking it over.
+        self._said: list[logging.LogRecord] = []
+        #: What the loop logged, for stop() to emit once it joined it (or
+        #: took it over): emitted by the loop, the join could wait for a
+        #: handler's lock stop()'s caller holds (see _heldlog).  Handed
+        #: over under _calls_lock while a stop() joins it (_joining), else
+        #: emitted by the loop: a stop() that gave up on it (a Ctrl-C, or
+        #: the loop stuck) may be the last.  stop() emits them one at a time.
         self._unsaid: list[logging.LogRecord] = []
         self._joining = False
+        #: Under _calls_lock: _thread is emitting a record (_say), and
+        #: touches nothing else until it takes the lock again: a stop()
+        #: may take the server from it then (see _take_over).
+        self._emitting = False
         #: connections with freshly queued output (loop thread only)
         self._dirty: set[Connection] = set()
         self._conns: set[Connection] = set()
@@ -382,6 +398,14 @@ class XenStored:
         The server is then half stopped (its loop ends if it ever comes
         back, and calls are refused meanwhile); stop() again waits for it
         again.
+
+        A loop emitting a record is waited for :data:`EMITTER_WAIT` at
+        most (``timeout`` if less): the caller may be a signal's handler
+        come in where the main thread held the lock of a handler the
+        record goes to.  The server
+        is then stopped in a thread of its own, and stop() emits what the
+        loop had not; the loop ends once its record is out, after stop()
+        returns (that one record then comes after stop()'s own).
         """
         thread = self._thread
         if thread is None:
@@ -393,15 +417,26 @@ class XenStored:
             timeout = STOP_TIMEOUT
         with self._entry_lock:
             entered = self._entered
+        starting: threading.Thread | None = None
         if not entered:
             # Its start() cut short in starting the thread, or it has not
             # got going yet: it never runs, or ends as it begins (_loop).
-            # So what start() made is closed here, and no thread joined
-            # that was never started (join() refuses it).
-            self._shutdown()
+            # Or a stop() taking the server from an emitting loop was cut
+            # short starting its closer, which then ends as it begins too
+            # (_finish).  No thread joined that was never started (join()
+            # refuses it).  What start() made, and what the loop served,
+            # is closed by a closer of our own (see _take_over), none
+            # once closed: a stop() again would say "xenstored stopped"
+            # again.
             if thread.is_alive():
                 thread.join(timeout)
-            return
+            with self._calls_lock, self._entry_lock:
+                if self._entered is False:
+                    thread = starting = self._closer(thread.name)
+                closed = self._entered is None
+            if closed:
+                emit(self._unsaid)  # what a stop() cut short left
+                return
         # Marked joining inside the try, and emitted past a Ctrl-C as the
         # lock is let go: either way, one landing there left the loop
         # handing its records to a stop() gone.
@@ -410,7 +445,18 @@ class XenStored:
                 if not self._calls_closed:
                     self._wake()
                 self._joining = True
-            thread.join(timeout)
+                emitting = self._emitting
+            if starting is not None:
+                # Once joined: it hands what it logs over (see _say).
+                self._start_closer(starting)
+            # One not emitting now begins no record (see _say).  One
+            # emitting may wait for a handler's lock our caller holds (a
+            # signal's handler come in as the main thread emitted): waited
+            # for EMITTER_WAIT at most, nor past what the caller allows.
+            if thread.is_alive():  # not a closer no thread was to be had for
+                thread.join(min(EMITTER_WAIT, timeout) if emitting else timeout)
+            if emitting:
+                thread = self._take_over(thread, timeout)
         finally:
             try:
                 with self._calls_lock:
@@ -421,6 +467,71 @@ class XenStored:
             raise TimeoutError(
                 f"the XenStore loop thread {thread.name!r} did not stop within {timeout:g} s;"
                 f" it is stuck at:\n{_stuck_at(thread)}")
+
+    def _take_over(self, thread: threading.Thread, timeout: float) -> threading.Thread:
+        """The thread stop() waits for once ``thread`` was given
+        EMITTER_WAIT to emit a record: ``thread``, done emitting and
+        stopping, or a closer, which stops the server in its place.
+
+        The closer takes the records ``thread`` had not emitted, and is
+        joined as the loop is: stop()'s caller could wait for ``thread``
+        for good, which waits for it.  A thread of its own, not stop()'s:
+        a Ctrl-C landing in stop() then lands in the wait, and the server
+        is closed all the same (one landing in stop()'s own closing left
+        it half closed for good, the next stop() finding it closed).
+        ``thread`` ends once its record is out, touching nothing (see
+        _say)."""
+        with self._calls_lock, self._entry_lock:
+            closer = thread
+            if self._emitting:
+                # Before ours: what the loop logged before it stopped.
+                self._unsaid += self._said
+                # No call in between: taken whole or not at all.
+                self._emitting = False
+                self._said.clear()
+                closer = self._closer(thread.name)
+        if closer is not thread:
+            self._start_closer(closer)
+        if closer.is_alive():
+            closer.join(timeout)
+        return closer
+
+    def _closer(self, name: str) -> threading.Thread:
+        """A closer for stop() to start, made the server's thread: the one
+        _finish lets close it.  Under _calls_lock (see _say) and
+        _entry_lock (see _finish)."""
+        closer = threading.Thread(target=self._finish, name=name, daemon=True)
+        self._entered = False
+        self._thread = closer
+        return closer
+
+    def _start_closer(self, closer: threading.Thread) -> None:
+        """Start ``closer``, or close the server here if no thread is to be
+        had.  A Ctrl-C as it starts leaves it the server's thread: it
+        runs, or the next stop() makes another, which it lets close (see
+        _finish)."""
+        try:
+            closer.start()
+        except RuntimeError:
+            with self._entry_lock:
+                self._entered = None
+            with records_kept(self._unsaid):
+                self._shutdown()
+
+    def _finish(self) -> None:
+        """Stop the server for a stop() that took it from an emitting loop
+        (see _take_over), or came before its loop began, unless it was
+        done (see _start_closer)."""
+        with self._entry_lock:
+            # Not if it is no longer the server's thread: one whose start
+            # a Ctrl-C cut short, replaced by the next stop()'s.
+            if self._entered is not False or self._thread is not threading.current_thread():
+                return
+            self._entered = True
+        if not self._calls_closed:
+            with records_kept(self._said):
+                self._shutdown()
+        self._say()
 
     def introduce_path(self, domid: int) -> Path:
         """The socket :meth:`introduce_domain` creates for ``domid`` (no side effect)."""
@@ -515,7 +626,8 @@ class XenStored:
         main thread waits for (a toolstack's thread creating a domain for
         dom0 holds the host's), and the main thread may hold a handler's
         lock the loop would wait for.  By the loop once the caller has
-        gone, which of the two ends second emitting them.
+        gone (with its own, see _say), which of the two ends second
+        emitting them.
         """
         thread = self._thread
         if thread is threading.current_thread():
@@ -597,6 +709,12 @@ class XenStored:
         except BlockingIOError:
             pass
         while self._calls:
+            if self._said:
+                # What a call given up on logged (see _call): emitted
+                # before the next call's caller hears back (see _serve),
+                # the rest of the calls run next round.
+                self._wake()
+                return
             fn, future = self._calls.popleft()
             if not future.set_running_or_notify_cancel():
                 continue
@@ -612,42 +730,99 @@ class XenStored:
             if self._stopping:
                 return  # stopped before it ran: stop() closed everything (see stop)
             self._entered = True
+        said = self._said
+        try:
+            with records_kept(said):
+                try:
+                    self._serve()
+                except BaseException:
+                    # Not if a stop() took the server from it (see
+                    # _take_over): the record it was emitting raised, and
+                    # the server lives on in the closer, whose _said it is.
+                    if self._thread is threading.current_thread():
+                        _log().exception("xenstored loop died")
+                    raise
+        finally:
+            # What it logged serving (its death too) before what follows
+            # (a call cancelled), unless a stop() took the server over.
+            if self._say():
+                with records_kept(said):
+                    self._shutdown()
+                self._say()
+
+    def _serve(self) -> None:
+        """Serve until stop(), or until a stop() took the server over (see _say)."""
         selector = self._selector
         assert selector is not None
         dirty = self._dirty
         expiry = self._expiry
-        try:
-            while not self._stopping:
-                timeout = None
-                if self._accept_paused:
-                    timeout = max(0.0, self._accept_retry_at - time.monotonic())
-                if expiry:
-                    wait = min(_MAX_WAIT, max(0.0, expiry[0][0] - time.monotonic()))
-                    timeout = wait if timeout is None else min(timeout, wait)
-                for key, mask in selector.select(timeout):
-                    callback, data = key.data
-                    callback(mask, data)
-                if self._accept_paused and time.monotonic() >= self._accept_retry_at:
-                    self._resume_accept()
-                if expiry and expiry[0][0] <= time.monotonic():
-                    self._expire_due()
-                while dirty:
-                    # Through _on_event(): a flush may serve requests held
-                    # back by a pause, and a bug met there must cost that
-                    # connection only.  (Not being writable is fine.)
-                    self._on_event(_WRITE, dirty.pop())
-        except BaseException:
-            _log().exception("xenstored loop died")
-            raise
-        finally:
-            said: list[logging.LogRecord] = []
-            with records_kept(said):
-                self._shutdown()
+        said = self._said
+        while not self._stopping:
+            timeout = None
+            if self._accept_paused:
+                timeout = max(0.0, self._accept_retry_at - time.monotonic())
+            if expiry:
+                wait = min(_MAX_WAIT, max(0.0, expiry[0][0] - time.monotonic()))
+                timeout = wait if timeout is None else min(timeout, wait)
+            for key, mask in selector.select(timeout):
+                callback, data = key.data
+                callback(mask, data)
+            if self._accept_paused and time.monotonic() >= self._accept_retry_at:
+                self._resume_accept()
+            if expiry and expiry[0][0] <= time.monotonic():
+                self._expire_due()
+            while dirty:
+                # What was logged goes out before the replies to the
+                # requests that logged it, as when the loop emitted as it
+                # logged (and before a call's caller hears back, see
+                # _run_calls).  Not before each callback: one flushing a
+                # client's backlog may send a watch event queued after a
+                # record by an earlier one, but no reply to what logged it.
+                if said and not self._say():
+                    return
+                # Through _on_event(): a flush may serve requests held
+                # back by a pause, and a bug met there must cost that
+                # connection only.  (Not being writable is fine.)
+                self._on_event(_WRITE, dirty.pop())
+            if said and not self._say():
+                return
+
+    def _say(self) -> bool:
+        """Emit what the loop logged, or hand it to the stop() that joins
+        the loop; False once a stop() has taken the server from it.
+
+        Emitting takes the locks of the handlers a record goes to (see
+        _heldlog), and a stop() may come meanwhile: from a signal's
+        handler, say, come in as the main thread held one of them, which
+        the loop then waits for.  So none is begun while a stop() joins
+        the loop, and a stop() that finds it emitting waits
+        EMITTER_WAIT at most, then takes the server from it, with the
+        records not emitted yet: each is taken off under _calls_lock.
+        The one being emitted goes out when it goes, after stop()'s own
+        if the lock was its caller's: the price of not waiting for it."""
+        said = self._said
+        while True:
             with self._calls_lock:
+                if self._thread is not threading.current_thread():
+                    return False  # a stop() took the server from it
                 if self._joining:
                     self._unsaid += said
                     said.clear()
-            emit(said)
+                if not said:
+                    self._emitting = False
+                    return True
+                self._emitting = True
+                record = said.pop(0)
+            try:
+                with records_emitted():
+                    emit([record])
+            except Exception:
+                # A handler's bug costs its record, never the server (nor
+                # a connection now: the record is no longer its request's).
+                # Told as logging tells of a handler failing, not logged
+                # through the handlers again: they may fail every record.
+                if logging.raiseExceptions and sys.stderr:
+                    traceback.print_exc()
 
     def _shutdown(self) -> None:
         try:
