@@ -9,11 +9,13 @@ for it.  So a thread the main thread may wait on keeps what it logs,
 within :func:`records_held` (or :func:`records_kept`), and it is emitted
 once nobody waits on it: after the lock is let go, by whoever joins it.
 
-Modules log through :func:`log`, which is their logger unless the thread
-keeps records, and emit records kept elsewhere (handed over by another
-thread) through :func:`emit`, which keeps them too if this thread keeps.
-(The hypervisor keeps its own the same way, with a _HeldLogger of its
-own, and emits them through :func:`emit`.)
+The host, XenStored, the toolstack and the hypervisor log through
+:func:`log`, which is their logger unless the thread keeps records, and
+emit records kept elsewhere (handed over by another thread) through
+:func:`emit`, which keeps them too if this thread keeps.  A thread that
+decides when its records come out itself (the hypervisor's service
+thread and removals' threads) keeps them within :func:`records_kept`
+into a list of its own, and emits them past its locks.
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ def log(logger: logging.Logger) -> logging.Logger:
     """``logger``, or one keeping its records if this thread keeps them."""
     records: list[logging.LogRecord] | None = getattr(_held, "records", None)
     return logger if records is None else _Keeper(logger.name, records)
+
+
+def keeper(logger: logging.Logger, into: list[logging.LogRecord]) -> logging.Logger:
+    """One making ``logger``'s records into ``into``, whatever this thread
+    keeps: for a record made for another thread's list, where the thread
+    must not keep its own (the main thread: a Ctrl-C in records_kept()
+    could leave it keeping for good)."""
+    return _Keeper(logger.name, into)
 
 
 def keeping() -> bool:
