@@ -2977,6 +2977,46 @@ def test_a_removal_left_by_a_ctrl_c_spares_the_domain_added_again(
         hv.stop()
 
 
+def test_a_removal_queued_for_the_service_spares_the_domain_added_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remove_domain() from a thread of the host's, queued for the
+    service thread; before that thread gets to it, the domain is removed
+    (the main thread's remove_domain()) and added again under the same
+    domid.  The queued removal then finds its domain gone, and leaves the
+    new one alone: listed, listening, its socket file there.  It was
+    queued by domid, and removed the new domain."""
+    import socket
+
+    from racewindow import PauseAt
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    # The service's first round: woken by the queued removal, nothing
+    # else being there to wake it.
+    pause = PauseAt.in_method(monkeypatch, _hypervisor.Hypervisor, "_serve_loop",
+                              "with records_kept(")
+    try:
+        hv.start()
+        hv.add_domain(3, "guest")
+        caller = Attempt(lambda: hv.remove_domain(3))
+        assert pause.reached.wait(TIMEOUT)
+        hv.remove_domain(3)  # in a thread of its own (see _uninterrupted)
+        path = hv.add_domain(3, "again")
+        pause.resume()
+        assert caller.result() is None
+        assert hv.stats()["domains"] == 1
+        assert path.exists()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with client:
+            client.connect(os.fspath(path))
+            assert hv.stats()["connections"] == 1
+    finally:
+        pause.resume()
+        monkeypatch.undo()
+        hv.stop()
+
+
 def test_no_domain_is_added_to_a_stopping_hypervisor() -> None:
     """stop() destroyed every domain: one added after it would keep a
     listening socket no service thread ever serves."""

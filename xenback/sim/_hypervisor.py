@@ -316,8 +316,9 @@ class Hypervisor:
         self._handles = itertools.count(1)
         self._doomed: list[_Conn] = []
         # remove_domain()'s requests for the service thread, with the
-        # future each caller waits on (see remove_domain).
-        self._removals: list[tuple[int, concurrent.futures.Future[None]]] = []
+        # future each caller waits on (see remove_domain).  By domain, not
+        # domid: one removed and added again before its turn is not it.
+        self._removals: list[tuple[_Domain, concurrent.futures.Future[None]]] = []
         self._control: ControlHandler | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -674,7 +675,7 @@ class Hypervisor:
             # emitting now, it runs the removal first thing next round.
             if (self._serving and not self._emitting and me is not self._thread
                     and me is not threading.main_thread()):
-                self._removals.append((domid, future))
+                self._removals.append((dom, future))
                 # Under _lock: stop() closes the pipe under it, after the thread ended.
                 try:
                     os.write(self._wake_w, b"x")
@@ -687,13 +688,8 @@ class Hypervisor:
         future.result()
 
     def _remove_listed(self, dom: _Domain, future: concurrent.futures.Future[None]) -> None:
-        """Remove ``dom`` unless it was meanwhile (a domain added since under
-        its domid is not it); answer ``future``."""
         with self._lock:
-            if self._domains.get(dom.domid) is dom:
-                self._run_removal(dom.domid, future)
-            else:
-                future.set_result(None)
+            self._run_removal(dom, future)
 
     def _uninterrupted(self, work: Callable[[], None], refused: str) -> None:
         """``work()``, which takes _lock, where no Ctrl-C cuts it short.
@@ -786,18 +782,20 @@ class Hypervisor:
         one again (InvalidStateError).
         """
         while self._removals:
-            domid, future = self._removals[0]
+            dom, future = self._removals[0]
             if not future.done():
-                self._run_removal(domid, future)
+                self._run_removal(dom, future)
             del self._removals[0]
 
-    def _run_removal(self, domid: int, future: concurrent.futures.Future[None]) -> None:
+    def _run_removal(self, dom: _Domain, future: concurrent.futures.Future[None]) -> None:
+        """Remove ``dom`` unless it was meanwhile (a domain added since under
+        its domid is not it); answer ``future`` (under _lock)."""
         try:
-            if domid in self._domains:
-                self._remove_domain(domid)
+            if self._domains.get(dom.domid) is dom:
+                self._remove_domain(dom.domid)
         except Exception as e:
             # A bug: its caller hears of it, the others still go.
-            log(logger).exception("hypervisor: failure removing domain %d", domid)
+            log(logger).exception("hypervisor: failure removing domain %d", dom.domid)
             future.set_exception(e)
         else:
             future.set_result(None)
@@ -828,9 +826,9 @@ class Hypervisor:
                 # this thread all the same.  Not by _run_removals, which
                 # may be the bug it died of.
                 removals, self._removals = self._removals, []
-                for domid, future in removals:
+                for dom, future in removals:
                     if not future.done():
-                        self._run_removal(domid, future)
+                        self._run_removal(dom, future)
                 said = records.copy()
                 records.clear()
                 if self._stopping and not self._emitting and not self._join_cut_short:
