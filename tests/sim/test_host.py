@@ -377,6 +377,39 @@ def test_a_host_that_fails_to_start_leaves_no_directory(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_start_whose_undo_is_refused_raises_its_own_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A start() that fails once dom0 is added (its XenStore home refused),
+    with no thread to be had to remove dom0 in as the start is undone: its
+    own error comes out, the undo's refusal logged, and close() (threads
+    to be had) finishes the undo.  The refusal (a RuntimeError, "no thread
+    to be had") took the start's error's place."""
+    from xenback.sim import _hypervisor
+
+    host = SimHost(tmp_path / "run")
+
+    def refuse(domid: int, name: str) -> None:
+        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(threading.Thread, False))
+        raise OSError(errno.EMFILE, "no more connections")
+
+    monkeypatch.setattr(host, "_populate", refuse)
+    try:
+        with caplog.at_level(logging.WARNING, logger="xenback.sim._host"):
+            with pytest.raises(OSError, match="no more connections"):
+                host.start()
+        monkeypatch.undo()
+        assert [r.getMessage() for r in caplog.records if r.name == "xenback.sim._host"] == [
+            "undoing the host's start after OSError failed: no thread to remove the domains"
+            " in, where no Ctrl-C cuts it short (can't start new thread)"]
+        assert host.hypervisor.stats()["domains"] == 1  # dom0, left whole
+    finally:
+        monkeypatch.undo()
+        host.close()
+    assert host.hypervisor.stats()["domains"] == 0
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("call", [SimHost, lambda run_dir: attach(run_dir, 1)],
                          ids=["SimHost", "attach"])
 def test_an_empty_run_dir_is_refused(call: Callable[[str], object]) -> None:

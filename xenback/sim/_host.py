@@ -283,8 +283,16 @@ class SimHost(Closing):
             self._hypervisor.set_xenstore_path(0, os.fspath(self._xenstored.path))
             self._populate(0, "Domain-0")
             self._domains[0] = Domain(run_dir, 0, "Domain-0", self._xenstored.path)
-        except BaseException:
-            self._teardown()
+        except BaseException as exc:
+            # start()'s own error comes out, as a create's does (see
+            # _create_domain), also if the undo fails (no thread to be had
+            # to remove dom0 in, XenStore's loop stuck): the host is left
+            # closing, for close() to finish.
+            try:
+                self._teardown()
+            except Exception as e:
+                log(logger).warning("undoing the host's start after %s failed: %s",
+                                    type(exc).__name__, e)
             raise
         self._state = "running"
 
