@@ -575,6 +575,9 @@ class SimHost(Closing):
         timeout; a watchdog per request was judged not worth a thread per
         toolstack operation): a loop stuck then hangs the destroy until a
         Ctrl-C (or pytest-timeout) ends it, the domain left dying.
+        Asked for by another process (:func:`~xenback.sim.destroy_domain`),
+        its log lines come out at its end, with the times they were made at
+        (the thread serving the request keeps them, see _heldlog).
         One of a domain that another thread is destroying waits for that
         destroy to end, or the host to close, and finishes it (in what is
         left of ``timeout``) if it was cut short; it returns once the
