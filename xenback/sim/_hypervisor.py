@@ -703,12 +703,11 @@ class Hypervisor:
         RuntimeError saying it could not ``refused``, nothing done: the
         caller asks again later (stop() and start()'s undo too, which did
         it here all the same, where a Ctrl-C left a domain half removed
-        for good).  What it logs is
-        emitted, and its failure raised, in the caller, as if done there;
-        by its thread once the caller has gone (see _heldlog: that thread
-        keeps them until then).  In another thread, where no signal's
-        handler runs, it is done in place, what it logs emitted once _lock
-        is let go."""
+        for good).  What it logs is emitted, and its failure raised, in
+        the caller, as if done there; by its thread once the caller has
+        gone (that thread keeps them until then, see _heldlog).  In another
+        thread, where no signal's handler runs, it is done in place, what
+        it logs emitted once _lock is let go."""
         if threading.current_thread() is not threading.main_thread():
             with records_held():
                 work()
