@@ -410,6 +410,38 @@ def test_a_start_whose_undo_is_refused_raises_its_own_error(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_ctrl_c_in_a_failed_starts_undo_comes_out_as_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A start() that fails once dom0 is added, a Ctrl-C landing in its
+    undo (as the hypervisor stops): the Ctrl-C comes out, not the start's
+    error, and nothing says the undo failed; close() finishes it.  Taken
+    for an undo refused, it was logged and lost."""
+    host = SimHost(tmp_path / "run")
+
+    def refuse(domid: int, name: str) -> None:
+        hv = host.hypervisor
+
+        def interrupted() -> None:
+            monkeypatch.undo()  # the next stop() is close()'s
+            raise Interrupted()
+
+        monkeypatch.setattr(hv, "stop", interrupted)
+        raise OSError(errno.EMFILE, "no more connections")
+
+    monkeypatch.setattr(host, "_populate", refuse)
+    try:
+        with caplog.at_level(logging.WARNING, logger="xenback.sim._host"):
+            with pytest.raises(Interrupted):
+                host.start()
+        assert [r for r in caplog.records if r.name == "xenback.sim._host"] == []
+    finally:
+        monkeypatch.undo()
+        host.close()
+    assert host.hypervisor.stats()["domains"] == 0
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("call", [SimHost, lambda run_dir: attach(run_dir, 1)],
                          ids=["SimHost", "attach"])
 def test_an_empty_run_dir_is_refused(call: Callable[[str], object]) -> None:
