@@ -1951,6 +1951,44 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
         assert record.said() == said
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_signal_handlers_stop_as_the_service_thread_dies_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service thread dies of a bug (its select fails) as a signal's
+    handler stops it (a host closed on SIGTERM), come in as the main
+    thread emitted a record through a handler of the hypervisor's, the
+    lock held.  stop() ends, and the thread's last words are emitted
+    once.  Emitted by that thread as it died, they kept stop()'s join
+    waiting for the lock stop()'s caller held: for ever."""
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.start()
+    service = hv._thread
+    assert service is not None
+    select = hv._selector.select
+    failing_next = threading.Event()
+
+    def failing(timeout: float | None = None) -> Any:
+        failing_next.set()
+        events = select(timeout)
+        if hv._stopping:
+            raise RuntimeError("a bug in the service loop")
+        return events
+
+    monkeypatch.setattr(hv._selector, "select", failing)
+    os.write(hv._wake_w, b"x")  # a round in the select it is in, then one in this
+    assert failing_next.wait(TIMEOUT)
+    with _main_in_a_record(hv.stop, monkeypatch) as record:
+        # In a test's thread standing for the main one: its stop() joins
+        # the service thread as the main one's would.
+        outcome = record.call(
+            hv.stop, msg="stop() waits for the service thread, which waits for its caller's lock")
+        assert outcome is None
+        assert not service.is_alive()
+        assert record.said() == ["hypervisor: the service thread died"]
+
+
 @contextlib.contextmanager
 def _a_slow_handler(
         module: ModuleType, monkeypatch: pytest.MonkeyPatch, level: int | None = None,
