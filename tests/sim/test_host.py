@@ -2477,18 +2477,19 @@ def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
         assert record.said() == ["hypervisor: domain 3: 1 message suppressed"]
 
 
+@pytest.mark.parametrize("logs", ["refusals", "its failure"])
 @pytest.mark.parametrize("first", ["the removal", "stop()"])
 def test_a_signal_handlers_stop_as_a_removal_left_by_a_ctrl_c_logs_ends(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str, logs: str) -> None:
     """A Ctrl-C in remove_domain()'s wait for the thread that removes the
     domain for it, that thread then logging (refusals the domain's log was
-    spared), its caller gone, while the main thread emits a record
-    through that handler, the lock held; a signal's handler then stops
-    the service (a host closed on SIGTERM), as that thread emits, or
-    before it has got there.  stop() ends, and the record is emitted once:
-    by that thread once the main thread lets go of the lock, or by stop()
-    itself.  stop() joined that thread, which waited for the lock stop()'s
-    caller held: for ever."""
+    spared, or its work's failure, a bug), its caller gone, while the main
+    thread emits a record through that handler, the lock held; a signal's
+    handler then stops the service (a host closed on SIGTERM), as that
+    thread emits, or before it has got there.  stop() ends, and the record
+    is emitted once: by that thread once the main thread lets go of the
+    lock, or by stop() itself.  stop() joined that thread, which waited for
+    the lock stop()'s caller held: for ever."""
     import types
 
     from racewindow import Attempt, PauseAt
@@ -2497,7 +2498,15 @@ def test_a_signal_handlers_stop_as_a_removal_left_by_a_ctrl_c_logs_ends(
 
     hv = _hypervisor.Hypervisor(tmp_path)
     hv.add_domain(3, "guest")
-    _with_refusals_unreported(hv, 3)
+    if logs == "refusals":
+        _with_refusals_unreported(hv, 3)
+        said = "hypervisor: domain 3: 1 message suppressed"
+    else:
+        def failing(self: Hypervisor, dom: object, future: object) -> NoReturn:
+            raise RuntimeError("a bug removing domain 3")
+
+        monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_listed", failing)
+        said = "hypervisor: failure removing domains"
     workers: list[threading.Thread] = []
     [run] = [c for c in _hypervisor.Hypervisor._uninterrupted.__code__.co_consts
              if isinstance(c, types.CodeType) and c.co_name == "run"]
@@ -2538,7 +2547,7 @@ def test_a_signal_handlers_stop_as_a_removal_left_by_a_ctrl_c_logs_ends(
         assert result is None
         worker.join(TIMEOUT)
         assert not worker.is_alive(), "the removal's thread outlived the lock"
-        assert record.said() == ["hypervisor: domain 3: 1 message suppressed"]
+        assert record.said() == [said]
         assert hv.stats()["domains"] == 0
 
 
