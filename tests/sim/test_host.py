@@ -1691,6 +1691,54 @@ def test_a_removal_failing_in_its_thread_fails_its_caller_once(
         hv.stop()
 
 
+@pytest.mark.parametrize("failing", [False, True], ids=["logging", "failing"])
+def test_a_removals_records_survive_a_second_ctrl_c_as_its_caller_tells_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        failing: bool) -> None:
+    """A Ctrl-C in stop()'s wait for the thread that removes the domains,
+    just as that thread ended (logging, or failing: a bug), then a second
+    landing anywhere on stop()'s way out: what the removal said comes out
+    once, by the next stop() at the latest.  The thread had left it to
+    stop(), whose told_late() a second Ctrl-C cut short as it started: it
+    was lost."""
+    from xenback.sim import _hypervisor
+
+    def fails(self: Hypervisor, domid: int) -> NoReturn:
+        raise RuntimeError(f"a bug removing domain {domid}")
+
+    said = (["hypervisor: failure removing domains"] if failing
+            else ["hypervisor: domain 3: 1 message suppressed"])
+
+    def landing(n: int) -> str:
+        hv = _hypervisor.Hypervisor(tmp_path / str(n))
+        hv.add_domain(3, "guest")
+        if failing:
+            monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_domain", fails)
+        else:
+            _with_refusals_unreported(hv, 3)
+        workers: list[threading.Thread] = []
+        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(
+            threading.Thread, _left_waiting(workers, as_it_ends=True)))
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.WARNING, logger=_hypervisor.__name__):
+                try:
+                    where = interrupted_at(n, SIM_CODE, hv.stop, unless=lambda: not workers)
+                except Interrupted:
+                    where = ""  # the wait's own Ctrl-C: no place after it was left
+                assert workers, "stop() did not wait for its removal"
+                monkeypatch.undo()
+                hv.stop()
+                assert [r.getMessage() for r in caplog.records] == said, f"interrupted {where}"
+        finally:
+            monkeypatch.undo()
+            hv.stop()
+        return where
+
+    landed = landings(landing)
+    assert any("_uninterrupted" in where for where in landed), landed
+
+
 class _EveryCallerMain(_ThreadingWith):
     """The threading module as _hypervisor sees it, where whichever thread
     calls is the main one: a test's thread stands for it, so that a wait

@@ -63,14 +63,6 @@ def log(logger: logging.Logger) -> logging.Logger:
     return logger if records is None else _Keeper(logger.name, records)
 
 
-def keeper(logger: logging.Logger, into: list[logging.LogRecord]) -> logging.Logger:
-    """One making ``logger``'s records into ``into``, whatever this thread
-    keeps: for a record made for another thread's list, where the thread
-    must not keep its own (the main thread: a Ctrl-C in records_kept()
-    could leave it keeping for good)."""
-    return _Keeper(logger.name, into)
-
-
 def keeping() -> bool:
     """Whether this thread keeps its records."""
     return getattr(_held, "records", None) is not None

@@ -59,7 +59,7 @@ from xenback.platform import (
 )
 from xenback.ratelimit import RateLimit
 
-from ._heldlog import EMITTER_WAIT, emit, keeper, log, records_held, records_kept
+from ._heldlog import EMITTER_WAIT, emit, log, records_held, records_kept
 from ._proto import (
     MAX_FDS,
     MAX_MESSAGE,
@@ -332,7 +332,8 @@ class Hypervisor:
         self._emitting = False
         # The service thread's last records, for stop() that joined it to
         # emit (see _serve): emitted by that thread, its join would wait
-        # for them.
+        # for them.  So are a removal's thread's (see _uninterrupted), and
+        # those a caller it outlived was cut short again emitting.
         self._unsaid: list[logging.LogRecord] = []
         # Whether a stop() was cut short joining the service thread (under
         # _lock): that thread emits its last records itself then, as
@@ -705,7 +706,9 @@ class Hypervisor:
         it here all the same, where a Ctrl-C left a domain half removed
         for good).  What it logs is emitted, and its failure raised, in
         the caller, as if done there; by its thread once the caller has
-        gone (that thread keeps them until then, see _heldlog).  In another
+        gone (that thread keeps them until then, see _heldlog), or by the
+        caller on its way out if the work ended first, the failure logged
+        then (what a second Ctrl-C there leaves, stop() emits).  In another
         thread, where no signal's handler runs, it is done in place, what
         it logs emitted once _lock is let go."""
         if threading.current_thread() is not threading.main_thread():
@@ -714,18 +717,15 @@ class Hypervisor:
             return
         said: list[logging.LogRecord] = []
         failure: list[BaseException] = []
+        # What a caller gone must be told besides: the failure it would
+        # have raised.  Made before the work counts as ended, so that the
+        # main thread, telling it, makes no call before it is out of reach
+        # of a second Ctrl-C (see the except below).
+        late: list[logging.LogRecord] = []
         # In which order the work ended (True) and its caller left its wait
         # (False): whichever comes second tells what the work said, once,
         # never lost for a caller gone (list.append() and += are atomic).
         ended: list[bool] = []
-
-        def told_late() -> list[logging.LogRecord]:
-            if failure:
-                # Not through records_kept(), in the main thread: a second
-                # Ctrl-C there could leave it keeping for good.
-                keeper(logger, said).error("hypervisor: failure removing domains",
-                                           exc_info=failure[0])
-            return said
 
         def run() -> None:
             try:
@@ -733,9 +733,11 @@ class Hypervisor:
                     work()
             except BaseException as e:
                 failure.append(e)
+                with records_kept(late):
+                    log(logger).error("hypervisor: failure removing domains", exc_info=e)
             ended.append(True)
             if not ended[0]:
-                told_late()
+                said.extend(late)
                 with self._removers_lock:
                     emits = self._removers_emit.setdefault(worker, True)
                     if not emits:
@@ -760,7 +762,11 @@ class Hypervisor:
             ended += [False]
             self._removers_left += [worker]
             if ended[0]:
-                emit(told_late())
+                # Its thread left them to us: where stop() finds them
+                # before any call a second Ctrl-C could land in (one
+                # landing in emit() leaves the rest there too).
+                self._unsaid += said + late
+                emit(self._unsaid)
             raise
         if no_thread:
             raise RuntimeError(f"no thread to {refused} in, where no Ctrl-C cuts it short"
