@@ -399,9 +399,11 @@ def test_a_start_whose_undo_is_refused_raises_its_own_error(
             with pytest.raises(OSError, match="no more connections"):
                 host.start()
         monkeypatch.undo()
-        assert [r.getMessage() for r in caplog.records if r.name == "xenback.sim._host"] == [
+        [said] = [r for r in caplog.records if r.name == "xenback.sim._host"]
+        assert said.getMessage() == (
             "undoing the host's start after OSError failed: no thread to remove the domains"
-            " in, where no Ctrl-C cuts it short (can't start new thread)"]
+            " in, where no Ctrl-C cuts it short (can't start new thread)")
+        assert said.exc_info is not None and type(said.exc_info[1]) is RuntimeError  # where
         assert host.hypervisor.stats()["domains"] == 1  # dom0, left whole
     finally:
         monkeypatch.undo()
@@ -3520,9 +3522,11 @@ def test_a_create_whose_undo_is_refused_raises_its_own_error(
         with pytest.raises(OSError, match="no more connections"):
             host.create_domain("guest")
     monkeypatch.undo()
-    assert [r.getMessage() for r in caplog.records if r.name == "xenback.sim._host"] == [
+    [said] = [r for r in caplog.records if r.name == "xenback.sim._host"]
+    assert said.getMessage() == (
         "domain 1: undoing its create after OSError failed: no thread to remove domain 1 in,"
-        " where no Ctrl-C cuts it short (can't start new thread)"]
+        " where no Ctrl-C cuts it short (can't start new thread)")
+    assert said.exc_info is not None and type(said.exc_info[1]) is RuntimeError  # where, too
     assert host.hypervisor.stats()["domains"] == 2  # left whole
     guest = host.create_domain("guest")
     assert guest.domid == 2

@@ -292,7 +292,7 @@ class SimHost(Closing):
                 self._teardown()
             except Exception as e:
                 log(logger).warning("undoing the host's start after %s failed: %s",
-                                    type(exc).__name__, e)
+                                    type(exc).__name__, e, exc_info=e)  # as a create's
             raise
         self._state = "running"
 
@@ -513,8 +513,10 @@ class SimHost(Closing):
             try:
                 self._undo_create(domid)
             except Exception as e:
+                # With where it failed: a bug in the undo, not a refusal,
+                # is told by nothing else.
                 log(logger).warning("domain %d: undoing its create after %s failed: %s",
-                                    domid, type(exc).__name__, e)
+                                    domid, type(exc).__name__, e, exc_info=e)
             raise
         return domain
 
