@@ -444,6 +444,36 @@ def test_a_ctrl_c_in_a_failed_starts_undo_comes_out_as_itself(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_with_whose_start_leaves_the_host_closing_says_it_must_be_closed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``with host:`` whose start() fails, with no thread to be had to undo
+    it: its error says that the host is left closing, and where, for the
+    caller to close() it (its XenStore thread and run dir are still
+    there).  It said nothing of it: ``with SimHost() as host`` gives no
+    host to close, and nothing told the caller one was left."""
+    from xenback.sim import _hypervisor
+
+    host = SimHost(tmp_path / "run")
+
+    def refuse(domid: int, name: str) -> None:
+        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(threading.Thread, False))
+        raise OSError(errno.EMFILE, "no more connections")
+
+    monkeypatch.setattr(host, "_populate", refuse)
+    try:
+        with pytest.raises(OSError, match="no more connections") as info:
+            with host:
+                pytest.fail("the body ran")
+        monkeypatch.undo()
+        assert info.value.__notes__ == [
+            f"the simulated host in {tmp_path / 'run'} is left closing: close() it to finish"]
+        assert (tmp_path / "run").exists()
+    finally:
+        monkeypatch.undo()
+        host.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("call", [SimHost, lambda run_dir: attach(run_dir, 1)],
                          ids=["SimHost", "attach"])
 def test_an_empty_run_dir_is_refused(call: Callable[[str], object]) -> None:

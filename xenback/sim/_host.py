@@ -246,7 +246,9 @@ class SimHost(Closing):
 
     def start(self) -> SimHost:
         """Start XenStore and the hypervisor and create dom0; returns the
-        host.  ``with`` calls it; a host starts once (RuntimeError after)."""
+        host.  ``with`` calls it; a host starts once (RuntimeError after).
+        One failing is undone, its error raised; if the undo fails too,
+        the host is left closing, as the error's note says, for close()."""
         self._locked("start", self._start)
         log(logger).info("simulated host running in %s", self._run_dir)
         return self
@@ -287,12 +289,16 @@ class SimHost(Closing):
             # start()'s own error comes out, as a create's does (see
             # _create_domain), also if the undo fails (no thread to be had
             # to remove dom0 in, XenStore's loop stuck): the host is left
-            # closing, for close() to finish.
+            # closing, for close() to finish.  The error says so: a caller
+            # of ``with SimHost() as host`` has no host to close otherwise,
+            # nor a word that one is left.
             try:
                 self._teardown()
             except Exception as e:
                 log(logger).warning("undoing the host's start after %s failed: %s",
                                     type(exc).__name__, e, exc_info=e)  # as a create's
+                exc.add_note(f"the simulated host in {self._run_dir} is left closing:"
+                             " close() it to finish")
             raise
         self._state = "running"
 
@@ -374,6 +380,8 @@ class SimHost(Closing):
                 pass
 
     def __enter__(self) -> Self:
+        """start(): one failing that could not undo itself says so (the host
+        is left closing), for the caller to close() the host it holds."""
         self.start()
         return self
 
