@@ -1772,15 +1772,25 @@ def test_a_removals_records_survive_a_second_ctrl_c_as_its_caller_tells_them(
 
 
 class _EveryCallerMain(_ThreadingWith):
-    """The threading module as _hypervisor sees it, where whichever thread
-    calls is the main one: a test's thread stands for it, so that a wait
-    that never ends fails the test instead of hanging it."""
+    """The threading module as _hypervisor and _heldlog see it (see
+    install), where whichever thread calls is the main one: a test's
+    thread stands for it, so that a wait that never ends fails the test
+    instead of hanging it."""
 
     def __init__(self) -> None:
         super().__init__(threading.Thread)
 
     def main_thread(self) -> threading.Thread:
         return threading.current_thread()
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Make it the threading module of _hypervisor and of _heldlog,
+        whose records_held() keeps nothing in the main thread: a stand-in
+        calling stats() or add_domain() must not keep either."""
+        from xenback.sim import _heldlog, _hypervisor
+
+        monkeypatch.setattr(_hypervisor, "threading", self)
+        monkeypatch.setattr(_heldlog, "threading", self)
 
 
 def _with_refusals_unreported(hv: Hypervisor, domid: int) -> None:
@@ -1912,7 +1922,7 @@ def test_a_removal_for_a_signal_handler_come_in_as_a_record_was_emitted_ends(
         monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_domain", failing)
         call, said = functools.partial(hv.remove_domain, 3), "hypervisor: failure removing domain 3"
         raised = "a bug removing domain 3"
-    monkeypatch.setattr(_hypervisor, "threading", _EveryCallerMain())
+    _EveryCallerMain().install(monkeypatch)
     with _main_in_a_record(hv.stop, monkeypatch) as record:
         with caplog.at_level(logging.WARNING, logger=_hypervisor.__name__):
             outcome = record.call(
@@ -2005,7 +2015,7 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
         said.append("hypervisor: domain 3: 1 message suppressed")
     else:
         said.append("hypervisor: request 'info' from domain 3 failed")
-    monkeypatch.setattr(_hypervisor, "threading", _EveryCallerMain())
+    _EveryCallerMain().install(monkeypatch)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
     def in_a_record() -> object:
@@ -2602,7 +2612,7 @@ def test_a_signal_handlers_stop_as_a_removal_left_by_a_ctrl_c_logs_ends(
         def __init__(self) -> None:
             _ThreadingWith.__init__(self, threading.Thread, Paused)
 
-    monkeypatch.setattr(_hypervisor, "threading", EveryCallerMainLeftWaiting())
+    EveryCallerMainLeftWaiting().install(monkeypatch)
 
     # In a test's thread standing for the main one.
     def in_a_record() -> object:
