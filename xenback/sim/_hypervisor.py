@@ -661,7 +661,11 @@ class Hypervisor:
         the main thread has no thread to be had for it, the domain left
         whole.  A KeyboardInterrupt in the wait leaves the removal to
         finish without the caller, whose next remove_domain() finds the
-        domain gone (ValueError) or waits for the removal again.
+        domain gone (ValueError) or waits for the removal again.  It
+        removes the domain it found, not whatever has its domid by its
+        turn: one removed meanwhile (by stop() or another caller) and
+        added again under ``domid`` is spared, and the call returns
+        although ``domid`` names a domain.
         """
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
