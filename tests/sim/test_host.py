@@ -1771,6 +1771,34 @@ def test_a_removals_records_survive_a_second_ctrl_c_as_its_caller_tells_them(
     assert any("_uninterrupted" in where for where in landed), landed
 
 
+def test_a_removals_records_survive_a_ctrl_c_landing_anywhere_in_its_caller(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Ctrl-C landing anywhere in a remove_domain() of the main thread
+    whose removal logs (refusals the domain's log was spared): what it
+    logged comes out once, by the next stop() at the latest.  Landing as
+    the caller's emit() of them started, after its wait, lost them all:
+    they were in no list but its own."""
+    from xenback.sim import _hypervisor
+
+    def landing(n: int) -> str:
+        hv = _hypervisor.Hypervisor(tmp_path / str(n))
+        hv.add_domain(3, "guest")
+        _with_refusals_unreported(hv, 3)
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.WARNING, logger=_hypervisor.__name__):
+                where = interrupted_at(n, SIM_CODE, lambda: hv.remove_domain(3))
+                hv.stop()  # joins the removal's thread, left by the Ctrl-C
+                assert [r.getMessage() for r in caplog.records] == [
+                    "hypervisor: domain 3: 1 message suppressed"], f"interrupted {where}"
+        finally:
+            hv.stop()
+        return where
+
+    landed = landings(landing)
+    assert any("as it starts: emit" in where for where in landed), landed
+
+
 class _EveryCallerMain(_ThreadingWith):
     """The threading module as _hypervisor and _heldlog see it (see
     install), where whichever thread calls is the main one: a test's

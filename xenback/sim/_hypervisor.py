@@ -333,7 +333,7 @@ class Hypervisor:
         # The service thread's last records, for stop() that joined it to
         # emit (see _serve): emitted by that thread, its join would wait
         # for them.  So are a removal's thread's (see _uninterrupted), and
-        # those a caller it outlived was cut short again emitting.
+        # those its caller was cut short emitting.
         self._unsaid: list[logging.LogRecord] = []
         # Whether a stop() was cut short joining the service thread (under
         # _lock): that thread emits its last records itself then, as
@@ -712,9 +712,9 @@ class Hypervisor:
         the caller, as if done there; by its thread once the caller has
         gone (that thread keeps them until then, see _heldlog), or by the
         caller on its way out if the work ended first, the failure logged
-        then (what a second Ctrl-C there leaves, stop() emits).  In another
-        thread, where no signal's handler runs, it is done in place, what
-        it logs emitted once _lock is let go."""
+        then.  What a Ctrl-C landing as the caller emits leaves, stop()
+        emits.  In another thread, where no signal's handler runs, it is
+        done in place, what it logs emitted once _lock is let go."""
         if threading.current_thread() is not threading.main_thread():
             with records_held():
                 work()
@@ -766,16 +766,19 @@ class Hypervisor:
             ended += [False]
             self._removers_left += [worker]
             if ended[0]:
-                # Its thread left them to us: where stop() finds them
-                # before any call a second Ctrl-C could land in (one
-                # landing in emit() leaves the rest there too).
+                # Its thread left them to us: emitted as below, with its
+                # failure, as nobody is left to raise it.
                 self._unsaid += said + late
                 emit(self._unsaid)
             raise
         if no_thread:
             raise RuntimeError(f"no thread to {refused} in, where no Ctrl-C cuts it short"
                                f" ({no_thread[0]})") from no_thread[0]
-        emit(said)
+        # Where stop() finds them before any call a Ctrl-C could land in
+        # (one landing in emit() leaves the rest there too): in a list of
+        # this call's own, they were lost.
+        self._unsaid += said
+        emit(self._unsaid)
         if failure:
             raise failure[0]
 
