@@ -377,6 +377,103 @@ def test_a_host_that_fails_to_start_leaves_no_directory(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_start_whose_undo_is_refused_raises_its_own_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A start() that fails once dom0 is added (its XenStore home refused),
+    with no thread to be had to remove dom0 in as the start is undone: its
+    own error comes out, the undo's refusal logged, and close() (threads
+    to be had) finishes the undo.  The refusal (a RuntimeError, "no thread
+    to be had") took the start's error's place."""
+    from xenback.sim import _hypervisor
+
+    host = SimHost(tmp_path / "run")
+
+    def refuse(domid: int, name: str) -> None:
+        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(threading.Thread, False))
+        raise OSError(errno.EMFILE, "no more connections")
+
+    monkeypatch.setattr(host, "_populate", refuse)
+    try:
+        with caplog.at_level(logging.WARNING, logger="xenback.sim._host"):
+            with pytest.raises(OSError, match="no more connections"):
+                host.start()
+        monkeypatch.undo()
+        [said] = [r for r in caplog.records if r.name == "xenback.sim._host"]
+        assert said.getMessage() == (
+            "undoing the host's start after OSError failed: no thread to remove the domains"
+            " in, where no Ctrl-C cuts it short (can't start new thread)")
+        assert said.exc_info is not None and type(said.exc_info[1]) is RuntimeError  # where
+        assert host.hypervisor.stats()["domains"] == 1  # dom0, left whole
+    finally:
+        monkeypatch.undo()
+        host.close()
+    assert host.hypervisor.stats()["domains"] == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ctrl_c_in_a_failed_starts_undo_comes_out_as_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A start() that fails once dom0 is added, a Ctrl-C landing in its
+    undo (as the hypervisor stops): the Ctrl-C comes out, not the start's
+    error, and nothing says the undo failed; close() finishes it.  Taken
+    for an undo refused, it was logged and lost."""
+    host = SimHost(tmp_path / "run")
+
+    def refuse(domid: int, name: str) -> None:
+        hv = host.hypervisor
+
+        def interrupted() -> None:
+            monkeypatch.undo()  # the next stop() is close()'s
+            raise Interrupted()
+
+        monkeypatch.setattr(hv, "stop", interrupted)
+        raise OSError(errno.EMFILE, "no more connections")
+
+    monkeypatch.setattr(host, "_populate", refuse)
+    try:
+        with caplog.at_level(logging.WARNING, logger="xenback.sim._host"):
+            with pytest.raises(Interrupted):
+                host.start()
+        assert [r for r in caplog.records if r.name == "xenback.sim._host"] == []
+    finally:
+        monkeypatch.undo()
+        host.close()
+    assert host.hypervisor.stats()["domains"] == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_with_whose_start_leaves_the_host_closing_says_it_must_be_closed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``with host:`` whose start() fails, with no thread to be had to undo
+    it: its error says that the host is left closing, and where, for the
+    caller to close() it (its XenStore thread and run dir are still
+    there).  It said nothing of it: ``with SimHost() as host`` gives no
+    host to close, and nothing told the caller one was left."""
+    from xenback.sim import _hypervisor
+
+    host = SimHost(tmp_path / "run")
+
+    def refuse(domid: int, name: str) -> None:
+        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(threading.Thread, False))
+        raise OSError(errno.EMFILE, "no more connections")
+
+    monkeypatch.setattr(host, "_populate", refuse)
+    try:
+        with pytest.raises(OSError, match="no more connections") as info:
+            with host:
+                pytest.fail("the body ran")
+        monkeypatch.undo()
+        assert info.value.__notes__ == [
+            f"the simulated host in {tmp_path / 'run'} is left closing: close() it to finish"]
+        assert (tmp_path / "run").exists()
+    finally:
+        monkeypatch.undo()
+        host.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("call", [SimHost, lambda run_dir: attach(run_dir, 1)],
                          ids=["SimHost", "attach"])
 def test_an_empty_run_dir_is_refused(call: Callable[[str], object]) -> None:
@@ -1626,16 +1723,102 @@ def test_a_removal_failing_in_its_thread_fails_its_caller_once(
         hv.stop()
 
 
+@pytest.mark.parametrize("failing", [False, True], ids=["logging", "failing"])
+def test_a_removals_records_survive_a_second_ctrl_c_as_its_caller_tells_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        failing: bool) -> None:
+    """A Ctrl-C in stop()'s wait for the thread that removes the domains,
+    just as that thread ended (logging, or failing: a bug), then a second
+    landing anywhere on stop()'s way out: what the removal said comes out
+    once, by the next stop() at the latest.  The thread had left it to
+    stop(), whose told_late() a second Ctrl-C cut short as it started: it
+    was lost."""
+    from xenback.sim import _hypervisor
+
+    def fails(self: Hypervisor, domid: int) -> NoReturn:
+        raise RuntimeError(f"a bug removing domain {domid}")
+
+    said = (["hypervisor: failure removing domains"] if failing
+            else ["hypervisor: domain 3: 1 message suppressed"])
+
+    def landing(n: int) -> str:
+        hv = _hypervisor.Hypervisor(tmp_path / str(n))
+        hv.add_domain(3, "guest")
+        if failing:
+            monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_domain", fails)
+        else:
+            _with_refusals_unreported(hv, 3)
+        workers: list[threading.Thread] = []
+        monkeypatch.setattr(_hypervisor, "threading", _ThreadingWith(
+            threading.Thread, _left_waiting(workers, as_it_ends=True)))
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.WARNING, logger=_hypervisor.__name__):
+                try:
+                    where = interrupted_at(n, SIM_CODE, hv.stop, unless=lambda: not workers)
+                except Interrupted:
+                    where = ""  # the wait's own Ctrl-C: no place after it was left
+                assert workers, "stop() did not wait for its removal"
+                monkeypatch.undo()
+                hv.stop()
+                assert [r.getMessage() for r in caplog.records] == said, f"interrupted {where}"
+        finally:
+            monkeypatch.undo()
+            hv.stop()
+        return where
+
+    landed = landings(landing)
+    assert any("_uninterrupted" in where for where in landed), landed
+
+
+def test_a_removals_records_survive_a_ctrl_c_landing_anywhere_in_its_caller(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Ctrl-C landing anywhere in a remove_domain() of the main thread
+    whose removal logs (refusals the domain's log was spared): what it
+    logged comes out once, by the next stop() at the latest.  Landing as
+    the caller's emit() of them started, after its wait, lost them all:
+    they were in no list but its own."""
+    from xenback.sim import _hypervisor
+
+    def landing(n: int) -> str:
+        hv = _hypervisor.Hypervisor(tmp_path / str(n))
+        hv.add_domain(3, "guest")
+        _with_refusals_unreported(hv, 3)
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.WARNING, logger=_hypervisor.__name__):
+                where = interrupted_at(n, SIM_CODE, lambda: hv.remove_domain(3))
+                hv.stop()  # joins the removal's thread, left by the Ctrl-C
+                assert [r.getMessage() for r in caplog.records] == [
+                    "hypervisor: domain 3: 1 message suppressed"], f"interrupted {where}"
+        finally:
+            hv.stop()
+        return where
+
+    landed = landings(landing)
+    assert any("as it starts: emit" in where for where in landed), landed
+
+
 class _EveryCallerMain(_ThreadingWith):
-    """The threading module as _hypervisor sees it, where whichever thread
-    calls is the main one: a test's thread stands for it, so that a wait
-    that never ends fails the test instead of hanging it."""
+    """The threading module as _hypervisor and _heldlog see it (see
+    install), where whichever thread calls is the main one: a test's
+    thread stands for it, so that a wait that never ends fails the test
+    instead of hanging it."""
 
     def __init__(self) -> None:
         super().__init__(threading.Thread)
 
     def main_thread(self) -> threading.Thread:
         return threading.current_thread()
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Make it the threading module of _hypervisor and of _heldlog,
+        whose records_held() keeps nothing in the main thread: a stand-in
+        calling stats() or add_domain() must not keep either."""
+        from xenback.sim import _heldlog, _hypervisor
+
+        monkeypatch.setattr(_hypervisor, "threading", self)
+        monkeypatch.setattr(_heldlog, "threading", self)
 
 
 def _with_refusals_unreported(hv: Hypervisor, domid: int) -> None:
@@ -1767,7 +1950,7 @@ def test_a_removal_for_a_signal_handler_come_in_as_a_record_was_emitted_ends(
         monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_domain", failing)
         call, said = functools.partial(hv.remove_domain, 3), "hypervisor: failure removing domain 3"
         raised = "a bug removing domain 3"
-    monkeypatch.setattr(_hypervisor, "threading", _EveryCallerMain())
+    _EveryCallerMain().install(monkeypatch)
     with _main_in_a_record(hv.stop, monkeypatch) as record:
         with caplog.at_level(logging.WARNING, logger=_hypervisor.__name__):
             outcome = record.call(
@@ -1860,7 +2043,7 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
         said.append("hypervisor: domain 3: 1 message suppressed")
     else:
         said.append("hypervisor: request 'info' from domain 3 failed")
-    monkeypatch.setattr(_hypervisor, "threading", _EveryCallerMain())
+    _EveryCallerMain().install(monkeypatch)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
     def in_a_record() -> object:
@@ -1884,6 +2067,44 @@ def test_a_signal_handlers_call_while_the_service_thread_serves_ends(
                                                 "self._selector.select("))
             assert hv.stats()["domains"] == 0
         assert record.said() == said
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_signal_handlers_stop_as_the_service_thread_dies_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service thread dies of a bug (its select fails) as a signal's
+    handler stops it (a host closed on SIGTERM), come in as the main
+    thread emitted a record through a handler of the hypervisor's, the
+    lock held.  stop() ends, and the thread's last words are emitted
+    once.  Emitted by that thread as it died, they kept stop()'s join
+    waiting for the lock stop()'s caller held: for ever."""
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    hv.start()
+    service = hv._thread
+    assert service is not None
+    select = hv._selector.select
+    failing_next = threading.Event()
+
+    def failing(timeout: float | None = None) -> Any:
+        failing_next.set()
+        events = select(timeout)
+        if hv._stopping:
+            raise RuntimeError("a bug in the service loop")
+        return events
+
+    monkeypatch.setattr(hv._selector, "select", failing)
+    os.write(hv._wake_w, b"x")  # a round in the select it is in, then one in this
+    assert failing_next.wait(TIMEOUT)
+    with _main_in_a_record(hv.stop, monkeypatch) as record:
+        # In a test's thread standing for the main one: its stop() joins
+        # the service thread as the main one's would.
+        outcome = record.call(
+            hv.stop, msg="stop() waits for the service thread, which waits for its caller's lock")
+        assert outcome is None
+        assert not service.is_alive()
+        assert record.said() == ["hypervisor: the service thread died"]
 
 
 @contextlib.contextmanager
@@ -2440,18 +2661,19 @@ def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
         assert record.said() == ["hypervisor: domain 3: 1 message suppressed"]
 
 
+@pytest.mark.parametrize("logs", ["refusals", "its failure"])
 @pytest.mark.parametrize("first", ["the removal", "stop()"])
 def test_a_signal_handlers_stop_as_a_removal_left_by_a_ctrl_c_logs_ends(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str, logs: str) -> None:
     """A Ctrl-C in remove_domain()'s wait for the thread that removes the
     domain for it, that thread then logging (refusals the domain's log was
-    spared), its caller gone, while the main thread emits a record
-    through that handler, the lock held; a signal's handler then stops
-    the service (a host closed on SIGTERM), as that thread emits, or
-    before it has got there.  stop() ends, and the record is emitted once:
-    by that thread once the main thread lets go of the lock, or by stop()
-    itself.  stop() joined that thread, which waited for the lock stop()'s
-    caller held: for ever."""
+    spared, or its work's failure, a bug), its caller gone, while the main
+    thread emits a record through that handler, the lock held; a signal's
+    handler then stops the service (a host closed on SIGTERM), as that
+    thread emits, or before it has got there.  stop() ends, and the record
+    is emitted once: by that thread once the main thread lets go of the
+    lock, or by stop() itself.  stop() joined that thread, which waited for
+    the lock stop()'s caller held: for ever."""
     import types
 
     from racewindow import Attempt, PauseAt
@@ -2460,7 +2682,15 @@ def test_a_signal_handlers_stop_as_a_removal_left_by_a_ctrl_c_logs_ends(
 
     hv = _hypervisor.Hypervisor(tmp_path)
     hv.add_domain(3, "guest")
-    _with_refusals_unreported(hv, 3)
+    if logs == "refusals":
+        _with_refusals_unreported(hv, 3)
+        said = "hypervisor: domain 3: 1 message suppressed"
+    else:
+        def failing(self: Hypervisor, dom: object, future: object) -> NoReturn:
+            raise RuntimeError("a bug removing domain 3")
+
+        monkeypatch.setattr(_hypervisor.Hypervisor, "_remove_listed", failing)
+        said = "hypervisor: failure removing domains"
     workers: list[threading.Thread] = []
     [run] = [c for c in _hypervisor.Hypervisor._uninterrupted.__code__.co_consts
              if isinstance(c, types.CodeType) and c.co_name == "run"]
@@ -2476,7 +2706,7 @@ def test_a_signal_handlers_stop_as_a_removal_left_by_a_ctrl_c_logs_ends(
         def __init__(self) -> None:
             _ThreadingWith.__init__(self, threading.Thread, Paused)
 
-    monkeypatch.setattr(_hypervisor, "threading", EveryCallerMainLeftWaiting())
+    EveryCallerMainLeftWaiting().install(monkeypatch)
 
     # In a test's thread standing for the main one.
     def in_a_record() -> object:
@@ -2501,7 +2731,7 @@ def test_a_signal_handlers_stop_as_a_removal_left_by_a_ctrl_c_logs_ends(
         assert result is None
         worker.join(TIMEOUT)
         assert not worker.is_alive(), "the removal's thread outlived the lock"
-        assert record.said() == ["hypervisor: domain 3: 1 message suppressed"]
+        assert record.said() == [said]
         assert hv.stats()["domains"] == 0
 
 
@@ -3043,6 +3273,46 @@ def test_a_removal_left_by_a_ctrl_c_spares_the_domain_added_again(
         hv.stop()
 
 
+def test_a_removal_queued_for_the_service_spares_the_domain_added_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remove_domain() from a thread of the host's, queued for the
+    service thread; before that thread gets to it, the domain is removed
+    (the main thread's remove_domain()) and added again under the same
+    domid.  The queued removal then finds its domain gone, and leaves the
+    new one alone: listed, listening, its socket file there.  It was
+    queued by domid, and removed the new domain."""
+    import socket
+
+    from racewindow import PauseAt
+
+    from xenback.sim import _hypervisor
+
+    hv = _hypervisor.Hypervisor(tmp_path)
+    # The service's first round: woken by the queued removal, nothing
+    # else being there to wake it.
+    pause = PauseAt.in_method(monkeypatch, _hypervisor.Hypervisor, "_serve_loop",
+                              "with records_kept(")
+    try:
+        hv.start()
+        hv.add_domain(3, "guest")
+        caller = Attempt(lambda: hv.remove_domain(3))
+        assert pause.reached.wait(TIMEOUT)
+        hv.remove_domain(3)  # in a thread of its own (see _uninterrupted)
+        path = hv.add_domain(3, "again")
+        pause.resume()
+        assert caller.result() is None
+        assert hv.stats()["domains"] == 1
+        assert path.exists()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with client:
+            client.connect(os.fspath(path))
+            assert hv.stats()["connections"] == 1
+    finally:
+        pause.resume()
+        monkeypatch.undo()
+        hv.stop()
+
+
 def test_no_domain_is_added_to_a_stopping_hypervisor() -> None:
     """stop() destroyed every domain: one added after it would keep a
     listening socket no service thread ever serves."""
@@ -3386,9 +3656,11 @@ def test_a_create_whose_undo_is_refused_raises_its_own_error(
         with pytest.raises(OSError, match="no more connections"):
             host.create_domain("guest")
     monkeypatch.undo()
-    assert [r.getMessage() for r in caplog.records if r.name == "xenback.sim._host"] == [
+    [said] = [r for r in caplog.records if r.name == "xenback.sim._host"]
+    assert said.getMessage() == (
         "domain 1: undoing its create after OSError failed: no thread to remove domain 1 in,"
-        " where no Ctrl-C cuts it short (can't start new thread)"]
+        " where no Ctrl-C cuts it short (can't start new thread)")
+    assert said.exc_info is not None and type(said.exc_info[1]) is RuntimeError  # where, too
     assert host.hypervisor.stats()["domains"] == 2  # left whole
     guest = host.create_domain("guest")
     assert guest.domid == 2

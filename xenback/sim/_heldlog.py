@@ -9,11 +9,29 @@ for it.  So a thread the main thread may wait on keeps what it logs,
 within :func:`records_held` (or :func:`records_kept`), and it is emitted
 once nobody waits on it: after the lock is let go, by whoever joins it.
 
-Modules log through :func:`log`, which is their logger unless the thread
-keeps records, and emit records kept elsewhere (handed over by another
-thread) through :func:`emit`, which keeps them too if this thread keeps.
-(The hypervisor keeps its own the same way, with a _HeldLogger of its
-own, and emits them through :func:`emit`.)
+The host, XenStored, the toolstack and the hypervisor log through
+:func:`log`, which is their logger unless the thread keeps records, and
+emit records kept elsewhere (handed over by another thread) through
+:func:`emit`, which keeps them too if this thread keeps.
+
+Who keeps, who emits, and where:
+
+- The main thread keeps nothing: it emits as it logs (a handler's lock
+  it holds, it takes again), and a Ctrl-C there could leave it keeping
+  for good.  It emits what others hand it through :func:`emit`.
+- Another thread taking a lock the main thread may wait for keeps within
+  :func:`records_held`, and emits once it let the lock go: a caller of
+  SimHost._locked, Hypervisor.add_domain, stats and _reply_later, and
+  Hypervisor._uninterrupted's work done in place.
+- A thread that decides itself when its records come out keeps them
+  within :func:`records_kept`, in a list of its own, and emits them past
+  its locks, or hands them to whoever joins it, who emits them past the
+  join: the hypervisor's service thread (Hypervisor._serve, to stop()), a
+  removal's thread (Hypervisor._uninterrupted: to its caller; once that
+  has gone, itself, or to the stop() joining it), the host's control
+  threads (SimHost._control's run, to close()), XenStore's loop thread
+  (XenStored._loop, to stop()) and the calls it runs for another thread
+  (XenStored._call: to their caller; once that gave up, itself).
 """
 
 from __future__ import annotations

@@ -246,7 +246,9 @@ class SimHost(Closing):
 
     def start(self) -> SimHost:
         """Start XenStore and the hypervisor and create dom0; returns the
-        host.  ``with`` calls it; a host starts once (RuntimeError after)."""
+        host.  ``with`` calls it; a host starts once (RuntimeError after).
+        One failing is undone, its error raised; if the undo fails too,
+        the host is left closing, as the error's note says, for close()."""
         self._locked("start", self._start)
         log(logger).info("simulated host running in %s", self._run_dir)
         return self
@@ -283,8 +285,20 @@ class SimHost(Closing):
             self._hypervisor.set_xenstore_path(0, os.fspath(self._xenstored.path))
             self._populate(0, "Domain-0")
             self._domains[0] = Domain(run_dir, 0, "Domain-0", self._xenstored.path)
-        except BaseException:
-            self._teardown()
+        except BaseException as exc:
+            # start()'s own error comes out, as a create's does (see
+            # _create_domain), also if the undo fails (no thread to be had
+            # to remove dom0 in, XenStore's loop stuck): the host is left
+            # closing, for close() to finish.  The error says so: a caller
+            # of ``with SimHost() as host`` has no host to close otherwise,
+            # nor a word that one is left.
+            try:
+                self._teardown()
+            except Exception as e:
+                log(logger).warning("undoing the host's start after %s failed: %s",
+                                    type(exc).__name__, e, exc_info=e)  # as a create's
+                exc.add_note(f"the simulated host in {self._run_dir} is left closing:"
+                             " close() it to finish")
             raise
         self._state = "running"
 
@@ -366,6 +380,8 @@ class SimHost(Closing):
                 pass
 
     def __enter__(self) -> Self:
+        """start(): one failing that could not undo itself says so (the host
+        is left closing), for the caller to close() the host it holds."""
         self.start()
         return self
 
@@ -505,8 +521,10 @@ class SimHost(Closing):
             try:
                 self._undo_create(domid)
             except Exception as e:
+                # With where it failed: a bug in the undo, not a refusal,
+                # is told by nothing else.
                 log(logger).warning("domain %d: undoing its create after %s failed: %s",
-                                    domid, type(exc).__name__, e)
+                                    domid, type(exc).__name__, e, exc_info=e)
             raise
         return domain
 
@@ -567,6 +585,9 @@ class SimHost(Closing):
         timeout; a watchdog per request was judged not worth a thread per
         toolstack operation): a loop stuck then hangs the destroy until a
         Ctrl-C (or pytest-timeout) ends it, the domain left dying.
+        Asked for by another process (:func:`~xenback.sim.destroy_domain`),
+        its log lines come out at its end, with the times they were made at
+        (the thread serving the request keeps them, see _heldlog).
         One of a domain that another thread is destroying waits for that
         destroy to end, or the host to close, and finishes it (in what is
         left of ``timeout``) if it was cut short; it returns once the

@@ -33,7 +33,6 @@ nothing any more.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import errno
 import fcntl
 import functools
@@ -46,7 +45,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,7 @@ from xenback.platform import (
 )
 from xenback.ratelimit import RateLimit
 
-from ._heldlog import EMITTER_WAIT, emit, records_kept
+from ._heldlog import EMITTER_WAIT, emit, log, records_held, records_kept
 from ._proto import (
     MAX_FDS,
     MAX_MESSAGE,
@@ -75,80 +74,6 @@ from ._proto import (
 from ._unix import listen_error
 
 logger = logging.getLogger(__name__)
-
-
-class _HeldLogger(logging.Logger):
-    """The module's logger as a thread the main thread may wait for sees
-    it: a removal's thread (see Hypervisor._uninterrupted), and the
-    service thread while it holds _lock.  Its records are kept, to be
-    emitted where nobody waits on the emitter (see _emit).
-
-    Emitting takes the handlers' locks, and logging's own for a level not
-    asked about since the last change: a signal's handler that removes (a
-    host closed on SIGTERM) may have come in where the main thread held
-    one, waiting then for a thread that waits for it.  So nothing here
-    calls into logging past making a record, which takes no lock; levels
-    and filters are applied as the records are emitted.
-
-    This leans on isEnabledFor() and handle() being a Logger's only ways
-    to its handlers, true of logging as of Python 3.11: debug() to
-    exception() and log() ask isEnabledFor(), then _log() makes the record
-    and passes it to handle()."""
-
-    def __init__(self) -> None:
-        super().__init__(logger.name)
-        self.records: list[logging.LogRecord] = []
-
-    def isEnabledFor(self, level: int) -> bool:  # noqa: N802
-        return True
-
-    def handle(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def emit_held(self) -> None:
-        """Emit the records kept, as the module's logger would have."""
-        _emit(self.records)
-
-
-def _emit(records: list[logging.LogRecord]) -> None:
-    """Emit what a _HeldLogger kept, as the module's logger would have;
-    kept instead if this thread keeps records (see _heldlog): a host's
-    thread holding the host's lock, say."""
-    emit(records)
-
-
-# The logger of the calls a removal's thread, the service thread and a
-# thread in _records_held() make: what they may reach logs through
-# _log(), which is that thread's _HeldLogger while it holds records.
-_held = threading.local()
-
-
-def _log() -> logging.Logger:
-    held: logging.Logger = getattr(_held, "logger", logger)
-    return held
-
-
-@contextlib.contextmanager
-def _records_held() -> Iterator[None]:
-    """What this thread logs through _log() within, emitted at the end:
-    past _lock, taken within, which the main thread may wait for holding
-    a handler's lock (see Hypervisor._serve).
-
-    Not in the main thread, which emits under _lock as it always did (a
-    handler's lock it holds, it takes again): there a Ctrl-C as this
-    began could leave its records held for good.  Nor where they are
-    held already, by a thread that emits them itself."""
-    if (threading.current_thread() is threading.main_thread()
-            or getattr(_held, "logger", None) is not None):
-        yield
-        return
-    held = _HeldLogger()
-    _held.logger = held
-    try:
-        yield
-    finally:
-        del _held.logger
-        held.emit_held()
 
 
 #: Xen reserves the first grant refs for the toolstack (console, xenstore).
@@ -391,8 +316,9 @@ class Hypervisor:
         self._handles = itertools.count(1)
         self._doomed: list[_Conn] = []
         # remove_domain()'s requests for the service thread, with the
-        # future each caller waits on (see remove_domain).
-        self._removals: list[tuple[int, concurrent.futures.Future[None]]] = []
+        # future each caller waits on (see remove_domain).  By domain, not
+        # domid: one removed and added again before its turn is not it.
+        self._removals: list[tuple[_Domain, concurrent.futures.Future[None]]] = []
         self._control: ControlHandler | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -406,7 +332,8 @@ class Hypervisor:
         self._emitting = False
         # The service thread's last records, for stop() that joined it to
         # emit (see _serve): emitted by that thread, its join would wait
-        # for them.
+        # for them.  So are a removal's thread's (see _uninterrupted), and
+        # those its caller was cut short emitting.
         self._unsaid: list[logging.LogRecord] = []
         # Whether a stop() was cut short joining the service thread (under
         # _lock): that thread emits its last records itself then, as
@@ -637,8 +564,8 @@ class Hypervisor:
         """Make ``domid`` known and listen for its handles; returns its socket."""
         path = domain_socket(self.run_dir, domid)
         # What its undo logs, past _lock: a toolstack's thread serving
-        # dom0's domain_create calls it (see _records_held).
-        with _records_held(), self._lock:
+        # dom0's domain_create calls it (see _heldlog).
+        with records_held(), self._lock:
             if self._stopping:
                 raise RuntimeError("the host is stopping")
             if domid in self._domains:
@@ -702,7 +629,7 @@ class Hypervisor:
                             # Not bound: not yet, or the path is too long,
                             # its parent no directory...: nothing to remove.
                             if e.errno != errno.ENOENT and listener.getsockname():
-                                _log().exception(
+                                log(logger).exception(
                                     "hypervisor: cannot remove the socket of a domain not added"
                                 )
                         finally:
@@ -734,7 +661,11 @@ class Hypervisor:
         the main thread has no thread to be had for it, the domain left
         whole.  A KeyboardInterrupt in the wait leaves the removal to
         finish without the caller, whose next remove_domain() finds the
-        domain gone (ValueError) or waits for the removal again.
+        domain gone (ValueError) or waits for the removal again.  It
+        removes the domain it found, not whatever has its domid by its
+        turn: one removed meanwhile (by stop() or another caller) and
+        added again under ``domid`` is spared, and the call returns
+        although ``domid`` names a domain.
         """
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
@@ -749,7 +680,7 @@ class Hypervisor:
             # emitting now, it runs the removal first thing next round.
             if (self._serving and not self._emitting and me is not self._thread
                     and me is not threading.main_thread()):
-                self._removals.append((domid, future))
+                self._removals.append((dom, future))
                 # Under _lock: stop() closes the pipe under it, after the thread ended.
                 try:
                     os.write(self._wake_w, b"x")
@@ -762,13 +693,8 @@ class Hypervisor:
         future.result()
 
     def _remove_listed(self, dom: _Domain, future: concurrent.futures.Future[None]) -> None:
-        """Remove ``dom`` unless it was meanwhile (a domain added since under
-        its domid is not it); answer ``future``."""
         with self._lock:
-            if self._domains.get(dom.domid) is dom:
-                self._run_removal(dom.domid, future)
-            else:
-                future.set_result(None)
+            self._run_removal(dom, future)
 
     def _uninterrupted(self, work: Callable[[], None], refused: str) -> None:
         """``work()``, which takes _lock, where no Ctrl-C cuts it short.
@@ -782,42 +708,46 @@ class Hypervisor:
         RuntimeError saying it could not ``refused``, nothing done: the
         caller asks again later (stop() and start()'s undo too, which did
         it here all the same, where a Ctrl-C left a domain half removed
-        for good).  What it logs is
-        emitted, and its failure raised, in the caller, as if done there;
-        by its thread once the caller has gone (see _HeldLogger).  In
-        another thread, where no signal's handler runs, it is done in
-        place, what it logs emitted once _lock is let go."""
+        for good).  What it logs is emitted, and its failure raised, in
+        the caller, as if done there; by its thread once the caller has
+        gone (that thread keeps them until then, see _heldlog), or by the
+        caller on its way out if the work ended first, the failure logged
+        then.  What a Ctrl-C landing as the caller emits leaves, stop()
+        emits.  In another thread, where no signal's handler runs, it is
+        done in place, what it logs emitted once _lock is let go."""
         if threading.current_thread() is not threading.main_thread():
-            with _records_held():
+            with records_held():
                 work()
             return
-        held = _HeldLogger()
+        said: list[logging.LogRecord] = []
         failure: list[BaseException] = []
+        # What a caller gone must be told besides: the failure it would
+        # have raised.  Made before the work counts as ended, so that the
+        # main thread, telling it, makes no call before it is out of reach
+        # of a second Ctrl-C (see the except below).
+        late: list[logging.LogRecord] = []
         # In which order the work ended (True) and its caller left its wait
         # (False): whichever comes second tells what the work said, once,
         # never lost for a caller gone (list.append() and += are atomic).
         ended: list[bool] = []
 
-        def told_late() -> list[logging.LogRecord]:
-            if failure:
-                held.error("hypervisor: failure removing domains", exc_info=failure[0])
-            return held.records
-
         def run() -> None:
-            _held.logger = held
             try:
-                work()
+                with records_kept(said):
+                    work()
             except BaseException as e:
                 failure.append(e)
+                with records_kept(late):
+                    log(logger).error("hypervisor: failure removing domains", exc_info=e)
             ended.append(True)
             if not ended[0]:
-                said = told_late()
+                said.extend(late)
                 with self._removers_lock:
                     emits = self._removers_emit.setdefault(worker, True)
                     if not emits:
                         self._unsaid += said  # for stop(), which joins it
                 if emits:
-                    _emit(said)
+                    emit(said)
 
         worker = threading.Thread(target=run, name=f"xenback-sim-removal:{self.run_dir}",
                                   daemon=True)
@@ -836,12 +766,19 @@ class Hypervisor:
             ended += [False]
             self._removers_left += [worker]
             if ended[0]:
-                _emit(told_late())
+                # Its thread left them to us: emitted as below, with its
+                # failure, as nobody is left to raise it.
+                self._unsaid += said + late
+                emit(self._unsaid)
             raise
         if no_thread:
             raise RuntimeError(f"no thread to {refused} in, where no Ctrl-C cuts it short"
                                f" ({no_thread[0]})") from no_thread[0]
-        held.emit_held()
+        # Where stop() finds them before any call a Ctrl-C could land in
+        # (one landing in emit() leaves the rest there too): in a list of
+        # this call's own, they were lost.
+        self._unsaid += said
+        emit(self._unsaid)
         if failure:
             raise failure[0]
 
@@ -857,18 +794,20 @@ class Hypervisor:
         one again (InvalidStateError).
         """
         while self._removals:
-            domid, future = self._removals[0]
+            dom, future = self._removals[0]
             if not future.done():
-                self._run_removal(domid, future)
+                self._run_removal(dom, future)
             del self._removals[0]
 
-    def _run_removal(self, domid: int, future: concurrent.futures.Future[None]) -> None:
+    def _run_removal(self, dom: _Domain, future: concurrent.futures.Future[None]) -> None:
+        """Remove ``dom`` unless it was meanwhile (a domain added since under
+        its domid is not it); answer ``future`` (under _lock)."""
         try:
-            if domid in self._domains:
-                self._remove_domain(domid)
+            if self._domains.get(dom.domid) is dom:
+                self._remove_domain(dom.domid)
         except Exception as e:
             # A bug: its caller hears of it, the others still go.
-            _log().exception("hypervisor: failure removing domain %d", domid)
+            log(logger).exception("hypervisor: failure removing domain %d", dom.domid)
             future.set_exception(e)
         else:
             future.set_result(None)
@@ -879,19 +818,19 @@ class Hypervisor:
         # handler held, may wait for _lock (or for this thread to end),
         # and this thread for that handler's lock.  So a round's records
         # come out after its replies: a handle refused may hear so before
-        # the line saying it is in the log.
-        held = _HeldLogger()
-        _held.logger = held
+        # the line saying it is in the log.  What it keeps, it keeps here.
+        records: list[logging.LogRecord] = []
         try:
             with self._lock:
                 if self._stopping:
                     return  # stopped before it ran (a start() cut short): see stop()
-            self._serve_loop(held)
+            self._serve_loop(records)
         except BaseException:
-            _log().exception("hypervisor: the service thread died")
+            with records_kept(records):
+                log(logger).exception("hypervisor: the service thread died")
             raise
         finally:
-            with self._lock:
+            with records_kept(records), self._lock:
                 self._serving = False
                 # Asked for before it died: nobody else would do them.  Not
                 # one answered already: a start() whose undo a second
@@ -899,10 +838,11 @@ class Hypervisor:
                 # this thread all the same.  Not by _run_removals, which
                 # may be the bug it died of.
                 removals, self._removals = self._removals, []
-                for domid, future in removals:
+                for dom, future in removals:
                     if not future.done():
-                        self._run_removal(domid, future)
-                said, held.records = held.records, []
+                        self._run_removal(dom, future)
+                said = records.copy()
+                records.clear()
                 if self._stopping and not self._emitting and not self._join_cut_short:
                     # stop() joins it: emitted here, they could keep the
                     # join waiting for a lock its caller holds.
@@ -910,7 +850,7 @@ class Hypervisor:
                     said = []
                 else:
                     self._emitting = True  # none joins it from here
-            _emit(said)
+            emit(said)
 
     def stats(self) -> dict[str, int]:
         """Counts of live objects, for leak tests: ``domains``, handles
@@ -920,7 +860,7 @@ class Hypervisor:
         :meth:`~xenback.platform.GrantTable.map_grant_refs`, whatever
         its number of pages): what a backend that leaks none leaves at 0
         once its devices are gone, while its frontends' grants stay."""
-        with _records_held(), self._lock:
+        with records_held(), self._lock:
             # Opening a handle returns once its connection is in the
             # backlog, before the service accepts it: a count (and the
             # service's descriptors) taken right after handles were opened
@@ -942,15 +882,15 @@ class Hypervisor:
 
     # -- service thread ------------------------------------------------------
 
-    def _serve_loop(self, held: _HeldLogger) -> None:
+    def _serve_loop(self, records: list[logging.LogRecord]) -> None:
         while True:
             timeout = None
             if self._accept_paused:
                 timeout = max(0.0, self._accept_retry_at - time.monotonic())
             events = self._selector.select(timeout)
-            # The host's control handler logs under _lock too (see
-            # _heldlog): kept with the round's records.
-            with records_kept(held.records), self._lock:
+            # Kept, the host's control handler's too (which logs through
+            # _heldlog as well), to be emitted past _lock (see _serve).
+            with records_kept(records), self._lock:
                 if self._stopping:
                     return
                 if self._accept_paused and time.monotonic() >= self._accept_retry_at:
@@ -963,18 +903,19 @@ class Hypervisor:
                     except Exception:
                         # A bug, not bad input (that gets an errno).  Drop
                         # what caused it and keep serving everybody else.
-                        _log().exception("hypervisor: failure serving %r", key.data)
+                        log(logger).exception("hypervisor: failure serving %r", key.data)
                         if isinstance(key.data, _Conn):
                             self._doomed.append(key.data)
                 try:
                     self._reap()
                 except Exception:
-                    _log().exception("hypervisor: failure closing a handle")
+                    log(logger).exception("hypervisor: failure closing a handle")
                     self._doomed.clear()
-                said, held.records = held.records, []
+                said = records.copy()
+                records.clear()
                 self._emitting = bool(said)
             if said:
-                _emit(said)
+                emit(said)
                 with self._lock:
                     if self._stopping:
                         return  # emitting, it was not joined: see stop()
@@ -1007,7 +948,7 @@ class Hypervisor:
             # The domain decides how often: its own rate limit, so that it
             # neither floods the log nor silences what others cause.
             dom.warnings.log(
-                _log(),
+                log(logger),
                 logging.WARNING,
                 "hypervisor: domain %d has %d handles open; refusing another",
                 dom.domid,
@@ -1052,7 +993,7 @@ class Hypervisor:
             self._selector.register(dom.listener, selectors.EVENT_READ, dom)
 
     def _warn_fds(self, what: str, *args: object) -> None:
-        self._fd_warnings.log(_log(), logging.WARNING,
+        self._fd_warnings.log(log(logger), logging.WARNING,
                               "hypervisor: out of descriptors: " + what, *args)
 
     def _receive(self, conn: _Conn) -> None:
@@ -1100,7 +1041,7 @@ class Hypervisor:
         except OSError as e:
             close_fds(fds)
             if e.errno not in _OUT_OF_FDS:
-                _log().exception("hypervisor: request %r from domain %d failed",
+                log(logger).exception("hypervisor: request %r from domain %d failed",
                                  op, conn.domain.domid)
                 self._send(conn, _reply_to(request_id,
                                            {"errno": errno.EIO, "error": "internal error"}))
@@ -1113,7 +1054,7 @@ class Hypervisor:
             return
         except Exception:
             close_fds(fds)
-            _log().exception("hypervisor: request %r from domain %d failed",
+            log(logger).exception("hypervisor: request %r from domain %d failed",
                              op, conn.domain.domid)
             self._send(conn, _reply_to(request_id, {"errno": errno.EIO, "error": "internal error"}))
             return
@@ -1136,7 +1077,7 @@ class Hypervisor:
             # A handle that does not take its messages is dropped; one that
             # is already gone (EPIPE) just has not been reaped yet.
             level = logging.WARNING if isinstance(e, BlockingIOError) else logging.DEBUG
-            _log().log(level, "hypervisor: dropping a handle of domain %d: %s",
+            log(logger).log(level, "hypervisor: dropping a handle of domain %d: %s",
                        conn.domain.domid, e)
             conn.closed = True
             self._doomed.append(conn)
@@ -1261,7 +1202,7 @@ class Hypervisor:
         for conn in list(dom.conns):
             self._close_conn(conn)
         self._reap()
-        dom.warnings.close(_log())  # the count of refusals it was not warned of
+        dom.warnings.close(log(logger))  # the count of refusals it was not warned of
         # Unbound ports the domain allocated stay with their handles; those
         # handles were closed above, so nothing is left.
         assert not dom.ports, dom.ports
@@ -1560,7 +1501,7 @@ class Hypervisor:
         return None
 
     def _reply_later(self, conn: _Conn, request_id: int | None, msg: Message) -> None:
-        with _records_held(), self._lock:
+        with records_held(), self._lock:
             self._send(conn, _reply_to(request_id, msg))
             self._reap()
 
