@@ -418,6 +418,8 @@ class Frontend(Closing):
         # or Frontend.close().
         self._accepts_to_end: list[_EndingAccept] = []
 
+        # The event thread; after a close() it ran itself (a handler's),
+        # kept until the next open() or close() has waited for it to end.
         self._thread: threading.Thread | None = None
         self._wakeup: _Wakeup | None = None  # the event thread's, while it runs
         # The resets of the shared handle since its queue of fired ports
@@ -1198,7 +1200,12 @@ class Frontend(Closing):
                     thread.join(deadline.nap())
             except TimeoutError:
                 logger.warning("%s of domain %d did not stop", thread.name, self.domain.domid)
-        self._thread = None
+        # Not the event thread's own close() (a handler's): the thread is
+        # on its way out, and the next open() or close() waits for it to
+        # end.  Forgotten, it went on with the handles closed under it once
+        # an open() had cleared _stopping, and failed the new connection.
+        if self._thread is not threading.current_thread():
+            self._thread = None
         with self._lock:
             epoll, self._event_epoll = self._event_epoll, None
             self._relays.clear()

@@ -4004,6 +4004,57 @@ def test_a_close_of_the_event_thread_takes_the_answers_to_its_releases(
         assert not caplog.records, caplog.text
 
 
+def test_an_open_after_the_event_thread_closed_waits_for_it_to_end(
+        host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The event thread closes the frontend (a finaliser it runs, say),
+    and before it is back in its loop another thread opens the frontend
+    again: the open() waits for that thread to end, and the frontend it
+    opens works.  Before, nothing waited for it: the open() cleared the
+    flag that stops it, and the old thread went on with the handles
+    closed under it, handed the new command ring's port out to itself,
+    and failed the new frontend (EIO) as it failed."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("open-after-event-thread-closed"),
+                          timeout=TIMEOUT)
+    fe.open()
+    old = fe._thread
+    assert old is not None
+    r, w = os.pipe()
+    closed, go_on = threading.Event(), threading.Event()
+
+    def closing() -> None:  # a relay: on the event thread
+        os.read(r, 1)
+        fe.close()
+        closed.set()
+        go_on.wait(TIMEOUT)
+
+    try:
+        with fe._lock:
+            assert fe._event_epoll is not None
+            fe._relays[r] = closing
+            fe._event_epoll.register(r, select.EPOLLIN)
+        os.write(w, b"x")
+        assert closed.wait(TIMEOUT)
+        assert fe.device is None
+        opening = Attempt(fe.open)
+        try:
+            wait_until(lambda: not opening.thread.is_alive() or stands_at(
+                opening.thread.ident or -1, _frontend.Frontend._stop_thread, "thread.join("))
+        finally:
+            go_on.set()
+        assert opening.result() is None
+        old.join(TIMEOUT)
+        assert not old.is_alive()
+        assert fe._thread is not old and fe._thread is not None and fe._thread.is_alive()
+        fe.socket().close()
+        assert not caplog.records, caplog.text
+    finally:
+        go_on.set()
+        fe.close()
+        os.close(r)
+        os.close(w)
+
+
 def test_an_open_while_another_thread_closes_waits_for_it(
         host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
