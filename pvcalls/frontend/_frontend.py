@@ -237,10 +237,10 @@ class Frontend(Closing):
     will not do: EPROTONOSUPPORT (no protocol version 1, no
     ``function-calls`` 1, or its ``max-page-order`` is below
     ``ring_order``), EPROTO or ECONNREFUSED
-    (it went to a state other than the one expected); it closes what it
-    had opened first.  Once the backend goes away (its state leaves
-    Connected), every call of the frontend and its sockets fails with
-    :class:`OSError` ENOTCONN.
+    (it went to a state other than the one expected), ECANCELED (a
+    close() was made meanwhile); it closes what it had opened first.
+    Once the backend goes away (its state leaves Connected), every call
+    of the frontend and its sockets fails with :class:`OSError` ENOTCONN.
 
     The arguments stay readable as attributes (``domain``, ``backend_id``,
     ``devid``, ``ring_order``, and ``timeout`` as a float); ``device`` is
@@ -323,14 +323,20 @@ class Frontend(Closing):
         self._watch_lock = threading.Lock()
         # close() runs in one thread at a time: held for the whole of it,
         # and _closer is the thread that runs it (set and cleared under
-        # it); open() holds it too, up to its device (see there).  Not
-        # taken by a thread close() joins (the event thread, the reaper,
-        # XenStore's), which would keep the holder in its join for good.
-        # An RLock: a close() of the holder's own (a signal's handler)
-        # takes it again, as the holder may not have said yet that it
-        # closes (before _closer is set); see close().
+        # it); open() holds it too, for the whole of it, and _opener is
+        # its thread.  Not taken by a thread close() joins (the event
+        # thread, the reaper, XenStore's), which would keep the holder in
+        # its join for good.  An RLock: a close() of the holder's own (a
+        # signal's handler) takes it again, as the holder may not have
+        # said yet that it closes or opens (before _closer or _opener is
+        # set); see close().
         self._close_lock = threading.RLock()
         self._closer: threading.Thread | None = None
+        self._opener: threading.Thread | None = None
+        # A close() was made since the open() under way cleared it (under
+        # the lock): that open() fails once done.  Set by every close()
+        # before it takes the lock, read by open() once it let go of it.
+        self._close_asked = False
         self._gntshr: GrantShare | None = None
         self._evtchn: EventChannel | None = None
         self._cmd_pages: SharedPages | None = None
@@ -460,30 +466,49 @@ class Frontend(Closing):
 
     def open(self) -> None:
         """Add the device and do the frontend handshake (up to Connected).
-        One made while another thread's close() runs waits for it to end."""
-        # Under close()'s lock up to the device: else a close() under way
-        # would close the handles made next, and this one those it closes.
+
+        Calls of open() and close() take turns: one made while another
+        thread's close() runs waits for it to end, and a close() made
+        while it runs waits for it (or returns at once, if it cannot wait:
+        see close()).  Any close() made while it runs makes it fail with
+        :class:`OSError` ECANCELED once it is done, having closed what it
+        opened."""
+        # Under close()'s lock: else a close() under way would close the
+        # handles made next, and this one those it closes; and a close()
+        # made meanwhile would close those of the handshake under it.
         with held(self._close_lock, Deadline(None)):
             if self.device is not None:
                 raise RuntimeError("frontend already open")
-            # What an interrupted close() left (its thread, its handles)
-            # goes first: the new connection's would take their places.
-            self._release_handles()
-            self._reset_connection()
-            domain = self.domain
-            self._toolstack = domain.toolstack
-            # replace: a stale frontend of the same devid, its backend
-            # gone, may not have closed yet; the new one's device takes
-            # its place.
-            self.device = self._toolstack.add_device(
-                "pvcalls", frontend_id=domain.domid, backend_id=self.backend_id,
-                devid=self.devid, replace=True,
-            )
-        try:
-            self._connect()
-        except BaseException:
+            # Before this thread says it opens: a close() of its own in
+            # between (a handler's) runs whole, and asks again.
+            self._close_asked = False
+            self._opener = threading.current_thread()
+            try:
+                # What an interrupted close() left (its thread, its handles)
+                # goes first: the new connection's would take their places.
+                self._release_handles()
+                self._reset_connection()
+                domain = self.domain
+                self._toolstack = domain.toolstack
+                # replace: a stale frontend of the same devid, its backend
+                # gone, may not have closed yet; the new one's device takes
+                # its place.
+                self.device = self._toolstack.add_device(
+                    "pvcalls", frontend_id=domain.domid, backend_id=self.backend_id,
+                    devid=self.devid, replace=True,
+                )
+                self._connect()
+            except BaseException:
+                self._opener = None
+                self.close()
+                raise
+            finally:
+                self._opener = None
+        # Once the lock is let go of: a close() that found it held asked
+        # before it tried (see close()).
+        if self._close_asked:
             self.close()
-            raise
+            raise OSError(errno.ECANCELED, "the frontend was closed while it opened")
 
     def _reset_connection(self) -> None:
         """Forget the last connection's end: a close(), also the one that a
@@ -666,23 +691,29 @@ class Frontend(Closing):
         removes the device again unless it is gone already, then stops the
         frontend's own thread and closes the handles that are left.
 
-        Calls at once take turns: one made while another thread's runs
-        waits for it to end (and finishes it, if it was cut short).  Not
-        so one that cannot wait for it, which returns at once and leaves
-        the closing to the close() under way: one inside that very close()
-        (a signal's handler that closes the frontend), or one of a thread
+        Calls at once take turns, with open() too: one made while another
+        thread's close() or open() runs waits for it to end (and finishes
+        a close() cut short; an open() fails, see there).  Not so one that
+        cannot wait for it, which returns at once and leaves the closing
+        to the close() or open() under way: one inside that very call (a
+        signal's handler that closes the frontend), or one of a thread
         that close() waits for to end (a finaliser that the event thread,
         the reaper or XenStore's threads run), when another thread's
-        close() runs.
+        close() or open() runs.
         """
+        # Before the lock is tried: an open() that holds it looks once it
+        # let go of it (see there).
+        self._close_asked = True
         me = threading.current_thread()
         xs = self._xs  # once: the close() under way drops it once closed
         joined = (me is self._thread or me is self._reaper
                   or (xs is not None and xs.on_own_thread()))
         try:
             with held(self._close_lock, Deadline(0.0 if joined else None), _ClosingElsewhere):
-                if self._closer is me:
-                    return  # inside this thread's close(), which goes on
+                if self._closer is me or self._opener is me:
+                    # Inside this thread's close(), which goes on, or
+                    # open(), which fails once done.
+                    return
                 # One of this thread's that ran before this line (a
                 # handler, as the lock's taking returned) ran whole: this
                 # one finds the frontend closed.

@@ -4088,6 +4088,110 @@ def test_an_open_while_another_thread_closes_waits_for_it(
         fe.close()
 
 
+@pytest.mark.parametrize("line", ["handles.extend(", "self._thread.start()",
+                                  "self._connected = True"])
+def test_a_close_while_another_thread_opens_waits_and_fails_the_open(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, line: str) -> None:
+    """A thread closes the frontend while another's open() is in its
+    handshake: the close() waits for the open(), which fails with
+    ECANCELED having closed all it opened; the frontend opens again
+    afterwards.  Before, the close() closed the handles the handshake was
+    making under it: the open() failed on a handle gone (AttributeError
+    on None), or went on to make new ones that nothing closed."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    name = line.split("(")[0].split(".")[-1].split(" ")[0].strip("_")
+    fe = pvcalls.Frontend(host.create_domain(f"close-while-opening-{name}"), timeout=TIMEOUT)
+    before = _held(host)
+    pause = PauseAt.in_method(monkeypatch, _frontend.Frontend, "_connect", line)
+    opening = Attempt(fe.open)
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        closing = Attempt(fe.close)
+        wait_until(lambda: not closing.thread.is_alive() or stands_at(
+            closing.thread.ident or -1, pvcalls.Frontend.close, "self._close_lock"))
+        assert closing.thread.is_alive(), "the close() did not wait for the open()"
+    finally:
+        pause.resume()
+    try:
+        err = opening.result()
+        assert isinstance(err, OSError) and err.errno == errno.ECANCELED, repr(err)
+        assert closing.result() is None
+        assert _closed_for_good(fe)
+        _wait_released(host, before, f"a close() while the open() stood at {line!r}")
+        assert not caplog.records, caplog.text
+        monkeypatch.undo()
+        fe.open()
+        fe.socket().close()
+    finally:
+        fe.close()
+
+
+def _open_closing_at_line(fe: pvcalls.Frontend, n: int,
+                          codes: tuple[Any, ...]) -> tuple[list[tuple[str, int]], Any]:
+    """``fe.open()`` on a thread of its own, with ``fe.close()`` run at
+    the ``n``-th line it gets to in a frame of ``codes`` (untraced, as a
+    signal's handler run there would): where it ran (none if fewer
+    lines), and what the open() returned or raised."""
+    lines = itertools.count()
+    inner: list[tuple[str, int]] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and not inner and next(lines) == n:
+            inner.append((frame.f_code.co_name, frame.f_lineno))
+            fe.close()
+        return local
+
+    def traced() -> None:
+        sys.settrace(lambda frame, event, arg: local if frame.f_code in codes else None)
+        try:
+            fe.open()
+        finally:
+            sys.settrace(None)
+
+    outcome = Attempt(traced).result(msg="the close() inside open() waits for itself")
+    return inner, outcome
+
+
+def test_a_close_inside_open_anywhere_fails_it_or_runs_before_it(
+        host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A close() runs inside an open() of the same thread (as a signal's
+    handler would), at each line of open() and of its handshake in turn:
+    one once the open() has said that it opens makes it fail with
+    ECANCELED, having closed all it opened; one before that closes the
+    frontend whole, and the open() opens it afresh.  Before, it closed
+    the handles under the open(), which then failed on one gone
+    (AttributeError on None), or went on to make new ones that nothing
+    closed."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    guest = host.create_domain("close-inside-open")
+    codes = (pvcalls.Frontend.open.__code__, _frontend.Frontend._connect.__code__)
+    outcomes: list[str] = []
+    for n in itertools.count():
+        fe = pvcalls.Frontend(guest, timeout=TIMEOUT)
+        before = _held(host)
+        inner, outcome = _open_closing_at_line(fe, n, codes)
+        if not inner:
+            assert outcome is None
+            assert fe.device is not None
+            fe.close()
+            break
+        where = f"a close() at {inner[0]}"
+        if outcome is None:
+            assert fe.device is not None, where  # it ran before the open()
+            fe.close()
+        try:
+            assert outcome is None or (isinstance(outcome, OSError)
+                                       and outcome.errno == errno.ECANCELED), (where, outcome)
+            assert _closed_for_good(fe), where
+            _wait_released(host, before, where)
+            assert not caplog.records, (where, caplog.text)
+        finally:
+            fe.close()
+        outcomes.append("failed" if outcome is not None else "opened")
+    assert "failed" in outcomes and "opened" in outcomes, outcomes
+
+
 def test_a_close_of_the_reaper_while_another_thread_closes_returns_at_once(
         host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -4144,8 +4248,8 @@ def _close_lock_free_elsewhere(fe: pvcalls.Frontend) -> bool:
 def test_an_open_or_close_interrupted_anywhere_leaves_close_to_any_thread(
         host: SimHost, backend: Any, call: str) -> None:
     """A Ctrl-C landing anywhere in the frontend's code during close()
-    (or open(), which holds close()'s lock up to its device) leaves that
-    lock free for every thread, and no thread marked as closing, so a
+    (or open(), which holds close()'s lock too) leaves that lock free
+    for every thread, and no thread marked as closing or opening, so a
     close() of another thread finishes it.  Held by the main thread, its
     later close() would take it again, and only other threads' would
     wait for good; marked as closing, its later close() would return at
@@ -4163,6 +4267,7 @@ def test_an_open_or_close_interrupted_anywhere_leaves_close_to_any_thread(
                 where = interrupted_at(n, within, fe.open)
             assert _close_lock_free_elsewhere(fe), f"close()'s lock left held, landing {where}"
             assert fe._closer is None, f"a closer left, landing {where}"
+            assert fe._opener is None, f"an opener left, landing {where}"
             assert Attempt(fe.close).result() is None
             assert _closed_for_good(fe), where
         finally:
