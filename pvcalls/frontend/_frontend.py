@@ -318,9 +318,11 @@ class Frontend(Closing):
         self._xs: XenStore | None = None
         # The watch on the backend's state once Connected, and the lock that
         # its callback holds while it acts (close() takes it to know that no
-        # callback is acting any more, or will).
+        # callback is acting any more, or will).  An RLock: a close() run
+        # inside the callback (a logging handler, a finaliser) takes it
+        # again, and the callback, finding the watch gone, acts no more.
         self._backend_watch: Watch | None = None
-        self._watch_lock = threading.Lock()
+        self._watch_lock = threading.RLock()
         # close() runs in one thread at a time: held for the whole of it,
         # and _closer is the thread that runs it (set and cleared under
         # it); open() holds it too, for the whole of it, and _opener is
@@ -637,6 +639,10 @@ class Frontend(Closing):
                         self.domain.domid, state)
             if self._die("the PV Calls backend went away"):
                 self._wake_everyone()
+            if self._backend_watch is None:
+                # A close() that the logging or the waking ran (a handler,
+                # a finaliser) went Closed, and closed the connection.
+                return
             try:
                 self._write_own_nodes({"state": str(XenbusState.CLOSED.value)})
             except OSError as exc:

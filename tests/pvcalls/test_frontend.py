@@ -3987,6 +3987,53 @@ def test_a_close_of_xenstores_watch_thread_alone_closes_the_device(
         fe.close()
 
 
+def test_a_close_in_the_backend_watchs_callback_closes_the_frontend(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The frontend's own watch of the backend's state closes the
+    frontend from inside its callback (a logging handler told that the
+    backend left, a finaliser run there): the close() runs whole, and the
+    callback then ends quietly.  Before, that close() waited for good for
+    the lock the callback held (_watch_lock), on the watch thread."""
+    caplog.set_level(logging.INFO, logger="pvcalls.frontend")
+    returned: list[BaseException | None] = []
+    ran = threading.Event()
+
+    class Closing(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "went to state" not in record.msg or ran.is_set():
+                return
+            try:
+                fe.close()
+                returned.append(None)
+            except BaseException as exc:
+                returned.append(exc)
+            ran.set()
+
+    handler = Closing()
+    with SimHost() as host:
+        backend = pvcalls.Backend(host.dom0, max_ioworkers=1)
+        fe = pvcalls.Frontend(host.create_domain("close-in-backend-watch"), timeout=TIMEOUT)
+        _frontend.logger.addHandler(handler)
+        try:
+            fe.open()
+            assert fe._xs is not None
+            watching = fe._xs._thread
+            assert watching is not None
+            backend.close()
+            assert ran.wait(TIMEOUT), "the close() in the watch's callback waits for itself"
+            assert returned == [None]
+            # Once the callback is over: it must not act after the close().
+            watching.join(TIMEOUT)
+            assert not watching.is_alive()
+            assert _closed_for_good(fe)
+            assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+        finally:
+            _frontend.logger.removeHandler(handler)
+            if ran.is_set():
+                fe.close()
+            backend.close()
+
+
 def test_a_close_of_the_event_thread_takes_the_answers_to_its_releases(
         host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
     """The event thread closes the frontend (a finaliser it runs, say),
