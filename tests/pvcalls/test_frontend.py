@@ -4279,6 +4279,51 @@ def test_a_close_of_the_reaper_while_another_thread_closes_returns_at_once(
     assert not caplog.records, caplog.text
 
 
+@pytest.mark.parametrize("call", ["send", "recv"])
+def test_a_call_resuming_after_close_gave_up_its_lock_says_ebadf(
+        host: SimHost, backend: Any, server: Any, caplog: pytest.LogCaptureFixture,
+        call: str) -> None:
+    """A send() or recv() holds its lock while the frontend's close() runs
+    in it (a signal's handler, as the call looks at the ring): close()
+    gives up on that lock within its timeout (a warning) and closes the
+    frontend, its handles and shares.  The call then says EBADF, and
+    takes nothing it copied for sent or received.  Before, it copied to
+    (or from) the zero pages that the ended shares left, and said it
+    sent 100 bytes (or returned 100 zero bytes)."""
+    srv = server()
+    fe = pvcalls.Frontend(host.create_domain(f"resume-after-close-{call}"), timeout=0.2)
+    fe.open()
+    try:
+        s = connected(fe, srv.address)
+        if call == "recv":
+            s.sendall(b"x" * 100)
+            wait_until(lambda: s._st.ring is not None and s._st.ring.in_available() > 0)
+        func = pvcalls.PVSocket._send if call == "send" else pvcalls.PVSocket._receive
+        text = "_checked(ring.outq.writable)" if call == "send" else "cons = ring.inq.position"
+        code = func.__code__
+        line = line_of(func, text)
+        inner: list[None] = []
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == line and not inner:
+                inner.append(fe.close())  # as a handler run there would (untraced)
+            return local
+
+        def traced() -> Any:
+            sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+            try:
+                return s.send(b"y" * 100) if call == "send" else s.recv(100)
+            finally:
+                sys.settrace(None)
+
+        outcome = Attempt(traced).result()
+        assert inner == [None]
+        assert isinstance(outcome, OSError) and outcome.errno == errno.EBADF, repr(outcome)
+        s.close()
+    finally:
+        fe.close()
+
+
 def _close_lock_free_elsewhere(fe: pvcalls.Frontend) -> bool:
     """Whether another thread finds close()'s lock free (an RLock: the
     thread that left it held would take it again)."""
