@@ -1222,6 +1222,18 @@ class XenStore(_Ops, Closing):
         for removal in removals:
             removal.done.set()
 
+    def wake_waiters(self) -> None:
+        """Have every :meth:`wait_for` under way read its node again and
+        test its predicate now, as a change of the node would: for a
+        predicate that looks at more than the node (a flag that another
+        thread sets to give up the wait, say).  Takes the lock that
+        :meth:`wait_for` holds a moment: not from a signal's handler or a
+        finaliser that may run inside one on the same thread."""
+        with self._lock:
+            waiters = list(self._waiters)
+        for changed in waiters:
+            changed.set()
+
     def __enter__(self) -> Self:
         if not self._connected:
             try:
