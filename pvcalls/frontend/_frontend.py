@@ -714,6 +714,14 @@ class Frontend(Closing):
         xs = self._xs  # once: the close() under way drops it once closed
         joined = (me is self._thread or me is self._reaper
                   or (xs is not None and xs.on_own_thread()))
+        opener = self._opener
+        if xs is not None and opener is not None and opener is not me and not joined:
+            # An open() would keep the lock through its waits for the
+            # backend, each up to the timeout (one that never answers):
+            # woken, they find the flag set and give up.  Not from the
+            # opener's own thread (a handler), nor one of XenStore's,
+            # which may hold the lock that the waking takes.
+            xs.wake_waiters()
         try:
             with held(self._close_lock, Deadline(0.0 if joined else None), _ClosingElsewhere):
                 if self._closer is me or self._opener is me:
@@ -760,14 +768,19 @@ class Frontend(Closing):
             logger.info("pvcalls device %d of domain %d is no longer this frontend's "
                         "(added again, or removed): leaving it alone",
                         self.devid, self.domain.domid)
-        elif self._xs is not None and self._connected and not self._xenstore_gone():
+        elif (self._xs is not None and (self._connected or self._published is not None)
+              and not self._xenstore_gone()):
+            # Also a handshake cut short once it published its ring (a
+            # close() made meanwhile): the backend may be Connected, and
+            # goes Closed only once we are.
             try:
                 owned = self._write_own_nodes({"state": str(XenbusState.CLOSING.value)})
                 # Not on XenStore's watch thread (a finaliser run there):
                 # the watch that would tell it the backend's state runs on
                 # that very thread.  The toolstack's removal still waits
-                # for the backend to close.
-                if owned and not self._xs.on_own_thread():
+                # for the backend to close.  Nor for a backend that may
+                # never have answered.
+                if owned and self._connected and not self._xs.on_own_thread():
                     self._wait_backend(
                         lambda s: s >= XenbusState.CLOSING or s == XenbusState.UNKNOWN, "Closing"
                     )
@@ -1022,11 +1035,21 @@ class Frontend(Closing):
         return _state(self._xs.read(f"{self.device.backend_path}/state"))
 
     def _wait_backend(self, done: Callable[[XenbusState], bool], what: str) -> XenbusState:
-        """Wait until the backend's state satisfies ``done``; return it."""
+        """Wait until the backend's state satisfies ``done``; return it.
+        In open(), a close() made meanwhile cuts it short with ECANCELED
+        (it wakes the wait, see close()); not in close()'s own."""
         assert self._xs is not None
         path = f"{self.device.backend_path}/state"
+        opening = self._opener is threading.current_thread()
+
+        def check(value: str | None) -> bool:
+            return (opening and self._close_asked) or done(_state(value))
+
         try:
-            return _state(self._xs.wait_for(path, lambda v: done(_state(v)), timeout=self.timeout))
+            state = _state(self._xs.wait_for(path, check, timeout=self.timeout))
+            if opening and self._close_asked:
+                raise OSError(errno.ECANCELED, "the frontend was closed while it opened")
+            return state
         except TimeoutError:
             state = self._backend_state()
             raise TimeoutError(

@@ -4174,6 +4174,31 @@ def test_a_close_while_another_thread_opens_waits_and_fails_the_open(
         fe.close()
 
 
+def test_a_close_from_another_thread_cuts_a_hung_open_short(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """No backend answers (none runs), and open() would wait its whole
+    timeout for InitWait: a close() from another thread (a program that
+    gives up on it) ends that wait, and the open() fails with ECANCELED
+    having closed all it opened.  Before, the close() waited for the
+    open() to time out."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    with SimHost() as host:  # of its own: no backend
+        fe = pvcalls.Frontend(host.create_domain("close-cuts-open-short"),
+                              timeout=OUTLASTS_THE_TEST)
+        before = _held(host)
+        opening = Attempt(fe.open)
+        wait_until(lambda: not opening.thread.is_alive() or stands_at(
+            opening.thread.ident or -1, _frontend.Frontend._wait_backend, "self._xs.wait_for("))
+        assert opening.thread.is_alive(), repr(opening.result())
+        closing = Attempt(fe.close)
+        assert closing.result(msg="the close() waits for the open() to time out") is None
+        err = opening.result()
+        assert isinstance(err, OSError) and err.errno == errno.ECANCELED, repr(err)
+        assert _closed_for_good(fe)
+        _wait_released(host, before, "a close() that cut the open() short")
+        assert not caplog.records, caplog.text
+
+
 def _open_closing_at_line(fe: pvcalls.Frontend, n: int,
                           codes: tuple[Any, ...]) -> tuple[list[tuple[str, int]], Any]:
     """``fe.open()`` on a thread of its own, with ``fe.close()`` run at
