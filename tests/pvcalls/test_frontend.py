@@ -4304,7 +4304,7 @@ def test_a_close_of_the_reaper_while_another_thread_closes_returns_at_once(
     assert not caplog.records, caplog.text
 
 
-@pytest.mark.parametrize("call", ["send", "recv"])
+@pytest.mark.parametrize("call", ["send", "recv", "peek"])
 def test_a_call_resuming_after_close_gave_up_its_lock_says_ebadf(
         host: SimHost, backend: Any, server: Any, caplog: pytest.LogCaptureFixture,
         call: str) -> None:
@@ -4320,9 +4320,9 @@ def test_a_call_resuming_after_close_gave_up_its_lock_says_ebadf(
     fe.open()
     try:
         s = connected(fe, srv.address)
-        if call == "recv":
+        if call != "send":
             s.sendall(b"x" * 100)
-            wait_until(lambda: s._st.ring is not None and s._st.ring.in_available() > 0)
+            wait_until(lambda: s._st.ring is not None and s._st.ring.in_available() >= 100)
         func = pvcalls.PVSocket._send if call == "send" else pvcalls.PVSocket._receive
         text = "_checked(ring.outq.writable)" if call == "send" else "cons = ring.inq.position"
         code = func.__code__
@@ -4337,13 +4337,72 @@ def test_a_call_resuming_after_close_gave_up_its_lock_says_ebadf(
         def traced() -> Any:
             sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
             try:
-                return s.send(b"y" * 100) if call == "send" else s.recv(100)
+                if call == "send":
+                    return s.send(b"y" * 100)
+                return s.recv(100, socket.MSG_PEEK if call == "peek" else 0)
             finally:
                 sys.settrace(None)
 
         outcome = Attempt(traced).result()
         assert inner == [None]
         assert isinstance(outcome, OSError) and outcome.errno == errno.EBADF, repr(outcome)
+        s.close()
+    finally:
+        fe.close()
+
+
+@pytest.mark.parametrize("call", ["send", "recv"])
+def test_a_call_closed_as_it_copies_more_returns_what_went_before(
+        host: SimHost, backend: Any, server: Any, call: str) -> None:
+    """As above, but the blocking call had moved bytes already (a send()
+    larger than its ring, a recv() with MSG_WAITALL) when the close()
+    runs in it, as it copies more: it returns those bytes, and takes
+    none of what it copied since for sent or received."""
+    srv = server()
+    fe = pvcalls.Frontend(host.create_domain(f"closed-copying-more-{call}"), timeout=0.2)
+    fe.open()
+    try:
+        s = connected(fe, srv.address)
+        s.settimeout(None)  # MSG_WAITALL waits for all only so
+        ring = s._st.ring
+        assert ring is not None
+        if call == "send":
+            func, text, moved = pvcalls.PVSocket._send, "sent = 0", "total"
+        else:
+            func, text, moved = pvcalls.PVSocket._receive, "cons = ring.inq.position", "got"
+            s.sendall(b"x" * 50)
+            wait_until(lambda: ring.in_available() >= 50)
+        code = func.__code__
+        line = line_of(func, text)
+        before: list[int] = []
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if (event == "line" and frame.f_lineno == line and not before
+                    and frame.f_locals[moved] > 0 and frame.f_locals["parts"]):
+                before.append(frame.f_locals[moved])
+                fe.close()  # as a handler run there would (untraced)
+            return local
+
+        def traced() -> Any:
+            sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+            try:
+                if call == "send":
+                    return s.send(b"y" * (3 * ring.outq.size))
+                return s.recv(100, socket.MSG_WAITALL)
+            finally:
+                sys.settrace(None)
+
+        calling = Attempt(traced)
+        if call == "recv":
+            # More to take once the first 50 bytes are: a second pass.
+            wait_until(lambda: ring.in_available() == 0 or not calling.thread.is_alive())
+            s.sendall(b"x" * 50)
+        outcome = calling.result()
+        assert before, f"no close() in the call: {outcome!r}"
+        if call == "send":
+            assert outcome == before[0], (outcome, before)
+        else:
+            assert outcome == b"x" * before[0], (outcome, before)
         s.close()
     finally:
         fe.close()
