@@ -1036,8 +1036,9 @@ class Frontend(Closing):
 
     def _wait_backend(self, done: Callable[[XenbusState], bool], what: str) -> XenbusState:
         """Wait until the backend's state satisfies ``done``; return it.
-        In open(), a close() made meanwhile cuts it short with ECANCELED
-        (it wakes the wait, see close()); not in close()'s own."""
+        In open(), a close() made meanwhile fails it with ECANCELED: cut
+        short if another thread's (it wakes the wait, see close()), once
+        it ends if this thread's own (a handler's); not in close()'s own."""
         assert self._xs is not None
         path = f"{self.device.backend_path}/state"
         opening = self._opener is threading.current_thread()
@@ -1050,7 +1051,10 @@ class Frontend(Closing):
             if opening and self._close_asked:
                 raise OSError(errno.ECANCELED, "the frontend was closed while it opened")
             return state
-        except TimeoutError:
+        except TimeoutError as exc:
+            if opening and self._close_asked:
+                raise OSError(errno.ECANCELED,
+                              "the frontend was closed while it opened") from exc
             state = self._backend_state()
             raise TimeoutError(
                 f"backend {self.device.backend_path} did not reach {what} "

@@ -4199,6 +4199,42 @@ def test_a_close_from_another_thread_cuts_a_hung_open_short(
         assert not caplog.records, caplog.text
 
 
+def test_a_close_of_the_openers_own_thread_fails_the_hung_open_as_cancelled(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """No backend answers, and a close() runs inside open()'s wait for it
+    on the same thread (a signal's handler, which cannot wake the wait):
+    the wait runs to its timeout, and the open() then fails with
+    ECANCELED, as the close() asked, having closed all it opened.  Before,
+    it failed with the TimeoutError, as if nobody had closed it."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    with SimHost() as host:  # of its own: no backend
+        fe = pvcalls.Frontend(host.create_domain("close-in-hung-open"), timeout=0.3)
+        before = _held(host)
+        code = XenStore.wait_for.__code__
+        # Past the first test of the predicate, where the wait begins.
+        line = line_of(XenStore.wait_for, "remaining = deadline - time.monotonic()")
+        inner: list[None] = []
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == line and not inner:
+                inner.append(fe.close())  # as a handler run there would (untraced)
+            return local
+
+        def traced() -> None:
+            sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+            try:
+                fe.open()
+            finally:
+                sys.settrace(None)
+
+        err = Attempt(traced).result()
+        assert inner == [None]
+        assert isinstance(err, OSError) and err.errno == errno.ECANCELED, repr(err)
+        assert _closed_for_good(fe)
+        _wait_released(host, before, "a close() inside the open()'s wait")
+        assert not caplog.records, caplog.text
+
+
 def _open_closing_at_line(fe: pvcalls.Frontend, n: int,
                           codes: tuple[Any, ...]) -> tuple[list[tuple[str, int]], Any]:
     """``fe.open()`` on a thread of its own, with ``fe.close()`` run at
