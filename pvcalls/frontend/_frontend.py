@@ -122,6 +122,10 @@ _OWN_ANSWERS_POLL = 0.005
 #: pages, an indexes page and a port each).
 _RING_POOL_MAX = 32
 
+#: Seconds a close() waits for the event thread and the reaper to end
+#: before it says that one did not stop, and goes on without it.
+_THREAD_STOP_WAIT = 10.0
+
 
 #: Commands that stay in flight as long as the network makes them wait (a
 #: peer that does not answer a SYN, a listener nobody connects to).  They
@@ -196,13 +200,22 @@ class _Wakeup:
     nobody holds this object any more, which CPython does the moment the
     last reference goes: whoever still holds it cannot write into a
     descriptor number the process has reused since.
+
+    ``stopping`` tells the thread it wakes to stop.  Each thread has its
+    own: one that outlived close()'s wait for it (still in a handler)
+    stops all the same once it is back, while the next open()'s runs.
     """
 
-    __slots__ = ("fd", "__weakref__")
+    __slots__ = ("fd", "stopping", "__weakref__")
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.stopping = False
         weakref.finalize(self, os.close, self.fd)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.set()
 
     def set(self) -> None:
         try:
@@ -438,7 +451,6 @@ class Frontend(Closing):
         # queue was read empty: a reset is worth a line, not every one.
         # For the life of the frontend: an open() again gets no new budget.
         self._overflows = RateLimit(f"pvcalls frontend of domain {domain.domid}")
-        self._stopping = False
         # Set once the backend is gone (its state left Connected), the
         # XenStore connection is lost, the frontend closes or fails (see
         # _fail): every waiter gives up with _death, (errno, why), one
@@ -580,11 +592,9 @@ class Frontend(Closing):
         self._event_epoll = select.epoll()
         self._event_epoll.register(self._evtchn.fileno(), select.EPOLLIN)
         self._event_epoll.register(self._wakeup.fd, select.EPOLLIN)
-        # Every close() stops the thread, also one before open() (when
-        # there is none): the flag it left must not stop this one at once.
-        self._stopping = False
         self._thread = threading.Thread(
-            target=self._event_loop, name=f"pvcalls-front-{domain.domid}", daemon=True
+            target=self._event_loop, args=(self._wakeup,),
+            name=f"pvcalls-front-{domain.domid}", daemon=True,
         )
         self._thread.start()
 
@@ -1069,7 +1079,7 @@ class Frontend(Closing):
             raise OSError(errno.ENOTCONN, "frontend is closed")
         evtchn.notify(port)
 
-    def _event_loop(self) -> None:
+    def _event_loop(self, wakeup: _Wakeup) -> None:
         """One thread per frontend: read fired ports, run their handlers,
         unmask.  Handlers only copy responses and wake waiters.  Also runs
         the relays of rings with handles of their own (see :meth:`_relay`),
@@ -1099,35 +1109,34 @@ class Frontend(Closing):
         spin the thread, a reset and a hand-out of every port per round,
         for ever)."""
         try:
-            self._serve_events()
+            self._serve_events(wakeup)
         except Exception as exc:
             if isinstance(exc, _Fatal):
                 exc = exc.error
-            if self._stopping:
+            if wakeup.stopping:
                 # close() took the handles from under it: nothing waits.
                 logger.debug("pvcalls frontend event thread stopping: %s", exc)
                 return
             self._fail("its event thread", exc)
 
-    def _serve_events(self) -> None:
+    def _serve_events(self, wakeup: _Wakeup) -> None:
         evtchn = self._evtchn
         epoll = self._event_epoll
-        wakeup = self._wakeup
-        assert evtchn is not None and epoll is not None and wakeup is not None
+        assert evtchn is not None and epoll is not None
         shared_fd = evtchn.fileno()
         self._resets = 0
         # failed: a failure that no round has gone well since.  resync:
         # every port is to be handed out again before the next wait (also
         # after the handle was reset: see _serve_round).
         failed = resync = False
-        while not self._stopping:
+        while not wakeup.stopping:
             try:
                 if resync:
                     resync = False
                     with self._lock:
                         ports = list(self._handlers)
                     for port in ports:
-                        self._handle_port(evtchn, port)
+                        self._handle_port(evtchn, port, wakeup)
                 try:
                     events = epoll.poll()
                 except InterruptedError:
@@ -1163,7 +1172,7 @@ class Frontend(Closing):
                 # Cleared before looking: a finaliser appends, then sets.
                 wakeup.clear()
                 self._kick_owed()
-                self._start_reaper()
+                self._start_reaper(wakeup)
                 self._tell_room_waiters()
             for relay in relays:
                 try:
@@ -1173,7 +1182,7 @@ class Frontend(Closing):
         if not any(fd == shared_fd for fd, _ in events):
             return False
         for _ in range(_PORT_BATCH):
-            if self._stopping:
+            if wakeup.stopping:
                 # Stopped by a close() that a relay or handler ran here (a
                 # finaliser), which closed the handle: nothing to serve.
                 return False
@@ -1187,7 +1196,7 @@ class Frontend(Closing):
             if port is None:
                 self._resets = 0
                 return False
-            self._handle_port(evtchn, port)
+            self._handle_port(evtchn, port, wakeup)
         # More are pending, and the next wait says so at once; or the batch
         # took the last one, and the next wait blocks: then the queue is
         # empty as surely as a read finding it so, which ends the resets in
@@ -1220,7 +1229,7 @@ class Frontend(Closing):
                             "overflowed: reset; every port is handed out again",
                             self.domain.domid)
 
-    def _handle_port(self, evtchn: EventChannel, port: int) -> None:
+    def _handle_port(self, evtchn: EventChannel, port: int, wakeup: _Wakeup) -> None:
         """Run the handler of ``port`` (masked), then unmask it."""
         # Without _lock, once per event: a data ring's handler is set
         # before its socket's CONNECT or ACCEPT goes out, so an event of the
@@ -1240,7 +1249,7 @@ class Frontend(Closing):
             evtchn.unmask(port)
         except OSError:
             with self._lock:
-                if port in self._handlers and lost is None and not self._stopping:
+                if port in self._handlers and lost is None and not wakeup.stopping:
                     raise  # still bound, and left masked
             # Unbound meanwhile, or the handle closed by a close() that the
             # handler ran (a finaliser), or the frontend fails anyway.
@@ -1250,10 +1259,10 @@ class Frontend(Closing):
     def _stop_thread(self) -> None:
         """Stop the event thread, then wait for the reaper: it frees what
         it releases with the handles that are closed next."""
-        self._stopping = True
-        if self._wakeup is not None:
-            self._wakeup.set()
-        deadline = Deadline(10.0)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.stop()
+        deadline = Deadline(_THREAD_STOP_WAIT)
         with self._lock:
             reaper = self._reaper
         for thread in (self._thread, reaper):
@@ -1266,8 +1275,7 @@ class Frontend(Closing):
                 logger.warning("%s of domain %d did not stop", thread.name, self.domain.domid)
         # Not the event thread's own close() (a handler's): the thread is
         # on its way out, and the next open() or close() waits for it to
-        # end.  Forgotten, it went on with the handles closed under it once
-        # an open() had cleared _stopping, and failed the new connection.
+        # end, so that no two ever run at once.
         if self._thread is not threading.current_thread():
             self._thread = None
         with self._lock:
@@ -2145,13 +2153,13 @@ class Frontend(Closing):
         # the code that dropped it (under _collect, weakref.finalize).
         warnings.warn(message, ResourceWarning, stacklevel=3)
 
-    def _start_reaper(self) -> None:
+    def _start_reaper(self, wakeup: _Wakeup) -> None:
         """Event thread: start the reaper if sockets were dropped and it is
         not running.  Not the event thread itself: a RELEASE may have to
         wait for room on the command ring, which only the event thread
         makes."""
         with self._lock:
-            if not self._dropped or self._reaper is not None or self._stopping:
+            if not self._dropped or self._reaper is not None or wakeup.stopping:
                 return
             self._reaper = reaper = threading.Thread(
                 target=self._reap, name=f"pvcalls-reap-{self.domain.domid}", daemon=True)

@@ -827,7 +827,9 @@ def test_a_freed_ring_on_the_shared_handle_unbinds_its_port(
         assert port in bound
         s.close()  # the ring is freed once the backend answers the RELEASE
         wait_until(lambda: port not in bound)
-        other._handle_port(other._evtchn, port)  # as the hand-out after an overflow
+        assert other._wakeup is not None
+        # As the hand-out after an overflow.
+        other._handle_port(other._evtchn, port, other._wakeup)
 
 
 def _on_the_shared_handle(fe: pvcalls.Frontend, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1482,9 +1484,9 @@ def test_the_event_thread_hands_out_only_the_ports_that_fired(
             taken.append(port)
         return port
 
-    def handle_port(evtchn: Any, port: int) -> None:
+    def handle_port(evtchn: Any, port: int, wakeup: Any) -> None:
         handled.append(port)
-        real_handle_port(evtchn, port)
+        real_handle_port(evtchn, port, wakeup)
 
     monkeypatch.setattr(evtchn, "pending", pending)
     monkeypatch.setattr(fe, "_handle_port", handle_port)
@@ -4093,6 +4095,54 @@ def test_an_open_after_the_event_thread_closed_waits_for_it_to_end(
         old.join(TIMEOUT)
         assert not old.is_alive()
         assert fe._thread is not old and fe._thread is not None and fe._thread.is_alive()
+        fe.socket().close()
+        assert not caplog.records, caplog.text
+    finally:
+        go_on.set()
+        fe.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_an_event_thread_outliving_the_wait_for_it_stops_all_the_same(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """As above, but the old event thread stays in its handler past the
+    time an open() waits for it (a warning), and the open() goes on with
+    a new thread: the old one, back in its loop, stops, and the frontend
+    that open() opened works.  Before, the open() had cleared the flag
+    that stopped it: it went on with the handles closed under it, and
+    failed the new frontend."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    monkeypatch.setattr(_frontend, "_THREAD_STOP_WAIT", 0.1)
+    fe = pvcalls.Frontend(host.create_domain("event-thread-outlives-stop"), timeout=TIMEOUT)
+    fe.open()
+    old = fe._thread
+    assert old is not None
+    r, w = os.pipe()
+    closed, go_on = threading.Event(), threading.Event()
+
+    def closing() -> None:  # a relay: on the event thread
+        os.read(r, 1)
+        fe.close()
+        closed.set()
+        go_on.wait(TIMEOUT)
+
+    try:
+        with fe._lock:
+            assert fe._event_epoll is not None
+            fe._relays[r] = closing
+            fe._event_epoll.register(r, select.EPOLLIN)
+        os.write(w, b"x")
+        assert closed.wait(TIMEOUT)
+        fe.open()
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{old.name} of domain {fe.domain.domid} did not stop"]
+        caplog.clear()
+        go_on.set()
+        old.join(TIMEOUT)
+        assert not old.is_alive()
+        assert fe._thread is not None and fe._thread.is_alive()
         fe.socket().close()
         assert not caplog.records, caplog.text
     finally:
