@@ -4059,9 +4059,10 @@ def test_an_open_after_the_event_thread_closed_waits_for_it_to_end(
     and before it is back in its loop another thread opens the frontend
     again: the open() waits for that thread to end, and the frontend it
     opens works.  Before, nothing waited for it: the open() cleared the
-    flag that stops it, and the old thread went on with the handles
-    closed under it, handed the new command ring's port out to itself,
-    and failed the new frontend (EIO) as it failed."""
+    flag that stopped it (one for every thread then), and the old thread
+    went on with the handles closed under it, handed the new command
+    ring's port out to itself, and failed the new frontend (EIO) as it
+    failed."""
     caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
     fe = pvcalls.Frontend(host.create_domain("open-after-event-thread-closed"),
                           timeout=TIMEOUT)
@@ -4089,6 +4090,8 @@ def test_an_open_after_the_event_thread_closed_waits_for_it_to_end(
         try:
             wait_until(lambda: not opening.thread.is_alive() or stands_at(
                 opening.thread.ident or -1, _frontend.Frontend._stop_thread, "thread.join("))
+            # No two event threads at once, even one that would stop.
+            assert opening.thread.is_alive(), "the open() did not wait for the old thread"
         finally:
             go_on.set()
         assert opening.result() is None
