@@ -348,8 +348,8 @@ class Frontend(Closing):
         self._close_lock = threading.RLock()
         self._closer: threading.Thread | None = None
         self._opener: threading.Thread | None = None
-        # A close() was made since the open() under way cleared it (under
-        # the lock): that open() fails once done.  Set by every close()
+        # A close() was made since the open() under way began (it clears
+        # it first): that open() fails once done.  Set by every close()
         # before it takes the lock, read by open() once it let go of it.
         self._close_asked = False
         self._gntshr: GrantShare | None = None
@@ -487,15 +487,15 @@ class Frontend(Closing):
         see close()).  Any close() made while it runs makes it fail with
         :class:`OSError` ECANCELED once it is done, having closed what it
         opened."""
+        # Before the lock is taken: a close() made as it is (this thread
+        # yet to say it opens) fails this open() too.
+        self._close_asked = False
         # Under close()'s lock: else a close() under way would close the
         # handles made next, and this one those it closes; and a close()
         # made meanwhile would close those of the handshake under it.
         with held(self._close_lock, Deadline(None)):
             if self.device is not None:
                 raise RuntimeError("frontend already open")
-            # Before this thread says it opens: a close() of its own in
-            # between (a handler's) runs whole, and asks again.
-            self._close_asked = False
             self._opener = threading.current_thread()
             try:
                 # What an interrupted close() left (its thread, its handles)

@@ -4227,6 +4227,36 @@ def test_a_close_while_another_thread_opens_waits_and_fails_the_open(
         fe.close()
 
 
+def test_a_close_as_open_takes_its_lock_fails_the_open(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A thread closes the frontend just as another's open() has taken
+    close()'s lock: the close() waits for the open(), which fails with
+    ECANCELED, as any close() made while it runs makes it.  Before, the
+    open() cleared the close()'s request under the lock it had just
+    taken: it opened, and the close() closed the frontend after it."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("close-as-open-locks"), timeout=TIMEOUT)
+    before = _held(host)
+    pause = PauseAt.in_method(monkeypatch, pvcalls.Frontend, "open",
+                              "if self.device is not None:")
+    opening = Attempt(fe.open)
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        closing = Attempt(fe.close)
+        wait_until(lambda: not closing.thread.is_alive() or stands_at(
+            closing.thread.ident or -1, pvcalls.Frontend.close, "self._close_lock"))
+        assert closing.thread.is_alive(), "the close() did not wait for the open()"
+    finally:
+        pause.resume()
+    err = opening.result()
+    assert isinstance(err, OSError) and err.errno == errno.ECANCELED, repr(err)
+    assert closing.result() is None
+    assert _closed_for_good(fe)
+    _wait_released(host, before, "a close() as the open() took its lock")
+    assert not caplog.records, caplog.text
+
+
 def test_a_close_from_another_thread_cuts_a_hung_open_short(
         caplog: pytest.LogCaptureFixture) -> None:
     """No backend answers (none runs), and open() would wait its whole
