@@ -4258,20 +4258,31 @@ def test_a_close_as_open_takes_its_lock_fails_the_open(
 
 
 def test_a_close_from_another_thread_cuts_a_hung_open_short(
-        caplog: pytest.LogCaptureFixture) -> None:
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """No backend answers (none runs), and open() would wait its whole
     timeout for InitWait: a close() from another thread (a program that
     gives up on it) ends that wait, and the open() fails with ECANCELED
     having closed all it opened.  Before, the close() waited for the
     open() to time out."""
     caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    reads: list[str] = []
+    read = XenStore.read
+
+    def counted(self: XenStore, path: str) -> Any:
+        reads.append(path)
+        return read(self, path)
+
+    monkeypatch.setattr(XenStore, "read", counted)
     with SimHost() as host:  # of its own: no backend
         fe = pvcalls.Frontend(host.create_domain("close-cuts-open-short"),
                               timeout=OUTLASTS_THE_TEST)
         before = _held(host)
         opening = Attempt(fe.open)
-        wait_until(lambda: not opening.thread.is_alive() or stands_at(
-            opening.thread.ident or -1, _frontend.Frontend._wait_backend, "self._xs.wait_for("))
+        # Asleep once it read the state and found it wanting: a close()
+        # before that read would be seen there, with no waking.
+        wait_until(lambda: not opening.thread.is_alive() or (
+            any(p.endswith("/state") for p in reads)
+            and stands_at(opening.thread.ident or -1, XenStore.wait_for, "changed.wait(")))
         assert opening.thread.is_alive(), repr(opening.result())
         closing = Attempt(fe.close)
         assert closing.result(msg="the close() waits for the open() to time out") is None
