@@ -4227,6 +4227,25 @@ def test_a_close_while_another_thread_opens_waits_and_fails_the_open(
         fe.close()
 
 
+def _watch_fires(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set once a watch's callback first runs (XenStore fires every new
+    watch once, at a moment of its own): a wait_for() may read its node
+    again then."""
+    fired = threading.Event()
+    watch = XenStore._watch
+
+    def noted(self: XenStore, path: str, callback: Callable[[str], object],
+              *args: Any, **kwargs: Any) -> Any:
+        def called(p: str) -> object:
+            fired.set()
+            return callback(p)
+
+        return watch(self, path, called, *args, **kwargs)
+
+    monkeypatch.setattr(XenStore, "_watch", noted)
+    return fired
+
+
 def test_a_close_as_open_takes_its_lock_fails_the_open(
         host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -4265,23 +4284,26 @@ def test_a_close_from_another_thread_cuts_a_hung_open_short(
     having closed all it opened.  Before, the close() waited for the
     open() to time out."""
     caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
-    reads: list[str] = []
+    fired = _watch_fires(monkeypatch)
+    read_since = threading.Event()
     read = XenStore.read
 
-    def counted(self: XenStore, path: str) -> Any:
-        reads.append(path)
+    def noted(self: XenStore, path: str) -> Any:
+        if fired.is_set():
+            read_since.set()
         return read(self, path)
 
-    monkeypatch.setattr(XenStore, "read", counted)
+    monkeypatch.setattr(XenStore, "read", noted)
     with SimHost() as host:  # of its own: no backend
         fe = pvcalls.Frontend(host.create_domain("close-cuts-open-short"),
                               timeout=OUTLASTS_THE_TEST)
         before = _held(host)
         opening = Attempt(fe.open)
-        # Asleep once it read the state and found it wanting: a close()
-        # before that read would be seen there, with no waking.
+        # Asleep once it read the state since its watch's first event and
+        # found it wanting: a close() before that read, or that event,
+        # would be seen there with no waking.
         wait_until(lambda: not opening.thread.is_alive() or (
-            any(p.endswith("/state") for p in reads)
+            read_since.is_set()
             and stands_at(opening.thread.ident or -1, XenStore.wait_for, "changed.wait(")))
         assert opening.thread.is_alive(), repr(opening.result())
         closing = Attempt(fe.close)
@@ -4294,23 +4316,29 @@ def test_a_close_from_another_thread_cuts_a_hung_open_short(
 
 
 def test_a_close_of_the_openers_own_thread_fails_the_hung_open_as_cancelled(
-        caplog: pytest.LogCaptureFixture) -> None:
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """No backend answers, and a close() runs inside open()'s wait for it
     on the same thread (a signal's handler, which cannot wake the wait):
     the wait runs to its timeout, and the open() then fails with
     ECANCELED, as the close() asked, having closed all it opened.  Before,
     it failed with the TimeoutError, as if nobody had closed it."""
     caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fired = _watch_fires(monkeypatch)
     with SimHost() as host:  # of its own: no backend
         fe = pvcalls.Frontend(host.create_domain("close-in-hung-open"), timeout=0.3)
         before = _held(host)
         code = XenStore.wait_for.__code__
-        # Past the first test of the predicate, where the wait begins.
+        # Past a test of the predicate, where the wait begins; in a pass
+        # begun once the watch's first event came: no other wakes it.
+        clear = line_of(XenStore.wait_for, "changed.clear()")
         line = line_of(XenStore.wait_for, "remaining = deadline - time.monotonic()")
         inner: list[None] = []
+        settled: list[bool] = []
 
         def local(frame: Any, event: str, arg: Any) -> Any:
-            if event == "line" and frame.f_lineno == line and not inner:
+            if event == "line" and frame.f_lineno == clear:
+                settled.append(fired.is_set())
+            elif event == "line" and frame.f_lineno == line and settled[-1] and not inner:
                 inner.append(fe.close())  # as a handler run there would (untraced)
             return local
 
