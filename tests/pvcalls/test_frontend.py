@@ -4357,6 +4357,40 @@ def test_a_close_of_the_openers_own_thread_fails_the_hung_open_as_cancelled(
         assert not caplog.records, caplog.text
 
 
+def test_a_close_inside_open_as_xenstore_holds_its_lock_returns(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A close() runs inside open()'s wait for the backend on the same
+    thread (a signal's handler) just as the wait holds its XenStore
+    connection's lock: it returns, not waking the wait (which would take
+    that lock again, for good), and the open() fails with ECANCELED."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    with SimHost() as host:  # of its own: no backend
+        fe = pvcalls.Frontend(host.create_domain("close-under-xs-lock"), timeout=TIMEOUT)
+        before = _held(host)
+        code = XenStore.wait_for.__code__
+        line = line_of(XenStore.wait_for, "self._waiters.add(changed)")
+        inner: list[None] = []
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == line and not inner:
+                inner.append(fe.close())  # as a handler run there would (untraced)
+            return local
+
+        def traced() -> None:
+            sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+            try:
+                fe.open()
+            finally:
+                sys.settrace(None)
+
+        err = Attempt(traced).result(msg="the close() waits for the lock its thread holds")
+        assert inner == [None]
+        assert isinstance(err, OSError) and err.errno == errno.ECANCELED, repr(err)
+        assert _closed_for_good(fe)
+        _wait_released(host, before, "a close() as the open()'s wait held XenStore's lock")
+        assert not caplog.records, caplog.text
+
+
 def _open_closing_at_line(fe: pvcalls.Frontend, n: int,
                           codes: tuple[Any, ...]) -> tuple[list[tuple[str, int]], Any]:
     """``fe.open()`` on a thread of its own, with ``fe.close()`` run at
