@@ -1050,7 +1050,8 @@ class XenStore(_Ops, Closing):
         self._lock = threading.Lock()
         self._watches: dict[str, Watch] = {}
         # The events wait_for() callers sleep on: set when the connection
-        # is lost as well, so that they fail at once, not at their timeout.
+        # is lost as well, so that they fail at once, not at their timeout,
+        # and by wake_waiters().
         self._waiters: set[threading.Event] = set()
         # Those of wait_for() callers that may hand their watch to the
         # watch thread to remove: close() ends their wait for it.
@@ -1221,6 +1222,20 @@ class XenStore(_Ops, Closing):
             changed.set()
         for removal in removals:
             removal.done.set()
+
+    def wake_waiters(self) -> None:
+        """Have every :meth:`wait_for` under way read its node again and
+        test its predicate now, as a change of the node would: for a
+        predicate that looks at more than the node (a flag that another
+        thread sets, then wakes the waits, to give one up).  A wait whose
+        predicate holds returns the node's value, as ever; the others
+        wait on.  Takes this connection's lock (a plain Lock) a moment:
+        not for a signal's handler or a finaliser, which may run on a
+        thread that holds it."""
+        with self._lock:
+            waiters = list(self._waiters)
+        for changed in waiters:
+            changed.set()
 
     def __enter__(self) -> Self:
         if not self._connected:

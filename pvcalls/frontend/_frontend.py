@@ -122,6 +122,10 @@ _OWN_ANSWERS_POLL = 0.005
 #: pages, an indexes page and a port each).
 _RING_POOL_MAX = 32
 
+#: Seconds a close() waits for the event thread and the reaper to end
+#: before it says that one did not stop, and goes on without it.
+_THREAD_STOP_WAIT = 10.0
+
 
 #: Commands that stay in flight as long as the network makes them wait (a
 #: peer that does not answer a SYN, a listener nobody connects to).  They
@@ -196,13 +200,22 @@ class _Wakeup:
     nobody holds this object any more, which CPython does the moment the
     last reference goes: whoever still holds it cannot write into a
     descriptor number the process has reused since.
+
+    ``stopping`` tells the thread it wakes to stop.  Each thread has its
+    own: one that outlived close()'s wait for it (still in a handler)
+    stops all the same once it is back, while the next open()'s runs.
     """
 
-    __slots__ = ("fd", "__weakref__")
+    __slots__ = ("fd", "stopping", "__weakref__")
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.stopping = False
         weakref.finalize(self, os.close, self.fd)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.set()
 
     def set(self) -> None:
         try:
@@ -237,10 +250,10 @@ class Frontend(Closing):
     will not do: EPROTONOSUPPORT (no protocol version 1, no
     ``function-calls`` 1, or its ``max-page-order`` is below
     ``ring_order``), EPROTO or ECONNREFUSED
-    (it went to a state other than the one expected); it closes what it
-    had opened first.  Once the backend goes away (its state leaves
-    Connected), every call of the frontend and its sockets fails with
-    :class:`OSError` ENOTCONN.
+    (it went to a state other than the one expected), ECANCELED (a
+    close() was made meanwhile); it closes what it had opened first.
+    Once the backend goes away (its state leaves Connected), every call
+    of the frontend and its sockets fails with :class:`OSError` ENOTCONN.
 
     The arguments stay readable as attributes (``domain``, ``backend_id``,
     ``devid``, ``ring_order``, and ``timeout`` as a float); ``device`` is
@@ -318,19 +331,27 @@ class Frontend(Closing):
         self._xs: XenStore | None = None
         # The watch on the backend's state once Connected, and the lock that
         # its callback holds while it acts (close() takes it to know that no
-        # callback is acting any more, or will).
+        # callback is acting any more, or will).  An RLock: a close() run
+        # inside the callback (a logging handler, a finaliser) takes it
+        # again, and the callback, finding the watch gone, acts no more.
         self._backend_watch: Watch | None = None
-        self._watch_lock = threading.Lock()
+        self._watch_lock = threading.RLock()
         # close() runs in one thread at a time: held for the whole of it,
         # and _closer is the thread that runs it (set and cleared under
-        # it); open() holds it too, up to its device (see there).  Not
-        # taken by a thread close() joins (the event thread, the reaper,
-        # XenStore's), which would keep the holder in its join for good.
-        # An RLock: a close() of the holder's own (a signal's handler)
-        # takes it again, as the holder may not have said yet that it
-        # closes (before _closer is set); see close().
+        # it); open() holds it too, for the whole of it, and _opener is
+        # its thread.  Not taken by a thread close() joins (the event
+        # thread, the reaper, XenStore's), which would keep the holder in
+        # its join for good.  An RLock: a close() of the holder's own (a
+        # signal's handler) takes it again, as the holder may not have
+        # said yet that it closes or opens (before _closer or _opener is
+        # set); see close().
         self._close_lock = threading.RLock()
         self._closer: threading.Thread | None = None
+        self._opener: threading.Thread | None = None
+        # A close() was made since the open() under way began (it clears
+        # it first): that open() fails once done.  Set by every close()
+        # before it takes the lock, read by open() once it let go of it.
+        self._close_asked = False
         self._gntshr: GrantShare | None = None
         self._evtchn: EventChannel | None = None
         self._cmd_pages: SharedPages | None = None
@@ -418,6 +439,8 @@ class Frontend(Closing):
         # or Frontend.close().
         self._accepts_to_end: list[_EndingAccept] = []
 
+        # The event thread; after a close() it ran itself (a handler's),
+        # kept until the next open() or close() has waited for it to end.
         self._thread: threading.Thread | None = None
         self._wakeup: _Wakeup | None = None  # the event thread's, while it runs
         # The resets of the shared handle since its queue of fired ports
@@ -428,7 +451,6 @@ class Frontend(Closing):
         # queue was read empty: a reset is worth a line, not every one.
         # For the life of the frontend: an open() again gets no new budget.
         self._overflows = RateLimit(f"pvcalls frontend of domain {domain.domid}")
-        self._stopping = False
         # Set once the backend is gone (its state left Connected), the
         # XenStore connection is lost, the frontend closes or fails (see
         # _fail): every waiter gives up with _death, (errno, why), one
@@ -458,30 +480,49 @@ class Frontend(Closing):
 
     def open(self) -> None:
         """Add the device and do the frontend handshake (up to Connected).
-        One made while another thread's close() runs waits for it to end."""
-        # Under close()'s lock up to the device: else a close() under way
-        # would close the handles made next, and this one those it closes.
+
+        Calls of open() and close() take turns: one made while another
+        thread's close() runs waits for it to end, and a close() made
+        while it runs waits for it (or returns at once, if it cannot wait:
+        see close()).  Any close() made while it runs makes it fail with
+        :class:`OSError` ECANCELED once it is done, having closed what it
+        opened."""
+        # Before the lock is taken: a close() made as it is (this thread
+        # yet to say it opens) fails this open() too.
+        self._close_asked = False
+        # Under close()'s lock: else a close() under way would close the
+        # handles made next, and this one those it closes; and a close()
+        # made meanwhile would close those of the handshake under it.
         with held(self._close_lock, Deadline(None)):
             if self.device is not None:
                 raise RuntimeError("frontend already open")
-            # What an interrupted close() left (its thread, its handles)
-            # goes first: the new connection's would take their places.
-            self._release_handles()
-            self._reset_connection()
-            domain = self.domain
-            self._toolstack = domain.toolstack
-            # replace: a stale frontend of the same devid, its backend
-            # gone, may not have closed yet; the new one's device takes
-            # its place.
-            self.device = self._toolstack.add_device(
-                "pvcalls", frontend_id=domain.domid, backend_id=self.backend_id,
-                devid=self.devid, replace=True,
-            )
-        try:
-            self._connect()
-        except BaseException:
+            self._opener = threading.current_thread()
+            try:
+                # What an interrupted close() left (its thread, its handles)
+                # goes first: the new connection's would take their places.
+                self._release_handles()
+                self._reset_connection()
+                domain = self.domain
+                self._toolstack = domain.toolstack
+                # replace: a stale frontend of the same devid, its backend
+                # gone, may not have closed yet; the new one's device takes
+                # its place.
+                self.device = self._toolstack.add_device(
+                    "pvcalls", frontend_id=domain.domid, backend_id=self.backend_id,
+                    devid=self.devid, replace=True,
+                )
+                self._connect()
+            except BaseException:
+                self._opener = None
+                self.close()
+                raise
+            finally:
+                self._opener = None
+        # Once the lock is let go of: a close() that found it held asked
+        # before it tried (see close()).
+        if self._close_asked:
             self.close()
-            raise
+            raise OSError(errno.ECANCELED, "the frontend was closed while it opened")
 
     def _reset_connection(self) -> None:
         """Forget the last connection's end: a close(), also the one that a
@@ -551,11 +592,9 @@ class Frontend(Closing):
         self._event_epoll = select.epoll()
         self._event_epoll.register(self._evtchn.fileno(), select.EPOLLIN)
         self._event_epoll.register(self._wakeup.fd, select.EPOLLIN)
-        # Every close() stops the thread, also one before open() (when
-        # there is none): the flag it left must not stop this one at once.
-        self._stopping = False
         self._thread = threading.Thread(
-            target=self._event_loop, name=f"pvcalls-front-{domain.domid}", daemon=True
+            target=self._event_loop, args=(self._wakeup,),
+            name=f"pvcalls-front-{domain.domid}", daemon=True,
         )
         self._thread.start()
 
@@ -610,6 +649,10 @@ class Frontend(Closing):
                         self.domain.domid, state)
             if self._die("the PV Calls backend went away"):
                 self._wake_everyone()
+            if self._backend_watch is None:
+                # A close() that the logging or the waking ran (a handler,
+                # a finaliser) went Closed, and closed the connection.
+                return
             try:
                 self._write_own_nodes({"state": str(XenbusState.CLOSED.value)})
             except OSError as exc:
@@ -664,23 +707,37 @@ class Frontend(Closing):
         removes the device again unless it is gone already, then stops the
         frontend's own thread and closes the handles that are left.
 
-        Calls at once take turns: one made while another thread's runs
-        waits for it to end (and finishes it, if it was cut short).  Not
-        so one that cannot wait for it, which returns at once and leaves
-        the closing to the close() under way: one inside that very close()
-        (a signal's handler that closes the frontend), or one of a thread
+        Calls at once take turns, with open() too: one made while another
+        thread's close() or open() runs waits for it to end (and finishes
+        a close() cut short; an open() fails, see there).  Not so one that
+        cannot wait for it, which returns at once and leaves the closing
+        to the close() or open() under way: one inside that very call (a
+        signal's handler that closes the frontend), or one of a thread
         that close() waits for to end (a finaliser that the event thread,
         the reaper or XenStore's threads run), when another thread's
-        close() runs.
+        close() or open() runs.
         """
+        # Before the lock is tried: an open() that holds it looks once it
+        # let go of it (see there).
+        self._close_asked = True
         me = threading.current_thread()
         xs = self._xs  # once: the close() under way drops it once closed
         joined = (me is self._thread or me is self._reaper
                   or (xs is not None and xs.on_own_thread()))
+        opener = self._opener
+        if xs is not None and opener is not None and opener is not me and not joined:
+            # An open() would keep the lock through its waits for the
+            # backend, each up to the timeout (one that never answers):
+            # woken, they find the flag set and give up.  Not from the
+            # opener's own thread (a handler), nor one of XenStore's,
+            # which may hold the lock that the waking takes.
+            xs.wake_waiters()
         try:
             with held(self._close_lock, Deadline(0.0 if joined else None), _ClosingElsewhere):
-                if self._closer is me:
-                    return  # inside this thread's close(), which goes on
+                if self._closer is me or self._opener is me:
+                    # Inside this thread's close(), which goes on, or
+                    # open(), which fails once done.
+                    return
                 # One of this thread's that ran before this line (a
                 # handler, as the lock's taking returned) ran whole: this
                 # one finds the frontend closed.
@@ -721,14 +778,19 @@ class Frontend(Closing):
             logger.info("pvcalls device %d of domain %d is no longer this frontend's "
                         "(added again, or removed): leaving it alone",
                         self.devid, self.domain.domid)
-        elif self._xs is not None and self._connected and not self._xenstore_gone():
+        elif (self._xs is not None and (self._connected or self._published is not None)
+              and not self._xenstore_gone()):
+            # Also a handshake cut short once it published its ring (a
+            # close() made meanwhile): the backend may be Connected, and
+            # goes Closed only once we are.
             try:
                 owned = self._write_own_nodes({"state": str(XenbusState.CLOSING.value)})
                 # Not on XenStore's watch thread (a finaliser run there):
                 # the watch that would tell it the backend's state runs on
                 # that very thread.  The toolstack's removal still waits
-                # for the backend to close.
-                if owned and not self._xs.on_own_thread():
+                # for the backend to close.  Nor for a backend that may
+                # never have answered.
+                if owned and self._connected and not self._xs.on_own_thread():
                     self._wait_backend(
                         lambda s: s >= XenbusState.CLOSING or s == XenbusState.UNKNOWN, "Closing"
                     )
@@ -983,12 +1045,26 @@ class Frontend(Closing):
         return _state(self._xs.read(f"{self.device.backend_path}/state"))
 
     def _wait_backend(self, done: Callable[[XenbusState], bool], what: str) -> XenbusState:
-        """Wait until the backend's state satisfies ``done``; return it."""
+        """Wait until the backend's state satisfies ``done``; return it.
+        In open(), a close() made meanwhile fails it with ECANCELED: cut
+        short if another thread's (it wakes the wait, see close()), once
+        it ends if this thread's own (a handler's); not in close()'s own."""
         assert self._xs is not None
         path = f"{self.device.backend_path}/state"
+        opening = self._opener is threading.current_thread()
+
+        def check(value: str | None) -> bool:
+            return (opening and self._close_asked) or done(_state(value))
+
         try:
-            return _state(self._xs.wait_for(path, lambda v: done(_state(v)), timeout=self.timeout))
-        except TimeoutError:
+            state = _state(self._xs.wait_for(path, check, timeout=self.timeout))
+            if opening and self._close_asked:
+                raise OSError(errno.ECANCELED, "the frontend was closed while it opened")
+            return state
+        except TimeoutError as exc:
+            if opening and self._close_asked:
+                raise OSError(errno.ECANCELED,
+                              "the frontend was closed while it opened") from exc
             state = self._backend_state()
             raise TimeoutError(
                 f"backend {self.device.backend_path} did not reach {what} "
@@ -1003,7 +1079,7 @@ class Frontend(Closing):
             raise OSError(errno.ENOTCONN, "frontend is closed")
         evtchn.notify(port)
 
-    def _event_loop(self) -> None:
+    def _event_loop(self, wakeup: _Wakeup) -> None:
         """One thread per frontend: read fired ports, run their handlers,
         unmask.  Handlers only copy responses and wake waiters.  Also runs
         the relays of rings with handles of their own (see :meth:`_relay`),
@@ -1033,35 +1109,34 @@ class Frontend(Closing):
         spin the thread, a reset and a hand-out of every port per round,
         for ever)."""
         try:
-            self._serve_events()
+            self._serve_events(wakeup)
         except Exception as exc:
             if isinstance(exc, _Fatal):
                 exc = exc.error
-            if self._stopping:
+            if wakeup.stopping:
                 # close() took the handles from under it: nothing waits.
                 logger.debug("pvcalls frontend event thread stopping: %s", exc)
                 return
             self._fail("its event thread", exc)
 
-    def _serve_events(self) -> None:
+    def _serve_events(self, wakeup: _Wakeup) -> None:
         evtchn = self._evtchn
         epoll = self._event_epoll
-        wakeup = self._wakeup
-        assert evtchn is not None and epoll is not None and wakeup is not None
+        assert evtchn is not None and epoll is not None
         shared_fd = evtchn.fileno()
         self._resets = 0
         # failed: a failure that no round has gone well since.  resync:
         # every port is to be handed out again before the next wait (also
         # after the handle was reset: see _serve_round).
         failed = resync = False
-        while not self._stopping:
+        while not wakeup.stopping:
             try:
                 if resync:
                     resync = False
                     with self._lock:
                         ports = list(self._handlers)
                     for port in ports:
-                        self._handle_port(evtchn, port)
+                        self._handle_port(evtchn, port, wakeup)
                 try:
                     events = epoll.poll()
                 except InterruptedError:
@@ -1097,7 +1172,7 @@ class Frontend(Closing):
                 # Cleared before looking: a finaliser appends, then sets.
                 wakeup.clear()
                 self._kick_owed()
-                self._start_reaper()
+                self._start_reaper(wakeup)
                 self._tell_room_waiters()
             for relay in relays:
                 try:
@@ -1107,7 +1182,7 @@ class Frontend(Closing):
         if not any(fd == shared_fd for fd, _ in events):
             return False
         for _ in range(_PORT_BATCH):
-            if self._stopping:
+            if wakeup.stopping:
                 # Stopped by a close() that a relay or handler ran here (a
                 # finaliser), which closed the handle: nothing to serve.
                 return False
@@ -1121,7 +1196,7 @@ class Frontend(Closing):
             if port is None:
                 self._resets = 0
                 return False
-            self._handle_port(evtchn, port)
+            self._handle_port(evtchn, port, wakeup)
         # More are pending, and the next wait says so at once; or the batch
         # took the last one, and the next wait blocks: then the queue is
         # empty as surely as a read finding it so, which ends the resets in
@@ -1154,7 +1229,7 @@ class Frontend(Closing):
                             "overflowed: reset; every port is handed out again",
                             self.domain.domid)
 
-    def _handle_port(self, evtchn: EventChannel, port: int) -> None:
+    def _handle_port(self, evtchn: EventChannel, port: int, wakeup: _Wakeup) -> None:
         """Run the handler of ``port`` (masked), then unmask it."""
         # Without _lock, once per event: a data ring's handler is set
         # before its socket's CONNECT or ACCEPT goes out, so an event of the
@@ -1174,7 +1249,7 @@ class Frontend(Closing):
             evtchn.unmask(port)
         except OSError:
             with self._lock:
-                if port in self._handlers and lost is None and not self._stopping:
+                if port in self._handlers and lost is None and not wakeup.stopping:
                     raise  # still bound, and left masked
             # Unbound meanwhile, or the handle closed by a close() that the
             # handler ran (a finaliser), or the frontend fails anyway.
@@ -1184,10 +1259,10 @@ class Frontend(Closing):
     def _stop_thread(self) -> None:
         """Stop the event thread, then wait for the reaper: it frees what
         it releases with the handles that are closed next."""
-        self._stopping = True
-        if self._wakeup is not None:
-            self._wakeup.set()
-        deadline = Deadline(10.0)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.stop()
+        deadline = Deadline(_THREAD_STOP_WAIT)
         with self._lock:
             reaper = self._reaper
         for thread in (self._thread, reaper):
@@ -1198,7 +1273,11 @@ class Frontend(Closing):
                     thread.join(deadline.nap())
             except TimeoutError:
                 logger.warning("%s of domain %d did not stop", thread.name, self.domain.domid)
-        self._thread = None
+        # Not the event thread's own close() (a handler's): the thread is
+        # on its way out, and the next open() or close() waits for it to
+        # end, so that no two ever run at once.
+        if self._thread is not threading.current_thread():
+            self._thread = None
         with self._lock:
             epoll, self._event_epoll = self._event_epoll, None
             self._relays.clear()
@@ -2074,13 +2153,13 @@ class Frontend(Closing):
         # the code that dropped it (under _collect, weakref.finalize).
         warnings.warn(message, ResourceWarning, stacklevel=3)
 
-    def _start_reaper(self) -> None:
+    def _start_reaper(self, wakeup: _Wakeup) -> None:
         """Event thread: start the reaper if sockets were dropped and it is
         not running.  Not the event thread itself: a RELEASE may have to
         wait for room on the command ring, which only the event thread
         makes."""
         with self._lock:
-            if not self._dropped or self._reaper is not None or self._stopping:
+            if not self._dropped or self._reaper is not None or wakeup.stopping:
                 return
             self._reaper = reaper = threading.Thread(
                 target=self._reap, name=f"pvcalls-reap-{self.domain.domid}", daemon=True)

@@ -1736,6 +1736,14 @@ class PVSocket(Closing):
                         sent += n
                         if sent == len(view):
                             break
+                    if self._closed:
+                        # Closed as it copied (a signal's handler, or a
+                        # close() that gave up on this call's lock): the
+                        # pages may be gone, zero pages in their place.
+                        # Not published, the bytes never went.
+                        if total:
+                            return total
+                        raise bad_fd()
                     ring.outq.produce(sent)
                     ring.notify()
                     total += sent
@@ -1860,9 +1868,18 @@ class PVSocket(Closing):
                 cons = ring.inq.position
                 if peek:
                     if parts and (err or sum(map(len, parts)) >= want):
-                        return _copy_out(parts, dst, nbytes)
+                        n = _copy_out(parts, dst, nbytes)
+                        if self._closed:
+                            raise bad_fd()  # as below
+                        return n
                 elif parts:
                     n = _copy_out(parts, dst[got:], nbytes - got)
+                    if self._closed:
+                        # Closed as it copied (see _send): what it copied
+                        # may be the zero pages that the shares left.
+                        if got:
+                            return got
+                        raise bad_fd()
                     got += n
                     ring.inq.consume(n)
                     # The backend waits for our consume only when the ring

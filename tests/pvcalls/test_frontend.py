@@ -827,7 +827,9 @@ def test_a_freed_ring_on_the_shared_handle_unbinds_its_port(
         assert port in bound
         s.close()  # the ring is freed once the backend answers the RELEASE
         wait_until(lambda: port not in bound)
-        other._handle_port(other._evtchn, port)  # as the hand-out after an overflow
+        assert other._wakeup is not None
+        # As the hand-out after an overflow.
+        other._handle_port(other._evtchn, port, other._wakeup)
 
 
 def _on_the_shared_handle(fe: pvcalls.Frontend, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1482,9 +1484,9 @@ def test_the_event_thread_hands_out_only_the_ports_that_fired(
             taken.append(port)
         return port
 
-    def handle_port(evtchn: Any, port: int) -> None:
+    def handle_port(evtchn: Any, port: int, wakeup: Any) -> None:
         handled.append(port)
-        real_handle_port(evtchn, port)
+        real_handle_port(evtchn, port, wakeup)
 
     monkeypatch.setattr(evtchn, "pending", pending)
     monkeypatch.setattr(fe, "_handle_port", handle_port)
@@ -3987,6 +3989,53 @@ def test_a_close_of_xenstores_watch_thread_alone_closes_the_device(
         fe.close()
 
 
+def test_a_close_in_the_backend_watchs_callback_closes_the_frontend(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The frontend's own watch of the backend's state closes the
+    frontend from inside its callback (a logging handler told that the
+    backend left, a finaliser run there): the close() runs whole, and the
+    callback then ends quietly.  Before, that close() waited for good for
+    the lock the callback held (_watch_lock), on the watch thread."""
+    caplog.set_level(logging.INFO, logger="pvcalls.frontend")
+    returned: list[BaseException | None] = []
+    ran = threading.Event()
+
+    class Closing(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "went to state" not in record.msg or ran.is_set():
+                return
+            try:
+                fe.close()
+                returned.append(None)
+            except BaseException as exc:
+                returned.append(exc)
+            ran.set()
+
+    handler = Closing()
+    with SimHost() as host:
+        backend = pvcalls.Backend(host.dom0, max_ioworkers=1)
+        fe = pvcalls.Frontend(host.create_domain("close-in-backend-watch"), timeout=TIMEOUT)
+        _frontend.logger.addHandler(handler)
+        try:
+            fe.open()
+            assert fe._xs is not None
+            watching = fe._xs._thread
+            assert watching is not None
+            backend.close()
+            assert ran.wait(TIMEOUT), "the close() in the watch's callback waits for itself"
+            assert returned == [None]
+            # Once the callback is over: it must not act after the close().
+            watching.join(TIMEOUT)
+            assert not watching.is_alive()
+            assert _closed_for_good(fe)
+            assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+        finally:
+            _frontend.logger.removeHandler(handler)
+            if ran.is_set():
+                fe.close()
+            backend.close()
+
+
 def test_a_close_of_the_event_thread_takes_the_answers_to_its_releases(
         host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
     """The event thread closes the frontend (a finaliser it runs, say),
@@ -4002,6 +4051,108 @@ def test_a_close_of_the_event_thread_takes_the_answers_to_its_releases(
         assert returned.wait(TIMEOUT / 2), "the event thread's close() waited for itself"
         assert fe.device is None
         assert not caplog.records, caplog.text
+
+
+def test_an_open_after_the_event_thread_closed_waits_for_it_to_end(
+        host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The event thread closes the frontend (a finaliser it runs, say),
+    and before it is back in its loop another thread opens the frontend
+    again: the open() waits for that thread to end, and the frontend it
+    opens works.  Before, nothing waited for it: the open() cleared the
+    flag that stopped it (one for every thread then), and the old thread
+    went on with the handles closed under it, handed the new command
+    ring's port out to itself, and failed the new frontend (EIO) as it
+    failed."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("open-after-event-thread-closed"),
+                          timeout=TIMEOUT)
+    fe.open()
+    old = fe._thread
+    assert old is not None
+    r, w = os.pipe()
+    closed, go_on = threading.Event(), threading.Event()
+
+    def closing() -> None:  # a relay: on the event thread
+        os.read(r, 1)
+        fe.close()
+        closed.set()
+        go_on.wait(TIMEOUT)
+
+    try:
+        with fe._lock:
+            assert fe._event_epoll is not None
+            fe._relays[r] = closing
+            fe._event_epoll.register(r, select.EPOLLIN)
+        os.write(w, b"x")
+        assert closed.wait(TIMEOUT)
+        assert fe.device is None
+        opening = Attempt(fe.open)
+        try:
+            wait_until(lambda: not opening.thread.is_alive() or stands_at(
+                opening.thread.ident or -1, _frontend.Frontend._stop_thread, "thread.join("))
+            # No two event threads at once, even one that would stop.
+            assert opening.thread.is_alive(), "the open() did not wait for the old thread"
+        finally:
+            go_on.set()
+        assert opening.result() is None
+        old.join(TIMEOUT)
+        assert not old.is_alive()
+        assert fe._thread is not old and fe._thread is not None and fe._thread.is_alive()
+        fe.socket().close()
+        assert not caplog.records, caplog.text
+    finally:
+        go_on.set()
+        fe.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_an_event_thread_outliving_the_wait_for_it_stops_all_the_same(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """As above, but the old event thread stays in its handler past the
+    time an open() waits for it (a warning), and the open() goes on with
+    a new thread: the old one, back in its loop, stops, and the frontend
+    that open() opened works.  Before, the open() had cleared the flag
+    that stopped it: it went on with the handles closed under it, and
+    failed the new frontend."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    monkeypatch.setattr(_frontend, "_THREAD_STOP_WAIT", 0.1)
+    fe = pvcalls.Frontend(host.create_domain("event-thread-outlives-stop"), timeout=TIMEOUT)
+    fe.open()
+    old = fe._thread
+    assert old is not None
+    r, w = os.pipe()
+    closed, go_on = threading.Event(), threading.Event()
+
+    def closing() -> None:  # a relay: on the event thread
+        os.read(r, 1)
+        fe.close()
+        closed.set()
+        go_on.wait(TIMEOUT)
+
+    try:
+        with fe._lock:
+            assert fe._event_epoll is not None
+            fe._relays[r] = closing
+            fe._event_epoll.register(r, select.EPOLLIN)
+        os.write(w, b"x")
+        assert closed.wait(TIMEOUT)
+        fe.open()
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{old.name} of domain {fe.domain.domid} did not stop"]
+        caplog.clear()
+        go_on.set()
+        old.join(TIMEOUT)
+        assert not old.is_alive()
+        assert fe._thread is not None and fe._thread.is_alive()
+        fe.socket().close()
+        assert not caplog.records, caplog.text
+    finally:
+        go_on.set()
+        fe.close()
+        os.close(r)
+        os.close(w)
 
 
 def test_an_open_while_another_thread_closes_waits_for_it(
@@ -4035,6 +4186,274 @@ def test_an_open_while_another_thread_closes_waits_for_it(
         assert not caplog.records, caplog.text
     finally:
         fe.close()
+
+
+@pytest.mark.parametrize("line", ["handles.extend(", "self._thread.start()",
+                                  "self._connected = True"])
+def test_a_close_while_another_thread_opens_waits_and_fails_the_open(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, line: str) -> None:
+    """A thread closes the frontend while another's open() is in its
+    handshake: the close() waits for the open(), which fails with
+    ECANCELED having closed all it opened; the frontend opens again
+    afterwards.  Before, the close() closed the handles the handshake was
+    making under it: the open() failed on a handle gone (AttributeError
+    on None), or went on to make new ones that nothing closed."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    name = line.split("(")[0].split(".")[-1].split(" ")[0].strip("_")
+    fe = pvcalls.Frontend(host.create_domain(f"close-while-opening-{name}"), timeout=TIMEOUT)
+    before = _held(host)
+    pause = PauseAt.in_method(monkeypatch, _frontend.Frontend, "_connect", line)
+    opening = Attempt(fe.open)
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        closing = Attempt(fe.close)
+        wait_until(lambda: not closing.thread.is_alive() or stands_at(
+            closing.thread.ident or -1, pvcalls.Frontend.close, "self._close_lock"))
+        assert closing.thread.is_alive(), "the close() did not wait for the open()"
+    finally:
+        pause.resume()
+    try:
+        err = opening.result()
+        assert isinstance(err, OSError) and err.errno == errno.ECANCELED, repr(err)
+        assert closing.result() is None
+        assert _closed_for_good(fe)
+        _wait_released(host, before, f"a close() while the open() stood at {line!r}")
+        assert not caplog.records, caplog.text
+        monkeypatch.undo()
+        fe.open()
+        fe.socket().close()
+    finally:
+        fe.close()
+
+
+def _watch_fires(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set once a watch's callback first runs (XenStore fires every new
+    watch once, at a moment of its own): a wait_for() may read its node
+    again then."""
+    fired = threading.Event()
+    watch = XenStore._watch
+
+    def noted(self: XenStore, path: str, callback: Callable[[str], object],
+              *args: Any, **kwargs: Any) -> Any:
+        def called(p: str) -> object:
+            fired.set()
+            return callback(p)
+
+        return watch(self, path, called, *args, **kwargs)
+
+    monkeypatch.setattr(XenStore, "_watch", noted)
+    return fired
+
+
+def test_a_close_as_open_takes_its_lock_fails_the_open(
+        host: SimHost, backend: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A thread closes the frontend just as another's open() has taken
+    close()'s lock: the close() waits for the open(), which fails with
+    ECANCELED, as any close() made while it runs makes it.  Before, the
+    open() cleared the close()'s request under the lock it had just
+    taken: it opened, and the close() closed the frontend after it."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fe = pvcalls.Frontend(host.create_domain("close-as-open-locks"), timeout=TIMEOUT)
+    before = _held(host)
+    pause = PauseAt.in_method(monkeypatch, pvcalls.Frontend, "open",
+                              "if self.device is not None:")
+    opening = Attempt(fe.open)
+    try:
+        assert pause.reached.wait(TIMEOUT)
+        closing = Attempt(fe.close)
+        wait_until(lambda: not closing.thread.is_alive() or stands_at(
+            closing.thread.ident or -1, pvcalls.Frontend.close, "self._close_lock"))
+        assert closing.thread.is_alive(), "the close() did not wait for the open()"
+    finally:
+        pause.resume()
+    err = opening.result()
+    assert isinstance(err, OSError) and err.errno == errno.ECANCELED, repr(err)
+    assert closing.result() is None
+    assert _closed_for_good(fe)
+    _wait_released(host, before, "a close() as the open() took its lock")
+    assert not caplog.records, caplog.text
+
+
+def test_a_close_from_another_thread_cuts_a_hung_open_short(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """No backend answers (none runs), and open() would wait its whole
+    timeout for InitWait: a close() from another thread (a program that
+    gives up on it) ends that wait, and the open() fails with ECANCELED
+    having closed all it opened.  Before, the close() waited for the
+    open() to time out."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fired = _watch_fires(monkeypatch)
+    read_since = threading.Event()
+    read = XenStore.read
+
+    def noted(self: XenStore, path: str) -> Any:
+        if fired.is_set():
+            read_since.set()
+        return read(self, path)
+
+    monkeypatch.setattr(XenStore, "read", noted)
+    with SimHost() as host:  # of its own: no backend
+        fe = pvcalls.Frontend(host.create_domain("close-cuts-open-short"),
+                              timeout=OUTLASTS_THE_TEST)
+        before = _held(host)
+        opening = Attempt(fe.open)
+        # Asleep once it read the state since its watch's first event and
+        # found it wanting: a close() before that read, or that event,
+        # would be seen there with no waking.
+        wait_until(lambda: not opening.thread.is_alive() or (
+            read_since.is_set()
+            and stands_at(opening.thread.ident or -1, XenStore.wait_for, "changed.wait(")))
+        assert opening.thread.is_alive(), repr(opening.result())
+        closing = Attempt(fe.close)
+        assert closing.result(msg="the close() waits for the open() to time out") is None
+        err = opening.result()
+        assert isinstance(err, OSError) and err.errno == errno.ECANCELED, repr(err)
+        assert _closed_for_good(fe)
+        _wait_released(host, before, "a close() that cut the open() short")
+        assert not caplog.records, caplog.text
+
+
+def test_a_close_of_the_openers_own_thread_fails_the_hung_open_as_cancelled(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """No backend answers, and a close() runs inside open()'s wait for it
+    on the same thread (a signal's handler, which cannot wake the wait):
+    the wait runs to its timeout, and the open() then fails with
+    ECANCELED, as the close() asked, having closed all it opened.  Before,
+    it failed with the TimeoutError, as if nobody had closed it."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    fired = _watch_fires(monkeypatch)
+    with SimHost() as host:  # of its own: no backend
+        fe = pvcalls.Frontend(host.create_domain("close-in-hung-open"), timeout=0.3)
+        before = _held(host)
+        code = XenStore.wait_for.__code__
+        # Past a test of the predicate, where the wait begins; in a pass
+        # begun once the watch's first event came: no other wakes it.
+        clear = line_of(XenStore.wait_for, "changed.clear()")
+        line = line_of(XenStore.wait_for, "remaining = deadline - time.monotonic()")
+        inner: list[None] = []
+        settled: list[bool] = []
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == clear:
+                settled.append(fired.is_set())
+            elif event == "line" and frame.f_lineno == line and settled[-1] and not inner:
+                inner.append(fe.close())  # as a handler run there would (untraced)
+            return local
+
+        def traced() -> None:
+            sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+            try:
+                fe.open()
+            finally:
+                sys.settrace(None)
+
+        err = Attempt(traced).result()
+        assert inner == [None]
+        assert isinstance(err, OSError) and err.errno == errno.ECANCELED, repr(err)
+        assert _closed_for_good(fe)
+        _wait_released(host, before, "a close() inside the open()'s wait")
+        assert not caplog.records, caplog.text
+
+
+def test_a_close_inside_open_as_xenstore_holds_its_lock_returns(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A close() runs inside open()'s wait for the backend on the same
+    thread (a signal's handler) just as the wait holds its XenStore
+    connection's lock: it returns, not waking the wait (which would take
+    that lock again, for good), and the open() fails with ECANCELED."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    with SimHost() as host:  # of its own: no backend
+        fe = pvcalls.Frontend(host.create_domain("close-under-xs-lock"), timeout=TIMEOUT)
+        before = _held(host)
+        code = XenStore.wait_for.__code__
+        line = line_of(XenStore.wait_for, "self._waiters.add(changed)")
+        inner: list[None] = []
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == line and not inner:
+                inner.append(fe.close())  # as a handler run there would (untraced)
+            return local
+
+        def traced() -> None:
+            sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+            try:
+                fe.open()
+            finally:
+                sys.settrace(None)
+
+        err = Attempt(traced).result(msg="the close() waits for the lock its thread holds")
+        assert inner == [None]
+        assert isinstance(err, OSError) and err.errno == errno.ECANCELED, repr(err)
+        assert _closed_for_good(fe)
+        _wait_released(host, before, "a close() as the open()'s wait held XenStore's lock")
+        assert not caplog.records, caplog.text
+
+
+def _open_closing_at_line(fe: pvcalls.Frontend, n: int,
+                          codes: tuple[Any, ...]) -> tuple[list[tuple[str, int]], Any]:
+    """``fe.open()`` on a thread of its own, with ``fe.close()`` run at
+    the ``n``-th line it gets to in a frame of ``codes`` (untraced, as a
+    signal's handler run there would): where it ran (none if fewer
+    lines), and what the open() returned or raised."""
+    lines = itertools.count()
+    inner: list[tuple[str, int]] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and not inner and next(lines) == n:
+            inner.append((frame.f_code.co_name, frame.f_lineno))
+            fe.close()
+        return local
+
+    def traced() -> None:
+        sys.settrace(lambda frame, event, arg: local if frame.f_code in codes else None)
+        try:
+            fe.open()
+        finally:
+            sys.settrace(None)
+
+    outcome = Attempt(traced).result(msg="the close() inside open() waits for itself")
+    return inner, outcome
+
+
+def test_a_close_inside_open_anywhere_fails_it_or_runs_before_it(
+        host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A close() runs inside an open() of the same thread (as a signal's
+    handler would), at each line of open() and of its handshake in turn:
+    one once the open() has said that it opens makes it fail with
+    ECANCELED, having closed all it opened; one before that closes the
+    frontend whole, and the open() opens it afresh.  Before, it closed
+    the handles under the open(), which then failed on one gone
+    (AttributeError on None), or went on to make new ones that nothing
+    closed."""
+    caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
+    guest = host.create_domain("close-inside-open")
+    codes = (pvcalls.Frontend.open.__code__, _frontend.Frontend._connect.__code__)
+    outcomes: list[str] = []
+    for n in itertools.count():
+        fe = pvcalls.Frontend(guest, timeout=TIMEOUT)
+        before = _held(host)
+        inner, outcome = _open_closing_at_line(fe, n, codes)
+        if not inner:
+            assert outcome is None
+            assert fe.device is not None
+            fe.close()
+            break
+        where = f"a close() at {inner[0]}"
+        if outcome is None:
+            assert fe.device is not None, where  # it ran before the open()
+            fe.close()
+        try:
+            assert outcome is None or (isinstance(outcome, OSError)
+                                       and outcome.errno == errno.ECANCELED), (where, outcome)
+            assert _closed_for_good(fe), where
+            _wait_released(host, before, where)
+            assert not caplog.records, (where, caplog.text)
+        finally:
+            fe.close()
+        outcomes.append("failed" if outcome is not None else "opened")
+    assert "failed" in outcomes and "opened" in outcomes, outcomes
 
 
 def test_a_close_of_the_reaper_while_another_thread_closes_returns_at_once(
@@ -4077,6 +4496,110 @@ def test_a_close_of_the_reaper_while_another_thread_closes_returns_at_once(
     assert not caplog.records, caplog.text
 
 
+@pytest.mark.parametrize("call", ["send", "recv", "peek"])
+def test_a_call_resuming_after_close_gave_up_its_lock_says_ebadf(
+        host: SimHost, backend: Any, server: Any, caplog: pytest.LogCaptureFixture,
+        call: str) -> None:
+    """A send() or recv() holds its lock while the frontend's close() runs
+    in it (a signal's handler, as the call looks at the ring): close()
+    gives up on that lock within its timeout (a warning) and closes the
+    frontend, its handles and shares.  The call then says EBADF, and
+    takes nothing it copied for sent or received.  Before, it copied to
+    (or from) the zero pages that the ended shares left, and said it
+    sent 100 bytes (or returned 100 zero bytes)."""
+    srv = server()
+    fe = pvcalls.Frontend(host.create_domain(f"resume-after-close-{call}"), timeout=0.2)
+    fe.open()
+    try:
+        s = connected(fe, srv.address)
+        if call != "send":
+            s.sendall(b"x" * 100)
+            wait_until(lambda: s._st.ring is not None and s._st.ring.in_available() >= 100)
+        func = pvcalls.PVSocket._send if call == "send" else pvcalls.PVSocket._receive
+        text = "_checked(ring.outq.writable)" if call == "send" else "cons = ring.inq.position"
+        code = func.__code__
+        line = line_of(func, text)
+        inner: list[None] = []
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == line and not inner:
+                inner.append(fe.close())  # as a handler run there would (untraced)
+            return local
+
+        def traced() -> Any:
+            sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+            try:
+                if call == "send":
+                    return s.send(b"y" * 100)
+                return s.recv(100, socket.MSG_PEEK if call == "peek" else 0)
+            finally:
+                sys.settrace(None)
+
+        outcome = Attempt(traced).result()
+        assert inner == [None]
+        assert isinstance(outcome, OSError) and outcome.errno == errno.EBADF, repr(outcome)
+        s.close()
+    finally:
+        fe.close()
+
+
+@pytest.mark.parametrize("call", ["send", "recv"])
+def test_a_call_closed_as_it_copies_more_returns_what_went_before(
+        host: SimHost, backend: Any, server: Any, call: str) -> None:
+    """As above, but the blocking call had moved bytes already (a send()
+    larger than its ring, a recv() with MSG_WAITALL) when the close()
+    runs in it, as it copies more: it returns those bytes, and takes
+    none of what it copied since for sent or received."""
+    srv = server()
+    fe = pvcalls.Frontend(host.create_domain(f"closed-copying-more-{call}"), timeout=0.2)
+    fe.open()
+    try:
+        s = connected(fe, srv.address)
+        s.settimeout(None)  # MSG_WAITALL waits for all only so
+        ring = s._st.ring
+        assert ring is not None
+        if call == "send":
+            func, text, moved = pvcalls.PVSocket._send, "sent = 0", "total"
+        else:
+            func, text, moved = pvcalls.PVSocket._receive, "cons = ring.inq.position", "got"
+            s.sendall(b"x" * 50)
+            wait_until(lambda: ring.in_available() >= 50)
+        code = func.__code__
+        line = line_of(func, text)
+        before: list[int] = []
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if (event == "line" and frame.f_lineno == line and not before
+                    and frame.f_locals[moved] > 0 and frame.f_locals["parts"]):
+                before.append(frame.f_locals[moved])
+                fe.close()  # as a handler run there would (untraced)
+            return local
+
+        def traced() -> Any:
+            sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+            try:
+                if call == "send":
+                    return s.send(b"y" * (3 * ring.outq.size))
+                return s.recv(100, socket.MSG_WAITALL)
+            finally:
+                sys.settrace(None)
+
+        calling = Attempt(traced)
+        if call == "recv":
+            # More to take once the first 50 bytes are: a second pass.
+            wait_until(lambda: ring.in_available() == 0 or not calling.thread.is_alive())
+            s.sendall(b"x" * 50)
+        outcome = calling.result()
+        assert before, f"no close() in the call: {outcome!r}"
+        if call == "send":
+            assert outcome == before[0], (outcome, before)
+        else:
+            assert outcome == b"x" * before[0], (outcome, before)
+        s.close()
+    finally:
+        fe.close()
+
+
 def _close_lock_free_elsewhere(fe: pvcalls.Frontend) -> bool:
     """Whether another thread finds close()'s lock free (an RLock: the
     thread that left it held would take it again)."""
@@ -4093,8 +4616,8 @@ def _close_lock_free_elsewhere(fe: pvcalls.Frontend) -> bool:
 def test_an_open_or_close_interrupted_anywhere_leaves_close_to_any_thread(
         host: SimHost, backend: Any, call: str) -> None:
     """A Ctrl-C landing anywhere in the frontend's code during close()
-    (or open(), which holds close()'s lock up to its device) leaves that
-    lock free for every thread, and no thread marked as closing, so a
+    (or open(), which holds close()'s lock too) leaves that lock free
+    for every thread, and no thread marked as closing or opening, so a
     close() of another thread finishes it.  Held by the main thread, its
     later close() would take it again, and only other threads' would
     wait for good; marked as closing, its later close() would return at
@@ -4112,6 +4635,7 @@ def test_an_open_or_close_interrupted_anywhere_leaves_close_to_any_thread(
                 where = interrupted_at(n, within, fe.open)
             assert _close_lock_free_elsewhere(fe), f"close()'s lock left held, landing {where}"
             assert fe._closer is None, f"a closer left, landing {where}"
+            assert fe._opener is None, f"an opener left, landing {where}"
             assert Attempt(fe.close).result() is None
             assert _closed_for_good(fe), where
         finally:

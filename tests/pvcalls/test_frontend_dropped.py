@@ -368,7 +368,7 @@ def test_frontend_close_releases_what_the_reaper_has_not(
     started: close() sends its RELEASE, and leaves nothing shared."""
     before = host.hypervisor.stats()
     f = own_frontend("closing-with-one-dropped")
-    monkeypatch.setattr(f, "_start_reaper", lambda: None)  # the reaper is late
+    monkeypatch.setattr(f, "_start_reaper", lambda _: None)  # the reaper is late
     box = [f.socket()]
     box[0].settimeout(TIMEOUT)
     box[0].connect(echo_server.address)

@@ -2483,7 +2483,7 @@ def test_a_dropped_socket_not_yet_released_holds_up_no_wake_up(
     without a word (no traceback for a socket that is gone), and the
     sockets after it are woken all the same: the waits' recheck is an hour
     here, so that only the wake-up ends them."""
-    monkeypatch.setattr(fe, "_start_reaper", lambda: None)  # it stays in the table
+    monkeypatch.setattr(fe, "_start_reaper", lambda _: None)  # it stays in the table
     monkeypatch.setattr(_common, "RECHECK", 3600.0)
     dropped, _ = connected(fe, fake)
     ref = weakref.ref(dropped)

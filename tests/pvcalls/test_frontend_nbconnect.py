@@ -434,7 +434,7 @@ def test_a_socket_dropped_while_connecting_is_released(
     wait_until(lambda: settled(fe) and len(fe._ring_pool) == 1)
     shared = host.hypervisor.stats()
     if answer != "never":
-        monkeypatch.setattr(fe, "_start_reaper", lambda: None)  # the reaper is late
+        monkeypatch.setattr(fe, "_start_reaper", lambda _: None)  # the reaper is late
     with unanswered_listener() as (address, make_room):
         s = start_connect(fe, address)
         s.fileno()

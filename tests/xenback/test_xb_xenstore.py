@@ -612,6 +612,25 @@ def test_wait_for_sees_a_change_made_as_it_reads(dom0_xs, monkeypatch) -> None:
     assert reads == ["old", "new"]
 
 
+def test_waking_the_waiters_has_each_test_its_predicate_again(dom0_xs) -> None:
+    """A predicate that looks at more than the node (a flag another thread
+    sets to give up the wait): wake_waiters() has the wait test it again
+    at once, with no change of the node."""
+    dom0_xs.write("/test/woken", "same")
+    given_up = threading.Event()
+    checked = threading.Semaphore(0)
+
+    def done(value: str | None) -> bool:
+        checked.release()
+        return given_up.is_set()
+
+    waiter = Attempt(lambda: dom0_xs.wait_for("/test/woken", done, timeout=OUTLASTS_THE_TEST))
+    assert checked.acquire(timeout=TIMEOUT)  # read once, found wanting
+    given_up.set()
+    dom0_xs.wake_waiters()
+    assert waiter.result(msg="the wait was not woken") == "same"
+
+
 def test_wait_for_timeout_says_what_was_awaited(dom0_xs) -> None:
     """A frontend waiting for its backend's state learns from the
     TimeoutError which value it waited for, not only the last one seen."""
