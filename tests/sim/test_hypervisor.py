@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -618,3 +619,28 @@ def test_a_handle_dropped_while_its_domain_goes_is_closed_once(
         b.close()
     assert "failure" not in caplog.text
     assert host.hypervisor.stats()["domains"] == 1
+
+
+def test_a_domain_added_where_a_killed_host_left_its_socket_takes_the_path(
+        short_tmp: Path) -> None:
+    """A hypervisor run without a SimHost (which clears a killed host's
+    sockets as it starts) finds the socket file of a domain of a host that
+    was killed at the path of the domain it adds: the file is removed, and
+    the path leads to the new listener.  Left there, bind() refused the
+    domain (EADDRINUSE) for as long as the file stayed."""
+    path = domain_socket(short_tmp, 3)
+    path.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as killed:
+        killed.bind(os.fspath(path))  # closed unremoved, as by a kill
+    hv = _hypervisor.Hypervisor(short_tmp)
+    hv.start()
+    try:
+        assert hv.add_domain(3, "guest") == path
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.connect(os.fspath(path))  # ECONNREFUSED at a dead socket's file
+            sock.send(b'{"op": "info", "id": 1}')
+            assert received(sock)["domid"] == 3
+    finally:
+        hv.stop()
+    assert not path.exists()
