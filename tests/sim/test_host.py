@@ -2627,6 +2627,42 @@ def test_records_a_thread_held_are_emitted_as_their_logger_would() -> None:
         host_logger.setLevel(level)
 
 
+def test_a_thread_keeping_records_makes_none_its_logger_would_not_emit() -> None:
+    """A thread keeping its records (see _heldlog) makes no record of a
+    level its logger would not emit: a DEBUG one of a logger at INFO is
+    not made at all, not only dropped as it is emitted."""
+    from racewindow import Attempt
+
+    from xenback.sim import _heldlog, _host
+
+    host_logger = logging.getLogger(_host.__name__)
+    level = host_logger.level
+    host_logger.setLevel(logging.INFO)
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        made.append(record)
+        return record
+
+    def kept() -> list[logging.LogRecord]:
+        into: list[logging.LogRecord] = []
+        with _heldlog.records_kept(into):
+            _heldlog.log(host_logger).debug("not asked for")
+            _heldlog.log(host_logger).info("asked for")
+        return into
+
+    logging.setLogRecordFactory(counted)
+    try:
+        into = Attempt(kept).result()
+    finally:
+        logging.setLogRecordFactory(factory)
+        host_logger.setLevel(level)
+    assert [r.getMessage() for r in into] == ["asked for"]
+    assert [r.getMessage() for r in made if r.name == _host.__name__] == ["asked for"]
+
+
 def test_a_removal_another_thread_does_in_place_logs_past_the_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """remove_domain() from a thread other than the main one, with no

@@ -53,30 +53,47 @@ _held = threading.local()
 
 
 class _Keeper(logging.Logger):
-    """A logger as a thread that keeps records sees it: it makes them and
-    keeps them, and takes no lock (levels and filters are applied as the
-    records are emitted, see emit).
+    """A logger as a thread that keeps records sees it: it keeps them in
+    the list of the thread making them, and takes no lock.  It makes no
+    record of a level its logger would not emit (asked of the logger's
+    levels, which takes no lock, where isEnabledFor() may take logging's
+    own): a keeping thread that logs per request, at a level nobody
+    listens to, must not pay a record for each.  Filters are applied as
+    the records are emitted (see emit), which asks the levels again.
 
-    This leans on isEnabledFor() and handle() being a Logger's only ways
-    to its handlers, true of logging as of Python 3.11: debug() to
-    exception() and log() ask isEnabledFor(), then _log() makes the record
-    and passes it to handle()."""
+    One per logger, shared by the threads.  This leans on isEnabledFor()
+    and handle() being a Logger's only ways to its handlers, true of
+    logging as of Python 3.11: debug() to exception() and log() ask
+    isEnabledFor(), then _log() makes the record and passes it to
+    handle()."""
 
-    def __init__(self, name: str, records: list[logging.LogRecord]) -> None:
-        super().__init__(name)
-        self.records = records
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger.name)
+        self.of = logger
 
     def isEnabledFor(self, level: int) -> bool:  # noqa: N802
-        return True
+        of = self.of
+        return (not of.disabled and of.manager.disable < level
+                and level >= of.getEffectiveLevel())
 
     def handle(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        # Used as log() returns it, only by a thread keeping records.
+        _held.records.append(record)
+
+
+# Each logger's _Keeper, made once: a dict's get() and setdefault() are atomic.
+_keepers: dict[logging.Logger, _Keeper] = {}
 
 
 def log(logger: logging.Logger) -> logging.Logger:
-    """``logger``, or one keeping its records if this thread keeps them."""
-    records: list[logging.LogRecord] | None = getattr(_held, "records", None)
-    return logger if records is None else _Keeper(logger.name, records)
+    """``logger``, or one keeping its records if this thread keeps them
+    (none of a level ``logger`` would not emit as the record is made)."""
+    if getattr(_held, "records", None) is None:
+        return logger
+    keeper = _keepers.get(logger)
+    if keeper is None:
+        keeper = _keepers.setdefault(logger, _Keeper(logger))
+    return keeper
 
 
 def keeping() -> bool:
@@ -107,9 +124,14 @@ def emit(records: list[logging.LogRecord]) -> None:
 
 
 @contextlib.contextmanager
-def records_kept(into: list[logging.LogRecord]) -> Iterator[None]:
+def records_kept(into: list[logging.LogRecord] | None) -> Iterator[None]:
     """What this thread logs through :func:`log` within, kept in ``into``
-    for the caller to emit or hand over."""
+    for the caller to emit or hand over.
+
+    With None, the thread emits what it logs and what :func:`emit` is
+    given within, though it keeps its records around: for a thread that
+    keeps them and emits them itself where it can tell nobody waits on it
+    (see XenStored._say)."""
     outer = getattr(_held, "records", None)
     _held.records = into
     try:
@@ -135,57 +157,3 @@ def records_held() -> Iterator[None]:
             yield
     finally:
         emit(records)
-
-
-@contextlib.contextmanager
-def records_emitted() -> Iterator[None]:
-    """Within, this thread emits what it logs and what :func:`emit` is
-    given, though it keeps its records around: for a thread that keeps
-    them and emits them itself where it can tell nobody waits on it (see
-    XenStored._say)."""
-    outer = getattr(_held, "records", None)
-    _held.records = None
-    try:
-        yield
-    finally:
-        _held.records = outer
-
-
-class _Sifter(logging.Logger):
-    """A logger as a thread that keeps records sees it (as _Keeper), but
-    one that makes no record of a level its logger would not emit.
-
-    Asked of the logger's levels, which takes no lock (isEnabledFor() may
-    take logging's own): a keeping thread that logs per request, at a
-    level nobody listens to, must not pay a record for each.  Nor a
-    logger: one per logger, shared by the threads, each record kept in
-    the list of the thread making it."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        super().__init__(logger.name)
-        self.of = logger
-
-    def isEnabledFor(self, level: int) -> bool:  # noqa: N802
-        of = self.of
-        return (not of.disabled and of.manager.disable < level
-                and level >= of.getEffectiveLevel())
-
-    def handle(self, record: logging.LogRecord) -> None:
-        # Used as sifted() returns it, only by a thread keeping records.
-        _held.records.append(record)
-
-
-# Each logger's _Sifter, made once: a dict's get() and setdefault() are atomic.
-_sifters: dict[logging.Logger, _Sifter] = {}
-
-
-def sifted(logger: logging.Logger) -> logging.Logger:
-    """As :func:`log`, but a thread keeping its records keeps none of a
-    level ``logger`` would not emit as the record is made (as ``logger``
-    itself does)."""
-    if getattr(_held, "records", None) is None:
-        return logger
-    sifter = _sifters.get(logger)
-    if sifter is None:
-        sifter = _sifters.setdefault(logger, _Sifter(logger))
-    return sifter

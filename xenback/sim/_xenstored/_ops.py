@@ -10,7 +10,7 @@ this module simplifies, the docstring of the handler says so.
 
 Threading: none.  The server calls :meth:`Dispatcher.handle` from its loop
 thread only, and the store, watches and domains are touched only there.
-It logs through :func:`~xenback.sim._heldlog.sifted`: the loop thread keeps
+It logs through :func:`~xenback.sim._heldlog.log`: the loop thread keeps
 its records, to emit where no stop() waits on it (see the server's _say).
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from xenback._flags import DOMID_FIRST_RESERVED
 
-from .._heldlog import sifted
+from .._heldlog import log
 from ._connection import Connection, Domain
 from ._transaction import Transaction
 from ._tree import (
@@ -211,7 +211,7 @@ class Dispatcher:
             if len(reply) > PAYLOAD_MAX:
                 raise XsError("E2BIG", "reply too long")
         except XsError as e:
-            sifted(logger).debug("%r op %s: %s", conn, op, e)
+            log(logger).debug("%r op %s: %s", conn, op, e)
             self._send(conn, HEADER.pack(Op.ERROR, req_id, tx_id, len(e.name) + 1)
                        + e.name.encode() + b"\0")
         else:
@@ -370,7 +370,7 @@ class Dispatcher:
             # Warn once per watch, and for a guest's watches once per guest:
             # it can set up any number of watches in turn.
             level = watch.conn.domain.fault_level() if watch.dropped == 1 else logging.DEBUG
-            sifted(logger).log(
+            log(logger).log(
                 level,
                 "%r: dropped an event of the watch on %.64s: path %.64s (%d bytes) "
                 "and token (%d bytes) make %d bytes, over XENSTORE_PAYLOAD_MAX (%d)",
@@ -797,7 +797,7 @@ class Dispatcher:
         if command == "check":
             return _OK
         if command == "print":
-            sifted(logger).info("xenstore control print: %s", " ".join(strings[1:]))
+            log(logger).info("xenstore control print: %s", " ".join(strings[1:]))
             return _OK
         if command == "log":
             return _OK

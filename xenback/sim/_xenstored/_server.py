@@ -100,7 +100,7 @@ from typing import Any, TypeVar
 
 from xenback._flags import DOMID_FIRST_RESERVED, check_xenstore_domid
 
-from .._heldlog import EMITTER_WAIT, emit, records_emitted, records_kept, sifted
+from .._heldlog import EMITTER_WAIT, emit, log, records_kept
 from .._unix import listen_error
 from ._connection import Connection, Domain, Outstanding, WaitingEvent
 from ._ops import Dispatcher, Quota
@@ -114,7 +114,7 @@ logger = logging.getLogger(__name__)
 def _log() -> logging.Logger:
     """The logger, or one keeping its records: the loop's (see _say), or
     a caller's (see _call)."""
-    return sifted(logger)
+    return log(logger)
 
 
 T = TypeVar("T")
@@ -814,7 +814,7 @@ class XenStored:
                 self._emitting = True
                 record = said.pop(0)
             try:
-                with records_emitted():
+                with records_kept(None):
                     emit([record])
             except Exception:
                 # A handler's bug costs its record, never the server (nor
