@@ -3855,11 +3855,15 @@ def test_a_close_inside_close_as_it_takes_its_lock_does_not_wait_for_itself(
 
 @contextlib.contextmanager
 def _closing_on_the_event_thread(
-        fe: pvcalls.Frontend) -> Iterator[tuple[Callable[[], object], threading.Event]]:
+        fe: pvcalls.Frontend, until: threading.Event | None = None,
+) -> Iterator[tuple[Callable[[], object], threading.Event]]:
     """For the block, a relay of ``fe``'s event thread (as a finaliser it
     runs would) that closes ``fe`` once the callable yielded is called;
-    the event yielded is set once that close() has returned.  At the end,
-    once it has (if it ran), ``fe`` is closed, and the relay's pipe."""
+    the event yielded is set once that close() has returned.  With
+    ``until``, the relay stays in its handler after the close() until it
+    is set (at the end of the block at the latest).  At the end, once the
+    close() has returned (if it ran), ``fe`` is closed, and the relay's
+    pipe."""
     r, w = os.pipe()
     asked, returned = threading.Event(), threading.Event()
 
@@ -3867,6 +3871,8 @@ def _closing_on_the_event_thread(
         os.read(r, 1)
         fe.close()
         returned.set()
+        if until is not None:
+            until.wait(TIMEOUT)
 
     def close_there() -> None:
         asked.set()
@@ -3879,6 +3885,8 @@ def _closing_on_the_event_thread(
             fe._event_epoll.register(r, select.EPOLLIN)
         yield close_there, returned
     finally:
+        if until is not None:
+            until.set()
         if asked.is_set():
             returned.wait(TIMEOUT)  # not beside that close(), should it run late
         fe.close()
@@ -4069,42 +4077,23 @@ def test_an_open_after_the_event_thread_closed_waits_for_it_to_end(
     fe.open()
     old = fe._thread
     assert old is not None
-    r, w = os.pipe()
-    closed, go_on = threading.Event(), threading.Event()
-
-    def closing() -> None:  # a relay: on the event thread
-        os.read(r, 1)
-        fe.close()
-        closed.set()
-        go_on.wait(TIMEOUT)
-
-    try:
-        with fe._lock:
-            assert fe._event_epoll is not None
-            fe._relays[r] = closing
-            fe._event_epoll.register(r, select.EPOLLIN)
-        os.write(w, b"x")
+    go_on = threading.Event()
+    with _closing_on_the_event_thread(fe, until=go_on) as (close_there, closed):
+        close_there()
         assert closed.wait(TIMEOUT)
         assert fe.device is None
         opening = Attempt(fe.open)
-        try:
-            wait_until(lambda: not opening.thread.is_alive() or stands_at(
-                opening.thread.ident or -1, _frontend.Frontend._stop_thread, "thread.join("))
-            # No two event threads at once, even one that would stop.
-            assert opening.thread.is_alive(), "the open() did not wait for the old thread"
-        finally:
-            go_on.set()
+        wait_until(lambda: not opening.thread.is_alive() or stands_at(
+            opening.thread.ident or -1, _frontend.Frontend._stop_thread, "thread.join("))
+        # No two event threads at once, even one that would stop.
+        assert opening.thread.is_alive(), "the open() did not wait for the old thread"
+        go_on.set()
         assert opening.result() is None
         old.join(TIMEOUT)
         assert not old.is_alive()
         assert fe._thread is not old and fe._thread is not None and fe._thread.is_alive()
         fe.socket().close()
         assert not caplog.records, caplog.text
-    finally:
-        go_on.set()
-        fe.close()
-        os.close(r)
-        os.close(w)
 
 
 def test_an_event_thread_outliving_the_wait_for_it_stops_all_the_same(
@@ -4122,21 +4111,9 @@ def test_an_event_thread_outliving_the_wait_for_it_stops_all_the_same(
     fe.open()
     old = fe._thread
     assert old is not None
-    r, w = os.pipe()
-    closed, go_on = threading.Event(), threading.Event()
-
-    def closing() -> None:  # a relay: on the event thread
-        os.read(r, 1)
-        fe.close()
-        closed.set()
-        go_on.wait(TIMEOUT)
-
-    try:
-        with fe._lock:
-            assert fe._event_epoll is not None
-            fe._relays[r] = closing
-            fe._event_epoll.register(r, select.EPOLLIN)
-        os.write(w, b"x")
+    go_on = threading.Event()
+    with _closing_on_the_event_thread(fe, until=go_on) as (close_there, closed):
+        close_there()
         assert closed.wait(TIMEOUT)
         fe.open()
         assert [r.getMessage() for r in caplog.records] == [
@@ -4148,11 +4125,6 @@ def test_an_event_thread_outliving_the_wait_for_it_stops_all_the_same(
         assert fe._thread is not None and fe._thread.is_alive()
         fe.socket().close()
         assert not caplog.records, caplog.text
-    finally:
-        go_on.set()
-        fe.close()
-        os.close(r)
-        os.close(w)
 
 
 def test_an_open_while_another_thread_closes_waits_for_it(
