@@ -2000,6 +2000,41 @@ def test_the_loops_last_records_are_emitted_after_a_stop_cut_short_anywhere(
     assert any("XenStored.stop" in where for where in landed), landed
 
 
+@contextlib.contextmanager
+def _held_up(
+        holds: Callable[[logging.LogRecord], bool], then: Callable[[], object] = lambda: None,
+) -> Iterator[tuple[logging.handlers.BufferingHandler, threading.Event, threading.Event]]:
+    """For the block, XenStored's records down to DEBUG go to the handler
+    yielded, whose filter holds up the thread emitting the first that
+    ``holds`` picks (as a lock the main thread holds would): it sets the
+    ``entered`` yielded, waits for ``go`` (yielded; TIMEOUT at most), then
+    calls ``then``.  Cleared, ``entered`` lets it pick another.  At the
+    end, ``go`` is set and the logger is as it was."""
+    from racewindow import TIMEOUT
+
+    entered, go = threading.Event(), threading.Event()
+
+    def held_up(record: logging.LogRecord) -> bool:
+        if not entered.is_set() and holds(record):
+            entered.set()
+            go.wait(TIMEOUT)
+            then()
+        return True
+
+    kept = logging.handlers.BufferingHandler(capacity=1000)
+    kept.addFilter(held_up)
+    xs_logger = logging.getLogger("xenback.sim._xenstored")
+    was = xs_logger.level
+    xs_logger.addHandler(kept)
+    xs_logger.setLevel(logging.DEBUG)
+    try:
+        yield kept, entered, go
+    finally:
+        go.set()
+        xs_logger.removeHandler(kept)
+        xs_logger.setLevel(was)
+
+
 def test_a_stop_taking_over_an_emitting_loop_cut_short_anywhere_loses_no_record(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C landing anywhere in a stop() that finds the loop emitting a
@@ -2011,23 +2046,10 @@ def test_a_stop_taking_over_an_emitting_loop_cut_short_anywhere_loses_no_record(
 
     # Taken over at once: the loop emits until the test lets it go.
     monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
-    entered, go = threading.Event(), threading.Event()
-
-    def held_up(record: logging.LogRecord) -> bool:
-        # Not formatted here, where a Ctrl-C would land in the repr.
-        if record.msg == "closing %r: %s" and record.args == (record.args[0], "closed by peer"):
-            entered.set()
-            go.wait(TIMEOUT)
-        return True
-
-    kept = logging.handlers.BufferingHandler(capacity=1000)
-    kept.addFilter(held_up)
-    xs_logger = logging.getLogger("xenback.sim._xenstored")
-    was = xs_logger.level
-    xs_logger.addHandler(kept)
-    xs_logger.setLevel(logging.DEBUG)
     landed = []
-    try:
+    # Not formatted there, where a Ctrl-C would land in the repr.
+    with _held_up(lambda record: record.msg == "closing %r: %s"
+                  and record.args == (record.args[0], "closed by peer")) as (kept, entered, go):
         for n in itertools.count():
             entered.clear()
             go.clear()
@@ -2059,10 +2081,6 @@ def test_a_stop_taking_over_an_emitting_loop_cut_short_anywhere_loses_no_record(
             if not where:
                 break
             landed.append(where)
-    finally:
-        go.set()
-        xs_logger.removeHandler(kept)
-        xs_logger.setLevel(was)
     assert any("XenStored.stop" in where for where in landed), landed
 
 
@@ -2341,8 +2359,7 @@ def test_the_loop_makes_no_record_of_a_silenced_logger(
 
 
 def test_a_stop_waits_for_the_loop_emitting_no_longer_than_it_was_given(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """stop(timeout) finding the loop emitting a record (held up in a
     handler) waits for it ``timeout`` at most, when that is less than
     EMITTER_WAIT, then stops the server without it.  It waited
@@ -2350,37 +2367,23 @@ def test_a_stop_waits_for_the_loop_emitting_no_longer_than_it_was_given(
     from racewindow import TIMEOUT, Attempt
 
     monkeypatch.setattr(_server, "EMITTER_WAIT", OUTLASTS_THE_TEST)
-    entered, go = threading.Event(), threading.Event()
-
-    def held_up(record: logging.LogRecord) -> bool:
-        if record.msg == "closing %r: %s":
-            entered.set()
-            go.wait(TIMEOUT)
-        return True
-
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    kept.addFilter(held_up)
-    xs_logger = logging.getLogger(_server.__name__)
-    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
-    xs_logger.addHandler(kept)
-    xsd = XenStored(tmp_path / "run")
-    xsd.start()
-    try:
-        with RawClient(xsd.path) as client:
-            client.read("/")
-        assert entered.wait(TIMEOUT), "the loop logs nothing"
-        stopper = Attempt(lambda: xsd.stop(0.1))
-        assert stopper.result(TIMEOUT / 2, msg="stop() waits past its timeout") is None
-        assert not xsd.path.exists()
-    finally:
-        go.set()
-        xs_logger.removeHandler(kept)
-        xsd.stop()
+    with _held_up(lambda record: record.msg == "closing %r: %s") as (_, entered, go):
+        xsd = XenStored(tmp_path / "run")
+        xsd.start()
+        try:
+            with RawClient(xsd.path) as client:
+                client.read("/")
+            assert entered.wait(TIMEOUT), "the loop logs nothing"
+            stopper = Attempt(lambda: xsd.stop(0.1))
+            assert stopper.result(TIMEOUT / 2, msg="stop() waits past its timeout") is None
+            assert not xsd.path.exists()
+        finally:
+            go.set()
+            xsd.stop()
 
 
 def test_a_stop_after_one_cut_short_starting_its_closer_closes_all_once(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop() taking the server from an emitting loop, cut short (a
     Ctrl-C) starting its closer, leaves the closing to the next stop():
     a Ctrl-C landing anywhere in that one, then stop() again, leaves no
@@ -2391,24 +2394,13 @@ def test_a_stop_after_one_cut_short_starting_its_closer_closes_all_once(
     from racewindow import TIMEOUT
 
     monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
-    entered, go = threading.Event(), threading.Event()
-
-    def held_up(record: logging.LogRecord) -> bool:
-        if record.msg == "closing %r: %s" and record.args == (record.args[0], "closed by peer"):
-            entered.set()
-            go.wait(TIMEOUT)
-        return True
 
     def cut_short(thread: threading.Thread) -> None:
         raise Interrupted
 
-    kept = logging.handlers.BufferingHandler(capacity=1000)
-    kept.addFilter(held_up)
-    xs_logger = logging.getLogger("xenback.sim._xenstored")
-    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
-    xs_logger.addHandler(kept)
     landed = []
-    try:
+    with _held_up(lambda record: record.msg == "closing %r: %s"
+                  and record.args == (record.args[0], "closed by peer")) as (kept, entered, go):
         for n in itertools.count():
             entered.clear()
             go.clear()
@@ -2445,15 +2437,11 @@ def test_a_stop_after_one_cut_short_starting_its_closer_closes_all_once(
             if not where:
                 break
             landed.append(where)
-    finally:
-        go.set()
-        xs_logger.removeHandler(kept)
     assert any("XenStored.stop" in where for where in landed), landed
 
 
 def test_a_stop_taking_over_an_emitting_loop_emits_what_it_had_yet_to(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop() that takes the server from a loop emitting the first of
     two records it logged in one callback (two failed requests in one
     packet, the first held up in a handler): the second is emitted by the
@@ -2463,46 +2451,32 @@ def test_a_stop_taking_over_an_emitting_loop_emits_what_it_had_yet_to(
     from xenback.sim._xenstored._wire import HEADER
 
     monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
-    entered, go = threading.Event(), threading.Event()
-
-    def held_up(record: logging.LogRecord) -> bool:
-        if record.msg == "%r op %s: %s" and not entered.is_set():
-            entered.set()
-            go.wait(TIMEOUT)
-        return True
-
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    kept.addFilter(held_up)
-    xs_logger = logging.getLogger("xenback.sim._xenstored")
-    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
-    xs_logger.addHandler(kept)
-    xsd = XenStored(tmp_path / "run")
-    xsd.start()
-    loop = xsd._thread
-    assert loop is not None
-    try:
-        with RawClient(xsd.path) as dom0:
-            dom0.send_raw(b"".join(HEADER.pack(Op.READ, i, 0, len(path)) + path
-                                   for i, path in enumerate((b"/first\0", b"/second\0"))))
-            assert entered.wait(TIMEOUT), "the loop logs nothing"
-            xsd.stop()
-            said = [r.getMessage() for r in kept.buffer]
-            assert [m.rsplit(" ", 1)[-1] for m in said if "ENOENT" in m] == ["/second"], said
+    with _held_up(lambda record: record.msg == "%r op %s: %s") as (kept, entered, go):
+        xsd = XenStored(tmp_path / "run")
+        xsd.start()
+        loop = xsd._thread
+        assert loop is not None
+        try:
+            with RawClient(xsd.path) as dom0:
+                dom0.send_raw(b"".join(HEADER.pack(Op.READ, i, 0, len(path)) + path
+                                       for i, path in enumerate((b"/first\0", b"/second\0"))))
+                assert entered.wait(TIMEOUT), "the loop logs nothing"
+                xsd.stop()
+                said = [r.getMessage() for r in kept.buffer]
+                assert [m.rsplit(" ", 1)[-1] for m in said if "ENOENT" in m] == ["/second"], said
+                go.set()
+                loop.join(TIMEOUT)
+                assert not loop.is_alive()
+                said = [r.getMessage() for r in kept.buffer]
+                assert [m.rsplit(" ", 1)[-1] for m in said if "ENOENT" in m] == [
+                    "/second", "/first"], said
+        finally:
             go.set()
-            loop.join(TIMEOUT)
-            assert not loop.is_alive()
-            said = [r.getMessage() for r in kept.buffer]
-            assert [m.rsplit(" ", 1)[-1] for m in said if "ENOENT" in m] == [
-                "/second", "/first"], said
-    finally:
-        go.set()
-        xs_logger.removeHandler(kept)
-        xsd.stop()
+            xsd.stop()
 
 
 def test_a_loop_whose_record_raises_after_a_stop_took_over_is_not_said_dead(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop() takes the server from a loop emitting a record (held up
     in a handler's filter), then the filter raises what the loop lets
     through (SystemExit, a filter calling sys.exit()): the loop ends with
@@ -2512,42 +2486,29 @@ def test_a_loop_whose_record_raises_after_a_stop_took_over_is_not_said_dead(
     from racewindow import TIMEOUT
 
     monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
-    entered, go = threading.Event(), threading.Event()
-
-    def held_up(record: logging.LogRecord) -> bool:
-        if record.msg == "closing %r: %s" and not entered.is_set():
-            entered.set()
-            go.wait(TIMEOUT)
-            sys.exit("a filter's bug")
-        return True
-
     died: list[BaseException | None] = []
     monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    kept.addFilter(held_up)
-    xs_logger = logging.getLogger("xenback.sim._xenstored")
-    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
-    xs_logger.addHandler(kept)
-    xsd = XenStored(tmp_path / "run")
-    xsd.start()
-    loop = xsd._thread
-    assert loop is not None
-    try:
-        with RawClient(xsd.path) as client:
-            client.read("/")
-        assert entered.wait(TIMEOUT), "the loop logs nothing"
-        xsd.stop()
-        go.set()
-        loop.join(TIMEOUT)
-        assert not loop.is_alive()
-        assert [type(e) for e in died] == [SystemExit]
-        said = [r.getMessage() for r in kept.buffer] + [r.getMessage() for r in xsd._said]
-        assert "xenstored loop died" not in said, said
-        assert "xenstored stopped" in said, said
-    finally:
-        go.set()
-        xs_logger.removeHandler(kept)
-        xsd.stop()
+    with _held_up(lambda record: record.msg == "closing %r: %s",
+                  then=lambda: sys.exit("a filter's bug")) as (kept, entered, go):
+        xsd = XenStored(tmp_path / "run")
+        xsd.start()
+        loop = xsd._thread
+        assert loop is not None
+        try:
+            with RawClient(xsd.path) as client:
+                client.read("/")
+            assert entered.wait(TIMEOUT), "the loop logs nothing"
+            xsd.stop()
+            go.set()
+            loop.join(TIMEOUT)
+            assert not loop.is_alive()
+            assert [type(e) for e in died] == [SystemExit]
+            said = [r.getMessage() for r in kept.buffer] + [r.getMessage() for r in xsd._said]
+            assert "xenstored loop died" not in said, said
+            assert "xenstored stopped" in said, said
+        finally:
+            go.set()
+            xsd.stop()
 
 
 def test_a_call_given_up_on_is_said_before_the_next_call_runs(
@@ -2638,8 +2599,7 @@ def test_a_handler_raising_on_a_loop_record_costs_that_record_only(
 
 
 def test_a_stop_taking_over_a_loop_emitting_after_it_closed_closes_nothing_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A loop that saw stop() begin (its first step, before it joins) and
     closed the server, then emits what it logged closing, held up in a
     handler: the stop() that takes it over closes nothing again, nor says
@@ -2647,43 +2607,31 @@ def test_a_stop_taking_over_a_loop_emitting_after_it_closed_closes_nothing_again
     from racewindow import TIMEOUT, Attempt, PauseAt
 
     monkeypatch.setattr(_server, "EMITTER_WAIT", 0.0)
-    entered, go = threading.Event(), threading.Event()
-
-    def held_up(record: logging.LogRecord) -> bool:
-        if record.msg == "closing %r: %s" and record.args == (record.args[0], "server stopping"):
-            entered.set()
-            go.wait(TIMEOUT)
-        return True
-
-    kept = logging.handlers.BufferingHandler(capacity=100)
-    kept.addFilter(held_up)
-    xs_logger = logging.getLogger("xenback.sim._xenstored")
-    caplog.set_level(logging.DEBUG, logger=xs_logger.name)
-    xs_logger.addHandler(kept)
-    xsd = XenStored(tmp_path / "run")
-    xsd.start()
-    loop = xsd._thread
-    assert loop is not None
-    try:
-        with RawClient(xsd.path) as dom0:
-            dom0.read("/")  # served, not taken to the loop's end unread
-            pause = PauseAt(XenStored.stop, "with self._entry_lock:")
-            stopper = Attempt(lambda: pause.run(xsd.stop))
-            assert pause.reached.wait(TIMEOUT), "stop() does not begin"
-            # Wakes the loop, which finds it stopping: unless it found so
-            # itself, its pass that answered the first read not over as
-            # stop() began, and has closed dom0 (the same scene from here).
-            with contextlib.suppress(OSError):
-                dom0.send(Op.READ, b"/\0")
-            assert entered.wait(TIMEOUT), "the loop emits nothing closing"
-            pause.resume()
-            assert stopper.result() is None
+    with _held_up(lambda record: record.msg == "closing %r: %s"
+                  and record.args == (record.args[0], "server stopping")) as (kept, entered, go):
+        xsd = XenStored(tmp_path / "run")
+        xsd.start()
+        loop = xsd._thread
+        assert loop is not None
+        try:
+            with RawClient(xsd.path) as dom0:
+                dom0.read("/")  # served, not taken to the loop's end unread
+                pause = PauseAt(XenStored.stop, "with self._entry_lock:")
+                stopper = Attempt(lambda: pause.run(xsd.stop))
+                assert pause.reached.wait(TIMEOUT), "stop() does not begin"
+                # Wakes the loop, which finds it stopping: unless it found so
+                # itself, its pass that answered the first read not over as
+                # stop() began, and has closed dom0 (the same scene from here).
+                with contextlib.suppress(OSError):
+                    dom0.send(Op.READ, b"/\0")
+                assert entered.wait(TIMEOUT), "the loop emits nothing closing"
+                pause.resume()
+                assert stopper.result() is None
+                go.set()
+                loop.join(TIMEOUT)
+                assert not loop.is_alive()
+            said = [r.getMessage() for r in kept.buffer]
+            assert said.count("xenstored stopped") == 1, said
+        finally:
             go.set()
-            loop.join(TIMEOUT)
-            assert not loop.is_alive()
-        said = [r.getMessage() for r in kept.buffer]
-        assert said.count("xenstored stopped") == 1, said
-    finally:
-        go.set()
-        xs_logger.removeHandler(kept)
-        xsd.stop()
+            xsd.stop()
