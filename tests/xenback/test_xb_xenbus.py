@@ -1613,6 +1613,25 @@ def test_each_bind_and_map_returns_what_it_took_not_one_the_device_held(
     assert (first.buffer.readonly, second.buffer.readonly) == (False, True)
 
 
+class _Interrupting:
+    """A device's lock whose first taking (the hand-over of what a map or
+    bind took) is where a Ctrl-C lands, once ``first()`` has run."""
+
+    def __init__(self, lock: Any, first: Callable[[], object] = lambda: None) -> None:
+        self.lock, self.first, self.armed = lock, first, True
+
+    def __enter__(self) -> None:
+        if not self.armed:
+            self.lock.__enter__()
+            return
+        self.armed = False
+        self.first()
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.lock.__exit__(*exc_info)
+
+
 @pytest.mark.parametrize("what", ["map", "bind"])
 def test_a_give_back_that_fails_after_an_interrupt_raises_the_interrupt(
         host, driver, frontends, monkeypatch, caplog, what) -> None:
@@ -1628,26 +1647,6 @@ def test_a_give_back_that_fails_after_an_interrupt_raises_the_interrupt(
     guest, dev, fe = connected(host, frontends)
     bdev = backend_device(driver, guest.domid)
     before = bdev.resources
-
-    class Interrupting:
-        """The device's lock, whose first taking (the hand-over) is where
-        the Ctrl-C lands."""
-
-        def __init__(self, lock: Any) -> None:
-            self.lock, self.armed = lock, True
-
-        def __enter__(self) -> None:
-            if not self.armed:
-                self.lock.__enter__()
-                return
-            self.armed = False
-            if what == "bind":
-                driver.events.close()
-            raise KeyboardInterrupt
-
-        def __exit__(self, *exc_info: object) -> None:
-            self.lock.__exit__(*exc_info)
-
     if what == "map":
         real_map = driver.gnttab.map_grant_refs
 
@@ -1664,7 +1663,8 @@ def test_a_give_back_that_fails_after_an_interrupt_raises_the_interrupt(
 
         monkeypatch.setattr(driver.gnttab, "map_grant_refs", map_refusing_unmap)
     lock = bdev._lock
-    monkeypatch.setattr(bdev, "_lock", Interrupting(lock))
+    monkeypatch.setattr(bdev, "_lock", _Interrupting(
+        lock, driver.events.close if what == "bind" else lambda: None))
     with caplog.at_level(logging.WARNING, logger="xenback"):
         with pytest.raises(KeyboardInterrupt):
             if what == "map":
@@ -1711,26 +1711,9 @@ def test_a_mapping_given_back_whose_unmap_is_refused_is_held_for_the_release(
             raise OSError(code, "unmap refused")
         real_unmap(mapping)
 
-    class Interrupting:
-        """The device's lock, whose first taking (the hand-over) is where
-        the Ctrl-C lands."""
-
-        def __init__(self, lock: Any) -> None:
-            self.lock, self.armed = lock, True
-
-        def __enter__(self) -> None:
-            if not self.armed:
-                self.lock.__enter__()
-                return
-            self.armed = False
-            raise KeyboardInterrupt
-
-        def __exit__(self, *exc_info: object) -> None:
-            self.lock.__exit__(*exc_info)
-
     monkeypatch.setattr(driver.gnttab, "map_grant_refs", map_grant_refs)
     monkeypatch.setattr(type(bdev.driver_data), "unmap", unmap)
-    monkeypatch.setattr(bdev, "_lock", Interrupting(bdev._lock))
+    monkeypatch.setattr(bdev, "_lock", _Interrupting(bdev._lock))
     with caplog.at_level(logging.DEBUG, logger="xenback"):
         with pytest.raises(KeyboardInterrupt):
             bdev.map_grant_refs([fe.pages.refs[0]])
