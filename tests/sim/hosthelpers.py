@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import logging
 import os
 import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -113,6 +115,26 @@ def refused_as_not_running(xsd: XenStored) -> None:
     assert not caller.is_alive(), "a call waits for a loop that is not running"
     assert [type(e) for e in answer] == [RuntimeError]
     assert "not running" in str(answer[0])
+
+
+@contextlib.contextmanager
+def records_made() -> Iterator[list[logging.LogRecord]]:
+    """Every record made within, by any thread, emitted or not (logging's
+    record factory lists them): for the tests of records not made at a
+    level nobody listens to."""
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def listed(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        made.append(record)
+        return record
+
+    logging.setLogRecordFactory(listed)
+    try:
+        yield made
+    finally:
+        logging.setLogRecordFactory(factory)
 
 
 def make_guest(xsd: XenStored, dom0: RawClient, domid: int) -> RawClient:

@@ -33,6 +33,7 @@ from hosthelpers import (
     eventually,
     every_landing,
     landings,
+    records_made,
     wait_pending,
 )
 from racewindow import TIMEOUT, Attempt, stands_at
@@ -2638,13 +2639,6 @@ def test_a_thread_keeping_records_makes_none_its_logger_would_not_emit() -> None
     host_logger = logging.getLogger(_host.__name__)
     level = host_logger.level
     host_logger.setLevel(logging.INFO)
-    made: list[logging.LogRecord] = []
-    factory = logging.getLogRecordFactory()
-
-    def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = factory(*args, **kwargs)
-        made.append(record)
-        return record
 
     def kept() -> list[logging.LogRecord]:
         into: list[logging.LogRecord] = []
@@ -2653,11 +2647,10 @@ def test_a_thread_keeping_records_makes_none_its_logger_would_not_emit() -> None
             _heldlog.log(host_logger).info("asked for")
         return into
 
-    logging.setLogRecordFactory(counted)
     try:
-        into = Attempt(kept).result()
+        with records_made() as made:
+            into = Attempt(kept).result()
     finally:
-        logging.setLogRecordFactory(factory)
         host_logger.setLevel(level)
     assert [r.getMessage() for r in into] == ["asked for"]
     assert [r.getMessage() for r in made if r.name == _host.__name__] == ["asked for"]

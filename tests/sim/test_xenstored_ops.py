@@ -29,6 +29,7 @@ from hosthelpers import (
     error_of,
     eventually,
     make_guest,
+    records_made,
     refused_as_not_running,
 )
 from stolensignal import (
@@ -2312,20 +2313,9 @@ def test_the_loop_makes_no_record_nobody_listens_to(
     of a level its logger would not emit: a failed request (a missing
     node read) is logged at DEBUG, and a loop that kept a record of each
     served them at half the rate."""
-    made: list[logging.LogRecord] = []
-    factory = logging.getLogRecordFactory()
-
-    def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = factory(*args, **kwargs)
-        made.append(record)
-        return record
-
     caplog.set_level(logging.INFO, logger="xenback.sim._xenstored")
-    logging.setLogRecordFactory(counted)
-    try:
+    with records_made() as made:
         assert error_of(dom0.read, "/missing") == "ENOENT"
-    finally:
-        logging.setLogRecordFactory(factory)
     assert [r.getMessage() for r in made if r.name.startswith("xenback.sim._xenstored")] == []
 
 
@@ -2336,24 +2326,15 @@ def test_the_loop_makes_no_record_of_a_silenced_logger(
     """Nor of a level its logger would emit but for logging.disable(), or
     a logger disabled (as logging.config does to the loggers it does not
     name): the failed request's DEBUG record would not be emitted."""
-    made: list[logging.LogRecord] = []
-    factory = logging.getLogRecordFactory()
-
-    def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = factory(*args, **kwargs)
-        made.append(record)
-        return record
-
     caplog.set_level(logging.DEBUG, logger="xenback.sim._xenstored")
     if silenced == "logging.disable":
         logging.disable(logging.DEBUG)
     else:
         monkeypatch.setattr(logging.getLogger(_ops.__name__), "disabled", True)
-    logging.setLogRecordFactory(counted)
     try:
-        assert error_of(dom0.read, "/missing") == "ENOENT"
+        with records_made() as made:
+            assert error_of(dom0.read, "/missing") == "ENOENT"
     finally:
-        logging.setLogRecordFactory(factory)
         logging.disable(logging.NOTSET)
     assert [r.getMessage() for r in made if r.name.startswith("xenback.sim._xenstored")] == []
 
