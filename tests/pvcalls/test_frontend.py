@@ -3820,6 +3820,32 @@ def test_a_close_from_a_signal_handler_inside_close_leaves_it_to_that_one(
     assert not caplog.records, caplog.text
 
 
+def _closing_at(fe: pvcalls.Frontend, func: Callable[..., Any], text: str,
+                call: Callable[[], Any], msg: str = "the call has not ended",
+                ) -> tuple[list[None], Any]:
+    """``call()`` on a thread of its own, with ``fe.close()`` run the first
+    time it gets to the line of ``func`` holding ``text`` (untraced, as a
+    signal's handler run there would): what that close() returned (none
+    if it did not run), and what ``call()`` returned or raised."""
+    code = func.__code__
+    line = line_of(func, text)
+    inner: list[None] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == line and not inner:
+            inner.append(fe.close())
+        return local
+
+    def traced() -> Any:
+        sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+        try:
+            return call()
+        finally:
+            sys.settrace(None)
+
+    return inner, Attempt(traced).result(msg=msg)
+
+
 def test_a_close_inside_close_as_it_takes_its_lock_does_not_wait_for_itself(
         host: SimHost, backend: Any, caplog: pytest.LogCaptureFixture) -> None:
     """A close() runs in a close() of the same thread that has taken its
@@ -3830,24 +3856,9 @@ def test_a_close_inside_close_as_it_takes_its_lock_does_not_wait_for_itself(
     caplog.set_level(logging.WARNING, logger="pvcalls.frontend")
     fe = pvcalls.Frontend(host.create_domain("close-as-it-locks"), timeout=TIMEOUT)
     fe.open()
-    code = pvcalls.Frontend.close.__code__
-    line = line_of(pvcalls.Frontend.close, "self._closer = me")
-    inner: list[None] = []
-
-    def local(frame: Any, event: str, arg: Any) -> Any:
-        if event == "line" and frame.f_lineno == line and not inner:
-            inner.append(fe.close())  # as a handler run there would (untraced)
-        return local
-
-    def traced() -> None:
-        sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
-        try:
-            fe.close()
-        finally:
-            sys.settrace(None)
-
-    closing = Attempt(traced)
-    assert closing.result(msg="the close() inside close() waits for itself") is None
+    inner, outcome = _closing_at(fe, pvcalls.Frontend.close, "self._closer = me", fe.close,
+                                 msg="the close() inside close() waits for itself")
+    assert outcome is None
     assert inner == [None]
     assert _closed_for_good(fe)
     assert not caplog.records, caplog.text
@@ -4339,23 +4350,8 @@ def test_a_close_inside_open_as_xenstore_holds_its_lock_returns(
     with SimHost() as host:  # of its own: no backend
         fe = pvcalls.Frontend(host.create_domain("close-under-xs-lock"), timeout=TIMEOUT)
         before = _held(host)
-        code = XenStore.wait_for.__code__
-        line = line_of(XenStore.wait_for, "self._waiters.add(changed)")
-        inner: list[None] = []
-
-        def local(frame: Any, event: str, arg: Any) -> Any:
-            if event == "line" and frame.f_lineno == line and not inner:
-                inner.append(fe.close())  # as a handler run there would (untraced)
-            return local
-
-        def traced() -> None:
-            sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
-            try:
-                fe.open()
-            finally:
-                sys.settrace(None)
-
-        err = Attempt(traced).result(msg="the close() waits for the lock its thread holds")
+        inner, err = _closing_at(fe, XenStore.wait_for, "self._waiters.add(changed)", fe.open,
+                                 msg="the close() waits for the lock its thread holds")
         assert inner == [None]
         assert isinstance(err, OSError) and err.errno == errno.ECANCELED, repr(err)
         assert _closed_for_good(fe)
@@ -4489,25 +4485,13 @@ def test_a_call_resuming_after_close_gave_up_its_lock_says_ebadf(
             wait_until(lambda: s._st.ring is not None and s._st.ring.in_available() >= 100)
         func = pvcalls.PVSocket._send if call == "send" else pvcalls.PVSocket._receive
         text = "_checked(ring.outq.writable)" if call == "send" else "cons = ring.inq.position"
-        code = func.__code__
-        line = line_of(func, text)
-        inner: list[None] = []
 
-        def local(frame: Any, event: str, arg: Any) -> Any:
-            if event == "line" and frame.f_lineno == line and not inner:
-                inner.append(fe.close())  # as a handler run there would (untraced)
-            return local
+        def calling() -> Any:
+            if call == "send":
+                return s.send(b"y" * 100)
+            return s.recv(100, socket.MSG_PEEK if call == "peek" else 0)
 
-        def traced() -> Any:
-            sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
-            try:
-                if call == "send":
-                    return s.send(b"y" * 100)
-                return s.recv(100, socket.MSG_PEEK if call == "peek" else 0)
-            finally:
-                sys.settrace(None)
-
-        outcome = Attempt(traced).result()
+        inner, outcome = _closing_at(fe, func, text, calling)
         assert inner == [None]
         assert isinstance(outcome, OSError) and outcome.errno == errno.EBADF, repr(outcome)
         s.close()
