@@ -5578,6 +5578,26 @@ class _ExitsOnce(logging.Handler):
             raise SystemExit(f"a logging handler exits at {self.msg!r}")
 
 
+def _re_created_as_a_handler_exits(host, driver, frontends, dom0_xs,
+                                    msg: str) -> xenbus.BackendDevice:
+    """A connected device dropped, the drop ended by SystemExit from a
+    logging handler at its first record of ``msg`` (see _ExitsOnce), and
+    a new device made at its path behind it (see _re_created_behind):
+    the old device, once it has left the driver."""
+    exiting = _ExitsOnce(msg)
+    xblog = logging.getLogger("xenback.xenbus")
+    xblog.addHandler(exiting)
+    try:
+        guest, dev, fe = connected(host, frontends)
+        old = backend_device(driver, guest.domid)
+        _re_created_behind(driver, host, frontends, dom0_xs, guest, dev, fe)
+        assert exiting.exited.is_set()
+    finally:
+        xblog.removeHandler(exiting)
+    assert old not in driver.devices()
+    return old
+
+
 def test_a_drop_ended_past_exception_once_gone_still_looks_at_the_path(
         host, driver, frontends, dom0_xs, caplog) -> None:
     """A drop on the device's queue ended by something past Exception
@@ -5590,17 +5610,7 @@ def test_a_drop_ended_past_exception_once_gone_still_looks_at_the_path(
     the same, and finishes the drop: the old device leaves, said
     removed, and the new one connects."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
-    exiting = _ExitsOnce("%s: removed")
-    xblog = logging.getLogger("xenback.xenbus")
-    xblog.addHandler(exiting)
-    try:
-        guest, dev, fe = connected(host, frontends)
-        old = backend_device(driver, guest.domid)
-        _re_created_behind(driver, host, frontends, dom0_xs, guest, dev, fe)
-        assert exiting.exited.is_set()
-    finally:
-        xblog.removeHandler(exiting)
-    assert old not in driver.devices()
+    old = _re_created_as_a_handler_exits(host, driver, frontends, dom0_xs, "%s: removed")
     said = [r.getMessage() for r in caplog.records]
     # The look's: the drop's own line got no further than the handler.
     assert said.count(f"{old.nodename}: removed") == 1
@@ -5616,7 +5626,6 @@ def test_a_drop_ended_past_exception_before_gone_is_done_again_by_the_next_event
     old device again, which this time ends, and looks; the new one is
     served."""
     caplog.set_level(logging.INFO, logger="xenback.xenbus")
-    exiting = _ExitsOnce("%s: remove failed")
     fails = [RuntimeError("remove() fails once")]
     remove = driver.remove
 
@@ -5626,16 +5635,7 @@ def test_a_drop_ended_past_exception_before_gone_is_done_again_by_the_next_event
         remove(dev)
 
     monkeypatch.setattr(driver, "remove", failing)
-    xblog = logging.getLogger("xenback.xenbus")
-    xblog.addHandler(exiting)
-    try:
-        guest, dev, fe = connected(host, frontends)
-        old = backend_device(driver, guest.domid)
-        _re_created_behind(driver, host, frontends, dom0_xs, guest, dev, fe)
-        assert exiting.exited.is_set()
-    finally:
-        xblog.removeHandler(exiting)
-    assert old not in driver.devices()
+    old = _re_created_as_a_handler_exits(host, driver, frontends, dom0_xs, "%s: remove failed")
     said = [r.getMessage() for r in caplog.records]
     assert said.count(f"{old.nodename}: removed") == 1
 
