@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -125,6 +126,19 @@ class Attempt:
         assert not self.thread.is_alive(), msg
         (outcome,) = self._outcome
         return outcome
+
+    def waits_at(self, func: Callable[..., Any], text: str, timeout: float = TIMEOUT) -> bool:
+        """Whether the call comes to stand at the first line of ``func``
+        that contains ``text`` (see :func:`stands_at`) within ``timeout``
+        seconds: False if it ends first, or is elsewhere at the timeout."""
+        deadline = time.monotonic() + timeout
+        while self.thread.is_alive():
+            if stands_at(self.thread.ident or -1, func, text):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+        return False
 
 
 def stands_at(thread_id: int, func: Callable[..., Any], text: str) -> bool:

@@ -3778,9 +3778,8 @@ def test_a_close_while_another_thread_closes_waits_for_it(
     try:
         assert pause.reached.wait(TIMEOUT)
         second = Attempt(fe.close)
-        wait_until(lambda: not second.thread.is_alive() or stands_at(
-            second.thread.ident or -1, pvcalls.Frontend.close, "self._close_lock"))
-        assert second.thread.is_alive(), "the second close() did not wait for the first"
+        waited = second.waits_at(pvcalls.Frontend.close, "self._close_lock")
+        assert waited, "the second close() did not wait for the first"
     finally:
         pause.resume()
     assert first.result() is None
@@ -4094,10 +4093,9 @@ def test_an_open_after_the_event_thread_closed_waits_for_it_to_end(
         assert closed.wait(TIMEOUT)
         assert fe.device is None
         opening = Attempt(fe.open)
-        wait_until(lambda: not opening.thread.is_alive() or stands_at(
-            opening.thread.ident or -1, _frontend.Frontend._stop_thread, "thread.join("))
         # No two event threads at once, even one that would stop.
-        assert opening.thread.is_alive(), "the open() did not wait for the old thread"
+        waited = opening.waits_at(_frontend.Frontend._stop_thread, "thread.join(")
+        assert waited, "the open() did not wait for the old thread"
         go_on.set()
         assert opening.result() is None
         old.join(TIMEOUT)
@@ -4156,9 +4154,8 @@ def test_an_open_while_another_thread_closes_waits_for_it(
     try:
         assert pause.reached.wait(TIMEOUT)
         opening = Attempt(fe.open)
-        wait_until(lambda: not opening.thread.is_alive() or stands_at(
-            opening.thread.ident or -1, pvcalls.Frontend.open, "self._close_lock"))
-        assert opening.thread.is_alive(), "the open() did not wait for the close()"
+        waited = opening.waits_at(pvcalls.Frontend.open, "self._close_lock")
+        assert waited, "the open() did not wait for the close()"
     finally:
         pause.resume()
     try:
@@ -4191,9 +4188,8 @@ def test_a_close_while_another_thread_opens_waits_and_fails_the_open(
     try:
         assert pause.reached.wait(TIMEOUT)
         closing = Attempt(fe.close)
-        wait_until(lambda: not closing.thread.is_alive() or stands_at(
-            closing.thread.ident or -1, pvcalls.Frontend.close, "self._close_lock"))
-        assert closing.thread.is_alive(), "the close() did not wait for the open()"
+        waited = closing.waits_at(pvcalls.Frontend.close, "self._close_lock")
+        assert waited, "the close() did not wait for the open()"
     finally:
         pause.resume()
     try:
@@ -4246,9 +4242,8 @@ def test_a_close_as_open_takes_its_lock_fails_the_open(
     try:
         assert pause.reached.wait(TIMEOUT)
         closing = Attempt(fe.close)
-        wait_until(lambda: not closing.thread.is_alive() or stands_at(
-            closing.thread.ident or -1, pvcalls.Frontend.close, "self._close_lock"))
-        assert closing.thread.is_alive(), "the close() did not wait for the open()"
+        waited = closing.waits_at(pvcalls.Frontend.close, "self._close_lock")
+        assert waited, "the close() did not wait for the open()"
     finally:
         pause.resume()
     err = opening.result()
