@@ -22,6 +22,7 @@ errors through it and, when the device goes, reports what it suppressed
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import threading
@@ -109,13 +110,13 @@ class RateLimit:
         Whether it went out.  With ``exc_info``, an exception, its
         traceback goes with the line (and not without it)."""
         # Each stored by the call that makes it (list.extend() stores what
-        # map() got before control is back in Python code): a Ctrl-C as
+        # starmap() got before control is back in Python code): a Ctrl-C as
         # the call returned finds it there, and a count taken and not said
         # goes back, for the next report; one said is not said again.
         taken: list[tuple[bool, int]] = []
         said: list[object] = []
         try:
-            taken.extend(map(type(self).__call__, (self,)))
+            taken.extend(itertools.starmap(self, ((),)))
             allowed, reported = taken[0]
             if reported:
                 self._report(logger, level, reported, said)
@@ -156,6 +157,6 @@ class RateLimit:
                 said: list[object]) -> None:
         """Say ``count``; ``said`` gets an item by the call that says it."""
         # Reached from log() or close(): the line is their caller's.
-        say = functools.partial(logger.log, level, "%s: %d message%s suppressed", self.name,
-                                count, stacklevel=3)
-        said.extend(map(say, ("" if count == 1 else "s",)))
+        say = functools.partial(logger.log, stacklevel=3)
+        said.extend(itertools.starmap(say, ((level, "%s: %d message%s suppressed", self.name,
+                                             count, "" if count == 1 else "s"),)))

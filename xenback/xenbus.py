@@ -148,6 +148,7 @@ from __future__ import annotations
 import enum
 import errno
 import functools
+import itertools
 import logging
 import re
 import threading
@@ -1439,7 +1440,7 @@ class BackendDevice:
                         said: list[object] | None = None) -> None:
         """Log a failed release (``msg`` % (nodename, ``what``)); ``said``,
         if given, gets an item by the call that logs it (list.extend() over
-        map()), for a caller cut short by a Ctrl-C to know whether it was."""
+        starmap()), for a caller cut short by a Ctrl-C to know whether it was."""
         level, exc_info = logging.WARNING, None
         args: tuple[object, ...] = (what, exc)
         if self.driver._lost_domain(exc):
@@ -1452,11 +1453,11 @@ class BackendDevice:
             msg += ": %s"
         else:
             exc_info, args = exc, (what,)
-        # The last argument through map(), so that extend() stores the call's
-        # return as it is made.
-        say = functools.partial(logger.log, level, msg, self.nodename, *args[:-1],
-                                exc_info=exc_info)
-        (said if said is not None else []).extend(map(say, args[-1:]))
+        # Through starmap(), so that extend() stores the call's return as it
+        # is made.
+        say = functools.partial(logger.log, exc_info=exc_info)
+        (said if said is not None else []).extend(
+            itertools.starmap(say, ((level, msg, self.nodename, *args),)))
 
     def queue(self, fn: Callable[..., object], *args: object) -> bool:
         """Run ``fn(*args)`` on this device's event queue, ordered with its
